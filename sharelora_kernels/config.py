@@ -1,0 +1,151 @@
+"""ShareLoRAConfig: which sharing method, which modules, which ranks (METHOD.md sections 1-3).
+
+The config is model-independent; checks that need the model (layer indices in range, Kronecker
+dimension dividing a module's dims) run in the planner, which knows the module shapes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("lora", "similarity", "share_a", "share_b", "share_ab", "bishare")
+SHAPE_TRANSFORMS = ("slice", "gate", "kron")
+SLICE_POLICIES = ("top_left", "center", "bottom_right")
+INITS = ("kaiming", "gaussian")
+
+# Paper defaults for Bi-Share LoRA (METHOD section 3): (local_r, intra_r, inter_r) per transform.
+BISHARE_DEFAULT_RANKS = {"slice": (2, 4, 32), "gate": (2, 8, 16), "kron": (2, 4, 16)}
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ShareLoRAConfig:
+    """Everything that decides who owns which low-rank parameters.
+
+    method: "lora" (plain, per module), "similarity" (layers in one of ``share_sets`` share A and B
+        per module type), "share_a" / "share_b" / "share_ab" (one A / B / both per module type for
+        the whole model), "bishare" (local + intra-layer + inter-layer paths).
+    r, alpha: rank and scale numerator of every plain path (scale alpha / r, or alpha / sqrt(r)
+        with ``use_rslora``). Bi-Share paths use their own ranks and the same alpha.
+    dropout: dropout probability on the adapter input (as PEFT).
+    target_modules: module names matched against the last component of a module path.
+    share_sets: for "similarity", lists of layer indices sharing one A/B slot; others are alone.
+    expand_rank: for "similarity", raise r to floor(L / U * r) (METHOD section 1).
+    local_r, intra_r, inter_r: Bi-Share ranks; None takes the paper default of the transform.
+    shape_transform, slice_policy, gate_rank, gate_dims, kron_dim: Bi-Share shape transforms.
+    init_a: "kaiming" (PEFT's kaiming-uniform, a=sqrt(5)) or "gaussian" (normal, std 1/r).
+    """
+
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    use_rslora: bool = False
+    share_sets: list[list[int]] = field(default_factory=list)
+    expand_rank: bool = False
+    local_r: int | None = None
+    intra_r: int | None = None
+    inter_r: int | None = None
+    shape_transform: str = "slice"
+    slice_policy: str = "center"
+    gate_rank: int = 1
+    gate_dims: tuple[int, int] = (1024, 1024)
+    kron_dim: int = 256
+    init_a: str = "kaiming"
+
+    def __post_init__(self) -> None:
+        self.target_modules = list(self.target_modules)
+        self.share_sets = [sorted(int(i) for i in s) for s in self.share_sets]
+        self.gate_dims = tuple(self.gate_dims)
+        if self.shape_transform in BISHARE_DEFAULT_RANKS:
+            defaults = BISHARE_DEFAULT_RANKS[self.shape_transform]
+            for name, default in zip(("local_r", "intra_r", "inter_r"), defaults):
+                if getattr(self, name) is None:
+                    setattr(self, name, default)
+        self.validate()
+
+    # ----------------------------------------------------------------------------------- checks
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        _choice("method", self.method, METHODS)
+        _choice("shape_transform", self.shape_transform, SHAPE_TRANSFORMS)
+        _choice("slice_policy", self.slice_policy, SLICE_POLICIES)
+        _choice("init_a", self.init_a, INITS)
+        _int("r", self.r, minimum=1)
+        for name in ("local_r", "intra_r", "inter_r"):
+            _int(name, getattr(self, name), minimum=0)
+        _int("gate_rank", self.gate_rank, minimum=1)
+        _int("kron_dim", self.kron_dim, minimum=1)
+        if len(self.gate_dims) != 2:
+            raise ValueError(f"gate_dims must be a pair (m, n), got {self.gate_dims!r}")
+        for d in self.gate_dims:
+            _int("gate_dims", d, minimum=1)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
+        if self.method == "bishare" and self.local_r + self.intra_r + self.inter_r == 0:
+            raise ValueError("bishare needs at least one of local_r, intra_r, inter_r > 0")
+        if self.share_sets and self.method != "similarity":
+            raise ValueError(f"share_sets only applies to method='similarity', not {self.method!r}")
+        if self.expand_rank and self.method != "similarity":
+            raise ValueError(f"expand_rank only applies to method='similarity', not {self.method!r}")
+        seen: dict[int, int] = {}
+        for k, s in enumerate(self.share_sets):
+            if len(s) != len(set(s)):
+                raise ValueError(f"share_sets[{k}] repeats a layer: {s}")
+            for layer in s:
+                if layer < 0:
+                    raise ValueError(f"share_sets[{k}] has a negative layer index {layer}")
+                if layer in seen:
+                    raise ValueError(f"share_sets overlap: layer {layer} is in share_sets[{seen[layer]}] and share_sets[{k}]")
+                seen[layer] = k
+
+    def check_layers(self, num_layers: int) -> None:
+        """Raise ValueError if a share set names a layer the model does not have."""
+        for k, s in enumerate(self.share_sets):
+            bad = [i for i in s if i >= num_layers]
+            if bad:
+                raise ValueError(f"share_sets[{k}] names layer {bad[0]}, but the model has {num_layers} layers")
+
+    # ------------------------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["gate_dims"] = list(self.gate_dims)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ShareLoRAConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; known keys are {sorted(names)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ShareLoRAConfig":
+        d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ValueError(f"a config JSON must hold an object, got {type(d).__name__}")
+        return cls.from_dict(d)
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")

@@ -1,0 +1,130 @@
+"""SharedLoRALinear: a frozen nn.Linear plus low-rank paths whose parameters may be shared.
+
+Sharing is PyTorch's tied-weights mechanism: two layers in a share set hold the *same*
+``nn.Parameter`` objects, so ``model.parameters()`` yields each shared tensor once and autograd
+sums its gradient over every user.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from .plan import PATH_ROLES, PathSpec, TensorSpec
+from .reference import LoRAPath, delta_weight
+
+
+def new_parameter(spec: TensorSpec, device=None, dtype=None) -> nn.Parameter:
+    """A trainable tensor initialised as ``spec.init`` says (a no-op on the meta device)."""
+    t = torch.empty(spec.shape, device=device, dtype=dtype)
+    if t.device.type != "meta":
+        if spec.init == "kaiming_uniform":
+            nn.init.kaiming_uniform_(t, a=math.sqrt(5))  # nn.Linear's and PEFT's A init
+        elif spec.init == "kaiming_normal":
+            nn.init.kaiming_normal_(t)
+        elif spec.init == "gaussian":
+            nn.init.normal_(t, std=spec.init_std)
+        elif spec.init == "zeros":
+            nn.init.zeros_(t)
+        else:
+            raise ValueError(f"unknown init {spec.init!r} for tensor {spec.name!r}")
+    return nn.Parameter(t)
+
+
+class LoRAPathModule(nn.Module):
+    """Holds one path's parameters under their role names (A, B, G_id, ..., K_B) and its spec."""
+
+    def __init__(self, spec: PathSpec, params: Mapping[str, nn.Parameter]):
+        super().__init__()
+        self.spec = spec
+        for role in PATH_ROLES[spec.kind]:
+            self.register_parameter(role, params[role])
+
+    def as_path(self) -> LoRAPath:
+        s = self.spec
+        return LoRAPath(s.kind, tuple(getattr(self, r) for r in PATH_ROLES[s.kind]), s.scale, s.k_offset, s.n_offset)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"kind={s.kind}, part={s.part}, rank={s.rank}, scale={s.scale:g}"
+
+
+class SharedLoRALinear(nn.Module):
+    """Drop-in replacement for a frozen ``nn.Linear`` with low-rank adapters.
+
+    ``y = x W^T + b + sum_p s_p B_p A_p dropout(x)``; x: (..., in_features) -> (..., out_features).
+    Keeps the base ``weight`` (N, K) and ``bias`` (N,) under their own names (frozen, any dtype).
+
+    Standalone: ``SharedLoRALinear(nn.Linear(1024, 1024), r=16, alpha=32)`` builds one plain path.
+    Shared: pass ``paths`` (LoRAPathModules, possibly holding parameters other layers hold too).
+    """
+
+    def __init__(self, base: nn.Linear, paths: Sequence[LoRAPathModule] | None = None, *, r: int = 8,
+                 alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"SharedLoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        if paths is None:
+            paths = [self._own_plain_path(r, alpha, use_rslora)]
+        self.lora_paths = nn.ModuleList(paths)
+        self.dropout = float(dropout)
+        self.merged = False
+
+    def _own_plain_path(self, r: int, alpha: float, use_rslora: bool) -> LoRAPathModule:
+        if r < 1:
+            raise ValueError(f"r must be >= 1, got {r}")
+        scale = alpha / (math.sqrt(r) if use_rslora else r)
+        kw = {"device": self.weight.device, "dtype": self.weight.dtype}
+        a = new_parameter(TensorSpec("A", (r, self.in_features), "kaiming_uniform", "lora"), **kw)
+        b = new_parameter(TensorSpec("B", (self.out_features, r), "zeros", "lora"), **kw)
+        return LoRAPathModule(PathSpec("plain", "lora", {"A": "A", "B": "B"}, scale, r), {"A": a, "B": b})
+
+    def paths(self) -> list[LoRAPath]:
+        return [m.as_path() for m in self.lora_paths]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features in its last dim, this layer expects {self.in_features}")
+        if x.device != self.weight.device:
+            raise ValueError(f"input is on {x.device}, the layer's weight on {self.weight.device}")
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"input dtype {x.dtype} does not match the weight dtype {self.weight.dtype}")
+        if self.merged or len(self.lora_paths) == 0:
+            return F.linear(x, self.weight, self.bias)
+        return ops.lora_linear(x, self.weight, self.bias, self.paths(), self.dropout, self.training)
+
+    @torch.no_grad()
+    def delta_weight(self) -> Tensor:
+        """sum_p s_p B_p A_p as an (N, K) float32 (or float64) matrix."""
+        paths = [p._replace(tensors=tuple(t.to(torch.promote_types(t.dtype, torch.float32)) for t in p.tensors))
+                 for p in self.paths()]
+        return delta_weight(paths, self.in_features, self.out_features)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold every path into the base weight; forward then runs the base matmul only."""
+        if not self.merged:
+            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dropout={self.dropout}, merged={self.merged}"

@@ -1,0 +1,127 @@
+"""Exact torch math of every path kind (METHOD.md sections 3-4): the single source of truth.
+
+Every fused kernel is tested against these functions run in float64, and CPU tensors run them
+directly (autograd gives the backward). Each path is split the way the kernels split it:
+
+    h = path_input(x, path)          (M, r_p)   the skinny projection of the (dropped-out) input
+    y += scale * path_output(h, path)            added into the base output (M, N) in place
+
+Nothing Kronecker- or gate-expanded is built here: a Kronecker path folds ``x`` by ``K_A`` and tiles
+its output by ``K_B``; a gate path collapses to a rank-g pair through the (g, g) core
+``C = G_od B A G_iu``. ``path_factors`` does build the effective (r, K) / (N, r) factors, for merge
+and export only.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class LoRAPath(NamedTuple):
+    """One low-rank path with its tensors in the role order of ``plan.PATH_ROLES[kind]``.
+
+    plain (A (r,K), B (N,r)); slice (A (r,K_max), B (N_max,r)) read at k_offset / n_offset;
+    gate (A (r,m), B (n,r), G_id (g,K), G_iu (m,g), G_od (g,n), G_ou (N,g));
+    kron (A (r,d), B (d,r), K_A (1,K/d), K_B (N/d,1)).
+    """
+
+    kind: str
+    tensors: tuple[Tensor, ...]
+    scale: float
+    k_offset: int = 0
+    n_offset: int = 0
+
+
+def gate_core(path: LoRAPath) -> Tensor:
+    """The (g, g) core C = G_od B A G_iu of a gate path, multiplied in the cheap order."""
+    a, b, _, g_iu, g_od, _ = path.tensors
+    return (g_od @ b) @ (a @ g_iu)
+
+
+def kron_fold(x: Tensor, k_a: Tensor, d: int) -> Tensor:
+    """fold(x)[:, c] = sum_j K_A[j] x[:, j*d + c]: (M, K) -> (M, d)."""
+    return torch.matmul(k_a, x.reshape(x.shape[0], -1, d)).squeeze(1)
+
+
+def path_input(x: Tensor, path: LoRAPath) -> Tensor:
+    """h = x A_eff^T, (M, K) -> (M, r_p), without building A_eff."""
+    kind, t = path.kind, path.tensors
+    if kind == "plain":
+        return x @ t[0].t()
+    if kind == "slice":
+        k = x.shape[1]
+        return x @ t[0][:, path.k_offset:path.k_offset + k].t()
+    if kind == "gate":
+        return (x @ t[2].t()) @ gate_core(path).t()
+    if kind == "kron":
+        return kron_fold(x, t[2], t[0].shape[1]) @ t[0].t()
+    raise ValueError(f"unknown path kind {kind!r}")
+
+
+def add_path_output(y: Tensor, h: Tensor, path: LoRAPath) -> Tensor:
+    """y += scale * h B_eff^T in place, (M, r_p) -> (M, N), without building B_eff."""
+    kind, t, s = path.kind, path.tensors, path.scale
+    n = y.shape[1]
+    if kind == "kron":
+        b, k_b = t[1], t[3]
+        hb = (h @ b.t()).to(y.dtype)  # (M, d)
+        y.view(y.shape[0], -1, b.shape[0]).addcmul_(k_b.to(y.dtype).unsqueeze(0), hb.unsqueeze(1), value=s)
+        return y
+    if kind == "plain":
+        b = t[1]
+    elif kind == "slice":
+        b = t[1][path.n_offset:path.n_offset + n]
+    elif kind == "gate":
+        b = t[5]
+    else:
+        raise ValueError(f"unknown path kind {kind!r}")
+    if h.dtype == y.dtype:
+        return y.addmm_(h, b.t().to(y.dtype), alpha=s)
+    return y.add_((h @ b.t()).to(y.dtype), alpha=s)
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath],
+                dropout_p: float = 0.0, training: bool = False) -> Tensor:
+    """y = x W^T + b + sum_p s_p B_p A_p dropout(x).
+
+    x: (..., K) any float dtype; weight: (N, K); bias: (N,) or None; returns (..., N) in the base's
+    result dtype. The low-rank paths run in the adapter dtype (x is cast to it), one dropout mask
+    on x is shared by every path, as PEFT applies dropout to the adapter input only.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = F.linear(x2, weight, bias)
+    if paths:
+        xd = F.dropout(x2, dropout_p, training=True) if (training and dropout_p > 0) else x2
+        xd = xd.to(paths[0].tensors[0].dtype)
+        for p in paths:
+            y = add_path_output(y, path_input(xd, p), p)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def path_factors(path: LoRAPath, in_features: int, out_features: int) -> tuple[Tensor, Tensor]:
+    """Effective (A (r_p, K), B (N, r_p)) of one path, unscaled. Materialises: merge/export only."""
+    kind, t = path.kind, path.tensors
+    if kind == "plain":
+        return t[0], t[1]
+    if kind == "slice":
+        return (t[0][:, path.k_offset:path.k_offset + in_features],
+                t[1][path.n_offset:path.n_offset + out_features])
+    if kind == "gate":
+        return gate_core(path) @ t[2], t[5]
+    if kind == "kron":
+        return torch.kron(t[2], t[0]), torch.kron(t[3], t[1])
+    raise ValueError(f"unknown path kind {kind!r}")
+
+
+def delta_weight(paths: Sequence[LoRAPath], in_features: int, out_features: int) -> Tensor:
+    """sum_p s_p B_p A_p as an (N, K) matrix. Merge only."""
+    total = None
+    for p in paths:
+        a, b = path_factors(p, in_features, out_features)
+        d = p.scale * (b @ a)
+        total = d if total is None else total + d
+    return total
