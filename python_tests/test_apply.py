@@ -1,0 +1,153 @@
+"""apply(): wrapping real Transformers models for every method; sharing is real sharing."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import sharelora_kernels as sk
+from sharelora_kernels.model import adapter_tensors, find_target_modules
+from tiny_models import ARCHS, METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", list(METHOD_CONFIGS))
+def test_fresh_adapters_change_nothing_and_trained_ones_do(arch, name):
+    base = tiny_model(arch)
+    model = sk.apply(copy.deepcopy(base), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS[name]))
+    ids = token_batch()
+    with torch.no_grad():
+        expected = base(ids).logits
+        assert torch.equal(model(ids).logits, expected)
+        randomize_adapters(model)
+        assert not torch.allclose(model(ids).logits, expected, atol=1e-3)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_paths" not in n)
+
+
+@pytest.mark.parametrize("name", list(METHOD_CONFIGS))
+def test_shared_tensors_are_one_parameter_and_get_the_sum_of_gradients(name):
+    """A shared tensor is one object; its gradient equals the sum of per-user gradients of unshared copies."""
+    model = sk.apply(tiny_model("mistral").double(), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS[name]))
+    randomize_adapters(model)
+    params = adapter_tensors(model)
+    users: dict[str, list] = {}
+    for mname in model.sharelora_plan.modules:
+        for path in model.get_submodule(mname).lora_paths:
+            for role, tname in path.spec.tensors.items():
+                users.setdefault(tname, []).append((path, role))
+    shared = {t: u for t, u in users.items() if len(u) > 1}
+    if name != "lora":
+        assert shared, "this method must share at least one tensor"
+    for tname, us in shared.items():
+        assert len({getattr(p, r).data_ptr() for p, r in us}) == 1
+        assert all(getattr(p, r) is params[tname] for p, r in us)
+    ids = token_batch(seed=5)
+    model(ids).logits.pow(2).mean().backward()
+    shared_grads = {t: params[t].grad.clone() for t in shared}
+    # Untie: give every user its own copy of the same values, and sum their gradients.
+    model.zero_grad()
+    copies = {}
+    for tname, us in shared.items():
+        for path, role in us:
+            c = nn.Parameter(params[tname].detach().clone())
+            setattr(path, role, c)
+            copies.setdefault(tname, []).append(c)
+    model(ids).logits.pow(2).mean().backward()
+    for tname, cs in copies.items():
+        total = sum(c.grad for c in cs)
+        assert total.abs().max() > 0
+        torch.testing.assert_close(shared_grads[tname], total, rtol=1e-10, atol=1e-12)
+
+
+def test_parameters_yields_each_shared_tensor_once():
+    model = sk.apply(tiny_model(), sk.ShareLoRAConfig(method="share_ab", r=2, target_modules=TARGETS))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == len({id(p) for p in trainable}) == 2 * len(TARGETS)
+    assert sk.trainable_parameters(model) == sum(p.numel() for p in adapter_tensors(model).values())
+
+
+LLAMA7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000)
+PAPER_SETS = {
+    "llama": [[16, 17], [18, 19], [20, 21, 22], [23, 24, 25, 26, 27], [28, 29, 30]],
+    "llama2": [[17, 18], [19, 20], [21, 22, 23], [24, 25, 26, 27], [28, 29]],
+}
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(method="lora", r=8), 14_024_704),
+    (dict(method="similarity", r=9, share_sets=PAPER_SETS["llama"]), 10_847_232),
+    (dict(method="similarity", r=9, share_sets=PAPER_SETS["llama2"]), 11_833_344),
+])
+def test_paper_parameter_counts_on_meta_llama_7b(kwargs, expected):
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA7B))
+    sk.apply(model, sk.ShareLoRAConfig(target_modules=TARGETS, **kwargs))
+    assert sk.trainable_parameters(model) == expected
+    assert sk.parameter_breakdown(model)["part:lora"] == expected
+
+
+def test_expand_rank_keeps_count_at_or_under_lora():
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA7B))
+    sk.apply(model, sk.ShareLoRAConfig(method="similarity", r=8, share_sets=PAPER_SETS["llama"], expand_rank=True,
+                                       target_modules=TARGETS))
+    assert sk.expanded_rank(32, PAPER_SETS["llama"], 8) == 11  # floor(32 / 22 * 8)
+    assert sk.trainable_parameters(model) == 54784 * 11 * 22 <= 14_024_704
+
+
+def test_bishare_breakdown_by_part():
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA7B))
+    sk.apply(model, sk.ShareLoRAConfig(method="bishare", shape_transform="slice", target_modules=TARGETS))
+    b = sk.parameter_breakdown(model)
+    assert b["part:local"] == 54784 * 2 * 32
+    assert b["part:intra"] == 4 * (11008 + 11008) * 32  # (r, K_max) + (N_max, r) per layer; down_proj has K=11008
+    assert b["part:inter"] == 32 * (11008 + 11008)
+    assert sk.trainable_parameters(model) == b["part:local"] + b["part:intra"] + b["part:inter"]
+
+
+def test_generic_module_layer_index_from_path():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 6)
+
+    net = nn.Sequential(Block(), Block(), nn.Linear(6, 6))
+    net.head = nn.Linear(6, 3)
+    infos, layers = find_target_modules(net, ["proj", "head"])
+    assert [(m.name, m.layer) for m in infos] == [("0.proj", 0), ("1.proj", 1), ("head", 0)]
+    assert layers == 2
+    sk.apply(net, sk.ShareLoRAConfig(method="share_a", r=2, target_modules=["proj"]))
+    assert net[0].proj.lora_paths[0].A is net[1].proj.lora_paths[0].A
+
+
+def test_unknown_linear_subclass_is_refused_by_name():
+    class QuantLinear(nn.Linear):
+        pass
+
+    net = nn.Sequential(nn.Linear(4, 4))
+    net.q_proj = QuantLinear(4, 4)
+    with pytest.raises(TypeError, match="q_proj.*QuantLinear"):
+        sk.apply(net, sk.ShareLoRAConfig(target_modules=["q_proj"]))
+
+
+def test_no_target_and_double_apply_and_kron_misfit_errors():
+    with pytest.raises(ValueError, match="no target module"):
+        sk.apply(tiny_model(), sk.ShareLoRAConfig(target_modules=["nope"]))
+    model = sk.apply(tiny_model(), sk.ShareLoRAConfig(target_modules=TARGETS))
+    with pytest.raises(ValueError, match="already has ShareLoRA"):
+        sk.apply(model, sk.ShareLoRAConfig(target_modules=TARGETS))
+    with pytest.raises(ValueError, match=r"kron_dim=12 does not divide in_features=32 of module 'model.layers.0.self_attn.q_proj'"):
+        sk.apply(tiny_model(), sk.ShareLoRAConfig(method="bishare", shape_transform="kron", kron_dim=12, target_modules=TARGETS))
+    with pytest.raises(ValueError, match="layer 9"):
+        sk.apply(tiny_model(), sk.ShareLoRAConfig(method="similarity", share_sets=[[2, 9]], target_modules=TARGETS))
+
+
+def test_half_precision_base_gets_float32_adapters_and_runs():
+    model = sk.apply(tiny_model(dtype=torch.bfloat16), sk.ShareLoRAConfig(method="bishare", target_modules=TARGETS,
+                                                                           gate_dims=(8, 8)))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    randomize_adapters(model)
+    logits = model(token_batch()).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()

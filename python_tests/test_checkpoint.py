@@ -1,0 +1,84 @@
+"""save / load: round trip, shared tensors stored once, atomic writes, every mismatch named."""
+import copy
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import sharelora_kernels as sk
+import sharelora_kernels.checkpoint as ckpt
+from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
+
+
+def trained(name="bishare_gate", arch="llama", **overrides):
+    model = sk.apply(tiny_model(arch), sk.ShareLoRAConfig(target_modules=TARGETS, **{**METHOD_CONFIGS[name], **overrides}))
+    randomize_adapters(model)
+    return model
+
+
+@pytest.mark.parametrize("name", ["similarity", "share_ab", "bishare_slice", "bishare_kron"])
+def test_round_trip_into_fresh_model(name, tmp_path):
+    model = trained(name)
+    sk.save(model, tmp_path)
+    with safe_open(str(tmp_path / ckpt.WEIGHTS_NAME), "pt") as f:
+        assert sorted(f.keys()) == sorted(model.sharelora_plan.tensors)  # each shared tensor once
+    loaded = sk.load(tiny_model(), tmp_path)  # applies the saved config itself
+    ids = token_batch()
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert sk.ShareLoRAConfig.from_json((tmp_path / ckpt.CONFIG_NAME).read_text()) == model.sharelora_config
+
+
+@pytest.mark.parametrize("other, match", [
+    (dict(name="lora"), "method"),
+    (dict(name="bishare_gate", gate_dims=(8, 16)), "shape|paths"),
+    (dict(name="bishare_gate", target_modules=["q_proj", "v_proj"]), "target modules"),
+    (dict(name="similarity", share_sets=[[0, 1]]), "paths of module"),
+])
+def test_mismatched_model_is_named(other, match, tmp_path):
+    sk.save(trained("bishare_gate") if other["name"] != "similarity" else trained("similarity"), tmp_path)
+    name = other.pop("name")
+    target = sk.apply(tiny_model(), sk.ShareLoRAConfig(**{**METHOD_CONFIGS[name], "target_modules": TARGETS, **other}))
+    with pytest.raises(ValueError, match=match):
+        sk.load(target, tmp_path)
+
+
+def test_other_architecture_is_named(tmp_path):
+    sk.save(trained("lora"), tmp_path)
+    with pytest.raises(ValueError, match="number of layers"):
+        sk.load(tiny_model(layers=3), tmp_path)
+
+
+def test_truncated_and_foreign_files_are_refused(tmp_path):
+    sk.save(trained(), tmp_path)
+    path = tmp_path / ckpt.WEIGHTS_NAME
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated|readable"):
+        sk.load(tiny_model(), tmp_path)
+    path.write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        sk.load(tiny_model(), tmp_path)
+    with pytest.raises(ValueError, match="no ShareLoRA checkpoint"):
+        sk.load(tiny_model(), tmp_path / "missing")
+
+
+def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    first = trained()
+    sk.save(first, tmp_path)
+    before = (tmp_path / ckpt.WEIGHTS_NAME).read_bytes()
+    second = trained()
+    randomize_adapters(second, seed=7)
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt("killed midway")
+
+    monkeypatch.setattr(ckpt, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        sk.save(second, tmp_path)
+    assert (tmp_path / ckpt.WEIGHTS_NAME).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.WEIGHTS_NAME, ckpt.CONFIG_NAME]
+    monkeypatch.undo()
+    ids = token_batch()
+    torch.testing.assert_close(sk.load(tiny_model(), tmp_path)(ids).logits, first(ids).logits, rtol=0, atol=0)

@@ -1,0 +1,73 @@
+"""SharedLoRALinear on its own, and merge / unmerge on whole models."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sharelora_kernels as sk
+from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
+
+
+def test_standalone_layer_matches_formula_with_any_leading_dims():
+    base = nn.Linear(20, 11).double()
+    layer = sk.SharedLoRALinear(base, r=5, alpha=10)
+    nn.init.normal_(layer.lora_paths[0].B)
+    a, b = layer.lora_paths[0].A, layer.lora_paths[0].B
+    for shape in [(20,), (3, 20), (2, 4, 3, 20)]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        expected = base(x) + 2.0 * (x @ a.T) @ b.T
+        torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    assert layer.weight is base.weight and not layer.weight.requires_grad
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_paths.0.A", "lora_paths.0.B"]
+
+
+def test_rslora_scale():
+    layer = sk.SharedLoRALinear(nn.Linear(8, 8), r=4, alpha=6, use_rslora=True)
+    assert layer.lora_paths[0].spec.scale == pytest.approx(3.0)
+
+
+def test_bad_inputs_are_named():
+    layer = sk.SharedLoRALinear(nn.Linear(8, 6), r=2)
+    with pytest.raises(ValueError, match="8"):
+        layer(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="dtype"):
+        layer(torch.randn(3, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        sk.SharedLoRALinear(nn.Conv1d(3, 3, 1))
+    with pytest.raises(ValueError, match="r must be"):
+        sk.SharedLoRALinear(nn.Linear(8, 6), r=0)
+    with pytest.raises(ValueError, match="dropout"):
+        sk.SharedLoRALinear(nn.Linear(8, 6), dropout=1.5)
+
+
+def test_dropout_only_in_training_and_only_on_adapter_input():
+    layer = sk.SharedLoRALinear(nn.Linear(16, 16), r=4, dropout=0.5)
+    nn.init.normal_(layer.lora_paths[0].B)
+    x = torch.randn(64, 16)
+    layer.eval()
+    a = layer(x)
+    assert torch.equal(a, layer(x))
+    layer.train()
+    b, c = layer(x), layer(x)
+    assert not torch.allclose(b, c)
+    layer.lora_paths[0].B.data.zero_()
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("name", list(METHOD_CONFIGS))
+def test_merge_unmerge_round_trip(name):
+    model = sk.apply(tiny_model("qwen2"), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS[name]))
+    randomize_adapters(model, std=0.1)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    ids = token_batch()
+    with torch.no_grad():
+        out = model(ids).logits
+        sk.merge(model)
+        assert any(not torch.equal(p, weights[n]) for n, p in model.named_parameters() if n in weights)
+        torch.testing.assert_close(model(ids).logits, out, rtol=1e-4, atol=1e-4)
+        sk.unmerge(model)
+        for n, p in model.named_parameters():
+            if n in weights:
+                torch.testing.assert_close(p, weights[n], rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(ids).logits, out, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,60 @@
+"""Parity with PEFT: method="lora" is PEFT LoRA, and every method exports to an equivalent PEFT LoRA."""
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import sharelora_kernels as sk
+from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_lora_equals_peft_lora_outputs_and_gradients():
+    base = tiny_model("llama").double()
+    ours = sk.apply(copy.deepcopy(base), sk.ShareLoRAConfig(method="lora", r=4, alpha=12, target_modules=TARGETS))
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=12, target_modules=TARGETS, lora_dropout=0.0))
+    randomize_adapters(ours)
+    with torch.no_grad():  # same values in both
+        for name in ours.sharelora_plan.modules:
+            path = ours.get_submodule(name).lora_paths[0]
+            peft_layer = peft_model.base_model.model.get_submodule(name)
+            peft_layer.lora_A["default"].weight.copy_(path.A)
+            peft_layer.lora_B["default"].weight.copy_(path.B)
+    ids = token_batch(seed=11)
+    out, ref = ours(ids).logits, peft_model(ids).logits
+    assert rel_err(out, ref) < 1e-12
+    out.pow(2).sum().backward()
+    ref.pow(2).sum().backward()
+    for name in ours.sharelora_plan.modules:
+        path = ours.get_submodule(name).lora_paths[0]
+        peft_layer = peft_model.base_model.model.get_submodule(name)
+        assert rel_err(path.A.grad, peft_layer.lora_A["default"].weight.grad) < 1e-10
+        assert rel_err(path.B.grad, peft_layer.lora_B["default"].weight.grad) < 1e-10
+
+
+@pytest.mark.parametrize("name", list(METHOD_CONFIGS))
+def test_export_loads_in_peft_with_same_outputs_after_training(name, tmp_path):
+    base = tiny_model("mistral")
+    model = sk.apply(copy.deepcopy(base), sk.ShareLoRAConfig(target_modules=TARGETS, alpha=6, **METHOD_CONFIGS[name]))
+    randomize_adapters(model, std=0.1)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(3):
+        opt.zero_grad()
+        model(token_batch(seed=20 + step), labels=token_batch(seed=20 + step)).loss.backward()
+        opt.step()
+    model.eval()
+    sk.export_peft(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and sorted(cfg["target_modules"]) == sorted(TARGETS)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    ids = token_batch(seed=99)
+    with torch.no_grad():
+        out, ref, plain = model(ids).logits, loaded(ids).logits, base(ids).logits
+    assert rel_err(out, plain) > 1e-3  # the adapters do something
+    assert rel_err(ref, out) <= 1e-5

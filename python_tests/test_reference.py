@@ -1,0 +1,100 @@
+"""The reference math against the dense definitions of METHOD sections 3-4, in float64."""
+import pytest
+import torch
+
+from sharelora_kernels.reference import LoRAPath, delta_weight, lora_linear, path_factors
+
+M, K, N = 7, 24, 40
+
+
+def rnd(*shape):
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+def make_path(kind):
+    if kind == "plain":
+        return LoRAPath("plain", (rnd(3, K), rnd(N, 3)), 0.7)
+    if kind == "slice":  # shared tensors larger than the module, read at an offset
+        return LoRAPath("slice", (rnd(5, K + 9), rnd(N + 4, 5)), 1.3, k_offset=4, n_offset=3)
+    if kind == "gate":
+        r, g, m, n = 3, 2, 6, 5
+        return LoRAPath("gate", (rnd(r, m), rnd(n, r), rnd(g, K), rnd(m, g), rnd(g, n), rnd(N, g)), 0.5)
+    if kind == "kron":
+        r, d = 3, 8
+        return LoRAPath("kron", (rnd(r, d), rnd(d, r), rnd(1, K // d), rnd(N // d, 1)), 2.0)
+    raise AssertionError(kind)
+
+
+def dense_factors(p):
+    """A (r, K) and B (N, r) built literally from METHOD's formulas."""
+    t = p.tensors
+    if p.kind == "plain":
+        return t[0], t[1]
+    if p.kind == "slice":
+        return t[0][:, p.k_offset:p.k_offset + K], t[1][p.n_offset:p.n_offset + N]
+    if p.kind == "gate":  # dW = G_ou G_od B A G_iu G_id
+        a, b, g_id, g_iu, g_od, g_ou = t
+        return g_od @ b @ a @ g_iu @ g_id, g_ou
+    a, b, k_a, k_b = t
+    d = a.shape[1]
+    big_a = torch.zeros(a.shape[0], K, dtype=a.dtype)
+    for j in range(K // d):
+        big_a[:, j * d:(j + 1) * d] = k_a[0, j] * a
+    big_b = torch.zeros(N, b.shape[1], dtype=b.dtype)
+    for i in range(N // d):
+        big_b[i * d:(i + 1) * d] = k_b[i, 0] * b
+    return big_a, big_b
+
+
+KINDS = ["plain", "slice", "gate", "kron"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_path_matches_dense_formula(kind):
+    p = make_path(kind)
+    x, w, bias = rnd(M, K), rnd(N, K), rnd(N)
+    a, b = dense_factors(p)
+    expected = x @ w.T + bias + p.scale * (x @ a.T) @ b.T
+    torch.testing.assert_close(lora_linear(x, w, bias, [p]), expected, rtol=1e-12, atol=1e-12)
+    fa, fb = path_factors(p, K, N)
+    torch.testing.assert_close(fb @ fa, b @ a, rtol=1e-12, atol=1e-12)
+
+
+def test_sum_of_paths_and_leading_dims():
+    paths = [make_path(k) for k in KINDS]
+    x, w = rnd(2, 3, M, K), rnd(N, K)
+    expected = x @ w.T + x @ delta_weight(paths, K, N).T
+    out = lora_linear(x, w, None, paths)
+    assert out.shape == (2, 3, M, N)
+    torch.testing.assert_close(out, expected, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_match_dense_formula(kind):
+    p = make_path(kind)
+    leaves = [t.clone().requires_grad_() for t in p.tensors]
+    x = rnd(M, K).requires_grad_()
+    w = rnd(N, K)
+    dy = rnd(M, N)
+    out = lora_linear(x, w, None, [p._replace(tensors=tuple(leaves))])
+    grads = torch.autograd.grad(out, [x, *leaves], dy)
+    leaves2 = [t.clone().requires_grad_() for t in p.tensors]
+    x2 = x.detach().clone().requires_grad_()
+    a, b = dense_factors(p._replace(tensors=tuple(leaves2)))
+    out2 = x2 @ w.T + p.scale * (x2 @ a.T) @ b.T
+    grads2 = torch.autograd.grad(out2, [x2, *leaves2], dy)
+    for g, g2 in zip(grads, grads2):
+        torch.testing.assert_close(g, g2, rtol=1e-10, atol=1e-10)
+
+
+def test_dropout_applies_to_adapter_input_only():
+    p = make_path("plain")
+    x, w = rnd(M, K), rnd(N, K)
+    torch.manual_seed(3)
+    out = lora_linear(x, w, None, [p], dropout_p=0.5, training=True)
+    torch.manual_seed(3)
+    xd = torch.nn.functional.dropout(x, 0.5, training=True)
+    a, b = dense_factors(p)
+    torch.testing.assert_close(out, x @ w.T + p.scale * (xd @ a.T) @ b.T)
+    assert not torch.allclose(out, lora_linear(x, w, None, [p]))
+    torch.testing.assert_close(lora_linear(x, w, None, [p], dropout_p=0.5, training=False), lora_linear(x, w, None, [p]))

@@ -1,0 +1,47 @@
+"""Tiny random Transformers models for tests: LLaMA, Mistral (GQA) and Qwen2 shapes, seeded."""
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+ARCHS = ("llama", "mistral", "qwen2")
+VOCAB = 61
+
+
+def tiny_model(arch: str = "llama", layers: int = 4, dtype=torch.float32, seed: int = 0):
+    """A random causal LM with hidden 32, MLP 48, 4 heads (2 KV heads: k/v are 16 wide), eval mode."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cls, cfg = {"llama": (LlamaForCausalLM, LlamaConfig), "mistral": (MistralForCausalLM, MistralConfig),
+                "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[arch]
+    return cls(cfg(**common)).to(dtype).eval()
+
+
+def randomize_adapters(model, std: float = 0.2, seed: int = 1) -> None:
+    """Give every trainable tensor fresh non-zero values (fresh adapters have B = 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
+
+
+def token_batch(batch: int = 2, seq: int = 7, seed: int = 2) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# Every method and shape transform, with settings that fit the tiny models (dims 16, 32, 48).
+METHOD_CONFIGS = {
+    "lora": dict(method="lora", r=3),
+    "similarity": dict(method="similarity", r=3, share_sets=[[1, 2, 3]], expand_rank=True),
+    "share_a": dict(method="share_a", r=3),
+    "share_b": dict(method="share_b", r=3),
+    "share_ab": dict(method="share_ab", r=3),
+    "bishare_slice": dict(method="bishare", shape_transform="slice", local_r=1, intra_r=3, inter_r=5),
+    "bishare_slice_topleft": dict(method="bishare", shape_transform="slice", slice_policy="top_left",
+                                  local_r=0, intra_r=2, inter_r=3),
+    "bishare_gate": dict(method="bishare", shape_transform="gate", gate_dims=(8, 12), gate_rank=2),
+    "bishare_kron": dict(method="bishare", shape_transform="kron", kron_dim=8, local_r=1, intra_r=3, inter_r=2),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]

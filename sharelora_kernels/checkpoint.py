@@ -1,0 +1,122 @@
+"""save / load adapter checkpoints: one safetensors file, shared tensors stored once, no pickle.
+
+``adapter.safetensors`` holds every plan tensor under its plan name, and in its metadata the config
+and the share plan (the authoritative copy, so weights and plan can never disagree). A readable
+``sharelora_config.json`` is written beside it. Each file is written to a temporary name in the same
+directory and renamed over the old one, so an interrupted save leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ShareLoRAConfig
+from .model import adapter_tensors, apply, get_plan
+from .plan import SharePlan
+
+WEIGHTS_NAME = "adapter.safetensors"
+CONFIG_NAME = "sharelora_config.json"
+FORMAT_VERSION = "1"
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file over ``path`` (same directory)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the model's adapters to ``directory`` (created if needed); returns the weights path."""
+    plan = get_plan(model)
+    config: ShareLoRAConfig = model.sharelora_config
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in adapter_tensors(model).items()}
+    metadata = {"format": "sharelora", "format_version": FORMAT_VERSION,
+                "config": config.to_json(), "plan": json.dumps(plan.to_dict())}
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config.to_json() + "\n"))
+    return out / WEIGHTS_NAME
+
+
+def read_checkpoint(directory: str | os.PathLike) -> tuple[ShareLoRAConfig, SharePlan, Path]:
+    """Config and plan stored in a checkpoint directory; ValueError if it is missing or damaged."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise ValueError(f"no ShareLoRA checkpoint at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
+    if meta.get("format") != "sharelora":
+        raise ValueError(f"{path} is not a ShareLoRA checkpoint (no 'format: sharelora' in its metadata)")
+    try:
+        return ShareLoRAConfig.from_json(meta["config"]), SharePlan.from_dict(json.loads(meta["plan"])), path
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} has damaged config/plan metadata ({e})") from e
+
+
+def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load adapters saved by ``save`` into ``model``; applies the saved config first if needed.
+
+    Raises ValueError naming the first difference if the model's method, target modules, shapes or
+    share plan differ from the checkpoint's, or if the file is truncated or corrupted.
+    """
+    config, saved_plan, path = read_checkpoint(directory)
+    if getattr(model, "sharelora_plan", None) is None:
+        apply(model, config)
+    plan_mismatch(saved_plan, get_plan(model), str(path))
+    params = adapter_tensors(model)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name, param in params.items():
+                t = f.get_tensor(name)
+                if tuple(t.shape) != tuple(param.shape):
+                    raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, the model's {tuple(param.shape)}")
+                param.data.copy_(t.to(param.dtype))
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path} could not be read completely ({e}); the file may be truncated") from e
+    return model
+
+
+def plan_mismatch(saved: SharePlan, current: SharePlan, where: str) -> None:
+    """Raise ValueError naming the first difference between two share plans."""
+    def fail(what: str, a, b) -> None:
+        raise ValueError(f"checkpoint {where} does not match the model: {what}: checkpoint has {a!r}, model has {b!r}")
+
+    if saved.method != current.method:
+        fail("method", saved.method, current.method)
+    if saved.num_layers != current.num_layers:
+        fail("number of layers", saved.num_layers, current.num_layers)
+    if list(saved.modules) != list(current.modules):
+        missing = sorted(set(saved.modules) ^ set(current.modules))
+        fail("target modules", sorted(saved.modules) if not missing else f"{len(saved.modules)} modules",
+             f"{len(current.modules)} modules, first difference {missing[0] if missing else 'order'}")
+    for name, m in saved.modules.items():
+        c = current.modules[name]
+        if m.info != c.info:
+            fail(f"module {name}", m.info, c.info)
+        if m.paths != c.paths:
+            fail(f"paths of module {name}", [(p.kind, p.part, p.tensors) for p in m.paths],
+                 [(p.kind, p.part, p.tensors) for p in c.paths])
+    for name, t in saved.tensors.items():
+        if name not in current.tensors:
+            fail("tensor set", name, "no such tensor")
+        if t.shape != current.tensors[name].shape:
+            fail(f"shape of tensor {name}", t.shape, current.tensors[name].shape)

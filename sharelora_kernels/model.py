@@ -1,0 +1,128 @@
+"""apply(): wrap a model's target nn.Linears so that every planned tensor exists exactly once.
+
+Also the model-level helpers: parameter accounting, merge / unmerge, and the map from plan tensor
+names to the live ``nn.Parameter`` objects (used by checkpoints and export).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .config import ShareLoRAConfig
+from .layer import LoRAPathModule, SharedLoRALinear, new_parameter
+from .plan import ModuleInfo, SharePlan, build_plan
+
+
+def find_target_modules(model: nn.Module, target_modules: list[str]) -> tuple[list[ModuleInfo], int]:
+    """The model's target modules (matched by the last component of their path) and its layer count.
+
+    A module's layer is the first integer in its path (none: layer 0). The layer count is the
+    model config's ``num_hidden_layers`` when present, else the largest layer index + 1. A matching
+    module that is not a plain ``nn.Linear`` (quantized, custom subclass, already wrapped) is refused
+    by name rather than skipped.
+    """
+    targets = set(target_modules)
+    infos = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in targets:
+            continue
+        if isinstance(module, SharedLoRALinear):
+            raise ValueError(f"module {name!r} already has ShareLoRA adapters; apply() runs once per model")
+        if type(module) is not nn.Linear:
+            raise TypeError(f"target module {name!r} is a {type(module).__name__}, not a plain nn.Linear; "
+                            "sharelora_kernels cannot wrap it (remove it from target_modules)")
+        layer = next((int(part) for part in name.split(".") if part.isdigit()), 0)
+        infos.append(ModuleInfo(name, layer, leaf, module.in_features, module.out_features))
+    found_layers = max((m.layer for m in infos), default=-1) + 1
+    configured = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    return infos, max(found_layers, configured or 0)
+
+
+def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """Adapters of half-precision bases train in float32 (as PEFT's default autocast_adapter_dtype)."""
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
+def apply(model: nn.Module, config: ShareLoRAConfig) -> nn.Module:
+    """Add ShareLoRA adapters to ``model`` in place and return it.
+
+    Freezes every base parameter, creates each planned tensor once (on the device of its first user,
+    the meta device included), and replaces each target ``nn.Linear`` by a ``SharedLoRALinear`` whose
+    paths hold the (possibly shared) parameters. Fresh adapters leave the outputs unchanged.
+    """
+    infos, num_layers = find_target_modules(model, config.target_modules)
+    plan = build_plan(config, infos, num_layers)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    first_user = _first_users(plan)
+    params: dict[str, nn.Parameter] = {}
+    for name, spec in plan.tensors.items():
+        weight = model.get_submodule(first_user[name]).weight
+        params[name] = new_parameter(spec, device=weight.device, dtype=adapter_dtype(weight.dtype))
+    for name, mplan in plan.modules.items():
+        paths = [LoRAPathModule(p, {role: params[t] for role, t in p.tensors.items()}) for p in mplan.paths]
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, leaf, SharedLoRALinear(getattr(parent, leaf), paths, dropout=config.dropout))
+    model.sharelora_config = config
+    model.sharelora_plan = plan
+    return model
+
+
+def _first_users(plan: SharePlan) -> dict[str, str]:
+    first: dict[str, str] = {}
+    for name, mplan in plan.modules.items():
+        for p in mplan.paths:
+            for t in p.tensors.values():
+                first.setdefault(t, name)
+    return first
+
+
+def get_plan(model: nn.Module) -> SharePlan:
+    plan = getattr(model, "sharelora_plan", None)
+    if plan is None:
+        raise ValueError("this model has no ShareLoRA adapters: call sharelora_kernels.apply(model, config) first")
+    return plan
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Plan tensor name -> the live parameter, each shared tensor once, in plan order."""
+    plan = get_plan(model)
+    found: dict[str, nn.Parameter] = {}
+    for name in plan.modules:
+        layer = model.get_submodule(name)
+        for path in layer.lora_paths:
+            for role, tname in path.spec.tensors.items():
+                param = getattr(path, role)
+                if found.setdefault(tname, param) is not param:
+                    raise RuntimeError(f"tensor {tname!r} is no longer shared: module {name!r} holds another copy")
+    return {t: found[t] for t in plan.tensors}
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters, each shared tensor counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def parameter_breakdown(model: nn.Module) -> dict[str, int]:
+    """Adapter parameters per part ("part:local", ...) and per module type ("type:q_proj", ...)."""
+    return get_plan(model).breakdown()
+
+
+def shared_layers(model: nn.Module) -> list[SharedLoRALinear]:
+    return [m for m in model.modules() if isinstance(m, SharedLoRALinear)]
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (forward then costs the base matmul only)."""
+    for m in shared_layers(model):
+        m.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo ``merge`` (within the base dtype's rounding)."""
+    for m in shared_layers(model):
+        m.unmerge()
+    return model
