@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,8 +59,16 @@ class ShareLoRAConfig:
     init_a: str = "kaiming"
 
     def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str) or not isinstance(self.target_modules, (list, tuple)):
+            raise ValueError(f"target_modules must be a list of module names, got {self.target_modules!r}")
+        if not isinstance(self.share_sets, (list, tuple)) or not all(
+                isinstance(s, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in s)
+                for s in self.share_sets):
+            raise ValueError(f"share_sets must be a list of lists of layer indices, got {self.share_sets!r}")
+        if not isinstance(self.gate_dims, (list, tuple)):
+            raise ValueError(f"gate_dims must be a pair (m, n), got {self.gate_dims!r}")
         self.target_modules = list(self.target_modules)
-        self.share_sets = [sorted(int(i) for i in s) for s in self.share_sets]
+        self.share_sets = [sorted(s) for s in self.share_sets]
         self.gate_dims = tuple(self.gate_dims)
         if self.shape_transform in BISHARE_DEFAULT_RANKS:
             defaults = BISHARE_DEFAULT_RANKS[self.shape_transform]
@@ -76,6 +85,9 @@ class ShareLoRAConfig:
         _choice("slice_policy", self.slice_policy, SLICE_POLICIES)
         _choice("init_a", self.init_a, INITS)
         _int("r", self.r, minimum=1)
+        for name in ("use_rslora", "expand_rank"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("local_r", "intra_r", "inter_r"):
             _int(name, getattr(self, name), minimum=0)
         _int("gate_rank", self.gate_rank, minimum=1)
@@ -84,7 +96,7 @@ class ShareLoRAConfig:
             raise ValueError(f"gate_dims must be a pair (m, n), got {self.gate_dims!r}")
         for d in self.gate_dims:
             _int("gate_dims", d, minimum=1)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
             raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
