@@ -1,0 +1,293 @@
+"""Fused Triton LoRA linear (through TRITON_INTERPRET=1, see conftest.py) vs the float64 reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from sharelora_kernels import ops, reference  # noqa: E402
+from sharelora_kernels.layer import SharedLoRALinear  # noqa: E402
+from sharelora_kernels.ops.fused_lora_linear import KINDS, fused_lora_linear  # noqa: E402
+from sharelora_kernels.reference import LoRAPath  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not ops.HAS_TRITON, reason="triton not importable")
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+KRON_D = 8
+
+
+def rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype).requires_grad_()
+
+
+def make_path(kind: str, k: int, n: int, r: int, dtype=torch.float32) -> LoRAPath:
+    """A path of ``kind`` with non-zero random tensors; shared dims a bit larger than (K, N)."""
+    t = lambda *s: rand(*s, dtype=dtype)
+    if kind == "plain":
+        return LoRAPath("plain", (t(r, k), t(n, r)), 0.5)
+    if kind == "slice":
+        return LoRAPath("slice", (t(r, k + 7), t(n + 5, r)), 0.25, 3, 5)
+    if kind == "gate":
+        m, gn, g = 12, 10, 2
+        return LoRAPath("gate", (t(r, m), t(gn, r), t(g, k), t(m, g), t(g, gn), t(n, g)), 0.75)
+    return LoRAPath("kron", (t(r, KRON_D), t(KRON_D, r), t(1, k // KRON_D), t(n // KRON_D, 1)), 0.4)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def float64_reference(x, weight, bias, paths, dy, xd=None):
+    """Output and gradients (x, then every path tensor) of the reference in float64.
+
+    ``xd``: an explicit dropped-out input (x times the kernel's mask), else no dropout.
+    """
+    d = lambda t: t.detach().double().requires_grad_()
+    x64 = d(x)
+    p64 = [p._replace(tensors=tuple(d(t) for t in p.tensors)) for p in paths]
+    if xd is None:
+        y = reference.lora_linear(x64, weight.double(), None if bias is None else bias.double(), p64)
+    else:
+        y = torch.nn.functional.linear(x64, weight.double(), None if bias is None else bias.double())
+        x_in = x64 * xd.double()
+        for p in p64:
+            y = reference.add_path_output(y, reference.path_input(x_in, p), p)
+    leaves = [x64] + [t for p in p64 for t in p.tensors]
+    return y.detach(), torch.autograd.grad(y, leaves, dy.double())
+
+
+def check_against_reference(kinds, m, k, n, ranks, dtype, bias=True, adapter_dtype=None):
+    torch.manual_seed(0)
+    x = rand(m, k, dtype=dtype)
+    weight = torch.randn(n, k, dtype=dtype)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    paths = [make_path(kind, k, n, r, adapter_dtype or dtype) for kind, r in zip(kinds, ranks)]
+    y = fused_lora_linear(x, weight, b, paths)
+    dy = torch.randn_like(y)
+    leaves = [x] + [t for p in paths for t in p.tensors]
+    grads = torch.autograd.grad(y, leaves, dy)
+    y_ref, grads_ref = float64_reference(x, weight, b, paths, dy)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert rel_err(y, y_ref) < TOL[dtype]
+    for i, (g, g_ref, leaf) in enumerate(zip(grads, grads_ref, leaves)):
+        assert g.dtype == leaf.dtype and g.shape == g_ref.shape
+        assert rel_err(g, g_ref) < TOL[dtype], f"gradient {i} of {[p.kind for p in paths]}"
+
+
+def test_half_base_with_float32_adapters():
+    """apply() keeps fp32 adapters on a bf16/fp16 base: the kernels load them as fp32."""
+    for dtype in (torch.bfloat16, torch.float16):
+        check_against_reference(["plain", "slice", "gate", "kron"], m=9, k=48, n=40, ranks=[2, 3, 5, 2], dtype=dtype,
+                                adapter_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["plain", "slice", "gate", "kron"])
+def test_each_kind_fp32_gqa_shape(kind):
+    check_against_reference([kind], m=7, k=48, n=16, ranks=[3], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("m", [1, 33])
+def test_all_kinds_summed_fp32(m):
+    check_against_reference(["plain", "slice", "gate", "kron"], m=m, k=40, n=56, ranks=[5, 3, 4, 7],
+                            dtype=torch.float32, bias=m == 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_all_kinds_summed_half(dtype):
+    check_against_reference(["plain", "slice", "gate", "kron"], m=33, k=48, n=40, ranks=[1, 5, 3, 9], dtype=dtype)
+
+
+def test_rank_above_one_tile():
+    check_against_reference(["plain", "kron"], m=7, k=40, n=24, ranks=[67, 5], dtype=torch.float32)
+
+
+def test_non_contiguous_input_and_weight():
+    torch.manual_seed(1)
+    x = torch.randn(48, 9).t().requires_grad_()  # (9, 48), strides (1, 9)
+    weight = torch.randn(48, 24).t()  # (24, 48) non-contiguous
+    paths = [make_path("plain", 48, 24, 3), make_path("slice", 48, 24, 2)]
+    y = fused_lora_linear(x, weight, None, paths)
+    dy = torch.randn(24, 9).t()  # non-contiguous output gradient
+    grads = torch.autograd.grad(y, [x] + [t for p in paths for t in p.tensors], dy)
+    y_ref, grads_ref = float64_reference(x, weight, None, paths, dy)
+    assert rel_err(y, y_ref) < 1e-4
+    assert all(rel_err(g, r) < 1e-4 for g, r in zip(grads, grads_ref))
+
+
+def test_leading_dims_and_empty_batch():
+    torch.manual_seed(2)
+    weight = torch.randn(16, 24)
+    paths = [make_path("kron", 24, 16, 2)]
+    x = rand(2, 3, 24)
+    y = fused_lora_linear(x, weight, None, paths)
+    y_ref, _ = float64_reference(x.reshape(6, 24), weight, None, paths, torch.zeros(6, 16))
+    assert y.shape == (2, 3, 16) and rel_err(y.reshape(6, 16), y_ref) < 1e-4
+    x0 = rand(0, 24)
+    y0 = fused_lora_linear(x0, weight, None, paths)
+    assert y0.shape == (0, 16)
+    grads = torch.autograd.grad(y0.sum(), [x0, *paths[0].tensors])
+    assert grads[0].shape == (0, 24) and all(g.abs().sum() == 0 for g in grads[1:])
+
+
+# ---------------------------------------------------------------------------------- dropout
+def kernel_mask(m: int, k: int, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """The kernel's dropout mask for seed: h of an identity path on an all-ones x, times (1 - p)."""
+    eye = torch.eye(k)
+    _, h = torch.ops.sharelora.fused_lora_linear(torch.ones(m, k), torch.zeros(1, k), None,
+                                                 [eye, torch.zeros(1, k)], [0, 0, 0], [1.0], p, seed)
+    return h * (1 - p)
+
+
+@pytest.mark.parametrize("rng64", [False, True])
+def test_dropout_same_mask_forward_and_backward(rng64, monkeypatch):
+    """The mask of forward, dx and dA is one mask (int64 offsets: forced here, as M*K >= 2^31 on GPU)."""
+    if rng64:
+        from sharelora_kernels.ops import fused_lora_linear as fused, lowrank_grad, lowrank_input
+        for module in (fused, lowrank_grad, lowrank_input):
+            monkeypatch.setattr(module, "rng_needs_int64", lambda m, k: True)
+    torch.manual_seed(3)
+    m, k, n, p = 9, 40, 24, 0.3
+    x, weight, b = rand(m, k), torch.randn(n, k), torch.randn(n)
+    paths = [make_path("plain", k, n, 3), make_path("kron", k, n, 2), make_path("gate", k, n, 3)]
+    tensors = [t for q in paths for t in q.tensors]
+    layout = [c for q in paths for c in (KINDS.index(q.kind), q.k_offset, q.n_offset)]
+    seed = torch.tensor([1234])
+    y, _ = torch.ops.sharelora.fused_lora_linear(x, weight, b, tensors, layout, [q.scale for q in paths], p, seed)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x] + tensors, dy)
+    mask = kernel_mask(m, k, p, seed)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    y_ref, grads_ref = float64_reference(x, weight, b, paths, dy, xd=mask / (1 - p))
+    assert rel_err(y, y_ref) < 1e-4
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel_err(g, g_ref) < 1e-4
+
+
+def test_dropout_mask_statistics():
+    p = 0.3
+    a = kernel_mask(64, 64, p, torch.tensor([7]))
+    b = kernel_mask(64, 64, p, torch.tensor([8]))
+    assert abs(a.mean().item() - (1 - p)) < 0.03
+    assert (a != b).float().mean() > 0.2  # another seed, another mask
+    assert torch.equal(a, kernel_mask(64, 64, p, torch.tensor([7])))  # same seed, same mask
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(4)
+    x, weight = torch.randn(5, 16), torch.randn(8, 16)
+    paths = [make_path("plain", 16, 8, 2)]
+    eval_y = fused_lora_linear(x, weight, None, paths, dropout_p=0.5, training=False)
+    train_y = fused_lora_linear(x, weight, None, paths, dropout_p=0.5, training=True)
+    ref, _ = float64_reference(x, weight, None, paths, torch.zeros(5, 8))
+    assert rel_err(eval_y, ref) < 1e-4 and rel_err(train_y, ref) > 1e-3
+
+
+# ---------------------------------------------------------------------------------- integration
+def test_compile_fullgraph_custom_op(monkeypatch):
+    monkeypatch.setenv("SHARELORA_BACKEND", "triton")
+    torch.manual_seed(5)
+    layer = SharedLoRALinear(torch.nn.Linear(24, 16), r=3, alpha=6.0)
+    torch.nn.init.normal_(layer.lora_paths[0].B)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    eager = layer(x)
+    eager.sum().backward()
+    eager_grads = [x.grad.clone(), layer.lora_paths[0].A.grad.clone(), layer.lora_paths[0].B.grad.clone()]
+    x.grad = None
+    layer.zero_grad()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    assert torch.allclose(out, eager, atol=1e-5)
+    for g, e in zip([x.grad, layer.lora_paths[0].A.grad, layer.lora_paths[0].B.grad], eager_grads):
+        assert torch.allclose(g, e, atol=1e-5)
+
+
+def test_opcheck_custom_op():
+    """Schema, fake (meta) impl, autograd registration and AOT tracing of the forward op."""
+    torch.manual_seed(7)
+    paths = [make_path("slice", 24, 16, 3), make_path("kron", 24, 16, 2)]
+    tensors = [t for q in paths for t in q.tensors]
+    layout = [c for q in paths for c in (KINDS.index(q.kind), q.k_offset, q.n_offset)]
+    args = (rand(5, 24), torch.randn(16, 24), torch.randn(16), tensors, layout, [q.scale for q in paths], 0.2,
+            torch.tensor([11]))
+    torch.library.opcheck(torch.ops.sharelora.fused_lora_linear.default, args)
+
+
+def test_compile_fullgraph_cpu_route(monkeypatch):
+    monkeypatch.delenv("SHARELORA_BACKEND", raising=False)
+    layer = SharedLoRALinear(torch.nn.Linear(24, 16), r=3, alpha=6.0)
+    x = torch.randn(4, 24)
+    assert ops.backend_for(x) == "torch"
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(x), layer(x), atol=1e-6)
+
+
+def test_dispatch(monkeypatch):
+    x = torch.randn(2, 4)
+    monkeypatch.delenv("SHARELORA_BACKEND", raising=False)
+    assert ops.backend_for(x) == "torch"
+    monkeypatch.setenv("SHARELORA_BACKEND", "triton")
+    assert ops.backend_for(x) == "triton"
+    monkeypatch.setenv("SHARELORA_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="SHARELORA_BACKEND"):
+        ops.backend_for(x)
+
+
+def test_layer_forced_triton_matches_reference(monkeypatch):
+    torch.manual_seed(6)
+    layer = SharedLoRALinear(torch.nn.Linear(40, 24), r=5, alpha=10.0)
+    torch.nn.init.normal_(layer.lora_paths[0].B)
+    x = torch.randn(3, 40)
+    ref = layer(x)
+    monkeypatch.setenv("SHARELORA_BACKEND", "triton")
+    assert rel_err(layer(x), ref.double()) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["share_ab", "bishare_gate", "bishare_kron"])
+def test_applied_model_runs_fused_and_matches_torch_backend(name, monkeypatch):
+    """A whole tiny LLaMA after apply(): logits and every adapter gradient, triton vs torch backend."""
+    import sharelora_kernels as sk
+    from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
+
+    model = sk.apply(tiny_model("mistral", layers=2), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS[name]))
+    randomize_adapters(model)
+    ids = token_batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run():
+        logits = model(ids).logits
+        return logits.detach(), torch.autograd.grad(logits.pow(2).mean(), params)
+
+    monkeypatch.setenv("SHARELORA_BACKEND", "torch")
+    ref, ref_grads = run()
+    calls = []
+    monkeypatch.setattr(ops, "_fused_lora_linear", lambda *a: calls.append(1) or fused_lora_linear(*a))
+    monkeypatch.setenv("SHARELORA_BACKEND", "triton")
+    out, grads = run()
+    assert len(calls) == 2 * len(TARGETS)
+    assert rel_err(out, ref.double()) < 1e-4
+    for g, g_ref in zip(grads, ref_grads):
+        assert rel_err(g, g_ref.double()) < 1e-4
+
+
+# ---------------------------------------------------------------------------------- bad inputs
+def test_bad_inputs_raise_clear_errors():
+    x, weight = torch.randn(3, 16), torch.randn(8, 16)
+    with pytest.raises(ValueError, match="K=12 features but weight has shape \\(8, 16\\)"):
+        fused_lora_linear(torch.randn(3, 12), weight, None, [make_path("plain", 16, 8, 2)])
+    with pytest.raises(ValueError, match=r"B has shape \(9, 2\), expected \(8, 2\)"):
+        fused_lora_linear(x, weight, None, [LoRAPath("plain", (torch.randn(2, 16), torch.randn(9, 2)), 1.0)])
+    with pytest.raises(ValueError, match="d=8 must divide K=12"):
+        fused_lora_linear(torch.randn(3, 12), torch.randn(8, 12), None, [make_path("kron", 16, 8, 2)])
+    with pytest.raises(ValueError, match="k_offset=3 \\+ K=16 exceeds"):
+        fused_lora_linear(x, weight, None, [LoRAPath("slice", (torch.randn(2, 18), torch.randn(8, 2)), 1.0, 3, 0)])
+    with pytest.raises(ValueError, match="bias"):
+        fused_lora_linear(x, weight, torch.randn(7), [make_path("plain", 16, 8, 2)])
+    with pytest.raises(ValueError, match="frozen"):
+        fused_lora_linear(x, torch.randn(8, 16, requires_grad=True), None, [make_path("plain", 16, 8, 2)])
+    with pytest.raises(ValueError, match="x, weight and bias in one dtype"):
+        fused_lora_linear(x, weight.half(), None, [make_path("plain", 16, 8, 2)])
+    with pytest.raises(ValueError, match="every adapter tensor in one dtype"):
+        fused_lora_linear(x, weight, None, [make_path("plain", 16, 8, 2), make_path("plain", 16, 8, 2, torch.float16)])
+    with pytest.raises(ValueError, match="float64"):
+        fused_lora_linear(x, weight, None, [make_path("plain", 16, 8, 2, torch.float64)])
