@@ -7,6 +7,7 @@ import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sharelora_kernels as sk
+from sharelora_kernels.layer import AdapterStore
 from sharelora_kernels.model import adapter_tensors, find_target_modules
 from tiny_models import ARCHS, METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
 
@@ -22,7 +23,7 @@ def test_fresh_adapters_change_nothing_and_trained_ones_do(arch, name):
         assert torch.equal(model(ids).logits, expected)
         randomize_adapters(model)
         assert not torch.allclose(model(ids).logits, expected, atol=1e-3)
-    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_paths" not in n)
+    assert all(p.requires_grad == n.startswith("sharelora_adapters.") for n, p in model.named_parameters())
 
 
 @pytest.mark.parametrize("name", list(METHOD_CONFIGS))
@@ -45,19 +46,27 @@ def test_shared_tensors_are_one_parameter_and_get_the_sum_of_gradients(name):
     ids = token_batch(seed=5)
     model(ids).logits.pow(2).mean().backward()
     shared_grads = {t: params[t].grad.clone() for t in shared}
-    # Untie: give every user its own copy of the same values, and sum their gradients.
+    # Untie: give every path a private store holding its own copies of the same values.
     model.zero_grad()
     copies = {}
-    for tname, us in shared.items():
-        for path, role in us:
-            c = nn.Parameter(params[tname].detach().clone())
-            setattr(path, role, c)
-            copies.setdefault(tname, []).append(c)
+    for mname in model.sharelora_plan.modules:
+        for path in model.get_submodule(mname).lora_paths:
+            own = {t: nn.Parameter(params[t].detach().clone()) for t in path.spec.tensors.values()}
+            path._store = (AdapterStore(own),)
+            for t, c in own.items():
+                copies.setdefault(t, []).append(c)
     model(ids).logits.pow(2).mean().backward()
-    for tname, cs in copies.items():
-        total = sum(c.grad for c in cs)
+    for tname in shared:
+        total = sum(c.grad for c in copies[tname])
         assert total.abs().max() > 0
         torch.testing.assert_close(shared_grads[tname], total, rtol=1e-10, atol=1e-12)
+
+
+def test_state_dict_holds_each_tensor_once_and_save_pretrained_works(tmp_path):
+    model = sk.apply(tiny_model(), sk.ShareLoRAConfig(method="share_ab", r=2, target_modules=TARGETS))
+    adapter_keys = [k for k in model.state_dict() if k.startswith("sharelora_adapters.")]
+    assert len(adapter_keys) == len(model.sharelora_plan.tensors) == 2 * len(TARGETS)
+    model.save_pretrained(tmp_path)  # no tied tensors for transformers to refuse
 
 
 def test_parameters_yields_each_shared_tensor_once():
@@ -113,13 +122,20 @@ def test_generic_module_layer_index_from_path():
             super().__init__()
             self.proj = nn.Linear(8, 6)
 
-    net = nn.Sequential(Block(), Block(), nn.Linear(6, 6))
-    net.head = nn.Linear(6, 3)
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+            self.head = nn.Linear(6, 3)
+
+    net = Net()
     infos, layers = find_target_modules(net, ["proj", "head"])
-    assert [(m.name, m.layer) for m in infos] == [("0.proj", 0), ("1.proj", 1), ("head", 0)]
+    assert [(m.name, m.layer) for m in infos] == [("blocks.0.proj", 0), ("blocks.1.proj", 1), ("head", 0)]
     assert layers == 2
     sk.apply(net, sk.ShareLoRAConfig(method="share_a", r=2, target_modules=["proj"]))
-    assert net[0].proj.lora_paths[0].A is net[1].proj.lora_paths[0].A
+    assert net.blocks[0].proj.lora_paths[0].A is net.blocks[1].proj.lora_paths[0].A
+    with pytest.raises(TypeError, match="Sequential"):
+        sk.apply(nn.Sequential(Block()), sk.ShareLoRAConfig(r=2, target_modules=["proj"]))
 
 
 def test_unknown_linear_subclass_is_refused_by_name():

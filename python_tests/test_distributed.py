@@ -37,9 +37,11 @@ def wrapper(kind):
     if kind == "ddp":
         return torch.nn.parallel.DistributedDataParallel
 
-    def fsdp2(model):  # shared adapter tensors must live in one FSDP group: shard the root module
+    def fsdp2(model):  # per decoder layer, then the root: the root's group holds the adapter store
         from torch.distributed.fsdp import fully_shard
 
+        for layer in model.model.layers:
+            fully_shard(layer)
         fully_shard(model)
         return model
     return fsdp2

@@ -19,7 +19,7 @@ def test_standalone_layer_matches_formula_with_any_leading_dims():
         expected = base(x) + 2.0 * (x @ a.T) @ b.T
         torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
     assert layer.weight is base.weight and not layer.weight.requires_grad
-    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_paths.0.A", "lora_paths.0.B"]
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["adapters.A", "adapters.B"]
 
 
 def test_rslora_scale():

@@ -1,8 +1,12 @@
 """SharedLoRALinear: a frozen nn.Linear plus low-rank paths whose parameters may be shared.
 
-Sharing is PyTorch's tied-weights mechanism: two layers in a share set hold the *same*
-``nn.Parameter`` objects, so ``model.parameters()`` yields each shared tensor once and autograd
-sums its gradient over every user.
+Every adapter tensor is owned exactly once, by an ``AdapterStore`` (for a model: one store on the
+model root, made by ``apply``; for a standalone layer: the layer's own). Paths do not register the
+tensors they read: they look them up in the store by plan name at each forward. So two layers in a
+share set use the *same* ``nn.Parameter`` object, ``model.parameters()`` and ``state_dict()`` hold
+it once (``save_pretrained``, Trainer checkpoints and DDP see plain unshared parameters), autograd
+sums its gradient over every user, and whoever replaces a parameter in the store (``.to()``,
+``load_state_dict(assign=True)``, FSDP2's sharding) is seen by every path.
 """
 from __future__ import annotations
 
@@ -36,18 +40,42 @@ def new_parameter(spec: TensorSpec, device=None, dtype=None) -> nn.Parameter:
     return nn.Parameter(t)
 
 
-class LoRAPathModule(nn.Module):
-    """Holds one path's parameters under their role names (A, B, G_id, ..., K_B) and its spec."""
+class AdapterStore(nn.Module):
+    """Owns each adapter tensor once, under its plan name (``.`` is stored as ``/`` in the key)."""
 
-    def __init__(self, spec: PathSpec, params: Mapping[str, nn.Parameter]):
+    def __init__(self, params: Mapping[str, nn.Parameter]):
+        super().__init__()
+        for name, p in params.items():
+            self.register_parameter(name.replace(".", "/"), p)
+
+    def __getitem__(self, name: str) -> nn.Parameter:
+        return self._parameters[name.replace(".", "/")]
+
+    def tensors(self) -> dict[str, nn.Parameter]:
+        """Plan name -> parameter, in creation order."""
+        return {key.replace("/", "."): p for key, p in self._parameters.items()}
+
+
+class LoRAPathModule(nn.Module):
+    """One path of one module: its spec, and the store its tensors live in (not registered here).
+
+    ``path.A``, ``path.G_id``, ... return the live parameter of that role from the store.
+    """
+
+    def __init__(self, spec: PathSpec, store: AdapterStore):
         super().__init__()
         self.spec = spec
-        for role in PATH_ROLES[spec.kind]:
-            self.register_parameter(role, params[role])
+        self._store = (store,)  # a tuple: the store is owned (registered) by the model root, not here
+
+    def __getattr__(self, name: str):
+        spec = self.__dict__.get("spec")
+        if spec is not None and name in spec.tensors:
+            return self._store[0][spec.tensors[name]]
+        return super().__getattr__(name)
 
     def as_path(self) -> LoRAPath:
-        s = self.spec
-        return LoRAPath(s.kind, tuple(getattr(self, r) for r in PATH_ROLES[s.kind]), s.scale, s.k_offset, s.n_offset)
+        s, store = self.spec, self._store[0]
+        return LoRAPath(s.kind, tuple(store[s.tensors[r]] for r in PATH_ROLES[s.kind]), s.scale, s.k_offset, s.n_offset)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -60,8 +88,9 @@ class SharedLoRALinear(nn.Module):
     ``y = x W^T + b + sum_p s_p B_p A_p dropout(x)``; x: (..., in_features) -> (..., out_features).
     Keeps the base ``weight`` (N, K) and ``bias`` (N,) under their own names (frozen, any dtype).
 
-    Standalone: ``SharedLoRALinear(nn.Linear(1024, 1024), r=16, alpha=32)`` builds one plain path.
-    Shared: pass ``paths`` (LoRAPathModules, possibly holding parameters other layers hold too).
+    Standalone: ``SharedLoRALinear(nn.Linear(1024, 1024), r=16, alpha=32)`` builds one plain path
+    whose A (r, K) and B (N, r) live in the layer's own store (``layer.adapters``).
+    Shared: pass ``paths`` (LoRAPathModules reading a store that the caller owns, e.g. the model's).
     """
 
     def __init__(self, base: nn.Linear, paths: Sequence[LoRAPathModule] | None = None, *, r: int = 8,
@@ -90,7 +119,8 @@ class SharedLoRALinear(nn.Module):
         kw = {"device": self.weight.device, "dtype": self.weight.dtype}
         a = new_parameter(TensorSpec("A", (r, self.in_features), "kaiming_uniform", "lora"), **kw)
         b = new_parameter(TensorSpec("B", (self.out_features, r), "zeros", "lora"), **kw)
-        return LoRAPathModule(PathSpec("plain", "lora", {"A": "A", "B": "B"}, scale, r), {"A": a, "B": b})
+        self.adapters = AdapterStore({"A": a, "B": b})
+        return LoRAPathModule(PathSpec("plain", "lora", {"A": "A", "B": "B"}, scale, r), self.adapters)
 
     def paths(self) -> list[LoRAPath]:
         return [m.as_path() for m in self.lora_paths]

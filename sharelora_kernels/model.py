@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .config import ShareLoRAConfig
-from .layer import LoRAPathModule, SharedLoRALinear, new_parameter
+from .layer import AdapterStore, LoRAPathModule, SharedLoRALinear, new_parameter
 from .plan import ModuleInfo, SharePlan, build_plan
 
 
@@ -53,6 +53,9 @@ def apply(model: nn.Module, config: ShareLoRAConfig) -> nn.Module:
     """
     infos, num_layers = find_target_modules(model, config.target_modules)
     plan = build_plan(config, infos, num_layers)
+    if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        raise TypeError(f"apply() adds the adapter store as a child of the model's root, which would change what "
+                        f"a {type(model).__name__} runs; wrap it in an nn.Module first")
     for p in model.parameters():
         p.requires_grad_(False)
     first_user = _first_users(plan)
@@ -60,8 +63,9 @@ def apply(model: nn.Module, config: ShareLoRAConfig) -> nn.Module:
     for name, spec in plan.tensors.items():
         weight = model.get_submodule(first_user[name]).weight
         params[name] = new_parameter(spec, device=weight.device, dtype=adapter_dtype(weight.dtype))
+    model.sharelora_adapters = store = AdapterStore(params)
     for name, mplan in plan.modules.items():
-        paths = [LoRAPathModule(p, {role: params[t] for role, t in p.tensors.items()}) for p in mplan.paths]
+        paths = [LoRAPathModule(p, store) for p in mplan.paths]
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, leaf, SharedLoRALinear(getattr(parent, leaf), paths, dropout=config.dropout))
@@ -87,17 +91,10 @@ def get_plan(model: nn.Module) -> SharePlan:
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Plan tensor name -> the live parameter, each shared tensor once, in plan order."""
+    """Plan tensor name -> the live parameter (each shared tensor once), in plan order."""
     plan = get_plan(model)
-    found: dict[str, nn.Parameter] = {}
-    for name in plan.modules:
-        layer = model.get_submodule(name)
-        for path in layer.lora_paths:
-            for role, tname in path.spec.tensors.items():
-                param = getattr(path, role)
-                if found.setdefault(tname, param) is not param:
-                    raise RuntimeError(f"tensor {tname!r} is no longer shared: module {name!r} holds another copy")
-    return {t: found[t] for t in plan.tensors}
+    store = model.sharelora_adapters
+    return {t: store[t] for t in plan.tensors}
 
 
 def trainable_parameters(model: nn.Module) -> int:
