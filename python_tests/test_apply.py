@@ -148,6 +148,13 @@ def test_unknown_linear_subclass_is_refused_by_name():
         sk.apply(net, sk.ShareLoRAConfig(target_modules=["q_proj"]))
 
 
+def test_tied_lm_head_is_refused():
+    model = tiny_model()
+    model.lm_head.weight = model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="lm_head.*tied to 'model.embed_tokens.weight'"):
+        sk.apply(model, sk.ShareLoRAConfig(target_modules=["q_proj", "lm_head"]))
+
+
 def test_no_target_and_double_apply_and_kron_misfit_errors():
     with pytest.raises(ValueError, match="no target module"):
         sk.apply(tiny_model(), sk.ShareLoRAConfig(target_modules=["nope"]))

@@ -7,6 +7,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import sharelora_kernels as sk
+import sharelora_kernels.export
 from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
 
 
@@ -58,3 +59,37 @@ def test_export_loads_in_peft_with_same_outputs_after_training(name, tmp_path):
         out, ref, plain = model(ids).logits, loaded(ids).logits, base(ids).logits
     assert rel_err(out, plain) > 1e-3  # the adapters do something
     assert rel_err(ref, out) <= 1e-5
+
+
+@pytest.mark.parametrize("engine", ["vllm", "tgi"])
+def test_serving_export_pads_ranks_and_keeps_outputs(engine, tmp_path):
+    base = tiny_model("llama")
+    model = sk.apply(copy.deepcopy(base), sk.ShareLoRAConfig(target_modules=TARGETS, alpha=6, **METHOD_CONFIGS["bishare_gate"]))
+    randomize_adapters(model, std=0.1)
+    plain, served = tmp_path / "plain", tmp_path / "served"
+    sk.export_peft(model, plain)
+    sk.export_peft(model, served, serving=engine)
+    cfg = json.loads((served / "adapter_config.json").read_text())
+    assert set(cfg) <= set(sk.export.SERVING_CONFIG_KEYS)
+    assert "rank_pattern" not in cfg and "alpha_pattern" not in cfg
+    assert cfg["r"] in sk.export.SERVING_RANKS and cfg["r"] == 8 and cfg["lora_alpha"] == cfg["r"]
+    assert cfg["bias"] == "none" and cfg["modules_to_save"] is None and not cfg["use_rslora"]
+    assert set(cfg["target_modules"]) <= set(sk.export.SERVED_MODULES)
+    ids = token_batch(seed=5)
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(copy.deepcopy(base), plain).eval()(ids).logits
+        got = PeftModel.from_pretrained(copy.deepcopy(base), served).eval()(ids).logits
+    assert rel_err(got, want) <= 1e-6
+
+
+def test_serving_export_refuses_what_no_engine_serves(tmp_path):
+    model = sk.apply(tiny_model(), sk.ShareLoRAConfig(method="lora", r=300, target_modules=TARGETS))
+    with pytest.raises(ValueError, match="rank 300 exceeds"):
+        sk.export_peft(model, tmp_path, serving="vllm")
+    net = tiny_model()
+    net.model.layers[0].mlp.add_module("adapter_proj", torch.nn.Linear(32, 32))
+    model = sk.apply(net, sk.ShareLoRAConfig(method="lora", r=2, target_modules=["q_proj", "adapter_proj"]))
+    with pytest.raises(ValueError, match="not on module 'adapter_proj'"):
+        sk.export_peft(model, tmp_path, serving="tgi")
+    with pytest.raises(ValueError, match="serving must be"):
+        sk.export_peft(model, tmp_path, serving="triton-server")

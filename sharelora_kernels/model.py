@@ -18,10 +18,14 @@ def find_target_modules(model: nn.Module, target_modules: list[str]) -> tuple[li
 
     A module's layer is the first integer in its path (none: layer 0). The layer count is the
     model config's ``num_hidden_layers`` when present, else the largest layer index + 1. A matching
-    module that is not a plain ``nn.Linear`` (quantized, custom subclass, already wrapped) is refused
-    by name rather than skipped.
+    module that is not a plain ``nn.Linear`` (quantized, custom subclass, already wrapped), or whose
+    weight is tied to another module's (e.g. an lm_head tied to the embeddings), is refused by name
+    rather than skipped.
     """
     targets = set(target_modules)
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
     infos = []
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
@@ -32,6 +36,10 @@ def find_target_modules(model: nn.Module, target_modules: list[str]) -> tuple[li
         if type(module) is not nn.Linear:
             raise TypeError(f"target module {name!r} is a {type(module).__name__}, not a plain nn.Linear; "
                             "sharelora_kernels cannot wrap it (remove it from target_modules)")
+        tied = [o for o in owners[id(module.weight)] if o != f"{name}.weight"]
+        if tied:
+            raise ValueError(f"target module {name!r} has its weight tied to {tied[0]!r}; merging an adapter into it "
+                             "would change that module too (remove it from target_modules)")
         layer = next((int(part) for part in name.split(".") if part.isdigit()), 0)
         infos.append(ModuleInfo(name, layer, leaf, module.in_features, module.out_features))
     found_layers = max((m.layer for m in infos), default=-1) + 1
