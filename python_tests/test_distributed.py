@@ -30,12 +30,16 @@ def batches():
     return [token_batch(batch=4, seq=6, seed=40 + s) for s in range(STEPS)]
 
 
-CASES = [("bishare_slice", "ddp"), ("similarity", "ddp"), ("bishare_kron", "fsdp2")]
+# (method, wrapper, gradient checkpointing): shared tensors get their summed gradient exactly once.
+CASES = [("bishare_slice", "ddp", None), ("similarity", "ddp_static", "reentrant"), ("share_ab", "ddp", "non_reentrant"),
+         ("bishare_kron", "fsdp2", None)]
 
 
 def wrapper(kind):
     if kind == "ddp":
         return torch.nn.parallel.DistributedDataParallel
+    if kind == "ddp_static":  # reentrant checkpointing re-enters backward once per layer: a static graph
+        return lambda model: torch.nn.parallel.DistributedDataParallel(model, static_graph=True)
 
     def fsdp2(model):  # per decoder layer, then the root: the root's group holds the adapter store
         from torch.distributed.fsdp import fully_shard
@@ -50,10 +54,13 @@ def wrapper(kind):
 def worker(rank, world, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     results = {}
-    for name, kind in CASES:
+    for name, kind, checkpointing in CASES:
         torch.manual_seed(0)
+        model = build(name)
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
         shards = [b[rank * 2:(rank + 1) * 2] for b in batches()]
-        trained = train(build(name), shards, wrapper(kind))
+        trained = train(model, shards, wrapper(kind))
         results[name] = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in trained.items()}
     if rank == 0:
         torch.save(results, out_file)
@@ -61,11 +68,12 @@ def worker(rank, world, init_file, out_file):
 
 
 def test_ddp_and_fsdp2_equal_single_process(tmp_path):
-    """Each rank trains on half of every batch; gradients are averaged, so parameters match one process."""
+    """Each rank trains on half of every batch; gradients are averaged, so parameters match one process
+    (without checkpointing), with DDP under both gradient-checkpointing modes and with FSDP2."""
     out = tmp_path / "parallel.pt"
     mp.start_processes(worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True, start_method="spawn")
     parallel = torch.load(out)
-    for name, _ in CASES:
+    for name, _, _ in CASES:
         torch.manual_seed(0)
         single = train(build(name), batches())
         torch.manual_seed(0)

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import sharelora_kernels as sk
+from sharelora_kernels import reference
 from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
 
 
@@ -71,3 +72,23 @@ def test_merge_unmerge_round_trip(name):
             if n in weights:
                 torch.testing.assert_close(p, weights[n], rtol=0, atol=1e-6)
         torch.testing.assert_close(model(ids).logits, out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lora", "bishare_slice", "bishare_kron", "bishare_gate"])
+def test_autocast_bf16_matches_float64_reference_within_bf16_tolerance(name):
+    """Under CPU autocast every path runs in bf16 (fp32 accumulation); output and grads stay close."""
+    model = sk.apply(tiny_model("llama"), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS[name]))
+    randomize_adapters(model, std=0.3)
+    layer = model.model.layers[1].mlp.down_proj
+    x = torch.randn(5, 3, layer.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    paths = [p._replace(tensors=tuple(t.detach().double().requires_grad_() for t in p.tensors)) for p in layer.paths()]
+    ref = reference.lora_linear(x.double(), layer.weight.double(), None, paths)
+    assert (y.double() - ref).norm() / ref.norm() < 1e-2
+    dy = torch.randn_like(ref)
+    grads = torch.autograd.grad(y, [t for p in layer.paths() for t in p.tensors], dy.to(y.dtype))
+    grads_ref = torch.autograd.grad(ref, [t for p in paths for t in p.tensors], dy)
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.dtype == torch.float32 and (g.double() - g_ref).norm() / g_ref.norm() < 2e-2
