@@ -92,3 +92,19 @@ def test_autocast_bf16_matches_float64_reference_within_bf16_tolerance(name):
     grads_ref = torch.autograd.grad(ref, [t for p in paths for t in p.tensors], dy)
     for g, g_ref in zip(grads, grads_ref):
         assert g.dtype == torch.float32 and (g.double() - g_ref).norm() / g_ref.norm() < 2e-2
+
+
+def test_compile_fullgraph_dynamic_no_recompile_across_sequence_lengths():
+    model = sk.apply(tiny_model(), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["bishare_gate"]))
+    randomize_adapters(model)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counting_backend)
+    for seq in (5, 7, 9, 12):
+        ids = token_batch(2, seq)
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert len(graphs) == 1
