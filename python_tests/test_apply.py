@@ -174,3 +174,16 @@ def test_half_precision_base_gets_float32_adapters_and_runs():
     randomize_adapters(model)
     logits = model(token_batch()).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_apply_group_inputs_groups_qkv_and_gate_up_with_same_outputs():
+    base = tiny_model("llama", layers=2)
+    config = sk.ShareLoRAConfig(target_modules=TARGETS + ["gate_proj"], **METHOD_CONFIGS["bishare_slice"])
+    plain = sk.apply(copy.deepcopy(base), config)
+    grouped = sk.apply(copy.deepcopy(base), config, group_inputs=True)
+    randomize_adapters(plain)
+    grouped.load_state_dict(plain.state_dict())
+    attn = grouped.model.layers[0].self_attn
+    assert attn.q_proj.input_group is attn.k_proj.input_group is attn.v_proj.input_group
+    ids = token_batch()
+    torch.testing.assert_close(grouped(ids).logits, plain(ids).logits, rtol=1e-6, atol=1e-6)

@@ -45,13 +45,8 @@ def float64_reference(x, weight, bias, paths, dy, xd=None):
     d = lambda t: t.detach().double().requires_grad_()
     x64 = d(x)
     p64 = [p._replace(tensors=tuple(d(t) for t in p.tensors)) for p in paths]
-    if xd is None:
-        y = reference.lora_linear(x64, weight.double(), None if bias is None else bias.double(), p64)
-    else:
-        y = torch.nn.functional.linear(x64, weight.double(), None if bias is None else bias.double())
-        x_in = x64 * xd.double()
-        for p in p64:
-            y = reference.add_path_output(y, reference.path_input(x_in, p), p)
+    y = reference.lora_linear(x64, weight.double(), None if bias is None else bias.double(), p64,
+                              x_dropped=None if xd is None else x64 * xd.double())
     leaves = [x64] + [t for p in p64 for t in p.tensors]
     return y.detach(), torch.autograd.grad(y, leaves, dy.double())
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from .config import ShareLoRAConfig
+from .grouping import enable_input_groups
 from .layer import AdapterStore, LoRAPathModule, SharedLoRALinear, new_parameter
 from .plan import ModuleInfo, SharePlan, build_plan
 
@@ -52,12 +53,14 @@ def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
 
 
-def apply(model: nn.Module, config: ShareLoRAConfig) -> nn.Module:
+def apply(model: nn.Module, config: ShareLoRAConfig, group_inputs: bool = False) -> nn.Module:
     """Add ShareLoRA adapters to ``model`` in place and return it.
 
     Freezes every base parameter, creates each planned tensor once (on the device of its first user,
     the meta device included), and replaces each target ``nn.Linear`` by a ``SharedLoRALinear`` whose
-    paths hold the (possibly shared) parameters. Fresh adapters leave the outputs unchanged.
+    paths read the (possibly shared) parameters. Fresh adapters leave the outputs unchanged.
+    group_inputs: also let the modules that read one input (q/k/v, gate/up) run as one grouped op
+    (``grouping.enable_input_groups``; LLaMA / Mistral / Qwen2 only).
     """
     infos, num_layers = find_target_modules(model, config.target_modules)
     plan = build_plan(config, infos, num_layers)
@@ -79,6 +82,8 @@ def apply(model: nn.Module, config: ShareLoRAConfig) -> nn.Module:
         setattr(parent, leaf, SharedLoRALinear(getattr(parent, leaf), paths, dropout=config.dropout))
     model.sharelora_config = config
     model.sharelora_plan = plan
+    if group_inputs:
+        enable_input_groups(model)
     return model
 
 

@@ -84,18 +84,23 @@ def add_path_output(y: Tensor, h: Tensor, path: LoRAPath) -> Tensor:
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath],
-                dropout_p: float = 0.0, training: bool = False) -> Tensor:
+                dropout_p: float = 0.0, training: bool = False, x_dropped: Tensor | None = None) -> Tensor:
     """y = x W^T + b + sum_p s_p B_p A_p dropout(x).
 
     x: (..., K) any float dtype; weight: (N, K); bias: (N,) or None; returns (..., N) in the base's
     result dtype. The low-rank paths run in the adapter dtype (x is cast to it), one dropout mask
     on x is shared by every path, as PEFT applies dropout to the adapter input only.
+    x_dropped: an already dropped-out x (x's shape) to use as the adapter input instead of drawing a
+    mask here (modules that share x share one mask).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     y = F.linear(x2, weight, bias)
     if paths:
-        xd = F.dropout(x2, dropout_p, training=True) if (training and dropout_p > 0) else x2
+        if x_dropped is not None:
+            xd = x_dropped.reshape(x2.shape)
+        else:
+            xd = F.dropout(x2, dropout_p, training=True) if (training and dropout_p > 0) else x2
         xd = xd.to(paths[0].tensors[0].dtype)
         for p in paths:
             y = add_path_output(y, path_input(xd, p), p)

@@ -1,6 +1,7 @@
 """Compute backends for SharedLoRALinear: the torch reference everywhere, fused Triton kernels on CUDA.
 
-``lora_linear`` is the one entry point the layer calls. ``SHARELORA_BACKEND=torch|triton`` overrides
+``lora_linear`` is the one entry point the layer calls; ``grouped_lora_linear`` runs several modules
+that read the same input together (``grouping.enable_input_groups``). ``SHARELORA_BACKEND=torch|triton`` overrides
 the automatic choice (triton on CUDA tensors when Triton imports, torch otherwise). Forcing triton on
 CPU tensors runs the kernels through the Triton interpreter (needs ``TRITON_INTERPRET=1``, for tests).
 Inputs the kernels do not take (float64, adapters of mixed dtypes, autocast, or a base weight
@@ -12,6 +13,7 @@ import os
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
@@ -22,6 +24,7 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 try:
     from .fused_lora_linear import fused_lora_linear as _fused_lora_linear
+    from .grouped_lora_linear import grouped_lora_linear as _grouped_lora_linear
     HAS_TRITON = True
 except ImportError:  # no triton on this platform: the torch reference runs everything
     HAS_TRITON = False
@@ -55,3 +58,25 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
     if paths and backend_for(x) == "triton" and _fusable(x, weight, bias, paths):
         return _fused_lora_linear(x, weight, bias, paths, dropout_p, training)
     return reference.lora_linear(x, weight, bias, paths, dropout_p, training)
+
+
+def grouped_lora_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
+                        paths: Sequence[Sequence[LoRAPath]], dropout_p: float = 0.0,
+                        training: bool = False) -> tuple[Tensor, ...]:
+    """``lora_linear`` of G modules that share the input x, as a tuple of G outputs (..., N_g).
+
+    weights: (N_g, K) each; biases: (N_g,) or None each; paths: one sequence of LoRAPaths per module.
+    One dropout mask on x serves the whole group. The triton backend runs the group in one grouped
+    kernel (``ops.grouped_lora_linear``) when every module is fusable and has a path.
+    """
+    if (backend_for(x) == "triton" and all(paths)
+            and all(_fusable(x, w, b, ps) for w, b, ps in zip(weights, biases, paths))):
+        return _grouped_lora_linear(x, weights, biases, paths, dropout_p, training)
+    return _grouped_reference(x, weights, biases, paths, dropout_p, training)
+
+
+def _grouped_reference(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
+                       paths: Sequence[Sequence[LoRAPath]], dropout_p: float, training: bool) -> tuple[Tensor, ...]:
+    """``reference.lora_linear`` per module, the one dropout mask drawn once for the group."""
+    xd = F.dropout(x, dropout_p, training=True) if (training and dropout_p > 0) else x
+    return tuple(reference.lora_linear(x, w, b, ps, x_dropped=xd) for w, b, ps in zip(weights, biases, paths))

@@ -13,7 +13,9 @@ Backward (W and b get no gradient):
   1. ``dh = s * dy B_eff`` (M, R) fp32 (``lowrank_input`` over dy with the B table).
   2. ``dx = dy W + mask(dh A_eff) / (1 - p)`` with the same GEMM kernel (W read transposed).
   3. ``dA_eff = dh^T dropout(x)`` and ``dB_eff^T = (s h)^T dy`` in fp32 (``lowrank_grad``).
-  4. the chain to each parameter tensor (``_chain``): slice window, Kronecker fold, gate core.
+  4. the chain to each parameter tensor (``shared_grad.chain_a/b``: slice window, Kronecker fold,
+     gate core), added into the window of one fp32 buffer per tensor (``shared_grad.GradSink``: no
+     padded full-size gradient per path), cast once.
 Dropout draws one mask on x from a seed (``tl.rand``); backward regenerates it, x is not copied.
 
 Registered as the custom ops ``sharelora::fused_lora_linear`` and
@@ -25,7 +27,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -34,6 +35,7 @@ from ..plan import PATH_ROLES
 from ..reference import LoRAPath
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
+from .shared_grad import GradSink, chain_a, chain_b
 from .utils import (INTERPRET, TL_DTYPES, build_tables, dot_precision, dropout_keep, load_factor, mma, path_rank, pick_configs,
                     rank_block, rng_needs_int64)
 
@@ -199,30 +201,6 @@ def _(dy, x, weight, h, tensors, layout, scales, dropout_p, seed, needs_dx):
     return dx, x.new_empty((r, x.shape[1]), dtype=torch.float32), x.new_empty((r, dy.shape[1]), dtype=torch.float32)
 
 
-def _chain(path: LoRAPath, ga: Tensor, gb: Tensor, k: int, n: int) -> list[Tensor]:
-    """Gradients of one path's tensors (role order) from dA_eff ga (r, K) and dB_eff^T gb (r, N), fp32."""
-    t = [p.float() for p in path.tensors]
-    if path.kind == "plain":
-        return [ga, gb.t()]
-    if path.kind == "slice":
-        a, b = t
-        return [F.pad(ga, (path.k_offset, a.shape[1] - path.k_offset - k)),
-                F.pad(gb.t(), (0, 0, path.n_offset, b.shape[0] - path.n_offset - n))]
-    if path.kind == "kron":  # A = K_A (x) A_s, B = K_B (x) B_s
-        a_s, b_s, k_a, k_b = t
-        d = a_s.shape[1]
-        ga3, gb3 = ga.reshape(ga.shape[0], -1, d), gb.reshape(gb.shape[0], -1, d)
-        return [torch.einsum("j,rjc->rc", k_a[0], ga3), torch.einsum("i,ric->cr", k_b[:, 0], gb3),
-                torch.einsum("rc,rjc->j", a_s, ga3)[None, :], torch.einsum("cr,ric->i", b_s, gb3)[:, None]]
-    # gate: A_eff = C G_id, B_eff = G_ou, C = P Q with P = G_od B, Q = A G_iu
-    a, b, g_id, g_iu, g_od, _ = t
-    p, q = g_od @ b, a @ g_iu
-    d_c = ga @ g_id.t()
-    d_p, d_q = d_c @ q.t(), p.t() @ d_c
-    return [d_q @ g_iu.t(), g_od.t() @ d_p, (p @ q).t() @ ga,
-            a.t() @ d_q, d_p @ b.t(), gb.t()]
-
-
 def _setup_context(ctx, inputs, output):
     x, weight, bias, tensors, layout, scales, dropout_p, seed = inputs
     ctx.save_for_backward(x, weight, output[1], seed, *tensors)
@@ -233,12 +211,14 @@ def _backward(ctx, dy, _dh):
     x, weight, h, seed, *tensors = ctx.saved_tensors
     dx, grad_a, grad_b = _backward_op(dy, x, weight, h, tensors, ctx.layout, ctx.scales, ctx.dropout_p, seed,
                                       ctx.needs_input_grad[0])
-    grads, r0 = [], 0
+    sink = GradSink(tensors, [t.requires_grad for t in tensors])
+    i0, r0 = 0, 0
     for p in _decode(tensors, ctx.layout, ctx.scales):
         r1 = r0 + path_rank(p)
-        grads += [g.to(t.dtype) for g, t in zip(_chain(p, grad_a[r0:r1], grad_b[r0:r1], x.shape[1], dy.shape[1]), p.tensors)]
-        r0 = r1
-    return (dx if ctx.needs_input_grad[0] else None), None, None, grads, None, None, None, None
+        for role, g, window in (*chain_a(p, grad_a[r0:r1]), *chain_b(p, grad_b[r0:r1])):
+            sink.add(i0 + role, g, window)
+        i0, r0 = i0 + len(p.tensors), r1
+    return (dx if ctx.needs_input_grad[0] else None), None, None, sink.grads(), None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,327 @@
+"""Grouped LoRA linear (q/k/v, gate/up sharing x), shared-gradient accumulation and input groups.
+
+Triton kernels run through TRITON_INTERPRET=1 (conftest.py); everything is checked against the
+per-module float64 reference with random non-zero adapters.
+"""
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+triton = pytest.importorskip("triton")
+
+import sharelora_kernels as sk  # noqa: E402
+from sharelora_kernels import grouping, ops, reference  # noqa: E402
+from sharelora_kernels.ops import shared_grad  # noqa: E402
+from sharelora_kernels.ops.grouped_lora_linear import decode, encode, grouped_lora_linear  # noqa: E402
+from sharelora_kernels.ops.utils import path_rank  # noqa: E402
+from sharelora_kernels.reference import LoRAPath  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not ops.HAS_TRITON, reason="triton not importable")
+K, QKV, GATE_UP = 48, (48, 16, 16), (40, 40)  # GQA: k, v are 16 wide
+D = 8  # Kronecker block
+
+
+def rand(*shape):
+    return (torch.randn(*shape) * 0.5).requires_grad_()
+
+
+def group_paths(kind: str, ns: tuple[int, ...], k: int = K) -> list[list[LoRAPath]]:
+    """Paths of a group of modules (outputs ``ns``) where ``kind`` uses tensors shared by the group."""
+    n_max = max(ns)
+    if kind == "plain":  # share_a style: one A, own B
+        a = rand(3, k)
+        return [[LoRAPath("plain", (a, rand(n, 3)), 0.5)] for n in ns]
+    if kind == "slice":  # Bi-Share intra: one (A_s, B_s), centred windows of B_s
+        a, b = rand(4, k + 6), rand(n_max + 4, 4)
+        return [[LoRAPath("slice", (a, b), 0.25, 3, (n_max + 4 - n) // 2)] for n in ns]
+    if kind == "gate":  # shared core, own gates
+        a, b = rand(3, 12), rand(10, 3)
+        return [[LoRAPath("gate", (a, b, rand(2, k), rand(12, 2), rand(2, 10), rand(n, 2)), 0.75)] for n in ns]
+    # kron: shared A_s, B_s and K_A (so one h for the group), own K_B
+    a, b, k_a = rand(2, D), rand(D, 2), rand(1, k // D)
+    return [[LoRAPath("kron", (a, b, k_a, rand(n // D, 1)), 0.4)] for n in ns]
+
+
+def mix_paths(ns: tuple[int, ...], k: int = K) -> list[list[LoRAPath]]:
+    """Every kind in every module, each kind's tensors shared as in ``group_paths``."""
+    parts = [group_paths(kind, ns, k) for kind in ("plain", "slice", "gate", "kron")]
+    return [[p for part in parts for p in part[g]] for g in range(len(ns))]
+
+
+def paths_for(kind, ns, k=K):
+    return mix_paths(ns, k) if kind == "mix" else group_paths(kind, ns, k)
+
+
+def leaves_of(x, paths):
+    return [x] + list({id(t): t for ps in paths for p in ps for t in p.tensors}.values())
+
+
+def rel_err(a, b):
+    return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def float64_group(x, weights, biases, paths, dys):
+    """Outputs and gradients (x, then every distinct adapter tensor) of the separate reference modules."""
+    leaves = leaves_of(x, paths)
+    d = {id(t): t.detach().double().requires_grad_() for t in leaves}
+    ys = [reference.lora_linear(d[id(x)], w.double(), None if b is None else b.double(),
+                                [p._replace(tensors=tuple(d[id(t)] for t in p.tensors)) for p in ps])
+          for w, b, ps in zip(weights, biases, paths)]
+    grads = torch.autograd.grad(ys, [d[id(t)] for t in leaves], [dy.double() for dy in dys])
+    return [y.detach() for y in ys], grads
+
+
+def make_group(ns, kind, m=9, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    x = (torch.randn(m, K, dtype=dtype)).requires_grad_()
+    weights = [torch.randn(n, K, dtype=dtype) for n in ns]
+    biases = [torch.randn(n, dtype=dtype) if i != 1 else None for i, n in enumerate(ns)]
+    return x, weights, biases, paths_for(kind, ns)
+
+
+def check_group(ns, kind, dtype=torch.float32, tol=1e-4):
+    x, weights, biases, paths = make_group(ns, kind, dtype=dtype)
+    ys = grouped_lora_linear(x, weights, biases, paths)
+    dys = [torch.randn_like(y) for y in ys]
+    leaves = leaves_of(x, paths)
+    grads = torch.autograd.grad(ys, leaves, dys)
+    ys_ref, grads_ref = float64_group(x, weights, biases, paths, dys)
+    for y, r in zip(ys, ys_ref):
+        assert y.dtype == dtype and rel_err(y, r) < tol
+    for i, (g, r, leaf) in enumerate(zip(grads, grads_ref, leaves)):
+        assert g.dtype == leaf.dtype and g.shape == r.shape
+        assert rel_err(g, r) < tol, f"gradient {i} ({kind})"
+
+
+# ---------------------------------------------------------------------------------- grouped op
+@pytest.mark.parametrize("kind", ["plain", "slice", "gate", "kron", "mix"])
+def test_qkv_gqa_matches_separate_modules(kind):
+    check_group(QKV, kind)
+
+
+def test_gate_up_mix_matches_separate_modules():
+    check_group(GATE_UP, "mix")
+
+
+def test_half_base_float32_adapters():
+    x, weights, biases, paths = make_group(QKV, "mix", dtype=torch.bfloat16)
+    ys = grouped_lora_linear(x, weights, biases, paths)
+    ys_ref, _ = float64_group(x, weights, biases, paths, [torch.zeros_like(y) for y in ys])
+    assert all(y.dtype == torch.bfloat16 and rel_err(y, r) < 3e-2 for y, r in zip(ys, ys_ref))
+
+
+def test_shared_views_computed_once():
+    """q, k, v reading the same shared A through the same view share their columns of h."""
+    paths = mix_paths(QKV)
+    tensors, layout, scales = encode(paths)
+    grp = decode(tensors, layout, scales, 3)
+    # per module: plain (shared A) 3 + slice 4 + gate 2 (own G_id) + kron 2; shared views: plain, slice, kron
+    assert sum(path_rank(v) for v in grp.views) == 3 + 4 + 3 * 2 + 2
+    assert len(tensors) == len({id(t) for ps in paths for p in ps for t in p.tensors})
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_one_dropout_mask_for_the_group(backend, monkeypatch):
+    monkeypatch.setenv("SHARELORA_BACKEND", backend)
+    x, weights, biases, _ = make_group(GATE_UP, "plain")
+    eye = torch.eye(K)
+    paths = [[LoRAPath("plain", (eye, torch.eye(n, K)), 1.0)] for n in GATE_UP]  # y - base = dropout(x)[:, :n]
+    torch.manual_seed(3)
+    ys = ops.grouped_lora_linear(x, weights, biases, paths, dropout_p=0.5, training=True)
+    lows = [y - torch.nn.functional.linear(x, w, b) for y, w, b in zip(ys, weights, biases)]
+    assert torch.allclose(lows[0], lows[1], atol=1e-5)  # one mask for the group
+    assert 0.3 < (lows[0].abs() < 1e-5).float().mean() < 0.7
+    ys_eval = ops.grouped_lora_linear(x, weights, biases, paths)
+    for y, w, b, ps in zip(ys_eval, weights, biases, paths):
+        assert torch.allclose(y, reference.lora_linear(x, w, b, ps), atol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, weights, biases, paths = make_group(GATE_UP, "plain")
+    with pytest.raises(ValueError, match="one weight, bias and path list per module"):
+        grouped_lora_linear(x, weights, biases[:1], paths)
+    with pytest.raises(ValueError, match="module 1 of the group: x has K=48 features"):
+        grouped_lora_linear(x, [weights[0], torch.randn(40, 32)], biases, paths)
+    with pytest.raises(ValueError, match="module 0 of the group has no low-rank path"):
+        grouped_lora_linear(x, weights, biases, [[], paths[1]])
+
+
+# ---------------------------------------------------------------------------------- shared gradients
+def layers_sharing(num_layers: int, seed: int = 0):
+    """``num_layers`` q/k/v groups, every layer using one shared slice (A_s, B_s) plus its own plain path."""
+    torch.manual_seed(seed)
+    shared = group_paths("slice", QKV)
+    layers = []
+    for _ in range(num_layers):
+        own = group_paths("plain", QKV)
+        layers.append(([torch.randn(n, K) for n in QKV], [s + o for s, o in zip(shared, own)]))
+    return shared[0][0].tensors, layers
+
+
+def run_layers(layers, x, atomic=None):
+    """Sum over layers of the grouped outputs' loss; returns the gradients of the shared tensors."""
+    loss = 0
+    for weights, paths in layers:
+        ys = grouped_lora_linear(x, weights, [None] * 3, paths)
+        loss = loss + sum((y * torch.linspace(-1, 1, y.shape[1])).sum() for y in ys)
+    loss.backward()
+    return loss
+
+
+def test_shared_tensor_gets_exact_sum_over_layers_and_microbatches():
+    (a_s, b_s), layers = layers_sharing(3)
+    x = torch.randn(5, K)
+    run_layers(layers, x)
+    ref_grads = [torch.zeros(t.shape, dtype=torch.float64) for t in (a_s, b_s)]
+    for weights, paths in layers:
+        ys, grads = float64_group(x, weights, [None] * 3, paths,
+                                  [torch.linspace(-1, 1, n).expand(5, n) for n in QKV])
+        leaves = leaves_of(x, paths)
+        for i, t in enumerate((a_s, b_s)):
+            ref_grads[i] += grads[next(j for j, leaf in enumerate(leaves) if leaf is t)]
+    first = [a_s.grad.clone(), b_s.grad.clone()]
+    for g, r in zip(first, ref_grads):
+        assert rel_err(g, r) < 1e-4
+    run_layers(layers, x)  # a second micro-batch accumulates into .grad
+    assert all(torch.allclose(t.grad, 2 * g, rtol=1e-6) for t, g in zip((a_s, b_s), first))
+    a_s.grad, b_s.grad = None, None  # zero_grad(set_to_none=True)
+    run_layers(layers, x)
+    assert all(torch.equal(t.grad, g) for t, g in zip((a_s, b_s), first))
+
+
+def test_default_mode_is_bitwise_deterministic_and_atomic_mode_agrees(monkeypatch):
+    (a_s, b_s), layers = layers_sharing(3, seed=1)
+    params = [t for _, paths in layers for ps in paths for p in ps for t in p.tensors]
+    x = torch.randn(40, K)
+    runs = []
+    for atomic in ("0", "0", "1"):
+        monkeypatch.setenv(shared_grad.ATOMIC_ENV, atomic)
+        for p in params:
+            p.grad = None
+        run_layers(layers, x)
+        runs.append([a_s.grad.clone(), b_s.grad.clone()])
+    assert all(torch.equal(g0, g1) for g0, g1 in zip(runs[0], runs[1]))
+    assert all(torch.allclose(g0, g2, rtol=1e-5, atol=1e-5) for g0, g2 in zip(runs[0], runs[2]))
+
+
+class PeakLiveCounter(TorchDispatchMode):
+    """Peak number of simultaneously alive tensors of the given shapes made by ops (not in-place results)."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes, self.live, self.peak = set(shapes), 0, 0
+
+    def _released(self):
+        self.live -= 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(o, torch.Tensor) and tuple(o.shape) in self.shapes and not any(o is a for a in args):
+                self.live += 1
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(o, self._released)
+        return out
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_shared_gradient_memory_does_not_grow_with_users(grouped, monkeypatch):
+    """Peak live full-size tensors of the shared (A_s, B_s)'s shapes during backward: the same for 2 or
+    5 layers sharing them (each call's buffer is summed into the gradient and freed as it arrives)."""
+    monkeypatch.setenv("SHARELORA_BACKEND", "triton")
+    peaks = []
+    for num_layers in (2, 5):
+        (a_s, b_s), layers = layers_sharing(num_layers)
+        x = torch.randn(4, K)
+        loss = 0
+        for weights, paths in layers:
+            if grouped:
+                ys = grouped_lora_linear(x, weights, [None] * 3, paths)
+            else:
+                ys = [ops.lora_linear(x, w, None, ps) for w, ps in zip(weights, paths)]
+            loss = loss + sum(y.sum() for y in ys)
+        with PeakLiveCounter({tuple(a_s.shape), tuple(b_s.shape)}) as counter:
+            loss.backward()
+        peaks.append(counter.peak)
+    assert peaks[0] == peaks[1] <= 6
+
+
+def test_other_uses_of_a_shared_tensor_add_up(monkeypatch):
+    """A penalty on the shared tensors computed after the forward: autograd sums it with every call's
+    complete buffer (a buffer shared across calls and filled in place would lose contributions)."""
+    (a_s, b_s), layers = layers_sharing(3, seed=2)
+    x = torch.randn(6, K)
+    grads = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("SHARELORA_BACKEND", backend)
+        a_s.grad = b_s.grad = None
+        loss = sum(y.pow(2).sum() for w, ps in layers for y in grouped_lora_linear(x, w, [None] * 3, ps))
+        (loss + a_s.pow(2).sum() + b_s.pow(2).sum()).backward()
+        grads[backend] = (a_s.grad.clone(), b_s.grad.clone())
+    for g, r in zip(grads["triton"], grads["torch"]):
+        assert rel_err(g, r) < 1e-4
+
+
+# ---------------------------------------------------------------------------------- model integration
+def grouped_model(name="bishare_slice"):
+    from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model
+
+    targets = TARGETS + ["gate_proj"]
+    model = sk.apply(tiny_model("mistral", layers=2), sk.ShareLoRAConfig(target_modules=targets, **METHOD_CONFIGS[name]))
+    randomize_adapters(model)
+    return model
+
+
+@pytest.mark.parametrize("backend,name", [("torch", "bishare_slice"), ("triton", "bishare_slice"),
+                                          ("triton", "bishare_kron")])
+def test_input_groups_on_tiny_llama_same_logits_and_gradients(backend, name, monkeypatch):
+    from tiny_models import token_batch
+
+    monkeypatch.setenv("SHARELORA_BACKEND", backend)
+    model = grouped_model(name)
+    ids = token_batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run():
+        logits = model(ids).logits
+        return logits.detach(), torch.autograd.grad(logits.pow(2).mean(), params)
+
+    ref, ref_grads = run()
+    calls = []
+    real = ops.grouped_lora_linear
+    monkeypatch.setattr(ops, "grouped_lora_linear", lambda *a: calls.append(1) or real(*a))
+    assert grouping.enable_input_groups(model) == 4  # 2 layers x (q/k/v, gate/up)
+    out, grads = run()
+    assert len(calls) == 4
+    assert rel_err(out, ref.double()) < 1e-5
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r.double()) < 1e-5
+    assert all(not m.input_group._pending for m in sk.model.shared_layers(model) if "input_group" in m.__dict__)
+    grouping.disable_input_groups(model)
+    assert torch.equal(model(ids).logits.detach(), ref)
+
+
+def test_input_group_fallbacks_no_grad_and_changed_input(monkeypatch):
+    monkeypatch.setenv("SHARELORA_BACKEND", "torch")
+    model = grouped_model()
+    attn = model.model.layers[0].self_attn
+    x1, x2 = torch.randn(3, 32), torch.randn(3, 32)
+    own = [m.__class__.forward(m, x1) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    grouping.enable_input_groups(model)
+    group = attn.q_proj.input_group
+    with torch.no_grad():
+        assert torch.allclose(attn.q_proj(x1), own[0]) and len(group._pending) == 2
+        assert torch.allclose(attn.k_proj(x1), own[1]) and len(group._pending) == 1
+    assert torch.allclose(attn.q_proj(x1), own[0])
+    assert torch.allclose(attn.k_proj(x2), attn.k_proj.__class__.forward(attn.k_proj, x2))  # another x: own op
+    assert list(group._pending) == [2]  # k's stale entry dropped, v's still pending
+    v = attn.v_proj(x1)
+    assert v.requires_grad and torch.allclose(v, own[2]) and not group._pending
+    with pytest.raises(ValueError, match="input has 8 features"):
+        attn.q_proj(torch.randn(3, 8))
+    with pytest.raises(ValueError, match="model types"):
+        grouping.enable_input_groups(torch.nn.Sequential())

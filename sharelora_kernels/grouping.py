@@ -1,0 +1,105 @@
+"""Input groups: the SharedLoRALinear modules that read the same x compute together, opt-in.
+
+``enable_input_groups(model)`` finds, in known architectures (LLaMA / Mistral / Qwen2), the modules
+that share an input: ``self_attn.{q,k,v}_proj`` and ``mlp.{gate,up}_proj``, and gives each group an
+``InputGroup`` coordinator. Each member's ``forward`` is replaced (an instance attribute, the class
+is untouched) by the coordinator's:
+
+  * the first member called with x runs ``ops.grouped_lora_linear`` for the whole group, keeps the
+    siblings' outputs keyed by the identity of x (holding x, so the identity cannot be reused) and
+    returns its own;
+  * a sibling called with that same x pops its output (the cache entry is dropped once consumed);
+  * a sibling called with any other x, or in another grad mode, drops its stale entry and runs its
+    own op; a member with no entry starts a new group run (replacing every pending entry), so at
+    most one pending output per member is ever held, and none once the group's siblings ran.
+
+Members run alone when the group cannot run together: merged or path-less members, different
+dropout or training mode, or a member whose forward raises a shape/dtype error (it reports it).
+Autograd needs nothing special: the cached outputs are ordinary outputs of the grouped op.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import ops
+from .layer import SharedLoRALinear
+
+KNOWN_ARCHITECTURES = ("llama", "mistral", "qwen2")  # config.model_type
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings that read their parent's one input
+
+
+class InputGroup:
+    """Coordinator of the modules of one group (same in_features, dtype and device)."""
+
+    def __init__(self, members: Sequence[SharedLoRALinear]):
+        self.members = list(members)
+        self._pending: dict[int, tuple[Tensor, bool, Tensor]] = {}  # member index -> (x, grad mode, output)
+
+    def forward(self, index: int, x: Tensor) -> Tensor:
+        """Member ``index``'s output for x: (..., in_features) -> (..., out_features)."""
+        module = self.members[index]
+        grad_mode = torch.is_grad_enabled()
+        entry = self._pending.pop(index, None)
+        if entry is not None and entry[0] is x and entry[1] == grad_mode:
+            return entry[2]
+        if entry is not None or not self._can_group(x):  # the member's own op (it also reports bad inputs)
+            return SharedLoRALinear.forward(module, x)
+        outs = ops.grouped_lora_linear(x, [m.weight for m in self.members], [m.bias for m in self.members],
+                                       [m.paths() for m in self.members], module.dropout, module.training)
+        self._pending = {i: (x, grad_mode, y) for i, y in enumerate(outs) if i != index}
+        return outs[index]
+
+    def _can_group(self, x: Tensor) -> bool:
+        first = self.members[0]
+        return all(not m.merged and len(m.lora_paths) > 0 and m.dropout == first.dropout
+                   and m.training == first.training and m.in_features == x.shape[-1]
+                   and m.weight.device == x.device and m.weight.dtype == x.dtype for m in self.members)
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+
+def _bind(group: InputGroup, index: int):
+    def forward(x: Tensor) -> Tensor:
+        return group.forward(index, x)
+    return forward
+
+
+def enable_input_groups(model: nn.Module) -> int:
+    """Make the modules of each input group compute together; returns the number of groups formed.
+
+    A group is the SharedLoRALinear children of one module named as in ``GROUPS`` (at least two of
+    them, same in_features, dtype and device). Only for ``KNOWN_ARCHITECTURES``, where those
+    siblings do read one input (elsewhere, e.g. cross-attention, they may not): ValueError otherwise.
+    Calling it again regroups with fresh coordinators.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in KNOWN_ARCHITECTURES:
+        raise ValueError(f"input groups are known for model types {list(KNOWN_ARCHITECTURES)}, "
+                         f"this model's is {model_type!r}")
+    disable_input_groups(model)
+    count = 0
+    for parent in model.modules():
+        for names in GROUPS:
+            members = [m for m in (getattr(parent, n, None) for n in names) if isinstance(m, SharedLoRALinear)]
+            if len(members) < 2 or len({(m.in_features, m.weight.dtype, m.weight.device) for m in members}) > 1:
+                continue
+            group = InputGroup(members)
+            for i, m in enumerate(members):
+                m.input_group = group
+                m.forward = _bind(group, i)
+            count += 1
+    return count
+
+
+def disable_input_groups(model: nn.Module) -> None:
+    """Undo ``enable_input_groups``: every module runs its own op again, caches dropped."""
+    for m in model.modules():
+        if isinstance(m, SharedLoRALinear) and "input_group" in m.__dict__:
+            m.input_group.clear()
+            del m.forward
+            del m.input_group

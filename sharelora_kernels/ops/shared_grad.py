@@ -1,0 +1,119 @@
+"""Gradients of (possibly shared) adapter tensors: one fp32 buffer per tensor per backward call.
+
+A shared A_s / B_s (similarity sets, share_a/b/ab, Bi-Share intra/inter) is read by many modules.
+Within one backward call (one module, or one input group of modules), every contribution to a
+tensor is added into the *window* it reads (slice offsets) of ONE fp32 buffer of the tensor's
+shape, in kernel where possible (plain and slice paths) and otherwise through the small chain
+rule below (gate, kron): no padded full-size gradient per module. The buffer is cast once to the
+tensor's dtype and handed to autograd as that call's gradient; autograd sums the calls of
+different layers into ``.grad`` as they arrive (each buffer is freed once added), so the peak
+memory of a shared tensor's gradient stays a few buffers, whatever the number of its users.
+
+Why not one buffer across calls (the first call handing its buffer to autograd, later calls adding
+into it in place): autograd may already have summed that buffer with another gradient of the
+same tensor (e.g. a penalty on the adapter weights computed after the forward), after which later
+in-place additions are silently lost. Every buffer here is complete when it is handed over.
+
+Determinism: each element of a buffer is written by one program in a fixed order, so the default
+mode is bitwise reproducible. ``SHARELORA_ATOMIC_GRADS=1`` (or ``atomic_grads=True``) lets the
+kernels ``tl.atomic_add`` with the token reduction split across programs: faster on big M, not
+bitwise reproducible.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from ..reference import LoRAPath
+
+ATOMIC_ENV = "SHARELORA_ATOMIC_GRADS"
+
+
+def atomic_grads(flag: bool | None = None) -> bool:
+    """The accumulation mode: ``flag`` if given, else ``SHARELORA_ATOMIC_GRADS`` (default off)."""
+    if flag is not None:
+        return bool(flag)
+    value = os.environ.get(ATOMIC_ENV, "0").strip().lower()
+    if value not in ("0", "1", "false", "true", ""):
+        raise ValueError(f"{ATOMIC_ENV} must be 0 or 1, got {value!r}")
+    return value in ("1", "true")
+
+
+class GradSink:
+    """The fp32 gradient buffers of one backward call over ``tensors`` (each needing grad or not).
+
+    A tensor listed several times (shared by modules of one group) gets one buffer: ``buffers[i]``
+    of every occurrence is the same tensor, to add into, or None when no gradient is needed.
+    ``grads()`` is what the autograd formula returns for ``tensors``: the buffer, cast once, at the
+    first occurrence and None at the others (autograd would otherwise add them up again).
+    """
+
+    def __init__(self, tensors: Sequence[Tensor], needs_grad: Sequence[bool]):
+        first: dict[int, int] = {}
+        self.buffers: list[Tensor | None] = []
+        self._first: list[bool] = []
+        for i, (t, need) in enumerate(zip(tensors, needs_grad)):
+            j = first.setdefault(id(t), i)
+            if j == i:
+                self.buffers.append(torch.zeros(t.shape, device=t.device, dtype=torch.float32) if need else None)
+            else:
+                self.buffers.append(self.buffers[j])
+            self._first.append(j == i)
+        self._dtypes = [t.dtype for t in tensors]
+
+    def add(self, i: int, grad: Tensor, window: tuple[int, int] = (0, 0)) -> None:
+        """buffers[i][r0:r0+rows, c0:c0+cols] += grad (fp32), if tensor i needs a gradient."""
+        buf = self.buffers[i]
+        if buf is not None:
+            r0, c0 = window
+            buf[r0:r0 + grad.shape[0], c0:c0 + grad.shape[1]].add_(grad)
+
+    def grads(self) -> list[Tensor | None]:
+        return [buf.to(dtype) if (first and buf is not None) else None
+                for buf, first, dtype in zip(self.buffers, self._first, self._dtypes)]
+
+
+# ----------------------------------------------------------------------------- chain rule
+def direct_window(path: LoRAPath, factor: str) -> tuple[int, tuple[int, int]] | None:
+    """(role index, window) when the kernel can add a path's dA_eff / dB_eff^T rows straight into
+    the tensor's buffer (plain and slice paths), else None (gate, kron: go through ``chain``)."""
+    if path.kind not in ("plain", "slice"):
+        return None
+    return (0, (0, path.k_offset)) if factor == "a" else (1, (path.n_offset, 0))
+
+
+def chain_a(path: LoRAPath, ga: Tensor) -> Iterator[tuple[int, Tensor, tuple[int, int]]]:
+    """(role index, fp32 gradient, window) of the tensors behind A_eff, from ga = dA_eff (r, K)."""
+    t = [u.float() for u in path.tensors]
+    if path.kind in ("plain", "slice"):
+        role, window = direct_window(path, "a")
+        yield role, ga, window
+    elif path.kind == "kron":  # A = K_A (x) A_s
+        a_s, k_a = t[0], t[2]
+        ga3 = ga.reshape(ga.shape[0], -1, a_s.shape[1])
+        yield 0, torch.einsum("j,rjc->rc", k_a[0], ga3), (0, 0)
+        yield 2, torch.einsum("rc,rjc->j", a_s, ga3)[None, :], (0, 0)
+    else:  # gate: A_eff = C G_id, C = P Q with P = G_od B, Q = A G_iu
+        a, b, g_id, g_iu, g_od, _ = t
+        p, q = g_od @ b, a @ g_iu
+        d_c = ga @ g_id.t()
+        d_p, d_q = d_c @ q.t(), p.t() @ d_c
+        for role, g in enumerate((d_q @ g_iu.t(), g_od.t() @ d_p, (p @ q).t() @ ga, a.t() @ d_q, d_p @ b.t())):
+            yield role, g, (0, 0)
+
+
+def chain_b(path: LoRAPath, gb: Tensor) -> Iterator[tuple[int, Tensor, tuple[int, int]]]:
+    """(role index, fp32 gradient, window) of the tensors behind B_eff, from gb = dB_eff^T (r, N)."""
+    if path.kind in ("plain", "slice"):
+        role, window = direct_window(path, "b")
+        yield role, gb.t(), window
+    elif path.kind == "kron":  # B = K_B (x) B_s
+        b_s, k_b = path.tensors[1].float(), path.tensors[3].float()
+        gb3 = gb.reshape(gb.shape[0], -1, b_s.shape[0])
+        yield 1, torch.einsum("i,ric->cr", k_b[:, 0], gb3), (0, 0)
+        yield 3, torch.einsum("cr,ric->i", b_s, gb3)[:, None], (0, 0)
+    else:  # gate: B_eff = G_ou
+        yield 5, gb.t(), (0, 0)
