@@ -1,0 +1,91 @@
+"""python -m sharelora_kernels plan / finetune, end to end on the built-in model and on a BERT-style directory."""
+import json
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+import sharelora_kernels as sk
+from sharelora_kernels.__main__ import main
+from sharelora_kernels.config import ShareLoRAConfig
+from sharelora_kernels.data import default_model_dir
+from sharelora_kernels.data.train_tiny_model import byte_tokenizer
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plan")
+    assert main(["plan", "--samples", "24", "--eps", "0.8", "--out", str(out)]) == 0
+    return out
+
+
+def test_plan_writes_config_heatmap_and_similarity(planned, capsys):
+    config = ShareLoRAConfig.from_json((planned / "plan.json").read_text())
+    info = json.loads((planned / "similarity.json").read_text())
+    L = info["num_layers"]
+    assert config.method == "similarity" and L == 10
+    assert config.share_sets == [g for g in info["share_sets"] if len(g) > 1]
+    assert sorted(i for g in info["share_sets"] for i in g) == list(range(L))
+    S = torch.tensor(info["similarity"], dtype=torch.float64)
+    assert S.shape == (L, L) and torch.equal(S, S.T) and torch.equal(S.diagonal(), torch.ones(L, dtype=torch.float64))
+    for g in config.share_sets:  # complete construction: every pair inside a set above eps
+        assert all(S[i, j] >= 0.8 for i in g for j in g)
+    counts = info["counts"]
+    assert counts["share_params"] <= counts["lora_params"] and counts["share_expanded_params"] <= counts["lora_params"]
+    assert (planned / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_prints_sets_and_counts(tmp_path, capsys):
+    assert main(["plan", "--samples", "12", "--eps", "0.9", "--contiguous", "--position", "output",
+                 "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    for expected in ("share sets at eps=0.9 (complete, contiguous)", "LoRA r=8", "ShareLoRA expanded r=",
+                     "Bi-Share slice", "Bi-Share gate", "Bi-Share kron", "d_s=64", "plan.json"):
+        assert expected in text
+    config = ShareLoRAConfig.from_json((tmp_path / "plan.json").read_text())
+    assert all(g == list(range(g[0], g[-1] + 1)) for g in config.share_sets)
+
+
+def test_finetune_lowers_loss_and_saves(planned, tmp_path):
+    out = tmp_path / "ft"
+    argv = ["finetune", "--plan", str(planned / "plan.json"), "--steps", "12", "--samples", "2", "--batch-size", "4",
+            "--seq-len", "48", "--lr", "1e-2", "--log-every", "6", "--out", str(out)]
+    assert main(argv) == 0
+    losses = json.loads((out / "losses.json").read_text())["losses"]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.02
+    assert (out / "peft" / "adapter_config.json").is_file() and (out / "peft" / "adapter_model.safetensors").is_file()
+    # the saved adapter loads back into a fresh copy of the model and changes its output
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(default_model_dir(), local_files_only=True).eval()
+    ids = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        after = sk.load(base, out / "adapter")(input_ids=ids).logits
+    assert not torch.allclose(before, after, atol=1e-4)
+
+
+def test_plan_on_an_encoder_directory(tmp_path):
+    model_dir = tmp_path / "bert"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, pad_token_id=256)).save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    out = tmp_path / "plan"
+    assert main(["plan", "--model", str(model_dir), "--samples", "8", "--eps", "0.5",
+                 "--target-modules", "query", "key", "value", "--out", str(out)]) == 0
+    config = ShareLoRAConfig.from_json((out / "plan.json").read_text())
+    assert config.target_modules == ["query", "key", "value"]
+    assert json.loads((out / "similarity.json").read_text())["num_layers"] == 4
+
+
+def test_not_a_model_directory_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert main(["plan", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is not a Transformers model directory" in err and "Traceback" not in err
+    assert main(["plan", "--model", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["finetune", "--plan", str(tmp_path / "notes.txt")]) == 2
+    assert "not a valid ShareLoRAConfig JSON" in capsys.readouterr().err

@@ -1,0 +1,95 @@
+"""layer_representations against a hand loop over output_hidden_states, both padding sides."""
+import pytest
+import torch
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+from sharelora_kernels.similarity import layer_representations
+
+VOCAB, PAD = 97, 0
+
+
+def llama():
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD)
+    return LlamaForCausalLM(cfg)
+
+
+def bert():
+    torch.manual_seed(2)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=64, pad_token_id=PAD)
+    return BertModel(cfg)
+
+
+def samples(n=7, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 12, (n,), generator=gen)
+    lengths[0] = 12  # at least one full row
+    return [torch.randint(1, VOCAB, (int(k),), generator=gen) for k in lengths]
+
+
+def pad(seqs, side):
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), PAD)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        cols = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
+        ids[r, cols], mask[r, cols] = s, 1
+    return ids, mask
+
+
+def hand_loop(model, seqs, position):
+    out = []
+    with torch.no_grad():
+        for s in seqs:
+            hs = model(input_ids=s[None], output_hidden_states=True).hidden_states
+            layers = hs[:-1] if position == "input" else hs[1:]
+            out.append(torch.stack([h[0, -1] for h in layers]))
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("make", [llama, bert], ids=["llama", "bert"])
+@pytest.mark.parametrize("position", ["input", "output"])
+def test_matches_hand_loop_both_padding_sides(make, position):
+    model = make().eval()
+    seqs = samples()
+    expected = hand_loop(model, seqs, position)
+    model.train()  # the function must switch to eval (dropout off) and restore the flag
+    got = {side: layer_representations(model, *pad(seqs, side), position=position, batch_size=3, progress=False)
+           for side in ("left", "right")}
+    assert model.training
+    L = model.config.num_hidden_layers
+    assert got["left"].shape == (L, len(seqs), model.config.hidden_size) and got["left"].dtype == torch.float32
+    torch.testing.assert_close(got["right"], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got["left"], got["right"])
+
+
+def test_input_and_output_positions_are_shifted():
+    model = llama().eval()
+    ids, mask = pad(samples(seed=3), "right")
+    inp = layer_representations(model, ids, mask, position="input", progress=False)
+    out = layer_representations(model, ids, mask, position="output", progress=False)
+    torch.testing.assert_close(inp[1:], out[:-1])
+    assert not torch.allclose(inp[0], out[0])
+
+
+def test_no_mask_and_batch_size_do_not_matter():
+    model = llama().eval()
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, VOCAB, (5, 9), generator=gen)
+    a = layer_representations(model, ids, progress=False, batch_size=1)
+    b = layer_representations(model, ids, torch.ones_like(ids), progress=False, batch_size=5)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_errors():
+    model = llama()
+    ids, mask = pad(samples(seed=5), "left")
+    mask[2] = 0
+    with pytest.raises(ValueError, match="sample 2 has no non-padding token"):
+        layer_representations(model, ids, mask, progress=False)
+    with pytest.raises(ValueError, match="position must be one of"):
+        layer_representations(model, ids, position="middle", progress=False)
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        layer_representations(model, ids, mask[:, 1:], progress=False)

@@ -1,0 +1,37 @@
+"""``python -m sharelora_kernels <command>``: plan, finetune (see ``sharelora_kernels.cli``)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Subcommand name -> module defining HELP, add_arguments(parser) and run(args). Add a command here.
+COMMANDS = {
+    "plan": "sharelora_kernels.cli.plan",
+    "finetune": "sharelora_kernels.cli.finetune",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import CommandError
+
+    parser = argparse.ArgumentParser(prog="python -m sharelora_kernels",
+                                     description="Shared low-rank adapters: plan share sets, fine-tune, export.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except CommandError as err:
+        print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Built-in data shipped with the package: a trained tiny byte-level LLaMA and a calibration corpus.
+
+``tiny_llama/`` is a Transformers model directory (``AutoModelForCausalLM`` / ``AutoTokenizer``
+``.from_pretrained`` load it offline) made by ``train_tiny_model.py`` from ``calibration.txt``,
+original English prose written for this project (paragraphs separated by blank lines).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent
+CALIBRATION_FILE = DATA_DIR / "calibration.txt"
+
+
+def default_model_dir() -> Path:
+    """Directory of the built-in tiny model (10 layers, hidden 128, byte-level vocabulary of 260)."""
+    path = DATA_DIR / "tiny_llama"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"built-in model missing at {path}; rebuild it with "
+                                "`python -m sharelora_kernels.data.train_tiny_model`")
+    return path
+
+
+def split_paragraphs(text: str) -> list[str]:
+    """Non-empty paragraphs of ``text`` (blocks separated by blank lines), whitespace-trimmed."""
+    return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+
+
+def calibration_texts(n: int | None = None) -> list[str]:
+    """The first ``n`` paragraphs of the built-in corpus (all of them for None), in file order."""
+    texts = split_paragraphs(CALIBRATION_FILE.read_text(encoding="utf-8"))
+    if n is None:
+        return texts
+    if not 1 <= n <= len(texts):
+        raise ValueError(f"n must be in [1, {len(texts)}] (the built-in corpus has {len(texts)} paragraphs), got {n}")
+    return texts[:n]

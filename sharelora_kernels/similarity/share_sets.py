@@ -1,0 +1,93 @@
+"""Greedy share sets from a layer similarity matrix (METHOD section 1)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+METHODS = ("complete", "anchor")
+
+
+def share_sets(S, eps: float, method: str = "complete", contiguous: bool = False) -> list[list[int]]:
+    """Partition layers 0..L-1 into share sets from the similarity S = 1 - D.
+
+    S: (L, L) symmetric similarity (tensor, array or nested lists; finite). eps in [0, 1]: a pair
+    (i, j), i < j, is eligible when S[i, j] >= eps.
+
+    method "complete": visit eligible pairs by descending S, ties by ascending (i, j). Both layers
+        free: open the set {i, j}. One free, one in set G: add the free layer if S(free, m) >= eps
+        for every m in G. Both taken: skip. Every pair inside a set is then >= eps.
+    method "anchor" (the paper's Algorithm 1 read literally): for i ascending, a free layer i takes
+        {i} plus every free j > i with S[i, j] >= eps.
+    contiguous: a set may only be opened by, or grow by, a layer adjacent to its current range, so
+        every set is a run of consecutive layers.
+
+    Returns every layer exactly once, singletons included: sorted lists, sorted by first layer.
+    Deterministic for a given matrix.
+    """
+    s = _check_matrix(S)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps <= 1.0:
+        raise ValueError(f"eps must be a number in [0, 1], got {eps!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    sets = (_complete if method == "complete" else _anchor)(s, float(eps), contiguous)
+    taken = {i for g in sets for i in g}
+    sets += [[i] for i in range(len(s)) if i not in taken]
+    return sorted((sorted(g) for g in sets), key=lambda g: g[0])
+
+
+def _complete(s: np.ndarray, eps: float, contiguous: bool) -> list[list[int]]:
+    n = len(s)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n) if s[i, j] >= eps]
+    pairs.sort(key=lambda p: (-s[p], p[0], p[1]))
+    group_of: dict[int, list[int]] = {}
+    sets: list[list[int]] = []
+    for i, j in pairs:
+        gi, gj = group_of.get(i), group_of.get(j)
+        if gi is None and gj is None:
+            if contiguous and j != i + 1:
+                continue
+            g = [i, j]
+            sets.append(g)
+            group_of[i] = group_of[j] = g
+        elif gi is None or gj is None:
+            free, g = (i, gj) if gi is None else (j, gi)
+            if contiguous and free not in (min(g) - 1, max(g) + 1):
+                continue
+            if all(s[free, m] >= eps for m in g):
+                g.append(free)
+                group_of[free] = g
+    return sets
+
+
+def _anchor(s: np.ndarray, eps: float, contiguous: bool) -> list[list[int]]:
+    n = len(s)
+    taken = [False] * n
+    sets = []
+    for i in range(n):
+        if taken[i]:
+            continue
+        g = [i]
+        for j in range(i + 1, n):
+            if not taken[j] and s[i, j] >= eps:
+                g.append(j)
+            elif contiguous:
+                break
+        for j in g:
+            taken[j] = True
+        if len(g) > 1:
+            sets.append(g)
+    return sets
+
+
+def _check_matrix(S) -> np.ndarray:
+    """S as a float64 numpy array; ValueError unless square, finite and symmetric (to 1e-9)."""
+    s = S.detach().cpu().double().numpy() if isinstance(S, torch.Tensor) else np.asarray(S, dtype=np.float64)
+    if s.ndim != 2 or s.shape[0] != s.shape[1]:
+        raise ValueError(f"S must be a square (L, L) matrix, got shape {s.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError("S contains NaN or Inf")
+    asym = np.abs(s - s.T)
+    if asym.size and asym.max() > 1e-9:
+        i, j = np.unravel_index(int(asym.argmax()), asym.shape)
+        raise ValueError(f"S must be symmetric, but S[{i}, {j}] = {s[i, j]!r} and S[{j}, {i}] = {s[j, i]!r}")
+    return 0.5 * (s + s.T)
