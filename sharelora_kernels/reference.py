@@ -43,7 +43,7 @@ def gate_core(path: LoRAPath) -> Tensor:
 
 def kron_fold(x: Tensor, k_a: Tensor, d: int) -> Tensor:
     """fold(x)[:, c] = sum_j K_A[j] x[:, j*d + c]: (M, K) -> (M, d)."""
-    return torch.matmul(k_a, x.reshape(x.shape[0], -1, d)).squeeze(1)
+    return torch.matmul(k_a, x.reshape(x.shape[0], x.shape[1] // d, d)).squeeze(1)
 
 
 def path_input(x: Tensor, path: LoRAPath) -> Tensor:
@@ -68,7 +68,7 @@ def add_path_output(y: Tensor, h: Tensor, path: LoRAPath) -> Tensor:
     if kind == "kron":
         b, k_b = t[1], t[3]
         hb = (h @ b.t()).to(y.dtype)  # (M, d)
-        y.view(y.shape[0], -1, b.shape[0]).addcmul_(k_b.to(y.dtype).unsqueeze(0), hb.unsqueeze(1), value=s)
+        y.view(y.shape[0], n // b.shape[0], b.shape[0]).addcmul_(k_b.to(y.dtype).unsqueeze(0), hb.unsqueeze(1), value=s)
         return y
     if kind == "plain":
         b = t[1]
