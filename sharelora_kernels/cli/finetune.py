@@ -1,10 +1,11 @@
 """finetune: train ShareLoRA adapters of a plan on a causal language model, save them and a PEFT export.
 
-Reads a ShareLoRAConfig (``plan.json`` from ``plan``), wraps the model (``sharelora_kernels.apply``),
-trains the adapters on random windows of the text (next-token loss; each window starts with the
-tokenizer's BOS token when it has one) with AdamW, shows a progress
-bar and the loss, and writes into --out: ``adapter/`` (``sharelora_kernels.save``), ``peft/``
-(``sharelora_kernels.export_peft``: a plain PEFT LoRA checkpoint) and ``losses.json``.
+Reads a ShareLoRAConfig (``plan.json`` from ``plan``), wraps the model (``sharelora_kernels.apply``)
+and trains the adapters with AdamW on random windows of the text (default: the built-in
+fine-tuning task; next-token loss; each window starts with the tokenizer's BOS token when it has
+one), showing a progress bar and the loss. Writes into --out: ``adapter/``
+(``sharelora_kernels.save``), ``peft/`` (``sharelora_kernels.export_peft``: a plain PEFT LoRA
+checkpoint) and ``losses.json``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ HELP = "train the adapters of a plan.json and save them (ShareLoRA checkpoint an
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", required=True, help="ShareLoRAConfig JSON, e.g. plan.json written by `plan`")
     p.add_argument("--model", help="causal LM directory (default: the built-in tiny LLaMA)")
-    p.add_argument("--text", help="training text file, paragraphs separated by blank lines (default: built-in corpus)")
+    p.add_argument("--text", help="training text file, paragraphs separated by blank lines (default: the built-in "
+                                  "fine-tuning task, unit conversions the model never saw)")
     p.add_argument("--samples", type=int, default=None, help="use only the first N paragraphs (default: all)")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> list[float]:
     model_dir = resolve_model_dir(args.model)
     device = args.device or default_device()
     model, tokenizer = load_model(model_dir, causal_lm=True, device=device)
-    tokens = _token_stream(tokenizer, load_texts(args.text, args.samples))
+    tokens = _token_stream(tokenizer, load_texts(args.text, args.samples, builtin="task"))
     if len(tokens) <= args.seq_len:
         raise CommandError(f"the text has {len(tokens)} tokens, fewer than --seq-len {args.seq_len} + 1")
     torch.manual_seed(args.seed)

@@ -45,11 +45,14 @@ def load_model(model_dir: Path, causal_lm: bool, device: str):
     return model.to(device).eval(), tokenizer
 
 
-def load_texts(text_file: str | None, samples: int | None) -> list[str]:
-    """``samples`` paragraphs of ``text_file`` (blank-line separated), or of the built-in corpus for None."""
-    from ..data import calibration_texts, split_paragraphs
+def load_texts(text_file: str | None, samples: int | None, builtin: str = "calibration") -> list[str]:
+    """``samples`` paragraphs of ``text_file`` (blank-line separated), or for None of the built-in
+    ``builtin`` text: "calibration" (the corpus) or "task" (the fine-tuning task)."""
+    from ..data import calibration_texts, split_paragraphs, task_texts
 
     if text_file is None:
+        if builtin == "task":
+            return task_texts(samples or 256)
         try:
             return calibration_texts(samples)
         except ValueError as err:

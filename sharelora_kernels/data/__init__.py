@@ -1,11 +1,15 @@
-"""Built-in data shipped with the package: a trained tiny byte-level LLaMA and a calibration corpus.
+"""Built-in data shipped with the package: a trained tiny byte-level LLaMA, a calibration corpus and
+a fine-tuning task.
 
 ``tiny_llama/`` is a Transformers model directory (``AutoModelForCausalLM`` / ``AutoTokenizer``
 ``.from_pretrained`` load it offline) made by ``train_tiny_model.py`` from ``calibration.txt``,
 original English prose written for this project (paragraphs separated by blank lines).
+``task_texts`` generates the default fine-tuning data: a task the model never saw (unit
+conversions in a fixed format), so fine-tuning visibly lowers the loss.
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -34,3 +38,22 @@ def calibration_texts(n: int | None = None) -> list[str]:
     if not 1 <= n <= len(texts):
         raise ValueError(f"n must be in [1, {len(texts)}] (the built-in corpus has {len(texts)} paragraphs), got {n}")
     return texts[:n]
+
+
+_UNITS = (("km", "m", 1000), ("m", "cm", 100), ("kg", "g", 1000), ("hours", "minutes", 60), ("minutes", "seconds", 60),
+          ("days", "hours", 24), ("litres", "millilitres", 1000), ("weeks", "days", 7))
+
+
+def task_texts(n: int = 256, seed: int = 0) -> list[str]:
+    """``n`` paragraphs of the fine-tuning task, deterministic for a seed: each holds four lines like
+    ``Convert 7 km to m. Answer: 7000 m.``"""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        lines = []
+        for _ in range(4):
+            big, small, factor = rng.choice(_UNITS)
+            value = rng.randint(1, 99)
+            lines.append(f"Convert {value} {big} to {small}. Answer: {value * factor} {small}.")
+        texts.append("\n".join(lines))
+    return texts
