@@ -66,6 +66,47 @@ def _add_lowrank(acc, h_ptr, table_ptr, scale_ptr, rows64, row_mask, cols, col_m
     return acc
 
 
+@triton.jit
+def swizzled_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` over an (M, N) output, GROUP_M row tiles at a time (L2 reuse)."""
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * grid_n)) * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (pid % (GROUP_M * grid_n)) % group_size, (pid % (GROUP_M * grid_n)) // group_size
+
+
+@triton.jit
+def matmul_tile(acc, a_ptr, stride_am, stride_ak, w_ptr, stride_wk, stride_wn, rows64, row_mask, cols, col_mask, K,
+                DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + a[rows, :K] @ w[:K, cols]: the base GEMM's K-loop for one output tile."""
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        a = tl.load(a_ptr + rows64[:, None] * stride_am + ks[None, :] * stride_ak,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = mma(a, w, acc, DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def lowrank_epilogue(acc, h_ptr, table_ptr, scale_ptr, seed_ptr, p, rows, rows64, row_mask, cols, col_mask, N, R,
+                     stride_hm, stride_hr, APPLY_SCALE: tl.constexpr, DROPOUT: tl.constexpr, RNG64: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, DTYPE: tl.constexpr,
+                     FACTOR_DTYPE: tl.constexpr):
+    """acc + the tile's low-rank term, masked by dropout on (M, N) coordinates when DROPOUT."""
+    if DROPOUT:  # mask the low-rank term only: a separate accumulator
+        low = _add_lowrank(tl.zeros(acc.shape, dtype=tl.float32), h_ptr, table_ptr, scale_ptr, rows64, row_mask, cols,
+                           col_mask, R, stride_hm, stride_hr, APPLY_SCALE, DOT_PRECISION, BLOCK_R, DTYPE, FACTOR_DTYPE)
+        keep = dropout_keep(tl.load(seed_ptr), rows, cols, N, p, RNG64)
+        return acc + tl.where(keep, low / (1.0 - p), 0.0)
+    # straight into the base accumulator: no second (BLOCK_M, BLOCK_N) tile of registers
+    return _add_lowrank(acc, h_ptr, table_ptr, scale_ptr, rows64, row_mask, cols, col_mask, R, stride_hm, stride_hr,
+                        APPLY_SCALE, DOT_PRECISION, BLOCK_R, DTYPE, FACTOR_DTYPE)
+
+
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "R", "M_BUCKET"])
 @triton.jit
 def _fused_linear_kernel(
@@ -78,41 +119,17 @@ def _fused_linear_kernel(
     GROUP_M: tl.constexpr,
 ):
     """out (M, N) = a (M, K) @ w (K, N) + bias + mask((h * scale) (M, R) @ U (R, N)) / (1 - p)."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * grid_n)
-    first_m = group * GROUP_M
-    group_size = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % group_size
-    pid_n = (pid % (GROUP_M * grid_n)) // group_size
-
+    pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
     col_mask = cols < N
     rows64 = rows.to(tl.int64)
-    dtype = a_ptr.dtype.element_ty
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
-        a = tl.load(a_ptr + rows64[:, None] * stride_am + ks[None, :] * stride_ak,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = mma(a, w, acc, DOT_PRECISION)
-
-    if DROPOUT:  # mask the low-rank term only: a separate accumulator
-        low = _add_lowrank(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), h_ptr, table_ptr, scale_ptr, rows64,
-                           row_mask, cols, col_mask, R, stride_hm, stride_hr, APPLY_SCALE, DOT_PRECISION, BLOCK_R, dtype,
-                           FACTOR_DTYPE)
-        keep = dropout_keep(tl.load(seed_ptr), rows, cols, N, p, RNG64)
-        acc += tl.where(keep, low / (1.0 - p), 0.0)
-    else:  # straight into the base accumulator: no second (BLOCK_M, BLOCK_N) tile of registers
-        acc = _add_lowrank(acc, h_ptr, table_ptr, scale_ptr, rows64, row_mask, cols, col_mask, R,
-                           stride_hm, stride_hr, APPLY_SCALE, DOT_PRECISION, BLOCK_R, dtype, FACTOR_DTYPE)
+    acc = matmul_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptr, stride_am, stride_ak, w_ptr, stride_wk,
+                      stride_wn, rows64, row_mask, cols, col_mask, K, DOT_PRECISION, BLOCK_K)
+    acc = lowrank_epilogue(acc, h_ptr, table_ptr, scale_ptr, seed_ptr, p, rows, rows64, row_mask, cols, col_mask, N, R,
+                           stride_hm, stride_hr, APPLY_SCALE, DROPOUT, RNG64, DOT_PRECISION, BLOCK_R,
+                           a_ptr.dtype.element_ty, FACTOR_DTYPE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_on

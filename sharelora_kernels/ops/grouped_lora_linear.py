@@ -35,11 +35,11 @@ from torch import Tensor
 
 from ..plan import PATH_ROLES
 from ..reference import LoRAPath
-from .fused_lora_linear import _CONFIGS, _add_lowrank, _check
+from .fused_lora_linear import _CONFIGS, _check, lowrank_epilogue, matmul_tile, swizzled_tile
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
 from .shared_grad import GradSink, atomic_grads, chain_a, chain_b, direct_window
-from .utils import TL_DTYPES, _rows, build_tables, dot_precision, dropout_keep, mma, path_rank, rank_block, rng_needs_int64
+from .utils import TL_DTYPES, _rows, build_tables, dot_precision, path_rank, rank_block, rng_needs_int64
 
 KINDS = tuple(PATH_ROLES)
 
@@ -69,14 +69,7 @@ def _grouped_linear_kernel(
         start += grid_m * tl.cdiv(tl.load(prob_ptr + g * 13).to(tl.int32), BLOCK_N)
     row = prob_ptr + prob * 13
     N = tl.load(row).to(tl.int32)
-    local = pid - tile0
-    grid_n = tl.cdiv(N, BLOCK_N)
-    group = local // (GROUP_M * grid_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (local % (GROUP_M * grid_n)) % group_size
-    pid_n = (local % (GROUP_M * grid_n)) // group_size
-
+    pid_m, pid_n = swizzled_tile(pid - tile0, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
@@ -87,34 +80,14 @@ def _grouped_linear_kernel(
     seg_first = tl.load(row + 11).to(tl.int32)
     for s in range(seg_first, seg_first + tl.load(row + 12).to(tl.int32)):
         seg = seg_ptr + s * 7
-        a_ptr = tl.load(seg).to(tl.pointer_type(DTYPE))
-        stride_am, stride_ak = tl.load(seg + 1), tl.load(seg + 2)
-        w_ptr = tl.load(seg + 3).to(tl.pointer_type(DTYPE))
-        stride_wk, stride_wn = tl.load(seg + 4), tl.load(seg + 5)
-        K = tl.load(seg + 6).to(tl.int32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < K
-            a = tl.load(a_ptr + rows64[:, None] * stride_am + ks[None, :] * stride_ak,
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-                        mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-            acc = mma(a, w, acc, DOT_PRECISION)
-
-    h_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-    stride_hm, stride_hr = tl.load(row + 6), tl.load(row + 7)
-    table_ptr = tl.load(row + 8).to(tl.pointer_type(tl.int64))
-    scale_ptr = tl.load(row + 9).to(tl.pointer_type(tl.float32))
-    R = tl.load(row + 10).to(tl.int32)
-    if DROPOUT:  # mask the low-rank term only
-        low = _add_lowrank(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), h_ptr, table_ptr, scale_ptr, rows64,
-                           row_mask, cols, col_mask, R, stride_hm, stride_hr, APPLY_SCALE, DOT_PRECISION, BLOCK_R,
-                           DTYPE, FACTOR_DTYPE)
-        keep = dropout_keep(tl.load(seed_ptr), rows, cols, N, p, RNG64)
-        acc += tl.where(keep, low / (1.0 - p), 0.0)
-    else:
-        acc = _add_lowrank(acc, h_ptr, table_ptr, scale_ptr, rows64, row_mask, cols, col_mask, R, stride_hm,
-                           stride_hr, APPLY_SCALE, DOT_PRECISION, BLOCK_R, DTYPE, FACTOR_DTYPE)
+        acc = matmul_tile(acc, tl.load(seg).to(tl.pointer_type(DTYPE)), tl.load(seg + 1), tl.load(seg + 2),
+                          tl.load(seg + 3).to(tl.pointer_type(DTYPE)), tl.load(seg + 4), tl.load(seg + 5), rows64,
+                          row_mask, cols, col_mask, tl.load(seg + 6).to(tl.int32), DOT_PRECISION, BLOCK_K)
+    acc = lowrank_epilogue(acc, tl.load(row + 5).to(tl.pointer_type(tl.float32)),
+                           tl.load(row + 8).to(tl.pointer_type(tl.int64)),
+                           tl.load(row + 9).to(tl.pointer_type(tl.float32)), seed_ptr, p, rows, rows64, row_mask,
+                           cols, col_mask, N, tl.load(row + 10).to(tl.int32), tl.load(row + 6), tl.load(row + 7),
+                           APPLY_SCALE, DROPOUT, RNG64, DOT_PRECISION, BLOCK_R, DTYPE, FACTOR_DTYPE)
     bias_addr = tl.load(row + 4)
     if bias_addr != 0:
         acc += tl.load(bias_addr.to(tl.pointer_type(DTYPE)) + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
