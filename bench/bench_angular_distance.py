@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -90,8 +89,8 @@ def main(argv: list[str] | None = None) -> None:
                              else "cpu")
     if not extension.available(device):
         sys.exit(f"no compiled angular-distance kernel for {device}")
-    environment = describe(torch.device(device), [])
-    environment["command"] = shlex.join(["python", *sys.argv])
+    environment = describe(torch.device(device), sys.argv[1:] if argv is None else argv,
+                           prog="python bench/bench_angular_distance.py")
     if device == "cpu":
         results = [bench_case("cpu", 4096, 1024, torch.float32, args.repeats, True, None)]
     else:

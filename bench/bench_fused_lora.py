@@ -19,38 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from sharelora_kernels import ops
+from sharelora_kernels.benchmarks.environment import describe
+from sharelora_kernels.benchmarks.timing import step_timer
 from sharelora_kernels.reference import LoRAPath
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336)]
 RANKS = [8, 16, 64]
 KRON_DIM, GATE_DIM = 256, 1024
-
-
-def timer(device: str):
-    """A function ``time(fn, grads) -> milliseconds``: do_bench on CUDA, a wall-clock loop on CPU."""
-    if device == "cuda":
-        import triton.testing
-
-        return lambda fn, grads: triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grads)
-
-    def cpu_time(fn, grads, reps=3):
-        fn()
-        start = time.perf_counter()
-        for _ in range(reps):
-            for g in grads:
-                g.grad = None
-            fn()
-        return (time.perf_counter() - start) / reps * 1e3
-
-    return cpu_time
 
 
 def make_paths(kind: str, k: int, n: int, r: int, dtype, device, kron_dim: int, gate_dim: int) -> list[LoRAPath]:
@@ -89,19 +70,6 @@ def bench_shape(m: int, k: int, n: int, r: int, dtype, device: str, time_ms, kro
     return row
 
 
-def environment(device: str) -> dict:
-    env = {"command": " ".join([sys.executable, *sys.argv]), "torch": torch.__version__,
-           "python": platform.python_version(), "cuda": torch.version.cuda}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    env["device_name"] = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu")
-    return env
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="path of the JSON file to write")
@@ -115,13 +83,14 @@ def main(argv: list[str] | None = None) -> dict:
         m, shapes, ranks, kron_dim, gate_dim = 64, [(256, 128)], [8], 64, 64
     else:
         m, shapes, ranks, kron_dim, gate_dim = 8192, SHAPES, RANKS, KRON_DIM, GATE_DIM
-    time_ms = timer(args.device)
+    time_ms = step_timer(args.device)
     results = []
     for k, n in shapes:
         for r in ranks:
             results.append(bench_shape(m, k, n, r, dtype, args.device, time_ms, kron_dim, gate_dim))
             print(json.dumps(results[-1]), flush=True)
-    report = {**environment(args.device), "dtype": str(dtype), "quick": args.quick, "results": results}
+    env = describe(torch.device(args.device), sys.argv[1:] if argv is None else argv, prog="python bench/bench_fused_lora.py")
+    report = {"environment": env, "dtype": str(dtype), "quick": args.quick, "results": results}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     return report

@@ -22,37 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from sharelora_kernels import ops
+from sharelora_kernels.benchmarks.timing import step_timer
 from sharelora_kernels.benchmarks.environment import describe
 from sharelora_kernels.reference import LoRAPath
 
 FULL = dict(m=8192, k=4096, qkv=(4096, 4096, 4096), gate_up=(11008, 11008), layers=(1, 2, 4, 8), shared_m=2048)
 QUICK = dict(m=64, k=256, qkv=(256, 64, 64), gate_up=(688, 688), layers=(1, 2), shared_m=32)
 LOCAL_R, INTRA_R, INTER_R = 2, 4, 32
-
-
-def timer(device: str):
-    """``time(fn, params) -> milliseconds``: triton's do_bench on CUDA, a wall-clock loop on CPU."""
-    if device == "cuda":
-        import triton.testing
-
-        return lambda fn, params: triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=params)
-
-    def cpu_time(fn, params, reps=2):
-        fn()
-        start = time.perf_counter()
-        for _ in range(reps):
-            for p in params:
-                p.grad = None
-            fn()
-        return (time.perf_counter() - start) / reps * 1e3
-
-    return cpu_time
 
 
 def adapter(*shape, device):
@@ -135,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     device, dtype = args.device, torch.bfloat16
-    time_ms = timer(device)
+    time_ms = step_timer(device)
     torch.manual_seed(0)
     inter_n = max(cfg["gate_up"])
     inter = (adapter(INTER_R, cfg["k"], device=device), adapter(inter_n, INTER_R, device=device))
@@ -162,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
         shared[num_layers] = {"peak_mib": peak_mib(step, device),
                               "inter_grad_mib": sum(t.numel() * 4 for t in inter) / 2**20}
 
-    result = {"environment": describe(torch.device(device), sys.argv[1:] if argv is None else argv),
+    result = {"environment": describe(torch.device(device), sys.argv[1:] if argv is None else argv,
+                                     prog="python bench/bench_grouped.py"),
               "config": {**cfg, "dtype": str(dtype), "ranks": [LOCAL_R, INTRA_R, INTER_R],
                          "backend": ops.backend_for(x)},
               "per_layer": per_layer, "shared_grads_vs_layers": shared}

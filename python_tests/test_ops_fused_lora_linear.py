@@ -197,15 +197,27 @@ def test_compile_fullgraph_custom_op(monkeypatch):
         assert torch.allclose(g, e, atol=1e-5)
 
 
-def test_opcheck_custom_op():
-    """Schema, fake (meta) impl, autograd registration and AOT tracing of the forward op."""
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_opcheck_custom_ops(contiguous):
+    """Schema, fake (meta) impls, autograd registration and AOT tracing of the forward and backward
+    ops, with contiguous and with transposed (non-contiguous) x, W and dy."""
     torch.manual_seed(7)
-    paths = [make_path("slice", 24, 16, 3), make_path("kron", 24, 16, 2)]
+    m, k, n = 5, 24, 16
+    paths = [make_path("slice", k, n, 3), make_path("kron", k, n, 2)]
     tensors = [t for q in paths for t in q.tensors]
     layout = [c for q in paths for c in (KINDS.index(q.kind), q.k_offset, q.n_offset)]
-    args = (rand(5, 24), torch.randn(16, 24), torch.randn(16), tensors, layout, [q.scale for q in paths], 0.2,
-            torch.tensor([11]))
-    torch.library.opcheck(torch.ops.sharelora.fused_lora_linear.default, args)
+    scales = [q.scale for q in paths]
+
+    def mat(rows, cols, grad=False):
+        t = torch.randn(rows, cols) if contiguous else torch.randn(cols, rows).t()
+        return t.requires_grad_(grad)
+
+    x, weight, dy, seed = mat(m, k, grad=True), mat(n, k), mat(m, n), torch.tensor([11])
+    torch.library.opcheck(torch.ops.sharelora.fused_lora_linear.default,
+                          (x, weight, torch.randn(n), tensors, layout, scales, 0.2, seed))
+    h = torch.randn(m, sum(q.tensors[0].shape[0] for q in paths))
+    torch.library.opcheck(torch.ops.sharelora.fused_lora_linear_backward.default,
+                          (dy, x.detach(), weight, h, [t.detach() for t in tensors], layout, scales, 0.2, seed, True))
 
 
 def test_compile_fullgraph_cpu_route(monkeypatch):

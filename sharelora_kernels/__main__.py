@@ -1,4 +1,4 @@
-"""``python -m sharelora_kernels <command>``: plan, finetune (see ``sharelora_kernels.cli``)."""
+"""``python -m sharelora_kernels <command>``: plan, finetune, bench (see ``sharelora_kernels.cli``)."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "plan": "sharelora_kernels.cli.plan",
     "finetune": "sharelora_kernels.cli.finetune",
+    "bench": "sharelora_kernels.benchmarks",
 }
 
 

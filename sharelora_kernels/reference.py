@@ -78,9 +78,24 @@ def add_path_output(y: Tensor, h: Tensor, path: LoRAPath) -> Tensor:
         b = t[5]
     else:
         raise ValueError(f"unknown path kind {kind!r}")
+    return _add_lowrank(y, h, b, s)
+
+
+def _add_lowrank(y: Tensor, h: Tensor, b: Tensor, s: float) -> Tensor:
+    """y += s * h b^T in place; h, b in the adapter dtype, y in the base's."""
     if h.dtype == y.dtype:
         return y.addmm_(h, b.t().to(y.dtype), alpha=s)
     return y.add_((h @ b.t()).to(y.dtype), alpha=s)
+
+
+def _dense_factors(paths: Sequence[LoRAPath], k: int, n: int) -> tuple[Tensor, Tensor]:
+    """Plain and slice paths stacked into one LoRA: A (sum r_p, K), B (N, sum r_p) with s_p folded in.
+
+    Their A/B windows are already dense (no expansion), so one pass over x and one update of y
+    serve them all; gate and Kronecker paths never go through here.
+    """
+    factors = [path_factors(p, k, n) for p in paths]
+    return torch.cat([a for a, _ in factors]), torch.cat([b * p.scale for (_, b), p in zip(factors, paths)], 1)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath],
@@ -89,7 +104,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
 
     x: (..., K) any float dtype; weight: (N, K); bias: (N,) or None; returns (..., N) in the base's
     result dtype. The low-rank paths run in the adapter dtype (x is cast to it), one dropout mask
-    on x is shared by every path, as PEFT applies dropout to the adapter input only.
+    on x is shared by every path, as PEFT applies dropout to the adapter input only. Two or more
+    plain/slice paths run as one stacked LoRA (``_dense_factors``).
     x_dropped: an already dropped-out x (x's shape) to use as the adapter input instead of drawing a
     mask here (modules that share x share one mask).
     """
@@ -102,6 +118,11 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
         else:
             xd = F.dropout(x2, dropout_p, training=True) if (training and dropout_p > 0) else x2
         xd = xd.to(paths[0].tensors[0].dtype)
+        dense = [p for p in paths if p.kind in ("plain", "slice")]
+        if len(dense) > 1:
+            a, b = _dense_factors(dense, x2.shape[1], weight.shape[0])
+            y = _add_lowrank(y, xd @ a.t(), b, 1.0)
+            paths = [p for p in paths if p.kind not in ("plain", "slice")]
         for p in paths:
             y = add_path_output(y, path_input(xd, p), p)
     return y.reshape(*lead, weight.shape[0])

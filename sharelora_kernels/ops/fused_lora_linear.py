@@ -36,7 +36,7 @@ from ..reference import LoRAPath
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
 from .shared_grad import GradSink, chain_a, chain_b
-from .utils import (INTERPRET, TL_DTYPES, build_tables, dot_precision, dropout_keep, load_factor, mma, path_rank, pick_configs,
+from .utils import (INTERPRET, TL_DTYPES, build_tables, dot_precision, dropout_keep, dropout_seed, load_factor, mma, path_rank, pick_configs,
                     rank_block, rng_needs_int64)
 
 KINDS = tuple(PATH_ROLES)  # layout code of a path kind = its index here
@@ -311,7 +311,7 @@ def fused_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Seq
     _check(x, weight, bias, paths, dropout_p)
     p = dropout_p if training else 0.0
     x2 = x.reshape(-1, x.shape[-1])
-    seed = torch.randint(0, 2**31 - 1, (1,), device=x.device) if p > 0 else torch.zeros(1, dtype=torch.int64, device=x.device)
+    seed = dropout_seed(p, x.device)
     tensors, layout, scales = _encode(paths)
     y, _ = _forward_op(x2, weight, bias, tensors, layout, scales, p, seed)
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -39,7 +39,7 @@ from .fused_lora_linear import _CONFIGS, _check, lowrank_epilogue, matmul_tile, 
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
 from .shared_grad import GradSink, atomic_grads, chain_a, chain_b, direct_window
-from .utils import TL_DTYPES, _rows, build_tables, dot_precision, path_rank, rank_block, rng_needs_int64
+from .utils import TL_DTYPES, _rows, build_tables, dot_precision, dropout_seed, path_rank, rank_block, rng_needs_int64
 
 KINDS = tuple(PATH_ROLES)
 
@@ -300,6 +300,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, output[-1], seed, *weights, *tensors)
     ctx.layout, ctx.scales, ctx.dropout_p, ctx.modules = layout, scales, dropout_p, len(weights)
     ctx.atomic = atomic_grads()
+    # The frozen base gets no gradient: one None per weight, and one per bias when every bias is a
+    # tensor (torch.library treats a list holding a None as one opaque argument: a single None).
+    ctx.bias_grads = [None] * len(biases) if all(b is not None for b in biases) else None
 
 
 def _backward(ctx, grads):
@@ -310,8 +313,7 @@ def _backward(ctx, grads):
     bufs = [b if b is not None else x.new_empty((0,), dtype=torch.float32) for b in sink.buffers]
     dx = _backward_op(dys, x, weights, h, tensors, ctx.layout, ctx.scales, ctx.dropout_p, seed, x.requires_grad,
                       bufs, ctx.atomic)
-    frozen = [None] * ctx.modules
-    return (dx if x.requires_grad else None), frozen, None, sink.grads(), None, None, None, None
+    return (dx if x.requires_grad else None), [None] * ctx.modules, ctx.bias_grads, sink.grads(), None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -347,7 +349,7 @@ def grouped_lora_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[T
     _check_group(x, weights, biases, paths, dropout_p)
     p = dropout_p if training else 0.0
     x2 = x.reshape(-1, x.shape[-1])
-    seed = torch.randint(0, 2**31 - 1, (1,), device=x.device) if p > 0 else torch.zeros(1, dtype=torch.int64, device=x.device)
+    seed = dropout_seed(p, x.device)
     tensors, layout, scales = encode(paths)
     outs = _forward_op(x2, list(weights), list(biases), tensors, layout, scales, p, seed)
     return tuple(y.reshape(*x.shape[:-1], w.shape[0]) for y, w in zip(outs[:-1], weights))

@@ -101,6 +101,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def dropout_seed(p: float, device: torch.device) -> Tensor:
+    """A fresh (1,) int64 seed for a dropout mask drawn in-kernel (zeros when p == 0: no mask)."""
+    if p > 0:
+        return torch.randint(0, 2**31 - 1, (1,), device=device)
+    return torch.zeros(1, dtype=torch.int64, device=device)
+
+
 def rng_needs_int64(m: int, k: int) -> bool:
     """Whether dropout offsets ``row * K + col`` of an (M, K) input overflow int32."""
     return m * k > 2**31 - 1

@@ -1,0 +1,89 @@
+"""The quick CPU benchmark writes a well-formed report. Structure only: no timing value is asserted."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sharelora_kernels.__main__ import main as cli_main
+from sharelora_kernels.benchmarks import main
+from sharelora_kernels.benchmarks.ops import LORA_OPS, OPS
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    written = main(["--quick", "--device", "cpu", "--out", str(out)])
+    return out, written, json.loads((out / "results.json").read_text())
+
+
+def test_writes_json_and_markdown(quick_run):
+    out, written, _ = quick_run
+    assert written["json"] == str(out / "results.json")
+    assert (out / "results.md").read_text().startswith("# sharelora_kernels benchmark")
+
+
+def test_environment_is_recorded(quick_run):
+    env = quick_run[2]["environment"]
+    for key in ("device_name", "torch", "triton", "cuda", "python", "cpu_model", "command", "loadavg_before",
+                "loadavg_after", "date"):
+        assert key in env
+    assert "--quick" in env["command"]
+
+
+def test_every_lora_op_has_base_peft_torch_and_a_fused_skip(quick_run):
+    data = quick_run[2]
+    cases = {c["op"]: c for c in data["ops"]}
+    assert set(cases) == set(OPS)
+    for op in [*LORA_OPS, "grouped_qkv"]:
+        variants = cases[op]["variants"]
+        for v in ("base", "peft", "torch"):
+            assert {"fwd_ms", "bwd_ms", "fwd+bwd_ms", "saved_for_backward_bytes"} <= set(variants[v])
+            assert {"median", "q1", "q3", "min", "max", "n"} <= set(variants[v]["fwd+bwd_ms"])
+            assert set(cases[op]["ratio_vs_base"][v]) == {"fwd", "bwd", "fwd+bwd"}
+        assert "CUDA" in variants["fused"]["skipped"]
+    assert any("fused" in s["what"] for s in data["skipped"])
+
+
+def test_issue3_and_e2e_sections(quick_run):
+    data = quick_run[2]
+    i3 = data["issue3"]
+    assert i3["shape"] == {"M": 2048, "K": 1024, "N": 1024} and i3["r"] == 16
+    assert set(i3["ratio_vs_base"]) == {"base", "peft", "torch"}
+    assert isinstance(i3["target_met"], bool)
+    assert set(data["e2e"]["variants"]) == {"peft_lora", "sharelora", "bishare"}
+    for row in data["e2e"]["variants"].values():
+        assert {"step_ms", "tokens_per_s", "trainable_params", "cuda_peak_bytes"} <= set(row)
+    e2e = data["e2e"]["variants"]
+    assert e2e["sharelora"]["trainable_params"] < e2e["peft_lora"]["trainable_params"]
+
+
+def test_grouped_case_compares_one_output_per_module(quick_run):
+    case = next(c for c in quick_run[2]["ops"] if c["op"] == "grouped_qkv")
+    assert case["params"]["modules"] == 3 and case["params"]["paths"] == ["plain", "slice", "slice"]
+
+
+@pytest.mark.parametrize("argv, message", [(["--ops", "plain,nope"], "unknown op(s) ['nope']"),
+                                           (["--repeats", "0"], "--repeats must be >= 1")])
+def test_bad_arguments_are_named(argv, message, capsys):
+    assert cli_main(["bench", "--device", "cpu", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["bench_fused_lora.py", "bench_grouped.py"])
+def test_gpu_scripts_run_on_cpu(script, tmp_path):
+    """The standalone GPU benchmark scripts of issues 5 and 6 run (--device cpu --quick) and record their command."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / script
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "out.json"
+    module.main(["--device", "cpu", "--quick", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["environment"]["command"] == f"python bench/{script} --device cpu --quick --out {out}"

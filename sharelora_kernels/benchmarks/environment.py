@@ -1,0 +1,71 @@
+"""Where and how a run happened: device, library versions, CPU model, command and machine load."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import shlex
+import sys
+
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu_model()}"
+
+
+def device_label(device: torch.device) -> str:
+    """Short label for the results folder: ``cpu`` or e.g. ``cuda-nvidia-h100-80gb-hbm3``."""
+    if device.type != "cuda":
+        return "cpu"
+    return "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def describe(device: torch.device, argv: list[str], prog: str = "python -m sharelora_kernels bench") -> dict:
+    """Everything the JSON records about the run's environment (load 'after' is filled in at the end).
+
+    ``prog`` and ``argv`` make the recorded command line.
+    """
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "date": datetime.date.today().isoformat(),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "command": f"{prog} {shlex.join(argv)}".rstrip(),
+        "python_argv": shlex.join(sys.argv),
+        "loadavg_before": loadavg(),
+        "loadavg_after": None,
+    }
