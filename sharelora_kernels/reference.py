@@ -1,7 +1,7 @@
 """Exact torch math of every path kind (METHOD.md sections 3-4): the single source of truth.
 
 Every fused kernel is tested against these functions run in float64, and CPU tensors run them
-directly (autograd gives the backward). Each path is split the way the kernels split it:
+directly (autograd gives the backward; the plain/slice part has a hand-written one). Each path is split the way the kernels split it:
 
     h = path_input(x, path)          (M, r_p)   the skinny projection of the (dropped-out) input
     y += scale * path_output(h, path)            added into the base output (M, N) in place
@@ -95,7 +95,46 @@ def _dense_factors(paths: Sequence[LoRAPath], k: int, n: int) -> tuple[Tensor, T
     serve them all; gate and Kronecker paths never go through here.
     """
     factors = [path_factors(p, k, n) for p in paths]
+    if len(factors) == 1:
+        return factors[0][0], factors[0][1] * paths[0].scale
     return torch.cat([a for a, _ in factors]), torch.cat([b * p.scale for (_, b), p in zip(factors, paths)], 1)
+
+
+class _LinearPlusLoRA(torch.autograd.Function):
+    """y = x W^T + bias + (xd A^T) B^T, x (M, K), xd (M, K) the adapter input (None: x), A (R, K), B (N, R).
+
+    The same math as autograd over F.linear + two matmuls, with a leaner backward: when the adapter
+    input is x itself, dx = dy W + dh A is one GEMM plus an in-place addmm (no second (M, K) tensor
+    and sum). (x is not passed twice: dynamo refuses a tensor given to two inputs.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, xd, weight, bias, a, b):
+        ctx.same_input = xd is None
+        xd = x if xd is None else xd
+        y = F.linear(x, weight, bias)
+        h = xd @ a.t()
+        _add_lowrank(y, h, b, 1.0)
+        ctx.save_for_backward(x, xd, weight, a, b, h)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xd, weight, a, b, h = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dh = dy.to(b.dtype) @ b
+        dx = dxd = None
+        if need[0]:
+            dx = dy @ weight.to(dy.dtype)
+            if ctx.same_input:
+                dx.addmm_(dh, a)
+        if need[1] and not ctx.same_input:
+            dxd = dh @ a
+        d_weight = dy.t() @ x if need[2] else None
+        d_bias = dy.sum(0) if need[3] else None
+        d_a = dh.t() @ xd if need[4] else None
+        d_b = dy.to(h.dtype).t() @ h if need[5] else None
+        return dx, dxd, d_weight, d_bias, d_a, d_b
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath],
@@ -104,26 +143,28 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
 
     x: (..., K) any float dtype; weight: (N, K); bias: (N,) or None; returns (..., N) in the base's
     result dtype. The low-rank paths run in the adapter dtype (x is cast to it), one dropout mask
-    on x is shared by every path, as PEFT applies dropout to the adapter input only. Two or more
-    plain/slice paths run as one stacked LoRA (``_dense_factors``).
+    on x is shared by every path, as PEFT applies dropout to the adapter input only. The plain and
+    slice paths run as one stacked LoRA fused with the base matmul (``_LinearPlusLoRA``).
     x_dropped: an already dropped-out x (x's shape) to use as the adapter input instead of drawing a
     mask here (modules that share x share one mask).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    y = F.linear(x2, weight, bias)
-    if paths:
-        if x_dropped is not None:
-            xd = x_dropped.reshape(x2.shape)
-        else:
-            xd = F.dropout(x2, dropout_p, training=True) if (training and dropout_p > 0) else x2
-        xd = xd.to(paths[0].tensors[0].dtype)
-        dense = [p for p in paths if p.kind in ("plain", "slice")]
-        if len(dense) > 1:
-            a, b = _dense_factors(dense, x2.shape[1], weight.shape[0])
-            y = _add_lowrank(y, xd @ a.t(), b, 1.0)
-            paths = [p for p in paths if p.kind not in ("plain", "slice")]
-        for p in paths:
+    if not paths:
+        return F.linear(x2, weight, bias).reshape(*lead, weight.shape[0])
+    if x_dropped is not None:
+        xd = x_dropped.reshape(x2.shape)
+    else:
+        xd = F.dropout(x2, dropout_p, training=True) if (training and dropout_p > 0) else x2
+    xd = xd.to(paths[0].tensors[0].dtype)
+    dense = [p for p in paths if p.kind in ("plain", "slice")]
+    if dense:
+        a, b = _dense_factors(dense, x2.shape[1], weight.shape[0])
+        y = _LinearPlusLoRA.apply(x2, None if xd is x2 else xd, weight, bias, a, b)
+    else:
+        y = F.linear(x2, weight, bias)
+    for p in paths:
+        if p.kind not in ("plain", "slice"):
             y = add_path_output(y, path_input(xd, p), p)
     return y.reshape(*lead, weight.shape[0])
 
