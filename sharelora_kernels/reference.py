@@ -42,8 +42,12 @@ def gate_core(path: LoRAPath) -> Tensor:
 
 
 def kron_fold(x: Tensor, k_a: Tensor, d: int) -> Tensor:
-    """fold(x)[:, c] = sum_j K_A[j] x[:, j*d + c]: (M, K) -> (M, d)."""
-    return torch.matmul(k_a, x.reshape(x.shape[0], x.shape[1] // d, d)).squeeze(1)
+    """fold(x)[:, c] = sum_j K_A[j] x[:, j*d + c]: (M, K) -> (M, d).
+
+    A broadcast multiply and sum: autograd keeps a view of x (a matmul here would save a transposed
+    copy of x for K_A's gradient).
+    """
+    return (x.reshape(x.shape[0], x.shape[1] // d, d) * k_a.view(1, -1, 1)).sum(1)
 
 
 def path_input(x: Tensor, path: LoRAPath) -> Tensor:
@@ -133,7 +137,7 @@ class _LinearPlusLoRA(torch.autograd.Function):
         d_weight = dy.t() @ x if need[2] else None
         d_bias = dy.sum(0) if need[3] else None
         d_a = dh.t() @ xd if need[4] else None
-        d_b = dy.to(h.dtype).t() @ h if need[5] else None
+        d_b = (h.t() @ dy.to(h.dtype)).t() if need[5] else None  # (r, M) @ (M, N): BLAS's faster layout
         return dx, dxd, d_weight, d_bias, d_a, d_b
 
 
