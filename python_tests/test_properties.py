@@ -51,7 +51,7 @@ cases = st.fixed_dictionaries({
 
 def check(case, backend: str, monkeypatch) -> None:
     monkeypatch.setenv("SHARELORA_BACKEND", backend)
-    g = torch.Generator().manual_seed(case["seed"])
+    g = torch.Generator(torch.get_default_device()).manual_seed(case["seed"])
     m, k, n, dtype = case["m"], case["k"], case["n"], case["dtype"]
     x = torch.randn(k, m, generator=g).t() if case["transposed_x"] else torch.randn(m, k, generator=g)
     x = x.to(dtype).requires_grad_()
