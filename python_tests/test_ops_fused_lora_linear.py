@@ -9,6 +9,7 @@ triton = pytest.importorskip("triton")
 from sharelora_kernels import ops, reference  # noqa: E402
 from sharelora_kernels.layer import SharedLoRALinear  # noqa: E402
 from sharelora_kernels.ops.fused_lora_linear import KINDS, fused_lora_linear  # noqa: E402
+from sharelora_kernels.ops.grouped_lora_linear import grouped_lora_linear  # noqa: E402
 from sharelora_kernels.reference import LoRAPath  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not ops.HAS_TRITON, reason="triton not importable")
@@ -74,6 +75,32 @@ def test_half_base_with_float32_adapters():
     for dtype in (torch.bfloat16, torch.float16):
         check_against_reference(["plain", "slice", "gate", "kron"], m=9, k=48, n=40, ranks=[2, 3, 5, 2], dtype=dtype,
                                 adapter_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16])
+def test_float16_low_rank_input_beyond_float16_range(adapter_dtype):
+    """h = x A^T far above float16's 65504 while the output fits: every backend keeps h in float32
+    (the kernels' low-rank dot takes tf32 operands for a float16 base), so nothing turns into inf.
+    Gradients are checked with float32 adapters (float16 adapter grads of this size overflow, as any
+    float16 parameter's would)."""
+    torch.manual_seed(5)
+    m, k, n, r = 16, 64, 24, 4
+    x = torch.randn(m, k, dtype=torch.float16, requires_grad=True)
+    weight, bias = torch.randn(n, k, dtype=torch.float16) / 8, torch.randn(n, dtype=torch.float16)
+    a = (torch.randn(r, k) * 6000).to(adapter_dtype).requires_grad_()
+    b = (torch.randn(n, r) * 1e-5).to(adapter_dtype).requires_grad_()
+    paths = [LoRAPath("plain", (a, b), 2.0)]
+    dy = torch.randn(m, n, dtype=torch.float16)
+    y_ref, grads_ref = float64_reference(x, weight, bias, paths, dy)
+    assert (x.double() @ a.double().t()).abs().max() > 65504
+    grouped = lambda x, w, b, ps: grouped_lora_linear(x, [w], [b], [ps])[0]
+    for name, run in (("fused", fused_lora_linear), ("grouped", grouped), ("torch", reference.lora_linear)):
+        y = run(x, weight, bias, paths)
+        assert torch.isfinite(y).all() and rel_err(y, y_ref) < TOL[torch.float16], name
+        if adapter_dtype == torch.float32:
+            grads = torch.autograd.grad(y, [x, a, b], dy)
+            for g, g_ref in zip(grads, grads_ref):
+                assert torch.isfinite(g).all() and rel_err(g, g_ref) < TOL[torch.float16], name
 
 
 @pytest.mark.parametrize("kind", ["plain", "slice", "gate", "kron"])

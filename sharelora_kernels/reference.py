@@ -146,7 +146,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
     """y = x W^T + b + sum_p s_p B_p A_p dropout(x).
 
     x: (..., K) any float dtype; weight: (N, K); bias: (N,) or None; returns (..., N) in the base's
-    result dtype. The low-rank paths run in the adapter dtype (x is cast to it), one dropout mask
+    result dtype. The low-rank paths run in the adapter dtype (x is cast to it; float16 adapters
+    run in float32, as the kernels keep h in float32), one dropout mask
     on x is shared by every path, as PEFT applies dropout to the adapter input only. The plain and
     slice paths run as one stacked LoRA fused with the base matmul (``_LinearPlusLoRA``).
     x_dropped: an already dropped-out x (x's shape) to use as the adapter input instead of drawing a
@@ -160,6 +161,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
         xd = x_dropped.reshape(x2.shape)
     else:
         xd = F.dropout(x2, dropout_p, training=True) if (training and dropout_p > 0) else x2
+    if paths[0].tensors[0].dtype == torch.float16:  # h = x A^T may exceed float16's range: compute in fp32
+        paths = [p._replace(tensors=tuple(t.float() for t in p.tensors)) for p in paths]
     xd = xd.to(paths[0].tensors[0].dtype)
     dense = [p for p in paths if p.kind in ("plain", "slice")]
     if dense:

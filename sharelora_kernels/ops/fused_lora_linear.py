@@ -53,7 +53,11 @@ _CONFIGS = pick_configs(
 def _add_lowrank(acc, h_ptr, table_ptr, scale_ptr, rows64, row_mask, cols, col_mask, R, stride_hm, stride_hr,
                  APPLY_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, DTYPE: tl.constexpr,
                  FACTOR_DTYPE: tl.constexpr):
-    """acc + (h[rows] * scale) @ U[:, cols]: h (M, R) fp32, U (R, N) gathered through the factor table."""
+    """acc + (h[rows] * scale) @ U[:, cols]: h (M, R) fp32, U (R, N) gathered through the factor table.
+
+    The MMA takes DTYPE operands, except for a float16 base: h may exceed float16's range (65504)
+    where the output does not, so it stays float32 (tf32 operands: float16's mantissa, fp32's range).
+    """
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_mask = ranks < R
@@ -61,8 +65,12 @@ def _add_lowrank(acc, h_ptr, table_ptr, scale_ptr, rows64, row_mask, cols, col_m
                     mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
         if APPLY_SCALE:
             h = h * tl.load(scale_ptr + ranks, mask=rank_mask, other=0.0)[None, :]
-        u = load_factor(table_ptr, ranks, rank_mask, cols, col_mask, DTYPE, FACTOR_DTYPE)
-        acc = mma(h.to(DTYPE), u, acc, DOT_PRECISION)
+        if DTYPE == tl.float16:
+            u = load_factor(table_ptr, ranks, rank_mask, cols, col_mask, tl.float32, FACTOR_DTYPE)
+            acc = mma(h, u, acc, "tf32")
+        else:
+            u = load_factor(table_ptr, ranks, rank_mask, cols, col_mask, DTYPE, FACTOR_DTYPE)
+            acc = mma(h.to(DTYPE), u, acc, DOT_PRECISION)
     return acc
 
 

@@ -66,7 +66,10 @@ def _lowrank_grad_kernel(
             a = tl.where(keep, a.to(tl.float32) / (1.0 - p), 0.0).to(dtype)
         g = tl.load(g_ptr + rows64 * stride_gm + ranks[None, :] * stride_gr,
                     mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
-        acc = mma(tl.trans(g.to(dtype)), a, acc, DOT_PRECISION)
+        if dtype == tl.float16:  # g may exceed float16's range: tf32 operands keep it
+            acc = mma(tl.trans(g), a.to(tl.float32), acc, "tf32")
+        else:
+            acc = mma(tl.trans(g.to(dtype)), a, acc, DOT_PRECISION)
     mask = rank_mask[:, None] & col_mask[None, :]
     if TABLE_OUT:  # out_ptr is the (R, 5) int64 table: add into the vector each row points at
         row = out_ptr + ranks * 5
