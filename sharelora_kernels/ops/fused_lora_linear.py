@@ -52,7 +52,7 @@ _CONFIGS = pick_configs(
 @triton.jit
 def _add_lowrank(acc, h_ptr, table_ptr, scale_ptr, rows64, row_mask, cols, col_mask, R, stride_hm, stride_hr,
                  APPLY_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, DTYPE: tl.constexpr,
-                 FACTOR_DTYPE: tl.constexpr):
+                 FACTOR_DTYPE: tl.constexpr, PERIODIC: tl.constexpr):
     """acc + (h[rows] * scale) @ U[:, cols]: h (M, R) fp32, U (R, N) gathered through the factor table.
 
     The MMA takes DTYPE operands, except for a float16 base: h may exceed float16's range (65504)
@@ -66,10 +66,10 @@ def _add_lowrank(acc, h_ptr, table_ptr, scale_ptr, rows64, row_mask, cols, col_m
         if APPLY_SCALE:
             h = h * tl.load(scale_ptr + ranks, mask=rank_mask, other=0.0)[None, :]
         if DTYPE == tl.float16:
-            u = load_factor(table_ptr, ranks, rank_mask, cols, col_mask, tl.float32, FACTOR_DTYPE)
+            u = load_factor(table_ptr, ranks, rank_mask, cols, col_mask, tl.float32, FACTOR_DTYPE, PERIODIC)
             acc = mma(h, u, acc, "tf32")
         else:
-            u = load_factor(table_ptr, ranks, rank_mask, cols, col_mask, DTYPE, FACTOR_DTYPE)
+            u = load_factor(table_ptr, ranks, rank_mask, cols, col_mask, DTYPE, FACTOR_DTYPE, PERIODIC)
             acc = mma(h.to(DTYPE), u, acc, DOT_PRECISION)
     return acc
 
@@ -100,19 +100,22 @@ def matmul_tile(acc, a_ptr, stride_am, stride_ak, w_ptr, stride_wk, stride_wn, r
 
 
 @triton.jit
-def lowrank_epilogue(acc, h_ptr, table_ptr, scale_ptr, seed_ptr, p, rows, rows64, row_mask, cols, col_mask, N, R,
-                     stride_hm, stride_hr, APPLY_SCALE: tl.constexpr, DROPOUT: tl.constexpr, RNG64: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, DTYPE: tl.constexpr,
-                     FACTOR_DTYPE: tl.constexpr):
-    """acc + the tile's low-rank term, masked by dropout on (M, N) coordinates when DROPOUT."""
-    if DROPOUT:  # mask the low-rank term only: a separate accumulator
-        low = _add_lowrank(tl.zeros(acc.shape, dtype=tl.float32), h_ptr, table_ptr, scale_ptr, rows64, row_mask, cols,
-                           col_mask, R, stride_hm, stride_hr, APPLY_SCALE, DOT_PRECISION, BLOCK_R, DTYPE, FACTOR_DTYPE)
+def lowrank_tile(h_ptr, table_ptr, scale_ptr, seed_ptr, p, rows, rows64, row_mask, cols, col_mask, N, R,
+                 stride_hm, stride_hr, APPLY_SCALE: tl.constexpr, DROPOUT: tl.constexpr, RNG64: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                 DTYPE: tl.constexpr, FACTOR_DTYPE: tl.constexpr, PERIODIC: tl.constexpr):
+    """The tile's low-rank term (fp32), masked by dropout on (M, N) coordinates when DROPOUT.
+
+    Computed before the base K-loop, which then accumulates onto it: one accumulator, also when
+    the mask applies to the low-rank term only.
+    """
+    low = _add_lowrank(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), h_ptr, table_ptr, scale_ptr, rows64, row_mask,
+                       cols, col_mask, R, stride_hm, stride_hr, APPLY_SCALE, DOT_PRECISION, BLOCK_R, DTYPE,
+                       FACTOR_DTYPE, PERIODIC)
+    if DROPOUT:
         keep = dropout_keep(tl.load(seed_ptr), rows, cols, N, p, RNG64)
-        return acc + tl.where(keep, low / (1.0 - p), 0.0)
-    # straight into the base accumulator: no second (BLOCK_M, BLOCK_N) tile of registers
-    return _add_lowrank(acc, h_ptr, table_ptr, scale_ptr, rows64, row_mask, cols, col_mask, R, stride_hm, stride_hr,
-                        APPLY_SCALE, DOT_PRECISION, BLOCK_R, DTYPE, FACTOR_DTYPE)
+        low = tl.where(keep, low / (1.0 - p), 0.0)
+    return low
 
 
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "R", "M_BUCKET"])
@@ -122,7 +125,7 @@ def _fused_linear_kernel(
     M, N, K, R, M_BUCKET,
     stride_am, stride_ak, stride_wk, stride_wn, stride_hm, stride_hr, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, APPLY_SCALE: tl.constexpr, DROPOUT: tl.constexpr, RNG64: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FACTOR_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FACTOR_DTYPE: tl.constexpr, PERIODIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -133,11 +136,11 @@ def _fused_linear_kernel(
     row_mask = rows < M
     col_mask = cols < N
     rows64 = rows.to(tl.int64)
-    acc = matmul_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptr, stride_am, stride_ak, w_ptr, stride_wk,
-                      stride_wn, rows64, row_mask, cols, col_mask, K, DOT_PRECISION, BLOCK_K)
-    acc = lowrank_epilogue(acc, h_ptr, table_ptr, scale_ptr, seed_ptr, p, rows, rows64, row_mask, cols, col_mask, N, R,
-                           stride_hm, stride_hr, APPLY_SCALE, DROPOUT, RNG64, DOT_PRECISION, BLOCK_R,
-                           a_ptr.dtype.element_ty, FACTOR_DTYPE)
+    acc = lowrank_tile(h_ptr, table_ptr, scale_ptr, seed_ptr, p, rows, rows64, row_mask, cols, col_mask, N, R,
+                       stride_hm, stride_hr, APPLY_SCALE, DROPOUT, RNG64, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
+                       a_ptr.dtype.element_ty, FACTOR_DTYPE, PERIODIC)
+    acc = matmul_tile(acc, a_ptr, stride_am, stride_ak, w_ptr, stride_wk, stride_wn, rows64, row_mask, cols, col_mask,
+                      K, DOT_PRECISION, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_on
@@ -145,9 +148,9 @@ def _fused_linear_kernel(
 
 
 def _fused_linear(a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Tensor, table: Tensor, factor_dtype: tl.dtype,
-                  scale: Tensor | None, dropout_p: float, seed: Tensor) -> Tensor:
+                  periodic: bool, scale: Tensor | None, dropout_p: float, seed: Tensor) -> Tensor:
     """Launch ``_fused_linear_kernel``. a (M, K); w_kn (K, N) any strides; h (M, R) fp32; table (R, 5)
-    over N with factor_dtype elements."""
+    over N with factor_dtype elements (``periodic``: it may hold Kronecker rows)."""
     m, k = a.shape
     n = w_kn.shape[1]
     out = torch.empty((m, n), device=a.device, dtype=a.dtype)
@@ -161,7 +164,7 @@ def _fused_linear(a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Tensor, table
         a.stride(0), a.stride(1), w_kn.stride(0), w_kn.stride(1), h.stride(0), h.stride(1), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, APPLY_SCALE=scale is not None, DROPOUT=dropout_p > 0,
         RNG64=rng_needs_int64(m, n), DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype,
-        BLOCK_R=rank_block(r),
+        PERIODIC=periodic, BLOCK_R=rank_block(r),
     )
     return out
 
@@ -192,9 +195,9 @@ def _forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], tensors: list
                 scales: list[float], dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
     """Returns y (M, N) in x's dtype and h = dropout(x) A_eff^T (M, R) float32 (saved for backward)."""
     tables = build_tables(_decode(tensors, layout, scales), x.device)
-    h = lowrank_project(x, tables.a, tables.dtype, None, dropout_p, seed)
+    h = lowrank_project(x, tables.a, tables.dtype, tables.periodic, None, dropout_p, seed)
     y = _fused_linear(x, weight.t(), None if bias is None else bias.contiguous(), h, tables.b, tables.dtype,
-                      tables.scale, 0.0, seed)
+                      tables.periodic, tables.scale, 0.0, seed)
     return y, h
 
 
@@ -209,9 +212,9 @@ def _backward_op(dy: Tensor, x: Tensor, weight: Tensor, h: Tensor, tensors: list
                  scales: list[float], dropout_p: float, seed: Tensor, needs_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dx (M, K) in x's dtype (empty unless needs_dx), dA_eff (R, K) and dB_eff^T (R, N) float32."""
     tables = build_tables(_decode(tensors, layout, scales), x.device)
-    dh = lowrank_project(dy, tables.b, tables.dtype, tables.scale)
+    dh = lowrank_project(dy, tables.b, tables.dtype, tables.periodic, tables.scale)
     if needs_dx:
-        dx = _fused_linear(dy, weight, None, dh, tables.a, tables.dtype, None, dropout_p, seed)
+        dx = _fused_linear(dy, weight, None, dh, tables.a, tables.dtype, tables.periodic, None, dropout_p, seed)
     else:
         dx = x.new_empty((0,))
     grad_a = lowrank_grad(dh, x, dropout_p, seed)

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..plan import PATH_ROLES
 from ..reference import LoRAPath
-from .fused_lora_linear import _CONFIGS, _check, lowrank_epilogue, matmul_tile, swizzled_tile
+from .fused_lora_linear import _CONFIGS, _check, lowrank_tile, matmul_tile, swizzled_tile
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
 from .shared_grad import GradSink, atomic_grads, chain_a, chain_b, direct_window
@@ -50,7 +50,7 @@ KINDS = tuple(PATH_ROLES)
 def _grouped_linear_kernel(
     prob_ptr, seg_ptr, seed_ptr, p, M, G, N_SUM, K_SUM, R_MAX, M_BUCKET,
     APPLY_SCALE: tl.constexpr, DROPOUT: tl.constexpr, RNG64: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DTYPE: tl.constexpr, FACTOR_DTYPE: tl.constexpr,
+    DTYPE: tl.constexpr, FACTOR_DTYPE: tl.constexpr, PERIODIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -76,18 +76,16 @@ def _grouped_linear_kernel(
     col_mask = cols < N
     rows64 = rows.to(tl.int64)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = lowrank_tile(tl.load(row + 5).to(tl.pointer_type(tl.float32)), tl.load(row + 8).to(tl.pointer_type(tl.int64)),
+                       tl.load(row + 9).to(tl.pointer_type(tl.float32)), seed_ptr, p, rows, rows64, row_mask, cols,
+                       col_mask, N, tl.load(row + 10).to(tl.int32), tl.load(row + 6), tl.load(row + 7), APPLY_SCALE,
+                       DROPOUT, RNG64, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, DTYPE, FACTOR_DTYPE, PERIODIC)
     seg_first = tl.load(row + 11).to(tl.int32)
     for s in range(seg_first, seg_first + tl.load(row + 12).to(tl.int32)):
         seg = seg_ptr + s * 7
         acc = matmul_tile(acc, tl.load(seg).to(tl.pointer_type(DTYPE)), tl.load(seg + 1), tl.load(seg + 2),
                           tl.load(seg + 3).to(tl.pointer_type(DTYPE)), tl.load(seg + 4), tl.load(seg + 5), rows64,
                           row_mask, cols, col_mask, tl.load(seg + 6).to(tl.int32), DOT_PRECISION, BLOCK_K)
-    acc = lowrank_epilogue(acc, tl.load(row + 5).to(tl.pointer_type(tl.float32)),
-                           tl.load(row + 8).to(tl.pointer_type(tl.int64)),
-                           tl.load(row + 9).to(tl.pointer_type(tl.float32)), seed_ptr, p, rows, rows64, row_mask,
-                           cols, col_mask, N, tl.load(row + 10).to(tl.int32), tl.load(row + 6), tl.load(row + 7),
-                           APPLY_SCALE, DROPOUT, RNG64, DOT_PRECISION, BLOCK_R, DTYPE, FACTOR_DTYPE)
     bias_addr = tl.load(row + 4)
     if bias_addr != 0:
         acc += tl.load(bias_addr.to(tl.pointer_type(DTYPE)) + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -110,9 +108,10 @@ class Problem(NamedTuple):
     scale: Tensor
 
 
-def grouped_linear(problems: Sequence[Problem], factor_dtype: tl.dtype, apply_scale: bool, dropout_p: float,
-                   seed: Tensor) -> None:
-    """Fill every ``problem.out`` in one launch of ``_grouped_linear_kernel``."""
+def grouped_linear(problems: Sequence[Problem], factor_dtype: tl.dtype, periodic: bool, apply_scale: bool,
+                   dropout_p: float, seed: Tensor) -> None:
+    """Fill every ``problem.out`` in one launch of ``_grouped_linear_kernel`` (``periodic``: some
+    problem's table may hold Kronecker rows)."""
     first = problems[0]
     m, dtype, device = first.out.shape[0], first.out.dtype, first.out.device
     prob_rows, seg_rows = [], []
@@ -133,7 +132,7 @@ def grouped_linear(problems: Sequence[Problem], factor_dtype: tl.dtype, apply_sc
         prob, seg, seed, dropout_p, m, len(problems), sum(ns), sum(a.shape[1] for a, _ in first.segments), r_max,
         triton.next_power_of_2(m),
         APPLY_SCALE=apply_scale, DROPOUT=dropout_p > 0, RNG64=rng_needs_int64(m, max(ns)),
-        DOT_PRECISION=dot_precision(dtype), DTYPE=TL_DTYPES[dtype], FACTOR_DTYPE=factor_dtype,
+        DOT_PRECISION=dot_precision(dtype), DTYPE=TL_DTYPES[dtype], FACTOR_DTYPE=factor_dtype, PERIODIC=periodic,
         BLOCK_R=rank_block(max(r_max, 1)),
     )
 
@@ -213,7 +212,7 @@ def _forward_op(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]]
     """Returns [y_0 (M, N_0), ..., y_{G-1}, h (M, R_u) float32 = dropout(x) A_u^T (saved for backward)]."""
     grp = decode(tensors, layout, scales, len(weights))
     views = build_tables(grp.views, x.device)
-    h = lowrank_project(x, views.a, views.dtype, None, dropout_p, seed)
+    h = lowrank_project(x, views.a, views.dtype, views.periodic, None, dropout_p, seed)
     ys, problems, keep = [], [], []
     for w, b, module_paths, cols in zip(weights, biases, grp.paths, grp.cols):
         tables = build_tables(module_paths, x.device)
@@ -222,7 +221,7 @@ def _forward_op(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]]
                                 tables.b, tables.scale))
         ys.append(y)
         keep.append(tables)
-    grouped_linear(problems, views.dtype, True, 0.0, seed)
+    grouped_linear(problems, views.dtype, any(t.periodic for t in keep), True, 0.0, seed)
     return [*ys, h]
 
 
@@ -277,12 +276,12 @@ def _backward_op(dys: list[Tensor], x: Tensor, weights: list[Tensor], h: Tensor,
     dh = torch.zeros_like(h)
     module_tables = [build_tables(ps, x.device) for ps in grp.paths]
     for dy, tables, cols in zip(dys, module_tables, grp.cols):
-        dh[:, cols] += lowrank_project(dy, tables.b, tables.dtype, tables.scale)
+        dh[:, cols] += lowrank_project(dy, tables.b, tables.dtype, tables.periodic, tables.scale)
     dx = x.new_empty((0,))
     if needs_dx:
         dx = x.new_empty(x.shape)
-        grouped_linear([Problem(dx, None, list(zip(dys, weights)), dh, views.a, views.scale)], views.dtype, False,
-                       dropout_p, seed)
+        grouped_linear([Problem(dx, None, list(zip(dys, weights)), dh, views.a, views.scale)], views.dtype,
+                       views.periodic, False, dropout_p, seed)
     _add_factor_grads(grp.views, grp.view_roles, "a", dh, x, dropout_p, seed, bufs, atomic)
     for dy, module_paths, module_roles, tables, cols in zip(dys, grp.paths, grp.roles, module_tables, grp.cols):
         _add_factor_grads(module_paths, module_roles, "b", _columns(h, cols) * tables.scale, dy, 0.0, seed, bufs,

@@ -35,7 +35,8 @@ def _lowrank_project_kernel(
     M, D, R, M_BUCKET,
     stride_am, stride_ad, stride_om, stride_or,
     DROPOUT: tl.constexpr, APPLY_SCALE: tl.constexpr, RNG64: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FACTOR_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    FACTOR_DTYPE: tl.constexpr, PERIODIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -55,7 +56,7 @@ def _lowrank_project_kernel(
         if DROPOUT:
             keep = dropout_keep(seed, rows, cols, D, p, RNG64)
             a = tl.where(keep, a.to(tl.float32) / (1.0 - p), 0.0).to(dtype)
-        u = load_factor(table_ptr, ranks, rank_mask, cols, col_mask, dtype, FACTOR_DTYPE)
+        u = load_factor(table_ptr, ranks, rank_mask, cols, col_mask, dtype, FACTOR_DTYPE, PERIODIC)
         acc = mma(a, tl.trans(u), acc, DOT_PRECISION)
     if APPLY_SCALE:
         acc = acc * tl.load(scale_ptr + ranks, mask=rank_mask, other=0.0)[None, :]
@@ -63,11 +64,12 @@ def _lowrank_project_kernel(
     tl.store(out, acc, mask=row_mask[:, None] & rank_mask[None, :])
 
 
-def lowrank_project(a: Tensor, table: Tensor, factor_dtype: tl.dtype, scale: Tensor | None = None,
+def lowrank_project(a: Tensor, table: Tensor, factor_dtype: tl.dtype, periodic: bool, scale: Tensor | None = None,
                     dropout_p: float = 0.0, seed: Tensor | None = None) -> Tensor:
     """``(dropout(a) @ U^T) * scale`` as an (M, R) float32 tensor.
 
-    a: (M, D); table: (R, 5) int64 factor table over D with factor_dtype elements;
+    a: (M, D); table: (R, 5) int64 factor table over D with factor_dtype elements (``periodic``: it
+    may hold Kronecker rows);
     scale: (R,) float32 or None;
     seed: int64 tensor of one element on a's device, used when ``dropout_p > 0``.
     """
@@ -83,6 +85,6 @@ def lowrank_project(a: Tensor, table: Tensor, factor_dtype: tl.dtype, scale: Ten
         m, d, r, triton.next_power_of_2(m),
         a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         DROPOUT=dropout_p > 0, APPLY_SCALE=scale is not None, RNG64=rng_needs_int64(m, d),
-        DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype, BLOCK_R=block_r,
+        DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype, PERIODIC=periodic, BLOCK_R=block_r,
     )
     return out

@@ -40,13 +40,16 @@ class FactorTables(NamedTuple):
     """Device tables of one call: ``a`` (R, 5) rows of A_eff over K, ``b`` (R, 5) columns of
     B_eff over N, ``scale`` (R,) float32 path scale of every rank, ``keep`` temporaries the
     tables point into, ``dtype`` the Triton dtype of every adapter tensor (it may differ from
-    x's: fp32 adapters of a bf16 base are loaded as fp32 and rounded to bf16 for the MMA)."""
+    x's: fp32 adapters of a bf16 base are loaded as fp32 and rounded to bf16 for the MMA),
+    ``periodic`` whether any row is a Kronecker row (kernels compiled without it skip the
+    period/coefficient arithmetic)."""
 
     a: Tensor
     b: Tensor
     scale: Tensor
     keep: tuple[Tensor, ...]
     dtype: tl.dtype
+    periodic: bool
 
 
 def path_rank(path: LoRAPath) -> int:
@@ -91,7 +94,8 @@ def build_tables(paths: Sequence[LoRAPath], device: torch.device) -> FactorTable
         scales += [p.scale] * path_rank(p)
     as_table = lambda rows: torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
     scale = torch.tensor(scales, dtype=torch.float32).to(device, non_blocking=True)
-    return FactorTables(as_table(a_rows), as_table(b_rows), scale, tuple(keep), TL_DTYPES[paths[0].tensors[0].dtype])
+    return FactorTables(as_table(a_rows), as_table(b_rows), scale, tuple(keep), TL_DTYPES[paths[0].tensors[0].dtype],
+                        any(p.kind == "kron" for p in paths))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -143,19 +147,23 @@ def dropout_keep(seed, rows, cols, n_cols, p, RNG64: tl.constexpr):
 
 
 @triton.jit
-def load_factor(table_ptr, ranks, rank_mask, offs, offs_mask, DTYPE: tl.constexpr, FACTOR_DTYPE: tl.constexpr):
+def load_factor(table_ptr, ranks, rank_mask, offs, offs_mask, DTYPE: tl.constexpr, FACTOR_DTYPE: tl.constexpr,
+                PERIODIC: tl.constexpr):
     """Tile ``U[ranks, offs]`` (len(ranks), len(offs)) in DTYPE, gathered through a factor table
-    whose vectors hold FACTOR_DTYPE elements."""
+    whose vectors hold FACTOR_DTYPE elements. PERIODIC: the table may hold Kronecker rows."""
     row = table_ptr + ranks * 5  # 5 int64 per row: base, stride, period, coef, cstride
     base = tl.load(row, mask=rank_mask, other=0)
     stride = tl.load(row + 1, mask=rank_mask, other=0)
+    mask = rank_mask[:, None] & offs_mask[None, :]
+    if not PERIODIC:  # plain, slice and gate rows: one strided vector each
+        ptrs = base.to(tl.pointer_type(FACTOR_DTYPE))[:, None] + offs[None, :] * stride[:, None]
+        return tl.load(ptrs, mask=mask, other=0.0).to(DTYPE)
     period = tl.load(row + 2, mask=rank_mask, other=0).to(tl.int32)
     coef_base = tl.load(row + 3, mask=rank_mask, other=0)
     coef_stride = tl.load(row + 4, mask=rank_mask, other=0)
     kron = (period > 0)[:, None]
     safe_period = tl.where(period > 0, period, 1)[:, None]
     idx = tl.where(kron, offs[None, :] % safe_period, offs[None, :])
-    mask = rank_mask[:, None] & offs_mask[None, :]
     ptrs = base.to(tl.pointer_type(FACTOR_DTYPE))[:, None] + idx * stride[:, None]
     u = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     coef_ptrs = coef_base.to(tl.pointer_type(FACTOR_DTYPE))[:, None] + (offs[None, :] // safe_period) * coef_stride[:, None]
