@@ -63,12 +63,13 @@ def _specs() -> list[KernelSpec]:
     from .lowrank_input import _lowrank_project_kernel
 
     flags = [dict(DROPOUT=d, APPLY_SCALE=s, RNG64=r) for d, s, r in ((False, False, False), (True, True, True))]
-    periodic_flags = [dict(PERIODIC=k, **f) for f, k in zip(flags, (False, True))]  # plain paths; every option
+    # the leanest variant (no Kronecker rows, no options) and the fullest (Kronecker rows, every option)
+    periodic_flags = [dict(PERIODIC=k, **f) for f, k in zip(flags, (False, True))]
     return [
         KernelSpec("fused_linear", _fused_linear_kernel,
                    lambda dt, ft: {"a_ptr": dt, "w_ptr": dt, "bias_ptr": dt, "h_ptr": "fp32", "table_ptr": "i64",
                                    "scale_ptr": "fp32", "out_ptr": dt, "seed_ptr": "i64"},
-                   [dict(HAS_BIAS=True, PERIODIC=k, **f) for f, k in zip(flags, (False, True))],
+                   [dict(HAS_BIAS=True, **f) for f in periodic_flags],
                    {"y=x@W^T": {"stride_ak", "stride_wk", "stride_hr", "stride_on"},  # w_kn = W.t()
                     "dx=dy@W": {"stride_ak", "stride_wn", "stride_hr", "stride_on"}},
                    {"K", "N", "stride_am", "stride_wk", "stride_wn", "stride_om"}),
