@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-from sharelora_kernels.similarity import layer_representations
+from sharelora_kernels.similarity import angular_distance, iter_layer_representations, layer_representations
 
 VOCAB, PAD = 97, 0
 
@@ -81,6 +81,23 @@ def test_no_mask_and_batch_size_do_not_matter():
     a = layer_representations(model, ids, progress=False, batch_size=1)
     b = layer_representations(model, ids, torch.ones_like(ids), progress=False, batch_size=5)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_streamed_batches_give_the_same_distance():
+    """iter_layer_representations yields (L, b, d) batches lazily; angular_distance over the stream
+    equals the one-shot result, and the model's training flag is restored when the stream ends."""
+    model = llama().train()
+    ids, mask = pad(samples(n=9, seed=6), "left")
+    stream = iter_layer_representations(model, ids, mask, batch_size=4, progress=False)
+    assert model.training  # nothing has run yet
+    batches = list(stream)
+    assert [tuple(b.shape) for b in batches] == [(3, 4, 32), (3, 4, 32), (3, 1, 32)] and model.training
+    one_shot = layer_representations(model, ids, mask, batch_size=4, progress=False)
+    torch.testing.assert_close(torch.cat(batches, dim=1), one_shot, rtol=0, atol=0)
+    streamed = angular_distance(iter_layer_representations(model, ids, mask, batch_size=4, progress=False))
+    torch.testing.assert_close(streamed, angular_distance(one_shot), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="sample 0 has no non-padding token"):  # checked before any forward
+        iter_layer_representations(model, ids, torch.zeros_like(mask), progress=False)
 
 
 def test_errors():

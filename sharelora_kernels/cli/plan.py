@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from ..config import ShareLoRAConfig
     from ..model import find_target_modules
-    from ..similarity import angular_distance, layer_representations, share_sets, similarity_heatmap, sweep_thresholds
+    from ..similarity import angular_distance, iter_layer_representations, share_sets, similarity_heatmap, sweep_thresholds
 
     if not 0.0 <= args.eps <= 1.0:
         raise CommandError(f"--eps must be in [0, 1], got {args.eps}")
@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> dict:
     model, tokenizer = load_model(model_dir, causal_lm=False, device=args.device or default_device())
     texts = load_texts(args.text, args.samples)
     batch = tokenizer(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
-    reps = layer_representations(model, batch["input_ids"], batch["attention_mask"], position=args.position,
-                                 batch_size=args.batch_size)
-    S = 1.0 - angular_distance(reps)
+    reps = iter_layer_representations(model, batch["input_ids"], batch["attention_mask"], position=args.position,
+                                      batch_size=args.batch_size)
+    S = 1.0 - angular_distance(reps)  # streamed: one batch of representations at a time
     sets = share_sets(S, args.eps, method=args.method, contiguous=args.contiguous)
     multi = [g for g in sets if len(g) > 1]
 

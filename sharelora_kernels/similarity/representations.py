@@ -1,6 +1,8 @@
 """Layer representations: the last non-padding token's hidden state at every layer (METHOD section 1)."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -35,7 +37,26 @@ def layer_representations(
     positions (absolute position embeddings such as BERT's included) and the same result; the last
     non-padding token is then at index ``mask.sum() - 1``.
 
-    Returns (L, n, d) float32 on the CPU.
+    Returns (L, n, d) float32 on the CPU. For a calibration set too large to hold, stream instead:
+    ``angular_distance(iter_layer_representations(...))`` keeps one batch at a time.
+    """
+    batches = iter_layer_representations(model, input_ids, attention_mask, position, batch_size, progress)
+    return torch.cat([b.cpu() for b in batches], dim=1)
+
+
+def iter_layer_representations(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position: str = "input",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Iterator[torch.Tensor]:
+    """``layer_representations`` one batch at a time: yields (L, b, d) float32 on the model's device.
+
+    Same arguments and checks (all made before the first forward pass). Feed it to
+    ``angular_distance``, which accumulates a running sum, so no (L, n, d) tensor is ever built and
+    a GPU model's batches go to the CUDA kernel without a copy to the host.
     """
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {list(POSITIONS)}, got {position!r}")
@@ -51,26 +72,28 @@ def layer_representations(
     empty = torch.nonzero(lengths == 0).flatten()
     if len(empty):
         raise ValueError(f"sample {empty[0].item()} has no non-padding token")
+    return _batches(model, input_ids, attention_mask, position, batch_size, progress)
 
+
+def _batches(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position: str,
+             batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
     backbone = getattr(model, "base_model", model)
     device = next(model.parameters()).device
-    n = input_ids.shape[0]
-    starts = range(0, n, batch_size)
+    starts = range(0, input_ids.shape[0], batch_size)
     was_training = model.training
     model.eval()
-    out = []
     try:
-        with torch.no_grad():
-            for s in tqdm(starts, desc="layer representations", disable=not progress or len(starts) < 2, leave=False):
-                ids, mask = _right_pad(input_ids[s : s + batch_size], attention_mask[s : s + batch_size])
-                hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True).hidden_states
-                layers = hidden[:-1] if position == "input" else hidden[1:]
-                last = (mask.sum(dim=1) - 1).to(device)
-                rows = torch.arange(ids.shape[0], device=device)
-                out.append(torch.stack([h[rows, last].float().cpu() for h in layers]))
+        for s in tqdm(starts, desc="layer representations", disable=not progress or len(starts) < 2, leave=False):
+            ids, mask = _right_pad(input_ids[s : s + batch_size], attention_mask[s : s + batch_size])
+            with torch.no_grad():
+                hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                  output_hidden_states=True).hidden_states
+            layers = hidden[:-1] if position == "input" else hidden[1:]
+            last = (mask.sum(dim=1) - 1).to(device)
+            rows = torch.arange(ids.shape[0], device=device)
+            yield torch.stack([h[rows, last].float() for h in layers])
     finally:
         model.train(was_training)
-    return torch.cat(out, dim=1)
 
 
 def _right_pad(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
