@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sharelora_kernels import ops
-from sharelora_kernels.benchmarks.timing import step_timer
+from sharelora_kernels.benchmarks.timing import cuda_peak_bytes, step_timer
 from sharelora_kernels.benchmarks.environment import describe
 from sharelora_kernels.reference import LoRAPath
 
@@ -98,14 +98,7 @@ def fwd_bwd(run, x, groups):
 
 def peak_mib(fn, device: str) -> float | None:
     """Peak memory above what was allocated before ``fn`` (CUDA only)."""
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+    return cuda_peak_bytes(fn) / 2**20 if device == "cuda" else None
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,15 +1,17 @@
 """Exact torch math of every path kind (METHOD.md sections 3-4): the single source of truth.
 
 Every fused kernel is tested against these functions run in float64, and CPU tensors run them
-directly (autograd gives the backward; the plain/slice part has a hand-written one). Each path is split the way the kernels split it:
+directly. Plain and slice paths are dense windows of their A/B: ``lora_linear`` stacks them into
+one LoRA fused with the base matmul (``_LinearPlusLoRA``, a hand-written backward). Gate and
+Kronecker paths are split the way the kernels split them (autograd gives the backward):
 
-    h = path_input(x, path)          (M, r_p)   the skinny projection of the (dropped-out) input
-    y += scale * path_output(h, path)            added into the base output (M, N) in place
+    h = path_input(x, path)              (M, r_p)   the skinny projection of the (dropped-out) input
+    y += scale * add_path_output(h, path)           added into the base output (M, N) in place
 
 Nothing Kronecker- or gate-expanded is built here: a Kronecker path folds ``x`` by ``K_A`` and tiles
 its output by ``K_B``; a gate path collapses to a rank-g pair through the (g, g) core
-``C = G_od B A G_iu``. ``path_factors`` does build the effective (r, K) / (N, r) factors, for merge
-and export only.
+``C = G_od B A G_iu``. ``path_factors`` gives the effective (r, K) / (N, r) factors: windows (no
+copy) for plain and slice paths; built for gate and Kronecker paths, for merge and export only.
 """
 from __future__ import annotations
 
@@ -51,38 +53,27 @@ def kron_fold(x: Tensor, k_a: Tensor, d: int) -> Tensor:
 
 
 def path_input(x: Tensor, path: LoRAPath) -> Tensor:
-    """h = x A_eff^T, (M, K) -> (M, r_p), without building A_eff."""
+    """h = x A_eff^T of a gate or Kronecker path, (M, K) -> (M, r_p), without building A_eff."""
     kind, t = path.kind, path.tensors
-    if kind == "plain":
-        return x @ t[0].t()
-    if kind == "slice":
-        k = x.shape[1]
-        return x @ t[0][:, path.k_offset:path.k_offset + k].t()
     if kind == "gate":
         return (x @ t[2].t()) @ gate_core(path).t()
     if kind == "kron":
         return kron_fold(x, t[2], t[0].shape[1]) @ t[0].t()
-    raise ValueError(f"unknown path kind {kind!r}")
+    raise ValueError(f"unknown path kind {kind!r} for path_input (gate, kron; plain/slice go through _dense_factors)")
 
 
 def add_path_output(y: Tensor, h: Tensor, path: LoRAPath) -> Tensor:
-    """y += scale * h B_eff^T in place, (M, r_p) -> (M, N), without building B_eff."""
+    """y += scale * h B_eff^T of a gate or Kronecker path in place, (M, r_p) -> (M, N), without building B_eff."""
     kind, t, s = path.kind, path.tensors, path.scale
-    n = y.shape[1]
+    if kind == "gate":
+        return _add_lowrank(y, h, t[5], s)
     if kind == "kron":
         b, k_b = t[1], t[3]
         hb = (h @ b.t()).to(y.dtype)  # (M, d)
-        y.view(y.shape[0], n // b.shape[0], b.shape[0]).addcmul_(k_b.to(y.dtype).unsqueeze(0), hb.unsqueeze(1), value=s)
+        y.view(y.shape[0], y.shape[1] // b.shape[0], b.shape[0]).addcmul_(k_b.to(y.dtype).unsqueeze(0), hb.unsqueeze(1),
+                                                                          value=s)
         return y
-    if kind == "plain":
-        b = t[1]
-    elif kind == "slice":
-        b = t[1][path.n_offset:path.n_offset + n]
-    elif kind == "gate":
-        b = t[5]
-    else:
-        raise ValueError(f"unknown path kind {kind!r}")
-    return _add_lowrank(y, h, b, s)
+    raise ValueError(f"unknown path kind {kind!r} for add_path_output (gate, kron; plain/slice: _dense_factors)")
 
 
 def _add_lowrank(y: Tensor, h: Tensor, b: Tensor, s: float) -> Tensor:

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..config import ShareLoRAConfig
 from ..model import apply
-from .timing import Timer, cuda_peak_bytes, saved_bytes, summarize
+from .timing import Timer, cuda_peak_bytes, interleaved, saved_bytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -55,15 +55,10 @@ def run_e2e(profile: str, device: torch.device, dtype: torch.dtype, warmup: int,
     tokens = torch.randint(0, config.vocab_size, (batch, seq), device=device)
     steps = {name: _train_step(model, tokens) for name, model in models.items()}
     timer = Timer(device)
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for rep in range(warmup + repeats):
-        for name, step in steps.items():
-            ms = timer.time(step)
-            if rep >= warmup:
-                samples[name].append(ms)
+    timings = interleaved({name: (lambda s=step: timer.time(s)) for name, step in steps.items()}, warmup, repeats)
     out = {}
     for name, model in models.items():
-        stats = summarize(samples[name])
+        stats = timings[name]
         params = list(model.parameters())
         out[name] = {
             "step_ms": stats,

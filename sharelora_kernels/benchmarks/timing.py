@@ -75,10 +75,17 @@ def time_mode(mode: str, forwards: Mapping[str, Callable[[], Tensor]], grad_out:
     Each forward builds a fresh autograd graph (training mode); bwd times ``backward`` alone on a
     graph built untimed just before. Gradients are reset to None before every call.
     """
-    samples: dict[str, list[float]] = {name: [] for name in forwards}
+    return interleaved({name: (lambda f=forward: _one(mode, f, grad_out, timer)) for name, forward in forwards.items()},
+                       warmup, repeats)
+
+
+def interleaved(calls: Mapping[str, Callable[[], float]], warmup: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Run every call round-robin, ``warmup`` untimed rounds then ``repeats`` timed ones; each call
+    returns its own time in ms. Returns name -> stats (``summarize``)."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
     for rep in range(warmup + repeats):
-        for name, forward in forwards.items():
-            ms = _one(mode, forward, grad_out, timer)
+        for name, call in calls.items():
+            ms = call()
             if rep >= warmup:
                 samples[name].append(ms)
     return {name: summarize(s) for name, s in samples.items()}
