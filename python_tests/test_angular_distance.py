@@ -135,18 +135,61 @@ def test_nonfinite_names_sample_and_layer(value, distance):
         distance(reps)
 
 
-def test_falls_back_without_extension(monkeypatch):
-    """No extension module (ImportError) or an unavailable one: the torch path gives the same result."""
+@pytest.mark.parametrize("zero, nan, message", [  # zero / nan: (layer, sample) of the bad vector
+    ((2, 3), (0, 5), "representation of sample 3 at layer 2 has zero norm (no direction)"),
+    ((0, 5), (2, 3), "representation of sample 3 at layer 2 contains NaN or Inf"),
+    ((0, 4), (1, 4), "representation of sample 4 at layer 0 has zero norm (no direction)"),
+    ((1, 4), (0, 4), "representation of sample 4 at layer 0 contains NaN or Inf"),
+    ((3, 2), (0, 66), "representation of sample 2 at layer 3 has zero norm (no direction)"),  # 66: second chunk
+])
+def test_first_bad_vector_is_named_like_the_extension(zero, nan, message):
+    """A zero vector and a NaN: both backends name the first (sample, layer), whatever its kind."""
+    from sharelora_kernels import extension
+
+    gen = torch.Generator().manual_seed(19)
+    reps = torch.randn(4, 70, 8, generator=gen)
+    reps[zero] = 0.0
+    reps[nan][1] = float("nan")
+    with pytest.raises(ValueError) as torch_error:
+        angular_sums_torch(reps)
+    assert str(torch_error.value) == message
+    if not extension.available("cpu"):
+        pytest.skip("the compiled CPU kernel is unavailable (the torch path was checked)")
+    with pytest.raises(ValueError) as extension_error:
+        extension.angular_sums(reps)
+    assert str(extension_error.value) == message
+
+
+def hide_extension(monkeypatch):
+    """Make ``from sharelora_kernels import extension`` raise ImportError, as without the extension."""
     import sys
 
+    import sharelora_kernels
+
+    monkeypatch.setitem(sys.modules, "sharelora_kernels.extension", None)
+    monkeypatch.delattr(sharelora_kernels, "extension", raising=False)
+
+
+def test_falls_back_without_extension(monkeypatch):
+    """No extension module (ImportError) or an unavailable one: the torch path gives the same result."""
     gen = torch.Generator().manual_seed(18)
     reps = torch.randn(5, 12, 16, generator=gen)
     expected = torch_mean(reps)
-    import sharelora_kernels
-
-    monkeypatch.setitem(sys.modules, "sharelora_kernels.extension", None)  # makes the import raise ImportError
-    monkeypatch.delattr(sharelora_kernels, "extension", raising=False)
+    hide_extension(monkeypatch)
     torch.testing.assert_close(angular_distance(reps), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("hidden", [False, True], ids=["extension-if-built", "no-extension"])
+def test_float64_equals_float32_promoted(hidden, monkeypatch):
+    """float64 goes to the torch path (the extension takes no float64): same result with or without the extension."""
+    gen = torch.Generator().manual_seed(20)
+    reps = torch.randn(5, 12, 16, generator=gen)
+    expected = reference_distance(reps.double())
+    if hidden:
+        hide_extension(monkeypatch)
+    D = angular_distance(reps.double())
+    torch.testing.assert_close(D, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(D, angular_distance(reps), rtol=0, atol=1e-12)
 
 
 def test_bad_inputs():

@@ -142,7 +142,7 @@ def test_unknown_linear_subclass_is_refused_by_name():
     class QuantLinear(nn.Linear):
         pass
 
-    net = nn.Sequential(nn.Linear(4, 4))
+    net = nn.Module()
     net.q_proj = QuantLinear(4, 4)
     with pytest.raises(TypeError, match="q_proj.*QuantLinear"):
         sk.apply(net, sk.ShareLoRAConfig(target_modules=["q_proj"]))
@@ -167,6 +167,63 @@ def test_no_target_and_double_apply_and_kron_misfit_errors():
         sk.apply(tiny_model(), sk.ShareLoRAConfig(method="similarity", share_sets=[[2, 9]], target_modules=TARGETS))
 
 
+def test_a_refused_apply_leaves_the_model_as_it_was():
+    """A second apply (other targets), input groups on an unknown architecture, a config edited into
+    an invalid one: each raises before any module is wrapped or frozen."""
+    model = sk.apply(tiny_model(), sk.ShareLoRAConfig(target_modules=["q_proj"]))
+    before = adapter_tensors(model)
+    with pytest.raises(ValueError, match="already has ShareLoRA"):
+        sk.apply(model, sk.ShareLoRAConfig(target_modules=["o_proj"]))
+    assert adapter_tensors(model) == before and type(model.model.layers[0].self_attn.o_proj) is nn.Linear
+    fresh = tiny_model()
+    fresh.config.model_type = "phi3"
+    with pytest.raises(ValueError, match="model types"):
+        sk.apply(fresh, sk.ShareLoRAConfig(target_modules=TARGETS), group_inputs=True)
+    config = sk.ShareLoRAConfig(target_modules=TARGETS)
+    config.r = 0
+    with pytest.raises(ValueError, match="r must be"):
+        sk.apply(fresh, config)
+    assert not any(isinstance(m, sk.SharedLoRALinear) for m in fresh.modules())
+    assert all(p.requires_grad for p in fresh.parameters())
+
+
+def test_new_layers_keep_the_mode_of_the_layers_they_replace():
+    model = sk.apply(tiny_model(), sk.ShareLoRAConfig(target_modules=TARGETS, dropout=0.5))  # tiny_model: eval
+    assert not any(m.training for m in model.modules())
+    randomize_adapters(model)
+    ids = token_batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+    assert all(m.training for m in sk.apply(tiny_model().train(), sk.ShareLoRAConfig(target_modules=TARGETS)).modules())
+
+
+def stacked_model() -> nn.Module:
+    """An encoder and a decoder stack with the same module names in each layer (like BART/T5)."""
+    net = nn.Module()
+    for stack in ("encoder", "decoder"):
+        layers = nn.ModuleList()
+        for _ in range(2):
+            layer = nn.Module()
+            layer.q_proj = nn.Linear(8, 8)
+            layers.append(layer)
+        setattr(net, stack, nn.Module())
+        getattr(net, stack).layers = layers
+    return net
+
+
+def test_plans_that_would_share_across_stacks_are_refused():
+    with pytest.raises(ValueError, match="'encoder.layers.0.q_proj' and 'decoder.layers.0.q_proj' are both q_proj of "
+                                         "layer 0"):
+        sk.apply(stacked_model(), sk.ShareLoRAConfig(method="similarity", r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="different stacks of layers.*intra_r=0"):
+        sk.apply(stacked_model(), sk.ShareLoRAConfig(method="bishare", local_r=1, intra_r=2, inter_r=2,
+                                                     target_modules=["q_proj"]))
+    model = sk.apply(stacked_model(), sk.ShareLoRAConfig(method="bishare", local_r=1, intra_r=0, inter_r=2,
+                                                         target_modules=["q_proj"]))
+    assert len(sk.model.shared_layers(model)) == 4
+    assert len(sk.model.shared_layers(sk.apply(stacked_model(), sk.ShareLoRAConfig(r=2, target_modules=["q_proj"])))) == 4
+
+
 def test_half_precision_base_gets_float32_adapters_and_runs():
     model = sk.apply(tiny_model(dtype=torch.bfloat16), sk.ShareLoRAConfig(method="bishare", target_modules=TARGETS,
                                                                            gate_dims=(8, 8)))
@@ -187,3 +244,26 @@ def test_apply_group_inputs_groups_qkv_and_gate_up_with_same_outputs():
     assert attn.q_proj.input_group is attn.k_proj.input_group is attn.v_proj.input_group
     ids = token_batch()
     torch.testing.assert_close(grouped(ids).logits, plain(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_grouped_model_deepcopies_and_pickles_independently():
+    """Input groups live on the layers as plain attributes: a deep copy gets its own groups (reading
+    its own weights), and the model pickles."""
+    import pickle
+
+    config = sk.ShareLoRAConfig(target_modules=TARGETS + ["gate_proj"], **METHOD_CONFIGS["bishare_slice"])
+    model = sk.apply(tiny_model("llama", layers=2), config, group_inputs=True)
+    randomize_adapters(model)
+    ids = token_batch()
+    with torch.no_grad():
+        expected = model(ids).logits
+        clone = copy.deepcopy(model)
+        attn = clone.model.layers[0].self_attn
+        assert attn.q_proj.input_group is attn.k_proj.input_group is not model.model.layers[0].self_attn.q_proj.input_group
+        assert attn.q_proj.input_group.members[0] is attn.q_proj
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(3)
+        assert torch.equal(clone(ids).logits, expected)
+        restored = pickle.loads(pickle.dumps(clone))
+        assert torch.equal(restored(ids).logits, expected)

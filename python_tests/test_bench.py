@@ -67,7 +67,7 @@ def test_grouped_case_compares_one_output_per_module(quick_run):
 
 
 @pytest.mark.parametrize("argv, message", [(["--ops", "plain,nope"], "unknown op(s) ['nope']"),
-                                           (["--repeats", "0"], "--repeats must be >= 1")])
+                                           (["--repeats", "0"], "--repeats must be a positive number")])
 def test_bad_arguments_are_named(argv, message, capsys):
     assert cli_main(["bench", "--device", "cpu", *argv]) == 2
     assert message in capsys.readouterr().err

@@ -32,7 +32,7 @@ def test_round_trip_into_fresh_model(name, tmp_path):
     (dict(name="lora"), "method"),
     (dict(name="bishare_gate", gate_dims=(8, 16)), "shape|paths"),
     (dict(name="bishare_gate", target_modules=["q_proj", "v_proj"]), "target modules"),
-    (dict(name="similarity", share_sets=[[0, 1]]), "paths of module"),
+    (dict(name="similarity", share_sets=[[0, 1]]), "tensors of path 0 .plain, lora. of module"),
 ])
 def test_mismatched_model_is_named(other, match, tmp_path):
     sk.save(trained("bishare_gate") if other["name"] != "similarity" else trained("similarity"), tmp_path)
@@ -82,3 +82,38 @@ def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatc
     monkeypatch.undo()
     ids = token_batch()
     torch.testing.assert_close(sk.load(tiny_model(), tmp_path)(ids).logits, first(ids).logits, rtol=0, atol=0)
+
+
+def test_scale_mismatch_names_the_field(tmp_path):
+    """Paths that differ only in alpha (the scale) name that field and both values."""
+    sk.save(trained("lora"), tmp_path)
+    target = sk.apply(tiny_model(), sk.ShareLoRAConfig(target_modules=TARGETS, **{**METHOD_CONFIGS["lora"], "alpha": 7.0}))
+    with pytest.raises(ValueError, match=r"scale of path 0 \(plain, lora\) of module .*q_proj: checkpoint has 5.33.*"
+                                         r"model has 2.33"):
+        sk.load(target, tmp_path)
+
+
+def test_load_keeps_eval_mode_and_refuses_merged_adapters(tmp_path):
+    model = trained("bishare_slice", dropout=0.3)
+    sk.save(model, tmp_path)
+    loaded = sk.load(tiny_model(), tmp_path)  # tiny_model() is in eval mode: dropout must stay off
+    assert not any(m.training for m in loaded.modules())
+    ids = token_batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, loaded(ids).logits)
+    base_weight = loaded.model.layers[0].self_attn.q_proj.weight.clone()
+    sk.merge(loaded)
+    with pytest.raises(ValueError, match="merged.*unmerge"):
+        sk.load(loaded, tmp_path)
+    sk.unmerge(loaded)
+    torch.testing.assert_close(loaded.model.layers[0].self_attn.q_proj.weight, base_weight)
+
+
+def test_failed_load_leaves_the_model_untouched(tmp_path):
+    sk.save(trained("lora"), tmp_path)
+    model = tiny_model(layers=3)
+    with pytest.raises(ValueError, match="number of layers"):
+        sk.load(model, tmp_path)
+    assert getattr(model, "sharelora_plan", None) is None
+    assert not any(isinstance(m, sk.SharedLoRALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())

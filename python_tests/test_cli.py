@@ -89,3 +89,46 @@ def test_not_a_model_directory_is_a_clear_error(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["finetune", "--plan", str(tmp_path / "notes.txt")]) == 2
     assert "not a valid ShareLoRAConfig JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "--samples", "0"], "--samples must be a positive number, got 0"),
+    (["plan", "--max-length", "0"], "--max-length must be a positive number, got 0"),
+    (["plan", "--batch-size", "0"], "--batch-size must be a positive number, got 0"),
+    (["plan", "--r", "0"], "--r must be a positive number, got 0"),
+    (["plan", "--alpha", "nan"], "--alpha must be a positive number, got nan"),
+    (["plan", "--kron-dim", "-4"], "--kron-dim must be a positive number, got -4"),
+    (["plan", "--device", "nonsense"], "--device nonsense is not usable: "),
+    (["plan", "--samples", "500"], "--samples 500 asks for more paragraphs than the built-in corpus holds (121)"),
+    (["finetune", "--plan", "plan.json", "--samples", "0"], "--samples must be a positive number, got 0"),
+    (["finetune", "--plan", "plan.json", "--samples", "-3"], "--samples must be a positive number, got -3"),
+    (["finetune", "--plan", "plan.json", "--steps", "0"], "--steps must be a positive number, got 0"),
+    (["finetune", "--plan", "plan.json", "--batch-size", "0"], "--batch-size must be a positive number, got 0"),
+    (["finetune", "--plan", "plan.json", "--lr", "-0.01"], "--lr must be a positive number, got -0.01"),
+    (["finetune", "--plan", "plan.json", "--lr", "inf"], "--lr must be a positive number, got inf"),
+    (["finetune", "--plan", "plan.json", "--log-every", "0"], "--log-every must be a positive number, got 0"),
+    (["finetune", "--plan", "plan.json", "--seq-len", "1"], "--seq-len must be >= 2, got 1"),
+])
+def test_bad_option_values_are_one_line_errors(argv, message, tmp_path, capsys):
+    assert main(argv + ["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"python -m sharelora_kernels {argv[0]}: error: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(planned, tmp_path, capsys):
+    for argv in (["plan"], ["finetune", "--plan", str(planned / "plan.json")]):
+        assert main(argv + ["--device", "cuda", "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"{argv[0]}: error: --device cuda is not usable" in err and "Traceback" not in err
+
+
+def test_finetune_samples_default_is_the_whole_task():
+    """Only a missing --samples (None) means the default of 256 task paragraphs."""
+    from sharelora_kernels.cli.loading import load_texts
+
+    texts = load_texts(None, None, builtin="task")
+    assert len(texts) == 256
+    assert load_texts(None, 3, builtin="task") == texts[:3]

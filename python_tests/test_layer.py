@@ -40,6 +40,22 @@ def test_bad_inputs_are_named():
         sk.SharedLoRALinear(nn.Linear(8, 6), r=0)
     with pytest.raises(ValueError, match="dropout"):
         sk.SharedLoRALinear(nn.Linear(8, 6), dropout=1.5)
+    for bad in (2.5, True):
+        with pytest.raises(ValueError, match="r must be an integer"):
+            sk.SharedLoRALinear(nn.Linear(8, 6), r=bad)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="alpha must be a positive number"):
+            sk.SharedLoRALinear(nn.Linear(8, 6), alpha=bad)
+
+
+def test_standalone_layer_follows_its_base_mode_and_keeps_float32_adapters_on_half_bases():
+    base = nn.Linear(8, 6).to(torch.bfloat16).eval()
+    layer = sk.SharedLoRALinear(base, r=2, dropout=0.5)
+    assert not layer.training and not any(m.training for m in layer.modules())
+    assert {p.dtype for p in layer.adapters.parameters()} == {torch.float32}
+    nn.init.normal_(layer.lora_paths[0].B)
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), layer(x))  # eval: no dropout
 
 
 def test_dropout_only_in_training_and_only_on_adapter_input():

@@ -136,6 +136,46 @@ def test_non_contiguous_input_and_weight():
     assert all(rel_err(g, r) < 1e-4 for g, r in zip(grads, grads_ref))
 
 
+def test_int64_element_offsets(monkeypatch):
+    """Tensors of 2**31+ elements index in int64 (too large to allocate here: the choice is forced,
+    with column-major x and dy, whose column offsets are the ones that overflow)."""
+    from sharelora_kernels.ops import fused_lora_linear as fused, lowrank_grad, lowrank_input
+    from sharelora_kernels.ops.utils import needs_int64_index
+
+    big = lambda cols: torch.empty_strided((2, cols), (1, 2), device="meta")  # column-major (2, cols)
+    assert needs_int64_index(torch.empty(3), big(2**30 + 1))  # last offset 2 * 2**30 + 1 = 2**31 + 1
+    assert not needs_int64_index(big(2**30), torch.empty(0))  # last offset 2**31 - 1
+    for module in (fused, lowrank_grad, lowrank_input):
+        monkeypatch.setattr(module, "needs_int64_index", lambda *tensors: True)
+    torch.manual_seed(6)
+    x = torch.randn(40, 9).t().requires_grad_()
+    weight = torch.randn(24, 40)
+    paths = [make_path("plain", 40, 24, 3), make_path("kron", 40, 24, 2)]
+    y = fused_lora_linear(x, weight, None, paths)
+    dy = torch.randn(24, 9).t()
+    grads = torch.autograd.grad(y, [x] + [t for p in paths for t in p.tensors], dy)
+    y_ref, grads_ref = float64_reference(x, weight, None, paths, dy)
+    assert rel_err(y, y_ref) < 1e-4
+    assert all(rel_err(g, r) < 1e-4 for g, r in zip(grads, grads_ref))
+
+
+def test_adapters_of_mixed_dtypes_run_the_reference_in_their_common_dtype():
+    """fp32 plain + fp16 gate + bf16 Kronecker adapters on one fp32 base: promoted, not refused."""
+    torch.manual_seed(7)
+    x, weight = rand(5, 48), torch.randn(40, 48)
+    paths = [make_path("plain", 48, 40, 3), make_path("gate", 48, 40, 2, torch.float16),
+             make_path("kron", 48, 40, 2, torch.bfloat16)]
+    assert reference.adapter_compute_dtype(paths[1:]) == torch.float32
+    y = ops.lora_linear(x, weight, None, paths)
+    dy = torch.randn_like(y)
+    leaves = [x] + [t for p in paths for t in p.tensors]
+    grads = torch.autograd.grad(y, leaves, dy)
+    y_ref, grads_ref = float64_reference(x, weight, None, paths, dy)
+    assert y.dtype == torch.float32 and rel_err(y, y_ref) < 1e-4
+    for g, r, leaf in zip(grads, grads_ref, leaves):
+        assert g.dtype == leaf.dtype and rel_err(g, r) < TOL[leaf.dtype]
+
+
 def test_leading_dims_and_empty_batch():
     torch.manual_seed(2)
     weight = torch.randn(16, 24)

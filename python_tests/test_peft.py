@@ -93,3 +93,20 @@ def test_serving_export_refuses_what_no_engine_serves(tmp_path):
         sk.export_peft(model, tmp_path, serving="tgi")
     with pytest.raises(ValueError, match="serving must be"):
         sk.export_peft(model, tmp_path, serving="triton-server")
+
+
+def test_export_records_the_task_so_auto_peft_loads_it(tmp_path):
+    """task_type CAUSAL_LM and the base's path: AutoPeftModelForCausalLM rebuilds base + adapter alone."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama", layers=2).save_pretrained(tmp_path / "base")
+    model = sk.apply(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                     sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["bishare_slice"])).eval()
+    randomize_adapters(model, std=0.1)
+    sk.export_peft(model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    ids = token_batch(seed=5)
+    with torch.no_grad():
+        assert rel_err(loaded(ids).logits, model(ids).logits) <= 1e-5

@@ -1,4 +1,6 @@
 """share_sets on hand-built similarity matrices and invariants on random ones."""
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -64,9 +66,24 @@ def test_accepts_torch_and_lists():
     assert share_sets(torch.tensor(S), 0.85) == share_sets(S.tolist(), 0.85) == share_sets(S, 0.85)
 
 
+@pytest.mark.parametrize("eps", [np.float32(0.85), np.float64(0.85), np.array(0.85), torch.tensor(0.85),
+                                 torch.tensor(0.85, dtype=torch.float64), Fraction(17, 20)],
+                         ids=["np.float32", "np.float64", "0-d array", "0-d tensor", "0-d float64 tensor", "Fraction"])
+def test_accepts_real_scalars(eps):
+    assert share_sets(CHAIN, eps) == share_sets(CHAIN, 0.85) == [[0], [1, 2], [3]]
+    assert share_sets(CHAIN, np.int64(1)) == share_sets(CHAIN, torch.tensor(1)) == share_sets(CHAIN, 1)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"eps": 1.5}, "eps must be a number in"),
     ({"eps": -0.1}, "eps must be a number in"),
+    ({"eps": float("nan")}, "eps must be a number in"),
+    ({"eps": np.float32("nan")}, "eps must be a number in"),
+    ({"eps": torch.tensor(1.5)}, "eps must be a number in"),
+    ({"eps": torch.tensor([0.5])}, "eps must be a number in"),  # not 0-d
+    ({"eps": True}, "eps must be a number in"),
+    ({"eps": torch.tensor(True)}, "eps must be a number in"),
+    ({"eps": "0.5"}, "eps must be a number in"),
     ({"eps": 0.8, "method": "greedy"}, "method must be one of"),
 ])
 def test_bad_arguments(kwargs, message):

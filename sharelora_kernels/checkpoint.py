@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ShareLoRAConfig
-from .model import adapter_tensors, apply, get_plan
+from .model import adapter_tensors, apply, get_plan, plan_model, shared_layers
 from .plan import SharePlan
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -74,12 +75,17 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load adapters saved by ``save`` into ``model``; applies the saved config first if needed.
 
     Raises ValueError naming the first difference if the model's method, target modules, shapes or
-    share plan differ from the checkpoint's, or if the file is truncated or corrupted.
+    share plan differ from the checkpoint's (checked before the model is touched), if its adapters
+    are merged, or if the file is truncated or corrupted.
     """
     config, saved_plan, path = read_checkpoint(directory)
-    if getattr(model, "sharelora_plan", None) is None:
+    current = getattr(model, "sharelora_plan", None)
+    plan_mismatch(saved_plan, current if current is not None else plan_model(model, config), str(path))
+    if current is None:
         apply(model, config)
-    plan_mismatch(saved_plan, get_plan(model), str(path))
+    elif any(m.merged for m in shared_layers(model)):
+        raise ValueError("the model's adapters are merged into its weights: call unmerge(model) before load(), "
+                         "or the merged weights would keep the old adapters")
     params = adapter_tensors(model)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -112,9 +118,12 @@ def plan_mismatch(saved: SharePlan, current: SharePlan, where: str) -> None:
         c = current.modules[name]
         if m.info != c.info:
             fail(f"module {name}", m.info, c.info)
-        if m.paths != c.paths:
-            fail(f"paths of module {name}", [(p.kind, p.part, p.tensors) for p in m.paths],
-                 [(p.kind, p.part, p.tensors) for p in c.paths])
+        if len(m.paths) != len(c.paths):
+            fail(f"number of paths of module {name}", len(m.paths), len(c.paths))
+        for i, (p, q) in enumerate(zip(m.paths, c.paths)):
+            for field, value in asdict(p).items():
+                if value != getattr(q, field):
+                    fail(f"{field} of path {i} ({p.kind}, {p.part}) of module {name}", value, getattr(q, field))
     for name, t in saved.tensors.items():
         if name not in current.tensors:
             fail("tensor set", name, "no such tensor")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,13 +63,13 @@ class ShareLoRAConfig:
         if isinstance(self.target_modules, str) or not isinstance(self.target_modules, (list, tuple)):
             raise ValueError(f"target_modules must be a list of module names, got {self.target_modules!r}")
         if not isinstance(self.share_sets, (list, tuple)) or not all(
-                isinstance(s, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in s)
+                isinstance(s, (list, tuple)) and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in s)
                 for s in self.share_sets):
             raise ValueError(f"share_sets must be a list of lists of layer indices, got {self.share_sets!r}")
         if not isinstance(self.gate_dims, (list, tuple)):
             raise ValueError(f"gate_dims must be a pair (m, n), got {self.gate_dims!r}")
         self.target_modules = list(self.target_modules)
-        self.share_sets = [sorted(s) for s in self.share_sets]
+        self.share_sets = [sorted(int(i) for i in s) for s in self.share_sets]
         self.gate_dims = tuple(self.gate_dims)
         if self.shape_transform in BISHARE_DEFAULT_RANKS:
             defaults = BISHARE_DEFAULT_RANKS[self.shape_transform]

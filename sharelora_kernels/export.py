@@ -76,7 +76,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, serving: str | N
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None)
     peft_config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM" if serving else None,
+        "task_type": "CAUSAL_LM" if serving else peft_task_type(model),
         "base_model_name_or_path": base_name or None,
         "r": r,
         "lora_alpha": r,
@@ -98,6 +98,17 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, serving: str | N
     atomic_write(out / PEFT_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(out / PEFT_CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2) + "\n"))
     return out
+
+
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT's task type of a Transformers model, read off its class name (what
+    ``AutoPeftModel*`` dispatches on); None for anything else."""
+    name = type(model).__name__
+    if name.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    if name.endswith(("ForSeq2SeqLM", "ForConditionalGeneration")) and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"
+    return None
 
 
 def _pad_rank(a: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -102,6 +102,14 @@ def available(device: torch.device | str) -> bool:
     return kind in _SIGNATURES and _library(kind) is not None
 
 
+def takes(reps: torch.Tensor, layer_dim: int = 0) -> bool:
+    """Whether `angular_sums` runs on `reps` as it is: the extension is built for its device, and
+    it takes its dtype (float32, bfloat16, float16) and, on CUDA, its layer count."""
+    if reps.dtype not in _DTYPE_CODES or not available(reps.device):
+        return False
+    return reps.device.type == "cpu" or reps.shape[layer_dim] <= _CUDA_MAX_LAYERS
+
+
 def angular_sums(reps: torch.Tensor, layer_dim: int = 0) -> torch.Tensor:
     """Sum over samples of the angular distances theta_ij / pi between layers.
 

@@ -2,8 +2,7 @@
 
 ``enable_input_groups(model)`` finds, in known architectures (LLaMA / Mistral / Qwen2), the modules
 that share an input: ``self_attn.{q,k,v}_proj`` and ``mlp.{gate,up}_proj``, and gives each group an
-``InputGroup`` coordinator. Each member's ``forward`` is replaced (an instance attribute, the class
-is untouched) by the coordinator's:
+``InputGroup`` coordinator (``SharedLoRALinear.input_group``), which each member's forward calls:
 
   * the first member called with x runs ``ops.grouped_lora_linear`` for the whole group, keeps the
     siblings' outputs keyed by the identity of x (holding x, so the identity cannot be reused) and
@@ -39,15 +38,15 @@ class InputGroup:
         self.members = list(members)
         self._pending: dict[int, tuple[Tensor, bool, Tensor]] = {}  # member index -> (x, grad mode, output)
 
-    def forward(self, index: int, x: Tensor) -> Tensor:
-        """Member ``index``'s output for x: (..., in_features) -> (..., out_features)."""
-        module = self.members[index]
+    def forward(self, module: SharedLoRALinear, x: Tensor) -> Tensor:
+        """The output of member ``module`` for x: (..., in_features) -> (..., out_features)."""
+        index = next(i for i, m in enumerate(self.members) if m is module)
         grad_mode = torch.is_grad_enabled()
         entry = self._pending.pop(index, None)
         if entry is not None and entry[0] is x and entry[1] == grad_mode:
             return entry[2]
         if entry is not None or not self._can_group(x):  # the member's own op (it also reports bad inputs)
-            return SharedLoRALinear.forward(module, x)
+            return module.forward_alone(x)
         outs = ops.grouped_lora_linear(x, [m.weight for m in self.members], [m.bias for m in self.members],
                                        [m.paths() for m in self.members], module.dropout, module.training)
         self._pending = {i: (x, grad_mode, y) for i, y in enumerate(outs) if i != index}
@@ -62,11 +61,17 @@ class InputGroup:
     def clear(self) -> None:
         self._pending.clear()
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles hold the members, not the pending outputs of a run in flight."""
+        return {**self.__dict__, "_pending": {}}
 
-def _bind(group: InputGroup, index: int):
-    def forward(x: Tensor) -> Tensor:
-        return group.forward(index, x)
-    return forward
+
+def check_known_architecture(model: nn.Module) -> None:
+    """ValueError unless ``model`` is one of ``KNOWN_ARCHITECTURES``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in KNOWN_ARCHITECTURES:
+        raise ValueError(f"input groups are known for model types {list(KNOWN_ARCHITECTURES)}, "
+                         f"this model's is {model_type!r}")
 
 
 def enable_input_groups(model: nn.Module) -> int:
@@ -77,10 +82,7 @@ def enable_input_groups(model: nn.Module) -> int:
     siblings do read one input (elsewhere, e.g. cross-attention, they may not): ValueError otherwise.
     Calling it again regroups with fresh coordinators.
     """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in KNOWN_ARCHITECTURES:
-        raise ValueError(f"input groups are known for model types {list(KNOWN_ARCHITECTURES)}, "
-                         f"this model's is {model_type!r}")
+    check_known_architecture(model)
     disable_input_groups(model)
     count = 0
     for parent in model.modules():
@@ -89,9 +91,8 @@ def enable_input_groups(model: nn.Module) -> int:
             if len(members) < 2 or len({(m.in_features, m.weight.dtype, m.weight.device) for m in members}) > 1:
                 continue
             group = InputGroup(members)
-            for i, m in enumerate(members):
+            for m in members:
                 m.input_group = group
-                m.forward = _bind(group, i)
             count += 1
     return count
 
@@ -99,7 +100,6 @@ def enable_input_groups(model: nn.Module) -> int:
 def disable_input_groups(model: nn.Module) -> None:
     """Undo ``enable_input_groups``: every module runs its own op again, caches dropped."""
     for m in model.modules():
-        if isinstance(m, SharedLoRALinear) and "input_group" in m.__dict__:
+        if isinstance(m, SharedLoRALinear) and m.input_group is not None:
             m.input_group.clear()
-            del m.forward
-            del m.input_group
+            m.input_group = None

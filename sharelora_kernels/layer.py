@@ -23,6 +23,11 @@ from .plan import PATH_ROLES, PathSpec, TensorSpec
 from .reference import LoRAPath, delta_weight
 
 
+def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """Adapters of half-precision bases train in float32 (as PEFT's default autocast_adapter_dtype)."""
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
 def new_parameter(spec: TensorSpec, device=None, dtype=None) -> nn.Parameter:
     """A trainable tensor initialised as ``spec.init`` says (a no-op on the meta device)."""
     t = torch.empty(spec.shape, device=device, dtype=dtype)
@@ -91,6 +96,8 @@ class SharedLoRALinear(nn.Module):
     Standalone: ``SharedLoRALinear(nn.Linear(1024, 1024), r=16, alpha=32)`` builds one plain path
     whose A (r, K) and B (N, r) live in the layer's own store (``layer.adapters``).
     Shared: pass ``paths`` (LoRAPathModules reading a store that the caller owns, e.g. the model's).
+    The layer starts in the train/eval mode of ``base``. ``input_group``: the ``grouping.InputGroup``
+    this layer computes with (set by ``grouping.enable_input_groups``), or None.
     """
 
     def __init__(self, base: nn.Linear, paths: Sequence[LoRAPathModule] | None = None, *, r: int = 8,
@@ -111,12 +118,16 @@ class SharedLoRALinear(nn.Module):
         self.lora_paths = nn.ModuleList(paths)
         self.dropout = float(dropout)
         self.merged = False
+        self.input_group = None
+        self.train(base.training)
 
     def _own_plain_path(self, r: int, alpha: float, use_rslora: bool) -> LoRAPathModule:
-        if r < 1:
-            raise ValueError(f"r must be >= 1, got {r}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be an integer >= 1, got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
         scale = alpha / (math.sqrt(r) if use_rslora else r)
-        kw = {"device": self.weight.device, "dtype": self.weight.dtype}
+        kw = {"device": self.weight.device, "dtype": adapter_dtype(self.weight.dtype)}
         a = new_parameter(TensorSpec("A", (r, self.in_features), "kaiming_uniform", "lora"), **kw)
         b = new_parameter(TensorSpec("B", (self.out_features, r), "zeros", "lora"), **kw)
         self.adapters = AdapterStore({"A": a, "B": b})
@@ -126,6 +137,12 @@ class SharedLoRALinear(nn.Module):
         return [m.as_path() for m in self.lora_paths]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_group is not None:
+            return self.input_group.forward(self, x)
+        return self.forward_alone(x)
+
+    def forward_alone(self, x: Tensor) -> Tensor:
+        """This layer's own op (also what its input group runs when the group cannot run together)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features in its last dim, this layer expects {self.in_features}")
         if x.device != self.weight.device:

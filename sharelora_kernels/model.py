@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from .config import ShareLoRAConfig
-from .grouping import enable_input_groups
-from .layer import AdapterStore, LoRAPathModule, SharedLoRALinear, new_parameter
+from .grouping import check_known_architecture, enable_input_groups
+from .layer import AdapterStore, LoRAPathModule, SharedLoRALinear, adapter_dtype, new_parameter
 from .plan import ModuleInfo, SharePlan, build_plan
 
 
@@ -48,25 +48,25 @@ def find_target_modules(model: nn.Module, target_modules: list[str]) -> tuple[li
     return infos, max(found_layers, configured or 0)
 
 
-def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """Adapters of half-precision bases train in float32 (as PEFT's default autocast_adapter_dtype)."""
-    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
-
-
 def apply(model: nn.Module, config: ShareLoRAConfig, group_inputs: bool = False) -> nn.Module:
     """Add ShareLoRA adapters to ``model`` in place and return it.
 
     Freezes every base parameter, creates each planned tensor once (on the device of its first user,
     the meta device included), and replaces each target ``nn.Linear`` by a ``SharedLoRALinear`` whose
-    paths read the (possibly shared) parameters. Fresh adapters leave the outputs unchanged.
+    paths read the (possibly shared) parameters. Fresh adapters leave the outputs unchanged, and
+    each new layer keeps the train/eval mode of the one it replaces.
     group_inputs: also let the modules that read one input (q/k/v, gate/up) run as one grouped op
     (``grouping.enable_input_groups``; LLaMA / Mistral / Qwen2 only).
+    Every check runs before the model is touched: a call that raises leaves it as it was.
     """
-    infos, num_layers = find_target_modules(model, config.target_modules)
-    plan = build_plan(config, infos, num_layers)
+    if getattr(model, "sharelora_plan", None) is not None:
+        raise ValueError("this model already has ShareLoRA adapters; apply() runs once per model")
     if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
         raise TypeError(f"apply() adds the adapter store as a child of the model's root, which would change what "
                         f"a {type(model).__name__} runs; wrap it in an nn.Module first")
+    if group_inputs:
+        check_known_architecture(model)
+    plan = plan_model(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
     first_user = _first_users(plan)
@@ -74,7 +74,7 @@ def apply(model: nn.Module, config: ShareLoRAConfig, group_inputs: bool = False)
     for name, spec in plan.tensors.items():
         weight = model.get_submodule(first_user[name]).weight
         params[name] = new_parameter(spec, device=weight.device, dtype=adapter_dtype(weight.dtype))
-    model.sharelora_adapters = store = AdapterStore(params)
+    model.sharelora_adapters = store = AdapterStore(params).train(model.training)
     for name, mplan in plan.modules.items():
         paths = [LoRAPathModule(p, store) for p in mplan.paths]
         parent_name, _, leaf = name.rpartition(".")
@@ -85,6 +85,13 @@ def apply(model: nn.Module, config: ShareLoRAConfig, group_inputs: bool = False)
     if group_inputs:
         enable_input_groups(model)
     return model
+
+
+def plan_model(model: nn.Module, config: ShareLoRAConfig) -> SharePlan:
+    """The share plan ``apply(model, config)`` would build, without changing the model."""
+    config.validate()  # it may have been edited since it was made
+    infos, num_layers = find_target_modules(model, config.target_modules)
+    return build_plan(config, infos, num_layers)
 
 
 def _first_users(plan: SharePlan) -> dict[str, str]:

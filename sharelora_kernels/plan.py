@@ -174,6 +174,13 @@ class _Builder:
         r = self.c.r
         if self.c.expand_rank:
             r = expanded_rank(self.plan.num_layers, self.c.share_sets, self.c.r)
+        seen: dict[tuple[str, int], str] = {}
+        for m in modules:
+            other = seen.setdefault((m.module_type, m.layer), m.name)
+            if other != m.name:
+                raise ValueError(f"method 'similarity' gives one adapter per (module type, layer), and modules {other!r} "
+                                 f"and {m.name!r} are both {m.module_type} of layer {m.layer} (encoder-decoder, "
+                                 "cross-attention or expert modules): use method 'lora' or 'share_*' for this model")
         for m in modules:
             slot = f"{m.module_type}.{slot_of.get(m.layer, f'layer{m.layer}')}"
             self.add_plain(m, f"{slot}.A", f"{slot}.B", r, "lora", m.module_type, m.module_type)
@@ -191,6 +198,8 @@ class _Builder:
         if c.local_r:
             for m in modules:
                 self.add_plain(m, f"{m.name}.local.A", f"{m.name}.local.B", c.local_r, "local", m.module_type, m.module_type)
+        if c.intra_r:
+            _check_one_layer_stack(modules)
         groups = {"intra": {}, "inter": {"inter": modules}}
         for m in modules:
             groups["intra"].setdefault(f"layer{m.layer}.intra", []).append(m)
@@ -237,6 +246,21 @@ class _Builder:
             k_b = self.tensor(f"{m.name}.{part}.K_B", (m.out_features // d, 1), "kaiming_normal", part, t)
             path = PathSpec("kron", part, {"A": a, "B": b, "K_A": k_a, "K_B": k_b}, self.scale(r), r)
             self.plan.modules[m.name].paths.append(path)
+
+
+def _check_one_layer_stack(modules: list[ModuleInfo]) -> None:
+    """Intra-layer adapters are keyed by layer number: refuse several stacks of numbered layers
+    (an encoder and a decoder), whose layer n would share one intra adapter."""
+    stacks: dict[str, str] = {}
+    for m in modules:
+        parts = m.name.split(".")
+        at = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if at is not None:
+            stacks.setdefault(".".join(parts[:at]), m.name)
+    if len(stacks) > 1:
+        first, second = list(stacks.values())[:2]
+        raise ValueError(f"Bi-Share's intra-layer adapters are keyed by layer number, and {first!r} and {second!r} "
+                         f"lie in different stacks of layers ({sorted(stacks)}): set intra_r=0 for this model")
 
 
 def _offset(policy: str, full: int, size: int) -> int:

@@ -15,6 +15,7 @@ copy) for plain and slice paths; built for gate and Kronecker paths, for merge a
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Sequence
 
 import torch
@@ -132,14 +133,21 @@ class _LinearPlusLoRA(torch.autograd.Function):
         return dx, dxd, d_weight, d_bias, d_a, d_b
 
 
+def adapter_compute_dtype(paths: Sequence[LoRAPath]) -> torch.dtype:
+    """The one dtype the low-rank paths run in: the promotion of every adapter tensor's dtype, with
+    float16 raised to float32 (h = x A^T may exceed float16's range where the output does not)."""
+    dtype = functools.reduce(torch.promote_types, (t.dtype for p in paths for t in p.tensors))
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath],
                 dropout_p: float = 0.0, training: bool = False, x_dropped: Tensor | None = None) -> Tensor:
     """y = x W^T + b + sum_p s_p B_p A_p dropout(x).
 
     x: (..., K) any float dtype; weight: (N, K); bias: (N,) or None; returns (..., N) in the base's
-    result dtype. The low-rank paths run in the adapter dtype (x is cast to it; float16 adapters
-    run in float32, as the kernels keep h in float32), one dropout mask
-    on x is shared by every path, as PEFT applies dropout to the adapter input only. The plain and
+    result dtype. The low-rank paths run in ``adapter_compute_dtype(paths)`` (x is cast to it;
+    adapters of mixed dtypes are promoted; float16 runs in float32, as the kernels keep h in
+    float32), one dropout mask on x is shared by every path, as PEFT applies dropout to the adapter input only. The plain and
     slice paths run as one stacked LoRA fused with the base matmul (``_LinearPlusLoRA``).
     x_dropped: an already dropped-out x (x's shape) to use as the adapter input instead of drawing a
     mask here (modules that share x share one mask).
@@ -152,9 +160,10 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
         xd = x_dropped.reshape(x2.shape)
     else:
         xd = F.dropout(x2, dropout_p, training=True) if (training and dropout_p > 0) else x2
-    if paths[0].tensors[0].dtype == torch.float16:  # h = x A^T may exceed float16's range: compute in fp32
-        paths = [p._replace(tensors=tuple(t.float() for t in p.tensors)) for p in paths]
-    xd = xd.to(paths[0].tensors[0].dtype)
+    dtype = adapter_compute_dtype(paths)
+    if any(t.dtype != dtype for p in paths for t in p.tensors):
+        paths = [p._replace(tensors=tuple(t.to(dtype) for t in p.tensors)) for p in paths]
+    xd = xd.to(dtype)
     dense = [p for p in paths if p.kind in ("plain", "slice")]
     if dense:
         a, b = _dense_factors(dense, x2.shape[1], weight.shape[0])

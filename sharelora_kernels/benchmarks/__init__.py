@@ -43,7 +43,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
     ``argv`` is the command line recorded in the JSON, after ``bench`` (default: read from sys.argv).
     """
-    from ..cli import CommandError
+    from ..cli import CommandError, require_positive
+    from ..cli.loading import resolve_device
     from .e2e import run_e2e
     from .suite import run_issue3, run_ops
 
@@ -51,11 +52,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     unknown = [op for op in ops if op not in OPS]
     if unknown:
         raise CommandError(f"unknown op(s) {unknown}; known: {list(OPS)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise CommandError("--device cuda, but torch sees no CUDA device")
-    if args.repeats is not None and args.repeats < 1:
-        raise CommandError(f"--repeats must be >= 1, got {args.repeats}")
-    device = torch.device(args.device)
+    require_positive(args, "repeats")
+    device = torch.device(resolve_device(args.device))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     profile = "quick" if args.quick else device.type
     (op_w, op_r), (i3_w, i3_r), (e2e_w, e2e_r) = REPEATS[profile]

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import ops as fused_ops
 from .. import reference
-from ..model import adapter_dtype
+from ..layer import adapter_dtype
 from ..reference import LoRAPath
 
 Forward = Callable[[], Tensor]

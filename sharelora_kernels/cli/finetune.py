@@ -13,8 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from . import CommandError
-from .loading import default_device, load_model, load_texts, resolve_model_dir
+from . import CommandError, require_positive
+from .loading import load_model, load_texts, resolve_device, resolve_model_dir
 
 HELP = "train the adapters of a plan.json and save them (ShareLoRA checkpoint and PEFT export)"
 
@@ -42,11 +42,12 @@ def run(args: argparse.Namespace) -> list[float]:
 
     import sharelora_kernels as sk
 
-    if args.steps < 1 or args.batch_size < 1 or args.seq_len < 2:
-        raise CommandError("--steps and --batch-size must be >= 1 and --seq-len >= 2")
+    require_positive(args, "samples", "steps", "batch_size", "lr", "log_every")
+    if args.seq_len < 2:
+        raise CommandError(f"--seq-len must be >= 2, got {args.seq_len}")
     config = _read_config(Path(args.plan))
     model_dir = resolve_model_dir(args.model)
-    device = args.device or default_device()
+    device = resolve_device(args.device)
     model, tokenizer = load_model(model_dir, causal_lm=True, device=device)
     tokens = _token_stream(tokenizer, load_texts(args.text, args.samples, builtin="task"))
     if len(tokens) <= args.seq_len:

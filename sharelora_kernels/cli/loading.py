@@ -46,32 +46,40 @@ def load_model(model_dir: Path, causal_lm: bool, device: str):
 
 
 def load_texts(text_file: str | None, samples: int | None, builtin: str = "calibration") -> list[str]:
-    """``samples`` paragraphs of ``text_file`` (blank-line separated), or for None of the built-in
-    ``builtin`` text: "calibration" (the corpus) or "task" (the fine-tuning task)."""
+    """The first ``samples`` paragraphs of ``text_file`` (blank-line separated), or for None of the
+    built-in ``builtin`` text: "calibration" (the corpus) or "task" (the fine-tuning task).
+
+    samples: a count >= 1 (the caller checks ``--samples``), or None for all paragraphs (256 of the task).
+    """
     from ..data import calibration_texts, split_paragraphs, task_texts
 
     if text_file is None:
         if builtin == "task":
-            return task_texts(samples or 256)
-        try:
-            return calibration_texts(samples)
-        except ValueError as err:
-            raise CommandError(str(err)) from err
-    path = Path(text_file)
-    if not path.is_file():
-        raise CommandError(f"text file {path} does not exist")
-    texts = split_paragraphs(path.read_text(encoding="utf-8"))
-    if not texts:
-        raise CommandError(f"text file {path} holds no paragraph")
+            return task_texts(256 if samples is None else samples)
+        texts, source = calibration_texts(), "the built-in corpus"
+    else:
+        path = Path(text_file)
+        if not path.is_file():
+            raise CommandError(f"text file {path} does not exist")
+        texts, source = split_paragraphs(path.read_text(encoding="utf-8")), str(path)
+        if not texts:
+            raise CommandError(f"text file {path} holds no paragraph")
     if samples is not None and samples > len(texts):
-        raise CommandError(f"--samples {samples} asks for more paragraphs than {path} holds ({len(texts)})")
+        raise CommandError(f"--samples {samples} asks for more paragraphs than {source} holds ({len(texts)})")
     return texts[:samples]
 
 
-def default_device() -> str:
+def resolve_device(device: str | None) -> str:
+    """``--device``: None means cuda if available, else cpu; CommandError if torch cannot use ``device`` here."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:  # AssertionError: "Torch not compiled with CUDA enabled"
+        raise CommandError(f"--device {device} is not usable: {_first_line(err)}") from err
+    return device
 
 
 def _first_line(err: Exception) -> str:

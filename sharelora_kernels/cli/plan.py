@@ -16,8 +16,8 @@ import json
 import math
 from pathlib import Path
 
-from . import CommandError
-from .loading import default_device, load_model, load_texts, resolve_model_dir
+from . import CommandError, require_positive
+from .loading import load_model, load_texts, resolve_device, resolve_model_dir
 
 HELP = "find share sets from layer similarity and write plan.json"
 SWEEP_EPS = (0.70, 0.75, 0.80, 0.85, 0.90, 0.95)
@@ -53,10 +53,11 @@ def run(args: argparse.Namespace) -> dict:
     from ..model import find_target_modules
     from ..similarity import angular_distance, iter_layer_representations, share_sets, similarity_heatmap, sweep_thresholds
 
+    require_positive(args, "samples", "max_length", "r", "alpha", "kron_dim", "batch_size")
     if not 0.0 <= args.eps <= 1.0:
         raise CommandError(f"--eps must be in [0, 1], got {args.eps}")
     model_dir = resolve_model_dir(args.model)
-    model, tokenizer = load_model(model_dir, causal_lm=False, device=args.device or default_device())
+    model, tokenizer = load_model(model_dir, causal_lm=False, device=resolve_device(args.device))
     texts = load_texts(args.text, args.samples)
     batch = tokenizer(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
     reps = iter_layer_representations(model, batch["input_ids"], batch["attention_mask"], position=args.position,

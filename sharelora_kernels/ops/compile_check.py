@@ -65,11 +65,12 @@ def _specs() -> list[KernelSpec]:
     flags = [dict(DROPOUT=d, APPLY_SCALE=s, RNG64=r) for d, s, r in ((False, False, False), (True, True, True))]
     # the leanest variant (no Kronecker rows, no options) and the fullest (Kronecker rows, every option)
     periodic_flags = [dict(PERIODIC=k, **f) for f, k in zip(flags, (False, True))]
+    int64_flags = [dict(INT64=i, **f) for f, i in zip(periodic_flags, (False, True))]  # not grouped: int64 strides
     return [
         KernelSpec("fused_linear", _fused_linear_kernel,
                    lambda dt, ft: {"a_ptr": dt, "w_ptr": dt, "bias_ptr": dt, "h_ptr": "fp32", "table_ptr": "i64",
                                    "scale_ptr": "fp32", "out_ptr": dt, "seed_ptr": "i64"},
-                   [dict(HAS_BIAS=True, **f) for f in periodic_flags],
+                   [dict(HAS_BIAS=True, **f) for f in int64_flags],
                    {"y=x@W^T": {"stride_ak", "stride_wk", "stride_hr", "stride_on"},  # w_kn = W.t()
                     "dx=dy@W": {"stride_ak", "stride_wn", "stride_hr", "stride_on"}},
                    {"K", "N", "stride_am", "stride_wk", "stride_wn", "stride_om"}),
@@ -78,13 +79,13 @@ def _specs() -> list[KernelSpec]:
                    {"strides read from the problem table": set()}, set()),
         KernelSpec("lowrank_project", _lowrank_project_kernel,
                    lambda dt, ft: {"a_ptr": dt, "table_ptr": "i64", "scale_ptr": "fp32", "out_ptr": "fp32",
-                                   "seed_ptr": "i64"}, periodic_flags,
+                                   "seed_ptr": "i64"}, int64_flags,
                    {"h=x@A^T": {"stride_ad", "stride_or"}}, {"D", "stride_am"}),
         KernelSpec("lowrank_grad", _lowrank_grad_kernel,
                    lambda dt, ft: {"g_ptr": "fp32", "a_ptr": dt, "out_ptr": "fp32", "seed_ptr": "i64"},
-                   [dict(DROPOUT=False, RNG64=False, TABLE_OUT=False, ATOMIC=False),
-                    dict(DROPOUT=True, RNG64=True, TABLE_OUT=True, ATOMIC=False),
-                    dict(DROPOUT=True, RNG64=False, TABLE_OUT=True, ATOMIC=True)],
+                   [dict(DROPOUT=False, RNG64=False, INT64=False, TABLE_OUT=False, ATOMIC=False),
+                    dict(DROPOUT=True, RNG64=True, INT64=True, TABLE_OUT=True, ATOMIC=False),
+                    dict(DROPOUT=True, RNG64=False, INT64=False, TABLE_OUT=True, ATOMIC=True)],
                    {"dA=g^T@x": {"stride_gr", "stride_ad", "stride_od"}}, {"D", "stride_am", "stride_or"},
                    fixed=lambda variant: _table_config(_TABLE_CONFIG) if variant["TABLE_OUT"] else None),
     ]

@@ -36,8 +36,8 @@ from ..reference import LoRAPath
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
 from .shared_grad import GradSink, chain_a, chain_b
-from .utils import (INTERPRET, TL_DTYPES, build_tables, dot_precision, dropout_keep, dropout_seed, load_factor, mma, path_rank, pick_configs,
-                    rank_block, rng_needs_int64)
+from .utils import (INTERPRET, TL_DTYPES, build_tables, dot_precision, dropout_keep, dropout_seed, index64, load_factor, mma,
+                    needs_int64_index, path_rank, pick_configs, rank_block, rng_needs_int64)
 
 KINDS = tuple(PATH_ROLES)  # layout code of a path kind = its index here
 
@@ -86,11 +86,14 @@ def swizzled_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 @triton.jit
 def matmul_tile(acc, a_ptr, stride_am, stride_ak, w_ptr, stride_wk, stride_wn, rows64, row_mask, cols, col_mask, K,
-                DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc + a[rows, :K] @ w[:K, cols]: the base GEMM's K-loop for one output tile."""
+                DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, INT64: tl.constexpr):
+    """acc + a[rows, :K] @ w[:K, cols]: the base GEMM's K-loop for one output tile (INT64: column
+    and K offsets in int64)."""
+    cols = index64(cols, INT64)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
+        ks = index64(ks, INT64)
         a = tl.load(a_ptr + rows64[:, None] * stride_am + ks[None, :] * stride_ak,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
@@ -124,7 +127,7 @@ def _fused_linear_kernel(
     a_ptr, w_ptr, bias_ptr, h_ptr, table_ptr, scale_ptr, out_ptr, seed_ptr, p,
     M, N, K, R, M_BUCKET,
     stride_am, stride_ak, stride_wk, stride_wn, stride_hm, stride_hr, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, APPLY_SCALE: tl.constexpr, DROPOUT: tl.constexpr, RNG64: tl.constexpr,
+    HAS_BIAS: tl.constexpr, APPLY_SCALE: tl.constexpr, DROPOUT: tl.constexpr, RNG64: tl.constexpr, INT64: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FACTOR_DTYPE: tl.constexpr, PERIODIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -140,7 +143,7 @@ def _fused_linear_kernel(
                        stride_hm, stride_hr, APPLY_SCALE, DROPOUT, RNG64, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
                        a_ptr.dtype.element_ty, FACTOR_DTYPE, PERIODIC)
     acc = matmul_tile(acc, a_ptr, stride_am, stride_ak, w_ptr, stride_wk, stride_wn, rows64, row_mask, cols, col_mask,
-                      K, DOT_PRECISION, BLOCK_K)
+                      K, DOT_PRECISION, BLOCK_K, INT64)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_on
@@ -163,7 +166,7 @@ def _fused_linear(a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Tensor, table
         m, n, k, r, triton.next_power_of_2(m),
         a.stride(0), a.stride(1), w_kn.stride(0), w_kn.stride(1), h.stride(0), h.stride(1), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, APPLY_SCALE=scale is not None, DROPOUT=dropout_p > 0,
-        RNG64=rng_needs_int64(m, n), DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype,
+        RNG64=rng_needs_int64(m, n), INT64=needs_int64_index(a, w_kn), DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype,
         PERIODIC=periodic, BLOCK_R=rank_block(r),
     )
     return out

@@ -85,7 +85,8 @@ def _grouped_linear_kernel(
         seg = seg_ptr + s * 7
         acc = matmul_tile(acc, tl.load(seg).to(tl.pointer_type(DTYPE)), tl.load(seg + 1), tl.load(seg + 2),
                           tl.load(seg + 3).to(tl.pointer_type(DTYPE)), tl.load(seg + 4), tl.load(seg + 5), rows64,
-                          row_mask, cols, col_mask, tl.load(seg + 6).to(tl.int32), DOT_PRECISION, BLOCK_K)
+                          row_mask, cols, col_mask, tl.load(seg + 6).to(tl.int32), DOT_PRECISION, BLOCK_K,
+                          False)  # the strides are int64 table entries: offsets are int64 already
     bias_addr = tl.load(row + 4)
     if bias_addr != 0:
         acc += tl.load(bias_addr.to(tl.pointer_type(DTYPE)) + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -276,7 +277,9 @@ def _backward_op(dys: list[Tensor], x: Tensor, weights: list[Tensor], h: Tensor,
     dh = torch.zeros_like(h)
     module_tables = [build_tables(ps, x.device) for ps in grp.paths]
     for dy, tables, cols in zip(dys, module_tables, grp.cols):
-        dh[:, cols] += lowrank_project(dy, tables.b, tables.dtype, tables.periodic, tables.scale)
+        # index_add_: two paths of one module may read the same A view (repeated columns)
+        dh.index_add_(1, torch.tensor(cols, device=dh.device),
+                      lowrank_project(dy, tables.b, tables.dtype, tables.periodic, tables.scale))
     dx = x.new_empty((0,))
     if needs_dx:
         dx = x.new_empty(x.shape)

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import INTERPRET, dot_precision, dropout_keep, mma, pick_configs, rank_block, rng_needs_int64
+from .utils import (INTERPRET, dot_precision, dropout_keep, index64, mma, needs_int64_index, pick_configs, rank_block,
+                    rng_needs_int64)
 
 _CONFIGS = pick_configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=w, num_stages=s)
@@ -40,7 +41,7 @@ def _lowrank_grad_kernel(
     g_ptr, a_ptr, out_ptr, seed_ptr, p,
     M, D, R, M_BUCKET, M_CHUNK,
     stride_gm, stride_gr, stride_am, stride_ad, stride_or, stride_od,
-    DROPOUT: tl.constexpr, RNG64: tl.constexpr, DOT_PRECISION: tl.constexpr, TABLE_OUT: tl.constexpr,
+    DROPOUT: tl.constexpr, RNG64: tl.constexpr, INT64: tl.constexpr, DOT_PRECISION: tl.constexpr, TABLE_OUT: tl.constexpr,
     ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
@@ -59,7 +60,7 @@ def _lowrank_grad_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < m_end
         rows64 = rows.to(tl.int64)[:, None]
-        a = tl.load(a_ptr + rows64 * stride_am + cols[None, :] * stride_ad,
+        a = tl.load(a_ptr + rows64 * stride_am + index64(cols, INT64)[None, :] * stride_ad,
                     mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         if DROPOUT:
             keep = dropout_keep(seed, rows, cols, D, p, RNG64)
@@ -116,7 +117,7 @@ def lowrank_grad(g: Tensor, a: Tensor, dropout_p: float = 0.0, seed: Tensor | No
         g, a, out, seed if seed is not None else g, dropout_p,
         m, d, r, triton.next_power_of_2(m), chunk,
         g.stride(0), g.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
-        DROPOUT=dropout_p > 0, RNG64=rng_needs_int64(m, d), DOT_PRECISION=dot_precision(a.dtype),
+        DROPOUT=dropout_p > 0, RNG64=rng_needs_int64(m, d), INT64=needs_int64_index(a), DOT_PRECISION=dot_precision(a.dtype),
         TABLE_OUT=out_table is not None, ATOMIC=atomic, BLOCK_R=block_r, **fixed,
     )
     return out if out_table is None else None

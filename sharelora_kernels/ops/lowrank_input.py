@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import dot_precision, dropout_keep, load_factor, mma, pick_configs, rank_block, rng_needs_int64
+from .utils import (dot_precision, dropout_keep, index64, load_factor, mma, needs_int64_index, pick_configs, rank_block,
+                    rng_needs_int64)
 
 _CONFIGS = pick_configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=w, num_stages=s)
@@ -34,7 +35,7 @@ def _lowrank_project_kernel(
     a_ptr, table_ptr, scale_ptr, out_ptr, seed_ptr, p,
     M, D, R, M_BUCKET,
     stride_am, stride_ad, stride_om, stride_or,
-    DROPOUT: tl.constexpr, APPLY_SCALE: tl.constexpr, RNG64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, APPLY_SCALE: tl.constexpr, RNG64: tl.constexpr, INT64: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FACTOR_DTYPE: tl.constexpr, PERIODIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
@@ -52,7 +53,7 @@ def _lowrank_project_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_mask = cols < D
-        a = tl.load(a_rows + cols[None, :] * stride_ad, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        a = tl.load(a_rows + index64(cols, INT64)[None, :] * stride_ad, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         if DROPOUT:
             keep = dropout_keep(seed, rows, cols, D, p, RNG64)
             a = tl.where(keep, a.to(tl.float32) / (1.0 - p), 0.0).to(dtype)
@@ -85,6 +86,6 @@ def lowrank_project(a: Tensor, table: Tensor, factor_dtype: tl.dtype, periodic: 
         m, d, r, triton.next_power_of_2(m),
         a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         DROPOUT=dropout_p > 0, APPLY_SCALE=scale is not None, RNG64=rng_needs_int64(m, d),
-        DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype, PERIODIC=periodic, BLOCK_R=block_r,
+        INT64=needs_int64_index(a), DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype, PERIODIC=periodic, BLOCK_R=block_r,
     )
     return out

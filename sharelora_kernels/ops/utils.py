@@ -117,6 +117,12 @@ def rng_needs_int64(m: int, k: int) -> bool:
     return m * k > 2**31 - 1
 
 
+def needs_int64_index(*tensors: Tensor) -> bool:
+    """Whether an element offset ``index * stride`` into one of ``tensors`` can overflow int32
+    (Triton passes strides and sizes below 2**31 as int32): then the kernels index in int64."""
+    return any(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) > 2**31 - 1 for t in tensors if t.numel())
+
+
 def rank_block(r: int) -> int:
     """Rank tile: a power of two in [16, 64] (tl.dot needs >= 16 on GPU)."""
     return max(16, min(64, triton.next_power_of_2(r)))
@@ -134,6 +140,14 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
     if _INTERPRET:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def index64(idx, INT64: tl.constexpr):
+    """``idx`` as int64 when INT64 (offsets into a tensor of 2**31 or more elements), else unchanged."""
+    if INT64:
+        idx = idx.to(tl.int64)
+    return idx
 
 
 @triton.jit

@@ -30,26 +30,25 @@ def angular_sums_torch(reps: torch.Tensor, layer_dim: int = 0) -> torch.Tensor:
 
     reps: (L, n, d) for ``layer_dim=0`` or (n, L, d) for ``layer_dim=1``, any floating dtype.
     Returns (L, L) float64 on reps' device: sum over the n samples, symmetric, diagonal exactly 0.
-    Raises ValueError naming the sample and layer of a NaN/Inf entry or of a zero-norm vector.
+    Raises ValueError naming the first (sample, layer), in that order, whose vector contains NaN/Inf
+    or has zero norm: the same (sample, layer) and message as ``extension.angular_sums``.
     """
     if reps.dim() != 3 or layer_dim not in (0, 1):
         raise ValueError(f"reps must be 3-D with layer_dim 0 or 1, got shape {tuple(reps.shape)} and layer_dim={layer_dim}")
     if not reps.is_floating_point():
         raise ValueError(f"reps must be a floating-point tensor, got {reps.dtype}")
     x = reps if layer_dim == 1 else reps.transpose(0, 1)  # (n, L, d)
-    bad = ~torch.isfinite(x).all(dim=-1)
-    if bad.any():
-        n, layer = (int(v) for v in torch.nonzero(bad)[0])
-        raise ValueError(f"representation of sample {n} at layer {layer} contains NaN or Inf")
     num_layers = x.shape[1]
     total = torch.zeros(num_layers, num_layers, dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[0], _CHUNK):
         xc = x[start : start + _CHUNK].to(torch.float64)
         norms = torch.linalg.vector_norm(xc, dim=-1)  # (b, L)
-        zero = norms == 0
-        if zero.any():
-            n, layer = (int(v) for v in torch.nonzero(zero)[0])
-            raise ValueError(f"representation of sample {start + n} at layer {layer} has zero norm (no direction)")
+        nonfinite = ~torch.isfinite(xc).all(dim=-1)
+        bad = nonfinite | (norms == 0)
+        if bad.any():  # chunks go in sample order, so the first hit of the first bad chunk is the first overall
+            n, layer = (int(v) for v in torch.nonzero(bad)[0])
+            problem = "contains NaN or Inf" if nonfinite[n, layer] else "has zero norm (no direction)"
+            raise ValueError(f"representation of sample {start + n} at layer {layer} {problem}")
         c = torch.bmm(xc, xc.transpose(1, 2)) / (norms[:, :, None] * norms[:, None, :])
         c = c.clamp(-1.0, 1.0)
         theta = 2.0 * torch.atan2(torch.sqrt(1.0 - c), torch.sqrt(1.0 + c))
@@ -69,8 +68,10 @@ def angular_distance(reps: torch.Tensor | Iterable[torch.Tensor], process_group=
         the mean over all samples. Every rank must pass at least one batch.
 
     Uses the C++/CUDA extension (``sharelora_kernels.extension.angular_sums``) when it is
-    available for the batch's device, else ``angular_sums_torch``; both follow the formula in
-    this module's docstring. The similarity of METHOD section 1 is ``S = 1 - D``.
+    built for the batch's device and takes its dtype (float32, bfloat16, float16), else
+    ``angular_sums_torch`` (float64, for one); both follow the formula in this module's docstring
+    and agree to rounding, so the result does not depend on which one ran. The similarity of
+    METHOD section 1 is ``S = 1 - D``.
     """
     batches = [reps] if isinstance(reps, torch.Tensor) else reps
     total, count, num_layers = None, 0, None
@@ -81,7 +82,7 @@ def angular_distance(reps: torch.Tensor | Iterable[torch.Tensor], process_group=
             raise ValueError(f"batch {k} has {batch.shape[0]} layers, earlier batches have {num_layers}")
         num_layers = batch.shape[0]
         try:
-            sums = _sums_function(batch.device)(batch, layer_dim=0)
+            sums = _sums_function(batch)(batch, layer_dim=0)
         except ValueError as err:
             if k == 0:
                 raise
@@ -97,13 +98,14 @@ def angular_distance(reps: torch.Tensor | Iterable[torch.Tensor], process_group=
     return (total / count).cpu()
 
 
-def _sums_function(device: torch.device):
-    """extension.angular_sums when the extension is built and available on ``device``, else the torch reference."""
+def _sums_function(batch: torch.Tensor):
+    """extension.angular_sums when the extension is built for the (L, n, d) batch's device and takes
+    its dtype and layer count, else the torch reference."""
     try:
         from .. import extension
     except ImportError:
         return angular_sums_torch
-    return extension.angular_sums if extension.available(device) else angular_sums_torch
+    return extension.angular_sums if extension.takes(batch, layer_dim=0) else angular_sums_torch
 
 
 def _all_reduce(total: torch.Tensor, count: int, group) -> tuple[torch.Tensor, int]:

@@ -1,6 +1,8 @@
 """Greedy share sets from a layer similarity matrix (METHOD section 1)."""
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -10,8 +12,9 @@ METHODS = ("complete", "anchor")
 def share_sets(S, eps: float, method: str = "complete", contiguous: bool = False) -> list[list[int]]:
     """Partition layers 0..L-1 into share sets from the similarity S = 1 - D.
 
-    S: (L, L) symmetric similarity (tensor, array or nested lists; finite). eps in [0, 1]: a pair
-    (i, j), i < j, is eligible when S[i, j] >= eps.
+    S: (L, L) symmetric similarity (tensor, array or nested lists; finite). eps: a real scalar in
+    [0, 1] (Python, numpy, or a 0-d tensor or array; not a bool): a pair (i, j), i < j, is eligible
+    when S[i, j] >= eps.
 
     method "complete": visit eligible pairs by descending S, ties by ascending (i, j). Both layers
         free: open the set {i, j}. One free, one in set G: add the free layer if S(free, m) >= eps
@@ -25,11 +28,12 @@ def share_sets(S, eps: float, method: str = "complete", contiguous: bool = False
     Deterministic for a given matrix.
     """
     s = _check_matrix(S)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps <= 1.0:
+    value = eps.item() if isinstance(eps, (torch.Tensor, np.ndarray)) and eps.ndim == 0 else eps
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
         raise ValueError(f"eps must be a number in [0, 1], got {eps!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    sets = (_complete if method == "complete" else _anchor)(s, float(eps), contiguous)
+    sets = (_complete if method == "complete" else _anchor)(s, float(value), contiguous)
     taken = {i for g in sets for i in g}
     sets += [[i] for i in range(len(s)) if i not in taken]
     return sorted((sorted(g) for g in sets), key=lambda g: g[0])
