@@ -52,7 +52,7 @@ def test_shared_tensors_are_one_parameter_and_get_the_sum_of_gradients(name):
     for mname in model.sharelora_plan.modules:
         for path in model.get_submodule(mname).lora_paths:
             own = {t: nn.Parameter(params[t].detach().clone()) for t in path.spec.tensors.values()}
-            path._store = (AdapterStore(own),)
+            path._store = (AdapterStore(own, {t: model.sharelora_plan.tensors[t] for t in own}),)
             for t, c in own.items():
                 copies.setdefault(t, []).append(c)
     model(ids).logits.pow(2).mean().backward()
@@ -94,6 +94,30 @@ def test_paper_parameter_counts_on_meta_llama_7b(kwargs, expected):
     sk.apply(model, sk.ShareLoRAConfig(target_modules=TARGETS, **kwargs))
     assert sk.trainable_parameters(model) == expected
     assert sk.parameter_breakdown(model)["part:lora"] == expected
+
+
+def test_meta_device_model_materialised_with_reset_parameters():
+    """Built on meta (FSDP style), moved with to_empty(), base weights loaded, adapters re-initialised
+    by reset_parameters(): B is zero again (outputs equal the base) and A has its kaiming init."""
+    base = tiny_model(layers=2)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(base.config)
+    sk.apply(model, sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["bishare_slice"]))
+    model.to_empty(device="cpu")
+    model.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        for name, buf in base.named_buffers():  # non-persistent ones (rotary inv_freq) too
+            model.get_buffer(name).copy_(buf)
+    for m in model.modules():
+        if isinstance(m, AdapterStore):
+            m.reset_parameters()
+    ids = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, base(ids).logits, rtol=0, atol=0)
+    for name, p in adapter_tensors(model).items():
+        spec = model.sharelora_plan.tensors[name]
+        assert torch.isfinite(p).all()
+        assert (p == 0).all() if spec.init == "zeros" else 0 < p.std() < 1
 
 
 def test_expand_rank_keeps_count_at_or_under_lora():

@@ -28,30 +28,47 @@ def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
 
 
+@torch.no_grad()
+def init_tensor_(t: Tensor, spec: TensorSpec) -> None:
+    """Fill ``t`` in place as ``spec.init`` says (a no-op on the meta device)."""
+    if t.device.type == "meta":
+        return
+    if spec.init == "kaiming_uniform":
+        nn.init.kaiming_uniform_(t, a=math.sqrt(5))  # nn.Linear's and PEFT's A init
+    elif spec.init == "kaiming_normal":
+        nn.init.kaiming_normal_(t)
+    elif spec.init == "gaussian":
+        nn.init.normal_(t, std=spec.init_std)
+    elif spec.init == "zeros":
+        nn.init.zeros_(t)
+    else:
+        raise ValueError(f"unknown init {spec.init!r} for tensor {spec.name!r}")
+
+
 def new_parameter(spec: TensorSpec, device=None, dtype=None) -> nn.Parameter:
-    """A trainable tensor initialised as ``spec.init`` says (a no-op on the meta device)."""
+    """A trainable tensor initialised as ``spec.init`` says."""
     t = torch.empty(spec.shape, device=device, dtype=dtype)
-    if t.device.type != "meta":
-        if spec.init == "kaiming_uniform":
-            nn.init.kaiming_uniform_(t, a=math.sqrt(5))  # nn.Linear's and PEFT's A init
-        elif spec.init == "kaiming_normal":
-            nn.init.kaiming_normal_(t)
-        elif spec.init == "gaussian":
-            nn.init.normal_(t, std=spec.init_std)
-        elif spec.init == "zeros":
-            nn.init.zeros_(t)
-        else:
-            raise ValueError(f"unknown init {spec.init!r} for tensor {spec.name!r}")
+    init_tensor_(t, spec)
     return nn.Parameter(t)
 
 
 class AdapterStore(nn.Module):
-    """Owns each adapter tensor once, under its plan name (``.`` is stored as ``/`` in the key)."""
+    """Owns each adapter tensor once, under its plan name (``.`` is stored as ``/`` in the key).
 
-    def __init__(self, params: Mapping[str, nn.Parameter]):
+    ``specs``: plan name -> TensorSpec, so ``reset_parameters()`` can redo each tensor's init (for a
+    model built on the meta device: ``to_empty()``, then ``reset_parameters()``, as FSDP does).
+    """
+
+    def __init__(self, params: Mapping[str, nn.Parameter], specs: Mapping[str, TensorSpec]):
         super().__init__()
+        self.specs = dict(specs)
         for name, p in params.items():
             self.register_parameter(name.replace(".", "/"), p)
+
+    def reset_parameters(self) -> None:
+        """Initialise every tensor again as its spec says (fresh adapters: outputs unchanged)."""
+        for name, p in self.tensors().items():
+            init_tensor_(p, self.specs[name])
 
     def __getitem__(self, name: str) -> nn.Parameter:
         return self._parameters[name.replace(".", "/")]
@@ -128,9 +145,9 @@ class SharedLoRALinear(nn.Module):
             raise ValueError(f"alpha must be a positive number, got {alpha!r}")
         scale = alpha / (math.sqrt(r) if use_rslora else r)
         kw = {"device": self.weight.device, "dtype": adapter_dtype(self.weight.dtype)}
-        a = new_parameter(TensorSpec("A", (r, self.in_features), "kaiming_uniform", "lora"), **kw)
-        b = new_parameter(TensorSpec("B", (self.out_features, r), "zeros", "lora"), **kw)
-        self.adapters = AdapterStore({"A": a, "B": b})
+        specs = {"A": TensorSpec("A", (r, self.in_features), "kaiming_uniform", "lora"),
+                 "B": TensorSpec("B", (self.out_features, r), "zeros", "lora")}
+        self.adapters = AdapterStore({name: new_parameter(spec, **kw) for name, spec in specs.items()}, specs)
         return LoRAPathModule(PathSpec("plain", "lora", {"A": "A", "B": "B"}, scale, r), self.adapters)
 
     def paths(self) -> list[LoRAPath]:

@@ -74,7 +74,7 @@ def apply(model: nn.Module, config: ShareLoRAConfig, group_inputs: bool = False)
     for name, spec in plan.tensors.items():
         weight = model.get_submodule(first_user[name]).weight
         params[name] = new_parameter(spec, device=weight.device, dtype=adapter_dtype(weight.dtype))
-    model.sharelora_adapters = store = AdapterStore(params).train(model.training)
+    model.sharelora_adapters = store = AdapterStore(params, plan.tensors).train(model.training)
     for name, mplan in plan.modules.items():
         paths = [LoRAPathModule(p, store) for p in mplan.paths]
         parent_name, _, leaf = name.rpartition(".")
