@@ -4,7 +4,8 @@ The csrc/ kernels are built as plain shared libraries with a C ABI (no torch, no
 headers; see csrc/README.md), so they build inside pip's isolated environment where torch
 is not importable: the CPU library with the system C++ compiler everywhere, the CUDA library
 where nvcc is found (unless SHARELORA_KERNELS_NO_CUDA=1). A failed build never fails the
-install: extension.py then tries a just-in-time build, and else uses the torch reference.
+install: extension.py then tries a just-in-time build (from a source checkout), and else uses
+the torch reference. MANIFEST.in puts csrc/ into the sdist.
 """
 import importlib.util
 import os
@@ -37,6 +38,12 @@ class BuildSharedLibraries(build_ext):
         return os.path.join(*fullname.split(".")) + ".so"
 
     def build_extensions(self):
+        for ext in self.extensions:  # a library left by an earlier build must not be installed instead
+            Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
+        if not _CSRC_BUILD.is_file():
+            print(f"WARNING: sharelora_kernels: no {_CSRC_BUILD}; kernels not built (the torch reference runs)")
+            self.extensions = []
+            return
         build = _csrc_build()
         wanted = [ext for ext in self.extensions
                   if ext.kind == "cpu" or (build.find_nvcc() and
@@ -46,8 +53,8 @@ class BuildSharedLibraries(build_ext):
         built = []
         for ext in wanted:
             if errors[ext.kind]:
-                print(f"WARNING: sharelora_kernels {ext.kind} kernel not built "
-                      f"(will try a JIT build on first use): {errors[ext.kind]}")
+                print(f"WARNING: sharelora_kernels {ext.kind} kernel not built (an editable install tries a "
+                      f"JIT build on first use; else the torch reference runs): {errors[ext.kind]}")
                 continue
             target = Path(self.get_ext_fullpath(ext.name))
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,9 +38,9 @@ def compile_command(kind: str, output: Path) -> list[str]:
     """The compiler command line that builds library `kind` ("cpu" or "cuda") at `output`."""
     source = str(SOURCES[kind])
     if kind == "cpu":
-        cxx = os.environ.get("CXX", "c++")
+        cxx = shlex.split(os.environ.get("CXX", "c++"))  # e.g. "ccache c++"
         # -Wno-psabi: the 32-byte vector type never crosses a function boundary (inlined).
-        return [cxx, "-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-Wall",
+        return [*cxx, "-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-Wall",
                 "-Wno-psabi", source, "-o", str(output)]
     nvcc = find_nvcc()
     if nvcc is None:

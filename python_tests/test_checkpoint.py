@@ -117,3 +117,19 @@ def test_failed_load_leaves_the_model_untouched(tmp_path):
     assert getattr(model, "sharelora_plan", None) is None
     assert not any(isinstance(m, sk.SharedLoRALinear) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Checkpoint and export files are readable by a serving process of another user, as a plain
+    open() would make them (umask applied), not mkstemp's owner-only 0600."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        sk.save(trained("lora"), tmp_path / "ckpt")
+        sk.export_peft(trained("lora"), tmp_path / "peft")
+    finally:
+        os.umask(old)
+    for path in [*(tmp_path / "ckpt").iterdir(), *(tmp_path / "peft").iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name

@@ -46,6 +46,18 @@ def test_plan_prints_sets_and_counts(tmp_path, capsys):
     assert all(g == list(range(g[0], g[-1] + 1)) for g in config.share_sets)
 
 
+def test_plan_without_matplotlib_writes_everything_but_the_heatmap(tmp_path, capsys, monkeypatch):
+    """matplotlib is optional: the README's main command must not need it."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert main(["plan", "--samples", "12", "--out", str(tmp_path)]) == 0
+    assert "similarity.png not drawn: similarity_heatmap needs matplotlib" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "similarity.json"]
+
+
 def test_finetune_lowers_loss_and_saves(planned, tmp_path):
     out = tmp_path / "ft"
     argv = ["finetune", "--plan", str(planned / "plan.json"), "--steps", "12", "--samples", "2", "--batch-size", "4",

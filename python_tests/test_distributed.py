@@ -9,8 +9,11 @@ from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model,
 STEPS, LR = 3, 0.05
 
 
-def build(name):
-    model = sk.apply(tiny_model("llama"), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS[name]))
+def build(name, checkpointing=None):
+    model = tiny_model("llama")
+    if checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+    model = sk.apply(model, sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS[name]))
     randomize_adapters(model, std=0.1)
     return model.train()
 
@@ -56,9 +59,7 @@ def worker(rank, world, init_file, out_file):
     results = {}
     for name, kind, checkpointing in CASES:
         torch.manual_seed(0)
-        model = build(name)
-        if checkpointing:
-            model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+        model = build(name, checkpointing)
         shards = [b[rank * 2:(rank + 1) * 2] for b in batches()]
         trained = train(model, shards, wrapper(kind))
         results[name] = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in trained.items()}

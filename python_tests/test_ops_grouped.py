@@ -385,6 +385,7 @@ def test_compiled_input_groups_with_biases_match_eager(monkeypatch):
 
     ref, ref_grads = run(model)
     out, grads = run(torch.compile(model, fullgraph=True, backend="aot_eager"))
-    assert rel_err(out, ref.double()) < 1e-6
+    # float32, one graph vs op by op: equal up to summation order (2.8e-6 seen with Transformers 4.57)
+    assert rel_err(out, ref.double()) < 1e-5
     for g, r in zip(grads, ref_grads):
-        assert rel_err(g, r.double()) < 1e-6
+        assert rel_err(g, r.double()) < 1e-5

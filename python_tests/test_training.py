@@ -19,10 +19,11 @@ class TokenWindows(Dataset):
 
 
 def trained_with_trainer(tmp_path, checkpointing):
-    model = sk.apply(tiny_model(), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["similarity"]))
-    randomize_adapters(model, std=0.1)
-    if checkpointing:
+    model = tiny_model()
+    if checkpointing:  # before apply, which then lets gradient into reentrant blocks (any Transformers version)
         model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+    model = sk.apply(model, sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["similarity"]))
+    randomize_adapters(model, std=0.1)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
                              report_to=[], save_steps=2, logging_steps=1, use_cpu=True, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=TokenWindows())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Subcommand name -> module defining HELP, add_arguments(parser) and run(args). Add a command here.
@@ -16,7 +17,8 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     from .cli import CommandError
 
-    parser = argparse.ArgumentParser(prog="python -m sharelora_kernels",
+    prog = "sharelora" if os.path.basename(sys.argv[0]) == "sharelora" else "python -m sharelora_kernels"
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Shared low-rank adapters: plan share sets, fine-tune, export.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, module_name in COMMANDS.items():

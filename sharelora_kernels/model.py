@@ -82,6 +82,11 @@ def apply(model: nn.Module, config: ShareLoRAConfig, group_inputs: bool = False)
         setattr(parent, leaf, SharedLoRALinear(getattr(parent, leaf), paths, dropout=config.dropout))
     model.sharelora_config = config
     model.sharelora_plan = plan
+    if getattr(model, "is_gradient_checkpointing", False):
+        # reentrant checkpointing passes gradient into a block only if its input requires grad;
+        # with a frozen embedding it would not (PEFT does the same; Transformers 5 does it when
+        # checkpointing is enabled later, 4.x does not: call it yourself there)
+        model.enable_input_require_grads()
     if group_inputs:
         enable_input_groups(model)
     return model

@@ -7,7 +7,7 @@ expansion, Bi-Share LoRA at the paper defaults), and writes into --out:
 
     plan.json        a ShareLoRAConfig (method "similarity", the found share sets): ShareLoRAConfig.from_json
     similarity.json  the similarity matrix, all share sets, the counts and a threshold sweep
-    similarity.png   the similarity heatmap with the share sets outlined
+    similarity.png   the similarity heatmap with the share sets outlined (when matplotlib is installed)
 """
 from __future__ import annotations
 
@@ -92,9 +92,14 @@ def run(args: argparse.Namespace) -> dict:
         "sweep": [p.to_dict() for p in sweep], "similarity": S.tolist(),
     }
     (out / "similarity.json").write_text(json.dumps(info, indent=1) + "\n")
-    similarity_heatmap(S, multi, out / "similarity.png",
-                       title=f"{model_dir.name}: similarity, share sets at eps={args.eps} ({args.method})")
-    _report(info, point, sweep, bishare, args.r, out)
+    _report(info, point, sweep, bishare, args.r)
+    written = [out / "plan.json", out / "similarity.json"]
+    try:
+        written.append(similarity_heatmap(S, multi, out / "similarity.png",
+                                          title=f"{model_dir.name}: similarity, share sets at eps={args.eps} ({args.method})"))
+    except ImportError as err:  # matplotlib is optional
+        print(f"similarity.png not drawn: {err}")
+    print("wrote " + ", ".join(str(p) for p in written))
     return info
 
 
@@ -120,7 +125,7 @@ def _bishare_counts(infos, num_layers: int, targets: list[str], alpha: float, kr
     return counts
 
 
-def _report(info: dict, point, sweep, bishare: dict, r: int, out: Path) -> None:
+def _report(info: dict, point, sweep, bishare: dict, r: int) -> None:
     lora = point.lora_params
     print(f"model {info['model']} ({info['model_type']}, {info['num_layers']} layers); "
           f"{info['samples']} calibration samples, position {info['position']}")
@@ -140,4 +145,3 @@ def _report(info: dict, point, sweep, bishare: dict, r: int, out: Path) -> None:
     print("threshold sweep (eps: sets / slots / ShareLoRA params):")
     for p in sweep:
         print(f"  {p.eps:.2f}: {len(p.sets)} sets / {p.slots} slots / {p.share_params:,}")
-    print(f"wrote {out / 'plan.json'}, {out / 'similarity.json'}, {out / 'similarity.png'}")

@@ -110,6 +110,10 @@ def train(out: Path, steps: int, batch: int, seq: int, lr: float, seed: int) -> 
     config["dtype"] = "float32"  # weights are bf16 on disk; load (and fine-tune) in float32
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     byte_tokenizer().save_pretrained(out)
+    tok_path = out / "tokenizer_config.json"  # Transformers 5 writes its own class name, unknown to 4.x
+    tok_config = json.loads(tok_path.read_text())
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_path.write_text(json.dumps(tok_config, indent=2) + "\n")
     for f in out.iterdir():
         f.chmod(0o644)  # safetensors writes 0600; package data must be readable by every user
     summary = {"steps": steps, "batch": batch, "seq": seq, "lr": lr, "seed": seed, "threads": torch.get_num_threads(),
