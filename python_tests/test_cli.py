@@ -33,6 +33,8 @@ def test_plan_writes_config_heatmap_and_similarity(planned, capsys):
     counts = info["counts"]
     assert counts["share_params"] <= counts["lora_params"] and counts["share_expanded_params"] <= counts["lora_params"]
     assert (planned / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    gate = info["bishare"]["gate"]  # the gate core shrinks to the model (the paper's 1024 x 1024 would dwarf LoRA)
+    assert max(gate["gate_dims"]) <= 1024 and gate["params"] < counts["lora_params"]
 
 
 def test_plan_prints_sets_and_counts(tmp_path, capsys):

@@ -112,16 +112,18 @@ def _bishare_counts(infos, num_layers: int, targets: list[str], alpha: float, kr
     if kron_dim is None:
         common = math.gcd(*dims)
         kron_dim = min(common & -common, 256)  # the paper's 256, or the largest power of two dividing every dim
+    # the paper's 1024 x 1024 gate core, or the smallest module dims when a model is smaller
+    gate_dims = [min(1024, *(m.in_features for m in infos)), min(1024, *(m.out_features for m in infos))]
     counts = {}
     for transform, ranks in BISHARE_DEFAULT_RANKS.items():
         cfg = ShareLoRAConfig(method="bishare", target_modules=targets, alpha=alpha, shape_transform=transform,
-                              kron_dim=kron_dim)
+                              kron_dim=kron_dim, gate_dims=gate_dims)
         try:
             counts[transform] = {"ranks": list(ranks), "params": build_plan(cfg, infos, num_layers).parameter_count()}
         except ValueError as err:
             raise CommandError(f"Bi-Share {transform}: {err}") from err
     counts["kron"]["kron_dim"] = kron_dim
-    counts["gate"]["gate_dims"] = [1024, 1024]
+    counts["gate"]["gate_dims"] = gate_dims
     return counts
 
 
@@ -137,7 +139,7 @@ def _report(info: dict, point, sweep, bishare: dict, r: int) -> None:
             (f"ShareLoRA r={r}", point.share_params),
             (f"ShareLoRA expanded r={point.expanded_r}", point.share_expanded_params)]
     for transform, c in bishare.items():
-        extra = f" d_s={c['kron_dim']}" if "kron_dim" in c else (" m=n=1024" if "gate_dims" in c else "")
+        extra = f" d_s={c['kron_dim']}" if "kron_dim" in c else (" m,n={},{}".format(*c["gate_dims"]) if "gate_dims" in c else "")
         rows.append((f"Bi-Share {transform} ranks {tuple(c['ranks'])}{extra}", c["params"]))
     print("trainable parameters:")
     for name, n in rows:

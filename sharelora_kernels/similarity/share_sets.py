@@ -24,8 +24,10 @@ def share_sets(S, eps: float, method: str = "complete", contiguous: bool = False
     contiguous: a set may only be opened by, or grow by, a layer adjacent to its current range, so
         every set is a run of consecutive layers.
 
-    Returns every layer exactly once, singletons included: sorted lists, sorted by first layer.
-    Deterministic for a given matrix.
+    Returns every layer exactly once, singletons included (METHOD: singletons are not sets; the
+    config and the counts ignore them): sorted lists, sorted by first layer. Deterministic for a
+    given matrix. ``angular_distance`` resolves angles to about 1e-8 rad (float64 rounding of the
+    cosine), so even identical layers get S slightly below 1: eps = 1 groups nothing in practice.
     """
     s = _check_matrix(S)
     value = eps.item() if isinstance(eps, (torch.Tensor, np.ndarray)) and eps.ndim == 0 else eps
