@@ -122,8 +122,8 @@ class _LinearPlusLoRA(torch.autograd.Function):
         dx = dxd = None
         if need[0]:
             dx = dy @ weight.to(dy.dtype)
-            if ctx.same_input:
-                dx.addmm_(dh, a)
+            if ctx.same_input:  # under autocast dy (bf16) and the adapters (fp32) differ
+                dx.addmm_(dh.to(dx.dtype), a.to(dx.dtype))
         if need[1] and not ctx.same_input:
             dxd = dh @ a
         d_weight = dy.t() @ x if need[2] else None
