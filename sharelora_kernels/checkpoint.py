@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ShareLoRAConfig
-from .model import adapter_tensors, apply, get_plan, plan_model, shared_layers
+from .model import adapter_tensors, apply_plan, get_plan, plan_model, shared_layers
 from .plan import SharePlan
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -84,10 +84,13 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """
     config, saved_plan, path = read_checkpoint(directory)
     current = getattr(model, "sharelora_plan", None)
-    plan_mismatch(saved_plan, current if current is not None else plan_model(model, config), str(path))
     if current is None:
-        apply(model, config)
-    elif any(m.merged for m in shared_layers(model)):
+        plan = plan_model(model, config)
+        plan_mismatch(saved_plan, plan, str(path))
+        apply_plan(model, config, plan)
+    else:
+        plan_mismatch(saved_plan, current, str(path))
+    if any(m.merged for m in shared_layers(model)):
         raise ValueError("the model's adapters are merged into its weights: call unmerge(model) before load(), "
                          "or the merged weights would keep the old adapters")
     params = adapter_tensors(model)

@@ -85,22 +85,20 @@ class ShareLoRAConfig:
         _choice("shape_transform", self.shape_transform, SHAPE_TRANSFORMS)
         _choice("slice_policy", self.slice_policy, SLICE_POLICIES)
         _choice("init_a", self.init_a, INITS)
-        _int("r", self.r, minimum=1)
+        check_int("r", self.r, minimum=1)
         for name in ("use_rslora", "expand_rank"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("local_r", "intra_r", "inter_r"):
-            _int(name, getattr(self, name), minimum=0)
-        _int("gate_rank", self.gate_rank, minimum=1)
-        _int("kron_dim", self.kron_dim, minimum=1)
+            check_int(name, getattr(self, name), minimum=0)
+        check_int("gate_rank", self.gate_rank, minimum=1)
+        check_int("kron_dim", self.kron_dim, minimum=1)
         if len(self.gate_dims) != 2:
             raise ValueError(f"gate_dims must be a pair (m, n), got {self.gate_dims!r}")
         for d in self.gate_dims:
-            _int("gate_dims", d, minimum=1)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
-            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            check_int("gate_dims", d, minimum=1)
+        check_positive("alpha", self.alpha)
+        check_dropout(self.dropout)
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise ValueError(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
         if self.method == "bishare" and self.local_r + self.intra_r + self.inter_r == 0:
@@ -157,7 +155,20 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def _int(name: str, value: Any, minimum: int) -> None:
+def check_positive(name: str, value: Any) -> None:
+    """ValueError unless ``value`` is a finite real number > 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_dropout(value: Any) -> None:
+    """ValueError unless ``value`` is a dropout probability in [0, 1) (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {value!r}")
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """ValueError unless ``value`` is an integer >= minimum (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < minimum:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .config import check_dropout, check_int, check_positive
 from .plan import PATH_ROLES, PathSpec, TensorSpec
 from .reference import LoRAPath, delta_weight
 
@@ -122,8 +123,7 @@ class SharedLoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"SharedLoRALinear wraps an nn.Linear, got {type(base).__name__}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_dropout(dropout)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
@@ -139,10 +139,8 @@ class SharedLoRALinear(nn.Module):
         self.train(base.training)
 
     def _own_plain_path(self, r: int, alpha: float, use_rslora: bool) -> LoRAPathModule:
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be an integer >= 1, got {r!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
-            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+        check_int("r", r, minimum=1)
+        check_positive("alpha", alpha)
         scale = alpha / (math.sqrt(r) if use_rslora else r)
         kw = {"device": self.weight.device, "dtype": adapter_dtype(self.weight.dtype)}
         specs = {"A": TensorSpec("A", (r, self.in_features), "kaiming_uniform", "lora"),

@@ -11,7 +11,7 @@ import torch.nn as nn
 from .config import ShareLoRAConfig
 from .grouping import check_known_architecture, enable_input_groups
 from .layer import AdapterStore, LoRAPathModule, SharedLoRALinear, adapter_dtype, new_parameter
-from .plan import ModuleInfo, SharePlan, build_plan
+from .plan import ModuleInfo, SharePlan, build_plan, layer_position
 
 
 def find_target_modules(model: nn.Module, target_modules: list[str]) -> tuple[list[ModuleInfo], int]:
@@ -41,8 +41,7 @@ def find_target_modules(model: nn.Module, target_modules: list[str]) -> tuple[li
         if tied:
             raise ValueError(f"target module {name!r} has its weight tied to {tied[0]!r}; merging an adapter into it "
                              "would change that module too (remove it from target_modules)")
-        layer = next((int(part) for part in name.split(".") if part.isdigit()), 0)
-        infos.append(ModuleInfo(name, layer, leaf, module.in_features, module.out_features))
+        infos.append(ModuleInfo(name, layer_position(name)[0], leaf, module.in_features, module.out_features))
     found_layers = max((m.layer for m in infos), default=-1) + 1
     configured = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     return infos, max(found_layers, configured or 0)
@@ -59,14 +58,27 @@ def apply(model: nn.Module, config: ShareLoRAConfig, group_inputs: bool = False)
     (``grouping.enable_input_groups``; LLaMA / Mistral / Qwen2 only).
     Every check runs before the model is touched: a call that raises leaves it as it was.
     """
+    if group_inputs:
+        check_known_architecture(model)
+    return apply_plan(model, config, plan_model(model, config), group_inputs)
+
+
+def plan_model(model: nn.Module, config: ShareLoRAConfig) -> SharePlan:
+    """The share plan ``apply(model, config)`` would build, without changing the model; raises
+    what apply would raise (adapters already there, a container root, a config or model misfit)."""
     if getattr(model, "sharelora_plan", None) is not None:
         raise ValueError("this model already has ShareLoRA adapters; apply() runs once per model")
     if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
         raise TypeError(f"apply() adds the adapter store as a child of the model's root, which would change what "
                         f"a {type(model).__name__} runs; wrap it in an nn.Module first")
-    if group_inputs:
-        check_known_architecture(model)
-    plan = plan_model(model, config)
+    config.validate()  # it may have been edited since it was made
+    infos, num_layers = find_target_modules(model, config.target_modules)
+    return build_plan(config, infos, num_layers)
+
+
+def apply_plan(model: nn.Module, config: ShareLoRAConfig, plan: SharePlan, group_inputs: bool = False) -> nn.Module:
+    """``apply`` with the plan ``plan_model(model, config)`` already made (``load`` compares it with
+    a checkpoint's first); it changes the model and raises nothing more."""
     for p in model.parameters():
         p.requires_grad_(False)
     first_user = _first_users(plan)
@@ -90,13 +102,6 @@ def apply(model: nn.Module, config: ShareLoRAConfig, group_inputs: bool = False)
     if group_inputs:
         enable_input_groups(model)
     return model
-
-
-def plan_model(model: nn.Module, config: ShareLoRAConfig) -> SharePlan:
-    """The share plan ``apply(model, config)`` would build, without changing the model."""
-    config.validate()  # it may have been edited since it was made
-    infos, num_layers = find_target_modules(model, config.target_modules)
-    return build_plan(config, infos, num_layers)
 
 
 def _first_users(plan: SharePlan) -> dict[str, str]:

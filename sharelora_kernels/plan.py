@@ -112,6 +112,14 @@ class SharePlan:
         return cls(d["method"], d["num_layers"], tensors, modules)
 
 
+def layer_position(name: str) -> tuple[int, str | None]:
+    """A module's layer, the first integer in its dotted path (none: layer 0), and its stack of
+    layers, the path before that integer (None without one): "model.layers.3.mlp" -> (3, "model.layers")."""
+    parts = name.split(".")
+    at = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    return (0, None) if at is None else (int(parts[at]), ".".join(parts[:at]))
+
+
 def expanded_rank(num_layers: int, share_sets: list[list[int]], r: int) -> int:
     """floor(L / U * r) with U = L - sum|S_i| + |S| unique slots (METHOD section 1); singletons ignored."""
     sets = [s for s in share_sets if len(s) > 1]
@@ -181,7 +189,6 @@ class _Builder:
                 raise ValueError(f"method 'similarity' gives one adapter per (module type, layer), and modules {other!r} "
                                  f"and {m.name!r} are both {m.module_type} of layer {m.layer} (encoder-decoder, "
                                  "cross-attention or expert modules): use method 'lora' or 'share_*' for this model")
-        for m in modules:
             slot = f"{m.module_type}.{slot_of.get(m.layer, f'layer{m.layer}')}"
             self.add_plain(m, f"{slot}.A", f"{slot}.B", r, "lora", m.module_type, m.module_type)
 
@@ -253,10 +260,9 @@ def _check_one_layer_stack(modules: list[ModuleInfo]) -> None:
     (an encoder and a decoder), whose layer n would share one intra adapter."""
     stacks: dict[str, str] = {}
     for m in modules:
-        parts = m.name.split(".")
-        at = next((i for i, part in enumerate(parts) if part.isdigit()), None)
-        if at is not None:
-            stacks.setdefault(".".join(parts[:at]), m.name)
+        stack = layer_position(m.name)[1]
+        if stack is not None:
+            stacks.setdefault(stack, m.name)
     if len(stacks) > 1:
         first, second = list(stacks.values())[:2]
         raise ValueError(f"Bi-Share's intra-layer adapters are keyed by layer number, and {first!r} and {second!r} "
