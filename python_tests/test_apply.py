@@ -8,7 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import sharelora_kernels as sk
 from sharelora_kernels.layer import AdapterStore
-from sharelora_kernels.model import adapter_tensors, find_target_modules
+from sharelora_kernels.model import adapter_tensors
+from sharelora_kernels.targeting import find_target_modules
 from tiny_models import ARCHS, METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
 
 
@@ -153,23 +154,36 @@ def test_generic_module_layer_index_from_path():
             self.head = nn.Linear(6, 3)
 
     net = Net()
-    infos, layers = find_target_modules(net, ["proj", "head"])
-    assert [(m.name, m.layer) for m in infos] == [("blocks.0.proj", 0), ("blocks.1.proj", 1), ("head", 0)]
+    infos, layers = find_target_modules(net, sk.ShareLoRAConfig(target_modules=["proj", "head"]))
+    assert [(m.name, m.layer, m.module_type) for m in infos] == [("blocks.0.proj", 0, "proj"), ("blocks.1.proj", 1, "proj"),
+                                                                 ("head", None, "head")]
     assert layers == 2
     sk.apply(net, sk.ShareLoRAConfig(method="share_a", r=2, target_modules=["proj"]))
     assert net.blocks[0].proj.lora_paths[0].A is net.blocks[1].proj.lora_paths[0].A
-    with pytest.raises(TypeError, match="Sequential"):
-        sk.apply(nn.Sequential(Block()), sk.ShareLoRAConfig(r=2, target_modules=["proj"]))
 
 
-def test_unknown_linear_subclass_is_refused_by_name():
-    class QuantLinear(nn.Linear):
+def test_linear_subclass_overriding_forward_is_refused_by_qualified_name():
+    """A subclass that keeps nn.Linear's forward is a plain linear base; one that overrides it (a
+    quantizer's) is refused by apply and by SharedLoRALinear alike, before anything changes."""
+    class KeepsForward(nn.Linear):
         pass
 
+    class QuantLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x.round())
+
+    net = nn.Module()
+    net.q_proj = KeepsForward(4, 4)
+    sk.apply(net, sk.ShareLoRAConfig(target_modules=["q_proj"]))
+    assert isinstance(net.q_proj, sk.SharedLoRALinear)
     net = nn.Module()
     net.q_proj = QuantLinear(4, 4)
-    with pytest.raises(TypeError, match="q_proj.*QuantLinear"):
+    qualified = f"{__name__}.test_linear_subclass_overriding_forward_is_refused_by_qualified_name.<locals>.QuantLinear"
+    with pytest.raises(TypeError, match=f"'q_proj' is a {qualified}, which subclasses nn.Linear but overrides its forward"):
         sk.apply(net, sk.ShareLoRAConfig(target_modules=["q_proj"]))
+    assert type(net.q_proj) is QuantLinear and net.q_proj.weight.requires_grad
+    with pytest.raises(TypeError, match="QuantLinear, which subclasses nn.Linear but overrides its forward"):
+        sk.SharedLoRALinear(QuantLinear(4, 4), r=2)
 
 
 def test_tied_lm_head_is_refused():
@@ -181,7 +195,7 @@ def test_tied_lm_head_is_refused():
 
 def test_no_target_and_double_apply_and_kron_misfit_errors():
     with pytest.raises(ValueError, match="no target module"):
-        sk.apply(tiny_model(), sk.ShareLoRAConfig(target_modules=["nope"]))
+        sk.apply(tiny_model(), sk.ShareLoRAConfig(target_modules=r".*\.nope"))
     model = sk.apply(tiny_model(), sk.ShareLoRAConfig(target_modules=TARGETS))
     with pytest.raises(ValueError, match="already has ShareLoRA"):
         sk.apply(model, sk.ShareLoRAConfig(target_modules=TARGETS))
@@ -236,9 +250,12 @@ def stacked_model() -> nn.Module:
 
 
 def test_plans_that_would_share_across_stacks_are_refused():
-    with pytest.raises(ValueError, match="'encoder.layers.0.q_proj' and 'decoder.layers.0.q_proj' are both q_proj of "
-                                         "layer 0"):
+    with pytest.raises(ValueError, match="share set.*'encoder.layers.0.q_proj' and 'decoder.layers.0.q_proj' lie in "
+                                         "different stacks of layers .*target the modules of one stack"):
         sk.apply(stacked_model(), sk.ShareLoRAConfig(method="similarity", r=2, target_modules=["q_proj"]))
+    one_stack = sk.apply(stacked_model(), sk.ShareLoRAConfig(method="similarity", r=2, share_sets=[[0, 1]],
+                                                             target_modules=r"encoder\.layers\.\d+\.q_proj"))
+    assert len(sk.model.shared_layers(one_stack)) == 2 and len(one_stack.sharelora_plan.tensors) == 2
     with pytest.raises(ValueError, match="different stacks of layers.*intra_r=0"):
         sk.apply(stacked_model(), sk.ShareLoRAConfig(method="bishare", local_r=1, intra_r=2, inter_r=2,
                                                      target_modules=["q_proj"]))

@@ -5,10 +5,30 @@ from sharelora_kernels import ShareLoRAConfig
 
 def test_json_round_trip_keeps_every_field():
     c = ShareLoRAConfig(method="bishare", shape_transform="gate", gate_dims=(64, 32), alpha=7.5, dropout=0.1,
-                        target_modules=["q_proj", "up_proj"], use_rslora=True)
+                        target_modules=["q_proj", "up_proj"], use_rslora=True, exclude_modules=r".*\.3\..*",
+                        layers_to_transform=[0, 2], layers_pattern="layers", modules_to_save=["score"])
     back = ShareLoRAConfig.from_json(c.to_json())
     assert back == c
     assert back.gate_dims == (64, 32)
+    lora = ShareLoRAConfig(r=4, target_modules="all-linear", rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3.0},
+                           modules_to_save=[])
+    assert ShareLoRAConfig.from_json(lora.to_json()) == lora
+
+
+def test_config_json_from_before_the_targeting_fields_still_reads():
+    """A sharelora_config.json written before exclude_modules & co. existed gets their defaults."""
+    old = {"method": "lora", "r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj"], "use_rslora": False,
+           "share_sets": [], "expand_rank": False, "local_r": 2, "intra_r": 4, "inter_r": 32, "shape_transform": "slice",
+           "slice_policy": "center", "gate_rank": 1, "gate_dims": [1024, 1024], "kron_dim": 256, "init_a": "kaiming"}
+    c = ShareLoRAConfig.from_dict(old)
+    assert c.target_modules == ["q_proj"] and c.modules_to_save is None and c.exclude_modules is None
+    assert c.rank_pattern == {} and c.layers_to_transform is None
+
+
+def test_target_modules_defaults_to_none_and_all_linear_is_case_insensitive():
+    assert ShareLoRAConfig().target_modules is None
+    assert ShareLoRAConfig(target_modules="ALL-LINEAR").target_modules == "all-linear"
+    assert ShareLoRAConfig(target_modules=("q_proj", "v_proj")).target_modules == ["q_proj", "v_proj"]
 
 
 @pytest.mark.parametrize("transform, ranks", [("slice", (2, 4, 32)), ("gate", (2, 8, 16)), ("kron", (2, 4, 16))])
@@ -27,7 +47,22 @@ def test_bishare_paper_default_ranks(transform, ranks):
     (dict(alpha=0), "alpha"),
     (dict(dropout=1.0), "dropout"),
     (dict(target_modules=[]), "target_modules"),
-    (dict(target_modules="q_proj"), "target_modules"),
+    (dict(target_modules="q_proj["), "target_modules 'q_proj\\[' is not a valid regular expression"),
+    (dict(target_modules=""), "target_modules"),
+    (dict(target_modules=["q_proj", ""]), "target_modules"),
+    (dict(exclude_modules=[]), "exclude_modules"),
+    (dict(exclude_modules="(unclosed"), "exclude_modules"),
+    (dict(layers_to_transform=[0, -1]), "layers_to_transform"),
+    (dict(layers_to_transform=[]), "layers_to_transform"),
+    (dict(layers_to_transform=[1.5]), "layers_to_transform"),
+    (dict(target_modules=r".*q_proj", layers_to_transform=[0]), "layers_to_transform cannot be used with a regular"),
+    (dict(layers_pattern="layers"), "layers_pattern only applies together with layers_to_transform"),
+    (dict(modules_to_save="classifier"), "modules_to_save"),
+    (dict(modules_to_save=["classifier", 3]), "modules_to_save"),
+    (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\] must be >= 1"),
+    (dict(alpha_pattern={"q_proj": -1.0}), r"alpha_pattern\['q_proj'\] must be a positive"),
+    (dict(rank_pattern=["q_proj"]), "rank_pattern"),
+    (dict(method="share_a", rank_pattern={"q_proj": 4}), "rank_pattern only applies to method='lora'"),
     (dict(alpha=float("inf")), "alpha"),
     (dict(alpha="16"), "alpha"),
     (dict(use_rslora="yes"), "use_rslora"),

@@ -4,13 +4,23 @@ from .config import ShareLoRAConfig
 from .export import export_peft
 from .layer import SharedLoRALinear
 from .model import apply, merge, parameter_breakdown, trainable_parameters, unmerge
+from .peft_import import from_peft
 from .plan import SharePlan, expanded_rank
 from .similarity import (angular_distance, iter_layer_representations, layer_representations, share_sets,
                          sweep_thresholds)
 
 __all__ = [
-    "ShareLoRAConfig", "SharedLoRALinear", "SharePlan", "angular_distance", "apply", "export_peft", "expanded_rank",
-    "iter_layer_representations", "layer_representations", "load", "merge", "parameter_breakdown", "save", "share_sets", "sweep_thresholds",
-    "trainable_parameters", "unmerge",
+    "ShareLoRAConfig", "SharedLoRALinear", "SharePlan", "TrainerCallback", "angular_distance", "apply", "export_peft",
+    "expanded_rank", "from_peft", "iter_layer_representations", "layer_representations", "load", "merge",
+    "parameter_breakdown", "save", "share_sets", "sweep_thresholds", "trainable_parameters", "unmerge",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``TrainerCallback`` is imported on first use: it imports transformers' Trainer machinery (seconds)."""
+    if name == "TrainerCallback":
+        from .trainer import TrainerCallback
+
+        return TrainerCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,11 @@
 """save / load adapter checkpoints: one safetensors file, shared tensors stored once, no pickle.
 
-``adapter.safetensors`` holds every plan tensor under its plan name, and in its metadata the config
-and the share plan (the authoritative copy, so weights and plan can never disagree). A readable
-``sharelora_config.json`` is written beside it. Each file is written to a temporary name in the same
+``adapter.safetensors`` holds every plan tensor under its plan name, the state of each module
+trained in full (``modules_to_save``) under ``modules_to_save/<module>.<tensor>``, and in its
+metadata the config and the share plan (the authoritative copy, so weights and plan can never
+disagree). A readable ``sharelora_config.json`` is written beside it. A module holding hand-wrapped
+``SharedLoRALinear`` layers has no config: its checkpoint holds the plan read off the layers
+(config ``null``, no JSON file) and loads into a module wrapped the same way. Each file is written to a temporary name in the same
 directory and renamed over the old one, so an interrupted save leaves the previous checkpoint intact.
 """
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -23,6 +27,7 @@ from .model import adapter_tensors, apply_plan, get_plan, plan_model, shared_lay
 from .plan import SharePlan
 
 WEIGHTS_NAME = "adapter.safetensors"
+SAVED_PREFIX = "modules_to_save/"
 CONFIG_NAME = "sharelora_config.json"
 FORMAT_VERSION = "1"
 
@@ -44,21 +49,31 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the model's adapters to ``directory`` (created if needed); returns the weights path."""
+    """Write the model's adapters and modules to save into ``directory`` (any directory, e.g. a
+    Trainer checkpoint's; created if needed); returns the weights path."""
     plan = get_plan(model)
-    config: ShareLoRAConfig = model.sharelora_config
+    config: ShareLoRAConfig | None = getattr(model, "sharelora_config", None)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in adapter_tensors(model).items()}
+    tensors.update({SAVED_PREFIX + name: t.detach().to("cpu").contiguous() for name, t in saved_state(model, plan).items()})
     metadata = {"format": "sharelora", "format_version": FORMAT_VERSION,
-                "config": config.to_json(), "plan": json.dumps(plan.to_dict())}
+                "config": "null" if config is None else config.to_json(), "plan": json.dumps(plan.to_dict())}
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config.to_json() + "\n"))
+    if config is not None:
+        atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config.to_json() + "\n"))
     return out / WEIGHTS_NAME
 
 
-def read_checkpoint(directory: str | os.PathLike) -> tuple[ShareLoRAConfig, SharePlan, Path]:
-    """Config and plan stored in a checkpoint directory; ValueError if it is missing or damaged."""
+def saved_state(model: nn.Module, plan: SharePlan) -> dict[str, torch.Tensor]:
+    """``"<module>.<tensor>"`` -> tensor of every module trained in full (its state_dict, buffers included)."""
+    return {f"{name}.{key}": t for name in plan.modules_to_save
+            for key, t in model.get_submodule(name).state_dict().items()}
+
+
+def read_checkpoint(directory: str | os.PathLike) -> tuple[ShareLoRAConfig | None, SharePlan, Path]:
+    """Config (None for hand-wrapped layers) and plan stored in a checkpoint directory; ValueError
+    if it is missing or damaged."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise ValueError(f"no ShareLoRA checkpoint at {path}")
@@ -70,30 +85,36 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[ShareLoRAConfig, Shar
     if meta.get("format") != "sharelora":
         raise ValueError(f"{path} is not a ShareLoRA checkpoint (no 'format: sharelora' in its metadata)")
     try:
-        return ShareLoRAConfig.from_json(meta["config"]), SharePlan.from_dict(json.loads(meta["plan"])), path
+        config = None if meta["config"] == "null" else ShareLoRAConfig.from_json(meta["config"])
+        return config, SharePlan.from_dict(json.loads(meta["plan"])), path
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} has damaged config/plan metadata ({e})") from e
 
 
 def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Load adapters saved by ``save`` into ``model``; applies the saved config first if needed.
+    """Load adapters saved by ``save`` (or a Trainer checkpoint directory made with
+    ``TrainerCallback``) into ``model``; applies the saved config first if needed.
 
-    Raises ValueError naming the first difference if the model's method, target modules, shapes or
-    share plan differ from the checkpoint's (checked before the model is touched), if its adapters
-    are merged, or if the file is truncated or corrupted.
+    Raises ValueError naming the first difference if the model's method, target modules, shapes,
+    share plan or modules to save differ from the checkpoint's (checked before the model is
+    touched), if its adapters are merged, or if the file is truncated or corrupted.
     """
     config, saved_plan, path = read_checkpoint(directory)
     current = getattr(model, "sharelora_plan", None)
-    if current is None:
+    if current is None and not shared_layers(model):
+        if config is None:
+            raise ValueError(f"{path} holds hand-wrapped SharedLoRALinear layers (no config): wrap the same modules "
+                             "of this model with SharedLoRALinear before load()")
         plan = plan_model(model, config)
         plan_mismatch(saved_plan, plan, str(path))
         apply_plan(model, config, plan)
     else:
-        plan_mismatch(saved_plan, current, str(path))
+        plan_mismatch(saved_plan, get_plan(model), str(path))
     if any(m.merged for m in shared_layers(model)):
         raise ValueError("the model's adapters are merged into its weights: call unmerge(model) before load(), "
                          "or the merged weights would keep the old adapters")
-    params = adapter_tensors(model)
+    params = {**adapter_tensors(model),
+              **{SAVED_PREFIX + name: t for name, t in saved_state(model, saved_plan).items()}}
     try:
         with safe_open(str(path), framework="pt") as f:
             for name, param in params.items():
@@ -118,9 +139,17 @@ def plan_mismatch(saved: SharePlan, current: SharePlan, where: str) -> None:
     if saved.num_layers != current.num_layers:
         fail("number of layers", saved.num_layers, current.num_layers)
     if list(saved.modules) != list(current.modules):
-        missing = sorted(set(saved.modules) ^ set(current.modules))
-        fail("target modules", sorted(saved.modules) if not missing else f"{len(saved.modules)} modules",
-             f"{len(current.modules)} modules, first difference {missing[0] if missing else 'order'}")
+        only_saved = [m for m in saved.modules if m not in current.modules]
+        only_current = [m for m in current.modules if m not in saved.modules]
+        if only_saved:
+            fail("target modules", f"{len(saved.modules)} modules, among them {only_saved[0]!r}",
+                 f"{len(current.modules)} modules, not that one")
+        if only_current:
+            fail("target modules", f"{len(saved.modules)} modules, not {only_current[0]!r}",
+                 f"{len(current.modules)} modules, among them that one")
+        fail("order of target modules", list(saved.modules), list(current.modules))
+    if saved.modules_to_save != current.modules_to_save:
+        fail("modules_to_save", saved.modules_to_save, current.modules_to_save)
     for name, m in saved.modules.items():
         c = current.modules[name]
         if m.info != c.info:

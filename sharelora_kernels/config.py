@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ INITS = ("kaiming", "gaussian")
 # Paper defaults for Bi-Share LoRA (METHOD section 3): (local_r, intra_r, inter_r) per transform.
 BISHARE_DEFAULT_RANKS = {"slice": (2, 4, 32), "gate": (2, 8, 16), "kron": (2, 4, 16)}
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"
 
 
 @dataclass
@@ -33,7 +34,14 @@ class ShareLoRAConfig:
     r, alpha: rank and scale numerator of every plain path (scale alpha / r, or alpha / sqrt(r)
         with ``use_rslora``). Bi-Share paths use their own ranks and the same alpha.
     dropout: dropout probability on the adapter input (as PEFT).
-    target_modules: module names matched against the last component of a module path.
+    target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save: which
+        modules get adapters and which train in full, with PEFT's meanings (``targeting.py``): a
+        list of names (a name matches a module's full name or its dotted suffix), a regular
+        expression full-matched against the full name, "all-linear" (target_modules only), or None
+        (target_modules: the model type's default; modules_to_save: the task's head, e.g. the
+        classifier of a sequence-classification model).
+    rank_pattern, alpha_pattern: for "lora", per-module rank and alpha (PEFT's: a key matches a
+        module whose name ends with it, as a regex after a dot).
     share_sets: for "similarity", lists of layer indices sharing one A/B slot; others are alone.
     expand_rank: for "similarity", raise r to floor(L / U * r) (METHOD section 1).
     local_r, intra_r, inter_r: Bi-Share ranks; None takes the paper default of the transform.
@@ -45,7 +53,13 @@ class ShareLoRAConfig:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
     share_sets: list[list[int]] = field(default_factory=list)
     expand_rank: bool = False
@@ -60,15 +74,22 @@ class ShareLoRAConfig:
     init_a: str = "kaiming"
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, str) or not isinstance(self.target_modules, (list, tuple)):
-            raise ValueError(f"target_modules must be a list of module names, got {self.target_modules!r}")
+        for name in ("target_modules", "exclude_modules", "layers_pattern"):
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                setattr(self, name, list(value))
+        if isinstance(self.modules_to_save, (tuple, set)):
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR:
+            self.target_modules = ALL_LINEAR
+        if isinstance(self.layers_to_transform, (tuple, range)):
+            self.layers_to_transform = list(self.layers_to_transform)
         if not isinstance(self.share_sets, (list, tuple)) or not all(
                 isinstance(s, (list, tuple)) and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in s)
                 for s in self.share_sets):
             raise ValueError(f"share_sets must be a list of lists of layer indices, got {self.share_sets!r}")
         if not isinstance(self.gate_dims, (list, tuple)):
             raise ValueError(f"gate_dims must be a pair (m, n), got {self.gate_dims!r}")
-        self.target_modules = list(self.target_modules)
         self.share_sets = [sorted(int(i) for i in s) for s in self.share_sets]
         self.gate_dims = tuple(self.gate_dims)
         if self.shape_transform in BISHARE_DEFAULT_RANKS:
@@ -99,8 +120,29 @@ class ShareLoRAConfig:
             check_int("gate_dims", d, minimum=1)
         check_positive("alpha", self.alpha)
         check_dropout(self.dropout)
-        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            raise ValueError(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
+        _check_names("target_modules", self.target_modules)
+        _check_names("exclude_modules", self.exclude_modules)
+        _check_names("layers_pattern", self.layers_pattern)
+        if self.modules_to_save is not None and not (isinstance(self.modules_to_save, list) and all(
+                isinstance(m, str) and m for m in self.modules_to_save)):
+            raise ValueError(f"modules_to_save must be a list of module names or None, got {self.modules_to_save!r}")
+        layers = self.layers_to_transform
+        if layers is not None:
+            for i in ([layers] if not isinstance(layers, list) else layers) or [None]:
+                check_int("layers_to_transform", i, minimum=0)
+            if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
+                raise ValueError("layers_to_transform cannot be used with a regular-expression target_modules "
+                                 "(write the layers into the expression)")
+        elif self.layers_pattern is not None:
+            raise ValueError("layers_pattern only applies together with layers_to_transform")
+        for name, pattern, check in (("rank_pattern", self.rank_pattern, lambda k, v: check_int(f"rank_pattern[{k!r}]", v, 1)),
+                                     ("alpha_pattern", self.alpha_pattern, lambda k, v: check_positive(f"alpha_pattern[{k!r}]", v))):
+            if not isinstance(pattern, dict) or not all(isinstance(k, str) and k for k in pattern):
+                raise ValueError(f"{name} must map module names to values, got {pattern!r}")
+            for k, v in pattern.items():
+                check(k, v)
+            if pattern and self.method != "lora":
+                raise ValueError(f"{name} only applies to method='lora', not {self.method!r}")
         if self.method == "bishare" and self.local_r + self.intra_r + self.inter_r == 0:
             raise ValueError("bishare needs at least one of local_r, intra_r, inter_r > 0")
         if self.share_sets and self.method != "similarity":
@@ -148,6 +190,22 @@ class ShareLoRAConfig:
         if not isinstance(d, dict):
             raise ValueError(f"a config JSON must hold an object, got {type(d).__name__}")
         return cls.from_dict(d)
+
+
+def _check_names(name: str, value: Any) -> None:
+    """ValueError unless ``value`` is None, a valid regular expression, or a non-empty list of names."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        if not value:
+            raise ValueError(f"{name} must not be an empty string")
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"{name} {value!r} is not a valid regular expression ({err})") from None
+        return
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) and t for t in value):
+        raise ValueError(f"{name} must be a non-empty list of module names, a regular expression or None, got {value!r}")
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -2,9 +2,13 @@
 
 Every module's update is a sum of low-rank paths (METHOD section 4), so it is one plain LoRA of
 rank sum_p r_p (g for a gate path): A = [A_1; A_2; ...] stacked on rows, B = [s_1 B_1, s_2 B_2, ...]
-side by side, with each path's scale folded into its B. PEFT's own scale is then made exactly 1
-(lora_alpha = r per module, rsLoRA off). Shared tensors are expanded per module: the export is what
-standard LoRA loaders (PEFT, serving engines) read.
+side by side, with each path's scale folded into its B, and the module's PEFT alpha made so that
+PEFT's scale is exactly 1. A module with one plain path at the config's scale (method "lora",
+e.g. from ``from_peft``) is written as it is, with its own alpha: the tensors PEFT itself would
+save. Per-module ranks and alphas go to rank_pattern / alpha_pattern. Shared tensors are expanded
+per module: the export is what standard LoRA loaders (PEFT, serving engines) read. The modules
+trained in full are written under their names with ``modules_to_save``, Conv1D bases set
+``fan_in_fan_out``, and ``task_type`` follows the model class (``targeting.peft_task_type``).
 
 ``serving="vllm"`` or ``"tgi"`` writes what those engines' LoRA loaders accept: one rank for every
 module (no rank_pattern / alpha_pattern), padded with zero rows of A and zero columns of B up to a
@@ -15,6 +19,7 @@ Anything else is refused with an error that names it.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -22,9 +27,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .checkpoint import atomic_write
-from .model import get_plan
+from .checkpoint import atomic_write, saved_state
+from .model import get_plan, shared_layers
+from .plan import SharePlan
 from .reference import path_factors
+from .targeting import peft_target_names, peft_task_type
 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -46,6 +53,23 @@ def peft_lora_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(a_parts, 0).contiguous(), torch.cat(b_parts, 1).contiguous()
 
 
+@torch.no_grad()
+def _module_lora(layer, config, use_rslora: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, PEFT alpha) of one module: as trained when it has one plain path at the scale of the
+    config's alpha, else ``peft_lora_factors`` with the alpha that makes PEFT's scale 1."""
+    paths = layer.paths()
+    if len(paths) == 1 and paths[0].kind == "plain" and config is not None:
+        a, b = paths[0].tensors
+        r = a.shape[0]
+        root = math.sqrt(r) if use_rslora else r
+        for alpha in (*config.alpha_pattern.values(), config.alpha):
+            if alpha / root == paths[0].scale:
+                return a.float().contiguous(), b.float().contiguous(), alpha
+    a, b = peft_lora_factors(layer)
+    r = a.shape[0]
+    return a, b, (math.sqrt(r) if use_rslora else float(r))
+
+
 def export_peft(model: nn.Module, directory: str | os.PathLike, serving: str | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by ``PeftModel.from_pretrained``.
 
@@ -55,39 +79,53 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, serving: str | N
     if serving is not None and serving not in SERVING_ENGINES:
         raise ValueError(f"serving must be None or one of {list(SERVING_ENGINES)}, got {serving!r}")
     plan = get_plan(model)
-    factors = {name: peft_lora_factors(model.get_submodule(name)) for name in plan.modules}
-    ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
-    module_types = sorted({m.info.module_type for m in plan.modules.values()})
+    if "" in plan.modules:
+        raise ValueError("export_peft names adapters by module path, and the root module itself is a "
+                         "SharedLoRALinear: wrap it in a module (e.g. nn.Sequential(layer)) to export it")
+    config = getattr(model, "sharelora_config", None)
+    use_rslora = bool(config is not None and config.use_rslora and serving is None)
+    layers = {name: model.get_submodule(name) for name in plan.modules}
+    if serving is None:
+        modules = {name: _module_lora(layer, config, use_rslora) for name, layer in layers.items()}
+    else:
+        modules = {name: (*peft_lora_factors(layer), None) for name, layer in layers.items()}
+    ranks = {name: a.shape[0] for name, (a, _, _) in modules.items()}
     r = max(ranks.values())
     if serving is not None:
-        unserved = [t for t in module_types if t not in SERVED_MODULES]
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in plan.modules})
+        unserved = [t for t in leaves if t not in SERVED_MODULES]
         if unserved:
             raise ValueError(f"{serving} serves LoRA on {list(SERVED_MODULES)}, not on module {unserved[0]!r}")
+        if plan.modules_to_save:
+            raise ValueError(f"{serving} serves LoRA adapters only, not modules trained in full "
+                             f"(modules_to_save {plan.modules_to_save})")
         if r > SERVING_RANKS[-1]:
             raise ValueError(f"module rank {r} exceeds the largest rank {serving} serves ({SERVING_RANKS[-1]})")
         r = next(x for x in SERVING_RANKS if x >= r)
-        factors = {name: _pad_rank(a, b, r) for name, (a, b) in factors.items()}
+        modules = {name: (*_pad_rank(a, b, r), float(r)) for name, (a, b, _) in modules.items()}
         ranks = {name: r for name in ranks}
+    r, alpha = _most_common((ranks[n], modules[n][2]) for n in modules)
     tensors = {}
-    for name, (a, b) in factors.items():
+    for name, (a, b, _) in modules.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.cpu()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.cpu()
-    uneven = {name: rank for name, rank in ranks.items() if rank != r}
+    for name, t in saved_state(model, plan).items():
+        tensors[f"base_model.model.{name}"] = t.detach().cpu().contiguous()
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None)
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM" if serving else peft_task_type(model),
         "base_model_name_or_path": base_name or None,
         "r": r,
-        "lora_alpha": r,
-        "rank_pattern": uneven,
-        "alpha_pattern": dict(uneven),
-        "target_modules": module_types,
-        "lora_dropout": model.sharelora_config.dropout,
+        "lora_alpha": alpha,
+        "rank_pattern": {name: rank for name, rank in ranks.items() if rank != r},
+        "alpha_pattern": {name: m[2] for name, m in modules.items() if m[2] != alpha},
+        "target_modules": peft_target_names(model, list(plan.modules)),
+        "lora_dropout": _dropout(model, config),
         "bias": "none",
-        "use_rslora": False,
-        "fan_in_fan_out": False,
-        "modules_to_save": None,
+        "use_rslora": use_rslora,
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+        "modules_to_save": list(plan.modules_to_save) or None,
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -100,15 +138,22 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, serving: str | N
     return out
 
 
-def peft_task_type(model: nn.Module) -> str | None:
-    """PEFT's task type of a Transformers model, read off its class name (what
-    ``AutoPeftModel*`` dispatches on); None for anything else."""
-    name = type(model).__name__
-    if name.endswith("ForCausalLM"):
-        return "CAUSAL_LM"
-    if name.endswith(("ForSeq2SeqLM", "ForConditionalGeneration")) and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return "SEQ_2_SEQ_LM"
-    return None
+def _most_common(pairs) -> tuple[int, float]:
+    """The most frequent (rank, alpha) pair (ties: the larger): the export's global r and lora_alpha."""
+    counts: dict[tuple[int, float], int] = {}
+    for pair in pairs:
+        counts[pair] = counts.get(pair, 0) + 1
+    return max(counts, key=lambda pair: (counts[pair], pair))
+
+
+def _dropout(model: nn.Module, config) -> float:
+    """The adapter dropout: the config's, or the one every hand-wrapped layer has (ValueError if they differ)."""
+    if config is not None:
+        return config.dropout
+    values = {layer.dropout for layer in shared_layers(model)}
+    if len(values) > 1:
+        raise ValueError(f"PEFT has one lora_dropout, and these hand-wrapped layers use several: {sorted(values)}")
+    return values.pop()
 
 
 def _pad_rank(a: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,7 +47,7 @@ class InputGroup:
             return entry[2]
         if entry is not None or not self._can_group(x):  # the member's own op (it also reports bad inputs)
             return module.forward_alone(x)
-        outs = ops.grouped_lora_linear(x, [m.weight for m in self.members], [m.bias for m in self.members],
+        outs = ops.grouped_lora_linear(x, [m.base_weight() for m in self.members], [m.bias for m in self.members],
                                        [m.paths() for m in self.members], module.dropout, module.training)
         self._pending = {i: (x, grad_mode, y) for i, y in enumerate(outs) if i != index}
         return outs[index]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .base import describe_base
 from .config import check_dropout, check_int, check_positive
 from .plan import PATH_ROLES, PathSpec, TensorSpec
 from .reference import LoRAPath, delta_weight
@@ -106,10 +107,12 @@ class LoRAPathModule(nn.Module):
 
 
 class SharedLoRALinear(nn.Module):
-    """Drop-in replacement for a frozen ``nn.Linear`` with low-rank adapters.
+    """Drop-in replacement for a frozen ``nn.Linear`` (or Transformers ``Conv1D``) with low-rank adapters.
 
     ``y = x W^T + b + sum_p s_p B_p A_p dropout(x)``; x: (..., in_features) -> (..., out_features).
-    Keeps the base ``weight`` (N, K) and ``bias`` (N,) under their own names (frozen, any dtype).
+    Keeps the base ``weight`` and ``bias`` (N,) under their own names, as the base stored them
+    (frozen, any dtype): (N, K) for ``nn.Linear``, (K, N) for ``Conv1D`` (``fan_in_fan_out``; every
+    backend reads its transposed view, ``base_weight()``). Other bases are refused (``base.py``).
 
     Standalone: ``SharedLoRALinear(nn.Linear(1024, 1024), r=16, alpha=32)`` builds one plain path
     whose A (r, K) and B (N, r) live in the layer's own store (``layer.adapters``).
@@ -118,13 +121,13 @@ class SharedLoRALinear(nn.Module):
     this layer computes with (set by ``grouping.enable_input_groups``), or None.
     """
 
-    def __init__(self, base: nn.Linear, paths: Sequence[LoRAPathModule] | None = None, *, r: int = 8,
+    def __init__(self, base: nn.Module, paths: Sequence[LoRAPathModule] | None = None, *, r: int = 8,
                  alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"SharedLoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        layout = describe_base(base)
         check_dropout(dropout)
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = layout.in_features, layout.out_features
+        self.fan_in_fan_out = layout.transposed
         self.weight = base.weight
         self.bias = base.bias
         self.weight.requires_grad_(False)
@@ -148,6 +151,10 @@ class SharedLoRALinear(nn.Module):
         self.adapters = AdapterStore({name: new_parameter(spec, **kw) for name, spec in specs.items()}, specs)
         return LoRAPathModule(PathSpec("plain", "lora", {"A": "A", "B": "B"}, scale, r), self.adapters)
 
+    def base_weight(self) -> Tensor:
+        """The base weight as (N, K): ``weight`` itself, or for a Conv1D base its transposed view (no copy)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
     def paths(self) -> list[LoRAPath]:
         return [m.as_path() for m in self.lora_paths]
 
@@ -164,9 +171,10 @@ class SharedLoRALinear(nn.Module):
             raise ValueError(f"input is on {x.device}, the layer's weight on {self.weight.device}")
         if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(f"input dtype {x.dtype} does not match the weight dtype {self.weight.dtype}")
+        weight = self.base_weight()
         if self.merged or len(self.lora_paths) == 0:
-            return F.linear(x, self.weight, self.bias)
-        return ops.lora_linear(x, self.weight, self.bias, self.paths(), self.dropout, self.training)
+            return F.linear(x, weight, self.bias)
+        return ops.lora_linear(x, weight, self.bias, self.paths(), self.dropout, self.training)
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
@@ -179,14 +187,15 @@ class SharedLoRALinear(nn.Module):
     def merge(self) -> None:
         """Fold every path into the base weight; forward then runs the base matmul only."""
         if not self.merged:
-            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            self.base_weight().add_(self.delta_weight().to(self.weight.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            self.base_weight().sub_(self.delta_weight().to(self.weight.dtype))
             self.merged = False
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, dropout={self.dropout}, merged={self.merged}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, dropout={self.dropout}, "
+                f"merged={self.merged}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))

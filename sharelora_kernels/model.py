@@ -1,59 +1,34 @@
-"""apply(): wrap a model's target nn.Linears so that every planned tensor exists exactly once.
+"""apply(): wrap a model's target modules so that every planned tensor exists exactly once.
 
 Also the model-level helpers: parameter accounting, merge / unmerge, and the map from plan tensor
-names to the live ``nn.Parameter`` objects (used by checkpoints and export).
+names to the live ``nn.Parameter`` objects (used by checkpoints and export), for models made by
+``apply`` and for modules holding hand-wrapped ``SharedLoRALinear`` layers alike.
 """
 from __future__ import annotations
 
-import torch
+import dataclasses
+
 import torch.nn as nn
 
 from .config import ShareLoRAConfig
 from .grouping import check_known_architecture, enable_input_groups
 from .layer import AdapterStore, LoRAPathModule, SharedLoRALinear, adapter_dtype, new_parameter
-from .plan import ModuleInfo, SharePlan, build_plan, layer_position
+from .plan import ModuleInfo, ModulePlan, SharePlan, TensorSpec, build_plan
+from .targeting import (check_no_peft, find_modules_to_save, find_target_modules, layer_position, module_type,
+                        type_labels)
 
-
-def find_target_modules(model: nn.Module, target_modules: list[str]) -> tuple[list[ModuleInfo], int]:
-    """The model's target modules (matched by the last component of their path) and its layer count.
-
-    A module's layer is the first integer in its path (none: layer 0). The layer count is the
-    model config's ``num_hidden_layers`` when present, else the largest layer index + 1. A matching
-    module that is not a plain ``nn.Linear`` (quantized, custom subclass, already wrapped), or whose
-    weight is tied to another module's (e.g. an lm_head tied to the embeddings), is refused by name
-    rather than skipped.
-    """
-    targets = set(target_modules)
-    owners: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(pname)
-    infos = []
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf not in targets:
-            continue
-        if isinstance(module, SharedLoRALinear):
-            raise ValueError(f"module {name!r} already has ShareLoRA adapters; apply() runs once per model")
-        if type(module) is not nn.Linear:
-            raise TypeError(f"target module {name!r} is a {type(module).__name__}, not a plain nn.Linear; "
-                            "sharelora_kernels cannot wrap it (remove it from target_modules)")
-        tied = [o for o in owners[id(module.weight)] if o != f"{name}.weight"]
-        if tied:
-            raise ValueError(f"target module {name!r} has its weight tied to {tied[0]!r}; merging an adapter into it "
-                             "would change that module too (remove it from target_modules)")
-        infos.append(ModuleInfo(name, layer_position(name)[0], leaf, module.in_features, module.out_features))
-    found_layers = max((m.layer for m in infos), default=-1) + 1
-    configured = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    return infos, max(found_layers, configured or 0)
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+HAND_WRAPPED = "hand_wrapped"  # the method of a plan read off hand-wrapped layers
 
 
 def apply(model: nn.Module, config: ShareLoRAConfig, group_inputs: bool = False) -> nn.Module:
     """Add ShareLoRA adapters to ``model`` in place and return it.
 
     Freezes every base parameter, creates each planned tensor once (on the device of its first user,
-    the meta device included), and replaces each target ``nn.Linear`` by a ``SharedLoRALinear`` whose
-    paths read the (possibly shared) parameters. Fresh adapters leave the outputs unchanged, and
-    each new layer keeps the train/eval mode of the one it replaces.
+    the meta device included), and replaces each target module (``nn.Linear`` or ``Conv1D``, chosen
+    by ``targeting``) by a ``SharedLoRALinear`` whose paths read the (possibly shared) parameters;
+    the ``modules_to_save`` train in full. Fresh adapters leave the outputs unchanged, and each new
+    layer keeps the train/eval mode of the one it replaces.
     group_inputs: also let the modules that read one input (q/k/v, gate/up) run as one grouped op
     (``grouping.enable_input_groups``; LLaMA / Mistral / Qwen2 only).
     Every check runs before the model is touched: a call that raises leaves it as it was.
@@ -65,15 +40,15 @@ def apply(model: nn.Module, config: ShareLoRAConfig, group_inputs: bool = False)
 
 def plan_model(model: nn.Module, config: ShareLoRAConfig) -> SharePlan:
     """The share plan ``apply(model, config)`` would build, without changing the model; raises
-    what apply would raise (adapters already there, a container root, a config or model misfit)."""
+    what apply would raise (adapters already there, PEFT adapters, a config or model misfit)."""
     if getattr(model, "sharelora_plan", None) is not None:
         raise ValueError("this model already has ShareLoRA adapters; apply() runs once per model")
-    if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-        raise TypeError(f"apply() adds the adapter store as a child of the model's root, which would change what "
-                        f"a {type(model).__name__} runs; wrap it in an nn.Module first")
+    check_no_peft(model)
     config.validate()  # it may have been edited since it was made
-    infos, num_layers = find_target_modules(model, config.target_modules)
-    return build_plan(config, infos, num_layers)
+    infos, num_layers = find_target_modules(model, config)
+    saved = find_modules_to_save(model, config)
+    _check_not_tied(model, saved)
+    return build_plan(config, infos, num_layers, saved)
 
 
 def apply_plan(model: nn.Module, config: ShareLoRAConfig, plan: SharePlan, group_inputs: bool = False) -> nn.Module:
@@ -86,15 +61,18 @@ def apply_plan(model: nn.Module, config: ShareLoRAConfig, plan: SharePlan, group
     for name, spec in plan.tensors.items():
         weight = model.get_submodule(first_user[name]).weight
         params[name] = new_parameter(spec, device=weight.device, dtype=adapter_dtype(weight.dtype))
-    model.sharelora_adapters = store = AdapterStore(params, plan.tensors).train(model.training)
+    store = AdapterStore(params, plan.tensors).train(model.training)
     for name, mplan in plan.modules.items():
         paths = [LoRAPathModule(p, store) for p in mplan.paths]
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, leaf, SharedLoRALinear(getattr(parent, leaf), paths, dropout=config.dropout))
+    store_host(model, plan).sharelora_adapters = store
+    for name in plan.modules_to_save:
+        model.get_submodule(name).requires_grad_(True)
     model.sharelora_config = config
     model.sharelora_plan = plan
-    if getattr(model, "is_gradient_checkpointing", False):
+    if activation_checkpointing_on(model):
         # reentrant checkpointing passes gradient into a block only if its input requires grad;
         # with a frozen embedding it would not (PEFT does the same; Transformers 5 does it when
         # checkpointing is enabled later, 4.x does not: call it yourself there)
@@ -102,6 +80,34 @@ def apply_plan(model: nn.Module, config: ShareLoRAConfig, plan: SharePlan, group
     if group_inputs:
         enable_input_groups(model)
     return model
+
+
+def activation_checkpointing_on(model: nn.Module) -> bool:
+    """Whether a Transformers model has (gradient / activation) checkpointing on, read through the
+    attribute of the installed version: ``is_activation_checkpointing`` (Transformers 5), else
+    ``is_gradient_checkpointing`` (4.x; a deprecated alias in 5, so never read there)."""
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if isinstance(getattr(type(model), attr, None), property):
+            return bool(getattr(model, attr))
+    return False
+
+
+def store_host(model: nn.Module, plan: SharePlan) -> nn.Module:
+    """The module the adapter store is registered on (as ``sharelora_adapters``): the root, or for a
+    container root (``nn.Sequential`` runs its children, ``ModuleList`` / ``ModuleDict`` iterate
+    them) its first wrapped layer, where it changes nothing the root runs."""
+    return model.get_submodule(next(iter(plan.modules))) if isinstance(model, CONTAINERS) else model
+
+
+def _check_not_tied(model: nn.Module, saved: list[str]) -> None:
+    """ValueError if a module to save shares a parameter with a module outside it (training it in full
+    would change that one too)."""
+    for name in saved:
+        inside = {id(p) for p in model.get_submodule(name).parameters()}
+        for pname, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in inside and not pname.startswith(f"{name}."):
+                raise ValueError(f"modules_to_save entry {name!r} shares a parameter with {pname!r} (tied weights); "
+                                 "training it in full would change that module too")
 
 
 def _first_users(plan: SharePlan) -> dict[str, str]:
@@ -114,17 +120,53 @@ def _first_users(plan: SharePlan) -> dict[str, str]:
 
 
 def get_plan(model: nn.Module) -> SharePlan:
+    """The model's share plan: the one ``apply`` made, or one read off its hand-wrapped layers."""
     plan = getattr(model, "sharelora_plan", None)
-    if plan is None:
-        raise ValueError("this model has no ShareLoRA adapters: call sharelora_kernels.apply(model, config) first")
-    return plan
+    return plan if plan is not None else _hand_wrapped(model)[0]
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
     """Plan tensor name -> the live parameter (each shared tensor once), in plan order."""
-    plan = get_plan(model)
-    store = model.sharelora_adapters
+    plan = getattr(model, "sharelora_plan", None)
+    if plan is None:
+        return _hand_wrapped(model)[1]
+    store = store_host(model, plan).sharelora_adapters
     return {t: store[t] for t in plan.tensors}
+
+
+def _hand_wrapped(model: nn.Module) -> tuple[SharePlan, dict[str, nn.Parameter]]:
+    """The plan of a module holding hand-wrapped SharedLoRALinears, and its tensors: each tensor is
+    named by its parameter name in ``model`` (``"0.adapters.A"``), so layers sharing one are planned so."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SharedLoRALinear)]
+    if not layers:
+        raise ValueError("this model has no ShareLoRA adapters: call sharelora_kernels.apply(model, config) "
+                         "or wrap its layers in SharedLoRALinear first")
+    param_names: dict[int, str] = {}
+    for pname, p in model.named_parameters():
+        param_names.setdefault(id(p), pname)
+    labels = type_labels([module_type(n) for n, _ in layers])
+    tensors: dict[str, TensorSpec] = {}
+    params: dict[str, nn.Parameter] = {}
+    modules: dict[str, ModulePlan] = {}
+    for name, layer in layers:
+        paths = []
+        for path in layer.lora_paths:
+            store = path._store[0]
+            names = {}
+            for role, key in path.spec.tensors.items():
+                p = store[key]
+                global_name = param_names.get(id(p), f"{name}.{key}" if name else key)
+                names[role] = global_name
+                spec = store.specs.get(key) or TensorSpec(key, tuple(p.shape), "zeros", path.spec.part)
+                tensors.setdefault(global_name, dataclasses.replace(spec, name=global_name,
+                                                                    module_type=labels[module_type(name)]))
+                params[global_name] = p
+            paths.append(dataclasses.replace(path.spec, tensors=names))
+        index, stack = layer_position(name)
+        info = ModuleInfo(name, index, labels[module_type(name)], layer.in_features, layer.out_features, stack)
+        modules[name] = ModulePlan(info, paths)
+    num_layers = max((m.info.layer for m in modules.values() if m.info.layer is not None), default=-1) + 1
+    return SharePlan(HAND_WRAPPED, num_layers, tensors, modules), params
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -133,8 +175,15 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def parameter_breakdown(model: nn.Module) -> dict[str, int]:
-    """Adapter parameters per part ("part:local", ...) and per module type ("type:q_proj", ...)."""
-    return get_plan(model).breakdown()
+    """Adapter parameters per part ("part:local", ...) and per module type ("type:q_proj", ...), and
+    the modules trained in full ("part:modules_to_save", "saved:classifier", ...)."""
+    plan = get_plan(model)
+    out = plan.breakdown()
+    for name in plan.modules_to_save:
+        n = sum(p.numel() for p in model.get_submodule(name).parameters())
+        out["part:modules_to_save"] = out.get("part:modules_to_save", 0) + n
+        out[f"saved:{name}"] = n
+    return dict(sorted(out.items()))
 
 
 def shared_layers(model: nn.Module) -> list[SharedLoRALinear]:

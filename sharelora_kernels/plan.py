@@ -14,6 +14,7 @@ Path kinds and the tensor roles they read (K = in_features, N = out_features of 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,10 +34,11 @@ class ModuleInfo:
     """A target module as the planner sees it."""
 
     name: str  # full module path, e.g. "model.layers.3.self_attn.q_proj"
-    layer: int
-    module_type: str  # last path component, e.g. "q_proj"
+    layer: int | None  # None: outside the numbered layers (a pooler, a head)
+    module_type: str  # label of the name with the layer index as "*" (targeting.py), e.g. "q_proj"
     in_features: int
     out_features: int
+    stack: str | None = None  # the path before the layer index, e.g. "model.layers"
 
 
 @dataclass
@@ -81,6 +83,7 @@ class SharePlan:
     num_layers: int
     tensors: dict[str, TensorSpec]
     modules: dict[str, ModulePlan]
+    modules_to_save: list[str] = field(default_factory=list)  # full names of the modules trained in full
 
     def parameter_count(self) -> int:
         return sum(math.prod(t.shape) for t in self.tensors.values())
@@ -101,23 +104,24 @@ class SharePlan:
             "num_layers": self.num_layers,
             "tensors": {k: asdict(v) for k, v in self.tensors.items()},
             "modules": {k: {"info": asdict(m.info), "paths": [asdict(p) for p in m.paths]} for k, m in self.modules.items()},
+            "modules_to_save": list(self.modules_to_save),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SharePlan":
         tensors = {k: TensorSpec(**{**v, "shape": tuple(v["shape"])}) for k, v in d["tensors"].items()}
-        modules = {
-            k: ModulePlan(ModuleInfo(**m["info"]), [PathSpec(**p) for p in m["paths"]]) for k, m in d["modules"].items()
-        }
-        return cls(d["method"], d["num_layers"], tensors, modules)
+        modules = {k: ModulePlan(_module_info(m["info"]), [PathSpec(**p) for p in m["paths"]])
+                   for k, m in d["modules"].items()}
+        return cls(d["method"], d["num_layers"], tensors, modules, list(d.get("modules_to_save", [])))
 
 
-def layer_position(name: str) -> tuple[int, str | None]:
-    """A module's layer, the first integer in its dotted path (none: layer 0), and its stack of
-    layers, the path before that integer (None without one): "model.layers.3.mlp" -> (3, "model.layers")."""
-    parts = name.split(".")
-    at = next((i for i, part in enumerate(parts) if part.isdigit()), None)
-    return (0, None) if at is None else (int(parts[at]), ".".join(parts[:at]))
+def _module_info(d: dict[str, Any]) -> ModuleInfo:
+    """A stored ModuleInfo; plans saved before ``stack`` existed get it from the name."""
+    if "stack" not in d:
+        from .targeting import layer_position
+
+        d = {**d, "stack": layer_position(d["name"])[1]}
+    return ModuleInfo(**d)
 
 
 def expanded_rank(num_layers: int, share_sets: list[list[int]], r: int) -> int:
@@ -128,12 +132,15 @@ def expanded_rank(num_layers: int, share_sets: list[list[int]], r: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ planning
-def build_plan(config: ShareLoRAConfig, modules: list[ModuleInfo], num_layers: int) -> SharePlan:
-    """Plan every target module of a model for ``config``; raises ValueError on a misfit."""
+def build_plan(config: ShareLoRAConfig, modules: list[ModuleInfo], num_layers: int,
+               modules_to_save: list[str] | None = None) -> SharePlan:
+    """Plan every target module of a model for ``config``; raises ValueError on a misfit.
+    ``modules_to_save``: full names of the modules that train in full (recorded in the plan)."""
     if not modules:
         raise ValueError(f"no target module found; target_modules={config.target_modules}")
     config.check_layers(num_layers)
     b = _Builder(config, num_layers)
+    b.plan.modules_to_save = list(modules_to_save or [])
     planner = {"lora": b.lora, "similarity": b.similarity, "share_a": b.share, "share_b": b.share,
                "share_ab": b.share, "bishare": b.bishare}[config.method]
     for m in modules:
@@ -146,35 +153,47 @@ class _Builder:
     def __init__(self, config: ShareLoRAConfig, num_layers: int):
         self.c = config
         self.plan = SharePlan(config.method, num_layers, {}, {})
+        self.first_user: dict[str, str] = {}
+        self.user: str | None = None  # the module being planned (named in errors)
 
     # ----------------------------------------------------------------------------- helpers
-    def scale(self, r: int) -> float:
-        return self.c.alpha / (math.sqrt(r) if self.c.use_rslora else r)
+    def scale(self, r: int, alpha: float | None = None) -> float:
+        alpha = self.c.alpha if alpha is None else alpha
+        return alpha / (math.sqrt(r) if self.c.use_rslora else r)
 
     def tensor(self, name: str, shape: tuple[int, ...], init: str, part: str, module_type: str | None) -> str:
         """Declare a tensor once; a second declaration must agree on the shape."""
         old = self.plan.tensors.get(name)
         if old is not None:
             if old.shape != shape:
-                raise ValueError(f"modules sharing tensor {name!r} disagree on its shape: {old.shape} vs {shape}")
+                raise ValueError(f"modules {self.first_user[name]!r} and {self.user!r} share tensor {name!r} but "
+                                 f"disagree on its shape: {old.shape} vs {shape} (use method 'lora' for them)")
             return name
+        self.first_user[name] = self.user
         if init == "a":  # the config's choice of A init
             init = "gaussian" if self.c.init_a == "gaussian" else "kaiming_uniform"
         std = 1.0 / shape[0] if init == "gaussian" else None
         self.plan.tensors[name] = TensorSpec(name, shape, init, part, module_type, std)
         return name
 
-    def add_plain(self, m: ModuleInfo, a_name: str, b_name: str, r: int, part: str, a_type, b_type) -> None:
+    def add_plain(self, m: ModuleInfo, a_name: str, b_name: str, r: int, part: str, a_type, b_type,
+                  alpha: float | None = None) -> None:
+        self.user = m.name
         a = self.tensor(a_name, (r, m.in_features), "a", part, a_type)
         b = self.tensor(b_name, (m.out_features, r), "zeros", part, b_type)
-        self.plan.modules[m.name].paths.append(PathSpec("plain", part, {"A": a, "B": b}, self.scale(r), r))
+        self.plan.modules[m.name].paths.append(PathSpec("plain", part, {"A": a, "B": b}, self.scale(r, alpha), r))
 
     # ---------------------------------------------------------------------------- planners
     def lora(self, modules: list[ModuleInfo]) -> None:
         for m in modules:
-            self.add_plain(m, f"{m.name}.A", f"{m.name}.B", self.c.r, "lora", m.module_type, m.module_type)
+            r = pattern_value(self.c.rank_pattern, m.name, self.c.r)
+            alpha = pattern_value(self.c.alpha_pattern, m.name, self.c.alpha)
+            self.add_plain(m, f"{m.name}.A", f"{m.name}.B", r, "lora", m.module_type, m.module_type, alpha)
 
     def similarity(self, modules: list[ModuleInfo]) -> None:
+        _check_one_layer_stack(modules, "method 'similarity' shares adapters between the layers of each share set, "
+                                        "whose indices name layers of one stack", "use method 'lora' or 'share_*', or "
+                                        "target the modules of one stack")
         slot_of = {}
         for s in self.c.share_sets:
             for layer in s:
@@ -182,14 +201,8 @@ class _Builder:
         r = self.c.r
         if self.c.expand_rank:
             r = expanded_rank(self.plan.num_layers, self.c.share_sets, self.c.r)
-        seen: dict[tuple[str, int], str] = {}
-        for m in modules:
-            other = seen.setdefault((m.module_type, m.layer), m.name)
-            if other != m.name:
-                raise ValueError(f"method 'similarity' gives one adapter per (module type, layer), and modules {other!r} "
-                                 f"and {m.name!r} are both {m.module_type} of layer {m.layer} (encoder-decoder, "
-                                 "cross-attention or expert modules): use method 'lora' or 'share_*' for this model")
-            slot = f"{m.module_type}.{slot_of.get(m.layer, f'layer{m.layer}')}"
+        for m in modules:  # a module outside the layers (no index) has a slot of its own
+            slot = m.module_type if m.layer is None else f"{m.module_type}.{slot_of.get(m.layer, f'layer{m.layer}')}"
             self.add_plain(m, f"{slot}.A", f"{slot}.B", r, "lora", m.module_type, m.module_type)
 
     def share(self, modules: list[ModuleInfo]) -> None:
@@ -206,10 +219,10 @@ class _Builder:
             for m in modules:
                 self.add_plain(m, f"{m.name}.local.A", f"{m.name}.local.B", c.local_r, "local", m.module_type, m.module_type)
         if c.intra_r:
-            _check_one_layer_stack(modules)
+            _check_one_layer_stack(modules, "Bi-Share's intra-layer adapters are keyed by layer number", "set intra_r=0")
         groups = {"intra": {}, "inter": {"inter": modules}}
-        for m in modules:
-            groups["intra"].setdefault(f"layer{m.layer}.intra", []).append(m)
+        for m in modules:  # a module outside the layers has an intra adapter of its own
+            groups["intra"].setdefault(f"{m.name}.intra" if m.layer is None else f"layer{m.layer}.intra", []).append(m)
         for part, r in (("intra", c.intra_r), ("inter", c.inter_r)):
             if r == 0:
                 continue
@@ -218,11 +231,13 @@ class _Builder:
                     prefix, members, part, r)
 
     def slice_group(self, prefix: str, members: list[ModuleInfo], part: str, r: int) -> None:
+        self.user = members[0].name
         k_max = max(m.in_features for m in members)
         n_max = max(m.out_features for m in members)
         a = self.tensor(f"{prefix}.A", (r, k_max), "a", part, None)
         b = self.tensor(f"{prefix}.B", (n_max, r), "zeros", part, None)
         for m in members:
+            self.user = m.name
             path = PathSpec("slice", part, {"A": a, "B": b}, self.scale(r), r,
                             _offset(self.c.slice_policy, k_max, m.in_features),
                             _offset(self.c.slice_policy, n_max, m.out_features))
@@ -230,10 +245,12 @@ class _Builder:
 
     def gate_group(self, prefix: str, members: list[ModuleInfo], part: str, r: int) -> None:
         (gm, gn), g = self.c.gate_dims, self.c.gate_rank
+        self.user = members[0].name
         a = self.tensor(f"{prefix}.A", (r, gm), "a", part, None)
         b = self.tensor(f"{prefix}.B", (gn, r), "zeros", part, None)
         for m in members:
             t = m.module_type
+            self.user = m.name
             names = {"A": a, "B": b}
             for role, shape in (("G_id", (g, m.in_features)), ("G_iu", (gm, g)), ("G_od", (g, gn)), ("G_ou", (m.out_features, g))):
                 names[role] = self.tensor(f"{m.name}.{part}.{role}", shape, "kaiming_uniform", part, t)
@@ -245,28 +262,37 @@ class _Builder:
             for dim_name, dim in (("in_features", m.in_features), ("out_features", m.out_features)):
                 if dim % d:
                     raise ValueError(f"kron_dim={d} does not divide {dim_name}={dim} of module {m.name!r}")
+        self.user = members[0].name
         a = self.tensor(f"{prefix}.A", (r, d), "a", part, None)
         b = self.tensor(f"{prefix}.B", (d, r), "zeros", part, None)
         for m in members:
             t = m.module_type
+            self.user = m.name
             k_a = self.tensor(f"{m.name}.{part}.K_A", (1, m.in_features // d), "kaiming_normal", part, t)
             k_b = self.tensor(f"{m.name}.{part}.K_B", (m.out_features // d, 1), "kaiming_normal", part, t)
             path = PathSpec("kron", part, {"A": a, "B": b, "K_A": k_a, "K_B": k_b}, self.scale(r), r)
             self.plan.modules[m.name].paths.append(path)
 
 
-def _check_one_layer_stack(modules: list[ModuleInfo]) -> None:
-    """Intra-layer adapters are keyed by layer number: refuse several stacks of numbered layers
-    (an encoder and a decoder), whose layer n would share one intra adapter."""
+def _check_one_layer_stack(modules: list[ModuleInfo], why: str, fix: str) -> None:
+    """Refuse target modules in several stacks of numbered layers (an encoder and a decoder): a plan
+    keyed by layer number would not know which stack's layer n is meant."""
     stacks: dict[str, str] = {}
     for m in modules:
-        stack = layer_position(m.name)[1]
-        if stack is not None:
-            stacks.setdefault(stack, m.name)
+        if m.stack is not None:
+            stacks.setdefault(m.stack, m.name)
     if len(stacks) > 1:
         first, second = list(stacks.values())[:2]
-        raise ValueError(f"Bi-Share's intra-layer adapters are keyed by layer number, and {first!r} and {second!r} "
-                         f"lie in different stacks of layers ({sorted(stacks)}): set intra_r=0 for this model")
+        raise ValueError(f"{why}, and target modules {first!r} and {second!r} lie in different stacks of layers "
+                         f"({sorted(stacks)}): {fix} for this model")
+
+
+def pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that ends the module name after a dot."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
 
 
 def _offset(policy: str, full: int, size: int) -> int:

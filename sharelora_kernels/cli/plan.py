@@ -24,8 +24,6 @@ SWEEP_EPS = (0.70, 0.75, 0.80, 0.85, 0.90, 0.95)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..config import DEFAULT_TARGETS
-
     p.add_argument("--model", help="Transformers model directory (default: the built-in tiny LLaMA)")
     p.add_argument("--text", help="calibration text file, paragraphs separated by blank lines (default: built-in corpus)")
     p.add_argument("--samples", type=int, default=64, help="calibration paragraphs (default 64)")
@@ -38,7 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--expand-rank", action="store_true", help="write expand_rank=true into plan.json")
-    p.add_argument("--target-modules", nargs="+", default=list(DEFAULT_TARGETS))
+    p.add_argument("--target-modules", nargs="+", default=None,
+                   help="module names (a name matches a module's full name or its dotted suffix, as in PEFT), or "
+                        "all-linear (default: the model type's default targets, sharelora_kernels.targeting)")
     p.add_argument("--kron-dim", type=int, help="Bi-Share Kronecker d_s for the count (default: 256, or the largest power of two dividing every module dim)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from ..config import ShareLoRAConfig
-    from ..model import find_target_modules
+    from ..targeting import find_target_modules
     from ..similarity import angular_distance, iter_layer_representations, share_sets, similarity_heatmap, sweep_thresholds
 
     require_positive(args, "samples", "max_length", "r", "alpha", "kron_dim", "batch_size")
@@ -66,21 +66,21 @@ def run(args: argparse.Namespace) -> dict:
     sets = share_sets(S, args.eps, method=args.method, contiguous=args.contiguous)
     multi = [g for g in sets if len(g) > 1]
 
-    infos, num_layers = find_target_modules(model, args.target_modules)
-    if not infos:
-        raise CommandError(f"no module named {args.target_modules} in {model_dir}; pass --target-modules "
-                           "(e.g. query key value for BERT)")
+    targets = "all-linear" if args.target_modules == ["all-linear"] else args.target_modules  # None: the model type's
+    try:
+        base = ShareLoRAConfig(method="lora", r=args.r, alpha=args.alpha, target_modules=targets)
+        infos, num_layers = find_target_modules(model, base)
+        if not infos:
+            raise ValueError(f"no target module found in {model_dir}; pass --target-modules")
+        plan_config = ShareLoRAConfig(method="similarity", r=args.r, alpha=args.alpha, target_modules=targets,
+                                      share_sets=multi, expand_rank=args.expand_rank)
+    except (ValueError, TypeError) as err:
+        raise CommandError(str(err)) from err
     if num_layers != S.shape[0]:
         raise CommandError(f"{model_dir} reports {S.shape[0]} layers of hidden states but {num_layers} layers of target modules")
-    try:
-        base = ShareLoRAConfig(method="lora", r=args.r, alpha=args.alpha, target_modules=args.target_modules)
-        plan_config = ShareLoRAConfig(method="similarity", r=args.r, alpha=args.alpha, target_modules=args.target_modules,
-                                      share_sets=multi, expand_rank=args.expand_rank)
-    except ValueError as err:
-        raise CommandError(str(err)) from err
     point = sweep_thresholds(S, [args.eps], base, infos, num_layers, args.method, args.contiguous)[0]
     sweep = sweep_thresholds(S, SWEEP_EPS, base, infos, num_layers, args.method, args.contiguous)
-    bishare = _bishare_counts(infos, num_layers, args.target_modules, args.alpha, args.kron_dim)
+    bishare = _bishare_counts(infos, num_layers, targets, args.alpha, args.kron_dim)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,170 @@
+"""from_peft(): run an existing PEFT LoRA on ShareLoRA layers (method "lora"), same outputs and gradients.
+
+Reads either a live ``PeftModel`` (its active adapter) or a base model plus a directory that
+``PeftModel.save_pretrained`` wrote (``adapter_config.json`` + ``adapter_model.safetensors``; no
+pickle). Per-module ranks and alphas (``rank_pattern`` / ``alpha_pattern``), rsLoRA, dropout, Conv1D
+bases and ``modules_to_save`` carry over; anything PEFT LoRA does that these layers do not (DoRA,
+trained biases, LoRA on embeddings or convolutions, ...) and every other adapter type are refused by
+name before the model is changed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .config import ShareLoRAConfig
+from .model import adapter_tensors, apply_plan, plan_model
+from .plan import pattern_value
+from .targeting import find_target_modules, matches
+
+# PEFT LoraConfig options with no counterpart here: (key, the value that means "off", what it is)
+_UNSUPPORTED = (("use_dora", False, "DoRA"), ("bias", "none", "trained biases (bias != 'none')"),
+                ("lora_bias", False, "a LoRA bias"), ("use_qalora", False, "QA-LoRA"),
+                ("target_parameters", None, "LoRA on parameters (target_parameters)"),
+                ("trainable_token_indices", None, "trainable tokens"), ("layer_replication", None, "layer replication"),
+                ("alora_invocation_tokens", None, "activated LoRA"), ("use_bdlora", None, "BD-LoRA"))
+
+
+def from_peft(model: nn.Module, adapter_dir: str | os.PathLike | None = None) -> nn.Module:
+    """Turn a PEFT LoRA into ShareLoRA layers with ``method="lora"``; returns the base model, wrapped.
+
+    model: a ``PeftModel`` (adapter_dir None; its active adapter is converted and the PEFT layers
+        removed), or a base model (not wrapped by PEFT) with ``adapter_dir`` naming a saved PEFT LoRA.
+    The result gives the same logits and gradients as the PEFT model, saves with ``save`` and
+    exports with ``export_peft`` to the tensors PEFT itself saves.
+    """
+    if _is_peft_model(model):
+        if adapter_dir is not None:
+            raise ValueError("from_peft takes a PeftModel, or a base model and adapter_dir, not both")
+        peft_config, lora, saved = _read_peft_model(model)
+        base = model.unload()
+    else:
+        if adapter_dir is None:
+            raise ValueError(f"{type(model).__name__} is not a PeftModel: pass the PEFT adapter directory as adapter_dir")
+        peft_config, lora, saved = _read_adapter_dir(Path(adapter_dir))
+        base = model
+    config = _config(base, peft_config, list(lora), _saved_modules(base, peft_config, saved))
+    plan = plan_model(base, config)
+    for name, mplan in plan.modules.items():
+        a, b = lora[name][:2]
+        path = mplan.paths[0]
+        if (path.rank, path.scale) != (a.shape[0], lora[name][2]):
+            raise ValueError(f"PEFT module {name!r} has rank {a.shape[0]} and scale {lora[name][2]}, its config gives "
+                             f"rank {path.rank} and scale {path.scale}")
+    apply_plan(base, config, plan)
+    params = adapter_tensors(base)
+    state = {f"{name}.{key}": t for name in plan.modules_to_save for key, t in base.get_submodule(name).state_dict().items()}
+    with torch.no_grad():
+        for name, (a, b, _) in lora.items():
+            params[f"{name}.A"].copy_(a)
+            params[f"{name}.B"].copy_(b)
+        for key, t in saved.items():
+            if key not in state:
+                raise ValueError(f"PEFT saved tensor {key!r}, which no module to save of this model holds")
+            state[key].copy_(t)
+    return base
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    return any(c.__name__ == "PeftModel" and c.__module__.startswith("peft.") for c in type(model).__mro__)
+
+
+def _check_supported(peft_config: dict) -> None:
+    kind = peft_config.get("peft_type")
+    if kind != "LORA":
+        raise ValueError(f"from_peft converts LoRA adapters, not {kind} adapters")
+    for key, off, what in _UNSUPPORTED:
+        value = peft_config.get(key, off)
+        if value not in (off, None, False, [], {}):
+            raise ValueError(f"this PEFT LoRA uses {what} ({key}={value!r}), which ShareLoRA layers do not support")
+
+
+def _read_peft_model(model) -> tuple[dict, dict, dict]:
+    """(config dict, {module: (A, B, scale)}, {"<module>.<tensor>": saved module tensor}) of the active adapter."""
+    adapter = model.active_adapter
+    peft_config = model.peft_config[adapter].to_dict()
+    _check_supported(peft_config)
+    lora, saved = {}, {}
+    for name, module in model.get_base_model().named_modules():
+        if hasattr(module, "lora_A") and adapter in getattr(module, "lora_A", {}):
+            if adapter in getattr(module, "lora_embedding_A", {}) or not isinstance(module.lora_A[adapter], nn.Linear):
+                raise ValueError(f"PEFT module {name!r} is not a linear LoRA layer ({type(module).__name__})")
+            lora[name] = (module.lora_A[adapter].weight.detach(), module.lora_B[adapter].weight.detach(),
+                          module.scaling[adapter])
+        elif hasattr(module, "modules_to_save") and adapter in getattr(module, "modules_to_save", {}):
+            for key, t in module.modules_to_save[adapter].state_dict().items():
+                saved[f"{name}.{key}"] = t.detach().clone()
+    return peft_config, lora, saved
+
+
+def _read_adapter_dir(directory: Path) -> tuple[dict, dict, dict]:
+    from safetensors.torch import load_file
+
+    config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise ValueError(f"no PEFT adapter at {directory}: {path.name} is missing (only safetensors weights are read)")
+    peft_config = json.loads(config_path.read_text())
+    _check_supported(peft_config)
+    tensors = load_file(str(weights_path))
+    prefix = "base_model.model."
+    lora, saved = {}, {}
+    for key, t in tensors.items():
+        if not key.startswith(prefix):
+            raise ValueError(f"{weights_path}: tensor {key!r} is not under {prefix!r}")
+        key = key[len(prefix):]
+        for role in ("lora_A", "lora_B"):
+            if key.endswith(f".{role}.weight"):
+                lora.setdefault(key[: -len(f".{role}.weight")], {})[role] = t
+                break
+        else:
+            if ".lora_" in key:
+                raise ValueError(f"{weights_path}: tensor {key!r} is not a linear LoRA weight (lora_A / lora_B)")
+            saved[key] = t
+    out = {}
+    for name, ab in lora.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{weights_path}: module {name!r} has {sorted(ab)} but not both lora_A and lora_B")
+        out[name] = (ab["lora_A"], ab["lora_B"], _peft_scale(peft_config, name, ab["lora_A"].shape[0]))
+    return peft_config, out, saved
+
+
+def _peft_scale(peft_config: dict, name: str, r: int) -> float:
+    """PEFT's scaling of module ``name`` with rank r (its alpha_pattern, rsLoRA)."""
+    alpha = pattern_value(peft_config.get("alpha_pattern") or {}, name, peft_config["lora_alpha"])
+    return alpha / (math.sqrt(r) if peft_config.get("use_rslora") else r)
+
+
+def _saved_modules(base: nn.Module, peft_config: dict, saved: dict) -> list[str]:
+    """Full names of the modules PEFT trains in full that this model has (PEFT's task types add heads a
+    model may lack, e.g. "score" to a BERT classifier)."""
+    entries = peft_config.get("modules_to_save") or []
+    names = [n for n, _ in base.named_modules() if n and matches(n, entries)]
+    outer = [n for n in names if not any(n != o and n.startswith(o + ".") for o in names)]
+    return [n for n in outer if any(k.startswith(n + ".") for k in saved)]
+
+
+def _config(base: nn.Module, peft_config: dict, names: list[str], saved_modules: list[str]) -> ShareLoRAConfig:
+    """The method-"lora" config of the PEFT LoRA: its own targeting fields when they pick exactly the
+    modules it holds, else those modules' full names."""
+    common = dict(method="lora", r=peft_config["r"], alpha=float(peft_config["lora_alpha"]),
+                  dropout=float(peft_config.get("lora_dropout") or 0.0), use_rslora=bool(peft_config.get("use_rslora")),
+                  rank_pattern=dict(peft_config.get("rank_pattern") or {}),
+                  alpha_pattern={k: float(v) for k, v in (peft_config.get("alpha_pattern") or {}).items()},
+                  modules_to_save=saved_modules)
+    targets = peft_config.get("target_modules")
+    try:
+        config = ShareLoRAConfig(target_modules=sorted(targets) if isinstance(targets, (list, set)) else targets,
+                                 exclude_modules=peft_config.get("exclude_modules"),
+                                 layers_to_transform=peft_config.get("layers_to_transform"),
+                                 layers_pattern=peft_config.get("layers_pattern"), **common)
+        if sorted(m.name for m in find_target_modules(base, config)[0]) == sorted(names):
+            return config
+    except (ValueError, TypeError):
+        pass
+    return ShareLoRAConfig(target_modules=sorted(names), **common)
