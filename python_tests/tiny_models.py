@@ -45,3 +45,33 @@ METHOD_CONFIGS = {
     "bishare_kron": dict(method="bishare", shape_transform="kron", kron_dim=8, local_r=1, intra_r=3, inter_r=2),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+# Tiny random models of every family with a default target table (targeting.DEFAULT_TARGET_MODULES),
+# built from configs: hidden 32, 2 layers, vocab VOCAB; ``head`` picks the Auto class.
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "bert", "roberta", "t5")
+
+
+def tiny_family(model_type: str, head: str = "causal_lm", layers: int = 2, seed: int = 0, **extra):
+    """A random model of ``model_type`` with the ``head`` Auto class ("causal_lm", "seq_cls",
+    "token_cls", "qa", "base", "seq2seq"), eval mode. ``extra``: config overrides (e.g. num_labels)."""
+    import transformers
+
+    sizes = {"gpt2": dict(n_embd=32, n_layer=layers, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2),
+             "t5": dict(d_model=32, d_kv=8, d_ff=48, num_layers=layers, num_heads=4, decoder_start_token_id=0),
+             "bert": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
+                          max_position_embeddings=64),
+             "phi3": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2)}
+    sizes["roberta"] = {**sizes["bert"], "pad_token_id": 1, "max_position_embeddings": 70}
+    default = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=64)
+    if model_type == "gemma":
+        default["head_dim"] = 8
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=VOCAB, **{**sizes.get(model_type, default), **extra})
+    auto = {"causal_lm": transformers.AutoModelForCausalLM, "seq_cls": transformers.AutoModelForSequenceClassification,
+            "token_cls": transformers.AutoModelForTokenClassification, "qa": transformers.AutoModelForQuestionAnswering,
+            "base": transformers.AutoModel, "seq2seq": transformers.AutoModelForSeq2SeqLM}[head]
+    torch.manual_seed(seed)
+    return auto.from_config(config).eval()

@@ -64,7 +64,7 @@ def _module_lora(layer, config, use_rslora: bool) -> tuple[torch.Tensor, torch.T
         root = math.sqrt(r) if use_rslora else r
         for alpha in (*config.alpha_pattern.values(), config.alpha):
             if alpha / root == paths[0].scale:
-                return a.float().contiguous(), b.float().contiguous(), alpha
+                return a.to(torch.float32, copy=True), b.to(torch.float32, copy=True), alpha  # shared: one copy each
     a, b = peft_lora_factors(layer)
     r = a.shape[0]
     return a, b, (math.sqrt(r) if use_rslora else float(r))

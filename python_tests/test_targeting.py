@@ -1,0 +1,188 @@
+"""targeting.py: PEFT's matching rules, each rule's error, default targets per family, module types and layers."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sharelora_kernels as sk
+from sharelora_kernels.targeting import (DEFAULT_TARGET_MODULES, find_modules_to_save, find_target_modules,
+                                         layer_position, module_type, type_labels)
+from tiny_models import FAMILIES, randomize_adapters, tiny_family, tiny_model, token_batch
+
+HEADS = {"t5": "seq2seq", "bert": "seq_cls", "roberta": "seq_cls"}
+
+
+def targets(model, **kw):
+    return [m.name for m in find_target_modules(model, sk.ShareLoRAConfig(**kw))[0]]
+
+
+def run(model, ids):
+    kwargs = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
+    return model(input_ids=ids, **kwargs).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_takes_its_default_targets(family):
+    """target_modules=None: the family's default table entry; fresh adapters change nothing, trained ones do."""
+    assert family in DEFAULT_TARGET_MODULES
+    base = tiny_family(family, HEADS.get(family, "causal_lm"))
+    model = sk.apply(copy.deepcopy(base), sk.ShareLoRAConfig(method="lora", r=2))
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, sk.SharedLoRALinear)}
+    assert wrapped and wrapped <= {e.rsplit(".", 1)[-1] for e in DEFAULT_TARGET_MODULES[family]}
+    ids = token_batch(2, 6)
+    with torch.no_grad():
+        expected = run(base, ids)
+        torch.testing.assert_close(run(model, ids), expected, rtol=0, atol=0)
+        randomize_adapters(model)
+        assert not torch.allclose(run(model, ids), expected, atol=1e-4)
+
+
+def test_model_type_without_defaults_asks_for_target_modules():
+    net = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="default targets of the model's model_type, and there are none for None.*"
+                                         "pass target_modules"):
+        sk.apply(net, sk.ShareLoRAConfig())
+
+
+def test_list_entries_match_full_names_or_dotted_suffixes():
+    bert = tiny_family("bert", "base")
+    assert targets(bert, target_modules=["attention.output.dense"]) == [
+        "encoder.layer.0.attention.output.dense", "encoder.layer.1.attention.output.dense"]
+    assert targets(bert, target_modules=["encoder.layer.1.output.dense"]) == ["encoder.layer.1.output.dense"]
+    assert targets(bert, target_modules=["output.dense"]) == [  # "output.dense" ends both kinds
+        "encoder.layer.0.attention.output.dense", "encoder.layer.0.output.dense",
+        "encoder.layer.1.attention.output.dense", "encoder.layer.1.output.dense"]
+
+
+def test_a_misspelled_list_entry_is_named():
+    with pytest.raises(ValueError, match="target_modules entry 'k_projj' matches no module"):
+        sk.apply(tiny_model(), sk.ShareLoRAConfig(target_modules=["q_proj", "k_projj"]))
+    with pytest.raises(ValueError, match="target_modules entry 'uery' matches no module"):  # no substring matching
+        sk.apply(tiny_family("bert", "base"), sk.ShareLoRAConfig(target_modules=["uery"]))
+
+
+def test_a_string_is_a_regex_full_matched_against_the_full_name():
+    model = tiny_model(layers=4)
+    assert targets(model, target_modules=r".*\.[02]\.self_attn\.(q|v)_proj") == [
+        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+        "model.layers.2.self_attn.q_proj", "model.layers.2.self_attn.v_proj"]
+    with pytest.raises(ValueError, match="no target module found"):  # full match: "q_proj" alone matches no full name
+        sk.apply(model, sk.ShareLoRAConfig(target_modules="q_proj"))
+
+
+def test_all_linear_leaves_out_the_output_head_and_the_task_head():
+    llama = tiny_model(layers=2)
+    names = targets(llama, target_modules="all-linear")
+    assert len(names) == 2 * 7 and "lm_head" not in names
+    bert = tiny_family("bert", "seq_cls")
+    names = targets(bert, target_modules="all-linear")
+    assert "bert.pooler.dense" in names and "classifier" not in names and len(names) == 2 * 6 + 1
+    gpt2 = tiny_family("gpt2")
+    assert len(targets(gpt2, target_modules="all-linear")) == 2 * 4  # the Conv1Ds; lm_head is the output head
+
+
+def test_exclude_modules_list_and_regex():
+    model = tiny_model(layers=2)
+    assert targets(model, target_modules=["q_proj", "v_proj"], exclude_modules=["layers.0.self_attn.q_proj"]) == [
+        "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert targets(model, target_modules="all-linear", exclude_modules=r".*mlp\..*|.*\.1\..*") == [
+        f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"]
+    with pytest.raises(ValueError, match="exclude_modules entry 'v_projj' matches no module"):
+        targets(model, target_modules=["q_proj"], exclude_modules=["v_projj"])
+    with pytest.raises(ValueError, match="exclude_modules entry '.*nothing' matches no module"):
+        targets(model, target_modules=["q_proj"], exclude_modules=".*nothing")
+
+
+def test_layers_to_transform_and_layers_pattern():
+    model = tiny_model(layers=4)
+    assert targets(model, target_modules=["q_proj"], layers_to_transform=[1, 3]) == [
+        "model.layers.1.self_attn.q_proj", "model.layers.3.self_attn.q_proj"]
+    assert targets(model, target_modules=["q_proj"], layers_to_transform=2, layers_pattern="layers") == [
+        "model.layers.2.self_attn.q_proj"]
+    with pytest.raises(ValueError, match="layers_to_transform names layer 7, where no target module lies"):
+        targets(model, target_modules=["q_proj"], layers_to_transform=[0, 7])
+    with pytest.raises(ValueError, match="layer 0, where no target module lies .layers_pattern 'blocks'"):
+        targets(model, target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="blocks")
+
+
+def test_layer_position_and_module_type_rules():
+    assert layer_position("model.layers.3.mlp.up_proj") == (3, "model.layers")
+    assert layer_position("model.layers.3.mlp.experts.5.w1") == (3, "model.layers")  # the first integer
+    assert layer_position("vision.blocks.1.layers.4.q", layers_pattern="layers") == (4, "vision.blocks.1.layers")
+    assert layer_position("bert.pooler.dense") == (None, None)
+    assert layer_position("2") == (2, "")  # a child of a container root
+    assert module_type("bert.encoder.layer.11.attention.output.dense") == "bert.encoder.layer.*.attention.output.dense"
+    assert module_type("bert.pooler.dense") == "bert.pooler.dense" and module_type("2") == "*"
+    labels = type_labels(["e.layer.*.attention.output.dense", "e.layer.*.output.dense", "e.layer.*.intermediate.dense",
+                          "pooler.dense", "e.layer.*.attention.self.query"])
+    assert labels == {"e.layer.*.attention.output.dense": "attention.output.dense", "e.layer.*.output.dense": "*.output.dense",
+                      "e.layer.*.intermediate.dense": "intermediate.dense", "pooler.dense": "pooler.dense",
+                      "e.layer.*.attention.self.query": "query"}
+
+
+def test_bert_similarity_keeps_three_dense_types_and_the_pooler_apart():
+    """BERT's attention-output, intermediate and output dense layers are three module types, each
+    with its own share slots; the pooler (no layer) has a slot of its own, shared with no layer."""
+    base = tiny_family("bert", "base", layers=4)
+    config = sk.ShareLoRAConfig(method="similarity", r=2, share_sets=[[0, 1], [2, 3]], target_modules=["dense"])
+    model = sk.apply(copy.deepcopy(base), config)
+    types = {m.info.module_type for m in model.sharelora_plan.modules.values()}
+    assert types == {"attention.output.dense", "intermediate.dense", "*.output.dense", "pooler.dense"}
+    layer = lambda i: model.encoder.layer[i]
+    for get in (lambda l: l.attention.output.dense, lambda l: l.intermediate.dense, lambda l: l.output.dense):
+        assert get(layer(0)).lora_paths[0].A is get(layer(1)).lora_paths[0].A
+        assert get(layer(1)).lora_paths[0].A is not get(layer(2)).lora_paths[0].A
+    pooler = model.pooler.dense.lora_paths[0]
+    assert model.sharelora_plan.modules["pooler.dense"].info.layer is None
+    assert all(pooler.A is not l.lora_paths[0].A for l in sk.model.shared_layers(model) if l is not model.pooler.dense)
+    assert sk.parameter_breakdown(model)["type:pooler.dense"] == 2 * (32 + 32)
+    ids = token_batch(2, 6)
+    with torch.no_grad():
+        randomize_adapters(model)
+        assert not torch.allclose(model(input_ids=ids).last_hidden_state, base(input_ids=ids).last_hidden_state)
+
+
+def test_share_ab_and_bishare_on_bert_plan_per_type():
+    """share_ab shares per module type (the three dense kinds differ in shape); Bi-Share's intra adapter of
+    a layer never reaches the pooler, which gets its own."""
+    model = sk.apply(tiny_family("bert", "base"), sk.ShareLoRAConfig(method="share_ab", r=2, target_modules=["dense"]))
+    assert len(model.sharelora_plan.tensors) == 2 * 4
+    model = sk.apply(tiny_family("bert", "base"), sk.ShareLoRAConfig(method="bishare", local_r=1, intra_r=2, inter_r=2,
+                                                                     target_modules=["dense"]))
+    intra = {p.tensors["A"] for name, m in model.sharelora_plan.modules.items() for p in m.paths if p.part == "intra"
+             if name != "pooler.dense"}
+    pooler_intra = [p.tensors["A"] for p in model.sharelora_plan.modules["pooler.dense"].paths if p.part == "intra"]
+    assert intra == {"layer0.intra.A", "layer1.intra.A"} and pooler_intra == ["pooler.dense.intra.A"]
+
+
+def test_shape_disagreement_names_both_modules_in_full():
+    net = nn.Module()
+    net.blocks = nn.ModuleList([nn.Module(), nn.Module()])
+    net.blocks[0].proj, net.blocks[1].proj = nn.Linear(8, 4), nn.Linear(6, 4)
+    with pytest.raises(ValueError, match="modules 'blocks.0.proj' and 'blocks.1.proj' share tensor 'proj.A' but disagree"):
+        sk.apply(net, sk.ShareLoRAConfig(method="share_a", r=2, target_modules=["proj"]))
+
+
+def test_t5_similarity_is_refused_with_a_true_message_and_lora_works():
+    t5 = tiny_family("t5", "seq2seq")
+    with pytest.raises(ValueError, match="different stacks of layers \\(\\['decoder.block', 'encoder.block'\\]\\)"):
+        sk.apply(copy.deepcopy(t5), sk.ShareLoRAConfig(method="similarity", share_sets=[[0, 1]]))
+    model = sk.apply(copy.deepcopy(t5), sk.ShareLoRAConfig(method="lora", r=2))
+    assert any(n.endswith("EncDecAttention.q") for n in model.sharelora_plan.modules)
+
+
+def test_modules_to_save_default_heads_and_errors():
+    assert find_modules_to_save(tiny_family("bert", "seq_cls"), sk.ShareLoRAConfig()) == ["classifier"]
+    assert find_modules_to_save(tiny_family("llama", "seq_cls"), sk.ShareLoRAConfig()) == ["score"]
+    assert find_modules_to_save(tiny_family("bert", "token_cls"), sk.ShareLoRAConfig()) == ["classifier"]
+    assert find_modules_to_save(tiny_family("bert", "qa"), sk.ShareLoRAConfig()) == ["qa_outputs"]
+    assert find_modules_to_save(tiny_family("bert", "seq_cls"), sk.ShareLoRAConfig(modules_to_save=[])) == []
+    assert find_modules_to_save(tiny_model(), sk.ShareLoRAConfig()) == []
+    with pytest.raises(ValueError, match="modules_to_save entry 'clasifier' matches no module"):
+        find_modules_to_save(tiny_family("bert", "seq_cls"), sk.ShareLoRAConfig(modules_to_save=["clasifier"]))
+    tied = tiny_model()
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="modules_to_save entry 'lm_head' shares a parameter with "
+                                         "'model.embed_tokens.weight'"):
+        sk.apply(tied, sk.ShareLoRAConfig(modules_to_save=["lm_head"]))
