@@ -76,6 +76,7 @@ def _is_peft_model(model: nn.Module) -> bool:
 
 def _check_supported(peft_config: dict) -> None:
     kind = peft_config.get("peft_type")
+    kind = getattr(kind, "value", kind)  # a live config holds PEFT's PeftType enum
     if kind != "LORA":
         raise ValueError(f"from_peft converts LoRA adapters, not {kind} adapters")
     for key, off, what in _UNSUPPORTED:
