@@ -18,10 +18,37 @@ class TokenWindows(Dataset):
         return {"input_ids": ids, "labels": ids}
 
 
+def enable_checkpointing(model, reentrant: bool) -> None:
+    """The current Transformers call: activation_checkpointing_enable (5.x; gradient_checkpointing_enable
+    is its deprecated alias there), gradient_checkpointing_enable on 4.x."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": reentrant})
+
+
+def test_apply_detects_checkpointing_already_on_without_deprecation_warnings(monkeypatch):
+    """apply() reads the installed Transformers' checkpointing attribute (no deprecated alias: warnings
+    are errors here) and, when checkpointing is on, lets gradient into reentrant blocks."""
+    import warnings
+
+    from sharelora_kernels.model import activation_checkpointing_on
+
+    calls = []
+    for on in (False, True):
+        model = tiny_model()
+        if on:
+            enable_checkpointing(model, reentrant=True)
+        assert activation_checkpointing_on(model) is on
+        monkeypatch.setattr(model, "enable_input_require_grads", lambda: calls.append(on))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sk.apply(model, sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["lora"]))
+    assert calls == [True]
+
+
 def trained_with_trainer(tmp_path, checkpointing):
     model = tiny_model()
     if checkpointing:  # before apply, which then lets gradient into reentrant blocks (any Transformers version)
-        model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+        enable_checkpointing(model, checkpointing == "reentrant")
     model = sk.apply(model, sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["similarity"]))
     randomize_adapters(model, std=0.1)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
