@@ -69,7 +69,7 @@ def tiny_family(model_type: str, head: str = "causal_lm", layers: int = 2, seed:
                    num_key_value_heads=2, max_position_embeddings=64)
     if model_type == "gemma":
         default["head_dim"] = 8
-    config = transformers.AutoConfig.for_model(model_type, vocab_size=VOCAB, **{**sizes.get(model_type, default), **extra})
+    config = transformers.AutoConfig.for_model(model_type, **{"vocab_size": VOCAB, **sizes.get(model_type, default), **extra})
     auto = {"causal_lm": transformers.AutoModelForCausalLM, "seq_cls": transformers.AutoModelForSequenceClassification,
             "token_cls": transformers.AutoModelForTokenClassification, "qa": transformers.AutoModelForQuestionAnswering,
             "base": transformers.AutoModel, "seq2seq": transformers.AutoModelForSeq2SeqLM}[head]

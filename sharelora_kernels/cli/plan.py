@@ -58,6 +58,10 @@ def run(args: argparse.Namespace) -> dict:
         raise CommandError(f"--eps must be in [0, 1], got {args.eps}")
     model_dir = resolve_model_dir(args.model)
     model, tokenizer = load_model(model_dir, causal_lm=False, device=resolve_device(args.device))
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise CommandError(f"{model_dir} ({model.config.model_type}) is an encoder-decoder model: share sets name the "
+                           "layers of one stack, and plan measures a single stack's similarity (use a decoder-only or "
+                           "encoder-only model, or method 'lora' / 'share_*' through the Python API)")
     texts = load_texts(args.text, args.samples)
     batch = tokenizer(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
     reps = iter_layer_representations(model, batch["input_ids"], batch["attention_mask"], position=args.position,
