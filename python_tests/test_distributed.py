@@ -4,7 +4,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import sharelora_kernels as sk
-from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
+from tiny_models import METHOD_CONFIGS, TARGETS, enable_checkpointing, randomize_adapters, tiny_model, token_batch
 
 STEPS, LR = 3, 0.05
 
@@ -12,7 +12,7 @@ STEPS, LR = 3, 0.05
 def build(name, checkpointing=None):
     model = tiny_model("llama")
     if checkpointing:
-        model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+        enable_checkpointing(model, checkpointing == "reentrant")
     model = sk.apply(model, sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS[name]))
     randomize_adapters(model, std=0.1)
     return model.train()

@@ -8,17 +8,20 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import sharelora_kernels as sk
 import sharelora_kernels.export
-from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
+from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_family, tiny_model, token_batch
 
 
 def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_lora_equals_peft_lora_outputs_and_gradients():
-    base = tiny_model("llama").double()
-    ours = sk.apply(copy.deepcopy(base), sk.ShareLoRAConfig(method="lora", r=4, alpha=12, target_modules=TARGETS))
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=12, target_modules=TARGETS, lora_dropout=0.0))
+@pytest.mark.parametrize("family, targets", [("llama", TARGETS), ("gpt2", ["c_attn", "c_fc", "mlp.c_proj"])])
+def test_lora_equals_peft_lora_outputs_and_gradients(family, targets):
+    """Also for GPT-2's Conv1D bases (PEFT's fan_in_fan_out)."""
+    base = (tiny_model("llama") if family == "llama" else tiny_family(family)).double()
+    ours = sk.apply(copy.deepcopy(base), sk.ShareLoRAConfig(method="lora", r=4, alpha=12, target_modules=targets))
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=12, target_modules=targets, lora_dropout=0.0,
+                                                                fan_in_fan_out=family == "gpt2"))
     randomize_adapters(ours)
     with torch.no_grad():  # same values in both
         for name in ours.sharelora_plan.modules:

@@ -2,23 +2,14 @@
 import pytest
 import torch
 from safetensors import safe_open
-from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import sharelora_kernels as sk
 from sharelora_kernels.model import adapter_tensors
-from tiny_models import TARGETS, tiny_model, token_batch
+from tiny_models import TARGETS, TokenWindows, tiny_model, token_batch
 
 CONFIG = dict(method="similarity", r=3, share_sets=[[1, 2, 3]], target_modules=TARGETS, dropout=0.1)
 
-
-class TokenWindows(Dataset):
-    def __len__(self):
-        return 12
-
-    def __getitem__(self, i):
-        ids = token_batch(1, 8, seed=100 + i)[0]
-        return {"input_ids": ids, "labels": ids}
 
 
 class StopAfter(TrainerCallback):
@@ -37,7 +28,7 @@ def trainer(out, max_steps, *callbacks):
     model = sk.apply(tiny_model(), sk.ShareLoRAConfig(**CONFIG)).train()
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, max_steps=max_steps, learning_rate=1e-2,
                              report_to=[], save_steps=2, logging_steps=1, use_cpu=True, seed=0, data_seed=0)
-    return Trainer(model=model, args=args, train_dataset=TokenWindows(), callbacks=list(callbacks))
+    return Trainer(model=model, args=args, train_dataset=TokenWindows(12), callbacks=list(callbacks))
 
 
 def weights(model):
@@ -75,6 +66,6 @@ def test_checkpoints_load_and_resume_bit_exactly(adapter_only, tmp_path):
 def test_callback_refuses_a_model_without_adapters(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="no ShareLoRA adapters"):
-        Trainer(model=tiny_model(), args=args, train_dataset=TokenWindows(), callbacks=[sk.TrainerCallback()])
+        Trainer(model=tiny_model(), args=args, train_dataset=TokenWindows(12), callbacks=[sk.TrainerCallback()])
     with pytest.raises(ValueError, match="adapter_only must be true or false"):
         sk.TrainerCallback(adapter_only="yes")

@@ -1,28 +1,13 @@
 """Training stacks: transformers.Trainer with gradient checkpointing, and bitwise determinism."""
 import pytest
 import torch
-from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 import sharelora_kernels as sk
 from sharelora_kernels.model import adapter_tensors
-from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
+from tiny_models import (METHOD_CONFIGS, TARGETS, TokenWindows, enable_checkpointing, randomize_adapters, tiny_model,
+                         token_batch)
 
-
-class TokenWindows(Dataset):
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, i):
-        ids = token_batch(1, 8, seed=100 + i)[0]
-        return {"input_ids": ids, "labels": ids}
-
-
-def enable_checkpointing(model, reentrant: bool) -> None:
-    """The current Transformers call: activation_checkpointing_enable (5.x; gradient_checkpointing_enable
-    is its deprecated alias there), gradient_checkpointing_enable on 4.x."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": reentrant})
 
 
 def test_apply_detects_checkpointing_already_on_without_deprecation_warnings(monkeypatch):

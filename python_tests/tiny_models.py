@@ -1,4 +1,5 @@
-"""Tiny random Transformers models for tests: LLaMA, Mistral (GQA) and Qwen2 shapes, seeded."""
+"""Tiny random Transformers models for tests (LLaMA, Mistral (GQA) and Qwen2 shapes; every family with default
+targets through ``tiny_family``), seeded, and small helpers the tests share."""
 from __future__ import annotations
 
 import torch
@@ -16,6 +17,13 @@ def tiny_model(arch: str = "llama", layers: int = 4, dtype=torch.float32, seed: 
     cls, cfg = {"llama": (LlamaForCausalLM, LlamaConfig), "mistral": (MistralForCausalLM, MistralConfig),
                 "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[arch]
     return cls(cfg(**common)).to(dtype).eval()
+
+
+def enable_checkpointing(model, reentrant: bool) -> None:
+    """Gradient checkpointing through the current Transformers call: activation_checkpointing_enable
+    (5.x, where gradient_checkpointing_enable is its deprecated alias), gradient_checkpointing_enable (4.x)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": reentrant})
 
 
 def randomize_adapters(model, std: float = 0.2, seed: int = 1) -> None:
@@ -75,3 +83,17 @@ def tiny_family(model_type: str, head: str = "causal_lm", layers: int = 2, seed:
             "base": transformers.AutoModel, "seq2seq": transformers.AutoModelForSeq2SeqLM}[head]
     torch.manual_seed(seed)
     return auto.from_config(config).eval()
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """``length`` random windows of 8 tokens, labels = inputs (for Trainer tests)."""
+
+    def __init__(self, length: int = 8):
+        self.length = length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        ids = token_batch(1, 8, seed=100 + i)[0]
+        return {"input_ids": ids, "labels": ids}

@@ -53,9 +53,9 @@ def describe_base(module: nn.Module, name: str | None = None) -> BaseLayout:
     what = f"target module {name!r}" if name is not None else "the base module"
     qualified = f"{cls.__module__}.{cls.__qualname__}"
     if isinstance(module, (nn.Linear, conv1d)):
-        raise TypeError(f"{what} is a {qualified}, which subclasses {'nn.Linear' if isinstance(module, nn.Linear) else 'Conv1D'} "
-                        "but overrides its forward (a quantized or custom layer): sharelora_kernels cannot fuse its "
-                        "base matmul (remove it from target_modules)")
+        parent = "nn.Linear" if isinstance(module, nn.Linear) else "Conv1D"
+        raise TypeError(f"{what} is a {qualified}, which subclasses {parent} but overrides its forward (a quantized "
+                        "or custom layer): sharelora_kernels cannot fuse its base matmul (remove it from target_modules)")
     raise TypeError(f"{what} is a {qualified}, not an nn.Linear or a transformers Conv1D: sharelora_kernels "
                     "cannot wrap it (remove it from target_modules)")
 

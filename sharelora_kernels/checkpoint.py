@@ -5,8 +5,9 @@ trained in full (``modules_to_save``) under ``modules_to_save/<module>.<tensor>`
 metadata the config and the share plan (the authoritative copy, so weights and plan can never
 disagree). A readable ``sharelora_config.json`` is written beside it. A module holding hand-wrapped
 ``SharedLoRALinear`` layers has no config: its checkpoint holds the plan read off the layers
-(config ``null``, no JSON file) and loads into a module wrapped the same way. Each file is written to a temporary name in the same
-directory and renamed over the old one, so an interrupted save leaves the previous checkpoint intact.
+(config ``null``, no JSON file) and loads into a module wrapped the same way. Each file is written
+to a temporary name in the same directory and renamed over the old one, so an interrupted save
+leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 

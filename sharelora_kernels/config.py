@@ -128,19 +128,23 @@ class ShareLoRAConfig:
             raise ValueError(f"modules_to_save must be a list of module names or None, got {self.modules_to_save!r}")
         layers = self.layers_to_transform
         if layers is not None:
-            for i in ([layers] if not isinstance(layers, list) else layers) or [None]:
+            if layers == []:
+                raise ValueError("layers_to_transform must name at least one layer (or be None)")
+            for i in layers if isinstance(layers, list) else [layers]:
                 check_int("layers_to_transform", i, minimum=0)
             if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
                 raise ValueError("layers_to_transform cannot be used with a regular-expression target_modules "
                                  "(write the layers into the expression)")
         elif self.layers_pattern is not None:
             raise ValueError("layers_pattern only applies together with layers_to_transform")
-        for name, pattern, check in (("rank_pattern", self.rank_pattern, lambda k, v: check_int(f"rank_pattern[{k!r}]", v, 1)),
-                                     ("alpha_pattern", self.alpha_pattern, lambda k, v: check_positive(f"alpha_pattern[{k!r}]", v))):
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pattern, dict) or not all(isinstance(k, str) and k for k in pattern):
                 raise ValueError(f"{name} must map module names to values, got {pattern!r}")
             for k, v in pattern.items():
-                check(k, v)
+                if name == "rank_pattern":
+                    check_int(f"rank_pattern[{k!r}]", v, minimum=1)
+                else:
+                    check_positive(f"alpha_pattern[{k!r}]", v)
             if pattern and self.method != "lora":
                 raise ValueError(f"{name} only applies to method='lora', not {self.method!r}")
         if self.method == "bishare" and self.local_r + self.intra_r + self.inter_r == 0:

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import atomic_write, saved_state
 from .model import get_plan, shared_layers
-from .plan import SharePlan
+from .plan import pattern_value
 from .reference import path_factors
 from .targeting import peft_target_names, peft_task_type
 
@@ -54,17 +54,15 @@ def peft_lora_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def _module_lora(layer, config, use_rslora: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(A, B, PEFT alpha) of one module: as trained when it has one plain path at the scale of the
-    config's alpha, else ``peft_lora_factors`` with the alpha that makes PEFT's scale 1."""
+def _module_lora(name: str, layer, config, use_rslora: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, PEFT alpha) of module ``name``: as trained when it has one plain path at the scale of
+    its config alpha, else ``peft_lora_factors`` with the alpha that makes PEFT's scale 1."""
     paths = layer.paths()
     if len(paths) == 1 and paths[0].kind == "plain" and config is not None:
         a, b = paths[0].tensors
-        r = a.shape[0]
-        root = math.sqrt(r) if use_rslora else r
-        for alpha in (*config.alpha_pattern.values(), config.alpha):
-            if alpha / root == paths[0].scale:
-                return a.to(torch.float32, copy=True), b.to(torch.float32, copy=True), alpha  # shared: one copy each
+        alpha = pattern_value(config.alpha_pattern, name, config.alpha)
+        if alpha / (math.sqrt(a.shape[0]) if use_rslora else a.shape[0]) == paths[0].scale:
+            return a.to(torch.float32, copy=True), b.to(torch.float32, copy=True), alpha  # shared: one copy each
     a, b = peft_lora_factors(layer)
     r = a.shape[0]
     return a, b, (math.sqrt(r) if use_rslora else float(r))
@@ -86,7 +84,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, serving: str | N
     use_rslora = bool(config is not None and config.use_rslora and serving is None)
     layers = {name: model.get_submodule(name) for name in plan.modules}
     if serving is None:
-        modules = {name: _module_lora(layer, config, use_rslora) for name, layer in layers.items()}
+        modules = {name: _module_lora(name, layer, config, use_rslora) for name, layer in layers.items()}
     else:
         modules = {name: (*peft_lora_factors(layer), None) for name, layer in layers.items()}
     ranks = {name: a.shape[0] for name, (a, _, _) in modules.items()}
