@@ -133,3 +133,42 @@ def test_written_files_get_the_usual_permissions(tmp_path):
         os.umask(old)
     for path in [*(tmp_path / "ckpt").iterdir(), *(tmp_path / "peft").iterdir()]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name
+
+
+def test_checkpoint_from_before_the_targeting_fields_still_loads(tmp_path):
+    """A checkpoint whose config lacks exclude_modules & co. and whose plan lacks stacks and
+    modules_to_save (the format before them) loads with the same outputs."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = trained("similarity")
+    sk.save(model, tmp_path)
+    path = tmp_path / ckpt.WEIGHTS_NAME
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    config = {k: v for k, v in json.loads(meta["config"]).items()
+              if k not in ("exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save", "rank_pattern",
+                           "alpha_pattern")}
+    config["target_modules"] = TARGETS
+    plan = json.loads(meta["plan"])
+    del plan["modules_to_save"]
+    for m in plan["modules"].values():
+        del m["info"]["stack"]
+    save_file(load_file(str(path)), str(path), metadata={**meta, "config": json.dumps(config), "plan": json.dumps(plan)})
+    ids = token_batch()
+    torch.testing.assert_close(sk.load(tiny_model(), tmp_path)(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_modules_to_save_mismatch_is_named(tmp_path):
+    from tiny_models import tiny_family
+
+    model = sk.apply(tiny_family("llama", "seq_cls", num_labels=2, pad_token_id=0),
+                     sk.ShareLoRAConfig(r=2, target_modules=["q_proj"]))
+    sk.save(model, tmp_path)
+    other = sk.apply(tiny_family("llama", "seq_cls", num_labels=2, pad_token_id=0),
+                     sk.ShareLoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=[]))
+    with pytest.raises(ValueError, match=r"modules_to_save: checkpoint has \['score'\], model has \[\]"):
+        sk.load(other, tmp_path)
+    with pytest.raises(ValueError, match="serves LoRA adapters only, not modules trained in full"):
+        sk.export_peft(model, tmp_path / "served", serving="vllm")

@@ -39,7 +39,7 @@ def sweep_thresholds(
 
     S: (L, L) similarity with L == num_layers. config supplies r, alpha and target_modules (its
     method and share sets are ignored); modules / num_layers are the model's target modules, as
-    ``sharelora_kernels.model.find_target_modules`` returns them. Counts come from
+    ``sharelora_kernels.targeting.find_target_modules`` returns them. Counts come from
     ``plan.build_plan(...).parameter_count()``.
     """
     if len(S) != num_layers:
