@@ -118,9 +118,16 @@ def plan_mismatch(saved: SharePlan, current: SharePlan, where: str) -> None:
     if saved.num_layers != current.num_layers:
         fail("number of layers", saved.num_layers, current.num_layers)
     if list(saved.modules) != list(current.modules):
-        missing = sorted(set(saved.modules) ^ set(current.modules))
-        fail("target modules", sorted(saved.modules) if not missing else f"{len(saved.modules)} modules",
-             f"{len(current.modules)} modules, first difference {missing[0] if missing else 'order'}")
+        only_saved = sorted(set(saved.modules) - set(current.modules))
+        only_model = sorted(set(current.modules) - set(saved.modules))
+        counts = f"{len(saved.modules)} target modules in the checkpoint, {len(current.modules)} in the model"
+        if only_saved:
+            raise ValueError(f"checkpoint {where} does not match the model: the checkpoint has module {only_saved[0]!r}, "
+                             f"which the model lacks ({len(only_saved)} such; {counts})")
+        if only_model:
+            raise ValueError(f"checkpoint {where} does not match the model: the model has module {only_model[0]!r}, "
+                             f"which the checkpoint lacks ({len(only_model)} such; {counts})")
+        fail("order of target modules", list(saved.modules), list(current.modules))
     for name, m in saved.modules.items():
         c = current.modules[name]
         if m.info != c.info:

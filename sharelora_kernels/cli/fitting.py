@@ -1,0 +1,82 @@
+"""What fits a model, found on its weightless skeleton: the target modules, the Bi-Share Kronecker dim and
+gate core, and the configs built from them (checked by planning them).
+
+``plan`` prices and writes these configs and ``compare`` trains them, so what one reports the other runs.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from . import CommandError
+
+PAPER_KRON_DIM = 256  # METHOD section 3: d_s = 256
+PAPER_GATE_DIM = 1024  # and m = n = 1024
+
+
+def target_modules(skeleton, targets: list[str], model_dir: Path):
+    """(ModuleInfo list, layer count) of ``targets`` in the model; CommandError if none or unusable."""
+    from ..model import find_target_modules
+
+    try:
+        infos, num_layers = find_target_modules(skeleton, targets)
+    except (ValueError, TypeError) as err:
+        raise CommandError(f"--target-modules: {err}") from err
+    if not infos:
+        raise CommandError(f"--target-modules: no module named {' '.join(targets)} in {model_dir}; "
+                           "pass the names of its linear layers (e.g. query key value for BERT)")
+    return infos, num_layers
+
+
+def fitted_dims(infos, kron_dim: int | None = None) -> dict:
+    """``{"kron_dim": d, "gate_dims": (m, n)}`` for the modules ``infos`` (ModuleInfo list).
+
+    kron_dim: the user's choice, or None for the paper's 256, or the largest power of two dividing
+    every module dim when 256 does not. gate_dims: the paper's 1024 x 1024 core, shrunk to the
+    smallest in / out features among the modules (a core wider than a module only adds parameters).
+    """
+    if kron_dim is None:
+        common = math.gcd(*(d for m in infos for d in (m.in_features, m.out_features)))
+        kron_dim = min(common & -common, PAPER_KRON_DIM)
+    gate_dims = (min(PAPER_GATE_DIM, *(m.in_features for m in infos)), min(PAPER_GATE_DIM, *(m.out_features for m in infos)))
+    return {"kron_dim": kron_dim, "gate_dims": gate_dims}
+
+
+def lora_config(infos, r: int, alpha: float, targets: list[str], kron_dim: int | None = None):
+    """The plain LoRA ShareLoRAConfig of the command line, with the Bi-Share dims ``fitted_dims`` finds for
+    ``infos``: the base every other config of `plan` and `compare` is made from. CommandError on a bad value."""
+    from ..config import ShareLoRAConfig
+
+    try:
+        return ShareLoRAConfig(method="lora", r=r, alpha=alpha, target_modules=targets, **fitted_dims(infos, kron_dim))
+    except ValueError as err:
+        raise CommandError(str(err)) from err
+
+
+def bishare_configs(base, infos, num_layers: int) -> dict:
+    """Bi-Share configs, one per shape transform at the paper's ranks, with ``base``'s targets, alpha,
+    dropout, kron_dim and gate_dims: {"slice": ShareLoRAConfig, "gate": ..., "kron": ...}.
+
+    CommandError naming the transform if one does not fit the modules (e.g. kron_dim not dividing a dim).
+    """
+    import dataclasses
+
+    from ..config import SHAPE_TRANSFORMS
+
+    configs = {}
+    for transform in SHAPE_TRANSFORMS:
+        config = dataclasses.replace(base, method="bishare", shape_transform=transform, share_sets=[], expand_rank=False,
+                                     local_r=None, intra_r=None, inter_r=None)  # None: the paper's ranks
+        parameter_count(config, infos, num_layers, what=f"Bi-Share {transform}")
+        configs[transform] = config
+    return configs
+
+
+def parameter_count(config, infos, num_layers: int, what: str) -> int:
+    """Trainable parameters of ``config`` on the modules ``infos``; CommandError starting with ``what`` if it does not fit."""
+    from ..plan import build_plan
+
+    try:
+        return build_plan(config, infos, num_layers).parameter_count()
+    except ValueError as err:
+        raise CommandError(f"{what}: {err}") from err
