@@ -53,7 +53,7 @@ def test_plan_json_reproduces_the_printed_counts(planned):
     """plan.json and bishare_<t>.json are complete configs: applied to the model they train exactly the
     parameter counts the report printed, and plan.json carries the Kronecker dim and gate core priced."""
     out, printed = planned
-    rows = dict(re.findall(r"^  (LoRA r=\d+|ShareLoRA r=\d+|ShareLoRA expanded r=\d+|Bi-Share \w+) .*?([\d,]+)  \(",
+    rows = dict(re.findall(r"^  (LoRA r=\d+|ShareLoRA r=\d+(?: \(expanded\))?|Bi-Share \w+) .*?([\d,]+)  \(",
                            printed, flags=re.M))
     rows = {name: int(n.replace(",", "")) for name, n in rows.items()}
     assert len(rows) == 6, printed
@@ -65,7 +65,7 @@ def test_plan_json_reproduces_the_printed_counts(planned):
     import dataclasses
 
     assert count(plan) == rows["ShareLoRA r=8"]
-    expanded = next(v for k, v in rows.items() if k.startswith("ShareLoRA expanded"))
+    expanded = next(v for k, v in rows.items() if k.endswith("(expanded)"))
     assert count(dataclasses.replace(plan, expand_rank=True)) == expanded
     assert count(dataclasses.replace(plan, method="lora", share_sets=[])) == rows["LoRA r=8"]
     for transform in ("slice", "gate", "kron"):
@@ -80,7 +80,7 @@ def test_plan_prints_sets_and_counts(tmp_path):
     code, text, _ = run_cli(["plan", "--samples", "12", "--eps", "0.9", "--contiguous", "--position", "output",
                              "--out", tmp_path])
     assert code == 0
-    for expected in ("share sets at eps=0.9 (complete, contiguous)", "LoRA r=8", "ShareLoRA expanded r=",
+    for expected in ("share sets at eps=0.9 (complete, contiguous)", "LoRA r=8", " (expanded) ",
                      "Bi-Share slice", "Bi-Share gate", "Bi-Share kron", "d_s=64", "plan.json", "12 calibration samples"):
         assert expected in text
     assert not re.search(r"\b1 (sets|slots|steps|layers)\b", text)

@@ -58,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "runs, its numbers are noise (default: off)")
     p.add_argument("--out", metavar="DIR", type=Path, default=None,
                    help=f"output folder (default: ./{OUT_ROOT}/<device>-<date>, or -2, -3, ... when it exists)")
-    p.add_argument("--ops", metavar="LIST", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)} (default: all)")
+    p.add_argument("--ops", metavar="LIST", default=",".join(OPS),
+                   help=f"comma-separated subset of {','.join(OPS)} (default: all)")
     p.add_argument("--repeats", metavar="N", type=int, default=None,
                    help="timed repeats per variant of each op (default: {} on cpu, {} on cuda, {} with --quick)".format(
                        *(REPEATS[profile][0][1] for profile in ("cpu", "cuda", "quick"))))

@@ -67,7 +67,8 @@ def markdown(data: dict) -> str:
             lines.append(f"| {v} | {_ms(row['fwd+bwd_ms'])} | {i3['ratio_vs_base'][v]:.3f} | "
                          f"{i3['ratio_of_min_vs_base'][v]:.3f} |")
         lines += ["", f"Target: {i3['target']}. Met: **{i3['target_met']}**.", ""]
-    lines += ["## Ops", "", "| op | M x K x N | variant | fwd ms | bwd ms | fwd+bwd ms | ratio vs base (mode) | saved MB | peak MB |",
+    lines += ["## Ops", "",
+              "| op | M x K x N | variant | fwd ms | bwd ms | fwd+bwd ms | ratio vs base (mode) | saved MB | peak MB |",
               "|---|---|---|---|---|---|---|---|---|"]
     for case in data["ops"]:
         shape = "x".join(str(case["shape"][d]) for d in "MKN")

@@ -31,8 +31,9 @@ from pathlib import Path
 from . import CommandError, Interrupted, counted, require_between, require_positive
 from .compare_report import plot, table
 from .finetune import read_config
-from .fitting import bishare_configs, lora_config, parameter_count, target_modules
-from .loading import load_model, load_texts, load_tokenizer, model_skeleton, read_model_config, resolve_device, resolve_model_dir
+from .fitting import bishare_configs, label, lora_config, parameter_count, target_modules
+from .loading import (load_model, load_texts, load_tokenizer, model_skeleton, read_model_config, resolve_device,
+                      resolve_model_dir)
 from .outputs import check_out_dir, write_json
 from .training import Windows, adapter_optimizer, heldout_loss, token_stream, train
 
@@ -48,27 +49,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", metavar="DIR", help="causal LM directory (default: the built-in tiny LLaMA)")
     p.add_argument("--steps", metavar="N", type=int, default=120, help="optimizer steps per method (default: 120)")
-    p.add_argument("--methods", metavar="LIST", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)} "
-                                                                "(default: all)")
-    p.add_argument("--plan", metavar="FILE", help="take the ShareLoRA share sets from this plan.json (default: find "
-                                                  "them on the built-in corpus as `plan` does)")
+    p.add_argument("--methods", metavar="LIST", default=",".join(METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--plan", metavar="FILE",
+                   help="take the ShareLoRA share sets from this plan.json (default: find them on the built-in "
+                        "corpus as `plan` does)")
     p.add_argument("--eps", metavar="EPS", type=float, default=0.85,
                    help="similarity threshold of the share sets found (default: 0.85)")
     p.add_argument("--calibration-samples", metavar="N", type=int, default=64,
                    help="paragraphs of the built-in corpus the share sets are found on (default: 64)")
-    p.add_argument("--text", metavar="FILE", help="training text file, paragraphs separated by blank lines; its last --heldout "
-                                  "paragraphs are held out (default: the built-in fine-tuning task)")
+    p.add_argument("--text", metavar="FILE",
+                   help="training text file, paragraphs separated by blank lines; its last --heldout paragraphs "
+                        "are held out (default: the built-in fine-tuning task)")
     p.add_argument("--heldout", metavar="N", type=int, default=32, help="held-out paragraphs (default: 32)")
     p.add_argument("--r", metavar="R", type=int, default=8, help="LoRA / ShareLoRA rank (default: 8)")
-    p.add_argument("--alpha", metavar="ALPHA", type=float, default=16.0, help="adapter scale numerator, scale = alpha / r (default: 16)")
+    p.add_argument("--alpha", metavar="ALPHA", type=float, default=16.0,
+                   help="adapter scale numerator, scale = alpha / r (default: 16)")
     p.add_argument("--target-modules", metavar="NAME", nargs="+", default=list(DEFAULT_TARGETS),
                    help=f"module names to adapt (default: {' '.join(DEFAULT_TARGETS)})")
     p.add_argument("--batch-size", metavar="N", type=int, default=4, help="windows per step (default: 4)")
-    p.add_argument("--seq-len", metavar="N", type=int, default=128, help="tokens per window, BOS included (default: 128)")
-    p.add_argument("--lr", metavar="LR", type=float, default=3e-3, help="AdamW learning rate, no weight decay (default: 3e-3)")
-    p.add_argument("--seed", metavar="N", type=int, default=0, help="seed of every method's adapter init and windows (default: 0)")
-    p.add_argument("--device", metavar="DEVICE", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--out", metavar="DIR", default="sharelora_compare", help="output folder (default: ./sharelora_compare)")
+    p.add_argument("--seq-len", metavar="N", type=int, default=128,
+                   help="tokens per window, BOS included (default: 128)")
+    p.add_argument("--lr", metavar="LR", type=float, default=3e-3,
+                   help="AdamW learning rate, no weight decay (default: 3e-3)")
+    p.add_argument("--seed", metavar="N", type=int, default=0,
+                   help="seed of every method's adapter init and windows (default: 0)")
+    p.add_argument("--device", metavar="DEVICE", default=None,
+                   help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--out", metavar="DIR", default="sharelora_compare",
+                   help="output folder (default: ./sharelora_compare)")
 
 
 @dataclasses.dataclass
@@ -134,7 +143,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _setup(args: argparse.Namespace) -> Setup:
-    """Check every option, the model directory, the configs and --out, reading no weights; CommandError naming what is wrong."""
+    """Check every option, the model directory, the configs and --out, reading no weights; CommandError
+    naming what is wrong."""
     from ..data import calibration_texts
 
     require_positive(args, "steps", "heldout", "calibration_samples", "r", "alpha", "batch_size", "lr")
@@ -143,7 +153,8 @@ def _setup(args: argparse.Namespace) -> Setup:
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown or len(set(methods)) != len(methods):
-        raise CommandError(f"--methods: {'unknown ' + str(unknown) if unknown else 'repeated names'}; known: {','.join(METHODS)}")
+        problem = f"unknown {unknown}" if unknown else "repeated names"
+        raise CommandError(f"--methods: {problem}; known: {','.join(METHODS)}")
     planned_sets = read_config(Path(args.plan)).share_sets if args.plan else None
     calibration = None
     if planned_sets is None:
@@ -167,8 +178,8 @@ def _setup(args: argparse.Namespace) -> Setup:
         Windows(train_tokens, args.seq_len, args.batch_size, tokenizer.bos_token_id, args.seed)
     except ValueError as err:
         raise CommandError(f"{err}: lower --seq-len or give a longer --text") from err
-    return Setup(model_dir, model_config, out, device, methods, infos, num_layers, configs, calibration, tokenizer, train_tokens,
-                 token_stream(tokenizer, heldout_texts), text_note)
+    return Setup(model_dir, model_config, out, device, methods, infos, num_layers, configs, calibration, tokenizer,
+                 train_tokens, token_stream(tokenizer, heldout_texts), text_note)
 
 
 def _found_sharelora_configs(model, setup: Setup, args: argparse.Namespace) -> dict:
@@ -199,7 +210,8 @@ def _train_method(base_model, config, setup: Setup, args: argparse.Namespace, ba
         return None
     tail = log.losses[-max(1, len(log.losses) // 10):]
     return {
-        "label": label(config, setup.num_layers), "config": config.to_dict(), "trainable_params": trainable_parameters(model),
+        "label": label(config, setup.num_layers), "config": config.to_dict(),
+        "trainable_params": trainable_parameters(model),
         "optimizer_state_bytes": sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t)),
         "step_ms_median": log.median_step_ms(), "train_loss": sum(tail) / len(tail),
         "heldout_loss": heldout_loss(model, setup.heldout_tokens, args.seq_len, setup.tokenizer.bos_token_id, EVAL_BATCH),
@@ -207,23 +219,9 @@ def _train_method(base_model, config, setup: Setup, args: argparse.Namespace, ba
     }
 
 
-def label(config, num_layers: int) -> str:
-    """What a method trains, in a few words: "ShareLoRA r=20 (expanded)", "Bi-Share kron (2,4,16) d_s=64"."""
-    from ..plan import expanded_rank
-
-    if config.method == "lora":
-        return f"LoRA r={config.r}"
-    if config.method == "similarity":
-        if config.expand_rank:
-            return f"ShareLoRA r={expanded_rank(num_layers, config.share_sets, config.r)} (expanded)"
-        return f"ShareLoRA r={config.r}"
-    ranks = f"({config.local_r},{config.intra_r},{config.inter_r})"
-    extra = {"gate": " m,n={},{}".format(*config.gate_dims), "kron": f" d_s={config.kron_dim}"}.get(config.shape_transform, "")
-    return f"Bi-Share {config.shape_transform} {ranks}{extra}"
-
-
 def _sharelora_configs(base, sets: list[list[int]], infos, num_layers: int, source: str) -> dict:
-    """The ShareLoRA configs of ``sets`` (without and with rank expansion); CommandError naming ``source`` if they do not fit."""
+    """The ShareLoRA configs of ``sets`` (without and with rank expansion); CommandError naming ``source``
+    if they do not fit."""
     configs = {}
     for name, expand in (("sharelora", False), ("sharelora_expanded", True)):
         try:

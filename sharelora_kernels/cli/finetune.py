@@ -18,7 +18,8 @@ import argparse
 from pathlib import Path
 
 from . import CommandError, Interrupted, counted, require_between, require_positive
-from .loading import load_model, load_texts, load_tokenizer, model_skeleton, read_model_config, resolve_device, resolve_model_dir
+from .loading import (load_model, load_texts, load_tokenizer, model_skeleton, read_model_config, resolve_device,
+                      resolve_model_dir)
 from .outputs import check_out_dir, write_json
 from .training import Windows, adapter_optimizer, interrupts_held, token_stream, train
 
@@ -27,20 +28,25 @@ OUTPUTS = ("adapter/", "peft/", "losses.json")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plan", metavar="FILE", required=True, help="ShareLoRAConfig JSON to train, e.g. the plan.json written by `plan` "
-                                                 "(required)")
+    p.add_argument("--plan", metavar="FILE", required=True,
+                   help="ShareLoRAConfig JSON to train, e.g. the plan.json written by `plan` (required)")
     p.add_argument("--model", metavar="DIR", help="causal LM directory (default: the built-in tiny LLaMA)")
-    p.add_argument("--text", metavar="FILE", help="training text file, paragraphs separated by blank lines (default: the built-in "
-                                  "fine-tuning task, unit conversions the model never saw)")
+    p.add_argument("--text", metavar="FILE",
+                   help="training text file, paragraphs separated by blank lines (default: the built-in fine-tuning "
+                        "task, unit conversions the model never saw)")
     p.add_argument("--samples", metavar="N", type=int, default=None,
                    help="train on the first N paragraphs only (default: all; 256 of the built-in task)")
     p.add_argument("--steps", metavar="N", type=int, default=30, help="optimizer steps (default: 30)")
     p.add_argument("--batch-size", metavar="N", type=int, default=4, help="windows per step (default: 4)")
-    p.add_argument("--seq-len", metavar="N", type=int, default=128, help="tokens per window, BOS included (default: 128)")
-    p.add_argument("--lr", metavar="LR", type=float, default=3e-3, help="AdamW learning rate, no weight decay (default: 3e-3)")
-    p.add_argument("--seed", metavar="N", type=int, default=0, help="seed of the adapter init and the window order (default: 0)")
+    p.add_argument("--seq-len", metavar="N", type=int, default=128,
+                   help="tokens per window, BOS included (default: 128)")
+    p.add_argument("--lr", metavar="LR", type=float, default=3e-3,
+                   help="AdamW learning rate, no weight decay (default: 3e-3)")
+    p.add_argument("--seed", metavar="N", type=int, default=0,
+                   help="seed of the adapter init and the window order (default: 0)")
     p.add_argument("--log-every", metavar="N", type=int, default=10, help="print the loss every N steps (default: 10)")
-    p.add_argument("--device", metavar="DEVICE", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", metavar="DEVICE", default=None,
+                   help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--out", metavar="DIR", default="sharelora_finetune",
                    help="output folder for adapter/, peft/ and losses.json (default: ./sharelora_finetune)")
 

@@ -80,3 +80,19 @@ def parameter_count(config, infos, num_layers: int, what: str) -> int:
         return build_plan(config, infos, num_layers).parameter_count()
     except ValueError as err:
         raise CommandError(f"{what}: {err}") from err
+
+
+def label(config, num_layers: int) -> str:
+    """What a config trains, in a few words, as the rows of `plan` and `compare` name it: "LoRA r=8",
+    "ShareLoRA r=20 (expanded)", "Bi-Share kron (2,4,16) d_s=64"."""
+    from ..plan import expanded_rank
+
+    if config.method == "lora":
+        return f"LoRA r={config.r}"
+    if config.method == "similarity":
+        if config.expand_rank:
+            return f"ShareLoRA r={expanded_rank(num_layers, config.share_sets, config.r)} (expanded)"
+        return f"ShareLoRA r={config.r}"
+    ranks = f"({config.local_r},{config.intra_r},{config.inter_r})"
+    extra = {"gate": " m,n={},{}".format(*config.gate_dims), "kron": f" d_s={config.kron_dim}"}
+    return f"Bi-Share {config.shape_transform} {ranks}{extra.get(config.shape_transform, '')}"

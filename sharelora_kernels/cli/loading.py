@@ -39,7 +39,8 @@ def read_model_config(model_dir: Path, causal_lm: bool):
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CommandError(f"{model_dir} is not a Transformers model directory (no usable config.json): {_first_line(err)}") from err
+        raise CommandError(f"{model_dir} is not a Transformers model directory (no usable config.json): "
+                           f"{_first_line(err)}") from err
     if config.model_type not in MODEL_MAPPING_NAMES:
         raise CommandError(f"{model_dir} holds a model of type {config.model_type!r}, which Transformers' AutoModel "
                            "cannot build")

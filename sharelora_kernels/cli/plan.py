@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 
 from . import CommandError, counted, require_between, require_positive
-from .fitting import bishare_configs, lora_config, parameter_count, target_modules
-from .loading import load_model, load_texts, load_tokenizer, model_skeleton, read_model_config, resolve_device, resolve_model_dir
+from .fitting import bishare_configs, label, lora_config, parameter_count, target_modules
+from .loading import (load_model, load_texts, load_tokenizer, model_skeleton, read_model_config, resolve_device,
+                      resolve_model_dir)
 from .outputs import check_out_dir, write_json, write_text
 
 HELP = "find share sets from layer similarity and write plan.json"
@@ -33,13 +34,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..config import DEFAULT_TARGETS
 
     p.add_argument("--model", metavar="DIR", help="Transformers model directory (default: the built-in tiny LLaMA)")
-    p.add_argument("--text", metavar="FILE", help="calibration text file, paragraphs separated by blank lines (default: the built-in "
-                                  "corpus)")
+    p.add_argument("--text", metavar="FILE",
+                   help="calibration text file, paragraphs separated by blank lines (default: the built-in corpus)")
     p.add_argument("--samples", metavar="N", type=int, default=None,
                    help=f"calibration paragraphs (default: {DEFAULT_SAMPLES}, or all of a shorter --text)")
     p.add_argument("--max-length", metavar="N", type=int, default=128,
                    help="tokens per calibration sample, longer ones are truncated (default: 128)")
-    p.add_argument("--eps", metavar="EPS", type=float, default=0.85, help="similarity threshold in [0, 1] (default: 0.85)")
+    p.add_argument("--eps", metavar="EPS", type=float, default=0.85,
+                   help="similarity threshold in [0, 1] (default: 0.85)")
     p.add_argument("--method", choices=("complete", "anchor"), default="complete",
                    help="share-set construction: complete (every pair in a set >= eps) or anchor (every layer "
                         ">= eps to the set's first) (default: complete)")
@@ -47,11 +49,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--position", choices=("input", "output"), default="input",
                    help="residual stream entering (input) or leaving (output) each layer (default: input)")
     p.add_argument("--r", metavar="R", type=int, default=8, help="LoRA / ShareLoRA rank (default: 8)")
-    p.add_argument("--alpha", metavar="ALPHA", type=float, default=16.0, help="adapter scale numerator, scale = alpha / r (default: 16)")
+    p.add_argument("--alpha", metavar="ALPHA", type=float, default=16.0,
+                   help="adapter scale numerator, scale = alpha / r (default: 16)")
     p.add_argument("--target-modules", metavar="NAME", nargs="+", default=list(DEFAULT_TARGETS),
                    help=f"module names to adapt (default: {' '.join(DEFAULT_TARGETS)})")
-    p.add_argument("--batch-size", metavar="N", type=int, default=16, help="calibration samples per forward pass (default: 16)")
-    p.add_argument("--device", metavar="DEVICE", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", metavar="N", type=int, default=16,
+                   help="calibration samples per forward pass (default: 16)")
+    p.add_argument("--device", metavar="DEVICE", default=None,
+                   help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--expand-rank", action="store_true",
                    help="write expand_rank=true into plan.json: rank floor(L/U r), about LoRA's parameter count "
                         "(default: off)")
@@ -93,7 +98,8 @@ def run(args: argparse.Namespace) -> dict:
     model = load_model(model_dir, causal_lm=False, device=device)
     S = similarity(model, tokenizer, texts, args.max_length, args.position, args.batch_size)
     if num_layers != S.shape[0]:
-        raise CommandError(f"{model_dir} reports {S.shape[0]} layers of hidden states but {num_layers} layers of target modules")
+        raise CommandError(f"{model_dir} reports {S.shape[0]} layers of hidden states but {num_layers} layers of "
+                           "target modules")
     sets = share_sets(S, args.eps, method=args.method, contiguous=args.contiguous)
     multi = [g for g in sets if len(g) > 1]
     plan_config = dataclasses.replace(base, method="similarity", share_sets=multi, expand_rank=args.expand_rank)
@@ -103,15 +109,23 @@ def run(args: argparse.Namespace) -> dict:
         "model": str(model_dir), "model_type": model_config.model_type, "num_layers": num_layers,
         "samples": len(texts), "position": args.position, "eps": args.eps, "method": args.method,
         "contiguous": args.contiguous, "share_sets": sets, "counts": point.to_dict(),
-        "bishare": {t: {"ranks": [c.local_r, c.intra_r, c.inter_r], "params": parameter_count(c, infos, num_layers, t),
-                        "file": f"bishare_{t}.json", **({"kron_dim": c.kron_dim} if t == "kron" else {}),
+        "bishare": {t: {"label": label(c, num_layers), "ranks": [c.local_r, c.intra_r, c.inter_r],
+                        "params": parameter_count(c, infos, num_layers, t), "file": f"bishare_{t}.json",
+                        **({"kron_dim": c.kron_dim} if t == "kron" else {}),
                         **({"gate_dims": list(c.gate_dims)} if t == "gate" else {})} for t, c in bishare.items()},
         "sweep": [p.to_dict() for p in sweep], "similarity": S.tolist(),
     }
     written = [write_text(out / "plan.json", plan_config.to_json() + "\n")]
     written += [write_text(out / f"bishare_{t}.json", c.to_json() + "\n") for t, c in bishare.items()]
     written.append(write_json(out / "similarity.json", info))
-    _report(info, point, sweep, args.r, args.expand_rank)
+    expanded = dataclasses.replace(plan_config, expand_rank=True)
+    rows = [(label(base, num_layers), point.lora_params, ""),
+            (label(dataclasses.replace(plan_config, expand_rank=False), num_layers), point.share_params,
+             "(plan.json with expand_rank false)" if args.expand_rank else "plan.json"),
+            (label(expanded, num_layers), point.share_expanded_params,
+             "plan.json" if args.expand_rank else "(plan --expand-rank)")]
+    rows += [(c["label"], c["params"], c["file"]) for c in info["bishare"].values()]
+    _report(info, point, sweep, rows)
     title = (f"{model_dir.name} ({model_config.model_type}, {counted(num_layers, 'layer')}): layer similarity\n"
              f"{counted(len(texts), 'sample')}, residual stream {'entering' if args.position == 'input' else 'leaving'} "
              f"each layer; share sets at eps={args.eps} ({args.method})")
@@ -120,7 +134,8 @@ def run(args: argparse.Namespace) -> dict:
     return info
 
 
-def _report(info: dict, point, sweep, r: int, expand_rank: bool) -> None:
+def _report(info: dict, point, sweep, rows: list[tuple[str, int, str]]) -> None:
+    """Print the share sets, the trainable parameters of each (label, count, file that trains it) row and the sweep."""
     lora = point.lora_params
     print(f"model {info['model']} ({info['model_type']}, {counted(info['num_layers'], 'layer')}); "
           f"{counted(info['samples'], 'calibration sample')}, position {info['position']}")
@@ -128,16 +143,9 @@ def _report(info: dict, point, sweep, r: int, expand_rank: bool) -> None:
     multi = [g for g in info["share_sets"] if len(g) > 1]
     print("  " + (" ".join("{" + ",".join(map(str, g)) + "}" for g in multi) or "none (every layer keeps its own adapter)"))
     print(f"  {counted(point.slots, 'adapter slot')} per module type for {counted(info['num_layers'], 'layer')}")
-    rows = [(f"LoRA r={r}", lora, ""),
-            (f"ShareLoRA r={r}", point.share_params, "" if expand_rank else "plan.json"),
-            (f"ShareLoRA expanded r={point.expanded_r}", point.share_expanded_params,
-             "plan.json" if expand_rank else "(plan --expand-rank)")]
-    for transform, c in info["bishare"].items():
-        extra = f" d_s={c['kron_dim']}" if "kron_dim" in c else (" m,n={},{}".format(*c["gate_dims"]) if "gate_dims" in c else "")
-        rows.append((f"Bi-Share {transform} ranks {tuple(c['ranks'])}{extra}", c["params"], c["file"]))
     print("trainable parameters:")
     for name, n, file in rows:
-        print(f"  {name:<42} {n:>12,}  ({100.0 * n / lora:5.1f}% of LoRA)  {file}".rstrip())
+        print(f"  {name:<36} {n:>12,}  ({100.0 * n / lora:5.1f}% of LoRA)  {file}".rstrip())
     print("threshold sweep (eps: sets / slots / ShareLoRA params):")
     for p in sweep:
         print(f"  {p.eps:.2f}: {counted(len(p.sets), 'set')} / {counted(p.slots, 'slot')} / {p.share_params:,}")
