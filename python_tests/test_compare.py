@@ -3,10 +3,14 @@ import json
 import math
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 import sharelora_kernels as sk
 from cli_helpers import run_cli
 from sharelora_kernels.cli.compare import METHODS, _texts
+from sharelora_kernels.cli.training import Windows, heldout_loss
+from tiny_models import VOCAB, tiny_model
 
 TINY = ["--steps", "4", "--heldout", "4", "--batch-size", "2", "--seq-len", "32", "--calibration-samples", "16"]
 
@@ -67,3 +71,32 @@ def test_share_sets_from_a_plan_and_a_subset_of_methods(tmp_path):
     result = json.loads((tmp_path / "c" / "compare.json").read_text())
     assert list(result["methods"]) == ["lora", "sharelora"] and result["share_sets"] == [[2, 3, 4, 5]]
     assert result["share_sets_from"] == str(plan)
+
+
+@pytest.mark.parametrize("bos", [1, None])
+def test_heldout_loss_is_the_token_mean_over_windows_covering_the_text(bos):
+    """Against a float64 reference: every window [BOS] + 7 tokens alone, the last (shorter) one included."""
+    model = tiny_model()
+    tokens = torch.randint(0, VOCAB, (50,), generator=torch.Generator().manual_seed(3))
+    width = 8 - (bos is not None)
+    total, count = 0.0, 0
+    for s in range(0, len(tokens), width):
+        ids = torch.tensor(([] if bos is None else [bos]) + tokens[s : s + width].tolist())
+        if len(ids) >= 2:
+            with torch.no_grad():
+                logits = model(ids[None]).logits[0].double()
+            total += F.cross_entropy(logits[:-1], ids[1:], reduction="sum").item()
+            count += len(ids) - 1
+    got = heldout_loss(model, tokens, seq_len=8, bos_id=bos, batch_size=3)  # batches padded on the right
+    assert abs(got - total / count) / (total / count) < 1e-5
+
+
+def test_training_windows_start_with_bos_and_repeat_for_a_seed():
+    tokens = torch.arange(100, 400)
+    a, b = Windows(tokens, 16, 4, bos_id=7, seed=5), Windows(tokens, 16, 4, bos_id=7, seed=5)
+    first = a()
+    assert first.shape == (4, 16) and first.dtype == torch.long and (first[:, 0] == 7).all()
+    assert all(torch.equal(row[1:], torch.arange(row[1], row[1] + 15)) for row in first)  # consecutive tokens
+    assert torch.equal(first, b()) and not torch.equal(a(), first)
+    with pytest.raises(ValueError, match="the text has 10 tokens, too few for windows of 16 tokens"):
+        Windows(torch.arange(10), 16, 4, bos_id=None, seed=0)

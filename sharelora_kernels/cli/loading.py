@@ -46,7 +46,7 @@ def read_model_config(model_dir: Path, causal_lm: bool):
                            "cannot build")
     if causal_lm:
         saved = list(getattr(config, "architectures", None) or [])
-        heads = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        heads = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
         if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (saved and not set(saved) & heads):
             what = "/".join(saved) or f"{config.model_type} model"
             raise CommandError(f"{model_dir} holds a {what} ({config.model_type}) with no causal-LM head; {CAUSAL_LM_NEED}. "

@@ -117,7 +117,7 @@ def heldout_loss(model: nn.Module, tokens: torch.Tensor, seq_len: int, bos_id: i
     device = next(p.device for p in model.parameters())
     bos = [] if bos_id is None else [bos_id]
     width = seq_len - len(bos)
-    chunks = [torch.tensor(bos + tokens[s : s + width].tolist()) for s in range(0, len(tokens) - 1, width)]
+    chunks = [torch.tensor(bos + tokens[s : s + width].tolist()) for s in range(0, len(tokens), width)]
     chunks = [c for c in chunks if len(c) >= 2]
     was_training = model.training
     model.eval()
@@ -129,9 +129,8 @@ def heldout_loss(model: nn.Module, tokens: torch.Tensor, seq_len: int, bos_id: i
         labels = torch.full((len(group), length), -100, dtype=torch.long)  # -100: not a target
         for i, c in enumerate(group):
             ids[i, : len(c)], labels[i, : len(c)] = c, c
-        logits = model(input_ids=ids.to(device), attention_mask=(labels != -100).to(device)).logits.float()
-        targets = labels[:, 1:].to(device)
-        nll = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum")
-        total, count = total + nll.item(), count + int((targets != -100).sum())
+        loss = model(input_ids=ids.to(device), attention_mask=(labels != -100).to(device), labels=labels.to(device)).loss
+        targets = int((labels[:, 1:] != -100).sum())  # the model's loss is the mean over these
+        total, count = total + loss.item() * targets, count + targets
     model.train(was_training)
     return total / count
