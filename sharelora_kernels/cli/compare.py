@@ -30,10 +30,9 @@ from pathlib import Path
 
 from . import CommandError, Interrupted, counted, require_between, require_positive
 from .compare_report import plot, table
-from .finetune import read_config
 from .fitting import bishare_configs, label, lora_config, parameter_count, target_modules
-from .loading import (load_model, load_texts, load_tokenizer, model_skeleton, read_model_config, resolve_device,
-                      resolve_model_dir)
+from .loading import (load_model, load_texts, load_tokenizer, model_skeleton, read_model_config, read_plan,
+                      resolve_device, resolve_model_dir)
 from .outputs import check_out_dir, write_json
 from .training import Windows, adapter_optimizer, heldout_loss, token_stream, train
 
@@ -155,7 +154,7 @@ def _setup(args: argparse.Namespace) -> Setup:
     if unknown or len(set(methods)) != len(methods):
         problem = f"unknown {unknown}" if unknown else "repeated names"
         raise CommandError(f"--methods: {problem}; known: {','.join(METHODS)}")
-    planned_sets = read_config(Path(args.plan)).share_sets if args.plan else None
+    planned_sets = read_plan(Path(args.plan)).share_sets if args.plan else None
     calibration = None
     if planned_sets is None:
         calibration = calibration_texts()[: args.calibration_samples]

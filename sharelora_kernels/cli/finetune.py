@@ -18,8 +18,8 @@ import argparse
 from pathlib import Path
 
 from . import CommandError, Interrupted, counted, require_between, require_positive
-from .loading import (load_model, load_texts, load_tokenizer, model_skeleton, read_model_config, resolve_device,
-                      resolve_model_dir)
+from .loading import (load_model, load_texts, load_tokenizer, model_skeleton, read_model_config, read_plan,
+                      resolve_device, resolve_model_dir)
 from .outputs import check_out_dir, write_json
 from .training import Windows, adapter_optimizer, interrupts_held, token_stream, train
 
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> list[float]:
 
     require_positive(args, "samples", "steps", "batch_size", "lr", "log_every")
     require_between(args, "seq_len", 2)
-    config = read_config(Path(args.plan))
+    config = read_plan(Path(args.plan))
     model_dir = resolve_model_dir(args.model)
     model_config = read_model_config(model_dir, causal_lm=True)
     out = check_out_dir(args.out, OUTPUTS)
@@ -97,26 +97,17 @@ def run(args: argparse.Namespace) -> list[float]:
         k = max(1, min(5, len(losses) // 4))
         print(f"mean loss of the first {counted(k, 'step')} {sum(losses[:k]) / k:.4f} -> "
               f"last {counted(k, 'step')} {sum(losses[-k:]) / k:.4f}")
-    with interrupts_held():  # a second Ctrl-C waits for the files
-        sk.save(model, out / "adapter")
-        sk.export_peft(model, out / "peft")
-        write_json(out / "losses.json", {"steps": args.steps, "finished_steps": len(losses),
-                                         "interrupted": log.interrupted, "losses": losses}, indent=None)
+    try:
+        with interrupts_held():  # a Ctrl-C now waits for the files
+            sk.save(model, out / "adapter")
+            sk.export_peft(model, out / "peft")
+            write_json(out / "losses.json", {"steps": args.steps, "finished_steps": len(losses),
+                                             "interrupted": log.interrupted, "losses": losses}, indent=None)
+    except KeyboardInterrupt:
+        log.interrupted = True
     written = f"{out / 'adapter'} (ShareLoRA checkpoint), {out / 'peft'} (PEFT LoRA export), {out / 'losses.json'}"
     if log.interrupted:
         raise Interrupted(f"interrupted after {counted(len(losses), 'finished step')} of {args.steps}; "
                           f"saved them to {written}")
     print(f"wrote {written}")
     return losses
-
-
-def read_config(path: Path):
-    """The ShareLoRAConfig in a JSON file; CommandError naming the file if it is missing or not one."""
-    from ..config import ShareLoRAConfig
-
-    if not path.is_file():
-        raise CommandError(f"plan file {path} does not exist (write one with `python -m sharelora_kernels plan`)")
-    try:
-        return ShareLoRAConfig.from_json(path.read_text())
-    except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
-        raise CommandError(f"{path} is not a valid ShareLoRAConfig JSON: {err}") from err

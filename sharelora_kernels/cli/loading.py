@@ -1,7 +1,7 @@
-"""Shared by the subcommands: a Transformers model directory (checked, as a weightless skeleton, loaded),
-its tokenizer, the calibration / training texts and the device.
+"""Shared by the subcommands: a plan file, a Transformers model directory (checked, as a weightless
+skeleton, loaded), its tokenizer, the calibration / training texts and the device.
 
-The checks (``read_model_config``, ``model_skeleton``, ``load_tokenizer``, ``load_texts``,
+The checks (``read_plan``, ``read_model_config``, ``model_skeleton``, ``load_tokenizer``, ``load_texts``,
 ``resolve_device``) read no weights, so a command runs them all before ``load_model``.
 """
 from __future__ import annotations
@@ -19,6 +19,18 @@ def resolve_model_dir(model: str | None) -> Path:
     from ..data import default_model_dir
 
     return default_model_dir() if model is None else Path(model)
+
+
+def read_plan(path: Path):
+    """The ShareLoRAConfig in a JSON file; CommandError naming the file if it is missing or not one."""
+    from ..config import ShareLoRAConfig
+
+    if not path.is_file():
+        raise CommandError(f"plan file {path} does not exist (write one with `python -m sharelora_kernels plan`)")
+    try:
+        return ShareLoRAConfig.from_json(path.read_text())
+    except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        raise CommandError(f"{path} is not a valid ShareLoRAConfig JSON: {err}") from err
 
 
 def read_model_config(model_dir: Path, causal_lm: bool):
