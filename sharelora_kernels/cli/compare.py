@@ -30,11 +30,12 @@ from pathlib import Path
 
 from . import CommandError, Interrupted, counted, require_between, require_positive
 from .compare_report import plot, table
-from .fitting import bishare_configs, label, lora_config, parameter_count, target_modules
-from .loading import (load_model, load_texts, load_tokenizer, model_skeleton, read_model_config, read_plan,
-                      resolve_device, resolve_model_dir)
+from .fitting import add_adapter_arguments, bishare_configs, label, lora_config, parameter_count, target_modules
+from .loading import (add_device_argument, load_model, load_texts, load_tokenizer, model_skeleton, read_model_config,
+                      read_plan, resolve_device, resolve_model_dir)
 from .outputs import check_out_dir, write_json
-from .training import Windows, adapter_optimizer, heldout_loss, token_stream, train
+from .training import (Windows, adapter_optimizer, add_training_arguments, check_training_arguments, heldout_loss,
+                       token_stream, train)
 
 HELP = "fine-tune LoRA, ShareLoRA and Bi-Share LoRA alike and compare parameters, memory, time and held-out loss"
 METHODS = ("lora", "sharelora", "sharelora_expanded", "bishare_slice", "bishare_gate", "bishare_kron")
@@ -44,8 +45,6 @@ EVAL_BATCH = 16  # held-out windows per forward pass
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..config import DEFAULT_TARGETS
-
     p.add_argument("--model", metavar="DIR", help="causal LM directory (default: the built-in tiny LLaMA)")
     p.add_argument("--steps", metavar="N", type=int, default=120, help="optimizer steps per method (default: 120)")
     p.add_argument("--methods", metavar="LIST", default=",".join(METHODS),
@@ -61,20 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training text file, paragraphs separated by blank lines; its last --heldout paragraphs "
                         "are held out (default: the built-in fine-tuning task)")
     p.add_argument("--heldout", metavar="N", type=int, default=32, help="held-out paragraphs (default: 32)")
-    p.add_argument("--r", metavar="R", type=int, default=8, help="LoRA / ShareLoRA rank (default: 8)")
-    p.add_argument("--alpha", metavar="ALPHA", type=float, default=16.0,
-                   help="adapter scale numerator, scale = alpha / r (default: 16)")
-    p.add_argument("--target-modules", metavar="NAME", nargs="+", default=list(DEFAULT_TARGETS),
-                   help=f"module names to adapt (default: {' '.join(DEFAULT_TARGETS)})")
-    p.add_argument("--batch-size", metavar="N", type=int, default=4, help="windows per step (default: 4)")
-    p.add_argument("--seq-len", metavar="N", type=int, default=128,
-                   help="tokens per window, BOS included (default: 128)")
-    p.add_argument("--lr", metavar="LR", type=float, default=3e-3,
-                   help="AdamW learning rate, no weight decay (default: 3e-3)")
-    p.add_argument("--seed", metavar="N", type=int, default=0,
-                   help="seed of every method's adapter init and windows (default: 0)")
-    p.add_argument("--device", metavar="DEVICE", default=None,
-                   help="torch device (default: cuda if available, else cpu)")
+    add_adapter_arguments(p)
+    add_training_arguments(p)
+    add_device_argument(p)
     p.add_argument("--out", metavar="DIR", default="sharelora_compare",
                    help="output folder (default: ./sharelora_compare)")
 
@@ -146,8 +134,8 @@ def _setup(args: argparse.Namespace) -> Setup:
     naming what is wrong."""
     from ..data import calibration_texts
 
-    require_positive(args, "steps", "heldout", "calibration_samples", "r", "alpha", "batch_size", "lr")
-    require_between(args, "seq_len", 2)
+    require_positive(args, "steps", "heldout", "calibration_samples", "r", "alpha")
+    check_training_arguments(args)
     require_between(args, "eps", 0, 1)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]

@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import CommandError, Interrupted, counted, require_between, require_positive
-from .loading import (load_model, load_texts, load_tokenizer, model_skeleton, read_model_config, read_plan,
-                      resolve_device, resolve_model_dir)
+from . import CommandError, Interrupted, counted, require_positive
+from .loading import (add_device_argument, load_model, load_texts, load_tokenizer, model_skeleton, read_model_config,
+                      read_plan, resolve_device, resolve_model_dir)
 from .outputs import check_out_dir, write_json
-from .training import Windows, adapter_optimizer, interrupts_held, token_stream, train
+from .training import (Windows, adapter_optimizer, add_training_arguments, check_training_arguments, interrupts_held,
+                       token_stream, train)
 
 HELP = "train the adapters of a plan.json and save them (ShareLoRA checkpoint and PEFT export)"
 OUTPUTS = ("adapter/", "peft/", "losses.json")
@@ -37,16 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", metavar="N", type=int, default=None,
                    help="train on the first N paragraphs only (default: all; 256 of the built-in task)")
     p.add_argument("--steps", metavar="N", type=int, default=30, help="optimizer steps (default: 30)")
-    p.add_argument("--batch-size", metavar="N", type=int, default=4, help="windows per step (default: 4)")
-    p.add_argument("--seq-len", metavar="N", type=int, default=128,
-                   help="tokens per window, BOS included (default: 128)")
-    p.add_argument("--lr", metavar="LR", type=float, default=3e-3,
-                   help="AdamW learning rate, no weight decay (default: 3e-3)")
-    p.add_argument("--seed", metavar="N", type=int, default=0,
-                   help="seed of the adapter init and the window order (default: 0)")
+    add_training_arguments(p)
     p.add_argument("--log-every", metavar="N", type=int, default=10, help="print the loss every N steps (default: 10)")
-    p.add_argument("--device", metavar="DEVICE", default=None,
-                   help="torch device (default: cuda if available, else cpu)")
+    add_device_argument(p)
     p.add_argument("--out", metavar="DIR", default="sharelora_finetune",
                    help="output folder for adapter/, peft/ and losses.json (default: ./sharelora_finetune)")
 
@@ -59,8 +53,8 @@ def run(args: argparse.Namespace) -> list[float]:
     import sharelora_kernels as sk
     from ..model import plan_model
 
-    require_positive(args, "samples", "steps", "batch_size", "lr", "log_every")
-    require_between(args, "seq_len", 2)
+    require_positive(args, "samples", "steps", "log_every")
+    check_training_arguments(args)
     config = read_plan(Path(args.plan))
     model_dir = resolve_model_dir(args.model)
     model_config = read_model_config(model_dir, causal_lm=True)

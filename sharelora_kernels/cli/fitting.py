@@ -14,6 +14,17 @@ PAPER_KRON_DIM = 256  # METHOD section 3: d_s = 256
 PAPER_GATE_DIM = 1024  # and m = n = 1024
 
 
+def add_adapter_arguments(p) -> None:
+    """The adapter options ``lora_config`` reads: --r, --alpha, --target-modules."""
+    from ..config import DEFAULT_TARGETS
+
+    p.add_argument("--r", metavar="R", type=int, default=8, help="LoRA / ShareLoRA rank (default: 8)")
+    p.add_argument("--alpha", metavar="ALPHA", type=float, default=16.0,
+                   help="adapter scale numerator, scale = alpha / r (default: 16)")
+    p.add_argument("--target-modules", metavar="NAME", nargs="+", default=list(DEFAULT_TARGETS),
+                   help=f"module names to adapt (default: {' '.join(DEFAULT_TARGETS)})")
+
+
 def target_modules(skeleton, targets: list[str], model_dir: Path):
     """(ModuleInfo list, layer count) of ``targets`` in the model; CommandError if none or unusable."""
     from ..model import find_target_modules

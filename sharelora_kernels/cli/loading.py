@@ -146,6 +146,12 @@ def load_texts(text_file: str | None, samples: int | None, builtin: str = "calib
     return texts[:samples if samples is not None else default]
 
 
+def add_device_argument(p) -> None:
+    """``--device``, read by ``resolve_device``."""
+    p.add_argument("--device", metavar="DEVICE", default=None,
+                   help="torch device (default: cuda if available, else cpu)")
+
+
 def resolve_device(device: str | None) -> str:
     """``--device``: None means cuda if available, else cpu; CommandError if torch cannot use ``device`` here."""
     import torch

@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 
 from . import CommandError, counted, require_between, require_positive
-from .fitting import bishare_configs, label, lora_config, parameter_count, target_modules
-from .loading import (load_model, load_texts, load_tokenizer, model_skeleton, read_model_config, resolve_device,
-                      resolve_model_dir)
+from .fitting import add_adapter_arguments, bishare_configs, label, lora_config, parameter_count, target_modules
+from .loading import (add_device_argument, load_model, load_texts, load_tokenizer, model_skeleton, read_model_config,
+                      resolve_device, resolve_model_dir)
 from .outputs import check_out_dir, write_json, write_text
 
 HELP = "find share sets from layer similarity and write plan.json"
@@ -31,8 +31,6 @@ OUTPUTS = ("plan.json", "bishare_slice.json", "bishare_gate.json", "bishare_kron
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..config import DEFAULT_TARGETS
-
     p.add_argument("--model", metavar="DIR", help="Transformers model directory (default: the built-in tiny LLaMA)")
     p.add_argument("--text", metavar="FILE",
                    help="calibration text file, paragraphs separated by blank lines (default: the built-in corpus)")
@@ -48,15 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contiguous", action="store_true", help="only sets of consecutive layers (default: off)")
     p.add_argument("--position", choices=("input", "output"), default="input",
                    help="residual stream entering (input) or leaving (output) each layer (default: input)")
-    p.add_argument("--r", metavar="R", type=int, default=8, help="LoRA / ShareLoRA rank (default: 8)")
-    p.add_argument("--alpha", metavar="ALPHA", type=float, default=16.0,
-                   help="adapter scale numerator, scale = alpha / r (default: 16)")
-    p.add_argument("--target-modules", metavar="NAME", nargs="+", default=list(DEFAULT_TARGETS),
-                   help=f"module names to adapt (default: {' '.join(DEFAULT_TARGETS)})")
     p.add_argument("--batch-size", metavar="N", type=int, default=16,
                    help="calibration samples per forward pass (default: 16)")
-    p.add_argument("--device", metavar="DEVICE", default=None,
-                   help="torch device (default: cuda if available, else cpu)")
+    add_adapter_arguments(p)
+    add_device_argument(p)
     p.add_argument("--expand-rank", action="store_true",
                    help="write expand_rank=true into plan.json: rank floor(L/U r), about LoRA's parameter count "
                         "(default: off)")
