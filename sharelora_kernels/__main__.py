@@ -1,4 +1,4 @@
-"""``python -m sharelora_kernels <command>``: plan, finetune, bench (see ``sharelora_kernels.cli``)."""
+"""``python -m sharelora_kernels <command>``: plan, finetune, compare, bench (see ``sharelora_kernels.cli``)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "plan": "sharelora_kernels.cli.plan",
     "finetune": "sharelora_kernels.cli.finetune",
+    "compare": "sharelora_kernels.cli.compare",
     "bench": "sharelora_kernels.benchmarks",
 }
 
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prog = "sharelora" if os.path.basename(sys.argv[0]) == "sharelora" else "python -m sharelora_kernels"
     parser = argparse.ArgumentParser(prog=prog,
-                                     description="Shared low-rank adapters: plan share sets, fine-tune, export.")
+                                     description="Shared low-rank adapters: plan share sets, fine-tune, compare, export.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
@@ -31,8 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except CommandError as err:
-        print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        kind = "error: " if err.exit_code == 2 else ""
+        print(f"{parser.prog} {args.command}: {kind}{err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

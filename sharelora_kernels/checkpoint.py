@@ -140,14 +140,15 @@ def plan_mismatch(saved: SharePlan, current: SharePlan, where: str) -> None:
     if saved.num_layers != current.num_layers:
         fail("number of layers", saved.num_layers, current.num_layers)
     if list(saved.modules) != list(current.modules):
-        only_saved = [m for m in saved.modules if m not in current.modules]
-        only_current = [m for m in current.modules if m not in saved.modules]
+        only_saved = sorted(set(saved.modules) - set(current.modules))
+        only_model = sorted(set(current.modules) - set(saved.modules))
+        counts = f"{len(saved.modules)} target modules in the checkpoint, {len(current.modules)} in the model"
         if only_saved:
-            fail("target modules", f"{len(saved.modules)} modules, among them {only_saved[0]!r}",
-                 f"{len(current.modules)} modules, not that one")
-        if only_current:
-            fail("target modules", f"{len(saved.modules)} modules, not {only_current[0]!r}",
-                 f"{len(current.modules)} modules, among them that one")
+            raise ValueError(f"checkpoint {where} does not match the model: the checkpoint has module {only_saved[0]!r}, "
+                             f"which the model lacks ({len(only_saved)} such; {counts})")
+        if only_model:
+            raise ValueError(f"checkpoint {where} does not match the model: the model has module {only_model[0]!r}, "
+                             f"which the checkpoint lacks ({len(only_model)} such; {counts})")
         fail("order of target modules", list(saved.modules), list(current.modules))
     if saved.modules_to_save != current.modules_to_save:
         fail("modules_to_save", saved.modules_to_save, current.modules_to_save)

@@ -7,19 +7,29 @@ from pathlib import Path
 MB = 2 ** 20
 
 
+OUTPUTS = ("results.json", "results.md", "ratio_vs_base.png")
+SMOKE_NOTE = ("SMOKE RUN (--quick): tiny shapes and few repeats, to check that everything runs. "
+              "Its times and ratios are noise, not measurements: run without --quick for figures.")
+
+
 def write_all(results: dict, out_dir: Path) -> dict[str, str]:
-    """Write results.json, then results.md and ratio_vs_base.png rendered from the re-read JSON."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "results.json"
-    json_path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    """Write results.json, then results.md and ratio_vs_base.png rendered from the re-read JSON, each atomically."""
+    from ..cli.outputs import write_json, write_text
+
+    json_path = write_json(out_dir / "results.json", results, indent=2)
     data = json.loads(json_path.read_text())
-    md_path = out_dir / "results.md"
-    md_path.write_text(markdown(data))
-    written = {"json": str(json_path), "markdown": str(md_path)}
-    png = plot_ratios(data, out_dir / "ratio_vs_base.png")
-    if png:
-        written["png"] = png
-    return written
+    md_path = write_text(out_dir / "results.md", markdown(data))
+    return {"json": str(json_path), "markdown": str(md_path), "png": str(plot_ratios(data, out_dir / "ratio_vs_base.png"))}
+
+
+def is_smoke_run(data: dict) -> bool:
+    """Whether a results JSON comes from ``--quick`` (older files say so only by their profile)."""
+    return data["config"].get("smoke_run", data["config"]["profile"] == "quick")
+
+
+def timed_mode(ratios: dict) -> str:
+    """The mode an op's ratio is of: "fwd+bwd" for ops with a backward, "fwd" for forward-only ones."""
+    return "fwd+bwd" if "fwd+bwd" in ratios else "fwd"
 
 
 def _ms(stats: dict | None) -> str:
@@ -35,15 +45,18 @@ def _mb(n: int | None) -> str:
 def markdown(data: dict) -> str:
     """The run as markdown tables; every figure is formatted from ``data`` (the JSON)."""
     env, cfg = data["environment"], data["config"]
-    lines = [f"# sharelora_kernels benchmark: {env['device_name']}, {env['date']}", "",
-             f"Command: `{env['command']}`", "",
+    lines = [f"# sharelora_kernels benchmark: {env['device_name']}, {env['date']}", ""]
+    if is_smoke_run(data):
+        lines += [f"> **{SMOKE_NOTE}**", ""]
+    lines += [f"Command: `{env['command']}`", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}, "
              f"CPU {env['cpu_model']} ({env['cpu_count']} cores, {env['torch_threads']} torch threads). "
              f"Load average (1, 5, 15 min) before: {env['loadavg_before']}, after: {env['loadavg_after']}.", "",
              f"dtype {cfg['dtype']}, profile {cfg['profile']}, {cfg['warmup']} warm-up + {cfg['repeats']} timed repeats "
              "per variant, variants interleaved. Times in ms: median [q1, q3]. Ratio: median / median of base "
-             "(F.linear) in the same case. Saved MB: activations autograd keeps for backward beyond inputs and "
-             "parameters. Peak MB: CUDA peak allocation during fwd+bwd above the resident tensors.", ""]
+             "in the same case and mode (base: F.linear for the LoRA ops, the plain torch formula for similarity), "
+             "of fwd+bwd, or of fwd for forward-only ops. Saved MB: activations autograd keeps for backward beyond "
+             "inputs and parameters. Peak MB: CUDA peak allocation during fwd+bwd above the resident tensors.", ""]
     if data.get("issue3"):
         i3 = data["issue3"]
         lines += ["## Issue 3: torch path vs PEFT vs base nn.Linear (fwd+bwd)", "",
@@ -54,16 +67,18 @@ def markdown(data: dict) -> str:
             lines.append(f"| {v} | {_ms(row['fwd+bwd_ms'])} | {i3['ratio_vs_base'][v]:.3f} | "
                          f"{i3['ratio_of_min_vs_base'][v]:.3f} |")
         lines += ["", f"Target: {i3['target']}. Met: **{i3['target_met']}**.", ""]
-    lines += ["## Ops", "", "| op | M x K x N | variant | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd / base | saved MB | peak MB |",
+    lines += ["## Ops", "",
+              "| op | M x K x N | variant | fwd ms | bwd ms | fwd+bwd ms | ratio vs base (mode) | saved MB | peak MB |",
               "|---|---|---|---|---|---|---|---|---|"]
     for case in data["ops"]:
         shape = "x".join(str(case["shape"][d]) for d in "MKN")
         for v, row in case["variants"].items():
             if "skipped" in row:
                 continue  # listed under "Skipped"
-            ratio = case["ratio_vs_base"].get(v, {}).get("fwd+bwd") or case["ratio_vs_base"].get(v, {}).get("fwd")
+            ratios = case["ratio_vs_base"].get(v, {})
+            ratio = "-" if not ratios else f"{ratios[timed_mode(ratios)]:.3f} ({timed_mode(ratios)})"
             lines.append(f"| {case['op']} | {shape} | {v} | {_ms(row.get('fwd_ms'))} | {_ms(row.get('bwd_ms'))} | "
-                         f"{_ms(row.get('fwd+bwd_ms'))} | {'-' if ratio is None else f'{ratio:.3f}'} | "
+                         f"{_ms(row.get('fwd+bwd_ms'))} | {ratio} | "
                          f"{_mb(row.get('saved_for_backward_bytes'))} | {_mb(row.get('cuda_peak_bytes'))} |")
     if data.get("e2e"):
         e2e = data["e2e"]
@@ -81,34 +96,58 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_ratios(data: dict, path: Path) -> str | None:
-    """Grouped bars of fwd+bwd (fwd for forward-only ops) time / base, one group per op and shape."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the PNG plot")
-        return None
-    groups, variants = [], []
+PANEL_LABELS = {"fwd+bwd": "fwd+bwd time / base F.linear fwd+bwd time",
+                "fwd": "forward time / plain torch formula's time"}
+PANEL_TITLES = {"fwd+bwd": "LoRA ops, forward + backward (median of repeats)",
+                "fwd": "similarity: angular_distance, forward only"}
+VARIANT_LABELS = {"fwd+bwd": {"base": "base: F.linear alone", "peft": "peft: PEFT LoRA layer",
+                              "torch": "torch: our torch path", "fused": "fused: our Triton kernels"},
+                  "fwd": {"base": "base: plain torch formula", "torch": "torch: our angular_distance"}}
+
+
+def plot_ratios(data: dict, path: Path) -> Path:
+    """Grouped bars of time / base time: the ops with a backward by their fwd+bwd time (left), the
+    forward-only ones (similarity: angular_distance vs the plain torch formula) by their forward time
+    (right). A smoke run is marked in the title and its bars hatched. Written atomically; returns ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ..checkpoint import atomic_write
+
+    panels: dict[str, list] = {"fwd+bwd": [], "fwd": []}
     for case in data["ops"]:
-        ratios = {v: r.get("fwd+bwd", r.get("fwd")) for v, r in case["ratio_vs_base"].items()}
-        groups.append((f"{case['op']}\n{'x'.join(str(case['shape'][d]) for d in 'MKN')}", ratios))
-        variants += [v for v in ratios if v not in variants]
-    if not groups:
-        return None
-    width = 0.8 / len(variants)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups)), 4))
-    for i, v in enumerate(variants):
-        xs = [g + i * width for g, (_, r) in enumerate(groups) if r.get(v) is not None]
-        ys = [r[v] for _, r in groups if r.get(v) is not None]
-        ax.bar(xs, ys, width, label=v)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], [name for name, _ in groups], fontsize=7)
-    ax.set_ylabel("time / base F.linear (fwd+bwd)")
-    ax.set_title(f"{data['environment']['device_name']}, {data['config']['dtype']}")
-    ax.legend(fontsize=8)
+        mode = timed_mode(case["ratio_vs_base"].get("base", {}))
+        ratios = {v: r[mode] for v, r in case["ratio_vs_base"].items() if mode in r}
+        panels[mode].append((_case_label(case), ratios))
+    panels = {mode: groups for mode, groups in panels.items() if groups}
+    widths = [max(3.0, 1.1 * len(groups)) for groups in panels.values()]
+    fig = Figure(figsize=(max(6.0, sum(widths) + 1.0), 4.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False, gridspec_kw={"width_ratios": widths})[0]
+    smoke = is_smoke_run(data)
+    for ax, (mode, groups) in zip(axes, panels.items()):
+        variants = list(dict.fromkeys(v for _, ratios in groups for v in ratios))
+        width = 0.8 / len(variants)
+        for i, v in enumerate(variants):
+            xs = [g + i * width for g, (_, r) in enumerate(groups) if v in r]
+            ys = [r[v] for _, r in groups if v in r]
+            ax.bar(xs, ys, width, label=VARIANT_LABELS[mode].get(v, v), hatch="//" if smoke else None,
+                   alpha=0.5 if smoke else 1.0)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], [name for name, _ in groups], fontsize=7)
+        ax.set_ylabel(PANEL_LABELS[mode])
+        ax.set_title(PANEL_TITLES[mode], fontsize=9)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below: never over a bar
+    title = f"{data['environment']['device_name']}, {data['config']['dtype']}, {data['environment']['date']}"
+    fig.suptitle(f"{SMOKE_NOTE}\n{title}" if smoke else title, fontsize=8 if smoke else 10,
+                 color="#c62828" if smoke else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    return path
+
+
+def _case_label(case: dict) -> str:
+    shape = case["shape"]
+    if case["op"] == "similarity":  # M = samples, K = dim, N = layers
+        return f"similarity\nL={shape['N']} n={shape['M']} d={shape['K']}"
+    return f"{case['op']}\n{'x'.join(str(shape[d]) for d in 'MKN')}"

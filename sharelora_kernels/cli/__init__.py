@@ -1,15 +1,25 @@
 """Command-line subcommands of ``python -m sharelora_kernels``.
 
 Each subcommand module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args)``;
-``sharelora_kernels.__main__.COMMANDS`` maps subcommand names to modules. A ``CommandError`` raised
-by ``run`` is printed as a one-line error (no traceback) with exit status 2; ``run`` checks its
-numeric options first with ``require_positive``, so a bad value fails before any model is loaded.
+``sharelora_kernels.__main__.COMMANDS`` maps subcommand names to modules. ``run`` checks every option,
+the model directory's kind and the output folder before it loads a model (``loading`` and
+``outputs``), so a bad command line fails in seconds. A ``CommandError`` raised by ``run`` is printed
+as a one-line error (no traceback) with its ``exit_code`` (2, argparse's status for usage errors;
+130 for ``Interrupted``, a shell's status for Ctrl-C).
 """
 import math
 
 
 class CommandError(Exception):
-    """A user-facing error of a subcommand: bad path, bad file, a model that does not fit."""
+    """A user-facing error of a subcommand: bad option, path or file, a model that does not fit."""
+
+    exit_code = 2
+
+
+class Interrupted(CommandError):
+    """Ctrl-C stopped the command after it saved what it had finished (the message says what and where)."""
+
+    exit_code = 130
 
 
 def require_positive(args, *names: str) -> None:
@@ -19,3 +29,16 @@ def require_positive(args, *names: str) -> None:
         value = getattr(args, name)
         if value is not None and not 0 < value < math.inf:
             raise CommandError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+
+def require_between(args, name: str, low: float, high: float = math.inf) -> None:
+    """CommandError naming option ``name`` (an argparse dest) unless low <= its value <= high (NaN fails)."""
+    value = getattr(args, name)
+    if not low <= value <= high:
+        bound = f"in [{low}, {high}]" if high < math.inf else f">= {low}"
+        raise CommandError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun`` in the right number: "1 set", "3 sets" (plural by adding "s")."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -1,9 +1,17 @@
-"""Shared by the subcommands: load a Transformers model directory and the calibration / training texts."""
+"""Shared by the subcommands: a plan file, a Transformers model directory (checked, as a weightless
+skeleton, loaded), its tokenizer, the calibration / training texts and the device.
+
+The checks (``read_plan``, ``read_model_config``, ``model_skeleton``, ``load_tokenizer``, ``load_texts``,
+``resolve_device``) read no weights, so a command runs them all before ``load_model``.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 from . import CommandError
+
+# What finetune trains: a decoder whose saved class predicts the next token.
+CAUSAL_LM_NEED = "finetune needs a causal language model: a decoder saved as a *ForCausalLM class (e.g. LlamaForCausalLM)"
 
 
 def resolve_model_dir(model: str | None) -> Path:
@@ -13,26 +21,88 @@ def resolve_model_dir(model: str | None) -> Path:
     return default_model_dir() if model is None else Path(model)
 
 
-def load_model(model_dir: Path, causal_lm: bool, device: str):
-    """(model, tokenizer) from a local directory, eval mode, on ``device``; CommandError naming the path if it is not a model.
+def read_plan(path: Path):
+    """The ShareLoRAConfig in a JSON file; CommandError naming the file if it is missing or not one."""
+    from ..config import ShareLoRAConfig
 
-    causal_lm: load with AutoModelForCausalLM (fine-tuning needs the LM head), else AutoModel (the backbone
-    gives the hidden states; encoder models such as BERT load too). Weights keep the directory's dtype.
+    if not path.is_file():
+        raise CommandError(f"plan file {path} does not exist (write one with `python -m sharelora_kernels plan`)")
+    try:
+        return ShareLoRAConfig.from_json(path.read_text())
+    except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        raise CommandError(f"{path} is not a valid ShareLoRAConfig JSON: {err}") from err
+
+
+def read_model_config(model_dir: Path, causal_lm: bool):
+    """The directory's Transformers config, once it is known to be a model Transformers builds.
+
+    CommandError naming the directory if it is missing, has no readable config.json, holds a model
+    type ``AutoModel`` does not know, or (``causal_lm``) is not a causal language model: its model type
+    has no causal-LM class, or config.json's ``architectures`` names a class without that head (an
+    encoder such as BertModel, whose LM head would be random and its attention bidirectional).
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
-    if not model_dir.is_dir():
+    if not model_dir.exists():
         raise CommandError(f"model directory {model_dir} does not exist")
+    if not (model_dir / "config.json").is_file():
+        raise CommandError(f"{model_dir} is not a Transformers model directory (no config.json)")
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise CommandError(f"{model_dir} is not a Transformers model directory (no usable config.json): {_first_line(err)}") from err
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CommandError(f"{model_dir} is not a Transformers model directory (no usable config.json): "
+                           f"{_first_line(err)}") from err
+    if config.model_type not in MODEL_MAPPING_NAMES:
+        raise CommandError(f"{model_dir} holds a model of type {config.model_type!r}, which Transformers' AutoModel "
+                           "cannot build")
+    if causal_lm:
+        saved = list(getattr(config, "architectures", None) or [])
+        heads = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (saved and not set(saved) & heads):
+            what = "/".join(saved) or f"{config.model_type} model"
+            raise CommandError(f"{model_dir} holds a {what} ({config.model_type}) with no causal-LM head; {CAUSAL_LM_NEED}. "
+                               "`plan` works on it")
+    return config
+
+
+def model_skeleton(config, causal_lm: bool):
+    """The model of ``config`` on the meta device: its module names and shapes, no weights (milliseconds).
+
+    causal_lm: the AutoModelForCausalLM class (what finetune loads), else AutoModel (what plan loads).
+    """
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM if causal_lm else AutoModel
+    try:
+        with torch.device("meta"):
+            return auto.from_config(config)
+    except (ValueError, TypeError, KeyError, RuntimeError, AttributeError) as err:
+        raise CommandError(f"cannot build a {config.model_type} model from its config.json: {_first_line(err)}") from err
+
+
+def load_model(model_dir: Path, causal_lm: bool, device: str):
+    """The model's weights from ``model_dir``, eval mode, on ``device``, in the directory's dtype.
+
+    causal_lm: AutoModelForCausalLM (fine-tuning needs the LM head), else AutoModel (the backbone gives the
+    hidden states; encoder models such as BERT load too). CommandError naming the path if loading fails.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM
+
     auto = AutoModelForCausalLM if causal_lm else AutoModel
     try:
         model = auto.from_pretrained(model_dir, dtype="auto", local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
         kind = "a causal language model" if causal_lm else "a model"
-        raise CommandError(f"cannot load {model_dir} ({config.model_type}) as {kind}: {_first_line(err)}") from err
+        raise CommandError(f"cannot load {model_dir} as {kind}: {_first_line(err)}") from err
+    return model.to(device).eval()
+
+
+def load_tokenizer(model_dir: Path):
+    """The directory's tokenizer, with a pad token (its eos or unk token when it has none)."""
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -42,31 +112,44 @@ def load_model(model_dir: Path, causal_lm: bool, device: str):
         if fallback is None:
             raise CommandError(f"the tokenizer of {model_dir} has no pad, eos or unk token to pad batches with")
         tokenizer.pad_token = fallback
-    return model.to(device).eval(), tokenizer
+    return tokenizer
 
 
-def load_texts(text_file: str | None, samples: int | None, builtin: str = "calibration") -> list[str]:
+def load_texts(text_file: str | None, samples: int | None, builtin: str = "calibration",
+               default: int | None = None) -> list[str]:
     """The first ``samples`` paragraphs of ``text_file`` (blank-line separated), or for None of the
-    built-in ``builtin`` text: "calibration" (the corpus) or "task" (the fine-tuning task).
+    built-in ``builtin`` text: "calibration" (the corpus, 121 paragraphs) or "task" (the fine-tuning
+    task, generated: 256 paragraphs, or ``samples`` of them).
 
-    samples: a count >= 1 (the caller checks ``--samples``), or None for all paragraphs (256 of the task).
+    samples: the user's ``--samples`` (a count >= 1, checked by the caller), or None for ``default``
+    paragraphs, or all of them when the text holds fewer or ``default`` is None. Only an explicit
+    ``samples`` larger than the text is an error.
     """
     from ..data import calibration_texts, split_paragraphs, task_texts
 
     if text_file is None:
         if builtin == "task":
-            return task_texts(256 if samples is None else samples)
+            return task_texts(samples or default or 256)
         texts, source = calibration_texts(), "the built-in corpus"
     else:
         path = Path(text_file)
         if not path.is_file():
             raise CommandError(f"text file {path} does not exist")
-        texts, source = split_paragraphs(path.read_text(encoding="utf-8")), str(path)
+        try:
+            texts, source = split_paragraphs(path.read_text(encoding="utf-8")), str(path)
+        except (OSError, UnicodeDecodeError) as err:
+            raise CommandError(f"text file {path} cannot be read as UTF-8 text: {_first_line(err)}") from err
         if not texts:
             raise CommandError(f"text file {path} holds no paragraph")
     if samples is not None and samples > len(texts):
         raise CommandError(f"--samples {samples} asks for more paragraphs than {source} holds ({len(texts)})")
-    return texts[:samples]
+    return texts[:samples if samples is not None else default]
+
+
+def add_device_argument(p) -> None:
+    """``--device``, read by ``resolve_device``."""
+    p.add_argument("--device", metavar="DEVICE", default=None,
+                   help="torch device (default: cuda if available, else cpu)")
 
 
 def resolve_device(device: str | None) -> str:

@@ -1,0 +1,66 @@
+"""bench as a user meets it: a new results folder per run (never overwriting), smoke runs marked as such,
+every plot labelled with what was timed. Structure only: no timing value is asserted."""
+import datetime
+import json
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import run_cli
+from sharelora_kernels.benchmarks import report, suite
+
+pytest.importorskip("peft")
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "bench" / "results" / "cpu-2026-11-25" / "results.json"  # a full (not --quick) CPU run
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The matplotlib figures saved while the test runs."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), original(self, *a, **k))[1])
+    return figures
+
+
+def test_default_output_is_a_new_folder_per_run(tmp_path, monkeypatch, drawn):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(suite, "run_issue3", lambda *a, **k: None)  # keep it cheap: the similarity op alone
+    argv = ["bench", "--quick", "--device", "cpu", "--ops", "similarity", "--no-e2e"]
+    assert run_cli(argv)[0] == 0
+    first = tmp_path / "sharelora-bench" / f"cpu-{datetime.date.today().isoformat()}"
+    before = (first / "results.json").read_bytes()
+    assert run_cli(argv)[0] == 0
+    second = first.with_name(first.name + "-2")
+    assert sorted(p.name for p in second.iterdir()) == sorted(report.OUTPUTS)
+    assert (first / "results.json").read_bytes() == before  # the earlier result is untouched
+    assert not (tmp_path / "bench").exists()
+
+    data = json.loads((second / "results.json").read_text())
+    assert data["config"]["smoke_run"] is True
+    text = (second / "results.md").read_text()
+    assert "SMOKE RUN (--quick)" in text.split("\n## ")[0]  # above every table
+    assert "| similarity | 16x256x8 | torch |" in text and "(fwd) |" in text
+    figure = drawn[-1]
+    assert "SMOKE RUN (--quick)" in figure._suptitle.get_text()
+    (ax,) = figure.axes
+    assert ax.get_title() == "similarity: angular_distance, forward only"
+    assert ax.get_ylabel() == "forward time / plain torch formula's time"
+    assert all(bar.get_hatch() == "//" for bar in ax.patches)
+
+
+def test_a_full_run_is_not_marked_and_each_panel_says_what_was_timed(tmp_path, drawn):
+    data = json.loads(COMMITTED.read_text())
+    assert not report.is_smoke_run(data)
+    assert "SMOKE RUN" not in report.markdown(data)
+    report.plot_ratios(data, tmp_path / "ratio_vs_base.png")
+    figure = drawn[-1]
+    assert "SMOKE RUN" not in figure._suptitle.get_text()
+    lora, similarity = figure.axes
+    assert (lora.get_title(), lora.get_ylabel()) == ("LoRA ops, forward + backward (median of repeats)",
+                                                    "fwd+bwd time / base F.linear fwd+bwd time")
+    assert similarity.get_title() == "similarity: angular_distance, forward only"
+    assert "similarity" not in " ".join(t.get_text() for t in lora.get_xticklabels())
+    assert (tmp_path / "ratio_vs_base.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

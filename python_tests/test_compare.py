@@ -1,0 +1,102 @@
+"""python -m sharelora_kernels compare, end to end at a tiny step count on the built-in model and task."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sharelora_kernels as sk
+from cli_helpers import run_cli
+from sharelora_kernels.cli.compare import METHODS, _texts
+from sharelora_kernels.cli.training import Windows, heldout_loss
+from tiny_models import VOCAB, tiny_model
+
+TINY = ["--steps", "4", "--heldout", "4", "--batch-size", "2", "--seq-len", "32", "--calibration-samples", "16"]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    code, printed, _ = run_cli(["compare", *TINY, "--out", out])
+    assert code == 0
+    return out, printed, json.loads((out / "compare.json").read_text())
+
+
+def test_every_method_trains_alike_and_is_reported(compared):
+    out, printed, result = compared
+    assert result["finished"] and list(result["methods"]) == list(METHODS) and not result["skipped"]
+    assert result["share_sets"] and result["steps"] == 4
+    base = result["base_heldout_loss"]
+    for name, row in result["methods"].items():
+        assert len(row["train_losses"]) == 4 and all(math.isfinite(x) for x in row["train_losses"])
+        assert math.isfinite(row["heldout_loss"]) and row["heldout_loss"] < base, name  # training on the task helps
+        assert row["step_ms_median"] > 0
+        # AdamW keeps two float32 moments per trainable parameter (and a step count per tensor)
+        assert 8 * row["trainable_params"] <= row["optimizer_state_bytes"] <= 8 * row["trainable_params"] + 4 * 1000
+        assert row["label"] in printed
+        config = sk.ShareLoRAConfig.from_dict(row["config"])
+        assert config.method == {"lora": "lora", "sharelora": "similarity", "sharelora_expanded": "similarity"}.get(
+            name, "bishare")
+    rows = result["methods"]
+    assert rows["sharelora"]["trainable_params"] < rows["lora"]["trainable_params"]
+    assert rows["sharelora"]["trainable_params"] < rows["sharelora_expanded"]["trainable_params"] <= rows["lora"]["trainable_params"]
+    assert rows["sharelora"]["config"]["share_sets"] == result["share_sets"]
+    assert rows["bishare_kron"]["config"]["kron_dim"] == 64 and rows["bishare_gate"]["config"]["gate_dims"] == [128, 64]
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_seed_same_start(compared):
+    """Same seed, same windows: the first step's loss (before any update) is the base model's on the same batch."""
+    losses = [row["train_losses"][0] for row in compared[2]["methods"].values()]
+    assert max(losses) - min(losses) < 1e-5
+
+
+def test_heldout_text_shares_no_line_with_the_training_text():
+    import argparse
+
+    train, heldout, note = _texts(argparse.Namespace(text=None, heldout=32))
+    assert len(heldout) == 32 and all(len(p.splitlines()) == 4 for p in heldout)
+    trained = {line for p in train for line in p.splitlines()}
+    assert not trained & {line for p in heldout for line in p.splitlines()}
+    assert "no line of them trained on" in note["heldout"]
+
+
+def test_share_sets_from_a_plan_and_a_subset_of_methods(tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(sk.ShareLoRAConfig(method="similarity", share_sets=[[2, 3, 4, 5]]).to_json())
+    code, _, _ = run_cli(["compare", *TINY, "--steps", "2", "--methods", "lora,sharelora", "--plan", plan,
+                          "--out", tmp_path / "c"])
+    assert code == 0
+    result = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert list(result["methods"]) == ["lora", "sharelora"] and result["share_sets"] == [[2, 3, 4, 5]]
+    assert result["share_sets_from"] == str(plan)
+
+
+@pytest.mark.parametrize("bos", [1, None])
+def test_heldout_loss_is_the_token_mean_over_windows_covering_the_text(bos):
+    """Against a float64 reference: every window [BOS] + 7 tokens alone, the last (shorter) one included."""
+    model = tiny_model()
+    tokens = torch.randint(0, VOCAB, (50,), generator=torch.Generator().manual_seed(3))
+    width = 8 - (bos is not None)
+    total, count = 0.0, 0
+    for s in range(0, len(tokens), width):
+        ids = torch.tensor(([] if bos is None else [bos]) + tokens[s : s + width].tolist())
+        if len(ids) >= 2:
+            with torch.no_grad():
+                logits = model(ids[None]).logits[0].double()
+            total += F.cross_entropy(logits[:-1], ids[1:], reduction="sum").item()
+            count += len(ids) - 1
+    got = heldout_loss(model, tokens, seq_len=8, bos_id=bos, batch_size=3)  # batches padded on the right
+    assert abs(got - total / count) / (total / count) < 1e-5
+
+
+def test_training_windows_start_with_bos_and_repeat_for_a_seed():
+    tokens = torch.arange(100, 400)
+    a, b = Windows(tokens, 16, 4, bos_id=7, seed=5), Windows(tokens, 16, 4, bos_id=7, seed=5)
+    first = a()
+    assert first.shape == (4, 16) and first.dtype == torch.long and (first[:, 0] == 7).all()
+    assert all(torch.equal(row[1:], torch.arange(row[1], row[1] + 15)) for row in first)  # consecutive tokens
+    assert torch.equal(first, b()) and not torch.equal(a(), first)
+    with pytest.raises(ValueError, match="the text has 10 tokens, too few for windows of 16 tokens"):
+        Windows(torch.arange(10), 16, 4, bos_id=None, seed=0)

@@ -1,0 +1,241 @@
+"""compare: fine-tune plain LoRA, ShareLoRA and Bi-Share LoRA on one model and see what sharing buys.
+
+Every method trains the same steps, on the same windows of the same text, from the same seed:
+
+    lora                 plain LoRA at --r
+    sharelora            ShareLoRA: the layers of each share set share A and B (sets found as `plan`
+                         finds them at --eps, or those of --plan)
+    sharelora_expanded   the same sets with the rank raised to floor(L/U r) (about LoRA's parameter count)
+    bishare_slice        Bi-Share LoRA at the paper's ranks, Slice Sharing
+    bishare_gate         Gate Transformation, its core shrunk to the model's dims
+    bishare_kron         Kronecker Extension, d_s dividing every module dim
+
+and reports, per method, the trainable parameters, the optimizer-state bytes (AdamW), the median step
+time, the training loss (mean of the last tenth of the steps) and the loss on held-out text it never
+trained on: by default the built-in fine-tuning task (unit conversions the built-in model never saw),
+held out line by line, so no held-out line is a training line; with --text, its last --heldout
+paragraphs. Writes into --out, each file atomically: compare.json (every figure, every loss; rewritten
+after each method, so Ctrl-C keeps the finished ones) and compare.png (loss curves, and trainable
+parameters against held-out loss).
+
+Every option, the model directory (a causal LM), the configs (they must fit) and --out are checked
+before the model is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+from pathlib import Path
+
+from . import CommandError, Interrupted, counted, require_between, require_positive
+from .compare_report import plot, table
+from .fitting import add_adapter_arguments, bishare_configs, label, lora_config, parameter_count, target_modules
+from .loading import (add_device_argument, load_model, load_texts, load_tokenizer, model_skeleton, read_model_config,
+                      read_plan, resolve_device, resolve_model_dir)
+from .outputs import check_out_dir, write_json
+from .training import (Windows, adapter_optimizer, add_training_arguments, check_training_arguments, heldout_loss,
+                       token_stream, train)
+
+HELP = "fine-tune LoRA, ShareLoRA and Bi-Share LoRA alike and compare parameters, memory, time and held-out loss"
+METHODS = ("lora", "sharelora", "sharelora_expanded", "bishare_slice", "bishare_gate", "bishare_kron")
+OUTPUTS = ("compare.json", "compare.png")
+CALIBRATION = {"max_length": 128, "position": "input", "batch_size": 16, "method": "complete"}  # plan's defaults
+EVAL_BATCH = 16  # held-out windows per forward pass
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", help="causal LM directory (default: the built-in tiny LLaMA)")
+    p.add_argument("--steps", metavar="N", type=int, default=120, help="optimizer steps per method (default: 120)")
+    p.add_argument("--methods", metavar="LIST", default=",".join(METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--plan", metavar="FILE",
+                   help="take the ShareLoRA share sets from this plan.json (default: find them on the built-in "
+                        "corpus as `plan` does)")
+    p.add_argument("--eps", metavar="EPS", type=float, default=0.85,
+                   help="similarity threshold of the share sets found (default: 0.85)")
+    p.add_argument("--calibration-samples", metavar="N", type=int, default=64,
+                   help="paragraphs of the built-in corpus the share sets are found on (default: 64)")
+    p.add_argument("--text", metavar="FILE",
+                   help="training text file, paragraphs separated by blank lines; its last --heldout paragraphs "
+                        "are held out (default: the built-in fine-tuning task)")
+    p.add_argument("--heldout", metavar="N", type=int, default=32, help="held-out paragraphs (default: 32)")
+    add_adapter_arguments(p)
+    add_training_arguments(p)
+    add_device_argument(p)
+    p.add_argument("--out", metavar="DIR", default="sharelora_compare",
+                   help="output folder (default: ./sharelora_compare)")
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything `compare` checked and built before loading the model."""
+
+    model_dir: Path
+    model_config: object
+    out: Path
+    device: str
+    methods: list[str]
+    infos: list
+    num_layers: int
+    configs: dict  # method name -> ShareLoRAConfig (the ShareLoRA ones once the share sets are known)
+    calibration: list[str] | None  # paragraphs to find the share sets on; None: they came from --plan
+    tokenizer: object
+    train_tokens: object
+    heldout_tokens: object
+    text_note: dict
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Check everything, train every method, write compare.json and compare.png; returns the JSON content."""
+    from tqdm.auto import tqdm
+
+    setup = _setup(args)
+    base_model = load_model(setup.model_dir, causal_lm=True, device=setup.device)
+    if setup.calibration is not None:
+        setup.configs.update(_found_sharelora_configs(base_model, setup, args))
+    sets = setup.configs["sharelora"].share_sets
+    skipped = {m: f"no share set ({'in ' + args.plan if args.plan else f'at eps={args.eps}'}): the same adapters as lora"
+               for m in ("sharelora", "sharelora_expanded") if m in setup.methods and not sets}
+    methods = [m for m in setup.methods if m not in skipped]
+    result = {
+        "model": str(setup.model_dir), "model_type": setup.model_config.model_type, "device": setup.device,
+        "steps": args.steps, "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "train_text": setup.text_note["train"], "heldout_text": setup.text_note["heldout"],
+        "train_tokens": len(setup.train_tokens), "heldout_tokens": len(setup.heldout_tokens), "share_sets": sets,
+        "share_sets_from": args.plan or f"similarity at eps={args.eps} on {counted(len(setup.calibration), 'paragraph')} "
+                                        "of the built-in corpus",
+        "base_heldout_loss": heldout_loss(base_model, setup.heldout_tokens, args.seq_len, setup.tokenizer.bos_token_id,
+                                          EVAL_BATCH),
+        "methods": {}, "skipped": skipped, "finished": False,
+    }
+    print(f"{setup.model_dir} ({setup.model_config.model_type}): share sets {sets or 'none'}; held-out loss without "
+          f"adapters {result['base_heldout_loss']:.4f}")
+    bar = tqdm(total=len(methods) * args.steps, desc="compare")
+    for name in methods:
+        bar.set_description(f"compare: {name}")
+        row = _train_method(base_model, setup.configs[name], setup, args, bar)
+        if row is None:
+            bar.close()
+            raise Interrupted(f"interrupted during {name}; {setup.out / 'compare.json'} holds the "
+                              f"{counted(len(result['methods']), 'finished method')}")
+        result["methods"][name] = row
+        write_json(setup.out / "compare.json", result)
+    bar.close()
+    result["finished"] = True
+    write_json(setup.out / "compare.json", result)
+    print(table(result))
+    print(f"wrote {setup.out / 'compare.json'}, {plot(result, setup.out / 'compare.png')}")
+    return result
+
+
+def _setup(args: argparse.Namespace) -> Setup:
+    """Check every option, the model directory, the configs and --out, reading no weights; CommandError
+    naming what is wrong."""
+    from ..data import calibration_texts
+
+    require_positive(args, "steps", "heldout", "calibration_samples", "r", "alpha")
+    check_training_arguments(args)
+    require_between(args, "eps", 0, 1)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or len(set(methods)) != len(methods):
+        problem = f"unknown {unknown}" if unknown else "repeated names"
+        raise CommandError(f"--methods: {problem}; known: {','.join(METHODS)}")
+    planned_sets = read_plan(Path(args.plan)).share_sets if args.plan else None
+    calibration = None
+    if planned_sets is None:
+        calibration = calibration_texts()[: args.calibration_samples]
+        if len(calibration) < args.calibration_samples:
+            raise CommandError(f"--calibration-samples {args.calibration_samples}: the built-in corpus holds "
+                               f"{len(calibration)} paragraphs")
+    model_dir = resolve_model_dir(args.model)
+    model_config = read_model_config(model_dir, causal_lm=True)
+    out = check_out_dir(args.out, OUTPUTS)
+    train_texts, heldout_texts, text_note = _texts(args)
+    device = resolve_device(args.device)
+    infos, num_layers = target_modules(model_skeleton(model_config, causal_lm=True), args.target_modules, model_dir)
+    base = lora_config(infos, args.r, args.alpha, args.target_modules)
+    configs = {"lora": base, **{f"bishare_{t}": c for t, c in bishare_configs(base, infos, num_layers).items()}}
+    if planned_sets is not None:
+        configs.update(_sharelora_configs(base, planned_sets, infos, num_layers, f"--plan {args.plan}"))
+    tokenizer = load_tokenizer(model_dir)
+    train_tokens = token_stream(tokenizer, train_texts)
+    try:
+        Windows(train_tokens, args.seq_len, args.batch_size, tokenizer.bos_token_id, args.seed)
+    except ValueError as err:
+        raise CommandError(f"{err}: lower --seq-len or give a longer --text") from err
+    return Setup(model_dir, model_config, out, device, methods, infos, num_layers, configs, calibration, tokenizer,
+                 train_tokens, token_stream(tokenizer, heldout_texts), text_note)
+
+
+def _found_sharelora_configs(model, setup: Setup, args: argparse.Namespace) -> dict:
+    """The ShareLoRA configs of the share sets found on ``setup.calibration``, as `plan` finds them."""
+    from ..similarity import share_sets
+    from .plan import similarity
+
+    S = similarity(model, setup.tokenizer, setup.calibration, CALIBRATION["max_length"], CALIBRATION["position"],
+                   CALIBRATION["batch_size"])
+    sets = [g for g in share_sets(S, args.eps, method=CALIBRATION["method"]) if len(g) > 1]
+    return _sharelora_configs(setup.configs["lora"], sets, setup.infos, setup.num_layers,
+                              f"share sets found at eps={args.eps}")
+
+
+def _train_method(base_model, config, setup: Setup, args: argparse.Namespace, bar) -> dict | None:
+    """Train a copy of ``base_model`` with ``config``: its compare.json row, or None if Ctrl-C stopped it."""
+    import torch
+
+    from ..model import apply, trainable_parameters
+
+    model = copy.deepcopy(base_model)
+    torch.manual_seed(args.seed)
+    apply(model, config)
+    opt = adapter_optimizer(model, args.lr)
+    batches = Windows(setup.train_tokens, args.seq_len, args.batch_size, setup.tokenizer.bos_token_id, args.seed)
+    log = train(model, opt, batches, args.steps, lambda step, loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}")))
+    if log.interrupted:
+        return None
+    tail = log.losses[-max(1, len(log.losses) // 10):]
+    return {
+        "label": label(config, setup.num_layers), "config": config.to_dict(),
+        "trainable_params": trainable_parameters(model),
+        "optimizer_state_bytes": sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t)),
+        "step_ms_median": log.median_step_ms(), "train_loss": sum(tail) / len(tail),
+        "heldout_loss": heldout_loss(model, setup.heldout_tokens, args.seq_len, setup.tokenizer.bos_token_id, EVAL_BATCH),
+        "train_losses": log.losses,
+    }
+
+
+def _sharelora_configs(base, sets: list[list[int]], infos, num_layers: int, source: str) -> dict:
+    """The ShareLoRA configs of ``sets`` (without and with rank expansion); CommandError naming ``source``
+    if they do not fit."""
+    configs = {}
+    for name, expand in (("sharelora", False), ("sharelora_expanded", True)):
+        try:
+            configs[name] = dataclasses.replace(base, method="similarity", share_sets=sets, expand_rank=expand)
+        except ValueError as err:
+            raise CommandError(f"{source}: {err}") from err
+        parameter_count(configs[name], infos, num_layers, what=source)
+    return configs
+
+
+def _texts(args: argparse.Namespace) -> tuple[list[str], list[str], dict]:
+    """(training paragraphs, held-out paragraphs, a note on where each came from); no line or paragraph is in both."""
+    from ..data import task_texts
+
+    if args.text is None:
+        train = task_texts()
+        seen = set(line for p in train for line in p.splitlines())
+        fresh = list(dict.fromkeys(line for p in task_texts(64 * args.heldout, seed=1) for line in p.splitlines()
+                                   if line not in seen))
+        if len(fresh) < 4 * args.heldout:
+            raise CommandError(f"--heldout {args.heldout}: the built-in task has only {len(fresh) // 4} held-out paragraphs")
+        heldout = ["\n".join(fresh[4 * k : 4 * k + 4]) for k in range(args.heldout)]
+        return train, heldout, {"train": f"the built-in task ({len(train)} paragraphs)",
+                                "heldout": f"{len(heldout)} paragraphs of the built-in task, no line of them trained on"}
+    texts = load_texts(args.text, None)
+    if args.heldout >= len(texts):
+        raise CommandError(f"--heldout {args.heldout} leaves no training paragraph: {args.text} holds {len(texts)}")
+    return texts[: -args.heldout], texts[-args.heldout :], {
+        "train": f"{args.text}: its first {len(texts) - args.heldout} paragraphs",
+        "heldout": f"{args.text}: its last {args.heldout} paragraphs"}

@@ -1,0 +1,155 @@
+"""The training loop of ``finetune`` and ``compare``: next-token loss on random windows of a token stream,
+AdamW on the adapters, a Ctrl-C that never breaks an optimizer step in half, and a held-out loss.
+"""
+from __future__ import annotations
+
+import signal
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import require_between, require_positive
+
+
+def add_training_arguments(p) -> None:
+    """The options of the training loop (``finetune`` and ``compare``); ``check_training_arguments`` checks them."""
+    p.add_argument("--batch-size", metavar="N", type=int, default=4, help="windows per step (default: 4)")
+    p.add_argument("--seq-len", metavar="N", type=int, default=128,
+                   help="tokens per window, BOS included (default: 128)")
+    p.add_argument("--lr", metavar="LR", type=float, default=3e-3,
+                   help="AdamW learning rate, no weight decay (default: 3e-3)")
+    p.add_argument("--seed", metavar="N", type=int, default=0,
+                   help="seed of the adapter init and of the window order (default: 0)")
+
+
+def check_training_arguments(args) -> None:
+    """CommandError naming the first bad value among ``add_training_arguments``' options."""
+    require_positive(args, "batch_size", "lr")
+    require_between(args, "seq_len", 2)
+
+
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """All texts as one 1-D int64 token tensor, paragraphs joined by a blank line, no special tokens."""
+    separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    ids = []
+    for k, paragraph in enumerate(tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]):
+        ids.extend(separator + paragraph if k else paragraph)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+class Windows:
+    """Training batches: (batch_size, seq_len) int64 windows of a token stream at random starts (the
+    same sequence for the same seed), each starting with the tokenizer's BOS token when it has one,
+    like the model's usual inputs."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, bos_id: int | None, seed: int):
+        self.bos = torch.tensor([] if bos_id is None else [bos_id], dtype=torch.long)
+        self.width = seq_len - len(self.bos)
+        if len(tokens) <= self.width:
+            raise ValueError(f"the text has {len(tokens)} tokens, too few for windows of {seq_len} tokens")
+        self.tokens, self.batch_size = tokens, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self) -> torch.Tensor:
+        starts = torch.randint(0, len(self.tokens) - self.width, (self.batch_size,), generator=self.generator)
+        windows = torch.stack([self.tokens[s : s + self.width] for s in starts.tolist()])
+        return torch.cat([self.bos.expand(self.batch_size, -1), windows], dim=1)
+
+
+@dataclass
+class TrainLog:
+    """What a run did: the loss and wall time (ms) of every finished step, and whether Ctrl-C ended it early."""
+
+    losses: list[float] = field(default_factory=list)
+    step_ms: list[float] = field(default_factory=list)
+    interrupted: bool = False
+
+    def median_step_ms(self) -> float | None:
+        return statistics.median(self.step_ms) if self.step_ms else None
+
+
+def adapter_optimizer(model: nn.Module, lr: float) -> torch.optim.AdamW:
+    """AdamW (no weight decay) over the model's trainable parameters: the adapters after ``apply``."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, batches: Callable[[], torch.Tensor], steps: int,
+          on_step: Callable[[int, float], None] = lambda step, loss: None) -> TrainLog:
+    """``steps`` optimizer steps of next-token loss on ``batches()`` (moved to the model's device).
+
+    on_step(step, loss) runs after each finished step (progress bars). Ctrl-C ends the run without
+    an exception: during forward or backward at once (the weights are those of the last finished
+    step), during the optimizer step right after it. The log says how many steps finished.
+    """
+    device = next(p.device for p in model.parameters())
+    log = TrainLog()
+    model.train()
+    try:
+        for step in range(1, steps + 1):
+            ids = batches().to(device)
+            start = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            with interrupts_held():
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                value = loss.item()  # synchronizes a GPU, so the time below is the step's
+                log.step_ms.append((time.perf_counter() - start) * 1e3)
+                log.losses.append(value)
+                on_step(step, value)
+    except KeyboardInterrupt:
+        log.interrupted = True
+    finally:
+        opt.zero_grad(set_to_none=True)
+        model.eval()
+    return log
+
+
+@contextmanager
+def interrupts_held():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block ends, then raise it as
+    KeyboardInterrupt: the block (an optimizer step, a save) is never cut in half. Only the main
+    thread receives signals; elsewhere the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, tokens: torch.Tensor, seq_len: int, bos_id: int | None, batch_size: int) -> float:
+    """Mean next-token loss (nats per predicted token) over consecutive, non-overlapping windows that
+    cover ``tokens`` (1-D int64); each window starts with BOS like the training windows. Eval mode."""
+    device = next(p.device for p in model.parameters())
+    bos = [] if bos_id is None else [bos_id]
+    width = seq_len - len(bos)
+    chunks = [torch.tensor(bos + tokens[s : s + width].tolist()) for s in range(0, len(tokens), width)]
+    chunks = [c for c in chunks if len(c) >= 2]
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for k in range(0, len(chunks), batch_size):
+        group = chunks[k : k + batch_size]
+        length = max(len(c) for c in group)
+        ids = torch.zeros(len(group), length, dtype=torch.long)
+        labels = torch.full((len(group), length), -100, dtype=torch.long)  # -100: not a target
+        for i, c in enumerate(group):
+            ids[i, : len(c)], labels[i, : len(c)] = c, c
+        loss = model(input_ids=ids.to(device), attention_mask=(labels != -100).to(device), labels=labels.to(device)).loss
+        targets = int((labels[:, 1:] != -100).sum())  # the model's loss is the mean over these
+        total, count = total + loss.item() * targets, count + targets
+    model.train(was_training)
+    return total / count
