@@ -1,4 +1,4 @@
-"""``python -m sharelora_kernels <command>``: plan, finetune, bench (see ``sharelora_kernels.cli``)."""
+"""``python -m sharelora_kernels <command>``: plan, finetune, bench, gpu-check (see ``sharelora_kernels.cli``)."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ COMMANDS = {
     "plan": "sharelora_kernels.cli.plan",
     "finetune": "sharelora_kernels.cli.finetune",
     "bench": "sharelora_kernels.benchmarks",
+    "gpu-check": "sharelora_kernels.cli.gpu_check",
 }
 
 
@@ -29,11 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(run=module.run)
     args = parser.parse_args(argv)
     try:
-        args.run(args)
+        status = args.run(args)
     except CommandError as err:
         print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return status if isinstance(status, int) else 0  # a command may return its exit status
 
 
 if __name__ == "__main__":
