@@ -33,7 +33,8 @@ def ops_run(fn):
 def grad_errors(grads, grads_ref):
     """Each gradient's error, judged against 0.1 x the largest gradient too (test_properties' rule)."""
     scale = max(g.abs().max().item() for g in grads_ref)
-    return [(g.double() - r).abs().max().item() / max(r.abs().max().item(), 0.1 * scale) for g, r in zip(grads, grads_ref)]
+    return [(g.double() - r).abs().max().item() / max(r.abs().max().item(), 0.1 * scale)
+            for g, r in zip(grads, grads_ref)]
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
@@ -99,7 +100,8 @@ def test_tiny_llama_trains_under_autocast(backend, monkeypatch):
     from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
 
     monkeypatch.setenv("SHARELORA_BACKEND", backend)
-    model = sk.apply(tiny_model("llama", layers=2), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["bishare_kron"]))
+    config = sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["bishare_kron"])
+    model = sk.apply(tiny_model("llama", layers=2), config)
     randomize_adapters(model, std=0.1)
     params = [p for p in model.parameters() if p.requires_grad]
     ids = token_batch()

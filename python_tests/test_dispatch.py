@@ -119,6 +119,22 @@ def test_auto_keeps_the_faster_and_measures_each_signature_once(auto, monkeypatc
     assert entry["kinds"] == ("plain", "kron") and entry["k"] == 24 and entry["n"] == 16 and entry["rank"] == 4
 
 
+def test_a_backend_that_fails_when_timed_is_left_out_with_a_warning(auto):
+    class Failing(FakeTimer):
+        def __call__(self, candidate, run, device):
+            if candidate == "triton":
+                raise RuntimeError("no kernel for this GPU")
+            return super().__call__(candidate, run, device)
+
+    dispatch.set_timer(Failing({"compose": 5.0}))
+    message = r"the triton backend failed on .* \(RuntimeError: no kernel for this GPU\); using compose"
+    with pytest.warns(UserWarning, match=message):
+        y = run(*call())
+    (row,) = ops.dispatch_table()
+    assert y.shape == (5, 16) and row["choice"] == "compose" and "triton failed" in row["reason"]
+    assert row["errors"] == {"triton": "RuntimeError: no kernel for this GPU"}
+
+
 def test_forward_only_dropout_and_dtype_are_separate_signatures(auto):
     timer = FakeTimer({"triton": 2.0, "compose": 1.0})
     dispatch.set_timer(timer)
@@ -156,7 +172,8 @@ def test_group_under_auto_runs_module_by_module(auto, monkeypatch):
     dys = [torch.randn_like(y) for y in ys]
     grads = torch.autograd.grad(ys, leaves_of(x, paths), dys)
     ys_ref, grads_ref = float64_group(x, weights, biases, paths, dys)
-    assert all(rel_err(y, r) < 1e-4 for y, r in zip(ys, ys_ref)) and all(rel_err(g, r) < 1e-4 for g, r in zip(grads, grads_ref))
+    assert all(rel_err(y, r) < 1e-4 for y, r in zip(ys, ys_ref))
+    assert all(rel_err(g, r) < 1e-4 for g, r in zip(grads, grads_ref))
     assert len(ops.dispatch_table()) == 2  # q (N=48) and k = v (N=16): two signatures
 
 

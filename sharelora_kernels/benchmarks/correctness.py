@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from functools import partial
 from typing import Callable, Iterator, NamedTuple
 
 import torch
@@ -110,7 +111,8 @@ def module_check(backend: str, kinds, sizes: Sizes, device, base=torch.bfloat16,
 
 
 def group_check(backend: str, sizes: Sizes, device, base=torch.bfloat16) -> dict:
-    """q/k/v-like group (K -> K, K/2, K/2 wide... GQA), every kind with shared tensors, vs float64."""
+    """A q/k/v-like group (outputs N, N/2, N/2: GQA) on ``backend``, every kind (a shared A, a shared
+    slice pair, own gates and Kronecker kernels) vs the float64 reference per module."""
     torch.manual_seed(1)
     k = sizes.k
     ns = (sizes.n, sizes.n // 2, sizes.n // 2)
@@ -118,8 +120,8 @@ def group_check(backend: str, sizes: Sizes, device, base=torch.bfloat16) -> dict
     weights = [(torch.randn(n, k, device=device) / math.sqrt(k)).to(base) for n in ns]
     biases = [torch.randn(n, device=device).to(base) for n in ns]
     shared = {kind: random_path(kind, k, max(ns), 3, torch.float32, device) for kind in ("plain", "slice")}
-    paths = [[LoRAPath("plain", (shared["plain"].tensors[0], random_path("plain", k, n, 3, torch.float32, device).tensors[1]),
-                       0.5),
+    own_b = lambda n: random_path("plain", k, n, 3, torch.float32, device).tensors[1]  # noqa: E731
+    paths = [[LoRAPath("plain", (shared["plain"].tensors[0], own_b(n)), 0.5),  # share_a: one A, own B
               shared["slice"]._replace(n_offset=(max(ns) - n) // 2),
               random_path("gate", k, n, 2, torch.float32, device), random_path("kron", k, n, 2, torch.float32, device)]
              for n in ns]
@@ -157,7 +159,8 @@ def mask_check(backend: str, sizes: Sizes, device, grouped: bool = False, p: flo
     grads_ref = [g for g, t in zip(grads_ref, leaves) if t.requires_grad]
     row = compare(ys, grads, ys_ref, grads_ref, torch.float32)
     keep = fwd[0].float().mean().item()
-    row.update(keep_fraction=keep, masks_agree=bool(all(torch.equal(f, fwd[0]) for f in fwd) and torch.equal(bwd, fwd[0])))
+    agree = all(torch.equal(f, fwd[0]) for f in fwd) and torch.equal(bwd, fwd[0])
+    row.update(keep_fraction=keep, masks_agree=bool(agree))
     row["passed"] = bool(row["passed"] and row["masks_agree"] and abs(keep - (1 - p)) < 0.1)
     return row
 
@@ -219,23 +222,23 @@ def checks(sizes: Sizes, device: torch.device) -> list[Check]:
     for backend in ("triton", "compose", "auto"):
         for kinds in [(kind,) for kind in KINDS] + [KINDS]:
             out.append(Check(f"{'+'.join(kinds)} bf16 base, fp32 adapters", backend,
-                             lambda b=backend, ks=kinds: module_check(b, ks, sizes, device)))
+                             partial(module_check, backend, kinds, sizes, device)))
     for backend in ("triton", "compose"):
+        one = partial(module_check, backend, KINDS, sizes, device)
         for base in (torch.bfloat16, torch.float16, torch.float32):
             for adapters in (torch.float32, torch.bfloat16):
                 if (base, adapters) != (torch.bfloat16, torch.float32):
                     out.append(Check(f"all kinds, {_name(base)} base, {_name(adapters)} adapters", backend,
-                                     lambda b=backend, bd=base, ad=adapters: module_check(b, KINDS, sizes, device, bd, ad)))
-        out.append(Check("all kinds, M = 1", backend, lambda b=backend: module_check(b, KINDS, sizes, device, m=1)))
-        out.append(Check("all kinds, transposed x, fp32", backend,
-                         lambda b=backend: module_check(b, KINDS, sizes, device, torch.float32, transposed=True)))
-        out.append(Check("dropout: forward mask = backward mask", backend, lambda b=backend: mask_check(b, sizes, device)))
-        out.append(Check("grouped q/k/v (GQA) vs per-module float64", backend, lambda b=backend: group_check(b, sizes, device)))
-        out.append(Check("bitwise repeatable fwd+bwd", backend, lambda b=backend: repeat_check(b, sizes, device)))
-        out.append(Check("grouped dropout: one mask, forward = backward", backend,
-                         lambda b=backend: mask_check(b, sizes, device, grouped=True)))
-        out.append(Check("grouped bitwise repeatable fwd+bwd", backend, lambda b=backend: repeat_check(b, sizes, device, True)))
-    out.append(Check("forced int64 offsets, transposed x", "triton", lambda: int64_check(sizes, device)))
+                                     partial(one, base, adapters)))
+        out += [Check("all kinds, M = 1", backend, partial(one, m=1)),
+                Check("all kinds, transposed x, fp32", backend, partial(one, torch.float32, transposed=True)),
+                Check("dropout: forward mask = backward mask", backend, partial(mask_check, backend, sizes, device)),
+                Check("grouped q/k/v (GQA) vs per-module float64", backend, partial(group_check, backend, sizes, device)),
+                Check("bitwise repeatable fwd+bwd", backend, partial(repeat_check, backend, sizes, device)),
+                Check("grouped dropout: one mask, forward = backward", backend,
+                      partial(mask_check, backend, sizes, device, grouped=True)),
+                Check("grouped bitwise repeatable fwd+bwd", backend, partial(repeat_check, backend, sizes, device, True))]
+    out.append(Check("forced int64 offsets, transposed x", "triton", partial(int64_check, sizes, device)))
     return out
 
 

@@ -88,18 +88,21 @@ class _TritonGemm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (weight,) = ctx.saved_tensors
-        return _gemm(dy, weight, None), None, None
+        return _gemm(dy, weight, None, scaled=False), None, None
 
 
-def _gemm(a: Tensor, w_kn: Tensor, bias: Tensor | None) -> Tensor:
-    (launch, tl_dtypes), reason = _launcher()
-    if launch is None:
+def _gemm(a: Tensor, w_kn: Tensor, bias: Tensor | None, scaled: bool = True) -> Tensor:
+    """One launch with rank 0, specialised as the fused forward (``scaled``) or dx launch is."""
+    launcher, reason = _launcher()
+    if launcher is None:
         raise RuntimeError(reason)
+    launch, tl_dtypes = launcher
     m, device = a.shape[0], a.device
     empty = torch.empty((m, 0), device=device, dtype=torch.float32)
     table = torch.empty((0, 5), device=device, dtype=torch.int64)
-    return launch(a, w_kn, bias, empty, table, tl_dtypes[a.dtype], False, torch.empty(0, device=device),
-                  0.0, torch.zeros(1, dtype=torch.int64, device=device))
+    scale = torch.empty(0, device=device) if scaled else None
+    return launch(a, w_kn, bias, empty, table, tl_dtypes[a.dtype], False, scale, 0.0,
+                  torch.zeros(1, dtype=torch.int64, device=device))
 
 
 # ------------------------------------------------------------------------------ cases

@@ -9,7 +9,7 @@ Phases, in order:
   (c) performance, bf16, M = 8192: base, triton_gemm, fused, compose, auto, unsloth_order, peft at
       (K, N) = (4096, 4096), (4096, 14336), (14336, 4096), r = 16 and 64, fwd and fwd+bwd, CUDA
       events, variants interleaved; dropout 0.1, Kronecker and gate; one LLaMA-7B layer grouped
-      vs per-module (most important first);
+      vs per-module (most important first; at most PERF_AUTOTUNE_CAP configs autotuned per kernel);
   (d) the CUDA angular-distance kernel's bytes/s against the copy bandwidth (n=65536, L=33, d=4096).
 DIR/gpu_check.json is rewritten (temp file + rename) after every measurement, so a run killed at
 its limit keeps what it measured; no new item starts once --budget seconds have passed. A summary
@@ -37,6 +37,7 @@ from . import CommandError, require_positive
 
 HELP = "every GPU claim checked in one run: ceilings, correctness, performance, angular distance"
 DEFAULT_BUDGET = 480.0
+PERF_AUTOTUNE_CAP = 3  # configs autotuned per kernel in (c): the compile plan in README fits 9 minutes
 OUR_VARIANTS = ("fused", "compose", "auto", "grouped", "per_module")
 
 
@@ -123,27 +124,39 @@ def _config_size(config) -> int:
 
 
 @contextlib.contextmanager
-def small_autotune() -> Iterator[None]:
-    """SHARELORA_AUTOTUNE=small, and each autotuned kernel pinned to its smallest config (fits every
-    dtype and shared-memory size): one compile per kernel variant, no autotune benchmarking."""
+def autotune_limited(mode: str, keep) -> Iterator[None]:
+    """SHARELORA_AUTOTUNE=mode, and each autotuned kernel's configs cut to ``keep(configs)`` for the
+    phase (restored after): the compile count of a run is bounded whatever the kernels' lists hold."""
     tuners = _autotuners()
     saved = [t.configs for t in tuners]
     for t in tuners:
-        t.configs = [min(t.configs, key=_config_size)]
+        t.configs = keep(t.configs)
     try:
-        with environ(SHARELORA_AUTOTUNE="small"):
+        with environ(SHARELORA_AUTOTUNE=mode):
             yield
     finally:
         for t, configs in zip(tuners, saved):
             t.configs = configs
 
 
+def smallest_config(configs: list) -> list:
+    """The config with the smallest tiles and fewest stages: it fits every dtype and shared-memory size."""
+    return [min(configs, key=_config_size)]
+
+
+def first_configs(configs: list) -> list:
+    """The first ``PERF_AUTOTUNE_CAP`` configs (each list starts with its large-GEMM tiles)."""
+    return configs[:PERF_AUTOTUNE_CAP]
+
+
 def compile_counts() -> list[dict]:
     """Per autotuned kernel: its config count and the binaries compiled so far (where Triton says)."""
     rows = []
     for t in _autotuners():
-        caches = getattr(t.fn, "device_caches", None)
-        compiled = sum(len(c[0]) for c in caches.values()) if isinstance(caches, dict) else None
+        try:  # Triton's JITFunction keeps (kernel cache, ...) per device; the interpreter none
+            compiled = sum(len(c[0]) for c in t.fn.device_caches.values())
+        except (AttributeError, TypeError, IndexError, KeyError):
+            compiled = None
         rows.append({"kernel": getattr(t.fn, "__name__", str(t.fn)), "configs": len(t.configs), "compiled": compiled})
     return rows
 
@@ -164,7 +177,7 @@ def phase_a(report: Report, device: torch.device, tiny: bool) -> float | None:
 def phase_b(report: Report, device: torch.device, tiny: bool) -> None:
     from ..benchmarks import correctness
     sizes = correctness.TINY if tiny else correctness.GPU
-    with small_autotune():
+    with autotune_limited("small", smallest_config):
         for check in correctness.checks(sizes, device):
             if report.stop_here("b_correctness"):
                 return
@@ -175,16 +188,17 @@ def phase_b(report: Report, device: torch.device, tiny: bool) -> None:
 def phase_c(report: Report, device: torch.device, tiny: bool) -> None:
     from ..benchmarks import performance
     shapes = performance.TINY if tiny else performance.GPU
-    dtype = torch.bfloat16
-    for spec in performance.case_list(shapes, tiny):
-        if report.stop_here("c_performance"):
-            return
-        try:
-            row = performance.run_case(spec, shapes, device, dtype)
-            row["goals"] = performance.goals(row) if spec["op"] != "layer" else {}
-        except Exception as e:  # noqa: BLE001 - recorded, the run goes on
-            row = {"name": performance.case_name(spec), "spec": spec, "error": f"{type(e).__name__}: {e}"}
-        report.add("c_performance", row)
+    report.phase("c_performance")["autotune_cap"] = PERF_AUTOTUNE_CAP
+    with autotune_limited(os.environ.get("SHARELORA_AUTOTUNE") or "perf", first_configs):
+        for spec in performance.case_list(shapes, tiny):
+            if report.stop_here("c_performance"):
+                return
+            try:
+                row = performance.run_case(spec, shapes, device, torch.bfloat16)
+                row["goals"] = performance.goals(row) if spec["op"] != "layer" else {}
+            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                row = {"name": performance.case_name(spec), "spec": spec, "error": f"{type(e).__name__}: {e}"}
+            report.add("c_performance", row)
     report.done("c_performance")
 
 
@@ -217,33 +231,47 @@ def failures(data: dict) -> list[str]:
     return out
 
 
+def _case_lines(case: dict) -> list[str]:
+    """One performance case as table rows: medians (ms) and ratios to base, skips, goals."""
+    lines = [f"    | {case['name']} | error: {case['error']} | | | |"] if "error" in case else []
+    for name, row in case.get("variants", {}).items():
+        if "skipped" in row:
+            lines.append(f"    | {case['name']} | {name} | {row['skipped']} | | | |")
+            continue
+        ratio = case["ratio_vs_base"][name]
+        lines.append(f"    | {case['name']} | {name} | {row['fwd_ms']['median']:.4g} | "
+                     f"{row['fwd+bwd_ms']['median']:.4g} | {ratio['fwd']:.3f} | {ratio['fwd+bwd']:.3f} |")
+    if case.get("goals"):
+        lines.append("    goals: " + "; ".join(f"{goal}: {'met' if met else 'NOT met'}"
+                                              for goal, met in case["goals"].items()))
+    return lines
+
+
+def _angular_line(item: dict) -> str:
+    if "skipped" in item or "error" in item:
+        return f"(d) angular distance: {item.get('skipped') or item.get('error')}"
+    fraction = item.get("fraction_of_copy_bandwidth", float("nan"))
+    return f"(d) angular distance: {item['gbps']:.4g} GB/s read, {fraction:.2f} of the copy rate"
+
+
 def summary(data: dict) -> str:
     """The run as a few lines and one table per performance case (medians, ratios to base)."""
     phases, env = data["phases"], data["environment"]
+    stopped = ", stopped by the budget" if data.get("stopped") else ""
     lines = [f"gpu-check on {env['device_name']} (torch {env['torch']}, triton {env['triton']}), "
-             f"{data['elapsed_s']:.0f} s of a {data['budget_s']:g} s budget{', stopped by the budget' if data.get('stopped') else ''}"]
+             f"{data['elapsed_s']:.0f} s of a {data['budget_s']:g} s budget{stopped}"]
     for item in phases.get("a_ceilings", {}).get("items", []):
-        lines.append(f"(a) {item['name']}: " + (f"{item['tflops']:.4g} TFLOP/s" if "tflops" in item else f"{item['gbps']:.4g} GB/s"))
-    checks = phases.get("b_correctness", {}).get("items", [])
-    lines.append(f"(b) correctness: {sum(r['passed'] for r in checks)}/{len(checks)} checks passed")
-    lines.append("(c) | case | variant | fwd ms | fwd+bwd ms | fwd / base | fwd+bwd / base |")
-    for case in phases.get("c_performance", {}).get("items", []):
-        for name, row in case.get("variants", {}).items():
-            if "skipped" in row:
-                lines.append(f"    | {case['name']} | {name} | {row['skipped']} | | | |")
-                continue
-            ratio = case["ratio_vs_base"][name]
-            lines.append(f"    | {case['name']} | {name} | {row['fwd_ms']['median']:.4g} | {row['fwd+bwd_ms']['median']:.4g} | "
-                         f"{ratio['fwd']:.3f} | {ratio['fwd+bwd']:.3f} |")
-        if case.get("goals"):
-            lines.append("    goals: " + "; ".join(f"{goal}: {'met' if met else 'NOT met'}" for goal, met in case["goals"].items()))
-        if "error" in case:
-            lines.append(f"    | {case['name']} | error: {case['error']} | | | |")
-    for item in phases.get("d_angular", {}).get("items", []):
-        lines.append("(d) angular distance: " + (item.get("skipped") or item.get("error") or
-                                                 f"{item['gbps']:.1f} GB/s read, {item.get('fraction_of_copy_bandwidth', float('nan')):.2f} of the copy rate"))
-    bad = failures(data)
-    lines += [f"FAILED {line}" for line in bad] or ["no failure"]
+        rate = f"{item['tflops']:.4g} TFLOP/s" if "tflops" in item else f"{item['gbps']:.4g} GB/s"
+        lines.append(f"(a) {item['name']}: {rate}")
+    if "b_correctness" in phases:
+        checks = phases["b_correctness"]["items"]
+        lines.append(f"(b) correctness: {sum(r['passed'] for r in checks)}/{len(checks)} checks passed")
+    cases = phases.get("c_performance", {}).get("items", [])
+    if cases:
+        lines.append("(c) | case | variant | fwd ms | fwd+bwd ms | fwd / base | fwd+bwd / base |")
+    lines += [line for case in cases for line in _case_lines(case)]
+    lines += [_angular_line(item) for item in phases.get("d_angular", {}).get("items", [])]
+    lines += [f"FAILED {line}" for line in failures(data)] or ["no failure"]
     return "\n".join(lines)
 
 
@@ -279,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
             "environment": describe(device, argv, prog="python -m sharelora_kernels gpu-check"), "phases": {}}
     report = Report(out / "gpu_check.json", args.budget, data)
     report.save()
-    timer = dispatch.set_timer((lambda name, fn, dev: dispatch.measure_ms(fn, dev, warmup=0, repeats=1)) if args.tiny else None)
+    once = lambda name, fn, dev: dispatch.measure_ms(fn, dev, warmup=0, repeats=1)  # --tiny: interpreted kernels
+    timer = dispatch.set_timer(once if args.tiny else None)
     interpreted = dispatch.TIME_INTERPRETED_KERNELS
     dispatch.TIME_INTERPRETED_KERNELS = args.tiny
     dispatch.clear()
@@ -301,6 +330,7 @@ def run(args: argparse.Namespace) -> int:
         data["compile_counts"] = compile_counts()
         data["failures"] = failures(data)
         report.save()
+        dispatch.clear()  # the run's choices were measured for its own cache dir (and, --tiny, timer)
     print(summary(data))
     print(f"wrote {report.path}")
     return 1 if data["failures"] else 0

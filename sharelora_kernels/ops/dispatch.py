@@ -28,7 +28,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -195,15 +195,17 @@ class Choice:
     times_ms: dict[str, float]
     source: str  # "measured" or the cache file it was read from
     measured_at: str
+    errors: dict[str, str] = field(default_factory=dict)  # backends that raised when timed
 
     def reason(self) -> str:
         times = ", ".join(f"{name} {ms:.4g} ms" for name, ms in sorted(self.times_ms.items(), key=lambda kv: kv[1]))
+        failed = "".join(f"; {name} failed: {error}" for name, error in self.errors.items())
         how = "measured in this process" if self.source == "measured" else f"read from {self.source}"
-        return f"{self.choice} was faster ({times}; {self.signature.mode}), {how}"
+        return f"{self.choice} was faster ({times}{failed}; {self.signature.mode}), {how}"
 
     def to_json(self) -> dict:
-        return {"choice": self.choice, "times_ms": self.times_ms, "measured_at": self.measured_at,
-                "signature": asdict(self.signature)}
+        return {"choice": self.choice, "times_ms": self.times_ms, "errors": self.errors,
+                "measured_at": self.measured_at, "signature": asdict(self.signature)}
 
 
 _table: dict[Signature, Choice] = {}
@@ -273,7 +275,8 @@ def _load(device: str) -> None:
         try:
             sig = Signature(**{**entry["signature"], "adapter_dtypes": tuple(entry["signature"]["adapter_dtypes"]),
                                "kinds": tuple(entry["signature"]["kinds"])})
-            choice = Choice(sig, entry["choice"], dict(entry["times_ms"]), str(path), entry["measured_at"])
+            choice = Choice(sig, entry["choice"], dict(entry["times_ms"]), str(path), entry["measured_at"],
+                            dict(entry.get("errors") or {}))
         except (KeyError, TypeError):
             continue  # an entry of another layout: measured again when needed
         if choice.choice in CANDIDATES:
@@ -318,21 +321,40 @@ def auto_choice(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
         known = _table.get(sig)
     if known is not None and known.choice in backends:
         return known.choice
-    devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        times = {name: float(_timer(name, timed_run(fn, x, weight, bias, paths, dropout_p, training, sig.mode), x.device))
-                 for name, fn in backends.items()}
+    times, errors = _time_backends(sig, backends, x, weight, bias, paths, dropout_p, training)
     best = min(times, key=lambda name: (times[name], CANDIDATES.index(name)))
-    _table[sig] = Choice(sig, best, times, "measured", datetime.datetime.now().isoformat(timespec="seconds"))
+    _table[sig] = Choice(sig, best, times, "measured", datetime.datetime.now().isoformat(timespec="seconds"), errors)
     _save(sig.device)
     return best
 
 
+def _time_backends(sig: Signature, backends: Mapping[str, Backend], x: Tensor, weight: Tensor, bias: Tensor | None,
+                   paths: Sequence[LoRAPath], dropout_p: float, training: bool) -> tuple[dict, dict]:
+    """(ms per backend that ran, error per backend that raised), the random state forked. A backend
+    that raises is left out with a warning (the kernels failing to compile on some GPU, say); if
+    every one raises, the first error propagates."""
+    times, errors, first = {}, {}, None
+    with torch.random.fork_rng(devices=[x.device.index or 0] if x.device.type == "cuda" else []):
+        for name, fn in backends.items():
+            try:
+                times[name] = float(_timer(name, timed_run(fn, x, weight, bias, paths, dropout_p, training, sig.mode),
+                                           x.device))
+            except Exception as e:  # noqa: BLE001 - auto falls back to what runs
+                errors[name], first = f"{type(e).__name__}: {e}", first or e
+    if not times:
+        raise first
+    for name, error in errors.items():
+        warnings.warn(f"sharelora_kernels auto: the {name} backend failed on {sig.key()} ({error}); "
+                      f"using {min(times, key=times.get)}", stacklevel=4)
+    return times, errors
+
+
 def dispatch_table() -> list[dict]:
     """Every choice auto made or read in this process: signature fields, ``choice``, ``times_ms``
-    (both backends), ``reason`` and ``source`` (``measured`` or the cache file)."""
-    return [{**asdict(c.signature), "choice": c.choice, "times_ms": dict(c.times_ms), "reason": c.reason(),
-             "source": c.source, "measured_at": c.measured_at} for c in _table.values()]
+    (both backends), ``errors`` (a backend that raised when timed), ``reason`` and ``source``
+    (``measured`` or the cache file)."""
+    return [{**asdict(c.signature), "choice": c.choice, "times_ms": dict(c.times_ms), "errors": dict(c.errors),
+             "reason": c.reason(), "source": c.source, "measured_at": c.measured_at} for c in _table.values()]
 
 
 def clear() -> None:
