@@ -89,3 +89,18 @@ def test_gpu_scripts_run_on_cpu(script, tmp_path):
     module.main(["--device", "cpu", "--quick", "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["environment"]["command"] == f"python bench/{script} --device cpu --quick --out {out}"
+
+
+@pytest.mark.parametrize("op", list(LORA_OPS))
+def test_our_variants_compute_the_same_layer(op):
+    """torch, compose, auto and unsloth_order of one case are one function (fp32, tiny shape): a
+    baseline that computed something else would make every ratio meaningless."""
+    import torch
+
+    from sharelora_kernels.benchmarks.ops import lora_case
+
+    torch.manual_seed(0)
+    case = lora_case(op, 8, 32, 32, torch.device("cpu"), torch.float32)
+    ref = case.forwards["torch"]()
+    for variant in ("compose", "auto", "unsloth_order"):
+        torch.testing.assert_close(case.forwards[variant](), ref, rtol=1e-5, atol=1e-5, msg=variant)

@@ -277,7 +277,7 @@ def _load(device: str) -> None:
                                "kinds": tuple(entry["signature"]["kinds"])})
             choice = Choice(sig, entry["choice"], dict(entry["times_ms"]), str(path), entry["measured_at"],
                             dict(entry.get("errors") or {}))
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             continue  # an entry of another layout: measured again when needed
         if choice.choice in CANDIDATES:
             _table.setdefault(sig, choice)
