@@ -51,6 +51,7 @@ def bench_shape(m: int, k: int, n: int, r: int, dtype, device: str, time_ms, kro
     w = torch.randn(n, k, dtype=dtype, device=device) * 0.02
     dy = torch.randn(m, n, dtype=dtype, device=device)
     row = {"M": m, "K": k, "N": n, "r": r, "flops_base_fwd": 2 * m * n * k}
+    backend = "triton" if device == "cuda" else ops.backend_for(x)  # the fused kernels, not auto's choice
 
     def both(name, forward, params):
         row[f"{name}_fwd_ms"] = time_ms(lambda: forward(), [])
@@ -62,8 +63,8 @@ def bench_shape(m: int, k: int, n: int, r: int, dtype, device: str, time_ms, kro
     both("peft", lambda: F.linear(x, w) + plain.scale * F.linear(F.linear(x, a), b), [a, b])
     for kind in ("plain", "kron", "gate"):
         paths = make_paths(kind, k, n, r, dtype, device, kron_dim, gate_dim)
-        both(f"fused_{kind}", lambda: ops.lora_linear(x, w, None, paths), list(paths[0].tensors))
-    row["backend"] = ops.backend_for(x)
+        both(f"fused_{kind}", lambda: ops.lora_linear(x, w, None, paths, backend=backend), list(paths[0].tensors))
+    row["backend"] = backend
     row["fused_plain_fwd_over_base"] = row["fused_plain_fwd_ms"] / row["base_fwd_ms"]
     row["fused_plain_fwd_bwd_over_base"] = row["fused_plain_fwd_bwd_ms"] / row["base_fwd_bwd_ms"]
     row["fused_plain_fwd_bwd_over_peft"] = row["fused_plain_fwd_bwd_ms"] / row["peft_fwd_bwd_ms"]

@@ -61,12 +61,19 @@ def params_of(groups) -> list[torch.Tensor]:
     return list({id(t): t for _, paths in groups for ps in paths for p in ps for t in p.tensors}.values())
 
 
+def fused_backend(x) -> str:
+    """The fused kernels on CUDA (not auto's choice); the default backend elsewhere (a smoke run)."""
+    return "triton" if x.is_cuda else ops.backend_for(x)
+
+
 def run_grouped(x, groups):
-    return [y for weights, paths in groups for y in ops.grouped_lora_linear(x, weights, [None] * len(weights), paths)]
+    return [y for weights, paths in groups
+            for y in ops.grouped_lora_linear(x, weights, [None] * len(weights), paths, backend=fused_backend(x))]
 
 
 def run_per_module(x, groups):
-    return [ops.lora_linear(x, w, None, ps) for weights, paths in groups for w, ps in zip(weights, paths)]
+    return [ops.lora_linear(x, w, None, ps, backend=fused_backend(x)) for weights, paths in groups
+            for w, ps in zip(weights, paths)]
 
 
 def peft_layer(cfg: dict, device, dtype):
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"environment": describe(torch.device(device), sys.argv[1:] if argv is None else argv,
                                      prog="python bench/bench_grouped.py"),
               "config": {**cfg, "dtype": str(dtype), "ranks": [LOCAL_R, INTRA_R, INTER_R],
-                         "backend": ops.backend_for(x)},
+                         "backend": fused_backend(x)},
               "per_layer": per_layer, "shared_grads_vs_layers": shared}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -34,13 +34,14 @@ def test_environment_is_recorded(quick_run):
     assert "--quick" in env["command"]
 
 
-def test_every_lora_op_has_base_peft_torch_and_a_fused_skip(quick_run):
+def test_every_lora_op_has_every_variant_and_a_fused_skip(quick_run):
     data = quick_run[2]
     cases = {c["op"]: c for c in data["ops"]}
     assert set(cases) == set(OPS)
     for op in [*LORA_OPS, "grouped_qkv"]:
         variants = cases[op]["variants"]
-        for v in ("base", "peft", "torch"):
+        assert set(variants) == {"base", "peft", "torch", "compose", "auto", "unsloth_order", "fused"}
+        for v in ("base", "peft", "torch", "compose", "auto", "unsloth_order"):
             assert {"fwd_ms", "bwd_ms", "fwd+bwd_ms", "saved_for_backward_bytes"} <= set(variants[v])
             assert {"median", "q1", "q3", "min", "max", "n"} <= set(variants[v]["fwd+bwd_ms"])
             assert set(cases[op]["ratio_vs_base"][v]) == {"fwd", "bwd", "fwd+bwd"}
@@ -52,7 +53,8 @@ def test_issue3_and_e2e_sections(quick_run):
     data = quick_run[2]
     i3 = data["issue3"]
     assert i3["shape"] == {"M": 2048, "K": 1024, "N": 1024} and i3["r"] == 16
-    assert set(i3["ratio_vs_base"]) == {"base", "peft", "torch"}
+    assert set(i3["ratio_vs_base"]) == {"base", "peft", "torch", "compose"}
+    assert i3["default_backend"] in ("torch", "compose")
     assert isinstance(i3["target_met"], bool)
     assert set(data["e2e"]["variants"]) == {"peft_lora", "sharelora", "bishare"}
     for row in data["e2e"]["variants"].values():
@@ -87,3 +89,18 @@ def test_gpu_scripts_run_on_cpu(script, tmp_path):
     module.main(["--device", "cpu", "--quick", "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["environment"]["command"] == f"python bench/{script} --device cpu --quick --out {out}"
+
+
+@pytest.mark.parametrize("op", list(LORA_OPS))
+def test_our_variants_compute_the_same_layer(op):
+    """torch, compose, auto and unsloth_order of one case are one function (fp32, tiny shape): a
+    baseline that computed something else would make every ratio meaningless."""
+    import torch
+
+    from sharelora_kernels.benchmarks.ops import lora_case
+
+    torch.manual_seed(0)
+    case = lora_case(op, 8, 32, 32, torch.device("cpu"), torch.float32)
+    ref = case.forwards["torch"]()
+    for variant in ("compose", "auto", "unsloth_order"):
+        torch.testing.assert_close(case.forwards[variant](), ref, rtol=1e-5, atol=1e-5, msg=variant)

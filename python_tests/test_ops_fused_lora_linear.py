@@ -291,7 +291,7 @@ def test_compile_fullgraph_cpu_route(monkeypatch):
     monkeypatch.delenv("SHARELORA_BACKEND", raising=False)
     layer = SharedLoRALinear(torch.nn.Linear(24, 16), r=3, alpha=6.0)
     x = torch.randn(4, 24)
-    assert ops.backend_for(x) == "torch"
+    assert ops.backend_for(x) == ops.dispatch.DEFAULT_CPU
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     assert torch.allclose(compiled(x), layer(x), atol=1e-6)
 
@@ -299,7 +299,7 @@ def test_compile_fullgraph_cpu_route(monkeypatch):
 def test_dispatch(monkeypatch):
     x = torch.randn(2, 4)
     monkeypatch.delenv("SHARELORA_BACKEND", raising=False)
-    assert ops.backend_for(x) == "torch"
+    assert ops.backend_for(x) == ops.dispatch.DEFAULT_CPU
     monkeypatch.setenv("SHARELORA_BACKEND", "triton")
     assert ops.backend_for(x) == "triton"
     monkeypatch.setenv("SHARELORA_BACKEND", "cuda")

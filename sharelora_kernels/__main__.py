@@ -1,4 +1,4 @@
-"""``python -m sharelora_kernels <command>``: plan, finetune, compare, bench (see ``sharelora_kernels.cli``)."""
+"""``python -m sharelora_kernels <command>``: plan, finetune, compare, bench, gpu-check (see ``sharelora_kernels.cli``)."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,7 @@ COMMANDS = {
     "finetune": "sharelora_kernels.cli.finetune",
     "compare": "sharelora_kernels.cli.compare",
     "bench": "sharelora_kernels.benchmarks",
+    "gpu-check": "sharelora_kernels.cli.gpu_check",
 }
 
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(run=module.run)
     args = parser.parse_args(argv)
     try:
-        args.run(args)
+        status = args.run(args)
     except CommandError as err:
         kind = "error: " if err.exit_code == 2 else ""
         print(f"{parser.prog} {args.command}: {kind}{err}", file=sys.stderr)
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0  # a command may return its exit status
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ class LoRAPath(NamedTuple):
     k_offset: int = 0
     n_offset: int = 0
 
+    @property
+    def rank(self) -> int:
+        """The rank this path adds to a module's low-rank product (g for a gate path)."""
+        return self.tensors[2].shape[0] if self.kind == "gate" else self.tensors[0].shape[0]
+
 
 def gate_core(path: LoRAPath) -> Tensor:
     """The (g, g) core C = G_od B A G_iu of a gate path, multiplied in the cheap order."""
@@ -45,12 +50,13 @@ def gate_core(path: LoRAPath) -> Tensor:
 
 
 def kron_fold(x: Tensor, k_a: Tensor, d: int) -> Tensor:
-    """fold(x)[:, c] = sum_j K_A[j] x[:, j*d + c]: (M, K) -> (M, d).
+    """fold(x)[:, c] = sum_j K_A[j] x[:, j*d + c]: (M, K) -> (M, d), K_A any shape of K/d elements.
 
-    A broadcast multiply and sum: autograd keeps a view of x (a matmul here would save a transposed
-    copy of x for K_A's gradient).
+    One batched GEMM, (1, K/d) @ (K/d, d) per row, K_A broadcast (no copy): no (M, K) temporary,
+    and autograd keeps a view of x (``torch.matmul`` here would fold x into a transposed copy).
     """
-    return (x.reshape(x.shape[0], x.shape[1] // d, d) * k_a.view(1, -1, 1)).sum(1)
+    m, j = x.shape[0], x.shape[1] // d
+    return torch.bmm(k_a.reshape(1, 1, j).expand(m, 1, j), x.reshape(m, j, d)).view(m, d)
 
 
 def path_input(x: Tensor, path: LoRAPath) -> Tensor:
@@ -85,10 +91,11 @@ def _add_lowrank(y: Tensor, h: Tensor, b: Tensor, s: float) -> Tensor:
 
 
 def _dense_factors(paths: Sequence[LoRAPath], k: int, n: int) -> tuple[Tensor, Tensor]:
-    """Plain and slice paths stacked into one LoRA: A (sum r_p, K), B (N, sum r_p) with s_p folded in.
+    """Plain, slice (and gate) paths stacked into one LoRA: A (sum r_p, K), B (N, sum r_p) with s_p folded in.
 
     Their A/B windows are already dense (no expansion), so one pass over x and one update of y
-    serve them all; gate and Kronecker paths never go through here.
+    serve them all. A gate path enters as its rank-g pair (C G_id (g, K), G_ou); Kronecker paths
+    never go through here.
     """
     factors = [path_factors(p, k, n) for p in paths]
     if len(factors) == 1:

@@ -1,12 +1,15 @@
 """Per-op benchmark cases: each op builds, for one shape, the variants timed side by side.
 
 A LoRA op is one entry of ``LORA_OPS``: a function giving the low-rank paths of one module. Every
-LoRA op is then run as four variants on the same x, W, b and output gradient:
+LoRA op is then run as these variants on the same x, W, b and output gradient, on every device:
 
-    base   F.linear(x, W, b): the frozen matmul alone, the 1.00x every ratio refers to
-    peft   a real PEFT LoRA layer (get_peft_model on a one-Linear module) of the same total rank
-    torch  reference.lora_linear: our torch path (what CPU tensors run)
-    fused  ops.lora_linear when it dispatches to the fused Triton kernels (CUDA only)
+    base           F.linear(x, W, b): the frozen matmul alone, the 1.00x every ratio refers to
+    peft           a real PEFT LoRA layer (get_peft_model on a one-Linear module) of the same total rank
+    torch          reference.lora_linear: the torch backend
+    compose        the compose backend (z = (x A^T s) B^T + b, then z.addmm_(x, W^T); hand-written backward)
+    auto           ops.lora_linear(backend="auto"): the measured choice of fused and compose
+    unsloth_order  the base GEMM first, then out.addmm_(x A^T, B^T, alpha=s) (autograd backward)
+    fused          the fused Triton kernels (CUDA only; skipped with the reason elsewhere)
 
 Another kind of op (grouped q/k/v, similarity) is one more entry of ``OPS``: a function from
 (shape, device, dtype) to a ``Case``.
@@ -98,8 +101,8 @@ class _OneLinear(nn.Module):
         return self.lin(x)
 
 
-def peft_layer(weight: Tensor, bias: Tensor | None, r: int) -> nn.Module:
-    """A PEFT LoRA (r, alpha 2r, no dropout) around a frozen Linear sharing ``weight`` and ``bias``."""
+def peft_layer(weight: Tensor, bias: Tensor | None, r: int, dropout: float = 0.0) -> nn.Module:
+    """A PEFT LoRA (r, alpha 2r, ``dropout``) around a frozen Linear sharing ``weight`` and ``bias``."""
     from peft import LoraConfig, get_peft_model
 
     n, k = weight.shape
@@ -107,35 +110,71 @@ def peft_layer(weight: Tensor, bias: Tensor | None, r: int) -> nn.Module:
     lin.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         lin.bias = nn.Parameter(bias, requires_grad=False)
-    model = get_peft_model(_OneLinear(lin), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["lin"]))
+    model = get_peft_model(_OneLinear(lin), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["lin"]))
     for name, p in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero; any value times the same
             nn.init.normal_(p, std=0.02)
     return model
 
 
-def lora_case(op: str, m: int, k: int, n: int, device: torch.device, dtype: torch.dtype) -> Case:
-    """Base / PEFT / torch / fused variants of one LoRA op on x (M, K), W (N, K)."""
+def unsloth_order(x: Tensor, weight: Tensor, bias: Tensor | None, paths: list[LoRAPath], dropout_p: float = 0.0) -> Tensor:
+    """The base GEMM first, then ``out.addmm_(dropout(x) A^T, B^T, alpha=s)`` in x's dtype (the order
+    Unsloth's LoRA layers use), autograd's backward. Every path's factors stacked (Kronecker ones
+    expanded: a baseline, not our path)."""
+    k, n = weight.shape[1], weight.shape[0]
+    factors = [reference.path_factors(p, k, n) for p in paths]
+    alpha = paths[0].scale if len(paths) == 1 else 1.0
+    a = torch.cat([f[0] for f in factors]).to(x.dtype)
+    b = torch.cat([f[1] * (1.0 if len(paths) == 1 else p.scale) for f, p in zip(factors, paths)], 1).to(x.dtype)
+    x2 = x.reshape(-1, k)
+    out = F.linear(x2, weight, bias)
+    return out.addmm_(F.dropout(x2, dropout_p) @ a.t(), b.t(), alpha=alpha).reshape(*x.shape[:-1], n)
+
+
+RANKED_OPS = ("plain", "slice", "kron")  # ops whose ``r`` is the rank PEFT runs too
+
+
+def lora_case(op: str, m: int, k: int, n: int, device: torch.device, dtype: torch.dtype, *, r: int | None = None,
+              dropout: float = 0.0) -> Case:
+    """Every variant of one LoRA op on x (M, K), W (N, K); ``r`` (plain, slice, kron: default the
+    op's) and adapter ``dropout`` (training mode) apply to every variant. PEFT is skipped, with the
+    reason, where it is not installed."""
     build, peft_rank = LORA_OPS[op]
+    if r is not None and op not in RANKED_OPS:
+        raise ValueError(f"op {op!r} has a fixed rank; r applies to {RANKED_OPS}")
     x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
     weight = torch.randn(n, k, device=device, dtype=dtype) / math.sqrt(k)
     bias = torch.randn(n, device=device, dtype=dtype)
     grad_out = torch.randn(m, n, device=device, dtype=dtype)
-    paths = build(k, n, device, adapter_dtype(dtype))
-    peft = peft_layer(weight, bias, peft_rank).to(device)
+    paths = build(k, n, device, adapter_dtype(dtype), **({"r": r} if r is not None else {}))
+    peft_rank = r or peft_rank
+    train = dropout > 0
+
+    def ours(backend: str) -> Forward:
+        return lambda: fused_ops.lora_linear(x, weight, bias, paths, dropout, train, backend=backend)
+
     forwards: dict[str, Forward] = {
         "base": lambda: F.linear(x, weight, bias),
-        "peft": lambda: peft(x),
-        "torch": lambda: reference.lora_linear(x, weight, bias, paths),
+        "torch": lambda: reference.lora_linear(x, weight, bias, paths, dropout, train),
+        "compose": ours("compose"),
+        "auto": ours("auto"),
+        "unsloth_order": lambda: unsloth_order(x, weight, bias, paths, dropout),
     }
-    skipped = {}
+    skipped, live = {}, [x, weight, bias, grad_out, *(t for p in paths for t in p.tensors)]
+    try:
+        peft = peft_layer(weight, bias, peft_rank, dropout).to(device).train(train)
+    except ImportError as e:
+        skipped["peft"] = f"peft is not installed ({e})"
+    else:
+        forwards["peft"] = lambda: peft(x)
+        live += list(peft.parameters())
     reason = _fused_skip_reason(x)
     if reason:
         skipped["fused"] = reason
     else:
-        forwards["fused"] = lambda: fused_ops.lora_linear(x, weight, bias, paths)
-    live = [x, weight, bias, grad_out, *(t for p in paths for t in p.tensors), *peft.parameters()]
+        forwards["fused"] = ours("triton")
     return Case(forwards, skipped, grad_out, live, {"paths": [p.kind for p in paths], "peft_rank": peft_rank,
+                                                   "rank": sum(p.rank for p in paths), "dropout": dropout,
                                                    "x_requires_grad": True, "adapter_dtype": str(adapter_dtype(dtype))})
 
 
@@ -148,8 +187,10 @@ def grouped_qkv_case(m: int, k: int, n: int, device: torch.device, dtype: torch.
 
     Each module has its own plain r=2 path plus slices of an intra (r=4) and an inter (r=32) pair
     that all three share, at different offsets. base: three F.linear; peft: three PEFT LoRA layers of
-    rank 38; torch: reference.lora_linear per module; fused: ops.grouped_lora_linear (one launch).
-    The concatenation (one (M, 3N) copy) is the same for every variant.
+    rank 38; torch: reference.lora_linear per module; compose: the compose backend's group (one
+    dropout draw); auto: ops.grouped_lora_linear under auto (module by module); unsloth_order per
+    module; fused: the grouped kernel (one launch). The concatenation (one (M, 3N) copy) is the same
+    for every variant.
     """
     ad = adapter_dtype(dtype)
     x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
@@ -165,12 +206,17 @@ def grouped_qkv_case(m: int, k: int, n: int, device: torch.device, dtype: torch.
         "peft": lambda: torch.cat([layer(x) for layer in pefts], -1),
         "torch": lambda: torch.cat([reference.lora_linear(x, w, None, ps) for w, ps in zip(weights, paths)], -1),
     }
+    def grouped(backend: str) -> Forward:
+        return lambda: torch.cat(fused_ops.grouped_lora_linear(x, weights, [None] * GROUP, paths, backend=backend), -1)
+
+    forwards["compose"], forwards["auto"] = grouped("compose"), grouped("auto")
+    forwards["unsloth_order"] = lambda: torch.cat([unsloth_order(x, w, None, ps) for w, ps in zip(weights, paths)], -1)
     skipped = {}
     reason = _fused_skip_reason(x)
     if reason:
         skipped["fused"] = reason
     else:
-        forwards["fused"] = lambda: torch.cat(fused_ops.grouped_lora_linear(x, weights, [None] * GROUP, paths), -1)
+        forwards["fused"] = grouped("triton")
     tensors = {id(t): t for ps in paths for p in ps for t in p.tensors}
     live = [x, *weights, grad_out, *tensors.values(), *(p for layer in pefts for p in layer.parameters())]
     return Case(forwards, skipped, grad_out, live, {"modules": GROUP, "paths": [p.kind for p in paths[0]],
@@ -178,11 +224,12 @@ def grouped_qkv_case(m: int, k: int, n: int, device: torch.device, dtype: torch.
 
 
 def _fused_skip_reason(x: Tensor) -> str | None:
-    """Why the fused Triton kernels would not run on x, or None when they would."""
-    if x.device.type != "cuda":
-        return "fused Triton kernels run on CUDA only"
-    backend = fused_ops.backend_for(x)
-    return None if backend == "triton" else f"ops.backend_for chose {backend!r}, not the fused Triton kernels"
+    """Why the fused Triton kernels are not timed on x, or None when they are: CUDA tensors, or CPU
+    ones under the interpreter when ``dispatch.TIME_INTERPRETED_KERNELS`` asks for it (gpu-check --tiny)."""
+    if not fused_ops.HAS_TRITON:
+        return "triton cannot be imported"
+    interpreted = fused_ops.INTERPRET and fused_ops.dispatch.TIME_INTERPRETED_KERNELS
+    return None if x.device.type == "cuda" or interpreted else "fused Triton kernels run on CUDA only"
 
 
 # ------------------------------------------------------------------------------- similarity

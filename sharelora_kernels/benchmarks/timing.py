@@ -13,13 +13,16 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
+from ..ops.dispatch import call_ms
+
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 class Timer:
-    """Milliseconds of one call: CUDA events on a GPU, ``time.perf_counter`` on the CPU."""
+    """Milliseconds of one call: CUDA events on a GPU, ``time.perf_counter`` on the CPU (``dispatch.call_ms``)."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
 
     def sync(self) -> None:
@@ -27,16 +30,7 @@ class Timer:
             torch.cuda.synchronize()
 
     def time(self, fn: Callable[[], object]) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
+        return call_ms(fn, self.device)
 
 
 def step_timer(device: str) -> Callable[[Callable[[], object], list[Tensor]], float]:

@@ -1,15 +1,22 @@
-"""Compute backends for SharedLoRALinear: the torch reference everywhere, fused Triton kernels on CUDA.
+"""Compute backends for SharedLoRALinear, and the router that sends each call to one.
 
 ``lora_linear`` is the one entry point the layer calls; ``grouped_lora_linear`` runs several modules
-that read the same input together (``grouping.enable_input_groups``). ``SHARELORA_BACKEND=torch|triton`` overrides
-the automatic choice (triton on CUDA tensors when Triton imports, torch otherwise). Forcing triton on
-CPU tensors runs the kernels through the Triton interpreter (needs ``TRITON_INTERPRET=1``, for tests).
-Inputs the kernels do not take (float64, adapters of mixed dtypes, autocast, or a base weight
-that requires grad) run the reference.
+that read the same input together (``grouping.enable_input_groups``). Backends
+(``SHARELORA_BACKEND``, ``dispatch``): ``torch`` (``reference.lora_linear``), ``compose`` (``ops.compose``:
+torch GEMMs, hand-written backward), ``triton`` (the fused kernels: CUDA tensors, or CPU tensors
+under ``TRITON_INTERPRET=1`` for tests), ``auto`` (the faster of triton and compose, measured per
+call signature; the default on CUDA). The CPU default is ``dispatch.DEFAULT_CPU``. Under ``auto`` a
+group runs module by module (the grouped kernel is not chosen until measured to win).
+
+Autocast: under ``torch.autocast(device, dtype)`` a call that compose or the kernels take runs there
+with the operands autocast's linear would use: x, W and b cast to the autocast dtype (fp32
+adapters stay fp32 and are rounded inside the GEMMs), accumulation in fp32, the output in the
+autocast dtype, adapter gradients in the adapters' dtype. The torch backend follows autocast itself.
+Inputs neither takes (float64, a base weight that requires grad, ...) run the reference.
 """
 from __future__ import annotations
 
-import os
+import contextlib
 from typing import Sequence
 
 import torch
@@ -18,61 +25,121 @@ from torch import Tensor
 
 from .. import reference
 from ..reference import LoRAPath
+from . import compose, dispatch
+from .dispatch import BACKENDS, dispatch_table  # noqa: F401 (public)
 
-BACKENDS = ("torch", "triton")
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 try:
     from .fused_lora_linear import fused_lora_linear as _fused_lora_linear
     from .grouped_lora_linear import grouped_lora_linear as _grouped_lora_linear
+    from .utils import INTERPRET
     HAS_TRITON = True
-except ImportError:  # no triton on this platform: the torch reference runs everything
-    HAS_TRITON = False
+except ImportError:  # no triton on this platform: compose and the torch reference run everything
+    HAS_TRITON, INTERPRET = False, False
 
 
-def backend_for(x: Tensor) -> str:
-    """The backend that will run ``x``: the env override if set, else triton on CUDA, torch otherwise."""
-    forced = os.environ.get("SHARELORA_BACKEND", "").strip().lower()
-    if forced and forced not in BACKENDS:
-        raise ValueError(f"SHARELORA_BACKEND must be one of {list(BACKENDS)}, got {forced!r}")
-    if forced == "triton" and not HAS_TRITON:
+def backend_for(x: Tensor, backend: str | None = None) -> str:
+    """The backend setting for ``x``'s device: ``backend`` if given, else ``SHARELORA_BACKEND``, else
+    the device's default. ValueError naming the variable for a value outside ``BACKENDS`` (or a bad
+    ``SHARELORA_AUTOTUNE``), or for triton when it cannot be imported."""
+    dispatch.autotune_mode()
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    name = backend or dispatch.backend_setting(x.device)
+    if name == "triton" and not HAS_TRITON:
         raise ValueError("SHARELORA_BACKEND=triton but triton cannot be imported")
-    if forced:
-        return forced
-    return "triton" if (x.is_cuda and HAS_TRITON) else "torch"
+    return name
+
+
+def _compose_takes(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath]) -> bool:
+    """x, W, b in one supported dtype and frozen; every adapter tensor in a supported dtype."""
+    base = [weight, *([bias] if bias is not None else [])]
+    return (x.dtype in FUSED_DTYPES and all(t.dtype == x.dtype and not t.requires_grad for t in base)
+            and all(t.dtype in FUSED_DTYPES for p in paths for t in p.tensors))
 
 
 def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath]) -> bool:
-    """Whether the kernels take these inputs: x, W, b in one supported dtype, the adapters in one
-    supported dtype (may differ from x's), a frozen base, and no autocast (the reference follows it)."""
-    base = [weight, *([bias] if bias is not None else [])]
-    adapters = [t for p in paths for t in p.tensors]
-    return (x.dtype in FUSED_DTYPES and all(t.dtype == x.dtype for t in base)
-            and adapters[0].dtype in FUSED_DTYPES and all(t.dtype == adapters[0].dtype for t in adapters)
-            and not any(t.requires_grad for t in base) and not torch.is_autocast_enabled(x.device.type))
+    """What compose takes, with every adapter tensor in one dtype (it may differ from x's)."""
+    return (bool(paths) and _compose_takes(x, weight, bias, paths)
+            and len({t.dtype for p in paths for t in p.tensors}) == 1)
 
 
-def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath],
-                dropout_p: float = 0.0, training: bool = False) -> Tensor:
-    """y = x W^T + b + sum_p s_p B_p A_p dropout(x) on the backend ``backend_for(x)`` picks."""
-    if paths and backend_for(x) == "triton" and _fusable(x, weight, bias, paths):
-        return _fused_lora_linear(x, weight, bias, paths, dropout_p, training)
+def _auto_times_triton(x: Tensor) -> bool:
+    """Whether auto considers the kernels for x: CUDA tensors (CPU ones only when the interpreter
+    runs them and ``dispatch.TIME_INTERPRETED_KERNELS`` is set)."""
+    return HAS_TRITON and (x.is_cuda or (INTERPRET and dispatch.TIME_INTERPRETED_KERNELS))
+
+
+def _autocast_operands(x: Tensor, *base: Tensor | None) -> tuple[Tensor | None, ...] | None:
+    """(x, *base) cast to the autocast dtype when autocast is on for x's device and would cast them
+    (float32 / bf16 / fp16 tensors), else None."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device) or any(t is not None and t.dtype not in FUSED_DTYPES for t in (x, *base)):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if t is None else t.to(dtype) for t in (x, *base))
+
+
+def _autocast_off(device: str, cast: bool):
+    return torch.autocast(device, enabled=False) if cast else contextlib.nullcontext()
+
+
+def _pick(setting: str, x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
+          training: bool) -> str:
+    """The backend that runs one call under ``setting``: torch where the chosen one does not take it."""
+    if setting == "triton":
+        return "triton" if _fusable(x, weight, bias, paths) else "torch"
+    if not _compose_takes(x, weight, bias, paths):
+        return "torch"
+    if setting == "compose":
+        return "compose"
+    backends = {"compose": compose.lora_linear}
+    if _auto_times_triton(x) and _fusable(x, weight, bias, paths):
+        backends = {"triton": _fused_lora_linear, **backends}
+    return dispatch.auto_choice(x, weight, bias, paths, dropout_p, training, backends)
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float = 0.0,
+                training: bool = False, *, backend: str | None = None) -> Tensor:
+    """y = x W^T + b + sum_p s_p B_p A_p dropout(x): x (..., K) -> (..., N), on ``backend`` (one of
+    ``BACKENDS``; None: ``backend_for(x)``)."""
+    setting = backend_for(x, backend)
+    if paths and setting != "torch":
+        cast = _autocast_operands(x, weight, bias)
+        xs, ws, bs = cast or (x, weight, bias)
+        name = _pick(setting, xs, ws, bs, paths, dropout_p, training)
+        if name != "torch":
+            run = _fused_lora_linear if name == "triton" else compose.lora_linear
+            with _autocast_off(x.device.type, cast is not None):
+                return run(xs, ws, bs, paths, dropout_p, training)
     return reference.lora_linear(x, weight, bias, paths, dropout_p, training)
 
 
 def grouped_lora_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
-                        paths: Sequence[Sequence[LoRAPath]], dropout_p: float = 0.0,
-                        training: bool = False) -> tuple[Tensor, ...]:
+                        paths: Sequence[Sequence[LoRAPath]], dropout_p: float = 0.0, training: bool = False, *,
+                        backend: str | None = None) -> tuple[Tensor, ...]:
     """``lora_linear`` of G modules that share the input x, as a tuple of G outputs (..., N_g).
 
     weights: (N_g, K) each; biases: (N_g,) or None each; paths: one sequence of LoRAPaths per module.
-    One dropout mask on x serves the whole group. The triton backend runs the group in one grouped
-    kernel (``ops.grouped_lora_linear``) when every module is fusable and has a path.
+    triton: one grouped kernel when every module is fusable and has a path; compose and torch: one
+    dropout mask on x for the whole group; auto: each module on its own (its own choice and mask).
     """
-    if (backend_for(x) == "triton" and all(paths)
-            and all(_fusable(x, w, b, ps) for w, b, ps in zip(weights, biases, paths))):
-        return _grouped_lora_linear(x, weights, biases, paths, dropout_p, training)
-    return _grouped_reference(x, weights, biases, paths, dropout_p, training)
+    setting = backend_for(x, backend)
+    if setting == "auto":
+        return tuple(lora_linear(x, w, b, ps, dropout_p, training, backend="auto")
+                     for w, b, ps in zip(weights, biases, paths))
+    cast = _autocast_operands(x, *weights, *biases)
+    xs, ws, bs = (cast[0], cast[1:1 + len(weights)], cast[1 + len(weights):]) if cast else (x, weights, biases)
+    run = None
+    if setting == "triton" and all(_fusable(xs, w, b, ps) for w, b, ps in zip(ws, bs, paths)):
+        run = _grouped_lora_linear
+    elif setting == "compose" and all(_compose_takes(xs, w, b, ps) for w, b, ps in zip(ws, bs, paths)):
+        run = compose.grouped_lora_linear
+    if run is None:
+        return _grouped_reference(x, weights, biases, paths, dropout_p, training)
+    with _autocast_off(x.device.type, cast is not None):
+        return run(xs, list(ws), list(bs), paths, dropout_p, training)
 
 
 def _grouped_reference(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],

@@ -1,0 +1,250 @@
+"""Backend selection: env parsing, auto's measured choice (injected timers: no timing is asserted),
+its signatures, dispatch_table(), and the per-device JSON cache (atomic, corrupt/foreign files)."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from sharelora_kernels import ops  # noqa: E402
+from sharelora_kernels.layer import SharedLoRALinear  # noqa: E402
+from sharelora_kernels.ops import dispatch  # noqa: E402
+from test_ops_fused_lora_linear import float64_reference, make_path, rel_err  # noqa: E402
+
+
+class FakeTimer:
+    """Runs each candidate once (the timed call must work) and reports the configured ms."""
+
+    def __init__(self, times: dict[str, float]):
+        self.times, self.calls = times, []
+
+    def __call__(self, candidate, run, device):
+        self.calls.append(candidate)
+        run()
+        return self.times[candidate]
+
+
+@pytest.fixture
+def auto(monkeypatch, tmp_path):
+    """auto on CPU tensors with the interpreted kernels as a candidate, a private cache dir, a clean table."""
+    monkeypatch.setenv("SHARELORA_BACKEND", "auto")
+    monkeypatch.setenv("SHARELORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(dispatch, "TIME_INTERPRETED_KERNELS", True)
+    dispatch.clear()
+    previous = dispatch.set_timer(None)
+    yield tmp_path
+    dispatch.set_timer(previous)
+    dispatch.clear()
+
+
+def call(m=5, k=24, n=16, kinds=("plain", "kron"), dropout=0.0, grad=True, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(m, k, requires_grad=grad)
+    weight, bias = torch.randn(n, k), torch.randn(n)
+    paths = [make_path(kind, k, n, 2) for kind in kinds]
+    return x, weight, bias, paths, dropout
+
+
+def run(x, weight, bias, paths, dropout, training=False):
+    return ops.lora_linear(x, weight, bias, paths, dropout, training)
+
+
+# ---------------------------------------------------------------------------------- settings
+def test_env_values_are_checked_and_named(monkeypatch):
+    x, weight, bias, paths, _ = call(grad=False)
+    for name, value, message in (("SHARELORA_BACKEND", "fast", "SHARELORA_BACKEND must be one of ['torch', 'compose', "
+                                                                "'triton', 'auto'], got 'fast'"),
+                                 ("SHARELORA_AUTOTUNE", "fastest", "SHARELORA_AUTOTUNE must be one of ['small', 'perf', "
+                                                                   "'full'], got 'fastest'")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            ops.lora_linear(x, weight, bias, paths)
+        monkeypatch.delenv(name)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.lora_linear(x, weight, bias, paths, backend="cuda")
+    monkeypatch.setenv("SHARELORA_BACKEND", " Compose ")
+    monkeypatch.setenv("SHARELORA_AUTOTUNE", "small")
+    assert ops.backend_for(x) == "compose" and dispatch.autotune_mode() == "small"
+    monkeypatch.delenv("SHARELORA_BACKEND")
+    assert dispatch.backend_setting(torch.device("cuda")) == "auto"
+    assert dispatch.backend_setting(torch.device("cpu")) == dispatch.DEFAULT_CPU == ops.backend_for(x)
+
+
+def test_auto_on_cpu_without_the_interpreter_flag_runs_compose_untimed(monkeypatch, tmp_path):
+    monkeypatch.setenv("SHARELORA_BACKEND", "auto")
+    monkeypatch.setenv("SHARELORA_CACHE_DIR", str(tmp_path))
+    timer = FakeTimer({})
+    previous = dispatch.set_timer(timer)
+    try:
+        y = run(*call())
+    finally:
+        dispatch.set_timer(previous)
+    assert timer.calls == [] and not list(tmp_path.iterdir()) and y.shape == (5, 16)
+
+
+# ---------------------------------------------------------------------------------- measured choice
+def test_auto_keeps_the_faster_and_measures_each_signature_once(auto, monkeypatch):
+    fused_calls = []
+    real = ops._fused_lora_linear
+    monkeypatch.setattr(ops, "_fused_lora_linear", lambda *a: fused_calls.append(1) or real(*a))
+    timer = FakeTimer({"triton": 2.0, "compose": 1.0})
+    dispatch.set_timer(timer)
+    x, weight, bias, paths, p = call()
+    y = run(x, weight, bias, paths, p)
+    assert sorted(timer.calls) == ["compose", "triton"] and len(fused_calls) == 1  # the timed call only
+    y_ref, _ = float64_reference(x, weight, bias, paths, torch.zeros_like(y))
+    assert rel_err(y, y_ref) < 1e-4
+    run(*call(m=7, seed=1))  # same bucket (M <= 8), same everything else: remembered
+    assert len(timer.calls) == 2 and len(fused_calls) == 1
+
+    timer.times = {"triton": 1.0, "compose": 3.0}
+    x, weight, bias, paths, p = call(m=9)  # M bucket 16: a new signature, now the kernels win
+    y = run(x, weight, bias, paths, p)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *(t for q in paths for t in q.tensors)], dy)
+    y_ref, grads_ref = float64_reference(x, weight, bias, paths, dy)
+    assert len(timer.calls) == 4 and len(fused_calls) == 3  # timed once, then the real call
+    assert rel_err(y, y_ref) < 1e-4 and all(rel_err(g, r) < 1e-4 for g, r in zip(grads, grads_ref))
+
+    table = {(e["m_bucket"], e["mode"]): e for e in ops.dispatch_table()}
+    assert set(table) == {(8, "fwd+bwd"), (16, "fwd+bwd")}
+    assert table[(8, "fwd+bwd")]["choice"] == "compose" and table[(16, "fwd+bwd")]["choice"] == "triton"
+    entry = table[(16, "fwd+bwd")]
+    assert entry["times_ms"] == {"triton": 1.0, "compose": 3.0} and entry["source"] == "measured"
+    assert "triton 1 ms, compose 3 ms" in entry["reason"]
+    assert entry["kinds"] == ("plain", "kron") and entry["k"] == 24 and entry["n"] == 16 and entry["rank"] == 4
+
+
+def test_a_backend_that_fails_when_timed_is_left_out_with_a_warning(auto):
+    class Failing(FakeTimer):
+        def __call__(self, candidate, run, device):
+            if candidate == "triton":
+                raise RuntimeError("no kernel for this GPU")
+            return super().__call__(candidate, run, device)
+
+    dispatch.set_timer(Failing({"compose": 5.0}))
+    message = r"the triton backend failed on .* \(RuntimeError: no kernel for this GPU\); using compose"
+    with pytest.warns(UserWarning, match=message):
+        y = run(*call())
+    (row,) = ops.dispatch_table()
+    assert y.shape == (5, 16) and row["choice"] == "compose" and "triton failed" in row["reason"]
+    assert row["errors"] == {"triton": "RuntimeError: no kernel for this GPU"}
+
+
+def test_forward_only_dropout_and_dtype_are_separate_signatures(auto):
+    timer = FakeTimer({"triton": 2.0, "compose": 1.0})
+    dispatch.set_timer(timer)
+    with torch.no_grad():
+        run(*call())
+    run(*call(grad=False))  # nothing requires grad except the adapters: still a training call
+    run(*call(dropout=0.2), training=True)
+    run(*call(dropout=0.2), training=False)  # eval: no dropout, the first signature again
+    signatures = {(e["mode"], e["dropout"]) for e in ops.dispatch_table()}
+    assert signatures == {("fwd", False), ("fwd+bwd", False), ("fwd+bwd", True)} and len(timer.calls) == 6
+
+
+def test_measuring_leaves_real_gradients_and_the_random_stream_alone(auto):
+    dispatch.set_timer(FakeTimer({"triton": 2.0, "compose": 1.0}))
+    x, weight, bias, paths, p = call()
+    torch.manual_seed(123)
+    y = run(x, weight, bias, paths, p)  # measures (fwd+bwd, with random output gradients)
+    after = torch.rand(4)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(4), after)
+    assert x.grad is None and all(t.grad is None for q in paths for t in q.tensors)
+    y.sum().backward()
+    assert x.grad is not None and all(t.grad is not None for q in paths for t in q.tensors)
+
+
+def test_group_under_auto_runs_module_by_module(auto, monkeypatch):
+    from test_ops_grouped import QKV, float64_group, leaves_of, make_group, mix_paths
+
+    monkeypatch.setattr(ops, "_grouped_lora_linear", lambda *a: pytest.fail("auto must not pick the grouped kernel"))
+    timer = FakeTimer({"triton": 1.0, "compose": 2.0})
+    dispatch.set_timer(timer)
+    x, weights, biases, _ = make_group(QKV, "plain")
+    paths = mix_paths(QKV)
+    ys = ops.grouped_lora_linear(x, weights, biases, paths)
+    dys = [torch.randn_like(y) for y in ys]
+    grads = torch.autograd.grad(ys, leaves_of(x, paths), dys)
+    ys_ref, grads_ref = float64_group(x, weights, biases, paths, dys)
+    assert all(rel_err(y, r) < 1e-4 for y, r in zip(ys, ys_ref))
+    assert all(rel_err(g, r) < 1e-4 for g, r in zip(grads, grads_ref))
+    assert len(ops.dispatch_table()) == 2  # q (N=48) and k = v (N=16): two signatures
+
+
+def test_compiled_auto_runs_compose_without_timing(auto):
+    timer = FakeTimer({})
+    dispatch.set_timer(timer)
+    torch.manual_seed(5)
+    layer = SharedLoRALinear(torch.nn.Linear(24, 16), r=3, alpha=6.0)
+    torch.nn.init.normal_(layer.lora_paths[0].B)
+    x = torch.randn(4, 24)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    assert timer.calls == []
+    assert torch.allclose(out, ops.lora_linear(x, layer.weight, layer.bias, layer.paths(), backend="compose"), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- the cache file
+def test_cache_file_is_written_atomically_and_read_by_a_new_process(auto):
+    dispatch.set_timer(FakeTimer({"triton": 2.0, "compose": 1.0}))
+    run(*call())
+    path = dispatch.cache_file("cpu")
+    assert path.parent == auto and path.name == "dispatch-cpu.json"
+    assert [p.name for p in auto.iterdir()] == [path.name]  # no temporary file left behind
+    data = json.loads(path.read_text())
+    assert data["format"] == dispatch.CACHE_FORMAT and data["device"] == "cpu" and data["versions"]["torch"]
+    (entry,) = data["entries"].values()
+    assert entry["choice"] == "compose" and entry["times_ms"] == {"triton": 2.0, "compose": 1.0}
+
+    dispatch.clear()  # as a fresh process: read, not measured
+    dispatch.set_timer(FakeTimer({}))
+    run(*call())
+    (row,) = ops.dispatch_table()
+    assert row["choice"] == "compose" and row["source"] == str(path) and "read from" in row["reason"]
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("{not json", "is not valid JSON"),
+    (json.dumps({"format": "something else", "version": 1}), "is not a sharelora_kernels dispatch cache"),
+    (json.dumps({"format": dispatch.CACHE_FORMAT, "version": dispatch.CACHE_VERSION, "device": "NVIDIA H100",
+                 "versions": {}, "entries": {}}), "belongs to device 'NVIDIA H100'"),
+    (json.dumps({"format": dispatch.CACHE_FORMAT, "version": dispatch.CACHE_VERSION, "device": "cpu",
+                 "versions": {"torch": "1.0"}, "entries": {}}), "was measured with"),
+])
+def test_a_bad_cache_file_gives_one_warning_and_is_rewritten(auto, content, problem):
+    path = dispatch.cache_file("cpu")
+    path.write_text(content)
+    dispatch.set_timer(FakeTimer({"triton": 2.0, "compose": 1.0}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(*call())
+        run(*call(m=9))
+        run(*call(m=17))
+    mine = [w for w in caught if "dispatch cache" in str(w.message)]
+    assert len(mine) == 1 and str(path) in str(mine[0].message) and problem in str(mine[0].message)
+    data = json.loads(path.read_text())
+    assert data["device"] == "cpu" and len(data["entries"]) == 3
+
+
+def test_cache_dir_fallbacks_and_an_unwritable_dir(monkeypatch, tmp_path, auto):
+    monkeypatch.delenv("SHARELORA_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert dispatch.cache_dir() == tmp_path / "xdg" / "sharelora_kernels"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert dispatch.cache_dir() == tmp_path / "home" / ".cache" / "sharelora_kernels"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("SHARELORA_CACHE_DIR", str(blocker / "cache"))
+    dispatch.set_timer(FakeTimer({"triton": 2.0, "compose": 1.0}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = run(*call())
+    assert len(caught) == 1 and "could not write its dispatch cache" in str(caught[0].message)
+    assert y.shape == (5, 16) and ops.dispatch_table()[0]["choice"] == "compose"

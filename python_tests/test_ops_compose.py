@@ -1,0 +1,227 @@
+"""The compose backend (torch GEMMs, hand-written backward) against the float64 reference: outputs and
+every gradient, every path kind, base and adapter dtypes, dropout, layouts, groups and torch.compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+from sharelora_kernels import ops
+from sharelora_kernels.layer import SharedLoRALinear
+from sharelora_kernels.ops import compose
+from sharelora_kernels.reference import LoRAPath
+from test_ops_fused_lora_linear import TOL, float64_reference, make_path, rel_err
+from test_ops_grouped import GATE_UP, QKV, float64_group, leaves_of, make_group, mix_paths
+from test_properties import TOL as GRAD_TOL
+from test_properties import cases, check
+
+KINDS = ["plain", "slice", "gate", "kron"]
+
+
+def run_and_compare(x, weight, bias, paths, dropped=None, p=0.0, tol=None):
+    """Compose's output and gradients (x and every adapter tensor) vs the float64 reference.
+
+    Gradients use test_properties' tolerances and rule: a gate core's gradient is a cancelling sum
+    of bf16-rounded terms (dh, h, as under autocast), so it reaches ~3e-2 at some seeds in every
+    backend (the fused kernels too); it is also judged against 0.1 x the case's largest gradient.
+    """
+    y = compose.lora_linear(x, weight, bias, paths, p, p > 0, dropped)
+    dy = torch.randn_like(y)
+    leaves = [x] + [t for q in paths for t in q.tensors]
+    grads = torch.autograd.grad(y, leaves, dy)
+    keep = None if dropped is None else dropped[1].reshape(x.shape) / (1 - p)
+    y_ref, grads_ref = float64_reference(x, weight, bias, paths, dy, xd=keep)
+    low = max((x.dtype, paths[0].tensors[0].dtype), key=TOL.get)
+    assert y.dtype == x.dtype and y.shape == y_ref.shape and rel_err(y, y_ref) < (tol or TOL[low])
+    tol = tol or GRAD_TOL[low]
+    scale = max(g.abs().max().item() for g in grads_ref)
+    for i, (g, g_ref, leaf) in enumerate(zip(grads, grads_ref, leaves)):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape, f"gradient {i}"
+        err = (g.double() - g_ref).abs().max().item() / max(g_ref.abs().max().item(), 0.1 * scale, 1e-12)
+        assert err < tol, f"gradient {i} of {[q.kind for q in paths]}: {err:.2e}"
+
+
+def inputs(m, k, n, dtype, bias=True, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(m, k, dtype=dtype).requires_grad_()
+    return x, torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype) if bias else None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_fp32_gqa_shape(kind):
+    x, w, b = inputs(7, 48, 16, torch.float32)
+    run_and_compare(x, w, b, [make_path(kind, 48, 16, 3)])
+
+
+@pytest.mark.parametrize("m", [1, 7, 33])
+def test_all_kinds_summed_fp32(m):
+    x, w, b = inputs(m, 40, 56, torch.float32, bias=m != 7)
+    run_and_compare(x, w, b, [make_path(kind, 40, 56, r) for kind, r in zip(KINDS, [5, 3, 4, 7])])
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                                 (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                                 (torch.float16, torch.float16)])
+def test_half_bases_and_adapter_dtypes(dtype, adapter_dtype):
+    """Low-rank GEMMs in the base dtype (float32 under float16), adapter grads in each adapter's dtype."""
+    x, w, b = inputs(33, 48, 40, dtype)
+    run_and_compare(x, w, b, [make_path(kind, 48, 40, r, adapter_dtype) for kind, r in zip(KINDS, [1, 5, 3, 9])])
+
+
+def test_kron_alone_and_two_kron_paths_without_bias():
+    """Kronecker-only modules start from the base GEMM (no dense term to write first)."""
+    x, w, _ = inputs(9, 48, 40, torch.float32)
+    run_and_compare(x, w, None, [make_path("kron", 48, 40, 2), make_path("kron", 48, 40, 3)])
+
+
+def test_rank_above_one_tile_and_mixed_adapter_dtypes():
+    x, w, b = inputs(7, 40, 24, torch.float32)
+    paths = [make_path("plain", 40, 24, 67), make_path("kron", 40, 24, 5, torch.bfloat16),
+             make_path("gate", 40, 24, 3, torch.float16)]
+    run_and_compare(x, w, b, paths, tol=TOL[torch.bfloat16])
+
+
+def test_transposed_input_and_weight_leading_dims_and_empty_batch():
+    torch.manual_seed(1)
+    x = torch.randn(48, 9).t().requires_grad_()  # (9, 48), strides (1, 9)
+    weight = torch.randn(48, 24).t()
+    run_and_compare(x, weight, None, [make_path("slice", 48, 24, 3), make_path("kron", 48, 24, 2)])
+    paths = [make_path("kron", 24, 16, 2), make_path("plain", 24, 16, 2)]
+    x3 = torch.randn(2, 3, 24, requires_grad=True)
+    y = compose.lora_linear(x3, torch.randn(16, 24), None, paths)
+    assert y.shape == (2, 3, 16)
+    x0 = torch.randn(0, 24, requires_grad=True)
+    y0 = compose.lora_linear(x0, torch.randn(16, 24), None, paths)
+    grads = torch.autograd.grad(y0.sum(), [x0, *paths[0].tensors])
+    assert y0.shape == (0, 16) and grads[0].shape == (0, 24) and all(g.abs().sum() == 0 for g in grads[1:])
+
+
+def test_a_tensor_read_by_two_paths_gets_both_gradients():
+    x, w, b = inputs(5, 24, 16, torch.float32)
+    a = torch.randn(3, 24, requires_grad=True)
+    paths = [LoRAPath("plain", (a, torch.randn(16, 3, requires_grad=True)), 0.5),
+             LoRAPath("slice", (a, torch.randn(20, 3, requires_grad=True)), 0.25, 0, 2)]
+    y = compose.lora_linear(x, w, b, paths)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves_of(x, [paths]), dy)
+    (y_ref,), grads_ref = float64_group(x, [w], [b], [paths], [dy])  # a is one float64 leaf there too
+    assert len(grads) == 4 and rel_err(y, y_ref) < 1e-4 and all(rel_err(g, r) < 1e-4 for g, r in zip(grads, grads_ref))
+
+
+def test_frozen_adapters_and_an_input_without_grad():
+    torch.manual_seed(2)
+    x, w = torch.randn(6, 24), torch.randn(16, 24)
+    frozen = LoRAPath("plain", (torch.randn(2, 24), torch.randn(16, 2)), 1.0)
+    trained = make_path("kron", 24, 16, 2)
+    y = compose.lora_linear(x, w, None, [frozen, trained])
+    grads = torch.autograd.grad(y.sum(), trained.tensors)
+    y_ref, grads_ref = float64_reference(x, w, None, [frozen, trained], torch.ones(6, 16))
+    assert rel_err(y, y_ref) < 1e-4 and all(rel_err(g, r) < 1e-4 for g, r in zip(grads, grads_ref[-4:]))
+    x.requires_grad_()
+    (dx,) = torch.autograd.grad(compose.lora_linear(x, w, None, [frozen]).sum(), [x])
+    assert rel_err(dx, float64_reference(x, w, None, [frozen], torch.ones(6, 16))[1][0]) < 1e-4
+
+
+# ---------------------------------------------------------------------------------- dropout
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_one_mask_for_forward_and_backward(dtype):
+    """The mask compose draws (torch.native_dropout, first use of the generator) is the one forward
+    and backward both apply: same seed, same mask, and the float64 reference with it agrees."""
+    x, w, b = inputs(9, 40, 24, dtype, seed=3)
+    paths = [make_path(kind, 40, 24, r, torch.float32) for kind, r in zip(KINDS, [3, 2, 2, 2])]
+    torch.manual_seed(11)
+    _, mask = compose.draw_dropout(x.detach(), 0.3)
+    assert 0.5 < mask.float().mean() < 0.9
+    torch.manual_seed(11)
+    y_own = compose.lora_linear(x, w, b, paths, 0.3, True)
+    torch.manual_seed(11)
+    dropped = compose.draw_dropout(x.detach(), 0.3)
+    assert torch.equal(dropped[1], mask)
+    assert torch.equal(compose.lora_linear(x, w, b, paths, 0.3, True, dropped), y_own)
+    run_and_compare(x, w, b, paths, dropped, p=0.3)
+
+
+def test_dropout_only_in_training():
+    x, w, _ = inputs(16, 16, 8, torch.float32, seed=4)
+    paths = [make_path("plain", 16, 8, 2)]
+    eval_y = compose.lora_linear(x, w, None, paths, 0.5, training=False)
+    train_y = compose.lora_linear(x, w, None, paths, 0.5, training=True)
+    ref, _ = float64_reference(x, w, None, paths, torch.zeros(16, 8))
+    assert rel_err(eval_y, ref) < 1e-4 and rel_err(train_y, ref) > 1e-3
+
+
+# ---------------------------------------------------------------------------------- memory
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_saves_no_converted_copy_of_x(dtype):
+    """fp32 adapters on a half base, dropout on: of the (M, K)-sized tensors saved for backward, one
+    is x itself and one the bool mask; nothing else (no fp32 or dropped-out copy of x)."""
+    m, k, n = 32, 48, 40
+    x, w, b = inputs(m, k, n, dtype, seed=5)
+    paths = [make_path(kind, k, n, 3, torch.float32) for kind in KINDS]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        compose.lora_linear(x, w, b, paths, 0.2, True)
+    big = [t for t in saved if t.numel() == m * k]
+    assert sorted(str(t.dtype) for t in big) == sorted([str(dtype), "torch.bool"])
+    assert any(t.data_ptr() == x.data_ptr() for t in big)
+
+
+# ---------------------------------------------------------------------------------- groups
+def test_group_shares_one_mask_and_matches_per_module_reference():
+    x, weights, biases, _ = make_group(QKV, "plain")
+    paths = mix_paths(QKV)
+    ys = ops.grouped_lora_linear(x, weights, biases, paths, backend="compose")
+    dys = [torch.randn_like(y) for y in ys]
+    grads = torch.autograd.grad(ys, leaves_of(x, paths), dys)
+    ys_ref, grads_ref = float64_group(x, weights, biases, paths, dys)
+    assert all(rel_err(y, r) < 1e-4 for y, r in zip(ys, ys_ref))
+    assert all(rel_err(g, r) < 1e-4 for g, r in zip(grads, grads_ref))
+    x, weights, biases, _ = make_group(GATE_UP, "plain")
+    k = x.shape[1]
+    eye = [[LoRAPath("plain", (torch.eye(k), torch.eye(n, k)), 1.0)] for n in GATE_UP]  # low-rank term = dropout(x)
+    ys = ops.grouped_lora_linear(x, weights, biases, eye, 0.5, True, backend="compose")
+    lows = [y - torch.nn.functional.linear(x, w, b) for y, w, b in zip(ys, weights, biases)]
+    assert torch.allclose(lows[0], lows[1], atol=1e-5) and 0.3 < (lows[0].abs() < 1e-6).float().mean() < 0.7
+
+
+# ---------------------------------------------------------------------------------- integration
+def test_router_sends_compose_and_compile_fullgraph_has_no_graph_break(monkeypatch):
+    monkeypatch.setenv("SHARELORA_BACKEND", "compose")
+    calls = []
+    real = compose.lora_linear
+    monkeypatch.setattr(compose, "lora_linear", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(5)
+    layer = SharedLoRALinear(torch.nn.Linear(24, 16), r=3, alpha=6.0)
+    torch.nn.init.normal_(layer.lora_paths[0].B)
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def run(module, seq):
+        x = torch.randn(2, seq, 24, generator=torch.Generator().manual_seed(seq), requires_grad=True)
+        y = module(x)
+        return y.detach(), torch.autograd.grad(y.pow(2).sum(), [x, *params])
+
+    eager = [run(layer, s) for s in (5, 7)]
+    assert len(calls) == 2
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    for (y_e, g_e), s in zip(eager, (5, 7)):
+        y_c, g_c = run(compiled, s)
+        assert torch.allclose(y_c, y_e, atol=1e-5) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_c, g_e))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=cases)
+def test_compose_matches_float64_reference_on_drawn_cases(case, monkeypatch):
+    check(case, "compose", monkeypatch)
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, w = torch.randn(3, 16), torch.randn(8, 16)
+    path = [make_path("plain", 16, 8, 2)]
+    with pytest.raises(ValueError, match="K=12 features but weight has shape \\(8, 16\\)"):
+        compose.lora_linear(torch.randn(3, 12), w, None, path)
+    with pytest.raises(ValueError, match="bias has shape"):
+        compose.lora_linear(x, w, torch.randn(7), path)
+    with pytest.raises(ValueError, match="frozen"):
+        compose.lora_linear(x, w.requires_grad_(), None, path)
+    with pytest.raises(ValueError, match="dropout_p"):
+        compose.lora_linear(x, w.detach(), None, path, 1.0, True)

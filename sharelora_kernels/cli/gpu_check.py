@@ -1,0 +1,343 @@
+"""Check every GPU claim of sharelora_kernels in one process that fits a short GPU window.
+
+    python -m sharelora_kernels gpu-check [--out DIR] [--budget SECONDS] [--tiny]
+
+Phases, in order:
+  (a) environment and ceilings: GPU, versions, bf16 GEMM TFLOP/s (cuBLAS, 8192^3), copy GB/s;
+  (b) correctness of every kernel variant against float64 (SHARELORA_AUTOTUNE=small, and every
+      autotuned kernel pinned to its smallest config: one compile per variant);
+  (c) performance, bf16, M = 8192: base, triton_gemm, fused, compose, auto, unsloth_order, peft at
+      (K, N) = (4096, 4096), (4096, 14336), (14336, 4096), r = 16 and 64, fwd and fwd+bwd, CUDA
+      events, variants interleaved; dropout 0.1, Kronecker and gate; one LLaMA-7B layer grouped
+      vs per-module (most important first; at most PERF_AUTOTUNE_CAP configs autotuned per kernel);
+  (d) the CUDA angular-distance kernel's bytes/s against the copy bandwidth (n=65536, L=33, d=4096).
+DIR/gpu_check.json is rewritten (temp file + rename) after every measurement, so a run killed at
+its limit keeps what it measured; no new item starts once --budget seconds have passed. A summary
+table is printed at the end. Exit status 1 if a correctness check failed or one of our backends
+failed in (c), else 0. --tiny: the same phases on tiny shapes on the CPU through Triton's
+interpreter (a smoke run whose numbers mean nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from . import CommandError, require_positive
+
+HELP = "every GPU claim checked in one run: ceilings, correctness, performance, angular distance"
+DEFAULT_BUDGET = 480.0
+PERF_AUTOTUNE_CAP = 3  # configs autotuned per kernel in (c): the compile plan in README fits 9 minutes
+OUR_VARIANTS = ("fused", "compose", "auto", "grouped", "per_module")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for gpu_check.json and the dispatch cache "
+                        "(default: a new ./sharelora-bench/gpu-check-<device>-<date>[-N]/)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
+                   help=f"seconds after which no new measurement starts (default {DEFAULT_BUDGET:g})")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU through the Triton interpreter (smoke run)")
+
+
+class Report:
+    """The JSON of one run, rewritten atomically after every measurement, and the budget clock."""
+
+    def __init__(self, path: Path, budget: float, data: dict):
+        self.path, self.budget, self.data = path, budget, data
+        self.start = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def over_budget(self) -> bool:
+        return self.elapsed() >= self.budget
+
+    def save(self) -> None:
+        self.data["elapsed_s"] = round(self.elapsed(), 1)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.data, f, indent=1, default=str)
+        os.replace(tmp, self.path)
+
+    def phase(self, key: str) -> dict:
+        return self.data["phases"].setdefault(key, {"status": "running", "started_at_s": round(self.elapsed(), 1),
+                                                    "items": []})
+
+    def add(self, key: str, item: dict) -> None:
+        """Append a measurement (stamped with the run's clock) and rewrite the JSON."""
+        self.phase(key)["items"].append({**item, "finished_at_s": round(self.elapsed(), 1)})
+        self.save()
+
+    def done(self, key: str) -> None:
+        phase = self.phase(key)
+        phase["status"], phase["elapsed_s"] = "done", round(self.elapsed() - phase["started_at_s"], 1)
+        self.save()
+
+    def stop_here(self, key: str) -> bool:
+        """True (and the phase marked stopped) when the budget is spent."""
+        if not self.over_budget():
+            return False
+        self.phase(key)["status"] = f"stopped: --budget {self.budget:g} s spent"
+        self.data["stopped"] = "budget"
+        self.save()
+        return True
+
+
+@contextlib.contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """Set env vars for the run, restoring the previous values after."""
+    old = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _autotuners() -> list:
+    from triton.runtime.autotuner import Autotuner
+    mods = [mod for name, mod in list(sys.modules.items()) if name.startswith("sharelora_kernels.ops.") and mod]
+    found = {id(obj): obj for mod in mods for obj in vars(mod).values() if isinstance(obj, Autotuner)}
+    return list(found.values())
+
+
+def _config_size(config) -> int:
+    size = config.num_stages
+    for key, value in config.kwargs.items():
+        if key.startswith("BLOCK") and isinstance(value, int):
+            size *= value
+    return size
+
+
+@contextlib.contextmanager
+def autotune_limited(mode: str, keep) -> Iterator[None]:
+    """SHARELORA_AUTOTUNE=mode, and each autotuned kernel's configs cut to ``keep(configs)`` for the
+    phase (restored after): the compile count of a run is bounded whatever the kernels' lists hold."""
+    tuners = _autotuners()
+    saved = [t.configs for t in tuners]
+    for t in tuners:
+        t.configs = keep(t.configs)
+    try:
+        with environ(SHARELORA_AUTOTUNE=mode):
+            yield
+    finally:
+        for t, configs in zip(tuners, saved):
+            t.configs = configs
+
+
+def smallest_config(configs: list) -> list:
+    """The config with the smallest tiles and fewest stages: it fits every dtype and shared-memory size."""
+    return [min(configs, key=_config_size)]
+
+
+def first_configs(configs: list) -> list:
+    """The first ``PERF_AUTOTUNE_CAP`` configs (each list starts with its large-GEMM tiles)."""
+    return configs[:PERF_AUTOTUNE_CAP]
+
+
+def compile_counts() -> list[dict]:
+    """Per autotuned kernel: its config count and the binaries compiled so far (where Triton says)."""
+    rows = []
+    for t in _autotuners():
+        try:  # Triton's JITFunction keeps (kernel cache, ...) per device; the interpreter none
+            compiled = sum(len(c[0]) for c in t.fn.device_caches.values())
+        except (AttributeError, TypeError, IndexError, KeyError):
+            compiled = None
+        rows.append({"kernel": getattr(t.fn, "__name__", str(t.fn)), "configs": len(t.configs), "compiled": compiled})
+    return rows
+
+
+# ----------------------------------------------------------------------------- phases
+def phase_a(report: Report, device: torch.device, tiny: bool) -> float | None:
+    from ..benchmarks import ceilings
+    sizes = ceilings.TINY if tiny else ceilings.GPU
+    report.phase("a_ceilings")["device"] = ceilings.device_info(device)
+    gemm = ceilings.gemm_rate(sizes, device)
+    report.add("a_ceilings", gemm)
+    copy = ceilings.copy_bandwidth(sizes, device)
+    report.add("a_ceilings", copy)
+    report.done("a_ceilings")
+    return copy["gbps"]
+
+
+def phase_b(report: Report, device: torch.device, tiny: bool) -> None:
+    from ..benchmarks import correctness
+    sizes = correctness.TINY if tiny else correctness.GPU
+    with autotune_limited("small", smallest_config):
+        for check in correctness.checks(sizes, device):
+            if report.stop_here("b_correctness"):
+                return
+            report.add("b_correctness", correctness.run_check(check))
+    report.done("b_correctness")
+
+
+def phase_c(report: Report, device: torch.device, tiny: bool) -> None:
+    from ..benchmarks import performance
+    shapes = performance.TINY if tiny else performance.GPU
+    report.phase("c_performance")["autotune_cap"] = PERF_AUTOTUNE_CAP
+    with autotune_limited(os.environ.get("SHARELORA_AUTOTUNE") or "perf", first_configs):
+        for spec in performance.case_list(shapes, tiny):
+            if report.stop_here("c_performance"):
+                return
+            try:
+                row = performance.run_case(spec, shapes, device, torch.bfloat16)
+                row["goals"] = performance.goals(row) if spec["op"] != "layer" else {}
+            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                row = {"name": performance.case_name(spec), "spec": spec, "error": f"{type(e).__name__}: {e}"}
+            report.add("c_performance", row)
+    report.done("c_performance")
+
+
+def phase_d(report: Report, device: torch.device, tiny: bool, copy_gbps: float | None) -> None:
+    from ..benchmarks import ceilings
+    if report.stop_here("d_angular"):
+        return
+    try:
+        row = ceilings.angular(ceilings.TINY if tiny else ceilings.GPU, device, copy_gbps)
+    except Exception as e:  # noqa: BLE001
+        row = {"error": f"{type(e).__name__}: {e}"}
+    report.add("d_angular", row)
+    report.done("d_angular")
+
+
+# ----------------------------------------------------------------------------- outcome
+def failures(data: dict) -> list[str]:
+    """Failed correctness checks and our backends' failures in (c), one line each."""
+    out = []
+    for row in data["phases"].get("b_correctness", {}).get("items", []):
+        if not row["passed"]:
+            why = row.get("error") or f"max rel err {row.get('max_rel_err', float('nan')):.3g}, tol {row.get('tol')}"
+            out.append(f"(b) {row['backend']}: {row['name']}: {why}")
+    for row in data["phases"].get("c_performance", {}).get("items", []):
+        if "error" in row:
+            out.append(f"(c) {row['name']}: {row['error']}")
+        for name, v in row.get("variants", {}).items():
+            if name in OUR_VARIANTS and str(v.get("skipped", "")).startswith("failed"):
+                out.append(f"(c) {row['name']} {name}: {v['skipped']}")
+    return out
+
+
+def _case_lines(case: dict) -> list[str]:
+    """One performance case as table rows: medians (ms) and ratios to base, skips, goals."""
+    lines = [f"    | {case['name']} | error: {case['error']} | | | |"] if "error" in case else []
+    for name, row in case.get("variants", {}).items():
+        if "skipped" in row:
+            lines.append(f"    | {case['name']} | {name} | {row['skipped']} | | | |")
+            continue
+        ratio = case["ratio_vs_base"][name]
+        lines.append(f"    | {case['name']} | {name} | {row['fwd_ms']['median']:.4g} | "
+                     f"{row['fwd+bwd_ms']['median']:.4g} | {ratio['fwd']:.3f} | {ratio['fwd+bwd']:.3f} |")
+    if case.get("goals"):
+        lines.append("    goals: " + "; ".join(f"{goal}: {'met' if met else 'NOT met'}"
+                                              for goal, met in case["goals"].items()))
+    return lines
+
+
+def _angular_line(item: dict) -> str:
+    if "skipped" in item or "error" in item:
+        return f"(d) angular distance: {item.get('skipped') or item.get('error')}"
+    fraction = item.get("fraction_of_copy_bandwidth", float("nan"))
+    return f"(d) angular distance: {item['gbps']:.4g} GB/s read, {fraction:.2f} of the copy rate"
+
+
+def summary(data: dict) -> str:
+    """The run as a few lines and one table per performance case (medians, ratios to base)."""
+    phases, env = data["phases"], data["environment"]
+    stopped = ", stopped by the budget" if data.get("stopped") else ""
+    lines = [f"gpu-check on {env['device_name']} (torch {env['torch']}, triton {env['triton']}), "
+             f"{data['elapsed_s']:.0f} s of a {data['budget_s']:g} s budget{stopped}"]
+    for item in phases.get("a_ceilings", {}).get("items", []):
+        rate = f"{item['tflops']:.4g} TFLOP/s" if "tflops" in item else f"{item['gbps']:.4g} GB/s"
+        lines.append(f"(a) {item['name']}: {rate}")
+    if "b_correctness" in phases:
+        checks = phases["b_correctness"]["items"]
+        lines.append(f"(b) correctness: {sum(r['passed'] for r in checks)}/{len(checks)} checks passed")
+    cases = phases.get("c_performance", {}).get("items", [])
+    if cases:
+        lines.append("(c) | case | variant | fwd ms | fwd+bwd ms | fwd / base | fwd+bwd / base |")
+    lines += [line for case in cases for line in _case_lines(case)]
+    lines += [_angular_line(item) for item in phases.get("d_angular", {}).get("items", [])]
+    lines += [f"FAILED {line}" for line in failures(data)] or ["no failure"]
+    return "\n".join(lines)
+
+
+def _reexec_interpreted(args: argparse.Namespace) -> int:
+    """--tiny needs the kernels built by Triton's interpreter, chosen when triton is first imported:
+    run the command again in a child process with TRITON_INTERPRET=1."""
+    argv = [sys.executable, "-m", "sharelora_kernels", "gpu-check", "--tiny", "--budget", str(args.budget)]
+    if args.out is not None:
+        argv += ["--out", str(args.out)]
+    return subprocess.call(argv, env={**os.environ, "TRITON_INTERPRET": "1"})
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate every option, then run the phases; returns the exit status."""
+    require_positive(args, "budget")
+    from .. import ops
+    from ..benchmarks import OUT_ROOT
+    from ..benchmarks.environment import describe, device_label
+    from .outputs import check_out_dir, numbered_dir
+    from ..ops import dispatch
+
+    if not ops.HAS_TRITON:
+        raise CommandError("gpu-check needs triton, which cannot be imported here")
+    if args.tiny and not ops.INTERPRET:
+        return _reexec_interpreted(args)
+    if not args.tiny and not torch.cuda.is_available():
+        raise CommandError("gpu-check needs a CUDA GPU (--tiny runs it on the CPU through the Triton interpreter)")
+    device = torch.device("cpu" if args.tiny else "cuda")
+    if args.out is not None:
+        out = check_out_dir(args.out, ("gpu_check.json",))
+        out.mkdir(parents=True, exist_ok=True)
+    else:  # like bench: a new folder per run, never an earlier result overwritten
+        out = numbered_dir(OUT_ROOT, f"gpu-check-{device_label(device)}-{datetime.date.today().isoformat()}")
+    argv = ["--tiny"] * args.tiny + ["--budget", f"{args.budget:g}"] + (["--out", str(args.out)] if args.out else [])
+    data = {"tool": "sharelora_kernels gpu-check", "tiny": args.tiny, "budget_s": args.budget, "stopped": None,
+            "environment": describe(device, argv, prog="python -m sharelora_kernels gpu-check"), "phases": {}}
+    report = Report(out / "gpu_check.json", args.budget, data)
+    report.save()
+    once = lambda name, fn, dev: dispatch.measure_ms(fn, dev, warmup=0, repeats=1)  # --tiny: interpreted kernels
+    timer = dispatch.set_timer(once if args.tiny else None)
+    interpreted = dispatch.TIME_INTERPRETED_KERNELS
+    dispatch.TIME_INTERPRETED_KERNELS = args.tiny
+    dispatch.clear()
+    try:
+        with environ(SHARELORA_CACHE_DIR=str(out / "dispatch_cache")):
+            copy_gbps = None
+            if not report.stop_here("a_ceilings"):
+                copy_gbps = phase_a(report, device, args.tiny)
+            if not report.data.get("stopped"):
+                phase_b(report, device, args.tiny)
+            if not report.data.get("stopped"):
+                phase_c(report, device, args.tiny)
+            if not report.data.get("stopped"):
+                phase_d(report, device, args.tiny, copy_gbps)
+    finally:
+        dispatch.set_timer(timer)
+        dispatch.TIME_INTERPRETED_KERNELS = interpreted
+        data["dispatch_table"] = dispatch.dispatch_table()
+        data["compile_counts"] = compile_counts()
+        data["failures"] = failures(data)
+        report.save()
+        dispatch.clear()  # the run's choices were measured for its own cache dir (and, --tiny, timer)
+    print(summary(data))
+    print(f"wrote {report.path}")
+    return 1 if data["failures"] else 0
+
+
+__all__ = ["HELP", "add_arguments", "run"]

@@ -1,0 +1,363 @@
+"""Which backend runs a call: the env override, and ``auto``'s measured choice with its on-disk cache.
+
+``SHARELORA_BACKEND`` = ``torch`` | ``compose`` | ``triton`` | ``auto``; unset: ``auto`` on CUDA,
+``DEFAULT_CPU`` on the CPU. ``auto`` times the fused Triton kernels against ``compose`` once per
+call signature on first use, as an autotuner does, and keeps the faster: in memory and in one JSON
+file per device under ``cache_dir()``. So the package is never slower than ``compose`` on a GPU,
+whatever the kernels achieve there.
+
+A signature (``Signature``) is the device name, x / W / adapter dtypes, the M bucket (next power of
+two), K, N, the total rank, the path kinds, dropout on or off, and the mode: ``fwd`` (no gradient
+will be taken: inference) or ``fwd+bwd`` (training). Forward and backward are chosen as one pair:
+the two backends save incompatible state for backward (the kernels a dropout seed they regenerate
+the mask from and an fp32 h; ``compose`` a bool mask and h in the low-rank dtype), so a forward of
+one is differentiated by its own backward. A training signature is timed as forward + backward.
+
+Timing runs on detached copies of the call's own tensors (no gradient reaches the real ones), with
+the random state forked (a user's seeded run draws the same numbers whether or not it measured).
+The timer is injectable (``set_timer``) for tests. Where nothing can be timed (inside
+``torch.compile`` tracing or a CUDA graph capture) ``auto`` runs ``compose``, or an earlier choice.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..reference import LoRAPath
+
+BACKEND_ENV, AUTOTUNE_ENV, CACHE_ENV = "SHARELORA_BACKEND", "SHARELORA_AUTOTUNE", "SHARELORA_CACHE_DIR"
+BACKENDS = ("torch", "compose", "triton", "auto")
+AUTOTUNE_MODES = ("small", "perf", "full")
+DEFAULT_CPU = "compose"  # measured: as fast as torch in fp32, faster on bf16 bases and under autocast (README)
+CANDIDATES = ("triton", "compose")  # what auto chooses between, in this order on a tie
+# Whether auto also times the kernels on CPU tensors when Triton's interpreter runs them (tests and
+# ``gpu-check --tiny`` set it; off, auto on the CPU has compose alone to run).
+TIME_INTERPRETED_KERNELS = False
+CACHE_FORMAT, CACHE_VERSION = "sharelora_kernels dispatch cache", 1
+
+Timer = Callable[[str, Callable[[], object], torch.device], float]
+
+
+def env_choice(name: str, allowed: Sequence[str], default: str) -> str:
+    """The value of env var ``name`` (stripped, lower case), ``default`` when unset or empty;
+    ValueError naming the variable when it is not one of ``allowed``."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def backend_setting(device: torch.device) -> str:
+    """``SHARELORA_BACKEND``, or the default for ``device``: auto on CUDA, ``DEFAULT_CPU`` elsewhere."""
+    return env_choice(BACKEND_ENV, BACKENDS, "auto" if device.type == "cuda" else DEFAULT_CPU)
+
+
+def autotune_mode() -> str:
+    """``SHARELORA_AUTOTUNE`` (small, perf or full; default perf), checked here so a bad value fails early."""
+    return env_choice(AUTOTUNE_ENV, AUTOTUNE_MODES, "perf")
+
+
+# ----------------------------------------------------------------------------- signatures
+def _dtype(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+@dataclass(frozen=True)
+class Signature:
+    device: str
+    x_dtype: str
+    weight_dtype: str
+    adapter_dtypes: tuple[str, ...]
+    m_bucket: int
+    k: int
+    n: int
+    rank: int
+    kinds: tuple[str, ...]
+    dropout: bool
+    mode: str  # "fwd" or "fwd+bwd"
+
+    def key(self) -> str:
+        """The cache key within one device's file."""
+        return (f"x={self.x_dtype} w={self.weight_dtype} a={'+'.join(self.adapter_dtypes)} M<={self.m_bucket} "
+                f"K={self.k} N={self.n} R={self.rank} paths={'+'.join(self.kinds)} "
+                f"dropout={int(self.dropout)} {self.mode}")
+
+
+def m_bucket(m: int) -> int:
+    """M rounded up to a power of two (0 stays 0)."""
+    return 1 << (m - 1).bit_length() if m > 0 else 0
+
+
+def signature(x: Tensor, weight: Tensor, paths: Sequence[LoRAPath], dropout: bool, mode: str) -> Signature:
+    """The signature of a call: x (..., K), weight (N, K)."""
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return Signature(device_name(x.device), _dtype(x.dtype), _dtype(weight.dtype),
+                     tuple(sorted({_dtype(t.dtype) for p in paths for t in p.tensors})), m_bucket(m), x.shape[-1],
+                     weight.shape[0], sum(p.rank for p in paths), tuple(p.kind for p in paths), dropout, mode)
+
+
+def call_mode(x: Tensor, paths: Sequence[LoRAPath]) -> str:
+    """``fwd+bwd`` when autograd will take a gradient of this call, else ``fwd``."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for p in paths for t in p.tensors))
+    return "fwd+bwd" if grad else "fwd"
+
+
+# ----------------------------------------------------------------------------- timing
+def call_ms(run: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call of ``run``: CUDA events on a GPU (synchronised), ``time.perf_counter`` elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    run()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measure_ms(run: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 5) -> float:
+    """Median ``call_ms`` of ``run`` after ``warmup`` calls (the first call compiles and autotunes)."""
+    for _ in range(warmup):
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return statistics.median(call_ms(run, device) for _ in range(repeats))
+
+
+def _default_timer(candidate: str, run: Callable[[], object], device: torch.device) -> float:
+    return measure_ms(run, device)
+
+
+_timer: Timer = _default_timer
+
+
+def set_timer(timer: Timer | None) -> Timer:
+    """Replace the timer ``auto`` measures with, ``timer(candidate, run, device) -> ms`` (None: the
+    default, ``measure_ms``); returns the previous one."""
+    global _timer
+    previous, _timer = _timer, (timer or _default_timer)
+    return previous
+
+
+Backend = Callable[..., Tensor]  # (x, weight, bias, paths, dropout_p, training) -> y
+
+
+def timed_run(backend: Backend, x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath],
+              dropout_p: float, training: bool, mode: str) -> Callable[[], object]:
+    """One call of ``backend`` on detached copies of the call's tensors: forward, or forward and
+    backward (a random output gradient, every gradient the real call would take)."""
+    if mode == "fwd":
+        def forward():
+            with torch.no_grad():
+                return backend(x, weight, bias, paths, dropout_p, training)
+        return forward
+    copies = {id(t): t.detach().requires_grad_(t.requires_grad) for t in (x, *(t for p in paths for t in p.tensors))}
+    xs = copies[id(x)]
+    ps = [p._replace(tensors=tuple(copies[id(t)] for t in p.tensors)) for p in paths]
+    leaves = [t for t in copies.values() if t.requires_grad]
+    grad_out: list[Tensor] = []
+
+    def forward_backward():
+        y = backend(xs, weight, bias, ps, dropout_p, training)
+        if not grad_out:
+            grad_out.append(torch.randn_like(y))
+        torch.autograd.grad(y, leaves, grad_out[0])
+    return forward_backward
+
+
+# ----------------------------------------------------------------------------- the table and its cache
+@dataclass
+class Choice:
+    """What auto chose for one signature, with both timings (ms) and where the choice came from."""
+
+    signature: Signature
+    choice: str
+    times_ms: dict[str, float]
+    source: str  # "measured" or the cache file it was read from
+    measured_at: str
+    errors: dict[str, str] = field(default_factory=dict)  # backends that raised when timed
+
+    def reason(self) -> str:
+        times = ", ".join(f"{name} {ms:.4g} ms" for name, ms in sorted(self.times_ms.items(), key=lambda kv: kv[1]))
+        failed = "".join(f"; {name} failed: {error}" for name, error in self.errors.items())
+        how = "measured in this process" if self.source == "measured" else f"read from {self.source}"
+        return f"{self.choice} was faster ({times}{failed}; {self.signature.mode}), {how}"
+
+    def to_json(self) -> dict:
+        return {"choice": self.choice, "times_ms": self.times_ms, "errors": self.errors,
+                "measured_at": self.measured_at, "signature": asdict(self.signature)}
+
+
+_table: dict[Signature, Choice] = {}
+_loaded: set[str] = set()  # device names whose cache file has been read
+
+
+def cache_dir() -> Path:
+    """``$SHARELORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/sharelora_kernels``, else ``~/.cache/sharelora_kernels``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "sharelora_kernels"
+
+
+def cache_file(device: str) -> Path:
+    """The JSON file of one device name."""
+    return cache_dir() / f"dispatch-{re.sub(r'[^A-Za-z0-9]+', '-', device).strip('-').lower()}.json"
+
+
+def _versions() -> dict[str, str | None]:
+    from .. import __version__
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"sharelora_kernels": __version__, "torch": torch.__version__, "triton": triton_version}
+
+
+def _read(path: Path, device: str) -> tuple[dict | None, str | None]:
+    """(entries, None) of a valid cache file, or (None, what is wrong with it); (None, None) if absent."""
+    try:
+        text = path.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return None, None
+    except OSError as e:
+        return None, f"cannot be read ({e})"
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        return None, f"is not valid JSON ({e})"
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or data.get("version") != CACHE_VERSION:
+        return None, f"is not a sharelora_kernels dispatch cache (format {CACHE_FORMAT!r} version {CACHE_VERSION})"
+    if data.get("device") != device:
+        return None, f"belongs to device {data.get('device')!r}, not {device!r}"
+    if data.get("versions") != _versions():
+        return None, f"was measured with {data.get('versions')}, this process runs {_versions()}"
+    entries = data.get("entries")
+    if not isinstance(entries, dict):
+        return None, "has no 'entries' table"
+    return entries, None
+
+
+def _load(device: str) -> None:
+    """Read the device's cache file into the table once per process; a bad file gives one warning
+    naming it (it is rewritten with the next measurement)."""
+    if device in _loaded:
+        return
+    _loaded.add(device)
+    path = cache_file(device)
+    entries, problem = _read(path, device)
+    if problem:
+        warnings.warn(f"sharelora_kernels dispatch cache {path} {problem}: ignored, it will be rewritten",
+                      stacklevel=3)
+        return
+    for entry in (entries or {}).values():
+        try:
+            sig = Signature(**{**entry["signature"], "adapter_dtypes": tuple(entry["signature"]["adapter_dtypes"]),
+                               "kinds": tuple(entry["signature"]["kinds"])})
+            choice = Choice(sig, entry["choice"], dict(entry["times_ms"]), str(path), entry["measured_at"],
+                            dict(entry.get("errors") or {}))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue  # an entry of another layout: measured again when needed
+        if choice.choice in CANDIDATES:
+            _table.setdefault(sig, choice)
+
+
+def _save(device: str) -> None:
+    """Write the device's choices (merged with what the file holds now) to a temp file, then rename."""
+    path = cache_file(device)
+    entries, _ = _read(path, device)
+    entries = dict(entries or {})
+    entries.update({c.signature.key(): c.to_json() for c in _table.values() if c.signature.device == device})
+    data = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "device": device, "versions": _versions(),
+            "entries": entries}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home: keep the choice in memory only
+        warnings.warn(f"sharelora_kernels could not write its dispatch cache {path} ({e}); set {CACHE_ENV}",
+                      stacklevel=3)
+
+
+def auto_choice(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
+                training: bool, backends: Mapping[str, Backend]) -> str:
+    """The backend ``auto`` runs this call on, among ``backends`` (name -> function, those that take it):
+    the remembered choice for its signature, else each is timed once (``timed_run``) and the
+    fastest kept (ties: ``CANDIDATES`` order), in memory and in the device's cache file."""
+    if len(backends) == 1:
+        return next(iter(backends))
+    if torch.compiler.is_compiling():
+        return "compose"
+    dropout = training and dropout_p > 0
+    sig = signature(x, weight, paths, dropout, call_mode(x, paths))
+    known = _table.get(sig)
+    if known is None and (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return "compose"  # a CUDA graph capture: nothing can be timed
+    if known is None:
+        _load(sig.device)
+        known = _table.get(sig)
+    if known is not None and known.choice in backends:
+        return known.choice
+    times, errors = _time_backends(sig, backends, x, weight, bias, paths, dropout_p, training)
+    best = min(times, key=lambda name: (times[name], CANDIDATES.index(name)))
+    _table[sig] = Choice(sig, best, times, "measured", datetime.datetime.now().isoformat(timespec="seconds"), errors)
+    _save(sig.device)
+    return best
+
+
+def _time_backends(sig: Signature, backends: Mapping[str, Backend], x: Tensor, weight: Tensor, bias: Tensor | None,
+                   paths: Sequence[LoRAPath], dropout_p: float, training: bool) -> tuple[dict, dict]:
+    """(ms per backend that ran, error per backend that raised), the random state forked. A backend
+    that raises is left out with a warning (the kernels failing to compile on some GPU, say); if
+    every one raises, the first error propagates."""
+    times, errors, first = {}, {}, None
+    with torch.random.fork_rng(devices=[x.device.index or 0] if x.device.type == "cuda" else []):
+        for name, fn in backends.items():
+            try:
+                times[name] = float(_timer(name, timed_run(fn, x, weight, bias, paths, dropout_p, training, sig.mode),
+                                           x.device))
+            except Exception as e:  # noqa: BLE001 - auto falls back to what runs
+                errors[name], first = f"{type(e).__name__}: {e}", first or e
+    if not times:
+        raise first
+    for name, error in errors.items():
+        warnings.warn(f"sharelora_kernels auto: the {name} backend failed on {sig.key()} ({error}); "
+                      f"using {min(times, key=times.get)}", stacklevel=4)
+    return times, errors
+
+
+def dispatch_table() -> list[dict]:
+    """Every choice auto made or read in this process: signature fields, ``choice``, ``times_ms``
+    (both backends), ``errors`` (a backend that raised when timed), ``reason`` and ``source``
+    (``measured`` or the cache file)."""
+    return [{**asdict(c.signature), "choice": c.choice, "times_ms": dict(c.times_ms), "errors": dict(c.errors),
+             "reason": c.reason(), "source": c.source, "measured_at": c.measured_at} for c in _table.values()]
+
+
+def clear() -> None:
+    """Forget every choice in memory (the cache files stay); the next call per signature reads or measures again."""
+    _table.clear()
+    _loaded.clear()
