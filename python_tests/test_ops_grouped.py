@@ -17,7 +17,7 @@ import sharelora_kernels as sk  # noqa: E402
 from sharelora_kernels import grouping, ops, reference  # noqa: E402
 from sharelora_kernels.ops import shared_grad  # noqa: E402
 from sharelora_kernels.ops.grouped_lora_linear import decode, encode, grouped_lora_linear  # noqa: E402
-from sharelora_kernels.ops.utils import path_rank  # noqa: E402
+from sharelora_kernels.ops.tables import path_rank  # noqa: E402
 from sharelora_kernels.reference import LoRAPath  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not ops.HAS_TRITON, reason="triton not importable")
@@ -175,9 +175,10 @@ def test_opcheck_custom_ops(contiguous):
                           (x, weights, biases, tensors, layout, scales, 0.1, seed))
     r = sum(path_rank(v) for v in decode(tensors, layout, scales, len(ns)).views)
     bufs = [torch.zeros(t.shape) for t in tensors]
+    mask = torch.randint(-2**31, 2**31 - 1, (m, 2), dtype=torch.int32)  # bit-packed: ceil(48 / 32) words per row
     torch.library.opcheck(torch.ops.sharelora.grouped_lora_linear_backward.default,
-                          ([mat(m, n) for n in ns], x.detach(), weights, torch.randn(m, r),
-                           [t.detach() for t in tensors], layout, scales, 0.1, seed, True, bufs, False))
+                          ([mat(m, n) for n in ns], x.detach(), weights, torch.randn(m, r), mask,
+                           [t.detach() for t in tensors], layout, scales, 0.1, True, bufs, False))
 
 
 def test_bad_inputs_raise_clear_errors():

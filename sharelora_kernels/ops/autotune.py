@@ -1,0 +1,124 @@
+"""Launch settings of the Triton kernels: autotuned spaces for the GEMMs, fixed heuristics for the rest.
+
+``SHARELORA_AUTOTUNE`` picks how much the compute-bound GEMM kernels (the fused linear, its TMA
+variant, the grouped linear) autotune on first use of each key:
+
+    small   one config per kernel, valid for every dtype and shared-memory size (fast start, CI, checks)
+    perf    a short list per kernel (default): the configs worth trying on an H100 / H200
+    full    the whole space
+
+The memory-bound kernels (the ``x A^T`` projection, dA / dB, the dy pass, the split reduction) are
+not autotuned: their config is a function of the shape (``*_config`` below), so a short GPU window
+spends no time benchmarking them. Under Triton's interpreter every kernel runs one small config.
+
+Autotune keys hold what changes the best config: the GEMM sizes (N, K, R), the M bucket (a power
+of two: no retuning per sequence length), the dropout flag, the weight layout (forward reads W
+K-major, dx reads it N-major) and the adapter dtype; x's dtype is added by Triton itself.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import torch
+import triton
+
+from .utils import INTERPRET
+
+ENV = "SHARELORA_AUTOTUNE"
+MODES = ("small", "perf", "full")
+
+
+def mode() -> str:
+    """The autotune mode from ``SHARELORA_AUTOTUNE`` (default ``perf``); ValueError naming the variable."""
+    value = os.environ.get(ENV, "").strip().lower() or "perf"
+    if value not in MODES:
+        raise ValueError(f"{ENV} must be one of {list(MODES)}, got {value!r}")
+    return value
+
+
+def gemm_configs(tiles: Sequence[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    """Configs of (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tuples, GROUP_M 8."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in tiles]
+
+
+INTERPRETER_GEMM = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)
+# One config that fits every GPU Triton runs on (fp32 operands: 2 x (64x32 + 32x64) x 4 B = 32 KiB shared)
+SMALL_GEMM = gemm_configs([(64, 64, 32, 4, 2)])
+
+
+class TunedKernel:
+    """A jitted kernel with one config list per mode: ``kernel[grid](...)`` launches through the
+    autotuner of the current ``mode()`` (one ``triton.autotune`` per mode, made on first use)."""
+
+    def __init__(self, fn, spaces: dict[str, list[triton.Config]], key: list[str],
+                 pre_hook: Callable[[dict], None] | None = None):
+        self.fn, self.key, self._pre_hook = fn, key, pre_hook
+        self.spaces = {m: [INTERPRETER_GEMM] if INTERPRET else spaces[m] for m in MODES}
+        self._tuners: dict[str, object] = {}
+
+    def configs(self, which: str | None = None) -> list[triton.Config]:
+        """The configs of mode ``which`` (default: the current mode), each with the kernel's pre-hook."""
+        return [self._with_hook(c) for c in self.spaces[which or mode()]]
+
+    def _with_hook(self, c: triton.Config) -> triton.Config:
+        if self._pre_hook is None:
+            return c
+        return triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=self._pre_hook)
+
+    def __getitem__(self, grid):
+        which = mode()
+        if which not in self._tuners:
+            self._tuners[which] = triton.autotune(configs=self.configs(which), key=self.key)(self.fn)
+        return self._tuners[which][grid]
+
+
+# ----------------------------------------------------------------------------- memory-bound kernels
+def _interp(**tiles) -> dict:
+    return {**tiles, "num_warps": 4, "num_stages": 1}
+
+
+def project_config(m: int, d: int, elem_bytes: int) -> dict:
+    """``h = dropout(a) U^T`` over a (M, D): 16-byte rows of 128 (64 for fp32) columns, 64-row tiles
+    once M fills them (32 below), 3-4 stages to keep loads in flight."""
+    if INTERPRET:
+        return _interp(BLOCK_M=32, BLOCK_D=32)
+    block_d = 64 if elem_bytes == 4 else 128
+    return {"BLOCK_M": 64 if m >= 64 else 32, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 4 if block_d == 64 else 3}
+
+
+def grad_config(d: int, elem_bytes: int) -> dict:
+    """``g^T dropout(a)`` (dA, and the dB half of the dy pass): 64 x 64 (x 128 for 16-bit) tiles."""
+    if INTERPRET:
+        return _interp(BLOCK_M=32, BLOCK_D=32)
+    return {"BLOCK_M": 64, "BLOCK_D": 64 if elem_bytes == 4 or d < 128 else 128, "num_warps": 4, "num_stages": 3}
+
+
+def reduce_config() -> dict:
+    """The deterministic second stage: sums S partial (X, Y) fp32 slabs in order, 64 x 64 at a time."""
+    if INTERPRET:
+        return _interp(BLOCK_X=32, BLOCK_Y=32)
+    return {"BLOCK_X": 64, "BLOCK_Y": 64, "num_warps": 4, "num_stages": 1}
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (cached; 4 under the interpreter, so tiny test shapes
+    already exercise the persistent loop and the split reductions)."""
+    if INTERPRET or device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def m_splits(m: int, other_tiles: int, block_m: int, device: torch.device, min_rows: int | None = None) -> int:
+    """How many programs share the M reduction of a (R, D) gradient with ``other_tiles`` tiles: about
+    two waves of programs on the GPU, each with at least ``min_rows`` rows (default 4 tiles; 1 tile
+    under the interpreter)."""
+    rows = min_rows or (block_m if INTERPRET else 4 * block_m)
+    return max(1, min(triton.cdiv(2 * sm_count(device), max(other_tiles, 1)), triton.cdiv(m, rows)))
