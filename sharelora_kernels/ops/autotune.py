@@ -48,9 +48,20 @@ INTERPRETER_GEMM = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "
 SMALL_GEMM = gemm_configs([(64, 64, 32, 4, 2)])
 
 
+def kronecker_fits(configs: list[triton.Config], nargs: dict, **flags) -> list[triton.Config]:
+    """Early prune of the GEMM spaces: a launch with Kronecker rows (PERIODIC) gathers two addresses
+    per element of its (16, BLOCK_N) factor chunk, and tiles above 128 x 128 then spill (compile_check),
+    so they are tried only without. Never prunes to nothing."""
+    if not flags.get("PERIODIC"):
+        return configs
+    fit = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
+    return fit or configs[-1:]
+
+
 class TunedKernel:
     """A jitted kernel with one config list per mode: ``kernel[grid](...)`` launches through the
-    autotuner of the current ``mode()`` (one ``triton.autotune`` per mode, made on first use)."""
+    autotuner of the current ``mode()`` (one ``triton.autotune`` per mode, made on first use), the
+    list pruned by ``kronecker_fits`` for the launch's flags."""
 
     def __init__(self, fn, spaces: dict[str, list[triton.Config]], key: list[str],
                  pre_hook: Callable[[dict], None] | None = None):
@@ -58,9 +69,10 @@ class TunedKernel:
         self.spaces = {m: [INTERPRETER_GEMM] if INTERPRET else spaces[m] for m in MODES}
         self._tuners: dict[str, object] = {}
 
-    def configs(self, which: str | None = None) -> list[triton.Config]:
-        """The configs of mode ``which`` (default: the current mode), each with the kernel's pre-hook."""
-        return [self._with_hook(c) for c in self.spaces[which or mode()]]
+    def configs(self, which: str | None = None, **flags) -> list[triton.Config]:
+        """The configs of mode ``which`` (default: the current mode) a launch with constexpr ``flags``
+        tries, each with the kernel's pre-hook."""
+        return [self._with_hook(c) for c in kronecker_fits(self.spaces[which or mode()], {}, **flags)]
 
     def _with_hook(self, c: triton.Config) -> triton.Config:
         if self._pre_hook is None:
@@ -70,7 +82,8 @@ class TunedKernel:
     def __getitem__(self, grid):
         which = mode()
         if which not in self._tuners:
-            self._tuners[which] = triton.autotune(configs=self.configs(which), key=self.key)(self.fn)
+            self._tuners[which] = triton.autotune(configs=[self._with_hook(c) for c in self.spaces[which]], key=self.key,
+                                                  prune_configs_by={"early_config_prune": kronecker_fits})(self.fn)
         return self._tuners[which][grid]
 
 
@@ -79,20 +92,37 @@ def _interp(**tiles) -> dict:
     return {**tiles, "num_warps": 4, "num_stages": 1}
 
 
-def project_config(m: int, d: int, elem_bytes: int) -> dict:
-    """``h = dropout(a) U^T`` over a (M, D): 16-byte rows of 128 (64 for fp32) columns, 64-row tiles
-    once M fills them (32 below), 3-4 stages to keep loads in flight."""
+def _block_d(d: int, elem_bytes: int, block_r: int) -> int:
+    """Columns per tile: 128 (256 bytes of a 16-bit row) when the rank tile is small, else 64, so
+    the gathered (BLOCK_R, BLOCK_D) factor tile does not spill (compile_check)."""
+    return 128 if elem_bytes == 2 and block_r <= 32 and d >= 128 else 64
+
+
+def project_config(m: int, d: int, elem_bytes: int, block_r: int) -> dict:
+    """``h = dropout(x) A_eff^T`` over x (M, D): 64-row tiles once M fills them (32 below), 3-4
+    stages to keep loads in flight."""
     if INTERPRET:
         return _interp(BLOCK_M=32, BLOCK_D=32)
-    block_d = 64 if elem_bytes == 4 else 128
+    block_d = _block_d(d, elem_bytes, block_r)
     return {"BLOCK_M": 64 if m >= 64 else 32, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 4 if block_d == 64 else 3}
 
 
-def grad_config(d: int, elem_bytes: int) -> dict:
-    """``g^T dropout(a)`` (dA, and the dB half of the dy pass): 64 x 64 (x 128 for 16-bit) tiles."""
+def grad_config(d: int, elem_bytes: int, block_r: int) -> dict:
+    """``dA = dh^T dropout(x)`` over x (M, D): 64-row tiles, 3 stages."""
     if INTERPRET:
         return _interp(BLOCK_M=32, BLOCK_D=32)
-    return {"BLOCK_M": 64, "BLOCK_D": 64 if elem_bytes == 4 or d < 128 else 128, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_D": _block_d(d, elem_bytes, block_r), "num_warps": 4, "num_stages": 3}
+
+
+def dy_config(block_r: int) -> dict:
+    """The dy pass (dh and dB of a (BLOCK_R, 64) column tile at once): it holds the factor tile, the
+    dB accumulator, a dh block and a dy block, so wider rank tiles get more warps and fewer rows
+    (the tiles that compile without spills, compile_check)."""
+    if INTERPRET:
+        return _interp(BLOCK_M=32, BLOCK_D=32)
+    if block_r <= 16:
+        return {"BLOCK_M": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 64 if block_r <= 32 else 32, "BLOCK_D": 64, "num_warps": 8, "num_stages": 2}
 
 
 def reduce_config() -> dict:

@@ -13,7 +13,7 @@ columns. It walks its column tiles; for each it keeps the dB tile in registers o
 an (S_n, M, R) partial (read-modify-write of a small fp32 block, resident in L2). Both partials are
 then summed over their slabs in a fixed order (``lowrank_grad.reduce_splits``): bitwise
 reproducible, and S_m x S_n programs fill the GPU where one program per (R, N) tile would not.
-Launch settings: ``autotune.grad_config`` and ``autotune.m_splits``.
+Launch settings: ``autotune.dy_config`` and ``autotune.m_splits``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .autotune import grad_config, m_splits
+from .autotune import dy_config, m_splits
 from .lowrank_grad import reduce_splits
 from .utils import dot_precision, index64, load_factor, mma, needs_int64_index, rank_block
 
@@ -85,8 +85,9 @@ def dy_lowrank(dy: Tensor, h: Tensor, table: Tensor, scale: Tensor, factor_dtype
     if m == 0 or n == 0:
         return torch.zeros((m, r), device=dy.device, dtype=torch.float32), torch.zeros((r, n), device=dy.device,
                                                                                          dtype=torch.float32)
-    config = grad_config(n, dy.element_size())
-    block_r, block_m, block_n = rank_block(r), config["BLOCK_M"], config["BLOCK_D"]
+    block_r = rank_block(r)
+    config = dy_config(block_r)
+    block_m, block_n = config["BLOCK_M"], config["BLOCK_D"]
     n_tiles = triton.cdiv(n, block_n)
     s_n = min(n_tiles, MAX_N_SPLITS) if splits is None else min(splits[1], n_tiles)
     n_chunk = triton.cdiv(n_tiles, s_n) * block_n

@@ -44,19 +44,19 @@ from ..reference import LoRAPath
 from . import tma_linear
 from .autotune import SMALL_GEMM, TunedKernel, gemm_configs
 from .dy_lowrank import dy_lowrank
-from .gemm_tiles import epilogue, lowrank_tile, matmul_tile, swizzled_tile
+from .gemm_tiles import LOWRANK_CHUNK, epilogue, lowrank_tile, matmul_tile, swizzled_tile
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
 from .shared_grad import GradSink, chain_a, chain_b
 from .tables import path_rank, tables_for
-from .utils import INTERPRET, TL_DTYPES, dot_precision, dropout_seed, mask_words, needs_int64_index, rank_block
+from .utils import INTERPRET, TL_DTYPES, dot_precision, dropout_seed, mask_words, needs_int64_index
 
 KINDS = tuple(PATH_ROLES)  # layout code of a path kind = its index here
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). perf: the tiles that compile without spills
 # for every variant (compile_check); full adds the larger ones, which spill with Kronecker + dropout.
-PERF = [(128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 5)]
-FULL = PERF + [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (32, 64, 64, 4, 5)]
+PERF = [(128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 5)]
+FULL = PERF + [(128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (32, 64, 64, 4, 5)]
 SPACES = {"small": SMALL_GEMM, "perf": gemm_configs(PERF), "full": gemm_configs(FULL)}
 
 
@@ -77,7 +77,8 @@ def _fused_linear_kernel(
     row_mask = rows < M
     col_mask = cols < N
     rows64 = rows.to(tl.int64)
-    acc = lowrank_tile(h_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, rows64, row_mask, cols, col_mask, R,
+    acc = lowrank_tile(h_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, rows64, row_mask, pid_n * BLOCK_N, cols,
+                       col_mask, N, R,
                        stride_hm, stride_hr, APPLY_SCALE, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
                        a_ptr.dtype.element_ty, FACTOR_DTYPE, PERIODIC)
     acc = matmul_tile(acc, a_ptr, stride_am, stride_ak, w_ptr, stride_wk, stride_wn, rows64, row_mask, cols, col_mask,
@@ -103,8 +104,7 @@ def fused_linear(a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Tensor, table:
         return out
     r = table.shape[0]
     if tma_linear.usable(a, w_kn):
-        tma_linear.tma_linear(out, a, w_kn, bias, h, table, factor_dtype, periodic, scale, dropout_p, mask,
-                              rank_block(r))
+        tma_linear.tma_linear(out, a, w_kn, bias, h, table, factor_dtype, periodic, scale, dropout_p, mask)
         return out
     dropout = dropout_p > 0
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -116,7 +116,7 @@ def fused_linear(a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Tensor, table:
         mask.stride(0) if dropout else 0,
         HAS_BIAS=bias is not None, APPLY_SCALE=scale is not None, DROPOUT=dropout, INT64=needs_int64_index(a, w_kn),
         DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype,
-        PERIODIC=periodic, BLOCK_R=rank_block(r),
+        PERIODIC=periodic, BLOCK_R=LOWRANK_CHUNK,
     )
     return out
 

@@ -7,6 +7,11 @@ import triton.language as tl
 
 from .utils import index64, load_factor, load_keep, mma
 
+# Ranks per chunk of a GEMM tile's low-rank term: a (BLOCK_R, BLOCK_N) gather of B_eff (64-bit
+# addresses per element with Kronecker rows) stays small next to the accumulator, so no tile of
+# the perf lists spills whatever R is (larger chunks do, see compile_check); R > 16 loops.
+LOWRANK_CHUNK = 16
+
 
 @triton.jit
 def swizzled_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -19,13 +24,13 @@ def swizzled_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROU
 
 
 @triton.jit
-def lowrank_tile(h_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, rows64, row_mask, cols, col_mask, R,
+def lowrank_tile(h_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, rows64, row_mask, col0, cols, col_mask, N, R,
                  stride_hm, stride_hr, APPLY_SCALE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DTYPE: tl.constexpr,
                  FACTOR_DTYPE: tl.constexpr, PERIODIC: tl.constexpr):
     """The tile's low-rank term ``(h[rows] * scale) @ U[:, cols]`` (fp32): h (M, R) fp32, U (R, N)
-    gathered through the factor table; masked by the bit-packed dropout mask of the (M, N) output
-    coordinates when DROPOUT (dx: the mask of x), divided by 1 - p.
+    gathered through the factor table (``cols = col0 + arange(BLOCK_N)``); masked by the bit-packed
+    dropout mask of the (M, N) output coordinates when DROPOUT (dx: the mask of x), divided by 1 - p.
 
     The MMA takes DTYPE operands, except for a float16 base: h may exceed float16's range (65504)
     where the output does not, so it stays float32 (tf32 operands: float16's mantissa, fp32's range).
@@ -33,7 +38,7 @@ def lowrank_tile(h_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, rows64, ro
     applies to the low-rank term only.
     """
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: its gathers would stay live
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_mask = ranks < R
         h = tl.load(h_ptr + rows64[:, None] * stride_hm + ranks[None, :] * stride_hr,
@@ -47,7 +52,7 @@ def lowrank_tile(h_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, rows64, ro
             u = load_factor(table_ptr, ranks, rank_mask, cols, col_mask, DTYPE, FACTOR_DTYPE, PERIODIC)
             acc = mma(h.to(DTYPE), u, acc, DOT_PRECISION)
     if DROPOUT:
-        keep = load_keep(mask_ptr, stride_mm, rows64, row_mask, cols, col_mask)
+        keep = load_keep(mask_ptr, stride_mm, rows64, row_mask, col0, N, BLOCK_M, BLOCK_N)
         acc = tl.where(keep, acc / (1.0 - p), 0.0)
     return acc
 

@@ -46,12 +46,12 @@ from ..reference import LoRAPath
 from .autotune import TunedKernel
 from .dy_lowrank import dy_lowrank
 from .fused_lora_linear import SPACES, _check
-from .gemm_tiles import lowrank_tile, matmul_tile, swizzled_tile
+from .gemm_tiles import LOWRANK_CHUNK, lowrank_tile, matmul_tile, swizzled_tile
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
 from .shared_grad import GradSink, atomic_grads, chain_a, chain_b
 from .tables import index_tensor, path_rank, tables_for
-from .utils import TL_DTYPES, dot_precision, dropout_seed, mask_words, rank_block
+from .utils import TL_DTYPES, dot_precision, dropout_seed, mask_words
 
 KINDS = tuple(PATH_ROLES)
 
@@ -93,7 +93,7 @@ def _grouped_linear_kernel(
 
     acc = lowrank_tile(tl.load(row + 5).to(tl.pointer_type(tl.float32)), tl.load(row + 8).to(tl.pointer_type(tl.int64)),
                        tl.load(row + 9).to(tl.pointer_type(tl.float32)), mask_ptr, p, stride_mm, rows64, row_mask,
-                       cols, col_mask, tl.load(row + 10).to(tl.int32), tl.load(row + 6), tl.load(row + 7), APPLY_SCALE,
+                       pid_n * BLOCK_N, cols, col_mask, N, tl.load(row + 10).to(tl.int32), tl.load(row + 6), tl.load(row + 7), APPLY_SCALE,
                        DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, DTYPE, FACTOR_DTYPE, PERIODIC)
     seg_first = tl.load(row + 11).to(tl.int32)
     for s in range(seg_first, seg_first + tl.load(row + 12).to(tl.int32)):
@@ -165,7 +165,7 @@ def grouped_linear(problems: Sequence[Problem], factor_dtype: tl.dtype, periodic
         prob, seg, mask if dropout else prob, dropout_p, m, len(problems), sum(ns), sum(a.shape[1] for a, _ in first.segments),
         r_max, triton.next_power_of_2(m), a0.stride(1), w0.stride(0), w0.stride(1), mask.stride(0) if dropout else 0,
         APPLY_SCALE=apply_scale, DROPOUT=dropout, ALIGNED=_aligned(problems), DOT_PRECISION=dot_precision(dtype),
-        DTYPE=TL_DTYPES[dtype], FACTOR_DTYPE=factor_dtype, PERIODIC=periodic, BLOCK_R=rank_block(max(r_max, 1)),
+        DTYPE=TL_DTYPES[dtype], FACTOR_DTYPE=factor_dtype, PERIODIC=periodic, BLOCK_R=LOWRANK_CHUNK,
     )
 
 

@@ -50,7 +50,7 @@ def _lowrank_grad_kernel(
         a = tl.load(a_ptr + rows64[:, None] * stride_am + index64(cols, INT64)[None, :] * stride_ad,
                     mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         if DROPOUT:
-            keep = load_keep(mask_ptr, stride_mm, rows64, row_mask, cols, col_mask)
+            keep = load_keep(mask_ptr, stride_mm, rows64, row_mask, pid_d * BLOCK_D, D, BLOCK_M, BLOCK_D)
             a = tl.where(keep, a.to(tl.float32) / (1.0 - p), 0.0).to(dtype)
         g = tl.load(g_ptr + rows64[:, None] * stride_gm + ranks[None, :] * stride_gr,
                     mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
@@ -104,8 +104,9 @@ def lowrank_grad(g: Tensor, a: Tensor, mask: Tensor | None = None, dropout_p: fl
     r = g.shape[1]
     if m == 0 or r == 0:
         return torch.zeros((r, d), device=a.device, dtype=torch.float32)
-    config = grad_config(d, a.element_size())
-    block_r, block_m = rank_block(r), config["BLOCK_M"]
+    block_r = rank_block(r)
+    config = grad_config(d, a.element_size(), block_r)
+    block_m = config["BLOCK_M"]
     other_tiles = triton.cdiv(d, config["BLOCK_D"]) * triton.cdiv(r, block_r)
     splits = min(splits or m_splits(m, other_tiles, block_m, a.device), triton.cdiv(m, block_m))
     chunk = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m

@@ -80,7 +80,7 @@ def lowrank_project(a: Tensor, table: Tensor, factor_dtype: tl.dtype, periodic: 
     if m == 0 or r == 0:
         return out, mask
     block_r = rank_block(r)
-    config = project_config(m, d, a.element_size())
+    config = project_config(m, d, a.element_size(), block_r)
     grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(r, block_r))
     _lowrank_project_kernel[grid](
         a, table, out, seed if seed is not None else table, mask, dropout_p,

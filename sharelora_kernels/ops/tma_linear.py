@@ -30,11 +30,11 @@ except ImportError:  # Triton without host-side descriptors: the pointer kernel 
     TensorDescriptor = None
 
 from .autotune import SMALL_GEMM, TunedKernel, gemm_configs, sm_count
-from .gemm_tiles import epilogue, lowrank_tile, swizzled_tile
+from .gemm_tiles import LOWRANK_CHUNK, epilogue, lowrank_tile, swizzled_tile
 from .utils import INTERPRET, dot_precision, mma
 
-PERF = [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
-FULL = PERF + [(256, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 256, 64, 8, 4), (128, 128, 128, 8, 3),
+PERF = [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
+FULL = PERF + [(128, 128, 64, 4, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 4), (128, 128, 128, 8, 3),
                (64, 64, 128, 4, 3)]
 
 
@@ -64,7 +64,8 @@ def _tma_linear_kernel(
         row_mask = rows < M
         col_mask = cols < N
         rows64 = rows.to(tl.int64)
-        acc = lowrank_tile(h_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, rows64, row_mask, cols, col_mask, R,
+        acc = lowrank_tile(h_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, rows64, row_mask, pid_n * BLOCK_N, cols,
+                           col_mask, N, R,
                            stride_hm, stride_hr, APPLY_SCALE, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
                            out_ptr.dtype.element_ty, FACTOR_DTYPE, PERIODIC)
         for ki in range(k_tiles):
@@ -101,7 +102,7 @@ def usable(a: Tensor, w_kn: Tensor) -> bool:
 
 def tma_linear(out: Tensor, a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Tensor, table: Tensor,
                factor_dtype: tl.dtype, periodic: bool, scale: Tensor | None, dropout_p: float, mask: Tensor,
-               block_r: int, programs: int | None = None) -> None:
+               programs: int | None = None) -> None:
     """Fill ``out`` (M, N) with the fused GEMM (see the module docstring); ``usable(a, w_kn)`` must
     hold. ``programs``: persistent programs (default: one per SM, never more than the tiles)."""
     m, k = a.shape
@@ -120,5 +121,5 @@ def tma_linear(out: Tensor, a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Ten
         m, n, k, table.shape[0], triton.next_power_of_2(m), programs,
         h.stride(0), h.stride(1), out.stride(0), out.stride(1), mask.stride(0) if dropout else 0,
         HAS_BIAS=bias is not None, APPLY_SCALE=scale is not None, DROPOUT=dropout, W_KMAJOR=w_kmajor,
-        DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype, PERIODIC=periodic, BLOCK_R=block_r,
+        DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype, PERIODIC=periodic, BLOCK_R=LOWRANK_CHUNK,
     )

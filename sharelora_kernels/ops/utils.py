@@ -124,8 +124,12 @@ def pack_keep(keep, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def load_keep(mask_ptr, stride_mm, rows64, row_mask, cols, col_mask):
-    """Keep decisions (len(rows), len(cols)) read from the bit-packed mask (``mask_words`` per row)."""
-    words = tl.load(mask_ptr + rows64[:, None] * stride_mm + (cols // 32)[None, :],
-                    mask=row_mask[:, None] & col_mask[None, :], other=0)
-    return ((words >> (cols % 32)[None, :]) & 1) != 0
+def load_keep(mask_ptr, stride_mm, rows64, row_mask, col0, n_cols, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Keep decisions (BLOCK_M, BLOCK_D) at ``rows`` x columns ``col0 + arange(BLOCK_D)`` (col0 a
+    multiple of 32) of the bit-packed mask of an (M, n_cols) input: BLOCK_D / 32 words per row
+    loaded, their bits spread out (columns past n_cols: garbage the caller masks)."""
+    words = col0 // 32 + tl.arange(0, BLOCK_D // 32)
+    packed = tl.load(mask_ptr + rows64[:, None] * stride_mm + words[None, :],
+                     mask=row_mask[:, None] & (words < tl.cdiv(n_cols, 32))[None, :], other=0)
+    bits = (packed[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    return tl.reshape(bits, (BLOCK_M, BLOCK_D)) != 0
