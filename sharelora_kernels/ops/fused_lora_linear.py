@@ -44,7 +44,7 @@ from ..reference import LoRAPath
 from . import tma_linear
 from .autotune import SMALL_GEMM, TunedKernel, gemm_configs
 from .dy_lowrank import dy_lowrank
-from .gemm_tiles import LOWRANK_CHUNK, epilogue, lowrank_tile, matmul_tile, swizzled_tile
+from .gemm_tiles import LOWRANK_CHUNK, epilogue, lowrank_tile, matmul_tile, tile_coords
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
 from .shared_grad import GradSink, chain_a, chain_b
@@ -71,16 +71,10 @@ def _fused_linear_kernel(
     GROUP_M: tl.constexpr,
 ):
     """out (M, N) = a (M, K) @ w (K, N) + bias + mask((h * scale) (M, R) @ U (R, N)) / (1 - p)."""
-    pid_m, pid_n = swizzled_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
-    rows64 = rows.to(tl.int64)
+    _, pid_n, rows64, row_mask, cols, col_mask = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = lowrank_tile(h_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, rows64, row_mask, pid_n * BLOCK_N, cols,
-                       col_mask, N, R,
-                       stride_hm, stride_hr, APPLY_SCALE, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
-                       a_ptr.dtype.element_ty, FACTOR_DTYPE, PERIODIC)
+                       col_mask, N, R, stride_hm, stride_hr, APPLY_SCALE, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                       BLOCK_R, a_ptr.dtype.element_ty, FACTOR_DTYPE, PERIODIC)
     acc = matmul_tile(acc, a_ptr, stride_am, stride_ak, w_ptr, stride_wk, stride_wn, rows64, row_mask, cols, col_mask,
                       K, DOT_PRECISION, BLOCK_K, INT64)
     epilogue(acc, bias_ptr, out_ptr, rows64, row_mask, cols, col_mask, stride_om, stride_on, HAS_BIAS)

@@ -14,13 +14,18 @@ LOWRANK_CHUNK = 16
 
 
 @triton.jit
-def swizzled_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of tile ``tile`` of an (M, N) output, GROUP_M row tiles at a time (L2 reuse)."""
+def tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile ``tile`` of an (M, N) output, GROUP_M row tiles at a time (L2 reuse): its (pid_m, pid_n),
+    rows (int64) and row mask, columns and column mask."""
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     first_m = (tile // (GROUP_M * grid_n)) * GROUP_M
     group_size = tl.minimum(grid_m - first_m, GROUP_M)
-    return first_m + (tile % (GROUP_M * grid_n)) % group_size, (tile % (GROUP_M * grid_n)) // group_size
+    pid_m = first_m + (tile % (GROUP_M * grid_n)) % group_size
+    pid_n = (tile % (GROUP_M * grid_n)) // group_size
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m, pid_n, rows.to(tl.int64), rows < M, cols, cols < N
 
 
 @triton.jit

@@ -46,7 +46,7 @@ from ..reference import LoRAPath
 from .autotune import TunedKernel
 from .dy_lowrank import dy_lowrank
 from .fused_lora_linear import SPACES, _check
-from .gemm_tiles import LOWRANK_CHUNK, lowrank_tile, matmul_tile, swizzled_tile
+from .gemm_tiles import LOWRANK_CHUNK, lowrank_tile, matmul_tile, tile_coords
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
 from .shared_grad import GradSink, atomic_grads, chain_a, chain_b
@@ -84,12 +84,7 @@ def _grouped_linear_kernel(
         start += grid_m * tl.cdiv(tl.load(prob_ptr + g * 13).to(tl.int32), BLOCK_N)
     row = prob_ptr + prob * 13
     N = tl.multiple_of(tl.load(row).to(tl.int32), vec)
-    pid_m, pid_n = swizzled_tile(pid - tile0, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
-    rows64 = rows.to(tl.int64)
+    _, pid_n, rows64, row_mask, cols, col_mask = tile_coords(pid - tile0, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     acc = lowrank_tile(tl.load(row + 5).to(tl.pointer_type(tl.float32)), tl.load(row + 8).to(tl.pointer_type(tl.int64)),
                        tl.load(row + 9).to(tl.pointer_type(tl.float32)), mask_ptr, p, stride_mm, rows64, row_mask,

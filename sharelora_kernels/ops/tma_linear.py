@@ -30,7 +30,7 @@ except ImportError:  # Triton without host-side descriptors: the pointer kernel 
     TensorDescriptor = None
 
 from .autotune import SMALL_GEMM, TunedKernel, gemm_configs, sm_count
-from .gemm_tiles import LOWRANK_CHUNK, epilogue, lowrank_tile, swizzled_tile
+from .gemm_tiles import LOWRANK_CHUNK, epilogue, lowrank_tile, tile_coords
 from .utils import INTERPRET, dot_precision, mma
 
 PERF = [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
@@ -58,16 +58,10 @@ def _tma_linear_kernel(
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=True):
-        pid_m, pid_n = swizzled_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = rows < M
-        col_mask = cols < N
-        rows64 = rows.to(tl.int64)
+        pid_m, pid_n, rows64, row_mask, cols, col_mask = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = lowrank_tile(h_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, rows64, row_mask, pid_n * BLOCK_N, cols,
-                           col_mask, N, R,
-                           stride_hm, stride_hr, APPLY_SCALE, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
-                           out_ptr.dtype.element_ty, FACTOR_DTYPE, PERIODIC)
+                           col_mask, N, R, stride_hm, stride_hr, APPLY_SCALE, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                           BLOCK_R, out_ptr.dtype.element_ty, FACTOR_DTYPE, PERIODIC)
         for ki in range(k_tiles):
             a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
             if W_KMAJOR:
