@@ -107,6 +107,16 @@ def test_gate_up_mix_matches_separate_modules():
     check_group(GATE_UP, "mix")
 
 
+def test_group_larger_than_one_launch():
+    """5 modules > MAX_MODULES pointers per launch: the forward runs two launches, dx two chunks of
+    segments (the second adding onto the first)."""
+    from sharelora_kernels.ops.grouped_lora_linear import MAX_MODULES
+
+    ns = (16, 24, 16, 8, 16)
+    assert len(ns) > MAX_MODULES
+    check_group(ns, "mix")
+
+
 def test_two_paths_of_one_module_reading_one_view():
     """A module whose two paths read the same A (same view, so the same columns of h) gets the sum
     of both paths' dh in dx and dA, not one of them."""

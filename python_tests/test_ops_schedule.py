@@ -105,17 +105,25 @@ def test_layer_gradients_bitwise_equal_across_runs():
 
 
 # ---------------------------------------------------------------------------------- per-plan table cache
-def test_forward_and_backward_create_no_tensor_from_host_data(monkeypatch):
+@pytest.mark.parametrize("op", ["fused", "grouped"])
+def test_forward_and_backward_create_no_tensor_from_host_data(op, monkeypatch):
     """After one call has built the plan's tables, a forward and backward (dropout on) copy nothing
     from the host: torch.tensor / as_tensor / from_numpy refuse to run. A cold call does need them,
     which shows the refusal is armed."""
+    from sharelora_kernels.ops.grouped_lora_linear import grouped_lora_linear
+
     torch.manual_seed(4)
-    x, weight, bias = rand(9, 40), torch.randn(24, 40), torch.randn(24)
-    paths = [make_path(kind, 40, 24, r) for kind, r in (("plain", 3), ("slice", 2), ("gate", 2), ("kron", 2))]
+    x = rand(9, 40)
+    kinds = (("plain", 3), ("slice", 2), ("gate", 2), ("kron", 2))
+    weights, biases = [torch.randn(24, 40), torch.randn(16, 40)], [torch.randn(24), None]
+    paths = [[make_path(kind, 40, w.shape[0], r) for kind, r in kinds] for w in weights]
 
     def step():
-        y = fused_lora_linear(x, weight, bias, paths, dropout_p=0.1, training=True)
-        y.backward(torch.ones_like(y))
+        if op == "fused":
+            ys = [fused_lora_linear(x, weights[0], biases[0], paths[0], dropout_p=0.1, training=True)]
+        else:
+            ys = grouped_lora_linear(x, weights, biases, paths, dropout_p=0.1, training=True)
+        torch.autograd.backward(ys, [torch.ones_like(y) for y in ys])
 
     tables.clear_cache()
     step()

@@ -72,9 +72,9 @@ def _fused_linear_kernel(
 ):
     """out (M, N) = a (M, K) @ w (K, N) + bias + mask((h * scale) (M, R) @ U (R, N)) / (1 - p)."""
     _, pid_n, rows64, row_mask, cols, col_mask = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = lowrank_tile(h_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, rows64, row_mask, pid_n * BLOCK_N, cols,
-                       col_mask, N, R, stride_hm, stride_hr, APPLY_SCALE, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                       BLOCK_R, a_ptr.dtype.element_ty, FACTOR_DTYPE, PERIODIC)
+    acc = lowrank_tile(h_ptr, h_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, rows64, row_mask, pid_n * BLOCK_N,
+                       cols, col_mask, N, R, stride_hm, stride_hr, False, APPLY_SCALE, DROPOUT, DOT_PRECISION,
+                       BLOCK_M, BLOCK_N, BLOCK_R, a_ptr.dtype.element_ty, FACTOR_DTYPE, PERIODIC)
     acc = matmul_tile(acc, a_ptr, stride_am, stride_ak, w_ptr, stride_wk, stride_wn, rows64, row_mask, cols, col_mask,
                       K, DOT_PRECISION, BLOCK_K, INT64)
     epilogue(acc, bias_ptr, out_ptr, rows64, row_mask, cols, col_mask, stride_om, stride_on, HAS_BIAS)

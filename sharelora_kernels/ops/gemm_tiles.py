@@ -29,13 +29,14 @@ def tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
-def lowrank_tile(h_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, rows64, row_mask, col0, cols, col_mask, N, R,
-                 stride_hm, stride_hr, APPLY_SCALE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DTYPE: tl.constexpr,
-                 FACTOR_DTYPE: tl.constexpr, PERIODIC: tl.constexpr):
-    """The tile's low-rank term ``(h[rows] * scale) @ U[:, cols]`` (fp32): h (M, R) fp32, U (R, N)
-    gathered through the factor table (``cols = col0 + arange(BLOCK_N)``); masked by the bit-packed
-    dropout mask of the (M, N) output coordinates when DROPOUT (dx: the mask of x), divided by 1 - p.
+def lowrank_tile(h_ptr, hcol_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, rows64, row_mask, col0, cols, col_mask,
+                 N, R, stride_hm, stride_hr, HCOLS: tl.constexpr, APPLY_SCALE: tl.constexpr, DROPOUT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                 DTYPE: tl.constexpr, FACTOR_DTYPE: tl.constexpr, PERIODIC: tl.constexpr):
+    """The tile's low-rank term ``(h[rows] * scale) @ U[:, cols]`` (fp32): h (M, R) fp32 (HCOLS: its
+    rank j is column ``hcol[j]`` (int32) of a wider h), U (R, N) gathered through the factor table
+    (``cols = col0 + arange(BLOCK_N)``); masked by the bit-packed dropout mask of the (M, N) output
+    coordinates when DROPOUT (dx: the mask of x), divided by 1 - p.
 
     The MMA takes DTYPE operands, except for a float16 base: h may exceed float16's range (65504)
     where the output does not, so it stays float32 (tf32 operands: float16's mantissa, fp32's range).
@@ -46,7 +47,8 @@ def lowrank_tile(h_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, rows64, ro
     for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: its gathers would stay live
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_mask = ranks < R
-        h = tl.load(h_ptr + rows64[:, None] * stride_hm + ranks[None, :] * stride_hr,
+        h_cols = tl.load(hcol_ptr + ranks, mask=rank_mask, other=0) if HCOLS else ranks
+        h = tl.load(h_ptr + rows64[:, None] * stride_hm + h_cols[None, :] * stride_hr,
                     mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
         if APPLY_SCALE:
             h = h * tl.load(scale_ptr + ranks, mask=rank_mask, other=0.0)[None, :]

@@ -4,8 +4,9 @@ x: (M, K) fp32/bf16/fp16, any strides; A_eff: the (R, K) factor rows of a ``tabl
 A table (all paths, ranks concatenated); h: (M, R) float32. One pass over ``x`` per rank tile of 64
 (one pass in all for R <= 64, the usual case).
 
-This is where the layer's one dropout mask is drawn (``utils.draw_keep``: four decisions per Philox call) and stored bit-packed
-(``utils.pack_keep``) for backward, which reads it and draws nothing. Backward's ``dh = s * dy B_eff``
+This is where the layer's one dropout mask is drawn (``utils.draw_keep``: four decisions per
+Philox call) and stored bit-packed (``utils.pack_keep``) for backward, which reads it and draws
+nothing. Backward's ``dh = s * dy B_eff``
 comes from the dy pass (``dy_lowrank``), which also computes dB from the same read of dy.
 
 Why a separate kernel and not the GEMM's K-loop: inside the GEMM every N-tile would redo the

@@ -103,39 +103,51 @@ def build_tables(paths: Sequence[LoRAPath], device: torch.device) -> FactorTable
                         tuple(gates), TL_DTYPES[paths[0].tensors[0].dtype], any(p.kind == "kron" for p in paths))
 
 
-_CACHE: OrderedDict[tuple, FactorTables] = OrderedDict()
+_CACHE: OrderedDict[tuple, object] = OrderedDict()
 
 
-def _key(paths: Sequence[LoRAPath], device: torch.device) -> tuple:
-    return (str(device), *((p.kind, p.k_offset, p.n_offset, float(p.scale),
-                            *((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) for t in p.tensors))
+def tensor_key(t: Tensor | None) -> tuple | None:
+    """What a table entry derived from ``t`` depends on: its address, shape, strides and dtype."""
+    return None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def paths_key(paths: Sequence[LoRAPath], device: torch.device) -> tuple:
+    return (str(device), *((p.kind, p.k_offset, p.n_offset, float(p.scale), *map(tensor_key, p.tensors))
                            for p in paths))
 
 
-def tables_for(paths: Sequence[LoRAPath], device: torch.device) -> FactorTables:
-    """``build_tables(paths, device)``, cached (see the module docstring); every gate path's A_eff
-    buffer recomputed from the current parameter values."""
-    key = _key(paths, device)
-    tables = _CACHE.get(key)
-    if tables is None:
-        tables = _CACHE[key] = build_tables(paths, device)
+def cached(key: tuple, build):
+    """The cache entry of ``key``, made by ``build()`` on a miss (least recently used dropped first)."""
+    entry = _CACHE.get(key)
+    if entry is None:
+        entry = _CACHE[key] = build()
         if len(_CACHE) > CACHE_SIZE:
             _CACHE.popitem(last=False)
     else:
         _CACHE.move_to_end(key)
-        for i, buffer in tables.gates:
-            buffer.copy_(gate_a_eff(paths[i]))
+    return entry
+
+
+def refresh_gates(tables: FactorTables, paths: Sequence[LoRAPath]) -> FactorTables:
+    """Recompute every gate path's A_eff buffer of ``tables`` from the current values of ``paths``."""
+    for i, buffer in tables.gates:
+        buffer.copy_(gate_a_eff(paths[i]))
     return tables
+
+
+def tables_for(paths: Sequence[LoRAPath], device: torch.device) -> FactorTables:
+    """``build_tables(paths, device)``, cached (see the module docstring), its gate buffers refreshed."""
+    return refresh_gates(cached(("tables", *paths_key(paths, device)), lambda: build_tables(paths, device)), paths)
 
 
 _INDEX: dict[tuple, Tensor] = {}
 
 
-def index_tensor(values: Sequence[int], device: torch.device) -> Tensor:
-    """``values`` as an int64 tensor on ``device``, made once per (values, device)."""
-    key = (tuple(values), str(device))
+def index_tensor(values: Sequence[int], device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
+    """``values`` as a ``dtype`` tensor on ``device``, made once per (values, device, dtype)."""
+    key = (tuple(values), str(device), dtype)
     if key not in _INDEX:
-        _INDEX[key] = torch.tensor(values, dtype=torch.int64).to(device)
+        _INDEX[key] = torch.tensor(values, dtype=dtype).to(device)
     return _INDEX[key]
 
 

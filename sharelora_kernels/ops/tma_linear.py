@@ -59,9 +59,9 @@ def _tma_linear_kernel(
     k_tiles = tl.cdiv(K, BLOCK_K)
     for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n, rows64, row_mask, cols, col_mask = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = lowrank_tile(h_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, rows64, row_mask, pid_n * BLOCK_N, cols,
-                           col_mask, N, R, stride_hm, stride_hr, APPLY_SCALE, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                           BLOCK_R, out_ptr.dtype.element_ty, FACTOR_DTYPE, PERIODIC)
+        acc = lowrank_tile(h_ptr, h_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, rows64, row_mask,
+                           pid_n * BLOCK_N, cols, col_mask, N, R, stride_hm, stride_hr, False, APPLY_SCALE, DROPOUT,
+                           DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, out_ptr.dtype.element_ty, FACTOR_DTYPE, PERIODIC)
         for ki in range(k_tiles):
             a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
             if W_KMAJOR:
@@ -72,8 +72,8 @@ def _tma_linear_kernel(
         epilogue(acc, bias_ptr, out_ptr, rows64, row_mask, cols, col_mask, stride_om, stride_on, HAS_BIAS)
 
 
-tma_kernel = TunedKernel(_tma_linear_kernel, {"small": SMALL_GEMM, "perf": gemm_configs(PERF), "full": gemm_configs(FULL)},
-                         key=["N", "K", "R", "M_BUCKET", "DROPOUT", "W_KMAJOR", "FACTOR_DTYPE"],
+tma_kernel = TunedKernel(_tma_linear_kernel,
+                         {"small": SMALL_GEMM, "perf": gemm_configs(PERF), "full": gemm_configs(FULL)}, key=["N", "K", "R", "M_BUCKET", "DROPOUT", "W_KMAJOR", "FACTOR_DTYPE"],
                          pre_hook=_set_block_shapes)
 
 
