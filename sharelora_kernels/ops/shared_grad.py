@@ -78,8 +78,8 @@ class GradSink:
 
 # ----------------------------------------------------------------------------- chain rule
 def direct_window(path: LoRAPath, factor: str) -> tuple[int, tuple[int, int]] | None:
-    """(role index, window) when the kernel can add a path's dA_eff / dB_eff^T rows straight into
-    the tensor's buffer (plain and slice paths), else None (gate, kron: go through ``chain``)."""
+    """(role index, window) of a plain or slice path's dA_eff / dB_eff^T inside its tensor's buffer
+    (the gradient is the factor's, added at its offsets), else None (gate, kron: a chain rule)."""
     if path.kind not in ("plain", "slice"):
         return None
     return (0, (0, path.k_offset)) if factor == "a" else (1, (path.n_offset, 0))
