@@ -75,6 +75,7 @@ class KernelSpec:
     configs: callable  # (all_configs, input dtype, rank tile, flags) -> the [triton.Config] a launch tries
     kronecker: bool = True  # has a PERIODIC flag (Kronecker rows or not)
     rank_tile: int | None = None  # a fixed BLOCK_R (the GEMMs' low-rank chunk; 0: none), else each of --block-r
+    ieee: bool = True  # launched with IEEE float32 dots (the TMA kernel is not: tma_linear.usable)
 
 
 def _config(spec: dict) -> triton.Config:
@@ -104,7 +105,7 @@ def _specs() -> list[KernelSpec]:
                                    "out_ptr": dt, "mask_ptr": "i32"},
                    [Case("forward", {"stride_hr", "stride_on"}, dict(W_KMAJOR=True, **forward), gemm_aligned),
                     Case("dx", {"stride_hr", "stride_on"}, dict(W_KMAJOR=False, **dx), gemm_aligned)],
-                   tuned(tma_kernel), rank_tile=LOWRANK_CHUNK),
+                   tuned(tma_kernel), rank_tile=LOWRANK_CHUNK, ieee=False),
         KernelSpec("fused_linear", _fused_linear_kernel,
                    lambda dt, ft: {"a_ptr": dt, "w_ptr": dt, "bias_ptr": dt, "h_ptr": "fp32", "table_ptr": "i64",
                                    "scale_ptr": "fp32", "out_ptr": dt, "mask_ptr": "i32"},
@@ -262,6 +263,8 @@ def run(arch: int = 90, quick: bool = False, all_configs: bool = False, only: li
             continue
         periodic = [False, True] if spec.kronecker else [None]
         for dtypes in QUICK_DTYPES if quick else DTYPE_CASES:
+            if dtypes[2] == "ieee" and not spec.ieee:
+                continue
             for case in spec.cases:
                 for kron in periodic:
                     flags = {**case.flags, **({"PERIODIC": kron} if kron is not None else {})}

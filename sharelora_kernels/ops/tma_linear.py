@@ -15,7 +15,8 @@ tile's loads while the current tile's epilogue runs.
 
 Used where TMA can serve: a CUDA GPU of compute capability 9 or more (or the interpreter, which
 runs descriptors too), a row-major a, W row-major in either reading, every row stride and base
-address 16-byte aligned. Elsewhere ``fused_lora_linear`` runs its pointer kernel.
+address 16-byte aligned, a tensor-core dot (16-bit inputs, or float32 with TF32 allowed).
+Elsewhere ``fused_lora_linear`` runs its pointer kernel.
 """
 from __future__ import annotations
 
@@ -86,10 +87,12 @@ def _aligned(t: Tensor, row_dim: int) -> bool:
 def usable(a: Tensor, w_kn: Tensor) -> bool:
     """Whether the TMA kernel can run ``a @ w_kn``: a (M, K) row-major, w_kn (K, N) a row-major
     (K, N) or (N, K) matrix, 16-byte aligned, on a GPU with TMA (compute capability >= 9) or the
-    interpreter."""
+    interpreter, and on a GPU a tensor-core dot (not float32 with TF32 off: that FMA dot spills at
+    every tile here, compile_check; the interpreter computes every dot the same way)."""
     if TensorDescriptor is None or a.shape[0] == 0 or a.shape[1] == 0 or w_kn.shape[1] == 0:
         return False
-    if not INTERPRET and not (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9):
+    if not INTERPRET and not (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9
+                              and dot_precision(a.dtype) != "ieee"):
         return False
     return _aligned(a, 0) and (_aligned(w_kn, 0) or _aligned(w_kn.t(), 0))
 
