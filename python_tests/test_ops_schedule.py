@@ -13,7 +13,6 @@ from sharelora_kernels.ops import autotune, fused_lora_linear as fused, tables, 
 from sharelora_kernels.ops.dy_lowrank import dy_lowrank  # noqa: E402
 from sharelora_kernels.ops.fused_lora_linear import fused_lora_linear  # noqa: E402
 from sharelora_kernels.ops.lowrank_grad import lowrank_grad  # noqa: E402
-from sharelora_kernels.reference import LoRAPath  # noqa: E402
 from test_ops_fused_lora_linear import float64_reference, make_path, rand, rel_err, unpack_mask  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not ops.HAS_TRITON, reason="triton not importable")

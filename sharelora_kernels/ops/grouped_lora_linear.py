@@ -303,7 +303,7 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
-def _forward_launch(weights: list[Tensor], biases: list[Tensor | None], grp: "Group",
+def _forward_launch(weights: list[Tensor], biases: list[Tensor | None], grp: Group,
                     device: torch.device) -> GroupLaunch:
     """The cached forward launch of the group (built per call, from contiguous copies, for a W_g or
     b_g that is not contiguous: an unusual layout this does not optimise)."""
