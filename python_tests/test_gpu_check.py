@@ -135,7 +135,7 @@ def test_out_naming_a_file_and_the_bench_script(tmp_path, capsys):
     target = tmp_path / "a_file"
     target.write_text("")
     assert main(["gpu-check", "--tiny", "--out", str(target)]) == 2
-    assert "is a file, not a folder" in capsys.readouterr().err
+    assert "is an existing file, not a folder" in capsys.readouterr().err
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
     env = {**os.environ, "PYTHONPATH": str(script.parents[1])}  # this checkout's package
     done = subprocess.run([sys.executable, str(script), "--budget", "0"], capture_output=True, text=True, env=env)

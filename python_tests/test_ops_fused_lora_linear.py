@@ -17,6 +17,21 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 KRON_D = 8
 
 
+@pytest.fixture(params=["tma", "pointer"])
+def gemm(request, monkeypatch):
+    """Which fused GEMM kernel runs: the TMA + persistent one (checked to have run) or the pointer one."""
+    from sharelora_kernels.ops import tma_linear
+
+    calls = []
+    if request.param == "pointer":
+        monkeypatch.setattr(tma_linear, "usable", lambda a, w_kn: False)
+    else:
+        real = tma_linear.tma_linear
+        monkeypatch.setattr(tma_linear, "tma_linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    yield request.param
+    assert bool(calls) == (request.param == "tma")
+
+
 def rand(*shape, dtype=torch.float32):
     return torch.randn(*shape, dtype=dtype).requires_grad_()
 
@@ -70,7 +85,7 @@ def check_against_reference(kinds, m, k, n, ranks, dtype, bias=True, adapter_dty
         assert rel_err(g, g_ref) < TOL[dtype], f"gradient {i} of {[p.kind for p in paths]}"
 
 
-def test_half_base_with_float32_adapters():
+def test_half_base_with_float32_adapters(gemm):
     """apply() keeps fp32 adapters on a bf16/fp16 base: the kernels load them as fp32."""
     for dtype in (torch.bfloat16, torch.float16):
         check_against_reference(["plain", "slice", "gate", "kron"], m=9, k=48, n=40, ranks=[2, 3, 5, 2], dtype=dtype,
@@ -104,22 +119,22 @@ def test_float16_low_rank_input_beyond_float16_range(adapter_dtype):
 
 
 @pytest.mark.parametrize("kind", ["plain", "slice", "gate", "kron"])
-def test_each_kind_fp32_gqa_shape(kind):
+def test_each_kind_fp32_gqa_shape(kind, gemm):
     check_against_reference([kind], m=7, k=48, n=16, ranks=[3], dtype=torch.float32)
 
 
 @pytest.mark.parametrize("m", [1, 33])
-def test_all_kinds_summed_fp32(m):
+def test_all_kinds_summed_fp32(m, gemm):
     check_against_reference(["plain", "slice", "gate", "kron"], m=m, k=40, n=56, ranks=[5, 3, 4, 7],
                             dtype=torch.float32, bias=m == 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_all_kinds_summed_half(dtype):
+def test_all_kinds_summed_half(dtype, gemm):
     check_against_reference(["plain", "slice", "gate", "kron"], m=33, k=48, n=40, ranks=[1, 5, 3, 9], dtype=dtype)
 
 
-def test_rank_above_one_tile():
+def test_rank_above_one_tile(gemm):
     check_against_reference(["plain", "kron"], m=7, k=40, n=24, ranks=[67, 5], dtype=torch.float32)
 
 
@@ -139,13 +154,13 @@ def test_non_contiguous_input_and_weight():
 def test_int64_element_offsets(monkeypatch):
     """Tensors of 2**31+ elements index in int64 (too large to allocate here: the choice is forced,
     with column-major x and dy, whose column offsets are the ones that overflow)."""
-    from sharelora_kernels.ops import fused_lora_linear as fused, lowrank_grad, lowrank_input
+    from sharelora_kernels.ops import dy_lowrank, fused_lora_linear as fused, lowrank_grad, lowrank_input
     from sharelora_kernels.ops.utils import needs_int64_index
 
     big = lambda cols: torch.empty_strided((2, cols), (1, 2), device="meta")  # column-major (2, cols)
     assert needs_int64_index(torch.empty(3), big(2**30 + 1))  # last offset 2 * 2**30 + 1 = 2**31 + 1
     assert not needs_int64_index(big(2**30), torch.empty(0))  # last offset 2**31 - 1
-    for module in (fused, lowrank_grad, lowrank_input):
+    for module in (fused, lowrank_grad, lowrank_input, dy_lowrank):
         monkeypatch.setattr(module, "needs_int64_index", lambda *tensors: True)
     torch.manual_seed(6)
     x = torch.randn(40, 9).t().requires_grad_()
@@ -192,21 +207,31 @@ def test_leading_dims_and_empty_batch():
 
 
 # ---------------------------------------------------------------------------------- dropout
+def unpack_mask(words: torch.Tensor, k: int) -> torch.Tensor:
+    """The (M, K) keep mask of the kernels' bit-packed (M, ceil(K / 32)) int32 mask."""
+    bits = (words[:, :, None].long() >> torch.arange(32)) & 1
+    return bits.reshape(words.shape[0], -1)[:, :k].bool()
+
+
 def kernel_mask(m: int, k: int, p: float, seed: torch.Tensor) -> torch.Tensor:
-    """The kernel's dropout mask for seed: h of an identity path on an all-ones x, times (1 - p)."""
+    """The kernel's dropout mask for seed: h of an identity path on an all-ones x, times (1 - p);
+    checked equal to the bits the forward stores for backward."""
     eye = torch.eye(k)
-    _, h = torch.ops.sharelora.fused_lora_linear(torch.ones(m, k), torch.zeros(1, k), None,
-                                                 [eye, torch.zeros(1, k)], [0, 0, 0], [1.0], p, seed)
+    _, h, words = torch.ops.sharelora.fused_lora_linear(torch.ones(m, k), torch.zeros(1, k), None,
+                                                        [eye, torch.zeros(1, k)], [0, 0, 0], [1.0], p, seed)
+    assert torch.equal(unpack_mask(words, k), h > 0)
     return h * (1 - p)
 
 
 @pytest.mark.parametrize("rng64", [False, True])
-def test_dropout_same_mask_forward_and_backward(rng64, monkeypatch):
-    """The mask of forward, dx and dA is one mask (int64 offsets: forced here, as M*K >= 2^31 on GPU)."""
+def test_dropout_one_mask_forward_and_backward(rng64, gemm, monkeypatch):
+    """The forward draws the mask once and stores it bit-packed; dx and dA apply exactly those bits
+    (checked against the reference run with the explicit mask), and backward draws nothing (the
+    generator's state does not move). int64 Philox offsets: forced here (M*K/4 >= 2^31 on a GPU)."""
+    from sharelora_kernels.ops import lowrank_input
+
     if rng64:
-        from sharelora_kernels.ops import fused_lora_linear as fused, lowrank_grad, lowrank_input
-        for module in (fused, lowrank_grad, lowrank_input):
-            monkeypatch.setattr(module, "rng_needs_int64", lambda m, k: True)
+        monkeypatch.setattr(lowrank_input, "rng_needs_int64", lambda m, k: True)
     torch.manual_seed(3)
     m, k, n, p = 9, 40, 24, 0.3
     x, weight, b = rand(m, k), torch.randn(n, k), torch.randn(n)
@@ -214,15 +239,24 @@ def test_dropout_same_mask_forward_and_backward(rng64, monkeypatch):
     tensors = [t for q in paths for t in q.tensors]
     layout = [c for q in paths for c in (KINDS.index(q.kind), q.k_offset, q.n_offset)]
     seed = torch.tensor([1234])
-    y, _ = torch.ops.sharelora.fused_lora_linear(x, weight, b, tensors, layout, [q.scale for q in paths], p, seed)
+    y, _, words = torch.ops.sharelora.fused_lora_linear(x, weight, b, tensors, layout, [q.scale for q in paths], p, seed)
+    assert words.shape == (m, 2) and words.dtype == torch.int32  # ceil(40 / 32) words per row
+    keep = unpack_mask(words, k)
+    assert torch.equal(keep.float(), kernel_mask(m, k, p, seed))  # the stored bits are the applied mask
+    assert 0.5 < keep.float().mean() < 0.9
     dy = torch.randn_like(y)
+    state = torch.get_rng_state()
     grads = torch.autograd.grad(y, [x] + tensors, dy)
-    mask = kernel_mask(m, k, p, seed)
-    assert set(mask.unique().tolist()) <= {0.0, 1.0}
-    y_ref, grads_ref = float64_reference(x, weight, b, paths, dy, xd=mask / (1 - p))
+    assert torch.equal(torch.get_rng_state(), state)
+    y_ref, grads_ref = float64_reference(x, weight, b, paths, dy, xd=keep / (1 - p))
     assert rel_err(y, y_ref) < 1e-4
     for g, g_ref in zip(grads, grads_ref):
         assert rel_err(g, g_ref) < 1e-4
+
+
+def test_backward_op_takes_the_mask_not_a_seed():
+    schema = str(torch.ops.sharelora.fused_lora_linear_backward.default._schema)
+    assert "Tensor mask" in schema and "seed" not in schema
 
 
 def test_dropout_mask_statistics():
@@ -283,8 +317,9 @@ def test_opcheck_custom_ops(contiguous):
     torch.library.opcheck(torch.ops.sharelora.fused_lora_linear.default,
                           (x, weight, torch.randn(n), tensors, layout, scales, 0.2, seed))
     h = torch.randn(m, sum(q.tensors[0].shape[0] for q in paths))
+    mask = torch.randint(-2**31, 2**31 - 1, (m, 1), dtype=torch.int32)  # bit-packed: ceil(24 / 32) words per row
     torch.library.opcheck(torch.ops.sharelora.fused_lora_linear_backward.default,
-                          (dy, x.detach(), weight, h, [t.detach() for t in tensors], layout, scales, 0.2, seed, True))
+                          (dy, x.detach(), weight, h, mask, [t.detach() for t in tensors], layout, scales, 0.2, True))
 
 
 def test_compile_fullgraph_cpu_route(monkeypatch):

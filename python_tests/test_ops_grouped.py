@@ -17,7 +17,7 @@ import sharelora_kernels as sk  # noqa: E402
 from sharelora_kernels import grouping, ops, reference  # noqa: E402
 from sharelora_kernels.ops import shared_grad  # noqa: E402
 from sharelora_kernels.ops.grouped_lora_linear import decode, encode, grouped_lora_linear  # noqa: E402
-from sharelora_kernels.ops.utils import path_rank  # noqa: E402
+from sharelora_kernels.ops.tables import path_rank  # noqa: E402
 from sharelora_kernels.reference import LoRAPath  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not ops.HAS_TRITON, reason="triton not importable")
@@ -107,6 +107,16 @@ def test_gate_up_mix_matches_separate_modules():
     check_group(GATE_UP, "mix")
 
 
+def test_group_larger_than_one_launch():
+    """5 modules > MAX_MODULES pointers per launch: the forward runs two launches, dx two chunks of
+    segments (the second adding onto the first)."""
+    from sharelora_kernels.ops.grouped_lora_linear import MAX_MODULES
+
+    ns = (16, 24, 16, 8, 16)
+    assert len(ns) > MAX_MODULES
+    check_group(ns, "mix")
+
+
 def test_two_paths_of_one_module_reading_one_view():
     """A module whose two paths read the same A (same view, so the same columns of h) gets the sum
     of both paths' dh in dx and dA, not one of them."""
@@ -139,6 +149,33 @@ def test_shared_views_computed_once():
     # per module: plain (shared A) 3 + slice 4 + gate 2 (own G_id) + kron 2; shared views: plain, slice, kron
     assert sum(path_rank(v) for v in grp.views) == 3 + 4 + 3 * 2 + 2
     assert len(tensors) == len({id(t) for ps in paths for p in ps for t in p.tensors})
+
+
+def test_dropout_gradients_match_the_reference_with_the_ops_mask():
+    """Grouped forward and backward with dropout on: every output and gradient equals the separate
+    float64 modules run on x times the op's own stored mask (so dx and dA applied those bits)."""
+    from test_ops_fused_lora_linear import unpack_mask
+
+    x, weights, biases, paths = make_group(QKV, "mix")
+    tensors, layout, scales = encode(paths)
+    p = 0.3
+    outs = torch.ops.sharelora.grouped_lora_linear(x, weights, biases, tensors, layout, scales, p, torch.tensor([9]))
+    ys, words = outs[:-2], outs[-1]
+    keep = unpack_mask(words, K)
+    assert 0.5 < keep.float().mean() < 0.9
+    dys = [torch.randn_like(y) for y in ys]
+    leaves = leaves_of(x, paths)
+    grads = torch.autograd.grad(ys, leaves, dys)
+    d = {id(t): t.detach().double().requires_grad_() for t in leaves}
+    x64 = d[id(x)]
+    ys_ref = [reference.lora_linear(x64, w.double(), None if b is None else b.double(),
+                                    [q._replace(tensors=tuple(d[id(t)] for t in q.tensors)) for q in ps],
+                                    x_dropped=x64 * keep / (1 - p)) for w, b, ps in zip(weights, biases, paths)]
+    grads_ref = torch.autograd.grad(ys_ref, [d[id(t)] for t in leaves], [dy.double() for dy in dys])
+    for y, r in zip(ys, ys_ref):
+        assert rel_err(y, r.detach()) < 1e-4
+    for i, (g, r) in enumerate(zip(grads, grads_ref)):
+        assert rel_err(g, r) < 1e-4, f"gradient {i}"
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -175,9 +212,10 @@ def test_opcheck_custom_ops(contiguous):
                           (x, weights, biases, tensors, layout, scales, 0.1, seed))
     r = sum(path_rank(v) for v in decode(tensors, layout, scales, len(ns)).views)
     bufs = [torch.zeros(t.shape) for t in tensors]
+    mask = torch.randint(-2**31, 2**31 - 1, (m, 2), dtype=torch.int32)  # bit-packed: ceil(48 / 32) words per row
     torch.library.opcheck(torch.ops.sharelora.grouped_lora_linear_backward.default,
-                          ([mat(m, n) for n in ns], x.detach(), weights, torch.randn(m, r),
-                           [t.detach() for t in tensors], layout, scales, 0.1, seed, True, bufs, False))
+                          ([mat(m, n) for n in ns], x.detach(), weights, torch.randn(m, r), mask,
+                           [t.detach() for t in tensors], layout, scales, 0.1, True, bufs, False))
 
 
 def test_bad_inputs_raise_clear_errors():

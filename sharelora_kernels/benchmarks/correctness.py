@@ -195,8 +195,9 @@ def repeat_check(backend: str, sizes: Sizes, device, grouped: bool = False) -> d
 def forced_int64() -> Iterator[list[str]]:
     """Make the kernel launchers index in int64 (as for tensors of 2**31+ elements), yielding the
     modules patched (none: the launchers no longer decide it by ``needs_int64_index``)."""
-    from ..ops import fused_lora_linear, lowrank_grad, lowrank_input
-    modules = [mod for mod in (fused_lora_linear, lowrank_grad, lowrank_input) if hasattr(mod, "needs_int64_index")]
+    from ..ops import dy_lowrank, fused_lora_linear, lowrank_grad, lowrank_input
+    modules = [mod for mod in (fused_lora_linear, lowrank_grad, lowrank_input, dy_lowrank)
+               if hasattr(mod, "needs_int64_index")]
     saved = [mod.needs_int64_index for mod in modules]
     for mod in modules:
         mod.needs_int64_index = lambda *tensors: True

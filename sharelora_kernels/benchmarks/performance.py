@@ -65,13 +65,13 @@ def case_name(spec: dict) -> str:
 
 # ------------------------------------------------------------------------------ triton_gemm
 def _launcher():
-    """The fused kernel's launcher (``_fused_linear``), or the reason it cannot be used here."""
+    """The fused kernel's launcher (``fused_linear``), or the reason it cannot be used here."""
     try:
-        from ..ops.fused_lora_linear import _fused_linear
+        from ..ops.fused_lora_linear import fused_linear
         from ..ops.utils import TL_DTYPES
     except ImportError as e:
         return None, f"the fused kernel's launcher is not importable ({e})"
-    return (_fused_linear, TL_DTYPES), None
+    return (fused_linear, TL_DTYPES), None
 
 
 def triton_gemm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -109,11 +109,12 @@ def environ(**values: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _autotuners() -> list:
-    from triton.runtime.autotuner import Autotuner
-    mods = [mod for name, mod in list(sys.modules.items()) if name.startswith("sharelora_kernels.ops.") and mod]
-    found = {id(obj): obj for mod in mods for obj in vars(mod).values() if isinstance(obj, Autotuner)}
-    return list(found.values())
+def _tuned_kernels() -> list:
+    """Every autotuned kernel of the package (``ops.autotune.TUNED_KERNELS``: the GEMMs; the
+    memory-bound kernels run fixed configs by shape)."""
+    from ..ops.autotune import TUNED_KERNELS
+
+    return list(TUNED_KERNELS)
 
 
 def _config_size(config) -> int:
@@ -126,18 +127,13 @@ def _config_size(config) -> int:
 
 @contextlib.contextmanager
 def autotune_limited(mode: str, keep) -> Iterator[None]:
-    """SHARELORA_AUTOTUNE=mode, and each autotuned kernel's configs cut to ``keep(configs)`` for the
+    """SHARELORA_AUTOTUNE=mode, and each autotuned kernel's spaces cut to ``keep(configs)`` for the
     phase (restored after): the compile count of a run is bounded whatever the kernels' lists hold."""
-    tuners = _autotuners()
-    saved = [t.configs for t in tuners]
-    for t in tuners:
-        t.configs = keep(t.configs)
-    try:
-        with environ(SHARELORA_AUTOTUNE=mode):
-            yield
-    finally:
-        for t, configs in zip(tuners, saved):
-            t.configs = configs
+    with contextlib.ExitStack() as stack:
+        for kernel in _tuned_kernels():
+            stack.enter_context(kernel.restricted(keep))
+        stack.enter_context(environ(SHARELORA_AUTOTUNE=mode))
+        yield
 
 
 def smallest_config(configs: list) -> list:
@@ -151,14 +147,18 @@ def first_configs(configs: list) -> list:
 
 
 def compile_counts() -> list[dict]:
-    """Per autotuned kernel: its config count and the binaries compiled so far (where Triton says)."""
+    """Per autotuned kernel: the size of its space in the current mode and the binaries compiled so
+    far (where Triton says)."""
+    from ..ops.autotune import mode
+
     rows = []
-    for t in _autotuners():
+    for t in _tuned_kernels():
         try:  # Triton's JITFunction keeps (kernel cache, ...) per device; the interpreter none
             compiled = sum(len(c[0]) for c in t.fn.device_caches.values())
         except (AttributeError, TypeError, IndexError, KeyError):
             compiled = None
-        rows.append({"kernel": getattr(t.fn, "__name__", str(t.fn)), "configs": len(t.configs), "compiled": compiled})
+        rows.append({"kernel": getattr(t.fn, "__name__", str(t.fn)), "configs": len(t.spaces[mode()]),
+                     "compiled": compiled})
     return rows
 
 

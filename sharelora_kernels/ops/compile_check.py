@@ -1,35 +1,43 @@
-"""Compile every Triton kernel ahead of time for a CUDA GPU, on a machine without one.
+"""Compile every Triton kernel ahead of time for a CUDA GPU, on a machine without one, and report
+what the compiler made of it.
 
-    python -m sharelora_kernels.ops.compile_check [--arch 90] [--all-configs]
+    python -m sharelora_kernels.ops.compile_check [--arch 90] [--quick] [--all-configs] [--json FILE]
 
 The interpreter (``TRITON_INTERPRET=1``) checks the kernels' arithmetic but not what only the GPU
-compiler sees: ``tl.dot`` shape and dtype rules, pointer casts, layouts, shared memory per config.
-This lowers each kernel through Triton's real pipeline to a cubin for ``--arch`` (``ptxas`` ships
-with Triton) for each adapter/input dtype pair the ops launch (bf16 input with fp32 or bf16
-factors, fp16, fp32 with IEEE and TF32 dots), with and without dropout, and reports the shared
-memory each config needs. By default it compiles each kernel's largest-tile config; ``--all-configs``
-compiles every autotune config.
+compiler sees: ``tl.dot`` shape and dtype rules, pointer casts, layouts, shared memory per config,
+registers, and whether the loads became TMA copies or 16-byte vectors. This lowers each kernel
+through Triton's real pipeline to a cubin for ``--arch`` (``ptxas`` ships with Triton), with its
+arguments specialised the way Triton's launcher specialises them at run time for the usual layouts
+(unit strides become constants, pointers and feature sizes are 16-aligned), for each launch case
+(forward, dx, ...) and adapter/input dtype pair the ops produce.
 
-Arguments are specialised the way Triton's launcher specialises them at run time for the usual
-layouts (unit strides become constants, pointers and feature sizes are 16-aligned), so the report
-shows what an H100 would run: registers and spilled bytes (``ptxas -v``) next to shared memory.
-``--generic`` compiles the unspecialised variant instead (odd sizes, unaligned views). It must run
-with ``TRITON_INTERPRET`` unset (the GPU configs and code paths are chosen at import).
+Each entry of the report: ``kernel``, ``variant`` (case, dtypes, constexpr flags), ``config``
+(tiles, warps, stages), ``shared_bytes``, ``registers`` and ``spill_bytes`` (``ptxas -v``),
+``uses_tma`` (bulk tensor copies in the PTX), ``uses_wgmma`` (Hopper warpgroup MMA),
+``narrow_global_loads`` (global loads narrower than 16 bytes: ``ld.global`` and ``cp.async`` of
+1-8 bytes) and ``narrow_global_loads_base_gemm`` (those of them whose source line is in the
+pointer base-GEMM loop, ``gemm_tiles.matmul_tile``).
+
+``--quick``: the bf16-base / fp32-adapter case of every kernel at its ``perf`` configs (the GEMMs;
+those ``autotune.kronecker_fits`` leaves for the variant) or its heuristic configs (the memory-bound
+kernels), with and without Kronecker rows. Without it: every dtype case; ``--all-configs`` uses
+the ``full`` autotune space. It must run with
+``TRITON_INTERPRET`` unset (the GPU configs and code paths are chosen at import).
 """
 from __future__ import annotations
 
 import argparse
-import itertools
+import inspect
 import json
 import os
+import platform
 import re
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
 
 import triton
 import triton.language as tl
@@ -39,97 +47,177 @@ from triton.compiler import ASTSource
 # (input dtype, factor dtype, dot precision): every combination the launchers produce
 DTYPE_CASES = [("bf16", "fp32", "tf32"), ("bf16", "bf16", "tf32"), ("fp16", "fp16", "tf32"),
                ("fp32", "fp32", "ieee"), ("fp32", "fp32", "tf32")]
+QUICK_DTYPES = [("bf16", "fp32", "tf32")]
 TL = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes of shared memory per block (opt-in)
 
 
 @dataclass
-class KernelSpec:
-    """How to type one autotuned kernel: pointer types per dtype case and its constexpr variants."""
+class Case:
+    """One way a launcher calls a kernel: its name, the stride arguments that are 1 there, the
+    constexpr flags, and the integer arguments that are multiples of 16."""
 
     name: str
-    kernel: object  # triton Autotuner
-    pointers: Callable[[str, str], dict[str, str]]
-    variants: list[dict]  # constexpr settings besides dtypes and the config's tile sizes
-    layouts: dict[str, set[str]]  # launch layout -> stride arguments that are 1 there
-    aligned: set[str]  # integer arguments that are multiples of 16 in the usual shapes
-    fixed: Callable[[dict], triton.Config | None] = lambda variant: None  # a variant launched without autotuning
+    units: set[str]
+    flags: dict
+    aligned: set[str] = field(default_factory=set)
 
 
-def _specs() -> list[KernelSpec]:
-    from .fused_lora_linear import _fused_linear_kernel
-    from .grouped_lora_linear import _grouped_linear_kernel
-    from .lowrank_grad import _TABLE_CONFIG, _lowrank_grad_kernel
-    from .lowrank_input import _lowrank_project_kernel
+@dataclass
+class KernelSpec:
+    """How to type one kernel: pointer types per dtype case, its launch cases, its configs."""
 
-    flags = [dict(DROPOUT=d, APPLY_SCALE=s, RNG64=r) for d, s, r in ((False, False, False), (True, True, True))]
-    # the leanest variant (no Kronecker rows, no options) and the fullest (Kronecker rows, every option)
-    periodic_flags = [dict(PERIODIC=k, **f) for f, k in zip(flags, (False, True))]
-    int64_flags = [dict(INT64=i, **f) for f, i in zip(periodic_flags, (False, True))]  # not grouped: int64 strides
-    return [
-        KernelSpec("fused_linear", _fused_linear_kernel,
-                   lambda dt, ft: {"a_ptr": dt, "w_ptr": dt, "bias_ptr": dt, "h_ptr": "fp32", "table_ptr": "i64",
-                                   "scale_ptr": "fp32", "out_ptr": dt, "seed_ptr": "i64"},
-                   [dict(HAS_BIAS=True, **f) for f in int64_flags],
-                   {"y=x@W^T": {"stride_ak", "stride_wk", "stride_hr", "stride_on"},  # w_kn = W.t()
-                    "dx=dy@W": {"stride_ak", "stride_wn", "stride_hr", "stride_on"}},
-                   {"K", "N", "stride_am", "stride_wk", "stride_wn", "stride_om"}),
-        KernelSpec("grouped_linear", _grouped_linear_kernel,
-                   lambda dt, ft: {"prob_ptr": "i64", "seg_ptr": "i64", "seed_ptr": "i64"}, periodic_flags,
-                   {"strides read from the problem table": set()}, set()),
-        KernelSpec("lowrank_project", _lowrank_project_kernel,
-                   lambda dt, ft: {"a_ptr": dt, "table_ptr": "i64", "scale_ptr": "fp32", "out_ptr": "fp32",
-                                   "seed_ptr": "i64"}, int64_flags,
-                   {"h=x@A^T": {"stride_ad", "stride_or"}}, {"D", "stride_am"}),
-        KernelSpec("lowrank_grad", _lowrank_grad_kernel,
-                   lambda dt, ft: {"g_ptr": "fp32", "a_ptr": dt, "out_ptr": "fp32", "seed_ptr": "i64"},
-                   [dict(DROPOUT=False, RNG64=False, INT64=False, TABLE_OUT=False, ATOMIC=False),
-                    dict(DROPOUT=True, RNG64=True, INT64=True, TABLE_OUT=True, ATOMIC=False),
-                    dict(DROPOUT=True, RNG64=False, INT64=False, TABLE_OUT=True, ATOMIC=True)],
-                   {"dA=g^T@x": {"stride_gr", "stride_ad", "stride_od"}}, {"D", "stride_am", "stride_or"},
-                   fixed=lambda variant: _table_config(_TABLE_CONFIG) if variant["TABLE_OUT"] else None),
-    ]
+    name: str
+    fn: object  # the triton JITFunction
+    pointers: callable  # (input dtype, factor dtype) -> {argument: type}
+    cases: list[Case]
+    configs: callable  # (all_configs, input dtype, rank tile, flags) -> the [triton.Config] a launch tries
+    kronecker: bool = True  # has a PERIODIC flag (Kronecker rows or not)
+    rank_tile: int | None = None  # a fixed BLOCK_R (the GEMMs' low-rank chunk; 0: none), else each of --block-r
+    ieee: bool = True  # launched with IEEE float32 dots (the TMA kernel is not: tma_linear.usable)
 
 
-def _table_config(spec: dict) -> triton.Config:
+def _config(spec: dict) -> triton.Config:
     tiles = {k: v for k, v in spec.items() if k.startswith("BLOCK")}
     return triton.Config(tiles, num_warps=spec["num_warps"], num_stages=spec["num_stages"])
 
 
-def compile_one(spec: KernelSpec, config: triton.Config, dtypes: tuple[str, str, str], variant: dict,
-                arch: int, layout: str | None, block_r: int = 64) -> dict:
-    """Lower one (kernel, config, dtype case, constexpr variant, layout or None for unspecialised) to a
-    cubin; returns the resources it needs."""
+def _specs() -> list[KernelSpec]:
+    from . import autotune
+    from .dy_lowrank import _dy_lowrank_kernel
+    from .fused_lora_linear import _fused_linear_kernel, pointer_kernel
+    from .gemm_tiles import LOWRANK_CHUNK
+    from .grouped_lora_linear import _grouped_linear_kernel, grouped_kernel
+    from .lowrank_grad import _lowrank_grad_kernel, _reduce_splits_kernel
+    from .lowrank_input import _lowrank_project_kernel
+    from .tma_linear import _tma_linear_kernel, tma_kernel
+
+    tuned = lambda kernel: lambda all_configs, dt, block_r, flags: kernel.configs("full" if all_configs else "perf",
+                                                                                  **flags)
+    fixed = lambda make: lambda all_configs, dt, block_r, flags: [_config(make(BYTES[dt], block_r))]
+    gemm_aligned = {"K", "N", "stride_am", "stride_wk", "stride_wn", "stride_om", "stride_hm", "stride_mm"}
+    forward = dict(HAS_BIAS=True, APPLY_SCALE=True, DROPOUT=False)
+    dx = dict(HAS_BIAS=False, APPLY_SCALE=False, DROPOUT=True)
+    return [
+        KernelSpec("tma_linear", _tma_linear_kernel,
+                   lambda dt, ft: {"bias_ptr": dt, "h_ptr": "fp32", "table_ptr": "i64", "scale_ptr": "fp32",
+                                   "out_ptr": dt, "mask_ptr": "i32"},
+                   [Case("forward", {"stride_hr", "stride_on"}, dict(W_KMAJOR=True, **forward), gemm_aligned),
+                    Case("dx", {"stride_hr", "stride_on"}, dict(W_KMAJOR=False, **dx), gemm_aligned)],
+                   tuned(tma_kernel), rank_tile=LOWRANK_CHUNK, ieee=False),
+        KernelSpec("fused_linear", _fused_linear_kernel,
+                   lambda dt, ft: {"a_ptr": dt, "w_ptr": dt, "bias_ptr": dt, "h_ptr": "fp32", "table_ptr": "i64",
+                                   "scale_ptr": "fp32", "out_ptr": dt, "mask_ptr": "i32"},
+                   [Case("forward", {"stride_ak", "stride_wk", "stride_hr", "stride_on"}, dict(INT64=False, **forward),
+                         gemm_aligned),
+                    Case("dx", {"stride_ak", "stride_wn", "stride_hr", "stride_on"}, dict(INT64=False, **dx),
+                         gemm_aligned)],
+                   tuned(pointer_kernel), rank_tile=LOWRANK_CHUNK),
+        KernelSpec("grouped_linear", _grouped_linear_kernel,
+                   lambda dt, ft: {"prob_ptr": "i64", "seg_ptr": "i64", "hcol_ptr": "i32", "h_ptr": "fp32",
+                                   "mask_ptr": "i32", **{f"{name}{i}": dt for name in ("a", "out") for i in range(4)}},
+                   [Case("forward", {"stride_ak", "stride_wk"},
+                         dict(APPLY_SCALE=True, DROPOUT=False, ACCUMULATE=False, ALIGNED=True),
+                         {"stride_wn", "stride_mm", "stride_hm"}),
+                    Case("dx", {"stride_ak", "stride_wn"},
+                         dict(APPLY_SCALE=False, DROPOUT=True, ACCUMULATE=False, ALIGNED=True),
+                         {"stride_wk", "stride_mm", "stride_hm"})],
+                   tuned(grouped_kernel), rank_tile=LOWRANK_CHUNK),
+        KernelSpec("lowrank_project", _lowrank_project_kernel,
+                   lambda dt, ft: {"a_ptr": dt, "table_ptr": "i64", "out_ptr": "fp32", "seed_ptr": "i64",
+                                   "mask_ptr": "i32"},
+                   [Case("h=dropout(x)@A^T", {"stride_ad", "stride_or"}, dict(DROPOUT=True, RNG64=False, INT64=False),
+                         {"D", "stride_am"})],
+                   fixed(lambda es, br: autotune.project_config(8192, 4096, es, br))),
+        KernelSpec("dy_lowrank", _dy_lowrank_kernel,
+                   lambda dt, ft: {"dy_ptr": dt, "h_ptr": "fp32", "table_ptr": "i64", "scale_ptr": "fp32",
+                                   "dh_ptr": "fp32", "db_ptr": "fp32"},
+                   [Case("dh, dB from dy", {"stride_yn", "stride_hr", "stride_dhr", "stride_dbn"}, dict(INT64=False),
+                         {"N", "stride_ym", "stride_dbr"})],
+                   fixed(lambda es, br: autotune.dy_config(br))),
+        KernelSpec("lowrank_grad", _lowrank_grad_kernel,
+                   lambda dt, ft: {"g_ptr": "fp32", "a_ptr": dt, "out_ptr": "fp32", "mask_ptr": "i32"},
+                   [Case("dA=dh^T@dropout(x)", {"stride_gr", "stride_ad", "stride_od"},
+                         dict(DROPOUT=True, INT64=False, ATOMIC=False), {"D", "stride_am", "stride_or", "stride_os"}),
+                    Case("dA atomic", {"stride_gr", "stride_ad", "stride_od"},
+                         dict(DROPOUT=True, INT64=False, ATOMIC=True), {"D", "stride_am", "stride_or"})],
+                   fixed(lambda es, br: autotune.grad_config(4096, es, br)), kronecker=False),
+        KernelSpec("reduce_splits", _reduce_splits_kernel, lambda dt, ft: {"part_ptr": "fp32", "out_ptr": "fp32"},
+                   [Case("sum of S slabs", {"stride_py", "stride_oy"}, {}, {"Y", "stride_px", "stride_ox", "stride_ps"})],
+                   fixed(lambda es, br: autotune.reduce_config()), kronecker=False, rank_tile=0),
+    ]
+
+
+def _signature(spec: KernelSpec, case: Case, config: triton.Config, dtypes: tuple[str, str, str], flags: dict,
+               block_r: int) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of one compile, specialised as the launcher specialises."""
     dt, ft, precision = dtypes
-    fn = spec.kernel.fn
-    pointers = {k: f"*{v}" for k, v in spec.pointers(dt, ft).items()}
-    if spec.name == "lowrank_grad" and variant["TABLE_OUT"]:
-        pointers["out_ptr"] = "*i64"  # the (R, 5) table of fp32 buffers
-    constexprs = {**variant, **config.kwargs, "DOT_PRECISION": precision, "BLOCK_R": block_r}
-    attrs = {}
-    if layout is not None:
-        constexprs.update({name: 1 for name in spec.layouts[layout]})
-        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
-                 for name in [*pointers, *spec.aligned] if name not in constexprs}
-    if "FACTOR_DTYPE" in fn.arg_names:
-        constexprs["FACTOR_DTYPE"] = TL[ft]
-    if "DTYPE" in fn.arg_names:
-        constexprs["DTYPE"] = TL[dt]
-    signature = {name: pointers.get(name, "constexpr" if name in constexprs else ("fp32" if name == "p" else "i32"))
-                 for name in fn.arg_names}
-    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
-                       attrs=attrs)
-    start = time.perf_counter()
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    return {"kernel": spec.name, "config": {**config.kwargs, "num_warps": config.num_warps,
-                                            "num_stages": config.num_stages},
-            "dtypes": dict(zip(("input", "factor", "dot"), dtypes)), "variant": variant, "layout": layout,
-            "shared_bytes": compiled.metadata.shared, **_registers(compiled.asm["ptx"], arch),
-            "seconds": round(time.perf_counter() - start, 2)}
+    fn = spec.fn
+    names = fn.arg_names
+    types = {k: f"*{v}" for k, v in spec.pointers(dt, ft).items()}
+    if spec.name == "tma_linear":
+        c = config.kwargs
+        types["a_desc"] = f"tensordesc<{dt}[{c['BLOCK_M']}, {c['BLOCK_K']}]>"
+        w_block = (c["BLOCK_N"], c["BLOCK_K"]) if flags["W_KMAJOR"] else (c["BLOCK_K"], c["BLOCK_N"])
+        types["w_desc"] = f"tensordesc<{dt}[{w_block[0]}, {w_block[1]}]>"
+    extra = {"DOT_PRECISION": precision, "BLOCK_R": block_r, "FACTOR_DTYPE": TL[ft], "DTYPE": TL[dt]}
+    constexprs = {**flags, **config.kwargs, **{k: v for k, v in extra.items() if k in names},
+                  **{name: 1 for name in case.units}}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]]
+             for n in [*types, *case.aligned]
+             if n in names and n not in constexprs and not types.get(n, "").startswith("tensordesc")}
+    signature = {n: types.get(n, "constexpr" if n in constexprs else ("fp32" if n == "p" else "i32")) for n in names}
+    return signature, {(names.index(k),): v for k, v in constexprs.items()}, attrs
 
 
-def _registers(ptx: str, arch: int) -> dict:
+def _base_gemm_lines() -> tuple[str, set[int]]:
+    """(file name, source lines) of the pointer base-GEMM loop (``gemm_tiles.matmul_tile``)."""
+    from .gemm_tiles import matmul_tile
+
+    lines, start = inspect.getsourcelines(matmul_tile.fn)
+    return os.path.basename(inspect.getsourcefile(matmul_tile.fn)), set(range(start, start + len(lines)))
+
+
+_LD = re.compile(r"\bld\.global[\w.:]*")
+_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global[^,]*,[^,]*,\s*(0x[0-9a-fA-F]+|\d+)")
+
+
+def _load_bytes(instruction: str) -> int:
+    """Bytes one ``ld.global...`` instruction moves: vector width x element bits / 8."""
+    parts = instruction.split(".")
+    vec = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+    bits = next((int(p[1:]) for p in reversed(parts) if re.fullmatch(r"[bfsu]\d+", p)), 32)
+    return vec * bits // 8
+
+
+def ptx_facts(ptx: str, gemm_file: str, gemm_lines: set[int]) -> dict:
+    """What the PTX shows: TMA, wgmma, and the global loads narrower than 16 bytes (all, and those
+    on source lines of the base-GEMM loop, from the ``.loc`` line table)."""
+    files = {m.group(1): os.path.basename(m.group(2)) for m in re.finditer(r'\.file\s+(\d+)\s+"([^"]+)"', ptx)}
+    current, narrow, narrow_gemm = None, 0, 0
+    for line in ptx.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(".loc"):  # (the .file table comes at the end of the PTX)
+            m = re.match(r"\.loc\s+(\d+)\s+(\d+)", stripped)
+            current = (files.get(m.group(1)), int(m.group(2))) if m else None
+            continue
+        size = None
+        ld = _LD.search(stripped)
+        if ld:
+            size = _load_bytes(ld.group(0))
+        else:
+            cp = _CP_ASYNC.search(stripped)
+            if cp:
+                size = int(cp.group(1), 0)
+        if size is not None and size < 16:
+            narrow += 1
+            narrow_gemm += current is not None and current[0] == gemm_file and current[1] in gemm_lines
+    return {"uses_tma": "cp.async.bulk.tensor" in ptx, "uses_wgmma": "wgmma.mma_async" in ptx,
+            "narrow_global_loads": narrow, "narrow_global_loads_base_gemm": narrow_gemm}
+
+
+def _ptxas(ptx: str, arch: int) -> dict:
     """Registers per thread and spilled bytes from ``ptxas -v`` (the ptxas Triton uses; None if absent)."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
@@ -141,20 +229,31 @@ def _registers(ptx: str, arch: int) -> dict:
             report = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}",
                                      "-v", path, "-o", os.devnull], capture_output=True, text=True).stderr
         regs, spill = re.search(r"Used (\d+) registers", report), re.search(r"(\d+) bytes spill stores", report)
-        return {"registers": int(regs.group(1)), "spill_store_bytes": int(spill.group(1))}
+        return {"registers": int(regs.group(1)), "spill_bytes": int(spill.group(1))}
     except (ImportError, OSError, AttributeError):
-        return {"registers": None, "spill_store_bytes": None}
+        return {"registers": None, "spill_bytes": None}
 
 
-def _largest(configs: list[triton.Config]) -> triton.Config:
-    """The config with the most tile elements times pipeline stages: the one most likely to fail."""
-    return max(configs, key=lambda c: c.num_stages * sum(v for k, v in c.kwargs.items() if k.startswith("BLOCK")))
+def compile_one(spec: KernelSpec, case: Case, config: triton.Config, dtypes: tuple[str, str, str], flags: dict,
+                arch: int, block_r: int) -> dict:
+    """Lower one (kernel, case, config, dtype case, flags) to a cubin; returns the report entry."""
+    signature, constexprs, attrs = _signature(spec, case, config, dtypes, flags, block_r)
+    start = time.perf_counter()
+    compiled = triton.compile(ASTSource(spec.fn, signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    ptx = compiled.asm["ptx"]
+    variant = {"case": case.name, **dict(zip(("input", "factor", "dot"), dtypes)), **flags,
+               **({"BLOCK_R": block_r} if "BLOCK_R" in spec.fn.arg_names else {})}
+    return {"kernel": spec.name, "variant": variant,
+            "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
+            "shared_bytes": compiled.metadata.shared, **_ptxas(ptx, arch), **ptx_facts(ptx, *_base_gemm_lines()),
+            "seconds": round(time.perf_counter() - start, 2)}
 
 
-def run(arch: int = 90, all_configs: bool = False, only: list[str] | None = None,
-        dtype_cases: list[tuple[str, str, str]] = DTYPE_CASES, generic: bool = False, block_r: int = 64) -> list[dict]:
-    """Compile the cases; raises on the first kernel that does not compile (naming the case), and on
-    a config launched without autotuning that needs more shared memory than the arch has."""
+def run(arch: int = 90, quick: bool = False, all_configs: bool = False, only: list[str] | None = None,
+        block_rs: tuple[int, ...] = (16, 64)) -> list[dict]:
+    """Compile the cases; raises on the first kernel that does not compile (naming the case)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset: the GPU configs and code paths are "
                            "chosen when the kernels are imported")
@@ -162,51 +261,68 @@ def run(arch: int = 90, all_configs: bool = False, only: list[str] | None = None
     for spec in _specs():
         if only and spec.name not in only:
             continue
-        tuned = spec.kernel.configs if all_configs else [_largest(spec.kernel.configs)]
-        layouts = [None] if generic else list(spec.layouts)
-        for dtypes, variant, layout in itertools.product(dtype_cases, spec.variants, layouts):
-            fixed = spec.fixed(variant)
-            for config in [fixed] if fixed else tuned:
-                try:
-                    result = compile_one(spec, config, dtypes, variant, arch, layout, block_r)
-                except Exception as err:
-                    raise RuntimeError(f"{spec.name} does not compile for sm_{arch} with {config}, dtypes {dtypes}, "
-                                       f"{variant}, layout {layout}: {err}") from err
-                limit = SHARED_LIMIT.get(arch)
-                if fixed and limit is not None and result["shared_bytes"] > limit:
-                    raise RuntimeError(f"{spec.name} with its fixed config {config} needs {result['shared_bytes']} B "
-                                       f"of shared memory, sm_{arch} has {limit} (dtypes {dtypes}, {variant})")
-                results.append(result)
+        periodic = [False, True] if spec.kronecker else [None]
+        for dtypes in QUICK_DTYPES if quick else DTYPE_CASES:
+            if dtypes[2] == "ieee" and not spec.ieee:
+                continue
+            for case in spec.cases:
+                for kron in periodic:
+                    flags = {**case.flags, **({"PERIODIC": kron} if kron is not None else {})}
+                    for block_r, config in ((b, c) for b in ([spec.rank_tile] if spec.rank_tile is not None else block_rs)
+                                            for c in spec.configs(all_configs, dtypes[0], b, flags)):
+                        try:
+                            results.append(compile_one(spec, case, config, dtypes, flags, arch, block_r))
+                        except Exception as err:
+                            raise RuntimeError(f"{spec.name} ({case.name}) does not compile for sm_{arch} with {config}, "
+                                               f"dtypes {dtypes}, {flags}: {err}") from err
     return results
+
+
+def _write_json(path: str, payload: dict) -> None:
+    """Write ``payload`` to ``path`` through a temporary file and a rename (never half-written)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sharelora_kernels.ops.compile_check",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as a number (default 90)")
-    parser.add_argument("--all-configs", action="store_true", help="every autotune config, not only the largest")
+    parser.add_argument("--quick", action="store_true", help="bf16 base + fp32 adapters only")
+    parser.add_argument("--all-configs", action="store_true", help="the full autotune space, not the perf list")
     parser.add_argument("--only", nargs="*", help="kernel names to compile (default: all)")
-    parser.add_argument("--generic", action="store_true", help="unspecialised arguments (odd sizes, unaligned views)")
-    parser.add_argument("--block-r", type=int, default=64, choices=(16, 32, 64),
-                        help="rank tile: 16 for r <= 16, 64 the largest (default)")
+    parser.add_argument("--block-r", type=int, nargs="+", default=[16, 64], choices=(16, 32, 64),
+                        help="rank tiles of the memory-bound kernels (default 16 and 64: r <= 16 and the largest); "
+                             "the GEMMs' low-rank chunk is fixed")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
-    results = run(args.arch, args.all_configs, args.only, generic=args.generic, block_r=args.block_r)
+    start = time.perf_counter()
+    results = run(args.arch, args.quick, args.all_configs, args.only, tuple(args.block_r))
     limit = SHARED_LIMIT.get(args.arch)
     for r in results:
+        v = r["variant"]
         over = limit is not None and r["shared_bytes"] > limit
-        print(f"{r['kernel']:16s} {r['dtypes']['input']}/{r['dtypes']['factor']}/{r['dtypes']['dot']:4s} "
-              f"{json.dumps(r['config'])} {json.dumps(r['variant'])} [{r['layout']}]: shared {r['shared_bytes']} B, "
-              f"{r['registers']} registers, {r['spill_store_bytes']} B spilled"
+        print(f"{r['kernel']:15s} {v['case']:20s} {v['input']}/{v['factor']}/{v['dot']:4s} {json.dumps(r['config'])}: "
+              f"shared {r['shared_bytes']} B, {r['registers']} registers, {r['spill_bytes']} B spilled, "
+              f"tma {r['uses_tma']}, wgmma {r['uses_wgmma']}, narrow loads {r['narrow_global_loads']} "
+              f"({r['narrow_global_loads_base_gemm']} in the base GEMM)"
               + (f" > sm_{args.arch} limit {limit} (autotune prunes it)" if over else ""))
+    seconds = round(time.perf_counter() - start, 1)
     if args.json:
-        with open(args.json, "w") as f:
-            command = shlex.join(["python", "-m", "sharelora_kernels.ops.compile_check",
-                                  *(sys.argv[1:] if argv is None else argv)])
-            json.dump({"arch": args.arch, "triton": triton.__version__, "command": command, "generic": args.generic,
-                       "block_r": args.block_r,
-                       "shared_limit_bytes": limit, "results": results}, f, indent=1)
-    print(f"compiled {len(results)} kernels for sm_{args.arch}")
+        import torch
+
+        command = shlex.join(["python", "-m", "sharelora_kernels.ops.compile_check",
+                              *(sys.argv[1:] if argv is None else argv)])
+        _write_json(args.json, {"arch": args.arch, "command": command, "date": time.strftime("%Y-%m-%d"),
+                                "versions": {"triton": triton.__version__, "torch": torch.__version__,
+                                             "python": platform.python_version()},
+                                "quick": args.quick, "all_configs": args.all_configs, "block_r": args.block_r,
+                                "shared_limit_bytes": limit, "seconds": seconds, "results": results})
+    print(f"compiled {len(results)} kernels for sm_{args.arch} in {seconds} s")
     return 0
 
 

@@ -6,20 +6,33 @@ Shapes: x (M, K); W_g (N_g, K) frozen (separate tensors, never concatenated); b_
 y_g (M, N_g) in x's dtype. One dropout mask on x is shared by the whole group.
 
 Forward (two launches for the group):
-  1. ``h = dropout(x) A_u^T`` (M, R_u) fp32 in one pass over x, where A_u holds every *distinct*
+  1. ``h = dropout(x) A_u^T`` (M, R_u) fp32 in one pass over x (which draws the group's one dropout
+     mask and keeps it bit-packed for backward), where A_u holds every *distinct*
      A-view of the group once: two modules whose path reads the same tensors through the same view
      (same A and k_offset; same A_s and K_A; same gate core and G_id), e.g. the intra/inter shared
      paths of q, k and v, share its columns of h (computed once).
-  2. every ``y_g`` in ONE grouped GEMM launch (``_grouped_linear_kernel``): a per-module table of
-     pointers (W_g, b_g, y_g, the module's columns of h, its B_eff factor table) and a flat grid of
-     the modules' output tiles; the low-rank term is fused in the epilogue as in the single op.
+  2. every ``y_g`` in ONE grouped GEMM launch (``_grouped_linear_kernel``): a per-module table
+     (W_g, b_g, the module's columns of h, its B_eff factor table) and a flat grid of the modules'
+     output tiles; the low-rank term is one more K-chunk of the accumulator, as in the single op.
 Backward:
-  1. ``dh_u = sum_g s * dy_g B_eff_g`` scattered into the distinct columns (one skinny pass per dy_g).
+  1. per module, ``s * dy_g B_eff_g`` and ``dB_eff_g^T = (s h_g)^T dy_g`` from one read of dy_g
+     (``dy_lowrank``); the first summed into the distinct columns: ``dh_u``.
   2. ``dx = sum_g dy_g W_g + mask(dh_u A_u) / (1 - p)``: ONE GEMM whose K-reduction runs over the
      concatenation of the modules' N_g (the same kernel, one problem with G segments).
-  3. ``dA_u = dh_u^T dropout(x)`` once for the distinct views and ``dB_eff_g^T = (s h_g)^T dy_g``
-     per module, written by the kernel straight into the windows of the call's fp32 gradient
-     buffers (``shared_grad``) for plain and slice paths; gate and kron go through their chain.
+  3. ``dA_u = dh_u^T dropout(x)`` once for the distinct views (``lowrank_grad``, M split with an
+     ordered reduction, or atomic with ``SHARELORA_ATOMIC_GRADS=1``); every factor gradient is
+     added into the windows of the call's fp32 gradient buffers (``shared_grad``) by its chain.
+
+Loads. The strides the group shares (the unit strides, W's row stride) are kernel arguments, and
+when the launcher has checked that every pointer, row stride and size is a 16-byte multiple the
+kernel states so (``tl.multiple_of``): the base-GEMM loop then compiles to 16-byte loads, as the
+single-module kernel's does (``compile_check`` reports the narrow loads it finds). Operands in
+another layout (a transposed x or dy, a non-contiguous W_g) are copied contiguous first.
+
+No host work per call. Everything the kernel reads from tables depends on the plan only (W_g's,
+b_g's and the factor tables' addresses, sizes, h's column indices: ``GroupLaunch``, cached like the
+factor tables, ``tables.cached``); the tensors of one call (x or the dy_g, the outputs, h) are
+pointer arguments, at most ``MAX_MODULES`` of each per launch (larger groups launch in chunks).
 
 Registered as ``sharelora::grouped_lora_linear`` (returns [y_0..y_{G-1}, h]) and
 ``sharelora::grouped_lora_linear_backward`` (mutates the gradient buffers), with fake impls.
@@ -35,28 +48,47 @@ from torch import Tensor
 
 from ..plan import PATH_ROLES
 from ..reference import LoRAPath
-from .fused_lora_linear import _CONFIGS, _check, lowrank_tile, matmul_tile, swizzled_tile
+from .autotune import TunedKernel
+from .dy_lowrank import dy_lowrank
+from .fused_lora_linear import SPACES, _check
+from .gemm_tiles import LOWRANK_CHUNK, lowrank_tile, matmul_tile, tile_coords
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
-from .shared_grad import GradSink, atomic_grads, chain_a, chain_b, direct_window
-from .utils import TL_DTYPES, _rows, build_tables, dot_precision, dropout_seed, path_rank, rank_block, rng_needs_int64
+from .shared_grad import GradSink, atomic_grads, chain_a, chain_b
+from .tables import (FactorTables, cached, index_tensor, path_rank, paths_key, refresh_gates, tables_for,
+                     tensor_key)
+from .utils import TL_DTYPES, dot_precision, dropout_seed, mask_words
 
 KINDS = tuple(PATH_ROLES)
 
 
 # ----------------------------------------------------------------------------- grouped GEMM kernel
-@triton.autotune(configs=_CONFIGS, key=["N_SUM", "K_SUM", "R_MAX", "M_BUCKET", "G"])
+MAX_MODULES = 4  # input and output pointers one launch takes as arguments; larger groups launch in chunks
+
+
 @triton.jit
+def _pick(i, p0, p1, p2, p3):
+    """Pointer argument number ``i`` (0..3)."""
+    return tl.where(i == 0, p0, tl.where(i == 1, p1, tl.where(i == 2, p2, p3)))
+
+
+@triton.jit(do_not_specialize=["M"])
 def _grouped_linear_kernel(
-    prob_ptr, seg_ptr, seed_ptr, p, M, G, N_SUM, K_SUM, R_MAX, M_BUCKET,
-    APPLY_SCALE: tl.constexpr, DROPOUT: tl.constexpr, RNG64: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DTYPE: tl.constexpr, FACTOR_DTYPE: tl.constexpr, PERIODIC: tl.constexpr,
+    prob_ptr, seg_ptr, hcol_ptr, a0, a1, a2, a3, out0, out1, out2, out3, h_ptr, mask_ptr, p,
+    M, G, N_SUM, K_SUM, R_MAX, M_BUCKET, stride_hm, stride_ak, stride_wk, stride_wn, stride_mm,
+    APPLY_SCALE: tl.constexpr, DROPOUT: tl.constexpr, ACCUMULATE: tl.constexpr, ALIGNED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DTYPE: tl.constexpr, FACTOR_DTYPE: tl.constexpr, PERIODIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """For each problem g (a row of 13 int64 of prob_ptr, laid out by ``grouped_linear``): out_g (M, N_g) = sum over its segments s of
-    a_s (M, K_s) @ w_s (K_s, N_g) + bias_g + mask((h_g * scale_g) @ U_g) / (1 - p).
-    Programs are the problems' output tiles laid end to end (problem order, GROUP_M swizzle inside)."""
+    """For each problem g (a row of 9 int64 of prob_ptr: N_g, output slot, bias, B table, scales,
+    R_g, first h column index, first segment, segments; built once per plan by ``GroupLaunch``):
+    out_g (M, N_g) (+)= sum over its segments s (4 int64: input slot, row stride, w, K_s) of
+    a_s (M, K_s) @ w_s (K_s, N_g) + bias_g + mask((h[:, hcol_g] * scale_g) @ U_g) / (1 - p).
+    The per-call tensors (inputs, outputs, h) are the pointer arguments; every output is contiguous,
+    every input shares stride_ak, every w stride_wk / stride_wn; ALIGNED: every pointer, row stride,
+    K_s and N_g is a multiple of 16 bytes. Programs are the problems' output tiles end to end."""
+    vec: tl.constexpr = 128 // DTYPE.primitive_bitwidth if ALIGNED else 1  # elements per 16 bytes
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     prob = pid * 0
@@ -66,76 +98,136 @@ def _grouped_linear_kernel(
         mine = pid >= start
         prob = tl.where(mine, g, prob)
         tile0 = tl.where(mine, start, tile0)
-        start += grid_m * tl.cdiv(tl.load(prob_ptr + g * 13).to(tl.int32), BLOCK_N)
-    row = prob_ptr + prob * 13
-    N = tl.load(row).to(tl.int32)
-    pid_m, pid_n = swizzled_tile(pid - tile0, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
-    rows64 = rows.to(tl.int64)
-
-    acc = lowrank_tile(tl.load(row + 5).to(tl.pointer_type(tl.float32)), tl.load(row + 8).to(tl.pointer_type(tl.int64)),
-                       tl.load(row + 9).to(tl.pointer_type(tl.float32)), seed_ptr, p, rows, rows64, row_mask, cols,
-                       col_mask, N, tl.load(row + 10).to(tl.int32), tl.load(row + 6), tl.load(row + 7), APPLY_SCALE,
-                       DROPOUT, RNG64, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, DTYPE, FACTOR_DTYPE, PERIODIC)
-    seg_first = tl.load(row + 11).to(tl.int32)
-    for s in range(seg_first, seg_first + tl.load(row + 12).to(tl.int32)):
-        seg = seg_ptr + s * 7
-        acc = matmul_tile(acc, tl.load(seg).to(tl.pointer_type(DTYPE)), tl.load(seg + 1), tl.load(seg + 2),
-                          tl.load(seg + 3).to(tl.pointer_type(DTYPE)), tl.load(seg + 4), tl.load(seg + 5), rows64,
-                          row_mask, cols, col_mask, tl.load(seg + 6).to(tl.int32), DOT_PRECISION, BLOCK_K,
-                          False)  # the strides are int64 table entries: offsets are int64 already
-    bias_addr = tl.load(row + 4)
+        start += grid_m * tl.cdiv(tl.load(prob_ptr + g * 9).to(tl.int32), BLOCK_N)
+    row = prob_ptr + prob * 9
+    N = tl.multiple_of(tl.load(row).to(tl.int32), vec)
+    _, pid_n, rows64, row_mask, cols, col_mask = tile_coords(pid - tile0, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = lowrank_tile(h_ptr, hcol_ptr + tl.load(row + 6), tl.load(row + 3).to(tl.pointer_type(tl.int64)),
+                       tl.load(row + 4).to(tl.pointer_type(tl.float32)), mask_ptr, p, stride_mm, rows64, row_mask,
+                       pid_n * BLOCK_N, cols, col_mask, N, tl.load(row + 5).to(tl.int32), stride_hm, 1, True,
+                       APPLY_SCALE, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, DTYPE, FACTOR_DTYPE, PERIODIC)
+    seg_first = tl.load(row + 7).to(tl.int32)
+    for s in range(seg_first, seg_first + tl.load(row + 8).to(tl.int32)):
+        seg = seg_ptr + s * 4
+        w_ptr = tl.multiple_of(tl.load(seg + 2).to(tl.pointer_type(DTYPE)), vec * (DTYPE.primitive_bitwidth // 8))
+        acc = matmul_tile(acc, _pick(tl.load(seg), a0, a1, a2, a3), tl.multiple_of(tl.load(seg + 1), vec), stride_ak,
+                          w_ptr, stride_wk, stride_wn, rows64, row_mask, cols, col_mask,
+                          tl.multiple_of(tl.load(seg + 3).to(tl.int32), vec), DOT_PRECISION, BLOCK_K,
+                          False)  # the row stride is an int64 table entry: offsets are int64 already
+    bias_addr = tl.load(row + 2)
     if bias_addr != 0:
         acc += tl.load(bias_addr.to(tl.pointer_type(DTYPE)) + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    out_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
-    out = out_ptr + rows64[:, None] * tl.load(row + 2) + cols[None, :] * tl.load(row + 3)
-    tl.store(out, acc.to(DTYPE), mask=row_mask[:, None] & col_mask[None, :])
+    out = _pick(tl.load(row + 1), out0, out1, out2, out3) + rows64[:, None] * N + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out, acc.to(DTYPE), mask=mask)
 
 
-class Problem(NamedTuple):
-    """One output of a grouped launch: out (M, N) = sum_s a_s @ w_s + bias + low-rank term.
-
-    segments: (a (M, K_s), w_kn (K_s, N)) pairs; h (M, R) fp32 and table (R, 5) over N for the
-    low-rank term; scale (R,) fp32 (used when the launch applies scales)."""
-
-    out: Tensor
-    bias: Tensor | None
-    segments: list[tuple[Tensor, Tensor]]
-    h: Tensor
-    table: Tensor
-    scale: Tensor
+grouped_kernel = TunedKernel(_grouped_linear_kernel, SPACES,
+                             key=["N_SUM", "K_SUM", "R_MAX", "M_BUCKET", "G", "DROPOUT", "stride_wk", "FACTOR_DTYPE"])
 
 
-def grouped_linear(problems: Sequence[Problem], factor_dtype: tl.dtype, periodic: bool, apply_scale: bool,
-                   dropout_p: float, seed: Tensor) -> None:
-    """Fill every ``problem.out`` in one launch of ``_grouped_linear_kernel`` (``periodic``: some
-    problem's table may hold Kronecker rows)."""
-    first = problems[0]
-    m, dtype, device = first.out.shape[0], first.out.dtype, first.out.device
-    prob_rows, seg_rows = [], []
-    for q in problems:
-        prob_rows.append([q.out.shape[1], q.out.data_ptr(), q.out.stride(0), q.out.stride(1),
-                          0 if q.bias is None else q.bias.data_ptr(), q.h.data_ptr(), q.h.stride(0), q.h.stride(1),
-                          q.table.data_ptr(), q.scale.data_ptr(), q.table.shape[0], len(seg_rows), len(q.segments)])
-        seg_rows += [[a.data_ptr(), a.stride(0), a.stride(1), w.data_ptr(), w.stride(0), w.stride(1), a.shape[1]]
-                     for a, w in q.segments]
-    ns = [q.out.shape[1] for q in problems]
-    if m == 0 or sum(ns) == 0:
+class Chunk(NamedTuple):
+    """One launch of a ``GroupLaunch``: its problem and segment tables (device, int64), the output
+    width of each problem, the summed reduction width, the largest rank, and whether it adds onto
+    the outputs (a later chunk of dx's segments)."""
+
+    prob: Tensor
+    seg: Tensor
+    ns: list[int]
+    k_sum: int
+    r_max: int
+    accumulate: bool
+
+
+class GroupLaunch(NamedTuple):
+    """Everything of a grouped GEMM that depends on the plan only, built once and cached: the
+    chunks of at most ``MAX_MODULES`` problems (forward) or segments (dx), the column index of h
+    per problem, what they point at that must stay alive (the factor tables; the copies of a
+    non-contiguous W_g or b_g, in a launch built for one call), W's strides, whether the static
+    sizes and addresses are 16-byte aligned. A cached launch holds no parameter: its key is their
+    addresses, so a replaced parameter gets a new launch and the old one is never read again."""
+
+    chunks: list[Chunk]
+    hcols: Tensor
+    keep: tuple
+    w_strides: tuple[int, int]
+    aligned: bool
+    factor_dtype: tl.dtype
+    periodic: bool
+
+
+def _table(rows: list[list[int]], device: torch.device) -> Tensor:
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), -1).to(device)
+
+
+def forward_launch(weights: Sequence[Tensor], biases: Sequence[Tensor | None], module_tables: Sequence[FactorTables],
+                   cols: Sequence[list[int]], device: torch.device, keep: tuple = ()) -> GroupLaunch:
+    """The forward: problem g is y_g = x W_g^T + b_g + (h[:, cols_g] s_g) B_eff_g^T (W_g, b_g contiguous)."""
+    k = weights[0].shape[1]
+    offsets = [sum(len(c) for c in cols[:g]) for g in range(len(cols))]
+    chunks = []
+    for c0 in range(0, len(weights), MAX_MODULES):
+        prob = [[w.shape[0], g - c0, 0 if b is None else b.data_ptr(), t.b.data_ptr(), t.scale.data_ptr(),
+                 t.b.shape[0], offsets[g], g - c0, 1]
+                for g, (w, b, t) in enumerate(zip(weights, biases, module_tables)) if c0 <= g < c0 + MAX_MODULES]
+        seg = [[0, k, w.data_ptr(), k] for w in weights[c0:c0 + MAX_MODULES]]
+        chunks.append(Chunk(_table(prob, device), _table(seg, device), [r[0] for r in prob], k, max(r[5] for r in prob),
+                            False))
+    aligned = _aligned_static([k, *(w.shape[0] for w in weights)], [w.data_ptr() for w in weights] +
+                              [b.data_ptr() for b in biases if b is not None], weights[0].element_size())
+    return GroupLaunch(chunks, index_tensor([c for cs in cols for c in cs], device, torch.int32),
+                       (*module_tables, *keep), (1, k), aligned, module_tables[0].dtype,
+                       any(t.periodic for t in module_tables))
+
+
+def dx_launch(weights: Sequence[Tensor], views: FactorTables, device: torch.device, keep: tuple = ()) -> GroupLaunch:
+    """dx = sum_g dy_g W_g + mask(dh A_u) / (1 - p): one problem, a segment per module (W_g contiguous);
+    chunks of MAX_MODULES segments, the first with the low-rank term, the others adding onto dx."""
+    k, r = weights[0].shape[1], views.a.shape[0]
+    chunks = []
+    for c0 in range(0, len(weights), MAX_MODULES):
+        part = weights[c0:c0 + MAX_MODULES]
+        rank = r if c0 == 0 else 0
+        prob = [[k, 0, 0, views.a.data_ptr(), views.scale.data_ptr(), rank, 0, 0, len(part)]]
+        seg = [[i, w.shape[0], w.data_ptr(), w.shape[0]] for i, w in enumerate(part)]
+        chunks.append(Chunk(_table(prob, device), _table(seg, device), [k], sum(w.shape[0] for w in part), rank,
+                            c0 > 0))
+    aligned = _aligned_static([k, *(w.shape[0] for w in weights)], [w.data_ptr() for w in weights],
+                              weights[0].element_size())
+    return GroupLaunch(chunks, index_tensor(list(range(r)), device, torch.int32), (views, *keep), (k, 1), aligned,
+                       views.dtype, views.periodic)
+
+
+def _aligned_static(sizes: list[int], addresses: list[int], elem_bytes: int) -> bool:
+    return all((n * elem_bytes) % 16 == 0 for n in sizes) and all(a % 16 == 0 for a in addresses)
+
+
+def grouped_linear(launch: GroupLaunch, inputs: Sequence[Tensor], outputs: Sequence[Tensor], h: Tensor,
+                   apply_scale: bool, dropout_p: float, mask: Tensor) -> None:
+    """Run ``launch``'s chunks: forward (inputs [x], one output per module) or dx (one input dy_g
+    per module, outputs [dx]); h (M, R) fp32 (forward: h, dx: dh); ``mask``: the bit-packed dropout
+    mask of the outputs' coordinates, read when ``dropout_p > 0``. Inputs and outputs contiguous."""
+    m = outputs[0].shape[0]
+    if m == 0:
         return
-    prob = torch.tensor(prob_rows, dtype=torch.int64).to(device)
-    seg = torch.tensor(seg_rows, dtype=torch.int64).to(device)
-    r_max = max(q.table.shape[0] for q in problems)
-    grid = lambda meta: (sum(triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]) for n in ns),)
-    _grouped_linear_kernel[grid](
-        prob, seg, seed, dropout_p, m, len(problems), sum(ns), sum(a.shape[1] for a, _ in first.segments), r_max,
-        triton.next_power_of_2(m),
-        APPLY_SCALE=apply_scale, DROPOUT=dropout_p > 0, RNG64=rng_needs_int64(m, max(ns)),
-        DOT_PRECISION=dot_precision(dtype), DTYPE=TL_DTYPES[dtype], FACTOR_DTYPE=factor_dtype, PERIODIC=periodic,
-        BLOCK_R=rank_block(max(r_max, 1)),
-    )
+    dtype = outputs[0].dtype
+    aligned = launch.aligned and all(t.data_ptr() % 16 == 0 for t in (*inputs, *outputs))
+    dropout = dropout_p > 0
+    for c, chunk in enumerate(launch.chunks):
+        ins = inputs if len(inputs) == 1 else inputs[c * MAX_MODULES:(c + 1) * MAX_MODULES]
+        outs = outputs if len(outputs) == 1 else outputs[c * MAX_MODULES:(c + 1) * MAX_MODULES]
+        ins, outs = [*ins, *[ins[0]] * (4 - len(ins))], [*outs, *[outs[0]] * (4 - len(outs))]
+        grid = lambda meta: (sum(triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]) for n in chunk.ns),)
+        grouped_kernel[grid](
+            chunk.prob, chunk.seg, launch.hcols, *ins, *outs, h, mask if dropout else h, dropout_p,
+            m, len(chunk.ns), sum(chunk.ns), chunk.k_sum, chunk.r_max, triton.next_power_of_2(m), h.stride(0), 1,
+            *launch.w_strides, mask.stride(0) if dropout else 0,
+            APPLY_SCALE=apply_scale, DROPOUT=dropout, ACCUMULATE=chunk.accumulate, ALIGNED=aligned,
+            DOT_PRECISION=dot_precision(dtype), DTYPE=TL_DTYPES[dtype], FACTOR_DTYPE=launch.factor_dtype,
+            PERIODIC=launch.periodic, BLOCK_R=LOWRANK_CHUNK,
+        )
 
 
 # ----------------------------------------------------------------------------- the group's paths
@@ -200,106 +292,105 @@ def decode(tensors: Sequence[Tensor], layout: Sequence[int], scales: Sequence[fl
 
 
 def _columns(h: Tensor, cols: list[int]) -> Tensor:
-    """h[:, cols]: a view when the columns are one contiguous run."""
+    """h[:, cols]: a view when the columns are one contiguous run, else a copy (cached device index)."""
     if cols and cols == list(range(cols[0], cols[0] + len(cols))):
         return h[:, cols[0]:cols[0] + len(cols)]
-    return h[:, cols]
+    return h.index_select(1, index_tensor(cols, h.device))
 
 
 # ----------------------------------------------------------------------------- custom ops
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def _forward_launch(weights: list[Tensor], biases: list[Tensor | None], grp: Group,
+                    device: torch.device) -> GroupLaunch:
+    """The cached forward launch of the group (built per call, from contiguous copies, for a W_g or
+    b_g that is not contiguous: an unusual layout this does not optimise)."""
+    module_tables = [tables_for(ps, device) for ps in grp.paths]
+    if all(t is None or t.is_contiguous() for t in (*weights, *biases)):
+        key = ("grouped forward", *map(tensor_key, weights), *map(tensor_key, biases),
+               *(paths_key(ps, device) for ps in grp.paths), tuple(map(tuple, grp.cols)))
+        return cached(key, lambda: forward_launch(weights, biases, module_tables, grp.cols, device))
+    copies = [w.contiguous() for w in weights], [_contiguous(b) for b in biases]
+    return forward_launch(*copies, module_tables, grp.cols, device, keep=(*copies[0], *copies[1]))
+
+
 @torch.library.custom_op("sharelora::grouped_lora_linear", mutates_args=())
 def _forward_op(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], tensors: list[Tensor],
                 layout: list[int], scales: list[float], dropout_p: float, seed: Tensor) -> list[Tensor]:
-    """Returns [y_0 (M, N_0), ..., y_{G-1}, h (M, R_u) float32 = dropout(x) A_u^T (saved for backward)]."""
+    """Returns [y_0 (M, N_0), ..., y_{G-1}, h (M, R_u) float32 = dropout(x) A_u^T, the dropout mask
+    (M, ceil(K / 32)) int32 bit-packed (empty when dropout_p == 0)]; h and the mask are saved for backward."""
     grp = decode(tensors, layout, scales, len(weights))
-    views = build_tables(grp.views, x.device)
-    h = lowrank_project(x, views.a, views.dtype, views.periodic, None, dropout_p, seed)
-    ys, problems, keep = [], [], []
-    for w, b, module_paths, cols in zip(weights, biases, grp.paths, grp.cols):
-        tables = build_tables(module_paths, x.device)
-        y = x.new_empty((x.shape[0], w.shape[0]))
-        problems.append(Problem(y, None if b is None else b.contiguous(), [(x, w.t())], _columns(h, cols),
-                                tables.b, tables.scale))
-        ys.append(y)
-        keep.append(tables)
-    grouped_linear(problems, views.dtype, any(t.periodic for t in keep), True, 0.0, seed)
-    return [*ys, h]
+    views = tables_for(grp.views, x.device)
+    h, mask = lowrank_project(x, views.a, views.dtype, views.periodic, dropout_p, seed)
+    ys = [x.new_empty((x.shape[0], w.shape[0])) for w in weights]
+    launch = _forward_launch(list(weights), list(biases), grp, x.device)
+    grouped_linear(launch, [x.contiguous()], ys, h, True, 0.0, mask)
+    return [*ys, h, mask]
 
 
 @_forward_op.register_fake
 def _(x, weights, biases, tensors, layout, scales, dropout_p, seed):
     grp = decode(tensors, layout, scales, len(weights))
-    r = sum(path_rank(v) for v in grp.views)
-    return [*(x.new_empty((x.shape[0], w.shape[0])) for w in weights), x.new_empty((x.shape[0], r), dtype=torch.float32)]
+    r, m = sum(path_rank(v) for v in grp.views), x.shape[0]
+    mask = x.new_empty((m, mask_words(x.shape[1])) if dropout_p > 0 else (0,), dtype=torch.int32)
+    return [*(x.new_empty((m, w.shape[0])) for w in weights), x.new_empty((m, r), dtype=torch.float32), mask]
 
 
-def _add_factor_grads(paths: list[LoRAPath], roles: list[list[int]], factor: str, g: Tensor, a: Tensor,
-                      dropout_p: float, seed: Tensor, bufs: list[Tensor], atomic: bool) -> None:
-    """Add ``g^T dropout(a)`` (the gradient of every path's A_eff, or B_eff^T) into ``bufs``: rows of a
-    plain/slice path whose tensor has a buffer go straight into its window (each tensor at most once
-    per launch, so rows never alias); the others land in an fp32 scratch and go through the chain."""
-    if g.shape[1] == 0 or not any(b.numel() for b in bufs):
-        return
-    targets, used, n_scratch = [], set(), 0  # per path: (buffer index, rank_dim, offset) or scratch row
-    for p, idx in zip(paths, roles):
-        win = direct_window(p, factor)
-        if win is not None and bufs[idx[win[0]]].numel() and idx[win[0]] not in used:
-            used.add(idx[win[0]])
-            targets.append((idx[win[0]], 0, win[1][1]) if factor == "a" else (idx[win[0]], 1, win[1][0]))
-        else:
-            targets.append(n_scratch)
-            n_scratch += path_rank(p)
-    scratch = torch.zeros((n_scratch, a.shape[1]), device=a.device, dtype=torch.float32)
-    rows = []
-    for p, target in zip(paths, targets):
-        if isinstance(target, tuple):
-            rows += _rows(bufs[target[0]], target[1], target[2])
-        else:
-            rows += _rows(scratch, 0, 0)[target:target + path_rank(p)]
-    lowrank_grad(g, a, dropout_p, seed, torch.tensor(rows, dtype=torch.int64).to(a.device), atomic)
+def _add_chain(paths: list[LoRAPath], roles: list[list[int]], factor: str, grad: Tensor, bufs: list[Tensor]) -> None:
+    """Add the gradient of every path's A_eff (``factor`` "a", grad (R, K)) or B_eff^T ("b", (R, N)),
+    ranks concatenated in path order, into the windows of the tensors' fp32 buffers (empty buffer: no
+    gradient wanted), through each path's chain rule (``shared_grad``)."""
     chain = chain_a if factor == "a" else chain_b
-    for p, idx, target in zip(paths, roles, targets):
-        if isinstance(target, tuple):
-            continue
-        for role, grad, (w0, w1) in chain(p, scratch[target:target + path_rank(p)]):
-            if bufs[idx[role]].numel():
-                bufs[idx[role]][w0:w0 + grad.shape[0], w1:w1 + grad.shape[1]].add_(grad)
+    r0 = 0
+    for p, idx in zip(paths, roles):
+        r1 = r0 + path_rank(p)
+        for role, g, (w0, w1) in chain(p, grad[r0:r1]):
+            buf = bufs[idx[role]]
+            if buf.numel():
+                buf[w0:w0 + g.shape[0], w1:w1 + g.shape[1]].add_(g)
+        r0 = r1
 
 
 @torch.library.custom_op("sharelora::grouped_lora_linear_backward", mutates_args=("bufs",))
-def _backward_op(dys: list[Tensor], x: Tensor, weights: list[Tensor], h: Tensor, tensors: list[Tensor],
-                 layout: list[int], scales: list[float], dropout_p: float, seed: Tensor, needs_dx: bool,
-                 bufs: list[Tensor], atomic: bool) -> Tensor:
+def _backward_op(dys: list[Tensor], x: Tensor, weights: list[Tensor], h: Tensor, mask: Tensor, tensors: list[Tensor],
+                 layout: list[int], scales: list[float], dropout_p: float, needs_dx: bool, bufs: list[Tensor],
+                 atomic: bool) -> Tensor:
     """Returns dx (M, K) in x's dtype (empty unless needs_dx); adds every tensor's gradient into bufs[i]
-    (fp32, the tensor's shape; an empty tensor for a tensor that needs none)."""
+    (fp32, the tensor's shape; an empty tensor for a tensor that needs none). mask: the forward's."""
     grp = decode(tensors, layout, scales, len(weights))
-    views = build_tables(grp.views, x.device)
+    views = tables_for(grp.views, x.device)
     dh = torch.zeros_like(h)
-    module_tables = [build_tables(ps, x.device) for ps in grp.paths]
-    for dy, tables, cols in zip(dys, module_tables, grp.cols):
-        # index_add_: two paths of one module may read the same A view (repeated columns)
-        dh.index_add_(1, torch.tensor(cols, device=dh.device),
-                      lowrank_project(dy, tables.b, tables.dtype, tables.periodic, tables.scale))
+    dys = [dy.contiguous() for dy in dys]
+    for dy, module_paths, module_roles, cols in zip(dys, grp.paths, grp.roles, grp.cols):
+        tables = tables_for(module_paths, x.device)
+        dh_g, grad_b = dy_lowrank(dy, _columns(h, cols), tables.b, tables.scale, tables.dtype, tables.periodic)
+        dh.index_add_(1, index_tensor(cols, x.device), dh_g)  # index_add_: two paths of one module may read one view
+        _add_chain(module_paths, module_roles, "b", grad_b, bufs)
     dx = x.new_empty((0,))
     if needs_dx:
         dx = x.new_empty(x.shape)
-        grouped_linear([Problem(dx, None, list(zip(dys, weights)), dh, views.a, views.scale)], views.dtype,
-                       views.periodic, False, dropout_p, seed)
-    _add_factor_grads(grp.views, grp.view_roles, "a", dh, x, dropout_p, seed, bufs, atomic)
-    for dy, module_paths, module_roles, tables, cols in zip(dys, grp.paths, grp.roles, module_tables, grp.cols):
-        _add_factor_grads(module_paths, module_roles, "b", _columns(h, cols) * tables.scale, dy, 0.0, seed, bufs,
-                          atomic)
+        if all(w.is_contiguous() for w in weights):
+            key = ("grouped dx", *map(tensor_key, weights), *paths_key(grp.views, x.device))
+            launch = cached(key, lambda: dx_launch(weights, views, x.device))
+            refresh_gates(launch.keep[0], grp.views)  # its A table, if evicted from the table cache since
+        else:
+            copies = [w.contiguous() for w in weights]
+            launch = dx_launch(copies, views, x.device, keep=tuple(copies))
+        grouped_linear(launch, dys, [dx], dh, False, dropout_p, mask)
+    _add_chain(grp.views, grp.view_roles, "a", lowrank_grad(dh, x, mask, dropout_p, atomic), bufs)
     return dx
 
 
 @_backward_op.register_fake
-def _(dys, x, weights, h, tensors, layout, scales, dropout_p, seed, needs_dx, bufs, atomic):
+def _(dys, x, weights, h, mask, tensors, layout, scales, dropout_p, needs_dx, bufs, atomic):
     return x.new_empty(x.shape if needs_dx else (0,))
 
 
 def _setup_context(ctx, inputs, output):
     x, weights, biases, tensors, layout, scales, dropout_p, seed = inputs
-    ctx.save_for_backward(x, output[-1], seed, *weights, *tensors)
+    ctx.save_for_backward(x, output[-2], output[-1], *weights, *tensors)
     ctx.layout, ctx.scales, ctx.dropout_p, ctx.modules = layout, scales, dropout_p, len(weights)
     ctx.atomic = atomic_grads()
     # The frozen base gets no gradient: one None per weight, and one per bias when every bias is a
@@ -308,12 +399,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grads):
-    x, h, seed, *rest = ctx.saved_tensors
+    x, h, mask, *rest = ctx.saved_tensors
     weights, tensors = rest[:ctx.modules], rest[ctx.modules:]
-    dys = list(grads[:-1])
+    dys = list(grads[:-2])
     sink = GradSink(tensors, [t.requires_grad for t in tensors])
     bufs = [b if b is not None else x.new_empty((0,), dtype=torch.float32) for b in sink.buffers]
-    dx = _backward_op(dys, x, weights, h, tensors, ctx.layout, ctx.scales, ctx.dropout_p, seed, x.requires_grad,
+    dx = _backward_op(dys, x, weights, h, mask, tensors, ctx.layout, ctx.scales, ctx.dropout_p, x.requires_grad,
                       bufs, ctx.atomic)
     return (dx if x.requires_grad else None), [None] * ctx.modules, ctx.bias_grads, sink.grads(), None, None, None, None
 
@@ -354,4 +445,4 @@ def grouped_lora_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[T
     seed = dropout_seed(p, x.device)
     tensors, layout, scales = encode(paths)
     outs = _forward_op(x2, list(weights), list(biases), tensors, layout, scales, p, seed)
-    return tuple(y.reshape(*x.shape[:-1], w.shape[0]) for y, w in zip(outs[:-1], weights))
+    return tuple(y.reshape(*x.shape[:-1], w.shape[0]) for y, w in zip(outs[:-2], weights))

@@ -3,8 +3,8 @@
 A shared A_s / B_s (similarity sets, share_a/b/ab, Bi-Share intra/inter) is read by many modules.
 Within one backward call (one module, or one input group of modules), every contribution to a
 tensor is added into the *window* it reads (slice offsets) of ONE fp32 buffer of the tensor's
-shape, in kernel where possible (plain and slice paths) and otherwise through the small chain
-rule below (gate, kron): no padded full-size gradient per module. The buffer is cast once to the
+shape, through the small chain rule below (slice window, Kronecker fold, gate core): no padded
+full-size gradient per module. The buffer is cast once to the
 tensor's dtype and handed to autograd as that call's gradient; autograd sums the calls of
 different layers into ``.grad`` as they arrive (each buffer is freed once added), so the peak
 memory of a shared tensor's gradient stays a few buffers, whatever the number of its users.
@@ -15,9 +15,9 @@ same tensor (e.g. a penalty on the adapter weights computed after the forward), 
 in-place additions are silently lost. Every buffer here is complete when it is handed over.
 
 Determinism: each element of a buffer is written by one program in a fixed order, so the default
-mode is bitwise reproducible. ``SHARELORA_ATOMIC_GRADS=1`` (or ``atomic_grads=True``) lets the
-kernels ``tl.atomic_add`` with the token reduction split across programs: faster on big M, not
-bitwise reproducible.
+mode is bitwise reproducible (the kernels split the token reduction across programs and add the
+partial sums in a fixed order). ``SHARELORA_ATOMIC_GRADS=1`` (or ``atomic_grads=True``) lets the
+grouped op's dA splits ``tl.atomic_add`` instead: one launch fewer, not bitwise reproducible.
 """
 from __future__ import annotations
 
@@ -78,8 +78,8 @@ class GradSink:
 
 # ----------------------------------------------------------------------------- chain rule
 def direct_window(path: LoRAPath, factor: str) -> tuple[int, tuple[int, int]] | None:
-    """(role index, window) when the kernel can add a path's dA_eff / dB_eff^T rows straight into
-    the tensor's buffer (plain and slice paths), else None (gate, kron: go through ``chain``)."""
+    """(role index, window) of a plain or slice path's dA_eff / dB_eff^T inside its tensor's buffer
+    (the gradient is the factor's, added at its offsets), else None (gate, kron: a chain rule)."""
     if path.kind not in ("plain", "slice"):
         return None
     return (0, (0, path.k_offset)) if factor == "a" else (1, (path.n_offset, 0))

@@ -1,101 +1,26 @@
-"""Pieces shared by the fused LoRA kernels: the factor table, the dropout mask, launch settings.
+"""Pieces shared by the fused LoRA kernels: dtypes, index widths, the MMA, factor loads, the dropout mask.
 
-Factor table. Every path kind (plain, slice, gate, kron) is a low-rank product whose effective
-factors ``A_eff (R, K)`` and ``B_eff (N, R)`` are structured views of parameters. The kernels see
-all paths at once, ranks concatenated (R = sum of the path ranks), through one table per factor:
-row ``i`` describes the vector ``U[i, :]`` (row i of ``A_eff`` over K, or column i of ``B_eff``
-over N) as five int64 numbers
+The factor tables that ``load_factor`` reads are described and built in ``tables.py``.
 
-    base    byte address of element 0 of the vector (slice offsets already added)
-    stride  element stride along the vector
-    period  0, or the Kronecker block ``d``: then U[i, n] = coef[n // d] * base[(n % d) * stride]
-    coef    byte address of the Kronecker kernel (K_A or K_B), 0 if none
-    cstride element stride of the Kronecker kernel
-
-so slices are pointer offsets, Kronecker factors are expanded tile by tile while loading (x is
-folded by K_A, the output tiled by K_B), and nothing (R, K)-, (N, R)- or (N, K)-sized is built.
-The gate path's ``A_eff = C G_id`` is a tiny (g, K) tensor made in torch (``gate_a_eff``); the
-table points at it, so it must outlive the launch (``FactorTables.keep``).
+Dropout mask. Drawn once, in the forward projection (``lowrank_input``), four keep decisions per
+Philox call (``tl.rand4x``), and stored bit-packed: an (M, ceil(K / 32)) int32 tensor whose bit b
+of word w of row m keeps element (m, 32 w + b) of x (M * K / 8 bytes). dx and dA read those bits
+(``load_keep``); backward draws nothing, so the mask it applies is the forward's, bit for bit.
 """
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference import LoRAPath, gate_core
-
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERPRET = tl.constexpr(INTERPRET)
 
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-class FactorTables(NamedTuple):
-    """Device tables of one call: ``a`` (R, 5) rows of A_eff over K, ``b`` (R, 5) columns of
-    B_eff over N, ``scale`` (R,) float32 path scale of every rank, ``keep`` temporaries the
-    tables point into, ``dtype`` the Triton dtype of every adapter tensor (it may differ from
-    x's: fp32 adapters of a bf16 base are loaded as fp32 and rounded to bf16 for the MMA),
-    ``periodic`` whether any row is a Kronecker row (kernels compiled without it skip the
-    period/coefficient arithmetic)."""
-
-    a: Tensor
-    b: Tensor
-    scale: Tensor
-    keep: tuple[Tensor, ...]
-    dtype: tl.dtype
-    periodic: bool
-
-
-def path_rank(path: LoRAPath) -> int:
-    """Rank the path contributes to the concatenated R (g for a gate path)."""
-    return path.tensors[2].shape[0] if path.kind == "gate" else path.tensors[0].shape[0]
-
-
-def gate_a_eff(path: LoRAPath) -> Tensor:
-    """``A_eff = C G_id`` (g, K) of a gate path: fp32 math, cast once to the adapter dtype."""
-    fp32 = path._replace(tensors=tuple(t.float() for t in path.tensors))
-    return (gate_core(fp32) @ fp32.tensors[2]).to(path.tensors[0].dtype).contiguous()
-
-
-def _rows(t: Tensor, rank_dim: int, offset: int, period: int = 0, coef: Tensor | None = None,
-          coef_dim: int = 0) -> list[list[int]]:
-    """Table rows of the vectors of ``t`` indexed along ``rank_dim``, read from ``offset`` on."""
-    long_dim = 1 - rank_dim
-    es = t.element_size()
-    base = t.data_ptr() + offset * t.stride(long_dim) * es
-    c_addr, c_stride = (coef.data_ptr(), coef.stride(coef_dim)) if coef is not None else (0, 0)
-    return [[base + i * t.stride(rank_dim) * es, t.stride(long_dim), period, c_addr, c_stride]
-            for i in range(t.shape[rank_dim])]
-
-
-def build_tables(paths: Sequence[LoRAPath], device: torch.device) -> FactorTables:
-    """The factor tables of ``paths`` (validated by the caller) on ``device``."""
-    a_rows, b_rows, scales, keep = [], [], [], []
-    for p in paths:
-        t = p.tensors
-        if p.kind in ("plain", "slice"):
-            a_rows += _rows(t[0], 0, p.k_offset)
-            b_rows += _rows(t[1], 1, p.n_offset)
-        elif p.kind == "gate":
-            a_eff = gate_a_eff(p)
-            keep.append(a_eff)
-            a_rows += _rows(a_eff, 0, 0)
-            b_rows += _rows(t[5], 1, 0)
-        else:  # kron: A = K_A (x) A_s, B = K_B (x) B_s
-            d = t[0].shape[1]
-            a_rows += _rows(t[0], 0, 0, d, t[2], 1)
-            b_rows += _rows(t[1], 1, 0, d, t[3], 0)
-        scales += [p.scale] * path_rank(p)
-    as_table = lambda rows: torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
-    scale = torch.tensor(scales, dtype=torch.float32).to(device, non_blocking=True)
-    return FactorTables(as_table(a_rows), as_table(b_rows), scale, tuple(keep), TL_DTYPES[paths[0].tensors[0].dtype],
-                        any(p.kind == "kron" for p in paths))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -106,15 +31,21 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def dropout_seed(p: float, device: torch.device) -> Tensor:
-    """A fresh (1,) int64 seed for a dropout mask drawn in-kernel (zeros when p == 0: no mask)."""
+    """A (1,) int64 seed for the dropout mask, drawn on ``device`` from its generator (a device op:
+    no host data, and capturable in a CUDA graph); zeros when p == 0 (no mask is drawn)."""
     if p > 0:
         return torch.randint(0, 2**31 - 1, (1,), device=device)
     return torch.zeros(1, dtype=torch.int64, device=device)
 
 
+def mask_words(k: int) -> int:
+    """int32 words per row of the bit-packed dropout mask of an (M, K) input."""
+    return triton.cdiv(k, 32)
+
+
 def rng_needs_int64(m: int, k: int) -> bool:
-    """Whether dropout offsets ``row * K + col`` of an (M, K) input overflow int32."""
-    return m * k > 2**31 - 1
+    """Whether the Philox offsets ``row * ceil(K / 4) + col // 4`` of an (M, K) input overflow int32."""
+    return m * triton.cdiv(k, 4) > 2**31 - 1
 
 
 def needs_int64_index(*tensors: Tensor) -> bool:
@@ -126,11 +57,6 @@ def needs_int64_index(*tensors: Tensor) -> bool:
 def rank_block(r: int) -> int:
     """Rank tile: a power of two in [16, 64] (tl.dot needs >= 16 on GPU)."""
     return max(16, min(64, triton.next_power_of_2(r)))
-
-
-def pick_configs(gpu: list[triton.Config], interp: triton.Config) -> list[triton.Config]:
-    """H100-class autotune configs on GPU; one small fixed config under the interpreter."""
-    return [interp] if INTERPRET else gpu
 
 
 @triton.jit
@@ -148,16 +74,6 @@ def index64(idx, INT64: tl.constexpr):
     if INT64:
         idx = idx.to(tl.int64)
     return idx
-
-
-@triton.jit
-def dropout_keep(seed, rows, cols, n_cols, p, RNG64: tl.constexpr):
-    """Keep mask (rows x cols) of the one dropout mask on an (M, n_cols) input: rand >= p."""
-    if RNG64:
-        offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    else:
-        offsets = rows[:, None] * n_cols + cols[None, :]
-    return tl.rand(seed, offsets) >= p
 
 
 @triton.jit
@@ -183,3 +99,37 @@ def load_factor(table_ptr, ranks, rank_mask, offs, offs_mask, DTYPE: tl.constexp
     coef_ptrs = coef_base.to(tl.pointer_type(FACTOR_DTYPE))[:, None] + (offs[None, :] // safe_period) * coef_stride[:, None]
     coef = tl.load(coef_ptrs, mask=mask & kron, other=1.0).to(tl.float32)
     return (u * coef).to(DTYPE)
+
+
+@triton.jit
+def draw_keep(seed, rows, col0, n_cols, p, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, RNG64: tl.constexpr):
+    """Keep decisions (BLOCK_M, BLOCK_D) of the dropout mask of an (M, n_cols) input at ``rows`` x
+    columns ``col0 + arange(BLOCK_D)`` (col0 a multiple of 4): one Philox call (``rand4x``) per 4
+    consecutive columns, interleaved back into column order."""
+    first = col0 // 4 + tl.arange(0, BLOCK_D // 4)  # the Philox counter of each run of 4 columns
+    if RNG64:
+        offsets = rows.to(tl.int64)[:, None] * tl.cdiv(n_cols, 4) + first[None, :]
+    else:
+        offsets = rows[:, None] * tl.cdiv(n_cols, 4) + first[None, :]
+    u0, u1, u2, u3 = tl.rand4x(seed, offsets)
+    u = tl.join(tl.join(u0, u1), tl.join(u2, u3))  # (BLOCK_M, BLOCK_D // 4, 2, 2): column 4j + 2a + b <- u_{a + 2b}
+    return tl.reshape(u, (BLOCK_M, BLOCK_D)) >= p
+
+
+@triton.jit
+def pack_keep(keep, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(BLOCK_M, BLOCK_D) booleans -> (BLOCK_M, BLOCK_D // 32) int32 words, bit b = column 32 w + b."""
+    bits = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_D // 32, 32)) << tl.arange(0, 32)[None, None, :]
+    return tl.sum(bits, axis=2)  # disjoint bits: the sum is their OR (bit 31 wraps to the sign, as wanted)
+
+
+@triton.jit
+def load_keep(mask_ptr, stride_mm, rows64, row_mask, col0, n_cols, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Keep decisions (BLOCK_M, BLOCK_D) at ``rows`` x columns ``col0 + arange(BLOCK_D)`` (col0 a
+    multiple of 32) of the bit-packed mask of an (M, n_cols) input: BLOCK_D / 32 words per row
+    loaded, their bits spread out (columns past n_cols: garbage the caller masks)."""
+    words = col0 // 32 + tl.arange(0, BLOCK_D // 32)
+    packed = tl.load(mask_ptr + rows64[:, None] * stride_mm + words[None, :],
+                     mask=row_mask[:, None] & (words < tl.cdiv(n_cols, 32))[None, :], other=0)
+    bits = (packed[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    return tl.reshape(bits, (BLOCK_M, BLOCK_D)) != 0
