@@ -42,12 +42,14 @@ OUR_VARIANTS = ("fused", "compose", "auto", "grouped", "per_module")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", metavar="DIR", type=Path, default=None,
                    help="folder for gpu_check.json and the dispatch cache "
                         "(default: a new ./sharelora-bench/gpu-check-<device>-<date>[-N]/)")
-    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
-                   help=f"seconds after which no new measurement starts (default {DEFAULT_BUDGET:g})")
-    p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU through the Triton interpreter (smoke run)")
+    p.add_argument("--budget", metavar="SECONDS", type=float, default=DEFAULT_BUDGET,
+                   help=f"seconds after which no new measurement starts (default: {DEFAULT_BUDGET:g})")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny shapes on the CPU through the Triton interpreter: a smoke run, its numbers mean "
+                        "nothing (default: off, the real check on a CUDA GPU)")
 
 
 class Report:
