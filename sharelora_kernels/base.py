@@ -1,19 +1,31 @@
 """The base layers ShareLoRA wraps, and how each computes ``y = x W^T + b``: the one place that knows base kinds.
 
-  linear   ``nn.Linear`` (or a subclass that keeps its forward): weight (N, K), used as is.
-  conv1d   Transformers' ``Conv1D`` (GPT-2, GPT-J style): weight stored (K, N); every backend reads
-           ``weight.t()``, a transposed view (no copy), and a merge adds the update transposed.
+  linear    ``nn.Linear`` (or a subclass that keeps its forward): weight (N, K), used as is.
+  conv1d    Transformers' ``Conv1D`` (GPT-2, GPT-J style): weight stored (K, N); every backend reads
+            ``weight.t()``, a transposed view (no copy), and a merge adds the update transposed.
+  bnb_4bit  bitsandbytes' ``Linear4bit`` (nf4 or fp4, with or without double quantization) and
+  bnb_8bit  ``Linear8bitLt`` (int8, frozen): bases that *compute themselves*. Their output comes
+            from their own forward (its dequantizing GEMM, in its compute dtype) and the low-rank
+            paths are added by ``ops.lowrank_add``; the quantized weight gets no gradient and is
+            never dequantized into a persistent full-precision copy (only ``merge`` dequantizes,
+            one module at a time, and requantizes).
 
-Anything else, a subclass of ``nn.Linear`` that overrides its forward included (bitsandbytes and
-other quantizers), is refused by its qualified class name: its base matmul is not ``x W^T + b``.
+The linear and conv1d kinds are dense: their weight goes to the fused kernels. Anything else is
+refused by its qualified class name, a subclass of ``nn.Linear`` that overrides its forward
+included (other quantizers): its base matmul is not ``x W^T + b``. bitsandbytes is imported only
+when a module's class comes from it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
+from torch import Tensor
 
-KINDS = ("linear", "conv1d")
+KINDS = ("linear", "conv1d", "bnb_4bit", "bnb_8bit")
+QUANTIZED_KINDS = ("bnb_4bit", "bnb_8bit")
+INSTALL_HINT = 'pip install "sharelora_kernels[qlora]"'
 
 
 def _conv1d_class():
@@ -35,6 +47,21 @@ class BaseLayout:
         """Whether the stored weight is (K, N) (PEFT's ``fan_in_fan_out``)."""
         return self.kind == "conv1d"
 
+    @property
+    def computes_itself(self) -> bool:
+        """Whether the base runs its own forward (quantized kinds) and the paths are added to its output."""
+        return self.kind in QUANTIZED_KINDS
+
+
+def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """Adapters of half-precision bases train in float32 (as PEFT's default autocast_adapter_dtype)."""
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
+def new_adapter_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of new adapters on base ``module``: float32 on a quantized base, else ``adapter_dtype``."""
+    return torch.float32 if describe_base(module).computes_itself else adapter_dtype(module.weight.dtype)
+
 
 def is_linear_like(module: nn.Module) -> bool:
     """Whether ``module`` is an ``nn.Linear`` or a ``Conv1D`` (subclasses included): what "all-linear" picks."""
@@ -42,20 +69,122 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 def describe_base(module: nn.Module, name: str | None = None) -> BaseLayout:
-    """The layout of a base module; TypeError naming it (``name``) and its qualified class otherwise."""
+    """The layout of a base module; TypeError naming it (``name``) and its qualified class otherwise.
+
+    A bitsandbytes module when bitsandbytes cannot be imported raises ImportError; one that is not
+    quantized yet, or an 8-bit one that trains its weight (``has_fp16_weights``), ValueError.
+    """
     conv1d = _conv1d_class()
     cls = type(module)
+    what = f"target module {name!r}" if name is not None else "the base module"
     if isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward:
         return BaseLayout("linear", module.in_features, module.out_features)
     if isinstance(module, conv1d) and cls.forward is conv1d.forward:
         k, n = module.weight.shape
         return BaseLayout("conv1d", k, n)
-    what = f"target module {name!r}" if name is not None else "the base module"
+    kind = _bitsandbytes_kind(module, what) if _from_bitsandbytes(cls) else None
+    if kind is not None:
+        return BaseLayout(kind, module.in_features, module.out_features)
     qualified = f"{cls.__module__}.{cls.__qualname__}"
     if isinstance(module, (nn.Linear, conv1d)):
         parent = "nn.Linear" if isinstance(module, nn.Linear) else "Conv1D"
         raise TypeError(f"{what} is a {qualified}, which subclasses {parent} but overrides its forward (a quantized "
-                        "or custom layer): sharelora_kernels cannot fuse its base matmul (remove it from target_modules)")
+                        "or custom layer other than bitsandbytes' Linear4bit / Linear8bitLt): sharelora_kernels "
+                        "cannot wrap its base matmul (remove it from target_modules)")
     raise TypeError(f"{what} is a {qualified}, not an nn.Linear or a transformers Conv1D: sharelora_kernels "
                     "cannot wrap it (remove it from target_modules)")
 
+
+def _from_bitsandbytes(cls: type) -> bool:
+    return any(c.__module__.split(".")[0] == "bitsandbytes" for c in cls.__mro__)
+
+
+def import_bitsandbytes(what: str = "this model"):
+    """The bitsandbytes module; ImportError saying how to install it when it cannot be imported."""
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ImportError(f"{what} is a bitsandbytes quantized layer, and bitsandbytes cannot be imported ({e}): "
+                          f"{INSTALL_HINT}") from e
+    return bitsandbytes
+
+
+def _bitsandbytes_kind(module: nn.Module, what: str) -> str | None:
+    """bnb_4bit / bnb_8bit for bitsandbytes' Linear4bit / Linear8bitLt with their own forward, else None."""
+    bnb = import_bitsandbytes(what)
+    cls = type(module)
+    if isinstance(module, bnb.nn.Linear4bit) and cls.forward is bnb.nn.Linear4bit.forward:
+        if not getattr(module.weight, "bnb_quantized", False) or module.weight.quant_state is None:
+            raise ValueError(f"{what} is a bitsandbytes Linear4bit whose weight is not quantized yet (bitsandbytes "
+                             "quantizes it when the module moves to a device: call .to(device) first)")
+        return "bnb_4bit"
+    if isinstance(module, bnb.nn.Linear8bitLt) and cls.forward is bnb.nn.Linear8bitLt.forward:
+        if module.state.has_fp16_weights:
+            raise ValueError(f"{what} is a bitsandbytes Linear8bitLt with has_fp16_weights=True (it trains a float16 "
+                             "weight): ShareLoRA adapters need a frozen int8 base (has_fp16_weights=False)")
+        if module.weight.dtype != torch.int8:
+            raise ValueError(f"{what} is a bitsandbytes Linear8bitLt whose weight is not quantized yet (bitsandbytes "
+                             "quantizes it when the module moves to a device: call .to(device) first)")
+        return "bnb_8bit"
+    return None
+
+
+def compute_dtype(module: nn.Module, layout: BaseLayout, x: Tensor) -> torch.dtype:
+    """The dtype the low-rank paths of a quantized base compute in for input x (its operands; the
+    products accumulate in float32): the autocast dtype under autocast, else the base's compute dtype
+    (a Linear4bit's ``compute_dtype``; a Linear8bitLt computes in x's dtype). ValueError when x is
+    not in the 4-bit base's compute dtype outside autocast (bitsandbytes would silently cast x)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    if layout.kind == "bnb_4bit" and module.compute_dtype is not None and module.compute_dtype != x.dtype:
+        raise ValueError(f"input dtype {x.dtype} does not match the 4-bit base's compute dtype {module.compute_dtype}: "
+                         f"cast the input, run under torch.autocast(dtype={module.compute_dtype}) (as Trainer's "
+                         "bf16=True does), or quantize with bnb_4bit_compute_dtype set to the input's dtype")
+    return x.dtype
+
+
+@torch.no_grad()
+def dequantized_weight(module: nn.Module, layout: BaseLayout, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The (N, K) weight a quantized base computes with, in ``dtype``, as bitsandbytes dequantizes it
+    for an input of that dtype (a temporary: for merge and tests)."""
+    if layout.kind == "bnb_4bit":
+        bnb = import_bitsandbytes()
+        weight = module.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            module.state_dict()  # bitsandbytes restores its standard layout from its CPU inference packing here
+            weight = module.weight
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+    if layout.kind == "bnb_8bit":
+        state, weight = module.state, module.weight
+        cb = state.CB if state.CB is not None else weight.data
+        scb = state.SCB if state.SCB is not None else weight.SCB
+        return cb.to(dtype) * scb.unsqueeze(1).mul(1.0 / 127.0)  # int8 rows times their fp32 scale / 127
+    raise ValueError(f"a {layout.kind} base is not quantized")
+
+
+@torch.no_grad()
+def add_to_weight_(module: nn.Module, layout: BaseLayout, delta: Tensor) -> None:
+    """Add ``delta`` (N, K) to the weight of the module that owns it (for merge / unmerge).
+
+    Dense kinds add in place (a Conv1D's weight transposed) in the weight's dtype. A quantized base
+    is dequantized, added to in float32 and quantized again with its own settings (quant type,
+    block size, double quantization, storage; int8 row-wise): PEFT's rule, which rounds the result to
+    the quantization grid (the cost is measured in the README).
+    """
+    if not layout.computes_itself:
+        weight = module.weight.t() if layout.transposed else module.weight
+        weight.add_(delta.to(weight.dtype))
+        return
+    bnb = import_bitsandbytes()
+    merged = dequantized_weight(module, layout) + delta.to(device=module.weight.device, dtype=torch.float32)
+    weight = module.weight
+    if layout.kind == "bnb_4bit":
+        qs = weight.quant_state
+        new = bnb.nn.Params4bit(merged.to(qs.dtype), requires_grad=False, quant_type=qs.quant_type,
+                                blocksize=qs.blocksize, compress_statistics=qs.nested,
+                                quant_storage=weight.quant_storage, module=module)
+    else:
+        new = bnb.nn.Int8Params(merged.cpu(), requires_grad=False, has_fp16_weights=False)
+        module.state.reset_grads()  # the forward reads the new CB / SCB from the weight
+    module.weight = new.to(weight.device)  # bitsandbytes quantizes when the parameter moves to a device

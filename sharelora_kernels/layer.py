@@ -19,15 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .base import describe_base
+from .base import adapter_dtype  # noqa: F401 (re-exported: the dtype rule of dense bases' adapters)
+from .base import add_to_weight_, compute_dtype, describe_base, new_adapter_dtype
 from .config import check_dropout, check_int, check_positive
 from .plan import PATH_ROLES, PathSpec, TensorSpec
 from .reference import LoRAPath, delta_weight
-
-
-def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """Adapters of half-precision bases train in float32 (as PEFT's default autocast_adapter_dtype)."""
-    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
 
 
 @torch.no_grad()
@@ -107,12 +103,15 @@ class LoRAPathModule(nn.Module):
 
 
 class SharedLoRALinear(nn.Module):
-    """Drop-in replacement for a frozen ``nn.Linear`` (or Transformers ``Conv1D``) with low-rank adapters.
+    """Drop-in replacement for a frozen ``nn.Linear`` (or Transformers ``Conv1D``, or bitsandbytes
+    ``Linear4bit`` / ``Linear8bitLt``) with low-rank adapters.
 
     ``y = x W^T + b + sum_p s_p B_p A_p dropout(x)``; x: (..., in_features) -> (..., out_features).
-    Keeps the base ``weight`` and ``bias`` (N,) under their own names, as the base stored them
-    (frozen, any dtype): (N, K) for ``nn.Linear``, (K, N) for ``Conv1D`` (``fan_in_fan_out``; every
-    backend reads its transposed view, ``base_weight()``). Other bases are refused (``base.py``).
+    A dense base's ``weight`` and ``bias`` (N,) are kept under their own names, as the base stored
+    them (frozen, any dtype): (N, K) for ``nn.Linear``, (K, N) for ``Conv1D`` (``fan_in_fan_out``;
+    every backend reads its transposed view, ``base_weight()``). A quantized base is kept whole as
+    ``base_layer`` (PEFT's name; ``weight`` and ``bias`` read through to it): its own forward gives
+    ``x W^T + b`` and ``ops.lowrank_add`` adds the paths. Other bases are refused (``base.py``).
 
     Standalone: ``SharedLoRALinear(nn.Linear(1024, 1024), r=16, alpha=32)`` builds one plain path
     whose A (r, K) and B (N, r) live in the layer's own store (``layer.adapters``).
@@ -124,35 +123,45 @@ class SharedLoRALinear(nn.Module):
     def __init__(self, base: nn.Module, paths: Sequence[LoRAPathModule] | None = None, *, r: int = 8,
                  alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
-        layout = describe_base(base)
+        self.layout = describe_base(base)
         check_dropout(dropout)
-        self.in_features, self.out_features = layout.in_features, layout.out_features
-        self.fan_in_fan_out = layout.transposed
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        self.in_features, self.out_features = self.layout.in_features, self.layout.out_features
+        self.fan_in_fan_out = self.layout.transposed
+        if self.layout.computes_itself:
+            self.base_layer = base.requires_grad_(False)
+        else:
+            self.weight = base.weight
+            self.bias = base.bias
+            self.weight.requires_grad_(False)
+            if self.bias is not None:
+                self.bias.requires_grad_(False)
         if paths is None:
-            paths = [self._own_plain_path(r, alpha, use_rslora)]
+            paths = [self._own_plain_path(r, alpha, use_rslora, new_adapter_dtype(base))]
         self.lora_paths = nn.ModuleList(paths)
         self.dropout = float(dropout)
         self.merged = False
         self.input_group = None
         self.train(base.training)
 
-    def _own_plain_path(self, r: int, alpha: float, use_rslora: bool) -> LoRAPathModule:
+    def __getattr__(self, name: str):
+        if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", {}):
+            return getattr(self._modules["base_layer"], name)
+        return super().__getattr__(name)
+
+    def _own_plain_path(self, r: int, alpha: float, use_rslora: bool, dtype: torch.dtype) -> LoRAPathModule:
         check_int("r", r, minimum=1)
         check_positive("alpha", alpha)
         scale = alpha / (math.sqrt(r) if use_rslora else r)
-        kw = {"device": self.weight.device, "dtype": adapter_dtype(self.weight.dtype)}
+        kw = {"device": self.weight.device, "dtype": dtype}
         specs = {"A": TensorSpec("A", (r, self.in_features), "kaiming_uniform", "lora"),
                  "B": TensorSpec("B", (self.out_features, r), "zeros", "lora")}
         self.adapters = AdapterStore({name: new_parameter(spec, **kw) for name, spec in specs.items()}, specs)
         return LoRAPathModule(PathSpec("plain", "lora", {"A": "A", "B": "B"}, scale, r), self.adapters)
 
     def base_weight(self) -> Tensor:
-        """The base weight as (N, K): ``weight`` itself, or for a Conv1D base its transposed view (no copy)."""
+        """The dense base weight as (N, K): ``weight`` itself, or for a Conv1D base its transposed view (no copy)."""
+        if self.layout.computes_itself:
+            raise TypeError(f"a {self.layout.kind} base has no dense weight (base.dequantized_weight builds one)")
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def paths(self) -> list[LoRAPath]:
@@ -169,12 +178,22 @@ class SharedLoRALinear(nn.Module):
             raise ValueError(f"input has {x.shape[-1]} features in its last dim, this layer expects {self.in_features}")
         if x.device != self.weight.device:
             raise ValueError(f"input is on {x.device}, the layer's weight on {self.weight.device}")
+        if self.layout.computes_itself:
+            return self._forward_computing_base(x)
         if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(f"input dtype {x.dtype} does not match the weight dtype {self.weight.dtype}")
         weight = self.base_weight()
         if self.merged or len(self.lora_paths) == 0:
             return F.linear(x, weight, self.bias)
         return ops.lora_linear(x, weight, self.bias, self.paths(), self.dropout, self.training)
+
+    def _forward_computing_base(self, x: Tensor) -> Tensor:
+        """A quantized base's own forward, then the paths added into its output in place."""
+        dtype = compute_dtype(self.base_layer, self.layout, x)
+        y = self.base_layer(x)
+        if self.merged or len(self.lora_paths) == 0:
+            return y
+        return ops.lowrank_add(y, x, self.paths(), self.dropout, self.training, dtype)
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
@@ -183,19 +202,26 @@ class SharedLoRALinear(nn.Module):
                  for p in self.paths()]
         return delta_weight(paths, self.in_features, self.out_features)
 
+    def _weight_owner(self) -> nn.Module:
+        return self.base_layer if self.layout.computes_itself else self
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold every path into the base weight; forward then runs the base matmul only."""
+        """Fold every path into the base weight; forward then runs the base matmul only. A quantized
+        base is requantized (``base.add_to_weight_``: the update is rounded to its grid)."""
         if not self.merged:
-            self.base_weight().add_(self.delta_weight().to(self.weight.dtype))
+            add_to_weight_(self._weight_owner(), self.layout, self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Take the paths out of the base weight again (within its dtype's rounding; a quantized base
+        is requantized, so its weight does not come back bit for bit)."""
         if self.merged:
-            self.base_weight().sub_(self.delta_weight().to(self.weight.dtype))
+            add_to_weight_(self._weight_owner(), self.layout, -self.delta_weight())
             self.merged = False
 
     def extra_repr(self) -> str:
+        kind = f", base={self.layout.kind}" if self.layout.computes_itself else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, dropout={self.dropout}, "
-                f"merged={self.merged}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
+                f"merged={self.merged}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else "") + kind)

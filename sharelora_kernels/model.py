@@ -10,9 +10,10 @@ import dataclasses
 
 import torch.nn as nn
 
+from .base import new_adapter_dtype
 from .config import ShareLoRAConfig
 from .grouping import check_known_architecture, enable_input_groups
-from .layer import AdapterStore, LoRAPathModule, SharedLoRALinear, adapter_dtype, new_parameter
+from .layer import AdapterStore, LoRAPathModule, SharedLoRALinear, new_parameter
 from .plan import ModuleInfo, ModulePlan, SharePlan, TensorSpec, build_plan
 from .targeting import (check_no_peft, find_modules_to_save, find_target_modules, layer_position, module_type,
                         type_labels)
@@ -59,8 +60,8 @@ def apply_plan(model: nn.Module, config: ShareLoRAConfig, plan: SharePlan, group
     first_user = _first_users(plan)
     params: dict[str, nn.Parameter] = {}
     for name, spec in plan.tensors.items():
-        weight = model.get_submodule(first_user[name]).weight
-        params[name] = new_parameter(spec, device=weight.device, dtype=adapter_dtype(weight.dtype))
+        base = model.get_submodule(first_user[name])
+        params[name] = new_parameter(spec, device=base.weight.device, dtype=new_adapter_dtype(base))
     store = AdapterStore(params, plan.tensors).train(model.training)
     for name, mplan in plan.modules.items():
         paths = [LoRAPathModule(p, store) for p in mplan.paths]

@@ -1,7 +1,9 @@
 """Compute backends for SharedLoRALinear, and the router that sends each call to one.
 
 ``lora_linear`` is the one entry point the layer calls; ``grouped_lora_linear`` runs several modules
-that read the same input together (``grouping.enable_input_groups``). Backends
+that read the same input together (``grouping.enable_input_groups``); ``lowrank_add`` adds the paths
+into the output of a base that computed it itself (quantized bases: ``ops.lowrank_only``, torch or
+triton). Backends
 (``SHARELORA_BACKEND``, ``dispatch``): ``torch`` (``reference.lora_linear``), ``compose`` (``ops.compose``:
 torch GEMMs, hand-written backward), ``triton`` (the fused kernels: CUDA tensors, or CPU tensors
 under ``TRITON_INTERPRET=1`` for tests), ``auto`` (the faster of triton and compose, measured per
@@ -27,6 +29,7 @@ from .. import reference
 from ..reference import LoRAPath
 from . import compose, dispatch
 from .dispatch import BACKENDS, dispatch_table  # noqa: F401 (public)
+from .lowrank_only import lowrank_add as _lowrank_add
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -147,3 +150,18 @@ def _grouped_reference(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Te
     """``reference.lora_linear`` per module, the one dropout mask drawn once for the group."""
     xd = F.dropout(x, dropout_p, training=True) if (training and dropout_p > 0) else x
     return tuple(reference.lora_linear(x, w, b, ps, x_dropped=xd) for w, b, ps in zip(weights, biases, paths))
+
+
+def lowrank_add(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: float = 0.0, training: bool = False,
+                compute_dtype: torch.dtype | None = None, *, backend: str | None = None) -> Tensor:
+    """``y += sum_p s_p B_p A_p dropout(x)`` in place for a base that computed ``y`` from ``x`` itself
+    (``ops.lowrank_only``); returns y. The Triton kernels under ``triton``, and under ``auto`` where
+    it considers them (CUDA), when the compute dtype, y and the adapters (one dtype) are float32 /
+    bfloat16 / float16; the torch path otherwise (``torch``, ``compose``: it is torch GEMMs)."""
+    setting = backend_for(x, backend)
+    dtype = compute_dtype or x.dtype
+    adapters = {t.dtype for p in paths for t in p.tensors}
+    takes = (bool(paths) and dtype in FUSED_DTYPES and y.dtype in FUSED_DTYPES and len(adapters) == 1
+             and adapters <= set(FUSED_DTYPES))
+    use_triton = takes and (setting == "triton" or (setting == "auto" and _auto_times_triton(x)))
+    return _lowrank_add(y, x, paths, dropout_p, training, compute_dtype, use_triton)

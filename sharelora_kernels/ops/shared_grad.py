@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..reference import LoRAPath
+from .encoding import path_rank
 
 ATOMIC_ENV = "SHARELORA_ATOMIC_GRADS"
 
@@ -117,3 +118,17 @@ def chain_b(path: LoRAPath, gb: Tensor) -> Iterator[tuple[int, Tensor, tuple[int
         yield 3, torch.einsum("cr,ric->i", b_s, gb3)[:, None], (0, 0)
     else:  # gate: B_eff = G_ou
         yield 5, gb.t(), (0, 0)
+
+
+def path_grads(tensors: Sequence[Tensor], needs_grad: Sequence[bool], paths: Sequence[LoRAPath], grad_a: Tensor,
+               grad_b: Tensor) -> list[Tensor | None]:
+    """What an autograd formula returns for ``tensors`` (the flat tensors of ``paths``), from the
+    effective-factor gradients of every path at once: grad_a = dA_eff (R, K), grad_b = dB_eff^T (R, N)."""
+    sink = GradSink(tensors, needs_grad)
+    i0, r0 = 0, 0
+    for p in paths:
+        r1 = r0 + path_rank(p)
+        for role, g, window in (*chain_a(p, grad_a[r0:r1]), *chain_b(p, grad_b[r0:r1])):
+            sink.add(i0 + role, g, window)
+        i0, r0 = i0 + len(p.tensors), r1
+    return sink.grads()

@@ -1,0 +1,419 @@
+"""Quantized bases (QLoRA): a tiny LLaMA in bitsandbytes nf4 / fp4 / double-quant 4-bit and int8, on the CPU.
+
+Every comparison runs the models in train mode: bitsandbytes repacks a 4-bit weight for its CPU
+inference kernel on an eval-mode forward without grad (and that kernel needs out_features % 32 == 0,
+which the tiny k/v projections are not), so train mode is where the dequantized weight is the
+weight the base computes with.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
+
+import sharelora_kernels as sk  # noqa: E402
+from sharelora_kernels.base import describe_base, dequantized_weight  # noqa: E402
+from sharelora_kernels.layer import SharedLoRALinear  # noqa: E402
+from sharelora_kernels import reference  # noqa: E402
+from sharelora_kernels.model import adapter_tensors  # noqa: E402
+from tiny_models import METHOD_CONFIGS, TARGETS, enable_checkpointing, randomize_adapters, tiny_model, token_batch  # noqa: E402
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU backend warns about an optional package
+
+QUANTS = {
+    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
+    "nf4_double": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+    "int8": dict(load_in_8bit=True),
+}
+TOL = 1e-4  # one float32 layer against the float64 reference on its dequantized weight
+MODEL_TOL = 5e-3  # a float32 model (4 layers of attention) against its float64 twin (worst seen: 2e-3);
+# a wrong wiring or chain rule errs by O(1)
+
+
+def rel_err(a, b) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.fixture(scope="module")
+def float_dir(tmp_path_factory):
+    """A saved tiny LLaMA (4 layers) in float32 and in bfloat16."""
+    root = tmp_path_factory.mktemp("tiny")
+    for dtype in (torch.float32, torch.bfloat16):
+        tiny_model().to(dtype).save_pretrained(root / str(dtype).split(".")[-1])
+    return root
+
+
+_CACHE: dict = {}
+
+
+def quantized(float_dir, quant: str, dtype=torch.float32):
+    """A fresh copy of the tiny LLaMA loaded through Transformers' bitsandbytes integration, train mode."""
+    key = (quant, dtype)
+    if key not in _CACHE:
+        compute = {"bnb_4bit_compute_dtype": dtype} if quant != "int8" else {}
+        config = BitsAndBytesConfig(**QUANTS[quant], **compute)
+        _CACHE[key] = AutoModelForCausalLM.from_pretrained(float_dir / str(dtype).split(".")[-1], dtype=dtype,
+                                                           quantization_config=config, device_map="cpu")
+    return copy.deepcopy(_CACHE[key]).train()
+
+
+def quantized_modules(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+
+
+def float64_twin(model_q):
+    """The tiny LLaMA in float64 with every quantized linear's weight set to its dequantized weight."""
+    twin = tiny_model().double().train()
+    for name, module in quantized_modules(model_q).items():
+        twin.get_submodule(name).weight.data = dequantized_weight(module, describe_base(module), torch.float64)
+    return twin
+
+
+def outputs_and_grads(model, ids):
+    """Logits, and the gradients of a random projection of them for the input embeddings and every adapter."""
+    embeds = model.model.embed_tokens(ids).detach().requires_grad_()
+    logits = model(inputs_embeds=embeds).logits
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(logits.dtype)
+    grads = torch.autograd.grad((logits * weights).sum(), [embeds, *adapter_tensors(model).values()])
+    return logits.detach(), grads
+
+
+def check_against_float64(model_q, config):
+    """Logits, d(input embeddings) and every adapter gradient of the quantized model vs its dense
+    float64 twin: every method's sharing (gradients summed over layers) on quantized layers."""
+    twin = sk.apply(float64_twin(model_q), config)
+    sk.apply(model_q, config)
+    randomize_adapters(model_q, std=0.3)
+    with torch.no_grad():
+        for name, t in adapter_tensors(twin).items():
+            t.copy_(adapter_tensors(model_q)[name])
+    out, grads = outputs_and_grads(model_q, token_batch())
+    ref, grads_ref = outputs_and_grads(twin, token_batch())
+    assert rel_err(out, ref) < MODEL_TOL
+    for name, g, g_ref in zip(["input embeddings", *adapter_tensors(model_q)], grads, grads_ref):
+        assert g.dtype == torch.float32 and rel_err(g, g_ref) < MODEL_TOL, name
+
+
+def layer_against_float64(layer, m=7, seed=0):
+    """One quantized SharedLoRALinear in float32 vs float64 math on its dequantized weight: output,
+    dx and every adapter gradient."""
+    torch.manual_seed(seed)
+    x = torch.randn(m, layer.in_features, requires_grad=True)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    tensors = [t for p in layer.paths() for t in p.tensors]
+    grads = torch.autograd.grad(y, [x, *tensors], dy)
+    d = lambda t: t.detach().double().requires_grad_()
+    x64 = d(x)
+    paths64 = [p._replace(tensors=tuple(d(t) for t in p.tensors)) for p in layer.paths()]
+    bias = None if layer.bias is None else layer.bias.double()
+    y64 = reference.lora_linear(x64, dequantized_weight(layer.base_layer, layer.layout, torch.float64), bias, paths64)
+    grads64 = torch.autograd.grad(y64, [x64, *(t for p in paths64 for t in p.tensors)], dy.double())
+    assert rel_err(y, y64) < TOL
+    for i, (g, g64) in enumerate(zip(grads, grads64)):
+        assert rel_err(g, g64) < TOL, f"gradient {i}"
+
+
+# ---------------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_fresh_adapters_leave_outputs_exactly_equal(float_dir, quant):
+    base = quantized(float_dir, quant)
+    model = sk.apply(quantized(float_dir, quant), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["bishare_kron"]))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, SharedLoRALinear) and layer.layout.kind == ("bnb_8bit" if quant == "int8" else "bnb_4bit")
+    assert all(t.dtype == torch.float32 for t in adapter_tensors(model).values())  # not the uint8 / int8 storage
+    ids = token_batch()
+    assert torch.equal(model(ids).logits, base(ids).logits)
+
+
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_each_quant_kind_layer_in_float32_matches_float64_reference(float_dir, quant):
+    """Every path kind on each 4-bit / 8-bit base, at the real (float32) precision."""
+    model = sk.apply(quantized(float_dir, quant), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["bishare_gate"]))
+    randomize_adapters(model, std=0.3)
+    layer_against_float64(model.model.layers[2].self_attn.k_proj)  # gate paths on a GQA (16-wide) output
+    model = sk.apply(quantized(float_dir, quant), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["bishare_kron"]))
+    randomize_adapters(model, std=0.3)
+    layer_against_float64(model.model.layers[1].mlp.down_proj)  # plain + Kronecker paths, K = 48
+
+
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_quant_kinds_model_matches_float64_reference(float_dir, quant):
+    check_against_float64(quantized(float_dir, quant),
+                          sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["bishare_slice"]))
+
+
+@pytest.mark.parametrize("name", [n for n in METHOD_CONFIGS if n != "bishare_slice"])
+def test_every_method_on_nf4_matches_float64_reference(float_dir, name):
+    check_against_float64(quantized(float_dir, "nf4"), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS[name]))
+
+
+@pytest.mark.parametrize("name", ["share_ab", "bishare_gate"])
+def test_methods_on_int8_match_float64_reference(float_dir, name):
+    check_against_float64(quantized(float_dir, "int8"), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS[name]))
+
+
+def test_no_gradient_and_no_full_precision_copy_of_the_quantized_weight(float_dir):
+    """Nothing the layer keeps or saves for backward is a float (N, K) weight; the base stays frozen."""
+    model = sk.apply(quantized(float_dir, "nf4"), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["lora"]))
+    randomize_adapters(model)
+    layer = model.model.layers[0].mlp.up_proj  # (48, 32)
+    dense_shapes = {(48, 32), (32, 48)}
+    saved = []
+    x = torch.randn(3, 32, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    y.sum().backward()
+    assert saved and not any(t.is_floating_point() and tuple(t.shape) in dense_shapes for t in saved)
+    kept = list(layer.state_dict().values()) + [p for p in layer.parameters()]
+    assert not any(t.is_floating_point() and tuple(t.shape) in dense_shapes for t in kept)
+    assert layer.weight.grad is None and not layer.weight.requires_grad and x.grad is not None
+
+
+def test_accounting_unchanged(float_dir):
+    config = sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["similarity"])
+    model_q = sk.apply(quantized(float_dir, "nf4"), config)
+    model_f = sk.apply(tiny_model(), config)
+    assert sk.trainable_parameters(model_q) == sk.trainable_parameters(model_f) > 0
+    assert sk.parameter_breakdown(model_q) == sk.parameter_breakdown(model_f)
+
+
+def test_standalone_layer_and_input_groups(float_dir):
+    """A hand-wrapped Linear4bit; group_inputs=True on a quantized model runs each member alone, same logits."""
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(32, 24)
+    q = bnb.nn.Linear4bit(32, 24, compute_dtype=torch.float32, quant_type="nf4")
+    q.load_state_dict(dense.state_dict())
+    layer = SharedLoRALinear(q.to("cpu"), r=4, alpha=8.0).train()
+    assert layer.bias is q.bias and not q.bias.requires_grad
+    torch.nn.init.normal_(layer.lora_paths[0].B)
+    x = torch.randn(5, 32)
+    a, b = layer.lora_paths[0].A, layer.lora_paths[0].B
+    expected = torch.nn.functional.linear(x.double(), dequantized_weight(q, layer.layout).double(), q.bias.double())
+    expected += 2.0 * (x.double() @ a.double().t()) @ b.double().t()
+    assert rel_err(layer(x), expected) < TOL
+    config = sk.ShareLoRAConfig(target_modules=TARGETS + ["gate_proj"], **METHOD_CONFIGS["share_a"])
+    grouped = sk.apply(quantized(float_dir, "nf4"), config, group_inputs=True)
+    alone = sk.apply(quantized(float_dir, "nf4"), config)
+    randomize_adapters(grouped)
+    randomize_adapters(alone)
+    ids = token_batch()
+    assert torch.equal(grouped(ids).logits, alone(ids).logits)
+
+
+# ---------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_training_steps_lower_the_loss(float_dir, quant):
+    model = sk.apply(quantized(float_dir, quant), sk.ShareLoRAConfig(target_modules=TARGETS, dropout=0.1,
+                                                                      **METHOD_CONFIGS["similarity"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = token_batch(batch=4, seq=8, seed=3)
+    losses = []
+    for _ in range(6):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_kbit_preparation_and_gradient_checkpointing(float_dir, reentrant):
+    """peft.prepare_model_for_kbit_training (input grads on, norms in fp32), then checkpointing on or off:
+    the same gradients."""
+    from peft import prepare_model_for_kbit_training
+
+    config = sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["share_b"])
+    ids = token_batch()
+    grads = []
+    for checkpointing in (False, True):
+        model = prepare_model_for_kbit_training(quantized(float_dir, "nf4"), use_gradient_checkpointing=False)
+        if checkpointing:
+            enable_checkpointing(model, reentrant)
+        sk.apply(model, config)
+        randomize_adapters(model)
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in adapter_tensors(model).values()])
+    for g, g_ref in zip(*grads):
+        assert rel_err(g, g_ref) < 1e-6
+
+
+def test_bf16_compute_after_kbit_preparation_needs_autocast(float_dir):
+    """bf16 base, 4-bit with bf16 compute; after preparation the norms are fp32, so x reaches the 4-bit
+    layers in fp32: refused outside autocast (bitsandbytes would cast it silently), trained under it."""
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(quantized(float_dir, "nf4", torch.bfloat16), use_gradient_checkpointing=False)
+    assert model.model.norm.weight.dtype == torch.float32
+    sk.apply(model, sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["bishare_slice"]))
+    ids = token_batch(batch=4, seq=8, seed=3)
+    with pytest.raises(ValueError, match="does not match the 4-bit base's compute dtype torch.bfloat16"):
+        model(ids)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in adapter_tensors(model).values())
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_compile_fullgraph(float_dir):
+    torch.manual_seed(1)
+    q = bnb.nn.Linear4bit(32, 24, bias=False, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+    layer = SharedLoRALinear(q, r=3, alpha=6.0).train()
+    torch.nn.init.normal_(layer.lora_paths[0].B)
+    params = [layer.lora_paths[0].A, layer.lora_paths[0].B]
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    eager = layer(x)
+    eager_grads = torch.autograd.grad(eager.sum(), [x, *params])
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    grads = torch.autograd.grad(out.sum(), [x, *params])
+    assert torch.allclose(out, eager, atol=1e-5)
+    for g, e in zip(grads, eager_grads):
+        assert torch.allclose(g, e, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- checkpoints, PEFT, merge
+def test_save_load_round_trip(float_dir, tmp_path):
+    config = sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["bishare_gate"])
+    model = sk.apply(quantized(float_dir, "nf4_double"), config)
+    randomize_adapters(model)
+    sk.save(model, tmp_path)
+    loaded = sk.load(quantized(float_dir, "nf4_double"), tmp_path)
+    ids = token_batch()
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_export_loads_in_peft_on_the_same_quantized_base(float_dir, quant, tmp_path):
+    from peft import PeftModel
+
+    model = sk.apply(quantized(float_dir, quant), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["bishare_kron"]))
+    randomize_adapters(model, std=0.1)
+    sk.export_peft(model, tmp_path)
+    peft_model = PeftModel.from_pretrained(quantized(float_dir, quant), tmp_path).train()
+    assert "bnb" in type(peft_model.base_model.model.model.layers[0].self_attn.q_proj).__module__
+    ids = token_batch(seed=9)
+    assert rel_err(peft_model(ids).logits, model(ids).logits) < 1e-5
+
+
+def test_from_peft_qlora_model(float_dir):
+    """A PEFT QLoRA model converts to our layers on the same 4-bit base: same logits."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(quantized(float_dir, "nf4"), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    randomize_adapters(peft_model, std=0.1)
+    ids = token_batch(seed=4)
+    expected = peft_model(ids).logits
+    model = sk.from_peft(peft_model)
+    assert isinstance(model.model.layers[1].mlp.down_proj, SharedLoRALinear)
+    assert rel_err(model(ids).logits, expected) < 1e-5
+
+
+def requantized(module, weight):
+    """What quantizing ``weight`` with ``module``'s own settings and dequantizing gives, computed with
+    bitsandbytes' functional API (independently of base.add_to_weight_)."""
+    if isinstance(module, bnb.nn.Linear4bit):
+        qs = module.weight.quant_state
+        packed, state = bnb.functional.quantize_4bit(weight.to(qs.dtype), blocksize=qs.blocksize,
+                                                     compress_statistics=qs.nested, quant_type=qs.quant_type)
+        return bnb.functional.dequantize_4bit(packed, state).float()
+    cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.half())
+    return cb.float() * scb.unsqueeze(1).mul(1.0 / 127.0)
+
+
+@pytest.mark.parametrize("quant", ["nf4_double", "int8"])
+def test_merge_requantizes_with_the_base_settings(float_dir, quant, monkeypatch):
+    """merge = dequantize, add the update, quantize again with the same settings (PEFT's rule); forward
+    then runs the base alone. unmerge does the same with the update subtracted (the README measures
+    what the rounding costs)."""
+    model = sk.apply(quantized(float_dir, quant), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["bishare_kron"]))
+    randomize_adapters(model, std=0.05)
+    layer = model.model.layers[1].self_attn.v_proj
+    before = dequantized_weight(layer.base_layer, layer.layout)
+    expected = requantized(layer.base_layer, before + layer.delta_weight())
+    ids = token_batch()
+    unmerged_logits = model(ids).logits.detach()
+    sk.merge(model)
+    assert layer.merged and torch.equal(dequantized_weight(layer.base_layer, layer.layout), expected)
+    assert type(layer.base_layer.weight).__name__ in ("Params4bit", "Int8Params") and not layer.base_layer.weight.requires_grad
+    with monkeypatch.context() as m:
+        m.setattr(sk.ops, "lowrank_add", lambda *a: pytest.fail("a merged layer ran the low-rank op"))
+        merged_logits = model(ids).logits.detach()
+    assert torch.isfinite(merged_logits).all() and not torch.equal(merged_logits, unmerged_logits)
+    sk.unmerge(model)
+    assert not layer.merged
+    assert torch.equal(dequantized_weight(layer.base_layer, layer.layout),
+                       requantized(layer.base_layer, expected - layer.delta_weight()))
+
+
+# ---------------------------------------------------------------------------------- bad input
+def test_compute_dtype_mismatch_is_refused_and_autocast_accepted():
+    torch.manual_seed(2)
+    q = bnb.nn.Linear4bit(32, 24, compute_dtype=torch.bfloat16, quant_type="nf4").to("cpu")
+    layer = SharedLoRALinear(q, r=2).train()
+    x = torch.randn(3, 32)
+    with pytest.raises(ValueError, match="input dtype torch.float32 does not match the 4-bit base's compute dtype"):
+        layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.shape == (3, 24) and torch.isfinite(y).all()
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_unsupported_bitsandbytes_modules_are_refused():
+    with pytest.raises(ValueError, match="not quantized yet"):
+        SharedLoRALinear(bnb.nn.Linear4bit(32, 24))
+    trained = bnb.nn.Linear8bitLt(32, 24, has_fp16_weights=True).to("cpu")
+    with pytest.raises(ValueError, match="has_fp16_weights=True"):
+        SharedLoRALinear(trained)
+
+    class Custom(bnb.nn.Linear4bit):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    with pytest.raises(TypeError, match="Custom, which subclasses nn.Linear but overrides its forward"):
+        SharedLoRALinear(Custom(32, 24, quant_type="nf4").to("cpu"))
+
+
+def test_missing_bitsandbytes_is_named(float_dir, monkeypatch):
+    model = quantized(float_dir, "nf4")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now raises ImportError
+    with pytest.raises(ImportError, match=r"'model.layers.0.self_attn.q_proj' is a bitsandbytes quantized layer.*"
+                                          r"sharelora_kernels\[qlora\]"):
+        sk.apply(model, sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["lora"]))
+    assert not isinstance(model.model.layers[0].self_attn.q_proj, SharedLoRALinear)  # nothing changed
+
+
+def test_nothing_imports_bitsandbytes_for_a_float_model(tmp_path):
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import sharelora_kernels as sk
+from tiny_models import METHOD_CONFIGS, TARGETS, tiny_model, token_batch
+model = sk.apply(tiny_model(layers=1), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["bishare_kron"]))
+model(token_batch()).logits.sum().backward()
+sk.merge(model)
+sk.save(model, {str(tmp_path)!r})
+assert "bitsandbytes" not in sys.modules, "bitsandbytes was imported"
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+

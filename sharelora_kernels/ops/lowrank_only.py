@@ -1,0 +1,232 @@
+"""The low-rank-only op, for bases that compute their own output (bitsandbytes 4-bit / 8-bit):
+``y += sum_p s_p B_p A_p dropout(x)`` in place, forward and backward, every path kind.
+
+Shapes: y (..., N) the base's output (any float dtype, updated in place); x (..., K) with the same
+leading dims (M tokens in all). Numerics: operands in the compute dtype c (x is cast to it; the
+adapters, float32 by default, are rounded to it), products accumulated in float32 (float64 for a
+float64 c, torch path only), ``h = dropout(x) A_eff^T`` (M, R) kept in that accumulation dtype, the
+low-rank term added into y in y's dtype.
+
+Forward: ``h`` for every path at once, then ``y += (h * s) B_eff^T`` in place (no (M, N) temporary
+on the Triton path). Backward (the base's own backward gives the rest of dx; y's gradient passes
+through): ``dh = s * dy B_eff``, ``dx = mask(dh A_eff) / (1 - p)``, ``dA_eff = dh^T dropout(x)``,
+``dB_eff^T = (s h)^T dy`` in the accumulation dtype, then the chain to each parameter (``shared_grad.path_grads``:
+slice window, Kronecker fold, gate core). Dropout draws one mask on x from a seed and backward
+draws it again: x is not copied.
+
+Backends: ``torch`` (any device: the reference's helpers ``_dense_factors`` (plain and slice paths
+stacked, one pass over x), ``path_input`` / ``add_path_output`` (gate, Kronecker: nothing
+expanded), their mask from a ``torch.Generator`` seeded with the seed); ``triton`` (CUDA, or the
+interpreter; ``lowrank_only_triton``: ``lowrank_project`` for h, one kernel adding into y in place,
+``lowrank_grad`` for dA / dB, ``tl.rand`` for the mask).
+
+Registered as the custom ops ``sharelora::lowrank_add_`` (mutates y, returns h) and
+``sharelora::lowrank_add_backward``, with fake kernels. ``torch.library`` attaches no autograd
+formula to an op that mutates an input, so the formula is a ``torch.autograd.Function`` around the
+mutable op (``ctx.mark_dirty(y)``); dynamo traces it into one graph (``torch.compile(fullgraph=True)``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..reference import LoRAPath, _add_lowrank, _dense_factors, add_path_output, path_factors, path_input
+from .encoding import check_path, decode, encode, path_rank
+from .shared_grad import path_grads
+
+DENSE_KINDS = ("plain", "slice")  # stacked into one LoRA by the torch path
+
+
+# ----------------------------------------------------------------------------- torch path
+def _keep(x: Tensor, p: float, seed: Tensor) -> Tensor:
+    """The (M, K) keep mask of ``seed``: ``rand >= p`` from a generator on x's device seeded with it."""
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(int(seed.item()))
+    return torch.rand(x.shape, generator=gen, device=x.device) >= p
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype products of ``dtype`` operands accumulate in: float32, or float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _dropped(x: Tensor, p: float, seed: Tensor) -> Tensor:
+    """dropout(x) rounded to x's dtype (the kernels' operand), in the accumulation dtype."""
+    acc = accumulation_dtype(x.dtype)
+    if p == 0:
+        return x.to(acc)
+    return (x.to(acc) * _keep(x, p, seed) / (1.0 - p)).to(x.dtype).to(acc)
+
+
+def _rounded(paths: Sequence[LoRAPath], dtype: torch.dtype) -> list[LoRAPath]:
+    """``paths`` with every tensor rounded to the compute dtype, held in its accumulation dtype."""
+    acc = accumulation_dtype(dtype)
+    return [p._replace(tensors=tuple(t.to(dtype).to(acc) for t in p.tensors)) for p in paths]
+
+
+def _kron_adjoint(path: LoRAPath) -> LoRAPath:
+    """The Kronecker path of the transposed map, unscaled: its ``path_input`` is ``dy B_eff`` and its
+    ``add_path_output`` adds ``dh A_eff``, neither built (roles A, B, K_A, K_B <- B^T, A^T, K_B^T, K_A^T)."""
+    a, b, k_a, k_b = path.tensors
+    return LoRAPath("kron", (b.t(), a.t(), k_b.t(), k_a.t()), 1.0)
+
+
+def _dense_split(paths: Sequence[LoRAPath]) -> tuple[list[int], list[int]]:
+    dense = [i for i, p in enumerate(paths) if p.kind in DENSE_KINDS]
+    return dense, [i for i in range(len(paths)) if i not in dense]
+
+
+def torch_forward(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], p: float, seed: Tensor) -> Tensor:
+    """y (M, N) += the paths of dropout(x) (M, K) in place; returns h (M, R) in the accumulation dtype
+    (float32; float64 for a float64 x), in path order."""
+    paths = _rounded(paths, x.dtype)
+    xd = _dropped(x, p, seed)
+    dense, others = _dense_split(paths)
+    hs: list[Tensor | None] = [None] * len(paths)
+    if dense:
+        a, b = _dense_factors([paths[i] for i in dense], x.shape[1], y.shape[1])
+        h_dense = xd @ a.t()
+        _add_lowrank(y, h_dense, b, 1.0)
+        for i, h in zip(dense, h_dense.split([path_rank(paths[i]) for i in dense], 1)):
+            hs[i] = h
+    for i in others:
+        hs[i] = path_input(xd, paths[i])
+        add_path_output(y, hs[i], paths[i])
+    return torch.cat(hs, 1)
+
+
+def torch_backward(dy: Tensor, x: Tensor, h: Tensor, paths: Sequence[LoRAPath], p: float, seed: Tensor,
+                   needs_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """dx (M, K) in x's dtype (empty unless needs_dx), dA_eff (R, K) and dB_eff^T (R, N) in the
+    accumulation dtype."""
+    paths = _rounded(paths, x.dtype)
+    k, n = x.shape[1], dy.shape[1]
+    dy = dy.to(x.dtype).to(accumulation_dtype(x.dtype))
+    dense, others = _dense_split(paths)
+    dhs: list[Tensor | None] = [None] * len(paths)
+    dx = torch.zeros(x.shape, device=x.device, dtype=dy.dtype) if needs_dx else x.new_empty((0,))
+    if dense:
+        a, b = _dense_factors([paths[i] for i in dense], k, n)  # b scaled: dh = s dy B
+        dh_dense = dy @ b
+        if needs_dx:
+            dx.addmm_(dh_dense, a)
+        for i, dh in zip(dense, dh_dense.split([path_rank(paths[i]) for i in dense], 1)):
+            dhs[i] = dh
+    for i in others:
+        q = paths[i]
+        if q.kind == "kron":
+            dhs[i] = path_input(dy, _kron_adjoint(q)) * q.scale
+            if needs_dx:
+                add_path_output(dx, dhs[i], _kron_adjoint(q))
+        else:  # gate: B_eff = G_ou, A_eff = C G_id (g, K)
+            a_eff, b_eff = path_factors(q, k, n)
+            dhs[i] = (dy @ b_eff) * q.scale
+            if needs_dx:
+                dx.addmm_(dhs[i], a_eff)
+    if needs_dx:
+        dx = (dx * _keep(x, p, seed) / (1.0 - p) if p > 0 else dx).to(x.dtype)
+    dh = torch.cat(dhs, 1)
+    scale = torch.cat([torch.full((path_rank(q),), q.scale, device=x.device, dtype=dy.dtype) for q in paths])
+    return dx, dh.t() @ _dropped(x, p, seed), (h * scale).t() @ dy
+
+
+def _backend(use_triton: bool):
+    """(forward, backward) of the chosen backend; the Triton module is imported only when asked for."""
+    if use_triton:
+        from . import lowrank_only_triton
+
+        return lowrank_only_triton.triton_forward, lowrank_only_triton.triton_backward
+    return torch_forward, torch_backward
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("sharelora::lowrank_add_", mutates_args=("y",))
+def _forward_op(y: Tensor, x: Tensor, tensors: list[Tensor], layout: list[int], scales: list[float],
+                dropout_p: float, seed: Tensor, use_triton: bool) -> Tensor:
+    """y (..., N) += the paths of dropout(x) (M, K) in place; returns h (M, R) (saved for backward)."""
+    with torch.autocast(x.device.type, enabled=False):  # the dtypes are chosen by the caller
+        return _backend(use_triton)[0](y.view(-1, y.shape[-1]), x, decode(tensors, layout, scales), dropout_p, seed)
+
+
+@_forward_op.register_fake
+def _(y, x, tensors, layout, scales, dropout_p, seed, use_triton):
+    r = sum(path_rank(p) for p in decode(tensors, layout, scales))
+    return x.new_empty((x.shape[0], r), dtype=accumulation_dtype(x.dtype))
+
+
+@torch.library.custom_op("sharelora::lowrank_add_backward", mutates_args=())
+def _backward_op(dy: Tensor, x: Tensor, h: Tensor, tensors: list[Tensor], layout: list[int], scales: list[float],
+                 dropout_p: float, seed: Tensor, needs_dx: bool, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """dx (M, K) in x's dtype (empty unless needs_dx), dA_eff (R, K) and dB_eff^T (R, N)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _backend(use_triton)[1](dy.reshape(-1, dy.shape[-1]), x, h, decode(tensors, layout, scales),
+                                       dropout_p, seed, needs_dx)
+
+
+@_backward_op.register_fake
+def _(dy, x, h, tensors, layout, scales, dropout_p, seed, needs_dx, use_triton):
+    r, n = h.shape[1], dy.shape[-1]
+    dx = x.new_empty(x.shape if needs_dx else (0,))
+    acc = accumulation_dtype(x.dtype)
+    return dx, x.new_empty((r, x.shape[1]), dtype=acc), x.new_empty((r, n), dtype=acc)
+
+
+class _LowRankAdd(torch.autograd.Function):
+    """Autograd of ``sharelora::lowrank_add_``: y passes its gradient through; x and every path tensor
+    get theirs from ``sharelora::lowrank_add_backward``."""
+
+    @staticmethod
+    def forward(ctx, y, x, seed, layout, scales, dropout_p, use_triton, *tensors):
+        h = _forward_op(y, x, list(tensors), layout, scales, dropout_p, seed, use_triton)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x, h, seed, *tensors)
+        ctx.layout, ctx.scales, ctx.dropout_p, ctx.use_triton = layout, scales, dropout_p, use_triton
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, seed, *tensors = ctx.saved_tensors
+        needs_dx = ctx.needs_input_grad[1]
+        dx, grad_a, grad_b = _backward_op(dy, x, h, tensors, ctx.layout, ctx.scales, ctx.dropout_p, seed, needs_dx,
+                                          ctx.use_triton)
+        grads = path_grads(tensors, ctx.needs_input_grad[7:], decode(tensors, ctx.layout, ctx.scales), grad_a, grad_b)
+        return (dy, dx if needs_dx else None, None, None, None, None, None, *grads)
+
+
+# ----------------------------------------------------------------------------- public entry
+def _check(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: float) -> None:
+    """ValueError naming what does not fit."""
+    if x.dim() == 0 or y.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"y {tuple(y.shape)} and x {tuple(x.shape)} must share their leading dims (..., N) / (..., K)")
+    if not (x.is_floating_point() and y.is_floating_point()):
+        raise ValueError(f"x and y must be floating point, got {x.dtype} and {y.dtype}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    for t in (y, *(t for p in paths for t in p.tensors)):
+        if t.device != x.device:
+            raise ValueError(f"x is on {x.device}, and y or an adapter tensor on {t.device}")
+    for i, p in enumerate(paths):
+        check_path(i, p, x.shape[-1], y.shape[-1])
+
+
+def lowrank_add(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: float = 0.0, training: bool = False,
+                compute_dtype: torch.dtype | None = None, use_triton: bool = False) -> Tensor:
+    """``y += sum_p s_p B_p A_p dropout(x)`` in place; returns y (autograd's version of it).
+
+    y (..., N): the base's output; x (..., K) its input, cast to ``compute_dtype`` (default: x's) for
+    the low-rank products; paths: LoRAPaths (every adapter tensor of one dtype for the Triton path).
+    ``use_triton``: the Triton kernels (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``), else torch.
+    """
+    _check(y, x, paths, dropout_p)
+    if not paths:
+        return y
+    if not y.is_contiguous():
+        y = y.contiguous()
+    x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype or x.dtype)
+    p = dropout_p if training else 0.0
+    seed = (torch.randint(0, 2**31 - 1, (1,), device=x.device) if p > 0 else
+            torch.zeros(1, dtype=torch.int64, device=x.device))
+    tensors, layout, scales = encode(paths)
+    return _LowRankAdd.apply(y, x2, seed, layout, scales, p, use_triton, *tensors)
