@@ -7,9 +7,9 @@ variant, the grouped linear) autotune on first use of each key:
     perf    a short list per kernel (default): the configs worth trying on an H100 / H200
     full    the whole space
 
-The memory-bound kernels (the ``x A^T`` projection, dA / dB, the dy pass, the split reduction) are
-not autotuned: their config is a function of the shape (``*_config`` below), so a short GPU window
-spends no time benchmarking them. Under Triton's interpreter every kernel runs one small config.
+The memory-bound kernels (the ``x A^T`` projection, dA / dB, the dy pass, the split reduction, the
+low-rank-only op's in-place add) are not autotuned: their config is a function of the shape
+(``*_config`` below), so a short GPU window spends no time benchmarking them. Under Triton's interpreter every kernel runs one small config.
 
 Autotune keys hold what changes the best config: the GEMM sizes (N, K, R), the M bucket (a power
 of two: no retuning per sequence length), the dropout flag, the weight layout (forward reads W
@@ -129,6 +129,15 @@ def dy_config(block_r: int) -> dict:
     if block_r <= 16:
         return {"BLOCK_M": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3}
     return {"BLOCK_M": 64 if block_r <= 32 else 32, "BLOCK_D": 64, "num_warps": 8, "num_stages": 2}
+
+
+def lowrank_add_config() -> dict:
+    """``y += (h s) B_eff^T`` in place over y (M, N) (the low-rank-only op; also its dx): y is read and
+    written once and the low-rank MMA is small, so one mid-size tile, 8 warps (no spill at any rank
+    chunk, compile_check)."""
+    if INTERPRET:
+        return _interp(BLOCK_M=32, BLOCK_N=32, GROUP_M=4)
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
 def reduce_config() -> dict:
