@@ -378,14 +378,16 @@ def test_merge_requantizes_with_the_base_settings(float_dir, quant, monkeypatch)
     expected = requantized(layer.base_layer, before + layer.delta_weight())
     ids = token_batch()
     unmerged_logits = model(ids).logits.detach()
-    sk.merge(model)
+    with pytest.warns(UserWarning, match="requantizes its weight"):
+        sk.merge(model)
     assert layer.merged and torch.equal(dequantized_weight(layer.base_layer, layer.layout), expected)
     assert type(layer.base_layer.weight).__name__ in ("Params4bit", "Int8Params") and not layer.base_layer.weight.requires_grad
     with monkeypatch.context() as m:
         m.setattr(sk.ops, "lowrank_add", lambda *a: pytest.fail("a merged layer ran the low-rank op"))
         merged_logits = model(ids).logits.detach()
     assert torch.isfinite(merged_logits).all() and not torch.equal(merged_logits, unmerged_logits)
-    sk.unmerge(model)
+    with pytest.warns(UserWarning, match="requantizes its weight"):
+        sk.unmerge(model)
     assert not layer.merged
     assert torch.equal(dequantized_weight(layer.base_layer, layer.layout),
                        requantized(layer.base_layer, expected - layer.delta_weight()))

@@ -17,6 +17,7 @@ when a module's class comes from it.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -177,6 +178,9 @@ def add_to_weight_(module: nn.Module, layout: BaseLayout, delta: Tensor) -> None
         weight.add_(delta.to(weight.dtype))
         return
     bnb = import_bitsandbytes()
+    warnings.warn("merging into (or unmerging from) a quantized base requantizes its weight: the result is rounded "
+                  "to the 4-bit / 8-bit grid, which can cost more than the adapters change (see the README); "
+                  "export_peft and a merge into a full-precision base keep them exact", stacklevel=3)
     merged = dequantized_weight(module, layout) + delta.to(device=module.weight.device, dtype=torch.float32)
     weight = module.weight
     if layout.kind == "bnb_4bit":
