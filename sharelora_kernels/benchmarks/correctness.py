@@ -6,7 +6,7 @@ tensor) with ``reference.lora_linear`` in float64 by relative error (max |err| /
 gradient is also judged against 0.1 x the case's largest, as a gate core's is a cancelling sum).
 Checks: every path kind, bf16 / fp16 / fp32 bases with fp32 and bf16 adapters, ragged shapes,
 M = 1, transposed x, forced int64 offsets, the dropout mask of forward = of backward, grouped vs
-per-module, bitwise repeatability. A check returns a row: name, backend, passed, max_rel_err, tol.
+per-module, bitwise repeatability, and the low-rank-only op of quantized bases (kernels and torch path). A check returns a row: name, backend, passed, max_rel_err, tol.
 """
 from __future__ import annotations
 
@@ -132,6 +132,22 @@ def group_check(backend: str, sizes: Sizes, device, base=torch.bfloat16) -> dict
     return compare(ys, grads, ys_ref, grads_ref, base)
 
 
+def lowrank_only_check(backend: str, sizes: Sizes, device, base=torch.bfloat16) -> dict:
+    """The low-rank-only op of quantized bases (``ops.lowrank_add``: the base computed y itself, here an
+    ``F.linear``) on ``backend``: every kind added into y in place, output and gradients vs float64."""
+    torch.manual_seed(5)
+    m, k, n = sizes.m, sizes.k, sizes.n
+    x = torch.randn(m, k, device=device).to(base).requires_grad_()
+    weight = (torch.randn(n, k, device=device) / math.sqrt(k)).to(base)
+    bias = torch.randn(n, device=device).to(base)
+    paths = [random_path(kind, k, n, r, torch.float32, device) for kind, r in zip(KINDS, (3, 5, 2, 4))]
+    y = ops.lowrank_add(torch.nn.functional.linear(x, weight, bias), x, paths, backend=backend)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, _leaves(x, [paths]), dy)
+    ys_ref, grads_ref = float64_outputs(x, [weight], [bias], [paths], [dy])
+    return compare([y], grads, ys_ref, grads_ref, base)
+
+
 # ------------------------------------------------------------------------------ dropout masks
 def mask_check(backend: str, sizes: Sizes, device, grouped: bool = False, p: float = 0.3) -> dict:
     """Forward and backward apply one dropout mask: with W = 0, b = 0 and identity factors (A = B = I,
@@ -240,6 +256,8 @@ def checks(sizes: Sizes, device: torch.device) -> list[Check]:
                       partial(mask_check, backend, sizes, device, grouped=True)),
                 Check("grouped bitwise repeatable fwd+bwd", backend, partial(repeat_check, backend, sizes, device, True))]
     out.append(Check("forced int64 offsets, transposed x", "triton", partial(int64_check, sizes, device)))
+    out += [Check("low-rank-only op (quantized bases), all kinds, bf16", backend,
+                  partial(lowrank_only_check, backend, sizes, device)) for backend in ("triton", "torch")]
     return out
 
 

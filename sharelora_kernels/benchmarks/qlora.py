@@ -18,9 +18,10 @@ are timed round-robin in one process. Reported per variant: step time (ms, media
 tokens/s, trainable parameters, AdamW state bytes, and the peak memory of one step, in all and
 above what was in use before it: CUDA ``max_memory_allocated``; on the CPU the process's peak
 resident set (VmHWM, reset through ``/proc/self/clear_refs``), each variant in a fresh process
-(``--memory-of VARIANT``) so that one variant's freed memory cannot hide another's. ``merge_rounding``: after the timed steps (lr 1e-3), how much the logits of a
-held-out batch move when ``sharelora``'s adapters are merged into the 4-bit weights (requantized)
-next to how much the adapters moved them.
+(``--memory-of VARIANT``) so that one variant's freed memory cannot hide another's.
+``merge_rounding``: after the timed steps (lr 1e-3), how much the logits of a held-out batch move
+when ``sharelora``'s adapters are merged into the 4-bit weights (requantized), next to how much
+the adapters moved them.
 """
 from __future__ import annotations
 
@@ -95,7 +96,8 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def train_step(model: nn.Module, tokens: torch.Tensor, lr: float = 1e-3) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+def train_step(model: nn.Module, tokens: torch.Tensor,
+               lr: float = 1e-3) -> tuple[Callable[[], None], torch.optim.Optimizer]:
     """One AdamW training step on ``tokens`` (labels = tokens)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
@@ -116,7 +118,8 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
 
 def tokens_for(model_size: dict, device: torch.device, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model_size["vocab_size"], (model_size["batch"], model_size["seq"]), generator=gen).to(device)
+    shape = (model_size["batch"], model_size["seq"])
+    return torch.randint(0, model_size["vocab_size"], shape, generator=gen).to(device)
 
 
 def _status_kib(field: str) -> int:
@@ -220,18 +223,19 @@ def markdown(results: dict) -> str:
              f"{model['intermediate_size']}, {model['num_hidden_layers']} layers, batch {model['batch']} x seq "
              f"{model['seq']}, compute {model['compute_dtype']}; load average {env['loadavg_before']} -> "
              f"{env['loadavg_after']}.", "",
-             "| variant | step ms (median [q1, q3]) | tokens/s | trainable params | AdamW state MiB | peak MiB | "
+             "| variant | step ms: median [q1, q3] | min | tokens/s | trainable params | AdamW state MiB | peak MiB | "
              "step peak above resident MiB |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in results["variants"].items():
         s = row["step_ms"]
-        lines.append(f"| {name} | {s['median']:.1f} [{s['q1']:.1f}, {s['q3']:.1f}] | {row['tokens_per_s']:.0f} | "
-                     f"{row['trainable_params']:,} | {mib(row['optimizer_state_bytes'])} | {mib(row.get('peak_bytes'))} | "
-                     f"{mib(row.get('step_peak_bytes'))} |")
+        lines.append(f"| {name} | {s['median']:.1f} [{s['q1']:.1f}, {s['q3']:.1f}] | {s['min']:.1f} | "
+                     f"{row['tokens_per_s']:.0f} | {row['trainable_params']:,} | {mib(row['optimizer_state_bytes'])} | "
+                     f"{mib(row.get('peak_bytes'))} | {mib(row.get('step_peak_bytes'))} |")
     if results["merge_rounding"]:
         r = results["merge_rounding"]
         lines += ["", f"Merging `sharelora` into the nf4 weights: the adapters move the held-out logits by "
-                      f"{r['adapters_vs_base']:.3g} (relative), merging moves them by another {r['merged_vs_unmerged']:.3g}."]
+                      f"{r['adapters_vs_base']:.3g} (relative), merging moves them by another "
+                      f"{r['merged_vs_unmerged']:.3g}."]
     return "\n".join(lines) + "\n"
 
 

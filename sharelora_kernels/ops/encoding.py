@@ -2,7 +2,7 @@
 
 A custom op's schema holds tensors, ints and floats, not ``LoRAPath`` tuples: ``encode`` flattens
 paths into (every tensor in role order, [kind code, k_offset, n_offset] per path, scale per path)
-and ``decode`` rebuilds them. R, the concatenated rank of a path list, is the sum of ``path_rank``.
+and ``decode`` rebuilds them. R, the concatenated rank of a path list, is the sum of ``LoRAPath.rank``.
 ``check_path`` raises ValueError naming what does not fit a module's (K, N).
 """
 from __future__ import annotations
@@ -15,11 +15,6 @@ from ..plan import PATH_ROLES
 from ..reference import LoRAPath
 
 KINDS = tuple(PATH_ROLES)  # layout code of a path kind = its index here
-
-
-def path_rank(path: LoRAPath) -> int:
-    """Rank the path contributes to the concatenated R (g for a gate path)."""
-    return path.tensors[2].shape[0] if path.kind == "gate" else path.tensors[0].shape[0]
 
 
 def encode(paths: Sequence[LoRAPath]) -> tuple[list[Tensor], list[int], list[float]]:
@@ -51,7 +46,7 @@ def check_path(i: int, p: LoRAPath, k: int, n: int) -> None:
     t = p.tensors
     if any(u.dim() != 2 for u in t):
         raise ValueError(f"path {i} ({p.kind}): every tensor must be 2-D, got {[tuple(u.shape) for u in t]}")
-    r = path_rank(p)
+    r = p.rank
     kind = p.kind
     if kind == "gate":
         m, gn, g = t[0].shape[1], t[1].shape[0], r

@@ -14,9 +14,9 @@ through): ``dh = s * dy B_eff``, ``dx = mask(dh A_eff) / (1 - p)``, ``dA_eff = d
 slice window, Kronecker fold, gate core). Dropout draws one mask on x from a seed and backward
 draws it again: x is not copied.
 
-Backends: ``torch`` (any device: the reference's helpers ``_dense_factors`` (plain and slice paths
-stacked, one pass over x), ``path_input`` / ``add_path_output`` (gate, Kronecker: nothing
-expanded), their mask from a ``torch.Generator`` seeded with the seed); ``triton`` (CUDA, or the
+Backends: ``torch`` (any device: the reference's helpers ``_dense_factors`` (plain, slice and gate
+paths stacked, a gate as its rank-g pair: one pass over x) and ``path_input`` / ``add_path_output``
+(Kronecker paths: nothing expanded), the mask from a ``torch.Generator`` seeded with the seed); ``triton`` (CUDA, or the
 interpreter; ``lowrank_only_triton``: ``lowrank_project`` for h, one kernel adding into y in place,
 ``lowrank_grad`` for dA / dB, ``tl.rand`` for the mask).
 
@@ -32,11 +32,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..reference import LoRAPath, _add_lowrank, _dense_factors, add_path_output, path_factors, path_input
-from .encoding import check_path, decode, encode, path_rank
+from ..reference import LoRAPath, _add_lowrank, _dense_factors, add_path_output, path_input
+from .encoding import check_path, decode, encode
 from .shared_grad import path_grads
 
-DENSE_KINDS = ("plain", "slice")  # stacked into one LoRA by the torch path
+DENSE_KINDS = ("plain", "slice", "gate")  # stacked into one LoRA by the torch path (gate: C G_id (g, K), G_ou)
 
 
 # ----------------------------------------------------------------------------- torch path
@@ -89,7 +89,7 @@ def torch_forward(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], p: float, see
         a, b = _dense_factors([paths[i] for i in dense], x.shape[1], y.shape[1])
         h_dense = xd @ a.t()
         _add_lowrank(y, h_dense, b, 1.0)
-        for i, h in zip(dense, h_dense.split([path_rank(paths[i]) for i in dense], 1)):
+        for i, h in zip(dense, h_dense.split([paths[i].rank for i in dense], 1)):
             hs[i] = h
     for i in others:
         hs[i] = path_input(xd, paths[i])
@@ -112,23 +112,16 @@ def torch_backward(dy: Tensor, x: Tensor, h: Tensor, paths: Sequence[LoRAPath], 
         dh_dense = dy @ b
         if needs_dx:
             dx.addmm_(dh_dense, a)
-        for i, dh in zip(dense, dh_dense.split([path_rank(paths[i]) for i in dense], 1)):
+        for i, dh in zip(dense, dh_dense.split([paths[i].rank for i in dense], 1)):
             dhs[i] = dh
-    for i in others:
-        q = paths[i]
-        if q.kind == "kron":
-            dhs[i] = path_input(dy, _kron_adjoint(q)) * q.scale
-            if needs_dx:
-                add_path_output(dx, dhs[i], _kron_adjoint(q))
-        else:  # gate: B_eff = G_ou, A_eff = C G_id (g, K)
-            a_eff, b_eff = path_factors(q, k, n)
-            dhs[i] = (dy @ b_eff) * q.scale
-            if needs_dx:
-                dx.addmm_(dhs[i], a_eff)
+    for i in others:  # Kronecker paths
+        dhs[i] = path_input(dy, _kron_adjoint(paths[i])) * paths[i].scale
+        if needs_dx:
+            add_path_output(dx, dhs[i], _kron_adjoint(paths[i]))
     if needs_dx:
         dx = (dx * _keep(x, p, seed) / (1.0 - p) if p > 0 else dx).to(x.dtype)
     dh = torch.cat(dhs, 1)
-    scale = torch.cat([torch.full((path_rank(q),), q.scale, device=x.device, dtype=dy.dtype) for q in paths])
+    scale = torch.cat([torch.full((q.rank,), q.scale, device=x.device, dtype=dy.dtype) for q in paths])
     return dx, dh.t() @ _dropped(x, p, seed), (h * scale).t() @ dy
 
 
@@ -152,7 +145,7 @@ def _forward_op(y: Tensor, x: Tensor, tensors: list[Tensor], layout: list[int], 
 
 @_forward_op.register_fake
 def _(y, x, tensors, layout, scales, dropout_p, seed, use_triton):
-    r = sum(path_rank(p) for p in decode(tensors, layout, scales))
+    r = sum(p.rank for p in decode(tensors, layout, scales))
     return x.new_empty((x.shape[0], r), dtype=accumulation_dtype(x.dtype))
 
 

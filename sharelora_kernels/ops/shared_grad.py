@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 
 from ..reference import LoRAPath
-from .encoding import path_rank
 
 ATOMIC_ENV = "SHARELORA_ATOMIC_GRADS"
 
@@ -127,7 +126,7 @@ def path_grads(tensors: Sequence[Tensor], needs_grad: Sequence[bool], paths: Seq
     sink = GradSink(tensors, needs_grad)
     i0, r0 = 0, 0
     for p in paths:
-        r1 = r0 + path_rank(p)
+        r1 = r0 + p.rank
         for role, g, window in (*chain_a(p, grad_a[r0:r1]), *chain_b(p, grad_b[r0:r1])):
             sink.add(i0 + role, g, window)
         i0, r0 = i0 + len(p.tensors), r1
