@@ -40,8 +40,11 @@ DENSE_KINDS = ("plain", "slice", "gate")  # stacked into one LoRA by the torch p
 
 
 # ----------------------------------------------------------------------------- torch path
-def _keep(x: Tensor, p: float, seed: Tensor) -> Tensor:
-    """The (M, K) keep mask of ``seed``: ``rand >= p`` from a generator on x's device seeded with it."""
+def _keep(x: Tensor, p: float, seed: Tensor) -> Tensor | None:
+    """The (M, K) keep mask of ``seed`` (None when p == 0): ``rand >= p`` from a generator on x's
+    device seeded with it, so backward draws the forward's mask again."""
+    if p == 0:
+        return None
     gen = torch.Generator(device=x.device)
     gen.manual_seed(int(seed.item()))
     return torch.rand(x.shape, generator=gen, device=x.device) >= p
@@ -52,12 +55,12 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _dropped(x: Tensor, p: float, seed: Tensor) -> Tensor:
+def _dropped(x: Tensor, keep: Tensor | None, p: float) -> Tensor:
     """dropout(x) rounded to x's dtype (the kernels' operand), in the accumulation dtype."""
     acc = accumulation_dtype(x.dtype)
-    if p == 0:
+    if keep is None:
         return x.to(acc)
-    return (x.to(acc) * _keep(x, p, seed) / (1.0 - p)).to(x.dtype).to(acc)
+    return (x.to(acc) * keep / (1.0 - p)).to(x.dtype).to(acc)
 
 
 def _rounded(paths: Sequence[LoRAPath], dtype: torch.dtype) -> list[LoRAPath]:
@@ -82,7 +85,7 @@ def torch_forward(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], p: float, see
     """y (M, N) += the paths of dropout(x) (M, K) in place; returns h (M, R) in the accumulation dtype
     (float32; float64 for a float64 x), in path order."""
     paths = _rounded(paths, x.dtype)
-    xd = _dropped(x, p, seed)
+    xd = _dropped(x, _keep(x, p, seed), p)
     dense, others = _dense_split(paths)
     hs: list[Tensor | None] = [None] * len(paths)
     if dense:
@@ -118,11 +121,12 @@ def torch_backward(dy: Tensor, x: Tensor, h: Tensor, paths: Sequence[LoRAPath], 
         dhs[i] = path_input(dy, _kron_adjoint(paths[i])) * paths[i].scale
         if needs_dx:
             add_path_output(dx, dhs[i], _kron_adjoint(paths[i]))
+    keep = _keep(x, p, seed)
     if needs_dx:
-        dx = (dx * _keep(x, p, seed) / (1.0 - p) if p > 0 else dx).to(x.dtype)
+        dx = (dx if keep is None else dx * keep / (1.0 - p)).to(x.dtype)
     dh = torch.cat(dhs, 1)
     scale = torch.cat([torch.full((q.rank,), q.scale, device=x.device, dtype=dy.dtype) for q in paths])
-    return dx, dh.t() @ _dropped(x, p, seed), (h * scale).t() @ dy
+    return dx, dh.t() @ _dropped(x, keep, p), (h * scale).t() @ dy
 
 
 def _backend(use_triton: bool):
