@@ -169,8 +169,9 @@ def test_opcheck_custom_ops(use_triton):
     x, seed = torch.randn(k, m).t(), torch.tensor([11])  # a transposed (non-contiguous) x
     torch.library.opcheck(torch.ops.sharelora.lowrank_add_.default,
                           (torch.randn(m, n), x, tensors, layout, scales, 0.2, seed, use_triton))
+    _, mask = torch.ops.sharelora.lowrank_add_(torch.randn(m, n), x, tensors, layout, scales, 0.2, seed, use_triton)
     torch.library.opcheck(torch.ops.sharelora.lowrank_add_backward.default,
-                          (torch.randn(n, m).t(), x, torch.randn(m, 5), tensors, layout, scales, 0.2, seed, True,
+                          (torch.randn(n, m).t(), x, torch.randn(m, 5), mask, tensors, layout, scales, 0.2, seed, True,
                            use_triton))
 
 

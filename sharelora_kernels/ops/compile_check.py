@@ -79,7 +79,7 @@ class KernelSpec:
 
 
 def _config(spec: dict) -> triton.Config:
-    tiles = {k: v for k, v in spec.items() if k.startswith("BLOCK")}
+    tiles = {k: v for k, v in spec.items() if k.startswith(("BLOCK", "GROUP"))}
     return triton.Config(tiles, num_warps=spec["num_warps"], num_stages=spec["num_stages"])
 
 
@@ -91,6 +91,7 @@ def _specs() -> list[KernelSpec]:
     from .grouped_lora_linear import _grouped_linear_kernel, grouped_kernel
     from .lowrank_grad import _lowrank_grad_kernel, _reduce_splits_kernel
     from .lowrank_input import _lowrank_project_kernel
+    from .lowrank_only_triton import _lowrank_add_kernel
     from .tma_linear import _tma_linear_kernel, tma_kernel
 
     tuned = lambda kernel: lambda all_configs, dt, block_r, flags: kernel.configs("full" if all_configs else "perf",
@@ -146,6 +147,16 @@ def _specs() -> list[KernelSpec]:
         KernelSpec("reduce_splits", _reduce_splits_kernel, lambda dt, ft: {"part_ptr": "fp32", "out_ptr": "fp32"},
                    [Case("sum of S slabs", {"stride_py", "stride_oy"}, {}, {"Y", "stride_px", "stride_ox", "stride_ps"})],
                    fixed(lambda es, br: autotune.reduce_config()), kronecker=False, rank_tile=0),
+        KernelSpec("lowrank_add", _lowrank_add_kernel,  # the low-rank-only op of quantized bases
+                   lambda dt, ft: {"h_ptr": "fp32", "table_ptr": "i64", "scale_ptr": "fp32", "out_ptr": dt,
+                                   "mask_ptr": "i32"},
+                   [Case("y+=(h s)@B^T in place", {"stride_hr", "stride_on"},
+                         dict(ACCUMULATE=True, APPLY_SCALE=True, DROPOUT=False), {"N", "stride_om", "stride_hm"}),
+                    Case("dx=mask(dh@A)", {"stride_hr", "stride_on"},
+                         dict(ACCUMULATE=False, APPLY_SCALE=False, DROPOUT=True),
+                         {"N", "stride_om", "stride_hm", "stride_mm"})],
+                   lambda all_configs, dt, block_r, flags: [_config(autotune.lowrank_add_config())],
+                   rank_tile=LOWRANK_CHUNK),
     ]
 
 

@@ -39,19 +39,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..plan import PATH_ROLES
 from ..reference import LoRAPath
 from . import tma_linear
 from .autotune import SMALL_GEMM, TunedKernel, gemm_configs
 from .dy_lowrank import dy_lowrank
+from .encoding import KINDS, check_path, decode, encode  # noqa: F401 (KINDS: the layout codes)
 from .gemm_tiles import LOWRANK_CHUNK, epilogue, lowrank_tile, matmul_tile, tile_coords
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
-from .shared_grad import GradSink, chain_a, chain_b
+from .shared_grad import path_grads
 from .tables import path_rank, tables_for
 from .utils import INTERPRET, TL_DTYPES, dot_precision, dropout_seed, mask_words, needs_int64_index
-
-KINDS = tuple(PATH_ROLES)  # layout code of a path kind = its index here
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). perf: the tiles that compile without spills
 # for every variant (compile_check); full adds the larger ones, which spill with Kronecker + dropout.
@@ -115,33 +113,13 @@ def fused_linear(a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Tensor, table:
     return out
 
 
-# ----------------------------------------------------------------------------- path encoding
-def _encode(paths: Sequence[LoRAPath]) -> tuple[list[Tensor], list[int], list[float]]:
-    """Flatten paths for the custom op: tensors, layout [kind code, k_offset, n_offset] per path, scales."""
-    tensors, layout = [], []
-    for p in paths:
-        tensors += p.tensors
-        layout += [KINDS.index(p.kind), p.k_offset, p.n_offset]
-    return tensors, layout, [float(p.scale) for p in paths]
-
-
-def _decode(tensors: Sequence[Tensor], layout: Sequence[int], scales: Sequence[float]) -> list[LoRAPath]:
-    paths, i = [], 0
-    for j, s in enumerate(scales):
-        kind = KINDS[layout[3 * j]]
-        n = len(PATH_ROLES[kind])
-        paths.append(LoRAPath(kind, tuple(tensors[i:i + n]), s, layout[3 * j + 1], layout[3 * j + 2]))
-        i += n
-    return paths
-
-
 # ----------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("sharelora::fused_lora_linear", mutates_args=())
 def _forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], tensors: list[Tensor], layout: list[int],
                 scales: list[float], dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Returns y (M, N) in x's dtype, h = dropout(x) A_eff^T (M, R) float32 and the dropout mask
     (M, ceil(K / 32)) int32 bit-packed (empty when dropout_p == 0), both saved for backward."""
-    tables = tables_for(_decode(tensors, layout, scales), x.device)
+    tables = tables_for(decode(tensors, layout, scales), x.device)
     h, mask = lowrank_project(x, tables.a, tables.dtype, tables.periodic, dropout_p, seed)
     y = fused_linear(x, weight.t(), None if bias is None else bias.contiguous(), h, tables.b, tables.dtype,
                      tables.periodic, tables.scale, 0.0, mask)
@@ -150,7 +128,7 @@ def _forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], tensors: list
 
 @_forward_op.register_fake
 def _(x, weight, bias, tensors, layout, scales, dropout_p, seed):
-    r = sum(path_rank(p) for p in _decode(tensors, layout, scales))
+    r = sum(path_rank(p) for p in decode(tensors, layout, scales))
     m = x.shape[0]
     mask = x.new_empty((m, mask_words(x.shape[1])) if dropout_p > 0 else (0,), dtype=torch.int32)
     return x.new_empty((m, weight.shape[0])), x.new_empty((m, r), dtype=torch.float32), mask
@@ -162,7 +140,7 @@ def _backward_op(dy: Tensor, x: Tensor, weight: Tensor, h: Tensor, mask: Tensor,
                  needs_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dx (M, K) in x's dtype (empty unless needs_dx), dA_eff (R, K) and dB_eff^T (R, N) float32.
     mask: the forward's bit-packed dropout mask (read when dropout_p > 0; nothing is drawn here)."""
-    tables = tables_for(_decode(tensors, layout, scales), x.device)
+    tables = tables_for(decode(tensors, layout, scales), x.device)
     dh, grad_b = dy_lowrank(dy, h, tables.b, tables.scale, tables.dtype, tables.periodic)
     if needs_dx:
         dx = fused_linear(dy, weight, None, dh, tables.a, tables.dtype, tables.periodic, None, dropout_p, mask)
@@ -189,14 +167,9 @@ def _backward(ctx, dy, _dh, _mask):
     x, weight, h, mask, *tensors = ctx.saved_tensors
     dx, grad_a, grad_b = _backward_op(dy, x, weight, h, mask, tensors, ctx.layout, ctx.scales, ctx.dropout_p,
                                       ctx.needs_input_grad[0])
-    sink = GradSink(tensors, [t.requires_grad for t in tensors])
-    i0, r0 = 0, 0
-    for p in _decode(tensors, ctx.layout, ctx.scales):
-        r1 = r0 + path_rank(p)
-        for role, g, window in (*chain_a(p, grad_a[r0:r1]), *chain_b(p, grad_b[r0:r1])):
-            sink.add(i0 + role, g, window)
-        i0, r0 = i0 + len(p.tensors), r1
-    return (dx if ctx.needs_input_grad[0] else None), None, None, sink.grads(), None, None, None, None
+    grads = path_grads(tensors, [t.requires_grad for t in tensors], decode(tensors, ctx.layout, ctx.scales), grad_a,
+                       grad_b)
+    return (dx if ctx.needs_input_grad[0] else None), None, None, grads, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -229,38 +202,7 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAP
         if dtype not in TL_DTYPES:
             raise ValueError(f"the triton backend supports float32, bfloat16, float16; {what} are {dtype}")
     for i, p in enumerate(paths):
-        _check_path(i, p, k, n)
-
-
-def _check_path(i: int, p: LoRAPath, k: int, n: int) -> None:
-    if p.kind not in PATH_ROLES:
-        raise ValueError(f"path {i}: unknown kind {p.kind!r}")
-    if len(p.tensors) != len(PATH_ROLES[p.kind]):
-        raise ValueError(f"path {i} ({p.kind}) needs tensors {PATH_ROLES[p.kind]}, got {len(p.tensors)}")
-    t = p.tensors
-    if any(u.dim() != 2 for u in t):
-        raise ValueError(f"path {i} ({p.kind}): every tensor must be 2-D, got {[tuple(u.shape) for u in t]}")
-    r = path_rank(p)
-    kind = p.kind
-    if kind == "gate":
-        m, gn, g = t[0].shape[1], t[1].shape[0], r
-        expect = [(t[0].shape[0], m), (gn, t[0].shape[0]), (g, k), (m, g), (g, gn), (n, g)]
-    elif kind == "kron":
-        d = t[0].shape[1]
-        if k % d or n % d:
-            raise ValueError(f"path {i} (kron): d={d} must divide K={k} and N={n}")
-        expect = [(r, d), (d, r), (1, k // d), (n // d, 1)]
-    elif kind == "slice":
-        if p.k_offset < 0 or p.k_offset + k > t[0].shape[1]:
-            raise ValueError(f"path {i} (slice): k_offset={p.k_offset} + K={k} exceeds A's K_max={t[0].shape[1]}")
-        if p.n_offset < 0 or p.n_offset + n > t[1].shape[0]:
-            raise ValueError(f"path {i} (slice): n_offset={p.n_offset} + N={n} exceeds B's N_max={t[1].shape[0]}")
-        expect = [(r, t[0].shape[1]), (t[1].shape[0], r)]
-    else:
-        expect = [(r, k), (n, r)]
-    for role, u, e in zip(PATH_ROLES[kind], t, expect):
-        if tuple(u.shape) != e:
-            raise ValueError(f"path {i} ({kind}): {role} has shape {tuple(u.shape)}, expected {e} (K={k}, N={n}, r={r})")
+        check_path(i, p, k, n)
 
 
 def fused_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath],
@@ -273,6 +215,6 @@ def fused_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Seq
     p = dropout_p if training else 0.0
     x2 = x.reshape(-1, x.shape[-1])
     seed = dropout_seed(p, x.device)
-    tensors, layout, scales = _encode(paths)
+    tensors, layout, scales = encode(paths)
     y = _forward_op(x2, weight, bias, tensors, layout, scales, p, seed)[0]
     return y.reshape(*x.shape[:-1], weight.shape[0])

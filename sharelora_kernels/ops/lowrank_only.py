@@ -10,17 +10,18 @@ low-rank term added into y in y's dtype.
 Forward: ``h`` for every path at once, then ``y += (h * s) B_eff^T`` in place (no (M, N) temporary
 on the Triton path). Backward (the base's own backward gives the rest of dx; y's gradient passes
 through): ``dh = s * dy B_eff``, ``dx = mask(dh A_eff) / (1 - p)``, ``dA_eff = dh^T dropout(x)``,
-``dB_eff^T = (s h)^T dy`` in the accumulation dtype, then the chain to each parameter (``shared_grad.path_grads``:
-slice window, Kronecker fold, gate core). Dropout draws one mask on x from a seed and backward
-draws it again: x is not copied.
+``dB_eff^T = (s h)^T dy`` in the accumulation dtype, then the chain to each parameter
+(``shared_grad.path_grads``: slice window, Kronecker fold, gate core). Dropout draws one mask on x
+from a seed; x is not copied (the torch path draws the mask again in backward, the kernels keep it
+bit-packed, M * K / 8 bytes).
 
 Backends: ``torch`` (any device: the reference's helpers ``_dense_factors`` (plain, slice and gate
 paths stacked, a gate as its rank-g pair: one pass over x) and ``path_input`` / ``add_path_output``
 (Kronecker paths: nothing expanded), the mask from a ``torch.Generator`` seeded with the seed); ``triton`` (CUDA, or the
-interpreter; ``lowrank_only_triton``: ``lowrank_project`` for h, one kernel adding into y in place,
-``lowrank_grad`` for dA / dB, ``tl.rand`` for the mask).
+interpreter; ``lowrank_only_triton``: ``lowrank_project`` for h and the mask, one kernel adding into
+y in place, ``dy_lowrank`` and ``lowrank_grad`` for dh, dB and dA).
 
-Registered as the custom ops ``sharelora::lowrank_add_`` (mutates y, returns h) and
+Registered as the custom ops ``sharelora::lowrank_add_`` (mutates y, returns h and the mask) and
 ``sharelora::lowrank_add_backward``, with fake kernels. ``torch.library`` attaches no autograd
 formula to an op that mutates an input, so the formula is a ``torch.autograd.Function`` around the
 mutable op (``ctx.mark_dirty(y)``); dynamo traces it into one graph (``torch.compile(fullgraph=True)``).
@@ -81,9 +82,9 @@ def _dense_split(paths: Sequence[LoRAPath]) -> tuple[list[int], list[int]]:
     return dense, [i for i in range(len(paths)) if i not in dense]
 
 
-def torch_forward(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], p: float, seed: Tensor) -> Tensor:
+def torch_forward(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
     """y (M, N) += the paths of dropout(x) (M, K) in place; returns h (M, R) in the accumulation dtype
-    (float32; float64 for a float64 x), in path order."""
+    (float32; float64 for a float64 x), in path order, and an empty mask (backward draws it again)."""
     paths = _rounded(paths, x.dtype)
     xd = _dropped(x, _keep(x, p, seed), p)
     dense, others = _dense_split(paths)
@@ -97,13 +98,13 @@ def torch_forward(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], p: float, see
     for i in others:
         hs[i] = path_input(xd, paths[i])
         add_path_output(y, hs[i], paths[i])
-    return torch.cat(hs, 1)
+    return torch.cat(hs, 1), x.new_empty((0,), dtype=torch.int32)
 
 
-def torch_backward(dy: Tensor, x: Tensor, h: Tensor, paths: Sequence[LoRAPath], p: float, seed: Tensor,
-                   needs_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+def torch_backward(dy: Tensor, x: Tensor, h: Tensor, mask: Tensor, paths: Sequence[LoRAPath], p: float,
+                   seed: Tensor, needs_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """dx (M, K) in x's dtype (empty unless needs_dx), dA_eff (R, K) and dB_eff^T (R, N) in the
-    accumulation dtype."""
+    accumulation dtype; the keep mask is drawn again from ``seed`` (``mask`` is empty here)."""
     paths = _rounded(paths, x.dtype)
     k, n = x.shape[1], dy.shape[1]
     dy = dy.to(x.dtype).to(accumulation_dtype(x.dtype))
@@ -141,8 +142,10 @@ def _backend(use_triton: bool):
 # ----------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("sharelora::lowrank_add_", mutates_args=("y",))
 def _forward_op(y: Tensor, x: Tensor, tensors: list[Tensor], layout: list[int], scales: list[float],
-                dropout_p: float, seed: Tensor, use_triton: bool) -> Tensor:
-    """y (..., N) += the paths of dropout(x) (M, K) in place; returns h (M, R) (saved for backward)."""
+                dropout_p: float, seed: Tensor, use_triton: bool) -> tuple[Tensor, Tensor]:
+    """y (..., N) += the paths of dropout(x) (M, K) in place; returns h (M, R) and the dropout mask
+    (the Triton path's (M, ceil(K / 32)) int32 bits; empty for the torch path or p == 0), both saved
+    for backward."""
     with torch.autocast(x.device.type, enabled=False):  # the dtypes are chosen by the caller
         return _backend(use_triton)[0](y.view(-1, y.shape[-1]), x, decode(tensors, layout, scales), dropout_p, seed)
 
@@ -150,20 +153,22 @@ def _forward_op(y: Tensor, x: Tensor, tensors: list[Tensor], layout: list[int], 
 @_forward_op.register_fake
 def _(y, x, tensors, layout, scales, dropout_p, seed, use_triton):
     r = sum(p.rank for p in decode(tensors, layout, scales))
-    return x.new_empty((x.shape[0], r), dtype=accumulation_dtype(x.dtype))
+    bits = (x.shape[0], (x.shape[1] + 31) // 32) if use_triton and dropout_p > 0 else (0,)
+    return x.new_empty((x.shape[0], r), dtype=accumulation_dtype(x.dtype)), x.new_empty(bits, dtype=torch.int32)
 
 
 @torch.library.custom_op("sharelora::lowrank_add_backward", mutates_args=())
-def _backward_op(dy: Tensor, x: Tensor, h: Tensor, tensors: list[Tensor], layout: list[int], scales: list[float],
-                 dropout_p: float, seed: Tensor, needs_dx: bool, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_op(dy: Tensor, x: Tensor, h: Tensor, mask: Tensor, tensors: list[Tensor], layout: list[int],
+                 scales: list[float], dropout_p: float, seed: Tensor, needs_dx: bool,
+                 use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
     """dx (M, K) in x's dtype (empty unless needs_dx), dA_eff (R, K) and dB_eff^T (R, N)."""
     with torch.autocast(x.device.type, enabled=False):
-        return _backend(use_triton)[1](dy.reshape(-1, dy.shape[-1]), x, h, decode(tensors, layout, scales),
+        return _backend(use_triton)[1](dy.reshape(-1, dy.shape[-1]), x, h, mask, decode(tensors, layout, scales),
                                        dropout_p, seed, needs_dx)
 
 
 @_backward_op.register_fake
-def _(dy, x, h, tensors, layout, scales, dropout_p, seed, needs_dx, use_triton):
+def _(dy, x, h, mask, tensors, layout, scales, dropout_p, seed, needs_dx, use_triton):
     r, n = h.shape[1], dy.shape[-1]
     dx = x.new_empty(x.shape if needs_dx else (0,))
     acc = accumulation_dtype(x.dtype)
@@ -176,18 +181,18 @@ class _LowRankAdd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, x, seed, layout, scales, dropout_p, use_triton, *tensors):
-        h = _forward_op(y, x, list(tensors), layout, scales, dropout_p, seed, use_triton)
+        h, mask = _forward_op(y, x, list(tensors), layout, scales, dropout_p, seed, use_triton)
         ctx.mark_dirty(y)
-        ctx.save_for_backward(x, h, seed, *tensors)
+        ctx.save_for_backward(x, h, mask, seed, *tensors)
         ctx.layout, ctx.scales, ctx.dropout_p, ctx.use_triton = layout, scales, dropout_p, use_triton
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, h, seed, *tensors = ctx.saved_tensors
+        x, h, mask, seed, *tensors = ctx.saved_tensors
         needs_dx = ctx.needs_input_grad[1]
-        dx, grad_a, grad_b = _backward_op(dy, x, h, tensors, ctx.layout, ctx.scales, ctx.dropout_p, seed, needs_dx,
-                                          ctx.use_triton)
+        dx, grad_a, grad_b = _backward_op(dy, x, h, mask, tensors, ctx.layout, ctx.scales, ctx.dropout_p, seed,
+                                          needs_dx, ctx.use_triton)
         grads = path_grads(tensors, ctx.needs_input_grad[7:], decode(tensors, ctx.layout, ctx.scales), grad_a, grad_b)
         return (dy, dx if needs_dx else None, None, None, None, None, None, *grads)
 
