@@ -14,8 +14,9 @@ runs them. Variants, targets q, k, v, up, down:
   bishare     ``apply(method="bishare")``: Slice Sharing at the paper's ranks
 
 One step is forward + loss + backward + AdamW step + zero_grad on a fixed random batch; the variants
-are timed round-robin in one process. Reported per variant: step time (ms, median and spread),
-tokens/s, trainable parameters, AdamW state bytes, and the peak memory of one step, in all and
+are timed round-robin in one process. Reported per variant: step time (ms, median and spread;
+on the CPU also the process's CPU time per step, which other load disturbs far less with
+``--threads 1``), tokens/s, trainable parameters, AdamW state bytes, and the peak memory of one step, in all and
 above what was in use before it: CUDA ``max_memory_allocated``; on the CPU the process's peak
 resident set (VmHWM, reset through ``/proc/self/clear_refs``), each variant in a fresh process
 (``--memory-of VARIANT``) so that one variant's freed memory cannot hide another's.
@@ -30,6 +31,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -42,7 +44,7 @@ from ..config import ShareLoRAConfig
 from ..model import apply, merge
 from .e2e import MODEL_SIZES, TARGETS
 from .environment import describe, device_label, loadavg
-from .timing import Timer, cuda_peak_bytes, interleaved
+from .timing import Timer, cuda_peak_bytes, interleaved, summarize
 
 VARIANTS = ("peft_qlora", "lora", "sharelora", "bishare")
 REPEATS = {"quick": (1, 3), "cpu": (2, 10), "cuda": (3, 20)}  # (warm-up, timed) steps per variant
@@ -155,7 +157,8 @@ def memory_of(variant: str, directory: Path, model_size: dict, device: torch.dev
 
 def _memory_in_subprocess(variant: str, directory: Path, model_size: dict, device: torch.device) -> dict:
     cmd = [sys.executable, "-m", "sharelora_kernels.benchmarks.qlora", "--memory-of", variant, "--model-dir",
-           str(directory), "--model-size", json.dumps(model_size), "--device", str(device)]
+           str(directory), "--model-size", json.dumps(model_size), "--device", str(device),
+           "--threads", str(torch.get_num_threads())]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"memory run of {variant} failed:\n{done.stderr[-3000:]}")
@@ -192,12 +195,21 @@ def run(profile: str, device: torch.device, variants: list[str], measure_memory:
         tokens = tokens_for(size, device)
         steps = {name: train_step(model, tokens) for name, model in models.items()}
         timer = Timer(device)
-        timings = interleaved({name: (lambda s=step: timer.time(s)) for name, (step, _) in steps.items()},
+        cpu_ms: dict[str, list[float]] = {name: [] for name in steps}
+
+        def timed(name: str, step: Callable[[], None]) -> float:
+            start = time.process_time()
+            ms = timer.time(step)
+            cpu_ms[name].append((time.process_time() - start) * 1e3)
+            return ms
+
+        timings = interleaved({name: (lambda n=name, s=step: timed(n, s)) for name, (step, _) in steps.items()},
                               warmup, repeats)
         out = {}
         for name, model in models.items():
             stats = timings[name]
             out[name] = {"step_ms": stats, "tokens_per_s": size["batch"] * size["seq"] / (stats["median"] / 1e3),
+                         "step_cpu_ms": summarize(cpu_ms[name][warmup:]) if device.type == "cpu" else None,
                          "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                          "optimizer_state_bytes": optimizer_state_bytes(steps[name][1])}
         rounding = merge_rounding(models["sharelora"], base_logits, held_out) if base_logits is not None else None
@@ -221,14 +233,16 @@ def markdown(results: dict) -> str:
     lines = [f"# QLoRA comparison ({env['device_name']}, {env['date']})", "",
              f"`{env['command']}`; torch {env['torch']}; nf4 LLaMA, hidden {model['hidden_size']}, MLP "
              f"{model['intermediate_size']}, {model['num_hidden_layers']} layers, batch {model['batch']} x seq "
-             f"{model['seq']}, compute {model['compute_dtype']}; load average {env['loadavg_before']} -> "
-             f"{env['loadavg_after']}.", "",
-             "| variant | step ms: median [q1, q3] | min | tokens/s | trainable params | AdamW state MiB | peak MiB | "
-             "step peak above resident MiB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"{model['seq']}, compute {model['compute_dtype']}; {env['torch_threads']} torch threads; load average "
+             f"{env['loadavg_before']} -> {env['loadavg_after']}.", "",
+             "| variant | step ms: median [q1, q3] | min | CPU time ms: median [q1, q3] | tokens/s | trainable params | "
+             "AdamW state MiB | peak MiB | step peak above resident MiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in results["variants"].items():
         s = row["step_ms"]
-        lines.append(f"| {name} | {s['median']:.1f} [{s['q1']:.1f}, {s['q3']:.1f}] | {s['min']:.1f} | "
+        c = row.get("step_cpu_ms")
+        cpu = f"{c['median']:.1f} [{c['q1']:.1f}, {c['q3']:.1f}]" if c else "n/a"
+        lines.append(f"| {name} | {s['median']:.1f} [{s['q1']:.1f}, {s['q3']:.1f}] | {s['min']:.1f} | {cpu} | "
                      f"{row['tokens_per_s']:.0f} | {row['trainable_params']:,} | {mib(row['optimizer_state_bytes'])} | "
                      f"{mib(row.get('peak_bytes'))} | {mib(row.get('step_peak_bytes'))} |")
     if results["merge_rounding"]:
@@ -246,7 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="tiny model and few steps (a smoke run)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory runs")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/<device>-<date>)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 makes the CPU time of a step robust to other load")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default ./sharelora-bench/qlora-<device>-<date>)")
     p.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one memory run
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--model-size", help=argparse.SUPPRESS)
@@ -257,12 +273,25 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} is an existing file, not a folder")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        return _run_command(args, variants, argv)
+    finally:
+        torch.set_num_threads(threads)  # main() called from Python leaves the process as it was
+
+
+def _run_command(args: argparse.Namespace, variants: list[str], argv: list[str]) -> dict:
     device = torch.device(args.device)
     if args.memory_of:
         print(json.dumps(memory_of(args.memory_of, args.model_dir, json.loads(args.model_size), device)))
         return {}
     results = run("quick" if args.quick else device.type, device, variants, not args.no_memory, argv)
-    out = args.out or Path("bench") / "results" / f"{device_label(device)}-{results['environment']['date']}"
+    out = args.out or Path("sharelora-bench") / f"qlora-{device_label(device)}-{results['environment']['date']}"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "qlora.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1) + "\n"))
     atomic_write(out / "qlora.md", lambda tmp: Path(tmp).write_text(markdown(results)))
