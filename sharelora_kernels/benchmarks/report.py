@@ -102,7 +102,9 @@ PANEL_LABELS = {"fwd+bwd": "fwd+bwd time / base F.linear fwd+bwd time",
 PANEL_TITLES = {"fwd+bwd": "LoRA ops, forward + backward (median of repeats)",
                 "fwd": "similarity: angular_distance, forward only"}
 VARIANT_LABELS = {"fwd+bwd": {"base": "base: F.linear alone", "peft": "peft: PEFT LoRA layer",
-                              "torch": "torch: our torch path", "fused": "fused: our Triton kernels"},
+                              "torch": "torch: our torch path", "compose": "compose: our GEMM composition",
+                              "auto": "auto: measured choice", "unsloth_order": "unsloth_order: base, then addmm_",
+                              "fused": "fused: our Triton kernels"},
                   "fwd": {"base": "base: plain torch formula", "torch": "torch: our angular_distance"}}
 
 
