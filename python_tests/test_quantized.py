@@ -104,11 +104,11 @@ def check_against_float64(model_q, config):
         assert g.dtype == torch.float32 and rel_err(g, g_ref) < MODEL_TOL, name
 
 
-def layer_against_float64(layer, m=7, seed=0):
+def layer_against_float64(layer, m=7, seed=0, leading=None):
     """One quantized SharedLoRALinear in float32 vs float64 math on its dequantized weight: output,
-    dx and every adapter gradient."""
+    dx and every adapter gradient; x is (m, K), or (*leading, K)."""
     torch.manual_seed(seed)
-    x = torch.randn(m, layer.in_features, requires_grad=True)
+    x = torch.randn(*(leading or (m,)), layer.in_features, requires_grad=True)
     y = layer(x)
     dy = torch.randn_like(y)
     tensors = [t for p in layer.paths() for t in p.tensors]
@@ -145,6 +145,39 @@ def test_each_quant_kind_layer_in_float32_matches_float64_reference(float_dir, q
     model = sk.apply(quantized(float_dir, quant), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["bishare_kron"]))
     randomize_adapters(model, std=0.3)
     layer_against_float64(model.model.layers[1].mlp.down_proj)  # plain + Kronecker paths, K = 48
+
+
+def standalone_quantized(quant: str, bias: bool, k: int = 64, n: int = 96):
+    """A bitsandbytes nf4 or int8 layer of a random nn.Linear, quantized on the CPU."""
+    dense = torch.nn.Linear(k, n, bias=bias)
+    if quant == "nf4":
+        q = bnb.nn.Linear4bit(k, n, bias=bias, compute_dtype=torch.float32, quant_type="nf4")
+    else:
+        q = bnb.nn.Linear8bitLt(k, n, bias=bias, has_fp16_weights=False)
+    q.load_state_dict(dense.state_dict())
+    return q.to("cpu")
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("after_eval", [False, True])
+def test_biased_base_batched_input_and_training_after_an_eval_pass(quant, bias, after_eval):
+    """Biased bases (Qwen2's q/k/v), a (batch, seq, K) x that requires grad, and training after an
+    eval-mode no-grad forward, on which bitsandbytes' CPU backend repacks a 4-bit weight into a
+    layout with no working backward: bitsandbytes returns views here that autograd forbids adding
+    into in place, and the layer must train on the standard layout. Outputs, dx and every adapter
+    gradient against float64 on the dequantized weight."""
+    torch.manual_seed(1)
+    layer = SharedLoRALinear(standalone_quantized(quant, bias), r=5, alpha=10.0)
+    torch.nn.init.normal_(layer.lora_paths[0].B)
+    if after_eval:
+        layer.eval()
+        with torch.no_grad():
+            layer(torch.randn(3, 64))
+        if quant == "nf4":  # the repacking happened where this CPU has its kernel
+            packed = getattr(layer.base_layer.weight.quant_state, "packing_format_for_cpu", False)
+            assert packed == layer.base_layer.support_avx512bf16_for_cpu
+    layer_against_float64(layer.train(), leading=(2, 5))
 
 
 @pytest.mark.parametrize("quant", list(QUANTS))

@@ -145,16 +145,25 @@ def compute_dtype(module: nn.Module, layout: BaseLayout, x: Tensor) -> torch.dty
     return x.dtype
 
 
+def standard_4bit_layout(module: nn.Module) -> nn.Parameter:
+    """A Linear4bit's weight in bitsandbytes' standard layout, restored if needed; returns the weight.
+
+    bitsandbytes' CPU backend repacks the weight for its inference kernel on an eval-mode forward
+    without grad, and that layout has no working backward (with a bias its forward raises once x
+    requires grad; without one it backpropagates through an op with no autograd formula).
+    bitsandbytes' own ``state_dict()`` converts it back; this calls it."""
+    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        module.state_dict()
+    return module.weight
+
+
 @torch.no_grad()
 def dequantized_weight(module: nn.Module, layout: BaseLayout, dtype: torch.dtype = torch.float32) -> Tensor:
     """The (N, K) weight a quantized base computes with, in ``dtype``, as bitsandbytes dequantizes it
     for an input of that dtype (a temporary: for merge and tests)."""
     if layout.kind == "bnb_4bit":
         bnb = import_bitsandbytes()
-        weight = module.weight
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            module.state_dict()  # bitsandbytes restores its standard layout from its CPU inference packing here
-            weight = module.weight
+        weight = standard_4bit_layout(module)
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
     if layout.kind == "bnb_8bit":
         state, weight = module.state, module.weight

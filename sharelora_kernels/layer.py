@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import ops
 from .base import adapter_dtype  # noqa: F401 (re-exported: the dtype rule of dense bases' adapters)
-from .base import add_to_weight_, compute_dtype, describe_base, new_adapter_dtype
+from .base import add_to_weight_, compute_dtype, describe_base, new_adapter_dtype, standard_4bit_layout
 from .config import check_dropout, check_int, check_positive
 from .plan import PATH_ROLES, PathSpec, TensorSpec
 from .reference import LoRAPath, delta_weight
@@ -190,9 +190,13 @@ class SharedLoRALinear(nn.Module):
     def _forward_computing_base(self, x: Tensor) -> Tensor:
         """A quantized base's own forward, then the paths added into its output in place."""
         dtype = compute_dtype(self.base_layer, self.layout, x)
+        if self.layout.kind == "bnb_4bit" and torch.is_grad_enabled() and (self.training or x.requires_grad):
+            standard_4bit_layout(self.base_layer)  # after an eval pass on the CPU: a layout with a backward
         y = self.base_layer(x)
         if self.merged or len(self.lora_paths) == 0:
             return y
+        if y._base is not None:  # bitsandbytes returns views of its custom Function's output (with a bias, a 3-D x or
+            y = y.clone()  # its CPU-packed kernel), which autograd forbids modifying in place
         return ops.lowrank_add(y, x, self.paths(), self.dropout, self.training, dtype)
 
     @torch.no_grad()
