@@ -6,6 +6,7 @@ All variants start from the same base weights and are timed interleaved (see tim
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable
 
 import torch
@@ -28,13 +29,21 @@ MODEL_SIZES = {
 }
 
 
-def build_variants(base: nn.Module, num_layers: int, r: int = 8) -> dict[str, nn.Module]:
-    """PEFT LoRA, ShareLoRA (similarity, the top max(2, L/2) layers in one share set), Bi-Share (SS)."""
+def peft_lora(model: nn.Module, r: int, dropout: float = 0.0) -> nn.Module:
+    """PEFT's LoRA (r, alpha 2r) on ``model``'s TARGETS, without the deprecation warning PEFT's own call
+    of Transformers' ``is_gradient_checkpointing`` prints on Transformers 5 (not ours to fix)."""
     from peft import LoraConfig, get_peft_model
 
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=dropout))
+
+
+def build_variants(base: nn.Module, num_layers: int, r: int = 8) -> dict[str, nn.Module]:
+    """PEFT LoRA, ShareLoRA (similarity, the top max(2, L/2) layers in one share set), Bi-Share (SS)."""
     share_set = list(range(num_layers - max(2, num_layers // 2), num_layers))
     return {
-        "peft_lora": get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS)),
+        "peft_lora": peft_lora(copy.deepcopy(base), r),
         "sharelora": apply(copy.deepcopy(base), ShareLoRAConfig(method="similarity", r=r, alpha=2 * r,
                                                                  target_modules=TARGETS, share_sets=[share_set])),
         "bishare": apply(copy.deepcopy(base), ShareLoRAConfig(method="bishare", alpha=2 * r, target_modules=TARGETS)),

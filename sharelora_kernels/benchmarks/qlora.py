@@ -42,7 +42,7 @@ import torch.nn as nn
 from ..checkpoint import atomic_write
 from ..config import ShareLoRAConfig
 from ..model import apply, merge
-from .e2e import MODEL_SIZES, TARGETS
+from .e2e import MODEL_SIZES, TARGETS, peft_lora
 from .environment import describe, device_label, loadavg
 from .timing import Timer, cuda_peak_bytes, interleaved, summarize
 
@@ -83,9 +83,7 @@ def quantized_base(directory: Path, device: torch.device) -> nn.Module:
 def build(variant: str, base: nn.Module, num_layers: int) -> nn.Module:
     """``variant`` (one of VARIANTS) on ``base``, in place."""
     if variant == "peft_qlora":
-        from peft import LoraConfig, get_peft_model
-
-        return get_peft_model(base, LoraConfig(r=R, lora_alpha=2 * R, target_modules=TARGETS, lora_dropout=0.0))
+        return peft_lora(base, R)
     share_set = list(range(num_layers - max(2, num_layers // 2), num_layers))
     configs = {"lora": dict(method="lora", r=R),
                "sharelora": dict(method="similarity", r=R, share_sets=[share_set]),
