@@ -75,8 +75,8 @@ CASES = [
     (["finetune", "--plan", "{d}/not_json.json"], "{d}/not_json.json is not a valid ShareLoRAConfig JSON"),
     (["finetune", "--plan", "{d}/far_layers.json"], "plan {d}/far_layers.json does not fit "),
     (["finetune", "--plan", "{d}/bad_kron.json"], "plan {d}/bad_kron.json does not fit "),
-    (FINETUNE + ["--model", "{d}/bert"], "{d}/bert holds a BertModel (bert) with no causal-LM head; finetune needs a "
-                                        "causal language model: a decoder saved as a *ForCausalLM class"),
+    (FINETUNE + ["--model", "{d}/bert"], "{d}/bert holds a BertModel (bert) with no causal-LM head; fine-tuning "
+                                        "(finetune, compare) needs a causal language model: a decoder saved as a *ForCausalLM class"),
     (FINETUNE + ["--samples", "1", "--seq-len", "4000"], "the text has 216 tokens, too few for windows of 4000 tokens: lower --seq-len"),
     (FINETUNE + ["--out", "{d}/a_file"], "--out {d}/a_file is an existing file, not a folder"),
     (FINETUNE + ["--device", "nonsense"], "--device nonsense is not usable: "),
