@@ -173,7 +173,7 @@ def test_biased_base_batched_input_and_training_after_an_eval_pass(quant, bias, 
     if after_eval:
         layer.eval()
         with torch.no_grad():
-            layer(torch.randn(3, 64))
+            layer(torch.randn(3, layer.in_features))
         if quant == "nf4":  # the repacking happened where this CPU has its kernel
             packed = getattr(layer.base_layer.weight.quant_state, "packing_format_for_cpu", False)
             assert packed == layer.base_layer.support_avx512bf16_for_cpu

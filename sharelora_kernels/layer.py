@@ -195,8 +195,6 @@ class SharedLoRALinear(nn.Module):
         y = self.base_layer(x)
         if self.merged or len(self.lora_paths) == 0:
             return y
-        if y._base is not None:  # bitsandbytes returns views of its custom Function's output (with a bias, a 3-D x or
-            y = y.clone()  # its CPU-packed kernel), which autograd forbids modifying in place
         return ops.lowrank_add(y, x, self.paths(), self.dropout, self.training, dtype)
 
     @torch.no_grad()

@@ -5,9 +5,10 @@ a whole Bi-Share slice module; q/k/v of one layer as a group) on one x (M, K) an
 runs as: base (F.linear alone), peft (PEFT's LoRA layer), torch (our torch path), compose (our
 cuBLAS-style composition, the CPU default), auto (the measured choice of fused and compose),
 unsloth_order (base GEMM, then out.addmm_(x A^T, B^T)) and, on CUDA, fused (our Triton kernels), on
-the same tensors, interleaved, forward, backward and both. The similarity op times our angular_distance against the plain torch formula, forward
-only. Then, on the CPU, issue 3's check (plain r=16 against its 1.10x target) and, unless --no-e2e,
-one training step of a random LLaMA with PEFT LoRA, ShareLoRA and Bi-Share LoRA.
+the same tensors, interleaved, forward, backward and both. The similarity op times our
+angular_distance against the plain torch formula, forward only. Then, on the CPU, issue 3's check
+(plain r=16 against its 1.10x target) and, unless --no-e2e, one training step of a random LLaMA
+with PEFT LoRA, ShareLoRA and Bi-Share LoRA.
 
 Read ratios, not times: each is a variant's median time over base's median in the same run, so
 load from other work hits both alike. Every option and the output folder are checked before any

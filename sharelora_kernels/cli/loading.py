@@ -10,8 +10,9 @@ from pathlib import Path
 
 from . import CommandError
 
-# What finetune trains: a decoder whose saved class predicts the next token.
-CAUSAL_LM_NEED = "fine-tuning (finetune, compare) needs a causal language model: a decoder saved as a *ForCausalLM class (e.g. LlamaForCausalLM)"
+# What finetune and compare train: a decoder whose saved class predicts the next token.
+CAUSAL_LM_NEED = ("fine-tuning (finetune, compare) needs a causal language model: a decoder saved as a *ForCausalLM "
+                  "class (e.g. LlamaForCausalLM)")
 
 
 def resolve_model_dir(model: str | None) -> Path:

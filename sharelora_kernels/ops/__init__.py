@@ -155,7 +155,8 @@ def _grouped_reference(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Te
 def lowrank_add(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: float = 0.0, training: bool = False,
                 compute_dtype: torch.dtype | None = None, *, backend: str | None = None) -> Tensor:
     """``y += sum_p s_p B_p A_p dropout(x)`` in place for a base that computed ``y`` from ``x`` itself
-    (``ops.lowrank_only``); returns y. The Triton kernels under ``triton``, and under ``auto`` where
+    (``ops.lowrank_only``); returns y, or the sum in a copy where y cannot take it in place (a view, or
+    not contiguous). The Triton kernels under ``triton``, and under ``auto`` where
     it considers them (CUDA), when the compute dtype, y and the adapters (one dtype) are float32 /
     bfloat16 / float16; the torch path otherwise (``torch``, ``compose``: it is torch GEMMs)."""
     setting = backend_for(x, backend)

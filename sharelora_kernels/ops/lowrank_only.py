@@ -215,7 +215,9 @@ def _check(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: float) ->
 
 def lowrank_add(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: float = 0.0, training: bool = False,
                 compute_dtype: torch.dtype | None = None, use_triton: bool = False) -> Tensor:
-    """``y += sum_p s_p B_p A_p dropout(x)`` in place; returns y (autograd's version of it).
+    """``y += sum_p s_p B_p A_p dropout(x)`` in place; returns y (autograd's version of it), or the sum in a
+    copy of y where y cannot take the in-place add: not contiguous, or a view (bitsandbytes returns
+    views of its custom Function's output, with a bias or a 3-D x, which autograd forbids modifying).
 
     y (..., N): the base's output; x (..., K) its input, cast to ``compute_dtype`` (default: x's) for
     the low-rank products; paths: LoRAPaths (every adapter tensor of one dtype for the Triton path).
@@ -224,8 +226,8 @@ def lowrank_add(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: floa
     _check(y, x, paths, dropout_p)
     if not paths:
         return y
-    if not y.is_contiguous():
-        y = y.contiguous()
+    if not y.is_contiguous() or y._base is not None:
+        y = y.clone(memory_format=torch.contiguous_format)
     x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype or x.dtype)
     p = dropout_p if training else 0.0
     seed = (torch.randint(0, 2**31 - 1, (1,), device=x.device) if p > 0 else
