@@ -115,7 +115,7 @@ def plot_ratios(data: dict, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ..checkpoint import atomic_write
+    from ..files import atomic_write
 
     panels: dict[str, list] = {"fwd+bwd": [], "fwd": []}
     for case in data["ops"]:

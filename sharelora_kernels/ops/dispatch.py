@@ -226,7 +226,7 @@ def cache_file(device: str) -> Path:
 
 
 def _versions() -> dict[str, str | None]:
-    from .. import __version__
+    from ..version import __version__
     try:
         import triton
         triton_version = triton.__version__

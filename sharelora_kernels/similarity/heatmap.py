@@ -22,7 +22,7 @@ def similarity_heatmap(S, sets: list[list[int]], path, title: str | None = None)
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from ..checkpoint import atomic_write
+    from ..files import atomic_write
 
     s = S.detach().cpu().double().numpy() if isinstance(S, torch.Tensor) else np.asarray(S, dtype=np.float64)
     n = len(s)
