@@ -59,7 +59,7 @@ def markdown(data: dict) -> str:
              "inputs and parameters. Peak MB: CUDA peak allocation during fwd+bwd above the resident tensors.", ""]
     if data.get("issue3"):
         i3 = data["issue3"]
-        lines += [f"## Issue 3: our backends (CPU default: {i3.get('default_backend', 'torch')}) vs PEFT vs base "
+        lines += [f"## Default-backend check: our backends (CPU default: {i3.get('default_backend', 'torch')}) vs PEFT vs base "
                   "nn.Linear (fwd+bwd)", "",
                   f"M={i3['shape']['M']}, K={i3['shape']['K']}, N={i3['shape']['N']}, r={i3['r']}, {i3['dtype']}, "
                   f"{i3['repeats']} repeats.", "",

@@ -1,6 +1,6 @@
 """Run op cases: every mode of every variant, memory, and ratios to the base matmul.
 
-Also issue 3's benchmark: the torch and compose backends vs PEFT LoRA vs the base nn.Linear, fwd+bwd,
+Also the default-backend check: the torch and compose backends vs PEFT LoRA vs the base nn.Linear, fwd+bwd,
 M=2048, K=N=1024, r=16, float32, with its target checked on the CPU default backend's ratios of the same run.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def run_ops(ops: list[str], shapes: dict[str, list[tuple[int, int, int]]], devic
 
 
 def run_issue3(device: torch.device, warmup: int, repeats: int) -> dict:
-    """Issue 3: plain r=16 fwd+bwd in float32, base / PEFT / torch / compose, ratios of the same run;
+    """The default-backend check: plain r=16 fwd+bwd in float32, base / PEFT / torch / compose, ratios of the same run;
     the target is judged on ``dispatch.DEFAULT_CPU``, the backend CPU tensors run by default."""
     torch.manual_seed(0)
     m, k, n = ISSUE3_SHAPE
