@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> dict:
     title = (f"{model_dir.name} ({model_config.model_type}, {counted(num_layers, 'layer')}): layer similarity\n"
              f"{counted(len(texts), 'sample')}, residual stream {'entering' if args.position == 'input' else 'leaving'} "
              f"each layer; share sets at eps={args.eps} ({args.method})")
-    written.append(similarity_heatmap(S, multi, out / "similarity.png", title=title))
+    written.append(similarity_heatmap(S, multi, out / "similarity.png", title=title, eps=args.eps))
     print("wrote " + ", ".join(str(p) for p in written))
     return info
 
