@@ -49,13 +49,13 @@ def test_every_lora_op_has_every_variant_and_a_fused_skip(quick_run):
     assert any("fused" in s["what"] for s in data["skipped"])
 
 
-def test_issue3_and_e2e_sections(quick_run):
+def test_default_backend_check_and_e2e_sections(quick_run):
     data = quick_run[2]
-    i3 = data["issue3"]
-    assert i3["shape"] == {"M": 2048, "K": 1024, "N": 1024} and i3["r"] == 16
-    assert set(i3["ratio_vs_base"]) == {"base", "peft", "torch", "compose"}
-    assert i3["default_backend"] in ("torch", "compose")
-    assert isinstance(i3["target_met"], bool)
+    check = data["default_backend_check"]
+    assert check["shape"] == {"M": 2048, "K": 1024, "N": 1024} and check["r"] == 16
+    assert set(check["ratio_vs_base"]) == {"base", "peft", "torch", "compose"}
+    assert check["default_backend"] in ("torch", "compose")
+    assert isinstance(check["target_met"], bool)
     assert set(data["e2e"]["variants"]) == {"peft_lora", "sharelora", "bishare"}
     for row in data["e2e"]["variants"].values():
         assert {"step_ms", "tokens_per_s", "trainable_params", "cuda_peak_bytes"} <= set(row)
@@ -77,7 +77,7 @@ def test_bad_arguments_are_named(argv, message, capsys):
 
 @pytest.mark.parametrize("script", ["bench_fused_lora.py", "bench_grouped.py"])
 def test_gpu_scripts_run_on_cpu(script, tmp_path):
-    """The standalone GPU benchmark scripts of issues 5 and 6 run (--device cpu --quick) and record their command."""
+    """The standalone GPU benchmark scripts run (--device cpu --quick) and record their command."""
     import importlib.util
     from pathlib import Path
 

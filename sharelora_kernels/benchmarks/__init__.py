@@ -36,7 +36,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "fp16": "float16"}  # --dtype value -> torch dtype name
 # The op cases, in order: ``ops.OPS`` builds them (named here so that --help and --ops answer without importing torch)
 OPS = ("plain", "slice", "gate", "kron", "bishare_slice", "grouped_qkv", "similarity")
-# (warm-up, repeats) per profile: ops, the default-backend check (JSON key "issue3"), end-to-end
+# (warm-up, repeats) per profile: ops, the default-backend check, end-to-end
 REPEATS = {"quick": ((1, 5), (1, 5), (1, 3)), "cpu": ((2, 15), (3, 40), (2, 10)), "cuda": ((10, 100), (10, 100), (3, 20))}
 
 
@@ -92,13 +92,13 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     from .environment import describe, device_label, load_warning, loadavg
     from .ops import shapes_for
     from .report import write_all
-    from .suite import run_issue3, run_ops
+    from .suite import run_default_backend_check, run_ops
 
     set_threads(args)
     device = torch.device(resolve_device(args.device))
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     profile = "quick" if args.quick else device.type
-    (op_w, op_r), (i3_w, i3_r), (e2e_w, e2e_r) = REPEATS[profile]
+    (op_w, op_r), (check_w, check_r), (e2e_w, e2e_r) = REPEATS[profile]
     op_r = args.repeats or op_r
     if argv is None:  # python -m sharelora_kernels bench ...: record what follows "bench"
         argv = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else sys.argv[1:]
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
                    "shapes": {op: shapes_for(op, profile) for op in ops}},
         "units": {"*_ms": "milliseconds (median, q1, q3, min, max over n repeats)", "ratio_vs_base": "time / base time",
                   "*_bytes": "bytes", "tokens_per_s": "tokens per second", "trainable_params": "count"},
-        "issue3": run_issue3(device, i3_w, i3_r) if device.type == "cpu" else None,
+        "default_backend_check": run_default_backend_check(device, check_w, check_r) if device.type == "cpu" else None,
     }
     results["ops"] = run_ops(ops, {op: shapes_for(op, profile) for op in ops}, device, dtype, op_w, op_r, skipped)
     if args.no_e2e:
