@@ -95,3 +95,25 @@ def test_bench_names_every_op_it_builds():
     from sharelora_kernels.benchmarks.ops import OPS as BUILDERS
 
     assert OPS == tuple(BUILDERS)
+
+
+def test_load_warning_when_other_work_shared_the_cores():
+    from sharelora_kernels.benchmarks.environment import load_warning
+
+    quiet = {"cpu_count": 2, "loadavg_before": [0.5, 0.4, 0.3], "loadavg_after": [1.9, 1.0, 0.5]}
+    busy = {**quiet, "loadavg_after": [6.2, 5.0, 3.0]}
+    assert load_warning(quiet) is None
+    warning = load_warning(busy)
+    assert "6.2" in warning and "2 cores" in warning and "not comparable" in warning and "\n" not in warning
+    assert load_warning({"cpu_count": 2, "loadavg_before": None, "loadavg_after": None}) is None
+
+
+def test_finetune_says_what_a_bishare_plan_shares():
+    from sharelora_kernels.cli.fitting import structure
+    from sharelora_kernels.config import ShareLoRAConfig
+
+    line = structure(ShareLoRAConfig(method="bishare", shape_transform="kron", kron_dim=64))
+    assert "local r=2" in line and "intra r=4" in line and "inter r=16" in line and "Kronecker" in line and "d_s=64" in line
+    assert "share sets []" not in line
+    assert "share sets [[1, 2]]" in structure(ShareLoRAConfig(method="similarity", share_sets=[[1, 2]]))
+    assert "no share set" in structure(ShareLoRAConfig(method="similarity"))

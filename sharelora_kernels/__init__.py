@@ -6,6 +6,7 @@ torch), so ``import sharelora_kernels`` and the command line's ``--help`` start 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from .version import __version__
 
@@ -22,9 +23,13 @@ __all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name: str):
-    if name not in _PUBLIC:
+    """A public name, or a submodule (``sk.ops``), imported on first use."""
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
     globals()[name] = value  # later lookups skip this function
     return value
 
