@@ -21,9 +21,10 @@ from test_ops_fused_lora_linear import TOL, make_path, rel_err
 BACKENDS = [False, pytest.param(True, marks=pytest.mark.skipif(not ops.HAS_TRITON, reason="triton not importable"))]
 IDS = ["torch", "triton"]
 # one adapter per method shape: plain LoRA, ShareLoRA (a shared pair, a slice of it), Bi-Share
-# slice / gate / Kronecker sums, an adapter with no paths; odd ranks
+# slice / gate / Kronecker sums, an adapter with no paths, one of rank 21 (two rank tiles); odd ranks
 METHODS = [[("plain", 3)], [("slice", 5)], [("plain", 2), ("slice", 4), ("slice", 7)], [("gate", 3)],
-           [("plain", 1), ("gate", 2), ("kron", 3)], [("kron", 5)], [], [("kron", 2), ("plain", 9)]]
+           [("plain", 1), ("gate", 2), ("kron", 3)], [("kron", 5)], [], [("kron", 2), ("plain", 9)],
+           [("plain", 9), ("kron", 1), ("slice", 11)]]
 
 
 def make_adapters(methods, k, n, dtype=torch.float32):
@@ -68,7 +69,7 @@ def check(rows, methods, k, n, tokens_per_row, use_triton, dtype=torch.float32, 
 @pytest.mark.parametrize("tokens_per_row", [1, 3], ids=["decode", "prefill"])
 def test_every_method_in_one_batch(tokens_per_row, use_triton):
     """Base rows, an adapter without rows (5), one row per adapter (3, 6, 7), rows out of order."""
-    rows = [2, 0, BASE, 1, 2, 4, 0, 7, BASE, 3, 1, 6, 2, 4]
+    rows = [2, 0, BASE, 1, 2, 4, 0, 7, BASE, 3, 1, 6, 2, 4, 8]
     check(rows, METHODS, k=48, n=40, tokens_per_row=tokens_per_row, use_triton=use_triton)
 
 
@@ -78,10 +79,14 @@ def test_single_token(use_triton):
 
 
 @pytest.mark.parametrize("use_triton", BACKENDS, ids=IDS)
-def test_segments_longer_than_a_tile(use_triton):
-    """16-row tiles: a 37-token segment spans three tiles (the last partial), next to a 1-token one."""
-    rows = [0] * 37 + [2] + [BASE] * 3 + [1] * 16
-    check(rows, METHODS[:3] + [METHODS[4]], k=24, n=72, tokens_per_row=1, use_triton=use_triton, block_m=16)
+@pytest.mark.parametrize("block_m", [16, 32, None])
+def test_segments_longer_than_a_tile(block_m, use_triton):
+    """A 37-token segment over three 16-row tiles, two 32-row ones or one 64-row tile (the default),
+    next to a 1-token one; adapter 3 (rank 21) takes two rank tiles."""
+    rows = [0] * 37 + [2] + [BASE] * 3 + [1] * 16 + [3] * 5
+    _, _, _, _, batch = check(rows, METHODS[:3] + [METHODS[8]], k=24, n=72, tokens_per_row=1, use_triton=use_triton,
+                              block_m=block_m)
+    assert batch.block_m == (block_m or 64)
 
 
 @pytest.mark.parametrize("use_triton", BACKENDS, ids=IDS)

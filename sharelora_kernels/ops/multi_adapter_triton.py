@@ -35,18 +35,19 @@ from ..reference import LoRAPath
 from .autotune import sm_count
 from .gemm_tiles import LOWRANK_CHUNK, lowrank_tile
 from .tables import build_tables, gate_a_eff
-from .utils import INTERPRET, TL_DTYPES, dot_precision, load_factor, mma, rank_block
+from .utils import INTERPRET, TL_DTYPES, dot_precision, load_factor, mma
 
 
-@triton.jit(do_not_specialize=["K_SPLIT"])
+@triton.jit(do_not_specialize=["K_STEPS"])
 def _shrink_kernel(
     x_ptr, order_ptr, tile_ptr, rank_ptr, table_ptr, h_ptr,
-    K, K_SPLIT, stride_xm, stride_xk, stride_hs, stride_hm,
+    K, K_STEPS, stride_xm, stride_xk, stride_hs, stride_hm,
     DOT_PRECISION: tl.constexpr, FACTOR_DTYPE: tl.constexpr, PERIODIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """h[split, start + i, ranks] = x[order[start + i], K slice] @ A_eff(adapter)[ranks, K slice]^T
-    for tile (adapter, start, count) = tile_ptr[program 0]; K slice = program 2's K_SPLIT columns."""
+    for tile (adapter, start, count) = tile_ptr[program 0]; K slice = program 2's K_STEPS x BLOCK_K
+    columns (split starts stay BLOCK_K-aligned: the x loads keep their 16-byte vectors)."""
     tile = tile_ptr + tl.program_id(0) * 3
     adapter, start, count = tl.load(tile), tl.load(tile + 1), tl.load(tile + 2)
     r0 = tl.load(rank_ptr + adapter)
@@ -57,13 +58,13 @@ def _shrink_kernel(
     pos = (start + lanes).to(tl.int64)
     tokens = tl.load(order_ptr + pos, mask=row_mask, other=0)
     x_rows = x_ptr + tokens[:, None] * stride_xm
-    k_first = tl.program_id(2) * K_SPLIT
-    k_last = tl.minimum(k_first + K_SPLIT, K)
+    k_first = tl.program_id(2) * K_STEPS * BLOCK_K
+    k_last = tl.minimum(k_first + K_STEPS * BLOCK_K, K)
     k_last = tl.where(tl.program_id(1) * BLOCK_R < tl.load(rank_ptr + adapter + 1) - r0, k_last, k_first)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_first, k_last, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < k_last
+        k_mask = ks < K  # (a split's own end is a multiple of BLOCK_K)
         x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         u = load_factor(table_ptr + r0 * 5, ranks, rank_mask, ks, k_mask, x_ptr.dtype.element_ty, FACTOR_DTYPE,
                         PERIODIC)
@@ -100,13 +101,22 @@ def _expand_kernel(
 
 
 # ----------------------------------------------------------------------------- launch settings
-def shrink_config(elem_bytes: int, block_r: int) -> dict:
+def shrink_rank_tile(block_m: int, r_max: int) -> int:
+    """Ranks per shrink program: 16 for tiles of up to 32 rows (decode: x re-read per rank tile is a
+    few rows; wider gathers of Kronecker factor rows spill next to a small MMA, compile_check) and for
+    r_max <= 16, else 64."""
+    return 16 if block_m <= 32 or r_max <= 16 else 64
+
+
+def shrink_config(elem_bytes: int, block_r: int, block_m: int) -> dict:
     """x rows are gathered (one token id per row), A_eff rows through the table: 128 columns of a
-    16-bit x per step when the rank tile is small, else 64 (the gathered factor tile stays small)."""
+    16-bit x per step with 16-rank tiles (8 warps from 32 rows on), else 64 (the tiles that compile
+    without spills, compile_check)."""
     if INTERPRET:
         return {"BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
-    block_k = 128 if elem_bytes == 2 and block_r <= 32 else 64
-    return {"BLOCK_K": block_k, "num_warps": 4, "num_stages": 4 if block_k == 64 else 3}
+    block_k = 128 if elem_bytes == 2 and block_r <= 16 else 64
+    return {"BLOCK_K": block_k, "num_warps": 8 if block_k == 128 and block_m >= 32 else 4,
+            "num_stages": 3 if block_k == 128 else 4}
 
 
 def expand_config(block_m: int) -> dict:
@@ -181,16 +191,16 @@ def triton_add(y: Tensor, x: Tensor, batch, bank: BankTables) -> None:
         return
     m_active, n, k = batch.order.shape[0], y.shape[1], x.shape[1]
     num_tiles, block_m = batch.tiles.shape[0], batch.block_m
-    block_r = rank_block(bank.r_max)
-    cfg = shrink_config(x.element_size(), block_r)
+    block_r = shrink_rank_tile(block_m, bank.r_max)
+    cfg = shrink_config(x.element_size(), block_r, block_m)
     rank_tiles = triton.cdiv(bank.r_max, block_r)
     splits = k_splits(num_tiles * rank_tiles, k, cfg["BLOCK_K"], x.device)
-    k_split = triton.cdiv(triton.cdiv(k, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    splits = triton.cdiv(k, k_split)
+    k_steps = triton.cdiv(triton.cdiv(k, splits), cfg["BLOCK_K"])
+    splits = triton.cdiv(k, k_steps * cfg["BLOCK_K"])
     h = torch.empty((splits, m_active, bank.r_max), device=x.device, dtype=torch.float32)
     _shrink_kernel[(num_tiles, rank_tiles, splits)](
         x, batch.order, batch.tiles, bank.ranks, bank.a, h,
-        k, k_split, x.stride(0), x.stride(1), h.stride(0), h.stride(1),
+        k, k_steps, x.stride(0), x.stride(1), h.stride(0), h.stride(1),
         DOT_PRECISION=dot_precision(x.dtype), FACTOR_DTYPE=bank.dtype, PERIODIC=bank.periodic,
         BLOCK_M=block_m, BLOCK_R=block_r, **cfg,
     )
