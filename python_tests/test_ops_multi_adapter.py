@@ -74,18 +74,36 @@ def test_every_method_in_one_batch(tokens_per_row, use_triton):
 
 
 @pytest.mark.parametrize("use_triton", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tenants_of_one_method(dtype, use_triton):
+    """Six tenants of one Bi-Share configuration (every path kind, different values): the torch path
+    pads their uneven segments and runs them as batched GEMMs; a seventh tenant's long segment (it
+    would more than double the padding) runs alone."""
+    method = [("plain", 2), ("slice", 3), ("gate", 2), ("kron", 4), ("kron", 1)]
+    rows = [0, 1, 1, 2, BASE, 3, 3, 3, 4, 5, 5, 0, 2] + [6] * 40
+    _, _, _, _, batch = check(rows, [method] * 7, k=48, n=40, tokens_per_row=1, use_triton=use_triton, dtype=dtype,
+                              adapter_dtype=torch.float32)
+    if not use_triton:
+        (plan,) = batch.cache.values()
+        assert sorted((item[0], sorted(item[1]) if item[0] == "batched" else item[1]) for item in plan) == \
+            [("batched", [0, 1, 2, 3, 4, 5]), ("single", 6)]
+
+
+@pytest.mark.parametrize("use_triton", BACKENDS, ids=IDS)
 def test_single_token(use_triton):
     check([4], METHODS, k=40, n=56, tokens_per_row=1, use_triton=use_triton)
 
 
 @pytest.mark.parametrize("use_triton", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_m", [16, 32, None])
-def test_segments_longer_than_a_tile(block_m, use_triton):
+def test_segments_longer_than_a_tile(block_m, dtype, use_triton):
     """A 37-token segment over three 16-row tiles, two 32-row ones or one 64-row tile (the default),
-    next to a 1-token one; adapter 3 (rank 21) takes two rank tiles."""
+    next to a 1-token one; adapter 3 (rank 21) takes two 16-rank tiles, or one 64-rank tile (64-row
+    tiles of a 16-bit x)."""
     rows = [0] * 37 + [2] + [BASE] * 3 + [1] * 16 + [3] * 5
     _, _, _, _, batch = check(rows, METHODS[:3] + [METHODS[8]], k=24, n=72, tokens_per_row=1, use_triton=use_triton,
-                              block_m=block_m)
+                              block_m=block_m, dtype=dtype, adapter_dtype=torch.float32)
     assert batch.block_m == (block_m or 64)
 
 

@@ -166,7 +166,7 @@ def _specs() -> list[KernelSpec]:
                    [Case("h=x[order]@A_a^T", {"stride_xk"}, {}, {"K", "stride_xm"})],
                    lambda all_configs, dt, block_r, flags: [
                        _config({**shrink_config(BYTES[dt], block_r, bm), "BLOCK_M": bm}) for bm in BLOCK_MS
-                       if shrink_rank_tile(bm, block_r) == block_r]),
+                       if shrink_rank_tile(bm, block_r, BYTES[dt]) == block_r]),
         KernelSpec("multi_expand", _expand_kernel,
                    lambda dt, ft: {"h_ptr": "fp32", "order_ptr": "i64", "tile_ptr": "i32", "rank_ptr": "i32",
                                    "table_ptr": "i64", "scale_ptr": "fp32", "y_ptr": dt},

@@ -32,8 +32,9 @@ expanded. A gate buffer is recomputed when one of its gate's tensors changed in 
 counters); tables describe the tensors they were built from, so build new ones when an adapter is
 added, deleted or its tensors replaced.
 
-Backends: torch (the CPU default: a loop over the active adapters' segments with the single-adapter
-op's torch math, ``lowrank_only.torch_forward``, i.e. the reference's helpers) and Triton
+Backends: torch (the CPU default, ``multi_adapter_torch``: the segments of adapters of one structure
+as batched GEMMs over the adapters, padded to the longest; uneven segments one at a time through the
+single-adapter op's torch math, the reference's helpers) and Triton
 (``multi_adapter_triton``: one "shrink" launch ``h = x A_eff^T`` per tile into an fp32 h, one
 "expand" launch ``y += (h s) B_eff^T`` in place, over all segments at once; CUDA, or CPU under
 ``TRITON_INTERPRET=1``).
@@ -53,7 +54,7 @@ from torch import Tensor
 
 from ..reference import LoRAPath
 from .encoding import check_path
-from .lowrank_only import torch_forward
+from .multi_adapter_torch import structure, torch_add
 
 BASE = -1  # the adapter index of a row without adapter ("__base__")
 BLOCK_MS = (16, 32, 64)  # rows per tile the kernels are built for (16: tl.dot's smallest)
@@ -70,7 +71,7 @@ class AdapterBatch:
     order: (M_active,) int64 on the device, token ids sorted by adapter (stable), base rows left out;
     segments: (adapter, start, count) per active adapter, start/count into ``order``;
     tiles: (num_tiles, 3) int32 on the device, (adapter, start, count <= block_m) per kernel tile;
-    block_m: rows per tile.
+    block_m: rows per tile; cache: what the torch path derives from the batch once (its segment plans).
     """
 
     num_adapters: int
@@ -80,6 +81,7 @@ class AdapterBatch:
     segments: tuple[tuple[int, int, int], ...]
     tiles: Tensor
     block_m: int
+    cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -142,13 +144,16 @@ def adapter_batch(row_adapters: Sequence[int] | Tensor, num_adapters: int, token
 class AdapterTables:
     """The adapters of one layer (module) and their device factor tables (``adapter_tables`` builds it).
 
-    adapters: one tuple of LoRAPaths per adapter (possibly empty); in_features K, out_features N.
-    The Triton tables are built on first Triton use (``device_tables``) and kept.
+    adapters: one tuple of LoRAPaths per adapter (possibly empty); in_features K, out_features N;
+    groups: the adapters with paths, grouped by structure (``multi_adapter_torch.structure``: the torch
+    path runs each group's segments together). The Triton tables are built on first Triton use
+    (``device_tables``) and kept.
     """
 
     adapters: tuple[tuple[LoRAPath, ...], ...]
     in_features: int
     out_features: int
+    groups: tuple[tuple[int, ...], ...]
     _device: object = field(default=None, repr=False)
 
     @property
@@ -182,7 +187,11 @@ def adapter_tables(adapters: Sequence[Sequence[LoRAPath]], in_features: int, out
                 check_path(i, p, in_features, out_features)
             except ValueError as err:
                 raise ValueError(f"adapter {a}: {err}") from None
-    tables = AdapterTables(adapters, in_features, out_features)
+    groups: dict[tuple, list[int]] = {}
+    for a, paths in enumerate(adapters):
+        if paths:
+            groups.setdefault(structure(paths, in_features, out_features), []).append(a)
+    tables = AdapterTables(adapters, in_features, out_features, tuple(map(tuple, groups.values())))
     devices = {t.device for t in tables.tensors()}
     if len(devices) > 1:
         raise ValueError(f"every adapter tensor must be on one device, found {sorted(map(str, devices))}")
@@ -236,18 +245,6 @@ def _check(y: Tensor, x: Tensor, batch: AdapterBatch, tables: AdapterTables, com
                              f"{sorted(map(str, adapter_dtypes))}")
 
 
-def _torch_add(y: Tensor, x: Tensor, batch: AdapterBatch, tables: AdapterTables) -> None:
-    """y (M, N) += each active adapter's paths of its rows of x (M, K), segment by segment."""
-    for a, start, count in batch.segments:
-        paths = tables.adapters[a]
-        if not paths:
-            continue
-        rows = batch.order[start:start + count]
-        ys = y.index_select(0, rows)
-        torch_forward(ys, x.index_select(0, rows), paths, 0.0, None)  # p = 0: no dropout seed read
-        y.index_copy_(0, rows, ys)
-
-
 def _default_triton(x: Tensor, tables: AdapterTables) -> bool:
     """Triton for CUDA tensors when it imports; the torch path elsewhere (the CPU default)."""
     if not x.is_cuda:
@@ -287,7 +284,7 @@ def multi_adapter_add(y: Tensor, x: Tensor, batch: AdapterBatch, tables: Adapter
 
             triton_add(y2, x2, batch, tables.device_tables())
         else:
-            _torch_add(y2, x2, batch, tables)
+            torch_add(y2, x2, batch, tables.adapters, tables.groups)
     return y
 
 

@@ -101,22 +101,24 @@ def _expand_kernel(
 
 
 # ----------------------------------------------------------------------------- launch settings
-def shrink_rank_tile(block_m: int, r_max: int) -> int:
-    """Ranks per shrink program: 16 for tiles of up to 32 rows (decode: x re-read per rank tile is a
-    few rows; wider gathers of Kronecker factor rows spill next to a small MMA, compile_check) and for
-    r_max <= 16, else 64."""
-    return 16 if block_m <= 32 or r_max <= 16 else 64
+def shrink_rank_tile(block_m: int, r_max: int, elem_bytes: int) -> int:
+    """Ranks per shrink program: 64 for 64-row tiles of a 16-bit x when r_max > 16, else 16 (decode:
+    re-reading a tile's few x rows per rank tile is cheap; wider gathers of Kronecker factor rows
+    spill next to a small or float32 MMA, compile_check)."""
+    return 64 if block_m == 64 and r_max > 16 and elem_bytes == 2 else 16
 
 
 def shrink_config(elem_bytes: int, block_r: int, block_m: int) -> dict:
-    """x rows are gathered (one token id per row), A_eff rows through the table: 128 columns of a
-    16-bit x per step with 16-rank tiles (8 warps from 32 rows on), else 64 (the tiles that compile
-    without spills, compile_check)."""
+    """x rows are gathered (one token id per row), A_eff rows through the table: with 16-rank tiles
+    128 columns of a 16-bit x per step (32 of a float32 one), 8 warps from 32 (64) rows on; 64
+    columns with 64-rank tiles (the tiles that compile without spills, compile_check)."""
     if INTERPRET:
         return {"BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
-    block_k = 128 if elem_bytes == 2 and block_r <= 16 else 64
-    return {"BLOCK_K": block_k, "num_warps": 8 if block_k == 128 and block_m >= 32 else 4,
-            "num_stages": 3 if block_k == 128 else 4}
+    if elem_bytes == 4:
+        return {"BLOCK_K": 32, "num_warps": 8 if block_m == 64 else 4, "num_stages": 3}
+    if block_r == 16:
+        return {"BLOCK_K": 128, "num_warps": 8 if block_m >= 32 else 4, "num_stages": 3}
+    return {"BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
 
 
 def expand_config(block_m: int) -> dict:
@@ -191,7 +193,7 @@ def triton_add(y: Tensor, x: Tensor, batch, bank: BankTables) -> None:
         return
     m_active, n, k = batch.order.shape[0], y.shape[1], x.shape[1]
     num_tiles, block_m = batch.tiles.shape[0], batch.block_m
-    block_r = shrink_rank_tile(block_m, bank.r_max)
+    block_r = shrink_rank_tile(block_m, bank.r_max, x.element_size())
     cfg = shrink_config(x.element_size(), block_r, block_m)
     rank_tiles = triton.cdiv(bank.r_max, block_r)
     splits = k_splits(num_tiles * rank_tiles, k, cfg["BLOCK_K"], x.device)
