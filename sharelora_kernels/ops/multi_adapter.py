@@ -154,6 +154,8 @@ class AdapterTables:
     in_features: int
     out_features: int
     groups: tuple[tuple[int, ...], ...]
+    device: torch.device | None  # of every adapter tensor (None: no tensors)
+    dtypes: frozenset  # of the adapter tensors
     _device: object = field(default=None, repr=False)
 
     @property
@@ -191,11 +193,12 @@ def adapter_tables(adapters: Sequence[Sequence[LoRAPath]], in_features: int, out
     for a, paths in enumerate(adapters):
         if paths:
             groups.setdefault(structure(paths, in_features, out_features), []).append(a)
-    tables = AdapterTables(adapters, in_features, out_features, tuple(map(tuple, groups.values())))
-    devices = {t.device for t in tables.tensors()}
+    tensors = [t for paths in adapters for p in paths for t in p.tensors]
+    devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"every adapter tensor must be on one device, found {sorted(map(str, devices))}")
-    return tables
+    return AdapterTables(adapters, in_features, out_features, tuple(map(tuple, groups.values())),
+                         next(iter(devices), None), frozenset(t.dtype for t in tensors))
 
 
 # ----------------------------------------------------------------------------- checks and backends
@@ -228,15 +231,15 @@ def _check(y: Tensor, x: Tensor, batch: AdapterBatch, tables: AdapterTables, com
         raise ValueError(f"the batch indexes {batch.num_adapters} adapters, the tables hold {tables.num_adapters}")
     if not (x.is_floating_point() and y.is_floating_point() and compute.is_floating_point):
         raise ValueError(f"x, y and the compute dtype must be floating point, got {x.dtype}, {y.dtype}, {compute}")
-    for what, t in (("y", y), ("the batch metadata", batch.order), *(("an adapter tensor", t) for t in tables.tensors())):
-        if t.device != x.device:
-            raise ValueError(f"x is on {x.device}, {what} on {t.device}")
+    for what, device in (("y", y.device), ("the batch metadata", batch.order.device), ("the adapters", tables.device)):
+        if device is not None and device != x.device:
+            raise ValueError(f"x is on {x.device}, {what} on {device}")
     if use_triton:
         from .utils import INTERPRET
 
         if x.device.type != "cuda" and not INTERPRET:
             raise ValueError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got x on {x.device}")
-        adapter_dtypes = {t.dtype for t in tables.tensors()}
+        adapter_dtypes = set(tables.dtypes)
         for what, dtypes in (("x's compute dtype", {compute}), ("y", {y.dtype}), ("the adapters", adapter_dtypes)):
             if not dtypes <= set(FUSED_DTYPES):
                 raise ValueError(f"the triton backend supports float32, bfloat16, float16; {what}: {sorted(map(str, dtypes))}")

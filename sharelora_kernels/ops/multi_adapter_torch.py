@@ -42,7 +42,7 @@ def structure(paths: Sequence[LoRAPath], k: int, n: int) -> tuple:
 def segment_plan(batch, groups: tuple[tuple[int, ...], ...]) -> list:
     """For each structure group (adapter ids), the batch's work: ("batched", adapters, tokens (S * C,)
     (padding repeats a segment's last token), the real lanes' positions, their tokens, C) for padded
-    segments run together, else ("single", adapter, tokens) per segment. Cached on the batch (every
+    segments run together, else ("single", adapter, tokens or None for every token) per segment. Cached on the batch (every
     layer with the same groups reuses it)."""
     key = ("plan", groups)
     if key in batch.cache:
@@ -57,7 +57,7 @@ def segment_plan(batch, groups: tuple[tuple[int, ...], ...]) -> list:
         segs = sorted(segs, key=lambda seg: seg[2])  # the most segments padding keeps within PAD_LIMIT
         fits = [i for i in range(1, len(segs) + 1) if i * segs[i - 1][2] <= PAD_LIMIT * sum(c for _, _, c in segs[:i])]
         batched = fits[-1] if fits and fits[-1] > 1 else 0
-        plan += [("single", a, order[s:s + c]) for a, s, c in segs[batched:]]
+        plan += [("single", a, None if c == batch.num_tokens else order[s:s + c]) for a, s, c in segs[batched:]]
         segs = segs[:batched]
         if segs:
             longest = segs[-1][2]
@@ -111,6 +111,9 @@ def torch_add(y: Tensor, x: Tensor, batch, adapters: Sequence[Sequence[LoRAPath]
     for item in segment_plan(batch, groups):
         if item[0] == "single":
             _, a, rows = item
+            if rows is None:  # every token: no gather
+                torch_forward(y, x, adapters[a], 0.0, None)
+                continue
             ys = y.index_select(0, rows)
             torch_forward(ys, x.index_select(0, rows), adapters[a], 0.0, None)  # p = 0: no dropout seed read
             y.index_copy_(0, rows, ys)
