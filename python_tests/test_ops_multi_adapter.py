@@ -172,11 +172,12 @@ def test_in_place_base_only_and_empty_batches(use_triton):
 
 
 @pytest.mark.parametrize("use_triton", BACKENDS, ids=IDS)
-def test_non_contiguous_y_returns_the_sum_in_a_copy(use_triton):
+def test_non_contiguous_x_and_y(use_triton):
+    """A transposed x is read through its strides; a non-contiguous y gets the sum in a contiguous copy."""
     torch.manual_seed(4)
     k, n, rows = 24, 16, [0, BASE, 0]
-    adapters = make_adapters([[("plain", 2)]], k, n)
-    x, y0 = torch.randn(3, k), torch.randn(n, 3).t()
+    adapters = make_adapters([[("plain", 2), ("kron", 3)]], k, n)
+    x, y0 = torch.randn(k, 3).t(), torch.randn(n, 3).t()
     out = multi_adapter_add(y0, x, adapter_batch(rows, 1), adapter_tables(adapters, k, n), use_triton=use_triton)
     assert out.is_contiguous() and rel_err(out, float64_rows(y0, x, rows, adapters, 1)) < 1e-4
 
