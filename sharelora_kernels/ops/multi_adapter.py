@@ -242,7 +242,8 @@ def _check(y: Tensor, x: Tensor, batch: AdapterBatch, tables: AdapterTables, com
         adapter_dtypes = set(tables.dtypes)
         for what, dtypes in (("x's compute dtype", {compute}), ("y", {y.dtype}), ("the adapters", adapter_dtypes)):
             if not dtypes <= set(FUSED_DTYPES):
-                raise ValueError(f"the triton backend supports float32, bfloat16, float16; {what}: {sorted(map(str, dtypes))}")
+                raise ValueError(f"the triton backend supports float32, bfloat16, float16; {what}: "
+                                 f"{sorted(map(str, dtypes))}")
         if len(adapter_dtypes) > 1:
             raise ValueError(f"the triton backend needs every adapter tensor in one dtype, found "
                              f"{sorted(map(str, adapter_dtypes))}")

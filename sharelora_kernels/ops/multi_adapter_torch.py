@@ -42,8 +42,8 @@ def structure(paths: Sequence[LoRAPath], k: int, n: int) -> tuple:
 def segment_plan(batch, groups: tuple[tuple[int, ...], ...]) -> list:
     """For each structure group (adapter ids), the batch's work: ("batched", adapters, tokens (S * C,)
     (padding repeats a segment's last token), the real lanes' positions, their tokens, C) for padded
-    segments run together, else ("single", adapter, tokens or None for every token) per segment. Cached on the batch (every
-    layer with the same groups reuses it)."""
+    segments run together, else ("single", adapter, tokens; None: every token) per segment. Cached
+    on the batch (every layer with the same groups reuses it)."""
     key = ("plan", groups)
     if key in batch.cache:
         return batch.cache[key]
