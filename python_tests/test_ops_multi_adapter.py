@@ -135,10 +135,13 @@ def test_bf16_adapters_and_float32_y(use_triton):
 
 
 @pytest.mark.parametrize("use_triton", BACKENDS, ids=IDS)
-def test_each_row_equals_its_adapter_run_alone(use_triton):
-    """Row i of the mixed batch == the single-adapter op on row i alone (same backend), to float rounding."""
+@pytest.mark.parametrize("tenants", ["mixed", "one_method"])
+def test_each_row_equals_its_adapter_run_alone(tenants, use_triton):
+    """Row i of the mixed batch == the single-adapter op on row i alone (same backend), to float
+    rounding: adapters of different methods, and of one method (the torch path's batched GEMMs)."""
     rows = [3, 0, 4, BASE, 7, 2, 0]
-    y, y0, x, adapters, _ = check(rows, METHODS, k=48, n=40, tokens_per_row=2, use_triton=use_triton)
+    methods = METHODS if tenants == "mixed" else [METHODS[4] + METHODS[2]] * 8
+    y, y0, x, adapters, _ = check(rows, methods, k=48, n=40, tokens_per_row=2, use_triton=use_triton)
     for i, a in enumerate(rows):
         alone = lowrank_add(y0[i].clone(), x[i], adapters[a], use_triton=use_triton) if a != BASE else y0[i]
         assert rel_err(y[i], alone.double()) < 1e-6, f"row {i} (adapter {a})"

@@ -249,9 +249,11 @@ def _check(y: Tensor, x: Tensor, batch: AdapterBatch, tables: AdapterTables, com
                              f"{sorted(map(str, adapter_dtypes))}")
 
 
-def _default_triton(x: Tensor, tables: AdapterTables) -> bool:
-    """Triton for CUDA tensors when it imports; the torch path elsewhere (the CPU default)."""
-    if not x.is_cuda:
+def _default_triton(y: Tensor, x: Tensor, tables: AdapterTables, compute: torch.dtype) -> bool:
+    """Triton for CUDA tensors when it imports and takes the dtypes (compute, y and the adapters, one
+    dtype, among float32 / bfloat16 / float16); the torch path elsewhere (the CPU default)."""
+    dtypes = {compute, y.dtype, *tables.dtypes}
+    if not (x.is_cuda and dtypes <= set(FUSED_DTYPES) and len(tables.dtypes) <= 1):
         return False
     try:
         from . import multi_adapter_triton  # noqa: F401
@@ -271,11 +273,11 @@ def multi_adapter_add(y: Tensor, x: Tensor, batch: AdapterBatch, tables: Adapter
     ``adapter_tables`` of this module; compute_dtype: dtype of the low-rank products' operands
     (default x's; h and the sums in float32); use_triton: the Triton kernels (CUDA tensors, or CPU
     under ``TRITON_INTERPRET=1``; every adapter tensor of one dtype), False the torch path, None
-    (default): Triton for CUDA tensors, torch otherwise. Inference only: RuntimeError when grad is
+    (default): Triton for CUDA tensors it takes, torch otherwise. Inference only: RuntimeError when grad is
     enabled and x or an adapter tensor requires grad.
     """
     compute = compute_dtype or x.dtype
-    use_triton = _default_triton(x, tables) if use_triton is None else use_triton
+    use_triton = _default_triton(y, x, tables, compute) if use_triton is None else use_triton
     _check(y, x, batch, tables, compute, use_triton)
     if not batch.segments:
         return y
