@@ -313,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
             "environment": describe(device, argv, prog="python -m sharelora_kernels gpu-check"), "phases": {}}
     report = Report(out / "gpu_check.json", args.budget, data)
     report.save()
-    once = lambda name, fn, dev: dispatch.measure_ms(fn, dev, warmup=0, repeats=1)  # --tiny: interpreted kernels
+    once = lambda name, fn, dev: dispatch.measure_ms(fn, dev, warmup=0, repeats=1, calls=1)  # --tiny: interpreted kernels
     timer = dispatch.set_timer(once if args.tiny else None)
     interpreted = dispatch.TIME_INTERPRETED_KERNELS
     dispatch.TIME_INTERPRETED_KERNELS = args.tiny
