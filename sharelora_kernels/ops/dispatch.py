@@ -446,7 +446,8 @@ def dispatch_table() -> list[dict]:
     ``reason`` and ``source``
     (``measured`` or the cache file)."""
     return [{**asdict(c.signature), "choice": c.choice, "times_ms": dict(c.times_ms), "errors": dict(c.errors),
-             "rejected": dict(c.rejected), "verified_error": dict(c.verified_error), "reason": c.reason(), "source": c.source, "measured_at": c.measured_at} for c in _table.values()]
+             "rejected": dict(c.rejected), "verified_error": dict(c.verified_error), "reason": c.reason(),
+             "source": c.source, "measured_at": c.measured_at} for c in _table.values()]
 
 
 def clear() -> None:
