@@ -306,3 +306,14 @@ def test_measure_times_calls_back_to_back_with_one_clock_read_per_round(monkeypa
     calls = []
     ms = dispatch.measure_ms(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=3, calls=5)
     assert len(calls) == 2 + 3 * 5 and ms == pytest.approx(1 / 5)  # two reads per round of five calls
+
+
+def test_result_error_names_the_worst_tensor_and_floors_tiny_adapter_gradients():
+    want = {"y": torch.ones(3), "dx": torch.ones(3), "d path0 tensor0": torch.ones(3),
+            "d path0 tensor2": torch.full((3,), 1e-4)}  # a gate core's cancelling sum: tiny
+    err, where = dispatch.result_error({**want, "d path0 tensor2": torch.full((3,), 1.1e-4)}, want)
+    assert err == pytest.approx(1e-4) and where == "d path0 tensor2"  # 1e-5 against 0.1 x 1, not 10 %
+    err, where = dispatch.result_error({**want, "d path0 tensor0": torch.full((3,), 2.0)}, want)
+    assert err == pytest.approx(1.0) and where == "d path0 tensor0"
+    err, where = dispatch.result_error({**want, "dx": torch.tensor([1.0, float("nan"), 1.0])}, want)
+    assert err == float("inf") and where == "dx"
