@@ -178,7 +178,8 @@ def test_phase_limits_share_what_is_left():
     for i in range(len(keys)):
         limits.append(gpu_check.phase_limits(left, keys[i:]))
         left -= limits[-1] / 2  # each phase uses half its limit: the rest passes on
-    assert limits[0] == pytest.approx(0.1 * gpu_check.DEFAULT_BUDGET) and limits[-1] > limits[0]
+    assert limits[0] == pytest.approx(gpu_check.PHASE_SHARES[keys[0]] * gpu_check.DEFAULT_BUDGET)
+    assert limits[-1] > limits[0]
     assert min(limits) >= gpu_check.MIN_PHASE_S
 
 

@@ -7,7 +7,7 @@ unwritten tile shows. Compared: y, dx and every adapter gradient against ``compo
 inputs (max |diff| / max |compose|, the dtype's tolerance of ``correctness``), and y and dx on a
 sample of rows against float64. Cases, most important first so a stopped phase keeps what matters:
 plain r = 16 (every config of the TMA and pointer kernels); dropout 0.1, Kronecker and gate (the
-first config, which (c) tries first); grouped groups of 3 and 5 modules (every config). With
+first config such a launch tries); grouped groups of 3 and 5 modules (every config). With
 dropout the two backends draw different masks, so its low-rank term is scaled to 1e-4 of the
 output: every tile written and the GEMM right is what it shows. The pointer kernel is forced by
 refusing TMA; TMA cases are "not applicable" on a GPU without TMA (compute capability < 9).
@@ -145,6 +145,7 @@ def _has_tma(device) -> bool:
 
 def checks(shapes: Shapes, device, cap: int) -> list[Check]:
     """Every check of the phase, most important first (see the module docstring)."""
+    from ..ops.autotune import kronecker_fits
     from ..ops.fused_lora_linear import pointer_kernel
     from ..ops.grouped_lora_linear import grouped_kernel
     from ..ops.tma_linear import tma_kernel
@@ -169,8 +170,10 @@ def checks(shapes: Shapes, device, cap: int) -> list[Check]:
     for c in pointer_configs:
         add(f"pointer plain r={r} fwd+bwd", pointer_kernel, c, False, ns=(n,))
     for name, case in (("dropout 0.1", dict(p=0.1)), ("Kronecker", dict(kind="kron")), ("gate", dict(kind="gate"))):
-        add(f"TMA {name} fwd+bwd", tma_kernel, tma_configs[0], True, ns=(n,), **case)
-        add(f"pointer {name} fwd+bwd", pointer_kernel, pointer_configs[0], False, ns=(n,), **case)
+        periodic = case.get("kind") == "kron"  # Kronecker launches try only the tiles kronecker_fits keeps
+        first = lambda configs: kronecker_fits(configs, {}, PERIODIC=periodic)[0]  # noqa: E731
+        add(f"TMA {name} fwd+bwd", tma_kernel, first(tma_configs), True, ns=(n,), **case)
+        add(f"pointer {name} fwd+bwd", pointer_kernel, first(pointer_configs), False, ns=(n,), **case)
     for c in grouped_kernel.spaces["perf"][:cap]:
         add("grouped 3 modules (N, N/4, N/4)", grouped_kernel, c, False, ns=(n, n // 4, n // 4))
         add("grouped 5 modules (N/2 each)", grouped_kernel, c, False, ns=(n // 2,) * 5)
