@@ -10,7 +10,8 @@ Phases, in order:
       fwd+bwd, outputs NaN-poisoned, vs compose and float64 on sampled rows (``perf_correctness``);
   (c) performance, bf16, M = 8192: base, triton_gemm, fused, compose, auto, unsloth_order, peft at
       (K, N) = (4096, 4096), (4096, 14336), (14336, 4096), r = 16 and 64, fwd and fwd+bwd, device
-      time (calls back to back between CUDA events) and host µs per call, variants interleaved; dropout 0.1, Kronecker and gate; one LLaMA-7B layer grouped
+      time (calls back to back between CUDA events) and host µs per call, variants interleaved;
+      dropout 0.1, Kronecker and gate; one LLaMA-7B layer grouped
       vs per-module (most important first; at most PERF_AUTOTUNE_CAP configs autotuned per kernel);
   (d) the CUDA angular-distance kernel's bytes/s against the copy bandwidth (n=65536, L=33, d=4096).
 Each phase runs in its own child process (``cli.isolated``) with its own time limit, its share of
