@@ -403,7 +403,8 @@ def run(args: argparse.Namespace) -> int:
     require_positive(args, "budget")
     if args.budget < MIN_BUDGET:
         raise CommandError(f"--budget {args.budget:g} s is too small: gpu-check needs at least {MIN_BUDGET:g} s "
-                           f"({len(PHASE_SHARES)} phases, each in its own process, at least {MIN_PHASE_S:g} s each)")
+                           f"(each phase runs in its own process and needs at least {MIN_PHASE_S:g} s; the "
+                           f"smallest gets {min(PHASE_SHARES.values()):.0%} of the budget)")
     from .. import ops
     from ..benchmarks import OUT_ROOT
     from ..benchmarks.environment import describe, device_label
