@@ -1,9 +1,12 @@
-"""Where the subcommands' results go: the output folder, checked before any work, and atomic writes."""
+"""Where the subcommands' results go: the output folder, checked before any work, atomic writes, and
+a run's results written as one unit (``RunOutputs``)."""
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from . import CommandError
@@ -73,3 +76,85 @@ def write_text(path: Path, text: str) -> Path:
 def write_json(path: Path, data, indent: int | None = 1) -> Path:
     """``data`` as JSON (one trailing newline) to ``path``, atomically; returns ``path``."""
     return write_text(path, json.dumps(data, indent=indent) + "\n")
+
+
+class OutputError(CommandError):
+    """The results could not be written (a full disk, a folder gone read-only); the message says what was kept where."""
+
+    exit_code = 1
+
+
+class RunOutputs:
+    """A command's results in ``out`` written as one unit: into a temporary folder beside ``out``
+    (``.<out name>.<pid>-<random>.tmp``), then moved into ``out`` together, the previous run's
+    results moved out first, so ``out`` never holds the results of two runs.
+
+    outputs: the names written (as for ``check_out_dir``). ``write(fill, keep, fill_kept)`` runs
+    ``fill(folder)`` in a new temporary folder and moves the results in (a command may write again,
+    e.g. after each finished part: each write replaces the last); an OSError (a full disk) ends
+    in an ``OutputError`` saying where ``keep`` (the result that must not be lost, e.g. "adapter/")
+    is kept: in the temporary folder if ``fill`` finished it there, else written again by
+    ``fill_kept(path)`` into a new folder of the system's temporary directory.
+    """
+
+    def __init__(self, out: Path, outputs: Iterable[str]):
+        self.out, self.outputs = out, tuple(n.rstrip("/") for n in outputs)
+        self.staging: Path | None = None
+
+    def check_space(self, nbytes: int) -> None:
+        """CommandError if the file system of ``out`` has less than ``nbytes`` (plus 1 MiB) free."""
+        ancestor = self.out
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        free = shutil.disk_usage(ancestor).free
+        if free < nbytes + 2**20:
+            raise CommandError(f"not enough free space for the results in {self.out}: they need about "
+                               f"{_mib(nbytes + 2**20)}, {ancestor} has {_mib(free)} free")
+
+    def write(self, fill: Callable[[Path], None], keep: str, fill_kept: Callable[[Path], None]) -> None:
+        """Fill a temporary folder and move its results into ``out``; OutputError saying where ``keep`` is if that fails."""
+        self.staging = None
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{os.getpid()}-", suffix=".tmp",
+                                                 dir=self.out.parent))
+            fill(self.staging)
+            self._move_in()
+        except OSError as err:
+            raise OutputError(f"could not write the results into {self.out} ({_reason(err)}); "
+                              f"{self._kept(keep, fill_kept)}") from err
+
+    def _move_in(self) -> None:
+        """Old results out (into a second temporary folder, then deleted), the new ones in, by renames."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{os.getpid()}-", suffix=".old.tmp", dir=self.out.parent))
+        for name in self.outputs:
+            if (self.out / name).exists():
+                os.replace(self.out / name, old / name)
+        for name in self.outputs:
+            if (self.staging / name).exists():
+                os.replace(self.staging / name, self.out / name)
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _kept(self, keep: str, fill_kept: Callable[[Path], None]) -> str:
+        """Where ``keep`` is now, as the end of a sentence."""
+        done = self.staging is not None and (self.staging / keep.rstrip("/")).exists()
+        if done:
+            return f"{keep} is kept in {self.staging / keep.rstrip('/')}"
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        try:
+            rescue = Path(tempfile.mkdtemp(prefix=f"sharelora-{self.out.name}-")) / keep.rstrip("/")
+            fill_kept(rescue)
+        except OSError as err:
+            return f"{keep} could not be kept anywhere ({_reason(err)})"
+        return f"{keep} is kept in {rescue}"
+
+
+def _reason(err: OSError) -> str:
+    return f"{err.strerror}: {err.filename}" if err.strerror and err.filename else (err.strerror or str(err))
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB"
