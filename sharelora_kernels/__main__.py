@@ -17,6 +17,14 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before a command's own handling: while its modules are imported
+        print("sharelora_kernels: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     from .cli import CommandError
 
     prog = "sharelora" if os.path.basename(sys.argv[0]) == "sharelora" else "python -m sharelora_kernels"

@@ -116,14 +116,11 @@ def run(args: argparse.Namespace) -> dict:
     outputs.check_space(64 * args.steps * len(methods) + 2**20)  # the losses in JSON, the figure
 
     def save(with_plot: bool) -> None:
-        def fill(folder: Path) -> None:
-            write_json(folder / "compare.json", result)
-            if with_plot:
-                plot(result, folder / "compare.png")
-        outputs.write(fill, "compare.json", lambda path: write_json(path, result))
+        parts = [("compare.json", lambda path: write_json(path, result))]
+        outputs.write(parts + [("compare.png", lambda path: plot(result, path))] if with_plot else parts)
 
     bar = tqdm(total=len(methods) * args.steps, desc="compare")
-    with Interrupts() as interrupts:  # from here on a Ctrl-C never costs a finished method
+    with Interrupts() as interrupts, bar:  # from here on a Ctrl-C never costs a finished method
         for name in methods:
             bar.set_description(f"compare: {name}")
             row = _train_method(base_model, setup.configs[name], setup, args, bar, interrupts)
@@ -133,7 +130,6 @@ def run(args: argparse.Namespace) -> dict:
                 save(with_plot=result["finished"])
             if interrupts.requested:
                 break
-        bar.close()
     if interrupts.requested:
         done = len(result["methods"])
         where = f"{setup.out / 'compare.json'} holds them" if done else "nothing written"

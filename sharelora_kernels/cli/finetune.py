@@ -90,11 +90,9 @@ def run(args: argparse.Namespace) -> list[float]:
         if step % args.log_every == 0 or step == args.steps:
             bar.write(f"step {step:5d}  loss {loss:.4f}")
 
-    def fill(folder: Path) -> None:
-        sk.save(model, folder / "adapter")
-        sk.export_peft(model, folder / "peft")
-        write_json(folder / "losses.json", {"steps": args.steps, "finished_steps": len(log.losses),
-                                            "interrupted": log.interrupted, "losses": log.losses}, indent=None)
+    def write_losses(path: Path) -> None:
+        write_json(path, {"steps": args.steps, "finished_steps": len(log.losses), "interrupted": log.interrupted,
+                          "losses": log.losses}, indent=None)
 
     with Interrupts() as interrupts:  # from here on a Ctrl-C never costs a finished step
         log = train(model, adapter_optimizer(model, args.lr), batches, args.steps, on_step, interrupts)
@@ -104,7 +102,8 @@ def run(args: argparse.Namespace) -> list[float]:
             k = max(1, min(5, len(losses) // 4))
             print(f"mean loss of the first {counted(k, 'step')} {sum(losses[:k]) / k:.4f} -> "
                   f"last {counted(k, 'step')} {sum(losses[-k:]) / k:.4f}")
-        outputs.write(fill, "adapter/", lambda path: sk.save(model, path))
+        outputs.write([("adapter/", lambda path: sk.save(model, path)), ("peft/", lambda path: sk.export_peft(model, path)),
+                       ("losses.json", write_losses)])
     written = f"{out / 'adapter'} (ShareLoRA checkpoint), {out / 'peft'} (PEFT LoRA export), {out / 'losses.json'}"
     if interrupts.requested:
         raise Interrupted(f"interrupted after {counted(len(losses), 'finished step')} of {args.steps}; "

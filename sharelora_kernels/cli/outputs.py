@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from . import CommandError
@@ -87,19 +87,14 @@ class OutputError(CommandError):
 class RunOutputs:
     """A command's results in ``out`` written as one unit: into a temporary folder beside ``out``
     (``.<out name>.<pid>-<random>.tmp``), then moved into ``out`` together, the previous run's
-    results moved out first, so ``out`` never holds the results of two runs.
+    results moved out first, so ``out`` never holds the results of two runs (other files stay).
 
-    outputs: the names written (as for ``check_out_dir``). ``write(fill, keep, fill_kept)`` runs
-    ``fill(folder)`` in a new temporary folder and moves the results in (a command may write again,
-    e.g. after each finished part: each write replaces the last); an OSError (a full disk) ends
-    in an ``OutputError`` saying where ``keep`` (the result that must not be lost, e.g. "adapter/")
-    is kept: in the temporary folder if ``fill`` finished it there, else written again by
-    ``fill_kept(path)`` into a new folder of the system's temporary directory.
+    outputs: the names a run writes (as for ``check_out_dir``). A command may ``write`` more than
+    once (after each finished part): each write replaces the last.
     """
 
     def __init__(self, out: Path, outputs: Iterable[str]):
         self.out, self.outputs = out, tuple(n.rstrip("/") for n in outputs)
-        self.staging: Path | None = None
 
     def check_space(self, nbytes: int) -> None:
         """CommandError if the file system of ``out`` has less than ``nbytes`` (plus 1 MiB) free."""
@@ -111,20 +106,27 @@ class RunOutputs:
             raise CommandError(f"not enough free space for the results in {self.out}: they need about "
                                f"{_mib(nbytes + 2**20)}, {ancestor} has {_mib(free)} free")
 
-    def write(self, fill: Callable[[Path], None], keep: str, fill_kept: Callable[[Path], None]) -> None:
-        """Fill a temporary folder and move its results into ``out``; OutputError saying where ``keep`` is if that fails."""
-        self.staging = None
+    def write(self, parts: Sequence[tuple[str, Callable[[Path], object]]]) -> None:
+        """Write each ``(name, write(path))`` part, in order, into a new temporary folder, then move
+        them all into ``out``. The first part is the one never lost: if a write fails (OSError: a full
+        disk), OutputError says where it is kept, in the temporary folder if its write finished,
+        else written again into a new folder of the system's temporary directory."""
+        staging, first_done = None, False
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{os.getpid()}-", suffix=".tmp",
-                                                 dir=self.out.parent))
-            fill(self.staging)
-            self._move_in()
+            staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{os.getpid()}-", suffix=".tmp",
+                                            dir=self.out.parent))
+            for name, write in parts:
+                write(staging / name.rstrip("/"))
+                first_done = True
+            self._move_in(staging)
         except OSError as err:
-            raise OutputError(f"could not write the results into {self.out} ({_reason(err)}); "
-                              f"{self._kept(keep, fill_kept)}") from err
+            name, write = parts[0]
+            kept = staging / name.rstrip("/") if first_done else self._rescue(name, write, staging)
+            where = f"{name} is kept in {kept}" if kept else f"{name} could not be kept anywhere"
+            raise OutputError(f"could not write the results into {self.out} ({_reason(err)}); {where}") from err
 
-    def _move_in(self) -> None:
+    def _move_in(self, staging: Path) -> None:
         """Old results out (into a second temporary folder, then deleted), the new ones in, by renames."""
         self.out.mkdir(parents=True, exist_ok=True)
         old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{os.getpid()}-", suffix=".old.tmp", dir=self.out.parent))
@@ -132,24 +134,22 @@ class RunOutputs:
             if (self.out / name).exists():
                 os.replace(self.out / name, old / name)
         for name in self.outputs:
-            if (self.staging / name).exists():
-                os.replace(self.staging / name, self.out / name)
+            if (staging / name).exists():
+                os.replace(staging / name, self.out / name)
         shutil.rmtree(old, ignore_errors=True)
-        shutil.rmtree(self.staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
 
-    def _kept(self, keep: str, fill_kept: Callable[[Path], None]) -> str:
-        """Where ``keep`` is now, as the end of a sentence."""
-        done = self.staging is not None and (self.staging / keep.rstrip("/")).exists()
-        if done:
-            return f"{keep} is kept in {self.staging / keep.rstrip('/')}"
-        if self.staging is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
+    def _rescue(self, name: str, write: Callable[[Path], object], staging: Path | None) -> Path | None:
+        """``name`` written by ``write`` into a new folder of the system's temporary directory (the
+        temporary folder beside ``out`` removed); None if that fails too."""
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         try:
-            rescue = Path(tempfile.mkdtemp(prefix=f"sharelora-{self.out.name}-")) / keep.rstrip("/")
-            fill_kept(rescue)
-        except OSError as err:
-            return f"{keep} could not be kept anywhere ({_reason(err)})"
-        return f"{keep} is kept in {rescue}"
+            path = Path(tempfile.mkdtemp(prefix=f"sharelora-{self.out.name}-")) / name.rstrip("/")
+            write(path)
+        except OSError:
+            return None
+        return path
 
 
 def _reason(err: OSError) -> str:

@@ -124,14 +124,11 @@ def run(args: argparse.Namespace) -> dict:
              f"{counted(len(texts), 'sample')}, residual stream {'entering' if args.position == 'input' else 'leaving'} "
              f"each layer; share sets at eps={args.eps} ({args.method})")
 
-    def fill(folder) -> None:
-        write_text(folder / "plan.json", plan_config.to_json() + "\n")
-        for t, c in bishare.items():
-            write_text(folder / f"bishare_{t}.json", c.to_json() + "\n")
-        write_json(folder / "similarity.json", info)
-        similarity_heatmap(S, multi, folder / "similarity.png", title=title)
-
-    RunOutputs(out, OUTPUTS).write(fill, "plan.json", lambda path: write_text(path, plan_config.to_json() + "\n"))
+    configs = {"plan.json": plan_config, **{f"bishare_{t}.json": c for t, c in bishare.items()}}
+    RunOutputs(out, OUTPUTS).write(
+        [(name, lambda path, c=c: write_text(path, c.to_json() + "\n")) for name, c in configs.items()]
+        + [("similarity.json", lambda path: write_json(path, info)),
+           ("similarity.png", lambda path: similarity_heatmap(S, multi, path, title=title))])
     print("wrote " + ", ".join(str(out / name) for name in OUTPUTS))
     return info
 
