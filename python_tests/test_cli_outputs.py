@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import sharelora_kernels as sk
 import sharelora_kernels.checkpoint as ckpt
 import sharelora_kernels.export as export
+import sharelora_kernels.files as files
 from cli_helpers import run_cli
 from sharelora_kernels.cli import finetune, outputs
 from sharelora_kernels.data import default_model_dir
@@ -30,9 +31,10 @@ def plan_file(tmp_path_factory):
     return path
 
 
-def full_disk(monkeypatch, disk: Path, writers=(ckpt, export)):
-    """Every atomic write under ``disk`` by ``writers`` fails as on a full disk; writes elsewhere work."""
-    original = ckpt.atomic_write
+def full_disk(monkeypatch, disk: Path, writers):
+    """Every atomic write under ``disk`` by ``writers`` (modules holding ``atomic_write``; ``files``
+    for those importing it when they write) fails as on a full disk; writes elsewhere work."""
+    original = files.atomic_write
 
     def write(path, fill):
         if Path(path).resolve().is_relative_to(disk.resolve()):
@@ -72,7 +74,7 @@ def test_a_full_disk_after_training_keeps_the_adapter_in_the_system_temp_dir(pla
     out = tmp_path / "run"
     assert run_cli(["finetune", "--plan", plan_file, "--steps", "1", *SMALL, "--out", out])[0] == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    full_disk(monkeypatch, tmp_path, writers=(ckpt, export))
+    full_disk(monkeypatch, tmp_path, writers=(files, ckpt, export))
     code, _, _ = run_cli(["finetune", "--plan", plan_file, "--steps", "2", *SMALL, "--out", out])
     line = one_line_error(capsys, "finetune")
     assert code == 1
@@ -106,7 +108,9 @@ def test_a_disk_filling_during_the_export_keeps_the_adapter_beside_out(plan_file
 
 def test_free_space_is_checked_before_training(plan_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
-    monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("trained before checking the free space"))
+    from sharelora_kernels.cli import training
+
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("trained before checking the free space"))
     code, _, _ = run_cli(["finetune", "--plan", plan_file, "--steps", "2", *SMALL, "--out", tmp_path / "run"])
     line = one_line_error(capsys, "finetune")
     assert code == 2 and "error: not enough free space for the results in" in line and "0.0 MiB free" in line
@@ -125,7 +129,7 @@ def test_outputs_estimate_covers_what_finetune_writes(plan_file, tmp_path):
 
 def test_plan_on_a_full_disk_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
     out = tmp_path / "plan"
-    full_disk(monkeypatch, tmp_path, writers=(ckpt,))
+    full_disk(monkeypatch, tmp_path, writers=(files,))
     code, _, _ = run_cli(["plan", "--samples", "8", "--out", out])
     line = one_line_error(capsys, "plan")
     assert code == 1 and "could not write the results into" in line
@@ -140,7 +144,7 @@ def test_plan_on_a_full_disk_is_one_line_and_writes_nothing(tmp_path, capsys, mo
 
 def test_compare_on_a_full_disk_keeps_its_results_and_says_where(tmp_path, capsys, monkeypatch):
     out = tmp_path / "cmp"
-    full_disk(monkeypatch, tmp_path, writers=(ckpt,))
+    full_disk(monkeypatch, tmp_path, writers=(files,))
     code, _, _ = run_cli(["compare", *TINY_COMPARE, "--methods", "lora", "--out", out])
     line = one_line_error(capsys, "compare")
     assert code == 1
@@ -173,7 +177,7 @@ def test_compare_ctrl_c_keeps_every_finished_method(phase, times, tmp_path, caps
     if phase == "second method's training":
         sigint_in(training.Windows, "__call__", 4)  # 2 steps of lora, then the second method's second step
     elif phase == "first method's held-out loss":
-        sigint_in(compare, "heldout_loss", 2)  # the first is the base model's
+        sigint_in(training, "heldout_loss", 2)  # the first is the base model's
     else:
         sigint_in(compare, "write_json", 1)
     code, _, _ = run_cli(["compare", *TINY_COMPARE, "--methods", "lora,bishare_slice", "--out", tmp_path])
@@ -214,3 +218,21 @@ def test_ctrl_c_while_the_command_modules_import_is_one_line(capsys, monkeypatch
     monkeypatch.setattr(importlib, "import_module", interrupted)
     assert main(["plan"]) == 130
     assert capsys.readouterr().err == "sharelora_kernels: interrupted\n"
+
+
+def test_ctrl_c_to_a_starting_process_is_one_line(plan_file, tmp_path):
+    """The real thing: SIGINT to `python -m sharelora_kernels finetune` while it imports torch and transformers."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen([sys.executable, "-m", "sharelora_kernels", "finetune", "--plan", str(plan_file), *SMALL,
+                             "--out", str(tmp_path / "o")], cwd=root, env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # the interpreter is up; the command is importing what it needs
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("interrupted"), err

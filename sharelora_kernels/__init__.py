@@ -1,26 +1,38 @@
-"""sharelora_kernels: fused kernels and a thin PyTorch layer for shared low-rank adapters."""
-from .checkpoint import load, save
-from .config import ShareLoRAConfig
-from .export import export_peft
-from .layer import SharedLoRALinear
-from .model import apply, merge, parameter_breakdown, trainable_parameters, unmerge
-from .peft_import import from_peft
-from .plan import SharePlan, expanded_rank
-from .similarity import (angular_distance, iter_layer_representations, layer_representations, share_sets,
-                         sweep_thresholds)
+"""sharelora_kernels: fused kernels and a thin PyTorch layer for shared low-rank adapters.
 
-__all__ = [
-    "ShareLoRAConfig", "SharedLoRALinear", "SharePlan", "TrainerCallback", "angular_distance", "apply", "export_peft",
-    "expanded_rank", "from_peft", "iter_layer_representations", "layer_representations", "load", "merge",
-    "parameter_breakdown", "save", "share_sets", "sweep_thresholds", "trainable_parameters", "unmerge",
-]
-__version__ = "0.1.0"
+The public names below are imported on first use (``sk.apply`` imports ``model``, which imports
+torch), so ``import sharelora_kernels`` and the command line's ``--help`` start at once.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+from .version import __version__
+
+# public name -> the module that defines it
+_PUBLIC = {
+    "ShareLoRAConfig": "config", "SharedLoRALinear": "layer", "SharePlan": "plan", "expanded_rank": "plan",
+    "apply": "model", "merge": "model", "unmerge": "model", "parameter_breakdown": "model",
+    "trainable_parameters": "model", "load": "checkpoint", "save": "checkpoint", "export_peft": "export",
+    "from_peft": "peft_import", "TrainerCallback": "trainer", "angular_distance": "similarity",
+    "iter_layer_representations": "similarity", "layer_representations": "similarity", "share_sets": "similarity",
+    "sweep_thresholds": "similarity",
+}
+__all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name: str):
-    """``TrainerCallback`` is imported on first use: it imports transformers' Trainer machinery (seconds)."""
-    if name == "TrainerCallback":
-        from .trainer import TrainerCallback
+    """A public name, or a submodule (``sk.ops``), imported on first use."""
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return TrainerCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -21,8 +21,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_write
 from .config import ShareLoRAConfig
+from .files import atomic_write
 from .model import adapter_tensors, apply_plan, get_plan, plan_model, shared_layers
 from .plan import SharePlan
 

@@ -22,14 +22,26 @@ Layers and module types (what the planners share by):
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch.nn as nn
 
-from .base import describe_base, is_linear_like
+from .base import describe_base, is_linear_like, is_wrapped
 from .config import ALL_LINEAR, ShareLoRAConfig
-from .layer import SharedLoRALinear
-from .plan import ModuleInfo
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """A target module as the planner sees it (``find_target_modules`` finds them)."""
+
+    name: str  # full module path, e.g. "model.layers.3.self_attn.q_proj"
+    layer: int | None  # None: outside the numbered layers (a pooler, a head)
+    module_type: str  # label of the name with the layer index as "*" (``type_labels``), e.g. "q_proj"
+    in_features: int
+    out_features: int
+    stack: str | None = None  # the path before the layer index, e.g. "model.layers"
+
 
 # The papers' targets (q, k, v, up, down; METHOD section 3) in each family's module names. PEFT's
 # own table targets attention q and v only; pass target_modules=["q_proj", "v_proj"] for that.
@@ -181,7 +193,7 @@ def find_target_modules(model: nn.Module, config: ShareLoRAConfig) -> tuple[list
     infos = []
     for name in picked:
         module = modules[name]
-        if isinstance(module, SharedLoRALinear):
+        if is_wrapped(module):
             raise ValueError(f"module {name!r} already has ShareLoRA adapters; apply() runs once per model")
         base = describe_base(module, name)
         tied = [o for o in owners[id(module.weight)] if o != f"{name}.weight"]

@@ -193,7 +193,7 @@ def _drop_failing(case: Case) -> None:
 
 
 def goals(case: dict) -> dict[str, bool]:
-    """The issue's goals judged on one LoRA case's medians (reported, never asserted)."""
+    """The GPU goals judged on one LoRA case's medians (reported, never asserted)."""
     med = {name: {mode: row[f"{mode}_ms"]["median"] for mode in MODES}
            for name, row in case["variants"].items() if "skipped" not in row}
     out = {}

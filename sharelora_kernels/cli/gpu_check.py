@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import torch
-
 from . import CommandError, require_positive
 
 HELP = "every GPU claim checked in one run: ceilings, correctness, performance, angular distance"
@@ -189,6 +187,8 @@ def phase_b(report: Report, device: torch.device, tiny: bool) -> None:
 
 
 def phase_c(report: Report, device: torch.device, tiny: bool) -> None:
+    import torch
+
     from ..benchmarks import performance
     shapes = performance.TINY if tiny else performance.GPU
     report.phase("c_performance")["autotune_cap"] = PERF_AUTOTUNE_CAP
@@ -290,6 +290,8 @@ def _reexec_interpreted(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     """Validate every option, then run the phases; returns the exit status."""
     require_positive(args, "budget")
+    import torch
+
     from .. import ops
     from ..benchmarks import OUT_ROOT
     from ..benchmarks.environment import describe, device_label

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write
+from ..files import atomic_write
 
 CACHE_ENV = "SHARELORA_CACHE_DIR"
 CACHE_FORMAT, CACHE_VERSION = "sharelora_kernels dispatch cache", 1
@@ -40,7 +40,7 @@ def cache_file(device: str) -> Path:
 
 def versions() -> dict[str, str | None]:
     """The package versions a choice depends on; a file measured with others is not used."""
-    from .. import __version__
+    from ..version import __version__
     try:
         import triton
         triton_version = triton.__version__

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..plan import PATH_ROLES
+from ..config import PATH_ROLES
 from ..reference import LoRAPath
 from .autotune import TunedKernel
 from .dy_lowrank import dy_lowrank

@@ -1,6 +1,6 @@
-"""Atomic file writes: a temporary file beside the target, renamed over it, so a reader sees the old
-file or the new one, never half of one; the temporary files of a writer killed midway are removed by
-the next write of the same file.
+"""Writing files atomically: a temporary file beside the target, renamed over it, so a reader sees
+the old file or the new one, never half of one; the temporary files of a writer killed midway are
+removed by the next write of the same file.
 
 A temporary file is named ``.<name>.<pid>-<random>.tmp``: the writer's process id tells the next
 writer whether it is still running (its file is left alone) or gone (its file is an orphan).
