@@ -122,7 +122,10 @@ class RunOutputs:
             self._move_in(staging)
         except OSError as err:
             name, write = parts[0]
-            kept = staging / name.rstrip("/") if first_done else self._rescue(name, write, staging)
+            if first_done:  # in the temporary folder, or already moved in
+                kept = next((p for p in (staging / name.rstrip("/"), self.out / name.rstrip("/")) if p.exists()), None)
+            else:
+                kept = self._rescue(name, write, staging)
             where = f"{name} is kept in {kept}" if kept else f"{name} could not be kept anywhere"
             raise OutputError(f"could not write the results into {self.out} ({_reason(err)}); {where}") from err
 
