@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from ..reference import LoRAPath
-from .dispatch_cache import CACHE_ENV, CACHE_FORMAT, CACHE_VERSION, cache_dir, cache_file, read_cache, write_cache
+from .dispatch_cache import (CACHE_ENV, CACHE_FORMAT, CACHE_VERSION, cache_dir, cache_file,  # noqa: F401 (named here too)
+                             read_cache, write_cache)
 
 BACKEND_ENV, AUTOTUNE_ENV = "SHARELORA_BACKEND", "SHARELORA_AUTOTUNE"
 BACKENDS = ("torch", "compose", "triton", "auto")
