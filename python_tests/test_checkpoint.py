@@ -172,3 +172,140 @@ def test_modules_to_save_mismatch_is_named(tmp_path):
         sk.load(other, tmp_path)
     with pytest.raises(ValueError, match="serves LoRA adapters only, not modules trained in full"):
         sk.export_peft(model, tmp_path / "served", serving="vllm")
+
+
+# ------------------------------------------------------------------ a refused load changes nothing
+def snapshot(model):
+    """Everything a load could change: state dict (values), module tree, attributes, grad flags, modes."""
+    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "tree": [(n, type(m).__name__) for n, m in model.named_modules()],
+            "attrs": {n: sorted(vars(m)) for n, m in model.named_modules()},
+            "plan": getattr(model, "sharelora_plan", None),
+            "grad": [(n, p.requires_grad) for n, p in model.named_parameters()],
+            "training": [m.training for m in model.modules()]}
+
+
+def assert_unchanged(before, model):
+    after = snapshot(model)
+    assert after["tree"] == before["tree"] and after["attrs"] == before["attrs"]
+    assert after["plan"] is before["plan"] and after["grad"] == before["grad"] and after["training"] == before["training"]
+    assert after["state"].keys() == before["state"].keys()
+    for name, value in before["state"].items():
+        assert torch.equal(after["state"][name], value), name
+
+
+def rewrite(directory, tensors=lambda t: t, metadata=lambda m: m):
+    """Rewrite a saved checkpoint's weights file with its tensors / metadata changed."""
+    from safetensors.torch import load_file, save_file
+
+    path = directory / ckpt.WEIGHTS_NAME
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    save_file(tensors(load_file(str(path))), str(path), metadata=metadata(dict(meta)))
+
+
+def other_trained(name="bishare_gate"):
+    """Adapters of the same plan, other values than ``trained``'s: a load that copies any tensor shows."""
+    model = trained(name)
+    randomize_adapters(model, seed=7)
+    return model
+
+
+def last_tensor(tensors):
+    return sorted(tensors)[-1]
+
+
+def reshaped(tensors):
+    name = last_tensor(tensors)
+    return {**tensors, name: torch.randn(tensors[name].shape[0] + 1, *tensors[name].shape[1:])}
+
+
+REFUSALS = {
+    "wrong shape": (dict(tensors=reshaped), r"tensor '.*' has shape"),
+    "missing tensor": (dict(tensors=lambda t: {k: v for k, v in t.items() if k != last_tensor(t)}), r"lacks tensor '"),
+    "int32 tensor": (dict(tensors=lambda t: {**t, last_tensor(t): (t[last_tensor(t)] * 1000).to(torch.int32)}),
+                     r"tensor '.*' is torch.int32; adapter tensors are floating point"),
+    "bool tensor": (dict(tensors=lambda t: {**t, last_tensor(t): t[last_tensor(t)] > 0}),
+                    r"tensor '.*' is torch.bool"),
+    "newer format": (dict(metadata=lambda m: {**m, "format_version": "2"}),
+                     r"format version 2, newer than the version 1"),
+    "damaged format version": (dict(metadata=lambda m: {**m, "format_version": "x"}), r"damaged format_version"),
+}
+
+
+@pytest.mark.parametrize("kind", list(REFUSALS))
+@pytest.mark.parametrize("into", ["fresh model", "applied model"])
+def test_a_refused_load_leaves_the_model_exactly_as_it_was(kind, into, tmp_path):
+    changes, message = REFUSALS[kind]
+    sk.save(trained("bishare_gate"), tmp_path)
+    rewrite(tmp_path, **changes)
+    model = tiny_model() if into == "fresh model" else other_trained()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        sk.load(model, tmp_path)
+    assert_unchanged(before, model)
+
+
+def test_a_truncated_tensor_is_refused_before_any_change(tmp_path, monkeypatch):
+    """A read that fails on the last tensor (damaged data past an intact header) changes nothing."""
+    sk.save(trained("bishare_gate"), tmp_path)
+    model = other_trained()
+    before = snapshot(model)
+    real = safe_open
+
+    class FailingLast:
+        def __init__(self, *args, **kwargs):
+            self.f = real(*args, **kwargs)
+
+        def __enter__(self):
+            self.f.__enter__()
+            self.last = sorted(self.f.keys())[-1]
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def get_tensor(self, name):
+            if name == self.last:
+                raise OSError("unexpected end of file")
+            return self.f.get_tensor(name)
+
+    monkeypatch.setattr(ckpt, "safe_open", lambda *a, **k: FailingLast(*a, **k))
+    with pytest.raises(ValueError, match="could not be read completely"):
+        sk.load(model, tmp_path)
+    assert_unchanged(before, model)
+
+
+def test_check_checkpoint_reads_everything_and_changes_nothing(tmp_path):
+    sk.save(trained("similarity"), tmp_path)
+    model = tiny_model()
+    before = snapshot(model)
+    checked = ckpt.check_checkpoint(model, tmp_path)
+    assert checked.apply and set(checked.tensors) == set(checked.plan.tensors)
+    assert_unchanged(before, model)
+
+
+def test_a_killed_save_leaves_temporary_files_that_the_next_save_removes(tmp_path):
+    """A saver killed midway (kill -9) leaves its temporary file; the next save of the same file removes it."""
+    import subprocess
+    import sys
+
+    sk.save(trained("lora"), tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    orphan = tmp_path / f".{ckpt.WEIGHTS_NAME}.{proc.pid}-abc.tmp"
+    orphan.write_bytes(b"partial")
+    proc.kill()
+    proc.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running = tmp_path / f".{ckpt.WEIGHTS_NAME}.{live.pid}-def.tmp"  # a save in progress in another process
+        running.write_bytes(b"in progress")
+        sk.save(trained("lora"), tmp_path)
+        assert not orphan.exists() and running.exists()
+    finally:
+        live.kill()
+        live.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ckpt.WEIGHTS_NAME, ckpt.CONFIG_NAME, running.name])

@@ -13,7 +13,7 @@ triton = pytest.importorskip("triton")
 
 from sharelora_kernels import ops  # noqa: E402
 from sharelora_kernels.layer import SharedLoRALinear  # noqa: E402
-from sharelora_kernels.ops import dispatch  # noqa: E402
+from sharelora_kernels.ops import dispatch, dispatch_cache  # noqa: E402
 from test_ops_fused_lora_linear import float64_reference, make_path, rel_err  # noqa: E402
 
 
@@ -246,7 +246,7 @@ def test_cache_file_is_written_atomically_and_read_by_a_new_process(auto):
     run(*call())
     path = dispatch.cache_file("cpu")
     assert path.parent == auto and path.name == "dispatch-cpu.json"
-    assert [p.name for p in auto.iterdir()] == [path.name]  # no temporary file left behind
+    assert [p.name for p in auto.iterdir() if not p.name.endswith(".lock")] == [path.name]  # no temporary file left
     data = json.loads(path.read_text())
     assert data["format"] == dispatch.CACHE_FORMAT and data["device"] == "cpu" and data["versions"]["torch"]
     (entry,) = data["entries"].values()
@@ -266,10 +266,18 @@ def test_cache_file_is_written_atomically_and_read_by_a_new_process(auto):
                  "versions": {}, "entries": {}}), "belongs to device 'NVIDIA H100'"),
     (json.dumps({"format": dispatch.CACHE_FORMAT, "version": dispatch.CACHE_VERSION, "device": "cpu",
                  "versions": {"torch": "1.0"}, "entries": {}}), "was measured with"),
-])
+    (b'{"format": "sharelora_kernels dispatch cache", "device": "\xff\xfe"}', "is not UTF-8 text"),
+    (b"\x00\x9c\xff" * 40, "is not UTF-8 text"),
+    (json.dumps({"format": dispatch.CACHE_FORMAT, "version": dispatch.CACHE_VERSION, "device": "cpu",
+                 "versions": dispatch_cache.versions(), "entries": {"a key": 5}}), "has no 'entries' table of records"),
+    ("", "is not valid JSON"),
+], ids=["bad JSON", "other format", "other device", "other versions", "non-UTF-8 in JSON", "binary", "bad records",
+        "empty"])
 def test_a_bad_cache_file_gives_one_warning_and_is_rewritten(auto, content, problem):
+    """Whatever the damage (bad bytes, bad JSON, another layout): one warning, the file rewritten, and
+    a later process reads the new file without a word."""
     path = dispatch.cache_file("cpu")
-    path.write_text(content)
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
     dispatch.set_timer(FakeTimer({"triton": 2.0, "compose": 1.0}))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -280,6 +288,11 @@ def test_a_bad_cache_file_gives_one_warning_and_is_rewritten(auto, content, prob
     assert len(mine) == 1 and str(path) in str(mine[0].message) and problem in str(mine[0].message)
     data = json.loads(path.read_text())
     assert data["device"] == "cpu" and len(data["entries"]) == 3
+    dispatch.clear()  # a later process
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(*call())
+    assert ops.dispatch_table()[0]["source"] == str(path)
 
 
 def test_cache_dir_fallbacks_and_an_unwritable_dir(monkeypatch, tmp_path, auto):
@@ -317,3 +330,76 @@ def test_result_error_names_the_worst_tensor_and_floors_tiny_adapter_gradients()
     assert err == pytest.approx(1.0) and where == "d path0 tensor0"
     err, where = dispatch.result_error({**want, "dx": torch.tensor([1.0, float("nan"), 1.0])}, want)
     assert err == float("inf") and where == "dx"
+
+
+def test_four_threads_meeting_new_signatures_at_once(auto):
+    """auto's table under threads: every call answers, every choice is kept, in memory and on disk."""
+    import threading
+    import time
+
+    def timer(candidate, run, device):
+        time.sleep(0.0005)  # let the other threads in between timing and recording
+        return {"triton": 2.0, "compose": 1.0}[candidate]
+
+    dispatch.set_timer(timer)
+    errors = []
+
+    def worker(t):
+        try:
+            for k in range(8, 8 + 15):
+                x, weight, bias, paths, dropout = call(m=3, k=k + 15 * t, n=6, kinds=("plain",), grad=False, seed=k)
+                assert run(x, weight, bias, paths, dropout).shape == (3, 6)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(ops.dispatch_table()) == 60 and all(r["choice"] == "compose" for r in ops.dispatch_table())
+    assert len(json.loads(dispatch.cache_file("cpu").read_text())["entries"]) == 60
+
+
+WRITER = """
+import os, sys, time
+from pathlib import Path
+from sharelora_kernels.ops import dispatch_cache
+name, other, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+Path(sys.argv[2] + ".ready." + name).touch()
+while not Path(str(other) + ".ready." + ("b" if name == "a" else "a")).exists():
+    time.sleep(0.001)
+for i in range(n):
+    dispatch_cache.write_cache("cpu", {f"{name}{i}": {"choice": "compose", "note": "a field dispatch does not know"}})
+"""
+
+
+def test_two_processes_writing_the_cache_at_once_merge(auto, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "SHARELORA_CACHE_DIR": str(auto)}
+    barrier = str(tmp_path / "barrier")
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, name, barrier, "150"], env=env) for name in "ab"]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    entries = json.loads(dispatch.cache_file("cpu").read_text())["entries"]
+    assert set(entries) == {f"{name}{i}" for name in "ab" for i in range(150)}  # no choice lost
+    assert entries["a0"]["note"] == "a field dispatch does not know"  # records kept as written
+
+
+def test_the_next_cache_write_removes_a_killed_writers_temporary_file(auto):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # a finished process: its id is that of a writer no longer running
+    path = dispatch.cache_file("cpu")
+    orphan = path.parent / f".{path.name}.{proc.pid}-x1.tmp"
+    orphan.write_text("{half a fi")
+    dispatch.set_timer(FakeTimer({"triton": 2.0, "compose": 1.0}))
+    run(*call())
+    assert not orphan.exists() and json.loads(path.read_text())["entries"]

@@ -97,3 +97,95 @@ def test_ctrl_c_to_a_running_process_leaves_a_loadable_adapter(plan_file, tmp_pa
 
     zero_at_init = [name for name, spec in model.sharelora_plan.tensors.items() if spec.init == "zeros"]  # every B
     assert zero_at_init and all(adapter_tensors(model)[name].abs().sum() > 0 for name in zero_at_init)  # trained
+
+
+# ------------------------------------------------ Ctrl-C (once or twice) at every phase boundary
+def sigint_at(monkeypatch, owner, attr, call: int, times: int, after: bool = False, armed=lambda: True):
+    """Raise ``times`` real SIGINTs in the ``call``-th call of ``owner.attr`` made while ``armed()``,
+    before (or ``after``) the original runs."""
+    original = getattr(owner, attr)
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        if armed():
+            calls["n"] += 1
+        hit = armed() and calls["n"] == call
+        if hit and not after:
+            for _ in range(times):
+                signal.raise_signal(signal.SIGINT)
+        result = original(*args, **kwargs)
+        if hit and after:
+            for _ in range(times):
+                signal.raise_signal(signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(owner, attr, wrapped)
+
+
+def after_steps(monkeypatch, n: int):
+    """A predicate that turns true once ``n`` optimizer steps have finished."""
+    done = {"n": 0}
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        done["n"] += 1
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return lambda: done["n"] >= n
+
+
+def _phase(name, monkeypatch, times):
+    """Arrange Ctrl-C's at phase ``name`` of a run whose third step never finishes (or of a 2-step run)."""
+    import sharelora_kernels.checkpoint as ckpt
+    import sharelora_kernels.export as export
+    from sharelora_kernels.cli import outputs
+
+    if name == "batch draw (between steps)":
+        sigint_at(monkeypatch, training.Windows, "__call__", 3, times)
+    elif name == "forward":
+        sigint_at(monkeypatch, torch.nn.functional, "cross_entropy", 3, times)
+    elif name == "backward":
+        sigint_at(monkeypatch, torch.Tensor, "backward", 3, times, after=True)
+    elif name == "optimizer step":
+        sigint_at(monkeypatch, torch.optim.AdamW, "step", 2, times, after=True)
+    elif name == "after the last step":  # the model.eval() after the loop
+        from transformers import PreTrainedModel
+
+        sigint_at(monkeypatch, PreTrainedModel, "eval", 1, times, armed=after_steps(monkeypatch, 2))
+    elif name == "checkpoint save":
+        sigint_at(monkeypatch, ckpt, "save_file", 1, times)
+    elif name == "PEFT export":
+        sigint_at(monkeypatch, export, "save_file", 1, times)
+    elif name == "losses.json":
+        sigint_at(monkeypatch, outputs, "write_text", 1, times)
+    elif name == "moving the results in":
+        sigint_at(monkeypatch, outputs.os, "replace", 1, times,
+                  armed=lambda: any(f.function == "_move_in" for f in __import__("inspect").stack()[1:3]))
+
+
+PHASES = ["batch draw (between steps)", "forward", "backward", "optimizer step", "after the last step",
+          "checkpoint save", "PEFT export", "losses.json", "moving the results in"]
+
+
+@pytest.mark.parametrize("times", [1, 2], ids=["Ctrl-C", "Ctrl-C twice"])
+@pytest.mark.parametrize("phase", PHASES)
+def test_ctrl_c_at_every_phase_saves_the_last_finished_step(phase, times, plan_file, two_steps, tmp_path, capsys,
+                                                            monkeypatch):
+    steps = "2" if PHASES.index(phase) >= PHASES.index("after the last step") else "50"
+    _phase(phase, monkeypatch, times)
+    code, _, _ = run_cli(["finetune", "--plan", plan_file, "--steps", steps, *SMALL, "--out", tmp_path])
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert err.splitlines()[-1].startswith(f"python -m sharelora_kernels finetune: interrupted after 2 finished steps "
+                                           f"of {steps}; saved them to ")
+    assert "Traceback" not in err
+    log = json.loads((tmp_path / "losses.json").read_text())
+    assert (log["finished_steps"], log["interrupted"], len(log["losses"])) == (2, steps == "50", 2)
+    saved = load_file(tmp_path / "adapter" / "adapter.safetensors")
+    assert saved.keys() == two_steps.keys() and all(torch.equal(t, two_steps[n]) for n, t in saved.items())
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "losses.json", "peft"]
+    assert sorted(p.name for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back

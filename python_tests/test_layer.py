@@ -48,6 +48,12 @@ def test_bad_inputs_are_named():
             sk.SharedLoRALinear(nn.Linear(8, 6), alpha=bad)
 
 
+def test_a_0d_input_is_named():
+    layer = sk.SharedLoRALinear(nn.Linear(8, 6), r=2)
+    with pytest.raises(ValueError, match=r"input is a 0-d tensor, this layer expects \(\.\.\., 8\)"):
+        layer(torch.tensor(1.0))
+
+
 def test_standalone_layer_follows_its_base_mode_and_keeps_float32_adapters_on_half_bases():
     base = nn.Linear(8, 6).to(torch.bfloat16).eval()
     layer = sk.SharedLoRALinear(base, r=2, dropout=0.5)

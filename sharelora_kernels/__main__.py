@@ -20,6 +20,14 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before a command's own handling: while its modules are imported
+        print("sharelora_kernels: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     from .cli import CommandError
     from .cli.parser import HelpFormatter, Parser, did_you_mean
 

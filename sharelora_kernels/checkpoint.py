@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -57,7 +57,7 @@ def saved_state(model: nn.Module, plan: SharePlan) -> dict[str, torch.Tensor]:
 
 def read_checkpoint(directory: str | os.PathLike) -> tuple[ShareLoRAConfig | None, SharePlan, Path]:
     """Config (None for hand-wrapped layers) and plan stored in a checkpoint directory; ValueError
-    if it is missing or damaged."""
+    if it is missing, damaged, or of a newer format version than this package reads."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise ValueError(f"no ShareLoRA checkpoint at {path}")
@@ -68,6 +68,13 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[ShareLoRAConfig | Non
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
     if meta.get("format") != "sharelora":
         raise ValueError(f"{path} is not a ShareLoRA checkpoint (no 'format: sharelora' in its metadata)")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if not version.isdigit():
+        raise ValueError(f"{path} has a damaged format_version {version!r} (this version of sharelora_kernels writes "
+                         f"{FORMAT_VERSION!r})")
+    if int(version) > int(FORMAT_VERSION):
+        raise ValueError(f"{path} has checkpoint format version {version}, newer than the version {FORMAT_VERSION} "
+                         "this sharelora_kernels reads: upgrade sharelora_kernels to load it")
     try:
         config = None if meta["config"] == "null" else ShareLoRAConfig.from_json(meta["config"])
         return config, SharePlan.from_dict(json.loads(meta["plan"])), path
@@ -75,41 +82,81 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[ShareLoRAConfig | Non
         raise ValueError(f"{path} has damaged config/plan metadata ({e})") from e
 
 
+@dataclass
+class CheckedCheckpoint:
+    """A checkpoint found to fit a model by ``check_checkpoint``: what ``load`` applies, with nothing left to fail.
+
+    config / plan: the saved config (None for hand-wrapped layers) and the plan to load into;
+    apply: the model has no adapters yet, ``apply_plan(model, config, plan)`` comes first;
+    tensors: every tensor to load (plan names and ``modules_to_save/...`` names), on the CPU, each
+    floating point and of its target's shape.
+    """
+
+    path: Path
+    config: ShareLoRAConfig | None
+    plan: SharePlan
+    apply: bool
+    tensors: dict[str, torch.Tensor]
+
+
+def check_checkpoint(model: nn.Module, directory: str | os.PathLike) -> CheckedCheckpoint:
+    """Everything ``load`` checks, without changing ``model``: the file and its format version, the
+    plan against the model's (or the one ``apply`` would build), merged adapters, and every tensor
+    read whole, present, floating point and of the right shape. ValueError naming the first problem."""
+    config, saved_plan, path = read_checkpoint(directory)
+    apply = getattr(model, "sharelora_plan", None) is None and not shared_layers(model)
+    if apply:
+        if config is None:
+            raise ValueError(f"{path} holds hand-wrapped SharedLoRALinear layers (no config): wrap the same modules "
+                             "of this model with SharedLoRALinear before load()")
+        plan = plan_model(model, config)
+        shapes = {name: tuple(spec.shape) for name, spec in plan.tensors.items()}
+    else:
+        plan = get_plan(model)
+        shapes = {name: tuple(p.shape) for name, p in adapter_tensors(model).items()}
+    plan_mismatch(saved_plan, plan, str(path))
+    if any(m.merged for m in shared_layers(model)):
+        raise ValueError("the model's adapters are merged into its weights: call unmerge(model) before load(), "
+                         "or the merged weights would keep the old adapters")
+    shapes.update({SAVED_PREFIX + name: tuple(t.shape) for name, t in saved_state(model, saved_plan).items()})
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = set(f.keys())
+            for name, shape in shapes.items():
+                if name not in stored:
+                    raise ValueError(f"{path} lacks tensor {name!r} of the model (shape {shape})")
+                t = f.get_tensor(name)
+                if not t.dtype.is_floating_point:
+                    raise ValueError(f"{path}: tensor {name!r} is {t.dtype}; adapter tensors are floating point")
+                if tuple(t.shape) != shape:
+                    raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, the model's {shape}")
+                tensors[name] = t
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path} could not be read completely ({e}); the file may be truncated") from e
+    return CheckedCheckpoint(path, config, plan, apply, tensors)
+
+
 def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load adapters saved by ``save`` (or a Trainer checkpoint directory made with
     ``TrainerCallback``) into ``model``; applies the saved config first if needed.
 
     Raises ValueError naming the first difference if the model's method, target modules, shapes,
-    share plan or modules to save differ from the checkpoint's (checked before the model is
-    touched), if its adapters are merged, or if the file is truncated or corrupted.
+    share plan or modules to save differ from the checkpoint's, if its adapters are merged, if a
+    tensor is missing, of the wrong shape or not floating point, if the checkpoint's format is newer
+    than this package's, or if the file is truncated or corrupted. Everything is checked
+    (``check_checkpoint``) before the model changes: a refused load leaves it as it was.
     """
-    config, saved_plan, path = read_checkpoint(directory)
-    current = getattr(model, "sharelora_plan", None)
-    if current is None and not shared_layers(model):
-        if config is None:
-            raise ValueError(f"{path} holds hand-wrapped SharedLoRALinear layers (no config): wrap the same modules "
-                             "of this model with SharedLoRALinear before load()")
-        plan = plan_model(model, config)
-        plan_mismatch(saved_plan, plan, str(path))
-        apply_plan(model, config, plan)
-    else:
-        plan_mismatch(saved_plan, get_plan(model), str(path))
-    if any(m.merged for m in shared_layers(model)):
-        raise ValueError("the model's adapters are merged into its weights: call unmerge(model) before load(), "
-                         "or the merged weights would keep the old adapters")
+    checked = check_checkpoint(model, directory)
+    if checked.apply:
+        apply_plan(model, checked.config, checked.plan)
     params = {**adapter_tensors(model),
-              **{SAVED_PREFIX + name: t for name, t in saved_state(model, saved_plan).items()}}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for name, param in params.items():
-                t = f.get_tensor(name)
-                if tuple(t.shape) != tuple(param.shape):
-                    raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, the model's {tuple(param.shape)}")
-                param.data.copy_(t.to(param.dtype))
-    except ValueError:
-        raise
-    except Exception as e:
-        raise ValueError(f"{path} could not be read completely ({e}); the file may be truncated") from e
+              **{SAVED_PREFIX + name: t for name, t in saved_state(model, checked.plan).items()}}
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(checked.tensors[name].to(param.dtype))
     return model
 
 

@@ -176,6 +176,8 @@ class SharedLoRALinear(nn.Module):
 
     def forward_alone(self, x: Tensor) -> Tensor:
         """This layer's own op (also what its input group runs when the group cannot run together)."""
+        if x.dim() == 0:
+            raise ValueError(f"input is a 0-d tensor, this layer expects (..., {self.in_features})")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features in its last dim, this layer expects {self.in_features}")
         if x.device != self.weight.device:

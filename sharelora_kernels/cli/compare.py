@@ -14,9 +14,10 @@ and reports, per method, the trainable parameters, the optimizer-state bytes (Ad
 time, the training loss (mean of the last tenth of the steps) and the loss on held-out text it never
 trained on: by default the built-in fine-tuning task (unit conversions the built-in model never saw),
 held out line by line, so no held-out line is a training line; with --text, its last --heldout
-paragraphs. Writes into --out, each file atomically: compare.json (every figure, every loss; rewritten
-after each method, so Ctrl-C keeps the finished ones) and compare.png (loss curves, and trainable
-parameters against held-out loss).
+paragraphs. Writes into --out: compare.json (every figure, every loss; rewritten after each method,
+so a Ctrl-C, once or more, at any moment keeps the finished ones) and compare.png (loss curves, and
+trainable parameters against held-out loss), each time through a temporary folder beside --out, so
+--out never mixes them with an earlier run's.
 
 Every option, the model directory (a causal LM), the configs (they must fit) and --out are checked
 before the model is loaded.
@@ -34,7 +35,7 @@ from .compare_report import plot, table
 from .fitting import add_adapter_arguments, bishare_configs, label, lora_config, parameter_count, target_modules
 from .loading import (add_device_argument, load_model, load_texts, load_tokenizer, model_skeleton, read_model_config,
                       read_plan, resolve_device, resolve_model_dir)
-from .outputs import check_out_dir, write_json
+from .outputs import RunOutputs, check_out_dir, write_json
 from .options import add_threads_argument, add_training_arguments, check_threads_argument, check_training_arguments, set_threads
 
 HELP = "fine-tune LoRA, ShareLoRA and Bi-Share LoRA alike and compare parameters, memory, time and held-out loss"
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
     from ..benchmarks.environment import load_warning, loadavg
-    from .training import heldout_loss
+    from .training import Interrupts, heldout_loss
 
     threads = set_threads(args)
     machine = {"cpu_count": os.cpu_count(), "torch_threads": threads, "loadavg_before": loadavg(), "loadavg_after": None}
@@ -117,25 +118,34 @@ def run(args: argparse.Namespace) -> dict:
     }
     print(f"{setup.model_dir} ({setup.model_config.model_type}): share sets {sets or 'none'}; held-out loss without "
           f"adapters {result['base_heldout_loss']:.4f}")
+    outputs = RunOutputs(setup.out, OUTPUTS)
+    outputs.check_space(64 * args.steps * len(methods) + 2**20)  # the losses in JSON, the figure
+
+    def save(with_plot: bool) -> None:
+        parts = [("compare.json", lambda path: write_json(path, result))]
+        outputs.write(parts + [("compare.png", lambda path: plot(result, path))] if with_plot else parts)
+
     bar = tqdm(total=len(methods) * args.steps, desc="compare")
-    for name in methods:
-        bar.set_description(f"compare: {name}")
-        row = _train_method(base_model, setup.configs[name], setup, args, bar)
-        if row is None:
-            bar.close()
-            raise Interrupted(f"interrupted during {name}; {setup.out / 'compare.json'} holds the "
-                              f"{counted(len(result['methods']), 'finished method')}")
-        result["methods"][name] = row
-        write_json(setup.out / "compare.json", result)
-    bar.close()
-    result["finished"] = True
-    machine["loadavg_after"] = loadavg()
-    write_json(setup.out / "compare.json", result)
+    with Interrupts() as interrupts, bar:  # from here on a Ctrl-C never costs a finished method
+        for name in methods:
+            bar.set_description(f"compare: {name}")
+            row = _train_method(base_model, setup.configs[name], setup, args, bar, interrupts)
+            if row is not None:
+                result["methods"][name] = row
+                result["finished"] = len(result["methods"]) == len(methods)
+                machine["loadavg_after"] = loadavg()
+                save(with_plot=result["finished"])
+            if interrupts.requested:
+                break
+    if interrupts.requested:
+        done = len(result["methods"])
+        where = f"{setup.out / 'compare.json'} holds them" if done else "nothing written"
+        raise Interrupted(f"interrupted after {counted(done, 'finished method')} of {len(methods)}; {where}")
     print(table(result))
     warning = load_warning(machine)
     if warning:
         print(warning)
-    print(f"wrote {setup.out / 'compare.json'}, {plot(result, setup.out / 'compare.png')}")
+    print(f"wrote {setup.out / 'compare.json'}, {setup.out / 'compare.png'}")
     return result
 
 
@@ -194,8 +204,9 @@ def _found_sharelora_configs(model, setup: Setup, args: argparse.Namespace) -> d
                               f"share sets found at eps={args.eps}")
 
 
-def _train_method(base_model, config, setup: Setup, args: argparse.Namespace, bar) -> dict | None:
-    """Train a copy of ``base_model`` with ``config``: its compare.json row, or None if Ctrl-C stopped it."""
+def _train_method(base_model, config, setup: Setup, args: argparse.Namespace, bar, interrupts) -> dict | None:
+    """Train a copy of ``base_model`` with ``config``: its compare.json row, or None if a Ctrl-C
+    (``interrupts``, an ``Interrupts``) stopped its training before the last step."""
     import torch
 
     from ..model import apply, trainable_parameters
@@ -206,7 +217,8 @@ def _train_method(base_model, config, setup: Setup, args: argparse.Namespace, ba
     apply(model, config)
     opt = adapter_optimizer(model, args.lr)
     batches = Windows(setup.train_tokens, args.seq_len, args.batch_size, setup.tokenizer.bos_token_id, args.seed)
-    log = train(model, opt, batches, args.steps, lambda step, loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}")))
+    log = train(model, opt, batches, args.steps, lambda step, loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}")),
+                interrupts)
     if log.interrupted:
         return None
     tail = log.losses[-max(1, len(log.losses) // 10):]

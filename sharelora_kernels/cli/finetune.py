@@ -4,13 +4,17 @@ Reads a ShareLoRAConfig (plan.json from `plan`), wraps the model (sharelora_kern
 the adapters with AdamW on random windows of the text (default: the built-in fine-tuning task;
 next-token loss; each window starts with the tokenizer's BOS token when it has one), showing a progress bar
 and the loss. Every option, the model directory (it must hold a causal LM), the plan (it must fit the
-model) and --out are checked before the model is loaded. Writes into --out, each file atomically:
+model), --out and the free space there are checked before training. Writes into --out:
 
     adapter/     the ShareLoRA checkpoint (sharelora_kernels.load reads it)
     peft/        the same adapters as a plain PEFT LoRA (PeftModel.from_pretrained reads it)
     losses.json  the loss of every finished step
 
-Ctrl-C stops after the step under way and saves all three as of the last finished step (exit status 130).
+The three are written into a temporary folder beside --out and moved in together (those of an
+earlier run in --out are replaced, all three at once). Ctrl-C, once or more, at any moment of
+training or saving stops after the step under way and saves all three as of the last finished step
+(exit status 130). If the results cannot be written (a full disk), the trained adapter is kept and
+the error says where.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from .fitting import structure
 from .loading import (add_device_argument, load_model, load_texts, load_tokenizer, model_skeleton, read_model_config,
                       read_plan, resolve_device, resolve_model_dir)
 from .options import add_threads_argument, add_training_arguments, check_threads_argument, check_training_arguments, set_threads
-from .outputs import check_out_dir, write_json
+from .outputs import RunOutputs, check_out_dir, write_json
 
 HELP = "train the adapters of a plan.json and save them (ShareLoRA checkpoint and PEFT export)"
 OUTPUTS = ("adapter/", "peft/", "losses.json")
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace) -> list[float]:
 
     import sharelora_kernels as sk
     from ..model import plan_model
-    from .training import Windows, adapter_optimizer, interrupts_held, token_stream, train
+    from .training import Interrupts, Windows, adapter_optimizer, token_stream, train
 
     config = read_plan(Path(args.plan))
     model_dir = resolve_model_dir(args.model)
@@ -81,6 +85,8 @@ def run(args: argparse.Namespace) -> list[float]:
     sk.apply(model, config)
     print(f"{model_dir} ({model_config.model_type}): {sk.trainable_parameters(model):,} trainable adapter parameters "
           f"({structure(config)})")
+    outputs = RunOutputs(out, OUTPUTS)
+    outputs.check_space(outputs_bytes(model))
     bar = tqdm(total=args.steps, desc="finetune")
 
     def on_step(step: int, loss: float) -> None:
@@ -89,24 +95,37 @@ def run(args: argparse.Namespace) -> list[float]:
         if step % args.log_every == 0 or step == args.steps:
             bar.write(f"step {step:5d}  loss {loss:.4f}")
 
-    log = train(model, adapter_optimizer(model, args.lr), batches, args.steps, on_step)
-    bar.close()
-    losses = log.losses
-    if losses:
-        k = max(1, min(5, len(losses) // 4))
-        print(f"mean loss of the first {counted(k, 'step')} {sum(losses[:k]) / k:.4f} -> "
-              f"last {counted(k, 'step')} {sum(losses[-k:]) / k:.4f}")
-    try:
-        with interrupts_held():  # a Ctrl-C now waits for the files
-            sk.save(model, out / "adapter")
-            sk.export_peft(model, out / "peft")
-            write_json(out / "losses.json", {"steps": args.steps, "finished_steps": len(losses),
-                                             "interrupted": log.interrupted, "losses": losses}, indent=None)
-    except KeyboardInterrupt:
-        log.interrupted = True
+    def write_losses(path: Path) -> None:
+        write_json(path, {"steps": args.steps, "finished_steps": len(log.losses), "interrupted": log.interrupted,
+                          "losses": log.losses}, indent=None)
+
+    with Interrupts() as interrupts:  # from here on a Ctrl-C never costs a finished step
+        log = train(model, adapter_optimizer(model, args.lr), batches, args.steps, on_step, interrupts)
+        bar.close()
+        losses = log.losses
+        if losses:
+            k = max(1, min(5, len(losses) // 4))
+            print(f"mean loss of the first {counted(k, 'step')} {sum(losses[:k]) / k:.4f} -> "
+                  f"last {counted(k, 'step')} {sum(losses[-k:]) / k:.4f}")
+        outputs.write([("adapter/", lambda path: sk.save(model, path)), ("peft/", lambda path: sk.export_peft(model, path)),
+                       ("losses.json", write_losses)])
     written = f"{out / 'adapter'} (ShareLoRA checkpoint), {out / 'peft'} (PEFT LoRA export), {out / 'losses.json'}"
-    if log.interrupted:
+    if interrupts.requested:
         raise Interrupted(f"interrupted after {counted(len(losses), 'finished step')} of {args.steps}; "
                           f"saved them to {written}")
     print(f"wrote {written}")
     return losses
+
+
+def outputs_bytes(model) -> int:
+    """About the bytes finetune writes for ``model``: its adapter tensors and modules trained in full
+    (the checkpoint), and each module's adapters as one float32 LoRA (the PEFT export)."""
+    from ..checkpoint import saved_state
+    from ..model import adapter_tensors, get_plan, shared_layers
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    exported = sum(4 * sum(p.rank for p in layer.paths()) * (layer.in_features + layer.out_features)
+                   for layer in shared_layers(model))
+    return nbytes(adapter_tensors(model).values()) + 2 * nbytes(saved_state(model, get_plan(model)).values()) + exported

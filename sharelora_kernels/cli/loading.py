@@ -89,6 +89,9 @@ def load_model(model_dir: Path, causal_lm: bool, device: str):
     causal_lm: AutoModelForCausalLM (fine-tuning needs the LM head), else AutoModel (the backbone gives the
     hidden states; encoder models such as BERT load too). CommandError naming the path if loading fails.
     """
+    import pickle
+
+    from safetensors import SafetensorError
     from transformers import AutoModel, AutoModelForCausalLM
 
     auto = AutoModelForCausalLM if causal_lm else AutoModel
@@ -97,6 +100,9 @@ def load_model(model_dir: Path, causal_lm: bool, device: str):
     except (OSError, ValueError, KeyError) as err:
         kind = "a causal language model" if causal_lm else "a model"
         raise CommandError(f"cannot load {model_dir} as {kind}: {_first_line(err)}") from err
+    except (SafetensorError, EOFError, pickle.UnpicklingError, RuntimeError) as err:  # torch.load's zip reader: RuntimeError
+        raise CommandError(f"cannot load the weights in {model_dir}: a damaged or truncated file? "
+                           f"({_first_line(err)})") from err
     return model.to(device).eval()
 
 
@@ -134,6 +140,8 @@ def load_texts(text_file: str | None, samples: int | None, builtin: str = "calib
         texts, source = calibration_texts(), "the built-in corpus"
     else:
         path = Path(text_file)
+        if path.is_dir():
+            raise CommandError(f"text file {path} is a directory, not a file")
         if not path.is_file():
             raise CommandError(f"text file {path} does not exist")
         try:

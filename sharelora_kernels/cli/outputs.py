@@ -1,9 +1,12 @@
-"""Where the subcommands' results go: the output folder, checked before any work, and atomic writes."""
+"""Where the subcommands' results go: the output folder, checked before any work, atomic writes, and
+a run's results written as one unit (``RunOutputs``)."""
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from . import CommandError
@@ -73,3 +76,88 @@ def write_text(path: Path, text: str) -> Path:
 def write_json(path: Path, data, indent: int | None = 1) -> Path:
     """``data`` as JSON (one trailing newline) to ``path``, atomically; returns ``path``."""
     return write_text(path, json.dumps(data, indent=indent) + "\n")
+
+
+class OutputError(CommandError):
+    """The results could not be written (a full disk, a folder gone read-only); the message says what was kept where."""
+
+    exit_code = 1
+
+
+class RunOutputs:
+    """A command's results in ``out`` written as one unit: into a temporary folder beside ``out``
+    (``.<out name>.<pid>-<random>.tmp``), then moved into ``out`` together, the previous run's
+    results moved out first, so ``out`` never holds the results of two runs (other files stay).
+
+    outputs: the names a run writes (as for ``check_out_dir``). A command may ``write`` more than
+    once (after each finished part): each write replaces the last.
+    """
+
+    def __init__(self, out: Path, outputs: Iterable[str]):
+        self.out, self.outputs = out, tuple(n.rstrip("/") for n in outputs)
+
+    def check_space(self, nbytes: int) -> None:
+        """CommandError if the file system of ``out`` has less than ``nbytes`` (plus 1 MiB) free."""
+        ancestor = self.out
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        free = shutil.disk_usage(ancestor).free
+        if free < nbytes + 2**20:
+            raise CommandError(f"not enough free space for the results in {self.out}: they need about "
+                               f"{_mib(nbytes + 2**20)}, {ancestor} has {_mib(free)} free")
+
+    def write(self, parts: Sequence[tuple[str, Callable[[Path], object]]]) -> None:
+        """Write each ``(name, write(path))`` part, in order, into a new temporary folder, then move
+        them all into ``out``. The first part is the one never lost: if a write fails (OSError: a full
+        disk), OutputError says where it is kept, in the temporary folder if its write finished,
+        else written again into a new folder of the system's temporary directory."""
+        staging, first_done = None, False
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{os.getpid()}-", suffix=".tmp",
+                                            dir=self.out.parent))
+            for name, write in parts:
+                write(staging / name.rstrip("/"))
+                first_done = True
+            self._move_in(staging)
+        except OSError as err:
+            name, write = parts[0]
+            if first_done:  # in the temporary folder, or already moved in
+                kept = next((p for p in (staging / name.rstrip("/"), self.out / name.rstrip("/")) if p.exists()), None)
+            else:
+                kept = self._rescue(name, write, staging)
+            where = f"{name} is kept in {kept}" if kept else f"{name} could not be kept anywhere"
+            raise OutputError(f"could not write the results into {self.out} ({_reason(err)}); {where}") from err
+
+    def _move_in(self, staging: Path) -> None:
+        """Old results out (into a second temporary folder, then deleted), the new ones in, by renames."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{os.getpid()}-", suffix=".old.tmp", dir=self.out.parent))
+        for name in self.outputs:
+            if (self.out / name).exists():
+                os.replace(self.out / name, old / name)
+        for name in self.outputs:
+            if (staging / name).exists():
+                os.replace(staging / name, self.out / name)
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def _rescue(self, name: str, write: Callable[[Path], object], staging: Path | None) -> Path | None:
+        """``name`` written by ``write`` into a new folder of the system's temporary directory (the
+        temporary folder beside ``out`` removed); None if that fails too."""
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        try:
+            path = Path(tempfile.mkdtemp(prefix=f"sharelora-{self.out.name}-")) / name.rstrip("/")
+            write(path)
+        except OSError:
+            return None
+        return path
+
+
+def _reason(err: OSError) -> str:
+    return f"{err.strerror}: {err.filename}" if err.strerror and err.filename else (err.strerror or str(err))
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB"

@@ -4,7 +4,7 @@ Runs the frozen model on calibration text, takes each sample's last-token hidden
 layer, measures the mean angular distance between layers, groups layers with similarity >= eps,
 prints the share sets and the trainable-parameter counts (LoRA, ShareLoRA with and without rank
 expansion, Bi-Share LoRA at the paper's ranks with a Kronecker dim and gate core that fit the model),
-and writes into --out, each file atomically:
+and writes into --out (all through a temporary folder beside it, moved in together):
 
     plan.json               ShareLoRAConfig: method "similarity", the share sets found, and the Bi-Share
                             kron_dim / gate_dims priced for this model (finetune --plan trains it)
@@ -23,7 +23,7 @@ from .fitting import add_adapter_arguments, bishare_configs, label, lora_config,
 from .loading import (add_device_argument, load_model, load_texts, load_tokenizer, model_skeleton, read_model_config,
                       resolve_device, resolve_model_dir)
 from .options import add_threads_argument, check_threads_argument, set_threads
-from .outputs import check_out_dir, write_json, write_text
+from .outputs import RunOutputs, check_out_dir, write_json, write_text
 
 HELP = "find share sets from layer similarity and write plan.json"
 SWEEP_EPS = (0.70, 0.75, 0.80, 0.85, 0.90, 0.95)
@@ -117,9 +117,6 @@ def run(args: argparse.Namespace) -> dict:
                         **({"gate_dims": list(c.gate_dims)} if t == "gate" else {})} for t, c in bishare.items()},
         "sweep": [p.to_dict() for p in sweep], "similarity": S.tolist(),
     }
-    written = [write_text(out / "plan.json", plan_config.to_json() + "\n")]
-    written += [write_text(out / f"bishare_{t}.json", c.to_json() + "\n") for t, c in bishare.items()]
-    written.append(write_json(out / "similarity.json", info))
     expanded = dataclasses.replace(plan_config, expand_rank=True)
     rows = [(label(base, num_layers), point.lora_params, ""),
             (label(dataclasses.replace(plan_config, expand_rank=False), num_layers), point.share_params,
@@ -131,8 +128,13 @@ def run(args: argparse.Namespace) -> dict:
     title = (f"{model_dir.name} ({model_config.model_type}, {counted(num_layers, 'layer')}): layer similarity\n"
              f"{counted(len(texts), 'sample')}, residual stream {'entering' if args.position == 'input' else 'leaving'} "
              f"each layer; share sets at eps={args.eps} ({args.method})")
-    written.append(similarity_heatmap(S, multi, out / "similarity.png", title=title, eps=args.eps))
-    print("wrote " + ", ".join(str(p) for p in written))
+
+    configs = {"plan.json": plan_config, **{f"bishare_{t}.json": c for t, c in bishare.items()}}
+    RunOutputs(out, OUTPUTS).write(
+        [(name, lambda path, c=c: write_text(path, c.to_json() + "\n")) for name, c in configs.items()]
+        + [("similarity.json", lambda path: write_json(path, info)),
+           ("similarity.png", lambda path: similarity_heatmap(S, multi, path, title=title, eps=args.eps))])
+    print("wrote " + ", ".join(str(out / name) for name in OUTPUTS))
     return info
 
 

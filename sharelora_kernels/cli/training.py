@@ -45,7 +45,8 @@ class Windows:
 
 @dataclass
 class TrainLog:
-    """What a run did: the loss and wall time (ms) of every finished step, and whether Ctrl-C ended it early."""
+    """What a run did: the loss and wall time (ms) of every finished step, and whether Ctrl-C ended it
+    before its last step."""
 
     losses: list[float] = field(default_factory=list)
     step_ms: list[float] = field(default_factory=list)
@@ -61,53 +62,85 @@ def adapter_optimizer(model: nn.Module, lr: float) -> torch.optim.AdamW:
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, batches: Callable[[], torch.Tensor], steps: int,
-          on_step: Callable[[int, float], None] = lambda step, loss: None) -> TrainLog:
+          on_step: Callable[[int, float], None] = lambda step, loss: None,
+          interrupts: Interrupts | None = None) -> TrainLog:
     """``steps`` optimizer steps of next-token loss on ``batches()`` (moved to the model's device).
 
     on_step(step, loss) runs after each finished step (progress bars). Ctrl-C ends the run without
-    an exception: during forward or backward at once (the weights are those of the last finished
-    step), during the optimizer step right after it. The log says how many steps finished.
+    an exception: during the batch draw, forward or backward at once (the weights are those of the
+    last finished step), during the optimizer step right after it. The log says how many steps
+    finished. interrupts: the ``Interrupts`` of a caller that saves afterwards (its Ctrl-C's stay
+    held until it is done); None: ``train`` holds its own.
     """
+    if interrupts is None:
+        with Interrupts() as own:
+            return train(model, opt, batches, steps, on_step, own)
     device = next(p.device for p in model.parameters())
     log = TrainLog()
     model.train()
     try:
         for step in range(1, steps + 1):
-            ids = batches().to(device)
-            start = time.perf_counter()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            with interrupts_held():
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                value = loss.item()  # synchronizes a GPU, so the time below is the step's
-                log.step_ms.append((time.perf_counter() - start) * 1e3)
-                log.losses.append(value)
-                on_step(step, value)
+            with interrupts.breakable():
+                ids = batches().to(device)
+                start = time.perf_counter()
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            value = loss.item()  # synchronizes a GPU, so the time below is the step's
+            log.step_ms.append((time.perf_counter() - start) * 1e3)
+            log.losses.append(value)
+            on_step(step, value)
     except KeyboardInterrupt:
-        log.interrupted = True
-    finally:
-        opt.zero_grad(set_to_none=True)
-        model.eval()
+        interrupts.requested = True
+    log.interrupted = interrupts.requested and len(log.losses) < steps
+    opt.zero_grad(set_to_none=True)
+    model.eval()
     return log
 
 
-@contextmanager
-def interrupts_held():
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block ends, then raise it as
-    KeyboardInterrupt: the block (an optimizer step, a save) is never cut in half. Only the main
-    thread receives signals; elsewhere the block runs as is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if held:
-        raise KeyboardInterrupt
+class Interrupts:
+    """Ctrl-C (SIGINT) handling of a training run and the saves after it: a run that saves what it
+    finished, whenever the Ctrl-C's come.
+
+    Inside ``with Interrupts() as ctrl_c:`` a Ctrl-C is recorded (``requested``) and raises nothing,
+    so no step, save or clean-up is cut in half; inside ``with ctrl_c.breakable():`` (a batch's
+    draw, forward and backward) the first Ctrl-C raises KeyboardInterrupt there at once, and a
+    block entered after one was requested raises at its start. Later Ctrl-C's are only recorded.
+    The previous handler is back when the ``with`` ends. Only the main thread receives signals;
+    elsewhere nothing is installed.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._breakable = False
+        self._previous = None
+
+    def __enter__(self) -> Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.requested = True
+        if self._breakable:
+            self._breakable = False  # before the raise: a second Ctrl-C arriving now is recorded only
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def breakable(self):
+        """A block the first Ctrl-C stops midway (KeyboardInterrupt); one already requested stops it at its start."""
+        self._breakable = True  # before the check: a Ctrl-C in between raises rather than being missed
+        try:
+            if self.requested:
+                raise KeyboardInterrupt
+            yield
+        finally:
+            self._breakable = False
 
 
 @torch.no_grad()

@@ -2,8 +2,9 @@
 
 ``SHARELORA_BACKEND`` = ``torch`` | ``compose`` | ``triton`` | ``auto``; unset: ``auto`` on CUDA,
 ``DEFAULT_CPU`` on the CPU. ``auto`` times the fused Triton kernels against ``compose`` once per
-call signature on first use, as an autotuner does, and keeps the faster: in memory and in one JSON
-file per device under ``cache_dir()``. So the package is never slower than ``compose`` on a GPU,
+call signature on first use, as an autotuner does, and keeps the faster: in memory (a table that
+threads share under a lock) and in one JSON file per device under ``cache_dir()`` (``dispatch_cache``
+reads and merges it). So the package is never slower than ``compose`` on a GPU,
 whatever the kernels achieve there.
 
 A signature (``Signature``) is the device name, x / W / adapter dtypes, the M bucket (next power of
@@ -29,23 +30,22 @@ warning naming it and the error, the reason in ``dispatch_table()`` and the cach
 from __future__ import annotations
 
 import datetime
-import json
 import os
-import re
 import statistics
-import tempfile
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from ..reference import LoRAPath
+from .dispatch_cache import (CACHE_ENV, CACHE_FORMAT, CACHE_VERSION, cache_dir, cache_file,  # noqa: F401 (named here too)
+                             read_cache, write_cache)
 
-BACKEND_ENV, AUTOTUNE_ENV, CACHE_ENV = "SHARELORA_BACKEND", "SHARELORA_AUTOTUNE", "SHARELORA_CACHE_DIR"
+BACKEND_ENV, AUTOTUNE_ENV = "SHARELORA_BACKEND", "SHARELORA_AUTOTUNE"
 BACKENDS = ("torch", "compose", "triton", "auto")
 AUTOTUNE_MODES = ("small", "perf", "full")
 DEFAULT_CPU = "compose"  # measured: as fast as torch in fp32, faster on bf16 bases and under autocast (README)
@@ -53,7 +53,6 @@ CANDIDATES = ("triton", "compose")  # what auto chooses between, in this order o
 # Whether auto also times the kernels on CPU tensors when Triton's interpreter runs them (tests and
 # ``gpu-check --tiny`` set it; off, auto on the CPU has compose alone to run).
 TIME_INTERPRETED_KERNELS = False
-CACHE_FORMAT, CACHE_VERSION = "sharelora_kernels dispatch cache", 1
 
 Timer = Callable[[str, Callable[[], object], torch.device], float]
 # Largest |kernels - compose| / max |compose| per tensor that auto accepts, by the lowest-precision
@@ -273,53 +272,7 @@ class Choice:
 
 _table: dict[Signature, Choice] = {}
 _loaded: set[str] = set()  # device names whose cache file has been read
-
-
-def cache_dir() -> Path:
-    """``$SHARELORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/sharelora_kernels``, else ``~/.cache/sharelora_kernels``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "sharelora_kernels"
-
-
-def cache_file(device: str) -> Path:
-    """The JSON file of one device name."""
-    return cache_dir() / f"dispatch-{re.sub(r'[^A-Za-z0-9]+', '-', device).strip('-').lower()}.json"
-
-
-def _versions() -> dict[str, str | None]:
-    from ..version import __version__
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"sharelora_kernels": __version__, "torch": torch.__version__, "triton": triton_version}
-
-
-def _read(path: Path, device: str) -> tuple[dict | None, str | None]:
-    """(entries, None) of a valid cache file, or (None, what is wrong with it); (None, None) if absent."""
-    try:
-        text = path.read_text()
-    except (FileNotFoundError, NotADirectoryError):
-        return None, None
-    except OSError as e:
-        return None, f"cannot be read ({e})"
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        return None, f"is not valid JSON ({e})"
-    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or data.get("version") != CACHE_VERSION:
-        return None, f"is not a sharelora_kernels dispatch cache (format {CACHE_FORMAT!r} version {CACHE_VERSION})"
-    if data.get("device") != device:
-        return None, f"belongs to device {data.get('device')!r}, not {device!r}"
-    if data.get("versions") != _versions():
-        return None, f"was measured with {data.get('versions')}, this process runs {_versions()}"
-    entries = data.get("entries")
-    if not isinstance(entries, dict):
-        return None, "has no 'entries' table"
-    return entries, None
+_lock = threading.RLock()  # guards _table and _loaded: threads meeting new signatures at once
 
 
 def _load(device: str) -> None:
@@ -329,7 +282,7 @@ def _load(device: str) -> None:
         return
     _loaded.add(device)
     path = cache_file(device)
-    entries, problem = _read(path, device)
+    entries, problem = read_cache(path, device)
     if problem:
         warnings.warn(f"sharelora_kernels dispatch cache {path} {problem}: ignored, it will be rewritten",
                       stacklevel=3)
@@ -348,21 +301,12 @@ def _load(device: str) -> None:
 
 
 def _save(device: str) -> None:
-    """Write the device's choices (merged with what the file holds now) to a temp file, then rename."""
-    path = cache_file(device)
-    entries, _ = _read(path, device)
-    entries = dict(entries or {})
-    entries.update({c.signature.key(): c.to_json() for c in _table.values() if c.signature.device == device})
-    data = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "device": device, "versions": _versions(),
-            "entries": entries}
+    """Merge the device's choices into its cache file (``write_cache``); a warning if it cannot be written."""
+    records = {c.signature.key(): c.to_json() for c in _table.values() if c.signature.device == device}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        write_cache(device, records)
     except OSError as e:  # a read-only home: keep the choice in memory only
-        warnings.warn(f"sharelora_kernels could not write its dispatch cache {path} ({e}); set {CACHE_ENV}",
+        warnings.warn(f"sharelora_kernels could not write its dispatch cache {cache_file(device)} ({e}); set {CACHE_ENV}",
                       stacklevel=3)
 
 
@@ -381,17 +325,19 @@ def auto_choice(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
     if known is None and (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return "compose"  # a CUDA graph capture: nothing can be timed
     if known is None:
-        _load(sig.device)
-        known = _table.get(sig)
+        with _lock:
+            _load(sig.device)
+            known = _table.get(sig)
     if known is not None and known.choice in backends:
         return known.choice
     times, errors, results = _time_backends(sig, backends, x, weight, bias, paths, dropout_p, training)
     rejected, verified = _verify(sig, results, tolerance(x, paths))
     allowed = [name for name in times if name not in rejected] or ["compose"]
     best = min(allowed, key=lambda name: (times.get(name, float("inf")), CANDIDATES.index(name)))
-    _table[sig] = Choice(sig, best, times, "measured", datetime.datetime.now().isoformat(timespec="seconds"), errors,
-                         rejected, verified)
-    _save(sig.device)
+    with _lock:
+        _table[sig] = Choice(sig, best, times, "measured", datetime.datetime.now().isoformat(timespec="seconds"),
+                             errors, rejected, verified)
+        _save(sig.device)
     return best
 
 
@@ -451,10 +397,16 @@ def dispatch_table() -> list[dict]:
     (``measured`` or the cache file)."""
     return [{**asdict(c.signature), "choice": c.choice, "times_ms": dict(c.times_ms), "errors": dict(c.errors),
              "rejected": dict(c.rejected), "verified_error": dict(c.verified_error), "reason": c.reason(),
-             "source": c.source, "measured_at": c.measured_at} for c in _table.values()]
+             "source": c.source, "measured_at": c.measured_at} for c in _choices()]
 
 
 def clear() -> None:
     """Forget every choice in memory (the cache files stay); the next call per signature reads or measures again."""
-    _table.clear()
-    _loaded.clear()
+    with _lock:
+        _table.clear()
+        _loaded.clear()
+
+
+def _choices() -> list[Choice]:
+    with _lock:
+        return list(_table.values())

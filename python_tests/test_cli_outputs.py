@@ -1,0 +1,238 @@
+"""A run's results as one unit: a folder never mixes two runs, a full disk after training keeps the
+adapter and says where in one line, free space is checked before training, compare saves its
+finished methods whatever Ctrl-C's come, and the expected failures (damaged weights, --text a
+folder, Ctrl-C during imports) end in one line."""
+import errno
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sharelora_kernels as sk
+import sharelora_kernels.checkpoint as ckpt
+import sharelora_kernels.export as export
+import sharelora_kernels.files as files
+from cli_helpers import run_cli
+from sharelora_kernels.cli import finetune, outputs
+from sharelora_kernels.data import default_model_dir
+
+SMALL = ["--samples", "4", "--batch-size", "2", "--seq-len", "24", "--log-every", "1"]
+TINY_COMPARE = ["--steps", "2", "--heldout", "4", "--batch-size", "2", "--seq-len", "32", "--calibration-samples", "16"]
+
+
+@pytest.fixture(scope="module")
+def plan_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    path.write_text(sk.ShareLoRAConfig(method="similarity", r=4, share_sets=[[1, 2, 3]]).to_json())
+    return path
+
+
+def full_disk(monkeypatch, disk: Path, writers):
+    """Every atomic write under ``disk`` by ``writers`` (modules holding ``atomic_write``; ``files``
+    for those importing it when they write) fails as on a full disk; writes elsewhere work."""
+    original = files.atomic_write
+
+    def write(path, fill):
+        if Path(path).resolve().is_relative_to(disk.resolve()):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return original(path, fill)
+
+    for module in writers:
+        monkeypatch.setattr(module, "atomic_write", write)
+
+
+def one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"python -m sharelora_kernels {command}: "), err
+    return last
+
+
+def leftovers(out: Path) -> list[str]:
+    """Temporary folders of a run beside ``out``."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def test_a_new_run_replaces_all_three_results_of_an_earlier_one(plan_file, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(["finetune", "--plan", plan_file, "--steps", "1", *SMALL, "--out", out])[0] == 0
+    (out / "notes.txt").write_text("mine")
+    assert run_cli(["finetune", "--plan", plan_file, "--steps", "2", *SMALL, "--seed", "3", "--out", out])[0] == 0
+    assert json.loads((out / "losses.json").read_text())["steps"] == 2
+    export_config = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert export_config["r"] >= 4 and (out / "notes.txt").read_text() == "mine"  # other files stay
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "losses.json", "notes.txt", "peft"]
+    assert leftovers(out) == []
+
+
+def test_a_full_disk_after_training_keeps_the_adapter_in_the_system_temp_dir(plan_file, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert run_cli(["finetune", "--plan", plan_file, "--steps", "1", *SMALL, "--out", out])[0] == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    full_disk(monkeypatch, tmp_path, writers=(files, ckpt, export))
+    code, _, _ = run_cli(["finetune", "--plan", plan_file, "--steps", "2", *SMALL, "--out", out])
+    line = one_line_error(capsys, "finetune")
+    assert code == 1
+    assert f"could not write the results into {out} (No space left on device: " in line
+    kept = Path(line.split("adapter/ is kept in ")[1])
+    try:
+        assert not kept.is_relative_to(tmp_path)
+        monkeypatch.undo()
+        from transformers import AutoModelForCausalLM
+
+        model = sk.load(AutoModelForCausalLM.from_pretrained(default_model_dir(), local_files_only=True), kept)
+        b = [t for n, t in sk.model.adapter_tensors(model).items() if model.sharelora_plan.tensors[n].init == "zeros"]
+        assert b and all(t.abs().sum() > 0 for t in b)  # trained, not the fresh zeros
+    finally:
+        shutil.rmtree(kept.parent, ignore_errors=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # the earlier run, untouched
+    assert leftovers(out) == []
+
+
+def test_a_disk_filling_during_the_export_keeps_the_adapter_beside_out(plan_file, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    full_disk(monkeypatch, tmp_path, writers=(export,))
+    code, _, _ = run_cli(["finetune", "--plan", plan_file, "--steps", "2", *SMALL, "--out", out])
+    line = one_line_error(capsys, "finetune")
+    assert code == 1
+    kept = Path(line.split("adapter/ is kept in ")[1])
+    assert kept.parent.parent == tmp_path and kept.parent.name.startswith(".run.")
+    assert (kept / ckpt.WEIGHTS_NAME).is_file() and not out.exists()
+    assert load_file(kept / ckpt.WEIGHTS_NAME)
+
+
+def test_free_space_is_checked_before_training(plan_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    from sharelora_kernels.cli import training
+
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("trained before checking the free space"))
+    code, _, _ = run_cli(["finetune", "--plan", plan_file, "--steps", "2", *SMALL, "--out", tmp_path / "run"])
+    line = one_line_error(capsys, "finetune")
+    assert code == 2 and "error: not enough free space for the results in" in line and "0.0 MiB free" in line
+    assert finetune.outputs_bytes.__doc__  # the estimate is documented
+
+
+def test_outputs_estimate_covers_what_finetune_writes(plan_file, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(["finetune", "--plan", plan_file, "--steps", "1", *SMALL, "--out", out])[0] == 0
+    from transformers import AutoModelForCausalLM
+
+    model = sk.load(AutoModelForCausalLM.from_pretrained(default_model_dir(), local_files_only=True), out / "adapter")
+    written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert written <= finetune.outputs_bytes(model) + 2**20 <= 4 * written + 2**20
+
+
+def test_plan_on_a_full_disk_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "plan"
+    full_disk(monkeypatch, tmp_path, writers=(files,))
+    code, _, _ = run_cli(["plan", "--samples", "8", "--out", out])
+    line = one_line_error(capsys, "plan")
+    assert code == 1 and "could not write the results into" in line
+    kept = Path(line.split("plan.json is kept in ")[1])
+    try:
+        assert sk.ShareLoRAConfig.from_json(kept.read_text()).method == "similarity"
+    finally:
+        shutil.rmtree(kept.parent, ignore_errors=True)
+    assert not out.exists() or list(out.iterdir()) == []
+    assert leftovers(out) == []
+
+
+def test_compare_on_a_full_disk_keeps_its_results_and_says_where(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "cmp"
+    full_disk(monkeypatch, tmp_path, writers=(files,))
+    code, _, _ = run_cli(["compare", *TINY_COMPARE, "--methods", "lora", "--out", out])
+    line = one_line_error(capsys, "compare")
+    assert code == 1
+    kept = Path(line.split("compare.json is kept in ")[1])
+    try:
+        assert list(json.loads(kept.read_text())["methods"]) == ["lora"]
+    finally:
+        shutil.rmtree(kept.parent, ignore_errors=True)
+
+
+@pytest.mark.parametrize("times", [1, 2], ids=["Ctrl-C", "Ctrl-C twice"])
+@pytest.mark.parametrize("phase", ["second method's training", "first method's held-out loss", "first method's save"])
+def test_compare_ctrl_c_keeps_every_finished_method(phase, times, tmp_path, capsys, monkeypatch):
+    from sharelora_kernels.cli import compare, training
+
+    def sigint_in(owner, attr, call, after=False):
+        original, calls = getattr(owner, attr), {"n": 0}
+
+        def wrapped(*args, **kwargs):
+            calls["n"] += 1
+            hit = calls["n"] == call
+            for _ in range(times if hit and not after else 0):
+                signal.raise_signal(signal.SIGINT)
+            result = original(*args, **kwargs)
+            for _ in range(times if hit and after else 0):
+                signal.raise_signal(signal.SIGINT)
+            return result
+        monkeypatch.setattr(owner, attr, wrapped)
+
+    if phase == "second method's training":
+        sigint_in(training.Windows, "__call__", 4)  # 2 steps of lora, then the second method's second step
+    elif phase == "first method's held-out loss":
+        sigint_in(training, "heldout_loss", 2)  # the first is the base model's
+    else:
+        sigint_in(compare, "write_json", 1)
+    code, _, _ = run_cli(["compare", *TINY_COMPARE, "--methods", "lora,bishare_slice", "--out", tmp_path])
+    line = one_line_error(capsys, "compare")
+    assert code == 130
+    assert line.endswith(f"interrupted after 1 finished method of 2; {tmp_path / 'compare.json'} holds them")
+    result = json.loads((tmp_path / "compare.json").read_text())
+    assert list(result["methods"]) == ["lora"] and not result["finished"]
+    assert len(result["methods"]["lora"]["train_losses"]) == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ------------------------------------------------------------------ expected failures: one line
+def test_text_given_a_directory_says_so(plan_file, tmp_path, capsys):
+    code, _, _ = run_cli(["finetune", "--plan", plan_file, "--text", tmp_path, "--out", tmp_path / "o"])
+    line = one_line_error(capsys, "finetune")
+    assert code == 2 and line.endswith(f"error: text file {tmp_path} is a directory, not a file")
+
+
+def test_truncated_model_weights_are_one_line(plan_file, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(default_model_dir(), model_dir)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, _, _ = run_cli(["finetune", "--plan", plan_file, "--model", model_dir, *SMALL, "--out", tmp_path / "o"])
+    line = one_line_error(capsys, "finetune")
+    assert code == 2 and f"cannot load the weights in {model_dir}: a damaged or truncated file?" in line
+
+
+def test_ctrl_c_while_the_command_modules_import_is_one_line(capsys, monkeypatch):
+    import importlib
+
+    from sharelora_kernels.__main__ import main
+
+    def interrupted(name, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    assert main(["plan"]) == 130
+    assert capsys.readouterr().err == "sharelora_kernels: interrupted\n"
+
+
+def test_ctrl_c_to_a_starting_process_is_one_line(plan_file, tmp_path):
+    """The real thing: SIGINT to `python -m sharelora_kernels finetune` while it imports torch and transformers."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen([sys.executable, "-m", "sharelora_kernels", "finetune", "--plan", str(plan_file), *SMALL,
+                             "--out", str(tmp_path / "o")], cwd=root, env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # the interpreter is up; the command is importing what it needs
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("interrupted"), err
