@@ -166,3 +166,7 @@ def lowrank_add(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: floa
              and adapters <= set(FUSED_DTYPES))
     use_triton = takes and (setting == "triton" or (setting == "auto" and _auto_times_triton(x)))
     return _lowrank_add(y, x, paths, dropout_p, training, compute_dtype, use_triton)
+
+
+from . import call_plan  # noqa: E402,F401 (the layer's call plan; imports this package's router)
+from .dispatch import refresh_settings, set_backend  # noqa: E402,F401 (public)

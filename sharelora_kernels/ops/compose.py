@@ -256,3 +256,123 @@ def grouped_lora_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[T
     p = dropout_p if training else 0.0
     dropped = draw_dropout(x.reshape(-1, x.shape[-1]), p)
     return tuple(lora_linear(x, w, b, ps, dropout_p, training, dropped) for w, b, ps in zip(weights, biases, paths))
+
+
+# ----------------------------------------------------------------------------- the planned dense call
+class DenseProgram:
+    """What a compose call of plain and slice paths needs that does not change between calls, built
+    once by a layer's call plan (``ops.call_plan``): the frozen weight (N, K) and bias, each path's
+    A / B window as a detached view of its parameter (in-place updates show through; a replaced
+    parameter makes the plan rebuild), the scales (one float for a single path, else an (R,) vector
+    in the low-rank dtype), the dropout probability, and the pad widths that put a slice's window
+    gradient back into its tensor's shape. ``takes(paths)``: whether this program serves them
+    (plain / slice paths, no tensor read twice, every adapter tensor in one floating dtype)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float):
+        k, n = weight.shape[1], weight.shape[0]
+        self.weight, self.bias, self.p = weight, bias, dropout_p
+        self.wt = weight.t()
+        self.dtype = lowrank_dtype(weight.dtype)
+        self.adapter_dtype = paths[0].tensors[0].dtype
+        self.a = [t.detach().narrow(1, q.k_offset, k) if q.kind == "slice" else t.detach()
+                  for q in paths for t in q.tensors[:1]]
+        self.b = [t.detach().narrow(0, q.n_offset, n) if q.kind == "slice" else t.detach()
+                  for q in paths for t in q.tensors[1:2]]
+        self.single = len(paths) == 1
+        self.scale = float(paths[0].scale)
+        self.ranks = [q.rank for q in paths]
+        self.scales = None if self.single else torch.cat(
+            [torch.full((q.rank,), float(q.scale), dtype=self.dtype, device=weight.device) for q in paths])
+        # F.pad widths of each slice's window gradient: (left, right) of A's columns, (top, bottom) of B's rows
+        self.pad_a = [(q.k_offset, q.tensors[0].shape[1] - k - q.k_offset) if q.kind == "slice" else None for q in paths]
+        self.pad_b = [(0, 0, q.n_offset, q.tensors[1].shape[0] - n - q.n_offset) if q.kind == "slice" else None
+                      for q in paths]
+        self.zero = torch.zeros((), dtype=self.dtype, device=weight.device)
+
+    @staticmethod
+    def takes(paths: Sequence[LoRAPath]) -> bool:
+        tensors = [t for q in paths for t in q.tensors]
+        return (bool(paths) and all(q.kind in ("plain", "slice") for q in paths)
+                and len({id(t) for t in tensors}) == len(tensors) and len({t.dtype for t in tensors}) == 1)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(A (R, K), B (N, R)) in the low-rank dtype, unscaled: the windows, stacked when several."""
+        a = self.a[0] if self.single else torch.cat(self.a)
+        b = self.b[0] if self.single else torch.cat(self.b, 1)
+        if a.dtype != self.dtype:
+            a, b = a.to(self.dtype), b.to(self.dtype)
+        return a, b
+
+    def forward(self, x: Tensor, xd: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(y (M, N) in x's dtype, h (M, R), A, B) of x (M, K) and its dropped-out copy xd (or None)."""
+        a, b = self.factors()
+        xl = x if xd is None else xd
+        h = torch.mm(xl if xl.dtype == self.dtype else xl.to(self.dtype), a.t())
+        hs = h if self.single else h * self.scales
+        alpha = self.scale if self.single else 1.0
+        if self.bias is None:
+            z = torch.addmm(self.zero, hs, b.t(), beta=0, alpha=alpha)
+        else:
+            z = torch.addmm(self.bias if self.bias.dtype == self.dtype else self.bias.to(self.dtype), hs, b.t(),
+                            alpha=alpha)
+        y = (z if z.dtype == x.dtype else z.to(x.dtype)).addmm_(x, self.wt)
+        return y, h, a, b
+
+    def backward(self, dy: Tensor, x: Tensor, mask: Tensor | None, h: Tensor, a: Tensor, b: Tensor,
+                 needs: Sequence[bool]) -> tuple[Tensor | None, ...]:
+        """(dx, and each path's dA, dB in order) from dy (M, N); ``needs`` = (x, then each tensor)."""
+        dyl = dy if dy.dtype == self.dtype else dy.to(self.dtype)
+        keep = 1.0 / (1.0 - self.p) if mask is not None else 1.0
+        if self.single:
+            dh = torch.addmm(self.zero, dyl, b, beta=0, alpha=self.scale * keep)
+        else:
+            dh = torch.mm(dyl, b).mul_(self.scales if keep == 1.0 else self.scales * keep)
+        dx = None
+        if needs[0]:
+            dx_low = torch.mm(dh, a)
+            if mask is not None:
+                dx_low.mul_(mask)
+            dx = (dx_low if dx_low.dtype == x.dtype else dx_low.to(x.dtype)).addmm_(dy, self.weight)
+        grads: list[Tensor | None] = []
+        if any(needs[1:]):
+            xm = x if mask is None else x * mask
+            ga = torch.mm(dh.t(), xm if xm.dtype == self.dtype else xm.to(self.dtype))  # (R, K), keep applied
+            gb = torch.mm(dyl.t(), h)  # (N, R), unscaled
+            gb = gb.mul_(self.scale) if self.single else gb.mul_(self.scales)
+            r0 = 0
+            for r, pad_a, pad_b in zip(self.ranks, self.pad_a, self.pad_b):
+                da, db = ga[r0:r0 + r], gb[:, r0:r0 + r]
+                r0 += r
+                if da.dtype != self.adapter_dtype:
+                    da, db = da.to(self.adapter_dtype), db.to(self.adapter_dtype)
+                grads += [da if pad_a is None else F.pad(da, pad_a), db if pad_b is None else F.pad(db, pad_b)]
+        else:
+            grads = [None] * (len(needs) - 1)
+        return (dx, *(g if need else None for g, need in zip(grads, needs[1:])))
+
+
+class DenseCompose(torch.autograd.Function):
+    """One planned compose call of plain / slice paths: ``apply(program, x (M, K), *tensors)`` -> y (M, N),
+    ``tensors`` each path's (A, B) parameters (what gets gradients). Saves x, the bool dropout mask,
+    h and the (stacked) factors; backward is ``DenseProgram.backward``."""
+
+    @staticmethod
+    def forward(ctx, program, x, *tensors):
+        xd, mask = draw_dropout(x, program.p)
+        y, h, a, b = program.forward(x, xd)
+        ctx.save_for_backward(x, mask, h, a, b)
+        ctx.program = program
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mask, h, a, b = ctx.saved_tensors
+        return (None, *ctx.program.backward(dy, x, mask, h, a, b, ctx.needs_input_grad[1:]))
+
+
+def dense_call(program: DenseProgram, x: Tensor, tensors: Sequence[Tensor], grad: bool) -> Tensor:
+    """y (M, N) of x (M, K) by ``program``: through ``DenseCompose`` when autograd will want a
+    gradient (``grad``), else the forward alone (no autograd node, no saved tensors)."""
+    if grad:
+        return DenseCompose.apply(program, x, *tensors)
+    return program.forward(x, draw_dropout(x, program.p)[0])[0]
