@@ -71,6 +71,27 @@ def _kron_kernel_grad(t: Tensor, w: Tensor, d: int) -> Tensor:
     return torch.bmm(w.view(m, 1, d), t.reshape(m, j, d).transpose(1, 2)).sum(0).view(j)
 
 
+def compose_forward(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath]):
+    """y (M, N) of x (M, K) (xd: its dropped-out copy, or None), and what backward needs: h (M, R_d)
+    of the dense paths, their stacked factors (or None), the Kronecker paths cast, folds and h's."""
+    dtype = lowrank_dtype(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        xl = (x if xd is None else xd).to(dtype)
+        dense, krons = _factors(paths, x.shape[1], weight.shape[0], dtype)
+        z = h = None
+        if dense is not None:
+            h = xl @ dense[0].t()
+            z = torch.mm(h, dense[1].t()) if bias is None else torch.addmm(bias.to(dtype), h, dense[1].t())
+        folds = [kron_fold(xl, kp.tensors[2], kp.tensors[0].shape[1]) for kp in krons]
+        hks = [u @ kp.tensors[0].t() for u, kp in zip(folds, krons)]
+        y = F.linear(x, weight, bias) if z is None else None
+        for kp, hk in zip(krons, hks):
+            add_path_output(y if z is None else z, hk, kp)
+        if z is not None:
+            y = z.to(x.dtype).addmm_(x, weight.t())
+    return y, h, dense, krons, folds, hks
+
+
 class _ComposeLinear(torch.autograd.Function):
     """y = x W^T + b + sum_p s_p path_p(xd). x (M, K); xd (M, K) the dropped-out x and mask (M, K) bool,
     both None without dropout; ``meta`` = (p, ((kind, scale, k_offset, n_offset), ...)); ``tensors``
@@ -79,22 +100,7 @@ class _ComposeLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, xd, mask, weight, bias, meta, *tensors):
         p, specs = meta
-        paths = _paths(specs, tensors)
-        dtype = lowrank_dtype(x.dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            xl = (x if xd is None else xd).to(dtype)
-            dense, krons = _factors(paths, x.shape[1], weight.shape[0], dtype)
-            z = h = None
-            if dense is not None:
-                h = xl @ dense[0].t()
-                z = torch.mm(h, dense[1].t()) if bias is None else torch.addmm(bias.to(dtype), h, dense[1].t())
-            folds = [kron_fold(xl, kp.tensors[2], kp.tensors[0].shape[1]) for kp in krons]
-            hks = [u @ kp.tensors[0].t() for u, kp in zip(folds, krons)]
-            y = F.linear(x, weight, bias) if z is None else None
-            for kp, hk in zip(krons, hks):
-                add_path_output(y if z is None else z, hk, kp)
-            if z is not None:
-                y = z.to(x.dtype).addmm_(x, weight.t())
+        y, h, dense, krons, folds, hks = compose_forward(x, xd, weight, bias, _paths(specs, tensors))
         kron_saved = [t for kp, u, hk in zip(krons, folds, hks) for t in (*kp.tensors, u, hk)]
         ctx.save_for_backward(x, mask, weight, h, *(dense or (None, None)), *kron_saved, *tensors)
         ctx.meta, ctx.kron_count = meta, len(krons)
@@ -243,6 +249,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
     x2 = x.reshape(-1, x.shape[-1])
     p = dropout_p if training else 0.0
     xd, mask = dropped if dropped is not None else draw_dropout(x2, p)
+    if not (torch.is_grad_enabled() and (x2.requires_grad or any(t.requires_grad for q in paths for t in q.tensors))):
+        y = compose_forward(x2, xd, weight, bias, paths)[0]  # no gradient wanted: no autograd Function
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     specs = tuple((q.kind, float(q.scale), q.k_offset, q.n_offset) for q in paths)
     y = _ComposeLinear.apply(x2, xd, mask, weight, bias, (p if mask is not None else 0.0, specs),
                              *(t for q in paths for t in q.tensors))

@@ -233,4 +233,7 @@ def lowrank_add(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: floa
     seed = (torch.randint(0, 2**31 - 1, (1,), device=x.device) if p > 0 else
             torch.zeros(1, dtype=torch.int64, device=x.device))
     tensors, layout, scales = encode(paths)
+    if not (torch.is_grad_enabled() and (x2.requires_grad or y.requires_grad or any(t.requires_grad for t in tensors))):
+        _forward_op(y, x2, tensors, layout, scales, p, seed, use_triton)  # no gradient wanted
+        return y
     return _LowRankAdd.apply(y, x2, seed, layout, scales, p, use_triton, *tensors)
