@@ -346,8 +346,10 @@ class DenseProgram:
         if any(needs[1:]):
             xm = x if mask is None else x * mask
             ga = torch.mm(dh.t(), xm if xm.dtype == self.dtype else xm.to(self.dtype))  # (R, K), keep applied
-            gb = torch.mm(dyl.t(), h)  # (N, R), unscaled
-            gb = gb.mul_(self.scale) if self.single else gb.mul_(self.scales)
+            if self.single:  # (N, R), scaled
+                gb = torch.addmm(self.zero, dyl.t(), h, beta=0, alpha=self.scale)
+            else:
+                gb = torch.mm(dyl.t(), h).mul_(self.scales)
             r0 = 0
             for r, pad_a, pad_b in zip(self.ranks, self.pad_a, self.pad_b):
                 da, db = ga[r0:r0 + r], gb[:, r0:r0 + r]
