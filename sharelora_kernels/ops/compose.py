@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ..plan import PATH_ROLES
 from ..reference import LoRAPath, _dense_factors, add_path_output, kron_fold
+from .function import thin_apply
 from .shared_grad import GradSink, chain_a, chain_b
 
 DENSE_KINDS = ("plain", "slice", "gate")  # one stacked dense LoRA; "kron" is folded instead
@@ -381,9 +382,12 @@ class DenseCompose(torch.autograd.Function):
         return (None, *ctx.program.backward(dy, x, mask, h, a, b, ctx.needs_input_grad[1:]))
 
 
+_dense_apply = thin_apply(DenseCompose)
+
+
 def dense_call(program: DenseProgram, x: Tensor, tensors: Sequence[Tensor], grad: bool) -> Tensor:
     """y (M, N) of x (M, K) by ``program``: through ``DenseCompose`` when autograd will want a
     gradient (``grad``), else the forward alone (no autograd node, no saved tensors)."""
     if grad:
-        return DenseCompose.apply(program, x, *tensors)
+        return _dense_apply(program, x, *tensors)
     return program.forward(x, draw_dropout(x, program.p)[0])[0]

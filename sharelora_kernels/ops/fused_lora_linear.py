@@ -49,7 +49,8 @@ from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
 from .shared_grad import path_grads
 from .tables import path_rank, refresh_gates, tables_for
-from .utils import INTERPRET, TL_DTYPES, dot_precision, dropout_seed, mask_words, needs_int64_index
+from .utils import (INTERPRET, TL_DTYPES, cdiv, dot_precision, dropout_seed, mask_words, needs_int64_index,
+                    next_power_of_2)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). perf: the tiles that compile without spills
 # for every variant (compile_check); full adds the larger ones, which spill with Kronecker + dropout.
@@ -99,11 +100,11 @@ def fused_linear(a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Tensor, table:
         tma_linear.tma_linear(out, a, w_kn, bias, h, table, factor_dtype, periodic, scale, dropout_p, mask)
         return out
     dropout = dropout_p > 0
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
     pointer_kernel[grid](
         a, w_kn, bias if bias is not None else a, h, table, scale if scale is not None else h, out,
         mask if dropout else h, dropout_p,
-        m, n, k, r, triton.next_power_of_2(m),
+        m, n, k, r, next_power_of_2(m),
         a.stride(0), a.stride(1), w_kn.stride(0), w_kn.stride(1), h.stride(0), h.stride(1), out.stride(0), out.stride(1),
         mask.stride(0) if dropout else 0,
         HAS_BIAS=bias is not None, APPLY_SCALE=scale is not None, DROPOUT=dropout, INT64=needs_int64_index(a, w_kn),

@@ -57,7 +57,7 @@ from .lowrank_input import lowrank_project
 from .shared_grad import GradSink, atomic_grads, chain_a, chain_b
 from .tables import (FactorTables, cached, index_tensor, path_rank, paths_key, refresh_gates, tables_for,
                      tensor_key)
-from .utils import TL_DTYPES, dot_precision, dropout_seed, mask_words
+from .utils import TL_DTYPES, cdiv, dot_precision, dropout_seed, mask_words, next_power_of_2
 
 KINDS = tuple(PATH_ROLES)
 
@@ -219,10 +219,10 @@ def grouped_linear(launch: GroupLaunch, inputs: Sequence[Tensor], outputs: Seque
         ins = inputs if len(inputs) == 1 else inputs[c * MAX_MODULES:(c + 1) * MAX_MODULES]
         outs = outputs if len(outputs) == 1 else outputs[c * MAX_MODULES:(c + 1) * MAX_MODULES]
         ins, outs = [*ins, *[ins[0]] * (4 - len(ins))], [*outs, *[outs[0]] * (4 - len(outs))]
-        grid = lambda meta: (sum(triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]) for n in chunk.ns),)
+        grid = lambda meta: (sum(cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]) for n in chunk.ns),)
         grouped_kernel[grid](
             chunk.prob, chunk.seg, launch.hcols, *ins, *outs, h, mask if dropout else h, dropout_p,
-            m, len(chunk.ns), sum(chunk.ns), chunk.k_sum, chunk.r_max, triton.next_power_of_2(m), h.stride(0), 1,
+            m, len(chunk.ns), sum(chunk.ns), chunk.k_sum, chunk.r_max, next_power_of_2(m), h.stride(0), 1,
             *launch.w_strides, mask.stride(0) if dropout else 0,
             APPLY_SCALE=apply_scale, DROPOUT=dropout, ACCUMULATE=chunk.accumulate, ALIGNED=aligned,
             DOT_PRECISION=dot_precision(dtype), DTYPE=TL_DTYPES[dtype], FACTOR_DTYPE=launch.factor_dtype,

@@ -25,6 +25,7 @@ import os
 from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference import LoRAPath
@@ -123,6 +124,8 @@ def path_grads(tensors: Sequence[Tensor], needs_grad: Sequence[bool], paths: Seq
                grad_b: Tensor) -> list[Tensor | None]:
     """What an autograd formula returns for ``tensors`` (the flat tensors of ``paths``), from the
     effective-factor gradients of every path at once: grad_a = dA_eff (R, K), grad_b = dB_eff^T (R, N)."""
+    if all(p.kind in ("plain", "slice") for p in paths) and len({id(t) for t in tensors}) == len(tensors):
+        return _window_grads(tensors, needs_grad, paths, grad_a, grad_b)
     sink = GradSink(tensors, needs_grad)
     i0, r0 = 0, 0
     for p in paths:
@@ -131,3 +134,24 @@ def path_grads(tensors: Sequence[Tensor], needs_grad: Sequence[bool], paths: Seq
             sink.add(i0 + role, g, window)
         i0, r0 = i0 + len(p.tensors), r1
     return sink.grads()
+
+
+def _window_grads(tensors: Sequence[Tensor], needs_grad: Sequence[bool], paths: Sequence[LoRAPath], grad_a: Tensor,
+                  grad_b: Tensor) -> list[Tensor | None]:
+    """``path_grads`` of plain and slice paths that read distinct tensors: each gradient is its
+    factor's rows (a slice's padded into its tensor's shape), cast once; no buffer to fill."""
+    grads: list[Tensor | None] = []
+    r0 = 0
+    for p in paths:
+        r1 = r0 + p.rank
+        a, b = p.tensors
+        need_a, need_b = needs_grad[len(grads)], needs_grad[len(grads) + 1]
+        ga = grad_a[r0:r1].to(a.dtype) if need_a else None
+        gb = grad_b[r0:r1].t().to(b.dtype) if need_b else None
+        if p.kind == "slice":
+            k, n = grad_a.shape[1], grad_b.shape[1]
+            ga = None if ga is None else F.pad(ga, (p.k_offset, a.shape[1] - k - p.k_offset))
+            gb = None if gb is None else F.pad(gb, (0, 0, p.n_offset, b.shape[0] - n - p.n_offset))
+        grads += [ga, gb]
+        r0 = r1
+    return grads

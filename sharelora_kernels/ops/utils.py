@@ -38,14 +38,24 @@ def dropout_seed(p: float, device: torch.device) -> Tensor:
     return torch.zeros(1, dtype=torch.int64, device=device)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code (``triton.cdiv`` is a constexpr function: slow to call from Python)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), for host code, like ``triton.next_power_of_2``."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def mask_words(k: int) -> int:
     """int32 words per row of the bit-packed dropout mask of an (M, K) input."""
-    return triton.cdiv(k, 32)
+    return cdiv(k, 32)
 
 
 def rng_needs_int64(m: int, k: int) -> bool:
     """Whether the Philox offsets ``row * ceil(K / 4) + col // 4`` of an (M, K) input overflow int32."""
-    return m * triton.cdiv(k, 4) > 2**31 - 1
+    return m * cdiv(k, 4) > 2**31 - 1
 
 
 def needs_int64_index(*tensors: Tensor) -> bool:
@@ -56,7 +66,7 @@ def needs_int64_index(*tensors: Tensor) -> bool:
 
 def rank_block(r: int) -> int:
     """Rank tile: a power of two in [16, 64] (tl.dot needs >= 16 on GPU)."""
-    return max(16, min(64, triton.next_power_of_2(r)))
+    return max(16, min(64, next_power_of_2(r)))
 
 
 @triton.jit
