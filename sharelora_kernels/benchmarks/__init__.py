@@ -14,6 +14,11 @@ Read ratios, not times: each is a variant's median time over base's median in th
 load from other work hits both alike. Every option and the output folder are checked before any
 timing starts.
 
+--host times only the host work of one layer call (``benchmarks/host.py``: tiny shapes on the CPU,
+one thread, CPU time of this process; nn.Linear, PEFT's layer and ours on torch / compose / triton
+with stubbed launches, every layer kind, a tiny-LLaMA step) into host.json / host.md / host.png;
+a CPU run without --host includes it too.
+
 Writes results.json (every figure, the device, library versions, the command and the machine load),
 results.md (the tables) and ratio_vs_base.png into ./sharelora-bench/<device>-<date>/, or a new
 <device>-<date>-2, -3, ... when that exists (never overwriting), or into --out. --quick is a smoke
@@ -24,6 +29,7 @@ examples:
   python -m sharelora_kernels bench --device cpu
   python -m sharelora_kernels bench --quick --out /tmp/bench
   python -m sharelora_kernels bench --ops plain,kron --repeats 50 --no-e2e
+  python -m sharelora_kernels bench --host
 """
 from __future__ import annotations
 
@@ -66,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="timed repeats per variant of each op (default: {} on cpu, {} on cuda, {} with --quick)".format(
                        *(REPEATS[profile][0][1] for profile in ("cpu", "cuda", "quick"))))
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training step (default: off)")
+    p.add_argument("--host", action="store_true",
+                   help="time only the host work of one layer call (tiny shapes, CPU, one thread) against PEFT; "
+                        "writes host.json/.md/.png (default: off; a CPU run includes it)")
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
@@ -77,6 +86,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     from ..cli.loading import resolve_device
     from ..cli.outputs import check_out_dir, numbered_dir
     from .e2e import run_e2e
+    from .host import OUTPUTS as HOST_OUTPUTS
+    from .host import run_host
+    from .host import write as write_host
     from .report import OUTPUTS
     from .suite import run_issue3, run_ops
 
@@ -85,8 +97,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     if unknown:
         raise CommandError(f"--ops: unknown op(s) {unknown}; known: {list(OPS)}")
     require_positive(args, "repeats")
+    if args.host:
+        return _run_host(args, argv)
     if args.out is not None:
-        check_out_dir(args.out, OUTPUTS)
+        check_out_dir(args.out, OUTPUTS + HOST_OUTPUTS)
     device = torch.device(resolve_device(args.device))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     profile = "quick" if args.quick else device.type
@@ -115,8 +129,35 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     else:
         results["e2e"] = run_e2e(profile, device, dtype, e2e_w, e2e_r)
     results["skipped"] = skipped
+    if device.type == "cpu":
+        results["host"] = run_host(quick=args.quick)
     env["loadavg_after"] = loadavg()
     written = write_all(results, out)
+    if device.type == "cpu":
+        written.update({f"host {k}": v for k, v in write_host(results, out).items()})
+    for kind, path in written.items():
+        print(f"wrote {kind}: {path}")
+    return written
+
+
+def _run_host(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """bench --host: the host benchmark alone (always on the CPU)."""
+    from ..cli.outputs import check_out_dir, numbered_dir
+    from .host import OUTPUTS as HOST_OUTPUTS
+    from .host import run_host
+    from .host import write as write_host
+
+    if args.out is not None:
+        check_out_dir(args.out, HOST_OUTPUTS)
+    if argv is None:
+        argv = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else sys.argv[1:]
+    device = torch.device("cpu")
+    env = describe(device, argv)
+    out = args.out or numbered_dir(OUT_ROOT, f"host-{device_label(device)}-{env['date']}")
+    print(f"bench --host: results go to {out}" + (" (smoke run: --quick)" if args.quick else ""), file=sys.stderr)
+    results = {"environment": env, "host": run_host(quick=args.quick)}
+    env["loadavg_after"] = loadavg()
+    written = write_host(results, out)
     for kind, path in written.items():
         print(f"wrote {kind}: {path}")
     return written

@@ -329,11 +329,10 @@ def plot(host: dict, path: Path) -> Path:
         ax.set_title(mode)
         ax.set_ylabel("host time / PEFT's")
     axes[0].legend(fontsize=7)
-    title = "host time per layer call (CPU, one thread)" + (" - SMOKE RUN" if host.get("smoke_run") else "")
+    title = "host time per layer call (CPU, one thread)" + (" - SMOKE RUN (--quick)" if host.get("smoke_run") else "")
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     return path
 
 
