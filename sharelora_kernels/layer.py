@@ -227,7 +227,8 @@ class SharedLoRALinear(nn.Module):
         paths = [] if self.merged else self.paths()
         if self.layout.computes_itself:
             dtype = compute_dtype(self.base_layer, self.layout, x)
-            plan = call_plan.build_lowrank(env, sources, x, paths, self.dropout, self.training, dtype)
+            plan = call_plan.build_lowrank(env, sources, x, self.out_features, paths, self.dropout, self.training,
+                                           dtype)
         else:
             plan = call_plan.build_linear(env, sources, x, self.base_weight(), self.bias, paths, self.dropout,
                                           self.training)

@@ -160,12 +160,17 @@ def lowrank_add(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: floa
     it considers them (CUDA), when the compute dtype, y and the adapters (one dtype) are float32 /
     bfloat16 / float16; the torch path otherwise (``torch``, ``compose``: it is torch GEMMs)."""
     setting = backend_for(x, backend)
-    dtype = compute_dtype or x.dtype
-    adapters = {t.dtype for p in paths for t in p.tensors}
-    takes = (bool(paths) and dtype in FUSED_DTYPES and y.dtype in FUSED_DTYPES and len(adapters) == 1
-             and adapters <= set(FUSED_DTYPES))
-    use_triton = takes and (setting == "triton" or (setting == "auto" and _auto_times_triton(x)))
+    use_triton = lowrank_add_uses_triton(setting, x, paths, compute_dtype or x.dtype, y.dtype)
     return _lowrank_add(y, x, paths, dropout_p, training, compute_dtype, use_triton)
+
+
+def lowrank_add_uses_triton(setting: str, x: Tensor, paths: Sequence[LoRAPath], dtype: torch.dtype,
+                            y_dtype: torch.dtype) -> bool:
+    """Whether ``lowrank_add`` under ``setting`` runs the Triton kernels for these dtypes."""
+    adapters = {t.dtype for p in paths for t in p.tensors}
+    takes = (bool(paths) and dtype in FUSED_DTYPES and y_dtype in FUSED_DTYPES and len(adapters) == 1
+             and adapters <= set(FUSED_DTYPES))
+    return takes and (setting == "triton" or (setting == "auto" and _auto_times_triton(x)))
 
 
 from . import call_plan  # noqa: E402,F401 (the layer's call plan; imports this package's router)

@@ -165,13 +165,15 @@ def _auto_runner(runners: dict[str, Run], weight: Tensor, bias: Tensor | None, p
     return run
 
 
-def build_lowrank(env: tuple, sources: Sequence[Source], x: Tensor, paths: Sequence[LoRAPath], dropout_p: float,
-                  training: bool, compute_dtype: torch.dtype) -> CallPlan:
+def build_lowrank(env: tuple, sources: Sequence[Source], x: Tensor, n: int, paths: Sequence[LoRAPath],
+                  dropout_p: float, training: bool, compute_dtype: torch.dtype) -> CallPlan:
     """The plan of a base that computes itself: ``run(y, x)`` adds the paths into its output y (..., N)."""
-    from . import backend_for, lowrank_add
+    from . import backend_for, lowrank_add_uses_triton
+    from .lowrank_only import planned_call
 
     if not paths:
         return CallPlan(env, sources, lambda y, x: y, "base")
     setting = backend_for(x)
-    return CallPlan(env, sources, lambda y, x: lowrank_add(y, x, paths, dropout_p, training, compute_dtype,
-                                                           backend=setting), setting)
+    use_triton = lowrank_add_uses_triton(setting, x, paths, compute_dtype, compute_dtype)
+    return CallPlan(env, sources, planned_call(x, n, paths, dropout_p, training, compute_dtype, use_triton),
+                    "triton" if use_triton else "torch")
