@@ -44,6 +44,7 @@ from . import tma_linear
 from .autotune import SMALL_GEMM, TunedKernel, gemm_configs
 from .dy_lowrank import dy_lowrank
 from .encoding import KINDS, check_path, decode, encode  # noqa: F401 (KINDS: the layout codes)
+from .function import thin_apply
 from .gemm_tiles import LOWRANK_CHUNK, epilogue, lowrank_tile, matmul_tile, tile_coords
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
@@ -227,6 +228,10 @@ def fused_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Seq
     _check(x, weight, bias, paths, dropout_p)
     p = dropout_p if training else 0.0
     x2 = x.reshape(-1, x.shape[-1])
+    if not torch.compiler.is_compiling():  # eager: one Function, no custom-op wrapper
+        program = (weight, bias, list(paths), tables_for(paths, x.device), p)
+        y = _fused_apply(program, x2, *(t for q in paths for t in q.tensors))
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     seed = dropout_seed(p, x.device)
     tensors, layout, scales = encode(paths)
     y = _forward_op(x2, weight, bias, tensors, layout, scales, p, seed)[0]
@@ -261,6 +266,9 @@ class FusedLinear(torch.autograd.Function):
         return (None, dx if needs[1] else None, *path_grads(tensors, needs[2:], paths, grad_a, grad_b))
 
 
+_fused_apply = thin_apply(FusedLinear)
+
+
 def planned_call(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
                  training: bool):
     """The run(x) of a call plan on the kernels: the checks of ``fused_lora_linear`` and the factor
@@ -273,5 +281,5 @@ def planned_call(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence
 
     def run(x: Tensor) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        return FusedLinear.apply(program, x2, *tensors).view(*x.shape[:-1], n)
+        return _fused_apply(program, x2, *tensors).view(*x.shape[:-1], n)
     return run
