@@ -104,3 +104,35 @@ def test_4bit_base_compiles_in_every_mode(mode):
     out = run_mode(mode, lambda: compiled(x))
     assert graphs.count == 1
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_inference_under_auto_runs_what_auto_chooses(monkeypatch, tmp_path):
+    """auto inside a compiled inference call: one opaque op that asks dispatch when it runs, so the
+    graph runs the kernels when they were measured faster (the interpreter stands in for a GPU)."""
+    from sharelora_kernels import ops
+    from sharelora_kernels.ops import dispatch, fused_lora_linear
+
+    monkeypatch.setenv("SHARELORA_BACKEND", "auto")
+    monkeypatch.setenv("SHARELORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(dispatch, "TIME_INTERPRETED_KERNELS", True)
+    timed, ran = [], []
+    previous = dispatch.set_timer(lambda name, run, device: timed.append(name) or {"triton": 1.0, "compose": 2.0}[name])
+    real = fused_lora_linear.fused_lora_linear
+    monkeypatch.setattr(fused_lora_linear, "fused_lora_linear", lambda *a: ran.append(1) or real(*a))
+    try:
+        dispatch.clear()
+        torch.manual_seed(0)
+        layer = SharedLoRALinear(torch.nn.Linear(24, 16), r=3)
+        torch.nn.init.normal_(layer.lora_paths[0].B)
+        x = torch.randn(2, 5, 24)
+        graphs = Graphs()
+        compiled = torch.compile(layer, fullgraph=True, backend=graphs)
+        with torch.no_grad():
+            out = compiled(x)
+            ref = ops.lora_linear(x, layer.weight, layer.bias, layer.paths(), backend="compose")
+        assert graphs.count == 1 and sorted(timed) == ["compose", "triton"] and len(ran) == 1  # measured, then run
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert ops.dispatch_table()[0]["choice"] == "triton"
+    finally:
+        dispatch.set_timer(previous)
+        dispatch.clear()

@@ -108,6 +108,15 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
     """y = x W^T + b + sum_p s_p B_p A_p dropout(x): x (..., K) -> (..., N), on ``backend`` (one of
     ``BACKENDS``; None: ``backend_for(x)``)."""
     setting = backend_for(x, backend)
+    if (setting == "auto" and torch.compiler.is_compiling() and _auto_times_triton(x)
+            and dispatch.call_mode(x, paths) == "fwd" and _autocast_operands(x, weight, bias) is None
+            and _fusable(x, weight, bias, paths)):  # a compiled inference call: auto chooses when it runs
+        from .auto_op import auto_lora_linear
+        from .encoding import encode
+
+        x2 = x.reshape(-1, x.shape[-1])
+        y = auto_lora_linear(x2, weight, bias, *encode(paths))
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     if paths and setting != "torch":
         cast = _autocast_operands(x, weight, bias)
         xs, ws, bs = cast or (x, weight, bias)
