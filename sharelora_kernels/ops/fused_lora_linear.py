@@ -229,7 +229,7 @@ def fused_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Seq
     p = dropout_p if training else 0.0
     x2 = x.reshape(-1, x.shape[-1])
     if not torch.compiler.is_compiling():  # eager: one Function, no custom-op wrapper
-        program = (weight, bias, list(paths), tables_for(paths, x.device), p)
+        program = (weight, bias, list(paths), tables_for(paths, x.device), p, dropout_seed(0.0, x.device))
         y = _fused_apply(program, x2, *(t for q in paths for t in q.tensors))
         return y.reshape(*x.shape[:-1], weight.shape[0])
     seed = dropout_seed(p, x.device)
@@ -242,14 +242,14 @@ def fused_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Seq
 class FusedLinear(torch.autograd.Function):
     """One planned eager call of the kernels: ``apply(program, x (M, K), *tensors)`` -> y (M, N), with
     no custom-op wrapper (``torch.compile`` reaches the custom ops through ``fused_lora_linear``).
-    ``program`` = (weight, bias, paths, factor tables built once, dropout p)."""
+    ``program`` = (weight, bias, paths, factor tables built once, dropout p, the zero seed of p == 0)."""
 
     @staticmethod
     def forward(ctx, program, x, *tensors):
-        weight, bias, paths, tables, p = program
+        weight, bias, paths, tables, p, seed = program
         if tables.gates:
             refresh_gates(tables, paths)
-        y, h, mask = forward_impl(x, weight, bias, tables, p, dropout_seed(p, x.device))
+        y, h, mask = forward_impl(x, weight, bias, tables, p, seed if p == 0 else dropout_seed(p, x.device))
         ctx.save_for_backward(x, h, mask)
         ctx.program = program
         return y
@@ -257,7 +257,7 @@ class FusedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, h, mask = ctx.saved_tensors
-        weight, bias, paths, tables, p = ctx.program
+        weight, bias, paths, tables, p, _ = ctx.program
         needs = ctx.needs_input_grad
         if tables.gates:
             refresh_gates(tables, paths)
@@ -275,7 +275,7 @@ def planned_call(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence
     tables done once (a plan is rebuilt when a tensor it read is replaced)."""
     p = dropout_p if training else 0.0
     _check(x, weight, bias, paths, p)
-    program = (weight, bias, list(paths), tables_for(paths, x.device), p)
+    program = (weight, bias, list(paths), tables_for(paths, x.device), p, dropout_seed(0.0, x.device))
     tensors = [t for q in paths for t in q.tensors]
     n = weight.shape[0]
 

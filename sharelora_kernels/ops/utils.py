@@ -61,7 +61,13 @@ def rng_needs_int64(m: int, k: int) -> bool:
 def needs_int64_index(*tensors: Tensor) -> bool:
     """Whether an element offset ``index * stride`` into one of ``tensors`` can overflow int32
     (Triton passes strides and sizes below 2**31 as int32): then the kernels index in int64."""
-    return any(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) > 2**31 - 1 for t in tensors if t.numel())
+    for t in tensors:
+        n = t.numel()
+        if n < 2**31 and t.is_contiguous():  # the largest offset is n - 1 (the common case: no stride sum)
+            continue
+        if n and sum((d - 1) * abs(s) for d, s in zip(t.shape, t.stride())) > 2**31 - 1:
+            return True
+    return False
 
 
 def rank_block(r: int) -> int:
