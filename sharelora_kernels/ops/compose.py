@@ -298,6 +298,13 @@ class DenseProgram:
         self.pad_b = [(0, 0, q.n_offset, q.tensors[1].shape[0] - n - q.n_offset) if q.kind == "slice" else None
                       for q in paths]
         self.zero = torch.zeros((), dtype=self.dtype, device=weight.device)
+        # One path, no dropout, x, W, b and the adapters in one dtype: with a gradient wanted the same
+        # GEMMs run as autograd's own ops (C++ backward nodes, no Python in backward: measured ~20 us
+        # less a call on the CPU than DenseCompose, whose fewer ops win with several paths).
+        self.native = self.single and dropout_p == 0 and self.adapter_dtype == self.dtype == weight.dtype and (
+            bias is None or bias.dtype == self.dtype)
+        self.parts = [(q.tensors[0], q.tensors[1], q.kind == "slice", q.k_offset, q.n_offset) for q in paths]
+        self.k, self.n = k, n
 
     @staticmethod
     def takes(paths: Sequence[LoRAPath]) -> bool:
@@ -363,6 +370,19 @@ class DenseProgram:
         return (dx, *(g if need else None for g, need in zip(grads, needs[1:])))
 
 
+def _native_forward(program: DenseProgram, x: Tensor) -> Tensor:
+    """y (M, N) of x (M, K) by autograd's own ops on the live parameters (``DenseProgram.native``)."""
+    a, b, sliced, k0, n0 = program.parts[0]
+    if sliced:
+        a, b = a.narrow(1, k0, program.k), b.narrow(0, n0, program.n)
+    h = torch.mm(x, a.t())
+    if program.bias is None:
+        z = torch.addmm(program.zero, h, b.t(), beta=0, alpha=program.scale)
+    else:
+        z = torch.addmm(program.bias, h, b.t(), alpha=program.scale)
+    return torch.addmm(z, x, program.wt)
+
+
 class DenseCompose(torch.autograd.Function):
     """One planned compose call of plain / slice paths: ``apply(program, x (M, K), *tensors)`` -> y (M, N),
     ``tensors`` each path's (A, B) parameters (what gets gradients). Saves x, the bool dropout mask,
@@ -389,5 +409,5 @@ def dense_call(program: DenseProgram, x: Tensor, tensors: Sequence[Tensor], grad
     """y (M, N) of x (M, K) by ``program``: through ``DenseCompose`` when autograd will want a
     gradient (``grad``), else the forward alone (no autograd node, no saved tensors)."""
     if grad:
-        return _dense_apply(program, x, *tensors)
+        return _native_forward(program, x) if program.native else _dense_apply(program, x, *tensors)
     return program.forward(x, draw_dropout(x, program.p)[0])[0]
