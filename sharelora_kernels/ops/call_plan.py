@@ -5,14 +5,16 @@ router's choice and the op's flat arguments, although none of them changes from 
 next. A ``CallPlan`` resolves them once (the way vLLM builds its LoRA kernel metadata once per
 batch) and keeps a ``run(x)`` that issues the chosen backend's one op boundary directly:
 
-    compose, plain / slice paths   ``compose.DenseCompose``: one autograd Function, its backward
-                                   hand-written (or the forward alone when no gradient is wanted)
-    compose, other paths           ``compose.lora_linear`` on the prebuilt path list
+    compose, plain / slice paths   ``compose.dense_call``: one path without dropout runs autograd's
+                                   own GEMMs (C++ backward nodes); otherwise one autograd Function,
+                                   ``DenseCompose``, its backward hand-written; the forward alone
+                                   when no gradient is wanted
+    compose, other paths           ``compose.planned_call``: its one Function, flat arguments made once
     triton                         ``fused_lora_linear.FusedLinear`` (the kernels, no custom-op
                                    wrapper), its factor tables built once
     torch                          ``reference.lora_linear`` on the prebuilt path list
     auto                           the choice of ``dispatch.auto_choice``, kept per M bucket
-    a base that computes itself    ``lowrank_only.LowRankAdd`` (no custom-op wrapper)
+    a base that computes itself    ``lowrank_only.LowRankPlanned`` (no custom-op wrapper)
 
 A plan is valid while nothing it was built from changed. Two cheap comparisons decide, at each call:
 
@@ -135,7 +137,7 @@ def _compose_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Seque
         tensors = [t for q in paths for t in q.tensors]
         grad = grad_wanted(x, paths)
         return _flat(lambda x2: compose.dense_call(program, x2, tensors, grad), weight.shape[0])
-    return lambda x: compose.lora_linear(x, weight, bias, paths, dropout_p, training)
+    return compose.planned_call(x, weight, bias, paths, dropout_p, training)
 
 
 def _triton_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,

@@ -29,6 +29,7 @@ modules that read one x can share that draw (``grouped_lora_linear``).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Sequence
 
 import torch
@@ -48,8 +49,20 @@ def lowrank_dtype(base: torch.dtype) -> torch.dtype:
     return torch.float32 if base == torch.float16 else base
 
 
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in ``dtype`` (itself when it already is: no call into torch)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _at_least_fp32(path: LoRAPath) -> LoRAPath:
+    if all(t.dtype in (torch.float32, torch.float64) for t in path.tensors):
+        return path
     return path._replace(tensors=tuple(t.to(torch.promote_types(t.dtype, torch.float32)) for t in path.tensors))
+
+
+def _no_autocast(device: str):
+    """Autocast off inside: a context manager only when autocast is on."""
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
 
 def _factors(paths: Sequence[LoRAPath], k: int, n: int, dtype: torch.dtype) -> tuple[tuple[Tensor, Tensor] | None,
@@ -60,8 +73,8 @@ def _factors(paths: Sequence[LoRAPath], k: int, n: int, dtype: torch.dtype) -> t
     factors = None
     if dense:
         a, b = _dense_factors(dense, k, n)
-        factors = (a.to(dtype), b.to(dtype))
-    krons = [p._replace(tensors=tuple(t.to(dtype) for t in p.tensors)) for p in paths if p.kind == "kron"]
+        factors = (_cast(a, dtype), _cast(b, dtype))
+    krons = [p._replace(tensors=tuple(_cast(t, dtype) for t in p.tensors)) for p in paths if p.kind == "kron"]
     return factors, krons
 
 
@@ -76,13 +89,13 @@ def compose_forward(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor |
     """y (M, N) of x (M, K) (xd: its dropped-out copy, or None), and what backward needs: h (M, R_d)
     of the dense paths, their stacked factors (or None), the Kronecker paths cast, folds and h's."""
     dtype = lowrank_dtype(x.dtype)
-    with torch.autocast(x.device.type, enabled=False):
-        xl = (x if xd is None else xd).to(dtype)
+    with _no_autocast(x.device.type):
+        xl = _cast(x if xd is None else xd, dtype)
         dense, krons = _factors(paths, x.shape[1], weight.shape[0], dtype)
         z = h = None
         if dense is not None:
             h = xl @ dense[0].t()
-            z = torch.mm(h, dense[1].t()) if bias is None else torch.addmm(bias.to(dtype), h, dense[1].t())
+            z = torch.mm(h, dense[1].t()) if bias is None else torch.addmm(_cast(bias, dtype), h, dense[1].t())
         folds = [kron_fold(xl, kp.tensors[2], kp.tensors[0].shape[1]) for kp in krons]
         hks = [u @ kp.tensors[0].t() for u, kp in zip(folds, krons)]
         y = F.linear(x, weight, bias) if z is None else None
@@ -117,11 +130,11 @@ class _ComposeLinear(torch.autograd.Function):
         dtype = lowrank_dtype(x.dtype)
         keep = 1.0 / (1.0 - p) if mask is not None else 1.0
         sink = GradSink(tensors, need)
-        with torch.autocast(x.device.type, enabled=False):
-            dyl = dy.to(dtype)
+        with _no_autocast(x.device.type):
+            dyl = _cast(dy, dtype)
             xm = None  # dropout(x) * (1 - p), only when an adapter needs a gradient
             if any(need):
-                xm = (x if mask is None else x * mask).to(dtype)
+                xm = _cast(x if mask is None else x * mask, dtype)
             dx_low = None
             if a_d is not None:
                 dh = dyl @ b_d  # (M, R_d); the 1 / (1 - p) of dx and dA applied here once
@@ -139,6 +152,9 @@ class _ComposeLinear(torch.autograd.Function):
                     dx_low.mul_(mask)
                 dx = dx_low.to(x.dtype).addmm_(dy, weight)
         return (dx, None, None, None, None, None, *sink.grads())
+
+
+_compose_apply = thin_apply(_ComposeLinear)
 
 
 class _Kron(NamedTuple):
@@ -257,6 +273,28 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
     y = _ComposeLinear.apply(x2, xd, mask, weight, bias, (p if mask is not None else 0.0, specs),
                              *(t for q in paths for t in q.tensors))
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def planned_call(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
+                 training: bool):
+    """The run(x) of a call plan for any path list: ``lora_linear`` with its checks and the op's flat
+    arguments done once."""
+    p = dropout_p if training else 0.0
+    _check(x, weight, bias, p)
+    paths = list(paths)
+    tensors = [t for q in paths for t in q.tensors]
+    meta = (p, tuple((q.kind, float(q.scale), q.k_offset, q.n_offset) for q in paths))
+    n = weight.shape[0]
+
+    def run(x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        xd, mask = draw_dropout(x2, p)
+        if torch.is_grad_enabled() and (x2.requires_grad or any(t.requires_grad for t in tensors)):
+            y = _compose_apply(x2, xd, mask, weight, bias, meta, *tensors)
+        else:
+            y = compose_forward(x2, xd, weight, bias, paths)[0]
+        return y.view(*x.shape[:-1], n)
+    return run
 
 
 def grouped_lora_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
