@@ -39,7 +39,7 @@ from torch import Tensor
 from ..plan import PATH_ROLES
 from ..reference import LoRAPath, _dense_factors, add_path_output, kron_fold
 from .function import thin_apply
-from .shared_grad import GradSink, chain_a, chain_b
+from .shared_grad import DirectSink, GradSink, chain_a, chain_b, sink_for
 
 DENSE_KINDS = ("plain", "slice", "gate")  # one stacked dense LoRA; "kron" is folded instead
 
@@ -129,7 +129,7 @@ class _ComposeLinear(torch.autograd.Function):
         need_x, need = ctx.needs_input_grad[0], ctx.needs_input_grad[6:]
         dtype = lowrank_dtype(x.dtype)
         keep = 1.0 / (1.0 - p) if mask is not None else 1.0
-        sink = GradSink(tensors, need)
+        sink = sink_for(tensors, need)
         with _no_autocast(x.device.type):
             dyl = _cast(dy, dtype)
             xm = None  # dropout(x) * (1 - p), only when an adapter needs a gradient
@@ -185,7 +185,7 @@ def _kron_paths(saved: Sequence[Tensor], paths: Sequence[LoRAPath]) -> list[_Kro
             for j, (p, i0) in enumerate(krons)]
 
 
-def _chain_dense(sink: GradSink, paths: Sequence[LoRAPath], need: Sequence[bool], dh: Tensor, xm: Tensor,
+def _chain_dense(sink: GradSink | DirectSink, paths: Sequence[LoRAPath], need: Sequence[bool], dh: Tensor, xm: Tensor,
                  h: Tensor, dyl: Tensor) -> None:
     """dA_d = dh^T xm and dB_d^T = h^T dy, chained to each dense path's tensors that need a gradient."""
     rows, r0 = [], 0
@@ -202,7 +202,7 @@ def _chain_dense(sink: GradSink, paths: Sequence[LoRAPath], need: Sequence[bool]
             sink.add(i0 + role, g, window)
 
 
-def _kron_backward(sink: GradSink, kron: _Kron, dyl: Tensor, xm: Tensor, keep: float, dx_low: Tensor | None,
+def _kron_backward(sink: GradSink | DirectSink, kron: _Kron, dyl: Tensor, xm: Tensor, keep: float, dx_low: Tensor | None,
                    need_x: bool) -> Tensor | None:
     """One Kronecker path: its tensors' gradients into ``sink``; returns dx_low plus its (M, K) term
     (before the dropout mask)."""

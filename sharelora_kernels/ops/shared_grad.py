@@ -77,6 +77,38 @@ class GradSink:
                 for buf, first, dtype in zip(self.buffers, self._first, self._dtypes)]
 
 
+class DirectSink:
+    """``GradSink``'s interface for tensors that are all distinct (no tensor listed twice), where
+    each gets one contribution per path: that contribution is its gradient (a window padded into
+    the tensor's shape), cast once; no fp32 buffer to zero and fill. ``buffers[i]`` only says
+    whether tensor i needs a gradient (True or None)."""
+
+    def __init__(self, tensors: Sequence[Tensor], needs_grad: Sequence[bool]):
+        self.buffers: list[bool | None] = [True if need else None for need in needs_grad]
+        self._tensors = tensors
+        self._grads: list[Tensor | None] = [None] * len(tensors)
+
+    def add(self, i: int, grad: Tensor, window: tuple[int, int] = (0, 0)) -> None:
+        if self.buffers[i] is None:
+            return
+        rows, cols = self._tensors[i].shape
+        if window != (0, 0) or tuple(grad.shape) != (rows, cols):
+            r0, c0 = window
+            grad = F.pad(grad, (c0, cols - grad.shape[1] - c0, r0, rows - grad.shape[0] - r0))
+        self._grads[i] = grad if self._grads[i] is None else self._grads[i] + grad
+
+    def grads(self) -> list[Tensor | None]:
+        return [None if need is None else (torch.zeros_like(t) if g is None else g.to(t.dtype))
+                for need, g, t in zip(self.buffers, self._grads, self._tensors)]
+
+
+def sink_for(tensors: Sequence[Tensor], needs_grad: Sequence[bool]) -> GradSink | DirectSink:
+    """A ``DirectSink`` when no tensor is listed twice, else a ``GradSink`` (one buffer per tensor)."""
+    if len({id(t) for t in tensors}) == len(tensors):
+        return DirectSink(tensors, needs_grad)
+    return GradSink(tensors, needs_grad)
+
+
 # ----------------------------------------------------------------------------- chain rule
 def direct_window(path: LoRAPath, factor: str) -> tuple[int, tuple[int, int]] | None:
     """(role index, window) of a plain or slice path's dA_eff / dB_eff^T inside its tensor's buffer
@@ -124,9 +156,7 @@ def path_grads(tensors: Sequence[Tensor], needs_grad: Sequence[bool], paths: Seq
                grad_b: Tensor) -> list[Tensor | None]:
     """What an autograd formula returns for ``tensors`` (the flat tensors of ``paths``), from the
     effective-factor gradients of every path at once: grad_a = dA_eff (R, K), grad_b = dB_eff^T (R, N)."""
-    if all(p.kind in ("plain", "slice") for p in paths) and len({id(t) for t in tensors}) == len(tensors):
-        return _window_grads(tensors, needs_grad, paths, grad_a, grad_b)
-    sink = GradSink(tensors, needs_grad)
+    sink = sink_for(tensors, needs_grad)
     i0, r0 = 0, 0
     for p in paths:
         r1 = r0 + p.rank
@@ -135,23 +165,3 @@ def path_grads(tensors: Sequence[Tensor], needs_grad: Sequence[bool], paths: Seq
         i0, r0 = i0 + len(p.tensors), r1
     return sink.grads()
 
-
-def _window_grads(tensors: Sequence[Tensor], needs_grad: Sequence[bool], paths: Sequence[LoRAPath], grad_a: Tensor,
-                  grad_b: Tensor) -> list[Tensor | None]:
-    """``path_grads`` of plain and slice paths that read distinct tensors: each gradient is its
-    factor's rows (a slice's padded into its tensor's shape), cast once; no buffer to fill."""
-    grads: list[Tensor | None] = []
-    r0 = 0
-    for p in paths:
-        r1 = r0 + p.rank
-        a, b = p.tensors
-        need_a, need_b = needs_grad[len(grads)], needs_grad[len(grads) + 1]
-        ga = grad_a[r0:r1].to(a.dtype) if need_a else None
-        gb = grad_b[r0:r1].t().to(b.dtype) if need_b else None
-        if p.kind == "slice":
-            k, n = grad_a.shape[1], grad_b.shape[1]
-            ga = None if ga is None else F.pad(ga, (p.k_offset, a.shape[1] - k - p.k_offset))
-            gb = None if gb is None else F.pad(gb, (0, 0, p.n_offset, b.shape[0] - n - p.n_offset))
-        grads += [ga, gb]
-        r0 = r1
-    return grads
