@@ -140,6 +140,7 @@ def test_autocast_and_train_eval_rebuild_the_plan():
     assert not torch.equal(y1, y2)  # dropout drawn in training
     layer.eval()
     check_against_float64(layer, x)
+    assert layer._plan is eval_plan  # the eval plan was kept, and still fits
 
 
 def test_merge_and_paths_version_rebuild_the_plan():
@@ -261,7 +262,7 @@ def test_pickled_and_copied_layers_rebuild_their_plan():
     x = torch.randn(3, K)
     y = layer(x)
     clone = copy.deepcopy(layer)
-    assert clone._plan is None
+    assert clone._plan is None and clone._plans == {}
     torch.testing.assert_close(clone(x), y)
     buf = io.BytesIO()
     torch.save(layer, buf)

@@ -145,7 +145,8 @@ class SharedLoRALinear(nn.Module):
         # The call plan (ops.call_plan) and what it depends on besides x and the tensors it reads:
         # bump _paths_version wherever the set of computed paths changes (merge, unmerge, ...).
         self._paths_version = 0
-        self._plan = None
+        self._plan = None  # the plan of the last call
+        self._plans = {}  # environment -> plan, a few kept (grad on / off under reentrant checkpointing, ...)
         self.train(base.training)
 
     def __getattr__(self, name: str):
@@ -187,8 +188,8 @@ class SharedLoRALinear(nn.Module):
         return sources
 
     def __getstate__(self) -> dict:
-        """Copies and pickles do not take the call plan (rebuilt on the first call)."""
-        return {**self.__dict__, "_plan": None}
+        """Copies and pickles do not take the call plans (rebuilt on the first call)."""
+        return {**self.__dict__, "_plan": None, "_plans": {}}
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_group is not None:
@@ -207,7 +208,10 @@ class SharedLoRALinear(nn.Module):
         env = call_plan.environment(x, self.training, self.merged, self._paths_version)
         plan = self._plan
         if plan is None or not plan.fits(env):
-            plan = self._build_plan(x, env)
+            plan = self._plans.get(env)
+            if plan is None or not plan.fits(env):
+                plan = self._build_plan(x, env)
+            self.__dict__["_plan"] = plan
         if self.layout.computes_itself:
             return self._run_computing_base(plan, x)
         return plan.run(x)
@@ -222,6 +226,7 @@ class SharedLoRALinear(nn.Module):
 
     def _build_plan(self, x: Tensor, env: tuple) -> call_plan.CallPlan:
         self._plan = None
+        self._plans = call_plan.still_valid(self._plans)  # none keeps a replaced tensor's storage alive
         self._check_call(x)
         sources = self._sources()
         paths = [] if self.merged else self.paths()
@@ -232,7 +237,9 @@ class SharedLoRALinear(nn.Module):
         else:
             plan = call_plan.build_linear(env, sources, x, self.base_weight(), self.bias, paths, self.dropout,
                                           self.training)
-        self._plan = plan
+        if len(self._plans) >= 8:  # environments come and go (dtypes, autocast): a few at a time
+            self._plans.clear()
+        self._plan = self._plans[env] = plan
         return plan
 
     def _forward_traced(self, x: Tensor) -> Tensor:

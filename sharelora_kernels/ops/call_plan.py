@@ -57,7 +57,21 @@ class Source(NamedTuple):
 
 def source(owner: dict, name: str) -> Source:
     t = owner[name]
-    return Source(owner, name, t, t.data_ptr() if t is not None else 0, t is not None and t.requires_grad)
+    return Source(owner, name, t, _data_ptr(t), t is not None and t.requires_grad)
+
+
+def _data_ptr(t: Tensor | None) -> int:
+    """t's data pointer; -1 for a tensor without storage of its own (a DTensor or other wrapper:
+    identity alone tells its replacement)."""
+    if t is None:
+        return 0
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        return -1
+
+
+_VERSION = 6  # the index of the settings' version in an environment
 
 
 def environment(x: Tensor, *layer_state) -> tuple:
@@ -83,9 +97,17 @@ class CallPlan:
             return False
         for s in self.sources:
             t = s.owner.get(s.name)
-            if t is not s.tensor or (t is not None and (t.data_ptr() != s.data_ptr or t.requires_grad != s.requires_grad)):
+            if t is not s.tensor or (t is not None and ((s.data_ptr >= 0 and t.data_ptr() != s.data_ptr)
+                                                        or t.requires_grad != s.requires_grad)):
                 return False
         return True
+
+
+def still_valid(plans: dict[tuple, CallPlan]) -> dict[tuple, CallPlan]:
+    """The plans (environment -> plan) whose tensors are all still in place under the current
+    settings; the others are dropped (they may hold views of a replaced tensor's old storage)."""
+    version = dispatch.SETTINGS.version
+    return {env: plan for env, plan in plans.items() if env[_VERSION] == version and plan.fits(env)}
 
 
 def grad_wanted(x: Tensor, paths: Sequence[LoRAPath]) -> bool:
