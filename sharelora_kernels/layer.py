@@ -178,11 +178,13 @@ class SharedLoRALinear(nn.Module):
         return [m.as_path() for m in self.computed_paths()]
 
     def _sources(self) -> list[call_plan.Source]:
-        """Where every tensor a call reads lives (the base's weight and bias, each path's tensors)."""
+        """Where every tensor a call reads lives (the base's weight and bias, each path's spec, store
+        and tensors)."""
         owner = self._weight_owner()._parameters
         sources = [call_plan.source(owner, "weight"), call_plan.source(owner, "bias")] if "bias" in owner else \
             [call_plan.source(owner, "weight")]
         for m in self.computed_paths():
+            sources += [call_plan.source(m.__dict__, "spec"), call_plan.source(m.__dict__, "_store")]
             store = m._store[0]._parameters
             sources += [call_plan.source(store, name.replace(".", "/")) for name in m.spec.tensors.values()]
         return sources

@@ -23,7 +23,8 @@ A plan is valid while nothing it was built from changed. Two cheap comparisons d
     the layer's train/eval mode, ``merged`` and ``_paths_version`` (what paths it computes);
   * ``Source`` of every tensor: where the layer reads it (a module's parameter dict and name), the
     object found there, its data pointer (a ``.to()``, an assign-load, FSDP resharding change it;
-    an in-place optimizer step does not, and needs no rebuild) and requires_grad.
+    an in-place optimizer step does not, and needs no rebuild) and requires_grad; and of each
+    path's spec and store (their identity).
 
 Anything else is rebuilt: ``build`` checks the inputs with the messages a call always gave, so
 what left the per-call path is checked once per plan. Under ``torch.compile`` the layer does not use
@@ -56,7 +57,10 @@ class Source(NamedTuple):
 
 
 def source(owner: dict, name: str) -> Source:
+    """The source of the tensor ``owner[name]``, or of any other object there (told by identity)."""
     t = owner[name]
+    if t is not None and not isinstance(t, torch.Tensor):
+        return Source(owner, name, t, -2, False)
     return Source(owner, name, t, _data_ptr(t), t is not None and t.requires_grad)
 
 
@@ -97,8 +101,10 @@ class CallPlan:
             return False
         for s in self.sources:
             t = s.owner.get(s.name)
-            if t is not s.tensor or (t is not None and ((s.data_ptr >= 0 and t.data_ptr() != s.data_ptr)
-                                                        or t.requires_grad != s.requires_grad)):
+            if t is not s.tensor:
+                return False
+            if t is not None and s.data_ptr != -2 and (t.requires_grad != s.requires_grad
+                                                       or (s.data_ptr >= 0 and t.data_ptr() != s.data_ptr)):
                 return False
         return True
 
