@@ -120,11 +120,12 @@ def direct_window(path: LoRAPath, factor: str) -> tuple[int, tuple[int, int]] | 
 
 def chain_a(path: LoRAPath, ga: Tensor) -> Iterator[tuple[int, Tensor, tuple[int, int]]]:
     """(role index, fp32 gradient, window) of the tensors behind A_eff, from ga = dA_eff (r, K)."""
-    t = [u.float() for u in path.tensors]
     if path.kind in ("plain", "slice"):
         role, window = direct_window(path, "a")
         yield role, ga, window
-    elif path.kind == "kron":  # A = K_A (x) A_s
+        return
+    t = [u.float() for u in path.tensors]
+    if path.kind == "kron":  # A = K_A (x) A_s
         a_s, k_a = t[0], t[2]
         ga3 = ga.reshape(ga.shape[0], -1, a_s.shape[1])
         yield 0, torch.einsum("j,rjc->rc", k_a[0], ga3), (0, 0)
