@@ -15,3 +15,31 @@ else:
     import torch
 
     torch.set_default_device(DEVICE)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _sharelora_settings_follow_monkeypatch(monkeypatch):
+    """The package reads SHARELORA_BACKEND / SHARELORA_AUTOTUNE once (``ops.refresh_settings()``
+    reads them again): each test starts from the environment as it is, and a test that changes
+    them with ``monkeypatch.setenv`` / ``delenv`` has them read again right after, as a user calls
+    ``refresh_settings()`` after changing them."""
+    from sharelora_kernels.ops import dispatch
+
+    dispatch.set_backend(None)
+    dispatch.refresh_settings()
+    setenv, delenv = monkeypatch.setenv, monkeypatch.delenv
+
+    def setenv_and_refresh(*args, **kwargs):
+        setenv(*args, **kwargs)
+        dispatch.refresh_settings()
+
+    def delenv_and_refresh(*args, **kwargs):
+        delenv(*args, **kwargs)
+        dispatch.refresh_settings()
+
+    monkeypatch.setenv, monkeypatch.delenv = setenv_and_refresh, delenv_and_refresh
+    yield
+    dispatch.set_backend(None)

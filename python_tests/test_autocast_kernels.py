@@ -48,11 +48,11 @@ def test_fused_op_runs_under_autocast_and_matches_float64(x_dtype, monkeypatch):
     paths = [make_path(kind, k, n, r) for kind, r in zip(KINDS, [3, 2, 2, 4])]
     with autocast():
         y, seen = ops_run(lambda: ops.lora_linear(x, weight, bias, paths))
-    assert "sharelora::fused_lora_linear" in seen and y.dtype == torch.bfloat16
+    assert "FusedLinear" in seen and y.dtype == torch.bfloat16  # the kernels' eager Function (the custom op compiled)
     dy = torch.randn_like(y)
     leaves = [x] + [t for p in paths for t in p.tensors]
     (grads, seen) = ops_run(lambda: torch.autograd.grad(y, leaves, dy))
-    assert "sharelora::fused_lora_linear_backward" in seen
+    assert any("FusedLinearBackward" in name for name in seen), sorted(seen)
     y_ref, grads_ref = float64_reference(x, weight, bias, paths, dy)
     assert rel_err(y, y_ref) < BF16
     assert [g.dtype for g in grads] == [x_dtype] + [torch.float32] * (len(leaves) - 1)
@@ -65,7 +65,7 @@ def test_grouped_op_runs_under_autocast_and_matches_float64(monkeypatch):
     paths = mix_paths(QKV)
     with autocast():
         ys, seen = ops_run(lambda: ops.grouped_lora_linear(x, weights, biases, paths))
-    assert "sharelora::grouped_lora_linear" in seen and all(y.dtype == torch.bfloat16 for y in ys)
+    assert "GroupedEager" in seen and all(y.dtype == torch.bfloat16 for y in ys)
     dys = [torch.randn_like(y) for y in ys]
     grads = torch.autograd.grad(ys, leaves_of(x, paths), dys)
     ys_ref, grads_ref = float64_group(x, weights, biases, paths, dys)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import run_cli
-from sharelora_kernels.benchmarks import report, suite
+from sharelora_kernels.benchmarks import host, report, suite
 
 pytest.importorskip("peft")
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,13 +28,15 @@ def drawn(monkeypatch):
 def test_default_output_is_a_new_folder_per_run(tmp_path, monkeypatch, drawn):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(suite, "run_default_backend_check", lambda *a, **k: None)  # keep it cheap: the similarity op alone
+    real_host = host.run_host
+    monkeypatch.setattr(host, "run_host", lambda quick: real_host(quick, kinds=("plain",)))
     argv = ["bench", "--quick", "--device", "cpu", "--ops", "similarity", "--no-e2e"]
     assert run_cli(argv)[0] == 0
     first = tmp_path / "sharelora-bench" / f"cpu-{datetime.date.today().isoformat()}"
     before = (first / "results.json").read_bytes()
     assert run_cli(argv)[0] == 0
     second = first.with_name(first.name + "-2")
-    assert sorted(p.name for p in second.iterdir()) == sorted(report.OUTPUTS)
+    assert sorted(p.name for p in second.iterdir()) == sorted(report.OUTPUTS + report.HOST_OUTPUTS)  # a CPU run: host too
     assert (first / "results.json").read_bytes() == before  # the earlier result is untouched
     assert not (tmp_path / "bench").exists()
 
@@ -43,7 +45,7 @@ def test_default_output_is_a_new_folder_per_run(tmp_path, monkeypatch, drawn):
     text = (second / "results.md").read_text()
     assert "SMOKE RUN (--quick)" in text.split("\n## ")[0]  # above every table
     assert "| similarity | 16x256x8 | torch |" in text and "(fwd) |" in text
-    figure = drawn[-1]
+    figure = drawn[-2]  # the ops' plot (the host plot follows it)
     assert "SMOKE RUN (--quick)" in figure._suptitle.get_text()
     (ax,) = figure.axes
     assert ax.get_title() == "similarity: angular_distance, forward only"
@@ -64,3 +66,21 @@ def test_a_full_run_is_not_marked_and_each_panel_says_what_was_timed(tmp_path, d
     assert similarity.get_title() == "similarity: angular_distance, forward only"
     assert "similarity" not in " ".join(t.get_text() for t in lora.get_xticklabels())
     assert (tmp_path / "ratio_vs_base.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_host_bench_writes_json_table_and_plot(tmp_path, drawn):
+    out = tmp_path / "host"
+    assert run_cli(["bench", "--host", "--quick", "--out", str(out)])[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(report.HOST_OUTPUTS)
+    data = json.loads((out / "host.json").read_text())
+    assert data["environment"]["command"].startswith("python -m sharelora_kernels bench") and data["host"]["smoke_run"]
+    kinds = {c["kind"]: c for c in data["host"]["cases"]}
+    assert set(kinds) == set(host.KINDS)
+    for kind in ("plain", "bishare3", "grouped_qkv"):
+        for mode in host.MODES:
+            assert set(kinds[kind]["modes"][mode]) == set(host.VARIANTS)
+            assert kinds[kind]["modes"][mode]["peft"]["ratio_vs_peft"] == 1.0
+    assert set(data["host"]["llama_step"]["variants"]) == {"peft_lora", "lora", "similarity"}
+    text = (out / "host.md").read_text()
+    assert "SMOKE RUN" in text and "| plain | fwd+bwd |" in text and "| similarity |" in text
+    assert [ax.get_title() for ax in drawn[-1].axes] == list(host.MODES)

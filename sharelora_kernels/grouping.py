@@ -13,7 +13,9 @@ that share an input: ``self_attn.{q,k,v}_proj`` and ``mlp.{gate,up}_proj``, and 
     most one pending output per member is ever held, and none once the group's siblings ran.
 
 Members run alone when the group cannot run together: merged or path-less members, different
-dropout or training mode, or a member whose forward raises a shape/dtype error (it reports it).
+dropout or training mode, or a member whose forward raises a shape/dtype error (it reports it);
+and when the group's op would run them one by one anyway (auto; compose without a dropout mask
+to share), each runs its own call plan directly, with no coordination.
 Autograd needs nothing special: the cached outputs are ordinary outputs of the grouped op.
 """
 from __future__ import annotations
@@ -40,6 +42,8 @@ class InputGroup:
 
     def forward(self, module: SharedLoRALinear, x: Tensor) -> Tensor:
         """The output of member ``module`` for x: (..., in_features) -> (..., out_features)."""
+        if not torch.compiler.is_compiling() and self._runs_alone(module, x):
+            return module.forward_alone(x)  # its call plan: what the group's op would run, module by module
         index = next(i for i, m in enumerate(self.members) if m is module)
         grad_mode = torch.is_grad_enabled()
         entry = self._pending.pop(index, None)
@@ -51,6 +55,14 @@ class InputGroup:
                                        [m.paths() for m in self.members], module.dropout, module.training)
         self._pending = {i: (x, grad_mode, y) for i, y in enumerate(outs) if i != index}
         return outs[index]
+
+    @staticmethod
+    def _runs_alone(module: SharedLoRALinear, x: Tensor) -> bool:
+        """Whether the group's op would run this member on its own anyway: under auto (module by
+        module, each its own choice), or on compose with no dropout drawn (the one mask a group
+        shares is all it shares there)."""
+        setting = ops.backend_for(x)
+        return setting == "auto" or (setting == "compose" and (module.dropout == 0 or not module.training))
 
     def _can_group(self, x: Tensor) -> bool:
         first = self.members[0]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .ops import call_plan
 from .base import adapter_dtype  # noqa: F401 (re-exported: the dtype rule of dense bases' adapters)
 from .base import add_to_weight_, compute_dtype, describe_base, new_adapter_dtype, standard_4bit_layout
 from .config import PATH_ROLES, check_dropout, check_int, check_positive
@@ -143,6 +144,11 @@ class SharedLoRALinear(nn.Module):
         self.dropout = float(dropout)
         self.merged = False
         self.input_group = None
+        # The call plan (ops.call_plan) and what it depends on besides x and the tensors it reads:
+        # bump _paths_version wherever the set of computed paths changes (merge, unmerge, ...).
+        self._paths_version = 0
+        self._plan = None  # the plan of the last call
+        self._plans = {}  # environment -> plan, a few kept (grad on / off under reentrant checkpointing, ...)
         self.train(base.training)
 
     def __getattr__(self, name: str):
@@ -166,8 +172,28 @@ class SharedLoRALinear(nn.Module):
             raise TypeError(f"a {self.layout.kind} base has no dense weight (base.dequantized_weight builds one)")
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
+    def computed_paths(self) -> list[LoRAPathModule]:
+        """The path modules a call computes (the one place that says which)."""
+        return list(self.lora_paths)
+
     def paths(self) -> list[LoRAPath]:
-        return [m.as_path() for m in self.lora_paths]
+        return [m.as_path() for m in self.computed_paths()]
+
+    def _sources(self) -> list[call_plan.Source]:
+        """Where every tensor a call reads lives (the base's weight and bias, each path's spec, store
+        and tensors)."""
+        owner = self._weight_owner()._parameters
+        sources = [call_plan.source(owner, "weight"), call_plan.source(owner, "bias")] if "bias" in owner else \
+            [call_plan.source(owner, "weight")]
+        for m in self.computed_paths():
+            sources += [call_plan.source(m.__dict__, "spec"), call_plan.source(m.__dict__, "_store")]
+            store = m._store[0]._parameters
+            sources += [call_plan.source(store, name.replace(".", "/")) for name in m.spec.tensors.values()]
+        return sources
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles do not take the call plans (rebuilt on the first call)."""
+        return {**self.__dict__, "_plan": None, "_plans": {}}
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_group is not None:
@@ -175,21 +201,71 @@ class SharedLoRALinear(nn.Module):
         return self.forward_alone(x)
 
     def forward_alone(self, x: Tensor) -> Tensor:
-        """This layer's own op (also what its input group runs when the group cannot run together)."""
+        """This layer's own op (also what its input group runs when the group cannot run together).
+
+        Eager calls run the layer's call plan (``ops.call_plan``), rebuilt when what it was built
+        from changed; under ``torch.compile`` dynamo traces ``_forward_traced``."""
         if x.dim() == 0:
             raise ValueError(f"input is a 0-d tensor, this layer expects (..., {self.in_features})")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features in its last dim, this layer expects {self.in_features}")
+        if torch.compiler.is_compiling():
+            return self._forward_traced(x)
+        env = call_plan.environment(x, self.training, self.merged, self._paths_version)
+        plan = self._plan
+        if plan is None or not plan.fits(env):
+            plan = self._plans.get(env)
+            if plan is None or not plan.fits(env):
+                plan = self._build_plan(x, env)
+            self.__dict__["_plan"] = plan
+        if self.layout.computes_itself:
+            return self._run_computing_base(plan, x)
+        return plan.run(x)
+
+    def _check_call(self, x: Tensor) -> None:
+        """The checks of a call (run when its plan is built, and by every traced call)."""
         if x.device != self.weight.device:
             raise ValueError(f"input is on {x.device}, the layer's weight on {self.weight.device}")
+        if not self.layout.computes_itself and x.dtype != self.weight.dtype and not torch.is_autocast_enabled(
+                x.device.type):
+            raise ValueError(f"input dtype {x.dtype} does not match the weight dtype {self.weight.dtype}")
+
+    def _build_plan(self, x: Tensor, env: tuple) -> call_plan.CallPlan:
+        self._plan = None
+        self._plans = call_plan.still_valid(self._plans)  # none keeps a replaced tensor's storage alive
+        self._check_call(x)
+        sources = self._sources()
+        paths = [] if self.merged else self.paths()
+        if self.layout.computes_itself:
+            dtype = compute_dtype(self.base_layer, self.layout, x)
+            plan = call_plan.build_lowrank(env, sources, x, self.out_features, paths, self.dropout, self.training,
+                                           dtype)
+        else:
+            plan = call_plan.build_linear(env, sources, x, self.base_weight(), self.bias, paths, self.dropout,
+                                          self.training)
+        if len(self._plans) >= 8:  # environments come and go (dtypes, autocast): a few at a time
+            self._plans.clear()
+        self._plan = self._plans[env] = plan
+        return plan
+
+    def _forward_traced(self, x: Tensor) -> Tensor:
+        """The router's call, which dynamo traces into one graph (custom ops for the kernels)."""
+        self._check_call(x)
         if self.layout.computes_itself:
             return self._forward_computing_base(x)
-        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise ValueError(f"input dtype {x.dtype} does not match the weight dtype {self.weight.dtype}")
         weight = self.base_weight()
-        if self.merged or len(self.lora_paths) == 0:
+        if self.merged or len(self.computed_paths()) == 0:
             return F.linear(x, weight, self.bias)
         return ops.lora_linear(x, weight, self.bias, self.paths(), self.dropout, self.training)
+
+    def _run_computing_base(self, plan: call_plan.CallPlan, x: Tensor) -> Tensor:
+        """A quantized base's own forward, then the plan adds the paths into its output in place."""
+        if self.layout.kind == "bnb_4bit" and torch.is_grad_enabled() and (self.training or x.requires_grad):
+            standard_4bit_layout(self.base_layer)  # after an eval pass on the CPU: a layout with a backward
+        y = self.base_layer(x)
+        if plan.backend == "base":
+            return y
+        return plan.run(y, x)
 
     def _forward_computing_base(self, x: Tensor) -> Tensor:
         """A quantized base's own forward, then the paths added into its output in place."""
@@ -197,7 +273,7 @@ class SharedLoRALinear(nn.Module):
         if self.layout.kind == "bnb_4bit" and torch.is_grad_enabled() and (self.training or x.requires_grad):
             standard_4bit_layout(self.base_layer)  # after an eval pass on the CPU: a layout with a backward
         y = self.base_layer(x)
-        if self.merged or len(self.lora_paths) == 0:
+        if self.merged or len(self.computed_paths()) == 0:
             return y
         return ops.lowrank_add(y, x, self.paths(), self.dropout, self.training, dtype)
 
@@ -218,6 +294,7 @@ class SharedLoRALinear(nn.Module):
         if not self.merged:
             add_to_weight_(self._weight_owner(), self.layout, self.delta_weight())
             self.merged = True
+            self._paths_version += 1
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -226,6 +303,7 @@ class SharedLoRALinear(nn.Module):
         if self.merged:
             add_to_weight_(self._weight_owner(), self.layout, -self.delta_weight())
             self.merged = False
+            self._paths_version += 1
 
     def extra_repr(self) -> str:
         kind = f", base={self.layout.kind}" if self.layout.computes_itself else ""

@@ -14,6 +14,11 @@ Read ratios, not times: each is a variant's median time over base's median in th
 load from other work hits both alike. Every option and the output folder are checked before any
 timing starts.
 
+--host times only the host work of one layer call (``benchmarks/host.py``: tiny shapes on the CPU,
+one thread, CPU time of this process; nn.Linear, PEFT's layer and ours on torch / compose / triton
+with stubbed launches, every layer kind, a tiny-LLaMA step) into host.json / host.md / host.png;
+a CPU run without --host includes it too.
+
 Writes results.json (every figure, the device, library versions, the command and the machine load),
 results.md (the tables) and ratio_vs_base.png into ./sharelora-bench/<device>-<date>/, or a new
 <device>-<date>-2, -3, ... when that exists (never overwriting), or into --out. --quick is a smoke
@@ -24,6 +29,7 @@ examples:
   python -m sharelora_kernels bench --device cpu
   python -m sharelora_kernels bench --quick --out /tmp/bench
   python -m sharelora_kernels bench --ops plain,kron --repeats 50 --no-e2e
+  python -m sharelora_kernels bench --host
 """
 from __future__ import annotations
 
@@ -64,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        *(REPEATS[profile][0][1] for profile in ("cpu", "cuda", "quick"))))
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training step (default: off)")
     add_threads_argument(p)
+    p.add_argument("--host", action="store_true",
+                   help="time only the host work of one layer call (tiny shapes, CPU, one thread) against PEFT; "
+                        "writes host.json/.md/.png (default: off; a CPU run includes it)")
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
@@ -74,7 +83,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     from ..cli import CommandError, require_positive
     from ..cli.options import check_threads_argument, set_threads
     from ..cli.outputs import check_out_dir, numbered_dir
-    from .report import OUTPUTS
+    from .report import HOST_OUTPUTS, OUTPUTS
 
     ops = args.ops.split(",")
     unknown = [op for op in ops if op not in OPS]
@@ -83,13 +92,17 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     require_positive(args, "repeats")
     check_threads_argument(args)
     if args.out is not None:
-        check_out_dir(args.out, OUTPUTS)
+        check_out_dir(args.out, HOST_OUTPUTS if args.host else OUTPUTS + HOST_OUTPUTS)
+    if args.host:
+        return _run_host(args, argv)
 
     import torch
 
     from ..cli.loading import resolve_device
     from .e2e import run_e2e
-    from .environment import describe, device_label, load_warning, loadavg
+    from .environment import describe, device_label, loadavg
+    from .host import run_host
+    from .host import write as write_host
     from .ops import shapes_for
     from .report import write_all
     from .suite import run_default_backend_check, run_ops
@@ -123,13 +136,48 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     else:
         results["e2e"] = run_e2e(profile, device, dtype, e2e_w, e2e_r)
     results["skipped"] = skipped
+    if device.type == "cpu":
+        results["host"] = run_host(quick=args.quick)
     env["loadavg_after"] = loadavg()
     written = write_all(results, out)
+    if device.type == "cpu":
+        written.update({f"host {k}": v for k, v in write_host(results, out).items()})
+    _report(written, env)
+    return written
+
+
+def _report(written: dict, env: dict) -> None:
+    """Print the files written, then the load warning when the machine was busier than its cores."""
+    from .environment import load_warning
+
     for kind, path in written.items():
         print(f"wrote {kind}: {path}")
     warning = load_warning(env)
     if warning:
         print(warning, file=sys.stderr)
+
+
+def _run_host(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """bench --host: the host benchmark alone (always on the CPU; options checked by ``run``)."""
+    import torch
+
+    from ..cli.options import set_threads
+    from ..cli.outputs import numbered_dir
+    from .environment import describe, device_label, loadavg
+    from .host import run_host
+    from .host import write as write_host
+
+    set_threads(args)
+    if argv is None:
+        argv = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else sys.argv[1:]
+    device = torch.device("cpu")
+    env = describe(device, argv)
+    out = args.out or numbered_dir(OUT_ROOT, f"host-{device_label(device)}-{env['date']}")
+    print(f"bench --host: results go to {out}" + (" (smoke run: --quick)" if args.quick else ""), file=sys.stderr)
+    results = {"environment": env, "host": run_host(quick=args.quick)}
+    env["loadavg_after"] = loadavg()
+    written = write_host(results, out)
+    _report(written, env)
     return written
 
 

@@ -115,9 +115,13 @@ class Report:
 
 @contextlib.contextmanager
 def environ(**values: str) -> Iterator[None]:
-    """Set env vars for the run, restoring the previous values after."""
+    """Set env vars for the run, restoring the previous values after (the package reads its
+    settings again both times: ``ops.refresh_settings``)."""
+    from ..ops.dispatch import refresh_settings
+
     old = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
+    refresh_settings()
     try:
         yield
     finally:
@@ -126,6 +130,7 @@ def environ(**values: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        refresh_settings()
 
 
 def _tuned_kernels() -> list:

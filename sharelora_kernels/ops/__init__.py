@@ -111,6 +111,15 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
     """y = x W^T + b + sum_p s_p B_p A_p dropout(x): x (..., K) -> (..., N), on ``backend`` (one of
     ``BACKENDS``; None: ``backend_for(x)``)."""
     setting = backend_for(x, backend)
+    if (setting == "auto" and torch.compiler.is_compiling() and _auto_times_triton(x)
+            and dispatch.call_mode(x, paths) == "fwd" and _autocast_operands(x, weight, bias) is None
+            and _fusable(x, weight, bias, paths)):  # a compiled inference call: auto chooses when it runs
+        from .auto_op import auto_lora_linear
+        from .encoding import encode
+
+        x2 = x.reshape(-1, x.shape[-1])
+        y = auto_lora_linear(x2, weight, bias, *encode(paths))
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     if paths and setting != "torch":
         cast = _autocast_operands(x, weight, bias)
         xs, ws, bs = cast or (x, weight, bias)
@@ -163,9 +172,18 @@ def lowrank_add(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: floa
     it considers them (CUDA), when the compute dtype, y and the adapters (one dtype) are float32 /
     bfloat16 / float16; the torch path otherwise (``torch``, ``compose``: it is torch GEMMs)."""
     setting = backend_for(x, backend)
-    dtype = compute_dtype or x.dtype
-    adapters = {t.dtype for p in paths for t in p.tensors}
-    takes = (bool(paths) and dtype in FUSED_DTYPES and y.dtype in FUSED_DTYPES and len(adapters) == 1
-             and adapters <= set(FUSED_DTYPES))
-    use_triton = takes and (setting == "triton" or (setting == "auto" and _auto_times_triton(x)))
+    use_triton = lowrank_add_uses_triton(setting, x, paths, compute_dtype or x.dtype, y.dtype)
     return _lowrank_add(y, x, paths, dropout_p, training, compute_dtype, use_triton)
+
+
+def lowrank_add_uses_triton(setting: str, x: Tensor, paths: Sequence[LoRAPath], dtype: torch.dtype,
+                            y_dtype: torch.dtype) -> bool:
+    """Whether ``lowrank_add`` under ``setting`` runs the Triton kernels for these dtypes."""
+    adapters = {t.dtype for p in paths for t in p.tensors}
+    takes = (bool(paths) and dtype in FUSED_DTYPES and y_dtype in FUSED_DTYPES and len(adapters) == 1
+             and adapters <= set(FUSED_DTYPES))
+    return takes and (setting == "triton" or (setting == "auto" and _auto_times_triton(x)))
+
+
+from . import call_plan  # noqa: E402,F401 (the layer's call plan; imports this package's router)
+from .dispatch import refresh_settings, set_backend  # noqa: E402,F401 (public)

@@ -25,7 +25,7 @@ import torch
 import triton
 
 from .dispatch import AUTOTUNE_ENV as ENV, AUTOTUNE_MODES as MODES, autotune_mode as mode  # one parser of the variable
-from .utils import INTERPRET
+from .utils import INTERPRET, cdiv
 
 
 def gemm_configs(tiles: Sequence[tuple[int, int, int, int, int]]) -> list[triton.Config]:
@@ -178,4 +178,4 @@ def m_splits(m: int, other_tiles: int, block_m: int, device: torch.device, min_r
     two waves of programs on the GPU, each with at least ``min_rows`` rows (default 4 tiles; 1 tile
     under the interpreter)."""
     rows = min_rows or (block_m if INTERPRET else 4 * block_m)
-    return max(1, min(triton.cdiv(2 * sm_count(device), max(other_tiles, 1)), triton.cdiv(m, rows)))
+    return max(1, min(cdiv(2 * sm_count(device), max(other_tiles, 1)), cdiv(m, rows)))

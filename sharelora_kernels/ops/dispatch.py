@@ -71,14 +71,66 @@ def env_choice(name: str, allowed: Sequence[str], default: str) -> str:
     return value
 
 
+# ----------------------------------------------------------------------------- settings (read once)
+class _Settings:
+    """``SHARELORA_BACKEND`` and ``SHARELORA_AUTOTUNE`` as read by the last ``refresh_settings()``
+    (at import, and again only when asked), or the ValueError a bad value gave, raised on use.
+    ``version`` changes whenever anything a call plan took from here may have changed (a refresh,
+    ``set_backend``, ``clear``), so layers rebuild their plans then and only then."""
+
+    def __init__(self):
+        self.backend: str | None = None  # None: the device's default
+        self.forced: str | None = None  # set_backend's value, which wins over the variable
+        self.autotune = "perf"
+        self.error: ValueError | None = None
+        self.version = 0
+
+
+SETTINGS = _Settings()
+
+
+def refresh_settings() -> None:
+    """Read ``SHARELORA_BACKEND`` and ``SHARELORA_AUTOTUNE`` again (the package reads them once, at
+    import; call this after changing them in a running process). A bad value is kept as its
+    ValueError, raised by the next call that needs the setting."""
+    SETTINGS.version += 1
+    try:
+        backend = env_choice(BACKEND_ENV, BACKENDS, "")
+        SETTINGS.autotune = env_choice(AUTOTUNE_ENV, AUTOTUNE_MODES, "perf")
+    except ValueError as e:
+        SETTINGS.error = e
+        return
+    SETTINGS.backend, SETTINGS.error = backend or None, None
+
+
+def set_backend(name: str | None) -> None:
+    """Run every later call on backend ``name`` (one of ``BACKENDS``), whatever ``SHARELORA_BACKEND``
+    says; None goes back to the variable (or the device's default). Layers rebuild their call plans."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {name!r}")
+    SETTINGS.forced = name
+    SETTINGS.version += 1
+
+
+def _checked_settings() -> _Settings:
+    if SETTINGS.error is not None:
+        raise SETTINGS.error
+    return SETTINGS
+
+
 def backend_setting(device: torch.device) -> str:
-    """``SHARELORA_BACKEND``, or the default for ``device``: auto on CUDA, ``DEFAULT_CPU`` elsewhere."""
-    return env_choice(BACKEND_ENV, BACKENDS, "auto" if device.type == "cuda" else DEFAULT_CPU)
+    """``set_backend``'s choice, else ``SHARELORA_BACKEND``, else the default for ``device``: auto on
+    CUDA, ``DEFAULT_CPU`` elsewhere."""
+    s = _checked_settings()
+    return s.forced or s.backend or ("auto" if device.type == "cuda" else DEFAULT_CPU)
 
 
 def autotune_mode() -> str:
     """``SHARELORA_AUTOTUNE`` (small, perf or full; default perf), checked here so a bad value fails early."""
-    return env_choice(AUTOTUNE_ENV, AUTOTUNE_MODES, "perf")
+    return _checked_settings().autotune
+
+
+refresh_settings()
 
 
 # ----------------------------------------------------------------------------- signatures
@@ -405,6 +457,7 @@ def clear() -> None:
     with _lock:
         _table.clear()
         _loaded.clear()
+    SETTINGS.version += 1  # call plans keep auto's choices: rebuilt
 
 
 def _choices() -> list[Choice]:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .autotune import dy_config, m_splits
 from .lowrank_grad import reduce_splits
-from .utils import dot_precision, index64, load_factor, mma, needs_int64_index, on_device, rank_block
+from .utils import cdiv, dot_precision, index64, load_factor, mma, needs_int64_index, on_device, rank_block
 
 MAX_N_SPLITS = 8  # column chunks: each adds an (M, R) fp32 slab of dh to reduce
 
@@ -88,14 +88,14 @@ def dy_lowrank(dy: Tensor, h: Tensor, table: Tensor, scale: Tensor, factor_dtype
     block_r = rank_block(r)
     config = dy_config(block_r)
     block_m, block_n = config["BLOCK_M"], config["BLOCK_D"]
-    n_tiles = triton.cdiv(n, block_n)
+    n_tiles = cdiv(n, block_n)
     s_n = min(n_tiles, MAX_N_SPLITS) if splits is None else min(splits[1], n_tiles)
-    n_chunk = triton.cdiv(n_tiles, s_n) * block_n
-    s_n = triton.cdiv(n, n_chunk)
-    r_tiles = triton.cdiv(r, block_r)
+    n_chunk = cdiv(n_tiles, s_n) * block_n
+    s_n = cdiv(n, n_chunk)
+    r_tiles = cdiv(r, block_r)
     s_m = m_splits(m, s_n * r_tiles, block_m, dy.device) if splits is None else splits[0]
-    m_chunk = triton.cdiv(triton.cdiv(m, min(s_m, triton.cdiv(m, block_m))), block_m) * block_m
-    s_m = triton.cdiv(m, m_chunk)
+    m_chunk = cdiv(cdiv(m, min(s_m, cdiv(m, block_m))), block_m) * block_m
+    s_m = cdiv(m, m_chunk)
     dh = torch.zeros((s_n, m, r), device=dy.device, dtype=torch.float32)
     db = torch.empty((s_m, r, n), device=dy.device, dtype=torch.float32)
     with on_device(dy):

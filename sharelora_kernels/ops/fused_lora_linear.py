@@ -44,12 +44,14 @@ from . import tma_linear
 from .autotune import SMALL_GEMM, TunedKernel, gemm_configs
 from .dy_lowrank import dy_lowrank
 from .encoding import KINDS, check_path, decode, encode  # noqa: F401 (KINDS: the layout codes)
+from .function import thin_apply
 from .gemm_tiles import LOWRANK_CHUNK, epilogue, lowrank_tile, matmul_tile, tile_coords
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
 from .shared_grad import path_grads
-from .tables import path_rank, tables_for
-from .utils import INTERPRET, TL_DTYPES, dot_precision, dropout_seed, mask_words, needs_int64_index, on_device
+from .tables import path_rank, refresh_gates, tables_for
+from .utils import (INTERPRET, TL_DTYPES, cdiv, dot_precision, dropout_seed, mask_words, needs_int64_index,
+                    next_power_of_2, on_device)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). perf: the tiles that compile without spills
 # for every variant (compile_check); full adds the larger ones, which spill with Kronecker + dropout.
@@ -99,12 +101,12 @@ def fused_linear(a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Tensor, table:
         tma_linear.tma_linear(out, a, w_kn, bias, h, table, factor_dtype, periodic, scale, dropout_p, mask)
         return out
     dropout = dropout_p > 0
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
     with on_device(a):
         pointer_kernel[grid](
             a, w_kn, bias if bias is not None else a, h, table, scale if scale is not None else h, out,
             mask if dropout else h, dropout_p,
-            m, n, k, r, triton.next_power_of_2(m),
+            m, n, k, r, next_power_of_2(m),
             a.stride(0), a.stride(1), w_kn.stride(0), w_kn.stride(1), h.stride(0), h.stride(1), out.stride(0), out.stride(1),
             mask.stride(0) if dropout else 0,
             HAS_BIAS=bias is not None, APPLY_SCALE=scale is not None, DROPOUT=dropout, INT64=needs_int64_index(a, w_kn),
@@ -114,17 +116,35 @@ def fused_linear(a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Tensor, table:
     return out
 
 
-# ----------------------------------------------------------------------------- custom ops
+# ----------------------------------------------------------------------------- forward and backward
+def forward_impl(x: Tensor, weight: Tensor, bias: Tensor | None, tables, dropout_p: float,
+                 seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """y (M, N) in x's dtype, h = dropout(x) A_eff^T (M, R) float32 and the dropout mask
+    (M, ceil(K / 32)) int32 bit-packed (empty when dropout_p == 0), from the paths' factor tables."""
+    h, mask = lowrank_project(x, tables.a, tables.dtype, tables.periodic, dropout_p, seed)
+    y = fused_linear(x, weight.t(), None if bias is None else bias.contiguous(), h, tables.b, tables.dtype,
+                     tables.periodic, tables.scale, 0.0, mask)
+    return y, h, mask
+
+
+def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, h: Tensor, mask: Tensor, tables, dropout_p: float,
+                  needs_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """dx (M, K) in x's dtype (empty unless needs_dx), dA_eff (R, K) and dB_eff^T (R, N) float32."""
+    dh, grad_b = dy_lowrank(dy, h, tables.b, tables.scale, tables.dtype, tables.periodic)
+    if needs_dx:
+        dx = fused_linear(dy, weight, None, dh, tables.a, tables.dtype, tables.periodic, None, dropout_p, mask)
+    else:
+        dx = x.new_empty((0,))
+    return dx, lowrank_grad(dh, x, mask, dropout_p), grad_b
+
+
+# ----------------------------------------------------------------------------- custom ops (torch.compile)
 @torch.library.custom_op("sharelora::fused_lora_linear", mutates_args=())
 def _forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], tensors: list[Tensor], layout: list[int],
                 scales: list[float], dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Returns y (M, N) in x's dtype, h = dropout(x) A_eff^T (M, R) float32 and the dropout mask
     (M, ceil(K / 32)) int32 bit-packed (empty when dropout_p == 0), both saved for backward."""
-    tables = tables_for(decode(tensors, layout, scales), x.device)
-    h, mask = lowrank_project(x, tables.a, tables.dtype, tables.periodic, dropout_p, seed)
-    y = fused_linear(x, weight.t(), None if bias is None else bias.contiguous(), h, tables.b, tables.dtype,
-                     tables.periodic, tables.scale, 0.0, mask)
-    return y, h, mask
+    return forward_impl(x, weight, bias, tables_for(decode(tensors, layout, scales), x.device), dropout_p, seed)
 
 
 @_forward_op.register_fake
@@ -141,14 +161,8 @@ def _backward_op(dy: Tensor, x: Tensor, weight: Tensor, h: Tensor, mask: Tensor,
                  needs_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dx (M, K) in x's dtype (empty unless needs_dx), dA_eff (R, K) and dB_eff^T (R, N) float32.
     mask: the forward's bit-packed dropout mask (read when dropout_p > 0; nothing is drawn here)."""
-    tables = tables_for(decode(tensors, layout, scales), x.device)
-    dh, grad_b = dy_lowrank(dy, h, tables.b, tables.scale, tables.dtype, tables.periodic)
-    if needs_dx:
-        dx = fused_linear(dy, weight, None, dh, tables.a, tables.dtype, tables.periodic, None, dropout_p, mask)
-    else:
-        dx = x.new_empty((0,))
-    grad_a = lowrank_grad(dh, x, mask, dropout_p)
-    return dx, grad_a, grad_b
+    return backward_impl(dy, x, weight, h, mask, tables_for(decode(tensors, layout, scales), x.device), dropout_p,
+                         needs_dx)
 
 
 @_backward_op.register_fake
@@ -215,7 +229,58 @@ def fused_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Seq
     _check(x, weight, bias, paths, dropout_p)
     p = dropout_p if training else 0.0
     x2 = x.reshape(-1, x.shape[-1])
+    if not torch.compiler.is_compiling():  # eager: one Function, no custom-op wrapper
+        program = (weight, bias, list(paths), tables_for(paths, x.device), p, dropout_seed(0.0, x.device))
+        y = _fused_apply(program, x2, *(t for q in paths for t in q.tensors))
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     seed = dropout_seed(p, x.device)
     tensors, layout, scales = encode(paths)
     y = _forward_op(x2, weight, bias, tensors, layout, scales, p, seed)[0]
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# ----------------------------------------------------------------------------- the planned eager call
+class FusedLinear(torch.autograd.Function):
+    """One planned eager call of the kernels: ``apply(program, x (M, K), *tensors)`` -> y (M, N), with
+    no custom-op wrapper (``torch.compile`` reaches the custom ops through ``fused_lora_linear``).
+    ``program`` = (weight, bias, paths, factor tables built once, dropout p, the zero seed of p == 0)."""
+
+    @staticmethod
+    def forward(ctx, program, x, *tensors):
+        weight, bias, paths, tables, p, seed = program
+        if tables.gates:
+            refresh_gates(tables, paths)
+        y, h, mask = forward_impl(x, weight, bias, tables, p, seed if p == 0 else dropout_seed(p, x.device))
+        ctx.save_for_backward(x, h, mask)
+        ctx.program = program
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, mask = ctx.saved_tensors
+        weight, bias, paths, tables, p, _ = ctx.program
+        needs = ctx.needs_input_grad
+        if tables.gates:
+            refresh_gates(tables, paths)
+        dx, grad_a, grad_b = backward_impl(dy.contiguous(), x, weight, h, mask, tables, p, needs[1])
+        tensors = [t for q in paths for t in q.tensors]
+        return (None, dx if needs[1] else None, *path_grads(tensors, needs[2:], paths, grad_a, grad_b))
+
+
+_fused_apply = thin_apply(FusedLinear)
+
+
+def planned_call(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
+                 training: bool):
+    """The run(x) of a call plan on the kernels: the checks of ``fused_lora_linear`` and the factor
+    tables done once (a plan is rebuilt when a tensor it read is replaced)."""
+    p = dropout_p if training else 0.0
+    _check(x, weight, bias, paths, p)
+    program = (weight, bias, list(paths), tables_for(paths, x.device), p, dropout_seed(0.0, x.device))
+    tensors = [t for q in paths for t in q.tensors]
+    n = weight.shape[0]
+
+    def run(x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        return _fused_apply(program, x2, *tensors).view(*x.shape[:-1], n)
+    return run

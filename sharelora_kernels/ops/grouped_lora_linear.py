@@ -49,6 +49,7 @@ from torch import Tensor
 from ..config import PATH_ROLES
 from ..reference import LoRAPath
 from .autotune import TunedKernel
+from .function import thin_apply
 from .dy_lowrank import dy_lowrank
 from .fused_lora_linear import SPACES, _check
 from .gemm_tiles import LOWRANK_CHUNK, lowrank_tile, matmul_tile, tile_coords
@@ -57,7 +58,7 @@ from .lowrank_input import lowrank_project
 from .shared_grad import GradSink, atomic_grads, chain_a, chain_b
 from .tables import (FactorTables, cached, index_tensor, path_rank, paths_key, refresh_gates, tables_for,
                      tensor_key)
-from .utils import TL_DTYPES, dot_precision, dropout_seed, mask_words, needs_int64_index, on_device
+from .utils import TL_DTYPES, cdiv, dot_precision, dropout_seed, mask_words, needs_int64_index, next_power_of_2, on_device
 
 KINDS = tuple(PATH_ROLES)
 
@@ -223,11 +224,11 @@ def grouped_linear(launch: GroupLaunch, inputs: Sequence[Tensor], outputs: Seque
         ins = inputs if len(inputs) == 1 else inputs[c * MAX_MODULES:(c + 1) * MAX_MODULES]
         outs = outputs if len(outputs) == 1 else outputs[c * MAX_MODULES:(c + 1) * MAX_MODULES]
         ins, outs = [*ins, *[ins[0]] * (4 - len(ins))], [*outs, *[outs[0]] * (4 - len(outs))]
-        grid = lambda meta: (sum(triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]) for n in chunk.ns),)
+        grid = lambda meta: (sum(cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]) for n in chunk.ns),)
         with on_device(h):
             grouped_kernel[grid](
                 chunk.prob, chunk.seg, launch.hcols, *ins, *outs, h, mask if dropout else h, dropout_p,
-                m, len(chunk.ns), sum(chunk.ns), chunk.k_sum, chunk.r_max, triton.next_power_of_2(m), h.stride(0), 1,
+                m, len(chunk.ns), sum(chunk.ns), chunk.k_sum, chunk.r_max, next_power_of_2(m), h.stride(0), 1,
                 *launch.w_strides, mask.stride(0) if dropout else 0,
                 APPLY_SCALE=apply_scale, DROPOUT=dropout, ACCUMULATE=chunk.accumulate, ALIGNED=aligned,
                 INT64=launch.int64,
@@ -327,6 +328,12 @@ def _forward_op(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]]
                 layout: list[int], scales: list[float], dropout_p: float, seed: Tensor) -> list[Tensor]:
     """Returns [y_0 (M, N_0), ..., y_{G-1}, h (M, R_u) float32 = dropout(x) A_u^T, the dropout mask
     (M, ceil(K / 32)) int32 bit-packed (empty when dropout_p == 0)]; h and the mask are saved for backward."""
+    return forward_impl(x, weights, biases, tensors, layout, scales, dropout_p, seed)
+
+
+def forward_impl(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None], tensors: Sequence[Tensor],
+                 layout: Sequence[int], scales: Sequence[float], dropout_p: float, seed: Tensor) -> list[Tensor]:
+    """The forward of ``sharelora::grouped_lora_linear`` (what its custom op and the eager Function run)."""
     grp = decode(tensors, layout, scales, len(weights))
     views = tables_for(grp.views, x.device)
     h, mask = lowrank_project(x, views.a, views.dtype, views.periodic, dropout_p, seed)
@@ -365,6 +372,13 @@ def _backward_op(dys: list[Tensor], x: Tensor, weights: list[Tensor], h: Tensor,
                  atomic: bool) -> Tensor:
     """Returns dx (M, K) in x's dtype (empty unless needs_dx); adds every tensor's gradient into bufs[i]
     (fp32, the tensor's shape; an empty tensor for a tensor that needs none). mask: the forward's."""
+    return backward_impl(dys, x, weights, h, mask, tensors, layout, scales, dropout_p, needs_dx, bufs, atomic)
+
+
+def backward_impl(dys: list[Tensor], x: Tensor, weights: Sequence[Tensor], h: Tensor, mask: Tensor,
+                  tensors: Sequence[Tensor], layout: Sequence[int], scales: Sequence[float], dropout_p: float,
+                  needs_dx: bool, bufs: list[Tensor], atomic: bool) -> Tensor:
+    """The backward of ``sharelora::grouped_lora_linear_backward``."""
     grp = decode(tensors, layout, scales, len(weights))
     views = tables_for(grp.views, x.device)
     dh = torch.zeros_like(h)
@@ -450,5 +464,35 @@ def grouped_lora_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[T
     x2 = x.reshape(-1, x.shape[-1])
     seed = dropout_seed(p, x.device)
     tensors, layout, scales = encode(paths)
-    outs = _forward_op(x2, list(weights), list(biases), tensors, layout, scales, p, seed)
-    return tuple(y.reshape(*x.shape[:-1], w.shape[0]) for y, w in zip(outs[:-2], weights))
+    if torch.compiler.is_compiling():  # dynamo sees the custom op (fake kernel, autograd formula)
+        outs = _forward_op(x2, list(weights), list(biases), tensors, layout, scales, p, seed)[:-2]
+    else:  # eager: one Function, no custom-op wrapper
+        outs = _eager_apply((list(weights), list(biases), tensors, layout, scales, p), x2, seed, *tensors)
+    return tuple(y.reshape(*x.shape[:-1], w.shape[0]) for y, w in zip(outs, weights))
+
+
+class GroupedEager(torch.autograd.Function):
+    """The eager call of the group: ``apply(program, x (M, K), seed, *tensors)`` -> (y_0, ..., y_{G-1}),
+    ``program`` = (weights, biases, tensors, layout, scales, dropout p); the same forward and backward
+    as the custom ops, called directly."""
+
+    @staticmethod
+    def forward(ctx, program, x, seed, *tensors):
+        weights, biases, tensors, layout, scales, p = program
+        *ys, h, mask = forward_impl(x, weights, biases, tensors, layout, scales, p, seed)
+        ctx.save_for_backward(x, h, mask)
+        ctx.program = program
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x, h, mask = ctx.saved_tensors
+        weights, _, tensors, layout, scales, p = ctx.program
+        sink = GradSink(tensors, ctx.needs_input_grad[3:])
+        bufs = [b if b is not None else x.new_empty((0,), dtype=torch.float32) for b in sink.buffers]
+        dx = backward_impl(list(dys), x, weights, h, mask, tensors, layout, scales, p, ctx.needs_input_grad[1], bufs,
+                           atomic_grads())  # unused outputs' gradients come as zeros (materialized)
+        return (None, dx if ctx.needs_input_grad[1] else None, None, *sink.grads())
+
+
+_eager_apply = thin_apply(GroupedEager)

@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .autotune import grad_config, m_splits, reduce_config
-from .utils import dot_precision, index64, load_keep, mma, needs_int64_index, on_device, rank_block
+from .utils import cdiv, dot_precision, index64, load_keep, mma, needs_int64_index, on_device, rank_block
 
 
 @triton.jit(do_not_specialize=["M", "M_CHUNK"])
@@ -88,7 +88,7 @@ def reduce_splits(partial: Tensor) -> Tensor:
         return partial[0]
     out = torch.empty((x, y), device=partial.device, dtype=torch.float32)
     config = reduce_config()
-    grid = (triton.cdiv(x, config["BLOCK_X"]), triton.cdiv(y, config["BLOCK_Y"]))
+    grid = (cdiv(x, config["BLOCK_X"]), cdiv(y, config["BLOCK_Y"]))
     with on_device(partial):
         _reduce_splits_kernel[grid](partial, out, s, x, y, *partial.stride(), *out.stride(), **config)
     return out
@@ -109,16 +109,16 @@ def lowrank_grad(g: Tensor, a: Tensor, mask: Tensor | None = None, dropout_p: fl
     block_r = rank_block(r)
     config = grad_config(d, a.element_size(), block_r)
     block_m = config["BLOCK_M"]
-    other_tiles = triton.cdiv(d, config["BLOCK_D"]) * triton.cdiv(r, block_r)
-    splits = min(splits or m_splits(m, other_tiles, block_m, a.device), triton.cdiv(m, block_m))
-    chunk = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
-    splits = triton.cdiv(m, chunk)
+    other_tiles = cdiv(d, config["BLOCK_D"]) * cdiv(r, block_r)
+    splits = min(splits or m_splits(m, other_tiles, block_m, a.device), cdiv(m, block_m))
+    chunk = cdiv(cdiv(m, splits), block_m) * block_m
+    splits = cdiv(m, chunk)
     if atomic:
         out = torch.zeros((1, r, d), device=a.device, dtype=torch.float32)
     else:
         out = torch.empty((splits, r, d), device=a.device, dtype=torch.float32)
     dropout = dropout_p > 0
-    grid = (triton.cdiv(d, config["BLOCK_D"]), triton.cdiv(r, block_r), splits)
+    grid = (cdiv(d, config["BLOCK_D"]), cdiv(r, block_r), splits)
     with on_device(a):
         _lowrank_grad_kernel[grid](
             g, a, out, mask if dropout else g, dropout_p,

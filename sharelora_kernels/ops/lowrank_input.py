@@ -22,8 +22,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .autotune import project_config
-from .utils import (dot_precision, draw_keep, index64, load_factor, mask_words, mma, needs_int64_index, pack_keep,
-                    on_device, rank_block, rng_needs_int64)
+from .utils import (cdiv, dot_precision, draw_keep, index64, load_factor, mask_words, mma, needs_int64_index, on_device,
+                    pack_keep, rank_block, rng_needs_int64)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -82,7 +82,7 @@ def lowrank_project(a: Tensor, table: Tensor, factor_dtype: tl.dtype, periodic: 
         return out, mask
     block_r = rank_block(r)
     config = project_config(m, d, a.element_size(), block_r)
-    grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(r, block_r))
+    grid = (cdiv(m, config["BLOCK_M"]), cdiv(r, block_r))
     with on_device(a):
         _lowrank_project_kernel[grid](
             a, table, out, seed if seed is not None else table, mask, dropout_p,

@@ -28,6 +28,7 @@ mutable op (``ctx.mark_dirty(y)``); dynamo traces it into one graph (``torch.com
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -35,6 +36,7 @@ from torch import Tensor
 
 from ..reference import LoRAPath, _add_lowrank, _dense_factors, add_path_output, path_input
 from .encoding import check_path, decode, encode
+from .function import thin_apply
 from .shared_grad import path_grads
 
 DENSE_KINDS = ("plain", "slice", "gate")  # stacked into one LoRA by the torch path (gate: C G_id (g, K), G_ou)
@@ -98,7 +100,7 @@ def torch_forward(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], p: float, see
     for i in others:
         hs[i] = path_input(xd, paths[i])
         add_path_output(y, hs[i], paths[i])
-    return torch.cat(hs, 1), x.new_empty((0,), dtype=torch.int32)
+    return (hs[0] if len(hs) == 1 else torch.cat(hs, 1)), x.new_empty((0,), dtype=torch.int32)
 
 
 def torch_backward(dy: Tensor, x: Tensor, h: Tensor, mask: Tensor, paths: Sequence[LoRAPath], p: float,
@@ -110,24 +112,32 @@ def torch_backward(dy: Tensor, x: Tensor, h: Tensor, mask: Tensor, paths: Sequen
     dy = dy.to(x.dtype).to(accumulation_dtype(x.dtype))
     dense, others = _dense_split(paths)
     dhs: list[Tensor | None] = [None] * len(paths)
-    dx = torch.zeros(x.shape, device=x.device, dtype=dy.dtype) if needs_dx else x.new_empty((0,))
+    dx = None
     if dense:
         a, b = _dense_factors([paths[i] for i in dense], k, n)  # b scaled: dh = s dy B
         dh_dense = dy @ b
         if needs_dx:
-            dx.addmm_(dh_dense, a)
+            dx = dh_dense @ a
         for i, dh in zip(dense, dh_dense.split([paths[i].rank for i in dense], 1)):
             dhs[i] = dh
     for i in others:  # Kronecker paths
         dhs[i] = path_input(dy, _kron_adjoint(paths[i])) * paths[i].scale
         if needs_dx:
+            if dx is None:
+                dx = torch.zeros(x.shape, device=x.device, dtype=dy.dtype)
             add_path_output(dx, dhs[i], _kron_adjoint(paths[i]))
     keep = _keep(x, p, seed)
     if needs_dx:
         dx = (dx if keep is None else dx * keep / (1.0 - p)).to(x.dtype)
-    dh = torch.cat(dhs, 1)
-    scale = torch.cat([torch.full((q.rank,), q.scale, device=x.device, dtype=dy.dtype) for q in paths])
-    return dx, dh.t() @ _dropped(x, keep, p), (h * scale).t() @ dy
+    else:
+        dx = x.new_empty((0,))
+    dh = dhs[0] if len(dhs) == 1 else torch.cat(dhs, 1)
+    grad_b = h.t() @ dy  # (R, N), each path's rows scaled below (no scale vector built from host data)
+    r0 = 0
+    for q in paths:
+        grad_b[r0:r0 + q.rank].mul_(q.scale)
+        r0 += q.rank
+    return dx, dh.t() @ _dropped(x, keep, p), grad_b
 
 
 def _backend(use_triton: bool):
@@ -233,4 +243,71 @@ def lowrank_add(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: floa
     seed = (torch.randint(0, 2**31 - 1, (1,), device=x.device) if p > 0 else
             torch.zeros(1, dtype=torch.int64, device=x.device))
     tensors, layout, scales = encode(paths)
+    if not (torch.is_grad_enabled() and (x2.requires_grad or y.requires_grad or any(t.requires_grad for t in tensors))):
+        _forward_op(y, x2, tensors, layout, scales, p, seed, use_triton)  # no gradient wanted
+        return y
     return _LowRankAdd.apply(y, x2, seed, layout, scales, p, use_triton, *tensors)
+
+
+# ----------------------------------------------------------------------------- the planned eager call
+class LowRankPlanned(torch.autograd.Function):
+    """One planned eager call: ``apply(program, y, x (M, K), *tensors)`` adds the paths into y in
+    place through the backend's functions directly (no custom-op wrapper; ``torch.compile`` reaches
+    the custom ops through ``lowrank_add``). ``program`` = (paths, p, seed, use_triton)."""
+
+    @staticmethod
+    def forward(ctx, program, y, x, *tensors):
+        paths, p, seed, use_triton = program
+        if p > 0:
+            seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
+        with _no_autocast(x.device.type):  # the dtypes are chosen by the plan
+            h, mask = _backend(use_triton)[0](y.view(-1, y.shape[-1]), x, paths, p, seed)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x, h, mask, seed)
+        ctx.program = program
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, mask, seed = ctx.saved_tensors
+        paths, p, _, use_triton = ctx.program
+        needs = ctx.needs_input_grad
+        with _no_autocast(x.device.type):
+            dx, grad_a, grad_b = _backend(use_triton)[1](dy.reshape(-1, dy.shape[-1]), x, h, mask, paths, p, seed,
+                                                         needs[2])
+        tensors = [t for q in paths for t in q.tensors]
+        return (None, dy, dx if needs[2] else None, *path_grads(tensors, needs[3:], paths, grad_a, grad_b))
+
+
+_planned_apply = thin_apply(LowRankPlanned)
+
+
+def _no_autocast(device: str):
+    """Autocast off inside (a context manager only when it is on)."""
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+
+
+def planned_call(x: Tensor, n: int, paths: Sequence[LoRAPath], dropout_p: float, training: bool,
+                 compute_dtype: torch.dtype, use_triton: bool):
+    """The run(y, x) of a call plan on this op: the checks, flat arguments and a zero seed made once."""
+    p = dropout_p if training else 0.0
+    paths = list(paths)
+    tensors = [t for q in paths for t in q.tensors]
+    program = (paths, p, torch.zeros(1, dtype=torch.int64, device=x.device), use_triton)
+    for i, q in enumerate(paths):
+        check_path(i, q, x.shape[-1], n)
+
+    def run(y: Tensor, x: Tensor) -> Tensor:
+        _check(y, x, (), p)
+        if not y.is_contiguous() or y._base is not None:
+            y = y.clone(memory_format=torch.contiguous_format)
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.dtype != compute_dtype:
+            x2 = x2.to(compute_dtype)
+        if torch.is_grad_enabled() and (x2.requires_grad or y.requires_grad or any(t.requires_grad for t in tensors)):
+            return _planned_apply(program, y, x2, *tensors)
+        with _no_autocast(x.device.type):
+            _backend(use_triton)[0](y.view(-1, y.shape[-1]), x2, paths, p, program[2] if p == 0 else
+                                    torch.randint(0, 2**31 - 1, (1,), device=x.device))
+        return y
+    return run

@@ -36,7 +36,7 @@ from .gemm_tiles import LOWRANK_CHUNK, lowrank_tile, tile_coords
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
 from .tables import FactorTables, tables_for
-from .utils import TL_DTYPES, dot_precision, on_device
+from .utils import TL_DTYPES, cdiv, dot_precision, on_device
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -69,7 +69,7 @@ def _lowrank_add(out: Tensor, h: Tensor, table: Tensor, tables: FactorTables, co
         return
     config = lowrank_add_config()
     dropout = dropout_p > 0
-    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(d, config["BLOCK_N"]),)
+    grid = (cdiv(m, config["BLOCK_M"]) * cdiv(d, config["BLOCK_N"]),)
     with on_device(out):
         _lowrank_add_kernel[grid](
             h, table, scale if scale is not None else h, out, mask if dropout else h, dropout_p,

@@ -25,6 +25,7 @@ import os
 from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference import LoRAPath
@@ -76,6 +77,38 @@ class GradSink:
                 for buf, first, dtype in zip(self.buffers, self._first, self._dtypes)]
 
 
+class DirectSink:
+    """``GradSink``'s interface for tensors that are all distinct (no tensor listed twice), where
+    each gets one contribution per path: that contribution is its gradient (a window padded into
+    the tensor's shape), cast once; no fp32 buffer to zero and fill. ``buffers[i]`` only says
+    whether tensor i needs a gradient (True or None)."""
+
+    def __init__(self, tensors: Sequence[Tensor], needs_grad: Sequence[bool]):
+        self.buffers: list[bool | None] = [True if need else None for need in needs_grad]
+        self._tensors = tensors
+        self._grads: list[Tensor | None] = [None] * len(tensors)
+
+    def add(self, i: int, grad: Tensor, window: tuple[int, int] = (0, 0)) -> None:
+        if self.buffers[i] is None:
+            return
+        rows, cols = self._tensors[i].shape
+        if window != (0, 0) or tuple(grad.shape) != (rows, cols):
+            r0, c0 = window
+            grad = F.pad(grad, (c0, cols - grad.shape[1] - c0, r0, rows - grad.shape[0] - r0))
+        self._grads[i] = grad if self._grads[i] is None else self._grads[i] + grad
+
+    def grads(self) -> list[Tensor | None]:
+        return [None if need is None else (torch.zeros_like(t) if g is None else g.to(t.dtype))
+                for need, g, t in zip(self.buffers, self._grads, self._tensors)]
+
+
+def sink_for(tensors: Sequence[Tensor], needs_grad: Sequence[bool]) -> GradSink | DirectSink:
+    """A ``DirectSink`` when no tensor is listed twice, else a ``GradSink`` (one buffer per tensor)."""
+    if len({id(t) for t in tensors}) == len(tensors):
+        return DirectSink(tensors, needs_grad)
+    return GradSink(tensors, needs_grad)
+
+
 # ----------------------------------------------------------------------------- chain rule
 def direct_window(path: LoRAPath, factor: str) -> tuple[int, tuple[int, int]] | None:
     """(role index, window) of a plain or slice path's dA_eff / dB_eff^T inside its tensor's buffer
@@ -87,11 +120,12 @@ def direct_window(path: LoRAPath, factor: str) -> tuple[int, tuple[int, int]] | 
 
 def chain_a(path: LoRAPath, ga: Tensor) -> Iterator[tuple[int, Tensor, tuple[int, int]]]:
     """(role index, fp32 gradient, window) of the tensors behind A_eff, from ga = dA_eff (r, K)."""
-    t = [u.float() for u in path.tensors]
     if path.kind in ("plain", "slice"):
         role, window = direct_window(path, "a")
         yield role, ga, window
-    elif path.kind == "kron":  # A = K_A (x) A_s
+        return
+    t = [u.float() for u in path.tensors]
+    if path.kind == "kron":  # A = K_A (x) A_s
         a_s, k_a = t[0], t[2]
         ga3 = ga.reshape(ga.shape[0], -1, a_s.shape[1])
         yield 0, torch.einsum("j,rjc->rc", k_a[0], ga3), (0, 0)
@@ -123,7 +157,7 @@ def path_grads(tensors: Sequence[Tensor], needs_grad: Sequence[bool], paths: Seq
                grad_b: Tensor) -> list[Tensor | None]:
     """What an autograd formula returns for ``tensors`` (the flat tensors of ``paths``), from the
     effective-factor gradients of every path at once: grad_a = dA_eff (R, K), grad_b = dB_eff^T (R, N)."""
-    sink = GradSink(tensors, needs_grad)
+    sink = sink_for(tensors, needs_grad)
     i0, r0 = 0, 0
     for p in paths:
         r1 = r0 + p.rank
@@ -131,3 +165,4 @@ def path_grads(tensors: Sequence[Tensor], needs_grad: Sequence[bool], paths: Seq
             sink.add(i0 + role, g, window)
         i0, r0 = i0 + len(p.tensors), r1
     return sink.grads()
+

@@ -34,7 +34,7 @@ except ImportError:  # Triton without host-side descriptors: the pointer kernel 
 
 from .autotune import SMALL_GEMM, TunedKernel, gemm_configs, sm_count
 from .gemm_tiles import LOWRANK_CHUNK, epilogue, lowrank_tile, tile_coords
-from .utils import INTERPRET, dot_precision, mma, on_device
+from .utils import INTERPRET, cdiv, dot_precision, mma, next_power_of_2, on_device
 
 PERF = [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
 FULL = PERF + [(128, 128, 64, 4, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 4), (128, 128, 128, 8, 3),
@@ -116,15 +116,15 @@ def tma_linear(out: Tensor, a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Ten
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), placeholder)
     w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), placeholder)
     programs = programs or sm_count(a.device)
-    grid = lambda meta: (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+    grid = lambda meta: (min(programs, cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"])),)
     dropout = dropout_p > 0
     with on_device(a):
         tma_kernel[grid](
             a_desc, w_desc, bias if bias is not None else h, h, table, scale if scale is not None else h, out,
             mask if dropout else h, dropout_p,
-            m, n, k, table.shape[0], triton.next_power_of_2(m), programs,
+            m, n, k, table.shape[0], next_power_of_2(m), programs,
             h.stride(0), h.stride(1), out.stride(0), out.stride(1), mask.stride(0) if dropout else 0,
             HAS_BIAS=bias is not None, APPLY_SCALE=scale is not None, DROPOUT=dropout, W_KMAJOR=w_kmajor,
             DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype, PERIODIC=periodic,
-        R_CHUNKS=triton.cdiv(table.shape[0], LOWRANK_CHUNK), BLOCK_R=LOWRANK_CHUNK,
+            R_CHUNKS=cdiv(table.shape[0], LOWRANK_CHUNK), BLOCK_R=LOWRANK_CHUNK,
         )

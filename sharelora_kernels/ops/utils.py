@@ -53,25 +53,41 @@ def on_device(t: Tensor):
     return torch.cuda.device(t.device.index if t.is_cuda else -1)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code (``triton.cdiv`` is a constexpr function: slow to call from Python)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), for host code, like ``triton.next_power_of_2``."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def mask_words(k: int) -> int:
     """int32 words per row of the bit-packed dropout mask of an (M, K) input."""
-    return triton.cdiv(k, 32)
+    return cdiv(k, 32)
 
 
 def rng_needs_int64(m: int, k: int) -> bool:
     """Whether the Philox offsets ``row * ceil(K / 4) + col // 4`` of an (M, K) input overflow int32."""
-    return m * triton.cdiv(k, 4) > 2**31 - 1
+    return m * cdiv(k, 4) > 2**31 - 1
 
 
 def needs_int64_index(*tensors: Tensor) -> bool:
     """Whether an element offset ``index * stride`` into one of ``tensors`` can overflow int32
     (Triton passes strides and sizes below 2**31 as int32): then the kernels index in int64."""
-    return any(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) > 2**31 - 1 for t in tensors if t.numel())
+    for t in tensors:
+        n = t.numel()
+        if n < 2**31 and t.is_contiguous():  # the largest offset is n - 1 (the common case: no stride sum)
+            continue
+        if n and sum((d - 1) * abs(s) for d, s in zip(t.shape, t.stride())) > 2**31 - 1:
+            return True
+    return False
 
 
 def rank_block(r: int) -> int:
     """Rank tile: a power of two in [16, 64] (tl.dot needs >= 16 on GPU)."""
-    return max(16, min(64, triton.next_power_of_2(r)))
+    return max(16, min(64, next_power_of_2(r)))
 
 
 @triton.jit

@@ -1,0 +1,272 @@
+"""The layer's call plan (ops.call_plan): rebuilt exactly when something it was built from changes,
+each next call right against float64 (outputs and every gradient); and a steady-state call lean."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import sharelora_kernels as sk
+from sharelora_kernels import ops, reference
+from sharelora_kernels.layer import AdapterStore, LoRAPathModule, SharedLoRALinear
+from sharelora_kernels.ops import call_plan
+from sharelora_kernels.plan import PathSpec, TensorSpec
+
+K, N = 24, 20
+
+
+def rel_err(a, b) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+def bishare_layer(dtype=torch.float32, kinds=("plain", "slice", "slice"), dropout=0.0) -> SharedLoRALinear:
+    """A layer with a plain path and slice paths of wider shared tensors (a 3-path Bi-Share module),
+    or gate / Kronecker paths, every tensor random."""
+    torch.manual_seed(0)
+    specs, params, paths = {}, {}, []
+    for i, kind in enumerate(kinds):
+        r = 2 + i
+        if kind == "plain":
+            shapes = {"A": (r, K), "B": (N, r)}
+        elif kind == "slice":
+            shapes = {"A": (r, K + 6), "B": (N + 4, r)}
+        elif kind == "gate":
+            shapes = {"A": (r, 8), "B": (6, r), "G_id": (2, K), "G_iu": (8, 2), "G_od": (2, 6), "G_ou": (N, 2)}
+        else:  # kron, d = 4
+            shapes = {"A": (r, 4), "B": (4, r), "K_A": (1, K // 4), "K_B": (N // 4, 1)}
+        names = {}
+        for role, shape in shapes.items():
+            name = f"p{i}.{role}"
+            specs[name] = TensorSpec(name, shape, "gaussian", "lora", init_std=0.3)
+            params[name] = nn.Parameter(torch.randn(shape, dtype=dtype) * 0.3)
+            names[role] = name
+        rank = 2 if kind == "gate" else r
+        paths.append((PathSpec(kind, "lora", names, 0.5 + i, rank, 3 if kind == "slice" else 0,
+                               2 if kind == "slice" else 0)))
+    store = AdapterStore(params, specs)
+    layer = SharedLoRALinear(nn.Linear(K, N).to(dtype), [LoRAPathModule(s, store) for s in paths], dropout=dropout)
+    layer.store = store
+    return layer
+
+
+def check_against_float64(layer, x, tol=1e-5):
+    """The layer's output and the gradients of x and every adapter tensor vs float64 math."""
+    x = x.detach().requires_grad_()
+    params = [t for p in layer.paths() for t in p.tensors]
+    y = layer(x)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad(y, [x, *params], dy.to(y.dtype))
+    x64 = x.detach().double().requires_grad_()
+    p64 = [t.detach().double().requires_grad_() for t in params]
+    paths64, i = [], 0
+    for p in layer.paths():
+        paths64.append(p._replace(tensors=tuple(p64[i:i + len(p.tensors)])))
+        i += len(p.tensors)
+    weight = layer.base_weight().detach().double()
+    bias = None if layer.bias is None else layer.bias.detach().double()
+    y64 = reference.lora_linear(x64, weight, bias, paths64)
+    grads64 = torch.autograd.grad(y64, [x64, *p64], dy)
+    assert rel_err(y, y64) < tol
+    for g, g64 in zip(grads, grads64):
+        assert rel_err(g, g64) < tol * 10
+
+
+@pytest.mark.parametrize("kinds", [("plain",), ("plain", "slice", "slice"), ("gate", "kron")])
+def test_plan_is_rebuilt_exactly_when_it_must_be(kinds):
+    layer = bishare_layer(kinds=kinds)
+    x = torch.randn(3, 5, K, requires_grad=True)  # as check_against_float64's (x.requires_grad is part of a plan)
+    check_against_float64(layer, x)
+    plan = layer._plan
+    check_against_float64(layer, x)
+    assert layer._plan is plan  # nothing changed: the same plan
+
+    # an optimizer step updates the parameters in place: the plan stays, and sees the new values
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(x).pow(2).sum().backward()
+    opt.step()
+    check_against_float64(layer, x)
+    assert layer._plan is plan
+
+    # a parameter replaced by a new tensor object
+    name = next(iter(layer.store.specs)).replace(".", "/")
+    layer.store._parameters[name] = nn.Parameter(torch.randn_like(layer.store._parameters[name]))
+    check_against_float64(layer, x)
+    assert layer._plan is not plan
+    plan = layer._plan
+
+    # an assign-load (new objects for every tensor)
+    state = {k: v.clone() + 0.1 for k, v in layer.state_dict().items()}
+    layer.load_state_dict(state, assign=True)
+    check_against_float64(layer, x)
+    assert layer._plan is not plan
+    plan = layer._plan
+
+    # .to(dtype): the same Parameter objects, new data
+    layer.double()
+    check_against_float64(layer, x.detach().double(), tol=1e-12)
+    assert layer._plan is not plan
+    layer.float()
+
+    # the backend setting
+    for backend in ("torch", "compose"):
+        ops.set_backend(backend)
+        check_against_float64(layer, x)
+        assert layer._plan.backend == backend
+    ops.set_backend(None)
+
+    # the input's dtype: checked when the plan is built, with the message a call always gave
+    with pytest.raises(ValueError, match="input dtype torch.float64 does not match the weight dtype torch.float32"):
+        layer(x.detach().double())
+    check_against_float64(layer, x)
+
+
+def test_autocast_and_train_eval_rebuild_the_plan():
+    layer = bishare_layer(dropout=0.5)
+    x = torch.randn(4, K)
+    layer.eval()
+    check_against_float64(layer, x)
+    eval_plan = layer._plan
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        assert y.dtype == torch.bfloat16 and layer._plan is not eval_plan
+    layer_copy_out = layer(x)
+    assert layer_copy_out.dtype == torch.float32
+    check_against_float64(layer, x)  # autocast left: float32 again
+    layer.train()
+    y1, y2 = layer(x), layer(x)
+    assert not torch.equal(y1, y2)  # dropout drawn in training
+    layer.eval()
+    check_against_float64(layer, x)
+    assert layer._plan is eval_plan  # the eval plan was kept, and still fits
+
+
+def test_merge_and_paths_version_rebuild_the_plan():
+    layer = bishare_layer()
+    x = torch.randn(4, K)
+    before = layer(x)
+    version = layer._paths_version
+    layer.merge()
+    assert layer._paths_version == version + 1
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+    assert layer._plan.backend == "base"
+    layer.unmerge()
+    check_against_float64(layer, x)
+
+
+# ----------------------------------------------------------------------------- a steady-state call stays lean
+class CountOps(TorchDispatchMode):
+    """The aten ops one region runs (views and detach excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func._schema.name.startswith("aten::") or func.overloadpacket in (
+                torch.ops.aten.t, torch.ops.aten.view, torch.ops.aten.detach, torch.ops.aten.alias, torch.ops.aten.transpose,
+                torch.ops.aten.slice, torch.ops.aten.narrow, torch.ops.aten.reshape, torch.ops.aten._unsafe_view):
+            return func(*args, **(kwargs or {}))
+        self.ops.append(func.overloadpacket.__name__)  # noqa
+        return func(*args, **(kwargs or {}))
+
+
+class CountingEnviron(dict):
+    """os.environ's stand-in that counts reads."""
+
+    def __init__(self, real):
+        super().__init__(real)
+        self.reads = 0
+
+    def get(self, *a):
+        self.reads += 1
+        return super().get(*a)
+
+    def __getitem__(self, key):
+        self.reads += 1
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.reads += 1
+        return super().__contains__(key)
+
+
+@pytest.mark.parametrize("kinds", [("plain",), ("plain", "slice", "slice")])
+def test_steady_state_call_is_lean(kinds, monkeypatch):
+    layer = bishare_layer(kinds=kinds)
+    x = torch.randn(2, 4, K, requires_grad=True)
+    for _ in range(2):
+        layer(x).sum().backward()  # warm-up: the plan is built
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    with CountOps() as mode:  # what one call computes (a first use of a dispatch mode imports modules)
+        layer(x).sum().backward()
+    plan = layer._plan
+    counts = {"tensor": 0, "paths": 0, "builds": 0}
+    real_tensor, real_as_path, real_build = torch.tensor, LoRAPathModule.as_path, call_plan.build_linear
+
+    def counting(key, real):
+        def wrapper(*a, **kw):
+            counts[key] += 1
+            return real(*a, **kw)
+        return wrapper
+
+    environ = CountingEnviron(os.environ)
+    monkeypatch.setattr(os, "environ", environ)
+    monkeypatch.setattr(torch, "tensor", counting("tensor", real_tensor))
+    monkeypatch.setattr(LoRAPathModule, "as_path", counting("paths", real_as_path))
+    monkeypatch.setattr(call_plan, "build_linear", counting("builds", real_build))
+    layer(x).sum().backward()
+    assert environ.reads == 0 and counts == {"tensor": 0, "paths": 0, "builds": 0}
+    assert layer._plan is plan
+    # one path (autograd's own ops): h, its scaled product plus bias, the base GEMM; backward: dx of the
+    # base GEMM, dh and dB scaled (two GEMMs, two scalings), dx and dA of h's GEMM, dx summed.
+    # Several paths (DenseCompose): the factors stacked, h, h scaled, bias added, the base GEMM;
+    # backward: dh (scaled), dx (two GEMMs), dA, dB (scaled), two pads per slice, autograd's copy of
+    # the plain path's dB (a column window of the stacked one)
+    allowed = 11 if len(kinds) == 1 else 6 + 7 + 2 * 2 + 2
+    compute = [op for op in mode.ops if op not in ("sum", "ones_like", "expand", "fill_", "empty_like")]
+    assert len(compute) <= allowed, " ".join(compute)
+
+
+def test_env_is_read_once_and_set_backend_refresh_settings(monkeypatch):
+    layer = bishare_layer()
+    x = torch.randn(3, K)
+    layer(x)
+    assert layer._plan.backend == "compose"
+    os.environ["SHARELORA_BACKEND"] = "torch"  # not through monkeypatch: the package does not see it yet
+    try:
+        layer(x)
+        assert layer._plan.backend == "compose"
+        ops.refresh_settings()
+        layer(x)
+        assert layer._plan.backend == "torch"
+        ops.set_backend("compose")  # wins over the variable
+        layer(x)
+        assert layer._plan.backend == "compose"
+        with pytest.raises(ValueError, match="backend must be one of"):
+            ops.set_backend("fast")
+    finally:
+        del os.environ["SHARELORA_BACKEND"]
+        ops.set_backend(None)
+        ops.refresh_settings()
+
+
+def test_pickled_and_copied_layers_rebuild_their_plan():
+    import copy
+    import io
+
+    layer = bishare_layer()
+    x = torch.randn(3, K)
+    y = layer(x)
+    clone = copy.deepcopy(layer)
+    assert clone._plan is None and clone._plans == {}
+    torch.testing.assert_close(clone(x), y)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(loaded(x), y)
+    assert sk.SharedLoRALinear is SharedLoRALinear

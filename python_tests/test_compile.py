@@ -1,0 +1,138 @@
+"""torch.compile(fullgraph=True) of adapted models in every mode a user runs one: training (with
+grad), torch.no_grad(), torch.inference_mode(), frozen adapters, and generate(); on dense
+(LLaMA), Conv1D (GPT-2) and 4-bit bases. One graph, no break, outputs equal to eager."""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import pytest
+import torch
+
+import sharelora_kernels as sk
+from sharelora_kernels.layer import SharedLoRALinear
+from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_family, tiny_model, token_batch
+
+MODES = ("grad", "no_grad", "inference_mode", "frozen")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test starts with dynamo's caches empty (the models' forwards share code objects)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class Graphs:
+    """A torch.compile backend that counts the graphs dynamo hands it (aot_eager runs them)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, gm, example_inputs):
+        from torch._dynamo.backends.debugging import aot_eager
+
+        self.count += 1
+        return aot_eager(gm, example_inputs)
+
+
+def run_mode(mode: str, fn):
+    """fn() under the mode's grad setting (frozen: the caller froze the adapters)."""
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, contextlib.nullcontext)
+    with context():
+        return fn()
+
+
+def check_model(model, inputs, mode: str, rtol=1e-5):
+    if mode == "frozen":
+        for p in model.parameters():
+            p.requires_grad_(False)
+    graphs = Graphs()
+    compiled = torch.compile(model, fullgraph=True, backend=graphs)
+    eager = run_mode(mode, lambda: model(**inputs).logits)
+    out = run_mode(mode, lambda: compiled(**inputs).logits)
+    assert graphs.count == 1
+    assert (out - eager).abs().max() <= rtol * eager.abs().max()
+    if mode == "grad":
+        params = [p for p in model.parameters() if p.requires_grad]
+        g_eager = torch.autograd.grad(model(**inputs).logits.pow(2).mean(), params)
+        g_out = torch.autograd.grad(compiled(**inputs).logits.pow(2).mean(), params)
+        for g, r in zip(g_out, g_eager):
+            assert (g - r).abs().max() <= 1e-4 * r.abs().max()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("method", ["lora", "bishare_kron"])
+def test_dense_llama_compiles_in_every_mode(method, mode):
+    model = sk.apply(tiny_model(layers=2), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS[method]))
+    randomize_adapters(model)
+    check_model(model, {"input_ids": token_batch()}, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_conv1d_gpt2_compiles_in_every_mode(mode):
+    model = sk.apply(tiny_family("gpt2"), sk.ShareLoRAConfig(method="lora", r=3, target_modules=["c_attn", "c_fc"]))
+    randomize_adapters(model)
+    check_model(model, {"input_ids": token_batch()}, mode)
+
+
+def test_generate_compiled_matches_eager():
+    model = sk.apply(tiny_model(layers=2), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["lora"]))
+    randomize_adapters(model)
+    ids = token_batch(1, 5)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    eager = model.generate(ids, **kw)
+    model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager", dynamic=True)
+    assert torch.equal(model.generate(ids, **kw), eager)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_4bit_base_compiles_in_every_mode(mode):
+    bnb = pytest.importorskip("bitsandbytes")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    q = bnb.nn.Linear4bit(32, 24, bias=True, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+    layer = SharedLoRALinear(q, r=3, alpha=6.0).train()  # train: bitsandbytes' standard CPU layout
+    torch.nn.init.normal_(layer.lora_paths[0].B)
+    if mode == "frozen":
+        layer.requires_grad_(False)
+    x = torch.randn(2, 5, 32)
+    graphs = Graphs()
+    compiled = torch.compile(layer, fullgraph=True, backend=graphs)
+    eager = run_mode(mode, lambda: layer(x))
+    out = run_mode(mode, lambda: compiled(x))
+    assert graphs.count == 1
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_inference_under_auto_runs_what_auto_chooses(monkeypatch, tmp_path):
+    """auto inside a compiled inference call: one opaque op that asks dispatch when it runs, so the
+    graph runs the kernels when they were measured faster (the interpreter stands in for a GPU)."""
+    from sharelora_kernels import ops
+    from sharelora_kernels.ops import dispatch, fused_lora_linear
+
+    monkeypatch.setenv("SHARELORA_BACKEND", "auto")
+    monkeypatch.setenv("SHARELORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(dispatch, "TIME_INTERPRETED_KERNELS", True)
+    timed, ran = [], []
+    previous = dispatch.set_timer(lambda name, run, device: timed.append(name) or {"triton": 1.0, "compose": 2.0}[name])
+    real = fused_lora_linear.fused_lora_linear
+    monkeypatch.setattr(fused_lora_linear, "fused_lora_linear", lambda *a: ran.append(1) or real(*a))
+    try:
+        dispatch.clear()
+        torch.manual_seed(0)
+        layer = SharedLoRALinear(torch.nn.Linear(24, 16), r=3)
+        torch.nn.init.normal_(layer.lora_paths[0].B)
+        x = torch.randn(2, 5, 24)
+        graphs = Graphs()
+        compiled = torch.compile(layer, fullgraph=True, backend=graphs)
+        with torch.no_grad():
+            out = compiled(x)
+            ref = ops.lora_linear(x, layer.weight, layer.bias, layer.paths(), backend="compose")
+        assert graphs.count == 1 and sorted(timed) == ["compose", "triton"] and len(ran) == 1  # measured, then run
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert ops.dispatch_table()[0]["choice"] == "triton"
+    finally:
+        dispatch.set_timer(previous)
+        dispatch.clear()

@@ -1,0 +1,209 @@
+"""A layer's call plan: everything one call needs that does not change between calls, built once.
+
+A layer call used to resolve, every time, the backend setting, the path tuples, the checks, the
+router's choice and the op's flat arguments, although none of them changes from one call to the
+next. A ``CallPlan`` resolves them once (the way vLLM builds its LoRA kernel metadata once per
+batch) and keeps a ``run(x)`` that issues the chosen backend's one op boundary directly:
+
+    compose, plain / slice paths   ``compose.dense_call``: one path without dropout runs autograd's
+                                   own GEMMs (C++ backward nodes); otherwise one autograd Function,
+                                   ``DenseCompose``, its backward hand-written; the forward alone
+                                   when no gradient is wanted
+    compose, other paths           ``compose.planned_call``: its one Function, flat arguments made once
+    triton                         ``fused_lora_linear.FusedLinear`` (the kernels, no custom-op
+                                   wrapper), its factor tables built once
+    torch                          ``reference.lora_linear`` on the prebuilt path list
+    auto                           the choice of ``dispatch.auto_choice``, kept per M bucket
+    a base that computes itself    ``lowrank_only.LowRankPlanned`` (no custom-op wrapper)
+
+A plan is valid while nothing it was built from changed. Two cheap comparisons decide, at each call:
+
+  * ``environment(x, ...)``: x's dtype, device, layout and requires_grad, grad mode, autocast state
+    and dtype, the settings' version (``set_backend``, ``refresh_settings``, ``dispatch.clear``),
+    the layer's train/eval mode, ``merged`` and ``_paths_version`` (what paths it computes);
+  * ``Source`` of every tensor: where the layer reads it (a module's parameter dict and name), the
+    object found there, its data pointer (a ``.to()``, an assign-load, FSDP resharding change it;
+    an in-place optimizer step does not, and needs no rebuild) and requires_grad; and of each
+    path's spec and store (their identity).
+
+Anything else is rebuilt: ``build`` checks the inputs with the messages a call always gave, so
+what left the per-call path is checked once per plan. Under ``torch.compile`` the layer does not use
+a plan (dynamo traces the router, ``ops.lora_linear``, and reaches the custom ops).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import reference
+from ..reference import LoRAPath
+from . import compose, dispatch
+
+Run = Callable[[Tensor], Tensor]
+
+
+class Source(NamedTuple):
+    """Where a tensor of the plan lives: ``owner[name]`` (a module's ``_parameters``), the object
+    found there at build, its ``data_ptr()`` and ``requires_grad``."""
+
+    owner: dict
+    name: str
+    tensor: Tensor
+    data_ptr: int
+    requires_grad: bool
+
+
+def source(owner: dict, name: str) -> Source:
+    """The source of the tensor ``owner[name]``, or of any other object there (told by identity)."""
+    t = owner[name]
+    if t is not None and not isinstance(t, torch.Tensor):
+        return Source(owner, name, t, -2, False)
+    return Source(owner, name, t, _data_ptr(t), t is not None and t.requires_grad)
+
+
+def _data_ptr(t: Tensor | None) -> int:
+    """t's data pointer; -1 for a tensor without storage of its own (a DTensor or other wrapper:
+    identity alone tells its replacement)."""
+    if t is None:
+        return 0
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        return -1
+
+
+_VERSION = 6  # the index of the settings' version in an environment
+
+
+def environment(x: Tensor, *layer_state) -> tuple:
+    """What a plan depends on besides its tensors: x's dtype / device / layout / requires_grad, grad
+    mode, autocast (its dtype, or None when off), the settings' version, and ``layer_state``."""
+    device = x.device
+    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    return (x.dtype, device, x.layout, x.requires_grad, torch.is_grad_enabled(), autocast,
+            dispatch.SETTINGS.version, *layer_state)
+
+
+class CallPlan:
+    """``run(x)`` (x of the plan's environment; reshaped by ``run``), valid while ``fits`` says so."""
+
+    __slots__ = ("env", "sources", "run", "backend")
+
+    def __init__(self, env: tuple, sources: Sequence[Source], run: Run, backend: str):
+        self.env, self.sources, self.run, self.backend = env, tuple(sources), run, backend
+
+    def fits(self, env: tuple) -> bool:
+        """Whether this plan serves a call of environment ``env`` with the tensors as they are now."""
+        if env != self.env:
+            return False
+        for s in self.sources:
+            t = s.owner.get(s.name)
+            if t is not s.tensor:
+                return False
+            if t is not None and s.data_ptr != -2 and (t.requires_grad != s.requires_grad
+                                                       or (s.data_ptr >= 0 and t.data_ptr() != s.data_ptr)):
+                return False
+        return True
+
+
+def still_valid(plans: dict[tuple, CallPlan]) -> dict[tuple, CallPlan]:
+    """The plans (environment -> plan) whose tensors are all still in place under the current
+    settings; the others are dropped (they may hold views of a replaced tensor's old storage)."""
+    version = dispatch.SETTINGS.version
+    return {env: plan for env, plan in plans.items() if env[_VERSION] == version and plan.fits(env)}
+
+
+def grad_wanted(x: Tensor, paths: Sequence[LoRAPath]) -> bool:
+    """Whether autograd will take a gradient of this call (``dispatch.call_mode``)."""
+    return dispatch.call_mode(x, paths) == "fwd+bwd"
+
+
+def _flat(run_2d: Callable[[Tensor], Tensor], n: int) -> Run:
+    """``run_2d`` (M, K) -> (M, N) applied to x (..., K) -> (..., N)."""
+    def run(x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            return run_2d(x)
+        return run_2d(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], n)
+    return run
+
+
+def build_linear(env: tuple, sources: Sequence[Source], x: Tensor, weight: Tensor, bias: Tensor | None,
+                 paths: Sequence[LoRAPath], dropout_p: float, training: bool) -> CallPlan:
+    """The plan of a dense base: y = x W^T + b + paths(dropout(x)); weight (N, K) as the backends read it."""
+    from . import _autocast_operands, _auto_times_triton, _compose_takes, _fusable, _pick, backend_for, lora_linear
+
+    if not paths:
+        return CallPlan(env, sources, lambda x: F.linear(x, weight, bias), "base")
+    setting = backend_for(x)
+    if setting == "torch":
+        return CallPlan(env, sources, lambda x: reference.lora_linear(x, weight, bias, paths, dropout_p, training), "torch")
+    if _autocast_operands(x, weight, bias) is not None:  # casts of every call: the router's path
+        return CallPlan(env, sources, lambda x: lora_linear(x, weight, bias, paths, dropout_p, training, backend=setting),
+                        setting)
+    runners = {"compose": _compose_runner(x, weight, bias, paths, dropout_p, training),
+               "torch": lambda x: reference.lora_linear(x, weight, bias, paths, dropout_p, training)}
+    if setting in ("triton", "auto") and _fusable(x, weight, bias, paths) and (setting == "triton" or _auto_times_triton(x)):
+        runners["triton"] = _triton_runner(x, weight, bias, paths, dropout_p, training)
+    if setting != "auto":
+        name = _pick(setting, x, weight, bias, paths, dropout_p, training)
+        return CallPlan(env, sources, runners[name], name)
+    if "triton" not in runners:  # auto with compose alone to run (the CPU): no timing
+        name = "compose" if _compose_takes(x, weight, bias, paths) else "torch"
+        return CallPlan(env, sources, runners[name], name)
+    return CallPlan(env, sources, _auto_runner(runners, weight, bias, paths, dropout_p, training), "auto")
+
+
+def _compose_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
+                    training: bool) -> Run:
+    p = dropout_p if training else 0.0
+    if compose.DenseProgram.takes(paths):
+        compose._check(x, weight, bias, p)
+        program = compose.DenseProgram(weight, bias, paths, p)
+        tensors = [t for q in paths for t in q.tensors]
+        grad = grad_wanted(x, paths)
+        return _flat(lambda x2: compose.dense_call(program, x2, tensors, grad), weight.shape[0])
+    return compose.planned_call(x, weight, bias, paths, dropout_p, training)
+
+
+def _triton_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
+                   training: bool) -> Run:
+    from .fused_lora_linear import planned_call
+
+    return planned_call(x, weight, bias, paths, dropout_p, training)
+
+
+def _auto_runner(runners: dict[str, Run], weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath],
+                 dropout_p: float, training: bool) -> Run:
+    """auto: ``dispatch.auto_choice`` once per M bucket of this plan, then that backend's runner."""
+    chosen: dict[int, Run] = {}
+    k = weight.shape[1]
+    backends = {"triton": runners["triton"], "compose": runners["compose"]}
+
+    def run(x: Tensor) -> Tensor:
+        bucket = dispatch.m_bucket(x.numel() // k if k else 0)
+        fn = chosen.get(bucket)
+        if fn is None:
+            from . import _fused_lora_linear
+
+            name = dispatch.auto_choice(x, weight, bias, paths, dropout_p, training,
+                                        {"triton": _fused_lora_linear, "compose": compose.lora_linear})
+            fn = chosen[bucket] = backends[name]
+        return fn(x)
+    return run
+
+
+def build_lowrank(env: tuple, sources: Sequence[Source], x: Tensor, n: int, paths: Sequence[LoRAPath],
+                  dropout_p: float, training: bool, compute_dtype: torch.dtype) -> CallPlan:
+    """The plan of a base that computes itself: ``run(y, x)`` adds the paths into its output y (..., N)."""
+    from . import backend_for, lowrank_add_uses_triton
+    from .lowrank_only import planned_call
+
+    if not paths:
+        return CallPlan(env, sources, lambda y, x: y, "base")
+    setting = backend_for(x)
+    use_triton = lowrank_add_uses_triton(setting, x, paths, compute_dtype, compute_dtype)
+    return CallPlan(env, sources, planned_call(x, n, paths, dropout_p, training, compute_dtype, use_triton),
+                    "triton" if use_triton else "torch")

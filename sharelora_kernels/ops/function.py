@@ -1,0 +1,25 @@
+"""Applying an autograd Function with the least host work: the C entry point directly.
+
+``torch.autograd.Function.apply`` is a Python wrapper around ``torch._C._FunctionBase.apply`` that
+binds default arguments (for a ``setup_context`` style Function) and unwraps functorch's dead
+wrappers (for ``torch.func`` transforms). The planned calls' Functions use neither: outside
+functorch transforms ``thin_apply(cls)`` calls the C entry point (about 2 us less per call on a
+CPU); inside one it is the ordinary ``cls.apply``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def thin_apply(cls: type[torch.autograd.Function]) -> Callable:
+    """``cls.apply`` without its Python wrapper where functorch transforms are not active."""
+    direct = super(torch.autograd.Function, cls).apply
+    wrapped = cls.apply
+
+    def apply(*args):
+        if torch._C._are_functorch_transforms_active():
+            return wrapped(*args)
+        return direct(*args)
+    return apply
