@@ -36,10 +36,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from . import CommandError, require_positive
 from .isolated import Outcome, call, run_isolated
+
+if TYPE_CHECKING:
+    import torch
 
 HELP = "every GPU claim checked in one run: ceilings, correctness, performance, angular distance"
 # One 10-minute command with a minute to spare: machine-side start-up is outside, compiles inside.
