@@ -38,7 +38,8 @@ import torch.nn as nn
 
 from .. import ops
 from ..layer import AdapterStore, LoRAPathModule, SharedLoRALinear
-from ..plan import PATH_ROLES, PathSpec, TensorSpec
+from ..config import PATH_ROLES
+from ..plan import PathSpec, TensorSpec
 from ..reference import LoRAPath
 from .ops import bishare_slice_paths, gate_paths, kron_paths, peft_layer, plain_paths, slice_paths
 
