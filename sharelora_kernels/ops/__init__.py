@@ -185,5 +185,4 @@ def lowrank_add_uses_triton(setting: str, x: Tensor, paths: Sequence[LoRAPath], 
     return takes and (setting == "triton" or (setting == "auto" and _auto_times_triton(x)))
 
 
-from . import call_plan  # noqa: E402,F401 (the layer's call plan; imports this package's router)
 from .dispatch import refresh_settings, set_backend  # noqa: E402,F401 (public)
