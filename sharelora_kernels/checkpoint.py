@@ -24,7 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ShareLoRAConfig
-from .model import adapter_tensors, apply_plan, get_plan, plan_model, shared_layers
+from .model import (ADAPTER_WRITERS, DEFAULT_ADAPTER, active_adapters, adapter_names, adapter_tensors, apply_plan,
+                    get_plan, plan_model, resolve_adapter, shared_layers)
 from .plan import SharePlan
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -49,14 +50,19 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def save(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the model's adapters and modules to save into ``directory`` (any directory, e.g. a
-    Trainer checkpoint's; created if needed); returns the weights path."""
-    plan = get_plan(model)
-    config: ShareLoRAConfig | None = getattr(model, "sharelora_config", None)
+def save(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Write the model's adapter ``adapter_name`` (None: the active one) and modules to save into
+    ``directory`` (any directory, e.g. a Trainer checkpoint's; created if needed); returns the
+    weights path. The checkpoint holds no name: ``load`` gives it the name it is loaded under."""
+    if adapter_names(model):
+        adapter_name = resolve_adapter(model, adapter_name)
+        config: ShareLoRAConfig | None = model.sharelora_configs[adapter_name]
+    else:
+        config = None
+    plan = get_plan(model, adapter_name)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {name: p.detach().to("cpu").contiguous() for name, p in adapter_tensors(model).items()}
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in adapter_tensors(model, adapter_name).items()}
     tensors.update({SAVED_PREFIX + name: t.detach().to("cpu").contiguous() for name, t in saved_state(model, plan).items()})
     metadata = {"format": "sharelora", "format_version": FORMAT_VERSION,
                 "config": "null" if config is None else config.to_json(), "plan": json.dumps(plan.to_dict())}
@@ -92,29 +98,34 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[ShareLoRAConfig | Non
         raise ValueError(f"{path} has damaged config/plan metadata ({e})") from e
 
 
-def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
     """Load adapters saved by ``save`` (or a Trainer checkpoint directory made with
-    ``TrainerCallback``) into ``model``; applies the saved config first if needed.
+    ``TrainerCallback``) into ``model`` as adapter ``adapter_name`` (None: the active one, or
+    "default" on a model without adapters); applies the saved config first if the model has no
+    adapter of that name (a second named adapter is added inactive, as ``apply`` adds it).
 
     Raises ValueError naming the first difference if the model's method, target modules, shapes,
     share plan or modules to save differ from the checkpoint's (checked before the model is
     touched), if its adapters are merged, or if the file is truncated or corrupted.
     """
     config, saved_plan, path = read_checkpoint(directory)
-    current = getattr(model, "sharelora_plan", None)
-    if current is None and not shared_layers(model):
+    names = adapter_names(model)
+    if adapter_name is None:
+        adapter_name = resolve_adapter(model, None) if active_adapters(model) else DEFAULT_ADAPTER
+    if adapter_name not in names and (names or not shared_layers(model)):
         if config is None:
             raise ValueError(f"{path} holds hand-wrapped SharedLoRALinear layers (no config): wrap the same modules "
                              "of this model with SharedLoRALinear before load()")
-        plan = plan_model(model, config)
+        plan = plan_model(model, config, adapter_name)
         plan_mismatch(saved_plan, plan, str(path))
-        apply_plan(model, config, plan)
+        apply_plan(model, config, plan, adapter_name=adapter_name)
     else:
-        plan_mismatch(saved_plan, get_plan(model), str(path))
+        adapter_name = adapter_name if names else None
+        plan_mismatch(saved_plan, get_plan(model, adapter_name), str(path))
     if any(m.merged for m in shared_layers(model)):
         raise ValueError("the model's adapters are merged into its weights: call unmerge(model) before load(), "
                          "or the merged weights would keep the old adapters")
-    params = {**adapter_tensors(model),
+    params = {**adapter_tensors(model, adapter_name),
               **{SAVED_PREFIX + name: t for name, t in saved_state(model, saved_plan).items()}}
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -167,3 +178,6 @@ def plan_mismatch(saved: SharePlan, current: SharePlan, where: str) -> None:
             fail("tensor set", name, "no such tensor")
         if t.shape != current.tensors[name].shape:
             fail(f"shape of tensor {name}", t.shape, current.tensors[name].shape)
+
+
+ADAPTER_WRITERS.append(lambda model, folder, name: save(model, folder, name))  # a Transformers model's save_pretrained
