@@ -102,7 +102,7 @@ def test_save_pretrained_of_an_applied_model_restores_every_adapter(tmp_path):
     sk.set_adapter(model, "default")
     model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter.safetensors").is_file() and (tmp_path / "other" / "adapter.safetensors").is_file()
-    restored = AutoModelForCausalLM.from_pretrained(tmp_path)
+    restored = AutoModelForCausalLM.from_pretrained(tmp_path)  # the base: the adapter tensors are skipped
     assert not any("sharelora" in k for k in restored.state_dict())
     sk.load(restored, tmp_path)
     sk.load(restored, tmp_path / "other", adapter_name="other")

@@ -393,23 +393,21 @@ def _store(model: nn.Module, adapter_name: str) -> AdapterStore:
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict as the unwrapped model names it: no adapter tensors, a quantized base's
-    ``q_proj.base_layer.weight`` as ``q_proj.weight``."""
+    """The model's state dict with a quantized base's ``q_proj.base_layer.weight`` (and its quantization
+    state) named as the unwrapped model names it, ``q_proj.weight``; adapter tensors stay (Trainer's
+    resume reads them back; ``from_pretrained`` of the base skips them)."""
     wrapped = {f"{n}.base_layer." for n, m in model.named_modules() if isinstance(m, SharedLoRALinear)
                and m.layout.computes_itself}
-    stores = {f"{n}." if n else "" for n, m in model.named_modules() if isinstance(m, AdapterStore)}
     out = {}
     for key, t in model.state_dict().items():
-        if any(key.startswith(s) for s in stores):
-            continue
         prefix = next((w for w in wrapped if key.startswith(w)), None)
         out[key if prefix is None else prefix[:-len("base_layer.")] + key[len(prefix):]] = t
     return out
 
 
 class SavePretrainedWithAdapters:
-    """A Transformers model's ``save_pretrained`` after ``apply`` (set on the instance): the base model
-    as the unwrapped model names it (``from_pretrained`` reads it back), then each adapter as
+    """A Transformers model's ``save_pretrained`` after ``apply`` (set on the instance): the model, a
+    quantized base named as unwrapped (``from_pretrained`` reads the base back), then each adapter as
     ``save`` writes it, in the folder (adapter "default") or its subfolder ``<name>`` (PEFT's
     layout), for ``load``. ``unload`` removes it. A plain object: copies and pickles keep it."""
 
