@@ -2,6 +2,7 @@
 from .checkpoint import load, save
 from .config import ShareLoRAConfig
 from .export import export_peft
+from .integrations import peft_hook
 from .layer import SharedLoRALinear
 from .model import (apply, delete_adapter, disable_adapters, merge, merge_and_unload, parameter_breakdown, set_adapter,
                     trainable_parameters, unload, unmerge)
@@ -19,11 +20,18 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
+peft_hook.install()  # PEFT knows the method once PEFT is imported; PEFT itself is not imported here
+
 
 def __getattr__(name: str):
-    """``TrainerCallback`` is imported on first use: it imports transformers' Trainer machinery (seconds)."""
+    """``TrainerCallback`` and ``ShareLoRAPeftConfig`` are imported on first use: they import
+    transformers' Trainer machinery / PEFT (seconds)."""
     if name == "TrainerCallback":
         from .trainer import TrainerCallback
 
         return TrainerCallback
+    if name == "ShareLoRAPeftConfig":
+        from .integrations.peft_method import ShareLoRAPeftConfig
+
+        return ShareLoRAPeftConfig
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

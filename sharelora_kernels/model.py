@@ -76,9 +76,10 @@ def plan_model(model: nn.Module, config: ShareLoRAConfig, adapter_name: str = DE
 
 
 def apply_plan(model: nn.Module, config: ShareLoRAConfig, plan: SharePlan, group_inputs: bool = False,
-               adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+               adapter_name: str = DEFAULT_ADAPTER, layer_cls: type[SharedLoRALinear] = SharedLoRALinear) -> nn.Module:
     """``apply`` with the plan ``plan_model(model, config, adapter_name)`` already made (``load``
-    compares it with a checkpoint's first); it changes the model and raises nothing more."""
+    compares it with a checkpoint's first); it changes the model and raises nothing more.
+    ``layer_cls``: the class of new wrapped layers (a subclass, e.g. the PEFT method's)."""
     first = not adapter_names(model)
     if first:
         for p in model.parameters():
@@ -98,7 +99,7 @@ def apply_plan(model: nn.Module, config: ShareLoRAConfig, plan: SharePlan, group
         if isinstance(target, SharedLoRALinear):
             target.add_adapter(adapter_name, paths, config.dropout)
         else:
-            layer = SharedLoRALinear(target, paths, dropout=config.dropout, adapter_name=adapter_name)
+            layer = layer_cls(target, paths, dropout=config.dropout, adapter_name=adapter_name)
             layer.set_adapter(active)
             setattr(parent, leaf, layer)
     setattr(store_host(model, plan), store_attr(adapter_name), store)
@@ -309,7 +310,7 @@ def set_adapter(model: nn.Module, adapter_names: str | Sequence[str]) -> nn.Modu
             layer.unmerge()
         layer.set_adapter(names)
     for name in model.sharelora_plans:
-        _store(model, name).requires_grad_(name in names)
+        adapter_store(model, name).requires_grad_(name in names)
     model.sharelora_active = names
     _point_at_active(model)
     return model
@@ -358,16 +359,17 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     return model
 
 
-def unload(model: nn.Module, merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
+def unload(model: nn.Module, merge: bool = False, adapter_names: Sequence[str] | None = None,
+           safe_merge: bool = False) -> nn.Module:
     """Put every wrapped module back (the model as before ``apply``, its modules to save as trained)
     and drop all adapters; with ``merge``, first fold the active adapters (or ``adapter_names``) into
-    the base weights. Returns the model."""
+    the base weights (``safe_merge``: refuse non-finite updates). Returns the model."""
     if adapter_names is not None:
         check_known(model, adapter_names)
     disable_input_groups(model)
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, SharedLoRALinear)]:
         if merge:
-            layer.merge(adapter_names=adapter_names)
+            layer.merge(safe_merge, adapter_names)
         parent_name, _, leaf = name.rpartition(".")
         base = layer.base_module()
         if not name:
@@ -388,7 +390,8 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
     return unload(model, merge=True, adapter_names=adapter_names)
 
 
-def _store(model: nn.Module, adapter_name: str) -> AdapterStore:
+def adapter_store(model: nn.Module, adapter_name: str) -> AdapterStore:
+    """The store holding adapter ``adapter_name``'s tensors."""
     return getattr(store_host(model, model.sharelora_plans[adapter_name]), store_attr(adapter_name))
 
 
