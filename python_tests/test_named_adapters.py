@@ -21,27 +21,31 @@ def logits(model, ids):
 
 
 def two_adapters():
-    """A LLaMA with adapter "default" (share_a) and "other" (bishare, other targets), both random."""
+    """(base, a LLaMA with adapter "default" (share_a) and "other" (bishare, other targets), both random
+    and "default" active, its logits with "default", its logits with "other")."""
     base = tiny_model(layers=2)
+    ids = token_batch()
     model = sk.apply(copy.deepcopy(base), sk.ShareLoRAConfig(method="share_a", r=3, target_modules=TARGETS))
     randomize_adapters(model)
+    first = logits(model, ids)
     sk.apply(model, SECOND, adapter_name="other")
     sk.set_adapter(model, "other")
     randomize_adapters(model, seed=3)  # only the active adapter trains
+    other = logits(model, ids)
     sk.set_adapter(model, "default")
-    return base, model
+    return base, model, first, other
 
 
 def test_a_second_adapter_has_its_own_tensors_and_only_the_active_one_computes_and_trains():
-    base, model = two_adapters()
+    base, model, first, other = two_adapters()
     ids = token_batch()
-    first = logits(model, ids)
+    assert torch.equal(logits(model, ids), first)
     assert adapter_names(model) == ["default", "other"]
     assert not set(map(id, adapter_tensors(model, "default").values())) & set(map(id, adapter_tensors(model, "other").values()))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"sharelora_adapters.{t.replace('.', '/')}" for t in model.sharelora_plans["default"].tensors}
     sk.set_adapter(model, "other")
-    other = logits(model, ids)
+    assert torch.equal(logits(model, ids), other)
     assert all(n.startswith("sharelora_adapters_other.") for n, p in model.named_parameters() if p.requires_grad)
     assert (other - first).abs().max() > 1e-2
     layer = model.model.layers[0].self_attn.q_proj
@@ -56,7 +60,7 @@ def test_a_second_adapter_has_its_own_tensors_and_only_the_active_one_computes_a
 
 
 def test_paths_version_changes_with_what_a_layer_computes():
-    _, model = two_adapters()
+    _, model, _, _ = two_adapters()
     layer = model.model.layers[0].self_attn.q_proj
     seen = [layer._paths_version]
     for step in (lambda: sk.set_adapter(model, "other"), lambda: layer.enable_adapters(False),
@@ -67,20 +71,14 @@ def test_paths_version_changes_with_what_a_layer_computes():
         seen.append(layer._paths_version)
 
 
-def test_save_and_load_by_name_and_merge_and_unload():
-    _, model = two_adapters()
+def test_save_and_load_by_name_and_merge_and_unload(tmp_path):
+    base, model, first, other = two_adapters()
     ids = token_batch()
-    first = logits(model, ids)
-    sk.set_adapter(model, "other")
-    other = logits(model, ids)
-    sk.set_adapter(model, "default")
     fresh = tiny_model(layers=2)
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        sk.save(model, f"{d}/a")
-        sk.save(model, f"{d}/b", adapter_name="other")
-        sk.load(fresh, f"{d}/a")
-        sk.load(fresh, f"{d}/b", adapter_name="other")
+    sk.save(model, tmp_path / "a")
+    sk.save(model, tmp_path / "b", adapter_name="other")
+    sk.load(fresh, tmp_path / "a")
+    sk.load(fresh, tmp_path / "b", adapter_name="other")
     assert adapter_names(fresh) == ["default", "other"] and torch.equal(logits(fresh, ids), first)
     sk.set_adapter(fresh, "other")
     assert torch.equal(logits(fresh, ids), other)
@@ -89,17 +87,12 @@ def test_save_and_load_by_name_and_merge_and_unload():
     assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
     assert not any("sharelora" in n for n in plain.state_dict())
     assert torch.allclose(logits(plain, ids), other, atol=1e-5)
-    base, model = two_adapters()
     assert torch.equal(logits(sk.unload(model), ids), logits(base, ids))
 
 
-def test_save_pretrained_of_an_applied_model_restores_every_adapter(tmp_path):
-    _, model = two_adapters()
+def test_save_pretrained_of_an_applied_model_restores_every_adapter(tmp_path, monkeypatch):
+    _, model, first, other = two_adapters()
     ids = token_batch()
-    first = logits(model, ids)
-    sk.set_adapter(model, "other")
-    other = logits(model, ids)
-    sk.set_adapter(model, "default")
     model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter.safetensors").is_file() and (tmp_path / "other" / "adapter.safetensors").is_file()
     restored = AutoModelForCausalLM.from_pretrained(tmp_path)  # the base: the adapter tensors are skipped
@@ -111,10 +104,13 @@ def test_save_pretrained_of_an_applied_model_restores_every_adapter(tmp_path):
     assert torch.equal(logits(restored, ids), other)
     clone = pickle.loads(pickle.dumps(restored))
     assert clone.save_pretrained.model is clone and torch.equal(logits(clone, ids), other)
+    monkeypatch.setattr(sk.model, "ADAPTER_WRITERS", [])  # no writer (checkpoint not imported): one line says what to call
+    with pytest.warns(UserWarning, match=r"not its adapters \['default', 'other'\].*call sharelora_kernels.save\(model"):
+        clone.save_pretrained(tmp_path / "again")
 
 
 def test_bad_names_and_refusals_leave_the_model_as_it_was():
-    _, model = two_adapters()
+    _, model, _, _ = two_adapters()
     with pytest.raises(ValueError, match=r"no adapter named 'nope'; its adapters are \['default', 'other'\]"):
         sk.set_adapter(model, "nope")
     with pytest.raises(ValueError, match=r"no adapter named 'nope'; its adapters are"):

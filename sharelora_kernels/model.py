@@ -423,6 +423,10 @@ class SavePretrainedWithAdapters:
             kwargs["state_dict"] = base_state_dict(model)
         out = type(model).save_pretrained(model, save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
+            if not ADAPTER_WRITERS:  # sharelora_kernels.checkpoint not imported: say what to call
+                warnings.warn(f"save_pretrained wrote the model, not its adapters {adapter_names(model)} in the form "
+                              f"sharelora_kernels.load reads: call sharelora_kernels.save(model, {str(save_directory)!r})",
+                              stacklevel=2)
             for name in adapter_names(model):
                 folder = Path(save_directory) if name == DEFAULT_ADAPTER else Path(save_directory) / name
                 for write in ADAPTER_WRITERS:
