@@ -6,7 +6,6 @@ import copy
 import json
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -193,7 +192,8 @@ def test_bad_input_names_the_problem_and_leaves_the_model_as_it_was(tmp_path):
                                          r"q_proj/A' has shape \(2, 32\) in the checkpoint, \(2, 48\) in the model"):
         PeftModel.from_pretrained(wider, tmp_path)
     assert not any(isinstance(m, sk.SharedLoRALinear) for m in wider.modules())
-    assert wider.state_dict().keys() == before.keys() and all(torch.equal(wider.state_dict()[k], v) for k, v in before.items())
+    after = wider.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     assert all(p.requires_grad for p in wider.parameters()) and not hasattr(wider, "peft_config")
 
 

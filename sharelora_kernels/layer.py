@@ -127,6 +127,14 @@ class SharedLoRALinear(nn.Module):
     Shared: pass ``paths`` (LoRAPathModules reading a store that the caller owns, e.g. the model's).
     The layer starts in the train/eval mode of ``base``. ``input_group``: the ``grouping.InputGroup``
     this layer computes with (set by ``grouping.enable_input_groups``), or None.
+
+    Named adapters: ``adapter_paths[name]`` is adapter ``name``'s path list (``adapter_name`` names
+    the first; ``add_adapter`` adds more) and ``adapter_dropout[name]`` its dropout. Forward computes
+    ``active_path_modules()``: the paths of the active adapters (``set_adapter``), none while
+    ``enable_adapters(False)``; while an adapter is merged (``merged_adapters``) the base alone.
+    ``_paths_version`` is bumped by every change of what forward computes (adapter added, deleted,
+    activated, disabled or enabled, merged or unmerged), so state derived from the paths can be
+    cached against it.
     """
 
     def __init__(self, base: nn.Module, paths: Sequence[LoRAPathModule] | None = None, *, r: int = 8,
@@ -333,4 +341,5 @@ class SharedLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         kind = f", base={self.layout.kind}" if self.layout.computes_itself else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, dropout={self.dropout}, "
-                f"merged={self.merged}, adapters={list(self.adapter_paths)}, active={self.active_adapters}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else "") + kind)
+                f"merged={self.merged}, adapters={list(self.adapter_paths)}, active={self.active_adapters}"
+                + (", fan_in_fan_out=True" if self.fan_in_fan_out else "") + kind)

@@ -66,7 +66,8 @@ def _sharelora_fields() -> list[tuple]:
     """Every ShareLoRAConfig field with its default, for the PEFT config."""
     out = []
     for f in dataclasses.fields(ShareLoRAConfig):
-        default = {"default": f.default} if f.default is not dataclasses.MISSING else {"default_factory": f.default_factory}
+        has_default = f.default is not dataclasses.MISSING
+        default = {"default": f.default} if has_default else {"default_factory": f.default_factory}
         out.append((f.name, f.type, dataclasses.field(**default)))
     return out
 
@@ -182,7 +183,8 @@ class ShareLoRAModel(BaseTuner):
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         """Freeze everything but the active adapters' stores (and PEFT's modules to save, which keep their own)."""
-        keep = {id(p) for n in self.active_adapters if n in adapter_names(model) for p in adapter_store(model, n).parameters()}
+        known = adapter_names(model)
+        keep = {id(p) for n in self.active_adapters if n in known for p in adapter_store(model, n).parameters()}
         aux = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper))
         for n, p in model.named_parameters():
             if id(p) not in keep and not n.startswith(aux):
@@ -246,14 +248,14 @@ class ShareLoRAModel(BaseTuner):
         """Checkpoint keys -> the model's, after checking that the checkpoint holds exactly the tensors
         of the model's plan with their shapes; otherwise the adapter is taken out again (the model as
         before loading) and ValueError names the first difference."""
+        prefixes = _store_prefixes(model, adapter_name)
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefixes)}
         to_model = {}
-        for key, t in model.state_dict().items():
-            if key.startswith(_store_prefixes(model, adapter_name)):
-                ck = cls._remove_adapter_name_from_key(key, adapter_name)
-                to_model[ck] = key
-                to_model.setdefault(ck.removeprefix("base_model.model."), key)
+        for key in shapes:
+            ck = cls._remove_adapter_name_from_key(key, adapter_name)
+            to_model[ck] = key
+            to_model.setdefault(ck.removeprefix("base_model.model."), key)  # a checkpoint of a bare model
         own = {k for k in to_model if k.startswith("base_model.model.")} or set(to_model)
-        shapes = dict((k, tuple(v.shape)) for k, v in model.state_dict().items())
         problem = None
         for ck, mk in to_model.items():
             if ck in state_dict and tuple(state_dict[ck].shape) != shapes[mk]:
