@@ -226,12 +226,18 @@ def test_bad_input_names_the_problem_and_leaves_the_model_as_it_was(tmp_path):
 
 
 def test_import_is_lazy_and_registers_when_peft_is_imported():
-    code = ("import sys, sharelora_kernels\nassert 'peft' not in sys.modules\nimport peft.mapping as m\n"
-            "assert m.PEFT_TYPE_TO_CONFIG_MAPPING['SHARELORA'].__name__ == 'ShareLoRAPeftConfig'\nprint('ok')")
+    """One fresh process: PEFT is not imported by sharelora_kernels, knows the method once imported,
+    and a PEFT without its method tables gives an ImportError naming its version."""
+    code = """import sys, sharelora_kernels
+assert 'peft' not in sys.modules
+import peft.mapping as m
+assert m.PEFT_TYPE_TO_CONFIG_MAPPING['SHARELORA'].__name__ == 'ShareLoRAPeftConfig'
+del m.PEFT_TYPE_TO_PREFIX_MAPPING, sys.modules['sharelora_kernels.integrations.peft_method']
+try:
+    import sharelora_kernels.integrations.peft_method
+except ImportError as e:
+    print(e)
+"""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
-    moved = ("import peft.mapping as m\ndel m.PEFT_TYPE_TO_PREFIX_MAPPING\n"
-             "import sharelora_kernels\ntry:\n    sharelora_kernels.ShareLoRAPeftConfig\n"
-             "except ImportError as e:\n    print(e)")
-    out = subprocess.run([sys.executable, "-c", moved], capture_output=True, text=True)
-    assert f"peft {peft.__version__} does not have" in out.stdout and "sharelora_kernels.apply" in out.stdout, out.stderr
+    assert out.returncode == 0, out.stderr
+    assert f"peft {peft.__version__} does not have" in out.stdout and "sharelora_kernels.apply" in out.stdout
