@@ -18,7 +18,12 @@
 //
 // Work layout. A persistent grid of (occupancy x SMs) blocks strides over samples. For one
 // sample, a block walks d in chunks of kChunk columns: it stages the chunk of every layer
-// into shared memory as doubles (rows padded with zeros to a multiple of 8), then each
+// into shared memory as doubles (rows padded with zeros to a multiple of 8) -- reading 16
+// bytes per thread per load (eight bf16 / fp16 or four fp32) where the layout allows it
+// (unit feature stride, 16-byte aligned rows, d a multiple of the vector), with the next
+// chunk's first kPrefetch vectors per thread loaded into registers before the current chunk
+// is computed, so they are in flight during its FMAs; other layouts load one element at a
+// time -- then each
 // thread owns one 8x8 tile (bi, bj), bi <= bj, of the Gram and one residue class
 // k = kg (mod KS) of the chunk's columns, with 64 fp64 accumulators in registers (16 shared
 // loads per 64 FMA). After the last chunk the KS partial tiles are added in fixed kg order
@@ -28,6 +33,8 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #include "angular_common.h"
 
@@ -38,11 +45,49 @@ constexpr int kChunk = 64;          // columns of d staged in shared memory at a
 constexpr int kRowStride = kChunk + 1;  // odd stride: rows of one column hit different banks
 constexpr int kMaxThreads = 256;
 constexpr int kMaxLayers = 128;     // shared Gram of 128 x 128 doubles = 128 KB
+constexpr int kPrefetch = 4;        // 16-byte vectors per thread of the next chunk held in registers
 
 struct Problem {
   const void* x;
   int64_t num_layers, num_samples, dim, stride_l, stride_n, stride_d;
+  bool vectorized;  // 16-byte loads: see vectorizable()
 };
+
+// Elements of type E in one 16-byte load.
+template <class E>
+__host__ __device__ constexpr int vector_width() { return 16 / static_cast<int>(sizeof(typename E::storage)); }
+
+// Whether every vector of a chunk is one aligned 16-byte load of valid columns: unit feature
+// stride, layer and sample strides and the base 16-byte aligned, d a multiple of the width
+// (chunks start at multiples of kChunk, itself a multiple of the width).
+template <class E>
+bool vectorizable(const Problem& p) {
+  const int64_t w = vector_width<E>();
+  return p.stride_d == 1 && p.stride_l % w == 0 && p.stride_n % w == 0 && p.dim % w == 0 &&
+         reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
+}
+
+// Vector e of the chunk at column k0 of sample s (row l = e / (kChunk / W), columns
+// k = (e % (kChunk / W)) * W ...): its 16 bytes, zeros past the rows or columns.
+template <class E>
+__device__ __forceinline__ uint4 load_vector(const Problem& p, const typename E::storage* x, int L,
+                                             int64_t s, int64_t k0, int e) {
+  constexpr int kVectors = kChunk / vector_width<E>();
+  const int l = e / kVectors, k = (e % kVectors) * vector_width<E>();
+  if (l >= L || k0 + k >= p.dim) return make_uint4(0, 0, 0, 0);
+  return __ldg(reinterpret_cast<const uint4*>(x + l * p.stride_l + s * p.stride_n + k0 + k));
+}
+
+// Write vector e (see load_vector) into the staged rows as doubles.
+template <class E>
+__device__ __forceinline__ void stage_vector(double* rows, int e, uint4 v) {
+  constexpr int kWidth = vector_width<E>(), kVectors = kChunk / kWidth;
+  const int l = e / kVectors, k = (e % kVectors) * kWidth;
+  typename E::storage elements[kWidth];
+  memcpy(elements, &v, sizeof v);
+#pragma unroll
+  for (int j = 0; j < kWidth; ++j) rows[l * kRowStride + k + j] = E::load(elements + j);
+}
 
 struct Shape {  // launch geometry derived from L only
   int padded_layers, tiles_per_side, tile_pairs, threads, k_split;
@@ -93,16 +138,40 @@ angular_partials_kernel(Problem p, Shape shape, double* __restrict__ partials,
     if (__syncthreads_or(tid == 0 && first_possible > *(volatile unsigned long long*)error_key))
       break;
     double acc[kTile][kTile] = {};
+    const int vectors = lp * (kChunk / vector_width<E>());
+    uint4 next[kPrefetch];  // the first kPrefetch vectors of this thread in the next chunk
+    if (p.vectorized)
+#pragma unroll
+      for (int i = 0; i < kPrefetch; ++i) {
+        const int e = tid + i * blockDim.x;
+        if (e < vectors) next[i] = load_vector<E>(p, x, L, s, 0, e);
+      }
     for (int64_t k0 = 0; k0 < p.dim; k0 += kChunk) {
       __syncthreads();  // the previous chunk (or Gram) is no longer read
-      for (int e = tid; e < lp * kChunk; e += blockDim.x) {
-        const int l = e / kChunk, k = e % kChunk;
-        double v = 0.0;  // zero padding: rows >= L and columns >= d
-        if (l < L && k0 + k < p.dim)
-          v = E::load(x + l * p.stride_l + s * p.stride_n + (k0 + k) * p.stride_d);
-        rows[l * kRowStride + k] = v;
+      if (p.vectorized) {
+#pragma unroll
+        for (int i = 0; i < kPrefetch; ++i) {
+          const int e = tid + i * blockDim.x;
+          if (e < vectors) stage_vector<E>(rows, e, next[i]);
+        }
+        for (int e = tid + kPrefetch * blockDim.x; e < vectors; e += blockDim.x)
+          stage_vector<E>(rows, e, load_vector<E>(p, x, L, s, k0, e));
+      } else {
+        for (int e = tid; e < lp * kChunk; e += blockDim.x) {
+          const int l = e / kChunk, k = e % kChunk;
+          double v = 0.0;  // zero padding: rows >= L and columns >= d
+          if (l < L && k0 + k < p.dim)
+            v = E::load(x + l * p.stride_l + s * p.stride_n + (k0 + k) * p.stride_d);
+          rows[l * kRowStride + k] = v;
+        }
       }
       __syncthreads();
+      if (p.vectorized && k0 + kChunk < p.dim)  // in flight while this chunk is computed
+#pragma unroll
+        for (int i = 0; i < kPrefetch; ++i) {
+          const int e = tid + i * blockDim.x;
+          if (e < vectors) next[i] = load_vector<E>(p, x, L, s, k0 + kChunk, e);
+        }
       if (computes) {
         for (int k = kg; k < kChunk; k += shape.k_split) {
           double a[kTile], b[kTile];
@@ -182,8 +251,9 @@ cudaError_t grid_size(const Shape& shape, int64_t num_samples, int device, int* 
 }
 
 template <class E>
-cudaError_t launch(const Problem& p, double* out, double* partials, int64_t* error_key,
+cudaError_t launch(Problem p, double* out, double* partials, int64_t* error_key,
                    int device, cudaStream_t stream) {
+  p.vectorized = vectorizable<E>(p);
   const Shape shape = shape_for(p.num_layers);
   int grid = 0;
   cudaError_t err = grid_size<E>(shape, p.num_samples, device, &grid);
@@ -225,7 +295,7 @@ extern "C" int32_t sharelora_angular_sums_cuda(const void* x, int32_t dtype, int
       stride_l < 0 || stride_n < 0 || stride_d < 0)
     return SL_BAD_ARGUMENT;
   if (cudaSetDevice(device) != cudaSuccess) return SL_CUDA_ERROR;
-  const Problem p{x, num_layers, num_samples, dim, stride_l, stride_n, stride_d};
+  const Problem p{x, num_layers, num_samples, dim, stride_l, stride_n, stride_d, false};
   const auto s = static_cast<cudaStream_t>(stream);
   cudaError_t err;
   switch (dtype) {

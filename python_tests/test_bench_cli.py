@@ -27,7 +27,7 @@ def drawn(monkeypatch):
 
 def test_default_output_is_a_new_folder_per_run(tmp_path, monkeypatch, drawn):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(suite, "run_issue3", lambda *a, **k: None)  # keep it cheap: the similarity op alone
+    monkeypatch.setattr(suite, "run_default_backend_check", lambda *a, **k: None)  # keep it cheap: the similarity op alone
     argv = ["bench", "--quick", "--device", "cpu", "--ops", "similarity", "--no-e2e"]
     assert run_cli(argv)[0] == 0
     first = tmp_path / "sharelora-bench" / f"cpu-{datetime.date.today().isoformat()}"

@@ -100,22 +100,6 @@ def test_matplotlib_is_a_dependency_so_the_main_command_draws_the_heatmap():
     assert main_command.startswith("pip install -e . &&") and "plan" in main_command
 
 
-def test_heatmap_names_the_model_and_every_set(tmp_path, monkeypatch):
-    from matplotlib.figure import Figure
-
-    from sharelora_kernels.similarity import similarity_heatmap
-
-    drawn = []
-    original = Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(self), original(self, *a, **k))[1])
-    S = torch.rand(6, 6, dtype=torch.float64)
-    path = similarity_heatmap((S + S.T) / 2, [[0], [1, 2], [3, 5]], tmp_path / "h.png", title="my-model: similarity")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    ax = drawn[0].axes[0]
-    assert ax.get_title() == "my-model: similarity"
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["share set 1: layers 1-2", "share set 2: layers 3, 5"]
-
-
 def test_finetune_lowers_loss_and_saves(planned, tmp_path):
     out = tmp_path / "ft"
     code, printed, _ = run_cli(["finetune", "--plan", planned[0] / "plan.json", "--steps", "12", "--samples", "2",

@@ -12,7 +12,8 @@ from sharelora_kernels.cli.compare import METHODS, _texts
 from sharelora_kernels.cli.training import Windows, heldout_loss
 from tiny_models import VOCAB, tiny_model
 
-TINY = ["--steps", "4", "--heldout", "4", "--batch-size", "2", "--seq-len", "32", "--calibration-samples", "16"]
+TINY = ["--steps", "4", "--heldout", "4", "--batch-size", "2", "--seq-len", "32", "--calibration-samples", "16",
+        "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,9 @@ def test_every_method_trains_alike_and_is_reported(compared):
     assert rows["sharelora"]["config"]["share_sets"] == result["share_sets"]
     assert rows["bishare_kron"]["config"]["kron_dim"] == 64 and rows["bishare_gate"]["config"]["gate_dims"] == [128, 64]
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    machine = result["machine"]  # what the step times were measured on
+    assert machine["torch_threads"] == 1 and machine["cpu_count"] >= 1
+    assert len(machine["loadavg_before"]) == len(machine["loadavg_after"]) == 3
 
 
 def test_same_seed_same_start(compared):

@@ -2,6 +2,7 @@
 its signatures, dispatch_table(), and the per-device JSON cache (atomic, corrupt/foreign files)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 
@@ -95,11 +96,11 @@ def test_auto_keeps_the_faster_and_measures_each_signature_once(auto, monkeypatc
     dispatch.set_timer(timer)
     x, weight, bias, paths, p = call()
     y = run(x, weight, bias, paths, p)
-    assert sorted(timer.calls) == ["compose", "triton"] and len(fused_calls) == 1  # the timed call only
+    assert sorted(timer.calls) == ["compose", "triton"] and len(fused_calls) == 2  # verified, then timed
     y_ref, _ = float64_reference(x, weight, bias, paths, torch.zeros_like(y))
     assert rel_err(y, y_ref) < 1e-4
     run(*call(m=7, seed=1))  # same bucket (M <= 8), same everything else: remembered
-    assert len(timer.calls) == 2 and len(fused_calls) == 1
+    assert len(timer.calls) == 2 and len(fused_calls) == 2
 
     timer.times = {"triton": 1.0, "compose": 3.0}
     x, weight, bias, paths, p = call(m=9)  # M bucket 16: a new signature, now the kernels win
@@ -107,7 +108,7 @@ def test_auto_keeps_the_faster_and_measures_each_signature_once(auto, monkeypatc
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x, *(t for q in paths for t in q.tensors)], dy)
     y_ref, grads_ref = float64_reference(x, weight, bias, paths, dy)
-    assert len(timer.calls) == 4 and len(fused_calls) == 3  # timed once, then the real call
+    assert len(timer.calls) == 4 and len(fused_calls) == 5  # verified, timed, then the real call
     assert rel_err(y, y_ref) < 1e-4 and all(rel_err(g, r) < 1e-4 for g, r in zip(grads, grads_ref))
 
     table = {(e["m_bucket"], e["mode"]): e for e in ops.dispatch_table()}
@@ -115,6 +116,7 @@ def test_auto_keeps_the_faster_and_measures_each_signature_once(auto, monkeypatc
     assert table[(8, "fwd+bwd")]["choice"] == "compose" and table[(16, "fwd+bwd")]["choice"] == "triton"
     entry = table[(16, "fwd+bwd")]
     assert entry["times_ms"] == {"triton": 1.0, "compose": 3.0} and entry["source"] == "measured"
+    assert entry["rejected"] == {} and entry["verified_error"]["triton"] < 1e-5
     assert "triton 1 ms, compose 3 ms" in entry["reason"]
     assert entry["kinds"] == ("plain", "kron") and entry["k"] == 24 and entry["n"] == 16 and entry["rank"] == 4
 
@@ -190,6 +192,54 @@ def test_compiled_auto_runs_compose_without_timing(auto):
     assert torch.allclose(out, ops.lora_linear(x, layer.weight, layer.bias, layer.paths(), backend="compose"), atol=1e-6)
 
 
+class DoubledGrad(torch.autograd.Function):
+    """Identity forward, twice the gradient backward: a backend wrong only in one adapter gradient."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+@pytest.mark.parametrize("wrong", ["output", "adapter gradient"])
+def test_auto_rules_out_kernels_whose_results_differ(auto, monkeypatch, wrong):
+    real = ops._fused_lora_linear
+
+    def injected(x, weight, bias, paths, dropout_p, training):
+        if wrong == "output":
+            return real(x, weight, bias, paths, dropout_p, training) * 1.1
+        first = paths[0]._replace(tensors=(DoubledGrad.apply(paths[0].tensors[0]), *paths[0].tensors[1:]))
+        return real(x, weight, bias, [first, *paths[1:]], dropout_p, training)
+
+    monkeypatch.setattr(ops, "_fused_lora_linear", injected)
+    dispatch.set_timer(FakeTimer({"triton": 1.0, "compose": 2.0}))  # the wrong kernels are faster
+    grad = torch.no_grad() if wrong == "output" else contextlib.nullcontext()  # fwd, or fwd+bwd
+    with warnings.catch_warnings(record=True) as caught, grad:
+        warnings.simplefilter("always")
+        x, weight, bias, paths, p = call()
+        y = run(x, weight, bias, paths, p)
+        run(*call(seed=3))  # the same signature: compose, no second warning
+    mine = [str(w.message) for w in caught if "differ from compose" in str(w.message)]
+    assert len(mine) == 1 and "K=24 N=16" in mine[0] and "relative error" in mine[0]
+    (row,) = ops.dispatch_table()
+    assert row["choice"] == "compose" and set(row["rejected"]) == {"triton"} and "ruled out" in row["reason"]
+    where = "y:" if wrong == "output" else "d path0 tensor0:"
+    assert where in row["rejected"]["triton"] and row["verified_error"]["triton"] > 0.05
+    y_ref, _ = float64_reference(x, weight, bias, paths, torch.zeros_like(y))
+    assert rel_err(y, y_ref) < 1e-4
+    entry, = json.loads(dispatch.cache_file("cpu").read_text())["entries"].values()
+    assert entry["choice"] == "compose" and entry["rejected"] == row["rejected"]
+    dispatch.clear()  # a new process reads the rejection back
+    dispatch.set_timer(FakeTimer({}))
+    with grad:
+        run(*call())
+    (row,) = ops.dispatch_table()
+    assert row["choice"] == "compose" and row["rejected"] == entry["rejected"] and "read from" in row["reason"]
+
+
 # ---------------------------------------------------------------------------------- the cache file
 def test_cache_file_is_written_atomically_and_read_by_a_new_process(auto):
     dispatch.set_timer(FakeTimer({"triton": 2.0, "compose": 1.0}))
@@ -248,3 +298,22 @@ def test_cache_dir_fallbacks_and_an_unwritable_dir(monkeypatch, tmp_path, auto):
         y = run(*call())
     assert len(caught) == 1 and "could not write its dispatch cache" in str(caught[0].message)
     assert y.shape == (5, 16) and ops.dispatch_table()[0]["choice"] == "compose"
+
+
+def test_measure_times_calls_back_to_back_with_one_clock_read_per_round(monkeypatch):
+    clock = iter(range(100))
+    monkeypatch.setattr(dispatch.time, "perf_counter", lambda: next(clock) * 1e-3)  # +1 ms per read
+    calls = []
+    ms = dispatch.measure_ms(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=3, calls=5)
+    assert len(calls) == 2 + 3 * 5 and ms == pytest.approx(1 / 5)  # two reads per round of five calls
+
+
+def test_result_error_names_the_worst_tensor_and_floors_tiny_adapter_gradients():
+    want = {"y": torch.ones(3), "dx": torch.ones(3), "d path0 tensor0": torch.ones(3),
+            "d path0 tensor2": torch.full((3,), 1e-4)}  # a gate core's cancelling sum: tiny
+    err, where = dispatch.result_error({**want, "d path0 tensor2": torch.full((3,), 1.1e-4)}, want)
+    assert err == pytest.approx(1e-4) and where == "d path0 tensor2"  # 1e-5 against 0.1 x 1, not 10 %
+    err, where = dispatch.result_error({**want, "d path0 tensor0": torch.full((3,), 2.0)}, want)
+    assert err == pytest.approx(1.0) and where == "d path0 tensor0"
+    err, where = dispatch.result_error({**want, "dx": torch.tensor([1.0, float("nan"), 1.0])}, want)
+    assert err == float("inf") and where == "dx"

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,37 +16,35 @@ import pytest
 triton = pytest.importorskip("triton")
 
 from sharelora_kernels.__main__ import main  # noqa: E402
-from sharelora_kernels.benchmarks import correctness, performance  # noqa: E402
+from sharelora_kernels.benchmarks import correctness, perf_correctness, performance  # noqa: E402
 from sharelora_kernels.cli import gpu_check  # noqa: E402
 
-PHASES = ("a_ceilings", "b_correctness", "c_performance", "d_angular")
+PHASES = ("a_ceilings", "b_correctness", "b_perf_configs", "c_performance", "d_angular")
 LORA_VARIANTS = {"base", "triton_gemm", "fused", "compose", "auto", "unsloth_order", "peft"}
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """The real command: each phase in its own child process."""
     out = tmp_path_factory.mktemp("gpu_check")
-    saves = []
-    real_save = gpu_check.Report.save
-
-    def counting_save(self):
-        saves.append(sum(len(p["items"]) for p in self.data["phases"].values()))
-        real_save(self)
-
-    gpu_check.Report.save = counting_save
-    try:
-        status = main(["gpu-check", "--tiny", "--out", str(out)])
-    finally:
-        gpu_check.Report.save = real_save
-    return status, json.loads((out / "gpu_check.json").read_text()), saves, out
+    status = main(["gpu-check", "--tiny", "--out", str(out)])
+    return status, json.loads((out / "gpu_check.json").read_text()), out
 
 
 def test_every_phase_runs_and_passes(tiny_run):
-    status, data, _, _ = tiny_run
+    status, data, _ = tiny_run
     assert status == 0 and data["failures"] == [] and data["stopped"] is None and data["tiny"]
     for key in PHASES:
         assert data["phases"][key]["status"] == "done", key
     assert "gpu-check --tiny" in data["environment"]["command"]
+
+
+def test_perf_configs_are_verified_at_the_timed_shapes(tiny_run):
+    rows = tiny_run[1]["phases"]["b_perf_configs"]["items"]
+    assert rows and all(r["passed"] and r["non_finite_elements"] == 0 for r in rows)
+    names = " | ".join(r["name"] for r in rows)
+    for part in ("TMA plain", "pointer plain", "dropout 0.1", "Kronecker", "gate", "grouped 3", "grouped 5"):
+        assert part in names
 
 
 def test_ceilings_and_angular_distance_are_measured(tiny_run):
@@ -81,21 +81,25 @@ def test_performance_cases_time_every_variant(tiny_run):
         for name, row in case["variants"].items():
             assert {"median", "q1", "q3", "min", "max", "n"} <= set(row["fwd_ms"]) and "fwd+bwd_ms" in row
             assert set(case["ratio_vs_base"][name]) == {"fwd", "fwd+bwd"}
-        assert len(case["goals"]) == 5
+        assert case["goals"] == {} and "CPU smoke run" in case["goals_not_judged"]  # never "NOT met" here
     assert set(cases[-1]["variants"]) == {"base", "grouped", "per_module", "compose", "auto", "peft"}
     table = data["dispatch_table"]
     assert table and all(set(row["times_ms"]) == {"triton", "compose"} and row["reason"] for row in table)
     assert all(row["configs"] == 1 for row in data["compile_counts"])
 
 
-def test_json_is_rewritten_after_every_measurement(tiny_run):
-    _, data, saves, out = tiny_run
-    total = sum(len(p["items"]) for p in data["phases"].values())
-    assert set(range(1, total + 1)) <= set(saves)  # a save after each new item
+def test_each_phase_ran_in_its_own_process_and_left_its_file(tiny_run):
+    _, data, out = tiny_run
+    for key in PHASES:
+        child = json.loads((out / f"phase-{key}.json").read_text())
+        assert child["phases"][key]["items"] == data["phases"][key]["items"]
+        assert 0 < data["phases"][key]["wall_s"] <= data["phases"][key]["limit_s"]
+        assert data["phases"][key]["begun_at_s"] + data["phases"][key]["limit_s"] <= data["budget_s"] + 0.2
     assert [p.name for p in out.iterdir() if p.suffix == ".tmp"] == []
 
 
 def test_a_failed_check_exits_non_zero_and_peft_missing_is_a_skip(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpu_check, "ISOLATE", False)  # the patches below live in this process
     from sharelora_kernels.benchmarks import ops as bench_ops
     from sharelora_kernels.ops import compose
 
@@ -104,6 +108,7 @@ def test_a_failed_check_exits_non_zero_and_peft_missing_is_a_skip(tmp_path, monk
     monkeypatch.setattr(correctness, "checks", lambda sizes, device: [
         c for c in all_checks(sizes, device) if c.backend == "compose"][:2])
     monkeypatch.setattr(performance, "case_list", lambda shapes, tiny=False: [dict(op="plain", k=32, n=32, r=4)])
+    monkeypatch.setattr(perf_correctness, "checks", lambda shapes, device, cap: [])
 
     def no_peft(*args, **kwargs):
         raise ImportError("No module named 'peft'")
@@ -116,11 +121,66 @@ def test_a_failed_check_exits_non_zero_and_peft_missing_is_a_skip(tmp_path, monk
     assert "FAILED (b) compose" in capsys.readouterr().out
 
 
-def test_budget_stops_cleanly(tmp_path):
-    assert main(["gpu-check", "--tiny", "--budget", "1e-9", "--out", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert data["stopped"] == "budget" and data["phases"]["a_ceilings"]["status"].startswith("stopped: --budget")
-    assert "b_correctness" not in data["phases"]
+def _child_item(payload: dict, status: str = "running") -> None:
+    Path(payload["out"]).write_text(json.dumps({"phases": {payload["phase"]: {"status": status, "items": [
+        {"name": "first item", "passed": True}]}}}))
+
+
+def child_segfault(payload):
+    _child_item(payload)
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def child_cuda_error(payload):
+    _child_item(payload)
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def child_hang(payload):
+    _child_item(payload)
+    time.sleep(600)
+
+
+def child_ok(payload):
+    _child_item(payload, "done")
+
+
+@pytest.mark.parametrize("target, status", [
+    ("child_segfault", "fault: killed by SIGSEGV"),
+    ("child_cuda_error", "fault: exit status 1: RuntimeError: CUDA error: an illegal memory access"),
+    ("child_hang", "stopped: stopped at its time limit of 15 s")])
+def test_a_fault_or_a_hang_costs_one_phase(tmp_path, monkeypatch, target, status):
+    here = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    data = {"phases": {}, "stopped": None, "dispatch_table": [], "compile_counts": []}
+    report = gpu_check.Report(tmp_path / "gpu_check.json", 60.0, data)
+    start = time.monotonic()
+    gpu_check.run_phase(report, "b_correctness", True, tmp_path, 15.0, f"test_gpu_check:{target}")
+    assert time.monotonic() - start < 20  # a hang is stopped at its limit
+    gpu_check.run_phase(report, "c_performance", True, tmp_path, 60.0, "test_gpu_check:child_ok")
+    faulted, next_phase = data["phases"]["b_correctness"], data["phases"]["c_performance"]
+    assert faulted["status"].startswith(status) and faulted["items"] == [{"name": "first item", "passed": True}]
+    assert next_phase["status"] == "done" and len(next_phase["items"]) == 1
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["phases"]["b_correctness"]["items"]
+    lines = gpu_check.failures({**data, "phases": {"b_correctness": faulted}})
+    assert lines == ([f"(b) phase {faulted['status']}"] if status.startswith("fault") else [])
+
+
+def test_budget_below_the_minimum_is_refused(tmp_path, capsys):
+    assert main(["gpu-check", "--tiny", "--budget", "100", "--out", str(tmp_path)]) == 2
+    assert f"--budget 100 s is too small: gpu-check needs at least {gpu_check.MIN_BUDGET:g} s" in capsys.readouterr().err
+    assert gpu_check.DEFAULT_BUDGET + 60 <= 600  # one 10-minute command with a minute to spare
+
+
+def test_phase_limits_share_what_is_left():
+    keys = list(gpu_check.PHASES)
+    limits, left = [], gpu_check.DEFAULT_BUDGET
+    for i in range(len(keys)):
+        limits.append(gpu_check.phase_limits(left, keys[i:]))
+        left -= limits[-1] / 2  # each phase uses half its limit: the rest passes on
+    assert limits[0] == pytest.approx(gpu_check.PHASE_SHARES[keys[0]] * gpu_check.DEFAULT_BUDGET)
+    assert limits[-1] > limits[0]
+    assert min(limits) >= gpu_check.MIN_PHASE_S
 
 
 @pytest.mark.parametrize("argv, message", [(["--budget", "0"], "--budget must be a positive number, got 0.0"),
@@ -140,3 +200,27 @@ def test_out_naming_a_file_and_the_bench_script(tmp_path, capsys):
     env = {**os.environ, "PYTHONPATH": str(script.parents[1])}  # this checkout's package
     done = subprocess.run([sys.executable, str(script), "--budget", "0"], capture_output=True, text=True, env=env)
     assert done.returncode == 2 and "--budget must be a positive number" in done.stderr
+
+
+def test_perf_config_check_catches_an_unwritten_tile(monkeypatch):
+    """A kernel that leaves part of y unwritten fails: allocations are NaN-poisoned in the check."""
+    import torch
+
+    from sharelora_kernels import ops
+    from sharelora_kernels.benchmarks import perf_correctness
+
+    real = ops._fused_lora_linear
+
+    def half_written(x, weight, bias, paths, dropout_p, training):
+        y = real(x, weight, bias, paths, dropout_p, training)
+        out = torch.empty_like(y)  # poisoned inside the check
+        out[: y.shape[0] // 2] = y[: y.shape[0] // 2]
+        return out
+
+    monkeypatch.setattr(ops, "_fused_lora_linear", half_written)
+    shapes = perf_correctness.Shapes(12, 16, 16, 2, 4)
+    row = perf_correctness.case_check(shapes, "cpu", (16,), dtype=torch.float32)
+    assert not row["passed"] and row["non_finite_elements"] > 0
+    monkeypatch.setattr(ops, "_fused_lora_linear", real)
+    row = perf_correctness.case_check(shapes, "cpu", (16,), dtype=torch.float32)
+    assert row["passed"] and row["non_finite_elements"] == 0 and row["vs_float64_sampled"]["y"] < 1e-4

@@ -6,7 +6,8 @@ the kind of loads; the GPU compiler can, and runs without a GPU. This runs ``com
 --quick`` (the bfloat16-base / float32-adapter case of every kernel at its ``perf`` configs, with
 and without Kronecker rows, specialised as the launcher specialises them; a few minutes on 2 cores)
 and asserts on its JSON report: the fused forward and dx run TMA and wgmma at every perf config,
-nothing spills, and the grouped kernel's base-GEMM loop has no load narrower than 16 bytes.
+their persistent tile loop compiles to one flattened loop, nothing spills, and the grouped
+kernel's base-GEMM loop has no load narrower than 16 bytes.
 """
 from __future__ import annotations
 
@@ -49,11 +50,12 @@ def test_report_fields_and_every_kernel(report):
     assert report["arch"] == 90 and report["quick"] and "--quick" in report["command"]
     assert {"triton", "torch", "python"} <= set(report["versions"])
     fields = {"kernel", "variant", "config", "registers", "spill_bytes", "shared_bytes", "uses_wgmma", "uses_tma",
-              "narrow_global_loads", "narrow_global_loads_base_gemm"}
+              "narrow_global_loads", "narrow_global_loads_base_gemm", "loop_nesting", "flattened"}
     results = report["results"]
     assert all(fields <= set(r) for r in results)
     assert {r["kernel"] for r in results} == {"tma_linear", "fused_linear", "grouped_linear", "lowrank_project",
-                                              "dy_lowrank", "lowrank_grad", "reduce_splits", "lowrank_add"}
+                                              "dy_lowrank", "lowrank_grad", "reduce_splits", "lowrank_add",
+                                              "multi_shrink", "multi_expand"}
     assert all((r["variant"]["input"], r["variant"]["factor"]) == ("bf16", "fp32") for r in results)
     assert all(0 <= r["shared_bytes"] <= report["shared_limit_bytes"] for r in results)
     assert all(r["registers"] is None or 0 < r["registers"] <= 255 for r in results)
@@ -63,8 +65,8 @@ def test_fused_forward_and_dx_use_tma_and_wgmma_at_every_perf_config(report):
     from sharelora_kernels.ops import autotune, tma_linear
 
     tma = [r for r in report["results"] if r["kernel"] == "tma_linear"]
-    assert {r["variant"]["case"] for r in tma} == {"forward", "dx"}
-    for case in ("forward", "dx"):
+    assert {r["variant"]["case"] for r in tma} == {"forward", "dx", "forward, r=64"}
+    for case in ("forward", "dx", "forward, r=64"):
         for periodic in (False, True):
             compiled = {tuple(r["config"][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
                         for r in tma if r["variant"]["case"] == case and r["variant"]["PERIODIC"] == periodic}
@@ -74,6 +76,18 @@ def test_fused_forward_and_dx_use_tma_and_wgmma_at_every_perf_config(report):
     assert (128, 256, 64, 8, 4) in {tuple(r["config"][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps",
                                                                     "num_stages")) for r in tma}
     assert all(r["uses_tma"] and r["uses_wgmma"] and r["spill_bytes"] == 0 for r in tma)
+
+
+def test_persistent_tile_loop_is_one_flattened_loop(report):
+    """The low-rank chunks are unrolled, so the tile loop holds the K loop alone and the compiler
+    fuses the two: no nested scf.for (a nest drains the pipeline at every tile)."""
+    tma = [r for r in report["results"] if r["kernel"] == "tma_linear"]
+    assert tma and all(r["flattened"] and r["loop_nesting"] == 1 for r in tma)
+    assert all(r["flattened"] is None for r in report["results"] if r["kernel"] != "tma_linear")
+    from sharelora_kernels.ops.compile_check import loop_nesting
+
+    nested = "scf.for %a = %c0 to %n step %c1 {\n  scf.for %b = %c0 to %k step %c1 {\n  } {tt.num_stages = 3}\n}"
+    assert loop_nesting(nested) == 2 and loop_nesting(nested.replace("scf.for %b", "scf.if %b")) == 1
 
 
 def test_no_perf_config_of_any_kernel_spills(report):

@@ -400,3 +400,41 @@ def test_bad_inputs_raise_clear_errors():
         fused_lora_linear(x, weight, None, [make_path("plain", 16, 8, 2), make_path("plain", 16, 8, 2, torch.float16)])
     with pytest.raises(ValueError, match="float64"):
         fused_lora_linear(x, weight, None, [make_path("plain", 16, 8, 2, torch.float64)])
+
+
+def test_tma_refuses_degenerate_strides():
+    """A zero row stride (an expanded dy) or a row stride off 16 bytes never reaches a descriptor."""
+    from sharelora_kernels.ops import tma_linear
+
+    w = torch.randn(32, 64)
+    assert tma_linear.usable(torch.randn(8, 32), w)
+    assert not tma_linear.usable(torch.randn(1, 32).expand(8, 32), w)  # row stride 0
+    assert not tma_linear.usable(torch.randn(8, 33)[:, :32], w)  # 132-byte rows
+    assert not tma_linear.usable(torch.randn(8, 32), torch.randn(1, 64).expand(32, 64))
+
+
+def test_dropout_seed_has_63_bits_and_p0_allocates_nothing():
+    from sharelora_kernels.ops.utils import dropout_seed
+
+    seeds = torch.cat([dropout_seed(0.1, torch.device("cpu")) for _ in range(8)])
+    assert seeds.dtype == torch.int64 and (seeds >= 2**31).any() and (seeds >= 0).all()
+    first = dropout_seed(0.0, torch.device("cpu"))
+    assert first is dropout_seed(0.0, torch.device("cpu")) and first.item() == 0  # made once, reused
+
+
+def test_every_kernel_launch_runs_under_its_tensors_device():
+    """Each launch site of the ops is the body of a ``with on_device(...)`` (a model over two GPUs
+    launches on each tensor's GPU); read off the source, as no second GPU is here."""
+    import re
+    from pathlib import Path
+
+    import sharelora_kernels.ops as package
+
+    sites = 0
+    for path in Path(package.__file__).parent.glob("*.py"):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if re.match(r"\s*\w*kernel\[[^\]]+\]\(", line):  # a launch: kernel[grid](...
+                sites += 1
+                assert lines[i - 1].strip().startswith("with on_device("), f"{path.name}:{i + 1}: {line.strip()}"
+    assert sites >= 8

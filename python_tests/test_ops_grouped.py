@@ -117,6 +117,28 @@ def test_group_larger_than_one_launch():
     check_group(ns, "mix")
 
 
+def test_autotuning_a_group_of_five_leaves_no_trial_run_in_the_outputs():
+    """Two configs benchmarked on a group of 5 (dx runs two chunks, the second adding onto dx): each
+    trial run is undone (restore_value), so only the chosen config's run stays in dx."""
+    from sharelora_kernels.ops.autotune import INTERPRETER_GEMM, mode
+    from sharelora_kernels.ops.grouped_lora_linear import grouped_kernel
+
+    other = triton.Config({**INTERPRETER_GEMM.kwargs, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+    with grouped_kernel.restricted(lambda configs: [INTERPRETER_GEMM, other]):
+        check_group((16, 24, 16, 8, 16), "plain")
+        timings = grouped_kernel._tuners[mode()].configs_timings
+    assert len(timings) == 2  # both configs were benchmarked
+
+
+def test_forced_int64_weight_offsets(monkeypatch):
+    """A W of 2**31+ elements indexes in int64 (too large to allocate here: the choice is forced)."""
+    import importlib
+
+    grouped = importlib.import_module("sharelora_kernels.ops.grouped_lora_linear")  # the module, not ops' function
+    monkeypatch.setattr(grouped, "needs_int64_index", lambda *tensors: True)
+    check_group((16, 24, 16, 8, 16), "mix")
+
+
 def test_two_paths_of_one_module_reading_one_view():
     """A module whose two paths read the same A (same view, so the same columns of h) gets the sum
     of both paths' dh in dx and dA, not one of them."""

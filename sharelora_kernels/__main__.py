@@ -1,7 +1,10 @@
-"""``python -m sharelora_kernels <command>``: plan, finetune, compare, bench, gpu-check (see ``sharelora_kernels.cli``)."""
+"""``python -m sharelora_kernels <command>``: plan, finetune, compare, bench, gpu-check (see ``sharelora_kernels.cli``).
+
+Parsing imports only the command modules' option definitions (no torch), so ``--help`` and every
+option error answer at once; a command imports what it needs once its options are checked.
+"""
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
@@ -18,17 +21,19 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     from .cli import CommandError
+    from .cli.parser import HelpFormatter, Parser, did_you_mean
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     prog = "sharelora" if os.path.basename(sys.argv[0]) == "sharelora" else "python -m sharelora_kernels"
-    parser = argparse.ArgumentParser(prog=prog,
-                                     description="Shared low-rank adapters: plan share sets, fine-tune, compare, export.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    parser = Parser(prog=prog, description="Shared low-rank adapters: plan share sets, fine-tune, compare, export.")
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        parser.error(f"unknown command {argv[0]!r}{did_you_mean(argv[0], COMMANDS)}; commands: {', '.join(COMMANDS)}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command", parser_class=Parser)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__, formatter_class=HelpFormatter)
         module.add_arguments(p)
-        p.set_defaults(run=module.run)
+        p.set_defaults(run=module.run, command_parser=p)
     args = parser.parse_args(argv)
     try:
         status = args.run(args)

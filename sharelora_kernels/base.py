@@ -26,6 +26,7 @@ from torch import Tensor
 
 KINDS = ("linear", "conv1d", "bnb_4bit", "bnb_8bit")
 QUANTIZED_KINDS = ("bnb_4bit", "bnb_8bit")
+WRAPPED_MARK = "is_sharelora_layer"  # a class attribute, True on the layer classes that wrap a base
 INSTALL_HINT = 'pip install "sharelora_kernels[qlora]"'
 
 
@@ -67,6 +68,12 @@ def new_adapter_dtype(module: nn.Module) -> torch.dtype:
 def is_linear_like(module: nn.Module) -> bool:
     """Whether ``module`` is an ``nn.Linear`` or a ``Conv1D`` (subclasses included): what "all-linear" picks."""
     return isinstance(module, (nn.Linear, _conv1d_class()))
+
+
+def is_wrapped(module: nn.Module) -> bool:
+    """Whether ``module`` already is a ShareLoRA layer (``layer.SharedLoRALinear`` sets ``WRAPPED_MARK``):
+    asked without importing the layer class, so code below the layer can ask it."""
+    return getattr(type(module), WRAPPED_MARK, False) is True
 
 
 def describe_base(module: nn.Module, name: str | None = None) -> BaseLayout:

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -24,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ShareLoRAConfig
+from .files import atomic_write
 from .model import (ADAPTER_WRITERS, DEFAULT_ADAPTER, active_adapters, adapter_names, adapter_tensors, apply_plan,
                     get_plan, plan_model, resolve_adapter, shared_layers)
 from .plan import SharePlan
@@ -32,22 +31,6 @@ WEIGHTS_NAME = "adapter.safetensors"
 SAVED_PREFIX = "modules_to_save/"
 CONFIG_NAME = "sharelora_config.json"
 FORMAT_VERSION = "1"
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file over ``path`` (same directory). The
-    file gets the permissions a plain ``open(path, "w")`` would (mkstemp's are owner-only)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def save(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:

@@ -22,6 +22,13 @@ INITS = ("kaiming", "gaussian")
 BISHARE_DEFAULT_RANKS = {"slice": (2, 4, 32), "gate": (2, 8, 16), "kron": (2, 4, 16)}
 
 ALL_LINEAR = "all-linear"
+# Path kinds and the tensor roles each reads, in order (shapes: plan.py's docstring). Planners and kernels share it.
+PATH_ROLES = {
+    "plain": ("A", "B"),
+    "slice": ("A", "B"),
+    "gate": ("A", "B", "G_id", "G_iu", "G_od", "G_ou"),
+    "kron": ("A", "B", "K_A", "K_B"),
+}
 
 
 @dataclass

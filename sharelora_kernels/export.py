@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .checkpoint import atomic_write, saved_state
+from .checkpoint import saved_state
+from .files import atomic_write
 from .model import get_plan, shared_layers
 from .plan import pattern_value
 from .reference import path_factors

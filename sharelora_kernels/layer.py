@@ -21,8 +21,8 @@ from torch import Tensor
 from . import ops
 from .base import adapter_dtype  # noqa: F401 (re-exported: the dtype rule of dense bases' adapters)
 from .base import add_to_weight_, compute_dtype, describe_base, new_adapter_dtype, standard_4bit_layout
-from .config import check_dropout, check_int, check_positive
-from .plan import PATH_ROLES, PathSpec, TensorSpec
+from .config import PATH_ROLES, check_dropout, check_int, check_positive
+from .plan import PathSpec, TensorSpec
 from .reference import LoRAPath, delta_weight
 
 
@@ -136,6 +136,8 @@ class SharedLoRALinear(nn.Module):
     activated, disabled or enabled, merged or unmerged), so state derived from the paths can be
     cached against it.
     """
+
+    is_sharelora_layer = True  # base.WRAPPED_MARK: how targeting tells a wrapped module without importing this class
 
     def __init__(self, base: nn.Module, paths: Sequence[LoRAPathModule] | None = None, *, r: int = 8,
                  alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False,

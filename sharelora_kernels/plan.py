@@ -19,26 +19,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .config import ShareLoRAConfig
+from .targeting import ModuleInfo, layer_position
 
-PATH_ROLES = {
-    "plain": ("A", "B"),
-    "slice": ("A", "B"),
-    "gate": ("A", "B", "G_id", "G_iu", "G_od", "G_ou"),
-    "kron": ("A", "B", "K_A", "K_B"),
-}
 INIT_KINDS = ("kaiming_uniform", "kaiming_normal", "gaussian", "zeros")
-
-
-@dataclass(frozen=True)
-class ModuleInfo:
-    """A target module as the planner sees it."""
-
-    name: str  # full module path, e.g. "model.layers.3.self_attn.q_proj"
-    layer: int | None  # None: outside the numbered layers (a pooler, a head)
-    module_type: str  # label of the name with the layer index as "*" (targeting.py), e.g. "q_proj"
-    in_features: int
-    out_features: int
-    stack: str | None = None  # the path before the layer index, e.g. "model.layers"
 
 
 @dataclass
@@ -118,8 +101,6 @@ class SharePlan:
 def _module_info(d: dict[str, Any]) -> ModuleInfo:
     """A stored ModuleInfo; plans saved before ``stack`` existed get it from the name."""
     if "stack" not in d:
-        from .targeting import layer_position
-
         d = {**d, "stack": layer_position(d["name"])[1]}
     return ModuleInfo(**d)
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 
 class LoRAPath(NamedTuple):
-    """One low-rank path with its tensors in the role order of ``plan.PATH_ROLES[kind]``.
+    """One low-rank path with its tensors in the role order of ``config.PATH_ROLES[kind]``.
 
     plain (A (r,K), B (N,r)); slice (A (r,K_max), B (N_max,r)) read at k_offset / n_offset;
     gate (A (r,m), B (n,r), G_id (g,K), G_iu (m,g), G_od (g,n), G_ou (N,g));

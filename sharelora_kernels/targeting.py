@@ -22,14 +22,26 @@ Layers and module types (what the planners share by):
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch.nn as nn
 
-from .base import describe_base, is_linear_like
+from .base import describe_base, is_linear_like, is_wrapped
 from .config import ALL_LINEAR, ShareLoRAConfig
-from .layer import SharedLoRALinear
-from .plan import ModuleInfo
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """A target module as the planner sees it (``find_target_modules`` finds them)."""
+
+    name: str  # full module path, e.g. "model.layers.3.self_attn.q_proj"
+    layer: int | None  # None: outside the numbered layers (a pooler, a head)
+    module_type: str  # label of the name with the layer index as "*" (``type_labels``), e.g. "q_proj"
+    in_features: int
+    out_features: int
+    stack: str | None = None  # the path before the layer index, e.g. "model.layers"
+
 
 # The papers' targets (q, k, v, up, down; METHOD section 3) in each family's module names. PEFT's
 # own table targets attention q and v only; pass target_modules=["q_proj", "v_proj"] for that.
@@ -160,13 +172,13 @@ def find_target_modules(model: nn.Module, config: ShareLoRAConfig,
     joins it), has a base ``describe_base`` refuses (quantized, custom forward), or a weight tied to
     another module's is refused by name. Modules inside a wrapped one are never picked.
     """
-    wrapped = [n for n, m in model.named_modules() if isinstance(m, SharedLoRALinear)]
+    wrapped = [n for n, m in model.named_modules() if is_wrapped(m)]
     modules = {n: m for n, m in model.named_modules() if not any(n.startswith(f"{w}.") for w in wrapped)}
     saved = find_modules_to_save(model, config)
     spec = config.target_modules if config.target_modules is not None else default_target_modules(model)
     if spec == ALL_LINEAR:
         heads = _output_heads(model)
-        picked = [n for n, m in modules.items() if (is_linear_like(m) or isinstance(m, SharedLoRALinear))
+        picked = [n for n, m in modules.items() if (is_linear_like(m) or is_wrapped(m))
                   and n not in heads]
     else:
         picked = [n for n in modules if n and matches(n, spec)]
@@ -185,9 +197,9 @@ def find_target_modules(model: nn.Module, config: ShareLoRAConfig,
     infos = []
     for name in picked:
         module = modules[name]
-        if isinstance(module, SharedLoRALinear) and not wrapped_ok:
+        if is_wrapped(module) and not wrapped_ok:
             raise ValueError(f"module {name!r} already has ShareLoRA adapters; apply() runs once per model")
-        base = module.layout if isinstance(module, SharedLoRALinear) else describe_base(module, name)
+        base = module.layout if is_wrapped(module) else describe_base(module, name)
         tied = [o for o in owners[id(module.weight)] if o not in (f"{name}.weight", f"{name}.base_layer.weight")]
         if tied:
             raise ValueError(f"target module {name!r} has its weight tied to {tied[0]!r}; merging an adapter into it "

@@ -6,8 +6,8 @@ runs as: base (F.linear alone), peft (PEFT's LoRA layer), torch (our torch path)
 cuBLAS-style composition, the CPU default), auto (the measured choice of fused and compose),
 unsloth_order (base GEMM, then out.addmm_(x A^T, B^T)) and, on CUDA, fused (our Triton kernels), on
 the same tensors, interleaved, forward, backward and both. The similarity op times our
-angular_distance against the plain torch formula, forward only. Then, on the CPU, issue 3's check
-(plain r=16 against its 1.10x target) and, unless --no-e2e, one training step of a random LLaMA
+angular_distance against the plain torch formula, forward only. Then, on the CPU, the default-backend
+check (plain r=16 against its 1.10x target) and, unless --no-e2e, one training step of a random LLaMA
 with PEFT LoRA, ShareLoRA and Bi-Share LoRA.
 
 Read ratios, not times: each is a variant's median time over base's median in the same run, so
@@ -32,15 +32,11 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
-from .environment import describe, device_label, loadavg
-from .ops import OPS, shapes_for
-from .report import write_all
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-# (warm-up, repeats) per profile: ops, issue 3, end-to-end
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+          "fp16": "float16"}  # --dtype value -> torch dtype name
+# The op cases, in order: ``ops.OPS`` builds them (named here so that --help and --ops answer without importing torch)
+OPS = ("plain", "slice", "gate", "kron", "bishare_slice", "grouped_qkv", "similarity")
+# (warm-up, repeats) per profile: ops, the default-backend check, end-to-end
 REPEATS = {"quick": ((1, 5), (1, 5), (1, 3)), "cpu": ((2, 15), (3, 40), (2, 10)), "cuda": ((10, 100), (10, 100), (3, 20))}
 
 
@@ -49,11 +45,12 @@ OUT_ROOT = Path("sharelora-bench")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    p.add_argument("--device", choices=("cpu", "cuda"), default=default_device,
-                   help=f"where to time (default: cuda if available, else cpu; here {default_device})")
+    from ..cli.options import add_threads_argument
+
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where to time (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="base weight dtype of the op cases and the end-to-end model; issue 3 is always float32 "
+                   help="base weight dtype of the op cases and the end-to-end model; the default-backend check is always float32 "
                         "(default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny shapes, few repeats, under 2 minutes on 2 cores; checks that everything "
@@ -66,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="timed repeats per variant of each op (default: {} on cpu, {} on cuda, {} with --quick)".format(
                        *(REPEATS[profile][0][1] for profile in ("cpu", "cuda", "quick"))))
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training step (default: off)")
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
@@ -74,23 +72,33 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     ``argv`` is the command line recorded in the JSON, after ``bench`` (default: read from sys.argv).
     """
     from ..cli import CommandError, require_positive
-    from ..cli.loading import resolve_device
+    from ..cli.options import check_threads_argument, set_threads
     from ..cli.outputs import check_out_dir, numbered_dir
-    from .e2e import run_e2e
     from .report import OUTPUTS
-    from .suite import run_issue3, run_ops
 
     ops = args.ops.split(",")
     unknown = [op for op in ops if op not in OPS]
     if unknown:
         raise CommandError(f"--ops: unknown op(s) {unknown}; known: {list(OPS)}")
     require_positive(args, "repeats")
+    check_threads_argument(args)
     if args.out is not None:
         check_out_dir(args.out, OUTPUTS)
+
+    import torch
+
+    from ..cli.loading import resolve_device
+    from .e2e import run_e2e
+    from .environment import describe, device_label, load_warning, loadavg
+    from .ops import shapes_for
+    from .report import write_all
+    from .suite import run_default_backend_check, run_ops
+
+    set_threads(args)
     device = torch.device(resolve_device(args.device))
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     profile = "quick" if args.quick else device.type
-    (op_w, op_r), (i3_w, i3_r), (e2e_w, e2e_r) = REPEATS[profile]
+    (op_w, op_r), (check_w, check_r), (e2e_w, e2e_r) = REPEATS[profile]
     op_r = args.repeats or op_r
     if argv is None:  # python -m sharelora_kernels bench ...: record what follows "bench"
         argv = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else sys.argv[1:]
@@ -106,7 +114,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
                    "shapes": {op: shapes_for(op, profile) for op in ops}},
         "units": {"*_ms": "milliseconds (median, q1, q3, min, max over n repeats)", "ratio_vs_base": "time / base time",
                   "*_bytes": "bytes", "tokens_per_s": "tokens per second", "trainable_params": "count"},
-        "issue3": run_issue3(device, i3_w, i3_r) if device.type == "cpu" else None,
+        "default_backend_check": run_default_backend_check(device, check_w, check_r) if device.type == "cpu" else None,
     }
     results["ops"] = run_ops(ops, {op: shapes_for(op, profile) for op in ops}, device, dtype, op_w, op_r, skipped)
     if args.no_e2e:
@@ -119,14 +127,18 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     written = write_all(results, out)
     for kind, path in written.items():
         print(f"wrote {kind}: {path}")
+    warning = load_warning(env)
+    if warning:
+        print(warning, file=sys.stderr)
     return written
 
 
 def main(argv: list[str] | None = None) -> dict:
     """``python -m sharelora_kernels bench`` from Python: parse ``argv`` and ``run``."""
+    from ..cli.parser import Parser
+
     argv = list(argv) if argv is not None else sys.argv[1:]
-    p = argparse.ArgumentParser(prog="python -m sharelora_kernels bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m sharelora_kernels bench", description=__doc__)
     add_arguments(p)
     return run(p.parse_args(argv), argv)
 

@@ -30,6 +30,18 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def load_warning(machine: dict) -> str | None:
+    """One line when the machine's load average (1 minute, before or after the timing) exceeded its
+    cores, i.e. other work competed for them; None otherwise. ``machine`` holds ``cpu_count``,
+    ``loadavg_before`` and ``loadavg_after`` (as ``describe`` records them)."""
+    loads = [load[0] for load in (machine.get("loadavg_before"), machine.get("loadavg_after")) if load]
+    cores = machine.get("cpu_count") or 0
+    if not loads or not cores or max(loads) <= cores:
+        return None
+    return (f"warning: load average {max(loads):.1f} exceeded the {cores} cores while timing: other work shared them, "
+            "so step times are not comparable (rerun on a quiet machine, or with --threads 1)")
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu_model()}"
 

@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 from ..config import ShareLoRAConfig
 from ..model import apply, merge
 from .e2e import MODEL_SIZES, TARGETS, peft_lora

@@ -57,17 +57,17 @@ def markdown(data: dict) -> str:
              "in the same case and mode (base: F.linear for the LoRA ops, the plain torch formula for similarity), "
              "of fwd+bwd, or of fwd for forward-only ops. Saved MB: activations autograd keeps for backward beyond "
              "inputs and parameters. Peak MB: CUDA peak allocation during fwd+bwd above the resident tensors.", ""]
-    if data.get("issue3"):
-        i3 = data["issue3"]
-        lines += [f"## Issue 3: our backends (CPU default: {i3.get('default_backend', 'torch')}) vs PEFT vs base "
+    if data.get("default_backend_check"):
+        check = data["default_backend_check"]
+        lines += [f"## Default-backend check: our backends (CPU default: {check.get('default_backend', 'torch')}) vs PEFT vs base "
                   "nn.Linear (fwd+bwd)", "",
-                  f"M={i3['shape']['M']}, K={i3['shape']['K']}, N={i3['shape']['N']}, r={i3['r']}, {i3['dtype']}, "
-                  f"{i3['repeats']} repeats.", "",
+                  f"M={check['shape']['M']}, K={check['shape']['K']}, N={check['shape']['N']}, r={check['r']}, {check['dtype']}, "
+                  f"{check['repeats']} repeats.", "",
                   "| variant | fwd+bwd ms | ratio vs base (medians) | ratio vs base (minima) |", "|---|---|---|---|"]
-        for v, row in i3["variants"].items():
-            lines.append(f"| {v} | {_ms(row['fwd+bwd_ms'])} | {i3['ratio_vs_base'][v]:.3f} | "
-                         f"{i3['ratio_of_min_vs_base'][v]:.3f} |")
-        lines += ["", f"Target: {i3['target']}. Met: **{i3['target_met']}**.", ""]
+        for v, row in check["variants"].items():
+            lines.append(f"| {v} | {_ms(row['fwd+bwd_ms'])} | {check['ratio_vs_base'][v]:.3f} | "
+                         f"{check['ratio_of_min_vs_base'][v]:.3f} |")
+        lines += ["", f"Target: {check['target']}. Met: **{check['target_met']}**.", ""]
     lines += ["## Ops", "",
               "| op | M x K x N | variant | fwd ms | bwd ms | fwd+bwd ms | ratio vs base (mode) | saved MB | peak MB |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -115,7 +115,7 @@ def plot_ratios(data: dict, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ..checkpoint import atomic_write
+    from ..files import atomic_write
 
     panels: dict[str, list] = {"fwd+bwd": [], "fwd": []}
     for case in data["ops"]:

@@ -1,6 +1,6 @@
 """Run op cases: every mode of every variant, memory, and ratios to the base matmul.
 
-Also issue 3's benchmark: the torch and compose backends vs PEFT LoRA vs the base nn.Linear, fwd+bwd,
+Also the default-backend check: the torch and compose backends vs PEFT LoRA vs the base nn.Linear, fwd+bwd,
 M=2048, K=N=1024, r=16, float32, with its target checked on the CPU default backend's ratios of the same run.
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ from ..ops.dispatch import DEFAULT_CPU
 from .ops import OPS, Case, lora_case
 from .timing import MODES, Timer, cuda_peak_bytes, saved_bytes, time_mode
 
-ISSUE3_SHAPE = (2048, 1024, 1024)
-ISSUE3_VARIANTS = ("base", "peft", "torch", "compose")
-ISSUE3_TARGET = "the CPU default backend <= 1.10x base and < peft (fwd+bwd medians)"
+CHECK_SHAPE = (2048, 1024, 1024)
+CHECK_VARIANTS = ("base", "peft", "torch", "compose")
+CHECK_TARGET = "the CPU default backend <= 1.10x base and < peft (fwd+bwd medians)"
 
 
 def run_case(case: Case, device: torch.device, warmup: int, repeats: int, modes=MODES) -> dict:
@@ -55,13 +55,13 @@ def run_ops(ops: list[str], shapes: dict[str, list[tuple[int, int, int]]], devic
     return results
 
 
-def run_issue3(device: torch.device, warmup: int, repeats: int) -> dict:
-    """Issue 3: plain r=16 fwd+bwd in float32, base / PEFT / torch / compose, ratios of the same run;
+def run_default_backend_check(device: torch.device, warmup: int, repeats: int) -> dict:
+    """The default-backend check: plain r=16 fwd+bwd in float32, base / PEFT / torch / compose, ratios of the same run;
     the target is judged on ``dispatch.DEFAULT_CPU``, the backend CPU tensors run by default."""
     torch.manual_seed(0)
-    m, k, n = ISSUE3_SHAPE
+    m, k, n = CHECK_SHAPE
     case = lora_case("plain", m, k, n, device, torch.float32)
-    case.forwards = {v: case.forwards[v] for v in ISSUE3_VARIANTS}
+    case.forwards = {v: case.forwards[v] for v in CHECK_VARIANTS}
     case.skipped = {}
     res = run_case(case, device, warmup, repeats, modes=("fwd+bwd",))
     ratio = {v: r["fwd+bwd"] for v, r in res["ratio_vs_base"].items()}
@@ -72,4 +72,4 @@ def run_issue3(device: torch.device, warmup: int, repeats: int) -> dict:
     return {"shape": {"M": m, "K": k, "N": n}, "r": 16, "dtype": "torch.float32", "repeats": repeats,
             "default_backend": default,
             "variants": res["variants"], "ratio_vs_base": ratio, "ratio_of_min_vs_base": ratio_min,
-            "target": ISSUE3_TARGET, "target_met": met}
+            "target": CHECK_TARGET, "target_met": met}

@@ -1,4 +1,5 @@
-"""Timing and memory primitives: interleaved repeats, robust statistics, saved-activation bytes.
+"""Timing and memory primitives: interleaved repeats, device time of calls back to back, robust
+statistics, saved-activation bytes.
 
 Variants of one case are timed round-robin (variant 1, 2, 3, then again), so that load from other
 processes, frequency changes and cache state hit every variant alike; ratios between variants of
@@ -83,6 +84,43 @@ def interleaved(calls: Mapping[str, Callable[[], float]], warmup: int, repeats: 
             if rep >= warmup:
                 samples[name].append(ms)
     return {name: summarize(s) for name, s in samples.items()}
+
+
+def device_time_mode(mode: str, forwards: Mapping[str, Callable[[], Tensor]], grad_out: Tensor, device: torch.device,
+                     warmup: int, repeats: int, calls: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Time ``mode`` (fwd or fwd+bwd) of every variant as the device sees it: per round and variant,
+    ``calls`` calls back to back between two CUDA events and one synchronisation (a host clock on
+    the CPU), variants interleaved round by round. Returns name -> {"device_ms": stats of ms per
+    call, "host_us": stats of the host's time to issue one call (no sync: Python and launches)}.
+    Each forward builds its autograd graph, as in training (``time_mode``)."""
+    if mode not in ("fwd", "fwd+bwd"):
+        raise ValueError(f"device time covers fwd and fwd+bwd, got {mode!r}")
+
+    def step(forward):
+        return forward() if mode == "fwd" else forward().backward(grad_out)
+
+    cuda = device.type == "cuda"
+    samples = {name: {"device_ms": [], "host_us": []} for name in forwards}
+    for rep in range(warmup + repeats):
+        for name, forward in forwards.items():
+            if cuda:
+                torch.cuda.synchronize(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                step(forward)
+            host = time.perf_counter() - t0
+            if cuda:
+                end.record()
+                end.synchronize()
+                device_ms = start.elapsed_time(end) / calls
+            else:
+                device_ms = host * 1e3 / calls
+            if rep >= warmup:
+                samples[name]["device_ms"].append(device_ms)
+                samples[name]["host_us"].append(host * 1e6 / calls)
+    return {name: {key: summarize(v) for key, v in s.items()} for name, s in samples.items()}
 
 
 def _one(mode: str, forward: Callable[[], Tensor], grad_out: Tensor, timer: Timer) -> float:

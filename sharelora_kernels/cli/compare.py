@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 from pathlib import Path
 
 from . import CommandError, Interrupted, counted, require_between, require_positive
@@ -34,8 +35,7 @@ from .fitting import add_adapter_arguments, bishare_configs, label, lora_config,
 from .loading import (add_device_argument, load_model, load_texts, load_tokenizer, model_skeleton, read_model_config,
                       read_plan, resolve_device, resolve_model_dir)
 from .outputs import check_out_dir, write_json
-from .training import (Windows, adapter_optimizer, add_training_arguments, check_training_arguments, heldout_loss,
-                       token_stream, train)
+from .options import add_threads_argument, add_training_arguments, check_threads_argument, check_training_arguments, set_threads
 
 HELP = "fine-tune LoRA, ShareLoRA and Bi-Share LoRA alike and compare parameters, memory, time and held-out loss"
 METHODS = ("lora", "sharelora", "sharelora_expanded", "bishare_slice", "bishare_gate", "bishare_kron")
@@ -63,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_adapter_arguments(p)
     add_training_arguments(p)
     add_device_argument(p)
+    add_threads_argument(p)
     p.add_argument("--out", metavar="DIR", default="sharelora_compare",
                    help="output folder (default: ./sharelora_compare)")
 
@@ -88,9 +89,14 @@ class Setup:
 
 def run(args: argparse.Namespace) -> dict:
     """Check everything, train every method, write compare.json and compare.png; returns the JSON content."""
+    setup = _setup(args)
     from tqdm.auto import tqdm
 
-    setup = _setup(args)
+    from ..benchmarks.environment import load_warning, loadavg
+    from .training import heldout_loss
+
+    threads = set_threads(args)
+    machine = {"cpu_count": os.cpu_count(), "torch_threads": threads, "loadavg_before": loadavg(), "loadavg_after": None}
     base_model = load_model(setup.model_dir, causal_lm=True, device=setup.device)
     if setup.calibration is not None:
         setup.configs.update(_found_sharelora_configs(base_model, setup, args))
@@ -107,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
                                         "of the built-in corpus",
         "base_heldout_loss": heldout_loss(base_model, setup.heldout_tokens, args.seq_len, setup.tokenizer.bos_token_id,
                                           EVAL_BATCH),
-        "methods": {}, "skipped": skipped, "finished": False,
+        "methods": {}, "skipped": skipped, "finished": False, "machine": machine,
     }
     print(f"{setup.model_dir} ({setup.model_config.model_type}): share sets {sets or 'none'}; held-out loss without "
           f"adapters {result['base_heldout_loss']:.4f}")
@@ -123,8 +129,12 @@ def run(args: argparse.Namespace) -> dict:
         write_json(setup.out / "compare.json", result)
     bar.close()
     result["finished"] = True
+    machine["loadavg_after"] = loadavg()
     write_json(setup.out / "compare.json", result)
     print(table(result))
+    warning = load_warning(machine)
+    if warning:
+        print(warning)
     print(f"wrote {setup.out / 'compare.json'}, {plot(result, setup.out / 'compare.png')}")
     return result
 
@@ -136,6 +146,7 @@ def _setup(args: argparse.Namespace) -> Setup:
 
     require_positive(args, "steps", "heldout", "calibration_samples", "r", "alpha")
     check_training_arguments(args)
+    check_threads_argument(args)
     require_between(args, "eps", 0, 1)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
@@ -159,6 +170,8 @@ def _setup(args: argparse.Namespace) -> Setup:
     configs = {"lora": base, **{f"bishare_{t}": c for t, c in bishare_configs(base, infos, num_layers).items()}}
     if planned_sets is not None:
         configs.update(_sharelora_configs(base, planned_sets, infos, num_layers, f"--plan {args.plan}"))
+    from .training import Windows, token_stream
+
     tokenizer = load_tokenizer(model_dir)
     train_tokens = token_stream(tokenizer, train_texts)
     try:
@@ -186,6 +199,7 @@ def _train_method(base_model, config, setup: Setup, args: argparse.Namespace, ba
     import torch
 
     from ..model import apply, trainable_parameters
+    from .training import Windows, adapter_optimizer, heldout_loss, train
 
     model = copy.deepcopy(base_model)
     torch.manual_seed(args.seed)

@@ -32,7 +32,7 @@ def plot(result: dict, path: Path) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
-    from ..checkpoint import atomic_write
+    from ..files import atomic_write
 
     fig = Figure(figsize=(12, 4.8))
     FigureCanvasAgg(fig)

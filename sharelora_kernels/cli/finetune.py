@@ -1,8 +1,8 @@
 """finetune: train the ShareLoRA adapters of a plan on a causal language model, save them and a PEFT export.
 
 Reads a ShareLoRAConfig (plan.json from `plan`), wraps the model (sharelora_kernels.apply) and trains
-the adapters with AdamW on random windows of the text (default: the built-in fine-tuning task; next-
-token loss; each window starts with the tokenizer's BOS token when it has one), showing a progress bar
+the adapters with AdamW on random windows of the text (default: the built-in fine-tuning task;
+next-token loss; each window starts with the tokenizer's BOS token when it has one), showing a progress bar
 and the loss. Every option, the model directory (it must hold a causal LM), the plan (it must fit the
 model) and --out are checked before the model is loaded. Writes into --out, each file atomically:
 
@@ -18,11 +18,11 @@ import argparse
 from pathlib import Path
 
 from . import CommandError, Interrupted, counted, require_positive
+from .fitting import structure
 from .loading import (add_device_argument, load_model, load_texts, load_tokenizer, model_skeleton, read_model_config,
                       read_plan, resolve_device, resolve_model_dir)
+from .options import add_threads_argument, add_training_arguments, check_threads_argument, check_training_arguments, set_threads
 from .outputs import check_out_dir, write_json
-from .training import (Windows, adapter_optimizer, add_training_arguments, check_training_arguments, interrupts_held,
-                       token_stream, train)
 
 HELP = "train the adapters of a plan.json and save them (ShareLoRA checkpoint and PEFT export)"
 OUTPUTS = ("adapter/", "peft/", "losses.json")
@@ -41,20 +41,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_training_arguments(p)
     p.add_argument("--log-every", metavar="N", type=int, default=10, help="print the loss every N steps (default: 10)")
     add_device_argument(p)
+    add_threads_argument(p)
     p.add_argument("--out", metavar="DIR", default="sharelora_finetune",
                    help="output folder for adapter/, peft/ and losses.json (default: ./sharelora_finetune)")
 
 
 def run(args: argparse.Namespace) -> list[float]:
     """Check everything, train, save; returns the loss of every step."""
+    require_positive(args, "samples", "steps", "log_every")
+    check_training_arguments(args)
+    check_threads_argument(args)
+
     import torch
     from tqdm.auto import tqdm
 
     import sharelora_kernels as sk
     from ..model import plan_model
+    from .training import Windows, adapter_optimizer, interrupts_held, token_stream, train
 
-    require_positive(args, "samples", "steps", "log_every")
-    check_training_arguments(args)
     config = read_plan(Path(args.plan))
     model_dir = resolve_model_dir(args.model)
     model_config = read_model_config(model_dir, causal_lm=True)
@@ -71,11 +75,12 @@ def run(args: argparse.Namespace) -> list[float]:
     except ValueError as err:
         raise CommandError(f"{err}: lower --seq-len or give a longer --text") from err
 
+    set_threads(args)
     model = load_model(model_dir, causal_lm=True, device=device)
     torch.manual_seed(args.seed)
     sk.apply(model, config)
     print(f"{model_dir} ({model_config.model_type}): {sk.trainable_parameters(model):,} trainable adapter parameters "
-          f"({config.method}, share sets {config.share_sets})")
+          f"({structure(config)})")
     bar = tqdm(total=args.steps, desc="finetune")
 
     def on_step(step: int, loss: float) -> None:

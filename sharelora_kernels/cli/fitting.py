@@ -114,3 +114,25 @@ def label(config, num_layers: int) -> str:
     ranks = f"({config.local_r},{config.intra_r},{config.inter_r})"
     extra = {"gate": " m,n={},{}".format(*config.gate_dims), "kron": f" d_s={config.kron_dim}"}
     return f"Bi-Share {config.shape_transform} {ranks}{extra.get(config.shape_transform, '')}"
+
+
+def structure(config) -> str:
+    """Who shares what under ``config``, in one line (what `finetune` prints before training):
+    "Bi-Share LoRA: local r=2 (per module) + intra r=4 (per layer) + inter r=32 (whole model), slice ..."."""
+    if config.method == "lora":
+        return f"plain LoRA r={config.r}: every module its own A and B, nothing shared"
+    if config.method == "similarity":
+        rank = f"r={config.r}" + (" raised by expand_rank" if config.expand_rank else "")
+        if not config.share_sets:
+            return f"ShareLoRA {rank}: no share set, every layer its own A and B"
+        return f"ShareLoRA {rank}: the layers of each share set share A and B, share sets {config.share_sets}"
+    if config.method in ("share_a", "share_b", "share_ab"):
+        shared = {"share_a": "one A per module type for all layers, B per layer",
+                  "share_b": "one B per module type for all layers, A per layer",
+                  "share_ab": "one A and one B per module type for all layers"}[config.method]
+        return f"{config.method} r={config.r}: {shared}"
+    transform = {"slice": f"slice sharing ({config.slice_policy} slices)",
+                 "gate": "gate transformation (core {} x {}, gate rank {})".format(*config.gate_dims, config.gate_rank),
+                 "kron": f"Kronecker extension (d_s={config.kron_dim})"}[config.shape_transform]
+    return (f"Bi-Share LoRA: local r={config.local_r} (per module) + intra r={config.intra_r} (per layer, shared by "
+            f"its modules) + inter r={config.inter_r} (whole model), shape transform {transform}")

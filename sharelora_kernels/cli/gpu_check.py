@@ -5,17 +5,24 @@
 Phases, in order:
   (a) environment and ceilings: GPU, versions, bf16 GEMM TFLOP/s (cuBLAS, 8192^3), copy GB/s;
   (b) correctness of every kernel variant against float64 (SHARELORA_AUTOTUNE=small, and every
-      autotuned kernel pinned to its smallest config: one compile per variant);
+      autotuned kernel pinned to its smallest config: one compile per variant, ragged shapes);
+  (b2) what (c) times, verified: each config (c) may pick, forced one at a time, at (c)'s shapes,
+      fwd+bwd, outputs NaN-poisoned, vs compose and float64 on sampled rows (``perf_correctness``);
   (c) performance, bf16, M = 8192: base, triton_gemm, fused, compose, auto, unsloth_order, peft at
-      (K, N) = (4096, 4096), (4096, 14336), (14336, 4096), r = 16 and 64, fwd and fwd+bwd, CUDA
-      events, variants interleaved; dropout 0.1, Kronecker and gate; one LLaMA-7B layer grouped
+      (K, N) = (4096, 4096), (4096, 14336), (14336, 4096), r = 16 and 64, fwd and fwd+bwd, device
+      time (calls back to back between CUDA events) and host µs per call, variants interleaved;
+      dropout 0.1, Kronecker and gate; one LLaMA-7B layer grouped
       vs per-module (most important first; at most PERF_AUTOTUNE_CAP configs autotuned per kernel);
   (d) the CUDA angular-distance kernel's bytes/s against the copy bandwidth (n=65536, L=33, d=4096).
-DIR/gpu_check.json is rewritten (temp file + rename) after every measurement, so a run killed at
-its limit keeps what it measured; no new item starts once --budget seconds have passed. A summary
-table is printed at the end. Exit status 1 if a correctness check failed or one of our backends
-failed in (c), else 0. --tiny: the same phases on tiny shapes on the CPU through Triton's
-interpreter (a smoke run whose numbers mean nothing).
+Each phase runs in its own child process (``cli.isolated``) with its own time limit, its share of
+what is left of --budget: a CUDA fault, a hang or an out-of-memory ends that child only, is
+reported by name, and the next phase starts on a fresh context. --budget is a hard limit for the
+whole command, compiles included (a child past its share is stopped; what it measured is kept).
+A child writes DIR/phase-<name>.json after every measurement; DIR/gpu_check.json is rewritten
+(temp file + rename) after every phase. A summary table is printed at the end. Exit status 1 if a
+correctness check failed, a phase faulted or one of our backends failed in (c), else 0. --tiny:
+the same phases on tiny shapes on the CPU through Triton's interpreter (a smoke run whose numbers
+mean nothing: its performance goals are not judged).
 """
 from __future__ import annotations
 
@@ -31,12 +38,21 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import torch
-
 from . import CommandError, require_positive
+from .isolated import Outcome, call, run_isolated
 
 HELP = "every GPU claim checked in one run: ceilings, correctness, performance, angular distance"
-DEFAULT_BUDGET = 480.0
+# One 10-minute command with a minute to spare: machine-side start-up is outside, compiles inside.
+DEFAULT_BUDGET = 540.0
+# Each phase's share of what is left of the budget when it starts (a phase that ends early leaves
+# its time to the next), and the fewest seconds a phase needs (a child's start and imports included).
+PHASE_SHARES = {"a_ceilings": 0.08, "b_correctness": 0.17, "b_perf_configs": 0.30, "c_performance": 0.37,
+                "d_angular": 0.08}
+LABELS = {"a_ceilings": "a", "b_correctness": "b", "b_perf_configs": "b2", "c_performance": "c", "d_angular": "d"}
+MIN_PHASE_S = 15.0
+MIN_BUDGET = MIN_PHASE_S / min(PHASE_SHARES.values())
+STOP_MARGIN = 0.15  # a child starts no new item in the last 15 % of its limit (an item may take that long)
+ISOLATE = True  # False: phases run in this process (tests that patch the package need that)
 PERF_AUTOTUNE_CAP = 3  # configs autotuned per kernel in (c): the compile plan in README fits 9 minutes
 OUR_VARIANTS = ("fused", "compose", "auto", "grouped", "per_module")
 
@@ -46,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder for gpu_check.json and the dispatch cache "
                         "(default: a new ./sharelora-bench/gpu-check-<device>-<date>[-N]/)")
     p.add_argument("--budget", metavar="SECONDS", type=float, default=DEFAULT_BUDGET,
-                   help=f"seconds after which no new measurement starts (default: {DEFAULT_BUDGET:g})")
+                   help=f"hard limit for the whole command, in seconds, compiles included (at least "
+                        f"{MIN_BUDGET:g}; default: {DEFAULT_BUDGET:g})")
     p.add_argument("--tiny", action="store_true",
                    help="tiny shapes on the CPU through the Triton interpreter: a smoke run, its numbers mean "
                         "nothing (default: off, the real check on a CUDA GPU)")
@@ -90,7 +107,7 @@ class Report:
         """True (and the phase marked stopped) when the budget is spent."""
         if not self.over_budget():
             return False
-        self.phase(key)["status"] = f"stopped: --budget {self.budget:g} s spent"
+        self.phase(key)["status"] = f"stopped: its {self.budget:.0f} s spent (the phase's share of --budget)"
         self.data["stopped"] = "budget"
         self.save()
         return True
@@ -165,7 +182,7 @@ def compile_counts() -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- phases
-def phase_a(report: Report, device: torch.device, tiny: bool) -> float | None:
+def phase_a(report: Report, device: torch.device, tiny: bool, payload: dict) -> None:
     from ..benchmarks import ceilings
     sizes = ceilings.TINY if tiny else ceilings.GPU
     report.phase("a_ceilings")["device"] = ceilings.device_info(device)
@@ -174,10 +191,9 @@ def phase_a(report: Report, device: torch.device, tiny: bool) -> float | None:
     copy = ceilings.copy_bandwidth(sizes, device)
     report.add("a_ceilings", copy)
     report.done("a_ceilings")
-    return copy["gbps"]
 
 
-def phase_b(report: Report, device: torch.device, tiny: bool) -> None:
+def phase_b(report: Report, device: torch.device, tiny: bool, payload: dict) -> None:
     from ..benchmarks import correctness
     sizes = correctness.TINY if tiny else correctness.GPU
     with autotune_limited("small", smallest_config):
@@ -188,7 +204,20 @@ def phase_b(report: Report, device: torch.device, tiny: bool) -> None:
     report.done("b_correctness")
 
 
-def phase_c(report: Report, device: torch.device, tiny: bool) -> None:
+def phase_b_perf(report: Report, device: torch.device, tiny: bool, payload: dict) -> None:
+    """What (c) times, verified: its configs forced one at a time at its shapes (``perf_correctness``)."""
+    from ..benchmarks import correctness, perf_correctness
+    for check in perf_correctness.checks(perf_correctness.TINY if tiny else perf_correctness.GPU, device,
+                                         PERF_AUTOTUNE_CAP):
+        if report.stop_here("b_perf_configs"):
+            return
+        report.add("b_perf_configs", correctness.run_check(check))
+    report.done("b_perf_configs")
+
+
+def phase_c(report: Report, device: torch.device, tiny: bool, payload: dict) -> None:
+    import torch
+
     from ..benchmarks import performance
     shapes = performance.TINY if tiny else performance.GPU
     report.phase("c_performance")["autotune_cap"] = PERF_AUTOTUNE_CAP
@@ -198,33 +227,107 @@ def phase_c(report: Report, device: torch.device, tiny: bool) -> None:
                 return
             try:
                 row = performance.run_case(spec, shapes, device, torch.bfloat16)
-                row["goals"] = performance.goals(row) if spec["op"] != "layer" else {}
+                row["goals"] = performance.goals(row) if spec["op"] != "layer" and not tiny else {}
+                if tiny:
+                    row["goals_not_judged"] = "CPU smoke run through the Triton interpreter"
             except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                 row = {"name": performance.case_name(spec), "spec": spec, "error": f"{type(e).__name__}: {e}"}
             report.add("c_performance", row)
     report.done("c_performance")
 
 
-def phase_d(report: Report, device: torch.device, tiny: bool, copy_gbps: float | None) -> None:
+def phase_d(report: Report, device: torch.device, tiny: bool, payload: dict) -> None:
     from ..benchmarks import ceilings
     if report.stop_here("d_angular"):
         return
     try:
-        row = ceilings.angular(ceilings.TINY if tiny else ceilings.GPU, device, copy_gbps)
+        row = ceilings.angular(ceilings.TINY if tiny else ceilings.GPU, device, payload.get("copy_gbps"))
     except Exception as e:  # noqa: BLE001
         row = {"error": f"{type(e).__name__}: {e}"}
     report.add("d_angular", row)
     report.done("d_angular")
 
 
+PHASES = {"a_ceilings": phase_a, "b_correctness": phase_b, "b_perf_configs": phase_b_perf, "c_performance": phase_c,
+          "d_angular": phase_d}
+
+
+def phase_child(payload: dict) -> None:
+    """One phase, as a child process (or in this process) runs it: its items in ``payload["out"]``
+    (rewritten after each), then this process's dispatch table and compile counts beside them."""
+    import torch
+
+    from ..ops import dispatch
+
+    key, tiny = payload["phase"], payload["tiny"]
+    device = torch.device("cpu" if tiny else "cuda")
+    report = Report(Path(payload["out"]), payload["stop_after_s"], {"phases": {}})
+    once = lambda name, fn, dev: dispatch.measure_ms(fn, dev, warmup=0, repeats=1, calls=1)  # --tiny: interpreted
+    timer = dispatch.set_timer(once if tiny else None)
+    interpreted = dispatch.TIME_INTERPRETED_KERNELS
+    dispatch.TIME_INTERPRETED_KERNELS = tiny
+    dispatch.clear()
+    try:
+        with environ(SHARELORA_CACHE_DIR=payload["cache_dir"]):
+            PHASES[key](report, device, tiny, payload)
+    finally:
+        report.data["dispatch_table"] = dispatch.dispatch_table()
+        report.data["compile_counts"] = compile_counts()
+        report.save()
+        dispatch.set_timer(timer)
+        dispatch.TIME_INTERPRETED_KERNELS = interpreted
+        dispatch.clear()  # the phase's choices were measured for the run's own cache dir (and, --tiny, timer)
+
+
+def run_phase(report: Report, key: str, tiny: bool, out: Path, limit_s: float,
+              target: str = f"{__name__}:phase_child") -> None:
+    """Run phase ``key`` (``target``, "module:function", on the phase's payload) in a child
+    (``ISOLATE``) with ``limit_s`` seconds, then merge what it wrote into ``report``: its items, its
+    status (a fault or a stop at the limit named), its dispatch table and compile counts."""
+    partial = out / f"phase-{key}.json"
+    copy = [i.get("gbps") for i in report.data["phases"].get("a_ceilings", {}).get("items", []) if "gbps" in i]
+    payload = {"phase": key, "tiny": tiny, "out": str(partial), "stop_after_s": limit_s * (1 - STOP_MARGIN),
+               "cache_dir": str(out / "dispatch_cache"), "copy_gbps": copy[0] if copy else None}
+    partial.unlink(missing_ok=True)
+    begun = report.elapsed()
+    if ISOLATE:
+        outcome = run_isolated(target, payload, limit_s, out / f"phase-{key}.log")
+    else:
+        start = time.monotonic()
+        call(target, payload)
+        outcome = Outcome("ok", "", time.monotonic() - start)
+    try:
+        child = json.loads(partial.read_text())
+    except (OSError, ValueError):
+        child = {"phases": {}}
+    phase = child["phases"].get(key) or {"status": "running", "items": []}
+    phase["limit_s"], phase["wall_s"], phase["begun_at_s"] = round(limit_s, 1), round(outcome.seconds, 1), round(begun, 1)
+    if outcome.status == "fault":
+        phase["status"] = f"fault: {outcome.detail} (log: {out / f'phase-{key}.log'})"
+    elif outcome.status == "timeout":
+        phase["status"] = f"stopped: {outcome.detail} (its share of --budget {report.budget:g} s)"
+    report.data["phases"][key] = phase
+    report.data["stopped"] = report.data["stopped"] or child.get("stopped")
+    report.data["dispatch_table"] += child.get("dispatch_table", [])
+    report.data["compile_counts"] += [{**row, "phase": key} for row in child.get("compile_counts", [])]
+    report.save()
+
+
+def phase_limits(remaining_s: float, keys: list[str]) -> float:
+    """The first phase of ``keys``' limit: its share of ``remaining_s`` among the phases still to run."""
+    return remaining_s * PHASE_SHARES[keys[0]] / sum(PHASE_SHARES[k] for k in keys)
+
+
 # ----------------------------------------------------------------------------- outcome
 def failures(data: dict) -> list[str]:
-    """Failed correctness checks and our backends' failures in (c), one line each."""
-    out = []
-    for row in data["phases"].get("b_correctness", {}).get("items", []):
-        if not row["passed"]:
-            why = row.get("error") or f"max rel err {row.get('max_rel_err', float('nan')):.3g}, tol {row.get('tol')}"
-            out.append(f"(b) {row['backend']}: {row['name']}: {why}")
+    """Phases that faulted, failed correctness checks and our backends' failures in (c), one line each."""
+    out = [f"({LABELS.get(key, key)}) phase {phase['status']}" for key, phase in data["phases"].items()
+           if str(phase.get("status", "")).startswith("fault")]
+    for key in ("b_correctness", "b_perf_configs"):
+        for row in data["phases"].get(key, {}).get("items", []):
+            if not row["passed"]:
+                why = row.get("error") or f"max rel err {row.get('max_rel_err', float('nan')):.3g}, tol {row.get('tol')}"
+                out.append(f"({LABELS[key]}) {row['backend']}: {row['name']}: {why}")
     for row in data["phases"].get("c_performance", {}).get("items", []):
         if "error" in row:
             out.append(f"(c) {row['name']}: {row['error']}")
@@ -242,9 +345,13 @@ def _case_lines(case: dict) -> list[str]:
             lines.append(f"    | {case['name']} | {name} | {row['skipped']} | | | |")
             continue
         ratio = case["ratio_vs_base"][name]
+        host = " | ".join(f"{row[f'{mode}_host_us']['median']:.0f}" if f"{mode}_host_us" in row else ""
+                          for mode in ("fwd", "fwd+bwd"))
         lines.append(f"    | {case['name']} | {name} | {row['fwd_ms']['median']:.4g} | "
-                     f"{row['fwd+bwd_ms']['median']:.4g} | {ratio['fwd']:.3f} | {ratio['fwd+bwd']:.3f} |")
-    if case.get("goals"):
+                     f"{row['fwd+bwd_ms']['median']:.4g} | {ratio['fwd']:.3f} | {ratio['fwd+bwd']:.3f} | {host} |")
+    if case.get("goals_not_judged"):
+        lines.append(f"    goals: not judged ({case['goals_not_judged']})")
+    elif case.get("goals"):
         lines.append("    goals: " + "; ".join(f"{goal}: {'met' if met else 'NOT met'}"
                                               for goal, met in case["goals"].items()))
     return lines
@@ -263,15 +370,21 @@ def summary(data: dict) -> str:
     stopped = ", stopped by the budget" if data.get("stopped") else ""
     lines = [f"gpu-check on {env['device_name']} (torch {env['torch']}, triton {env['triton']}), "
              f"{data['elapsed_s']:.0f} s of a {data['budget_s']:g} s budget{stopped}"]
+    lines += [f"({LABELS.get(key, key)}) phase {phase['status']}" for key, phase in phases.items()
+              if phase.get("status") != "done"]
     for item in phases.get("a_ceilings", {}).get("items", []):
         rate = f"{item['tflops']:.4g} TFLOP/s" if "tflops" in item else f"{item['gbps']:.4g} GB/s"
         lines.append(f"(a) {item['name']}: {rate}")
-    if "b_correctness" in phases:
-        checks = phases["b_correctness"]["items"]
-        lines.append(f"(b) correctness: {sum(r['passed'] for r in checks)}/{len(checks)} checks passed")
+    for key, what in (("b_correctness", "correctness"), ("b_perf_configs", "(c)'s configs at (c)'s shapes")):
+        if key in phases:
+            checks = phases[key]["items"]
+            na = sum("not_applicable" in r for r in checks)
+            lines.append(f"({LABELS[key]}) {what}: {sum(r['passed'] for r in checks) - na}/{len(checks) - na} checks "
+                         f"passed" + (f", {na} not applicable (no TMA)" if na else ""))
     cases = phases.get("c_performance", {}).get("items", [])
     if cases:
-        lines.append("(c) | case | variant | fwd ms | fwd+bwd ms | fwd / base | fwd+bwd / base |")
+        lines.append("(c) device time | case | variant | fwd ms | fwd+bwd ms | fwd / base | fwd+bwd / base "
+                     "| host µs fwd | host µs fwd+bwd |")
     lines += [line for case in cases for line in _case_lines(case)]
     lines += [_angular_line(item) for item in phases.get("d_angular", {}).get("items", [])]
     lines += [f"FAILED {line}" for line in failures(data)] or ["no failure"]
@@ -290,11 +403,16 @@ def _reexec_interpreted(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     """Validate every option, then run the phases; returns the exit status."""
     require_positive(args, "budget")
+    if args.budget < MIN_BUDGET:
+        raise CommandError(f"--budget {args.budget:g} s is too small: gpu-check needs at least {MIN_BUDGET:g} s "
+                           f"(each phase runs in its own process and needs at least {MIN_PHASE_S:g} s; the "
+                           f"smallest gets {min(PHASE_SHARES.values()):.0%} of the budget)")
+    import torch
+
     from .. import ops
     from ..benchmarks import OUT_ROOT
     from ..benchmarks.environment import describe, device_label
     from .outputs import check_out_dir, numbered_dir
-    from ..ops import dispatch
 
     if not ops.HAS_TRITON:
         raise CommandError("gpu-check needs triton, which cannot be imported here")
@@ -310,33 +428,21 @@ def run(args: argparse.Namespace) -> int:
         out = numbered_dir(OUT_ROOT, f"gpu-check-{device_label(device)}-{datetime.date.today().isoformat()}")
     argv = ["--tiny"] * args.tiny + ["--budget", f"{args.budget:g}"] + (["--out", str(args.out)] if args.out else [])
     data = {"tool": "sharelora_kernels gpu-check", "tiny": args.tiny, "budget_s": args.budget, "stopped": None,
-            "environment": describe(device, argv, prog="python -m sharelora_kernels gpu-check"), "phases": {}}
+            "environment": describe(device, argv, prog="python -m sharelora_kernels gpu-check"), "phases": {},
+            "dispatch_table": [], "compile_counts": []}
     report = Report(out / "gpu_check.json", args.budget, data)
     report.save()
-    once = lambda name, fn, dev: dispatch.measure_ms(fn, dev, warmup=0, repeats=1)  # --tiny: interpreted kernels
-    timer = dispatch.set_timer(once if args.tiny else None)
-    interpreted = dispatch.TIME_INTERPRETED_KERNELS
-    dispatch.TIME_INTERPRETED_KERNELS = args.tiny
-    dispatch.clear()
-    try:
-        with environ(SHARELORA_CACHE_DIR=str(out / "dispatch_cache")):
-            copy_gbps = None
-            if not report.stop_here("a_ceilings"):
-                copy_gbps = phase_a(report, device, args.tiny)
-            if not report.data.get("stopped"):
-                phase_b(report, device, args.tiny)
-            if not report.data.get("stopped"):
-                phase_c(report, device, args.tiny)
-            if not report.data.get("stopped"):
-                phase_d(report, device, args.tiny, copy_gbps)
-    finally:
-        dispatch.set_timer(timer)
-        dispatch.TIME_INTERPRETED_KERNELS = interpreted
-        data["dispatch_table"] = dispatch.dispatch_table()
-        data["compile_counts"] = compile_counts()
-        data["failures"] = failures(data)
-        report.save()
-        dispatch.clear()  # the run's choices were measured for its own cache dir (and, --tiny, timer)
+    keys = list(PHASES)
+    for i, key in enumerate(keys):
+        remaining = args.budget - report.elapsed()
+        limit = phase_limits(remaining, keys[i:])
+        if limit < MIN_PHASE_S:
+            report.phase(key)["status"] = f"stopped: --budget {args.budget:g} s spent"
+            data["stopped"] = "budget"
+            continue
+        run_phase(report, key, args.tiny, out, limit)
+    data["failures"] = failures(data)
+    report.save()
     print(summary(data))
     print(f"wrote {report.path}")
     return 1 if data["failures"] else 0

@@ -63,7 +63,7 @@ def numbered_dir(parent: Path, name: str, option: str = "--out") -> Path:
 
 def write_text(path: Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename; returns ``path``."""
-    from ..checkpoint import atomic_write
+    from ..files import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

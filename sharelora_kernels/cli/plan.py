@@ -22,6 +22,7 @@ from . import CommandError, counted, require_between, require_positive
 from .fitting import add_adapter_arguments, bishare_configs, label, lora_config, parameter_count, target_modules
 from .loading import (add_device_argument, load_model, load_texts, load_tokenizer, model_skeleton, read_model_config,
                       resolve_device, resolve_model_dir)
+from .options import add_threads_argument, check_threads_argument, set_threads
 from .outputs import check_out_dir, write_json, write_text
 
 HELP = "find share sets from layer similarity and write plan.json"
@@ -50,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibration samples per forward pass (default: 16)")
     add_adapter_arguments(p)
     add_device_argument(p)
+    add_threads_argument(p)
     p.add_argument("--expand-rank", action="store_true",
                    help="write expand_rank=true into plan.json: rank floor(L/U r), about LoRA's parameter count "
                         "(default: off)")
@@ -74,10 +76,12 @@ def run(args: argparse.Namespace) -> dict:
     """Check everything, compute and write the plan; returns the similarity.json content."""
     import dataclasses
 
-    from ..similarity import share_sets, similarity_heatmap, sweep_thresholds
-
     require_positive(args, "samples", "max_length", "r", "alpha", "kron_dim", "batch_size")
     require_between(args, "eps", 0, 1)
+    check_threads_argument(args)
+
+    from ..similarity import share_sets, similarity_heatmap, sweep_thresholds
+
     model_dir = resolve_model_dir(args.model)
     model_config = read_model_config(model_dir, causal_lm=False)
     if getattr(model_config, "is_encoder_decoder", False):
@@ -92,6 +96,7 @@ def run(args: argparse.Namespace) -> dict:
     bishare = bishare_configs(base, infos, num_layers)
     tokenizer = load_tokenizer(model_dir)
 
+    set_threads(args)
     model = load_model(model_dir, causal_lm=False, device=device)
     S = similarity(model, tokenizer, texts, args.max_length, args.position, args.batch_size)
     if num_layers != S.shape[0]:
@@ -126,7 +131,7 @@ def run(args: argparse.Namespace) -> dict:
     title = (f"{model_dir.name} ({model_config.model_type}, {counted(num_layers, 'layer')}): layer similarity\n"
              f"{counted(len(texts), 'sample')}, residual stream {'entering' if args.position == 'input' else 'leaving'} "
              f"each layer; share sets at eps={args.eps} ({args.method})")
-    written.append(similarity_heatmap(S, multi, out / "similarity.png", title=title))
+    written.append(similarity_heatmap(S, multi, out / "similarity.png", title=title, eps=args.eps))
     print("wrote " + ", ".join(str(p) for p in written))
     return info
 

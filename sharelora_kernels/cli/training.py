@@ -14,25 +14,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import require_between, require_positive
-
-
-def add_training_arguments(p) -> None:
-    """The options of the training loop (``finetune`` and ``compare``); ``check_training_arguments`` checks them."""
-    p.add_argument("--batch-size", metavar="N", type=int, default=4, help="windows per step (default: 4)")
-    p.add_argument("--seq-len", metavar="N", type=int, default=128,
-                   help="tokens per window, BOS included (default: 128)")
-    p.add_argument("--lr", metavar="LR", type=float, default=3e-3,
-                   help="AdamW learning rate, no weight decay (default: 3e-3)")
-    p.add_argument("--seed", metavar="N", type=int, default=0,
-                   help="seed of the adapter init and of the window order (default: 0)")
-
-
-def check_training_arguments(args) -> None:
-    """CommandError naming the first bad value among ``add_training_arguments``' options."""
-    require_positive(args, "batch_size", "lr")
-    require_between(args, "seq_len", 2)
-
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     """All texts as one 1-D int64 token tensor, paragraphs joined by a blank line, no special tokens."""

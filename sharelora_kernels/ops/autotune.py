@@ -18,6 +18,7 @@ K-major, dx reads it N-major) and the adapter dtype; x's dtype is added by Trito
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -48,17 +49,26 @@ def kronecker_fits(configs: list[triton.Config], nargs: dict, **flags) -> list[t
     return fit or configs[-1:]
 
 
+def _host_bench(kernel_call: Callable[[], object], quantiles: Sequence[float]) -> list[float]:
+    """The interpreter's benchmark of a config (it has no device timer): one call by the host clock."""
+    start = time.perf_counter()
+    kernel_call()
+    return [(time.perf_counter() - start) * 1e3] * len(quantiles)
+
+
 TUNED_KERNELS: list["TunedKernel"] = []  # every autotuned kernel, in creation order (gpu-check reads it)
 
 
 class TunedKernel:
     """A jitted kernel with one config list per mode: ``kernel[grid](...)`` launches through the
     autotuner of the current ``mode()`` (one ``triton.autotune`` per mode, made on first use), the
-    list pruned by ``kronecker_fits`` for the launch's flags."""
+    list pruned by ``kronecker_fits`` for the launch's flags. ``restore_value``: arguments the kernel
+    reads back (an output it accumulates onto), saved before and restored after each benchmarked
+    config, so tuning never leaves its trial runs in them."""
 
     def __init__(self, fn, spaces: dict[str, list[triton.Config]], key: list[str],
-                 pre_hook: Callable[[dict], None] | None = None):
-        self.fn, self.key, self._pre_hook = fn, key, pre_hook
+                 pre_hook: Callable[[dict], None] | None = None, restore_value: Sequence[str] = ()):
+        self.fn, self.key, self._pre_hook, self.restore_value = fn, key, pre_hook, list(restore_value)
         self.spaces = {m: [INTERPRETER_GEMM] if INTERPRET else spaces[m] for m in MODES}
         self._tuners: dict[str, object] = {}
         TUNED_KERNELS.append(self)
@@ -89,7 +99,9 @@ class TunedKernel:
         which = mode()
         if which not in self._tuners:
             self._tuners[which] = triton.autotune(configs=[self._with_hook(c) for c in self.spaces[which]], key=self.key,
-                                                  prune_configs_by={"early_config_prune": kronecker_fits})(self.fn)
+                                                  prune_configs_by={"early_config_prune": kronecker_fits},
+                                                  restore_value=self.restore_value or None,
+                                                  do_bench=_host_bench if INTERPRET else None)(self.fn)
         return self._tuners[which][grid]
 
 

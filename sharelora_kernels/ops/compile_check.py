@@ -15,8 +15,9 @@ Each entry of the report: ``kernel``, ``variant`` (case, dtypes, constexpr flags
 (tiles, warps, stages), ``shared_bytes``, ``registers`` and ``spill_bytes`` (``ptxas -v``),
 ``uses_tma`` (bulk tensor copies in the PTX), ``uses_wgmma`` (Hopper warpgroup MMA),
 ``narrow_global_loads`` (global loads narrower than 16 bytes: ``ld.global`` and ``cp.async`` of
-1-8 bytes) and ``narrow_global_loads_base_gemm`` (those of them whose source line is in the
-pointer base-GEMM loop, ``gemm_tiles.matmul_tile``).
+1-8 bytes), ``narrow_global_loads_base_gemm`` (those of them whose source line is in the
+pointer base-GEMM loop, ``gemm_tiles.matmul_tile``), ``loop_nesting`` (deepest ``scf.for`` nest in
+the TTGIR) and ``flattened`` (persistent kernels: their tile and K loops compiled to one loop).
 
 ``--quick``: the bf16-base / fp32-adapter case of every kernel at its ``perf`` configs (the GEMMs;
 those ``autotune.kronecker_fits`` leaves for the variant) or its heuristic configs (the memory-bound
@@ -51,6 +52,7 @@ QUICK_DTYPES = [("bf16", "fp32", "tf32")]
 TL = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes of shared memory per block (opt-in)
+PERSISTENT = ("tma_linear",)  # kernels whose programs loop over tiles: ``flattened`` is reported for them
 
 
 @dataclass
@@ -92,6 +94,8 @@ def _specs() -> list[KernelSpec]:
     from .lowrank_grad import _lowrank_grad_kernel, _reduce_splits_kernel
     from .lowrank_input import _lowrank_project_kernel
     from .lowrank_only_triton import _lowrank_add_kernel
+    from .multi_adapter import BLOCK_MS
+    from .multi_adapter_triton import _expand_kernel, _shrink_kernel, expand_config, shrink_config, shrink_rank_tile
     from .tma_linear import _tma_linear_kernel, tma_kernel
 
     tuned = lambda kernel: lambda all_configs, dt, block_r, flags: kernel.configs("full" if all_configs else "perf",
@@ -104,8 +108,10 @@ def _specs() -> list[KernelSpec]:
         KernelSpec("tma_linear", _tma_linear_kernel,
                    lambda dt, ft: {"bias_ptr": dt, "h_ptr": "fp32", "table_ptr": "i64", "scale_ptr": "fp32",
                                    "out_ptr": dt, "mask_ptr": "i32"},
-                   [Case("forward", {"stride_hr", "stride_on"}, dict(W_KMAJOR=True, **forward), gemm_aligned),
-                    Case("dx", {"stride_hr", "stride_on"}, dict(W_KMAJOR=False, **dx), gemm_aligned)],
+                   [Case("forward", {"stride_hr", "stride_on"}, dict(W_KMAJOR=True, R_CHUNKS=1, **forward), gemm_aligned),
+                    Case("dx", {"stride_hr", "stride_on"}, dict(W_KMAJOR=False, R_CHUNKS=1, **dx), gemm_aligned),
+                    Case("forward, r=64", {"stride_hr", "stride_on"}, dict(W_KMAJOR=True, R_CHUNKS=4, **forward),
+                         gemm_aligned)],
                    tuned(tma_kernel), rank_tile=LOWRANK_CHUNK, ieee=False),
         KernelSpec("fused_linear", _fused_linear_kernel,
                    lambda dt, ft: {"a_ptr": dt, "w_ptr": dt, "bias_ptr": dt, "h_ptr": "fp32", "table_ptr": "i64",
@@ -119,10 +125,10 @@ def _specs() -> list[KernelSpec]:
                    lambda dt, ft: {"prob_ptr": "i64", "seg_ptr": "i64", "hcol_ptr": "i32", "h_ptr": "fp32",
                                    "mask_ptr": "i32", **{f"{name}{i}": dt for name in ("a", "out") for i in range(4)}},
                    [Case("forward", {"stride_ak", "stride_wk"},
-                         dict(APPLY_SCALE=True, DROPOUT=False, ACCUMULATE=False, ALIGNED=True),
+                         dict(APPLY_SCALE=True, DROPOUT=False, ACCUMULATE=False, ALIGNED=True, INT64=False),
                          {"stride_wn", "stride_mm", "stride_hm"}),
                     Case("dx", {"stride_ak", "stride_wn"},
-                         dict(APPLY_SCALE=False, DROPOUT=True, ACCUMULATE=False, ALIGNED=True),
+                         dict(APPLY_SCALE=False, DROPOUT=True, ACCUMULATE=False, ALIGNED=True, INT64=False),
                          {"stride_wk", "stride_mm", "stride_hm"})],
                    tuned(grouped_kernel), rank_tile=LOWRANK_CHUNK),
         KernelSpec("lowrank_project", _lowrank_project_kernel,
@@ -156,6 +162,21 @@ def _specs() -> list[KernelSpec]:
                          dict(ACCUMULATE=False, APPLY_SCALE=False, DROPOUT=True),
                          {"N", "stride_om", "stride_hm", "stride_mm"})],
                    lambda all_configs, dt, block_r, flags: [_config(autotune.lowrank_add_config())],
+                   rank_tile=LOWRANK_CHUNK),
+        # the multi-adapter op: every tile height (16 rows: decode; 64: prefill)
+        KernelSpec("multi_shrink", _shrink_kernel,
+                   lambda dt, ft: {"x_ptr": dt, "order_ptr": "i64", "tile_ptr": "i32", "rank_ptr": "i32",
+                                   "table_ptr": "i64", "h_ptr": "fp32"},
+                   [Case("h=x[order]@A_a^T", {"stride_xk"}, {}, {"K", "stride_xm"})],
+                   lambda all_configs, dt, block_r, flags: [
+                       _config({**shrink_config(BYTES[dt], block_r, bm), "BLOCK_M": bm}) for bm in BLOCK_MS
+                       if shrink_rank_tile(bm, block_r, BYTES[dt]) == block_r]),
+        KernelSpec("multi_expand", _expand_kernel,
+                   lambda dt, ft: {"h_ptr": "fp32", "order_ptr": "i64", "tile_ptr": "i32", "rank_ptr": "i32",
+                                   "table_ptr": "i64", "scale_ptr": "fp32", "y_ptr": dt},
+                   [Case("y[order]+=(h s)@B_a^T", {"stride_yn"}, {}, {"N", "stride_ym"})],
+                   lambda all_configs, dt, block_r, flags: [_config({**expand_config(bm), "BLOCK_M": bm})
+                                                            for bm in BLOCK_MS],
                    rank_tile=LOWRANK_CHUNK),
     ]
 
@@ -256,10 +277,27 @@ def compile_one(spec: KernelSpec, case: Case, config: triton.Config, dtypes: tup
     ptx = compiled.asm["ptx"]
     variant = {"case": case.name, **dict(zip(("input", "factor", "dot"), dtypes)), **flags,
                **({"BLOCK_R": block_r} if "BLOCK_R" in spec.fn.arg_names else {})}
+    nesting = loop_nesting(compiled.asm.get("ttgir", ""))
     return {"kernel": spec.name, "variant": variant,
             "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
             "shared_bytes": compiled.metadata.shared, **_ptxas(ptx, arch), **ptx_facts(ptx, *_base_gemm_lines()),
+            "loop_nesting": nesting, "flattened": nesting <= 1 if spec.name in PERSISTENT else None,
             "seconds": round(time.perf_counter() - start, 2)}
+
+
+def loop_nesting(ttgir: str) -> int:
+    """The deepest nest of ``scf.for`` loops in a TTGIR module (0: no loop). A persistent kernel whose
+    tile loop the compiler flattened with its K loop (``tl.range(flatten=True)``: only a single
+    inner loop fuses) shows 1; one that drains its pipeline at every tile shows 2 or more."""
+    depth, opened, deepest = 0, [], 0
+    for line in ttgir.splitlines():
+        if re.search(r"\bscf\.for\b", line):
+            opened.append(depth)
+            deepest = max(deepest, len(opened))
+        depth += line.count("{") - line.count("}")
+        while opened and depth <= opened[-1]:
+            opened.pop()
+    return deepest
 
 
 def run(arch: int = 90, quick: bool = False, all_configs: bool = False, only: list[str] | None = None,
@@ -319,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         over = limit is not None and r["shared_bytes"] > limit
         print(f"{r['kernel']:15s} {v['case']:20s} {v['input']}/{v['factor']}/{v['dot']:4s} {json.dumps(r['config'])}: "
               f"shared {r['shared_bytes']} B, {r['registers']} registers, {r['spill_bytes']} B spilled, "
-              f"tma {r['uses_tma']}, wgmma {r['uses_wgmma']}, narrow loads {r['narrow_global_loads']} "
+              f"tma {r['uses_tma']}, wgmma {r['uses_wgmma']}, loops nested {r['loop_nesting']}"
+              + ("" if r["flattened"] is None else f" (flattened {r['flattened']})")
+              + f", narrow loads {r['narrow_global_loads']} "
               f"({r['narrow_global_loads_base_gemm']} in the base GEMM)"
               + (f" > sm_{args.arch} limit {limit} (autotune prunes it)" if over else ""))
     seconds = round(time.perf_counter() - start, 1)

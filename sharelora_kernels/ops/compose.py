@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..plan import PATH_ROLES
+from ..config import PATH_ROLES
 from ..reference import LoRAPath, _dense_factors, add_path_output, kron_fold
 from .shared_grad import GradSink, chain_a, chain_b
 

@@ -17,6 +17,14 @@ Timing runs on detached copies of the call's own tensors (no gradient reaches th
 the random state forked (a user's seeded run draws the same numbers whether or not it measured).
 The timer is injectable (``set_timer``) for tests. Where nothing can be timed (inside
 ``torch.compile`` tracing or a CUDA graph capture) ``auto`` runs ``compose``, or an earlier choice.
+
+``auto`` verifies before it trusts: on the same inputs it compares the kernels' results with
+``compose``'s (the output; for a training signature also dx and every adapter gradient, one shared
+random output gradient), with dropout off for the comparison (the two draw different masks). The
+error is the largest element difference over the largest magnitude of compose's tensor; above
+``TOLERANCE`` for the dtype (or not finite) the kernels are ruled out for that signature: one
+warning naming it and the error, the reason in ``dispatch_table()`` and the cache file (``rejected``),
+``compose`` from then on.
 """
 from __future__ import annotations
 
@@ -48,6 +56,9 @@ TIME_INTERPRETED_KERNELS = False
 CACHE_FORMAT, CACHE_VERSION = "sharelora_kernels dispatch cache", 1
 
 Timer = Callable[[str, Callable[[], object], torch.device], float]
+# Largest |kernels - compose| / max |compose| per tensor that auto accepts, by the lowest-precision
+# dtype among x and the adapters (float32 allows tf32 operands in the kernels' GEMMs).
+TOLERANCE = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
 def env_choice(name: str, allowed: Sequence[str], default: str) -> str:
@@ -121,27 +132,33 @@ def call_mode(x: Tensor, paths: Sequence[LoRAPath]) -> str:
 
 
 # ----------------------------------------------------------------------------- timing
-def call_ms(run: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds of one call of ``run``: CUDA events on a GPU (synchronised), ``time.perf_counter`` elsewhere."""
+def call_ms(run: Callable[[], object], device: torch.device, calls: int = 1) -> float:
+    """Milliseconds per call of ``calls`` calls of ``run`` back to back: CUDA events around all of
+    them and one synchronisation at the end (the device time of a stream of calls, not Python's
+    per-call latency), ``time.perf_counter`` elsewhere."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        run()
+        for _ in range(calls):
+            run()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end)
+        return start.elapsed_time(end) / calls
     t0 = time.perf_counter()
-    run()
-    return (time.perf_counter() - t0) * 1e3
+    for _ in range(calls):
+        run()
+    return (time.perf_counter() - t0) * 1e3 / calls
 
 
-def measure_ms(run: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 5) -> float:
-    """Median ``call_ms`` of ``run`` after ``warmup`` calls (the first call compiles and autotunes)."""
+def measure_ms(run: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 3,
+               calls: int = 5) -> float:
+    """Median over ``repeats`` rounds of ``call_ms(run, device, calls)`` (``calls`` back to back, one
+    sync), after ``warmup`` calls (the first compiles and autotunes) and a sync."""
     for _ in range(warmup):
         run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return statistics.median(call_ms(run, device) for _ in range(repeats))
+    return statistics.median(call_ms(run, device, calls) for _ in range(repeats))
 
 
 def _default_timer(candidate: str, run: Callable[[], object], device: torch.device) -> float:
@@ -163,26 +180,67 @@ Backend = Callable[..., Tensor]  # (x, weight, bias, paths, dropout_p, training)
 
 
 def timed_run(backend: Backend, x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath],
-              dropout_p: float, training: bool, mode: str) -> Callable[[], object]:
+              dropout_p: float, training: bool, mode: str, grad_out: list[Tensor] | None = None,
+              results: list | None = None) -> Callable[[], object]:
     """One call of ``backend`` on detached copies of the call's tensors: forward, or forward and
-    backward (a random output gradient, every gradient the real call would take)."""
+    backward (a random output gradient, every gradient the real call would take). ``grad_out``: a
+    list holding the output gradient to use (filled on the first call when empty: pass one list to
+    every backend and they share it); ``results``: where each call appends {"y": y, name: gradient}
+    (``dx``, ``d path<i> tensor<j>``)."""
     if mode == "fwd":
         def forward():
             with torch.no_grad():
-                return backend(x, weight, bias, paths, dropout_p, training)
+                y = backend(x, weight, bias, paths, dropout_p, training)
+            if results is not None:
+                results.append({"y": y})
+            return y
         return forward
     copies = {id(t): t.detach().requires_grad_(t.requires_grad) for t in (x, *(t for p in paths for t in p.tensors))}
     xs = copies[id(x)]
     ps = [p._replace(tensors=tuple(copies[id(t)] for t in p.tensors)) for p in paths]
-    leaves = [t for t in copies.values() if t.requires_grad]
-    grad_out: list[Tensor] = []
+    named: dict[int, tuple[str, Tensor]] = {}  # a tensor two paths share: one gradient
+    for name, t in [("dx", xs), *((f"d path{i} tensor{j}", t) for i, p in enumerate(ps) for j, t in enumerate(p.tensors))]:
+        if t.requires_grad:
+            named.setdefault(id(t), (name, t))
+    names, leaves = [n for n, _ in named.values()], [t for _, t in named.values()]
+    grad_out = [] if grad_out is None else grad_out
 
     def forward_backward():
         y = backend(xs, weight, bias, ps, dropout_p, training)
         if not grad_out:
             grad_out.append(torch.randn_like(y))
-        torch.autograd.grad(y, leaves, grad_out[0])
+        grads = torch.autograd.grad(y, leaves, grad_out[0])
+        if results is not None:
+            results.append({"y": y.detach(), **dict(zip(names, grads))})
     return forward_backward
+
+
+def tolerance(x: Tensor, paths: Sequence[LoRAPath]) -> float:
+    """``TOLERANCE`` of the least precise dtype among x and the adapters."""
+    return max(TOLERANCE.get(t.dtype, TOLERANCE[torch.float32]) for t in (x, *(t for p in paths for t in p.tensors)))
+
+
+def result_error(got: Mapping[str, Tensor], want: Mapping[str, Tensor]) -> tuple[float, str]:
+    """(largest error, which tensor) over ``want``'s tensors: max |got - want| / max |want| each (inf
+    where ``got`` lacks it, has another shape or is not finite). An adapter gradient is judged
+    against at least 0.1 x the largest adapter gradient: a gate core's is a cancelling sum, tiny
+    next to its neighbours, whose rounding is not an error."""
+    adapters = [w.abs().max().item() for name, w in want.items() if name.startswith("d path") and w.numel()]
+    floor = 0.1 * max(adapters, default=0.0)
+    worst, where = 0.0, "y"
+    for name, w in want.items():
+        g = got.get(name)
+        if g is None or g.shape != w.shape or not torch.isfinite(g).all():
+            err = float("inf")
+        elif w.numel() == 0:
+            err = 0.0
+        else:
+            scale = max(w.double().abs().max().item(), floor if name.startswith("d path") else 0.0)
+            diff = (g.double() - w.double()).abs().max().item()
+            err = diff / scale if scale > 0 else diff
+        if err > worst:
+            worst, where = err, name
+    return worst, where
 
 
 # ----------------------------------------------------------------------------- the table and its cache
@@ -196,16 +254,21 @@ class Choice:
     source: str  # "measured" or the cache file it was read from
     measured_at: str
     errors: dict[str, str] = field(default_factory=dict)  # backends that raised when timed
+    rejected: dict[str, str] = field(default_factory=dict)  # backends whose results differed from compose's
+    verified_error: dict[str, float] = field(default_factory=dict)  # result_error vs compose per backend
 
     def reason(self) -> str:
         times = ", ".join(f"{name} {ms:.4g} ms" for name, ms in sorted(self.times_ms.items(), key=lambda kv: kv[1]))
         failed = "".join(f"; {name} failed: {error}" for name, error in self.errors.items())
+        wrong = "".join(f"; {name} ruled out: {why}" for name, why in self.rejected.items())
         how = "measured in this process" if self.source == "measured" else f"read from {self.source}"
-        return f"{self.choice} was faster ({times}{failed}; {self.signature.mode}), {how}"
+        verdict = "was chosen" if self.rejected else "was faster"
+        return f"{self.choice} {verdict} ({times}{failed}{wrong}; {self.signature.mode}), {how}"
 
     def to_json(self) -> dict:
-        return {"choice": self.choice, "times_ms": self.times_ms, "errors": self.errors,
-                "measured_at": self.measured_at, "signature": asdict(self.signature)}
+        return {"choice": self.choice, "times_ms": self.times_ms, "errors": self.errors, "rejected": self.rejected,
+                "verified_error": self.verified_error, "measured_at": self.measured_at,
+                "signature": asdict(self.signature)}
 
 
 _table: dict[Signature, Choice] = {}
@@ -226,7 +289,7 @@ def cache_file(device: str) -> Path:
 
 
 def _versions() -> dict[str, str | None]:
-    from .. import __version__
+    from ..version import __version__
     try:
         import triton
         triton_version = triton.__version__
@@ -276,7 +339,8 @@ def _load(device: str) -> None:
             sig = Signature(**{**entry["signature"], "adapter_dtypes": tuple(entry["signature"]["adapter_dtypes"]),
                                "kinds": tuple(entry["signature"]["kinds"])})
             choice = Choice(sig, entry["choice"], dict(entry["times_ms"]), str(path), entry["measured_at"],
-                            dict(entry.get("errors") or {}))
+                            dict(entry.get("errors") or {}), dict(entry.get("rejected") or {}),
+                            dict(entry.get("verified_error") or {}))
         except (KeyError, TypeError, ValueError, AttributeError):
             continue  # an entry of another layout: measured again when needed
         if choice.choice in CANDIDATES:
@@ -321,40 +385,73 @@ def auto_choice(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
         known = _table.get(sig)
     if known is not None and known.choice in backends:
         return known.choice
-    times, errors = _time_backends(sig, backends, x, weight, bias, paths, dropout_p, training)
-    best = min(times, key=lambda name: (times[name], CANDIDATES.index(name)))
-    _table[sig] = Choice(sig, best, times, "measured", datetime.datetime.now().isoformat(timespec="seconds"), errors)
+    times, errors, results = _time_backends(sig, backends, x, weight, bias, paths, dropout_p, training)
+    rejected, verified = _verify(sig, results, tolerance(x, paths))
+    allowed = [name for name in times if name not in rejected] or ["compose"]
+    best = min(allowed, key=lambda name: (times.get(name, float("inf")), CANDIDATES.index(name)))
+    _table[sig] = Choice(sig, best, times, "measured", datetime.datetime.now().isoformat(timespec="seconds"), errors,
+                         rejected, verified)
     _save(sig.device)
     return best
 
 
+def _verify(sig: Signature, results: Mapping[str, Sequence[Tensor]], tol: float) -> tuple[dict, dict]:
+    """(reason per backend ruled out, error per backend compared) of each backend's results against
+    compose's; one warning per backend ruled out."""
+    rejected, verified = {}, {}
+    want = results.get("compose")
+    if want is None or not all(torch.isfinite(t).all() for t in want.values()):
+        return rejected, verified  # nothing trustworthy to compare with: the times decide
+    for name, got in results.items():
+        if name == "compose":
+            continue
+        err, where = result_error(got, want)
+        verified[name] = err
+        if not err <= tol:
+            rejected[name] = f"results differ from compose ({where}: relative error {err:.3g} > {tol:g})"
+            warnings.warn(f"sharelora_kernels auto: the {name} backend's results differ from compose's on "
+                          f"{sig.key()} ({where}: relative error {err:.3g} > {tol:g}); using compose for this "
+                          f"signature", stacklevel=4)
+    return rejected, verified
+
+
 def _time_backends(sig: Signature, backends: Mapping[str, Backend], x: Tensor, weight: Tensor, bias: Tensor | None,
-                   paths: Sequence[LoRAPath], dropout_p: float, training: bool) -> tuple[dict, dict]:
-    """(ms per backend that ran, error per backend that raised), the random state forked. A backend
-    that raises is left out with a warning (the kernels failing to compile on some GPU, say); if
-    every one raises, the first error propagates."""
-    times, errors, first = {}, {}, None
+                   paths: Sequence[LoRAPath], dropout_p: float, training: bool) -> tuple[dict, dict, dict]:
+    """(ms per backend that ran, error per backend that raised, results per backend that ran), the
+    random state forked. Each backend first runs once with dropout off (its results, compared by
+    ``_verify``; one shared output gradient), then is timed on the call itself. A backend that raises
+    is left out with a warning (the kernels failing to compile on some GPU, say); if every one
+    raises, the first error propagates."""
+    times, errors, results, first = {}, {}, {}, None
+    grad_out: list[Tensor] = []
     with torch.random.fork_rng(devices=[x.device.index or 0] if x.device.type == "cuda" else []):
         for name, fn in backends.items():
             try:
+                out: list = []
+                timed_run(fn, x, weight, bias, paths, 0.0, training, sig.mode, grad_out, out)()
+                results[name] = out[0]
                 times[name] = float(_timer(name, timed_run(fn, x, weight, bias, paths, dropout_p, training, sig.mode),
                                            x.device))
             except Exception as e:  # noqa: BLE001 - auto falls back to what runs
                 errors[name], first = f"{type(e).__name__}: {e}", first or e
+                results.pop(name, None)
     if not times:
         raise first
     for name, error in errors.items():
         warnings.warn(f"sharelora_kernels auto: the {name} backend failed on {sig.key()} ({error}); "
                       f"using {min(times, key=times.get)}", stacklevel=4)
-    return times, errors
+    return times, errors, results
 
 
 def dispatch_table() -> list[dict]:
     """Every choice auto made or read in this process: signature fields, ``choice``, ``times_ms``
-    (both backends), ``errors`` (a backend that raised when timed), ``reason`` and ``source``
+    (both backends), ``errors`` (a backend that raised when timed), ``rejected`` (a backend ruled out:
+    its results differed from compose's), ``verified_error`` (each compared backend's error),
+    ``reason`` and ``source``
     (``measured`` or the cache file)."""
     return [{**asdict(c.signature), "choice": c.choice, "times_ms": dict(c.times_ms), "errors": dict(c.errors),
-             "reason": c.reason(), "source": c.source, "measured_at": c.measured_at} for c in _table.values()]
+             "rejected": dict(c.rejected), "verified_error": dict(c.verified_error), "reason": c.reason(),
+             "source": c.source, "measured_at": c.measured_at} for c in _table.values()]
 
 
 def clear() -> None:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .autotune import dy_config, m_splits
 from .lowrank_grad import reduce_splits
-from .utils import dot_precision, index64, load_factor, mma, needs_int64_index, rank_block
+from .utils import dot_precision, index64, load_factor, mma, needs_int64_index, on_device, rank_block
 
 MAX_N_SPLITS = 8  # column chunks: each adds an (M, R) fp32 slab of dh to reduce
 
@@ -65,10 +65,10 @@ def _dy_lowrank_kernel(
             else:
                 acc_b = mma(tl.trans(hs.to(dtype)), dy, acc_b, DOT_PRECISION)
             dh = mma(dy, tl.trans(u), tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), DOT_PRECISION)
-            dh_ptrs = dh_ptr + pid_n * stride_dhs + rows64[:, None] * stride_dhm + ranks[None, :] * stride_dhr
+            dh_ptrs = dh_ptr + pid_n.to(tl.int64) * stride_dhs + rows64[:, None] * stride_dhm + ranks[None, :] * stride_dhr
             dh_mask = row_mask[:, None] & rank_mask[None, :]
             tl.store(dh_ptrs, tl.load(dh_ptrs, mask=dh_mask, other=0.0) + dh * scale[None, :], mask=dh_mask)
-        tl.store(db_ptr + pid_m * stride_dbs + ranks[:, None] * stride_dbr + cols[None, :] * stride_dbn, acc_b,
+        tl.store(db_ptr + pid_m.to(tl.int64) * stride_dbs + ranks[:, None] * stride_dbr + cols[None, :] * stride_dbn, acc_b,
                  mask=rank_mask[:, None] & col_mask[None, :])
 
 
@@ -98,11 +98,12 @@ def dy_lowrank(dy: Tensor, h: Tensor, table: Tensor, scale: Tensor, factor_dtype
     s_m = triton.cdiv(m, m_chunk)
     dh = torch.zeros((s_n, m, r), device=dy.device, dtype=torch.float32)
     db = torch.empty((s_m, r, n), device=dy.device, dtype=torch.float32)
-    _dy_lowrank_kernel[(s_m, s_n, r_tiles)](
-        dy, h, table, scale, dh, db,
-        m, n, r, m_chunk, n_chunk,
-        dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), *dh.stride(), *db.stride(),
-        INT64=needs_int64_index(dy), DOT_PRECISION=dot_precision(dy.dtype), FACTOR_DTYPE=factor_dtype,
-        PERIODIC=periodic, BLOCK_R=block_r, **config,
-    )
+    with on_device(dy):
+        _dy_lowrank_kernel[(s_m, s_n, r_tiles)](
+            dy, h, table, scale, dh, db,
+            m, n, r, m_chunk, n_chunk,
+            dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), *dh.stride(), *db.stride(),
+            INT64=needs_int64_index(dy), DOT_PRECISION=dot_precision(dy.dtype), FACTOR_DTYPE=factor_dtype,
+            PERIODIC=periodic, BLOCK_R=block_r, **config,
+        )
     return reduce_splits(dh), reduce_splits(db)

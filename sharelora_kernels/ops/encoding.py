@@ -11,7 +11,7 @@ from typing import Sequence
 
 from torch import Tensor
 
-from ..plan import PATH_ROLES
+from ..config import PATH_ROLES
 from ..reference import LoRAPath
 
 KINDS = tuple(PATH_ROLES)  # layout code of a path kind = its index here

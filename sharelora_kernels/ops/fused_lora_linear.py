@@ -49,7 +49,7 @@ from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
 from .shared_grad import path_grads
 from .tables import path_rank, tables_for
-from .utils import INTERPRET, TL_DTYPES, dot_precision, dropout_seed, mask_words, needs_int64_index
+from .utils import INTERPRET, TL_DTYPES, dot_precision, dropout_seed, mask_words, needs_int64_index, on_device
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). perf: the tiles that compile without spills
 # for every variant (compile_check); full adds the larger ones, which spill with Kronecker + dropout.
@@ -80,7 +80,7 @@ def _fused_linear_kernel(
 
 # stride_wk keys the weight layout: 1 for the forward's W^T (K-major), K for dx's W
 pointer_kernel = TunedKernel(_fused_linear_kernel, SPACES,
-                             key=["N", "K", "R", "M_BUCKET", "DROPOUT", "stride_wk", "FACTOR_DTYPE"])
+                             key=["N", "K", "R", "M_BUCKET", "DROPOUT", "stride_wk", "FACTOR_DTYPE", "PERIODIC"])
 
 
 def fused_linear(a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Tensor, table: Tensor, factor_dtype: tl.dtype,
@@ -100,16 +100,17 @@ def fused_linear(a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Tensor, table:
         return out
     dropout = dropout_p > 0
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    pointer_kernel[grid](
-        a, w_kn, bias if bias is not None else a, h, table, scale if scale is not None else h, out,
-        mask if dropout else h, dropout_p,
-        m, n, k, r, triton.next_power_of_2(m),
-        a.stride(0), a.stride(1), w_kn.stride(0), w_kn.stride(1), h.stride(0), h.stride(1), out.stride(0), out.stride(1),
-        mask.stride(0) if dropout else 0,
-        HAS_BIAS=bias is not None, APPLY_SCALE=scale is not None, DROPOUT=dropout, INT64=needs_int64_index(a, w_kn),
-        DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype,
-        PERIODIC=periodic, BLOCK_R=LOWRANK_CHUNK,
-    )
+    with on_device(a):
+        pointer_kernel[grid](
+            a, w_kn, bias if bias is not None else a, h, table, scale if scale is not None else h, out,
+            mask if dropout else h, dropout_p,
+            m, n, k, r, triton.next_power_of_2(m),
+            a.stride(0), a.stride(1), w_kn.stride(0), w_kn.stride(1), h.stride(0), h.stride(1), out.stride(0), out.stride(1),
+            mask.stride(0) if dropout else 0,
+            HAS_BIAS=bias is not None, APPLY_SCALE=scale is not None, DROPOUT=dropout, INT64=needs_int64_index(a, w_kn),
+            DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype,
+            PERIODIC=periodic, BLOCK_R=LOWRANK_CHUNK,
+        )
     return out
 
 

@@ -29,10 +29,29 @@ def tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
+def _lowrank_chunk(acc, r0, h_ptr, hcol_ptr, table_ptr, scale_ptr, rows64, row_mask, cols, col_mask, R, stride_hm,
+                   stride_hr, HCOLS: tl.constexpr, APPLY_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_R: tl.constexpr, DTYPE: tl.constexpr, FACTOR_DTYPE: tl.constexpr, PERIODIC: tl.constexpr):
+    """acc + ranks r0 .. r0 + BLOCK_R of the low-rank term (see ``lowrank_tile``)."""
+    ranks = r0 + tl.arange(0, BLOCK_R)
+    rank_mask = ranks < R
+    h_cols = tl.load(hcol_ptr + ranks, mask=rank_mask, other=0) if HCOLS else ranks
+    h = tl.load(h_ptr + rows64[:, None] * stride_hm + h_cols[None, :] * stride_hr,
+                mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
+    if APPLY_SCALE:
+        h = h * tl.load(scale_ptr + ranks, mask=rank_mask, other=0.0)[None, :]
+    if DTYPE == tl.float16:
+        u = load_factor(table_ptr, ranks, rank_mask, cols, col_mask, tl.float32, FACTOR_DTYPE, PERIODIC)
+        return mma(h, u, acc, "tf32")
+    u = load_factor(table_ptr, ranks, rank_mask, cols, col_mask, DTYPE, FACTOR_DTYPE, PERIODIC)
+    return mma(h.to(DTYPE), u, acc, DOT_PRECISION)
+
+
+@triton.jit
 def lowrank_tile(h_ptr, hcol_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, rows64, row_mask, col0, cols, col_mask,
                  N, R, stride_hm, stride_hr, HCOLS: tl.constexpr, APPLY_SCALE: tl.constexpr, DROPOUT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                 DTYPE: tl.constexpr, FACTOR_DTYPE: tl.constexpr, PERIODIC: tl.constexpr):
+                 DTYPE: tl.constexpr, FACTOR_DTYPE: tl.constexpr, PERIODIC: tl.constexpr, R_CHUNKS: tl.constexpr = -1):
     """The tile's low-rank term ``(h[rows] * scale) @ U[:, cols]`` (fp32): h (M, R) fp32 (HCOLS: its
     rank j is column ``hcol[j]`` (int32) of a wider h), U (R, N) gathered through the factor table
     (``cols = col0 + arange(BLOCK_N)``); masked by the bit-packed dropout mask of the (M, N) output
@@ -41,23 +60,22 @@ def lowrank_tile(h_ptr, hcol_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, 
     The MMA takes DTYPE operands, except for a float16 base: h may exceed float16's range (65504)
     where the output does not, so it stays float32 (tf32 operands: float16's mantissa, fp32's range).
     Computed before the base K-loop, which accumulates onto it: one accumulator, also when the mask
-    applies to the low-rank term only.
+    applies to the low-rank term only. R_CHUNKS >= 0 (cdiv(R, BLOCK_R), a compile-time count): the
+    chunks are unrolled, no loop, so a persistent kernel's tile loop keeps a single inner loop (its
+    K loop) and the compiler flattens the two (``tl.range(flatten=True)`` fuses only such nests);
+    -1: a run-time loop over R.
     """
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: its gathers would stay live
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        rank_mask = ranks < R
-        h_cols = tl.load(hcol_ptr + ranks, mask=rank_mask, other=0) if HCOLS else ranks
-        h = tl.load(h_ptr + rows64[:, None] * stride_hm + h_cols[None, :] * stride_hr,
-                    mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
-        if APPLY_SCALE:
-            h = h * tl.load(scale_ptr + ranks, mask=rank_mask, other=0.0)[None, :]
-        if DTYPE == tl.float16:
-            u = load_factor(table_ptr, ranks, rank_mask, cols, col_mask, tl.float32, FACTOR_DTYPE, PERIODIC)
-            acc = mma(h, u, acc, "tf32")
-        else:
-            u = load_factor(table_ptr, ranks, rank_mask, cols, col_mask, DTYPE, FACTOR_DTYPE, PERIODIC)
-            acc = mma(h.to(DTYPE), u, acc, DOT_PRECISION)
+    if R_CHUNKS >= 0:
+        for c in tl.static_range(R_CHUNKS):
+            acc = _lowrank_chunk(acc, c * BLOCK_R, h_ptr, hcol_ptr, table_ptr, scale_ptr, rows64, row_mask, cols,
+                                 col_mask, R, stride_hm, stride_hr, HCOLS, APPLY_SCALE, DOT_PRECISION, BLOCK_R, DTYPE,
+                                 FACTOR_DTYPE, PERIODIC)
+    else:
+        for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: its gathers would stay live
+            acc = _lowrank_chunk(acc, r0, h_ptr, hcol_ptr, table_ptr, scale_ptr, rows64, row_mask, cols, col_mask, R,
+                                 stride_hm, stride_hr, HCOLS, APPLY_SCALE, DOT_PRECISION, BLOCK_R, DTYPE, FACTOR_DTYPE,
+                                 PERIODIC)
     if DROPOUT:
         keep = load_keep(mask_ptr, stride_mm, rows64, row_mask, col0, N, BLOCK_M, BLOCK_N)
         acc = tl.where(keep, acc / (1.0 - p), 0.0)

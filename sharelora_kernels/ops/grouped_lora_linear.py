@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..plan import PATH_ROLES
+from ..config import PATH_ROLES
 from ..reference import LoRAPath
 from .autotune import TunedKernel
 from .dy_lowrank import dy_lowrank
@@ -57,7 +57,7 @@ from .lowrank_input import lowrank_project
 from .shared_grad import GradSink, atomic_grads, chain_a, chain_b
 from .tables import (FactorTables, cached, index_tensor, path_rank, paths_key, refresh_gates, tables_for,
                      tensor_key)
-from .utils import TL_DTYPES, dot_precision, dropout_seed, mask_words
+from .utils import TL_DTYPES, dot_precision, dropout_seed, mask_words, needs_int64_index, on_device
 
 KINDS = tuple(PATH_ROLES)
 
@@ -77,9 +77,9 @@ def _grouped_linear_kernel(
     prob_ptr, seg_ptr, hcol_ptr, a0, a1, a2, a3, out0, out1, out2, out3, h_ptr, mask_ptr, p,
     M, G, N_SUM, K_SUM, R_MAX, M_BUCKET, stride_hm, stride_ak, stride_wk, stride_wn, stride_mm,
     APPLY_SCALE: tl.constexpr, DROPOUT: tl.constexpr, ACCUMULATE: tl.constexpr, ALIGNED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DTYPE: tl.constexpr, FACTOR_DTYPE: tl.constexpr, PERIODIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    INT64: tl.constexpr, DOT_PRECISION: tl.constexpr, DTYPE: tl.constexpr, FACTOR_DTYPE: tl.constexpr,
+    PERIODIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """For each problem g (a row of 9 int64 of prob_ptr: N_g, output slot, bias, B table, scales,
     R_g, first h column index, first segment, segments; built once per plan by ``GroupLaunch``):
@@ -87,7 +87,8 @@ def _grouped_linear_kernel(
     a_s (M, K_s) @ w_s (K_s, N_g) + bias_g + mask((h[:, hcol_g] * scale_g) @ U_g) / (1 - p).
     The per-call tensors (inputs, outputs, h) are the pointer arguments; every output is contiguous,
     every input shares stride_ak, every w stride_wk / stride_wn; ALIGNED: every pointer, row stride,
-    K_s and N_g is a multiple of 16 bytes. Programs are the problems' output tiles end to end."""
+    K_s and N_g is a multiple of 16 bytes; INT64: a W has 2**31 or more elements (its offsets in
+    int64). Programs are the problems' output tiles end to end."""
     vec: tl.constexpr = 128 // DTYPE.primitive_bitwidth if ALIGNED else 1  # elements per 16 bytes
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -113,7 +114,7 @@ def _grouped_linear_kernel(
         acc = matmul_tile(acc, _pick(tl.load(seg), a0, a1, a2, a3), tl.multiple_of(tl.load(seg + 1), vec), stride_ak,
                           w_ptr, stride_wk, stride_wn, rows64, row_mask, cols, col_mask,
                           tl.multiple_of(tl.load(seg + 3).to(tl.int32), vec), DOT_PRECISION, BLOCK_K,
-                          False)  # the row stride is an int64 table entry: offsets are int64 already
+                          INT64)  # x's row stride is an int64 table entry; INT64: W's offsets too
     bias_addr = tl.load(row + 2)
     if bias_addr != 0:
         acc += tl.load(bias_addr.to(tl.pointer_type(DTYPE)) + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -125,7 +126,9 @@ def _grouped_linear_kernel(
 
 
 grouped_kernel = TunedKernel(_grouped_linear_kernel, SPACES,
-                             key=["N_SUM", "K_SUM", "R_MAX", "M_BUCKET", "G", "DROPOUT", "stride_wk", "FACTOR_DTYPE"])
+                             key=["N_SUM", "K_SUM", "R_MAX", "M_BUCKET", "G", "DROPOUT", "stride_wk", "FACTOR_DTYPE",
+                                  "PERIODIC"],
+                             restore_value=["out0", "out1", "out2", "out3"])  # a dx chunk adds onto dx
 
 
 class Chunk(NamedTuple):
@@ -156,6 +159,7 @@ class GroupLaunch(NamedTuple):
     aligned: bool
     factor_dtype: tl.dtype
     periodic: bool
+    int64: bool  # W offsets in int64 (``needs_int64_index`` of the weights)
 
 
 def _table(rows: list[list[int]], device: torch.device) -> Tensor:
@@ -179,7 +183,7 @@ def forward_launch(weights: Sequence[Tensor], biases: Sequence[Tensor | None], m
                               [b.data_ptr() for b in biases if b is not None], weights[0].element_size())
     return GroupLaunch(chunks, index_tensor([c for cs in cols for c in cs], device, torch.int32),
                        (*module_tables, *keep), (1, k), aligned, module_tables[0].dtype,
-                       any(t.periodic for t in module_tables))
+                       any(t.periodic for t in module_tables), needs_int64_index(*weights))
 
 
 def dx_launch(weights: Sequence[Tensor], views: FactorTables, device: torch.device, keep: tuple = ()) -> GroupLaunch:
@@ -197,7 +201,7 @@ def dx_launch(weights: Sequence[Tensor], views: FactorTables, device: torch.devi
     aligned = _aligned_static([k, *(w.shape[0] for w in weights)], [w.data_ptr() for w in weights],
                               weights[0].element_size())
     return GroupLaunch(chunks, index_tensor(list(range(r)), device, torch.int32), (views, *keep), (k, 1), aligned,
-                       views.dtype, views.periodic)
+                       views.dtype, views.periodic, needs_int64_index(*weights))
 
 
 def _aligned_static(sizes: list[int], addresses: list[int], elem_bytes: int) -> bool:
@@ -220,14 +224,16 @@ def grouped_linear(launch: GroupLaunch, inputs: Sequence[Tensor], outputs: Seque
         outs = outputs if len(outputs) == 1 else outputs[c * MAX_MODULES:(c + 1) * MAX_MODULES]
         ins, outs = [*ins, *[ins[0]] * (4 - len(ins))], [*outs, *[outs[0]] * (4 - len(outs))]
         grid = lambda meta: (sum(triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]) for n in chunk.ns),)
-        grouped_kernel[grid](
-            chunk.prob, chunk.seg, launch.hcols, *ins, *outs, h, mask if dropout else h, dropout_p,
-            m, len(chunk.ns), sum(chunk.ns), chunk.k_sum, chunk.r_max, triton.next_power_of_2(m), h.stride(0), 1,
-            *launch.w_strides, mask.stride(0) if dropout else 0,
-            APPLY_SCALE=apply_scale, DROPOUT=dropout, ACCUMULATE=chunk.accumulate, ALIGNED=aligned,
-            DOT_PRECISION=dot_precision(dtype), DTYPE=TL_DTYPES[dtype], FACTOR_DTYPE=launch.factor_dtype,
-            PERIODIC=launch.periodic, BLOCK_R=LOWRANK_CHUNK,
-        )
+        with on_device(h):
+            grouped_kernel[grid](
+                chunk.prob, chunk.seg, launch.hcols, *ins, *outs, h, mask if dropout else h, dropout_p,
+                m, len(chunk.ns), sum(chunk.ns), chunk.k_sum, chunk.r_max, triton.next_power_of_2(m), h.stride(0), 1,
+                *launch.w_strides, mask.stride(0) if dropout else 0,
+                APPLY_SCALE=apply_scale, DROPOUT=dropout, ACCUMULATE=chunk.accumulate, ALIGNED=aligned,
+                INT64=launch.int64,
+                DOT_PRECISION=dot_precision(dtype), DTYPE=TL_DTYPES[dtype], FACTOR_DTYPE=launch.factor_dtype,
+                PERIODIC=launch.periodic, BLOCK_R=LOWRANK_CHUNK,
+            )
 
 
 # ----------------------------------------------------------------------------- the group's paths

@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .autotune import grad_config, m_splits, reduce_config
-from .utils import dot_precision, index64, load_keep, mma, needs_int64_index, rank_block
+from .utils import dot_precision, index64, load_keep, mma, needs_int64_index, on_device, rank_block
 
 
 @triton.jit(do_not_specialize=["M", "M_CHUNK"])
@@ -58,7 +58,7 @@ def _lowrank_grad_kernel(
             acc = mma(tl.trans(g), a.to(tl.float32), acc, "tf32")
         else:
             acc = mma(tl.trans(g.to(dtype)), a, acc, DOT_PRECISION)
-    out = out_ptr + pid_s * stride_os + ranks[:, None] * stride_or + cols[None, :] * stride_od
+    out = out_ptr + pid_s.to(tl.int64) * stride_os + ranks[:, None] * stride_or + cols[None, :] * stride_od
     mask = rank_mask[:, None] & col_mask[None, :]
     if ATOMIC:
         tl.atomic_add(out, acc, mask=mask)
@@ -73,10 +73,11 @@ def _reduce_splits_kernel(part_ptr, out_ptr, S, X, Y, stride_ps, stride_px, stri
     xs = tl.program_id(0) * BLOCK_X + tl.arange(0, BLOCK_X)
     ys = tl.program_id(1) * BLOCK_Y + tl.arange(0, BLOCK_Y)
     mask = (xs < X)[:, None] & (ys < Y)[None, :]
-    offsets = xs.to(tl.int64)[:, None] * stride_px + ys[None, :] * stride_py
+    ptrs = part_ptr + xs.to(tl.int64)[:, None] * stride_px + ys[None, :] * stride_py
     acc = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
-    for s in range(0, S):
-        acc += tl.load(part_ptr + s * stride_ps + offsets, mask=mask, other=0.0)
+    for s in range(0, S):  # a pointer step per slab: no s * stride_ps product (it can pass 2**31)
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += stride_ps
     tl.store(out_ptr + xs.to(tl.int64)[:, None] * stride_ox + ys[None, :] * stride_oy, acc, mask=mask)
 
 
@@ -88,7 +89,8 @@ def reduce_splits(partial: Tensor) -> Tensor:
     out = torch.empty((x, y), device=partial.device, dtype=torch.float32)
     config = reduce_config()
     grid = (triton.cdiv(x, config["BLOCK_X"]), triton.cdiv(y, config["BLOCK_Y"]))
-    _reduce_splits_kernel[grid](partial, out, s, x, y, *partial.stride(), *out.stride(), **config)
+    with on_device(partial):
+        _reduce_splits_kernel[grid](partial, out, s, x, y, *partial.stride(), *out.stride(), **config)
     return out
 
 
@@ -117,12 +119,13 @@ def lowrank_grad(g: Tensor, a: Tensor, mask: Tensor | None = None, dropout_p: fl
         out = torch.empty((splits, r, d), device=a.device, dtype=torch.float32)
     dropout = dropout_p > 0
     grid = (triton.cdiv(d, config["BLOCK_D"]), triton.cdiv(r, block_r), splits)
-    _lowrank_grad_kernel[grid](
-        g, a, out, mask if dropout else g, dropout_p,
-        m, d, r, chunk,
-        g.stride(0), g.stride(1), a.stride(0), a.stride(1), 0 if atomic else out.stride(0), out.stride(1),
-        out.stride(2), mask.stride(0) if dropout else 0,
-        DROPOUT=dropout, INT64=needs_int64_index(a), DOT_PRECISION=dot_precision(a.dtype), ATOMIC=atomic,
-        BLOCK_R=block_r, **config,
-    )
+    with on_device(a):
+        _lowrank_grad_kernel[grid](
+            g, a, out, mask if dropout else g, dropout_p,
+            m, d, r, chunk,
+            g.stride(0), g.stride(1), a.stride(0), a.stride(1), 0 if atomic else out.stride(0), out.stride(1),
+            out.stride(2), mask.stride(0) if dropout else 0,
+            DROPOUT=dropout, INT64=needs_int64_index(a), DOT_PRECISION=dot_precision(a.dtype), ATOMIC=atomic,
+            BLOCK_R=block_r, **config,
+        )
     return out[0] if atomic else reduce_splits(out)

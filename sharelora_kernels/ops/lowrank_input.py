@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .autotune import project_config
 from .utils import (dot_precision, draw_keep, index64, load_factor, mask_words, mma, needs_int64_index, pack_keep,
-                    rank_block, rng_needs_int64)
+                    on_device, rank_block, rng_needs_int64)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -83,12 +83,13 @@ def lowrank_project(a: Tensor, table: Tensor, factor_dtype: tl.dtype, periodic: 
     block_r = rank_block(r)
     config = project_config(m, d, a.element_size(), block_r)
     grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(r, block_r))
-    _lowrank_project_kernel[grid](
-        a, table, out, seed if seed is not None else table, mask, dropout_p,
-        m, d, r,
-        a.stride(0), a.stride(1), out.stride(0), out.stride(1), mask.stride(0) if dropout else 0,
-        DROPOUT=dropout, RNG64=rng_needs_int64(m, d),
-        INT64=needs_int64_index(a), DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype, PERIODIC=periodic,
-        BLOCK_R=block_r, **config,
-    )
+    with on_device(a):
+        _lowrank_project_kernel[grid](
+            a, table, out, seed if seed is not None else table, mask, dropout_p,
+            m, d, r,
+            a.stride(0), a.stride(1), out.stride(0), out.stride(1), mask.stride(0) if dropout else 0,
+            DROPOUT=dropout, RNG64=rng_needs_int64(m, d),
+            INT64=needs_int64_index(a), DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype, PERIODIC=periodic,
+            BLOCK_R=block_r, **config,
+        )
     return out, mask

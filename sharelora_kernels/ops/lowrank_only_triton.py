@@ -36,7 +36,7 @@ from .gemm_tiles import LOWRANK_CHUNK, lowrank_tile, tile_coords
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
 from .tables import FactorTables, tables_for
-from .utils import TL_DTYPES, dot_precision
+from .utils import TL_DTYPES, dot_precision, on_device
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -70,14 +70,16 @@ def _lowrank_add(out: Tensor, h: Tensor, table: Tensor, tables: FactorTables, co
     config = lowrank_add_config()
     dropout = dropout_p > 0
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(d, config["BLOCK_N"]),)
-    _lowrank_add_kernel[grid](
-        h, table, scale if scale is not None else h, out, mask if dropout else h, dropout_p,
-        m, d, table.shape[0],
-        h.stride(0), h.stride(1), out.stride(0), out.stride(1), mask.stride(0) if dropout else 0,
-        ACCUMULATE=accumulate, APPLY_SCALE=scale is not None, DROPOUT=dropout, DOT_PRECISION=dot_precision(compute),
-        DTYPE=TL_DTYPES[compute], FACTOR_DTYPE=tables.dtype, PERIODIC=tables.periodic, BLOCK_R=LOWRANK_CHUNK,
-        **config,
-    )
+    with on_device(out):
+        _lowrank_add_kernel[grid](
+            h, table, scale if scale is not None else h, out, mask if dropout else h, dropout_p,
+            m, d, table.shape[0],
+            h.stride(0), h.stride(1), out.stride(0), out.stride(1), mask.stride(0) if dropout else 0,
+            ACCUMULATE=accumulate, APPLY_SCALE=scale is not None, DROPOUT=dropout, DOT_PRECISION=dot_precision(compute),
+            DTYPE=TL_DTYPES[compute], FACTOR_DTYPE=tables.dtype, PERIODIC=tables.periodic, BLOCK_R=LOWRANK_CHUNK,
+            **config,
+        )
+
 
 
 def triton_forward(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], p: float, seed: Tensor) -> tuple[Tensor, Tensor]:

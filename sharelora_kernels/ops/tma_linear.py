@@ -9,9 +9,11 @@ BLOCK_N x BLOCK_K, transposed in shared memory) and N-major for dx (blocks BLOCK
 Out-of-range rows and columns of a ragged last tile are zero-filled by the descriptor, so the
 K-loop has no masks. The low-rank term of each tile (h tile, B_eff gathered through the factor
 table, the dropout bits) is one more chunk of size r accumulated before the base K-chunks, on the
-same accumulator. ``NUM_PROGRAMS`` programs (one per SM) loop over the tiles, GROUP_M-swizzled;
-the loop is flattened (``tl.range(flatten=True)``) so the compiler's pipeliner can issue the next
-tile's loads while the current tile's epilogue runs.
+same accumulator, its R / 16 chunks unrolled (R_CHUNKS, a compile-time count). ``NUM_PROGRAMS``
+programs (one per SM) loop over the tiles, GROUP_M-swizzled; the tile loop holds a single inner
+loop (K), so the compiler flattens the two (``tl.range(flatten=True)``; ``compile_check`` reports
+``flattened``) and its pipeliner can issue the next tile's loads while the current tile's
+epilogue runs.
 
 Used where TMA can serve: a CUDA GPU of compute capability 9 or more (or the interpreter, which
 runs descriptors too), a row-major a, W row-major in either reading, every row stride and base
@@ -32,7 +34,7 @@ except ImportError:  # Triton without host-side descriptors: the pointer kernel 
 
 from .autotune import SMALL_GEMM, TunedKernel, gemm_configs, sm_count
 from .gemm_tiles import LOWRANK_CHUNK, epilogue, lowrank_tile, tile_coords
-from .utils import INTERPRET, dot_precision, mma
+from .utils import INTERPRET, dot_precision, mma, on_device
 
 PERF = [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
 FULL = PERF + [(128, 128, 64, 4, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 4), (128, 128, 128, 8, 3),
@@ -52,7 +54,7 @@ def _tma_linear_kernel(
     M, N, K, R, M_BUCKET, NUM_PROGRAMS,
     stride_hm, stride_hr, stride_om, stride_on, stride_mm,
     HAS_BIAS: tl.constexpr, APPLY_SCALE: tl.constexpr, DROPOUT: tl.constexpr, W_KMAJOR: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FACTOR_DTYPE: tl.constexpr, PERIODIC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FACTOR_DTYPE: tl.constexpr, PERIODIC: tl.constexpr, R_CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -62,7 +64,8 @@ def _tma_linear_kernel(
         pid_m, pid_n, rows64, row_mask, cols, col_mask = tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = lowrank_tile(h_ptr, h_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, rows64, row_mask,
                            pid_n * BLOCK_N, cols, col_mask, N, R, stride_hm, stride_hr, False, APPLY_SCALE, DROPOUT,
-                           DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, out_ptr.dtype.element_ty, FACTOR_DTYPE, PERIODIC)
+                           DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, out_ptr.dtype.element_ty, FACTOR_DTYPE, PERIODIC,
+                           R_CHUNKS)
         for ki in range(k_tiles):
             a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
             if W_KMAJOR:
@@ -75,14 +78,16 @@ def _tma_linear_kernel(
 
 tma_kernel = TunedKernel(_tma_linear_kernel,
                          {"small": SMALL_GEMM, "perf": gemm_configs(PERF), "full": gemm_configs(FULL)},
-                         key=["N", "K", "R", "M_BUCKET", "DROPOUT", "W_KMAJOR", "FACTOR_DTYPE"],
+                         key=["N", "K", "R", "M_BUCKET", "DROPOUT", "W_KMAJOR", "FACTOR_DTYPE", "PERIODIC"],
                          pre_hook=_set_block_shapes)
 
 
 def _aligned(t: Tensor, row_dim: int) -> bool:
-    """A row-major view TMA can read: unit stride along the other dim, 16-byte row stride and base."""
-    es = t.element_size()
-    return t.stride(1 - row_dim) == 1 and (t.stride(row_dim) * es) % 16 == 0 and t.data_ptr() % 16 == 0
+    """A row-major view TMA can read: unit stride along the other dim, a positive 16-byte-multiple row
+    stride (not 0: a broadcast row, as an expanded dy, is no tensor a descriptor can describe) and a
+    16-byte aligned base."""
+    es, row_stride = t.element_size(), t.stride(row_dim)
+    return t.stride(1 - row_dim) == 1 and row_stride > 0 and (row_stride * es) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
 def usable(a: Tensor, w_kn: Tensor) -> bool:
@@ -113,11 +118,13 @@ def tma_linear(out: Tensor, a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Ten
     programs = programs or sm_count(a.device)
     grid = lambda meta: (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
     dropout = dropout_p > 0
-    tma_kernel[grid](
-        a_desc, w_desc, bias if bias is not None else h, h, table, scale if scale is not None else h, out,
-        mask if dropout else h, dropout_p,
-        m, n, k, table.shape[0], triton.next_power_of_2(m), programs,
-        h.stride(0), h.stride(1), out.stride(0), out.stride(1), mask.stride(0) if dropout else 0,
-        HAS_BIAS=bias is not None, APPLY_SCALE=scale is not None, DROPOUT=dropout, W_KMAJOR=w_kmajor,
-        DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype, PERIODIC=periodic, BLOCK_R=LOWRANK_CHUNK,
-    )
+    with on_device(a):
+        tma_kernel[grid](
+            a_desc, w_desc, bias if bias is not None else h, h, table, scale if scale is not None else h, out,
+            mask if dropout else h, dropout_p,
+            m, n, k, table.shape[0], triton.next_power_of_2(m), programs,
+            h.stride(0), h.stride(1), out.stride(0), out.stride(1), mask.stride(0) if dropout else 0,
+            HAS_BIAS=bias is not None, APPLY_SCALE=scale is not None, DROPOUT=dropout, W_KMAJOR=w_kmajor,
+            DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype, PERIODIC=periodic,
+        R_CHUNKS=triton.cdiv(table.shape[0], LOWRANK_CHUNK), BLOCK_R=LOWRANK_CHUNK,
+        )

@@ -30,12 +30,27 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+_NO_SEED: dict[torch.device, Tensor] = {}
+
+
 def dropout_seed(p: float, device: torch.device) -> Tensor:
     """A (1,) int64 seed for the dropout mask, drawn on ``device`` from its generator (a device op:
-    no host data, and capturable in a CUDA graph); zeros when p == 0 (no mask is drawn)."""
+    no host data, and capturable in a CUDA graph), 63 random bits (Philox takes a 64-bit key). When
+    p == 0 (no mask is drawn): one zero tensor per device, made once and never written, so such a
+    call launches nothing for it."""
     if p > 0:
-        return torch.randint(0, 2**31 - 1, (1,), device=device)
-    return torch.zeros(1, dtype=torch.int64, device=device)
+        return torch.randint(0, 2**63 - 1, (1,), device=device)
+    if torch.compiler.is_compiling():  # traced: a fresh (fake) tensor, never cached
+        return torch.zeros(1, dtype=torch.int64, device=device)
+    if device not in _NO_SEED:
+        _NO_SEED[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    return _NO_SEED[device]
+
+
+def on_device(t: Tensor):
+    """The context every launch runs in: ``t``'s CUDA device made current (a model spread over two
+    GPUs launches each kernel on its tensors' GPU); on CPU tensors (the interpreter) it changes nothing."""
+    return torch.cuda.device(t.device.index if t.is_cuda else -1)
 
 
 def mask_words(k: int) -> int:

@@ -1,64 +1,128 @@
-"""Similarity heatmap with share sets outlined and named in a legend (matplotlib, Agg backend)."""
+"""Similarity heatmap with share sets outlined and named in a legend (matplotlib, Agg backend).
+
+Layout (nothing overlaps at any layer count; ``python_tests/test_heatmap.py`` checks the boxes):
+the title across the top, wrapped to the figure's width; the heatmap with the colorbar at its right,
+``eps`` marked on the colorbar; the legend in a row of its own below (one entry per share set, and
+one for the layers in no set).
+"""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
 
 SET_COLORS = ("#ff3b30", "#ffffff", "#ff9500", "#ff2d95", "#00e5ff", "#ffcc00")
+LEGEND_FONT = 8  # points
+LEGEND_COLUMNS = 3
 
 
-def similarity_heatmap(S, sets: list[list[int]], path, title: str | None = None) -> Path:
+def similarity_heatmap(S, sets: list[list[int]], path, title: str | None = None, eps: float | None = None) -> Path:
     """Write a PNG of the (L, L) similarity S with every share set's cells outlined; returns the path.
 
     S: (L, L) tensor or array, any float dtype. sets: lists of layer indices; singletons are not
     outlined. A set's outline surrounds the cells (i, j) with i and j both in the set, so a contiguous
-    set shows as one square block; the legend names each outline's layers. title: e.g. the model's
-    name and how S was measured. The file is written to a temporary name and renamed.
+    set shows as one square block; the legend names each outline's layers and the layers in no set.
+    title: e.g. the model's name and how S was measured. eps: the threshold the sets were found at,
+    marked on the colorbar. The file is written to a temporary name and renamed.
     """
+    from ..files import atomic_write
+
+    fig = heatmap_figure(S, sets, title, eps)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return path
+
+
+def heatmap_figure(S, sets: list[list[int]], title: str | None = None, eps: float | None = None):
+    """The matplotlib ``Figure`` ``similarity_heatmap`` writes (same arguments, no file)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.collections import LineCollection
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
-
-    from ..checkpoint import atomic_write
+    from matplotlib.patches import Patch
 
     s = S.detach().cpu().double().numpy() if isinstance(S, torch.Tensor) else np.asarray(S, dtype=np.float64)
     n = len(s)
-    side = max(6.0, 0.3 * n)  # inches; about 0.3 inch per layer for deep models
-    fig = Figure(figsize=(side + 1.2, side + 0.8))
+    multi = [sorted(g) for g in sets if len(g) > 1]
+    alone = sorted(set(range(n)) - {layer for g in multi for layer in g})
+    side = max(6.0, 0.3 * n)  # inches of heatmap; about 0.3 inch per layer for deep models
+    width = side + 1.6
+    chars = int(width * 72 / (0.6 * LEGEND_FONT) / LEGEND_COLUMNS) - 6  # legend label width per column
+    handles = [Line2D([], [], color=SET_COLORS[k % len(SET_COLORS)], linewidth=2.0,
+                      label=_wrap(f"share set {k + 1}: layers {_layers(g)}", chars)) for k, g in enumerate(multi)]
+    if not multi:
+        handles.append(Patch(facecolor="none", edgecolor="none", label="no share set at this threshold"))
+    if alone:
+        handles.append(Patch(facecolor="none", edgecolor="black", linestyle=":",
+                             label=_wrap(f"in no set (own adapters): layer{'s' if len(alone) > 1 else ''} "
+                                         f"{_runs(alone)}", chars)))
+    columns = min(LEGEND_COLUMNS, len(handles))
+    rows = -(-len(handles) // columns)
+    lines = sum(max(h.get_label().count("\n") + 1 for h in handles[r * columns:(r + 1) * columns]) for r in range(rows))
+    legend_height = 0.45 + lines * LEGEND_FONT * 1.5 / 72  # inches: title line and entries
+    title = "\n".join(_wrap(part, int(width * 72 / (0.6 * 10)) - 2) for part in
+                      (title or "layer similarity and share sets").split("\n"))
+
+    fig = Figure(figsize=(width, side + legend_height + 0.35 * (title.count("\n") + 1) + 0.9), constrained_layout=True)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(s, cmap="viridis", vmin=float(s.min()), vmax=1.0, origin="upper")
-    fig.colorbar(image, ax=ax, label="similarity = 1 - angular distance")
-    handles = []
-    for k, g in enumerate(x for x in sets if len(x) > 1):
-        color = SET_COLORS[k % len(SET_COLORS)]
-        ax.add_collection(LineCollection(_outline(set(g)), colors=color, linewidths=2.0))
-        handles.append(Line2D([], [], color=color, linewidth=2.0, label=f"share set {k + 1}: layers {_layers(g)}"))
-    if not handles:
-        handles.append(Line2D([], [], color="none", label="no share set at this threshold"))
-    # below the axes, on grey so the white outline colour shows
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(3, len(handles)),
-              fontsize=8, facecolor="#9e9e9e", framealpha=1.0, title="outlined cells: both layers in one share set",
-              title_fontsize=8)
+    grid = fig.add_gridspec(2, 1, height_ratios=[side, legend_height])
+    ax = fig.add_subplot(grid[0])
+    vmin = min(float(s.min()), eps if eps is not None else 1.0)
+    image = ax.imshow(s, cmap="viridis", vmin=vmin, vmax=1.0, origin="upper")
+    colorbar = fig.colorbar(image, ax=ax, fraction=0.08, label="similarity = 1 - angular distance")
+    if eps is not None:
+        _mark_eps(colorbar, eps, vmin)
+    for k, g in enumerate(multi):
+        ax.add_collection(LineCollection(_outline(set(g)), colors=SET_COLORS[k % len(SET_COLORS)], linewidths=2.0))
     ax.set_xlabel("layer")
     ax.set_ylabel("layer")
-    ax.set_title(title or "layer similarity and share sets", fontsize=10)
-    ticks = range(0, n, max(1, n // 16))
-    ax.set_xticks(list(ticks))
-    ax.set_yticks(list(ticks))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-    return path
+    ticks = list(range(0, n, max(1, n // 16)))
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    fig.suptitle(title, fontsize=10)
+    legend_ax = fig.add_subplot(grid[1])
+    legend_ax.axis("off")
+    # on grey so the white outline colour shows
+    legend_ax.legend(handles=handles, loc="upper center", ncol=columns, fontsize=LEGEND_FONT, facecolor="#9e9e9e",
+                     framealpha=1.0, title="outlined cells: both layers in one share set" +
+                     (f" (similarity >= eps = {eps:g} for every pair)" if eps is not None else ""),
+                     title_fontsize=LEGEND_FONT)
+    return fig
+
+
+def _mark_eps(colorbar, eps: float, vmin: float) -> None:
+    """A line across the colorbar at ``eps`` and a tick labelled "eps 0.85" (ticks too close to it dropped)."""
+    from matplotlib.ticker import MaxNLocator
+
+    colorbar.ax.axhline(eps, color="#ff3b30", linewidth=2.0)
+    near = 0.08 * (1.0 - vmin)
+    ticks = [t for t in MaxNLocator(5).tick_values(vmin, 1.0) if vmin <= t <= 1.0 and abs(t - eps) > near]
+    colorbar.set_ticks(sorted(ticks + [eps]))
+    colorbar.set_ticklabels([f"eps {t:g}" if t == eps else f"{t:.2f}" for t in sorted(ticks + [eps])])
+
+
+def _wrap(text: str, width: int) -> str:
+    return "\n".join(textwrap.wrap(text, max(width, 16), break_long_words=False, break_on_hyphens=False))
 
 
 def _layers(members: list[int]) -> str:
     """"3-8" for a contiguous run, else "1, 4, 7"."""
     g = sorted(members)
     return f"{g[0]}-{g[-1]}" if g == list(range(g[0], g[-1] + 1)) else ", ".join(map(str, g))
+
+
+def _runs(members: list[int]) -> str:
+    """Every run of consecutive layers shortened: "0-3, 9, 12-15"."""
+    runs: list[list[int]] = []
+    for layer in sorted(members):
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _outline(members: set[int]) -> list[list[tuple[float, float]]]:

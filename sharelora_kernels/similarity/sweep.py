@@ -6,7 +6,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..config import ShareLoRAConfig
-from ..plan import ModuleInfo, build_plan, expanded_rank
+from ..plan import build_plan, expanded_rank
+from ..targeting import ModuleInfo
 from .share_sets import share_sets
 
 

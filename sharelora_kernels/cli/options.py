@@ -1,0 +1,46 @@
+"""Options several commands share, and their checks. Nothing here imports torch, so ``--help`` and a
+bad option answer at once; ``set_threads`` imports it when the command runs."""
+from __future__ import annotations
+
+import argparse
+
+from . import require_between, require_positive
+
+
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of the training loop (``finetune`` and ``compare``); ``check_training_arguments`` checks them."""
+    p.add_argument("--batch-size", metavar="N", type=int, default=4, help="windows per step (default: 4)")
+    p.add_argument("--seq-len", metavar="N", type=int, default=128,
+                   help="tokens per window, BOS included (default: 128)")
+    p.add_argument("--lr", metavar="LR", type=float, default=3e-3,
+                   help="AdamW learning rate, no weight decay (default: 3e-3)")
+    p.add_argument("--seed", metavar="N", type=int, default=0,
+                   help="seed of the adapter init and of the window order (default: 0)")
+
+
+def check_training_arguments(args: argparse.Namespace) -> None:
+    """CommandError naming the first bad value among ``add_training_arguments``' options."""
+    require_positive(args, "batch_size", "lr")
+    require_between(args, "seq_len", 2)
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's CPU threads for the command (``set_threads`` applies it)."""
+    p.add_argument("--threads", metavar="N", type=int, default=None,
+                   help="torch CPU threads (default: torch's, which is OMP_NUM_THREADS when set, else one per "
+                        "core); 1 is fastest on a machine other work keeps busy")
+
+
+def check_threads_argument(args: argparse.Namespace) -> None:
+    """CommandError naming ``--threads`` unless it is absent or at least 1."""
+    if args.threads is not None:
+        require_between(args, "threads", 1)
+
+
+def set_threads(args: argparse.Namespace) -> int:
+    """Apply ``--threads`` (when given) to torch; returns the thread count torch now uses."""
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return torch.get_num_threads()
