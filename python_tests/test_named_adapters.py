@@ -131,3 +131,5 @@ def test_bad_names_and_refusals_leave_the_model_as_it_was():
     assert model.sharelora_active == ["other"] and not hasattr(model, "sharelora_adapters")
     sk.delete_adapter(model, "other")  # the last one, as PEFT allows: the layers compute their base
     assert adapter_names(model) == [] and model.model.layers[0].self_attn.q_proj.active_path_modules() == []
+    sk.apply(model, SECOND, adapter_name="again")  # a new first adapter on the layers still wrapped
+    assert model.sharelora_active == ["again"] and len(model.model.layers[0].self_attn.q_proj.active_path_modules()) == 3

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from .config import ShareLoRAConfig
 from .files import atomic_write
 from .model import (ADAPTER_WRITERS, DEFAULT_ADAPTER, active_adapters, adapter_names, adapter_tensors, apply_plan,
-                    get_plan, plan_model, resolve_adapter, shared_layers)
+                    get_plan, is_applied, plan_model, resolve_adapter, shared_layers)
 from .plan import SharePlan
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -95,7 +95,7 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str | Non
     names = adapter_names(model)
     if adapter_name is None:
         adapter_name = resolve_adapter(model, None) if active_adapters(model) else DEFAULT_ADAPTER
-    if adapter_name not in names and (names or not shared_layers(model)):
+    if adapter_name not in names and (is_applied(model) or not shared_layers(model)):
         if config is None:
             raise ValueError(f"{path} holds hand-wrapped SharedLoRALinear layers (no config): wrap the same modules "
                              "of this model with SharedLoRALinear before load()")

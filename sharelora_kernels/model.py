@@ -65,7 +65,7 @@ def plan_model(model: nn.Module, config: ShareLoRAConfig, adapter_name: str = DE
                          "pass another adapter_name to add one")
     check_no_peft(model)
     config.validate()  # it may have been edited since it was made
-    infos, num_layers = find_target_modules(model, config, wrapped_ok=bool(names))
+    infos, num_layers = find_target_modules(model, config, wrapped_ok=is_applied(model))
     saved = find_modules_to_save(model, config)
     if saved and names:
         raise ValueError(f"modules_to_save {saved} train in full in place, and this model's adapter {names[0]!r} "
@@ -102,6 +102,9 @@ def apply_plan(model: nn.Module, config: ShareLoRAConfig, plan: SharePlan, group
             layer = layer_cls(target, paths, dropout=config.dropout, adapter_name=adapter_name)
             layer.set_adapter(active)
             setattr(parent, leaf, layer)
+    if first:  # layers left wrapped by deleted adapters compute the new one too
+        for layer in shared_layers(model):
+            layer.set_adapter(active)
     setattr(store_host(model, plan), store_attr(adapter_name), store)
     for name in plan.modules_to_save:
         model.get_submodule(name).requires_grad_(True)
@@ -162,6 +165,12 @@ def _first_users(plan: SharePlan) -> dict[str, str]:
 def store_attr(adapter_name: str) -> str:
     """The attribute the store of adapter ``adapter_name`` is registered under (its state-dict prefix)."""
     return STORE_ATTR if adapter_name == DEFAULT_ADAPTER else f"{STORE_ATTR}_{adapter_name}"
+
+
+def is_applied(model: nn.Module) -> bool:
+    """Whether ``apply`` set ``model`` up for named adapters (its wrapped layers take new ones, even
+    after every adapter was deleted), as opposed to a bare or hand-wrapped model."""
+    return getattr(model, "sharelora_plans", None) is not None
 
 
 def adapter_names(model: nn.Module) -> list[str]:

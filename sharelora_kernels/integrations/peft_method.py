@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..config import ShareLoRAConfig
 from ..layer import AdapterStore, SharedLoRALinear, check_adapter_name
 from ..model import (STORE_ATTR, active_adapters, adapter_names, adapter_store, apply_plan, check_known, delete_adapter,
-                     set_adapter, store_attr, unload)
+                     is_applied, set_adapter, store_attr, unload)
 from ..plan import build_plan
 from ..targeting import DEFAULT_TARGET_MODULES, find_target_modules, matches
 
@@ -169,7 +169,7 @@ class ShareLoRAModel(BaseTuner):
         names = [n for n, _ in model.named_modules() if n]
         # PEFT wraps the modules to save; the planner only keeps targets out of them
         config.modules_to_save = [e for e in peft_config.modules_to_save or [] if any(matches(n, [e]) for n in names)]
-        infos, num_layers = find_target_modules(model, config, wrapped_ok=bool(adapter_names(model)))
+        infos, num_layers = find_target_modules(model, config, wrapped_ok=is_applied(model))
         plan = build_plan(config, infos, num_layers)
         if not adapter_names(model):
             self._requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
