@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 
 from .config import ShareLoRAConfig
 from .files import atomic_write
-from .model import adapter_tensors, apply_plan, get_plan, plan_model, shared_layers
+from .model import (ADAPTER_WRITERS, DEFAULT_ADAPTER, active_adapters, adapter_names, adapter_tensors, apply_plan,
+                    get_plan, is_applied, plan_model, resolve_adapter, shared_layers)
 from .plan import SharePlan
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -32,14 +33,19 @@ CONFIG_NAME = "sharelora_config.json"
 FORMAT_VERSION = "1"
 
 
-def save(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the model's adapters and modules to save into ``directory`` (any directory, e.g. a
-    Trainer checkpoint's; created if needed); returns the weights path."""
-    plan = get_plan(model)
-    config: ShareLoRAConfig | None = getattr(model, "sharelora_config", None)
+def save(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Write the model's adapter ``adapter_name`` (None: the active one) and modules to save into
+    ``directory`` (any directory, e.g. a Trainer checkpoint's; created if needed); returns the
+    weights path. The checkpoint holds no name: ``load`` gives it the name it is loaded under."""
+    if adapter_names(model):
+        adapter_name = resolve_adapter(model, adapter_name)
+        config: ShareLoRAConfig | None = model.sharelora_configs[adapter_name]
+    else:
+        config = None
+    plan = get_plan(model, adapter_name)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {name: p.detach().to("cpu").contiguous() for name, p in adapter_tensors(model).items()}
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in adapter_tensors(model, adapter_name).items()}
     tensors.update({SAVED_PREFIX + name: t.detach().to("cpu").contiguous() for name, t in saved_state(model, plan).items()})
     metadata = {"format": "sharelora", "format_version": FORMAT_VERSION,
                 "config": "null" if config is None else config.to_json(), "plan": json.dumps(plan.to_dict())}
@@ -87,7 +93,8 @@ class CheckedCheckpoint:
     """A checkpoint found to fit a model by ``check_checkpoint``: what ``load`` applies, with nothing left to fail.
 
     config / plan: the saved config (None for hand-wrapped layers) and the plan to load into;
-    apply: the model has no adapters yet, ``apply_plan(model, config, plan)`` comes first;
+    apply: the model has no adapter of that name yet, ``apply_plan(model, config, plan, adapter_name)``
+    comes first; adapter_name: the adapter loaded into (None: a model of hand-wrapped layers);
     tensors: every tensor to load (plan names and ``modules_to_save/...`` names), on the CPU, each
     floating point and of its target's shape.
     """
@@ -96,24 +103,30 @@ class CheckedCheckpoint:
     config: ShareLoRAConfig | None
     plan: SharePlan
     apply: bool
+    adapter_name: str | None
     tensors: dict[str, torch.Tensor]
 
 
-def check_checkpoint(model: nn.Module, directory: str | os.PathLike) -> CheckedCheckpoint:
+def check_checkpoint(model: nn.Module, directory: str | os.PathLike,
+                     adapter_name: str | None = None) -> CheckedCheckpoint:
     """Everything ``load`` checks, without changing ``model``: the file and its format version, the
     plan against the model's (or the one ``apply`` would build), merged adapters, and every tensor
     read whole, present, floating point and of the right shape. ValueError naming the first problem."""
     config, saved_plan, path = read_checkpoint(directory)
-    apply = getattr(model, "sharelora_plan", None) is None and not shared_layers(model)
+    names = adapter_names(model)
+    if adapter_name is None:
+        adapter_name = resolve_adapter(model, None) if active_adapters(model) else DEFAULT_ADAPTER
+    apply = adapter_name not in names and (is_applied(model) or not shared_layers(model))
     if apply:
         if config is None:
             raise ValueError(f"{path} holds hand-wrapped SharedLoRALinear layers (no config): wrap the same modules "
                              "of this model with SharedLoRALinear before load()")
-        plan = plan_model(model, config)
+        plan = plan_model(model, config, adapter_name)
         shapes = {name: tuple(spec.shape) for name, spec in plan.tensors.items()}
     else:
-        plan = get_plan(model)
-        shapes = {name: tuple(p.shape) for name, p in adapter_tensors(model).items()}
+        adapter_name = adapter_name if names else None
+        plan = get_plan(model, adapter_name)
+        shapes = {name: tuple(p.shape) for name, p in adapter_tensors(model, adapter_name).items()}
     plan_mismatch(saved_plan, plan, str(path))
     if any(m.merged for m in shared_layers(model)):
         raise ValueError("the model's adapters are merged into its weights: call unmerge(model) before load(), "
@@ -136,12 +149,14 @@ def check_checkpoint(model: nn.Module, directory: str | os.PathLike) -> CheckedC
         raise
     except Exception as e:
         raise ValueError(f"{path} could not be read completely ({e}); the file may be truncated") from e
-    return CheckedCheckpoint(path, config, plan, apply, tensors)
+    return CheckedCheckpoint(path, config, plan, apply, adapter_name, tensors)
 
 
-def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
     """Load adapters saved by ``save`` (or a Trainer checkpoint directory made with
-    ``TrainerCallback``) into ``model``; applies the saved config first if needed.
+    ``TrainerCallback``) into ``model`` as adapter ``adapter_name`` (None: the active one, or
+    "default" on a model without adapters); applies the saved config first if the model has no
+    adapter of that name (a second named adapter is added inactive, as ``apply`` adds it).
 
     Raises ValueError naming the first difference if the model's method, target modules, shapes,
     share plan or modules to save differ from the checkpoint's, if its adapters are merged, if a
@@ -149,10 +164,10 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     than this package's, or if the file is truncated or corrupted. Everything is checked
     (``check_checkpoint``) before the model changes: a refused load leaves it as it was.
     """
-    checked = check_checkpoint(model, directory)
+    checked = check_checkpoint(model, directory, adapter_name)
     if checked.apply:
-        apply_plan(model, checked.config, checked.plan)
-    params = {**adapter_tensors(model),
+        apply_plan(model, checked.config, checked.plan, adapter_name=checked.adapter_name)
+    params = {**adapter_tensors(model, checked.adapter_name),
               **{SAVED_PREFIX + name: t for name, t in saved_state(model, checked.plan).items()}}
     with torch.no_grad():
         for name, param in params.items():
@@ -197,3 +212,6 @@ def plan_mismatch(saved: SharePlan, current: SharePlan, where: str) -> None:
             fail("tensor set", name, "no such tensor")
         if t.shape != current.tensors[name].shape:
             fail(f"shape of tensor {name}", t.shape, current.tensors[name].shape)
+
+
+ADAPTER_WRITERS.append(lambda model, folder, name: save(model, folder, name))  # a Transformers model's save_pretrained

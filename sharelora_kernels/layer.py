@@ -27,6 +27,15 @@ from .plan import PathSpec, TensorSpec
 from .reference import LoRAPath, delta_weight
 
 
+DEFAULT_ADAPTER = "default"
+
+
+def check_adapter_name(name) -> None:
+    """ValueError unless ``name`` can name an adapter: a non-empty string without '.' (it names modules)."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"an adapter name must be a non-empty string without '.', got {name!r}")
+
+
 @torch.no_grad()
 def init_tensor_(t: Tensor, spec: TensorSpec) -> None:
     """Fill ``t`` in place as ``spec.init`` says (a no-op on the meta device)."""
@@ -119,15 +128,25 @@ class SharedLoRALinear(nn.Module):
     Shared: pass ``paths`` (LoRAPathModules reading a store that the caller owns, e.g. the model's).
     The layer starts in the train/eval mode of ``base``. ``input_group``: the ``grouping.InputGroup``
     this layer computes with (set by ``grouping.enable_input_groups``), or None.
+
+    Named adapters: ``adapter_paths[name]`` is adapter ``name``'s path list (``adapter_name`` names
+    the first; ``add_adapter`` adds more) and ``adapter_dropout[name]`` its dropout. Forward computes
+    ``active_path_modules()``: the paths of the active adapters (``set_adapter``), none while
+    ``enable_adapters(False)``; while an adapter is merged (``merged_adapters``) the base alone.
+    ``_paths_version`` is bumped by every change of what forward computes (adapter added, deleted,
+    activated, disabled or enabled, merged or unmerged), so state derived from the paths can be
+    cached against it.
     """
 
     is_sharelora_layer = True  # base.WRAPPED_MARK: how targeting tells a wrapped module without importing this class
 
     def __init__(self, base: nn.Module, paths: Sequence[LoRAPathModule] | None = None, *, r: int = 8,
-                 alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False):
+                 alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False,
+                 adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         self.layout = describe_base(base)
         check_dropout(dropout)
+        check_adapter_name(adapter_name)
         self.in_features, self.out_features = self.layout.in_features, self.layout.out_features
         self.fan_in_fan_out = self.layout.transposed
         if self.layout.computes_itself:
@@ -138,18 +157,89 @@ class SharedLoRALinear(nn.Module):
             self.weight.requires_grad_(False)
             if self.bias is not None:
                 self.bias.requires_grad_(False)
+        self._base = (base,)  # the module unload() puts back (not registered: its tensors are ours)
         if paths is None:
             paths = [self._own_plain_path(r, alpha, use_rslora, new_adapter_dtype(base))]
-        self.lora_paths = nn.ModuleList(paths)
-        self.dropout = float(dropout)
-        self.merged = False
+        self.adapter_paths = nn.ModuleDict({adapter_name: nn.ModuleList(paths)})
+        self.adapter_dropout = {adapter_name: float(dropout)}
+        self._active_adapter = [adapter_name]
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._paths_version = 0  # bumped whenever what forward computes changes (see active_path_modules)
         self.input_group = None
-        # The call plan (ops.call_plan) and what it depends on besides x and the tensors it reads:
-        # bump _paths_version wherever the set of computed paths changes (merge, unmerge, ...).
-        self._paths_version = 0
+        # The call plan (ops.call_plan) depends on _paths_version besides x and the tensors it reads.
         self._plan = None  # the plan of the last call
         self._plans = {}  # environment -> plan, a few kept (grad on / off under reentrant checkpointing, ...)
         self.train(base.training)
+
+    # ---------------------------------------------------------------------------- named adapters
+    def active_path_modules(self) -> list[LoRAPathModule]:
+        """The path modules forward computes: those of the active adapters this layer has, in order;
+        none while adapters are disabled. ``_paths_version`` changes whenever this list may change."""
+        if self._disable_adapters:
+            return []
+        return [m for name in self._active_adapter if name in self.adapter_paths for m in self.adapter_paths[name]]
+
+    @property
+    def lora_paths(self) -> list[LoRAPathModule]:
+        """The path modules forward computes (``active_path_modules()``)."""
+        return self.active_path_modules()
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def dropout(self) -> float:
+        """The dropout probability of the active adapters (they agree; 0.0 when none is active)."""
+        return next((self.adapter_dropout[n] for n in self._active_adapter if n in self.adapter_dropout), 0.0)
+
+    def add_adapter(self, name: str, paths: Sequence[LoRAPathModule], dropout: float = 0.0) -> None:
+        """Add the paths of adapter ``name`` (not made active)."""
+        check_adapter_name(name)
+        check_dropout(dropout)
+        if name in self.adapter_paths:
+            raise ValueError(f"this layer already has an adapter named {name!r}")
+        self.adapter_paths[name] = nn.ModuleList(paths)
+        self.adapter_dropout[name] = float(dropout)
+        self._paths_version += 1
+
+    def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
+        """Make ``adapter_names`` the active adapter(s) (names this layer lacks compute nothing here)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        drops = {self.adapter_dropout[n] for n in names if n in self.adapter_dropout}
+        if len(drops) > 1:
+            raise ValueError(f"active adapters {names} have different dropout {sorted(drops)}: one layer applies "
+                             "one dropout to its input")
+        self._active_adapter = names
+        self._paths_version += 1
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Compute the active adapters (True) or the base alone (False)."""
+        self._disable_adapters = not enabled
+        self._paths_version += 1
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name``'s paths (it must not be merged); an active one leaves the active list."""
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into this layer's weight: unmerge it first")
+        if name in self.adapter_paths:
+            del self.adapter_paths[name]
+            del self.adapter_dropout[name]
+        self._active_adapter = [n for n in self._active_adapter if n != name]
+        self._paths_version += 1
 
     def __getattr__(self, name: str):
         if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", {}):
@@ -172,12 +262,11 @@ class SharedLoRALinear(nn.Module):
             raise TypeError(f"a {self.layout.kind} base has no dense weight (base.dequantized_weight builds one)")
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
-    def computed_paths(self) -> list[LoRAPathModule]:
-        """The path modules a call computes (the one place that says which)."""
-        return list(self.lora_paths)
-
-    def paths(self) -> list[LoRAPath]:
-        return [m.as_path() for m in self.computed_paths()]
+    def paths(self, adapter_names: Sequence[str] | None = None) -> list[LoRAPath]:
+        """The paths forward computes, or with ``adapter_names`` those of these adapters."""
+        if adapter_names is None:
+            return [m.as_path() for m in self.active_path_modules()]
+        return [m.as_path() for n in adapter_names if n in self.adapter_paths for m in self.adapter_paths[n]]
 
     def _sources(self) -> list[call_plan.Source]:
         """Where every tensor a call reads lives (the base's weight and bias, each path's spec, store
@@ -185,7 +274,7 @@ class SharedLoRALinear(nn.Module):
         owner = self._weight_owner()._parameters
         sources = [call_plan.source(owner, "weight"), call_plan.source(owner, "bias")] if "bias" in owner else \
             [call_plan.source(owner, "weight")]
-        for m in self.computed_paths():
+        for m in self.active_path_modules():
             sources += [call_plan.source(m.__dict__, "spec"), call_plan.source(m.__dict__, "_store")]
             store = m._store[0]._parameters
             sources += [call_plan.source(store, name.replace(".", "/")) for name in m.spec.tensors.values()]
@@ -254,9 +343,10 @@ class SharedLoRALinear(nn.Module):
         if self.layout.computes_itself:
             return self._forward_computing_base(x)
         weight = self.base_weight()
-        if self.merged or len(self.computed_paths()) == 0:
+        paths = self.active_path_modules()
+        if self.merged or not paths:
             return F.linear(x, weight, self.bias)
-        return ops.lora_linear(x, weight, self.bias, self.paths(), self.dropout, self.training)
+        return ops.lora_linear(x, weight, self.bias, [m.as_path() for m in paths], self.dropout, self.training)
 
     def _run_computing_base(self, plan: call_plan.CallPlan, x: Tensor) -> Tensor:
         """A quantized base's own forward, then the plan adds the paths into its output in place."""
@@ -273,39 +363,57 @@ class SharedLoRALinear(nn.Module):
         if self.layout.kind == "bnb_4bit" and torch.is_grad_enabled() and (self.training or x.requires_grad):
             standard_4bit_layout(self.base_layer)  # after an eval pass on the CPU: a layout with a backward
         y = self.base_layer(x)
-        if self.merged or len(self.computed_paths()) == 0:
+        paths = self.active_path_modules()
+        if self.merged or not paths:
             return y
-        return ops.lowrank_add(y, x, self.paths(), self.dropout, self.training, dtype)
+        return ops.lowrank_add(y, x, [m.as_path() for m in paths], self.dropout, self.training, dtype)
 
     @torch.no_grad()
-    def delta_weight(self) -> Tensor:
-        """sum_p s_p B_p A_p as an (N, K) float32 (or float64) matrix."""
+    def delta_weight(self, adapter_names: Sequence[str] | None = None) -> Tensor:
+        """sum_p s_p B_p A_p as an (N, K) float32 (or float64) matrix, over the paths forward computes
+        (or those of ``adapter_names``)."""
         paths = [p._replace(tensors=tuple(t.to(torch.promote_types(t.dtype, torch.float32)) for t in p.tensors))
-                 for p in self.paths()]
+                 for p in self.paths(adapter_names)]
         return delta_weight(paths, self.in_features, self.out_features)
 
     def _weight_owner(self) -> nn.Module:
         return self.base_layer if self.layout.computes_itself else self
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold every path into the base weight; forward then runs the base matmul only. A quantized
-        base is requantized (``base.add_to_weight_``: the update is rounded to its grid)."""
-        if not self.merged:
-            add_to_weight_(self._weight_owner(), self.layout, self.delta_weight())
-            self.merged = True
-            self._paths_version += 1
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        """Fold the active adapters (or ``adapter_names``) into the base weight; forward then runs the base
+        matmul only. A quantized base is requantized (``base.add_to_weight_``: the update is rounded to its
+        grid). ``safe_merge``: check the merged weight for non-finite values before writing it."""
+        names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)
+                 if n in self.adapter_paths and n not in self.merged_adapters]
+        if not names:
+            return
+        delta = self.delta_weight(names)
+        if safe_merge and not torch.isfinite(delta).all():
+            raise ValueError(f"merging adapter(s) {names} would put non-finite values into the base weight")
+        add_to_weight_(self._weight_owner(), self.layout, delta)
+        self.merged_adapters.extend(names)
+        self._paths_version += 1
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the paths out of the base weight again (within its dtype's rounding; a quantized base
-        is requantized, so its weight does not come back bit for bit)."""
-        if self.merged:
-            add_to_weight_(self._weight_owner(), self.layout, -self.delta_weight())
-            self.merged = False
+        """Take the merged adapters out of the base weight again (within its dtype's rounding; a quantized
+        base is requantized, so its weight does not come back bit for bit)."""
+        if self.merged_adapters:
+            add_to_weight_(self._weight_owner(), self.layout, -self.delta_weight(self.merged_adapters))
+            self.merged_adapters = []
             self._paths_version += 1
+
+    def base_module(self) -> nn.Module:
+        """The module this layer wrapped, holding the current (possibly merged) base weight: what unload puts back."""
+        base = self._base[0]
+        if not self.layout.computes_itself:  # the layer's tensors may have been replaced (assign=True loads, FSDP)
+            base.weight = self.weight
+            base.bias = self.bias
+        return base
 
     def extra_repr(self) -> str:
         kind = f", base={self.layout.kind}" if self.layout.computes_itself else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, dropout={self.dropout}, "
-                f"merged={self.merged}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else "") + kind)
+                f"merged={self.merged}, adapters={list(self.adapter_paths)}, active={self.active_adapters}"
+                + (", fan_in_fan_out=True" if self.fan_in_fan_out else "") + kind)

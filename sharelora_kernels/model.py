@@ -6,23 +6,35 @@ names to the live ``nn.Parameter`` objects (used by checkpoints and export), for
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
+import torch
 import torch.nn as nn
 
 from .base import new_adapter_dtype
 from .config import ShareLoRAConfig
-from .grouping import check_known_architecture, enable_input_groups
-from .layer import AdapterStore, LoRAPathModule, SharedLoRALinear, new_parameter
+from .grouping import check_known_architecture, disable_input_groups, enable_input_groups
+from .layer import (DEFAULT_ADAPTER, AdapterStore, LoRAPathModule, SharedLoRALinear, check_adapter_name,
+                    new_parameter)
 from .plan import ModuleInfo, ModulePlan, SharePlan, TensorSpec, build_plan
 from .targeting import (check_no_peft, find_modules_to_save, find_target_modules, layer_position, module_type,
                         type_labels)
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 HAND_WRAPPED = "hand_wrapped"  # the method of a plan read off hand-wrapped layers
+STORE_ATTR = "sharelora_adapters"  # the store of adapter "default"; adapter "x": sharelora_adapters_x
+# Writes one named adapter's checkpoint into a folder: (model, folder, adapter name). Set by
+# checkpoint.py (a higher layer) so that a Transformers model's save_pretrained writes its adapters.
+ADAPTER_WRITERS: list[Callable[[nn.Module, Path, str], None]] = []
 
 
-def apply(model: nn.Module, config: ShareLoRAConfig, group_inputs: bool = False) -> nn.Module:
+def apply(model: nn.Module, config: ShareLoRAConfig, group_inputs: bool = False,
+          adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Add ShareLoRA adapters to ``model`` in place and return it.
 
     Freezes every base parameter, creates each planned tensor once (on the device of its first user,
@@ -32,47 +44,77 @@ def apply(model: nn.Module, config: ShareLoRAConfig, group_inputs: bool = False)
     layer keeps the train/eval mode of the one it replaces.
     group_inputs: also let the modules that read one input (q/k/v, gate/up) run as one grouped op
     (``grouping.enable_input_groups``; LLaMA / Mistral / Qwen2 only).
+    adapter_name: the adapter's name. A model holds several named adapters, each with its own
+    tensors; the first one is active (computed and trained), a later one is added frozen and
+    inactive until ``set_adapter(model, name)`` (PEFT's rule). Only the first may have modules to save.
     Every check runs before the model is touched: a call that raises leaves it as it was.
     """
     if group_inputs:
         check_known_architecture(model)
-    return apply_plan(model, config, plan_model(model, config), group_inputs)
+    return apply_plan(model, config, plan_model(model, config, adapter_name), group_inputs, adapter_name)
 
 
-def plan_model(model: nn.Module, config: ShareLoRAConfig) -> SharePlan:
-    """The share plan ``apply(model, config)`` would build, without changing the model; raises
-    what apply would raise (adapters already there, PEFT adapters, a config or model misfit)."""
-    if getattr(model, "sharelora_plan", None) is not None:
-        raise ValueError("this model already has ShareLoRA adapters; apply() runs once per model")
+def plan_model(model: nn.Module, config: ShareLoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> SharePlan:
+    """The share plan ``apply(model, config, adapter_name=...)`` would build, without changing the
+    model; raises what apply would raise (an adapter of that name already there, PEFT adapters, a
+    config or model misfit)."""
+    check_adapter_name(adapter_name)
+    names = adapter_names(model)
+    if adapter_name in names:
+        raise ValueError(f"this model already has ShareLoRA adapters, one named {adapter_name!r} (adapters: {names}); "
+                         "pass another adapter_name to add one")
     check_no_peft(model)
     config.validate()  # it may have been edited since it was made
-    infos, num_layers = find_target_modules(model, config)
+    infos, num_layers = find_target_modules(model, config, wrapped_ok=is_applied(model))
     saved = find_modules_to_save(model, config)
+    if saved and names:
+        raise ValueError(f"modules_to_save {saved} train in full in place, and this model's adapter {names[0]!r} "
+                         f"owns that: pass modules_to_save=[] for adapter {adapter_name!r} (PEFT's method keeps a "
+                         "copy per adapter)")
     _check_not_tied(model, saved)
     return build_plan(config, infos, num_layers, saved)
 
 
-def apply_plan(model: nn.Module, config: ShareLoRAConfig, plan: SharePlan, group_inputs: bool = False) -> nn.Module:
-    """``apply`` with the plan ``plan_model(model, config)`` already made (``load`` compares it with
-    a checkpoint's first); it changes the model and raises nothing more."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+def apply_plan(model: nn.Module, config: ShareLoRAConfig, plan: SharePlan, group_inputs: bool = False,
+               adapter_name: str = DEFAULT_ADAPTER, layer_cls: type[SharedLoRALinear] = SharedLoRALinear) -> nn.Module:
+    """``apply`` with the plan ``plan_model(model, config, adapter_name)`` already made (``load``
+    compares it with a checkpoint's first); it changes the model and raises nothing more.
+    ``layer_cls``: the class of new wrapped layers (a subclass, e.g. the PEFT method's)."""
+    first = not adapter_names(model)
+    if first:
+        for p in model.parameters():
+            p.requires_grad_(False)
     first_user = _first_users(plan)
     params: dict[str, nn.Parameter] = {}
     for name, spec in plan.tensors.items():
-        base = model.get_submodule(first_user[name])
+        base = _base_of(model.get_submodule(first_user[name]))
         params[name] = new_parameter(spec, device=base.weight.device, dtype=new_adapter_dtype(base))
-    store = AdapterStore(params, plan.tensors).train(model.training)
+    store = AdapterStore(params, plan.tensors).train(model.training).requires_grad_(first)
+    active = [adapter_name] if first else model.sharelora_active
     for name, mplan in plan.modules.items():
         paths = [LoRAPathModule(p, store) for p in mplan.paths]
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, leaf, SharedLoRALinear(getattr(parent, leaf), paths, dropout=config.dropout))
-    store_host(model, plan).sharelora_adapters = store
+        target = getattr(parent, leaf)
+        if isinstance(target, SharedLoRALinear):
+            target.add_adapter(adapter_name, paths, config.dropout)
+        else:
+            layer = layer_cls(target, paths, dropout=config.dropout, adapter_name=adapter_name)
+            layer.set_adapter(active)
+            setattr(parent, leaf, layer)
+    if first:  # layers left wrapped by deleted adapters compute the new one too
+        for layer in shared_layers(model):
+            layer.set_adapter(active)
+    setattr(store_host(model, plan), store_attr(adapter_name), store)
     for name in plan.modules_to_save:
         model.get_submodule(name).requires_grad_(True)
-    model.sharelora_config = config
-    model.sharelora_plan = plan
+    if first:
+        model.sharelora_plans, model.sharelora_configs, model.sharelora_active = {}, {}, active
+    model.sharelora_plans[adapter_name] = plan
+    model.sharelora_configs[adapter_name] = config
+    _point_at_active(model)
+    if first and callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = SavePretrainedWithAdapters(model)
     if activation_checkpointing_on(model):
         # reentrant checkpointing passes gradient into a block only if its input requires grad;
         # with a frozen embedding it would not (PEFT does the same; Transformers 5 does it when
@@ -120,19 +162,75 @@ def _first_users(plan: SharePlan) -> dict[str, str]:
     return first
 
 
-def get_plan(model: nn.Module) -> SharePlan:
-    """The model's share plan: the one ``apply`` made, or one read off its hand-wrapped layers."""
-    plan = getattr(model, "sharelora_plan", None)
-    return plan if plan is not None else _hand_wrapped(model)[0]
+def store_attr(adapter_name: str) -> str:
+    """The attribute the store of adapter ``adapter_name`` is registered under (its state-dict prefix)."""
+    return STORE_ATTR if adapter_name == DEFAULT_ADAPTER else f"{STORE_ATTR}_{adapter_name}"
 
 
-def adapter_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Plan tensor name -> the live parameter (each shared tensor once), in plan order."""
-    plan = getattr(model, "sharelora_plan", None)
-    if plan is None:
+def is_applied(model: nn.Module) -> bool:
+    """Whether ``apply`` set ``model`` up for named adapters (its wrapped layers take new ones, even
+    after every adapter was deleted), as opposed to a bare or hand-wrapped model."""
+    return getattr(model, "sharelora_plans", None) is not None
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the adapters ``apply`` / ``load`` added to ``model``, in the order they were added."""
+    return list(getattr(model, "sharelora_plans", None) or {})
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The names of the model's active adapters (those its layers compute and train)."""
+    return list(getattr(model, "sharelora_active", None) or [])
+
+
+def check_known(model: nn.Module, names: Sequence[str]) -> None:
+    """ValueError naming the first of ``names`` that is not an adapter of ``model``, and the known ones."""
+    known = adapter_names(model)
+    for n in names:
+        if n not in known:
+            raise ValueError(f"this model has no adapter named {n!r}; its adapters are {known}")
+
+
+def resolve_adapter(model: nn.Module, adapter_name: str | None) -> str:
+    """``adapter_name``, checked; None: the one active adapter (ValueError when several or none are)."""
+    if adapter_name is not None:
+        check_known(model, [adapter_name])
+        return adapter_name
+    active = active_adapters(model)
+    if len(active) != 1:
+        raise ValueError(f"this model has {len(active)} active adapters ({active}; all: {adapter_names(model)}): "
+                         "pass adapter_name")
+    return active[0]
+
+
+def get_plan(model: nn.Module, adapter_name: str | None = None) -> SharePlan:
+    """The share plan of adapter ``adapter_name`` (None: the active one) as ``apply`` made it, or one
+    read off the model's hand-wrapped layers."""
+    if not adapter_names(model):
+        return _hand_wrapped(model)[0]
+    return model.sharelora_plans[resolve_adapter(model, adapter_name)]
+
+
+def adapter_tensors(model: nn.Module, adapter_name: str | None = None) -> dict[str, nn.Parameter]:
+    """Plan tensor name -> the live parameter (each shared tensor once), in plan order, of adapter
+    ``adapter_name`` (None: the active one)."""
+    if not adapter_names(model):
         return _hand_wrapped(model)[1]
-    store = store_host(model, plan).sharelora_adapters
+    name = resolve_adapter(model, adapter_name)
+    plan = model.sharelora_plans[name]
+    store = getattr(store_host(model, plan), store_attr(name))
     return {t: store[t] for t in plan.tensors}
+
+
+def _point_at_active(model: nn.Module) -> None:
+    """``sharelora_plan`` / ``sharelora_config``: those of the (first) active adapter, or None."""
+    active = active_adapters(model)
+    model.sharelora_plan = model.sharelora_plans[active[0]] if active else None
+    model.sharelora_config = model.sharelora_configs[active[0]] if active else None
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.base_module() if isinstance(module, SharedLoRALinear) else module
 
 
 def _hand_wrapped(model: nn.Module) -> tuple[SharePlan, dict[str, nn.Parameter]]:
@@ -203,3 +301,143 @@ def unmerge(model: nn.Module) -> nn.Module:
     for m in shared_layers(model):
         m.unmerge()
     return model
+
+
+# ------------------------------------------------------------------------------ adapter controls
+def set_adapter(model: nn.Module, adapter_names: str | Sequence[str]) -> nn.Module:
+    """Make ``adapter_names`` (one name or several) the model's active adapters: its layers compute
+    them and only their tensors train. Merged layers are unmerged first (with a warning, as PEFT)."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    check_known(model, names)
+    drops = {model.sharelora_configs[n].dropout for n in names}
+    if len(drops) > 1:
+        raise ValueError(f"adapters {names} have different dropout {sorted(drops)}: a layer applies one dropout "
+                         "to its input, so they cannot be active together")
+    for layer in shared_layers(model):
+        if layer.merged:
+            warnings.warn("set_adapter on a merged model: unmerging it first", stacklevel=2)
+            layer.unmerge()
+        layer.set_adapter(names)
+    for name in model.sharelora_plans:
+        adapter_store(model, name).requires_grad_(name in names)
+    model.sharelora_active = names
+    _point_at_active(model)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """``with disable_adapters(model):`` the model computes its base alone (as before ``apply``)."""
+    layers = shared_layers(model)
+    was = [layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer, disabled in zip(layers, was):
+            layer.enable_adapters(not disabled)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Remove adapter ``adapter_name`` and its tensors. Refused while it is merged. Deleting an active
+    adapter activates the first remaining one (a warning says which), as PEFT does; after the last
+    one the layers compute their base (``unload`` gives the plain modules back)."""
+    check_known(model, [adapter_name])
+    layers = shared_layers(model)
+    if any(adapter_name in layer.merged_adapters for layer in layers):
+        raise ValueError(f"adapter {adapter_name!r} is merged into the base weights: call unmerge(model) before "
+                         "deleting it")
+    plan = model.sharelora_plans.pop(adapter_name)
+    del model.sharelora_configs[adapter_name]
+    delattr(store_host(model, plan), store_attr(adapter_name))
+    for layer in layers:
+        layer.delete_adapter(adapter_name)
+    active = [n for n in active_adapters(model) if n != adapter_name]
+    if not active and model.sharelora_plans:
+        active = [next(iter(model.sharelora_plans))]
+        warnings.warn(f"adapter {adapter_name!r} was active and is deleted: adapter {active[0]!r} is active now",
+                      stacklevel=2)
+    if active:
+        set_adapter(model, active)
+    else:
+        for layer in layers:
+            layer.set_adapter([])
+        model.sharelora_active = []
+        _point_at_active(model)
+    return model
+
+
+def unload(model: nn.Module, merge: bool = False, adapter_names: Sequence[str] | None = None,
+           safe_merge: bool = False) -> nn.Module:
+    """Put every wrapped module back (the model as before ``apply``, its modules to save as trained)
+    and drop all adapters; with ``merge``, first fold the active adapters (or ``adapter_names``) into
+    the base weights (``safe_merge``: refuse non-finite updates). Returns the model."""
+    if adapter_names is not None:
+        check_known(model, adapter_names)
+    disable_input_groups(model)
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, SharedLoRALinear)]:
+        if merge:
+            layer.merge(safe_merge, adapter_names)
+        parent_name, _, leaf = name.rpartition(".")
+        base = layer.base_module()
+        if not name:
+            return base
+        setattr(model.get_submodule(parent_name), leaf, base)
+    for host in [model, *model.modules()]:
+        for attr in [a for a in host._modules if a == STORE_ATTR or a.startswith(STORE_ATTR + "_")]:
+            delattr(host, attr)
+    for attr in ("sharelora_plans", "sharelora_configs", "sharelora_active", "sharelora_plan", "sharelora_config",
+                 "save_pretrained"):
+        model.__dict__.pop(attr, None)
+    return model
+
+
+def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    """``unload(model, merge=True)``: the plain model with the active adapters (or ``adapter_names``)
+    folded into its weights."""
+    return unload(model, merge=True, adapter_names=adapter_names)
+
+
+def adapter_store(model: nn.Module, adapter_name: str) -> AdapterStore:
+    """The store holding adapter ``adapter_name``'s tensors."""
+    return getattr(store_host(model, model.sharelora_plans[adapter_name]), store_attr(adapter_name))
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with a quantized base's ``q_proj.base_layer.weight`` (and its quantization
+    state) named as the unwrapped model names it, ``q_proj.weight``; adapter tensors stay (Trainer's
+    resume reads them back; ``from_pretrained`` of the base skips them)."""
+    wrapped = {f"{n}.base_layer." for n, m in model.named_modules() if isinstance(m, SharedLoRALinear)
+               and m.layout.computes_itself}
+    out = {}
+    for key, t in model.state_dict().items():
+        prefix = next((w for w in wrapped if key.startswith(w)), None)
+        out[key if prefix is None else prefix[:-len("base_layer.")] + key[len(prefix):]] = t
+    return out
+
+
+class SavePretrainedWithAdapters:
+    """A Transformers model's ``save_pretrained`` after ``apply`` (set on the instance): the model, a
+    quantized base named as unwrapped (``from_pretrained`` reads the base back), then each adapter as
+    ``save`` writes it, in the folder (adapter "default") or its subfolder ``<name>`` (PEFT's
+    layout), for ``load``. ``unload`` removes it. A plain object: copies and pickles keep it."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory: str | os.PathLike, *args, **kwargs):
+        model = self.model
+        if kwargs.get("state_dict") is None:
+            kwargs["state_dict"] = base_state_dict(model)
+        out = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            if not ADAPTER_WRITERS:  # sharelora_kernels.checkpoint not imported: say what to call
+                warnings.warn(f"save_pretrained wrote the model, not its adapters {adapter_names(model)} in the form "
+                              f"sharelora_kernels.load reads: call sharelora_kernels.save(model, {str(save_directory)!r})",
+                              stacklevel=2)
+            for name in adapter_names(model):
+                folder = Path(save_directory) if name == DEFAULT_ADAPTER else Path(save_directory) / name
+                for write in ADAPTER_WRITERS:
+                    write(model, folder, name)
+        return out

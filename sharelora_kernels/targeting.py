@@ -163,19 +163,23 @@ def find_modules_to_save(model: nn.Module, config: ShareLoRAConfig) -> list[str]
     return chosen
 
 
-def find_target_modules(model: nn.Module, config: ShareLoRAConfig) -> tuple[list[ModuleInfo], int]:
+def find_target_modules(model: nn.Module, config: ShareLoRAConfig,
+                        wrapped_ok: bool = False) -> tuple[list[ModuleInfo], int]:
     """The target modules ``config`` picks, in model order, and the model's layer count.
 
     The layer count is the model config's ``num_hidden_layers`` when present, else the largest layer
-    index + 1. A picked module that is already wrapped, has a base ``describe_base`` refuses
-    (quantized, custom forward), or a weight tied to another module's is refused by name.
+    index + 1. A picked module that is already wrapped (unless ``wrapped_ok``: another named adapter
+    joins it), has a base ``describe_base`` refuses (quantized, custom forward), or a weight tied to
+    another module's is refused by name. Modules inside a wrapped one are never picked.
     """
-    modules = dict(model.named_modules())
+    wrapped = [n for n, m in model.named_modules() if is_wrapped(m)]
+    modules = {n: m for n, m in model.named_modules() if not any(n.startswith(f"{w}.") for w in wrapped)}
     saved = find_modules_to_save(model, config)
     spec = config.target_modules if config.target_modules is not None else default_target_modules(model)
     if spec == ALL_LINEAR:
         heads = _output_heads(model)
-        picked = [n for n, m in modules.items() if is_linear_like(m) and n not in heads]
+        picked = [n for n, m in modules.items() if (is_linear_like(m) or is_wrapped(m))
+                  and n not in heads]
     else:
         picked = [n for n in modules if n and matches(n, spec)]
         if config.target_modules is not None and not isinstance(spec, str):
@@ -193,10 +197,10 @@ def find_target_modules(model: nn.Module, config: ShareLoRAConfig) -> tuple[list
     infos = []
     for name in picked:
         module = modules[name]
-        if is_wrapped(module):
+        if is_wrapped(module) and not wrapped_ok:
             raise ValueError(f"module {name!r} already has ShareLoRA adapters; apply() runs once per model")
-        base = describe_base(module, name)
-        tied = [o for o in owners[id(module.weight)] if o != f"{name}.weight"]
+        base = module.layout if is_wrapped(module) else describe_base(module, name)
+        tied = [o for o in owners[id(module.weight)] if o not in (f"{name}.weight", f"{name}.base_layer.weight")]
         if tied:
             raise ValueError(f"target module {name!r} has its weight tied to {tied[0]!r}; merging an adapter into it "
                              "would change that module too (remove it from target_modules)")

@@ -1,0 +1,135 @@
+"""Named adapters through sharelora_kernels.apply: a second adapter, set / disable / delete / unload,
+save and load by name, and a Transformers save_pretrained that keeps the adapters."""
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers import AutoModelForCausalLM
+
+import sharelora_kernels as sk
+from sharelora_kernels.model import adapter_names, adapter_tensors
+from tiny_models import TARGETS, randomize_adapters, tiny_model, token_batch
+
+SECOND = sk.ShareLoRAConfig(method="bishare", target_modules=["q_proj", "o_proj"], local_r=1, intra_r=2, inter_r=2)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def two_adapters():
+    """(base, a LLaMA with adapter "default" (share_a) and "other" (bishare, other targets), both random
+    and "default" active, its logits with "default", its logits with "other")."""
+    base = tiny_model(layers=2)
+    ids = token_batch()
+    model = sk.apply(copy.deepcopy(base), sk.ShareLoRAConfig(method="share_a", r=3, target_modules=TARGETS))
+    randomize_adapters(model)
+    first = logits(model, ids)
+    sk.apply(model, SECOND, adapter_name="other")
+    sk.set_adapter(model, "other")
+    randomize_adapters(model, seed=3)  # only the active adapter trains
+    other = logits(model, ids)
+    sk.set_adapter(model, "default")
+    return base, model, first, other
+
+
+def test_a_second_adapter_has_its_own_tensors_and_only_the_active_one_computes_and_trains():
+    base, model, first, other = two_adapters()
+    ids = token_batch()
+    assert torch.equal(logits(model, ids), first)
+    assert adapter_names(model) == ["default", "other"]
+    assert not set(map(id, adapter_tensors(model, "default").values())) & set(map(id, adapter_tensors(model, "other").values()))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"sharelora_adapters.{t.replace('.', '/')}" for t in model.sharelora_plans["default"].tensors}
+    sk.set_adapter(model, "other")
+    assert torch.equal(logits(model, ids), other)
+    assert all(n.startswith("sharelora_adapters_other.") for n, p in model.named_parameters() if p.requires_grad)
+    assert (other - first).abs().max() > 1e-2
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.active_adapters == ["other"] and list(layer.adapter_paths) == ["default", "other"]
+    assert len(layer.active_path_modules()) == 3  # local, intra, inter
+    with sk.disable_adapters(model):
+        assert torch.equal(logits(model, ids), logits(base, ids))
+        assert layer.active_path_modules() == []
+    assert torch.equal(logits(model, ids), other)
+    sk.set_adapter(model, "default")
+    assert torch.equal(logits(model, ids), first)
+
+
+def test_paths_version_changes_with_what_a_layer_computes():
+    _, model, _, _ = two_adapters()
+    layer = model.model.layers[0].self_attn.q_proj
+    seen = [layer._paths_version]
+    for step in (lambda: sk.set_adapter(model, "other"), lambda: layer.enable_adapters(False),
+                 lambda: layer.enable_adapters(True), lambda: sk.merge(model), lambda: sk.unmerge(model),
+                 lambda: sk.delete_adapter(model, "other")):
+        step()
+        assert layer._paths_version > seen[-1]
+        seen.append(layer._paths_version)
+
+
+def test_save_and_load_by_name_and_merge_and_unload(tmp_path):
+    base, model, first, other = two_adapters()
+    ids = token_batch()
+    fresh = tiny_model(layers=2)
+    sk.save(model, tmp_path / "a")
+    sk.save(model, tmp_path / "b", adapter_name="other")
+    sk.load(fresh, tmp_path / "a")
+    sk.load(fresh, tmp_path / "b", adapter_name="other")
+    assert adapter_names(fresh) == ["default", "other"] and torch.equal(logits(fresh, ids), first)
+    sk.set_adapter(fresh, "other")
+    assert torch.equal(logits(fresh, ids), other)
+    plain = sk.merge_and_unload(fresh)
+    assert not any(isinstance(m, sk.SharedLoRALinear) for m in plain.modules())
+    assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert not any("sharelora" in n for n in plain.state_dict())
+    assert torch.allclose(logits(plain, ids), other, atol=1e-5)
+    assert torch.equal(logits(sk.unload(model), ids), logits(base, ids))
+
+
+def test_save_pretrained_of_an_applied_model_restores_every_adapter(tmp_path, monkeypatch):
+    _, model, first, other = two_adapters()
+    ids = token_batch()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter.safetensors").is_file() and (tmp_path / "other" / "adapter.safetensors").is_file()
+    restored = AutoModelForCausalLM.from_pretrained(tmp_path)  # the base: the adapter tensors are skipped
+    assert not any("sharelora" in k for k in restored.state_dict())
+    sk.load(restored, tmp_path)
+    sk.load(restored, tmp_path / "other", adapter_name="other")
+    assert torch.equal(logits(restored, ids), first)
+    sk.set_adapter(restored, "other")
+    assert torch.equal(logits(restored, ids), other)
+    clone = pickle.loads(pickle.dumps(restored))
+    assert clone.save_pretrained.model is clone and torch.equal(logits(clone, ids), other)
+    monkeypatch.setattr(sk.model, "ADAPTER_WRITERS", [])  # no writer (checkpoint not imported): one line says what to call
+    with pytest.warns(UserWarning, match=r"not its adapters \['default', 'other'\].*call sharelora_kernels.save\(model"):
+        clone.save_pretrained(tmp_path / "again")
+
+
+def test_bad_names_and_refusals_leave_the_model_as_it_was():
+    _, model, _, _ = two_adapters()
+    with pytest.raises(ValueError, match=r"no adapter named 'nope'; its adapters are \['default', 'other'\]"):
+        sk.set_adapter(model, "nope")
+    with pytest.raises(ValueError, match=r"no adapter named 'nope'; its adapters are"):
+        sk.delete_adapter(model, "nope")
+    with pytest.raises(ValueError, match="already has ShareLoRA adapters, one named 'other'"):
+        sk.apply(model, SECOND, adapter_name="other")
+    with pytest.raises(ValueError, match="adapter name must be a non-empty string without '.'"):
+        sk.apply(model, SECOND, adapter_name="a.b")
+    with pytest.raises(ValueError, match="modules_to_save"):
+        sk.apply(model, sk.ShareLoRAConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), adapter_name="x")
+    assert adapter_names(model) == ["default", "other"] and not hasattr(model, "sharelora_adapters_x")
+    sk.merge(model)
+    with pytest.raises(ValueError, match="merged"):
+        sk.delete_adapter(model, "default")
+    sk.unmerge(model)
+    with pytest.warns(UserWarning, match="'other' is active now"):
+        sk.delete_adapter(model, "default")
+    assert model.sharelora_active == ["other"] and not hasattr(model, "sharelora_adapters")
+    sk.delete_adapter(model, "other")  # the last one, as PEFT allows: the layers compute their base
+    assert adapter_names(model) == [] and model.model.layers[0].self_attn.q_proj.active_path_modules() == []
+    sk.apply(model, SECOND, adapter_name="again")  # a new first adapter on the layers still wrapped
+    assert model.sharelora_active == ["again"] and len(model.model.layers[0].self_attn.q_proj.active_path_modules()) == 3

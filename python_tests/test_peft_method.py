@@ -1,0 +1,243 @@
+"""Shared adapters as a PEFT method: get_peft_model, training, save_pretrained / from_pretrained,
+PEFT's adapter controls, registration, and bad input, with PEFT itself (CPU, tiny models)."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+import sharelora_kernels as sk  # noqa: E402
+from sharelora_kernels.model import adapter_names  # noqa: E402
+from tiny_models import METHOD_CONFIGS, TARGETS, tiny_family, tiny_model, token_batch  # noqa: E402
+
+
+def logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits
+
+
+def train_steps(model, ids, steps=3, lr=0.3, **kw):
+    """SGD steps on the model's trainable tensors (train mode), then eval mode."""
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        out = model(ids, **kw)
+        (out.loss if out.loss is not None else out.logits.pow(2).mean()).backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def saved_keys(folder):
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
+def plan_of(peft_model, name="default"):
+    return peft_model.base_model.model.sharelora_plans[name]
+
+
+@pytest.mark.parametrize("name", list(METHOD_CONFIGS))
+def test_every_method_trains_saves_and_loads_with_equal_logits(name, tmp_path):
+    base = tiny_model(layers=4)
+    ids = token_batch()
+    config = sk.ShareLoRAPeftConfig(target_modules=TARGETS, task_type="CAUSAL_LM", **METHOD_CONFIGS[name])
+    model = train_steps(get_peft_model(copy.deepcopy(base), config), ids, labels=ids)
+    trained = logits(model, ids)
+    assert (trained - logits(base, ids)).abs().max() > 1e-4
+    model.save_pretrained(tmp_path)
+    keys = saved_keys(tmp_path)
+    assert sorted(keys) == sorted(f"base_model.model.sharelora_adapters.{t.replace('.', '/')}"
+                                  for t in plan_of(model).tensors)  # each shared tensor once
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "SHARELORA"
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert torch.equal(logits(loaded, ids), trained)
+    assert not any(p.requires_grad for p in loaded.parameters())  # inference mode, as PEFT
+
+
+def nf4_llama(folder):
+    """The tiny LLaMA (4 layers) loaded in bitsandbytes nf4, float32 compute, train mode (bitsandbytes'
+    CPU eval kernel repacks the weight and computes slightly differently, see test_quantized.py)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_model(layers=4).save_pretrained(folder)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, device_map="cpu").train()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert_seq_cls", "nf4_llama"])
+def test_every_method_round_trips_on_conv1d_a_classifier_and_a_4bit_base(family, tmp_path):
+    """GPT-2 (Conv1D), a BERT classifier (its head a module to save) and a 4-bit LLaMA: each method
+    trains 3 steps, saves each shared tensor once and loads with equal logits."""
+    if family == "nf4_llama":
+        pytest.importorskip("bitsandbytes")
+        base, task = nf4_llama(tmp_path / "base"), "CAUSAL_LM"
+    elif family == "gpt2":
+        base, task = tiny_family("gpt2", layers=4), "CAUSAL_LM"
+    else:
+        base, task = tiny_family("bert", head="seq_cls", layers=4, num_labels=3), "SEQ_CLS"
+    ids = token_batch()
+    labels = ids if task == "CAUSAL_LM" else torch.tensor([0, 2])
+    mode = (lambda m: m.train()) if family == "nf4_llama" else (lambda m: m.eval())
+    before = logits(mode(base), ids)
+    for name, fields in METHOD_CONFIGS.items():
+        model = get_peft_model(copy.deepcopy(base), sk.ShareLoRAPeftConfig(task_type=task, **fields))
+        trained = logits(mode(train_steps(model, ids, labels=labels)), ids)
+        assert (trained - before).abs().max() > 1e-5, name  # it trained
+        model.save_pretrained(tmp_path / name)
+        heads = 2 if task == "SEQ_CLS" else 0  # the classifier's weight and bias
+        assert len(saved_keys(tmp_path / name)) == len(plan_of(model).tensors) + heads, name
+        loaded = mode(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / name))
+        assert torch.equal(logits(loaded, ids), trained), name
+
+
+def test_trainable_count_disable_merge_unload_and_resume(tmp_path):
+    base = tiny_model(layers=2)
+    ids = token_batch()
+    config = sk.ShareLoRAPeftConfig(method="share_ab", r=4, target_modules=TARGETS, task_type="CAUSAL_LM")
+    model = get_peft_model(copy.deepcopy(base), config)
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == plan_of(model).parameter_count() == sk.trainable_parameters(model)
+    assert total == sum(p.numel() for p in base.parameters()) + trainable
+    train_steps(model, ids, labels=ids)
+    trained = logits(model, ids)
+    with model.disable_adapter():
+        assert torch.equal(logits(model, ids), logits(base, ids))
+    assert torch.equal(logits(model, ids), trained)
+    model.save_pretrained(tmp_path)
+    resumed = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    assert resumed.get_nb_trainable_parameters() == (trainable, total)
+    torch.manual_seed(0)
+    train_steps(model, ids, steps=2, labels=ids)
+    torch.manual_seed(0)
+    train_steps(resumed, ids, steps=2, labels=ids)
+    assert torch.equal(logits(resumed, ids), logits(model, ids))  # bit-exact continuation
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert type(merged) is type(base) and type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert torch.allclose(logits(merged, ids), logits(model, ids), atol=1e-5)
+    plain = model.unload()
+    assert not any("sharelora" in k for k in plain.state_dict())
+    assert torch.equal(logits(plain, ids), logits(base, ids))
+
+
+def test_named_adapters_each_with_its_own_tensors(tmp_path):
+    base = tiny_model(layers=2)
+    ids = token_batch()
+    model = get_peft_model(copy.deepcopy(base), sk.ShareLoRAPeftConfig(method="share_a", r=3, target_modules=TARGETS))
+    model.add_adapter("other", sk.ShareLoRAPeftConfig(method="bishare", target_modules=["q_proj", "o_proj"],
+                                                     local_r=1, intra_r=2, inter_r=2))
+    assert model.active_adapter == "default" and adapter_names(model.base_model.model) == ["default", "other"]
+    assert all(".sharelora_adapters." in n for n, p in model.named_parameters() if p.requires_grad)
+    train_steps(model, ids, labels=ids)
+    first = logits(model, ids)
+    model.set_adapter("other")
+    assert model.active_adapters == ["other"]
+    assert all(".sharelora_adapters_other." in n for n, p in model.named_parameters() if p.requires_grad)
+    assert torch.equal(logits(model, ids), logits(base, ids))  # fresh: B = 0
+    train_steps(model, ids, labels=ids)
+    other = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    assert len(saved_keys(tmp_path / "other")) == len(plan_of(model, "other").tensors)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    loaded.load_adapter(tmp_path / "other", adapter_name="other")
+    assert torch.equal(logits(loaded, ids), first)
+    loaded.set_adapter("other")
+    assert torch.equal(logits(loaded, ids), other)
+    with pytest.warns(UserWarning, match="'default' is active now"):
+        loaded.delete_adapter("other")
+    assert loaded.active_adapters == ["default"] and torch.equal(logits(loaded, ids), first)
+    assert not hasattr(loaded.base_model.model, "sharelora_adapters_other")
+
+
+def test_a_classifier_head_is_a_module_to_save_per_adapter(tmp_path):
+    ids = token_batch()
+    bert = tiny_family("bert", head="seq_cls", num_labels=3)
+    config = sk.ShareLoRAPeftConfig(method="similarity", r=2, share_sets=[[0, 1]], task_type="SEQ_CLS")
+    model = get_peft_model(copy.deepcopy(bert), config)
+    assert model.modules_to_save == {"classifier", "score"}  # PEFT's task class adds its heads
+    model = train_steps(model, ids, labels=torch.tensor([0, 2]))
+    model.save_pretrained(tmp_path)
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= set(saved_keys(tmp_path))
+    assert torch.equal(logits(PeftModel.from_pretrained(copy.deepcopy(bert), tmp_path), ids), logits(model, ids))
+    with model.disable_adapter():  # the original head too
+        assert torch.equal(logits(model, ids), logits(bert, ids))
+
+
+def test_peft_knows_the_method_from_its_folder_alone(tmp_path):
+    base = tiny_model(layers=2)
+    base.save_pretrained(tmp_path / "base")
+    from transformers import AutoModelForCausalLM
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                           sk.ShareLoRAPeftConfig(method="share_a", r=2, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    ids = token_batch()
+    train_steps(model, ids, labels=ids)
+    model.save_pretrained(tmp_path / "adapter")
+    config = PeftConfig.from_pretrained(tmp_path / "adapter")
+    assert type(config) is sk.ShareLoRAPeftConfig and config.to_config().method == "share_a"
+    assert config.base_model_name_or_path == str(tmp_path / "base")
+    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    assert torch.equal(logits(auto, ids), logits(model, ids))
+
+
+def test_config_round_trip_and_out_of_range_fields():
+    sk_config = sk.ShareLoRAConfig(method="bishare", shape_transform="kron", kron_dim=8, target_modules=["q_proj"])
+    config = sk.ShareLoRAPeftConfig.from_config(sk_config, task_type="CAUSAL_LM")
+    assert config.peft_type == "SHARELORA" and config.task_type == "CAUSAL_LM" and config.to_config() == sk_config
+    for field, value, message in (("r", 0, "r must be >= 1"), ("dropout", 1.5, r"dropout must be in \[0, 1\)"),
+                                  ("method", "dora", "method must be one of"),
+                                  ("share_sets", [[0, 1]], "share_sets only applies to method='similarity'")):
+        with pytest.raises(ValueError, match=message):
+            sk.ShareLoRAPeftConfig(**{field: value})
+
+
+def test_bad_input_names_the_problem_and_leaves_the_model_as_it_was(tmp_path):
+    base = tiny_model(layers=2)
+    model = get_peft_model(copy.deepcopy(base), sk.ShareLoRAPeftConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="target_modules entry 'nope' matches no module"):
+        model.add_adapter("x", sk.ShareLoRAPeftConfig(target_modules=["nope"]))
+    assert list(model.peft_config) == ["default"] and adapter_names(model.base_model.model) == ["default"]
+    with pytest.raises(ValueError, match="adapter 'nope' does not exist; this model's adapters are \\['default'\\]"):
+        model.base_model.delete_adapter("nope")
+    with pytest.raises(ValueError, match="nope"):
+        model.set_adapter("nope")
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        model.delete_adapter("default")
+    model.unmerge_adapter()
+    model.save_pretrained(tmp_path)
+    wider = tiny_family("llama", layers=2, hidden_size=48, intermediate_size=48)  # other shapes, same names
+    before = {k: v.clone() for k, v in wider.state_dict().items()}
+    with pytest.raises(ValueError, match=r"tensor 'base_model\.model\.sharelora_adapters\.model/layers/0/self_attn/"
+                                         r"q_proj/A' has shape \(2, 32\) in the checkpoint, \(2, 48\) in the model"):
+        PeftModel.from_pretrained(wider, tmp_path)
+    assert not any(isinstance(m, sk.SharedLoRALinear) for m in wider.modules())
+    after = wider.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(p.requires_grad for p in wider.parameters()) and not hasattr(wider, "peft_config")
+
+
+def test_import_is_lazy_and_registers_when_peft_is_imported():
+    """One fresh process: PEFT is not imported by sharelora_kernels, knows the method once imported,
+    and a PEFT without its method tables gives an ImportError naming its version."""
+    code = """import sys, sharelora_kernels
+assert 'peft' not in sys.modules
+import peft.mapping as m
+assert m.PEFT_TYPE_TO_CONFIG_MAPPING['SHARELORA'].__name__ == 'ShareLoRAPeftConfig'
+del m.PEFT_TYPE_TO_PREFIX_MAPPING, sys.modules['sharelora_kernels.integrations.peft_method']
+try:
+    import sharelora_kernels.integrations.peft_method
+except ImportError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"peft {peft.__version__} does not have" in out.stdout and "sharelora_kernels.apply" in out.stdout

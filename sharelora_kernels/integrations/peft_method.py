@@ -1,0 +1,300 @@
+"""Shared adapters as a PEFT method: ``peft.get_peft_model(model, ShareLoRAPeftConfig(...))``.
+
+The tuner (``ShareLoRAModel``) runs the core: the same targeting, plan, ``AdapterStore`` (one per
+adapter name, owned once by the model as ``sharelora_adapters[_<name>]``), layers, kernels and bases
+(dense, Conv1D, bitsandbytes 4-bit / 8-bit) as ``sharelora_kernels.apply``. PEFT's own machinery
+does the rest: ``PeftModel``, ``save_pretrained`` / ``from_pretrained``, ``modules_to_save`` (its
+``ModulesToSaveWrapper``: one copy per adapter), task types and the Auto classes.
+
+PEFT internals this relies on (peft 0.21): the method tables ``PEFT_TYPE_TO_CONFIG_MAPPING``,
+``PEFT_TYPE_TO_TUNER_MAPPING`` and ``PEFT_TYPE_TO_PREFIX_MAPPING`` in ``peft.mapping`` (its public
+``register_peft_method`` accepts only members of its closed ``PeftType`` enum), and the tuner's
+state-dict hooks ``_get_adapter_state_dict``, ``_remove_adapter_name_from_key`` and
+``_remap_adapter_state_dict_for_load``. When they are missing this module raises ImportError naming
+the installed PEFT version.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+from typing import Sequence
+
+import torch.nn as nn
+
+from ..config import ShareLoRAConfig
+from ..layer import AdapterStore, SharedLoRALinear, check_adapter_name
+from ..model import (STORE_ATTR, active_adapters, adapter_names, adapter_store, apply_plan, check_known, delete_adapter,
+                     is_applied, set_adapter, store_attr, unload)
+from ..plan import build_plan
+from ..targeting import DEFAULT_TARGET_MODULES, find_target_modules, matches
+
+PEFT_TYPE = "SHARELORA"
+PREFIX = "sharelora_"
+_HOOKS = ("_get_adapter_state_dict", "_remove_adapter_name_from_key", "_remap_adapter_state_dict_for_load")
+
+
+def _peft_version() -> str:
+    try:
+        return importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def _moved(what: str) -> ImportError:
+    return ImportError(f"sharelora_kernels' PEFT method needs {what}, which peft {_peft_version()} does not have (it "
+                       "was built on peft 0.21): use sharelora_kernels.apply / save / load, which do not need PEFT, "
+                       'or install a PEFT it supports (pip install "sharelora_kernels[peft]")')
+
+
+try:
+    from peft import mapping as _tables
+    from peft.config import PeftConfig
+    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _delete_auxiliary_adapter
+    from peft.tuners.tuners_utils import set_requires_grad as _peft_set_requires_grad
+    from peft.utils.other import AuxiliaryTrainingWrapper, _set_adapter, set_additional_trainable_modules
+except ImportError as e:
+    raise _moved(f"these PEFT modules ({e})") from e
+for _table in ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING"):
+    if not isinstance(getattr(_tables, _table, None), dict):
+        raise _moved(f"peft.mapping.{_table}")
+if not all(hasattr(BaseTuner, h) for h in _HOOKS):
+    raise _moved(f"the tuner state-dict hooks BaseTuner.{', '.join(_HOOKS)}")
+
+
+# ------------------------------------------------------------------------------------------ config
+def _sharelora_fields() -> list[tuple]:
+    """Every ShareLoRAConfig field with its default, for the PEFT config."""
+    out = []
+    for f in dataclasses.fields(ShareLoRAConfig):
+        has_default = f.default is not dataclasses.MISSING
+        default = {"default": f.default} if has_default else {"default_factory": f.default_factory}
+        out.append((f.name, f.type, dataclasses.field(**default)))
+    return out
+
+
+def _post_init(self) -> None:
+    PeftConfig.__post_init__(self)
+    self.peft_type = PEFT_TYPE
+    checked = self.to_config()  # raises as ShareLoRAConfig raises, naming the field
+    for f in dataclasses.fields(ShareLoRAConfig):
+        setattr(self, f.name, getattr(checked, f.name))
+
+
+def _to_config(self) -> ShareLoRAConfig:
+    """The ``sharelora_kernels.ShareLoRAConfig`` of this config's ShareLoRA fields."""
+    return ShareLoRAConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ShareLoRAConfig)})
+
+
+def _from_config(cls, config: ShareLoRAConfig, **peft_fields) -> "ShareLoRAPeftConfig":
+    """The PEFT config of ``config``, with PEFT's own fields (``task_type``, ``inference_mode``, ...)."""
+    return cls(**dataclasses.asdict(config), **peft_fields)
+
+
+ShareLoRAPeftConfig = dataclasses.make_dataclass(
+    "ShareLoRAPeftConfig", _sharelora_fields(), bases=(PeftConfig,),
+    namespace={"__post_init__": _post_init, "to_config": _to_config, "from_config": classmethod(_from_config),
+               "__doc__": """A ``peft.PeftConfig`` for shared adapters: every ``ShareLoRAConfig`` field (same names,
+defaults and checks) plus PEFT's own (``task_type``, ``inference_mode``, ``base_model_name_or_path``, ...);
+``peft_type`` is ``"SHARELORA"``. ``modules_to_save`` has PEFT's meaning: the listed modules, plus the
+head PEFT's task class adds (``task_type="SEQ_CLS"``: classifier / score), one copy per adapter.
+``ShareLoRAPeftConfig.from_config(sk_config, task_type=...)`` and ``.to_config()`` convert."""})
+ShareLoRAPeftConfig.__module__ = __name__  # copies and pickles find it here
+
+
+# ------------------------------------------------------------------------------------------- layer
+class ShareLoRAPeftLayer(SharedLoRALinear, BaseTunerLayer):
+    """``SharedLoRALinear`` as PEFT sees a tuner layer. Adapters, the active / merged / disabled state
+    and their controls are the layer's own (``adapter_paths`` holds each adapter's path list);
+    ``BaseTunerLayer``'s ``weight`` / ``bias`` give way to the layer's own tensors."""
+
+    adapter_layer_names = ("adapter_paths",)
+
+    def _own_or_base(self, name: str):
+        if name in self._parameters:
+            return self._parameters[name]
+        if "base_layer" not in self._modules:
+            raise AttributeError(name)  # not set yet (nn.Module's hasattr check while registering it)
+        return getattr(self._modules["base_layer"], name)
+
+    @property
+    def weight(self):
+        return self._own_or_base("weight")
+
+    @property
+    def bias(self):
+        return self._own_or_base("bias")
+
+    @bias.setter
+    def bias(self, value) -> None:  # None (a Parameter is registered by nn.Module.__setattr__)
+        self.register_parameter("bias", value)
+
+    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
+        SharedLoRALinear.set_adapter(self, adapter_names)
+
+
+# ------------------------------------------------------------------------------------------- tuner
+def _store_prefixes(model: nn.Module, adapter_name: str) -> tuple[str, ...]:
+    """State-dict key prefixes of adapter ``adapter_name``'s store in ``model``."""
+    attr = store_attr(adapter_name)
+    return tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, AdapterStore) and n.rpartition(".")[2] == attr)
+
+
+def _is_store_key(key: str) -> bool:
+    return any(p == STORE_ATTR or p.startswith(STORE_ATTR + "_") for p in key.split(".")[:-1])
+
+
+class ShareLoRAModel(BaseTuner):
+    """PEFT's tuner for ``ShareLoRAPeftConfig``: adds each named adapter through the core planner."""
+
+    prefix = PREFIX
+    tuner_layer_cls = ShareLoRAPeftLayer
+    target_module_mapping = DEFAULT_TARGET_MODULES
+    uses_shared_state = True
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        return peft_config  # target_modules=None: the core's defaults of the model type
+
+    def _create_and_replace(self, *args, **kwargs) -> None:
+        raise NotImplementedError("ShareLoRA plans all target modules of an adapter at once (inject_adapter)")
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        """Plan and add adapter ``adapter_name`` (every check before the model changes), then PEFT's
+        bookkeeping: active adapter, trainable tensors, its modules to save."""
+        peft_config = self.peft_config[adapter_name]
+        check_adapter_name(adapter_name)
+        if adapter_name in adapter_names(model):
+            raise ValueError(f"this model already has a ShareLoRA adapter named {adapter_name!r}")
+        config = peft_config.to_config()
+        names = [n for n, _ in model.named_modules() if n]
+        # PEFT wraps the modules to save; the planner only keeps targets out of them
+        config.modules_to_save = [e for e in peft_config.modules_to_save or [] if any(matches(n, [e]) for n in names)]
+        infos, num_layers = find_target_modules(model, config, wrapped_ok=is_applied(model))
+        plan = build_plan(config, infos, num_layers)
+        if not adapter_names(model):
+            self._requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
+        apply_plan(model, config, plan, adapter_name=adapter_name, layer_cls=ShareLoRAPeftLayer)
+        self.targeted_module_names.extend(n for n in plan.modules if n not in self.targeted_module_names)
+        self.set_adapter(self.active_adapters, inference_mode=peft_config.inference_mode)
+        self._mark_only_adapters_as_trainable(model)
+        set_additional_trainable_modules(model=model, peft_config=peft_config,
+                                         model_config=BaseTuner.get_model_config(self), adapter_name=adapter_name,
+                                         activate_adapter=adapter_name in self.active_adapters)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        """Freeze everything but the active adapters' stores (and PEFT's modules to save, which keep their own)."""
+        known = adapter_names(model)
+        keep = {id(p) for n in self.active_adapters if n in known for p in adapter_store(model, n).parameters()}
+        aux = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper))
+        for n, p in model.named_parameters():
+            if id(p) not in keep and not n.startswith(aux):
+                p.requires_grad_(False)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        set_adapter(self.model, names)
+        if inference_mode:
+            for n in names:
+                adapter_store(self.model, n).requires_grad_(False)
+        _set_adapter(self.model, adapter_name, inference_mode=inference_mode)  # modules to save
+        self.active_adapter = adapter_name
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        check_known(self.model, names)
+        for n in names:
+            adapter_store(self.model, n).requires_grad_(requires_grad)
+        _peft_set_requires_grad(self.model, names, requires_grad)  # modules to save
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} does not exist; this model's adapters are {list(self.peft_config)}")
+        delete_adapter(self.model, adapter_name)  # refuses a merged one; an active one hands over (with a warning)
+        del self.peft_config[adapter_name]
+        active = active_adapters(self.model)
+        _delete_auxiliary_adapter(self.model, adapter_name=adapter_name, new_active_adapters=active or None)
+        self.active_adapter = active[0] if len(active) == 1 else active
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: list[str] | None = None) -> nn.Module:
+        if merge:
+            self._check_merge_allowed()
+        for name, wrapper in [(n, m) for n, m in self.model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]:
+            parent, _, leaf = name.rpartition(".")
+            setattr(self.model.get_submodule(parent), leaf,
+                    wrapper.unload_and_optionally_merge_module(merge=merge, safe_merge=safe_merge,
+                                                               adapter_names=adapter_names))
+        unload(self.model, merge=merge, adapter_names=adapter_names, safe_merge=safe_merge)
+        self.model.__dict__.pop("peft_config", None)
+        return self.model
+
+    # ------------------------------------------------------------------ state dict (PEFT's hooks)
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """The tensors of adapter ``adapter_name``'s store: each shared tensor once."""
+        prefixes = _store_prefixes(model, adapter_name)
+        return {k: v for k, v in state_dict.items() if k.startswith(prefixes)}
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """``...sharelora_adapters_<name>.<tensor>`` -> ``...sharelora_adapters.<tensor>`` (a file holds no name)."""
+        if not _is_store_key(key):
+            return super()._remove_adapter_name_from_key(key, adapter_name)
+        attr = store_attr(adapter_name)
+        return ".".join(STORE_ATTR if p == attr else p for p in key.split("."))
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Checkpoint keys -> the model's, after checking that the checkpoint holds exactly the tensors
+        of the model's plan with their shapes; otherwise the adapter is taken out again (the model as
+        before loading) and ValueError names the first difference."""
+        prefixes = _store_prefixes(model, adapter_name)
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefixes)}
+        to_model = {}
+        for key in shapes:
+            ck = cls._remove_adapter_name_from_key(key, adapter_name)
+            to_model[ck] = key
+            to_model.setdefault(ck.removeprefix("base_model.model."), key)  # a checkpoint of a bare model
+        own = {k for k in to_model if k.startswith("base_model.model.")} or set(to_model)
+        problem = None
+        for ck, mk in to_model.items():
+            if ck in state_dict and tuple(state_dict[ck].shape) != shapes[mk]:
+                problem = f"tensor {ck!r} has shape {tuple(state_dict[ck].shape)} in the checkpoint, {shapes[mk]} in the model"
+                break
+        if problem is None:
+            extra = [k for k in state_dict if _is_store_key(k) and k not in to_model]
+            missing = [k for k in sorted(own) if k not in state_dict and k.removeprefix("base_model.model.") not in state_dict]
+            if extra:
+                problem = f"the checkpoint has tensor {extra[0]!r}, which the model's plan lacks ({len(extra)} such)"
+            elif missing:
+                problem = f"the model's plan has tensor {missing[0]!r}, which the checkpoint lacks ({len(missing)} such)"
+        if problem is not None:
+            _take_out(model, adapter_name)
+            raise ValueError(f"the adapter checkpoint does not match this model: {problem}; the model is left as "
+                             "it was (was the adapter trained on another base or with another config?)")
+        return {to_model.get(k, k): v for k, v in state_dict.items()}
+
+
+def _take_out(model: nn.Module, adapter_name: str) -> None:
+    """Remove adapter ``adapter_name`` just added for loading: the whole method when it is the only
+    one (base modules, trainable flags and all), else that adapter."""
+    tuner = getattr(model, "base_model", model)
+    if not isinstance(tuner, ShareLoRAModel):
+        return
+    if len(tuner.peft_config) > 1:
+        model.delete_adapter(adapter_name)
+        return
+    tuner.unload()
+    for p, requires_grad in getattr(tuner, "_requires_grad_before", []):
+        p.requires_grad_(requires_grad)
+
+
+def register() -> None:
+    """Make PEFT know the method: ``PeftConfig.from_pretrained``, ``PeftModel.from_pretrained`` and the
+    ``AutoPeftModelFor*`` classes then read ShareLoRA adapter folders (idempotent)."""
+    _tables.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = ShareLoRAPeftConfig
+    _tables.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = ShareLoRAModel
+    _tables.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = PREFIX
+
+
+register()
