@@ -75,9 +75,8 @@ def test_bad_arguments_are_named(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script", ["bench_fused_lora.py", "bench_grouped.py"])
-def test_gpu_scripts_run_on_cpu(script, tmp_path):
-    """The standalone GPU benchmark scripts of issues 5 and 6 run (--device cpu --quick) and record their command."""
+def _bench_script(script: str):
+    """The module of ``bench/<script>``."""
     import importlib.util
     from pathlib import Path
 
@@ -85,10 +84,37 @@ def test_gpu_scripts_run_on_cpu(script, tmp_path):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script", ["bench_fused_lora.py", "bench_grouped.py", "bench_multi_adapter.py"])
+def test_gpu_scripts_run_on_cpu(script, tmp_path):
+    """The standalone GPU benchmark scripts run (--device cpu --quick) and record their command."""
+    module = _bench_script(script)
     out = tmp_path / "out.json"
     module.main(["--device", "cpu", "--quick", "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["environment"]["command"] == f"python bench/{script} --device cpu --quick --out {out}"
+
+
+@pytest.mark.parametrize("method", ["sharelora", "bishare_kron"])
+def test_multi_adapter_bench_variants_compute_the_same_layers(method):
+    """The multi-adapter bench's three variants (ours, each adapter's rows alone, PEFT's masked loop
+    over exported LoRA) give the same outputs for a mixed batch: its ratios compare one computation."""
+    import torch
+
+    bench = _bench_script("bench_multi_adapter.py")
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        modules, own, exported = bench.build(method, 8, 2, torch.device("cpu"), torch.float32)
+        batch = bench.adapter_batch([i % 8 for i in range(bench.ROWS)], 8, 2)
+        groups = [(a, batch.order[s:s + c]) for a, s, c in batch.segments]
+        xs = {k: torch.randn(bench.ROWS * 2, k) for k in (bench.HIDDEN, bench.MLP)}
+        ours = bench.run_ours(xs, modules, batch, False)
+        for variant in (bench.run_per_adapter(xs, modules, groups), bench.run_peft_masked(xs, modules, groups)):
+            for y, ref in zip(variant, ours):
+                torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+    assert own < exported  # a shared adapter is smaller than its export
 
 
 @pytest.mark.parametrize("op", list(LORA_OPS))

@@ -53,7 +53,8 @@ def test_report_fields_and_every_kernel(report):
     results = report["results"]
     assert all(fields <= set(r) for r in results)
     assert {r["kernel"] for r in results} == {"tma_linear", "fused_linear", "grouped_linear", "lowrank_project",
-                                              "dy_lowrank", "lowrank_grad", "reduce_splits", "lowrank_add"}
+                                              "dy_lowrank", "lowrank_grad", "reduce_splits", "lowrank_add",
+                                              "multi_shrink", "multi_expand"}
     assert all((r["variant"]["input"], r["variant"]["factor"]) == ("bf16", "fp32") for r in results)
     assert all(0 <= r["shared_bytes"] <= report["shared_limit_bytes"] for r in results)
     assert all(r["registers"] is None or 0 < r["registers"] <= 255 for r in results)

@@ -3,7 +3,8 @@
 ``lora_linear`` is the one entry point the layer calls; ``grouped_lora_linear`` runs several modules
 that read the same input together (``grouping.enable_input_groups``); ``lowrank_add`` adds the paths
 into the output of a base that computed it itself (quantized bases: ``ops.lowrank_only``, torch or
-triton). Backends
+triton); ``multi_adapter_add`` serves a batch whose rows use different adapters (``ops.multi_adapter``:
+inference, its own torch / triton choice). Backends
 (``SHARELORA_BACKEND``, ``dispatch``): ``torch`` (``reference.lora_linear``), ``compose`` (``ops.compose``:
 torch GEMMs, hand-written backward), ``triton`` (the fused kernels: CUDA tensors, or CPU tensors
 under ``TRITON_INTERPRET=1`` for tests), ``auto`` (the faster of triton and compose, measured per
@@ -30,6 +31,8 @@ from ..reference import LoRAPath
 from . import compose, dispatch
 from .dispatch import BACKENDS, dispatch_table  # noqa: F401 (public)
 from .lowrank_only import lowrank_add as _lowrank_add
+from .multi_adapter import (BASE, AdapterBatch, AdapterTables, adapter_batch, adapter_tables,  # noqa: F401 (public)
+                            multi_adapter_add, multi_adapter_linear)
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -92,6 +92,8 @@ def _specs() -> list[KernelSpec]:
     from .lowrank_grad import _lowrank_grad_kernel, _reduce_splits_kernel
     from .lowrank_input import _lowrank_project_kernel
     from .lowrank_only_triton import _lowrank_add_kernel
+    from .multi_adapter import BLOCK_MS
+    from .multi_adapter_triton import _expand_kernel, _shrink_kernel, expand_config, shrink_config, shrink_rank_tile
     from .tma_linear import _tma_linear_kernel, tma_kernel
 
     tuned = lambda kernel: lambda all_configs, dt, block_r, flags: kernel.configs("full" if all_configs else "perf",
@@ -156,6 +158,21 @@ def _specs() -> list[KernelSpec]:
                          dict(ACCUMULATE=False, APPLY_SCALE=False, DROPOUT=True),
                          {"N", "stride_om", "stride_hm", "stride_mm"})],
                    lambda all_configs, dt, block_r, flags: [_config(autotune.lowrank_add_config())],
+                   rank_tile=LOWRANK_CHUNK),
+        # the multi-adapter op: every tile height (16 rows: decode; 64: prefill)
+        KernelSpec("multi_shrink", _shrink_kernel,
+                   lambda dt, ft: {"x_ptr": dt, "order_ptr": "i64", "tile_ptr": "i32", "rank_ptr": "i32",
+                                   "table_ptr": "i64", "h_ptr": "fp32"},
+                   [Case("h=x[order]@A_a^T", {"stride_xk"}, {}, {"K", "stride_xm"})],
+                   lambda all_configs, dt, block_r, flags: [
+                       _config({**shrink_config(BYTES[dt], block_r, bm), "BLOCK_M": bm}) for bm in BLOCK_MS
+                       if shrink_rank_tile(bm, block_r, BYTES[dt]) == block_r]),
+        KernelSpec("multi_expand", _expand_kernel,
+                   lambda dt, ft: {"h_ptr": "fp32", "order_ptr": "i64", "tile_ptr": "i32", "rank_ptr": "i32",
+                                   "table_ptr": "i64", "scale_ptr": "fp32", "y_ptr": dt},
+                   [Case("y[order]+=(h s)@B_a^T", {"stride_yn"}, {}, {"N", "stride_ym"})],
+                   lambda all_configs, dt, block_r, flags: [_config({**expand_config(bm), "BLOCK_M": bm})
+                                                            for bm in BLOCK_MS],
                    rank_tile=LOWRANK_CHUNK),
     ]
 

@@ -1,0 +1,125 @@
+"""Torch path of the multi-adapter op (``ops.multi_adapter``): the CPU default, any device and dtype.
+
+Numerics as ``ops.lowrank_only``'s torch path: operands rounded to the compute dtype c and held in
+the accumulation dtype (float32; float64 for float64), the low-rank term added into y once, in y's dtype.
+
+Adapters of one structure (the same path kinds, ranks, window shapes and dtypes in the same order:
+every tenant of one method and configuration) run together, whatever their number: their segments are
+padded to the longest one, (S, C_max) token ids built once per batch (``segment_plan``, cached on the
+batch), and every path slot is a few batched GEMMs over the S adapters, their tensors stacked for the
+call (a transient copy; nothing kept, nothing Kronecker- or gate-expanded):
+
+    plain / slice   h = x A^T,  out += (h s) B^T                     (A, B: the windows)
+    gate            C = G_od B A G_iu (S, g, g),  h = x (C G_id)^T,  out += (h s) G_ou^T
+    kron            h = fold_{K_A}(x) A_s^T,  out[:, i d + c] += K_B[i] ((h s) B_s^T)[:, c]
+
+Per structure the shortest segments run batched, as many as keep the padded rows within ``PAD_LIMIT``
+times the real ones; the longer ones (and a structure with one adapter in the batch) run one
+segment at a time through ``lowrank_only.torch_forward`` (the reference's helpers).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..reference import LoRAPath, path_factors
+from .lowrank_only import accumulation_dtype, torch_forward
+
+PAD_LIMIT = 2.0  # padded rows / real rows above which a structure's segments run one at a time
+
+
+def structure(paths: Sequence[LoRAPath], k: int, n: int) -> tuple:
+    """What adapters must share to run batched: per path its kind, scale-free window shapes and dtypes."""
+    def shapes(p: LoRAPath) -> tuple:
+        if p.kind in ("plain", "slice"):
+            return (p.rank, k), (n, p.rank)
+        return tuple(tuple(t.shape) for t in p.tensors)
+    return tuple((p.kind, shapes(p), tuple(t.dtype for t in p.tensors)) for p in paths)
+
+
+def segment_plan(batch, groups: tuple[tuple[int, ...], ...]) -> list:
+    """For each structure group (adapter ids), the batch's work: ("batched", adapters, tokens (S * C,)
+    (padding repeats a segment's last token), the real lanes' positions, their tokens, C) for padded
+    segments run together, else ("single", adapter, tokens; None: every token) per segment. Cached
+    on the batch (every layer with the same groups reuses it)."""
+    key = ("plan", groups)
+    if key in batch.cache:
+        return batch.cache[key]
+    group_of = {a: g for g, members in enumerate(groups) for a in members}
+    segments: dict[int, list] = {}
+    for a, start, count in batch.segments:
+        if a in group_of:
+            segments.setdefault(group_of[a], []).append((a, start, count))
+    plan, order = [], batch.order
+    for segs in segments.values():
+        segs = sorted(segs, key=lambda seg: seg[2])  # the most segments padding keeps within PAD_LIMIT
+        fits = [i for i in range(1, len(segs) + 1) if i * segs[i - 1][2] <= PAD_LIMIT * sum(c for _, _, c in segs[:i])]
+        batched = fits[-1] if fits and fits[-1] > 1 else 0
+        plan += [("single", a, None if c == batch.num_tokens else order[s:s + c]) for a, s, c in segs[batched:]]
+        segs = segs[:batched]
+        if segs:
+            longest = segs[-1][2]
+            lanes = torch.arange(longest, device=order.device)
+            starts = torch.tensor([s for _, s, _ in segs], device=order.device)[:, None]
+            counts = torch.tensor([c for _, _, c in segs], device=order.device)[:, None]
+            valid = (lanes[None, :] < counts).reshape(-1)
+            tokens = order[(starts + torch.minimum(lanes[None, :], counts - 1)).reshape(-1)]
+            plan.append(("batched", tuple(a for a, _, _ in segs), tokens, valid.nonzero().view(-1), tokens[valid],
+                         longest))
+    batch.cache[key] = plan
+    return plan
+
+
+def _stack(ts: Sequence[Tensor], dtype: torch.dtype, acc: torch.dtype) -> Tensor:
+    """The tensors stacked (S, ...), rounded to the compute dtype, held in the accumulation dtype."""
+    return torch.stack(ts).to(dtype).to(acc)
+
+
+def batched_paths(out: Tensor, xs: Tensor, adapters: Sequence[Sequence[LoRAPath]], dtype: torch.dtype) -> None:
+    """out (S, C, N) += every path of adapter s applied to xs[s] (S, C, K); adapters of one structure."""
+    s_count, c, k = xs.shape
+    n = out.shape[2]
+    acc = out.dtype
+    for slot in range(len(adapters[0])):
+        ps = [paths[slot] for paths in adapters]
+        scale = torch.tensor([p.scale for p in ps], dtype=acc, device=out.device).view(-1, 1, 1)
+        stack = lambda role: _stack([p.tensors[role] for p in ps], dtype, acc)
+        kind = ps[0].kind
+        if kind in ("plain", "slice"):
+            windows = [path_factors(p, k, n) for p in ps]
+            a, b = _stack([w[0] for w in windows], dtype, acc), _stack([w[1] for w in windows], dtype, acc)
+            out.baddbmm_(torch.bmm(xs, a.transpose(1, 2)) * scale, b.transpose(1, 2))
+        elif kind == "gate":
+            core = torch.bmm(torch.bmm(stack(4), stack(1)), torch.bmm(stack(0), stack(3)))  # (S, g, g)
+            a_eff = torch.bmm(core, stack(2))  # (S, g, K)
+            out.baddbmm_(torch.bmm(xs, a_eff.transpose(1, 2)) * scale, stack(5).transpose(1, 2))
+        else:  # kron
+            d = ps[0].tensors[0].shape[1]
+            fold = torch.matmul(stack(2).view(s_count, 1, 1, k // d), xs.view(s_count, c, k // d, d))  # (S, C, 1, d)
+            h = torch.bmm(fold.view(s_count, c, d), stack(0).transpose(1, 2)) * scale
+            hb = torch.bmm(h, stack(1).transpose(1, 2))  # (S, C, d)
+            out.view(s_count, c, n // d, d).addcmul_(stack(3).view(s_count, 1, n // d, 1), hb.view(s_count, c, 1, d))
+
+
+def torch_add(y: Tensor, x: Tensor, batch, adapters: Sequence[Sequence[LoRAPath]],
+              groups: tuple[tuple[int, ...], ...]) -> None:
+    """y (M, N) += each token's adapter paths of x (M, K) (x in the compute dtype) in place."""
+    acc = accumulation_dtype(x.dtype)
+    n, k = y.shape[1], x.shape[1]
+    for item in segment_plan(batch, groups):
+        if item[0] == "single":
+            _, a, rows = item
+            if rows is None:  # every token: no gather
+                torch_forward(y, x, adapters[a], 0.0, None)
+                continue
+            ys = y.index_select(0, rows)
+            torch_forward(ys, x.index_select(0, rows), adapters[a], 0.0, None)  # p = 0: no dropout seed read
+            y.index_copy_(0, rows, ys)
+            continue
+        _, members, tokens, lanes, dest, c = item
+        xs = x.index_select(0, tokens).to(acc).view(len(members), c, k)
+        out = torch.zeros((len(members), c, n), dtype=acc, device=y.device)
+        batched_paths(out, xs, [adapters[a] for a in members], x.dtype)
+        y.index_add_(0, dest, out.view(-1, n).index_select(0, lanes).to(y.dtype))
