@@ -8,13 +8,14 @@ from .model import (apply, delete_adapter, disable_adapters, merge, merge_and_un
                     trainable_parameters, unload, unmerge)
 from .peft_import import from_peft
 from .plan import SharePlan, expanded_rank
+from .serving import adapter_memory, mixed_batch
 from .similarity import (angular_distance, iter_layer_representations, layer_representations, share_sets,
                          sweep_thresholds)
 
 __all__ = [
-    "ShareLoRAConfig", "ShareLoRAPeftConfig", "SharedLoRALinear", "SharePlan", "TrainerCallback", "angular_distance",
-    "apply", "delete_adapter", "disable_adapters", "export_peft", "expanded_rank", "from_peft",
-    "iter_layer_representations", "layer_representations", "load", "merge", "merge_and_unload",
+    "ShareLoRAConfig", "ShareLoRAPeftConfig", "SharedLoRALinear", "SharePlan", "TrainerCallback", "adapter_memory",
+    "angular_distance", "apply", "delete_adapter", "disable_adapters", "export_peft", "expanded_rank", "from_peft",
+    "iter_layer_representations", "layer_representations", "load", "merge", "merge_and_unload", "mixed_batch",
     "parameter_breakdown", "save", "set_adapter", "share_sets", "sweep_thresholds", "trainable_parameters", "unload",
     "unmerge",
 ]

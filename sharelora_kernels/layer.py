@@ -156,6 +156,7 @@ class SharedLoRALinear(nn.Module):
         self.merged_adapters: list[str] = []
         self._paths_version = 0  # bumped whenever what forward computes changes (see active_path_modules)
         self.input_group = None
+        self.mixed_batch = None  # serving.MixedBatch while a mixed-adapter batch runs (serving.mixed_batch)
         self.train(base.training)
 
     # ---------------------------------------------------------------------------- named adapters
@@ -255,6 +256,8 @@ class SharedLoRALinear(nn.Module):
         return [m.as_path() for n in adapter_names if n in self.adapter_paths for m in self.adapter_paths[n]]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.mixed_batch is not None:  # each row its own adapter (serving.mixed_batch)
+            return self.mixed_batch.forward(self, x)
         if self.input_group is not None:
             return self.input_group.forward(self, x)
         return self.forward_alone(x)
