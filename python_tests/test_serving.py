@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sharelora_kernels as sk
-from sharelora_kernels.model import adapter_names, adapter_tensors
+from sharelora_kernels.model import adapter_names, adapter_store, adapter_tensors
 from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
 
 NAMES = list(METHOD_CONFIGS)
@@ -99,6 +99,21 @@ def test_tables_follow_adapters_added_and_deleted(bank):
         out = model(ids).logits
     for i, name in enumerate(rows):
         assert torch.allclose(out[i:i + 1], alone(model, base, name, ids[i:i + 1]), rtol=0, atol=1e-12), name
+
+
+def test_adapters_changed_in_place_are_seen_by_the_next_batch(bank):
+    base, _ = bank
+    model = with_adapters(base, {"x": METHOD_CONFIGS["bishare_kron"], "y": METHOD_CONFIGS["bishare_kron"]})
+    rows = ["x", "y", "x", "y"]  # two adapters of one structure run batched: their stacked operands are kept
+    ids = token_batch(batch=4, seq=1)
+    with torch.no_grad(), sk.mixed_batch(model, rows):
+        first = model(ids).logits
+        for p in adapter_store(model, "x").parameters():  # in place, as load() writes a checkpoint
+            p.copy_(torch.randn_like(p) * 0.2)
+        second = model(ids).logits
+    assert (second[0] - first[0]).abs().max() > 1e-3 and torch.equal(second[1], first[1])
+    for i in (0, 1):
+        assert torch.allclose(second[i:i + 1], alone(model, base, rows[i], ids[i:i + 1]), rtol=0, atol=1e-12)
 
 
 def test_bad_input_is_refused_before_any_work(bank):

@@ -66,6 +66,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="timed repeats per variant of each op (default: {} on cpu, {} on cuda, {} with --quick)".format(
                        *(REPEATS[profile][0][1] for profile in ("cpu", "cuda", "quick"))))
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training step (default: off)")
+    p.add_argument("--serving", action="store_true",
+                   help="instead: many adapters in one batch on the built-in tiny model (prefill and decode "
+                        "tokens/s, bytes per adapter; 1, 8, 64 adapters against PEFT's mixed-batch LoRA and one "
+                        "forward per adapter); writes serving.json/.md (default: off)")
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
@@ -80,6 +84,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     from .report import OUTPUTS
     from .suite import run_issue3, run_ops
 
+    if args.serving:
+        return run_serving(args, argv)
     ops = args.ops.split(",")
     unknown = [op for op in ops if op not in OPS]
     if unknown:
@@ -117,6 +123,39 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     results["skipped"] = skipped
     env["loadavg_after"] = loadavg()
     written = write_all(results, out)
+    for kind, path in written.items():
+        print(f"wrote {kind}: {path}")
+    return written
+
+
+def run_serving(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """``bench --serving``: ``serving.run``, written as serving.json and serving.md in the output folder."""
+    from ..cli import CommandError
+    from ..cli.loading import resolve_device
+    from ..cli.outputs import check_out_dir, numbered_dir, write_json, write_text
+    from .report import SMOKE_NOTE
+    from . import serving
+
+    try:
+        import peft  # noqa: F401
+    except ImportError as err:
+        raise CommandError('--serving compares with PEFT\'s mixed-batch LoRA: pip install "sharelora_kernels[peft]"') from err
+    if args.out is not None:
+        check_out_dir(args.out, serving.OUTPUTS)
+    device = torch.device(resolve_device(args.device))
+    profile = "quick" if args.quick else device.type
+    if argv is None:
+        argv = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else sys.argv[1:]
+    env = describe(device, argv)
+    out = args.out or numbered_dir(OUT_ROOT, f"{device_label(device)}-{env['date']}-serving")
+    print(f"bench --serving: results go to {out}" + (" (smoke run: --quick)" if args.quick else ""), file=sys.stderr)
+    results = {"environment": env, "config": {"profile": profile, "smoke_run": args.quick},
+               "serving": serving.run(profile, device)}
+    env["loadavg_after"] = loadavg()
+    written = {"json": str(write_json(out / "serving.json", results, indent=2)),
+               "markdown": str(write_text(out / "serving.md", serving.markdown(
+                   results["serving"], SMOKE_NOTE if args.quick else None)))}
+    print(serving.markdown(results["serving"], SMOKE_NOTE if args.quick else None))
     for kind, path in written.items():
         print(f"wrote {kind}: {path}")
     return written
