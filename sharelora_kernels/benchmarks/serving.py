@@ -62,11 +62,13 @@ def with_adapters(base: nn.Module, config, count: int) -> nn.Module:
 
 
 def peft_lora(base: nn.Module, config, count: int) -> tuple[nn.Module, int]:
-    """PEFT's LoRA with ``count`` random adapters of ``config``'s rank and targets; (model, bytes of one)."""
+    """PEFT's LoRA with ``count`` random adapters of ``config``'s rank and target modules; (model, bytes of one)."""
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=list(config.target_modules or
-                      ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    from ..model import plan_model
+
+    targets = sorted({name.rpartition(".")[2] for name in plan_model(base, config).modules})
+    lora = LoraConfig(r=config.r, lora_alpha=config.alpha, target_modules=targets)
     model = get_peft_model(copy.deepcopy(base), lora, adapter_name="a0")
     for i in range(1, count):
         model.add_adapter(f"a{i}", lora)
@@ -76,11 +78,18 @@ def peft_lora(base: nn.Module, config, count: int) -> tuple[nn.Module, int]:
     return model.eval().requires_grad_(False), per
 
 
-def _step(model: nn.Module, ids: torch.Tensor, cache, past: int, names=None, peft_names=None):
-    """One forward of ``ids`` (a decode step when ``cache`` is given: its length is put back after)."""
+def _cache_arg() -> str:
+    """The forward argument (and output field) of the KV cache: ``cache`` (Transformers 5.2x), else ``past_key_values``."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _step(model: nn.Module, ids: torch.Tensor, cache, names=None, peft_names=None):
+    """One forward of ``ids`` (a decode step when ``cache`` is given: cropped back to its length after)."""
     from ..serving import mixed_batch
 
-    kwargs = {"past_key_values": cache, "use_cache": cache is not None}
+    kwargs = {_cache_arg(): cache, "use_cache": cache is not None}
     if peft_names is not None:
         kwargs["adapter_names"] = peft_names
     if names is None:
@@ -97,19 +106,41 @@ def _cache(model: nn.Module, ids: torch.Tensor, names=None, peft_names=None):
 
     kwargs = {"use_cache": True} if peft_names is None else {"use_cache": True, "adapter_names": peft_names}
     if names is None:
-        return model(ids, **kwargs).past_key_values
+        return getattr(model(ids, **kwargs), _cache_arg())
     with mixed_batch(model, names):
-        return model(ids, **kwargs).past_key_values
+        return getattr(model(ids, **kwargs), _cache_arg())
 
 
-def _separate(model: nn.Module, ids: torch.Tensor, names: list[str], caches: dict | None, past: int) -> None:
+def _separate(model: nn.Module, ids: torch.Tensor, names: list[str], caches: dict | None) -> None:
     """Each adapter's rows as their own forward with that adapter active."""
     from ..model import set_adapter
 
     for name in dict.fromkeys(names):
         rows = [i for i, n in enumerate(names) if n == name]
         set_adapter(model, name)
-        _step(model, ids[rows], None if caches is None else caches[name], past)
+        _step(model, ids[rows], None if caches is None else caches[name])
+
+
+def time_case(model, peft_model, peft_cache, names: list[str], prompt, token, timer, warmup: int,
+              repeats: int) -> dict:
+    """Prefill and decode of one model and its adapters ``names`` (one per row): ours, separate, peft (ms stats)."""
+    from ..model import set_adapter
+
+    with torch.inference_mode():
+        cache = _cache(model, prompt, names)
+        caches = {}
+        for name in dict.fromkeys(names):
+            set_adapter(model, name)
+            caches[name] = _cache(model, prompt[[i for i, n in enumerate(names) if n == name]])
+        calls = {
+            "prefill_ours": lambda: timer.time(lambda: _step(model, prompt, None, names)),
+            "prefill_separate": lambda: timer.time(lambda: _separate(model, prompt, names, None)),
+            "prefill_peft": lambda: timer.time(lambda: _step(peft_model, prompt, None, peft_names=names)),
+            "decode_ours": lambda: timer.time(lambda: _step(model, token, cache, names)),
+            "decode_separate": lambda: timer.time(lambda: _separate(model, token, names, caches)),
+            "decode_peft": lambda: timer.time(lambda: _step(peft_model, token, peft_cache, peft_names=names)),
+        }
+        return interleaved(calls, warmup, repeats)
 
 
 def run(profile: str, device: torch.device, seed: int = 0) -> dict:
@@ -129,44 +160,27 @@ def run(profile: str, device: torch.device, seed: int = 0) -> dict:
     out = {"batch": BATCH, "prompt_tokens": past, "adapter_counts": list(counts), "warmup": warmup, "repeats": repeats,
            "configs": {m: dataclasses.asdict(c) for m, c in configs.items()},
            "rows": []}
-    with torch.inference_mode():
-        peft_cases = {}
-        for count in counts:
-            names = [f"a{i % count}" for i in range(BATCH)]
-            peft_model, peft_bytes = peft_lora(base, configs["lora"], count)
+    peft_cases = {}
+    for count in counts:  # models are built outside inference mode (their tensors keep versions)
+        names = [f"a{i % count}" for i in range(BATCH)]
+        peft_model, peft_bytes = peft_lora(base, configs["lora"], count)
+        with torch.inference_mode():
             peft_cache = _cache(peft_model, prompt, peft_names=names)
-            peft_cases[count] = (peft_model, peft_bytes, peft_cache, names)
-        for method, config in configs.items():
-            for count in counts:
-                model = with_adapters(base, config, count)
-                peft_model, peft_bytes, peft_cache, names = peft_cases[count]
-                cache = _cache(model, prompt, names)
-                caches = {}
-                for name in dict.fromkeys(names):
-                    from ..model import set_adapter
-
-                    set_adapter(model, name)
-                    caches[name] = _cache(model, prompt[[i for i, n in enumerate(names) if n == name]])
-                calls = {
-                    "prefill_ours": lambda: timer.time(lambda: _step(model, prompt, None, past, names)),
-                    "prefill_separate": lambda: timer.time(lambda: _separate(model, prompt, names, None, past)),
-                    "prefill_peft": lambda: timer.time(lambda: _step(peft_model, prompt, None, past, peft_names=names)),
-                    "decode_ours": lambda: timer.time(lambda: _step(model, token, cache, past, names)),
-                    "decode_separate": lambda: timer.time(lambda: _separate(model, token, names, caches, past)),
-                    "decode_peft": lambda: timer.time(lambda: _step(peft_model, token, peft_cache, past,
-                                                                    peft_names=names)),
-                }
-                stats = interleaved(calls, warmup, repeats)
-                row = {"method": method, "adapters": count, "bytes_per_adapter": adapter_memory(model)["a0"],
-                       "peft_lora_bytes_per_adapter": peft_bytes, "ms": stats}
-                for phase, tokens in (("prefill", BATCH * past), ("decode", BATCH)):
-                    for variant in ("ours", "separate", "peft"):
-                        row[f"{phase}_{variant}_tokens_per_s"] = tokens / stats[f"{phase}_{variant}"]["median"] * 1e3
-                    row[f"{phase}_speedup_vs_peft"] = stats[f"{phase}_peft"]["median"] / stats[f"{phase}_ours"]["median"]
-                    row[f"{phase}_speedup_vs_separate"] = (stats[f"{phase}_separate"]["median"]
-                                                           / stats[f"{phase}_ours"]["median"])
-                out["rows"].append(row)
-                del model, cache, caches
+        peft_cases[count] = (peft_model, peft_bytes, peft_cache, names)
+    for method, config in configs.items():
+        for count in counts:
+            model = with_adapters(base, config, count)
+            peft_model, peft_bytes, peft_cache, names = peft_cases[count]
+            stats = time_case(model, peft_model, peft_cache, names, prompt, token, timer, warmup, repeats)
+            row = {"method": method, "adapters": count, "bytes_per_adapter": adapter_memory(model)["a0"],
+                   "peft_lora_bytes_per_adapter": peft_bytes, "ms": stats}
+            for phase, tokens in (("prefill", BATCH * past), ("decode", BATCH)):
+                for variant in ("ours", "separate", "peft"):
+                    row[f"{phase}_{variant}_tokens_per_s"] = tokens / stats[f"{phase}_{variant}"]["median"] * 1e3
+                for variant in ("peft", "separate"):
+                    row[f"{phase}_speedup_vs_{variant}"] = (stats[f"{phase}_{variant}"]["median"]
+                                                            / stats[f"{phase}_ours"]["median"])
+            out["rows"].append(row)
     for row in out["rows"]:
         one = next(r for r in out["rows"] if r["method"] == row["method"] and r["adapters"] == counts[0])
         for phase in ("prefill", "decode"):

@@ -94,8 +94,9 @@ def cached_factors(cache: dict | None, key: tuple, ps: Sequence[LoRAPath], k: in
                    acc: torch.dtype, device) -> tuple:
     """``slot_factors``, kept in ``cache`` under ``key`` while the same tensors hold the same values (their
     identities and in-place versions are compared at each call); at most ``STACK_CACHE`` entries, oldest
-    evicted. A cache of copies for repeated batch signatures: the adapter bank itself stays unique."""
-    if cache is None:
+    evicted. A cache of copies for repeated batch signatures: the adapter bank itself stays unique.
+    Inference tensors (made under ``torch.inference_mode``) keep no version: stacked at each call."""
+    if cache is None or any(t.is_inference() for p in ps for t in p.tensors):
         return slot_factors(ps, k, n, dtype, acc, device)
     stamp = tuple((id(t), t._version) for p in ps for t in p.tensors)
     hit = cache.get(key)
