@@ -270,3 +270,21 @@ def test_an_adapter_of_another_base_is_refused_before_the_bank_changes(bank, tmp
         sk.load(model, tmp_path / "wide", adapter_name="new")
     assert adapter_names(model) == names and sk.adapter_memory(model) == memory
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------- bench --serving
+def test_bench_serving_smoke_run_writes_every_case(tmp_path, monkeypatch):
+    import json
+
+    pytest.importorskip("peft")
+    from sharelora_kernels.benchmarks import main, serving
+
+    monkeypatch.setitem(serving.PROFILES, "quick", (2, 0, 1, (1, 2)))  # the smallest run that has every column
+    written = main(["--serving", "--quick", "--device", "cpu", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "serving.json").read_text())["serving"]
+    assert set(written) == {"json", "markdown"} and (tmp_path / "serving.md").is_file()
+    rows = {(r["method"], r["adapters"]): r for r in data["rows"]}
+    assert set(rows) == {(m, n) for m in serving.METHODS for n in (1, 2)}
+    lora, shared, kron = (rows[(m, 2)]["bytes_per_adapter"] for m in serving.METHODS)
+    assert lora == rows[("lora", 2)]["peft_lora_bytes_per_adapter"] and kron < shared < lora
+    assert all(r["decode_ours_tokens_per_s"] > 0 and r["prefill_vs_one_adapter"] > 0 for r in data["rows"])
