@@ -189,6 +189,35 @@ def test_peft_adapter_names_forward_generate_and_beams():
         model(input_ids=ids, adapter_names=rows)
 
 
+def test_peft_load_adapter_adds_one_to_the_bank_and_refuses_a_misfit(tmp_path):
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    base = tiny_model(layers=2, dtype=torch.float64)
+    config = sk.ShareLoRAPeftConfig(method="share_a", r=3, target_modules=TARGETS)
+    donor = get_peft_model(copy.deepcopy(base), config)
+    randomize_adapters(donor, seed=4)
+    donor.save_pretrained(tmp_path / "fits")
+    wide = tiny_model(layers=2, dtype=torch.float64)
+    wide = type(wide)(type(wide.config)(**{**wide.config.to_dict(), "hidden_size": 64})).double()
+    get_peft_model(wide, config).save_pretrained(tmp_path / "wide")
+    model = get_peft_model(copy.deepcopy(base), config)
+    randomize_adapters(model, seed=5)
+    model.eval()
+    ids = token_batch(batch=2, seq=4)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    with pytest.raises(ValueError, match="does not match this model"):
+        model.load_adapter(tmp_path / "wide", adapter_name="wide")
+    assert list(model.peft_config) == ["default"] and list(sk.adapter_memory(model.base_model.model)) == ["default"]
+    model.load_adapter(tmp_path / "fits", adapter_name="fits")
+    assert list(sk.adapter_memory(model.base_model.model)) == ["default", "fits"]
+    with torch.no_grad():
+        out = model(input_ids=ids, adapter_names=["default", "fits"]).logits
+        assert torch.allclose(out[:1], before[:1], rtol=0, atol=1e-12)
+        assert torch.allclose(out[1:], donor.eval()(input_ids=ids[1:]).logits, rtol=0, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------ 4-bit base
 def test_4bit_base_rows_equal_their_adapter_alone(tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
