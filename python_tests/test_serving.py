@@ -189,6 +189,32 @@ def test_peft_adapter_names_forward_generate_and_beams():
         model(input_ids=ids, adapter_names=rows)
 
 
+def test_peft_mixed_batch_routes_each_adapters_classifier_head():
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+    from tiny_models import tiny_family
+
+    bert = tiny_family("bert", head="seq_cls", num_labels=3).double()
+    config = dict(method="similarity", r=2, share_sets=[[0, 1]], task_type="SEQ_CLS")
+    model = get_peft_model(copy.deepcopy(bert), sk.ShareLoRAPeftConfig(**config))
+    model.add_adapter("other", sk.ShareLoRAPeftConfig(**{**config, "method": "lora", "share_sets": []}))
+    for i, name in enumerate(("default", "other")):
+        model.set_adapter(name)
+        randomize_adapters(model, seed=i)  # the adapter and its own copy of the classifier head
+    model.eval()
+    rows = ["other", "default", "__base__"]
+    ids = token_batch(batch=3, seq=5)
+    with torch.no_grad():
+        out = model(input_ids=ids, adapter_names=rows).logits
+        for i, name in enumerate(rows):
+            if name == "__base__":
+                ref = bert(input_ids=ids[i:i + 1]).logits
+            else:
+                model.set_adapter(name)
+                ref = model(input_ids=ids[i:i + 1]).logits
+            assert torch.allclose(out[i:i + 1], ref, rtol=0, atol=1e-12), name
+
+
 def test_peft_load_adapter_adds_one_to_the_bank_and_refuses_a_misfit(tmp_path):
     pytest.importorskip("peft")
     from peft import get_peft_model
