@@ -84,6 +84,19 @@ def test_float32_rows_match_the_float64_reference():
         assert ((out[i:i + 1].double() - ref).abs().max() / ref.abs().max()).item() < 1e-5, name
 
 
+def test_conv1d_base_with_bias():
+    from tiny_models import tiny_family
+
+    base = tiny_family("gpt2").double()  # Conv1D projections (fan_in_fan_out) with biases
+    model = with_adapters(base, {"a": dict(method="share_b", r=2), "b": dict(method="lora", r=3)})
+    rows = ["b", "__base__", "a"]
+    ids = token_batch(batch=3, seq=4)
+    with torch.no_grad(), sk.mixed_batch(model, rows):
+        out = model(ids).logits
+    for i, name in enumerate(rows):
+        assert torch.allclose(out[i:i + 1], alone(model, base, name, ids[i:i + 1]), rtol=0, atol=1e-12), name
+
+
 def test_tables_follow_adapters_added_and_deleted(bank):
     base, model = bank
     model = copy.deepcopy(model)
