@@ -8,6 +8,7 @@ import torch
 
 import sharelora_kernels as sk
 from sharelora_kernels.model import adapter_names, adapter_store, adapter_tensors
+from sharelora_kernels.serving import layer_tables
 from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
 
 NAMES = list(METHOD_CONFIGS)
@@ -101,8 +102,13 @@ def test_tables_follow_adapters_added_and_deleted(bank):
     base, model = bank
     model = copy.deepcopy(model)
     ids = token_batch(batch=2, seq=3)
+    layer = model.model.layers[0].self_attn.q_proj
     with torch.no_grad(), sk.mixed_batch(model, ["lora", "share_a"]):
         model(ids)
+        tables = layer_tables(layer, NAMES)
+        sk.set_adapter(model, "share_a")  # what is active does not change the bank's tables
+        model(ids)
+        assert layer_tables(layer, NAMES) is tables
     sk.apply(model, sk.ShareLoRAConfig(method="lora", r=2), adapter_name="late")
     sk.set_adapter(model, "late")
     randomize_adapters(model, seed=9)
@@ -112,6 +118,7 @@ def test_tables_follow_adapters_added_and_deleted(bank):
         out = model(ids).logits
     for i, name in enumerate(rows):
         assert torch.allclose(out[i:i + 1], alone(model, base, name, ids[i:i + 1]), rtol=0, atol=1e-12), name
+    assert layer_tables(layer, adapter_names(model)) is not tables
 
 
 def test_adapters_changed_in_place_are_seen_by_the_next_batch(bank):

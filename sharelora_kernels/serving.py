@@ -6,7 +6,7 @@ whole batch and adds each row's adapter through ``ops.multi_adapter_add`` (rows 
 each adapter's shared tensors read once per segment, never copied per layer or per row). The per-batch
 metadata (``ops.adapter_batch``) is built once per batch shape (the prefill, then the decode steps'
 one token per row) and read by every layer; each layer keeps the tables of its adapters
-(``ops.adapter_tables``) and rebuilds them when its adapters change (``_paths_version``).
+(``ops.adapter_tables``) and rebuilds them when an adapter is added, deleted or replaced.
 
 Mixed batches are inference: refused in training mode (as PEFT refuses ``adapter_names``), computed
 without autograd in eval mode. The adapters are the model's named adapters (``apply`` / ``load`` with
@@ -73,13 +73,16 @@ class MixedBatch:
 
 def layer_tables(layer: SharedLoRALinear, known: Sequence[str]) -> ops.AdapterTables:
     """The layer's ``ops.AdapterTables`` for adapters ``known`` (an adapter the layer lacks: no paths),
-    cached on the layer; rebuilt when its adapters change (``_paths_version``), or the names, device
-    or dtype of its tensors do (``.to()``). Tensors loaded in place (``load``) are read live."""
-    first = next((m.as_path().tensors[0] for paths in layer.adapter_paths.values() for m in paths), None)
-    key = (layer._paths_version, tuple(known), None if first is None else (first.device, first.dtype))
+    cached on the layer; rebuilt when one of its adapters is added, deleted or replaced (the identity of
+    its path lists), or the names, device or dtype of its tensors change (``.to()``), not when another
+    adapter is made active. Tensors loaded in place (``load``) are read live."""
+    paths = layer.adapter_paths
+    first = next((m.as_path().tensors[0] for ms in paths.values() for m in ms), None)
+    key = (tuple((n, id(ms)) for n, ms in paths.items()), tuple(known),
+           None if first is None else (first.device, first.dtype))
     cached = layer.__dict__.get("_mixed_tables")
     if cached is None or cached[0] != key:
-        adapters = [[m.as_path() for m in layer.adapter_paths[n]] if n in layer.adapter_paths else [] for n in known]
+        adapters = [[m.as_path() for m in paths[n]] if n in paths else [] for n in known]
         layer.__dict__["_mixed_tables"] = (key, ops.adapter_tables(adapters, layer.in_features, layer.out_features))
     return layer.__dict__["_mixed_tables"][1]
 
