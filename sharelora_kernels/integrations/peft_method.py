@@ -29,7 +29,7 @@ from ..layer import AdapterStore, SharedLoRALinear, check_adapter_name
 from ..model import (STORE_ATTR, active_adapters, adapter_names, adapter_store, apply_plan, check_known, delete_adapter,
                      set_adapter, store_attr, unload)
 from ..plan import build_plan
-from ..serving import mixed_batch, row_indices
+from ..serving import mixed_batch
 from ..targeting import DEFAULT_TARGET_MODULES, find_target_modules, matches
 
 PEFT_TYPE = "SHARELORA"
@@ -201,16 +201,15 @@ class ShareLoRAModel(BaseTuner):
         beams = kwargs.get("num_beams", getattr(generation, "num_beams", None)) or 1
         returns = kwargs.get("num_return_sequences", getattr(generation, "num_return_sequences", None)) or 1
         expand = beams if beams > 1 else returns
-        row_indices(self.model, names, expand)  # every check before a hook is registered
-        expanded = [n for n in names for _ in range(expand)]
-        hooks = [m.register_forward_pre_hook(_with_adapter_names(expanded), with_kwargs=True)
-                 for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
-        try:
-            with mixed_batch(self.model, names, expand):
+        with mixed_batch(self.model, names, expand):  # checks everything before it changes anything
+            expanded = [n for n in names for _ in range(expand)]
+            hooks = [m.register_forward_pre_hook(_with_adapter_names(expanded), with_kwargs=True)
+                     for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+            try:
                 yield
-        finally:
-            for h in hooks:
-                h.remove()
+            finally:
+                for h in hooks:
+                    h.remove()
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         """Freeze everything but the active adapters' stores (and PEFT's modules to save, which keep their own)."""
