@@ -78,7 +78,7 @@ def layer_tables(layer: SharedLoRALinear, known: Sequence[str]) -> ops.AdapterTa
     adapter is made active. Tensors loaded in place (``load``) are read live."""
     paths = layer.adapter_paths
     first = next((m.as_path().tensors[0] for ms in paths.values() for m in ms), None)
-    key = (tuple((n, id(ms)) for n, ms in paths.items()), tuple(known),
+    key = (tuple(paths._modules), tuple(map(id, paths._modules.values())), tuple(known),
            None if first is None else (first.device, first.dtype))
     cached = layer.__dict__.get("_mixed_tables")
     if cached is None or cached[0] != key:

@@ -92,19 +92,25 @@ def slot_factors(ps: Sequence[LoRAPath], k: int, n: int, dtype: torch.dtype, acc
 
 def cached_factors(cache: dict | None, key: tuple, ps: Sequence[LoRAPath], k: int, n: int, dtype: torch.dtype,
                    acc: torch.dtype, device) -> tuple:
-    """``slot_factors``, kept in ``cache`` under ``key`` while the same tensors hold the same values (their
-    identities and in-place versions are compared at each call); at most ``STACK_CACHE`` entries, oldest
+    """``slot_factors``, kept in ``cache`` under ``key`` (the same key: the same tensors) while their
+    in-place versions are unchanged (compared at each call); at most ``STACK_CACHE`` entries, oldest
     evicted. A cache of copies for repeated batch signatures: the adapter bank itself stays unique.
     Inference tensors (made under ``torch.inference_mode``) keep no version: stacked at each call."""
-    if cache is None or any(t.is_inference() for p in ps for t in p.tensors):
+    if cache is None:
         return slot_factors(ps, k, n, dtype, acc, device)
-    stamp = tuple((id(t), t._version) for p in ps for t in p.tensors)
     hit = cache.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
+    if hit is not None:
+        tensors, versions, factors = hit
+        if [t._version for t in tensors] == versions:
+            return factors
+    tensors = [t for p in ps for t in p.tensors]
+    try:
+        versions = [t._version for t in tensors]
+    except RuntimeError:  # an inference tensor
+        return slot_factors(ps, k, n, dtype, acc, device)
     factors = slot_factors(ps, k, n, dtype, acc, device)
     cache.pop(key, None)
-    cache[key] = (stamp, factors)
+    cache[key] = (tensors, versions, factors)
     while len(cache) > STACK_CACHE:
         cache.pop(next(iter(cache)))
     return factors
