@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("layer",),
     ("grouping",),
     ("model",),
-    ("checkpoint", "export", "peft_import", "trainer"),
+    ("checkpoint", "export", "peft_import", "trainer", "serving"),
     ("integrations",),                                              # framework integrations: nothing imports them
     ("",),                                                          # the public API (sharelora_kernels/__init__.py)
     ("benchmarks", "cli", "__main__"),                              # commands

@@ -170,6 +170,7 @@ class SharedLoRALinear(nn.Module):
         # The call plan (ops.call_plan) depends on _paths_version besides x and the tensors it reads.
         self._plan = None  # the plan of the last call
         self._plans = {}  # environment -> plan, a few kept (grad on / off under reentrant checkpointing, ...)
+        self.mixed_batch = None  # serving.MixedBatch while a mixed-adapter batch runs (serving.mixed_batch)
         self.train(base.training)
 
     # ---------------------------------------------------------------------------- named adapters
@@ -285,6 +286,8 @@ class SharedLoRALinear(nn.Module):
         return {**self.__dict__, "_plan": None, "_plans": {}}
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.mixed_batch is not None:  # each row its own adapter (serving.mixed_batch)
+            return self.mixed_batch.forward(self, x)
         if self.input_group is not None:
             return self.input_group.forward(self, x)
         return self.forward_alone(x)

@@ -73,6 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", action="store_true",
                    help="time only the host work of one layer call (tiny shapes, CPU, one thread) against PEFT; "
                         "writes host.json/.md/.png (default: off; a CPU run includes it)")
+    p.add_argument("--serving", action="store_true",
+                   help="instead: many adapters in one batch on the built-in tiny model (prefill and decode "
+                        "tokens/s, bytes per adapter; 1, 8, 64 adapters against PEFT's mixed-batch LoRA and one "
+                        "forward per adapter); writes serving.json/.md (default: off)")
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
@@ -85,6 +89,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     from ..cli.outputs import check_out_dir, numbered_dir
     from .report import HOST_OUTPUTS, OUTPUTS
 
+    if args.serving:
+        return run_serving(args, argv)
     ops = args.ops.split(",")
     unknown = [op for op in ops if op not in OPS]
     if unknown:
@@ -177,6 +183,45 @@ def _run_host(args: argparse.Namespace, argv: list[str] | None) -> dict:
     results = {"environment": env, "host": run_host(quick=args.quick)}
     env["loadavg_after"] = loadavg()
     written = write_host(results, out)
+    _report(written, env)
+    return written
+
+
+def run_serving(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """``bench --serving``: ``serving.run``, written as serving.json and serving.md in the output folder."""
+    from ..cli import CommandError
+    from ..cli.options import check_threads_argument, set_threads
+    from ..cli.outputs import check_out_dir, numbered_dir, write_json, write_text
+    from .report import SERVING_OUTPUTS, SMOKE_NOTE
+
+    check_threads_argument(args)
+    if args.out is not None:
+        check_out_dir(args.out, SERVING_OUTPUTS)
+    try:
+        import peft  # noqa: F401
+    except ImportError as err:
+        raise CommandError('--serving compares with PEFT\'s mixed-batch LoRA: pip install "sharelora_kernels[peft]"') from err
+    import torch
+
+    from ..cli.loading import resolve_device
+    from . import serving
+    from .environment import describe, device_label, loadavg
+
+    set_threads(args)
+    device = torch.device(resolve_device(args.device))
+    profile = "quick" if args.quick else device.type
+    if argv is None:
+        argv = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else sys.argv[1:]
+    env = describe(device, argv)
+    out = args.out or numbered_dir(OUT_ROOT, f"{device_label(device)}-{env['date']}-serving")
+    print(f"bench --serving: results go to {out}" + (" (smoke run: --quick)" if args.quick else ""), file=sys.stderr)
+    results = {"environment": env, "config": {"profile": profile, "smoke_run": args.quick},
+               "serving": serving.run(profile, device)}
+    env["loadavg_after"] = loadavg()
+    table = serving.markdown(results["serving"], SMOKE_NOTE if args.quick else None)
+    written = {"json": str(write_json(out / "serving.json", results, indent=2)),
+               "markdown": str(write_text(out / "serving.md", table))}
+    print(table)
     _report(written, env)
     return written
 

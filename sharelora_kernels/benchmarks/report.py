@@ -9,6 +9,7 @@ MB = 2 ** 20
 
 OUTPUTS = ("results.json", "results.md", "ratio_vs_base.png")
 HOST_OUTPUTS = ("host.json", "host.md", "host.png")  # bench --host (benchmarks/host.py)
+SERVING_OUTPUTS = ("serving.json", "serving.md")  # bench --serving (benchmarks/serving.py)
 SMOKE_NOTE = ("SMOKE RUN (--quick): tiny shapes and few repeats, to check that everything runs. "
               "Its times and ratios are noise, not measurements: run without --quick for figures.")
 

@@ -10,11 +10,14 @@ PEFT internals this relies on (peft 0.21): the method tables ``PEFT_TYPE_TO_CONF
 ``PEFT_TYPE_TO_TUNER_MAPPING`` and ``PEFT_TYPE_TO_PREFIX_MAPPING`` in ``peft.mapping`` (its public
 ``register_peft_method`` accepts only members of its closed ``PeftType`` enum), and the tuner's
 state-dict hooks ``_get_adapter_state_dict``, ``_remove_adapter_name_from_key`` and
-``_remap_adapter_state_dict_for_load``. When they are missing this module raises ImportError naming
+``_remap_adapter_state_dict_for_load``, and the forward-hook context ``_enable_peft_forward_hooks``
+(``PeftModel.forward`` / ``generate`` pass it their kwargs; ``adapter_names`` runs a mixed batch,
+and PEFT's modules-to-save wrappers get ``adapter_names`` per row, as PEFT's LoRA gives it). When they are missing this module raises ImportError naming
 the installed PEFT version.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 from typing import Sequence
@@ -26,6 +29,7 @@ from ..layer import AdapterStore, SharedLoRALinear, check_adapter_name
 from ..model import (STORE_ATTR, active_adapters, adapter_names, adapter_store, apply_plan, check_known, delete_adapter,
                      is_applied, set_adapter, store_attr, unload)
 from ..plan import build_plan
+from ..serving import mixed_batch
 from ..targeting import DEFAULT_TARGET_MODULES, find_target_modules, matches
 
 PEFT_TYPE = "SHARELORA"
@@ -181,6 +185,33 @@ class ShareLoRAModel(BaseTuner):
                                          model_config=BaseTuner.get_model_config(self), adapter_name=adapter_name,
                                          activate_adapter=adapter_name in self.active_adapters)
 
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """``model(..., adapter_names=[...])`` / ``model.generate(..., adapter_names=[...])``: each row
+        with its own adapter ("__base__": none) in one batch (``sharelora_kernels.mixed_batch``); rows
+        repeated as generate repeats them (``num_beams``, else ``num_return_sequences``). Checked before
+        any work: the training mode (refused, as PEFT refuses it), unknown names, the rows' number."""
+        names = kwargs.pop("adapter_names", None)
+        if names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode (a mixed-adapter batch "
+                             "is inference only): call model.eval() first")
+        generation = kwargs.get("generation_config")
+        beams = kwargs.get("num_beams", getattr(generation, "num_beams", None)) or 1
+        returns = kwargs.get("num_return_sequences", getattr(generation, "num_return_sequences", None)) or 1
+        expand = beams if beams > 1 else returns
+        with mixed_batch(self.model, names, expand):  # checks everything before it changes anything
+            expanded = [n for n in names for _ in range(expand)]
+            hooks = [m.register_forward_pre_hook(_with_adapter_names(expanded), with_kwargs=True)
+                     for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+            try:
+                yield
+            finally:
+                for h in hooks:
+                    h.remove()
+
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         """Freeze everything but the active adapters' stores (and PEFT's modules to save, which keep their own)."""
         known = adapter_names(model)
@@ -273,6 +304,13 @@ class ShareLoRAModel(BaseTuner):
             raise ValueError(f"the adapter checkpoint does not match this model: {problem}; the model is left as "
                              "it was (was the adapter trained on another base or with another config?)")
         return {to_model.get(k, k): v for k, v in state_dict.items()}
+
+
+def _with_adapter_names(names: list[str]):
+    """A forward pre-hook giving a module ``adapter_names=names`` (PEFT's wrappers route rows by it)."""
+    def hook(module, args, kwargs):
+        return args, {**kwargs, "adapter_names": names}
+    return hook
 
 
 def _take_out(model: nn.Module, adapter_name: str) -> None:

@@ -146,8 +146,9 @@ class AdapterTables:
 
     adapters: one tuple of LoRAPaths per adapter (possibly empty); in_features K, out_features N;
     groups: the adapters with paths, grouped by structure (``multi_adapter_torch.structure``: the torch
-    path runs each group's segments together). The Triton tables are built on first Triton use
-    (``device_tables``) and kept.
+    path runs each group's segments together; it keeps their stacked operands in ``stacks``, per set of
+    adapters in a batch, while their tensors are unchanged). The Triton tables are built on first
+    Triton use (``device_tables``) and kept.
     """
 
     adapters: tuple[tuple[LoRAPath, ...], ...]
@@ -157,6 +158,7 @@ class AdapterTables:
     device: torch.device | None  # of every adapter tensor (None: no tensors)
     dtypes: frozenset  # of the adapter tensors
     _device: object = field(default=None, repr=False)
+    stacks: dict = field(default_factory=dict, repr=False)  # the torch path's stacked operands (a cache of copies)
 
     @property
     def num_adapters(self) -> int:
@@ -290,7 +292,7 @@ def multi_adapter_add(y: Tensor, x: Tensor, batch: AdapterBatch, tables: Adapter
 
             triton_add(y2, x2, batch, tables.device_tables())
         else:
-            torch_add(y2, x2, batch, tables.adapters, tables.groups)
+            torch_add(y2, x2, batch, tables.adapters, tables.groups, tables.stacks)
     return y
 
 

@@ -6,8 +6,10 @@ the accumulation dtype (float32; float64 for float64), the low-rank term added i
 Adapters of one structure (the same path kinds, ranks, window shapes and dtypes in the same order:
 every tenant of one method and configuration) run together, whatever their number: their segments are
 padded to the longest one, (S, C_max) token ids built once per batch (``segment_plan``, cached on the
-batch), and every path slot is a few batched GEMMs over the S adapters, their tensors stacked for the
-call (a transient copy; nothing kept, nothing Kronecker- or gate-expanded):
+batch), and every path slot is a few batched GEMMs over the S adapters, their tensors stacked (nothing
+Kronecker- or gate-expanded). The stacks are a copy of the batch's adapters, kept in the layer's
+tables per set of adapters while their tensors are unchanged (``cached_factors``: the next batch with
+the same adapters, e.g. every decode step, skips the stacking), never counted as the bank's:
 
     plain / slice   h = x A^T,  out += (h s) B^T                     (A, B: the windows)
     gate            C = G_od B A G_iu (S, g, g),  h = x (C G_id)^T,  out += (h s) G_ou^T
@@ -28,6 +30,7 @@ from ..reference import LoRAPath, path_factors
 from .lowrank_only import accumulation_dtype, torch_forward
 
 PAD_LIMIT = 2.0  # padded rows / real rows above which a structure's segments run one at a time
+STACK_CACHE = 16  # stacked operand sets a layer's tables keep (one per path slot and set of adapters in a batch)
 
 
 def structure(paths: Sequence[LoRAPath], k: int, n: int) -> tuple:
@@ -77,35 +80,72 @@ def _stack(ts: Sequence[Tensor], dtype: torch.dtype, acc: torch.dtype) -> Tensor
     return torch.stack(ts).to(dtype).to(acc)
 
 
-def batched_paths(out: Tensor, xs: Tensor, adapters: Sequence[Sequence[LoRAPath]], dtype: torch.dtype) -> None:
-    """out (S, C, N) += every path of adapter s applied to xs[s] (S, C, K); adapters of one structure."""
+def slot_factors(ps: Sequence[LoRAPath], k: int, n: int, dtype: torch.dtype, acc: torch.dtype, device) -> tuple:
+    """The stacked operands of one path slot of S adapters (``batched_paths`` reads them) and their scales."""
+    scale = torch.tensor([p.scale for p in ps], dtype=acc, device=device).view(-1, 1, 1)
+    kind = ps[0].kind
+    if kind in ("plain", "slice"):
+        windows = [path_factors(p, k, n) for p in ps]
+        return scale, _stack([w[0] for w in windows], dtype, acc), _stack([w[1] for w in windows], dtype, acc)
+    return (scale, *(_stack([p.tensors[r] for p in ps], dtype, acc) for r in range(len(ps[0].tensors))))
+
+
+def cached_factors(cache: dict | None, key: tuple, ps: Sequence[LoRAPath], k: int, n: int, dtype: torch.dtype,
+                   acc: torch.dtype, device) -> tuple:
+    """``slot_factors``, kept in ``cache`` under ``key`` (the same key: the same tensors) while their
+    in-place versions are unchanged (compared at each call); at most ``STACK_CACHE`` entries, oldest
+    evicted. A cache of copies for repeated batch signatures: the adapter bank itself stays unique.
+    Inference tensors (made under ``torch.inference_mode``) keep no version: stacked at each call."""
+    if cache is None:
+        return slot_factors(ps, k, n, dtype, acc, device)
+    hit = cache.get(key)
+    if hit is not None:
+        tensors, versions, factors = hit
+        if [t._version for t in tensors] == versions:
+            return factors
+    tensors = [t for p in ps for t in p.tensors]
+    try:
+        versions = [t._version for t in tensors]
+    except RuntimeError:  # an inference tensor
+        return slot_factors(ps, k, n, dtype, acc, device)
+    factors = slot_factors(ps, k, n, dtype, acc, device)
+    cache.pop(key, None)
+    cache[key] = (tensors, versions, factors)
+    while len(cache) > STACK_CACHE:
+        cache.pop(next(iter(cache)))
+    return factors
+
+
+def batched_paths(out: Tensor, xs: Tensor, adapters: Sequence[Sequence[LoRAPath]], dtype: torch.dtype,
+                  cache: dict | None = None, members: tuple = ()) -> None:
+    """out (S, C, N) += every path of adapter s applied to xs[s] (S, C, K); adapters of one structure.
+    cache / members: where the stacked operands of these adapters (ids ``members``) are kept (``cached_factors``)."""
     s_count, c, k = xs.shape
     n = out.shape[2]
     acc = out.dtype
     for slot in range(len(adapters[0])):
         ps = [paths[slot] for paths in adapters]
-        scale = torch.tensor([p.scale for p in ps], dtype=acc, device=out.device).view(-1, 1, 1)
-        stack = lambda role: _stack([p.tensors[role] for p in ps], dtype, acc)
+        scale, *f = cached_factors(cache, (members, slot, dtype, acc), ps, k, n, dtype, acc, out.device)
         kind = ps[0].kind
         if kind in ("plain", "slice"):
-            windows = [path_factors(p, k, n) for p in ps]
-            a, b = _stack([w[0] for w in windows], dtype, acc), _stack([w[1] for w in windows], dtype, acc)
+            a, b = f
             out.baddbmm_(torch.bmm(xs, a.transpose(1, 2)) * scale, b.transpose(1, 2))
         elif kind == "gate":
-            core = torch.bmm(torch.bmm(stack(4), stack(1)), torch.bmm(stack(0), stack(3)))  # (S, g, g)
-            a_eff = torch.bmm(core, stack(2))  # (S, g, K)
-            out.baddbmm_(torch.bmm(xs, a_eff.transpose(1, 2)) * scale, stack(5).transpose(1, 2))
+            core = torch.bmm(torch.bmm(f[4], f[1]), torch.bmm(f[0], f[3]))  # (S, g, g)
+            a_eff = torch.bmm(core, f[2])  # (S, g, K)
+            out.baddbmm_(torch.bmm(xs, a_eff.transpose(1, 2)) * scale, f[5].transpose(1, 2))
         else:  # kron
             d = ps[0].tensors[0].shape[1]
-            fold = torch.matmul(stack(2).view(s_count, 1, 1, k // d), xs.view(s_count, c, k // d, d))  # (S, C, 1, d)
-            h = torch.bmm(fold.view(s_count, c, d), stack(0).transpose(1, 2)) * scale
-            hb = torch.bmm(h, stack(1).transpose(1, 2))  # (S, C, d)
-            out.view(s_count, c, n // d, d).addcmul_(stack(3).view(s_count, 1, n // d, 1), hb.view(s_count, c, 1, d))
+            fold = torch.matmul(f[2].view(s_count, 1, 1, k // d), xs.view(s_count, c, k // d, d))  # (S, C, 1, d)
+            h = torch.bmm(fold.view(s_count, c, d), f[0].transpose(1, 2)) * scale
+            hb = torch.bmm(h, f[1].transpose(1, 2))  # (S, C, d)
+            out.view(s_count, c, n // d, d).addcmul_(f[3].view(s_count, 1, n // d, 1), hb.view(s_count, c, 1, d))
 
 
 def torch_add(y: Tensor, x: Tensor, batch, adapters: Sequence[Sequence[LoRAPath]],
-              groups: tuple[tuple[int, ...], ...]) -> None:
-    """y (M, N) += each token's adapter paths of x (M, K) (x in the compute dtype) in place."""
+              groups: tuple[tuple[int, ...], ...], cache: dict | None = None) -> None:
+    """y (M, N) += each token's adapter paths of x (M, K) (x in the compute dtype) in place; cache: where
+    batched segments keep their stacked operands (``cached_factors``; None: stacked at each call)."""
     acc = accumulation_dtype(x.dtype)
     n, k = y.shape[1], x.shape[1]
     for item in segment_plan(batch, groups):
@@ -121,5 +161,5 @@ def torch_add(y: Tensor, x: Tensor, batch, adapters: Sequence[Sequence[LoRAPath]
         _, members, tokens, lanes, dest, c = item
         xs = x.index_select(0, tokens).to(acc).view(len(members), c, k)
         out = torch.zeros((len(members), c, n), dtype=acc, device=y.device)
-        batched_paths(out, xs, [adapters[a] for a in members], x.dtype)
+        batched_paths(out, xs, [adapters[a] for a in members], x.dtype, cache, members)
         y.index_add_(0, dest, out.view(-1, n).index_select(0, lanes).to(y.dtype))

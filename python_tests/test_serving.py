@@ -1,0 +1,365 @@
+"""Many adapters on one base: mixed-adapter batches (sk.mixed_batch and PEFT's adapter_names), every
+method, dense and 4-bit bases, generate; the adapter bank (memory, load / delete one, a misfit refused)."""
+import copy
+import logging
+
+import pytest
+import torch
+
+import sharelora_kernels as sk
+from sharelora_kernels.model import adapter_names, adapter_store, adapter_tensors
+from sharelora_kernels.serving import layer_tables
+from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
+
+NAMES = list(METHOD_CONFIGS)
+
+
+def with_adapters(base, configs: dict, seed: int = 0):
+    """A copy of ``base`` with one random named adapter per config (the first active)."""
+    model = copy.deepcopy(base)
+    for i, (name, config) in enumerate(configs.items()):
+        sk.apply(model, sk.ShareLoRAConfig(**config), adapter_name=name)
+        sk.set_adapter(model, name)
+        randomize_adapters(model, seed=seed + i)
+    sk.set_adapter(model, next(iter(configs)))
+    return model
+
+
+@pytest.fixture(scope="module")
+def bank():
+    """A float64 tiny LLaMA (4 layers) and a copy holding one adapter of every method."""
+    base = tiny_model(layers=4, dtype=torch.float64)
+    return base, with_adapters(base, METHOD_CONFIGS)
+
+
+def alone(model, base, name, ids, **generate):
+    """Row(s) ``ids`` run with adapter ``name`` alone active ("__base__": the base model)."""
+    with torch.no_grad():
+        if name == "__base__":
+            return base.generate(ids, **generate) if generate else base(ids).logits
+        sk.set_adapter(model, name)
+        return model.generate(ids, **generate) if generate else model(ids).logits
+
+
+GREEDY = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+
+
+def test_each_row_equals_its_adapter_alone_every_method_and_base_rows(bank):
+    base, model = bank
+    rows = NAMES + ["__base__"] + NAMES[::-1][:4]
+    ids = token_batch(batch=len(rows), seq=5)
+    with torch.no_grad(), sk.mixed_batch(model, rows):
+        out = model(ids).logits
+    for i, name in enumerate(rows):
+        ref = alone(model, base, name, ids[i:i + 1])
+        assert (out[i:i + 1] - ref).abs().max() <= 1e-12 * ref.abs().max(), name
+
+
+def test_greedy_generate_and_beams_follow_each_rows_adapter(bank):
+    base, model = bank
+    rows = ["lora", "bishare_kron", "__base__", "similarity"]
+    ids = token_batch(batch=len(rows), seq=4, seed=5)
+    with sk.mixed_batch(model, rows):
+        tokens = model.generate(ids, **GREEDY)
+    with sk.mixed_batch(model, rows, expand=2):
+        beams = model.generate(ids, num_beams=2, **GREEDY)
+    for i, name in enumerate(rows):
+        assert torch.equal(tokens[i], alone(model, base, name, ids[i:i + 1], **GREEDY)[0]), name
+        assert torch.equal(beams[i], alone(model, base, name, ids[i:i + 1], num_beams=2, **GREEDY)[0]), name
+    with sk.mixed_batch(model, rows):
+        with pytest.raises(ValueError, match="gives 4 rows, the batch has 8"):
+            model.generate(ids, num_beams=2, **GREEDY)
+
+
+def test_float32_rows_match_the_float64_reference():
+    base64 = tiny_model(layers=4, dtype=torch.float64)
+    configs = {n: METHOD_CONFIGS[n] for n in ("lora", "similarity", "bishare_kron", "bishare_gate")}
+    model64 = with_adapters(base64, configs)
+    model32 = copy.deepcopy(model64).float()
+    rows = ["bishare_gate", "lora", "__base__", "similarity", "bishare_kron", "lora"]
+    ids = token_batch(batch=len(rows), seq=6)
+    with torch.no_grad(), sk.mixed_batch(model32, rows):
+        out = model32(ids).logits
+    for i, name in enumerate(rows):
+        ref = alone(model64, base64, name, ids[i:i + 1])
+        assert ((out[i:i + 1].double() - ref).abs().max() / ref.abs().max()).item() < 1e-5, name
+
+
+def test_conv1d_base_with_bias():
+    from tiny_models import tiny_family
+
+    base = tiny_family("gpt2").double()  # Conv1D projections (fan_in_fan_out) with biases
+    model = with_adapters(base, {"a": dict(method="share_b", r=2), "b": dict(method="lora", r=3)})
+    rows = ["b", "__base__", "a"]
+    ids = token_batch(batch=3, seq=4)
+    with torch.no_grad(), sk.mixed_batch(model, rows):
+        out = model(ids).logits
+    for i, name in enumerate(rows):
+        assert torch.allclose(out[i:i + 1], alone(model, base, name, ids[i:i + 1]), rtol=0, atol=1e-12), name
+
+
+def test_tables_follow_adapters_added_and_deleted(bank):
+    base, model = bank
+    model = copy.deepcopy(model)
+    ids = token_batch(batch=2, seq=3)
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad(), sk.mixed_batch(model, ["lora", "share_a"]):
+        model(ids)
+        tables = layer_tables(layer, NAMES)
+        sk.set_adapter(model, "share_a")  # what is active does not change the bank's tables
+        model(ids)
+        assert layer_tables(layer, NAMES) is tables
+    sk.apply(model, sk.ShareLoRAConfig(method="lora", r=2), adapter_name="late")
+    sk.set_adapter(model, "late")
+    randomize_adapters(model, seed=9)
+    sk.delete_adapter(model, "share_a")
+    rows = ["late", "lora"]
+    with torch.no_grad(), sk.mixed_batch(model, rows):
+        out = model(ids).logits
+    for i, name in enumerate(rows):
+        assert torch.allclose(out[i:i + 1], alone(model, base, name, ids[i:i + 1]), rtol=0, atol=1e-12), name
+    assert layer_tables(layer, adapter_names(model)) is not tables
+
+
+def test_adapters_changed_in_place_are_seen_by_the_next_batch(bank):
+    base, _ = bank
+    model = with_adapters(base, {"x": METHOD_CONFIGS["bishare_kron"], "y": METHOD_CONFIGS["bishare_kron"]})
+    rows = ["x", "y", "x", "y"]  # two adapters of one structure run batched: their stacked operands are kept
+    ids = token_batch(batch=4, seq=1)
+    with torch.no_grad(), sk.mixed_batch(model, rows):
+        first = model(ids).logits
+        for p in adapter_store(model, "x").parameters():  # in place, as load() writes a checkpoint
+            p.copy_(torch.randn_like(p) * 0.2)
+        second = model(ids).logits
+    assert (second[0] - first[0]).abs().max() > 1e-3 and torch.equal(second[1], first[1])
+    for i in (0, 1):
+        assert torch.allclose(second[i:i + 1], alone(model, base, rows[i], ids[i:i + 1]), rtol=0, atol=1e-12)
+
+
+def test_bad_input_is_refused_before_any_work(bank):
+    base, model = bank
+    ids = token_batch(batch=2, seq=3)
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]; this model's adapters are \['lora'"):
+        with sk.mixed_batch(model, ["lora", "nope"]):
+            pass
+    with pytest.raises(TypeError, match="list of adapter names"):
+        with sk.mixed_batch(model, "lora"):
+            pass
+    with pytest.raises(ValueError, match="gives 3 rows, the batch has 2"):
+        with torch.no_grad(), sk.mixed_batch(model, ["lora"] * 3):
+            model(ids)
+    with pytest.raises(ValueError, match="no ShareLoRA adapters"):
+        with sk.mixed_batch(base, ["__base__"]):
+            pass
+    model.train()
+    try:
+        with pytest.raises(ValueError, match="training mode"):
+            with sk.mixed_batch(model, ["lora", "lora"]):
+                pass
+    finally:
+        model.eval()
+    with sk.mixed_batch(model, ["lora", "lora"]):  # switched to training inside: refused at the first layer
+        model.train()
+        try:
+            with pytest.raises(RuntimeError, match="inference only"):
+                model(ids)
+        finally:
+            model.eval()
+    assert all(layer.mixed_batch is None for layer in model.modules() if isinstance(layer, sk.SharedLoRALinear))
+
+
+# ------------------------------------------------------------------------------------------ PEFT
+def test_peft_adapter_names_forward_generate_and_beams():
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    base = tiny_model(layers=4, dtype=torch.float64)
+    model = get_peft_model(copy.deepcopy(base), sk.ShareLoRAPeftConfig(**METHOD_CONFIGS["similarity"]))
+    model.add_adapter("kron", sk.ShareLoRAPeftConfig(**METHOD_CONFIGS["bishare_kron"]))
+    for i, name in enumerate(("default", "kron")):
+        model.set_adapter(name)
+        randomize_adapters(model, seed=i)
+    model.eval()
+    rows = ["kron", "__base__", "default", "kron"]
+    ids = token_batch(batch=4, seq=5)
+    with torch.no_grad():
+        out = model(input_ids=ids, adapter_names=rows).logits
+        tokens = model.generate(input_ids=ids, adapter_names=rows, **GREEDY)
+        beams = model.generate(input_ids=ids, adapter_names=rows, num_beams=2, **GREEDY)
+    for i, name in enumerate(rows):
+        with torch.no_grad():
+            if name == "__base__":
+                with model.disable_adapter():
+                    ref, gen, gen_b = (model(input_ids=ids[i:i + 1]).logits,
+                                       model.generate(input_ids=ids[i:i + 1], **GREEDY),
+                                       model.generate(input_ids=ids[i:i + 1], num_beams=2, **GREEDY))
+            else:
+                model.set_adapter(name)
+                ref, gen, gen_b = (model(input_ids=ids[i:i + 1]).logits,
+                                   model.generate(input_ids=ids[i:i + 1], **GREEDY),
+                                   model.generate(input_ids=ids[i:i + 1], num_beams=2, **GREEDY))
+        assert (out[i:i + 1] - ref).abs().max() <= 1e-12 * ref.abs().max(), name
+        assert torch.equal(tokens[i], gen[0]) and torch.equal(beams[i], gen_b[0]), name
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['x'\]; this model's adapters are \['default', 'kron'\]"):
+        model(input_ids=ids, adapter_names=["x"] * 4)
+    with pytest.raises(ValueError, match="gives 3 rows, the batch has 4"):
+        model(input_ids=ids, adapter_names=["kron"] * 3)
+    model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        model(input_ids=ids, adapter_names=rows)
+
+
+def test_peft_mixed_batch_routes_each_adapters_classifier_head():
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+    from tiny_models import tiny_family
+
+    bert = tiny_family("bert", head="seq_cls", num_labels=3).double()
+    config = dict(method="similarity", r=2, share_sets=[[0, 1]], task_type="SEQ_CLS")
+    model = get_peft_model(copy.deepcopy(bert), sk.ShareLoRAPeftConfig(**config))
+    model.add_adapter("other", sk.ShareLoRAPeftConfig(**{**config, "method": "lora", "share_sets": []}))
+    for i, name in enumerate(("default", "other")):
+        model.set_adapter(name)
+        randomize_adapters(model, seed=i)  # the adapter and its own copy of the classifier head
+    model.eval()
+    rows = ["other", "default", "__base__"]
+    ids = token_batch(batch=3, seq=5)
+    with torch.no_grad():
+        out = model(input_ids=ids, adapter_names=rows).logits
+        for i, name in enumerate(rows):
+            if name == "__base__":
+                ref = bert(input_ids=ids[i:i + 1]).logits
+            else:
+                model.set_adapter(name)
+                ref = model(input_ids=ids[i:i + 1]).logits
+            assert torch.allclose(out[i:i + 1], ref, rtol=0, atol=1e-12), name
+
+
+def test_peft_load_adapter_adds_one_to_the_bank_and_refuses_a_misfit(tmp_path):
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    base = tiny_model(layers=2, dtype=torch.float64)
+    config = sk.ShareLoRAPeftConfig(method="share_a", r=3, target_modules=TARGETS)
+    donor = get_peft_model(copy.deepcopy(base), config)
+    randomize_adapters(donor, seed=4)
+    donor.save_pretrained(tmp_path / "fits")
+    wide = tiny_model(layers=2, dtype=torch.float64)
+    wide = type(wide)(type(wide.config)(**{**wide.config.to_dict(), "hidden_size": 64})).double()
+    get_peft_model(wide, config).save_pretrained(tmp_path / "wide")
+    model = get_peft_model(copy.deepcopy(base), config)
+    randomize_adapters(model, seed=5)
+    model.eval()
+    ids = token_batch(batch=2, seq=4)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    with pytest.raises(ValueError, match="does not match this model"):
+        model.load_adapter(tmp_path / "wide", adapter_name="wide")
+    assert list(model.peft_config) == ["default"] and list(sk.adapter_memory(model.base_model.model)) == ["default"]
+    model.load_adapter(tmp_path / "fits", adapter_name="fits")
+    assert list(sk.adapter_memory(model.base_model.model)) == ["default", "fits"]
+    with torch.no_grad():
+        out = model(input_ids=ids, adapter_names=["default", "fits"]).logits
+        assert torch.allclose(out[:1], before[:1], rtol=0, atol=1e-12)
+        assert torch.allclose(out[1:], donor.eval()(input_ids=ids[1:]).logits, rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ 4-bit base
+def test_4bit_base_rows_equal_their_adapter_alone(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    torch.manual_seed(0)  # bitsandbytes' CPU inference kernel wants every in_features a multiple of 64
+    LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu").eval()
+    configs = {n: dict(METHOD_CONFIGS[n], target_modules=TARGETS) for n in ("lora", "bishare_kron", "share_ab")}
+    model = with_adapters(base, configs)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    rows = ["share_ab", "__base__", "lora", "bishare_kron"]
+    ids = token_batch(batch=4, seq=5)
+    with torch.no_grad(), sk.mixed_batch(model, rows):
+        out = model(ids).logits
+    for i, name in enumerate(rows):
+        with torch.no_grad():
+            if name == "__base__":
+                with sk.disable_adapters(model):
+                    ref = model(ids[i:i + 1]).logits
+            else:
+                sk.set_adapter(model, name)
+                ref = model(ids[i:i + 1]).logits
+        assert ((out[i:i + 1] - ref).abs().max() / ref.abs().max()).item() < 1e-5, name
+
+
+# ---------------------------------------------------------------------------------- adapter bank
+def test_adapter_memory_counts_each_unique_tensor_once(bank):
+    _, model = bank
+    memory = sk.adapter_memory(model)
+    assert list(memory) == NAMES
+    for name in NAMES:
+        tensors = adapter_tensors(model, name)
+        assert memory[name] == sum(t.numel() * t.element_size() for t in tensors.values()), name
+        plan = model.sharelora_plans[name]
+        reads = sum(len(p.tensors) for m in plan.modules.values() for p in m.paths)
+        assert reads > len(tensors) or name == "lora"  # shared tensors are read by several layers, stored once
+    assert memory["share_ab"] < memory["share_a"] < memory["lora"]
+
+
+def test_load_adds_one_adapter_without_touching_the_others_and_delete_frees_it(bank, tmp_path):
+    base, model = bank
+    model = copy.deepcopy(model)
+    donor = with_adapters(base, {"kron2": METHOD_CONFIGS["bishare_kron"]}, seed=7)
+    sk.save(donor, tmp_path / "kron2")
+    ids = token_batch(batch=3, seq=4)
+    rows = ["lora", "bishare_gate", "__base__"]
+    with torch.no_grad(), sk.mixed_batch(model, rows):
+        before = model(ids).logits
+    before_memory = sk.adapter_memory(model)
+    sk.load(model, tmp_path / "kron2", adapter_name="kron2")
+    assert sk.adapter_memory(model) == {**before_memory, "kron2": sk.adapter_memory(donor)["kron2"]}
+    with torch.no_grad(), sk.mixed_batch(model, rows + ["kron2"]):
+        after = model(torch.cat([ids, ids[:1]])).logits
+    assert torch.equal(after[:3], before)
+    assert torch.allclose(after[3:], alone(donor, base, "kron2", ids[:1]), rtol=0, atol=1e-12)
+    sk.delete_adapter(model, "kron2")
+    assert sk.adapter_memory(model) == before_memory
+    assert not any("kron2" in n for n, _ in model.named_parameters())
+
+
+def test_an_adapter_of_another_base_is_refused_before_the_bank_changes(bank, tmp_path):
+    _, model = bank
+    model = copy.deepcopy(model)
+    other = sk.apply(tiny_model(layers=3, dtype=torch.float64), sk.ShareLoRAConfig(method="lora", r=3))
+    wide = tiny_model(layers=4, dtype=torch.float64)
+    wide = sk.apply(type(wide)(type(wide.config)(**{**wide.config.to_dict(), "hidden_size": 64})).double(),
+                    sk.ShareLoRAConfig(method="lora", r=3))
+    sk.save(other, tmp_path / "layers")
+    sk.save(wide, tmp_path / "wide")
+    names, memory = adapter_names(model), sk.adapter_memory(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="does not match the model: number of layers"):
+        sk.load(model, tmp_path / "layers", adapter_name="new")
+    with pytest.raises(ValueError, match="does not match the model"):
+        sk.load(model, tmp_path / "wide", adapter_name="new")
+    assert adapter_names(model) == names and sk.adapter_memory(model) == memory
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------- bench --serving
+def test_bench_serving_smoke_run_writes_every_case(tmp_path, monkeypatch):
+    import json
+
+    pytest.importorskip("peft")
+    from sharelora_kernels.benchmarks import main, serving
+
+    monkeypatch.setitem(serving.PROFILES, "quick", (2, 0, 1, (1, 2)))  # the smallest run that has every column
+    written = main(["--serving", "--quick", "--device", "cpu", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "serving.json").read_text())["serving"]
+    assert set(written) == {"json", "markdown"} and (tmp_path / "serving.md").is_file()
+    rows = {(r["method"], r["adapters"]): r for r in data["rows"]}
+    assert set(rows) == {(m, n) for m in serving.METHODS for n in (1, 2)}
+    lora, shared, kron = (rows[(m, 2)]["bytes_per_adapter"] for m in serving.METHODS)
+    assert lora == rows[("lora", 2)]["peft_lora_bytes_per_adapter"] and kron < shared < lora
+    assert all(r["decode_ours_tokens_per_s"] > 0 and r["prefill_vs_one_adapter"] > 0 for r in data["rows"])

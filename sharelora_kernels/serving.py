@@ -1,0 +1,146 @@
+"""Many adapters on one base: mixed-adapter batches and the adapter bank's accounting.
+
+``with mixed_batch(model, ["a", "b", "__base__", "a"]): model.generate(...)`` runs each row of a
+batch with its own adapter in one forward: every ``SharedLoRALinear`` computes its base once for the
+whole batch and adds each row's adapter through ``ops.multi_adapter_add`` (rows grouped by adapter;
+each adapter's shared tensors read once per segment, never copied per layer or per row). The per-batch
+metadata (``ops.adapter_batch``) is built once per batch shape (the prefill, then the decode steps'
+one token per row) and read by every layer; each layer keeps the tables of its adapters
+(``ops.adapter_tables``) and rebuilds them when an adapter is added, deleted or replaced.
+
+Mixed batches are inference: refused in training mode (as PEFT refuses ``adapter_names``), computed
+without autograd in eval mode. The adapters are the model's named adapters (``apply`` / ``load`` with
+``adapter_name=``, or a PEFT model's), whatever is active; ``"__base__"`` names a row without adapter.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import ops
+from .base import compute_dtype
+from .layer import SharedLoRALinear
+from .model import adapter_names, adapter_store, shared_layers
+
+BASE_NAME = "__base__"  # PEFT's name of a row without adapter
+
+
+class MixedBatch:
+    """The rows' adapters of one mixed batch, shared by every layer of the model.
+
+    known: the model's adapter names (adapter i of the tables); rows: one adapter index per row
+    (``ops.BASE`` for "__base__"), each repeated ``expand`` times (generate's beams / return sequences).
+    """
+
+    def __init__(self, known: Sequence[str], rows: Sequence[int]):
+        self.known = tuple(known)
+        self.rows = tuple(rows)
+        self._batches: dict[tuple, ops.AdapterBatch] = {}
+
+    def batch(self, tokens_per_row: int, device: torch.device) -> ops.AdapterBatch:
+        """The metadata of a forward with ``tokens_per_row`` tokens per row, built once per shape."""
+        key = (tokens_per_row, device)
+        if key not in self._batches:
+            self._batches[key] = ops.adapter_batch(self.rows, len(self.known), tokens_per_row, device)
+        return self._batches[key]
+
+    def forward(self, layer: SharedLoRALinear, x: Tensor) -> Tensor:
+        """``layer``'s output for x (B, T, K) or (B, K), row b with adapter ``rows[b]``."""
+        if layer.training:
+            raise RuntimeError("a mixed-adapter batch is inference only: call model.eval() (the layer is in "
+                               "training mode)")
+        if x.dim() < 2 or x.shape[-1] != layer.in_features:
+            raise ValueError(f"input has shape {tuple(x.shape)}, this layer expects (rows, ..., {layer.in_features})")
+        if x.shape[0] != len(self.rows):
+            raise ValueError(f"adapter_names gives {len(self.rows)} rows, the batch has {x.shape[0]}: give one name "
+                             "per row (generate's num_beams / num_return_sequences repeat rows: pass expand)")
+        if x.device != layer.weight.device:
+            raise ValueError(f"input is on {x.device}, the layer's weight on {layer.weight.device}")
+        batch = self.batch(x[0].numel() // x.shape[-1], x.device)
+        tables = layer_tables(layer, self.known)
+        with torch.no_grad():
+            if layer.layout.computes_itself:
+                dtype = compute_dtype(layer.base_layer, layer.layout, x)
+                return ops.multi_adapter_add(layer.base_layer(x), x, batch, tables, dtype)
+            if x.dtype != layer.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+                raise ValueError(f"input dtype {x.dtype} does not match the weight dtype {layer.weight.dtype}")
+            return ops.multi_adapter_linear(x, layer.base_weight(), layer.bias, batch, tables)
+
+
+def layer_tables(layer: SharedLoRALinear, known: Sequence[str]) -> ops.AdapterTables:
+    """The layer's ``ops.AdapterTables`` for adapters ``known`` (an adapter the layer lacks: no paths),
+    cached on the layer; rebuilt when one of its adapters is added, deleted or replaced (the identity of
+    its path lists), or the names, device or dtype of its tensors change (``.to()``), not when another
+    adapter is made active. Tensors loaded in place (``load``) are read live."""
+    paths = layer.adapter_paths
+    first = next((m.as_path().tensors[0] for ms in paths.values() for m in ms), None)
+    key = (tuple(paths._modules), tuple(map(id, paths._modules.values())), tuple(known),
+           None if first is None else (first.device, first.dtype))
+    cached = layer.__dict__.get("_mixed_tables")
+    if cached is None or cached[0] != key:
+        adapters = [[m.as_path() for m in paths[n]] if n in paths else [] for n in known]
+        layer.__dict__["_mixed_tables"] = (key, ops.adapter_tables(adapters, layer.in_features, layer.out_features))
+    return layer.__dict__["_mixed_tables"][1]
+
+
+def row_indices(model: nn.Module, names: Sequence[str], expand: int = 1) -> tuple[list[str], list[int]]:
+    """The model's adapter names and one index per row (``ops.BASE`` for "__base__"), each name
+    repeated ``expand`` times in a row; ValueError (TypeError for a non-list) before any work."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise TypeError(f"adapter_names must be a list of adapter names, one per row, got {type(names).__name__}")
+    if isinstance(expand, bool) or not isinstance(expand, int) or expand < 1:
+        raise ValueError(f"expand must be a positive int, got {expand!r}")
+    known = adapter_names(model)
+    if not known:
+        raise ValueError("this model has no ShareLoRA adapters: apply or load some before a mixed batch")
+    unknown = sorted({n for n in names if n != BASE_NAME and n not in known}, key=str)
+    if unknown:
+        raise ValueError(f"adapter_names has unknown adapter(s) {unknown}; this model's adapters are {known} "
+                         f"(and {BASE_NAME!r} for a row without adapter)")
+    if getattr(model, "training", False):
+        raise ValueError("cannot run a mixed-adapter batch in training mode (inference only, as PEFT's "
+                         "adapter_names): call model.eval() first")
+    if any(layer.merged for layer in shared_layers(model)):
+        raise ValueError("the model's adapters are merged into its weights: unmerge before a mixed-adapter batch")
+    index = {n: i for i, n in enumerate(known)}
+    return known, [index.get(n, ops.BASE) for n in names for _ in range(expand)]
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str], expand: int = 1) -> Iterator[nn.Module]:
+    """``with mixed_batch(model, names): model(ids)`` / ``model.generate(ids, ...)``: row b of every
+    forward inside uses adapter ``names[b]`` ("__base__": the base alone), all in one batch.
+
+    adapter_names: one of the model's adapter names (or "__base__") per row of the batch; expand: how
+    many times generate repeats each row (``num_beams`` for beam search, else ``num_return_sequences``).
+    Inference only: ValueError in training mode, for an unknown name (the known ones listed), on a
+    merged model; a forward whose rows do not match raises ValueError before it computes anything.
+    """
+    known, rows = row_indices(model, adapter_names, expand)
+    state = MixedBatch(known, rows)
+    layers = shared_layers(model)
+    before = [layer.mixed_batch for layer in layers]
+    for layer in layers:
+        layer.mixed_batch = state
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, before):
+            layer.mixed_batch = was
+
+
+def adapter_memory(model: nn.Module) -> dict[str, int]:
+    """Bytes of each named adapter's tensors, each unique storage counted once (a shared tensor once,
+    however many layers read it): adapter name -> bytes, in the order the adapters were added."""
+    out = {}
+    for name in adapter_names(model):
+        storages = {}
+        for p in adapter_store(model, name).parameters():
+            s = p.untyped_storage()
+            storages[(p.device, s.data_ptr())] = s.nbytes()
+        out[name] = sum(storages.values())
+    return out
