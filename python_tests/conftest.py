@@ -42,4 +42,6 @@ def _sharelora_settings_follow_monkeypatch(monkeypatch):
 
     monkeypatch.setenv, monkeypatch.delenv = setenv_and_refresh, delenv_and_refresh
     yield
-    dispatch.set_backend(None)
+    monkeypatch.undo()  # the environment as it was, read again: a module-scoped fixture that runs
+    dispatch.set_backend(None)  # before the next test's setup must not see this test's settings
+    dispatch.refresh_settings()

@@ -14,7 +14,7 @@ Read ratios, not times: each is a variant's median time over base's median in th
 load from other work hits both alike. Every option and the output folder are checked before any
 timing starts.
 
---host times only the host work of one layer call (``benchmarks/host.py``: tiny shapes on the CPU,
+--host times only the host work of one layer call (benchmarks/host.py: tiny shapes on the CPU,
 one thread, CPU time of this process; nn.Linear, PEFT's layer and ours on torch / compose / triton
 with stubbed launches, every layer kind, a tiny-LLaMA step) into host.json / host.md / host.png;
 a CPU run without --host includes it too.

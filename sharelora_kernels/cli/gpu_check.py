@@ -65,8 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder for gpu_check.json and the dispatch cache "
                         "(default: a new ./sharelora-bench/gpu-check-<device>-<date>[-N]/)")
     p.add_argument("--budget", metavar="SECONDS", type=float, default=DEFAULT_BUDGET,
-                   help=f"hard limit for the whole command, in seconds, compiles included (at least "
-                        f"{MIN_BUDGET:g}; default: {DEFAULT_BUDGET:g})")
+                   help=f"hard limit for the whole command, in seconds, compiles included, at least {MIN_BUDGET:g} "
+                        f"(default: {DEFAULT_BUDGET:g})")
     p.add_argument("--tiny", action="store_true",
                    help="tiny shapes on the CPU through the Triton interpreter: a smoke run, its numbers mean "
                         "nothing (default: off, the real check on a CUDA GPU)")

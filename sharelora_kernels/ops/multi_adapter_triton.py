@@ -35,7 +35,7 @@ from ..reference import LoRAPath
 from .autotune import sm_count
 from .gemm_tiles import LOWRANK_CHUNK, lowrank_tile
 from .tables import build_tables, gate_a_eff
-from .utils import INTERPRET, TL_DTYPES, dot_precision, load_factor, mma
+from .utils import INTERPRET, TL_DTYPES, cdiv, dot_precision, load_factor, mma, on_device
 
 
 @triton.jit(do_not_specialize=["K_STEPS"])
@@ -195,22 +195,24 @@ def triton_add(y: Tensor, x: Tensor, batch, bank: BankTables) -> None:
     num_tiles, block_m = batch.tiles.shape[0], batch.block_m
     block_r = shrink_rank_tile(block_m, bank.r_max, x.element_size())
     cfg = shrink_config(x.element_size(), block_r, block_m)
-    rank_tiles = triton.cdiv(bank.r_max, block_r)
+    rank_tiles = cdiv(bank.r_max, block_r)
     splits = k_splits(num_tiles * rank_tiles, k, cfg["BLOCK_K"], x.device)
-    k_steps = triton.cdiv(triton.cdiv(k, splits), cfg["BLOCK_K"])
-    splits = triton.cdiv(k, k_steps * cfg["BLOCK_K"])
+    k_steps = cdiv(cdiv(k, splits), cfg["BLOCK_K"])
+    splits = cdiv(k, k_steps * cfg["BLOCK_K"])
     h = torch.empty((splits, m_active, bank.r_max), device=x.device, dtype=torch.float32)
-    _shrink_kernel[(num_tiles, rank_tiles, splits)](
-        x, batch.order, batch.tiles, bank.ranks, bank.a, h,
-        k, k_steps, x.stride(0), x.stride(1), h.stride(0), h.stride(1),
-        DOT_PRECISION=dot_precision(x.dtype), FACTOR_DTYPE=bank.dtype, PERIODIC=bank.periodic,
-        BLOCK_M=block_m, BLOCK_R=block_r, **cfg,
-    )
+    with on_device(x):
+        _shrink_kernel[(num_tiles, rank_tiles, splits)](
+            x, batch.order, batch.tiles, bank.ranks, bank.a, h,
+            k, k_steps, x.stride(0), x.stride(1), h.stride(0), h.stride(1),
+            DOT_PRECISION=dot_precision(x.dtype), FACTOR_DTYPE=bank.dtype, PERIODIC=bank.periodic,
+            BLOCK_M=block_m, BLOCK_R=block_r, **cfg,
+        )
     h = h[0] if splits == 1 else h.sum(0)
     cfg = expand_config(block_m)
-    _expand_kernel[(num_tiles, triton.cdiv(n, cfg["BLOCK_N"]))](
-        h, batch.order, batch.tiles, bank.ranks, bank.b, bank.scale, y,
-        n, h.stride(0), y.stride(0), y.stride(1),
-        DOT_PRECISION=dot_precision(x.dtype), DTYPE=TL_DTYPES[x.dtype], FACTOR_DTYPE=bank.dtype,
-        PERIODIC=bank.periodic, BLOCK_M=block_m, BLOCK_R=LOWRANK_CHUNK, **cfg,
-    )
+    with on_device(x):
+        _expand_kernel[(num_tiles, cdiv(n, cfg["BLOCK_N"]))](
+            h, batch.order, batch.tiles, bank.ranks, bank.b, bank.scale, y,
+            n, h.stride(0), y.stride(0), y.stride(1),
+            DOT_PRECISION=dot_precision(x.dtype), DTYPE=TL_DTYPES[x.dtype], FACTOR_DTYPE=bank.dtype,
+            PERIODIC=bank.periodic, BLOCK_M=block_m, BLOCK_R=LOWRANK_CHUNK, **cfg,
+        )
