@@ -119,9 +119,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     profile = "quick" if args.quick else device.type
     (op_w, op_r), (check_w, check_r), (e2e_w, e2e_r) = REPEATS[profile]
     op_r = args.repeats or op_r
-    if argv is None:  # python -m sharelora_kernels bench ...: record what follows "bench"
-        argv = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else sys.argv[1:]
-    env = describe(device, argv)
+    env = describe(device, recorded_argv(argv))
     env["sharelora_backend_env"] = os.environ.get("SHARELORA_BACKEND")
     out = args.out or numbered_dir(OUT_ROOT, f"{device_label(device)}-{env['date']}")
     print(f"bench: results go to {out}" + (" (smoke run: --quick)" if args.quick else ""), file=sys.stderr)
@@ -152,6 +150,14 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     return written
 
 
+def recorded_argv(argv: list[str] | None) -> list[str]:
+    """The command line a result records: ``argv``, or (``python -m sharelora_kernels bench ...``)
+    what follows "bench" in ``sys.argv``."""
+    if argv is not None:
+        return argv
+    return sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else sys.argv[1:]
+
+
 def _report(written: dict, env: dict) -> None:
     """Print the files written, then the load warning when the machine was busier than its cores."""
     from .environment import load_warning
@@ -174,8 +180,7 @@ def _run_host(args: argparse.Namespace, argv: list[str] | None) -> dict:
     from .host import write as write_host
 
     set_threads(args)
-    if argv is None:
-        argv = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else sys.argv[1:]
+    argv = recorded_argv(argv)
     device = torch.device("cpu")
     env = describe(device, argv)
     out = args.out or numbered_dir(OUT_ROOT, f"host-{device_label(device)}-{env['date']}")
@@ -210,8 +215,7 @@ def run_serving(args: argparse.Namespace, argv: list[str] | None) -> dict:
     set_threads(args)
     device = torch.device(resolve_device(args.device))
     profile = "quick" if args.quick else device.type
-    if argv is None:
-        argv = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else sys.argv[1:]
+    argv = recorded_argv(argv)
     env = describe(device, argv)
     out = args.out or numbered_dir(OUT_ROOT, f"{device_label(device)}-{env['date']}-serving")
     print(f"bench --serving: results go to {out}" + (" (smoke run: --quick)" if args.quick else ""), file=sys.stderr)
