@@ -181,6 +181,11 @@ def _specs() -> list[KernelSpec]:
     ]
 
 
+def kernel_names() -> set[str]:
+    """Every kernel the report covers (what a complete report holds)."""
+    return {spec.name for spec in _specs()}
+
+
 def _signature(spec: KernelSpec, case: Case, config: triton.Config, dtypes: tuple[str, str, str], flags: dict,
                block_r: int) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) of one compile, specialised as the launcher specialises."""
