@@ -351,11 +351,15 @@ class SharedLoRALinear(nn.Module):
             return F.linear(x, weight, self.bias)
         return ops.lora_linear(x, weight, self.bias, [m.as_path() for m in paths], self.dropout, self.training)
 
-    def _run_computing_base(self, plan: call_plan.CallPlan, x: Tensor) -> Tensor:
-        """A quantized base's own forward, then the plan adds the paths into its output in place."""
+    def _base_output(self, x: Tensor) -> Tensor:
+        """A quantized base's own forward ``x W^T + b``."""
         if self.layout.kind == "bnb_4bit" and torch.is_grad_enabled() and (self.training or x.requires_grad):
             standard_4bit_layout(self.base_layer)  # after an eval pass on the CPU: a layout with a backward
-        y = self.base_layer(x)
+        return self.base_layer(x)
+
+    def _run_computing_base(self, plan: call_plan.CallPlan, x: Tensor) -> Tensor:
+        """A quantized base's own forward, then the plan adds the paths into its output in place."""
+        y = self._base_output(x)
         if plan.backend == "base":
             return y
         return plan.run(y, x)
@@ -363,9 +367,7 @@ class SharedLoRALinear(nn.Module):
     def _forward_computing_base(self, x: Tensor) -> Tensor:
         """A quantized base's own forward, then the paths added into its output in place."""
         dtype = compute_dtype(self.base_layer, self.layout, x)
-        if self.layout.kind == "bnb_4bit" and torch.is_grad_enabled() and (self.training or x.requires_grad):
-            standard_4bit_layout(self.base_layer)  # after an eval pass on the CPU: a layout with a backward
-        y = self.base_layer(x)
+        y = self._base_output(x)
         paths = self.active_path_modules()
         if self.merged or not paths:
             return y

@@ -58,16 +58,13 @@ class MixedBatch:
         if x.shape[0] != len(self.rows):
             raise ValueError(f"adapter_names gives {len(self.rows)} rows, the batch has {x.shape[0]}: give one name "
                              "per row (generate's num_beams / num_return_sequences repeat rows: pass expand)")
-        if x.device != layer.weight.device:
-            raise ValueError(f"input is on {x.device}, the layer's weight on {layer.weight.device}")
+        layer._check_call(x)  # the device and dtype checks of the layer's own call
         batch = self.batch(x[0].numel() // x.shape[-1], x.device)
         tables = layer_tables(layer, self.known)
         with torch.no_grad():
             if layer.layout.computes_itself:
                 dtype = compute_dtype(layer.base_layer, layer.layout, x)
-                return ops.multi_adapter_add(layer.base_layer(x), x, batch, tables, dtype)
-            if x.dtype != layer.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-                raise ValueError(f"input dtype {x.dtype} does not match the weight dtype {layer.weight.dtype}")
+                return ops.multi_adapter_add(layer._base_output(x), x, batch, tables, dtype)
             return ops.multi_adapter_linear(x, layer.base_weight(), layer.bias, batch, tables)
 
 

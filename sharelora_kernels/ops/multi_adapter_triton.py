@@ -132,8 +132,8 @@ def expand_config(block_m: int) -> dict:
 def k_splits(programs: int, k: int, block_k: int, device: torch.device) -> int:
     """Programs sharing the K reduction of the shrink: about two waves on the GPU when the tiles
     alone would leave SMs idle, each split at least 4 BLOCK_K steps (1 step under the interpreter)."""
-    steps = triton.cdiv(k, block_k if INTERPRET else 4 * block_k)
-    return max(1, min(triton.cdiv(2 * sm_count(device), max(programs, 1)), steps))
+    steps = cdiv(k, block_k if INTERPRET else 4 * block_k)
+    return max(1, min(cdiv(2 * sm_count(device), max(programs, 1)), steps))
 
 
 # ----------------------------------------------------------------------------- bank tables
