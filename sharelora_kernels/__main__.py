@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import threading
 
 # Subcommand name -> module defining HELP, add_arguments(parser) and run(args). Add a command here.
 COMMANDS = {
@@ -20,11 +22,42 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:  # before a command's own handling: while its modules are imported
-        print("sharelora_kernels: interrupted", file=sys.stderr)
-        return 130
+    with _CtrlC() as ctrl_c:
+        try:
+            return _main(argv)
+        except KeyboardInterrupt:  # before a command's own handling: while its modules are imported
+            pass
+        except Exception:
+            if not ctrl_c.pressed:
+                raise
+            # A library swallowed the KeyboardInterrupt and failed later because of it (transformers'
+            # lazy imports report a half-imported module as missing): the Ctrl-C is what happened.
+    print("sharelora_kernels: interrupted", file=sys.stderr)
+    return 130
+
+
+class _CtrlC:
+    """Within ``with``: Ctrl-C (SIGINT) raises KeyboardInterrupt as Python's default handler does,
+    and ``pressed`` records that it came. Installed only over the default handler, in the main thread."""
+
+    def __init__(self):
+        self.pressed = False
+        self._installed = False
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread() and (
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            signal.signal(signal.SIGINT, self._on_sigint)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
 
 
 def _main(argv: list[str] | None) -> int:
