@@ -143,6 +143,39 @@ def test_autocast_and_train_eval_rebuild_the_plan():
     assert layer._plan is eval_plan  # the eval plan was kept, and still fits
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_over_a_base_in_its_dtype_runs_the_plan(x_dtype, monkeypatch):
+    """A bf16 base with fp32 adapters (PEFT's habit) under bf16 autocast: the plan casts x and runs
+    compose with autocast off, the router is not called again; output and every gradient within
+    bf16 tolerance of float64 (the router's too); autocast is on again after a call."""
+    layer = bishare_layer()
+    layer.weight.data, layer.bias.data = layer.weight.data.bfloat16(), layer.bias.data.bfloat16()
+    x = torch.randn(3, 5, K, dtype=x_dtype, requires_grad=True)
+    params = [t for p in layer.paths() for t in p.tensors]
+    dy = torch.randn(3, 5, N, dtype=torch.bfloat16)
+    routed = []
+    real = ops.lora_linear
+    monkeypatch.setattr(ops, "lora_linear", lambda *a, **kw: routed.append(1) or real(*a, **kw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ys = [layer(x) for _ in range(3)]
+        assert torch.is_autocast_enabled("cpu")
+        grads = torch.autograd.grad(ys[-1], [x, *params], dy)
+        y_router = real(x, layer.base_weight(), layer.bias, layer.paths())
+        grads_router = torch.autograd.grad(y_router, [x, *params], dy)
+    assert not routed and layer._plan.backend == "compose"
+    assert ys[-1].dtype == torch.bfloat16 and [g.dtype for g in grads] == [x_dtype] + [torch.float32] * len(params)
+    x64 = x.detach().double().requires_grad_()
+    p64 = [t.detach().double().requires_grad_() for t in params]
+    paths64, i = [], 0
+    for p in layer.paths():
+        paths64.append(p._replace(tensors=tuple(p64[i:i + len(p.tensors)])))
+        i += len(p.tensors)
+    y64 = reference.lora_linear(x64, layer.base_weight().double(), layer.bias.double(), paths64)
+    grads64 = torch.autograd.grad(y64, [x64, *p64], dy.double())
+    for ours, router, exact in zip([ys[-1], *grads], [y_router, *grads_router], [y64, *grads64]):
+        assert rel_err(ours, exact) < 2e-2 and rel_err(router, exact) < 2e-2
+
+
 def test_merge_and_paths_version_rebuild_the_plan():
     layer = bishare_layer()
     x = torch.randn(4, K)

@@ -13,7 +13,8 @@ negligible and the time of a call is its host time. Variants, on the same x:
 
 Layer kinds: plain r=8; one slice, gate or Kronecker path; a 3-path Bi-Share module (plain r=2 and
 slices r=4 and r=32 of shared tensors); q/k/v of one input as an input group; plain r=8 on a
-bitsandbytes 4-bit base (when bitsandbytes is installed). Modes: ``fwd_nograd`` (under
+bitsandbytes 4-bit base (when bitsandbytes is installed); plain r=8 on a bf16 base with fp32 adapters
+under bf16 autocast (what a Trainer with ``bf16=True`` runs), x in bf16. Modes: ``fwd_nograd`` (under
 torch.no_grad), ``fwd`` (x and the adapters require grad), ``fwd+bwd``. Plus one training step
 (forward, loss, backward, AdamW, zero_grad) of a tiny LLaMA (hidden 64, 4 layers, every
 q/k/v/o/gate/up/down, r=8, batch 2 x 32): ours (lora and similarity) against PEFT's LoRA.
@@ -46,7 +47,7 @@ from .ops import bishare_slice_paths, gate_paths, kron_paths, peft_layer, plain_
 M, K, N, R = 8, 64, 64, 8
 MODES = ("fwd_nograd", "fwd", "fwd+bwd")
 VARIANTS = ("linear", "peft", "torch", "compose", "triton_stub")
-KINDS = ("plain", "slice", "gate", "kron", "bishare3", "grouped_qkv", "4bit")
+KINDS = ("plain", "slice", "gate", "kron", "bishare3", "grouped_qkv", "4bit", "bf16_autocast")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -111,6 +112,9 @@ def kind_calls(kind: str) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tens
     if kind == "grouped_qkv":
         return _grouped_calls()
     base = _base(0)
+    if kind == "bf16_autocast":  # a bf16 base, fp32 adapters (PEFT's default under autocast), bf16 autocast
+        base = base.to(torch.bfloat16)
+        return {"linear": base, "peft": _peft(base), "ours": layer_with_paths(copy.deepcopy(base), PATHS["plain"]())}, {}
     ours = layer_with_paths(copy.deepcopy(base), PATHS[kind]())
     peft = _peft(base)
     return {"linear": base, "peft": peft, "ours": ours}, {}
@@ -207,7 +211,8 @@ def run_kind(kind: str, rounds: int, burst: int) -> dict:
     calls, skipped = kind_calls(kind)
     if not calls:
         return {"kind": kind, "skipped": skipped}
-    x = torch.randn(M, K)
+    autocast = kind == "bf16_autocast"
+    x = torch.randn(M, K, dtype=torch.bfloat16 if autocast else torch.float32)
     xg = x.clone().requires_grad_()
     ours = calls.pop("ours")
     variants = {"linear": calls["linear"], "peft": calls["peft"]}
@@ -215,13 +220,23 @@ def run_kind(kind: str, rounds: int, burst: int) -> dict:
     result: dict = {"kind": kind, "modes": {}, "skipped": skipped}
     for mode in MODES:
         xm = x if mode == "fwd_nograd" else xg
-        runs = {name: (contextlib.nullcontext, _step(call, mode, xm)) for name, call in variants.items()}
+        runs = {name: (lambda: _autocast(autocast), _step(call, mode, xm)) for name, call in variants.items()}
         for name, backend in backends.items():
-            runs[name] = (lambda b=backend: on_backend(b), _step(ours, mode, xm))
+            runs[name] = (lambda b=backend: _on_backend_autocast(b, autocast), _step(ours, mode, xm))
         times = interleaved_us(runs, rounds, burst)
         peft = times["peft"]["median_us"]
         result["modes"][mode] = {name: {**t, "ratio_vs_peft": t["median_us"] / peft} for name, t in times.items()}
     return result
+
+
+def _autocast(on: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _on_backend_autocast(backend: str, autocast: bool):
+    with on_backend(backend), _autocast(autocast):
+        yield
 
 
 @contextlib.contextmanager

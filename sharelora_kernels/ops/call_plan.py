@@ -140,7 +140,11 @@ def build_linear(env: tuple, sources: Sequence[Source], x: Tensor, weight: Tenso
     setting = backend_for(x)
     if setting == "torch":
         return CallPlan(env, sources, lambda x: reference.lora_linear(x, weight, bias, paths, dropout_p, training), "torch")
-    if _autocast_operands(x, weight, bias) is not None:  # casts of every call: the router's path
+    cast = _autocast_operands(x, weight, bias)
+    if cast is not None:
+        if cast[1] is weight and cast[2] is bias:  # the base in autocast's dtype: only x is cast per call
+            return _without_autocast(env, sources, cast[0], weight, bias, paths, dropout_p, training)
+        # a base of another dtype is cast every call (as autocast's linear does): the router's path
         return CallPlan(env, sources, lambda x: lora_linear(x, weight, bias, paths, dropout_p, training, backend=setting),
                         setting)
     runners = {"compose": _compose_runner(x, weight, bias, paths, dropout_p, training),
@@ -154,6 +158,24 @@ def build_linear(env: tuple, sources: Sequence[Source], x: Tensor, weight: Tenso
         name = "compose" if _compose_takes(x, weight, bias, paths) else "torch"
         return CallPlan(env, sources, runners[name], name)
     return CallPlan(env, sources, _auto_runner(runners, weight, bias, paths, dropout_p, training), "auto")
+
+
+def _without_autocast(env: tuple, sources: Sequence[Source], xs: Tensor, weight: Tensor, bias: Tensor | None,
+                      paths: Sequence[LoRAPath], dropout_p: float, training: bool) -> CallPlan:
+    """The plan under autocast when W and b are in its dtype already: x cast to that dtype, then the
+    plan of those operands with autocast off (what the router does, built once). ``xs``: x cast."""
+    device, dtype = xs.device.type, xs.dtype
+    with torch.autocast(device, enabled=False):
+        inner = build_linear(env, sources, xs, weight, bias, paths, dropout_p, training)
+    run_cast = inner.run
+
+    def run(x: Tensor) -> Tensor:
+        torch.set_autocast_enabled(device, False)
+        try:
+            return run_cast(x if x.dtype == dtype else x.to(dtype))
+        finally:
+            torch.set_autocast_enabled(device, True)
+    return CallPlan(env, sources, run, inner.backend)
 
 
 def _compose_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
