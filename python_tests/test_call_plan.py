@@ -52,15 +52,10 @@ def bishare_layer(dtype=torch.float32, kinds=("plain", "slice", "slice"), dropou
     return layer
 
 
-def check_against_float64(layer, x, tol=1e-5):
-    """The layer's output and the gradients of x and every adapter tensor vs float64 math."""
-    x = x.detach().requires_grad_()
-    params = [t for p in layer.paths() for t in p.tensors]
-    y = layer(x)
-    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    grads = torch.autograd.grad(y, [x, *params], dy.to(y.dtype))
+def float64_call(layer, x, dy):
+    """(y, the gradients of x and every adapter tensor) of the layer's math in float64, for dy."""
     x64 = x.detach().double().requires_grad_()
-    p64 = [t.detach().double().requires_grad_() for t in params]
+    p64 = [t.detach().double().requires_grad_() for p in layer.paths() for t in p.tensors]
     paths64, i = [], 0
     for p in layer.paths():
         paths64.append(p._replace(tensors=tuple(p64[i:i + len(p.tensors)])))
@@ -68,7 +63,17 @@ def check_against_float64(layer, x, tol=1e-5):
     weight = layer.base_weight().detach().double()
     bias = None if layer.bias is None else layer.bias.detach().double()
     y64 = reference.lora_linear(x64, weight, bias, paths64)
-    grads64 = torch.autograd.grad(y64, [x64, *p64], dy)
+    return y64, torch.autograd.grad(y64, [x64, *p64], dy.double())
+
+
+def check_against_float64(layer, x, tol=1e-5):
+    """The layer's output and the gradients of x and every adapter tensor vs float64 math."""
+    x = x.detach().requires_grad_()
+    params = [t for p in layer.paths() for t in p.tensors]
+    y = layer(x)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad(y, [x, *params], dy.to(y.dtype))
+    y64, grads64 = float64_call(layer, x, dy)
     assert rel_err(y, y64) < tol
     for g, g64 in zip(grads, grads64):
         assert rel_err(g, g64) < tol * 10
@@ -164,14 +169,7 @@ def test_autocast_over_a_base_in_its_dtype_runs_the_plan(x_dtype, monkeypatch):
         grads_router = torch.autograd.grad(y_router, [x, *params], dy)
     assert not routed and layer._plan.backend == "compose"
     assert ys[-1].dtype == torch.bfloat16 and [g.dtype for g in grads] == [x_dtype] + [torch.float32] * len(params)
-    x64 = x.detach().double().requires_grad_()
-    p64 = [t.detach().double().requires_grad_() for t in params]
-    paths64, i = [], 0
-    for p in layer.paths():
-        paths64.append(p._replace(tensors=tuple(p64[i:i + len(p.tensors)])))
-        i += len(p.tensors)
-    y64 = reference.lora_linear(x64, layer.base_weight().double(), layer.bias.double(), paths64)
-    grads64 = torch.autograd.grad(y64, [x64, *p64], dy.double())
+    y64, grads64 = float64_call(layer, x, dy)
     for ours, router, exact in zip([ys[-1], *grads], [y_router, *grads_router], [y64, *grads64]):
         assert rel_err(ours, exact) < 2e-2 and rel_err(router, exact) < 2e-2
 
