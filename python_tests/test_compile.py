@@ -137,3 +137,56 @@ def test_compiled_inference_under_auto_runs_what_auto_chooses(monkeypatch, tmp_p
     finally:
         dispatch.set_timer(previous)
         dispatch.clear()
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_training_under_auto_runs_the_remembered_choice(dynamic, monkeypatch, tmp_path):
+    """auto inside a compiled training call: dynamo cannot time, so the graph keeps the choice eager
+    calls made for the signature (kernels measured faster: the fused op, its backward included);
+    with no choice remembered, compose. The interpreter stands in for a GPU."""
+    from sharelora_kernels import ops
+    from sharelora_kernels.ops import dispatch, fused_lora_linear
+
+    monkeypatch.setenv("SHARELORA_BACKEND", "auto")
+    monkeypatch.setenv("SHARELORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(dispatch, "TIME_INTERPRETED_KERNELS", True)
+    ran = []
+    real = fused_lora_linear.forward_impl
+    monkeypatch.setattr(fused_lora_linear, "forward_impl", lambda *a: ran.append(1) or real(*a))
+    previous = dispatch.set_timer(lambda name, run, device: {"triton": 1.0, "compose": 2.0}[name])
+    try:
+        torch.manual_seed(0)
+        layer = SharedLoRALinear(torch.nn.Linear(24, 16), r=3)
+        torch.nn.init.normal_(layer.lora_paths[0].B)
+        x = torch.randn(2, 5, 24, requires_grad=True)
+        params = [x, *(t for p in layer.paths() for t in p.tensors)]
+
+        def compiled_step():
+            graphs = Graphs()
+            if dynamic:  # a dynamic batch: M symbolic, auto's choice guarded to M's bucket
+                torch._dynamo.mark_dynamic(x, 0)
+            compiled = torch.compile(layer, fullgraph=True, backend=graphs)
+            y = compiled(x)
+            assert graphs.count == 1
+            return y, torch.autograd.grad(y.pow(2).sum(), params)
+
+        for remembered in (True, False):
+            dispatch.clear()
+            torch._dynamo.reset()
+            if remembered:
+                layer(x).sum().backward()  # eager: verified, measured, remembered
+                assert [r["choice"] for r in ops.dispatch_table()] == ["triton"]
+            else:
+                for f in tmp_path.iterdir():
+                    f.unlink()
+            ran.clear()
+            y, grads = compiled_step()
+            assert bool(ran) == remembered
+            ref = ops.lora_linear(x, layer.weight, layer.bias, layer.paths(), backend="compose")
+            grads_ref = torch.autograd.grad(ref.pow(2).sum(), params)
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+            for g, r in zip(grads, grads_ref):
+                torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    finally:
+        dispatch.set_timer(previous)
+        dispatch.clear()

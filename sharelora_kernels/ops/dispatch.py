@@ -16,8 +16,11 @@ one is differentiated by its own backward. A training signature is timed as forw
 
 Timing runs on detached copies of the call's own tensors (no gradient reaches the real ones), with
 the random state forked (a user's seeded run draws the same numbers whether or not it measured).
-The timer is injectable (``set_timer``) for tests. Where nothing can be timed (inside
-``torch.compile`` tracing or a CUDA graph capture) ``auto`` runs ``compose``, or an earlier choice.
+The timer is injectable (``set_timer``) for tests. Where nothing can be timed (a CUDA graph capture,
+or dynamo tracing a compiled call) ``auto`` runs an earlier choice for the signature (eager calls of
+this process, or the cache file; the compiled graph keeps it, a dynamic batch size guarded to its
+M bucket), else ``compose``. A compiled inference call needs none: it traces one
+opaque op that chooses when it runs (``auto_op``).
 
 ``auto`` verifies before it trusts: on the same inputs it compares the kernels' results with
 ``compose``'s (the output; for a training signature also dx and every adapter gradient, one shared
@@ -35,7 +38,7 @@ import statistics
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -170,10 +173,22 @@ def m_bucket(m: int) -> int:
 
 def signature(x: Tensor, weight: Tensor, paths: Sequence[LoRAPath], dropout: bool, mode: str) -> Signature:
     """The signature of a call: x (..., K), weight (N, K)."""
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return Signature(device_name(x.device), _dtype(x.dtype), _dtype(weight.dtype),
-                     tuple(sorted({_dtype(t.dtype) for p in paths for t in p.tensors})), m_bucket(m), x.shape[-1],
-                     weight.shape[0], sum(p.rank for p in paths), tuple(p.kind for p in paths), dropout, mode)
+    return _signature(*_signature_fields(x, weight, paths, dropout, mode))
+
+
+def _signature_fields(x: Tensor, weight: Tensor, paths: Sequence[LoRAPath], dropout: bool, mode: str) -> tuple:
+    """What a signature is made of, as torch objects and Python numbers (M: a SymInt while dynamo
+    traces a dynamic batch): the device, x's, W's and the adapters' dtypes, M, K, N, R, kinds, dropout, mode."""
+    k = weight.shape[1]  # x's K as well (checked), and a constant where x's sizes are dynamic
+    m = x.numel() // k if k else 0
+    return (x.device, x.dtype, weight.dtype, tuple({t.dtype for p in paths for t in p.tensors}), m, k,
+            weight.shape[0], sum(p.rank for p in paths), tuple(p.kind for p in paths), dropout, mode)
+
+
+def _signature(device: torch.device, x_dtype: torch.dtype, weight_dtype: torch.dtype,
+               adapter_dtypes: tuple[torch.dtype, ...], m: int, *rest) -> Signature:
+    return Signature(device_name(device), _dtype(x_dtype), _dtype(weight_dtype),
+                     tuple(sorted({_dtype(d) for d in adapter_dtypes})), m_bucket(m), *rest)
 
 
 def call_mode(x: Tensor, paths: Sequence[LoRAPath]) -> str:
@@ -369,9 +384,16 @@ def auto_choice(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
     fastest kept (ties: ``CANDIDATES`` order), in memory and in the device's cache file."""
     if len(backends) == 1:
         return next(iter(backends))
-    if torch.compiler.is_compiling():
+    dropout = False
+    if training and dropout_p > 0:  # a branch, so a constant where dynamo traces dropout_p as a SymFloat
+        dropout = True
+    if torch.compiler.is_compiling():  # dynamo traces: nothing can be timed, a remembered choice is used
+        fields = _signature_fields(x, weight, paths, dropout, call_mode(x, paths))
+        m = fields[4]  # a SymInt for a dynamic batch: the comparisons below become the graph's guards
+        for bucket, choice in _remembered_choices(fields[:4] + fields[5:], tuple(backends)):
+            if m <= bucket:
+                return choice if 2 * m > bucket else "compose"  # M's own bucket, or none remembered
         return "compose"
-    dropout = training and dropout_p > 0
     sig = signature(x, weight, paths, dropout, call_mode(x, paths))
     known = _table.get(sig)
     if known is None and (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
@@ -391,6 +413,18 @@ def auto_choice(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
                              errors, rejected, verified)
         _save(sig.device)
     return best
+
+
+@torch.compiler.assume_constant_result
+def _remembered_choices(fields: tuple, names: tuple[str, ...]) -> tuple[tuple[int, str], ...]:
+    """(M bucket, choice) of every choice among ``names`` that auto made for a signature (``fields``:
+    those of ``_signature_fields`` without M) in eager calls of this process or read from the cache
+    file, by bucket: what a call traced by dynamo runs (the compiled graph keeps it)."""
+    rest = _signature(*fields[:4], 0, *fields[4:])
+    with _lock:
+        _load(rest.device)
+        return tuple(sorted((sig.m_bucket, c.choice) for sig, c in _table.items()
+                            if c.choice in names and replace(sig, m_bucket=0) == rest))
 
 
 def _verify(sig: Signature, results: Mapping[str, Sequence[Tensor]], tol: float) -> tuple[dict, dict]:
