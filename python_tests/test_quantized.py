@@ -8,6 +8,7 @@ weight the base computes with.
 from __future__ import annotations
 
 import copy
+import warnings
 import logging
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 import sharelora_kernels as sk  # noqa: E402
 from sharelora_kernels.base import describe_base, dequantized_weight  # noqa: E402
 from sharelora_kernels.layer import SharedLoRALinear  # noqa: E402
-from sharelora_kernels import reference  # noqa: E402
+from sharelora_kernels import ops, reference  # noqa: E402
 from sharelora_kernels.model import adapter_tensors  # noqa: E402
 from tiny_models import METHOD_CONFIGS, TARGETS, enable_checkpointing, randomize_adapters, tiny_model, token_batch  # noqa: E402
 
@@ -269,6 +270,51 @@ def test_triton_backend_on_a_quantized_model(float_dir, monkeypatch):
     assert rel_err(out, ref) < TOL
     for g, g_ref in zip(grads, ref_grads):  # float32 sums in another order, through four layers
         assert rel_err(g, g_ref) < 1e-3
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_auto_verifies_and_times_the_low_rank_kernels_of_a_quantized_base(wrong, monkeypatch, tmp_path):
+    """auto on a 4-bit base (the interpreter stands in for a GPU): the low-rank kernels are compared
+    with the torch path and timed once per signature (named w=uint8, never a dense layer's), run when
+    right and faster, ruled out with one warning when their results differ; the layer stays right."""
+    from sharelora_kernels.ops import dispatch, lowrank_only_triton
+
+    monkeypatch.setenv("SHARELORA_BACKEND", "auto")
+    monkeypatch.setenv("SHARELORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(dispatch, "TIME_INTERPRETED_KERNELS", True)
+    forward, calls = lowrank_only_triton.triton_forward, []
+
+    def kernels(y, *a):
+        calls.append(1)
+        out = forward(y, *a)
+        if wrong:
+            y.mul_(1.1)
+        return out
+
+    monkeypatch.setattr(lowrank_only_triton, "triton_forward", kernels)
+    previous = dispatch.set_timer(lambda name, run, device: {"triton": 1.0, "compose": 2.0}[name])
+    try:
+        dispatch.clear()
+        torch.manual_seed(2)
+        layer = SharedLoRALinear(standalone_quantized("nf4", True), r=5, alpha=10.0)
+        torch.nn.init.normal_(layer.lora_paths[0].B)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layer_against_float64(layer, m=6)
+            layer_against_float64(layer, m=7, seed=1)  # the same signature: no second verification
+        (row,) = ops.dispatch_table()
+        assert row["weight_dtype"] == "uint8" and row["mode"] == "fwd+bwd"
+        differ = [w for w in caught if "differ from compose" in str(w.message)]
+        if wrong:
+            assert row["choice"] == "compose" and set(row["rejected"]) == {"triton"} and len(differ) == 1
+        else:
+            assert row["choice"] == "triton" and not differ and row["verified_error"]["triton"] < 1e-5
+            calls.clear()
+            layer_against_float64(layer, m=5, seed=2)
+            assert calls  # the planned call runs the kernels
+    finally:
+        dispatch.set_timer(previous)
+        dispatch.clear()
 
 
 # ---------------------------------------------------------------------------------- training

@@ -168,21 +168,40 @@ def lowrank_add(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: floa
                 compute_dtype: torch.dtype | None = None, *, backend: str | None = None) -> Tensor:
     """``y += sum_p s_p B_p A_p dropout(x)`` in place for a base that computed ``y`` from ``x`` itself
     (``ops.lowrank_only``); returns y, or the sum in a copy where y cannot take it in place (a view, or
-    not contiguous). The Triton kernels under ``triton``, and under ``auto`` where
-    it considers them (CUDA), when the compute dtype, y and the adapters (one dtype) are float32 /
-    bfloat16 / float16; the torch path otherwise (``torch``, ``compose``: it is torch GEMMs)."""
+    not contiguous). The Triton kernels under ``triton``, and under ``auto`` where it considers them
+    (CUDA) and chose them (``lowrank_auto_choice``), when the compute dtype, y and the adapters (one
+    dtype) are float32 / bfloat16 / float16; the torch path otherwise (``torch``, ``compose``: it is
+    torch GEMMs)."""
     setting = backend_for(x, backend)
-    use_triton = lowrank_add_uses_triton(setting, x, paths, compute_dtype or x.dtype, y.dtype)
+    dtype = compute_dtype or x.dtype
+    use_triton = lowrank_takes_triton(paths, dtype, y.dtype) and (setting == "triton" or (
+        setting == "auto" and _auto_times_triton(x)
+        and lowrank_auto_choice(x, y.shape[-1], paths, dropout_p, training, dtype, y.dtype) == "triton"))
     return _lowrank_add(y, x, paths, dropout_p, training, compute_dtype, use_triton)
 
 
-def lowrank_add_uses_triton(setting: str, x: Tensor, paths: Sequence[LoRAPath], dtype: torch.dtype,
-                            y_dtype: torch.dtype) -> bool:
-    """Whether ``lowrank_add`` under ``setting`` runs the Triton kernels for these dtypes."""
+def lowrank_takes_triton(paths: Sequence[LoRAPath], dtype: torch.dtype, y_dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels of ``lowrank_add`` take these paths, compute dtype and y dtype."""
     adapters = {t.dtype for p in paths for t in p.tensors}
-    takes = (bool(paths) and dtype in FUSED_DTYPES and y_dtype in FUSED_DTYPES and len(adapters) == 1
-             and adapters <= set(FUSED_DTYPES))
-    return takes and (setting == "triton" or (setting == "auto" and _auto_times_triton(x)))
+    return (bool(paths) and dtype in FUSED_DTYPES and y_dtype in FUSED_DTYPES and len(adapters) == 1
+            and adapters <= set(FUSED_DTYPES))
+
+
+def lowrank_auto_choice(x: Tensor, n: int, paths: Sequence[LoRAPath], dropout_p: float, training: bool,
+                        dtype: torch.dtype, y_dtype: torch.dtype) -> str:
+    """``auto``'s choice for ``lowrank_add`` on x (..., K) into y (..., N) of ``y_dtype``: ``triton``
+    or ``compose`` (the torch path), verified and timed as ``dispatch.auto_choice`` does for a dense
+    layer, on a zero y (the base's output does not change the low-rank sum). The signature names
+    the base ``uint8`` (a quantized weight), so it never meets a dense layer's choice."""
+    quantized = torch.empty((n, x.shape[-1]), dtype=torch.uint8, device="meta")
+
+    def backend(use_triton: bool):
+        def run(x, weight, bias, paths, dropout_p, training):
+            y = torch.zeros((*x.shape[:-1], n), dtype=y_dtype, device=x.device)
+            return _lowrank_add(y, x, paths, dropout_p, training, dtype, use_triton)
+        return run
+    return dispatch.auto_choice(x, quantized, None, paths, dropout_p, training,
+                                {"triton": backend(True), "compose": backend(False)})
 
 
 from .dispatch import refresh_settings, set_backend  # noqa: E402,F401 (public)

@@ -220,12 +220,27 @@ def _auto_runner(runners: dict[str, Run], weight: Tensor, bias: Tensor | None, p
 def build_lowrank(env: tuple, sources: Sequence[Source], x: Tensor, n: int, paths: Sequence[LoRAPath],
                   dropout_p: float, training: bool, compute_dtype: torch.dtype) -> CallPlan:
     """The plan of a base that computes itself: ``run(y, x)`` adds the paths into its output y (..., N)."""
-    from . import backend_for, lowrank_add_uses_triton
+    from . import _auto_times_triton, backend_for, lowrank_auto_choice, lowrank_takes_triton
     from .lowrank_only import planned_call
 
     if not paths:
         return CallPlan(env, sources, lambda y, x: y, "base")
     setting = backend_for(x)
-    use_triton = lowrank_add_uses_triton(setting, x, paths, compute_dtype, compute_dtype)
+    takes = lowrank_takes_triton(paths, compute_dtype, compute_dtype)
+    if setting == "auto" and takes and _auto_times_triton(x):
+        runners = {name: planned_call(x, n, paths, dropout_p, training, compute_dtype, name == "triton")
+                   for name in ("triton", "compose")}
+        chosen: dict[int, Callable] = {}
+        k = x.shape[-1]
+
+        def run(y: Tensor, x: Tensor) -> Tensor:  # auto's choice once per M bucket of this plan
+            bucket = dispatch.m_bucket(x.numel() // k if k else 0)
+            fn = chosen.get(bucket)
+            if fn is None:
+                name = lowrank_auto_choice(x, n, paths, dropout_p, training, compute_dtype, compute_dtype)
+                fn = chosen[bucket] = runners[name]
+            return fn(y, x)
+        return CallPlan(env, sources, run, "auto")
+    use_triton = takes and setting == "triton"
     return CallPlan(env, sources, planned_call(x, n, paths, dropout_p, training, compute_dtype, use_triton),
                     "triton" if use_triton else "torch")
