@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .autotune import dy_config, m_splits
-from .lowrank_grad import reduce_splits
+from .lowrank_grad import reduce_splits, split_buffer
 from .utils import cdiv, dot_precision, index64, load_factor, memo, mma, needs_int64_index, on_device, rank_block
 
 MAX_N_SPLITS = 8  # column chunks: each adds an (M, R) fp32 slab of dh to reduce
@@ -91,13 +91,13 @@ def dy_lowrank(dy: Tensor, h: Tensor, table: Tensor, scale: Tensor, factor_dtype
     device = dy.device
     grid, m_chunk, n_chunk, block_r, config = memo(_GEOMETRY, (m, n, r, device, splits),
                                                    lambda: geometry(m, n, r, device, splits))
-    dh = torch.empty((grid[1], m, r), device=device, dtype=torch.float32)  # every slab written (first column tile)
-    db = torch.empty((grid[0], r, n), device=device, dtype=torch.float32)
+    dh, dh_strides = split_buffer(grid[1], m, r, device)  # every slab written (its first column tile)
+    db, db_strides = split_buffer(grid[0], r, n, device)
     with on_device(dy):
         _dy_lowrank_kernel[grid](
             dy, h, table, scale, dh, db,
             m, n, r, m_chunk, n_chunk,
-            dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), *dh.stride(), *db.stride(),
+            dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), *dh_strides, *db_strides,
             INT64=needs_int64_index(dy), DOT_PRECISION=dot_precision(dy.dtype), FACTOR_DTYPE=factor_dtype,
             PERIODIC=periodic, BLOCK_R=block_r, **config,
         )

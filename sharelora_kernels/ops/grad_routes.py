@@ -128,16 +128,20 @@ def kron_chain_a(path: LoRAPath, ga: Tensor) -> tuple[tuple[int, Tensor, tuple[i
     """``shared_grad.chain_a`` of a Kronecker path (A = K_A (x) A_s: A[:, j d + c] = K_A[0, j] A_s[:, c])
     as batched matmuls (einsum's Python front end costs several times more at adapter sizes)."""
     a_s, k_a = _f32(path.tensors[0]), _f32(path.tensors[2])
-    ga3 = ga.reshape(ga.shape[0], -1, a_s.shape[1])  # (r, J, d)
-    return ((0, torch.matmul(k_a[0], ga3), (0, 0)), (2, torch.bmm(ga3, a_s.unsqueeze(2)).sum(0).t(), (0, 0)))
+    r, d = a_s.shape
+    ga3 = ga.reshape(r, -1, d)  # (r, J, d)
+    return ((0, torch.bmm(k_a.expand(r, 1, -1), ga3).view(r, d), (0, 0)),
+            (2, torch.bmm(ga3, a_s.unsqueeze(2)).sum(0).t(), (0, 0)))
 
 
 def kron_chain_b(path: LoRAPath, gb: Tensor) -> tuple[tuple[int, Tensor, tuple[int, int]], ...]:
     """``shared_grad.chain_b`` of a Kronecker path (B = K_B (x) B_s: B[i c + e, :] = K_B[i, 0] B_s[e, :]),
     gb = dB_eff^T (r, N), as batched matmuls."""
     b_s, k_b = _f32(path.tensors[1]), _f32(path.tensors[3])
-    gb3 = gb.reshape(gb.shape[0], -1, b_s.shape[0])  # (r, I, c)
-    return ((1, torch.matmul(k_b[:, 0], gb3).t(), (0, 0)), (3, torch.bmm(gb3, b_s.t().unsqueeze(2)).sum(0), (0, 0)))
+    c, r = b_s.shape
+    gb3 = gb.reshape(r, -1, c)  # (r, I, c)
+    return ((1, torch.bmm(k_b.t().expand(r, 1, -1), gb3).view(r, c).t(), (0, 0)),
+            (3, torch.bmm(gb3, b_s.t().unsqueeze(2)).sum(0), (0, 0)))
 
 
 _CHAINS = {("plain", "a"): chain_a, ("slice", "a"): chain_a, ("gate", "a"): chain_a, ("kron", "a"): kron_chain_a,

@@ -492,7 +492,11 @@ class GroupedPlan:
         self.module_tables = [tables_for(ps, device) for ps in grp.paths]
         contiguous = all(t is None or t.is_contiguous() for t in (*self.weights, *self.biases))
         self.launch = _forward_launch(self.weights, self.biases, grp, device) if contiguous else None
-        self.dx = dx_launch(self.weights, self.views, device) if contiguous else None
+        self.dx = None
+        if contiguous:  # cached like the forward's (an unplanned call builds its GroupedPlan per call)
+            key = ("grouped dx", *map(tensor_key, self.weights), *paths_key(grp.views, device))
+            self.dx = cached(key, lambda: dx_launch(self.weights, self.views, device))
+            self.views = self.dx.keep[0]  # the tables its A table reads (the same unless evicted since)
         self.h_cols = [(c[0], c[-1] + 1) if c == list(range(c[0], c[0] + len(c))) else index_tensor(c, device)
                        for c in grp.cols]
         self.dh_index = [index_tensor(c, device) for c in grp.cols]
