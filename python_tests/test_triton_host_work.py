@@ -157,3 +157,22 @@ def test_steady_state_grouped_call(per_plan):
     assert sorted(allocations) == sorted(["empty"] * 13 + ["cat"]), allocations
     for y, ref in zip([layer(x) for layer in layers], own):  # the kernels, run
         assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_steady_state_call_without_grad(per_plan):
+    ops.set_backend("triton")
+    layer = bishare_layer(kinds=("plain", "slice"))
+    x = torch.randn(8, K)
+    with torch.no_grad(), counted_launches() as launches:
+        for _ in range(2):
+            layer(x)
+        launches.clear()
+        before = dict(per_plan)
+        with CountAllocations() as mode:
+            layer(x)
+    assert dict(per_plan) == before
+    assert dict(launches) == {"_lowrank_project_kernel": 1, "gemm": 1} and mode.ops == ["empty"] * 3  # h, mask, y
+    with torch.no_grad():
+        y = layer(x)  # the kernels, run
+        ops.set_backend("torch")
+        assert torch.allclose(y, layer(x), atol=1e-5, rtol=1e-5)

@@ -272,6 +272,17 @@ class FusedPlan:
             routes = self._routes[needs] = GradRoutes(self.tensors, needs, path_routes(self.paths, self.k, self.n))
         return routes
 
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """y (M, N), h (M, R) float32 and the bit-packed dropout mask of x (M, K) (two launches)."""
+        tables, p = self.tables, self.p
+        if tables.gates:
+            refresh_gates(tables, self.paths)
+        h, mask = lowrank_project(x, tables.a, tables.dtype, tables.periodic, p,
+                                  self.seed if p == 0 else dropout_seed(p, x.device))
+        y = fused_linear(x, self.w_kn, self.bias, h, tables.b, tables.dtype, tables.periodic, tables.scale, 0.0, mask,
+                         self.w_int64)
+        return y, h, mask
+
 
 class FusedLinear(torch.autograd.Function):
     """One eager call of the kernels: ``apply(plan, x (M, K), *tensors)`` -> y (M, N), with no
@@ -281,13 +292,7 @@ class FusedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, x, *tensors):
-        tables, p = plan.tables, plan.p
-        if tables.gates:
-            refresh_gates(tables, plan.paths)
-        h, mask = lowrank_project(x, tables.a, tables.dtype, tables.periodic, p,
-                                  plan.seed if p == 0 else dropout_seed(p, x.device))
-        y = fused_linear(x, plan.w_kn, plan.bias, h, tables.b, tables.dtype, tables.periodic, tables.scale, 0.0, mask,
-                         plan.w_int64)
+        y, h, mask = plan.forward(x)
         ctx.save_for_backward(x, h, mask)
         ctx.plan = plan
         return y
@@ -320,9 +325,16 @@ def planned_call(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence
     _check(x, weight, bias, paths, p)
     plan = FusedPlan(weight, bias, paths, p, x.device)
     tensors, n = plan.tensors, plan.n
+    # a plan is rebuilt when grad mode or a requires_grad changes: no gradient wanted, no Function
+    call = _fused_apply if wants_grad(x, tensors) else lambda plan, x, *tensors: plan.forward(x)[0]
 
     def run(x: Tensor) -> Tensor:
         if x.dim() == 2:
-            return _fused_apply(plan, x, *tensors)
-        return _fused_apply(plan, x.reshape(-1, x.shape[-1]), *tensors).view(*x.shape[:-1], n)
+            return call(plan, x, *tensors)
+        return call(plan, x.reshape(-1, x.shape[-1]), *tensors).view(*x.shape[:-1], n)
     return run
+
+
+def wants_grad(x: Tensor, tensors: Sequence[Tensor]) -> bool:
+    """Whether autograd records a call on x and ``tensors`` (grad mode on, something requires grad)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors))

@@ -52,7 +52,7 @@ from .autotune import TunedKernel
 from .function import thin_apply
 from .grad_routes import GradRoutes, Route
 from .dy_lowrank import dy_lowrank
-from .fused_lora_linear import SPACES, _check
+from .fused_lora_linear import SPACES, _check, wants_grad
 from .gemm_tiles import LOWRANK_CHUNK, lowrank_tile, matmul_tile, tile_coords
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
@@ -523,6 +523,18 @@ class GroupedPlan:
             routes = self._routes[needs] = GradRoutes(self.tensors, needs, self.route_list)
         return routes
 
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """[y_0, ..., y_{G-1}, h (M, R_u) float32, the bit-packed dropout mask] of x (M, K) (two launches)."""
+        views, p = self.views, self.p
+        if views.gates:
+            refresh_gates(views, self.group.views)
+        h, mask = lowrank_project(x, views.a, views.dtype, views.periodic, p,
+                                  self.seed if p == 0 else dropout_seed(p, x.device))
+        ys = [torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype) for n in self.ns]
+        launch = self.launch or _forward_launch(self.weights, self.biases, self.group, x.device)
+        grouped_linear(launch, [x.contiguous()], ys, h, True, 0.0, mask)
+        return [*ys, h, mask]
+
     def columns(self, h: Tensor, g: int) -> Tensor:
         """Module g's columns of h: a view when they are one run, else a copy."""
         cols = self.h_cols[g]
@@ -537,14 +549,7 @@ class GroupedEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, x, *tensors):
-        views, p = plan.views, plan.p
-        if views.gates:
-            refresh_gates(views, plan.group.views)
-        h, mask = lowrank_project(x, views.a, views.dtype, views.periodic, p,
-                                  plan.seed if p == 0 else dropout_seed(p, x.device))
-        ys = [torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype) for n in plan.ns]
-        launch = plan.launch or _forward_launch(plan.weights, plan.biases, plan.group, x.device)
-        grouped_linear(launch, [x.contiguous()], ys, h, True, 0.0, mask)
+        *ys, h, mask = plan.forward(x)
         ctx.save_for_backward(x, h, mask)
         ctx.plan = plan
         return tuple(ys)
@@ -590,10 +595,12 @@ def planned_call(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor |
     _check_group(x, weights, biases, paths, dropout_p)
     plan = GroupedPlan(weights, biases, paths, dropout_p if training else 0.0, x.device)
     tensors = plan.tensors
+    # a plan is rebuilt when grad mode or a requires_grad changes: no gradient wanted, no Function
+    call = _eager_apply if wants_grad(x, tensors) else lambda plan, x, *tensors: tuple(plan.forward(x)[:-2])
 
     def run(x: Tensor) -> tuple[Tensor, ...]:
         if x.dim() == 2:
-            return _eager_apply(plan, x, *tensors)
-        outs = _eager_apply(plan, x.reshape(-1, x.shape[-1]), *tensors)
+            return call(plan, x, *tensors)
+        outs = call(plan, x.reshape(-1, x.shape[-1]), *tensors)
         return tuple(y.view(*x.shape[:-1], n) for y, n in zip(outs, plan.ns))
     return run
