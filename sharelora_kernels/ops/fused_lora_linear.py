@@ -247,7 +247,7 @@ def fused_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Seq
 class FusedPlan:
     """What an eager call of the kernels reads that does not change between calls, built once per
     call plan (the way vLLM builds its LoRA kernel metadata once): the frozen weight and its K-major
-    view, the bias (contiguous), the paths and their flat tensors, the factor tables, dropout p and
+    view, the bias, the paths and their flat tensors, the factor tables, dropout p and
     the zero seed of p == 0, the weight's index width, and where each factor gradient goes
     (``grad_routes``, one routing per set of tensors needing a gradient). A call then allocates
     its outputs and launches; the launchers keep their grids per shape (``utils.memo``)."""
@@ -255,8 +255,7 @@ class FusedPlan:
     __slots__ = ("weight", "w_kn", "bias", "paths", "tensors", "tables", "p", "seed", "n", "k", "w_int64", "_routes")
 
     def __init__(self, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], p: float, device: torch.device):
-        self.weight, self.w_kn = weight, weight.t()
-        self.bias = None if bias is None else bias.contiguous()
+        self.weight, self.w_kn, self.bias = weight, weight.t(), bias  # a strided bias: made contiguous per call
         self.paths = list(paths)
         self.tensors = [t for q in self.paths for t in q.tensors]
         self.tables = tables_for(self.paths, device)
@@ -279,7 +278,8 @@ class FusedPlan:
             refresh_gates(tables, self.paths)
         h, mask = lowrank_project(x, tables.a, tables.dtype, tables.periodic, p,
                                   self.seed if p == 0 else dropout_seed(p, x.device))
-        y = fused_linear(x, self.w_kn, self.bias, h, tables.b, tables.dtype, tables.periodic, tables.scale, 0.0, mask,
+        bias = self.bias if self.bias is None or self.bias.is_contiguous() else self.bias.contiguous()
+        y = fused_linear(x, self.w_kn, bias, h, tables.b, tables.dtype, tables.periodic, tables.scale, 0.0, mask,
                          self.w_int64)
         return y, h, mask
 

@@ -33,6 +33,8 @@ No host work per call. Everything the kernel reads from tables depends on the pl
 b_g's and the factor tables' addresses, sizes, h's column indices: ``GroupLaunch``, cached like the
 factor tables, ``tables.cached``); the tensors of one call (x or the dy_g, the outputs, h) are
 pointer arguments, at most ``MAX_MODULES`` of each per launch (larger groups launch in chunks).
+An eager call runs ``GroupedEager`` on a ``GroupedPlan`` (the decoded paths, the tables, both
+launches, the gradient routes), which an input group builds once and keeps (``grouping``).
 
 Registered as ``sharelora::grouped_lora_linear`` (returns [y_0..y_{G-1}, h]) and
 ``sharelora::grouped_lora_linear_backward`` (mutates the gradient buffers), with fake impls.
