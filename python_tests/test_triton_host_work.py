@@ -135,12 +135,17 @@ def test_steady_state_triton_call_with_frozen_a_launches_no_da(per_plan):
         assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_steady_state_grouped_call(per_plan):
-    ops.set_backend("triton")
+def grouped_layers() -> list[SharedLoRALinear]:
     torch.manual_seed(0)
     layers = [SharedLoRALinear(nn.Linear(K, n), r=r, alpha=8) for n, r in ((N, 4), (N, 3), (12, 5))]
     for layer in layers:
         nn.init.normal_(layer.lora_paths[0].B, std=0.3)
+    return layers
+
+
+def test_steady_state_grouped_call(per_plan):
+    ops.set_backend("triton")
+    layers = grouped_layers()
     group = grouping.InputGroup(layers)
     x = torch.randn(6, K, requires_grad=True)
     own = [layer(x) for layer in layers]  # each its own fused op (no group yet)
@@ -157,6 +162,28 @@ def test_steady_state_grouped_call(per_plan):
     assert sorted(allocations) == sorted(["empty"] * 13 + ["cat"]), allocations
     for y, ref in zip([layer(x) for layer in layers], own):  # the kernels, run
         assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_call_training_b_alone_launches_no_dx_and_no_da(per_plan):
+    ops.set_backend("triton")
+    layers = grouped_layers()
+    group = grouping.InputGroup(layers)
+    for layer in layers:
+        layer.lora_paths[0].A.requires_grad_(False)
+        layer.input_group = group
+    x = torch.randn(6, K)
+    dys = [torch.randn(6, layer.out_features) for layer in layers]
+    launches, allocations = steady_call(lambda x: [layer(x) for layer in layers], x, dys, per_plan)
+    assert launches == {"_lowrank_project_kernel": 1, "_grouped_linear_kernel": 1, "_dy_lowrank_kernel": 3}
+    assert allocations == ["empty"] * 11, allocations  # h, mask, three y; dh and dB per module
+    grads = []
+    for grouped in (True, False):  # the kernels, run: grouped vs each module's own op
+        for layer in layers:
+            layer.input_group = group if grouped else None
+        ys = [layer(x) for layer in layers]
+        grads.append(torch.autograd.grad(ys, [layer.lora_paths[0].B for layer in layers], dys))
+    for got, ref in zip(*grads):
+        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_steady_state_call_without_grad(per_plan):

@@ -568,6 +568,8 @@ class GroupedEager(torch.autograd.Function):
             dh_g, grad_b = dy_lowrank(dy, plan.columns(h, g), tables.b, tables.scale, tables.dtype, tables.periodic)
             dhs.append(dh_g)
             grads.append(grad_b)
+        if not (needs[1] or routes.uses(0)):  # dB alone: dh is not read
+            return (None, None, *routes(grads))
         if plan.dh_concat:
             dh = torch.cat(dhs, 1) if len(dhs) > 1 else dhs[0]
         else:
