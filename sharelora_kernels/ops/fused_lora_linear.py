@@ -17,14 +17,16 @@ Backward (W and b get no gradient):
      mask read from the forward's bits.
   3. ``dA_eff = dh^T dropout(x)`` in fp32 (``lowrank_grad``, the same bits), M split across
      programs with an ordered second-stage reduction (bitwise reproducible).
-  4. the chain to each parameter tensor (``shared_grad.chain_a/b``: slice window, Kronecker fold,
-     gate core), added into the window of one fp32 buffer per tensor (``shared_grad.GradSink``: no
-     padded full-size gradient per path), cast once.
+  4. the chain to each parameter tensor (slice window, Kronecker fold, gate core), routed once per
+     plan (``grad_routes``: a tensor read whole by one path gets its rows of dA / dB as they are;
+     a tensor read by several paths one fp32 buffer, cast once).
+dx is launched only when x needs a gradient, dA only when a tensor behind A_eff does.
 
 The GEMM kernel is the TMA + persistent one (``tma_linear``) where TMA can serve (sm_90+, aligned
 row-major operands), else the pointer kernel below; both autotune over ``autotune.mode()``'s space.
 Factor tables and scales come from the per-plan device cache (``tables.tables_for``) and the
-dropout seed from the device generator, so a call copies nothing from the host.
+dropout seed from the device generator, so a call copies nothing from the host. An eager call runs
+``FusedLinear`` on a ``FusedPlan`` that the layer's call plan builds once.
 
 Registered as the custom ops ``sharelora::fused_lora_linear`` and
 ``sharelora::fused_lora_linear_backward`` with fake implementations and an autograd formula, so
@@ -121,25 +123,25 @@ def fused_linear(a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Tensor, table:
 
 
 # ----------------------------------------------------------------------------- forward and backward
-def forward_impl(x: Tensor, weight: Tensor, bias: Tensor | None, tables, dropout_p: float,
-                 seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def forward_impl(x: Tensor, w_kn: Tensor, bias: Tensor | None, tables, dropout_p: float, seed: Tensor,
+                 w_int64: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """y (M, N) in x's dtype, h = dropout(x) A_eff^T (M, R) float32 and the dropout mask
-    (M, ceil(K / 32)) int32 bit-packed (empty when dropout_p == 0), from the paths' factor tables."""
+    (M, ceil(K / 32)) int32 bit-packed (empty when dropout_p == 0), from the paths' factor tables.
+    w_kn: W^T (a view); bias contiguous or None; ``w_int64``: as ``fused_linear``'s."""
     h, mask = lowrank_project(x, tables.a, tables.dtype, tables.periodic, dropout_p, seed)
-    y = fused_linear(x, weight.t(), None if bias is None else bias.contiguous(), h, tables.b, tables.dtype,
-                     tables.periodic, tables.scale, 0.0, mask)
+    y = fused_linear(x, w_kn, bias, h, tables.b, tables.dtype, tables.periodic, tables.scale, 0.0, mask, w_int64)
     return y, h, mask
 
 
 def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, h: Tensor, mask: Tensor, tables, dropout_p: float,
-                  needs_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """dx (M, K) in x's dtype (empty unless needs_dx), dA_eff (R, K) and dB_eff^T (R, N) float32."""
+                  needs_dx: bool, needs_da: bool = True,
+                  w_int64: bool | None = None) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """dx (M, K) in x's dtype (None unless needs_dx), dA_eff (R, K) (None unless needs_da) and
+    dB_eff^T (R, N) float32: the dy pass, then dx and dA where wanted (one launch each)."""
     dh, grad_b = dy_lowrank(dy, h, tables.b, tables.scale, tables.dtype, tables.periodic)
-    if needs_dx:
-        dx = fused_linear(dy, weight, None, dh, tables.a, tables.dtype, tables.periodic, None, dropout_p, mask)
-    else:
-        dx = x.new_empty((0,))
-    return dx, lowrank_grad(dh, x, mask, dropout_p), grad_b
+    dx = fused_linear(dy, weight, None, dh, tables.a, tables.dtype, tables.periodic, None, dropout_p, mask,
+                      w_int64) if needs_dx else None
+    return dx, lowrank_grad(dh, x, mask, dropout_p) if needs_da else None, grad_b
 
 
 # ----------------------------------------------------------------------------- custom ops (torch.compile)
@@ -148,7 +150,8 @@ def _forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], tensors: list
                 scales: list[float], dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Returns y (M, N) in x's dtype, h = dropout(x) A_eff^T (M, R) float32 and the dropout mask
     (M, ceil(K / 32)) int32 bit-packed (empty when dropout_p == 0), both saved for backward."""
-    return forward_impl(x, weight, bias, tables_for(decode(tensors, layout, scales), x.device), dropout_p, seed)
+    return forward_impl(x, weight.t(), None if bias is None else bias.contiguous(),
+                        tables_for(decode(tensors, layout, scales), x.device), dropout_p, seed)
 
 
 @_forward_op.register_fake
@@ -165,8 +168,9 @@ def _backward_op(dy: Tensor, x: Tensor, weight: Tensor, h: Tensor, mask: Tensor,
                  needs_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dx (M, K) in x's dtype (empty unless needs_dx), dA_eff (R, K) and dB_eff^T (R, N) float32.
     mask: the forward's bit-packed dropout mask (read when dropout_p > 0; nothing is drawn here)."""
-    return backward_impl(dy, x, weight, h, mask, tables_for(decode(tensors, layout, scales), x.device), dropout_p,
-                         needs_dx)
+    dx, grad_a, grad_b = backward_impl(dy, x, weight, h, mask, tables_for(decode(tensors, layout, scales), x.device),
+                                       dropout_p, needs_dx)
+    return x.new_empty((0,)) if dx is None else dx, grad_a, grad_b
 
 
 @_backward_op.register_fake
@@ -276,12 +280,9 @@ class FusedPlan:
         tables, p = self.tables, self.p
         if tables.gates:
             refresh_gates(tables, self.paths)
-        h, mask = lowrank_project(x, tables.a, tables.dtype, tables.periodic, p,
-                                  self.seed if p == 0 else dropout_seed(p, x.device))
         bias = self.bias if self.bias is None or self.bias.is_contiguous() else self.bias.contiguous()
-        y = fused_linear(x, self.w_kn, bias, h, tables.b, tables.dtype, tables.periodic, tables.scale, 0.0, mask,
-                         self.w_int64)
-        return y, h, mask
+        return forward_impl(x, self.w_kn, bias, tables, p, self.seed if p == 0 else dropout_seed(p, x.device),
+                            self.w_int64)
 
 
 class FusedLinear(torch.autograd.Function):
@@ -301,16 +302,11 @@ class FusedLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, h, mask = ctx.saved_tensors
         plan = ctx.plan
-        tables, p = plan.tables, plan.p
         needs = ctx.needs_input_grad
         routes = plan.routes(needs[2:])
-        dy = dy.contiguous()  # autograd's dy of a sum() is an expanded (stride 0) tensor
-        dh, grad_b = dy_lowrank(dy, h, tables.b, tables.scale, tables.dtype, tables.periodic)
-        dx = None
-        if needs[1]:
-            dx = fused_linear(dy, plan.weight, None, dh, tables.a, tables.dtype, tables.periodic, None, p, mask,
-                              plan.w_int64)
-        grad_a = lowrank_grad(dh, x, mask, p) if routes.uses(0) else None
+        # dy.contiguous(): autograd's dy of a sum() is an expanded (stride 0) tensor
+        dx, grad_a, grad_b = backward_impl(dy.contiguous(), x, plan.weight, h, mask, plan.tables, plan.p, needs[1],
+                                           routes.uses(0), plan.w_int64)
         return (None, dx, *routes((grad_a, grad_b)))
 
 
