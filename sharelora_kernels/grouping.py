@@ -98,6 +98,7 @@ class InputGroup:
 
     def clear(self) -> None:
         self._pending.clear()
+        self._plan = None
 
     def __getstate__(self) -> dict:
         """Copies and pickles hold the members, not the pending outputs of a run in flight."""
