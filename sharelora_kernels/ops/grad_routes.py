@@ -93,7 +93,9 @@ class GradRoutes:
     def __call__(self, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
         out: list[Tensor | None] = [None] * self.count
         for slot, source, r0, r1, transpose, dtype in self.direct:
-            g = grads[source][r0:r1]
+            g = grads[source]
+            if r0 or r1 != g.shape[0]:  # a view only where needed (autograd adds a view slower)
+                g = g[r0:r1]
             if transpose:
                 g = g.t()
             out[slot] = g if dtype is None else g.to(dtype)
