@@ -91,6 +91,8 @@ class GradRoutes:
         return source in self.sources
 
     def __call__(self, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """The gradients of the tensors from ``grads``, the factor gradients by source number (fp32;
+        None for a source no route ``uses``)."""
         out: list[Tensor | None] = [None] * self.count
         for slot, source, r0, r1, transpose, dtype in self.direct:
             g = grads[source]
