@@ -437,3 +437,26 @@ def test_every_kernel_launch_runs_under_its_tensors_device():
                 sites += 1
                 assert lines[i - 1].strip().startswith("with on_device("), f"{path.name}:{i + 1}: {line.strip()}"
     assert sites >= 8
+
+
+def test_tensor_read_by_several_paths_gets_the_sum_of_its_gradients():
+    """Two slice paths at different windows of one (A_s, B_s) and two Kronecker paths of one K_A
+    in one layer: each shared tensor's gradient is the sum over its readers (one buffer, windows)."""
+    torch.manual_seed(0)
+    m, k, n, r = 5, 24, 16, 3
+    a_s, b_s, k_a = rand(r, k + 7), rand(n + 5, r), rand(1, k // KRON_D)
+    paths = [LoRAPath("slice", (a_s, b_s), 0.25, 3, 5), LoRAPath("slice", (a_s, b_s), 0.5, 0, 1),
+             LoRAPath("kron", (rand(2, KRON_D), rand(KRON_D, 2), k_a, rand(n // KRON_D, 1)), 0.4),
+             LoRAPath("kron", (rand(4, KRON_D), rand(KRON_D, 4), k_a, rand(n // KRON_D, 1)), 0.3)]
+    x, weight, bias = rand(m, k), torch.randn(n, k), torch.randn(n)
+    y = fused_lora_linear(x, weight, bias, paths)
+    dy = torch.randn_like(y)
+    leaves = [x, *{id(t): t for p in paths for t in p.tensors}.values()]
+    grads = torch.autograd.grad(y, leaves, dy)
+    x64 = {id(t): t.detach().double().requires_grad_() for t in leaves}
+    p64 = [p._replace(tensors=tuple(x64[id(t)] for t in p.tensors)) for p in paths]
+    y64 = reference.lora_linear(x64[id(x)], weight.double(), bias.double(), p64)
+    grads64 = torch.autograd.grad(y64, list(x64.values()), dy.double())
+    assert rel_err(y, y64) < TOL[torch.float32]
+    for g, g64 in zip(grads, grads64):
+        assert rel_err(g, g64) < TOL[torch.float32]

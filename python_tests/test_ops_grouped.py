@@ -392,11 +392,13 @@ def test_input_groups_on_tiny_llama_same_logits_and_gradients(backend, name, mon
 
     ref, ref_grads = run()
     calls = []
-    real = ops.grouped_lora_linear
-    monkeypatch.setattr(ops, "grouped_lora_linear", lambda *a: calls.append(1) or real(*a))
+    real = grouping.InputGroup._run  # the group's op (its call plan: the grouped kernels or the router)
+    monkeypatch.setattr(grouping.InputGroup, "_run", lambda *a: calls.append(1) or real(*a))
     assert grouping.enable_input_groups(model) == 4  # 2 layers x (q/k/v, gate/up)
     out, grads = run()
     assert len(calls) == 4
+    plans = {m.input_group._plan.backend for m in sk.model.shared_layers(model) if m.input_group is not None}
+    assert plans == {"triton" if backend == "triton" else "router"}
     assert rel_err(out, ref.double()) < 1e-5
     for g, r in zip(grads, ref_grads):
         assert rel_err(g, r.double()) < 1e-5

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import ops
 from .layer import SharedLoRALinear
+from .ops import call_plan
 
 KNOWN_ARCHITECTURES = ("llama", "mistral", "qwen2")  # config.model_type
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings that read their parent's one input
@@ -39,6 +40,7 @@ class InputGroup:
     def __init__(self, members: Sequence[SharedLoRALinear]):
         self.members = list(members)
         self._pending: dict[int, tuple[Tensor, bool, Tensor]] = {}  # member index -> (x, grad mode, output)
+        self._plan: call_plan.CallPlan | None = None  # the group's call plan (built once, like a layer's)
 
     def forward(self, module: SharedLoRALinear, x: Tensor) -> Tensor:
         """The output of member ``module`` for x: (..., in_features) -> (..., out_features)."""
@@ -51,10 +53,34 @@ class InputGroup:
             return entry[2]
         if entry is not None or not self._can_group(x):  # the member's own op (it also reports bad inputs)
             return module.forward_alone(x)
-        outs = ops.grouped_lora_linear(x, [m.base_weight() for m in self.members], [m.bias for m in self.members],
-                                       [m.paths() for m in self.members], module.dropout, module.training)
+        outs = self._run(x, module)
         self._pending = {i: (x, grad_mode, y) for i, y in enumerate(outs) if i != index}
         return outs[index]
+
+    def _run(self, x: Tensor, module: SharedLoRALinear) -> tuple[Tensor, ...]:
+        """The group's op on x. Eager calls run the group's call plan: the kernels' ``GroupedPlan``
+        under triton (no autocast cast, every member fusable), else the router on paths made once;
+        rebuilt when what it was built from changed (``ops.call_plan``)."""
+        members = self.members
+        if torch.compiler.is_compiling():
+            return ops.grouped_lora_linear(x, [m.base_weight() for m in members], [m.bias for m in members],
+                                           [m.paths() for m in members], module.dropout, module.training)
+        env = call_plan.environment(x, module.dropout, module.training,
+                                    *((m.merged, m._paths_version) for m in members))
+        plan = self._plan
+        if plan is None or not plan.fits(env):
+            plan = self._plan = None
+            ws, bs, ps = [m.base_weight() for m in members], [m.bias for m in members], [m.paths() for m in members]
+            args = (ws, bs, ps, module.dropout, module.training)
+            if (ops.backend_for(x) == "triton" and ops._autocast_operands(x, *ws, *bs) is None
+                    and all(ops._fusable(x, w, b, p) for w, b, p in zip(ws, bs, ps))):
+                from .ops.grouped_lora_linear import planned_call
+
+                run, backend = planned_call(x, *args), "triton"
+            else:
+                run, backend = (lambda x: ops.grouped_lora_linear(x, *args)), "router"
+            plan = self._plan = call_plan.CallPlan(env, [s for m in members for s in m._sources()], run, backend)
+        return plan.run(x)
 
     @staticmethod
     def _runs_alone(module: SharedLoRALinear, x: Tensor) -> bool:
@@ -72,10 +98,11 @@ class InputGroup:
 
     def clear(self) -> None:
         self._pending.clear()
+        self._plan = None
 
     def __getstate__(self) -> dict:
         """Copies and pickles hold the members, not the pending outputs of a run in flight."""
-        return {**self.__dict__, "_pending": {}}
+        return {**self.__dict__, "_pending": {}, "_plan": None}
 
 
 def check_known_architecture(model: nn.Module) -> None:

@@ -10,7 +10,8 @@ products.
 Grid (S_m, S_n, rank tiles): program (i, j) owns the i-th chunk of rows and the j-th chunk of
 columns. It walks its column tiles; for each it keeps the dB tile in registers over its rows
 (written once, into slab i of an (S_m, R, N) partial) and adds each row block's dh into slab j of
-an (S_n, M, R) partial (read-modify-write of a small fp32 block, resident in L2). Both partials are
+an (S_n, M, R) partial (its first column tile writes the block, later ones read-modify-write it: a
+small fp32 block, resident in L2; no zero-filled buffer). Both partials are
 then summed over their slabs in a fixed order (``lowrank_grad.reduce_splits``): bitwise
 reproducible, and S_m x S_n programs fill the GPU where one program per (R, N) tile would not.
 Launch settings: ``autotune.dy_config`` and ``autotune.m_splits``.
@@ -23,8 +24,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .autotune import dy_config, m_splits
-from .lowrank_grad import reduce_splits
-from .utils import cdiv, dot_precision, index64, load_factor, mma, needs_int64_index, on_device, rank_block
+from .lowrank_grad import reduce_splits, split_buffer
+from .utils import cdiv, dot_precision, index64, load_factor, memo, mma, needs_int64_index, on_device, rank_block
 
 MAX_N_SPLITS = 8  # column chunks: each adds an (M, R) fp32 slab of dh to reduce
 
@@ -67,7 +68,9 @@ def _dy_lowrank_kernel(
             dh = mma(dy, tl.trans(u), tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), DOT_PRECISION)
             dh_ptrs = dh_ptr + pid_n.to(tl.int64) * stride_dhs + rows64[:, None] * stride_dhm + ranks[None, :] * stride_dhr
             dh_mask = row_mask[:, None] & rank_mask[None, :]
-            tl.store(dh_ptrs, tl.load(dh_ptrs, mask=dh_mask, other=0.0) + dh * scale[None, :], mask=dh_mask)
+            # the first column tile writes the slab (no zero-filled buffer), the later ones add to it
+            tl.store(dh_ptrs, tl.load(dh_ptrs, mask=dh_mask & (n0 > n_start), other=0.0) + dh * scale[None, :],
+                     mask=dh_mask)
         tl.store(db_ptr + pid_m.to(tl.int64) * stride_dbs + ranks[:, None] * stride_dbr + cols[None, :] * stride_dbn, acc_b,
                  mask=rank_mask[:, None] & col_mask[None, :])
 
@@ -85,6 +88,29 @@ def dy_lowrank(dy: Tensor, h: Tensor, table: Tensor, scale: Tensor, factor_dtype
     if m == 0 or n == 0:
         return torch.zeros((m, r), device=dy.device, dtype=torch.float32), torch.zeros((r, n), device=dy.device,
                                                                                          dtype=torch.float32)
+    device = dy.device
+    grid, m_chunk, n_chunk, block_r, config = memo(_GEOMETRY, (m, n, r, device, splits),
+                                                   lambda: geometry(m, n, r, device, splits))
+    dh, dh_strides = split_buffer(grid[1], m, r, device)  # every slab written (its first column tile)
+    db, db_strides = split_buffer(grid[0], r, n, device)
+    with on_device(dy):
+        _dy_lowrank_kernel[grid](
+            dy, h, table, scale, dh, db,
+            m, n, r, m_chunk, n_chunk,
+            dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), *dh_strides, *db_strides,
+            INT64=needs_int64_index(dy), DOT_PRECISION=dot_precision(dy.dtype), FACTOR_DTYPE=factor_dtype,
+            PERIODIC=periodic, BLOCK_R=block_r, **config,
+        )
+    return reduce_splits(dh), reduce_splits(db)
+
+
+_GEOMETRY: dict[tuple, tuple] = {}
+
+
+def geometry(m: int, n: int, r: int, device: torch.device,
+             splits: tuple[int, int] | None) -> tuple[tuple[int, int, int], int, int, int, dict]:
+    """(grid (S_m, S_n, rank tiles), M_CHUNK, N_CHUNK, BLOCK_R, config) of the dy pass over an
+    (M, N) dy at rank r: a function of the shapes (``dy_lowrank`` keeps one per shape)."""
     block_r = rank_block(r)
     config = dy_config(block_r)
     block_m, block_n = config["BLOCK_M"], config["BLOCK_D"]
@@ -93,17 +119,7 @@ def dy_lowrank(dy: Tensor, h: Tensor, table: Tensor, scale: Tensor, factor_dtype
     n_chunk = cdiv(n_tiles, s_n) * block_n
     s_n = cdiv(n, n_chunk)
     r_tiles = cdiv(r, block_r)
-    s_m = m_splits(m, s_n * r_tiles, block_m, dy.device) if splits is None else splits[0]
+    s_m = m_splits(m, s_n * r_tiles, block_m, device) if splits is None else splits[0]
     m_chunk = cdiv(cdiv(m, min(s_m, cdiv(m, block_m))), block_m) * block_m
     s_m = cdiv(m, m_chunk)
-    dh = torch.zeros((s_n, m, r), device=dy.device, dtype=torch.float32)
-    db = torch.empty((s_m, r, n), device=dy.device, dtype=torch.float32)
-    with on_device(dy):
-        _dy_lowrank_kernel[(s_m, s_n, r_tiles)](
-            dy, h, table, scale, dh, db,
-            m, n, r, m_chunk, n_chunk,
-            dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), *dh.stride(), *db.stride(),
-            INT64=needs_int64_index(dy), DOT_PRECISION=dot_precision(dy.dtype), FACTOR_DTYPE=factor_dtype,
-            PERIODIC=periodic, BLOCK_R=block_r, **config,
-        )
-    return reduce_splits(dh), reduce_splits(db)
+    return (s_m, s_n, r_tiles), m_chunk, n_chunk, block_r, config

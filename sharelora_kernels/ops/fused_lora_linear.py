@@ -17,14 +17,16 @@ Backward (W and b get no gradient):
      mask read from the forward's bits.
   3. ``dA_eff = dh^T dropout(x)`` in fp32 (``lowrank_grad``, the same bits), M split across
      programs with an ordered second-stage reduction (bitwise reproducible).
-  4. the chain to each parameter tensor (``shared_grad.chain_a/b``: slice window, Kronecker fold,
-     gate core), added into the window of one fp32 buffer per tensor (``shared_grad.GradSink``: no
-     padded full-size gradient per path), cast once.
+  4. the chain to each parameter tensor (slice window, Kronecker fold, gate core), routed once per
+     plan (``grad_routes``: a tensor read whole by one path gets its rows of dA / dB as they are;
+     a tensor read by several paths one fp32 buffer, cast once).
+dx is launched only when x needs a gradient, dA only when a tensor behind A_eff does.
 
 The GEMM kernel is the TMA + persistent one (``tma_linear``) where TMA can serve (sm_90+, aligned
 row-major operands), else the pointer kernel below; both autotune over ``autotune.mode()``'s space.
 Factor tables and scales come from the per-plan device cache (``tables.tables_for``) and the
-dropout seed from the device generator, so a call copies nothing from the host.
+dropout seed from the device generator, so a call copies nothing from the host. An eager call runs
+``FusedLinear`` on a ``FusedPlan`` that the layer's call plan builds once.
 
 Registered as the custom ops ``sharelora::fused_lora_linear`` and
 ``sharelora::fused_lora_linear_backward`` with fake implementations and an autograd formula, so
@@ -45,6 +47,7 @@ from .autotune import SMALL_GEMM, TunedKernel, gemm_configs
 from .dy_lowrank import dy_lowrank
 from .encoding import KINDS, check_path, decode, encode  # noqa: F401 (KINDS: the layout codes)
 from .function import thin_apply
+from .grad_routes import GradRoutes, path_routes
 from .gemm_tiles import LOWRANK_CHUNK, epilogue, lowrank_tile, matmul_tile, tile_coords
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
@@ -86,11 +89,13 @@ pointer_kernel = TunedKernel(_fused_linear_kernel, SPACES,
 
 
 def fused_linear(a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Tensor, table: Tensor, factor_dtype: tl.dtype,
-                 periodic: bool, scale: Tensor | None, dropout_p: float, mask: Tensor) -> Tensor:
+                 periodic: bool, scale: Tensor | None, dropout_p: float, mask: Tensor,
+                 w_int64: bool | None = None) -> Tensor:
     """``a @ w_kn + bias + mask((h * scale) @ U) / (1 - p)`` on the TMA kernel where it can serve,
     else the pointer kernel. a (M, K); w_kn (K, N) any strides; h (M, R) fp32; table (R, 5) over N
     with factor_dtype elements (``periodic``: it may hold Kronecker rows); mask the bit-packed
-    dropout mask of the (M, N) output coordinates, read when ``dropout_p > 0``."""
+    dropout mask of the (M, N) output coordinates, read when ``dropout_p > 0``; ``w_int64``:
+    ``needs_int64_index(w_kn)`` where the caller knows it (a plan's frozen weight)."""
     m, k = a.shape
     n = w_kn.shape[1]
     out = torch.empty((m, n), device=a.device, dtype=a.dtype)
@@ -109,7 +114,8 @@ def fused_linear(a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Tensor, table:
             m, n, k, r, next_power_of_2(m),
             a.stride(0), a.stride(1), w_kn.stride(0), w_kn.stride(1), h.stride(0), h.stride(1), out.stride(0), out.stride(1),
             mask.stride(0) if dropout else 0,
-            HAS_BIAS=bias is not None, APPLY_SCALE=scale is not None, DROPOUT=dropout, INT64=needs_int64_index(a, w_kn),
+            HAS_BIAS=bias is not None, APPLY_SCALE=scale is not None, DROPOUT=dropout,
+            INT64=needs_int64_index(a) or (needs_int64_index(w_kn) if w_int64 is None else w_int64),
             DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype,
             PERIODIC=periodic, BLOCK_R=LOWRANK_CHUNK,
         )
@@ -117,25 +123,25 @@ def fused_linear(a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Tensor, table:
 
 
 # ----------------------------------------------------------------------------- forward and backward
-def forward_impl(x: Tensor, weight: Tensor, bias: Tensor | None, tables, dropout_p: float,
-                 seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def forward_impl(x: Tensor, w_kn: Tensor, bias: Tensor | None, tables, dropout_p: float, seed: Tensor,
+                 w_int64: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """y (M, N) in x's dtype, h = dropout(x) A_eff^T (M, R) float32 and the dropout mask
-    (M, ceil(K / 32)) int32 bit-packed (empty when dropout_p == 0), from the paths' factor tables."""
+    (M, ceil(K / 32)) int32 bit-packed (empty when dropout_p == 0), from the paths' factor tables.
+    w_kn: W^T (a view); bias contiguous or None; ``w_int64``: as ``fused_linear``'s."""
     h, mask = lowrank_project(x, tables.a, tables.dtype, tables.periodic, dropout_p, seed)
-    y = fused_linear(x, weight.t(), None if bias is None else bias.contiguous(), h, tables.b, tables.dtype,
-                     tables.periodic, tables.scale, 0.0, mask)
+    y = fused_linear(x, w_kn, bias, h, tables.b, tables.dtype, tables.periodic, tables.scale, 0.0, mask, w_int64)
     return y, h, mask
 
 
 def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, h: Tensor, mask: Tensor, tables, dropout_p: float,
-                  needs_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """dx (M, K) in x's dtype (empty unless needs_dx), dA_eff (R, K) and dB_eff^T (R, N) float32."""
+                  needs_dx: bool, needs_da: bool = True,
+                  w_int64: bool | None = None) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """dx (M, K) in x's dtype (None unless needs_dx), dA_eff (R, K) (None unless needs_da) and
+    dB_eff^T (R, N) float32: the dy pass, then dx and dA where wanted (one launch each)."""
     dh, grad_b = dy_lowrank(dy, h, tables.b, tables.scale, tables.dtype, tables.periodic)
-    if needs_dx:
-        dx = fused_linear(dy, weight, None, dh, tables.a, tables.dtype, tables.periodic, None, dropout_p, mask)
-    else:
-        dx = x.new_empty((0,))
-    return dx, lowrank_grad(dh, x, mask, dropout_p), grad_b
+    dx = fused_linear(dy, weight, None, dh, tables.a, tables.dtype, tables.periodic, None, dropout_p, mask,
+                      w_int64) if needs_dx else None
+    return dx, lowrank_grad(dh, x, mask, dropout_p) if needs_da else None, grad_b
 
 
 # ----------------------------------------------------------------------------- custom ops (torch.compile)
@@ -144,7 +150,8 @@ def _forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], tensors: list
                 scales: list[float], dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Returns y (M, N) in x's dtype, h = dropout(x) A_eff^T (M, R) float32 and the dropout mask
     (M, ceil(K / 32)) int32 bit-packed (empty when dropout_p == 0), both saved for backward."""
-    return forward_impl(x, weight, bias, tables_for(decode(tensors, layout, scales), x.device), dropout_p, seed)
+    return forward_impl(x, weight.t(), None if bias is None else bias.contiguous(),
+                        tables_for(decode(tensors, layout, scales), x.device), dropout_p, seed)
 
 
 @_forward_op.register_fake
@@ -161,8 +168,9 @@ def _backward_op(dy: Tensor, x: Tensor, weight: Tensor, h: Tensor, mask: Tensor,
                  needs_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dx (M, K) in x's dtype (empty unless needs_dx), dA_eff (R, K) and dB_eff^T (R, N) float32.
     mask: the forward's bit-packed dropout mask (read when dropout_p > 0; nothing is drawn here)."""
-    return backward_impl(dy, x, weight, h, mask, tables_for(decode(tensors, layout, scales), x.device), dropout_p,
-                         needs_dx)
+    dx, grad_a, grad_b = backward_impl(dy, x, weight, h, mask, tables_for(decode(tensors, layout, scales), x.device),
+                                       dropout_p, needs_dx)
+    return x.new_empty((0,)) if dx is None else dx, grad_a, grad_b
 
 
 @_backward_op.register_fake
@@ -230,8 +238,8 @@ def fused_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Seq
     p = dropout_p if training else 0.0
     x2 = x.reshape(-1, x.shape[-1])
     if not torch.compiler.is_compiling():  # eager: one Function, no custom-op wrapper
-        program = (weight, bias, list(paths), tables_for(paths, x.device), p, dropout_seed(0.0, x.device))
-        y = _fused_apply(program, x2, *(t for q in paths for t in q.tensors))
+        plan = FusedPlan(weight, bias, paths, p, x.device)
+        y = _fused_apply(plan, x2, *plan.tensors)
         return y.reshape(*x.shape[:-1], weight.shape[0])
     seed = dropout_seed(p, x.device)
     tensors, layout, scales = encode(paths)
@@ -240,31 +248,66 @@ def fused_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Seq
 
 
 # ----------------------------------------------------------------------------- the planned eager call
+class FusedPlan:
+    """What an eager call of the kernels reads that does not change between calls, built once per
+    call plan (the way vLLM builds its LoRA kernel metadata once): the frozen weight and its K-major
+    view, the bias, the paths and their flat tensors, the factor tables, dropout p and
+    the zero seed of p == 0, the weight's index width, and where each factor gradient goes
+    (``grad_routes``, one routing per set of tensors needing a gradient). A call then allocates
+    its outputs and launches; the launchers keep their grids per shape (``utils.memo``)."""
+
+    __slots__ = ("weight", "w_kn", "bias", "paths", "tensors", "tables", "p", "seed", "n", "k", "w_int64", "_routes")
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], p: float, device: torch.device):
+        self.weight, self.w_kn, self.bias = weight, weight.t(), bias  # a strided bias: made contiguous per call
+        self.paths = list(paths)
+        self.tensors = [t for q in self.paths for t in q.tensors]
+        self.tables = tables_for(self.paths, device)
+        self.p, self.seed = p, dropout_seed(0.0, device)
+        self.n, self.k = weight.shape
+        self.w_int64 = needs_int64_index(weight)
+        self._routes: dict[tuple[bool, ...], GradRoutes] = {}
+
+    def routes(self, needs: tuple[bool, ...]) -> GradRoutes:
+        """The gradient routing of the tensors ``needs`` marks (made on first use of each marking)."""
+        routes = self._routes.get(needs)
+        if routes is None:
+            routes = self._routes[needs] = GradRoutes(self.tensors, needs, path_routes(self.paths, self.k, self.n))
+        return routes
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """y (M, N), h (M, R) float32 and the bit-packed dropout mask of x (M, K) (two launches)."""
+        tables, p = self.tables, self.p
+        if tables.gates:
+            refresh_gates(tables, self.paths)
+        bias = self.bias if self.bias is None or self.bias.is_contiguous() else self.bias.contiguous()
+        return forward_impl(x, self.w_kn, bias, tables, p, self.seed if p == 0 else dropout_seed(p, x.device),
+                            self.w_int64)
+
+
 class FusedLinear(torch.autograd.Function):
-    """One planned eager call of the kernels: ``apply(program, x (M, K), *tensors)`` -> y (M, N), with
-    no custom-op wrapper (``torch.compile`` reaches the custom ops through ``fused_lora_linear``).
-    ``program`` = (weight, bias, paths, factor tables built once, dropout p, the zero seed of p == 0)."""
+    """One eager call of the kernels: ``apply(plan, x (M, K), *tensors)`` -> y (M, N), with no
+    custom-op wrapper (``torch.compile`` reaches the custom ops through ``fused_lora_linear``);
+    ``plan`` a ``FusedPlan``. Backward launches the dy pass, dx (when x needs it) and dA (when a
+    tensor behind some A_eff needs a gradient), then routes the factor gradients."""
 
     @staticmethod
-    def forward(ctx, program, x, *tensors):
-        weight, bias, paths, tables, p, seed = program
-        if tables.gates:
-            refresh_gates(tables, paths)
-        y, h, mask = forward_impl(x, weight, bias, tables, p, seed if p == 0 else dropout_seed(p, x.device))
+    def forward(ctx, plan, x, *tensors):
+        y, h, mask = plan.forward(x)
         ctx.save_for_backward(x, h, mask)
-        ctx.program = program
+        ctx.plan = plan
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, h, mask = ctx.saved_tensors
-        weight, bias, paths, tables, p, _ = ctx.program
+        plan = ctx.plan
         needs = ctx.needs_input_grad
-        if tables.gates:
-            refresh_gates(tables, paths)
-        dx, grad_a, grad_b = backward_impl(dy.contiguous(), x, weight, h, mask, tables, p, needs[1])
-        tensors = [t for q in paths for t in q.tensors]
-        return (None, dx if needs[1] else None, *path_grads(tensors, needs[2:], paths, grad_a, grad_b))
+        routes = plan.routes(needs[2:])
+        # dy.contiguous(): autograd's dy of a sum() is an expanded (stride 0) tensor
+        dx, grad_a, grad_b = backward_impl(dy.contiguous(), x, plan.weight, h, mask, plan.tables, plan.p, needs[1],
+                                           routes.uses(0), plan.w_int64)
+        return (None, dx, *routes((grad_a, grad_b)))
 
 
 _fused_apply = thin_apply(FusedLinear)
@@ -272,15 +315,22 @@ _fused_apply = thin_apply(FusedLinear)
 
 def planned_call(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
                  training: bool):
-    """The run(x) of a call plan on the kernels: the checks of ``fused_lora_linear`` and the factor
-    tables done once (a plan is rebuilt when a tensor it read is replaced)."""
+    """The run(x) of a call plan on the kernels: the checks of ``fused_lora_linear`` and its
+    ``FusedPlan`` made once (a plan is rebuilt when a tensor it read is replaced)."""
     p = dropout_p if training else 0.0
     _check(x, weight, bias, paths, p)
-    program = (weight, bias, list(paths), tables_for(paths, x.device), p, dropout_seed(0.0, x.device))
-    tensors = [t for q in paths for t in q.tensors]
-    n = weight.shape[0]
+    plan = FusedPlan(weight, bias, paths, p, x.device)
+    tensors, n = plan.tensors, plan.n
+    # a plan is rebuilt when grad mode or a requires_grad changes: no gradient wanted, no Function
+    call = _fused_apply if wants_grad(x, tensors) else lambda plan, x, *tensors: plan.forward(x)[0]
 
     def run(x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        return _fused_apply(program, x2, *tensors).view(*x.shape[:-1], n)
+        if x.dim() == 2:
+            return call(plan, x, *tensors)
+        return call(plan, x.reshape(-1, x.shape[-1]), *tensors).view(*x.shape[:-1], n)
     return run
+
+
+def wants_grad(x: Tensor, tensors: Sequence[Tensor]) -> bool:
+    """Whether autograd records a call on x and ``tensors`` (grad mode on, something requires grad)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors))

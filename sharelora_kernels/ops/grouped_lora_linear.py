@@ -33,6 +33,8 @@ No host work per call. Everything the kernel reads from tables depends on the pl
 b_g's and the factor tables' addresses, sizes, h's column indices: ``GroupLaunch``, cached like the
 factor tables, ``tables.cached``); the tensors of one call (x or the dy_g, the outputs, h) are
 pointer arguments, at most ``MAX_MODULES`` of each per launch (larger groups launch in chunks).
+An eager call runs ``GroupedEager`` on a ``GroupedPlan`` (the decoded paths, the tables, both
+launches, the gradient routes), which an input group builds once and keeps (``grouping``).
 
 Registered as ``sharelora::grouped_lora_linear`` (returns [y_0..y_{G-1}, h]) and
 ``sharelora::grouped_lora_linear_backward`` (mutates the gradient buffers), with fake impls.
@@ -50,8 +52,9 @@ from ..config import PATH_ROLES
 from ..reference import LoRAPath
 from .autotune import TunedKernel
 from .function import thin_apply
+from .grad_routes import GradRoutes, Route
 from .dy_lowrank import dy_lowrank
-from .fused_lora_linear import SPACES, _check
+from .fused_lora_linear import SPACES, _check, wants_grad
 from .gemm_tiles import LOWRANK_CHUNK, lowrank_tile, matmul_tile, tile_coords
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
@@ -462,37 +465,146 @@ def grouped_lora_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[T
     _check_group(x, weights, biases, paths, dropout_p)
     p = dropout_p if training else 0.0
     x2 = x.reshape(-1, x.shape[-1])
-    seed = dropout_seed(p, x.device)
-    tensors, layout, scales = encode(paths)
     if torch.compiler.is_compiling():  # dynamo sees the custom op (fake kernel, autograd formula)
-        outs = _forward_op(x2, list(weights), list(biases), tensors, layout, scales, p, seed)[:-2]
+        tensors, layout, scales = encode(paths)
+        outs = _forward_op(x2, list(weights), list(biases), tensors, layout, scales, p, dropout_seed(p, x.device))[:-2]
     else:  # eager: one Function, no custom-op wrapper
-        outs = _eager_apply((list(weights), list(biases), tensors, layout, scales, p), x2, seed, *tensors)
+        plan = GroupedPlan(weights, biases, paths, p, x.device)
+        outs = _eager_apply(plan, x2, *plan.tensors)
     return tuple(y.reshape(*x.shape[:-1], w.shape[0]) for y, w in zip(outs, weights))
 
 
+class GroupedPlan:
+    """What an eager call of the group reads that does not change between calls, built once per
+    group plan: the weights and biases, the flat tensors and their decoded ``Group``, the factor
+    tables of the distinct A-views and of each module, both grouped launches (``GroupLaunch``: their
+    problem and segment tables), where each module's dh lands in the group's (its columns), dropout
+    p and the zero seed, the accumulation mode, and where each factor gradient goes (``grad_routes``).
+    Weights or biases that are not contiguous get their launches per call (built from copies)."""
+
+    __slots__ = ("weights", "biases", "tensors", "group", "views", "module_tables", "launch", "dx", "h_cols",
+                 "dh_index", "dh_concat", "ns", "p", "seed", "atomic", "route_list", "_routes")
+
+    def __init__(self, weights: Sequence[Tensor], biases: Sequence[Tensor | None], paths: Sequence[Sequence[LoRAPath]],
+                 p: float, device: torch.device, atomic: bool | None = None):
+        self.weights, self.biases = list(weights), list(biases)
+        self.tensors, layout, scales = encode(paths)
+        self.group = grp = decode(self.tensors, layout, scales, len(weights))
+        self.views = tables_for(grp.views, device)
+        self.module_tables = [tables_for(ps, device) for ps in grp.paths]
+        contiguous = all(t is None or t.is_contiguous() for t in (*self.weights, *self.biases))
+        self.launch = _forward_launch(self.weights, self.biases, grp, device) if contiguous else None
+        self.dx = None
+        if contiguous:  # cached like the forward's (an unplanned call builds its GroupedPlan per call)
+            key = ("grouped dx", *map(tensor_key, self.weights), *paths_key(grp.views, device))
+            self.dx = cached(key, lambda: dx_launch(self.weights, self.views, device))
+            self.views = self.dx.keep[0]  # the tables its A table reads (the same unless evicted since)
+        self.h_cols = [(c[0], c[-1] + 1) if c == list(range(c[0], c[0] + len(c))) else index_tensor(c, device)
+                       for c in grp.cols]
+        self.dh_index = [index_tensor(c, device) for c in grp.cols]
+        self.dh_concat = [c for cs in grp.cols for c in cs] == list(range(self.views.a.shape[0]))  # disjoint, in order
+        self.ns = [w.shape[0] for w in self.weights]
+        self.p, self.seed = p, dropout_seed(0.0, device)
+        self.atomic = atomic_grads(atomic)
+        k, starts = self.weights[0].shape[1], [0]
+        for v in grp.views:
+            starts.append(starts[-1] + path_rank(v))
+        self.route_list = [Route(0, r0, r1, v, "a", tuple(idx), k)
+                           for v, idx, r0, r1 in zip(grp.views, grp.view_roles, starts, starts[1:])]
+        for g, (module_paths, module_roles) in enumerate(zip(grp.paths, grp.roles)):
+            r0 = 0
+            for path, idx in zip(module_paths, module_roles):
+                self.route_list.append(Route(1 + g, r0, r0 + path_rank(path), path, "b", tuple(idx), self.ns[g]))
+                r0 += path_rank(path)
+        self._routes: dict[tuple[bool, ...], GradRoutes] = {}
+
+    def routes(self, needs: tuple[bool, ...]) -> GradRoutes:
+        """The gradient routing of the tensors ``needs`` marks (made on first use of each marking)."""
+        routes = self._routes.get(needs)
+        if routes is None:
+            routes = self._routes[needs] = GradRoutes(self.tensors, needs, self.route_list)
+        return routes
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """[y_0, ..., y_{G-1}, h (M, R_u) float32, the bit-packed dropout mask] of x (M, K) (two launches)."""
+        views, p = self.views, self.p
+        if views.gates:
+            refresh_gates(views, self.group.views)
+        h, mask = lowrank_project(x, views.a, views.dtype, views.periodic, p,
+                                  self.seed if p == 0 else dropout_seed(p, x.device))
+        ys = [torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype) for n in self.ns]
+        launch = self.launch or _forward_launch(self.weights, self.biases, self.group, x.device)
+        grouped_linear(launch, [x.contiguous()], ys, h, True, 0.0, mask)
+        return [*ys, h, mask]
+
+    def columns(self, h: Tensor, g: int) -> Tensor:
+        """Module g's columns of h: a view when they are one run, else a copy."""
+        cols = self.h_cols[g]
+        return h[:, cols[0]:cols[1]] if isinstance(cols, tuple) else h.index_select(1, cols)
+
+
 class GroupedEager(torch.autograd.Function):
-    """The eager call of the group: ``apply(program, x (M, K), seed, *tensors)`` -> (y_0, ..., y_{G-1}),
-    ``program`` = (weights, biases, tensors, layout, scales, dropout p); the same forward and backward
-    as the custom ops, called directly."""
+    """The eager call of the group: ``apply(plan, x (M, K), *tensors)`` -> (y_0, ..., y_{G-1}), ``plan``
+    a ``GroupedPlan``; the same kernels as the custom ops, called directly. Backward: one dy pass
+    per module, one grouped dx launch (when x needs it), dA over the distinct views (when a tensor
+    behind some A_eff needs a gradient), then the factor gradients routed."""
 
     @staticmethod
-    def forward(ctx, program, x, seed, *tensors):
-        weights, biases, tensors, layout, scales, p = program
-        *ys, h, mask = forward_impl(x, weights, biases, tensors, layout, scales, p, seed)
+    def forward(ctx, plan, x, *tensors):
+        *ys, h, mask = plan.forward(x)
         ctx.save_for_backward(x, h, mask)
-        ctx.program = program
+        ctx.plan = plan
         return tuple(ys)
 
     @staticmethod
-    def backward(ctx, *dys):
+    def backward(ctx, *dys):  # unused outputs' gradients come as zeros (materialized)
         x, h, mask = ctx.saved_tensors
-        weights, _, tensors, layout, scales, p = ctx.program
-        sink = GradSink(tensors, ctx.needs_input_grad[3:])
-        bufs = [b if b is not None else x.new_empty((0,), dtype=torch.float32) for b in sink.buffers]
-        dx = backward_impl(list(dys), x, weights, h, mask, tensors, layout, scales, p, ctx.needs_input_grad[1], bufs,
-                           atomic_grads())  # unused outputs' gradients come as zeros (materialized)
-        return (None, dx if ctx.needs_input_grad[1] else None, None, *sink.grads())
+        plan = ctx.plan
+        needs = ctx.needs_input_grad
+        routes = plan.routes(needs[2:])
+        dys = [dy.contiguous() for dy in dys]
+        dhs, grads = [], [None]
+        for g, (dy, tables) in enumerate(zip(dys, plan.module_tables)):
+            dh_g, grad_b = dy_lowrank(dy, plan.columns(h, g), tables.b, tables.scale, tables.dtype, tables.periodic)
+            dhs.append(dh_g)
+            grads.append(grad_b)
+        if not (needs[1] or routes.uses(0)):  # dB alone: dh is not read
+            return (None, None, *routes(grads))
+        if plan.dh_concat:
+            dh = torch.cat(dhs, 1) if len(dhs) > 1 else dhs[0]
+        else:
+            dh = torch.zeros_like(h)
+            for dh_g, index in zip(dhs, plan.dh_index):  # index_add_: modules may read one view
+                dh.index_add_(1, index, dh_g)
+        dx = None
+        if needs[1]:
+            dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+            launch = plan.dx
+            if launch is None:
+                copies = [w.contiguous() for w in plan.weights]
+                launch = dx_launch(copies, plan.views, x.device, keep=tuple(copies))
+            grouped_linear(launch, dys, [dx], dh, False, plan.p, mask)
+        if routes.uses(0):
+            grads[0] = lowrank_grad(dh, x, mask, plan.p, plan.atomic)
+        return (None, dx, *routes(grads))
 
 
 _eager_apply = thin_apply(GroupedEager)
+
+
+def planned_call(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
+                 paths: Sequence[Sequence[LoRAPath]], dropout_p: float, training: bool):
+    """The run(x) -> (y_0, ..., y_{G-1}) of a group's call plan on the kernels: the checks of
+    ``grouped_lora_linear`` and its ``GroupedPlan`` made once (rebuilt when a tensor it read is replaced)."""
+    _check_group(x, weights, biases, paths, dropout_p)
+    plan = GroupedPlan(weights, biases, paths, dropout_p if training else 0.0, x.device)
+    tensors = plan.tensors
+    # a plan is rebuilt when grad mode or a requires_grad changes: no gradient wanted, no Function
+    call = _eager_apply if wants_grad(x, tensors) else lambda plan, x, *tensors: tuple(plan.forward(x)[:-2])
+
+    def run(x: Tensor) -> tuple[Tensor, ...]:
+        if x.dim() == 2:
+            return call(plan, x, *tensors)
+        outs = call(plan, x.reshape(-1, x.shape[-1]), *tensors)
+        return tuple(y.view(*x.shape[:-1], n) for y, n in zip(outs, plan.ns))
+    return run

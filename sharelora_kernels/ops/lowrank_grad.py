@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .autotune import grad_config, m_splits, reduce_config
-from .utils import cdiv, dot_precision, index64, load_keep, mma, needs_int64_index, on_device, rank_block
+from .utils import cdiv, dot_precision, index64, load_keep, memo, mma, needs_int64_index, on_device, rank_block
 
 
 @triton.jit(do_not_specialize=["M", "M_CHUNK"])
@@ -81,13 +81,27 @@ def _reduce_splits_kernel(part_ptr, out_ptr, S, X, Y, stride_ps, stride_px, stri
     tl.store(out_ptr + xs.to(tl.int64)[:, None] * stride_ox + ys[None, :] * stride_oy, acc, mask=mask)
 
 
-def reduce_splits(partial: Tensor) -> Tensor:
-    """The sum over dim 0 of an (S, X, Y) float32 tensor, added in order s = 0..S-1: (X, Y) float32."""
-    s, x, y = partial.shape
+_REDUCE_CONFIG = reduce_config()  # a constant of the process (interpreter or not)
+
+
+def split_buffer(s: int, x: int, y: int, device: torch.device) -> tuple[Tensor, tuple[int, int, int]]:
+    """An uninitialised fp32 buffer for S partial (X, Y) slabs and its (slab, row, column) strides:
+    (S, X, Y), or (X, Y) itself when S == 1 (the result, with slab stride 0: nothing to reduce)."""
     if s == 1:
-        return partial[0]
+        out = torch.empty((x, y), device=device, dtype=torch.float32)
+        return out, (0, y, 1)
+    out = torch.empty((s, x, y), device=device, dtype=torch.float32)
+    return out, (x * y, y, 1)
+
+
+def reduce_splits(partial: Tensor) -> Tensor:
+    """The sum over dim 0 of an (S, X, Y) float32 tensor, added in order s = 0..S-1: (X, Y) float32
+    (an (X, Y) tensor, ``split_buffer``'s single slab, is its own sum)."""
+    if partial.dim() == 2:
+        return partial
+    s, x, y = partial.shape
     out = torch.empty((x, y), device=partial.device, dtype=torch.float32)
-    config = reduce_config()
+    config = _REDUCE_CONFIG
     grid = (cdiv(x, config["BLOCK_X"]), cdiv(y, config["BLOCK_Y"]))
     with on_device(partial):
         _reduce_splits_kernel[grid](partial, out, s, x, y, *partial.stride(), *out.stride(), **config)
@@ -106,26 +120,37 @@ def lowrank_grad(g: Tensor, a: Tensor, mask: Tensor | None = None, dropout_p: fl
     r = g.shape[1]
     if m == 0 or r == 0:
         return torch.zeros((r, d), device=a.device, dtype=torch.float32)
-    block_r = rank_block(r)
-    config = grad_config(d, a.element_size(), block_r)
-    block_m = config["BLOCK_M"]
-    other_tiles = cdiv(d, config["BLOCK_D"]) * cdiv(r, block_r)
-    splits = min(splits or m_splits(m, other_tiles, block_m, a.device), cdiv(m, block_m))
-    chunk = cdiv(cdiv(m, splits), block_m) * block_m
-    splits = cdiv(m, chunk)
+    device = a.device
+    grid, chunk, block_r, config = memo(_GEOMETRY, (m, d, r, a.element_size(), device, splits),
+                                        lambda: geometry(m, d, r, a.element_size(), device, splits))
     if atomic:
-        out = torch.zeros((1, r, d), device=a.device, dtype=torch.float32)
+        out, strides = torch.zeros((r, d), device=device, dtype=torch.float32), (0, d, 1)
     else:
-        out = torch.empty((splits, r, d), device=a.device, dtype=torch.float32)
+        out, strides = split_buffer(grid[2], r, d, device)
     dropout = dropout_p > 0
-    grid = (cdiv(d, config["BLOCK_D"]), cdiv(r, block_r), splits)
     with on_device(a):
         _lowrank_grad_kernel[grid](
             g, a, out, mask if dropout else g, dropout_p,
             m, d, r, chunk,
-            g.stride(0), g.stride(1), a.stride(0), a.stride(1), 0 if atomic else out.stride(0), out.stride(1),
-            out.stride(2), mask.stride(0) if dropout else 0,
+            g.stride(0), g.stride(1), a.stride(0), a.stride(1), *strides, mask.stride(0) if dropout else 0,
             DROPOUT=dropout, INT64=needs_int64_index(a), DOT_PRECISION=dot_precision(a.dtype), ATOMIC=atomic,
             BLOCK_R=block_r, **config,
         )
-    return out[0] if atomic else reduce_splits(out)
+    return out if atomic else reduce_splits(out)
+
+
+_GEOMETRY: dict[tuple, tuple] = {}
+
+
+def geometry(m: int, d: int, r: int, elem_bytes: int, device: torch.device,
+             splits: int | None) -> tuple[tuple[int, int, int], int, int, dict]:
+    """(grid (D tiles, rank tiles, splits), M_CHUNK, BLOCK_R, config) of ``lowrank_grad`` over an
+    (M, D) input at rank r: a function of the shapes (kept one per shape)."""
+    block_r = rank_block(r)
+    config = grad_config(d, elem_bytes, block_r)
+    block_m = config["BLOCK_M"]
+    other_tiles = cdiv(d, config["BLOCK_D"]) * cdiv(r, block_r)
+    splits = min(splits or m_splits(m, other_tiles, block_m, device), cdiv(m, block_m))
+    chunk = cdiv(cdiv(m, splits), block_m) * block_m
+    splits = cdiv(m, chunk)
+    return (cdiv(d, config["BLOCK_D"]), cdiv(r, block_r), splits), chunk, block_r, config

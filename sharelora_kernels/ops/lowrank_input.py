@@ -22,8 +22,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .autotune import project_config
-from .utils import (cdiv, dot_precision, draw_keep, index64, load_factor, mask_words, mma, needs_int64_index, on_device,
-                    pack_keep, rank_block, rng_needs_int64)
+from .utils import (cdiv, dot_precision, draw_keep, index64, load_factor, mask_words, memo, mma, needs_int64_index,
+                    on_device, pack_keep, rank_block, rng_needs_int64)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -80,9 +80,7 @@ def lowrank_project(a: Tensor, table: Tensor, factor_dtype: tl.dtype, periodic: 
     mask = torch.empty((m, mask_words(d)) if dropout else (0,), device=a.device, dtype=torch.int32)
     if m == 0 or r == 0:
         return out, mask
-    block_r = rank_block(r)
-    config = project_config(m, d, a.element_size(), block_r)
-    grid = (cdiv(m, config["BLOCK_M"]), cdiv(r, block_r))
+    grid, block_r, config = memo(_GEOMETRY, (m, d, r, a.element_size()), lambda: geometry(m, d, r, a.element_size()))
     with on_device(a):
         _lowrank_project_kernel[grid](
             a, table, out, seed if seed is not None else table, mask, dropout_p,
@@ -93,3 +91,14 @@ def lowrank_project(a: Tensor, table: Tensor, factor_dtype: tl.dtype, periodic: 
             BLOCK_R=block_r, **config,
         )
     return out, mask
+
+
+_GEOMETRY: dict[tuple, tuple] = {}
+
+
+def geometry(m: int, d: int, r: int, elem_bytes: int) -> tuple[tuple[int, int], int, dict]:
+    """(grid (M tiles, rank tiles), BLOCK_R, config) of the projection of an (M, D) input at rank r:
+    a function of the shapes (kept one per shape)."""
+    block_r = rank_block(r)
+    config = project_config(m, d, elem_bytes, block_r)
+    return (cdiv(m, config["BLOCK_M"]), cdiv(r, block_r)), block_r, config

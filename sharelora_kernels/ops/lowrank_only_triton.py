@@ -60,6 +60,9 @@ def _lowrank_add_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+_ADD_CONFIG = lowrank_add_config()  # a constant of the process (interpreter or not)
+
+
 def _lowrank_add(out: Tensor, h: Tensor, table: Tensor, tables: FactorTables, compute: torch.dtype,
                  scale: Tensor | None, accumulate: bool, dropout_p: float = 0.0, mask: Tensor | None = None) -> None:
     """Launch ``_lowrank_add_kernel`` over out (M, D) with h (M, R) fp32 and a factor table (R, 5)
@@ -67,7 +70,7 @@ def _lowrank_add(out: Tensor, h: Tensor, table: Tensor, tables: FactorTables, co
     m, d = out.shape
     if out.numel() == 0:
         return
-    config = lowrank_add_config()
+    config = _ADD_CONFIG
     dropout = dropout_p > 0
     grid = (cdiv(m, config["BLOCK_M"]) * cdiv(d, config["BLOCK_N"]),)
     with on_device(out):
@@ -96,7 +99,7 @@ def triton_backward(dy: Tensor, x: Tensor, h: Tensor, mask: Tensor, paths: Seque
     """dx (M, K) in x's dtype (empty unless needs_dx), dA_eff (R, K) and dB_eff^T (R, N) float32;
     the mask is the forward's (``seed`` is not read: nothing is drawn again)."""
     tables = tables_for(paths, x.device)
-    dh, grad_b = dy_lowrank(dy.to(x.dtype), h, tables.b, tables.scale, tables.dtype, tables.periodic)
+    dh, grad_b = dy_lowrank(dy if dy.dtype == x.dtype else dy.to(x.dtype), h, tables.b, tables.scale, tables.dtype, tables.periodic)
     dx = x.new_empty(x.shape if needs_dx else (0,))
     if needs_dx:
         _lowrank_add(dx, dh, tables.a, tables, x.dtype, None, accumulate=False, dropout_p=p, mask=mask)

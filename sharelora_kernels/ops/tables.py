@@ -63,9 +63,13 @@ def path_rank(path: LoRAPath) -> int:
     return path.tensors[2].shape[0] if path.kind == "gate" else path.tensors[0].shape[0]
 
 
+def _fp32(path: LoRAPath) -> LoRAPath:
+    return path._replace(tensors=tuple(t if t.dtype == torch.float32 else t.float() for t in path.tensors))
+
+
 def gate_a_eff(path: LoRAPath) -> Tensor:
     """``A_eff = C G_id`` (g, K) of a gate path: fp32 math, cast once to the adapter dtype."""
-    fp32 = path._replace(tensors=tuple(t.float() for t in path.tensors))
+    fp32 = _fp32(path)
     return (gate_core(fp32) @ fp32.tensors[2]).to(path.tensors[0].dtype)
 
 
@@ -89,7 +93,8 @@ def build_tables(paths: Sequence[LoRAPath], device: torch.device) -> FactorTable
             a_rows += rows_of(t[0], 0, p.k_offset)
             b_rows += rows_of(t[1], 1, p.n_offset)
         elif p.kind == "gate":
-            a_eff = gate_a_eff(p)
+            with torch.no_grad():  # data the kernels read, not part of any graph
+                a_eff = gate_a_eff(p)
             gates.append((i, a_eff))
             a_rows += rows_of(a_eff, 0, 0)
             b_rows += rows_of(t[5], 1, 0)
@@ -130,8 +135,15 @@ def cached(key: tuple, build):
 
 def refresh_gates(tables: FactorTables, paths: Sequence[LoRAPath]) -> FactorTables:
     """Recompute every gate path's A_eff buffer of ``tables`` from the current values of ``paths``."""
-    for i, buffer in tables.gates:
-        buffer.copy_(gate_a_eff(paths[i]))
+    if not tables.gates:
+        return tables
+    with torch.no_grad():  # the buffer is data the kernels read (their gradients come from the chain rule)
+        for i, buffer in tables.gates:
+            if buffer.dtype == torch.float32:  # written in place: no temporary
+                fp32 = _fp32(paths[i])
+                torch.mm(gate_core(fp32), fp32.tensors[2], out=buffer)
+            else:
+                buffer.copy_(gate_a_eff(paths[i]))
     return tables
 
 

@@ -90,6 +90,17 @@ def _aligned(t: Tensor, row_dim: int) -> bool:
     return t.stride(1 - row_dim) == 1 and row_stride > 0 and (row_stride * es) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
+_TMA: dict[torch.device, bool] = {}
+
+
+def _has_tma(device: torch.device) -> bool:
+    """Whether CUDA ``device`` has compute capability 9 or more (asked once per device)."""
+    has = _TMA.get(device)
+    if has is None:
+        has = _TMA[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return has
+
+
 def usable(a: Tensor, w_kn: Tensor) -> bool:
     """Whether the TMA kernel can run ``a @ w_kn``: a (M, K) row-major, w_kn (K, N) a row-major
     (K, N) or (N, K) matrix, 16-byte aligned, on a GPU with TMA (compute capability >= 9) or the
@@ -97,8 +108,7 @@ def usable(a: Tensor, w_kn: Tensor) -> bool:
     every tile here, compile_check; the interpreter computes every dot the same way)."""
     if TensorDescriptor is None or a.shape[0] == 0 or a.shape[1] == 0 or w_kn.shape[1] == 0:
         return False
-    if not INTERPRET and not (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9
-                              and dot_precision(a.dtype) != "ieee"):
+    if not INTERPRET and not (a.is_cuda and _has_tma(a.device) and dot_precision(a.dtype) != "ieee"):
         return False
     return _aligned(a, 0) and (_aligned(w_kn, 0) or _aligned(w_kn.t(), 0))
 

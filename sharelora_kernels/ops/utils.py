@@ -9,6 +9,7 @@ of word w of row m keeps element (m, 32 w + b) of x (M * K / 8 bytes). dx and dA
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -24,8 +25,9 @@ TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: IEEE fp32 unless TF32 is allowed (16-bit inputs ignore it)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """``tl.dot`` input precision: IEEE fp32 unless TF32 is allowed (16-bit inputs ignore it). Reads
+    ``torch.backends.cuda.matmul.allow_tf32`` (its C getter: a setting a user may change between calls)."""
+    if dtype == torch.float32 and not torch._C._get_cublas_allow_tf32():
         return "ieee"
     return "tf32"
 
@@ -47,10 +49,28 @@ def dropout_seed(p: float, device: torch.device) -> Tensor:
     return _NO_SEED[device]
 
 
+_NOWHERE = contextlib.nullcontext()  # reusable: it holds no state
+
+
 def on_device(t: Tensor):
     """The context every launch runs in: ``t``'s CUDA device made current (a model spread over two
     GPUs launches each kernel on its tensors' GPU); on CPU tensors (the interpreter) it changes nothing."""
-    return torch.cuda.device(t.device.index if t.is_cuda else -1)
+    return torch.cuda.device(t.device.index) if t.is_cuda else _NOWHERE
+
+
+def memo(cache: dict, key, build):
+    """``cache[key]``, made by ``build()`` on a miss: launch geometry that is a function of a few ints
+    (shapes, flags, the device) is computed once per distinct key, not per call. A cache past
+    ``MEMO_SIZE`` keys (sequence lengths that never repeat) starts over."""
+    value = cache.get(key)
+    if value is None:
+        if len(cache) >= MEMO_SIZE:
+            cache.clear()
+        value = cache[key] = build()
+    return value
+
+
+MEMO_SIZE = 4096
 
 
 def cdiv(a: int, b: int) -> int:
