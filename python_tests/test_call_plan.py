@@ -167,7 +167,8 @@ class CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not func._schema.name.startswith("aten::") or func.overloadpacket in (
                 torch.ops.aten.t, torch.ops.aten.view, torch.ops.aten.detach, torch.ops.aten.alias, torch.ops.aten.transpose,
-                torch.ops.aten.slice, torch.ops.aten.narrow, torch.ops.aten.reshape, torch.ops.aten._unsafe_view):
+                torch.ops.aten.slice, torch.ops.aten.narrow, torch.ops.aten.reshape, torch.ops.aten._unsafe_view,
+                torch.ops.aten.split_with_sizes):
             return func(*args, **(kwargs or {}))
         self.ops.append(func.overloadpacket.__name__)  # noqa
         return func(*args, **(kwargs or {}))

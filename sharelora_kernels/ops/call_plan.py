@@ -32,6 +32,7 @@ a plan (dynamo traces the router, ``ops.lora_linear``, and reaches the custom op
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -90,23 +91,28 @@ def environment(x: Tensor, *layer_state) -> tuple:
 class CallPlan:
     """``run(x)`` (x of the plan's environment; reshaped by ``run``), valid while ``fits`` says so."""
 
-    __slots__ = ("env", "sources", "run", "backend")
+    __slots__ = ("env", "sources", "run", "backend", "_owners", "_names", "_found", "_tensors", "_grads", "_ptr_of", "_ptrs")
 
     def __init__(self, env: tuple, sources: Sequence[Source], run: Run, backend: str):
         self.env, self.sources, self.run, self.backend = env, tuple(sources), run, backend
+        # fits() as a few C-level passes (map) over flat lists, not a Python loop over the sources
+        self._owners = [s.owner for s in self.sources]
+        self._names = [s.name for s in self.sources]
+        self._found = [s.tensor for s in self.sources]
+        checked = [s for s in self.sources if s.tensor is not None and s.data_ptr != -2]
+        self._tensors = [s.tensor for s in checked]
+        self._grads = [s.requires_grad for s in checked]
+        self._ptr_of = [s.tensor for s in checked if s.data_ptr >= 0]
+        self._ptrs = [s.data_ptr for s in checked if s.data_ptr >= 0]
 
     def fits(self, env: tuple) -> bool:
         """Whether this plan serves a call of environment ``env`` with the tensors as they are now."""
-        if env != self.env:
-            return False
-        for s in self.sources:
-            t = s.owner.get(s.name)
-            if t is not s.tensor:
-                return False
-            if t is not None and s.data_ptr != -2 and (t.requires_grad != s.requires_grad
-                                                       or (s.data_ptr >= 0 and t.data_ptr() != s.data_ptr)):
-                return False
-        return True
+        return (env == self.env and all(map(operator.is_, map(dict.get, self._owners, self._names), self._found))
+                and list(map(_requires_grad, self._tensors)) == self._grads
+                and list(map(Tensor.data_ptr, self._ptr_of)) == self._ptrs)
+
+
+_requires_grad = operator.attrgetter("requires_grad")
 
 
 def still_valid(plans: dict[tuple, CallPlan]) -> dict[tuple, CallPlan]:
@@ -119,15 +125,6 @@ def still_valid(plans: dict[tuple, CallPlan]) -> dict[tuple, CallPlan]:
 def grad_wanted(x: Tensor, paths: Sequence[LoRAPath]) -> bool:
     """Whether autograd will take a gradient of this call (``dispatch.call_mode``)."""
     return dispatch.call_mode(x, paths) == "fwd+bwd"
-
-
-def _flat(run_2d: Callable[[Tensor], Tensor], n: int) -> Run:
-    """``run_2d`` (M, K) -> (M, N) applied to x (..., K) -> (..., N)."""
-    def run(x: Tensor) -> Tensor:
-        if x.dim() == 2:
-            return run_2d(x)
-        return run_2d(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], n)
-    return run
 
 
 def build_linear(env: tuple, sources: Sequence[Source], x: Tensor, weight: Tensor, bias: Tensor | None,
@@ -163,8 +160,7 @@ def _compose_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Seque
         compose._check(x, weight, bias, p)
         program = compose.DenseProgram(weight, bias, paths, p)
         tensors = [t for q in paths for t in q.tensors]
-        grad = grad_wanted(x, paths)
-        return _flat(lambda x2: compose.dense_call(program, x2, tensors, grad), weight.shape[0])
+        return compose.dense_runner(program, tensors, grad_wanted(x, paths))
     return compose.planned_call(x, weight, bias, paths, dropout_p, training)
 
 

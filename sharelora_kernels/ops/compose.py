@@ -309,40 +309,40 @@ def grouped_lora_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[T
 # ----------------------------------------------------------------------------- the planned dense call
 class DenseProgram:
     """What a compose call of plain and slice paths needs that does not change between calls, built
-    once by a layer's call plan (``ops.call_plan``): the frozen weight (N, K) and bias, each path's
-    A / B window as a detached view of its parameter (in-place updates show through; a replaced
-    parameter makes the plan rebuild), the scales (one float for a single path, else an (R,) vector
-    in the low-rank dtype), the dropout probability, and the pad widths that put a slice's window
-    gradient back into its tensor's shape. ``takes(paths)``: whether this program serves them
-    (plain / slice paths, no tensor read twice, every adapter tensor in one floating dtype)."""
+    once by a layer's call plan (``ops.call_plan``): the frozen weight (N, K) and bias, each slice's
+    window (offsets), each path's A / B window as a detached view of its parameter (the forward
+    without gradient reads them; in-place updates show through, a replaced parameter makes the plan
+    rebuild), the scales (one float for a single path, else an (R,) vector in the low-rank dtype),
+    the dropout probability. ``takes(paths)``: whether this program serves them (plain / slice
+    paths, no tensor read twice, every adapter tensor in one floating dtype).
+
+    Both the forward without gradient and ``DenseCompose`` read the detached windows; backward
+    returns each slice's window gradient padded into its tensor's shape (``pads``).
+    """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float):
         k, n = weight.shape[1], weight.shape[0]
-        self.weight, self.bias, self.p = weight, bias, dropout_p
+        self.weight, self.bias, self.p, self.k, self.n = weight, bias, dropout_p, k, n
         self.wt = weight.t()
         self.dtype = lowrank_dtype(weight.dtype)
         self.adapter_dtype = paths[0].tensors[0].dtype
-        self.a = [t.detach().narrow(1, q.k_offset, k) if q.kind == "slice" else t.detach()
-                  for q in paths for t in q.tensors[:1]]
-        self.b = [t.detach().narrow(0, q.n_offset, n) if q.kind == "slice" else t.detach()
-                  for q in paths for t in q.tensors[1:2]]
+        self.window = [(q.k_offset, q.n_offset) if q.kind == "slice" else None for q in paths]
+        self.sliced = any(w is not None for w in self.window)
+        # constant_pad_nd widths of each slice's window gradients: A's columns, B's rows
+        self.pads = [None if q.kind != "slice" else ((q.k_offset, q.tensors[0].shape[1] - k - q.k_offset),
+                                                     (0, 0, q.n_offset, q.tensors[1].shape[0] - n - q.n_offset))
+                     for q in paths]
         self.single = len(paths) == 1
         self.scale = float(paths[0].scale)
         self.ranks = [q.rank for q in paths]
+        self.keep = 1.0 / (1.0 - dropout_p)
         self.scales = None if self.single else torch.cat(
             [torch.full((q.rank,), float(q.scale), dtype=self.dtype, device=weight.device) for q in paths])
-        # F.pad widths of each slice's window gradient: (left, right) of A's columns, (top, bottom) of B's rows
-        self.pad_a = [(q.k_offset, q.tensors[0].shape[1] - k - q.k_offset) if q.kind == "slice" else None for q in paths]
-        self.pad_b = [(0, 0, q.n_offset, q.tensors[1].shape[0] - n - q.n_offset) if q.kind == "slice" else None
-                      for q in paths]
+        self.scales_keep = None if self.single or dropout_p == 0 else self.scales * self.keep
         self.zero = torch.zeros((), dtype=self.dtype, device=weight.device)
-        # One path, no dropout, x, W, b and the adapters in one dtype: with a gradient wanted the same
-        # GEMMs run as autograd's own ops (C++ backward nodes, no Python in backward: measured ~20 us
-        # less a call on the CPU than DenseCompose, whose fewer ops win with several paths).
-        self.native = self.single and dropout_p == 0 and self.adapter_dtype == self.dtype == weight.dtype and (
-            bias is None or bias.dtype == self.dtype)
-        self.parts = [(q.tensors[0], q.tensors[1], q.kind == "slice", q.k_offset, q.n_offset) for q in paths]
-        self.k, self.n = k, n
+        # z = addmm(bias_or_zero, h, B^T, beta=beta): the bias added by the low-rank GEMM's epilogue
+        self.bias_term, self.beta = (self.zero, 0) if bias is None else (bias, 1)
+        self.detached = self.windows([t.detach() for q in paths for t in q.tensors])
 
     @staticmethod
     def takes(paths: Sequence[LoRAPath]) -> bool:
@@ -350,86 +350,81 @@ class DenseProgram:
         return (bool(paths) and all(q.kind in ("plain", "slice") for q in paths)
                 and len({id(t) for t in tensors}) == len(tensors) and len({t.dtype for t in tensors}) == 1)
 
-    def factors(self) -> tuple[Tensor, Tensor]:
-        """(A (R, K), B (N, R)) in the low-rank dtype, unscaled: the windows, stacked when several."""
-        a = self.a[0] if self.single else torch.cat(self.a)
-        b = self.b[0] if self.single else torch.cat(self.b, 1)
+    def windows(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Each path's (A, B), a slice's as the (r, K) / (N, r) window it reads (views of ``tensors``)."""
+        if not self.sliced:
+            return tensors
+        out = []
+        for w, a, b in zip(self.window, tensors[0::2], tensors[1::2]):
+            out += (a, b) if w is None else (a.narrow(1, w[0], self.k), b.narrow(0, w[1], self.n))
+        return out
+
+    def forward(self, x: Tensor, xd: Tensor | None, ab: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(y (M, N) in x's dtype, h (M, R), A, B) of x (M, K), its dropped-out copy xd (or None) and
+        ``ab`` each path's (A window, B window)."""
+        if self.single:
+            a, b = ab
+        else:
+            a, b = torch.cat(ab[0::2]), torch.cat(ab[1::2], 1)
         if a.dtype != self.dtype:
             a, b = a.to(self.dtype), b.to(self.dtype)
-        return a, b
-
-    def forward(self, x: Tensor, xd: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(y (M, N) in x's dtype, h (M, R), A, B) of x (M, K) and its dropped-out copy xd (or None)."""
-        a, b = self.factors()
         xl = x if xd is None else xd
         h = torch.mm(xl if xl.dtype == self.dtype else xl.to(self.dtype), a.t())
-        hs = h if self.single else h * self.scales
-        alpha = self.scale if self.single else 1.0
-        if self.bias is None:
-            z = torch.addmm(self.zero, hs, b.t(), beta=0, alpha=alpha)
+        bias = self.bias_term if self.bias_term.dtype == self.dtype else self.bias_term.to(self.dtype)
+        if self.single:
+            z = torch.addmm(bias, h, b.t(), beta=self.beta, alpha=self.scale)
         else:
-            z = torch.addmm(self.bias if self.bias.dtype == self.dtype else self.bias.to(self.dtype), hs, b.t(),
-                            alpha=alpha)
+            z = torch.addmm(bias, h * self.scales, b.t(), beta=self.beta)
         y = (z if z.dtype == x.dtype else z.to(x.dtype)).addmm_(x, self.wt)
         return y, h, a, b
 
     def backward(self, dy: Tensor, x: Tensor, mask: Tensor | None, h: Tensor, a: Tensor, b: Tensor,
                  needs: Sequence[bool]) -> tuple[Tensor | None, ...]:
-        """(dx, and each path's dA, dB in order) from dy (M, N); ``needs`` = (x, then each tensor)."""
+        """(dx, then each path's dA, dB) from dy (M, N); ``needs`` = (x, then each tensor)."""
         dyl = dy if dy.dtype == self.dtype else dy.to(self.dtype)
-        keep = 1.0 / (1.0 - self.p) if mask is not None else 1.0
         if self.single:
-            dh = torch.addmm(self.zero, dyl, b, beta=0, alpha=self.scale * keep)
+            dh = torch.addmm(self.zero, dyl, b, beta=0, alpha=self.scale if mask is None else self.scale * self.keep)
         else:
-            dh = torch.mm(dyl, b).mul_(self.scales if keep == 1.0 else self.scales * keep)
+            dh = torch.mm(dyl, b).mul_(self.scales if mask is None else self.scales_keep)
         dx = None
         if needs[0]:
             dx_low = torch.mm(dh, a)
             if mask is not None:
                 dx_low.mul_(mask)
             dx = (dx_low if dx_low.dtype == x.dtype else dx_low.to(x.dtype)).addmm_(dy, self.weight)
-        grads: list[Tensor | None] = []
-        if any(needs[1:]):
-            xm = x if mask is None else x * mask
-            ga = torch.mm(dh.t(), xm if xm.dtype == self.dtype else xm.to(self.dtype))  # (R, K), keep applied
-            if self.single:  # (N, R), scaled
-                gb = torch.addmm(self.zero, dyl.t(), h, beta=0, alpha=self.scale)
-            else:
-                gb = torch.mm(dyl.t(), h).mul_(self.scales)
-            r0 = 0
-            for r, pad_a, pad_b in zip(self.ranks, self.pad_a, self.pad_b):
-                da, db = ga[r0:r0 + r], gb[:, r0:r0 + r]
-                r0 += r
-                if da.dtype != self.adapter_dtype:
-                    da, db = da.to(self.adapter_dtype), db.to(self.adapter_dtype)
-                grads += [da if pad_a is None else F.pad(da, pad_a), db if pad_b is None else F.pad(db, pad_b)]
+        if not any(needs[1:]):
+            return (dx, *([None] * (len(needs) - 1)))
+        xm = x if mask is None else x * mask
+        ga = torch.mm(dh.t(), xm if xm.dtype == self.dtype else xm.to(self.dtype))  # (R, K), keep applied
+        if self.single:  # (N, R), scaled
+            gb = torch.addmm(self.zero, dyl.t(), h, beta=0, alpha=self.scale)
         else:
-            grads = [None] * (len(needs) - 1)
-        return (dx, *(g if need else None for g, need in zip(grads, needs[1:])))
-
-
-def _native_forward(program: DenseProgram, x: Tensor) -> Tensor:
-    """y (M, N) of x (M, K) by autograd's own ops on the live parameters (``DenseProgram.native``)."""
-    a, b, sliced, k0, n0 = program.parts[0]
-    if sliced:
-        a, b = a.narrow(1, k0, program.k), b.narrow(0, n0, program.n)
-    h = torch.mm(x, a.t())
-    if program.bias is None:
-        z = torch.addmm(program.zero, h, b.t(), beta=0, alpha=program.scale)
-    else:
-        z = torch.addmm(program.bias, h, b.t(), alpha=program.scale)
-    return torch.addmm(z, x, program.wt)
+            gb = torch.mm(dyl.t(), h).mul_(self.scales)
+        if ga.dtype != self.adapter_dtype:
+            ga, gb = ga.to(self.adapter_dtype), gb.to(self.adapter_dtype)
+        if self.single:
+            if self.sliced:
+                ga, gb = torch.constant_pad_nd(ga, self.pads[0][0]), torch.constant_pad_nd(gb, self.pads[0][1])
+            return dx, ga, gb
+        grads = [dx]
+        for pad, da, db in zip(self.pads, ga.split_with_sizes(self.ranks), gb.split_with_sizes(self.ranks, 1)):
+            grads += (da, db) if pad is None else (torch.constant_pad_nd(da, pad[0]), torch.constant_pad_nd(db, pad[1]))
+        return grads
 
 
 class DenseCompose(torch.autograd.Function):
     """One planned compose call of plain / slice paths: ``apply(program, x (M, K), *tensors)`` -> y (M, N),
-    ``tensors`` each path's (A, B) parameters (what gets gradients). Saves x, the bool dropout mask,
-    h and the (stacked) factors; backward is ``DenseProgram.backward``."""
+    ``tensors`` each path's (A, B) parameters (what gets gradients; the forward reads the program's
+    detached windows of them). Saves x, the bool dropout mask, h and the (stacked) factors; backward
+    is ``DenseProgram.backward``."""
 
     @staticmethod
     def forward(ctx, program, x, *tensors):
-        xd, mask = draw_dropout(x, program.p)
-        y, h, a, b = program.forward(x, xd)
+        if program.p:
+            xd, mask = draw_dropout(x, program.p)
+        else:
+            xd = mask = None
+        y, h, a, b = program.forward(x, xd, program.detached)
         ctx.save_for_backward(x, mask, h, a, b)
         ctx.program = program
         return y
@@ -443,9 +438,20 @@ class DenseCompose(torch.autograd.Function):
 _dense_apply = thin_apply(DenseCompose)
 
 
-def dense_call(program: DenseProgram, x: Tensor, tensors: Sequence[Tensor], grad: bool) -> Tensor:
-    """y (M, N) of x (M, K) by ``program``: through ``DenseCompose`` when autograd will want a
+def dense_runner(program: DenseProgram, tensors: Sequence[Tensor], grad: bool):
+    """run(x) (..., K) -> (..., N) by ``program``: through ``DenseCompose`` when autograd will want a
     gradient (``grad``), else the forward alone (no autograd node, no saved tensors)."""
+    k, n, p, detached = program.k, program.n, program.p, program.detached
+
     if grad:
-        return _native_forward(program, x) if program.native else _dense_apply(program, x, *tensors)
-    return program.forward(x, draw_dropout(x, program.p)[0])[0]
+        def run_2d(x: Tensor) -> Tensor:
+            return _dense_apply(program, x, *tensors)
+    else:
+        def run_2d(x: Tensor) -> Tensor:
+            return program.forward(x, draw_dropout(x, p)[0] if p else None, detached)[0]
+
+    def run(x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            return run_2d(x)
+        return run_2d(x.reshape(-1, k)).view(*x.shape[:-1], n)
+    return run
