@@ -5,11 +5,14 @@ router's choice and the op's flat arguments, although none of them changes from 
 next. A ``CallPlan`` resolves them once (the way vLLM builds its LoRA kernel metadata once per
 batch) and keeps a ``run(x)`` that issues the chosen backend's one op boundary directly:
 
-    compose, plain / slice paths   ``compose.dense_call``: one path without dropout runs autograd's
-                                   own GEMMs (C++ backward nodes); otherwise one autograd Function,
-                                   ``DenseCompose``, its backward hand-written; the forward alone
-                                   when no gradient is wanted
-    compose, other paths           ``compose.planned_call``: its one Function, flat arguments made once
+    compose, plain / slice paths   ``compose.dense_runner``: one autograd Function, ``DenseCompose``,
+                                   its backward hand-written; the forward alone when no gradient is
+                                   wanted
+    compose, gate / Kronecker      ``path_program.path_runner``: one autograd Function, ``PathCompose``,
+                                   over a ``PathProgram`` (which path is what, scales, windows)
+                                   built once; the forward alone when no gradient is wanted
+    compose, other paths           ``compose.planned_call`` (a tensor read twice, mixed adapter
+                                   dtypes): its one Function, flat arguments made once
     triton                         ``fused_lora_linear.FusedLinear`` (the kernels, no custom-op
                                    wrapper), its factor tables built once
     torch                          ``reference.lora_linear`` on the prebuilt path list
@@ -41,7 +44,7 @@ from torch import Tensor
 
 from .. import reference
 from ..reference import LoRAPath
-from . import compose, dispatch
+from . import compose, dispatch, path_program
 
 Run = Callable[[Tensor], Tensor]
 
@@ -161,6 +164,8 @@ def _compose_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Seque
         program = compose.DenseProgram(weight, bias, paths, p)
         tensors = [t for q in paths for t in q.tensors]
         return compose.dense_runner(program, tensors, grad_wanted(x, paths))
+    if path_program.PathProgram.takes(paths):
+        return path_program.path_runner(x, weight, bias, paths, p, grad_wanted(x, paths))
     return compose.planned_call(x, weight, bias, paths, dropout_p, training)
 
 
