@@ -100,3 +100,35 @@ def test_path_program_takes():
     assert not path_program.PathProgram.takes(bishare_layer(kinds=("plain", "slice")).paths())
     twice = [paths[0], paths[0]]  # a tensor read by two paths: the general compose call (one buffer per tensor)
     assert not path_program.PathProgram.takes(twice)
+
+
+def test_4bit_base_planned_call_equals_the_router_call():
+    """A 4-bit base computing in float32 with plain paths: the plan's LowRankDense adds the paths
+    as ``ops.lowrank_add`` does (outputs and every gradient), with and without grad."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import logging
+
+    import torch.nn as nn
+
+    from sharelora_kernels.layer import SharedLoRALinear
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 32)
+    base = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4")
+    base.load_state_dict(dense.state_dict())
+    layer = SharedLoRALinear(base.to("cpu"), r=4, alpha=8).train()
+    nn.init.normal_(layer.lora_paths[0].B, std=0.5)
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    params = [t for p in layer.paths() for t in p.tensors]
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "LowRankDenseBackward"
+    dy = torch.randn(y.shape)
+    grads = torch.autograd.grad(y, [x, *params], dy)
+    y_ref = ops.lowrank_add(layer._base_output(x), x, layer.paths(), 0.0, True)
+    grads_ref = torch.autograd.grad(y_ref, [x, *params], dy)
+    assert rel_err(y, y_ref) < 1e-6
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel_err(g, g_ref) < 1e-5
+    with torch.no_grad():
+        assert rel_err(layer(x), y_ref) < 1e-6

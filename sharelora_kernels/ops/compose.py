@@ -320,12 +320,16 @@ class DenseProgram:
     returns each slice's window gradient padded into its tensor's shape (``pads``).
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float):
-        k, n = weight.shape[1], weight.shape[0]
+    def __init__(self, weight: Tensor | None, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
+                 shape: tuple[int, int] | None = None):
+        """weight None: the adapter side alone (``add_into`` / ``lowrank_backward``) for a base that
+        computes itself, of ``shape`` (N, K), the GEMMs in the adapters' dtype."""
+        n, k = weight.shape if weight is not None else shape
         self.weight, self.bias, self.p, self.k, self.n = weight, bias, dropout_p, k, n
-        self.wt = weight.t()
-        self.dtype = lowrank_dtype(weight.dtype)
+        self.wt = None if weight is None else weight.t()
         self.adapter_dtype = paths[0].tensors[0].dtype
+        self.dtype = self.adapter_dtype if weight is None else lowrank_dtype(weight.dtype)
+        device = paths[0].tensors[0].device
         self.window = [(q.k_offset, q.n_offset) if q.kind == "slice" else None for q in paths]
         self.sliced = any(w is not None for w in self.window)
         # constant_pad_nd widths of each slice's window gradients: A's columns, B's rows
@@ -337,9 +341,9 @@ class DenseProgram:
         self.ranks = [q.rank for q in paths]
         self.keep = 1.0 / (1.0 - dropout_p)
         self.scales = None if self.single else torch.cat(
-            [torch.full((q.rank,), float(q.scale), dtype=self.dtype, device=weight.device) for q in paths])
+            [torch.full((q.rank,), float(q.scale), dtype=self.dtype, device=device) for q in paths])
         self.scales_keep = None if self.single or dropout_p == 0 else self.scales * self.keep
-        self.zero = torch.zeros((), dtype=self.dtype, device=weight.device)
+        self.zero = torch.zeros((), dtype=self.dtype, device=device)
         # z = addmm(bias_or_zero, h, B^T, beta=beta): the bias added by the low-rank GEMM's epilogue
         self.bias_term, self.beta = (self.zero, 0) if bias is None else (bias, 1)
         self.detached = self.windows([t.detach() for q in paths for t in q.tensors])
@@ -359,9 +363,9 @@ class DenseProgram:
             out += (a, b) if w is None else (a.narrow(1, w[0], self.k), b.narrow(0, w[1], self.n))
         return out
 
-    def forward(self, x: Tensor, xd: Tensor | None, ab: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(y (M, N) in x's dtype, h (M, R), A, B) of x (M, K), its dropped-out copy xd (or None) and
-        ``ab`` each path's (A window, B window)."""
+    def project(self, x: Tensor, xd: Tensor | None, ab: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(h (M, R), A (R, K), B (N, R)) in the low-rank dtype, of x (M, K) or its dropped-out copy xd
+        and ``ab`` each path's (A window, B window)."""
         if self.single:
             a, b = ab
         else:
@@ -369,7 +373,12 @@ class DenseProgram:
         if a.dtype != self.dtype:
             a, b = a.to(self.dtype), b.to(self.dtype)
         xl = x if xd is None else xd
-        h = torch.mm(xl if xl.dtype == self.dtype else xl.to(self.dtype), a.t())
+        return torch.mm(xl if xl.dtype == self.dtype else xl.to(self.dtype), a.t()), a, b
+
+    def forward(self, x: Tensor, xd: Tensor | None, ab: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(y (M, N) in x's dtype, h (M, R), A, B) of x (M, K), its dropped-out copy xd (or None) and
+        ``ab`` each path's (A window, B window)."""
+        h, a, b = self.project(x, xd, ab)
         bias = self.bias_term if self.bias_term.dtype == self.dtype else self.bias_term.to(self.dtype)
         if self.single:
             z = torch.addmm(bias, h, b.t(), beta=self.beta, alpha=self.scale)
@@ -378,9 +387,29 @@ class DenseProgram:
         y = (z if z.dtype == x.dtype else z.to(x.dtype)).addmm_(x, self.wt)
         return y, h, a, b
 
+    def add_into(self, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """y (M, N) += the paths of x (M, K) in place, without dropout (x, y in the low-rank dtype);
+        returns (h, A, B) as ``project``."""
+        h, a, b = self.project(x, None, self.detached)
+        if self.single:
+            y.addmm_(h, b.t(), alpha=self.scale)
+        else:
+            y.addmm_(h * self.scales, b.t())
+        return h, a, b
+
     def backward(self, dy: Tensor, x: Tensor, mask: Tensor | None, h: Tensor, a: Tensor, b: Tensor,
                  needs: Sequence[bool]) -> tuple[Tensor | None, ...]:
         """(dx, then each path's dA, dB) from dy (M, N); ``needs`` = (x, then each tensor)."""
+        dx_low, *grads = self.lowrank_backward(dy, x, mask, h, a, b, needs)
+        dx = None
+        if needs[0]:
+            dx = (dx_low if dx_low.dtype == x.dtype else dx_low.to(x.dtype)).addmm_(dy, self.weight)
+        return (dx, *grads)
+
+    def lowrank_backward(self, dy: Tensor, x: Tensor, mask: Tensor | None, h: Tensor, a: Tensor, b: Tensor,
+                         needs: Sequence[bool]) -> tuple[Tensor | None, ...]:
+        """(the paths' part of dx (M, K) in the low-rank dtype, masked, then each path's dA, dB) from
+        dy (M, N); ``needs`` = (x, then each tensor)."""
         dyl = dy if dy.dtype == self.dtype else dy.to(self.dtype)
         if self.single:
             dh = torch.addmm(self.zero, dyl, b, beta=0, alpha=self.scale if mask is None else self.scale * self.keep)
@@ -388,10 +417,9 @@ class DenseProgram:
             dh = torch.mm(dyl, b).mul_(self.scales if mask is None else self.scales_keep)
         dx = None
         if needs[0]:
-            dx_low = torch.mm(dh, a)
+            dx = torch.mm(dh, a)
             if mask is not None:
-                dx_low.mul_(mask)
-            dx = (dx_low if dx_low.dtype == x.dtype else dx_low.to(x.dtype)).addmm_(dy, self.weight)
+                dx.mul_(mask)
         if not any(needs[1:]):
             return (dx, *([None] * (len(needs) - 1)))
         xm = x if mask is None else x * mask
