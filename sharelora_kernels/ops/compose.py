@@ -30,7 +30,7 @@ modules that read one x can share that draw (``grouped_lora_linear``).
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -387,6 +387,10 @@ class DenseProgram:
         y = (z if z.dtype == x.dtype else z.to(x.dtype)).addmm_(x, self.wt)
         return y, h, a, b
 
+    def infer(self, x: Tensor) -> Tensor:
+        """y (M, N) of x (M, K) without autograd (dropout drawn here in training)."""
+        return self.forward(x, draw_dropout(x, self.p)[0], self.detached)[0]
+
     def add_into(self, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """y (M, N) += the paths of x (M, K) in place, without dropout (x, y in the low-rank dtype);
         returns (h, A, B) as ``project``."""
@@ -448,10 +452,7 @@ class DenseCompose(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, program, x, *tensors):
-        if program.p:
-            xd, mask = draw_dropout(x, program.p)
-        else:
-            xd = mask = None
+        xd, mask = draw_dropout(x, program.p)
         y, h, a, b = program.forward(x, xd, program.detached)
         ctx.save_for_backward(x, mask, h, a, b)
         ctx.program = program
@@ -466,20 +467,24 @@ class DenseCompose(torch.autograd.Function):
 _dense_apply = thin_apply(DenseCompose)
 
 
-def dense_runner(program: DenseProgram, tensors: Sequence[Tensor], grad: bool):
-    """run(x) (..., K) -> (..., N) by ``program``: through ``DenseCompose`` when autograd will want a
-    gradient (``grad``), else the forward alone (no autograd node, no saved tensors)."""
-    k, n, p, detached = program.k, program.n, program.p, program.detached
-
+def runner(program, apply: Callable, tensors: Sequence[Tensor], grad: bool) -> Callable[[Tensor], Tensor]:
+    """run(x) (..., K) -> (..., N) of a planned program (``DenseProgram``, ``path_program.PathProgram``):
+    ``apply(program, x2, *tensors)`` (its autograd Function) when autograd will want a gradient
+    (``grad``), else ``program.infer`` (the forward alone: no autograd node, no saved tensors)."""
+    k, n = program.k, program.n
     if grad:
         def run_2d(x: Tensor) -> Tensor:
-            return _dense_apply(program, x, *tensors)
+            return apply(program, x, *tensors)
     else:
-        def run_2d(x: Tensor) -> Tensor:
-            return program.forward(x, draw_dropout(x, p)[0] if p else None, detached)[0]
+        run_2d = program.infer
 
     def run(x: Tensor) -> Tensor:
         if x.dim() == 2:
             return run_2d(x)
         return run_2d(x.reshape(-1, k)).view(*x.shape[:-1], n)
     return run
+
+
+def dense_runner(program: DenseProgram, tensors: Sequence[Tensor], grad: bool) -> Callable[[Tensor], Tensor]:
+    """``runner`` of a ``DenseProgram`` through ``DenseCompose``."""
+    return runner(program, _dense_apply, tensors, grad)

@@ -20,13 +20,13 @@ tiny); everything of size M runs in the low-rank dtype.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..reference import LoRAPath, kron_fold
-from .compose import _check, draw_dropout, lowrank_dtype
+from .compose import _check, draw_dropout, lowrank_dtype, runner
 from .function import thin_apply
 
 
@@ -139,6 +139,10 @@ class PathProgram:
         y = z.addmm_(x, self.wt) if self.dense else z
         return y, (t, tt, h, a, b, cores, folds)
 
+    def infer(self, x: Tensor) -> Tensor:
+        """y (M, N) of x (M, K) without autograd (dropout drawn here in training)."""
+        return self.forward(x, draw_dropout(x, self.p)[0])[0]
+
     # ------------------------------------------------------------------------- backward
     def backward(self, dy: Tensor, x: Tensor, mask: Tensor | None, saved: tuple, need_x: bool,
                  need: bool) -> list[Tensor | None]:
@@ -241,10 +245,7 @@ class PathCompose(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, program, x, *tensors):
-        if program.p:
-            xd, mask = draw_dropout(x, program.p)
-        else:
-            xd = mask = None
+        xd, mask = draw_dropout(x, program.p)
         y, saved = program.forward(x, xd)
         ctx.save_for_backward(x, mask, *tensors)
         ctx.program, ctx.saved = program, saved
@@ -261,23 +262,9 @@ _path_apply = thin_apply(PathCompose)
 
 
 def path_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
-                grad: bool):
-    """run(x) (..., K) -> (..., N) of ``paths`` (``PathProgram.takes``) with dropout ``dropout_p``:
-    through ``PathCompose`` when autograd will want a gradient (``grad``), else the forward alone."""
+                grad: bool) -> Callable[[Tensor], Tensor]:
+    """run(x) (..., K) -> (..., N) of ``paths`` (``PathProgram.takes``) with dropout ``dropout_p``
+    (``compose.runner`` through ``PathCompose``), the checks of a call made once."""
     _check(x, weight, bias, dropout_p)
     program = PathProgram(weight, bias, paths, dropout_p)
-    tensors = [t for q in paths for t in q.tensors]
-    k, n, p = program.k, program.n, dropout_p
-
-    if grad:
-        def run_2d(x: Tensor) -> Tensor:
-            return _path_apply(program, x, *tensors)
-    else:
-        def run_2d(x: Tensor) -> Tensor:
-            return program.forward(x, draw_dropout(x, p)[0] if p else None)[0]
-
-    def run(x: Tensor) -> Tensor:
-        if x.dim() == 2:
-            return run_2d(x)
-        return run_2d(x.reshape(-1, k)).view(*x.shape[:-1], n)
-    return run
+    return runner(program, _path_apply, [t for q in paths for t in q.tensors], grad)
