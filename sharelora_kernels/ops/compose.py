@@ -342,7 +342,6 @@ class DenseProgram:
         self.keep = 1.0 / (1.0 - dropout_p)
         self.scales = None if self.single else torch.cat(
             [torch.full((q.rank,), float(q.scale), dtype=self.dtype, device=device) for q in paths])
-        self.scales_keep = None if self.single or dropout_p == 0 else self.scales * self.keep
         self.zero = torch.zeros((), dtype=self.dtype, device=device)
         # z = addmm(bias_or_zero, h, B^T, beta=beta): the bias added by the low-rank GEMM's epilogue
         self.bias_term, self.beta = (self.zero, 0) if bias is None else (bias, 1)
@@ -377,13 +376,14 @@ class DenseProgram:
 
     def forward(self, x: Tensor, xd: Tensor | None, ab: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(y (M, N) in x's dtype, h (M, R), A, B) of x (M, K), its dropped-out copy xd (or None) and
-        ``ab`` each path's (A window, B window)."""
+        ``ab`` each path's (A window, B window); B of several paths holds their scales."""
         h, a, b = self.project(x, xd, ab)
         bias = self.bias_term if self.bias_term.dtype == self.dtype else self.bias_term.to(self.dtype)
         if self.single:
             z = torch.addmm(bias, h, b.t(), beta=self.beta, alpha=self.scale)
         else:
-            z = torch.addmm(bias, h * self.scales, b.t(), beta=self.beta)
+            b = b * self.scales  # (N, R): saved scaled, so backward's dh is one GEMM
+            z = torch.addmm(bias, h, b.t(), beta=self.beta)
         y = (z if z.dtype == x.dtype else z.to(x.dtype)).addmm_(x, self.wt)
         return y, h, a, b
 
@@ -393,12 +393,13 @@ class DenseProgram:
 
     def add_into(self, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """y (M, N) += the paths of x (M, K) in place, without dropout (x, y in the low-rank dtype);
-        returns (h, A, B) as ``project``."""
+        returns (h, A, B) as ``forward``."""
         h, a, b = self.project(x, None, self.detached)
         if self.single:
             y.addmm_(h, b.t(), alpha=self.scale)
         else:
-            y.addmm_(h * self.scales, b.t())
+            b = b * self.scales
+            y.addmm_(h, b.t())
         return h, a, b
 
     def backward(self, dy: Tensor, x: Tensor, mask: Tensor | None, h: Tensor, a: Tensor, b: Tensor,
@@ -418,7 +419,7 @@ class DenseProgram:
         if self.single:
             dh = torch.addmm(self.zero, dyl, b, beta=0, alpha=self.scale if mask is None else self.scale * self.keep)
         else:
-            dh = torch.mm(dyl, b).mul_(self.scales if mask is None else self.scales_keep)
+            dh = torch.mm(dyl, b) if mask is None else torch.mm(dyl, b).mul_(self.keep)  # b holds the scales
         dx = None
         if needs[0]:
             dx = torch.mm(dh, a)

@@ -123,7 +123,8 @@ class PathProgram:
             if self.single:
                 z = torch.addmm(bias, h, b.t(), beta=self.beta, alpha=self.scale)
             else:
-                z = torch.addmm(bias, h * self.scales, b.t(), beta=self.beta)
+                b = b * self.scales  # (N, R): saved scaled, so backward's dh is one GEMM
+                z = torch.addmm(bias, h, b.t(), beta=self.beta)
             z = z if z.dtype == x.dtype else z.to(x.dtype)
         else:
             z = torch.nn.functional.linear(x, self.weight, self.bias)
@@ -161,7 +162,7 @@ class PathProgram:
             if self.single:
                 dh = torch.addmm(self.zero, dyl, b, beta=0, alpha=self.scale * keep)
             else:
-                dh = torch.mm(dyl, b).mul_(self.scales if keep == 1.0 else self.scales * keep)
+                dh = torch.mm(dyl, b) if keep == 1.0 else torch.mm(dyl, b).mul_(keep)  # b holds the scales
             if need_x:
                 dx_low = torch.mm(dh, a)
             if need:
