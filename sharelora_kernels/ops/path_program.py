@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..reference import LoRAPath, kron_fold
+from ..reference import LoRAPath
 from .compose import _check, draw_dropout, lowrank_dtype, runner
 from .function import thin_apply
 
@@ -35,7 +35,7 @@ class PathProgram:
 
     ``takes(paths)``: a gate or Kronecker path among them, every tensor distinct, one floating dtype.
     Dense paths (``dense``): (kind, first tensor index, rank, scale, pads); Kronecker paths
-    (``krons``): (first tensor index, d, scale)."""
+    (``krons``): (first tensor index, d, scale, K / d, N / d)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float):
         k, n = weight.shape[1], weight.shape[0]
@@ -49,7 +49,8 @@ class PathProgram:
         self.dense, self.krons, i = [], [], 0
         for q in paths:
             if q.kind == "kron":
-                self.krons.append((i, q.tensors[0].shape[1], float(q.scale)))
+                d = q.tensors[0].shape[1]
+                self.krons.append((i, d, float(q.scale), k // d, n // d))
             else:
                 pads = None
                 if q.kind == "slice":
@@ -66,7 +67,7 @@ class PathProgram:
         self.bias_term, self.beta = (self.zero, 0) if bias is None else (bias, 1)
         # the tensors and their transposes as detached views (in-place updates show through; a
         # replaced tensor makes the plan rebuild), read by every call when no cast is needed
-        self.views = self._views([t.detach() for q in paths for t in q.tensors])
+        self.views = self._views([t.detach() for q in paths for t in q.tensors])  # after self.krons
 
     @staticmethod
     def takes(paths: Sequence[LoRAPath]) -> bool:
@@ -75,12 +76,15 @@ class PathProgram:
                 and len({t.dtype for t in tensors}) == 1)
 
     # ------------------------------------------------------------------------- forward
-    @staticmethod
-    def _views(tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        return list(tensors), [t.t() for t in tensors]
+    def _views(self, tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[tuple[Tensor, ...]]]:
+        """(tensors, their transposes, each Kronecker path's kernels as (1, 1, K/d) and (1, K/d, 1)
+        views of K_A, (1, 1, N/d) and (1, N/d, 1) of K_B: the fold's and the tile's operands)."""
+        kernels = [(t[i + 2].view(1, 1, jk), t[i + 2].view(1, jk, 1), t[i + 3].view(1, 1, jn), t[i + 3].view(1, jn, 1))
+                   for t in (tensors,) for i, _, _, jk, jn in self.krons]
+        return list(tensors), [t.t() for t in tensors], kernels
 
-    def operands(self) -> tuple[list[Tensor], list[Tensor]]:
-        """(every tensor, its transpose) in the low-rank dtype: the detached views, or their casts."""
+    def operands(self) -> tuple[list[Tensor], list[Tensor], list[tuple[Tensor, ...]]]:
+        """``_views`` of every tensor in the low-rank dtype: the detached views, or their casts."""
         if self.adapter_dtype == self.dtype:
             return self.views
         return self._views([t.to(self.dtype) for t in self.views[0]])
@@ -109,7 +113,7 @@ class PathProgram:
     def forward(self, x: Tensor, xd: Tensor | None) -> tuple:
         """(y (M, N) in x's dtype, saved) of x (M, K) and its dropped-out copy xd (or None);
         ``saved``: what ``backward`` reads."""
-        t, tt = self.operands()
+        t, tt, kernels = self.operands()
         xl = x if xd is None else xd
         if xl.dtype != self.dtype:
             xl = xl.to(self.dtype)
@@ -129,16 +133,15 @@ class PathProgram:
         else:
             z = torch.nn.functional.linear(x, self.weight, self.bias)
         folds = []
-        for i, d, s in self.krons:
-            u = kron_fold(xl, t[i + 2], d)  # (M, d)
+        m = x.shape[0]
+        for (i, d, s, jk, jn), (ka_row, _, _, kb_tile) in zip(self.krons, kernels):
+            u = torch.bmm(ka_row.expand(m, 1, jk), xl.reshape(m, jk, d)).view(m, d)  # fold(xd; K_A)
             hk = torch.mm(u, tt[i])  # (M, r)
-            hb = torch.mm(hk, tt[i + 1])  # (M, d)
-            m = z.shape[0]
-            z.view(m, self.n // d, d).addcmul_(t[i + 3].view(1, -1, 1).to(z.dtype), hb.to(z.dtype).view(m, 1, d),
-                                               value=s)
-            folds.append((u, hk))
+            hb = torch.mm(hk, tt[i + 1])  # (M, d), unscaled
+            z.view(m, jn, d).addcmul_(kb_tile.to(z.dtype), hb.to(z.dtype).view(m, 1, d), value=s)
+            folds.append((u, hk, hb))
         y = z.addmm_(x, self.wt) if self.dense else z
-        return y, (t, tt, h, a, b, cores, folds)
+        return y, (t, tt, kernels, h, a, b, cores, folds)
 
     def infer(self, x: Tensor) -> Tensor:
         """y (M, N) of x (M, K) without autograd (dropout drawn here in training)."""
@@ -148,7 +151,7 @@ class PathProgram:
     def backward(self, dy: Tensor, x: Tensor, mask: Tensor | None, saved: tuple, need_x: bool,
                  need: bool) -> list[Tensor | None]:
         """(dx, then every tensor's gradient) from dy (M, N); ``need``: whether any tensor needs one."""
-        t, tt, h, a, b, cores, folds = saved
+        t, tt, kernels, h, a, b, cores, folds = saved
         dyl = dy if dy.dtype == self.dtype else dy.to(self.dtype)
         keep = self.keep if mask is not None else 1.0
         xm = None
@@ -178,8 +181,8 @@ class PathProgram:
                         grads[i], grads[i + 1] = da, db
                     else:
                         grads[i], grads[i + 1] = torch.constant_pad_nd(da, pads[0]), torch.constant_pad_nd(db, pads[1])
-        for (i, d, s), (u, hk) in zip(self.krons, folds):
-            dx_low = self._kron_grads(grads, i, d, s, t, tt, u, hk, dyl, xm, keep, dx_low, need_x, need)
+        for kron, views, fold in zip(self.krons, kernels, folds):
+            dx_low = self._kron_grads(grads, kron, t, views, fold, dyl, xm, keep, dx_low, need_x, need)
         dx = None
         if need_x:
             if dx_low is None:
@@ -198,7 +201,8 @@ class PathProgram:
         chain, j = self.chain, i
         if da.dtype != chain:
             da, p, q, c = da.to(chain), p.to(chain), q.to(chain), c.to(chain)
-            t, tt = self._views([u.to(chain) for u in t[i:i + 6]])
+            t = [u.to(chain) for u in t[i:i + 6]]
+            tt = [u.t() for u in t]
             j = 0
         d_c = torch.mm(da, tt[j + 2])  # (g, g)
         d_p, d_q = torch.mm(d_c, q.t()), torch.mm(p.t(), d_c)  # (g, r), (r, g)
@@ -209,34 +213,30 @@ class PathProgram:
         grads[i + 4] = torch.mm(d_p, tt[j + 1])  # dG_od (g, n_s)
         grads[i + 5] = db  # dG_ou (N, g)
 
-    def _kron_grads(self, grads: list, i: int, d: int, s: float, t: Sequence[Tensor], tt: Sequence[Tensor], u: Tensor,
-                    hk: Tensor,
-                    dyl: Tensor, xm: Tensor | None, keep: float, dx_low: Tensor | None, need_x: bool,
-                    need: bool) -> Tensor | None:
-        """A Kronecker path's four gradients; returns dx_low plus its (M, K) term (before the mask)."""
-        a_s, b_s, k_a, k_b = t[i:i + 4]
+    def _kron_grads(self, grads: list, kron: tuple, t: Sequence[Tensor], kernels: tuple, fold: tuple, dyl: Tensor,
+                    xm: Tensor | None, keep: float, dx_low: Tensor | None, need_x: bool, need: bool) -> Tensor | None:
+        """A Kronecker path's four gradients; returns dx_low plus its (M, K) term (before the mask).
+        The kernels' gradients are batched GEMVs summed over M: dK_A[j] = sum xm[m, j, :] . du[m],
+        dK_B[i] = s sum dy[m, i, :] . hb[m] (no (M, K) or (M, N) temporary)."""
+        i, d, s, jk, jn = kron
+        _, ka_tile, kb_row, _ = kernels
+        u, hk, hb = fold
         m = dyl.shape[0]
-        v = kron_fold(dyl, k_b, d)  # (M, d): dy folded by K_B
-        dh = torch.addmm(self.zero, v, b_s, beta=0, alpha=s)  # (M, r)
-        du = torch.addmm(self.zero, dh, a_s, beta=0, alpha=keep)  # (M, d): the gradient of the fold of dropout(x)
+        dy3 = dyl.reshape(m, jn, d)
+        v = torch.bmm(kb_row.expand(m, 1, jn), dy3).view(m, d)  # dy folded by K_B
+        dh = torch.addmm(self.zero, v, t[i + 1], beta=0, alpha=s)  # (M, r)
+        du = torch.addmm(self.zero, dh, t[i], beta=0, alpha=keep)  # (M, d): the gradient of the fold of dropout(x)
         if need:
             grads[i + 0] = torch.mm(dh.t(), u)  # dA_s (r, d)
             grads[i + 1] = torch.addmm(self.zero, v.t(), hk, beta=0, alpha=s)  # dB_s (d, r)
-            grads[i + 2] = _kernel_grad(xm, du, d).view(1, -1)  # dK_A (1, K/d)
-            grads[i + 3] = _kernel_grad(dyl, torch.addmm(self.zero, hk, tt[i + 1], beta=0, alpha=s), d).view(-1, 1)
+            grads[i + 2] = torch.bmm(xm.reshape(m, jk, d), du.view(m, d, 1)).sum(0).view(1, jk)  # dK_A
+            grads[i + 3] = torch.baddbmm(self.zero, dy3, hb.view(m, d, 1), beta=0, alpha=s).sum(0)  # dK_B (N/d, 1)
         if not need_x:
             return dx_low
-        j = self.k // d
         if dx_low is None:
-            return torch.mul(k_a.view(1, j, 1), du.view(m, 1, d)).view(m, j * d)
-        dx_low.view(m, j, d).addcmul_(k_a.view(1, j, 1), du.view(m, 1, d))
+            return torch.mul(ka_tile, du.view(m, 1, d)).view(m, jk * d)
+        dx_low.view(m, jk, d).addcmul_(ka_tile, du.view(m, 1, d))
         return dx_low
-
-
-def _kernel_grad(t: Tensor, w: Tensor, d: int) -> Tensor:
-    """g[j] = sum_{m, c} t[m, j*d + c] w[m, c]: t (M, J*d), w (M, d) -> (J,), one batched GEMM."""
-    m, j = t.shape[0], t.shape[1] // d
-    return torch.bmm(w.view(m, 1, d), t.reshape(m, j, d).transpose(1, 2)).sum(0).view(j)
 
 
 class PathCompose(torch.autograd.Function):
