@@ -23,7 +23,7 @@ A plan is valid while nothing it was built from changed. Two cheap comparisons d
 
   * ``environment(x, ...)``: x's dtype, device, layout and requires_grad, grad mode, autocast state
     and dtype, the settings' version (``set_backend``, ``refresh_settings``, ``dispatch.clear``),
-    the layer's train/eval mode, ``merged`` and ``_paths_version`` (what paths it computes);
+    the layer's train/eval mode and ``_paths_version`` (what paths it computes, merged or not);
   * ``Source`` of every tensor: where the layer reads it (a module's parameter dict and name), the
     object found there, its data pointer (a ``.to()``, an assign-load, FSDP resharding change it;
     an in-place optimizer step does not, and needs no rebuild) and requires_grad; and of each
@@ -82,22 +82,36 @@ def _data_ptr(t: Tensor | None) -> int:
 _VERSION = 6  # the index of the settings' version in an environment
 
 
-def environment(x: Tensor, *layer_state) -> tuple:
+def environment(x: Tensor, training: bool, paths_version: int) -> tuple:
     """What a plan depends on besides its tensors: x's dtype / device / layout / requires_grad, grad
-    mode, autocast (its dtype, or None when off), the settings' version, and ``layer_state``."""
-    device = x.device
-    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    return (x.dtype, device, x.layout, x.requires_grad, torch.is_grad_enabled(), autocast,
-            dispatch.SETTINGS.version, *layer_state)
+    mode, autocast (its dtype, or None when off), the settings' version, the layer's train/eval mode
+    and ``_paths_version``. (Every Python-level call here costs a call's host time: autocast's state
+    is read once when no autocast is on anywhere.)"""
+    autocast = None
+    if _any_autocast():
+        device = x.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return (x.dtype, x.device, x.layout, x.requires_grad, torch.is_grad_enabled(), autocast,
+            dispatch.SETTINGS.version, training, paths_version)
+
+
+def _any_autocast_fallback() -> bool:
+    return True  # a torch without the query: read the device's state every call
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", _any_autocast_fallback)
 
 
 class CallPlan:
-    """``run(x)`` (x of the plan's environment; reshaped by ``run``), valid while ``fits`` says so."""
+    """``run(x)`` (x of the plan's environment; reshaped by ``run``), valid while ``fits`` says so;
+    ``adds_to_base``: ``run(y, x)`` adds the paths into the output y of a base that computes itself."""
 
-    __slots__ = ("env", "sources", "run", "backend", "_owners", "_names", "_found", "_tensors", "_grads", "_ptr_of", "_ptrs")
+    __slots__ = ("env", "sources", "run", "backend", "adds_to_base", "_owners", "_names", "_found", "_tensors",
+                 "_grads", "_ptr_of", "_ptrs")
 
-    def __init__(self, env: tuple, sources: Sequence[Source], run: Run, backend: str):
+    def __init__(self, env: tuple, sources: Sequence[Source], run: Run, backend: str, adds_to_base: bool = False):
         self.env, self.sources, self.run, self.backend = env, tuple(sources), run, backend
+        self.adds_to_base = adds_to_base
         # fits() as a few C-level passes (map) over flat lists, not a Python loop over the sources
         self._owners = [s.owner for s in self.sources]
         self._names = [s.name for s in self.sources]
@@ -203,8 +217,8 @@ def build_lowrank(env: tuple, sources: Sequence[Source], x: Tensor, n: int, path
     from .lowrank_only import planned_call
 
     if not paths:
-        return CallPlan(env, sources, lambda y, x: y, "base")
+        return CallPlan(env, sources, lambda y, x: y, "base", adds_to_base=True)
     setting = backend_for(x)
     use_triton = lowrank_add_uses_triton(setting, x, paths, compute_dtype, compute_dtype)
     return CallPlan(env, sources, planned_call(x, n, paths, dropout_p, training, compute_dtype, use_triton),
-                    "triton" if use_triton else "torch")
+                    "triton" if use_triton else "torch", adds_to_base=True)

@@ -474,16 +474,18 @@ def runner(program, apply: Callable, tensors: Sequence[Tensor], grad: bool) -> C
     (``grad``), else ``program.infer`` (the forward alone: no autograd node, no saved tensors)."""
     k, n = program.k, program.n
     if grad:
-        def run_2d(x: Tensor) -> Tensor:
-            return apply(program, x, *tensors)
-    else:
-        run_2d = program.infer
+        def run(x: Tensor) -> Tensor:
+            if x.dim() == 2:
+                return apply(program, x, *tensors)
+            return apply(program, x.reshape(-1, k), *tensors).view(*x.shape[:-1], n)
+        return run
+    infer = program.infer
 
-    def run(x: Tensor) -> Tensor:
+    def run_alone(x: Tensor) -> Tensor:
         if x.dim() == 2:
-            return run_2d(x)
-        return run_2d(x.reshape(-1, k)).view(*x.shape[:-1], n)
-    return run
+            return infer(x)
+        return infer(x.reshape(-1, k)).view(*x.shape[:-1], n)
+    return run_alone
 
 
 def dense_runner(program: DenseProgram, tensors: Sequence[Tensor], grad: bool) -> Callable[[Tensor], Tensor]:
