@@ -1,4 +1,4 @@
-"""The planned compose calls of a layer (compose.DenseCompose, path_program.PathCompose): every path
+"""The planned compose calls of a layer (compose.DenseOne / DenseCompose, path_program.PathCompose): every path
 kind and mix against float64 (outputs and every gradient), in each base dtype; with dropout equal to
 the router's compose call drawing the same mask; frozen adapters, an input without grad, M = 0."""
 from __future__ import annotations
@@ -33,7 +33,8 @@ def test_planned_call_matches_float64(kinds):
     x = torch.randn(3, 5, K, requires_grad=True)
     check_against_float64(layer, x)
     dense = all(k in ("plain", "slice") for k in kinds)
-    assert function_of(layer, x[0]) == ("DenseComposeBackward" if dense else "PathComposeBackward")
+    expected = "PathComposeBackward" if not dense else "DenseOneBackward" if len(kinds) == 1 else "DenseComposeBackward"
+    assert function_of(layer, x[0]) == expected
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -65,7 +66,7 @@ def test_planned_dropout_equals_the_router_call_with_the_same_mask(kinds):
         assert rel_err(layer(x), y_ref) < 1e-5
 
 
-@pytest.mark.parametrize("kinds", [("plain", "slice"), ("gate", "kron")])
+@pytest.mark.parametrize("kinds", [("plain",), ("slice",), ("plain", "slice"), ("gate", "kron")])
 def test_frozen_adapters_input_without_grad_and_empty_batch(kinds):
     layer = bishare_layer(kinds=kinds)
     x = torch.randn(4, K)
@@ -91,6 +92,18 @@ def test_frozen_adapters_input_without_grad_and_empty_batch(kinds):
     assert y0.shape == (0, N)
     y0.sum().backward()
     assert empty.grad.shape == (0, K)
+
+
+@pytest.mark.parametrize("kinds", [("plain",), ("slice",), ("gate", "kron")])
+def test_an_adapter_changed_in_place_before_backward_is_reported(kinds):
+    """As autograd reports it for its own ops: a planned call whose backward reads the parameters
+    saves them. (Several dense paths save their stacked copy: backward needs no parameter.)"""
+    layer = bishare_layer(kinds=kinds)
+    y = layer(torch.randn(4, K, requires_grad=True))
+    with torch.no_grad():
+        next(iter(layer.store.parameters())).add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
 
 
 def test_path_program_takes():

@@ -346,6 +346,11 @@ class DenseProgram:
         # z = addmm(bias_or_zero, h, B^T, beta=beta): the bias added by the low-rank GEMM's epilogue
         self.bias_term, self.beta = (self.zero, 0) if bias is None else (bias, 1)
         self.detached = self.windows([t.detach() for q in paths for t in q.tensors])
+        # one path, no dropout, nothing cast: DenseOne reads these (A, B, their transposes) directly
+        self.one = self.single and dropout_p == 0 and self.adapter_dtype == self.dtype and (
+            weight is None or weight.dtype == self.dtype) and (bias is None or bias.dtype == self.dtype)
+        self.a, self.b = self.detached if self.single else (None, None)
+        self.at, self.bt = (self.a.t(), self.b.t()) if self.single else (None, None)
 
     @staticmethod
     def takes(paths: Sequence[LoRAPath]) -> bool:
@@ -468,6 +473,39 @@ class DenseCompose(torch.autograd.Function):
 _dense_apply = thin_apply(DenseCompose)
 
 
+class DenseOne(torch.autograd.Function):
+    """``DenseCompose`` of one plain or slice path without dropout, x, W, b and the adapter in one
+    dtype (``DenseProgram.one``, the common LoRA layer): the same GEMMs on the program's prebuilt
+    views, nothing checked or cast per call. Saves x, h and the windows (their version counters are
+    the parameters': an in-place change before backward is reported as autograd does)."""
+
+    @staticmethod
+    def forward(ctx, program, x, a, b):
+        h = torch.mm(x, program.at)
+        y = torch.addmm(program.bias_term, h, program.bt, beta=program.beta, alpha=program.scale).addmm_(x, program.wt)
+        ctx.save_for_backward(x, h, program.a, program.b)
+        ctx.program = program
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, a, b = ctx.saved_tensors
+        program = ctx.program
+        _, need_x, need_a, need_b = ctx.needs_input_grad
+        dh = torch.addmm(program.zero, dy, b, beta=0, alpha=program.scale)
+        dx = torch.mm(dh, a).addmm_(dy, program.weight) if need_x else None
+        da = torch.mm(dh.t(), x) if need_a else None
+        db = torch.addmm(program.zero, dy.t(), h, beta=0, alpha=program.scale) if need_b else None
+        if program.sliced:
+            pads = program.pads[0]
+            da = None if da is None else torch.constant_pad_nd(da, pads[0])
+            db = None if db is None else torch.constant_pad_nd(db, pads[1])
+        return None, dx, da, db
+
+
+_one_apply = thin_apply(DenseOne)
+
+
 def runner(program, apply: Callable, tensors: Sequence[Tensor], grad: bool) -> Callable[[Tensor], Tensor]:
     """run(x) (..., K) -> (..., N) of a planned program (``DenseProgram``, ``path_program.PathProgram``):
     ``apply(program, x2, *tensors)`` (its autograd Function) when autograd will want a gradient
@@ -489,5 +527,5 @@ def runner(program, apply: Callable, tensors: Sequence[Tensor], grad: bool) -> C
 
 
 def dense_runner(program: DenseProgram, tensors: Sequence[Tensor], grad: bool) -> Callable[[Tensor], Tensor]:
-    """``runner`` of a ``DenseProgram`` through ``DenseCompose``."""
-    return runner(program, _dense_apply, tensors, grad)
+    """``runner`` of a ``DenseProgram`` through ``DenseOne`` or ``DenseCompose``."""
+    return runner(program, _one_apply if program.one else _dense_apply, tensors, grad)
