@@ -37,6 +37,20 @@ def test_planned_call_matches_float64(kinds):
     assert function_of(layer, x[0]) == expected
 
 
+@pytest.mark.parametrize("kinds", [("plain",), ("plain", "slice", "slice"), ("gate", "kron")])
+def test_planned_call_of_many_tokens(kinds):
+    """From compose.TALL_ROWS tokens on, dB comes from the (R, N)-shaped GEMM (a transposed view)."""
+    layer = bishare_layer(kinds=kinds)
+    check_against_float64(layer, torch.randn(compose.TALL_ROWS + 3, K, requires_grad=True))
+    layer.zero_grad(set_to_none=False)  # a gradient accumulated into an existing .grad
+    x = torch.randn(compose.TALL_ROWS, K)
+    layer(x).sum().backward()
+    first = [t.grad.clone() for t in layer.store.parameters()]
+    layer(x).sum().backward()
+    for t, g in zip(layer.store.parameters(), first):
+        torch.testing.assert_close(t.grad, 2 * g)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kinds", [("plain",), ("plain", "slice", "slice"), ("gate", "kron")])
 def test_planned_call_half_bases(kinds, dtype):

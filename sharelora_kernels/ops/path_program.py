@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..reference import LoRAPath
-from .compose import _check, draw_dropout, lowrank_dtype, runner
+from .compose import TALL_ROWS, _check, db_of, draw_dropout, lowrank_dtype, runner
 from .function import thin_apply
 
 
@@ -64,6 +64,8 @@ class PathProgram:
         self.scales = None if self.single or not self.dense else torch.cat(
             [torch.full((r,), s, dtype=self.dtype, device=weight.device) for _, _, r, s, _, _ in self.dense])
         self.zero = torch.zeros((), dtype=self.dtype, device=weight.device)
+        self.tall = TALL_ROWS if weight.device.type == "cpu" else None  # see ``compose.db_of``
+        self.scales_col = None if self.scales is None else self.scales.view(-1, 1)
         self.bias_term, self.beta = (self.zero, 0) if bias is None else (bias, 1)
         # the tensors and their transposes as detached views (in-place updates show through; a
         # replaced tensor makes the plan rebuild), read by every call when no cast is needed
@@ -170,8 +172,7 @@ class PathProgram:
                 dx_low = torch.mm(dh, a)
             if need:
                 ga = torch.mm(dh.t(), xm)  # (R, K)
-                gb = (torch.addmm(self.zero, dyl.t(), h, beta=0, alpha=self.scale) if self.single
-                      else torch.mm(dyl.t(), h).mul_(self.scales))  # (N, R), scaled
+                gb = db_of(self, dyl, h)  # (N, R), scaled
                 gas = (ga,) if self.single else ga.split_with_sizes(self.ranks)
                 gbs = (gb,) if self.single else gb.split_with_sizes(self.ranks, 1)
                 for (kind, i, _, _, pads, _), da, db, core in zip(self.dense, gas, gbs, cores):
