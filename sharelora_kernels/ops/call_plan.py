@@ -5,9 +5,10 @@ router's choice and the op's flat arguments, although none of them changes from 
 next. A ``CallPlan`` resolves them once (the way vLLM builds its LoRA kernel metadata once per
 batch) and keeps a ``run(x)`` that issues the chosen backend's one op boundary directly:
 
-    compose, plain / slice paths   ``compose.dense_runner``: one autograd Function, ``DenseCompose``,
-                                   its backward hand-written; the forward alone when no gradient is
-                                   wanted
+    compose, plain / slice paths   ``compose.dense_runner``: one autograd Function over a
+                                   ``DenseProgram`` built once, ``DenseOne`` (one path, no dropout,
+                                   nothing cast) or ``DenseCompose``, its backward hand-written; the
+                                   forward alone when no gradient is wanted
     compose, gate / Kronecker      ``path_program.path_runner``: one autograd Function, ``PathCompose``,
                                    over a ``PathProgram`` (which path is what, scales, windows)
                                    built once; the forward alone when no gradient is wanted
@@ -17,7 +18,8 @@ batch) and keeps a ``run(x)`` that issues the chosen backend's one op boundary d
                                    wrapper), its factor tables built once
     torch                          ``reference.lora_linear`` on the prebuilt path list
     auto                           the choice of ``dispatch.auto_choice``, kept per M bucket
-    a base that computes itself    ``lowrank_only.LowRankPlanned`` (no custom-op wrapper)
+    a base that computes itself    ``lowrank_only.LowRankDense`` (plain / slice float32 paths on the
+                                   torch path, no dropout) or ``LowRankPlanned`` (no custom-op wrapper)
 
 A plan is valid while nothing it was built from changed. Two cheap comparisons decide, at each call:
 

@@ -26,6 +26,11 @@ Saved for backward: x itself, the dropout mask as bool (1 byte per element: the 
 take 2-4 bytes and x is kept anyway, so backward recomputes x * mask in one pass), h (M, R), each
 Kronecker fold (M, d), and the tiny factors. Dropout is drawn once (``torch.native_dropout``);
 modules that read one x can share that draw (``grouped_lora_linear``).
+
+A layer's call plan runs the same math through programs built once (below: ``DenseProgram`` with
+``DenseOne`` / ``DenseCompose``; ``path_program.PathProgram`` for gate and Kronecker paths), whose
+per-call work is only the GEMMs: no path objects, sinks or casts rebuilt, each tensor's gradient
+returned directly (its tensors are distinct), slice windows padded into their tensors' shapes.
 """
 from __future__ import annotations
 
