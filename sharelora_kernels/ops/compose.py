@@ -353,9 +353,10 @@ class DenseProgram:
         # z = addmm(bias_or_zero, h, B^T, beta=beta): the bias added by the low-rank GEMM's epilogue
         self.bias_term, self.beta = (self.zero, 0) if bias is None else (bias, 1)
         self.detached = self.windows([t.detach() for q in paths for t in q.tensors])
-        # one path, no dropout, nothing cast: DenseOne reads these (A, B, their transposes) directly
-        self.one = self.single and dropout_p == 0 and self.adapter_dtype == self.dtype and (
+        # no dropout, nothing cast: DenseOne (one path) and DenseMany read these views directly
+        self.lean = dropout_p == 0 and self.adapter_dtype == self.dtype and (
             weight is None or weight.dtype == self.dtype) and (bias is None or bias.dtype == self.dtype)
+        self.a_list, self.b_list = self.detached[0::2], self.detached[1::2]
         self.a, self.b = self.detached if self.single else (None, None)
         self.at, self.bt = (self.a.t(), self.b.t()) if self.single else (None, None)
 
@@ -498,7 +499,7 @@ def db_of(program, dy: Tensor, h: Tensor) -> Tensor:
 
 class DenseOne(torch.autograd.Function):
     """``DenseCompose`` of one plain or slice path without dropout, x, W, b and the adapter in one
-    dtype (``DenseProgram.one``, the common LoRA layer): the same GEMMs on the program's prebuilt
+    dtype (``DenseProgram.lean``, ``single``: the common LoRA layer): the same GEMMs on the program's prebuilt
     views, nothing checked or cast per call. Saves x, h and the windows (their version counters are
     the parameters': an in-place change before backward is reported as autograd does)."""
 
@@ -529,6 +530,36 @@ class DenseOne(torch.autograd.Function):
 _one_apply = thin_apply(DenseOne)
 
 
+class DenseMany(torch.autograd.Function):
+    """``DenseCompose`` of several plain / slice paths without dropout, x, W, b and the adapters in
+    one dtype (``DenseProgram.lean``; a Bi-Share SS module): the factors stacked from the program's
+    views, B scaled, the same GEMMs, nothing checked or cast per call."""
+
+    @staticmethod
+    def forward(ctx, program, x, *tensors):
+        a = torch.cat(program.a_list)
+        b = torch.cat(program.b_list, 1).mul_(program.scales)
+        h = torch.mm(x, a.t())
+        y = torch.addmm(program.bias_term, h, b.t(), beta=program.beta).addmm_(x, program.wt)
+        ctx.save_for_backward(x, h, a, b)
+        ctx.program = program
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, a, b = ctx.saved_tensors
+        program = ctx.program
+        dh = torch.mm(dy, b)
+        grads = [None, torch.mm(dh, a).addmm_(dy, program.weight) if ctx.needs_input_grad[1] else None]
+        ga, gb = torch.mm(dh.t(), x), db_of(program, dy, h)
+        for pad, da, db in zip(program.pads, ga.split_with_sizes(program.ranks), gb.split_with_sizes(program.ranks, 1)):
+            grads += (da, db) if pad is None else (torch.constant_pad_nd(da, pad[0]), torch.constant_pad_nd(db, pad[1]))
+        return tuple(grads)
+
+
+_many_apply = thin_apply(DenseMany)
+
+
 def runner(program, apply: Callable, tensors: Sequence[Tensor], grad: bool) -> Callable[[Tensor], Tensor]:
     """run(x) (..., K) -> (..., N) of a planned program (``DenseProgram``, ``path_program.PathProgram``):
     ``apply(program, x2, *tensors)`` (its autograd Function) when autograd will want a gradient
@@ -550,5 +581,6 @@ def runner(program, apply: Callable, tensors: Sequence[Tensor], grad: bool) -> C
 
 
 def dense_runner(program: DenseProgram, tensors: Sequence[Tensor], grad: bool) -> Callable[[Tensor], Tensor]:
-    """``runner`` of a ``DenseProgram`` through ``DenseOne`` or ``DenseCompose``."""
-    return runner(program, _one_apply if program.one else _dense_apply, tensors, grad)
+    """``runner`` of a ``DenseProgram`` through ``DenseOne``, ``DenseMany`` or ``DenseCompose``."""
+    apply = _dense_apply if not program.lean else _one_apply if program.single else _many_apply
+    return runner(program, apply, tensors, grad)
