@@ -1,6 +1,7 @@
-"""The planned compose calls of a layer (compose.DenseOne / DenseMany / DenseCompose, path_program.PathCompose): every path
-kind and mix against float64 (outputs and every gradient), in each base dtype; with dropout equal to
-the router's compose call drawing the same mask; frozen adapters, an input without grad, M = 0."""
+"""The planned compose calls of a layer (compose.DenseOne / DenseMany / DenseCompose,
+path_program.PathCompose, lowrank_only.LowRankDense): every path kind and mix against float64
+(outputs and every gradient), in each base dtype; with dropout equal to the router's compose call
+drawing the same mask; frozen adapters, an input without grad, M = 0, many tokens."""
 from __future__ import annotations
 
 import pytest

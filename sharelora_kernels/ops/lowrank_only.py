@@ -314,7 +314,8 @@ _dense_apply = thin_apply(LowRankDense)
 def _lean(x: Tensor, paths: Sequence[LoRAPath], p: float, compute_dtype: torch.dtype, use_triton: bool) -> bool:
     """Whether ``LowRankDense`` serves a plan: the torch path, no dropout, autocast off, float32
     compute and adapters, plain / slice paths (``DenseProgram.takes``)."""
-    return (not use_triton and p == 0 and compute_dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+    return (not use_triton and p == 0 and compute_dtype == torch.float32
+            and not torch.is_autocast_enabled(x.device.type)
             and DenseProgram.takes(paths) and paths[0].tensors[0].dtype == torch.float32)
 
 
@@ -338,7 +339,8 @@ def planned_call(x: Tensor, n: int, paths: Sequence[LoRAPath], dropout_p: float,
         x2 = x.reshape(-1, x.shape[-1])
         if x2.dtype != compute_dtype:
             x2 = x2.to(compute_dtype)
-        grad = torch.is_grad_enabled() and (x2.requires_grad or y.requires_grad or any(t.requires_grad for t in tensors))
+        grad = torch.is_grad_enabled() and (x2.requires_grad or y.requires_grad
+                                            or any(t.requires_grad for t in tensors))
         if dense is not None and y.dtype == compute_dtype:
             if grad:
                 return _dense_apply(dense, y, x2, *tensors)
