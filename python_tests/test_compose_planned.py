@@ -1,4 +1,4 @@
-"""The planned compose calls of a layer (compose.DenseOne / DenseMany / DenseCompose,
+"""The planned compose calls of a layer (compose.DenseLean / DenseCompose,
 path_program.PathCompose, lowrank_only.LowRankDense): every path kind and mix against float64
 (outputs and every gradient), in each base dtype; with dropout equal to the router's compose call
 drawing the same mask; frozen adapters, an input without grad, M = 0, many tokens."""
@@ -34,7 +34,7 @@ def test_planned_call_matches_float64(kinds):
     x = torch.randn(3, 5, K, requires_grad=True)
     check_against_float64(layer, x)
     dense = all(k in ("plain", "slice") for k in kinds)
-    expected = "PathComposeBackward" if not dense else "DenseOneBackward" if len(kinds) == 1 else "DenseManyBackward"
+    expected = "DenseLeanBackward" if dense else "PathComposeBackward"
     assert function_of(layer, x[0]) == expected
 
 

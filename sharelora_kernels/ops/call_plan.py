@@ -6,8 +6,8 @@ next. A ``CallPlan`` resolves them once (the way vLLM builds its LoRA kernel met
 batch) and keeps a ``run(x)`` that issues the chosen backend's one op boundary directly:
 
     compose, plain / slice paths   ``compose.dense_runner``: one autograd Function over a
-                                   ``DenseProgram`` built once, ``DenseOne`` (one path, no dropout,
-                                   nothing cast) or ``DenseCompose``, its backward hand-written; the
+                                   ``DenseProgram`` built once, ``DenseLean`` (no dropout, nothing
+                                   cast) or ``DenseCompose``, its backward hand-written; the
                                    forward alone when no gradient is wanted
     compose, gate / Kronecker      ``path_program.path_runner``: one autograd Function, ``PathCompose``,
                                    over a ``PathProgram`` (which path is what, scales, windows)

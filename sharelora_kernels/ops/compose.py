@@ -28,7 +28,7 @@ Kronecker fold (M, d), and the tiny factors. Dropout is drawn once (``torch.nati
 modules that read one x can share that draw (``grouped_lora_linear``).
 
 A layer's call plan runs the same math through programs built once (below: ``DenseProgram`` with
-``DenseOne`` / ``DenseCompose``; ``path_program.PathProgram`` for gate and Kronecker paths), whose
+``DenseLean`` / ``DenseCompose``; ``path_program.PathProgram`` for gate and Kronecker paths), whose
 per-call work is only the GEMMs: no path objects, sinks or casts rebuilt, each tensor's gradient
 returned directly (its tensors are distinct), slice windows padded into their tensors' shapes.
 """
@@ -353,7 +353,7 @@ class DenseProgram:
         # z = addmm(bias_or_zero, h, B^T, beta=beta): the bias added by the low-rank GEMM's epilogue
         self.bias_term, self.beta = (self.zero, 0) if bias is None else (bias, 1)
         self.detached = self.windows([t.detach() for q in paths for t in q.tensors])
-        # no dropout, nothing cast: DenseOne (one path) and DenseMany read these views directly
+        # no dropout, nothing cast: DenseLean reads these views directly
         self.lean = dropout_p == 0 and self.adapter_dtype == self.dtype and (
             weight is None or weight.dtype == self.dtype) and (bias is None or bias.dtype == self.dtype)
         self.a_list, self.b_list = self.detached[0::2], self.detached[1::2]
@@ -391,12 +391,7 @@ class DenseProgram:
         """(y (M, N) in x's dtype, h (M, R), A, B) of x (M, K), its dropped-out copy xd (or None) and
         ``ab`` each path's (A window, B window); B of several paths holds their scales."""
         h, a, b = self.project(x, xd, ab)
-        bias = self.bias_term if self.bias_term.dtype == self.dtype else self.bias_term.to(self.dtype)
-        if self.single:
-            z = torch.addmm(bias, h, b.t(), beta=self.beta, alpha=self.scale)
-        else:
-            b = b * self.scales  # (N, R): saved scaled, so backward's dh is one GEMM
-            z = torch.addmm(bias, h, b.t(), beta=self.beta)
+        z, b = stacked_output(self, h, b)
         y = (z if z.dtype == x.dtype else z.to(x.dtype)).addmm_(x, self.wt)
         return y, h, a, b
 
@@ -478,6 +473,18 @@ class DenseCompose(torch.autograd.Function):
 _dense_apply = thin_apply(DenseCompose)
 
 
+def stacked_output(program, h: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(z = bias + h (B * s)^T (M, N), B as backward reads it) of the stacked dense paths of a
+    program (``DenseProgram``, ``path_program.PathProgram``), h (M, R) and B (N, R) in its low-rank
+    dtype: one path's scale is the GEMM's alpha, several paths' scales are folded into B (so
+    backward's dh is one GEMM)."""
+    bias = program.bias_term if program.bias_term.dtype == program.dtype else program.bias_term.to(program.dtype)
+    if program.single:
+        return torch.addmm(bias, h, b.t(), beta=program.beta, alpha=program.scale), b
+    b = b * program.scales
+    return torch.addmm(bias, h, b.t(), beta=program.beta), b
+
+
 # From this many rows (tokens) on, a CPU computes dB^T = h^T dy as an (R, N) GEMM and hands its
 # transposed view on: MKL takes about twice as long for the (N, R)-shaped dy^T h (M = 2048, K = N =
 # 1024, r = 16, one thread: 2.1 ms against 1.1 ms), while below it the view only costs autograd a
@@ -497,67 +504,47 @@ def db_of(program, dy: Tensor, h: Tensor) -> Tensor:
     return torch.mm(dy.t(), h).mul_(program.scales)
 
 
-class DenseOne(torch.autograd.Function):
-    """``DenseCompose`` of one plain or slice path without dropout, x, W, b and the adapter in one
-    dtype (``DenseProgram.lean``, ``single``: the common LoRA layer): the same GEMMs on the program's prebuilt
-    views, nothing checked or cast per call. Saves x, h and the windows (their version counters are
-    the parameters': an in-place change before backward is reported as autograd does)."""
-
-    @staticmethod
-    def forward(ctx, program, x, a, b):
-        h = torch.mm(x, program.at)
-        y = torch.addmm(program.bias_term, h, program.bt, beta=program.beta, alpha=program.scale).addmm_(x, program.wt)
-        ctx.save_for_backward(x, h, program.a, program.b)
-        ctx.program = program
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, h, a, b = ctx.saved_tensors
-        program = ctx.program
-        _, need_x, need_a, need_b = ctx.needs_input_grad
-        dh = torch.addmm(program.zero, dy, b, beta=0, alpha=program.scale)
-        dx = torch.mm(dh, a).addmm_(dy, program.weight) if need_x else None
-        da = torch.mm(dh.t(), x) if need_a else None
-        db = db_of(program, dy, h) if need_b else None
-        if program.sliced:
-            pads = program.pads[0]
-            da = None if da is None else torch.constant_pad_nd(da, pads[0])
-            db = None if db is None else torch.constant_pad_nd(db, pads[1])
-        return None, dx, da, db
-
-
-_one_apply = thin_apply(DenseOne)
-
-
-class DenseMany(torch.autograd.Function):
-    """``DenseCompose`` of several plain / slice paths without dropout, x, W, b and the adapters in
-    one dtype (``DenseProgram.lean``; a Bi-Share SS module): the factors stacked from the program's
-    views, B scaled, the same GEMMs, nothing checked or cast per call."""
+class DenseLean(torch.autograd.Function):
+    """``DenseCompose`` without dropout, x, W, b and the adapters in one dtype (``DenseProgram.lean``:
+    the common LoRA layer, a Bi-Share SS module): the same GEMMs on the program's prebuilt views
+    (one path: A, B and their transposes; several: stacked, B scaled), nothing checked or cast per
+    call. Saves x, h and the factors (one path's windows share the parameters' version counters: an
+    in-place change before backward is reported as autograd does)."""
 
     @staticmethod
     def forward(ctx, program, x, *tensors):
-        a = torch.cat(program.a_list)
-        b = torch.cat(program.b_list, 1).mul_(program.scales)
-        h = torch.mm(x, a.t())
-        y = torch.addmm(program.bias_term, h, b.t(), beta=program.beta).addmm_(x, program.wt)
+        if program.single:
+            a, b = program.a, program.b
+            h = torch.mm(x, program.at)
+            z = torch.addmm(program.bias_term, h, program.bt, beta=program.beta, alpha=program.scale)
+        else:
+            a, b = torch.cat(program.a_list), torch.cat(program.b_list, 1).mul_(program.scales)
+            h = torch.mm(x, a.t())
+            z = torch.addmm(program.bias_term, h, b.t(), beta=program.beta)
         ctx.save_for_backward(x, h, a, b)
         ctx.program = program
-        return y
+        return z.addmm_(x, program.wt)
 
     @staticmethod
     def backward(ctx, dy):
         x, h, a, b = ctx.saved_tensors
         program = ctx.program
-        dh = torch.mm(dy, b)
-        grads = [None, torch.mm(dh, a).addmm_(dy, program.weight) if ctx.needs_input_grad[1] else None]
+        needs = ctx.needs_input_grad
+        dh = torch.addmm(program.zero, dy, b, beta=0, alpha=program.scale) if program.single else torch.mm(dy, b)
+        grads = [None, torch.mm(dh, a).addmm_(dy, program.weight) if needs[1] else None]
+        if not any(needs[2:]):
+            return (*grads, *([None] * (len(needs) - 2)))
         ga, gb = torch.mm(dh.t(), x), db_of(program, dy, h)
-        for pad, da, db in zip(program.pads, ga.split_with_sizes(program.ranks), gb.split_with_sizes(program.ranks, 1)):
+        if program.single:
+            parts = ((program.pads[0], ga, gb),)
+        else:
+            parts = zip(program.pads, ga.split_with_sizes(program.ranks), gb.split_with_sizes(program.ranks, 1))
+        for pad, da, db in parts:
             grads += (da, db) if pad is None else (torch.constant_pad_nd(da, pad[0]), torch.constant_pad_nd(db, pad[1]))
         return tuple(grads)
 
 
-_many_apply = thin_apply(DenseMany)
+_lean_apply = thin_apply(DenseLean)
 
 
 def runner(program, apply: Callable, tensors: Sequence[Tensor], grad: bool) -> Callable[[Tensor], Tensor]:
@@ -581,6 +568,5 @@ def runner(program, apply: Callable, tensors: Sequence[Tensor], grad: bool) -> C
 
 
 def dense_runner(program: DenseProgram, tensors: Sequence[Tensor], grad: bool) -> Callable[[Tensor], Tensor]:
-    """``runner`` of a ``DenseProgram`` through ``DenseOne``, ``DenseMany`` or ``DenseCompose``."""
-    apply = _dense_apply if not program.lean else _one_apply if program.single else _many_apply
-    return runner(program, apply, tensors, grad)
+    """``runner`` of a ``DenseProgram`` through ``DenseLean`` or ``DenseCompose``."""
+    return runner(program, _lean_apply if program.lean else _dense_apply, tensors, grad)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..reference import LoRAPath
-from .compose import TALL_ROWS, _check, db_of, draw_dropout, lowrank_dtype, runner
+from .compose import TALL_ROWS, _check, db_of, draw_dropout, lowrank_dtype, runner, stacked_output
 from .function import thin_apply
 
 
@@ -125,12 +125,7 @@ class PathProgram:
             a_list, b_list, cores = self._dense_factors(t)
             a, b = (a_list[0], b_list[0]) if self.single else (torch.cat(a_list), torch.cat(b_list, 1))
             h = torch.mm(xl, a.t())
-            bias = self.bias_term if self.bias_term.dtype == self.dtype else self.bias_term.to(self.dtype)
-            if self.single:
-                z = torch.addmm(bias, h, b.t(), beta=self.beta, alpha=self.scale)
-            else:
-                b = b * self.scales  # (N, R): saved scaled, so backward's dh is one GEMM
-                z = torch.addmm(bias, h, b.t(), beta=self.beta)
+            z, b = stacked_output(self, h, b)
             z = z if z.dtype == x.dtype else z.to(x.dtype)
         else:
             z = torch.nn.functional.linear(x, self.weight, self.bias)
