@@ -28,6 +28,7 @@ from .reference import LoRAPath, delta_weight
 
 
 DEFAULT_ADAPTER = "default"
+_is_compiling = torch.compiler.is_compiling
 
 
 def check_adapter_name(name) -> None:
@@ -297,20 +298,22 @@ class SharedLoRALinear(nn.Module):
 
         Eager calls run the layer's call plan (``ops.call_plan``), rebuilt when what it was built
         from changed; under ``torch.compile`` dynamo traces ``_forward_traced``."""
-        if x.dim() == 0:
-            raise ValueError(f"input is a 0-d tensor, this layer expects (..., {self.in_features})")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has {x.shape[-1]} features in its last dim, this layer expects {self.in_features}")
-        if torch.compiler.is_compiling():
+        try:  # every Python-level step here costs host time of every call: a 0-d x is told by its shape
+            features = x.shape[-1]
+        except IndexError:
+            raise ValueError(f"input is a 0-d tensor, this layer expects (..., {self.in_features})") from None
+        if features != self.in_features:
+            raise ValueError(f"input has {features} features in its last dim, this layer expects {self.in_features}")
+        if _is_compiling():
             return self._forward_traced(x)
-        env = call_plan.environment(x, self.training, self.merged, self._paths_version)
+        env = call_plan.environment(x, self.training, self._paths_version)
         plan = self._plan
         if plan is None or not plan.fits(env):
             plan = self._plans.get(env)
             if plan is None or not plan.fits(env):
                 plan = self._build_plan(x, env)
             self.__dict__["_plan"] = plan
-        if self.layout.computes_itself:
+        if plan.adds_to_base:
             return self._run_computing_base(plan, x)
         return plan.run(x)
 

@@ -5,22 +5,27 @@ router's choice and the op's flat arguments, although none of them changes from 
 next. A ``CallPlan`` resolves them once (the way vLLM builds its LoRA kernel metadata once per
 batch) and keeps a ``run(x)`` that issues the chosen backend's one op boundary directly:
 
-    compose, plain / slice paths   ``compose.dense_call``: one path without dropout runs autograd's
-                                   own GEMMs (C++ backward nodes); otherwise one autograd Function,
-                                   ``DenseCompose``, its backward hand-written; the forward alone
-                                   when no gradient is wanted
-    compose, other paths           ``compose.planned_call``: its one Function, flat arguments made once
+    compose, plain / slice paths   ``compose.dense_runner``: one autograd Function over a
+                                   ``DenseProgram`` built once, ``DenseLean`` (no dropout, nothing
+                                   cast) or ``DenseCompose``, its backward hand-written; the
+                                   forward alone when no gradient is wanted
+    compose, gate / Kronecker      ``path_program.path_runner``: one autograd Function, ``PathCompose``,
+                                   over a ``PathProgram`` (which path is what, scales, windows)
+                                   built once; the forward alone when no gradient is wanted
+    compose, other paths           ``compose.planned_call`` (a tensor read twice, mixed adapter
+                                   dtypes): its one Function, flat arguments made once
     triton                         ``fused_lora_linear.FusedLinear`` (the kernels, no custom-op
                                    wrapper), its factor tables built once
     torch                          ``reference.lora_linear`` on the prebuilt path list
     auto                           the choice of ``dispatch.auto_choice``, kept per M bucket
-    a base that computes itself    ``lowrank_only.LowRankPlanned`` (no custom-op wrapper)
+    a base that computes itself    ``lowrank_only.LowRankDense`` (plain / slice float32 paths on the
+                                   torch path, no dropout) or ``LowRankPlanned`` (no custom-op wrapper)
 
 A plan is valid while nothing it was built from changed. Two cheap comparisons decide, at each call:
 
   * ``environment(x, ...)``: x's dtype, device, layout and requires_grad, grad mode, autocast state
     and dtype, the settings' version (``set_backend``, ``refresh_settings``, ``dispatch.clear``),
-    the layer's train/eval mode, ``merged`` and ``_paths_version`` (what paths it computes);
+    the layer's train/eval mode and ``_paths_version`` (what paths it computes, merged or not);
   * ``Source`` of every tensor: where the layer reads it (a module's parameter dict and name), the
     object found there, its data pointer (a ``.to()``, an assign-load, FSDP resharding change it;
     an in-place optimizer step does not, and needs no rebuild) and requires_grad; and of each
@@ -32,6 +37,7 @@ a plan (dynamo traces the router, ``ops.lora_linear``, and reaches the custom op
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -40,7 +46,7 @@ from torch import Tensor
 
 from .. import reference
 from ..reference import LoRAPath
-from . import compose, dispatch
+from . import compose, dispatch, path_program
 
 Run = Callable[[Tensor], Tensor]
 
@@ -78,35 +84,54 @@ def _data_ptr(t: Tensor | None) -> int:
 _VERSION = 6  # the index of the settings' version in an environment
 
 
-def environment(x: Tensor, *layer_state) -> tuple:
+def environment(x: Tensor, training: bool, paths_version: int) -> tuple:
     """What a plan depends on besides its tensors: x's dtype / device / layout / requires_grad, grad
-    mode, autocast (its dtype, or None when off), the settings' version, and ``layer_state``."""
-    device = x.device
-    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    return (x.dtype, device, x.layout, x.requires_grad, torch.is_grad_enabled(), autocast,
-            dispatch.SETTINGS.version, *layer_state)
+    mode, autocast (its dtype, or None when off), the settings' version, the layer's train/eval mode
+    and ``_paths_version``. (Every Python-level call here costs a call's host time: autocast's state
+    is read once when no autocast is on anywhere.)"""
+    autocast = None
+    if _any_autocast():
+        device = x.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return (x.dtype, x.device, x.layout, x.requires_grad, torch.is_grad_enabled(), autocast,
+            dispatch.SETTINGS.version, training, paths_version)
+
+
+def _any_autocast_fallback() -> bool:
+    return True  # a torch without the query: read the device's state every call
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", _any_autocast_fallback)
 
 
 class CallPlan:
-    """``run(x)`` (x of the plan's environment; reshaped by ``run``), valid while ``fits`` says so."""
+    """``run(x)`` (x of the plan's environment; reshaped by ``run``), valid while ``fits`` says so;
+    ``adds_to_base``: ``run(y, x)`` adds the paths into the output y of a base that computes itself."""
 
-    __slots__ = ("env", "sources", "run", "backend")
+    __slots__ = ("env", "sources", "run", "backend", "adds_to_base", "_owners", "_names", "_found", "_tensors",
+                 "_grads", "_ptr_of", "_ptrs")
 
-    def __init__(self, env: tuple, sources: Sequence[Source], run: Run, backend: str):
+    def __init__(self, env: tuple, sources: Sequence[Source], run: Run, backend: str, adds_to_base: bool = False):
         self.env, self.sources, self.run, self.backend = env, tuple(sources), run, backend
+        self.adds_to_base = adds_to_base
+        # fits() as a few C-level passes (map) over flat lists, not a Python loop over the sources
+        self._owners = [s.owner for s in self.sources]
+        self._names = [s.name for s in self.sources]
+        self._found = [s.tensor for s in self.sources]
+        checked = [s for s in self.sources if s.tensor is not None and s.data_ptr != -2]
+        self._tensors = [s.tensor for s in checked]
+        self._grads = [s.requires_grad for s in checked]
+        self._ptr_of = [s.tensor for s in checked if s.data_ptr >= 0]
+        self._ptrs = [s.data_ptr for s in checked if s.data_ptr >= 0]
 
     def fits(self, env: tuple) -> bool:
         """Whether this plan serves a call of environment ``env`` with the tensors as they are now."""
-        if env != self.env:
-            return False
-        for s in self.sources:
-            t = s.owner.get(s.name)
-            if t is not s.tensor:
-                return False
-            if t is not None and s.data_ptr != -2 and (t.requires_grad != s.requires_grad
-                                                       or (s.data_ptr >= 0 and t.data_ptr() != s.data_ptr)):
-                return False
-        return True
+        return (env == self.env and all(map(operator.is_, map(dict.get, self._owners, self._names), self._found))
+                and list(map(_requires_grad, self._tensors)) == self._grads
+                and list(map(Tensor.data_ptr, self._ptr_of)) == self._ptrs)
+
+
+_requires_grad = operator.attrgetter("requires_grad")
 
 
 def still_valid(plans: dict[tuple, CallPlan]) -> dict[tuple, CallPlan]:
@@ -119,15 +144,6 @@ def still_valid(plans: dict[tuple, CallPlan]) -> dict[tuple, CallPlan]:
 def grad_wanted(x: Tensor, paths: Sequence[LoRAPath]) -> bool:
     """Whether autograd will take a gradient of this call (``dispatch.call_mode``)."""
     return dispatch.call_mode(x, paths) == "fwd+bwd"
-
-
-def _flat(run_2d: Callable[[Tensor], Tensor], n: int) -> Run:
-    """``run_2d`` (M, K) -> (M, N) applied to x (..., K) -> (..., N)."""
-    def run(x: Tensor) -> Tensor:
-        if x.dim() == 2:
-            return run_2d(x)
-        return run_2d(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], n)
-    return run
 
 
 def build_linear(env: tuple, sources: Sequence[Source], x: Tensor, weight: Tensor, bias: Tensor | None,
@@ -185,8 +201,9 @@ def _compose_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Seque
         compose._check(x, weight, bias, p)
         program = compose.DenseProgram(weight, bias, paths, p)
         tensors = [t for q in paths for t in q.tensors]
-        grad = grad_wanted(x, paths)
-        return _flat(lambda x2: compose.dense_call(program, x2, tensors, grad), weight.shape[0])
+        return compose.dense_runner(program, tensors, grad_wanted(x, paths))
+    if path_program.PathProgram.takes(paths):
+        return path_program.path_runner(x, weight, bias, paths, p, grad_wanted(x, paths))
     return compose.planned_call(x, weight, bias, paths, dropout_p, training)
 
 
@@ -224,7 +241,7 @@ def build_lowrank(env: tuple, sources: Sequence[Source], x: Tensor, n: int, path
     from .lowrank_only import planned_call
 
     if not paths:
-        return CallPlan(env, sources, lambda y, x: y, "base")
+        return CallPlan(env, sources, lambda y, x: y, "base", adds_to_base=True)
     setting = backend_for(x)
     takes = lowrank_takes_triton(paths, compute_dtype, compute_dtype)
     if setting == "auto" and takes and _auto_times_triton(x):
@@ -243,4 +260,4 @@ def build_lowrank(env: tuple, sources: Sequence[Source], x: Tensor, n: int, path
         return CallPlan(env, sources, run, "auto")
     use_triton = takes and setting == "triton"
     return CallPlan(env, sources, planned_call(x, n, paths, dropout_p, training, compute_dtype, use_triton),
-                    "triton" if use_triton else "torch")
+                    "triton" if use_triton else "torch", adds_to_base=True)

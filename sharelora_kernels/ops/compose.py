@@ -26,11 +26,16 @@ Saved for backward: x itself, the dropout mask as bool (1 byte per element: the 
 take 2-4 bytes and x is kept anyway, so backward recomputes x * mask in one pass), h (M, R), each
 Kronecker fold (M, d), and the tiny factors. Dropout is drawn once (``torch.native_dropout``);
 modules that read one x can share that draw (``grouped_lora_linear``).
+
+A layer's call plan runs the same math through programs built once (below: ``DenseProgram`` with
+``DenseLean`` / ``DenseCompose``; ``path_program.PathProgram`` for gate and Kronecker paths), whose
+per-call work is only the GEMMs: no path objects, sinks or casts rebuilt, each tensor's gradient
+returned directly (its tensors are distinct), slice windows padded into their tensors' shapes.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -309,40 +314,51 @@ def grouped_lora_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[T
 # ----------------------------------------------------------------------------- the planned dense call
 class DenseProgram:
     """What a compose call of plain and slice paths needs that does not change between calls, built
-    once by a layer's call plan (``ops.call_plan``): the frozen weight (N, K) and bias, each path's
-    A / B window as a detached view of its parameter (in-place updates show through; a replaced
-    parameter makes the plan rebuild), the scales (one float for a single path, else an (R,) vector
-    in the low-rank dtype), the dropout probability, and the pad widths that put a slice's window
-    gradient back into its tensor's shape. ``takes(paths)``: whether this program serves them
-    (plain / slice paths, no tensor read twice, every adapter tensor in one floating dtype)."""
+    once by a layer's call plan (``ops.call_plan``): the frozen weight (N, K) and bias, each slice's
+    window (offsets), each path's A / B window as a detached view of its parameter (the forward
+    without gradient reads them; in-place updates show through, a replaced parameter makes the plan
+    rebuild), the scales (one float for a single path, else an (R,) vector in the low-rank dtype),
+    the dropout probability. ``takes(paths)``: whether this program serves them (plain / slice
+    paths, no tensor read twice, every adapter tensor in one floating dtype).
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float):
-        k, n = weight.shape[1], weight.shape[0]
-        self.weight, self.bias, self.p = weight, bias, dropout_p
-        self.wt = weight.t()
-        self.dtype = lowrank_dtype(weight.dtype)
+    Both the forward without gradient and ``DenseCompose`` read the detached windows; backward
+    returns each slice's window gradient padded into its tensor's shape (``pads``).
+    """
+
+    def __init__(self, weight: Tensor | None, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
+                 shape: tuple[int, int] | None = None):
+        """weight None: the adapter side alone (``add_into`` / ``lowrank_backward``) for a base that
+        computes itself, of ``shape`` (N, K), the GEMMs in the adapters' dtype."""
+        n, k = weight.shape if weight is not None else shape
+        self.weight, self.bias, self.p, self.k, self.n = weight, bias, dropout_p, k, n
+        self.wt = None if weight is None else weight.t()
         self.adapter_dtype = paths[0].tensors[0].dtype
-        self.a = [t.detach().narrow(1, q.k_offset, k) if q.kind == "slice" else t.detach()
-                  for q in paths for t in q.tensors[:1]]
-        self.b = [t.detach().narrow(0, q.n_offset, n) if q.kind == "slice" else t.detach()
-                  for q in paths for t in q.tensors[1:2]]
+        self.dtype = self.adapter_dtype if weight is None else lowrank_dtype(weight.dtype)
+        device = paths[0].tensors[0].device
+        self.window = [(q.k_offset, q.n_offset) if q.kind == "slice" else None for q in paths]
+        self.sliced = any(w is not None for w in self.window)
+        # constant_pad_nd widths of each slice's window gradients: A's columns, B's rows
+        self.pads = [None if q.kind != "slice" else ((q.k_offset, q.tensors[0].shape[1] - k - q.k_offset),
+                                                     (0, 0, q.n_offset, q.tensors[1].shape[0] - n - q.n_offset))
+                     for q in paths]
         self.single = len(paths) == 1
         self.scale = float(paths[0].scale)
         self.ranks = [q.rank for q in paths]
+        self.keep = 1.0 / (1.0 - dropout_p)
         self.scales = None if self.single else torch.cat(
-            [torch.full((q.rank,), float(q.scale), dtype=self.dtype, device=weight.device) for q in paths])
-        # F.pad widths of each slice's window gradient: (left, right) of A's columns, (top, bottom) of B's rows
-        self.pad_a = [(q.k_offset, q.tensors[0].shape[1] - k - q.k_offset) if q.kind == "slice" else None for q in paths]
-        self.pad_b = [(0, 0, q.n_offset, q.tensors[1].shape[0] - n - q.n_offset) if q.kind == "slice" else None
-                      for q in paths]
-        self.zero = torch.zeros((), dtype=self.dtype, device=weight.device)
-        # One path, no dropout, x, W, b and the adapters in one dtype: with a gradient wanted the same
-        # GEMMs run as autograd's own ops (C++ backward nodes, no Python in backward: measured ~20 us
-        # less a call on the CPU than DenseCompose, whose fewer ops win with several paths).
-        self.native = self.single and dropout_p == 0 and self.adapter_dtype == self.dtype == weight.dtype and (
-            bias is None or bias.dtype == self.dtype)
-        self.parts = [(q.tensors[0], q.tensors[1], q.kind == "slice", q.k_offset, q.n_offset) for q in paths]
-        self.k, self.n = k, n
+            [torch.full((q.rank,), float(q.scale), dtype=self.dtype, device=device) for q in paths])
+        self.zero = torch.zeros((), dtype=self.dtype, device=device)
+        self.tall = TALL_ROWS if device.type == "cpu" else None  # see ``db_of``
+        self.scales_col = None if self.single else self.scales.view(-1, 1)
+        # z = addmm(bias_or_zero, h, B^T, beta=beta): the bias added by the low-rank GEMM's epilogue
+        self.bias_term, self.beta = (self.zero, 0) if bias is None else (bias, 1)
+        self.detached = self.windows([t.detach() for q in paths for t in q.tensors])
+        # no dropout, nothing cast: DenseLean reads these views directly
+        self.lean = dropout_p == 0 and self.adapter_dtype == self.dtype and (
+            weight is None or weight.dtype == self.dtype) and (bias is None or bias.dtype == self.dtype)
+        self.a_list, self.b_list = self.detached[0::2], self.detached[1::2]
+        self.a, self.b = self.detached if self.single else (None, None)
+        self.at, self.bt = (self.a.t(), self.b.t()) if self.single else (None, None)
 
     @staticmethod
     def takes(paths: Sequence[LoRAPath]) -> bool:
@@ -350,86 +366,100 @@ class DenseProgram:
         return (bool(paths) and all(q.kind in ("plain", "slice") for q in paths)
                 and len({id(t) for t in tensors}) == len(tensors) and len({t.dtype for t in tensors}) == 1)
 
-    def factors(self) -> tuple[Tensor, Tensor]:
-        """(A (R, K), B (N, R)) in the low-rank dtype, unscaled: the windows, stacked when several."""
-        a = self.a[0] if self.single else torch.cat(self.a)
-        b = self.b[0] if self.single else torch.cat(self.b, 1)
+    def windows(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Each path's (A, B), a slice's as the (r, K) / (N, r) window it reads (views of ``tensors``)."""
+        if not self.sliced:
+            return tensors
+        out = []
+        for w, a, b in zip(self.window, tensors[0::2], tensors[1::2]):
+            out += (a, b) if w is None else (a.narrow(1, w[0], self.k), b.narrow(0, w[1], self.n))
+        return out
+
+    def project(self, x: Tensor, xd: Tensor | None, ab: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(h (M, R), A (R, K), B (N, R)) in the low-rank dtype, of x (M, K) or its dropped-out copy xd
+        and ``ab`` each path's (A window, B window)."""
+        if self.single:
+            a, b = ab
+        else:
+            a, b = torch.cat(ab[0::2]), torch.cat(ab[1::2], 1)
         if a.dtype != self.dtype:
             a, b = a.to(self.dtype), b.to(self.dtype)
-        return a, b
-
-    def forward(self, x: Tensor, xd: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(y (M, N) in x's dtype, h (M, R), A, B) of x (M, K) and its dropped-out copy xd (or None)."""
-        a, b = self.factors()
         xl = x if xd is None else xd
-        h = torch.mm(xl if xl.dtype == self.dtype else xl.to(self.dtype), a.t())
-        hs = h if self.single else h * self.scales
-        alpha = self.scale if self.single else 1.0
-        if self.bias is None:
-            z = torch.addmm(self.zero, hs, b.t(), beta=0, alpha=alpha)
-        else:
-            z = torch.addmm(self.bias if self.bias.dtype == self.dtype else self.bias.to(self.dtype), hs, b.t(),
-                            alpha=alpha)
+        return torch.mm(xl if xl.dtype == self.dtype else xl.to(self.dtype), a.t()), a, b
+
+    def forward(self, x: Tensor, xd: Tensor | None, ab: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(y (M, N) in x's dtype, h (M, R), A, B) of x (M, K), its dropped-out copy xd (or None) and
+        ``ab`` each path's (A window, B window); B of several paths holds their scales."""
+        h, a, b = self.project(x, xd, ab)
+        z, b = stacked_output(self, h, b)
         y = (z if z.dtype == x.dtype else z.to(x.dtype)).addmm_(x, self.wt)
         return y, h, a, b
 
+    def infer(self, x: Tensor) -> Tensor:
+        """y (M, N) of x (M, K) without autograd (dropout drawn here in training)."""
+        return self.forward(x, draw_dropout(x, self.p)[0], self.detached)[0]
+
+    def add_into(self, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """y (M, N) += the paths of x (M, K) in place, without dropout (x, y in the low-rank dtype);
+        returns (h, A, B) as ``forward``."""
+        h, a, b = self.project(x, None, self.detached)
+        if self.single:
+            y.addmm_(h, b.t(), alpha=self.scale)
+        else:
+            b = b * self.scales
+            y.addmm_(h, b.t())
+        return h, a, b
+
     def backward(self, dy: Tensor, x: Tensor, mask: Tensor | None, h: Tensor, a: Tensor, b: Tensor,
                  needs: Sequence[bool]) -> tuple[Tensor | None, ...]:
-        """(dx, and each path's dA, dB in order) from dy (M, N); ``needs`` = (x, then each tensor)."""
-        dyl = dy if dy.dtype == self.dtype else dy.to(self.dtype)
-        keep = 1.0 / (1.0 - self.p) if mask is not None else 1.0
-        if self.single:
-            dh = torch.addmm(self.zero, dyl, b, beta=0, alpha=self.scale * keep)
-        else:
-            dh = torch.mm(dyl, b).mul_(self.scales if keep == 1.0 else self.scales * keep)
+        """(dx, then each path's dA, dB) from dy (M, N); ``needs`` = (x, then each tensor)."""
+        dx_low, *grads = self.lowrank_backward(dy, x, mask, h, a, b, needs)
         dx = None
         if needs[0]:
-            dx_low = torch.mm(dh, a)
-            if mask is not None:
-                dx_low.mul_(mask)
             dx = (dx_low if dx_low.dtype == x.dtype else dx_low.to(x.dtype)).addmm_(dy, self.weight)
-        grads: list[Tensor | None] = []
-        if any(needs[1:]):
-            xm = x if mask is None else x * mask
-            ga = torch.mm(dh.t(), xm if xm.dtype == self.dtype else xm.to(self.dtype))  # (R, K), keep applied
-            if self.single:  # (N, R), scaled
-                gb = torch.addmm(self.zero, dyl.t(), h, beta=0, alpha=self.scale)
-            else:
-                gb = torch.mm(dyl.t(), h).mul_(self.scales)
-            r0 = 0
-            for r, pad_a, pad_b in zip(self.ranks, self.pad_a, self.pad_b):
-                da, db = ga[r0:r0 + r], gb[:, r0:r0 + r]
-                r0 += r
-                if da.dtype != self.adapter_dtype:
-                    da, db = da.to(self.adapter_dtype), db.to(self.adapter_dtype)
-                grads += [da if pad_a is None else F.pad(da, pad_a), db if pad_b is None else F.pad(db, pad_b)]
+        return (dx, *grads)
+
+    def lowrank_backward(self, dy: Tensor, x: Tensor, mask: Tensor | None, h: Tensor, a: Tensor, b: Tensor,
+                         needs: Sequence[bool]) -> tuple[Tensor | None, ...]:
+        """(the paths' part of dx (M, K) in the low-rank dtype, masked, then each path's dA, dB) from
+        dy (M, N); ``needs`` = (x, then each tensor)."""
+        dyl = dy if dy.dtype == self.dtype else dy.to(self.dtype)
+        if self.single:
+            dh = torch.addmm(self.zero, dyl, b, beta=0, alpha=self.scale if mask is None else self.scale * self.keep)
         else:
-            grads = [None] * (len(needs) - 1)
-        return (dx, *(g if need else None for g, need in zip(grads, needs[1:])))
-
-
-def _native_forward(program: DenseProgram, x: Tensor) -> Tensor:
-    """y (M, N) of x (M, K) by autograd's own ops on the live parameters (``DenseProgram.native``)."""
-    a, b, sliced, k0, n0 = program.parts[0]
-    if sliced:
-        a, b = a.narrow(1, k0, program.k), b.narrow(0, n0, program.n)
-    h = torch.mm(x, a.t())
-    if program.bias is None:
-        z = torch.addmm(program.zero, h, b.t(), beta=0, alpha=program.scale)
-    else:
-        z = torch.addmm(program.bias, h, b.t(), alpha=program.scale)
-    return torch.addmm(z, x, program.wt)
+            dh = torch.mm(dyl, b) if mask is None else torch.mm(dyl, b).mul_(self.keep)  # b holds the scales
+        dx = None
+        if needs[0]:
+            dx = torch.mm(dh, a)
+            if mask is not None:
+                dx.mul_(mask)
+        if not any(needs[1:]):
+            return (dx, *([None] * (len(needs) - 1)))
+        xm = x if mask is None else x * mask
+        ga = torch.mm(dh.t(), xm if xm.dtype == self.dtype else xm.to(self.dtype))  # (R, K), keep applied
+        gb = db_of(self, dyl, h)  # (N, R), scaled
+        if ga.dtype != self.adapter_dtype:
+            ga, gb = ga.to(self.adapter_dtype), gb.to(self.adapter_dtype)
+        if self.single:
+            if self.sliced:
+                ga, gb = torch.constant_pad_nd(ga, self.pads[0][0]), torch.constant_pad_nd(gb, self.pads[0][1])
+            return dx, ga, gb
+        grads = [dx]
+        for pad, da, db in zip(self.pads, ga.split_with_sizes(self.ranks), gb.split_with_sizes(self.ranks, 1)):
+            grads += (da, db) if pad is None else (torch.constant_pad_nd(da, pad[0]), torch.constant_pad_nd(db, pad[1]))
+        return grads
 
 
 class DenseCompose(torch.autograd.Function):
     """One planned compose call of plain / slice paths: ``apply(program, x (M, K), *tensors)`` -> y (M, N),
-    ``tensors`` each path's (A, B) parameters (what gets gradients). Saves x, the bool dropout mask,
-    h and the (stacked) factors; backward is ``DenseProgram.backward``."""
+    ``tensors`` each path's (A, B) parameters (what gets gradients; the forward reads the program's
+    detached windows of them). Saves x, the bool dropout mask, h and the (stacked) factors; backward
+    is ``DenseProgram.backward``."""
 
     @staticmethod
     def forward(ctx, program, x, *tensors):
         xd, mask = draw_dropout(x, program.p)
-        y, h, a, b = program.forward(x, xd)
+        y, h, a, b = program.forward(x, xd, program.detached)
         ctx.save_for_backward(x, mask, h, a, b)
         ctx.program = program
         return y
@@ -443,9 +473,100 @@ class DenseCompose(torch.autograd.Function):
 _dense_apply = thin_apply(DenseCompose)
 
 
-def dense_call(program: DenseProgram, x: Tensor, tensors: Sequence[Tensor], grad: bool) -> Tensor:
-    """y (M, N) of x (M, K) by ``program``: through ``DenseCompose`` when autograd will want a
-    gradient (``grad``), else the forward alone (no autograd node, no saved tensors)."""
+def stacked_output(program, h: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(z = bias + h (B * s)^T (M, N), B as backward reads it) of the stacked dense paths of a
+    program (``DenseProgram``, ``path_program.PathProgram``), h (M, R) and B (N, R) in its low-rank
+    dtype: one path's scale is the GEMM's alpha, several paths' scales are folded into B (so
+    backward's dh is one GEMM)."""
+    bias = program.bias_term if program.bias_term.dtype == program.dtype else program.bias_term.to(program.dtype)
+    if program.single:
+        return torch.addmm(bias, h, b.t(), beta=program.beta, alpha=program.scale), b
+    b = b * program.scales
+    return torch.addmm(bias, h, b.t(), beta=program.beta), b
+
+
+# From this many rows (tokens) on, a CPU computes dB^T = h^T dy as an (R, N) GEMM and hands its
+# transposed view on: MKL takes about twice as long for the (N, R)-shaped dy^T h (M = 2048, K = N =
+# 1024, r = 16, one thread: 2.1 ms against 1.1 ms), while below it the view only costs autograd a
+# copy of the tiny gradient.
+TALL_ROWS = 512
+
+
+def db_of(program, dy: Tensor, h: Tensor) -> Tensor:
+    """dB = dy^T (h * s) (N, R) of dy (M, N), h (M, R) in the low-rank dtype: the scale one float
+    (``program.single``) or each row's (``program.scales``)."""
+    if program.tall is not None and dy.shape[0] >= program.tall:
+        if program.single:
+            return torch.addmm(program.zero, h.t(), dy, beta=0, alpha=program.scale).t()
+        return torch.mm(h.t(), dy).mul_(program.scales_col).t()
+    if program.single:
+        return torch.addmm(program.zero, dy.t(), h, beta=0, alpha=program.scale)
+    return torch.mm(dy.t(), h).mul_(program.scales)
+
+
+class DenseLean(torch.autograd.Function):
+    """``DenseCompose`` without dropout, x, W, b and the adapters in one dtype (``DenseProgram.lean``:
+    the common LoRA layer, a Bi-Share SS module): the same GEMMs on the program's prebuilt views
+    (one path: A, B and their transposes; several: stacked, B scaled), nothing checked or cast per
+    call. Saves x, h and the factors (one path's windows share the parameters' version counters: an
+    in-place change before backward is reported as autograd does)."""
+
+    @staticmethod
+    def forward(ctx, program, x, *tensors):
+        if program.single:
+            a, b = program.a, program.b
+            h = torch.mm(x, program.at)
+            z = torch.addmm(program.bias_term, h, program.bt, beta=program.beta, alpha=program.scale)
+        else:
+            a, b = torch.cat(program.a_list), torch.cat(program.b_list, 1).mul_(program.scales)
+            h = torch.mm(x, a.t())
+            z = torch.addmm(program.bias_term, h, b.t(), beta=program.beta)
+        ctx.save_for_backward(x, h, a, b)
+        ctx.program = program
+        return z.addmm_(x, program.wt)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, a, b = ctx.saved_tensors
+        program = ctx.program
+        needs = ctx.needs_input_grad
+        dh = torch.addmm(program.zero, dy, b, beta=0, alpha=program.scale) if program.single else torch.mm(dy, b)
+        grads = [None, torch.mm(dh, a).addmm_(dy, program.weight) if needs[1] else None]
+        if not any(needs[2:]):
+            return (*grads, *([None] * (len(needs) - 2)))
+        ga, gb = torch.mm(dh.t(), x), db_of(program, dy, h)
+        if program.single:
+            parts = ((program.pads[0], ga, gb),)
+        else:
+            parts = zip(program.pads, ga.split_with_sizes(program.ranks), gb.split_with_sizes(program.ranks, 1))
+        for pad, da, db in parts:
+            grads += (da, db) if pad is None else (torch.constant_pad_nd(da, pad[0]), torch.constant_pad_nd(db, pad[1]))
+        return tuple(grads)
+
+
+_lean_apply = thin_apply(DenseLean)
+
+
+def runner(program, apply: Callable, tensors: Sequence[Tensor], grad: bool) -> Callable[[Tensor], Tensor]:
+    """run(x) (..., K) -> (..., N) of a planned program (``DenseProgram``, ``path_program.PathProgram``):
+    ``apply(program, x2, *tensors)`` (its autograd Function) when autograd will want a gradient
+    (``grad``), else ``program.infer`` (the forward alone: no autograd node, no saved tensors)."""
+    k, n = program.k, program.n
     if grad:
-        return _native_forward(program, x) if program.native else _dense_apply(program, x, *tensors)
-    return program.forward(x, draw_dropout(x, program.p)[0])[0]
+        def run(x: Tensor) -> Tensor:
+            if x.dim() == 2:
+                return apply(program, x, *tensors)
+            return apply(program, x.reshape(-1, k), *tensors).view(*x.shape[:-1], n)
+        return run
+    infer = program.infer
+
+    def run_alone(x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            return infer(x)
+        return infer(x.reshape(-1, k)).view(*x.shape[:-1], n)
+    return run_alone
+
+
+def dense_runner(program: DenseProgram, tensors: Sequence[Tensor], grad: bool) -> Callable[[Tensor], Tensor]:
+    """``runner`` of a ``DenseProgram`` through ``DenseLean`` or ``DenseCompose``."""
+    return runner(program, _lean_apply if program.lean else _dense_apply, tensors, grad)

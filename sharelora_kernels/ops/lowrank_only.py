@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..reference import LoRAPath, _add_lowrank, _dense_factors, add_path_output, path_input
+from .compose import DenseProgram
 from .encoding import check_path, decode, encode
 from .function import thin_apply
 from .shared_grad import path_grads
@@ -287,15 +288,49 @@ def _no_autocast(device: str):
     return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
 
+class LowRankDense(torch.autograd.Function):
+    """The planned eager call of plain / slice paths in float32 without dropout on the torch path:
+    ``apply(program, y, x (M, K), *tensors)`` adds them into y in place with the GEMMs of
+    ``compose.DenseProgram`` (its adapter side: ``add_into``, ``lowrank_backward``), nothing cast."""
+
+    @staticmethod
+    def forward(ctx, program, y, x, *tensors):
+        h, a, b = program.add_into(y.view(-1, program.n), x)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x, h, a, b)
+        ctx.program = program
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, a, b = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        return (None, dy, *ctx.program.lowrank_backward(dy.reshape(-1, dy.shape[-1]), x, None, h, a, b, needs[2:]))
+
+
+_dense_apply = thin_apply(LowRankDense)
+
+
+def _lean(x: Tensor, paths: Sequence[LoRAPath], p: float, compute_dtype: torch.dtype, use_triton: bool) -> bool:
+    """Whether ``LowRankDense`` serves a plan: the torch path, no dropout, autocast off, float32
+    compute and adapters, plain / slice paths (``DenseProgram.takes``)."""
+    return (not use_triton and p == 0 and compute_dtype == torch.float32
+            and not torch.is_autocast_enabled(x.device.type)
+            and DenseProgram.takes(paths) and paths[0].tensors[0].dtype == torch.float32)
+
+
 def planned_call(x: Tensor, n: int, paths: Sequence[LoRAPath], dropout_p: float, training: bool,
                  compute_dtype: torch.dtype, use_triton: bool):
-    """The run(y, x) of a call plan on this op: the checks, flat arguments and a zero seed made once."""
+    """The run(y, x) of a call plan on this op: the checks, flat arguments and a zero seed made once
+    (``LowRankDense``'s program where it serves the plan)."""
     p = dropout_p if training else 0.0
     paths = list(paths)
     tensors = [t for q in paths for t in q.tensors]
     program = (paths, p, torch.zeros(1, dtype=torch.int64, device=x.device), use_triton)
     for i, q in enumerate(paths):
         check_path(i, q, x.shape[-1], n)
+    dense = DenseProgram(None, None, paths, 0.0, shape=(n, x.shape[-1])) if _lean(x, paths, p, compute_dtype,
+                                                                                  use_triton) else None
 
     def run(y: Tensor, x: Tensor) -> Tensor:
         _check(y, x, (), p)
@@ -304,7 +339,14 @@ def planned_call(x: Tensor, n: int, paths: Sequence[LoRAPath], dropout_p: float,
         x2 = x.reshape(-1, x.shape[-1])
         if x2.dtype != compute_dtype:
             x2 = x2.to(compute_dtype)
-        if torch.is_grad_enabled() and (x2.requires_grad or y.requires_grad or any(t.requires_grad for t in tensors)):
+        grad = torch.is_grad_enabled() and (x2.requires_grad or y.requires_grad
+                                            or any(t.requires_grad for t in tensors))
+        if dense is not None and y.dtype == compute_dtype:
+            if grad:
+                return _dense_apply(dense, y, x2, *tensors)
+            dense.add_into(y.view(-1, n), x2)
+            return y
+        if grad:
             return _planned_apply(program, y, x2, *tensors)
         with _no_autocast(x.device.type):
             _backend(use_triton)[0](y.view(-1, y.shape[-1]), x2, paths, p, program[2] if p == 0 else
