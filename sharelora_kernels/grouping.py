@@ -65,8 +65,7 @@ class InputGroup:
         if torch.compiler.is_compiling():
             return ops.grouped_lora_linear(x, [m.base_weight() for m in members], [m.bias for m in members],
                                            [m.paths() for m in members], module.dropout, module.training)
-        env = call_plan.environment(x, module.dropout, module.training,
-                                    *((m.merged, m._paths_version) for m in members))
+        env = call_plan.environment(x, module.training, (module.dropout, *(m._paths_version for m in members)))
         plan = self._plan
         if plan is None or not plan.fits(env):
             plan = self._plan = None

@@ -257,7 +257,7 @@ def build_lowrank(env: tuple, sources: Sequence[Source], x: Tensor, n: int, path
                 name = lowrank_auto_choice(x, n, paths, dropout_p, training, compute_dtype, compute_dtype)
                 fn = chosen[bucket] = runners[name]
             return fn(y, x)
-        return CallPlan(env, sources, run, "auto")
+        return CallPlan(env, sources, run, "auto", adds_to_base=True)
     use_triton = takes and setting == "triton"
     return CallPlan(env, sources, planned_call(x, n, paths, dropout_p, training, compute_dtype, use_triton),
                     "triton" if use_triton else "torch", adds_to_base=True)
