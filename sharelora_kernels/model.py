@@ -286,7 +286,19 @@ def parameter_breakdown(model: nn.Module) -> dict[str, int]:
 
 
 def shared_layers(model: nn.Module) -> list[SharedLoRALinear]:
-    return [m for m in model.modules() if isinstance(m, SharedLoRALinear)]
+    """The model's SharedLoRALinear layers in module order; their own children (one path module per
+    adapter and path) are not walked, so the cost does not grow with the adapters loaded."""
+    out, stack, seen = [], [model], set()
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:  # a module registered twice counts once, as in model.modules()
+            continue
+        seen.add(id(m))
+        if isinstance(m, SharedLoRALinear):
+            out.append(m)
+        else:
+            stack.extend(reversed([c for c in m._modules.values() if c is not None]))
+    return out
 
 
 def merge(model: nn.Module) -> nn.Module:
