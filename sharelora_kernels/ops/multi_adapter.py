@@ -146,9 +146,10 @@ class AdapterTables:
 
     adapters: one tuple of LoRAPaths per adapter (possibly empty); in_features K, out_features N;
     groups: the adapters with paths, grouped by structure (``multi_adapter_torch.structure``: the torch
-    path runs each group's segments together; it keeps their stacked operands in ``stacks``, per set of
-    adapters in a batch, while their tensors are unchanged). The Triton tables are built on first
-    Triton use (``device_tables``) and kept.
+    path runs each group's segments together; it keeps each group's stacked operands in ``stacks``,
+    built on first use for every adapter of the group and kept while their tensors are unchanged,
+    whichever adapters a batch uses). The Triton tables are built on first Triton use
+    (``device_tables``) and kept.
     """
 
     adapters: tuple[tuple[LoRAPath, ...], ...]

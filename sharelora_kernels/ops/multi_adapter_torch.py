@@ -6,10 +6,12 @@ the accumulation dtype (float32; float64 for float64), the low-rank term added i
 Adapters of one structure (the same path kinds, ranks, window shapes and dtypes in the same order:
 every tenant of one method and configuration) run together, whatever their number: their segments are
 padded to the longest one, (S, C_max) token ids built once per batch (``segment_plan``, cached on the
-batch), and every path slot is a few batched GEMMs over the S adapters, their tensors stacked (nothing
-Kronecker- or gate-expanded). The stacks are a copy of the batch's adapters, kept in the layer's
-tables per set of adapters while their tensors are unchanged (``cached_factors``: the next batch with
-the same adapters, e.g. every decode step, skips the stacking), never counted as the bank's:
+batch; none at all when the segments are x's own rows in order, as in a decode batch of distinct
+adapters), and every path slot is a few batched GEMMs over the S adapters, their tensors stacked
+(nothing Kronecker- or gate-expanded). Each structure group's tensors are stacked once for every
+adapter of the layer's tables (``cached_factors``, kept while their tensors are unchanged: every batch,
+whichever of the adapters it uses, reads the same stacks; a batch using some of them picks their
+lanes with one ``index_select``), a copy never counted as the bank's:
 
     plain / slice   h = x A^T,  out += (h s) B^T                     (A, B: the windows)
     gate            C = G_od B A G_iu (S, g, g),  h = x (C G_id)^T,  out += (h s) G_ou^T
@@ -21,6 +23,7 @@ segment at a time through ``lowrank_only.torch_forward`` (the reference's helper
 """
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Sequence
 
 import torch
@@ -30,7 +33,7 @@ from ..reference import LoRAPath, path_factors
 from .lowrank_only import accumulation_dtype, torch_forward
 
 PAD_LIMIT = 2.0  # padded rows / real rows above which a structure's segments run one at a time
-STACK_CACHE = 16  # stacked operand sets a layer's tables keep (one per path slot and set of adapters in a batch)
+_VERSION = attrgetter("_version")  # a tensor's in-place version counter
 
 
 def structure(paths: Sequence[LoRAPath], k: int, n: int) -> tuple:
@@ -43,10 +46,12 @@ def structure(paths: Sequence[LoRAPath], k: int, n: int) -> tuple:
 
 
 def segment_plan(batch, groups: tuple[tuple[int, ...], ...]) -> list:
-    """For each structure group (adapter ids), the batch's work: ("batched", adapters, tokens (S * C,)
-    (padding repeats a segment's last token), the real lanes' positions, their tokens, C) for padded
-    segments run together, else ("single", adapter, tokens; None: every token) per segment. Cached
-    on the batch (every layer with the same groups reuses it)."""
+    """For each structure group (adapter ids), the batch's work: ("batched", adapters, group index,
+    their lanes in the group's stacks (None: the whole group in order), tokens (S * C,) (padding
+    repeats a segment's last token; None: x's own rows in order, nothing padded), the real lanes'
+    positions, their tokens (both None when nothing is padded), C) for padded segments run together,
+    else ("single", adapter, tokens; None: every token) per segment. Cached on the batch (every
+    layer with the same groups reuses it)."""
     key = ("plan", groups)
     if key in batch.cache:
         return batch.cache[key]
@@ -56,23 +61,37 @@ def segment_plan(batch, groups: tuple[tuple[int, ...], ...]) -> list:
         if a in group_of:
             segments.setdefault(group_of[a], []).append((a, start, count))
     plan, order = [], batch.order
-    for segs in segments.values():
+    for g, segs in segments.items():
         segs = sorted(segs, key=lambda seg: seg[2])  # the most segments padding keeps within PAD_LIMIT
         fits = [i for i in range(1, len(segs) + 1) if i * segs[i - 1][2] <= PAD_LIMIT * sum(c for _, _, c in segs[:i])]
         batched = fits[-1] if fits and fits[-1] > 1 else 0
         plan += [("single", a, None if c == batch.num_tokens else order[s:s + c]) for a, s, c in segs[batched:]]
-        segs = segs[:batched]
+        segs = sorted(segs[:batched], key=lambda seg: seg[1])  # in order: their tokens may be x's rows as they are
         if segs:
-            longest = segs[-1][2]
-            lanes = torch.arange(longest, device=order.device)
-            starts = torch.tensor([s for _, s, _ in segs], device=order.device)[:, None]
-            counts = torch.tensor([c for _, _, c in segs], device=order.device)[:, None]
-            valid = (lanes[None, :] < counts).reshape(-1)
-            tokens = order[(starts + torch.minimum(lanes[None, :], counts - 1)).reshape(-1)]
-            plan.append(("batched", tuple(a for a, _, _ in segs), tokens, valid.nonzero().view(-1), tokens[valid],
-                         longest))
+            plan.append(_batched_item(batch, g, groups[g], segs))
     batch.cache[key] = plan
     return plan
+
+
+def _batched_item(batch, g: int, group: tuple[int, ...], segs: list) -> tuple:
+    """The plan item of segments ``segs`` (adapter, start, count) of group ``g`` run padded together."""
+    order = batch.order
+    members = tuple(a for a, _, _ in segs)
+    lanes_in_group = None if members == group else \
+        torch.tensor([group.index(a) for a in members], dtype=torch.int64, device=order.device)
+    longest = max(c for _, _, c in segs)
+    lanes = torch.arange(longest, device=order.device)
+    starts = torch.tensor([s for _, s, _ in segs], device=order.device)[:, None]
+    counts = torch.tensor([c for _, _, c in segs], device=order.device)[:, None]
+    valid = (lanes[None, :] < counts).reshape(-1)
+    tokens = order[(starts + torch.minimum(lanes[None, :], counts - 1)).reshape(-1)]
+    if all(c == longest for _, _, c in segs):
+        real, dest = None, None  # nothing padded
+        if tokens.numel() == batch.num_tokens and torch.equal(tokens, torch.arange(tokens.numel(), device=tokens.device)):
+            tokens = None  # x's own rows, in order
+    else:
+        real, dest = valid.nonzero().view(-1), tokens[valid]
+    return ("batched", members, g, lanes_in_group, tokens, real, dest, longest)
 
 
 def _stack(ts: Sequence[Tensor], dtype: torch.dtype, acc: torch.dtype) -> Tensor:
@@ -93,39 +112,39 @@ def slot_factors(ps: Sequence[LoRAPath], k: int, n: int, dtype: torch.dtype, acc
 def cached_factors(cache: dict | None, key: tuple, ps: Sequence[LoRAPath], k: int, n: int, dtype: torch.dtype,
                    acc: torch.dtype, device) -> tuple:
     """``slot_factors``, kept in ``cache`` under ``key`` (the same key: the same tensors) while their
-    in-place versions are unchanged (compared at each call); at most ``STACK_CACHE`` entries, oldest
-    evicted. A cache of copies for repeated batch signatures: the adapter bank itself stays unique.
-    Inference tensors (made under ``torch.inference_mode``) keep no version: stacked at each call."""
+    in-place versions are unchanged (compared at each call, each tensor once). A cache of copies:
+    the adapter bank itself stays unique. Inference tensors (made under ``torch.inference_mode``)
+    keep no version: stacked at each call."""
     if cache is None:
         return slot_factors(ps, k, n, dtype, acc, device)
     hit = cache.get(key)
     if hit is not None:
         tensors, versions, factors = hit
-        if [t._version for t in tensors] == versions:
+        if list(map(_VERSION, tensors)) == versions:
             return factors
-    tensors = [t for p in ps for t in p.tensors]
+    tensors = list(dict.fromkeys(t for p in ps for t in p.tensors))  # a tensor shared by adapters once
     try:
-        versions = [t._version for t in tensors]
+        versions = list(map(_VERSION, tensors))
     except RuntimeError:  # an inference tensor
         return slot_factors(ps, k, n, dtype, acc, device)
     factors = slot_factors(ps, k, n, dtype, acc, device)
-    cache.pop(key, None)
     cache[key] = (tensors, versions, factors)
-    while len(cache) > STACK_CACHE:
-        cache.pop(next(iter(cache)))
     return factors
 
 
 def batched_paths(out: Tensor, xs: Tensor, adapters: Sequence[Sequence[LoRAPath]], dtype: torch.dtype,
-                  cache: dict | None = None, members: tuple = ()) -> None:
-    """out (S, C, N) += every path of adapter s applied to xs[s] (S, C, K); adapters of one structure.
-    cache / members: where the stacked operands of these adapters (ids ``members``) are kept (``cached_factors``)."""
+                  cache: dict | None = None, group: tuple = (), lanes: Tensor | None = None) -> None:
+    """out (S, C, N) += every path of adapter ``lanes[s]`` of ``adapters`` (one structure) applied to
+    xs[s] (S, C, K) (lanes None: every adapter, in order). cache / group: where the stacked operands of
+    ``adapters`` (ids ``group``) are kept (``cached_factors``)."""
     s_count, c, k = xs.shape
     n = out.shape[2]
     acc = out.dtype
     for slot in range(len(adapters[0])):
         ps = [paths[slot] for paths in adapters]
-        scale, *f = cached_factors(cache, (members, slot, dtype, acc), ps, k, n, dtype, acc, out.device)
+        scale, *f = cached_factors(cache, (group, slot, dtype, acc), ps, k, n, dtype, acc, out.device)
+        if lanes is not None:
+            scale, *f = (t.index_select(0, lanes) for t in (scale, *f))
         kind = ps[0].kind
         if kind in ("plain", "slice"):
             a, b = f
@@ -145,7 +164,7 @@ def batched_paths(out: Tensor, xs: Tensor, adapters: Sequence[Sequence[LoRAPath]
 def torch_add(y: Tensor, x: Tensor, batch, adapters: Sequence[Sequence[LoRAPath]],
               groups: tuple[tuple[int, ...], ...], cache: dict | None = None) -> None:
     """y (M, N) += each token's adapter paths of x (M, K) (x in the compute dtype) in place; cache: where
-    batched segments keep their stacked operands (``cached_factors``; None: stacked at each call)."""
+    each structure group keeps its stacked operands (``cached_factors``; None: stacked at each call)."""
     acc = accumulation_dtype(x.dtype)
     n, k = y.shape[1], x.shape[1]
     for item in segment_plan(batch, groups):
@@ -158,8 +177,14 @@ def torch_add(y: Tensor, x: Tensor, batch, adapters: Sequence[Sequence[LoRAPath]
             torch_forward(ys, x.index_select(0, rows), adapters[a], 0.0, None)  # p = 0: no dropout seed read
             y.index_copy_(0, rows, ys)
             continue
-        _, members, tokens, lanes, dest, c = item
-        xs = x.index_select(0, tokens).to(acc).view(len(members), c, k)
+        _, members, g, lanes, tokens, real, dest, c = item
+        xs = (x if tokens is None else x.index_select(0, tokens)).to(acc).reshape(len(members), c, k)
         out = torch.zeros((len(members), c, n), dtype=acc, device=y.device)
-        batched_paths(out, xs, [adapters[a] for a in members], x.dtype, cache, members)
-        y.index_add_(0, dest, out.view(-1, n).index_select(0, lanes).to(y.dtype))
+        batched_paths(out, xs, [adapters[a] for a in groups[g]], x.dtype, cache, groups[g], lanes)
+        out = out.view(-1, n)
+        if tokens is None:
+            y.add_(out.to(y.dtype))
+        elif real is None:
+            y.index_add_(0, tokens, out.to(y.dtype))
+        else:
+            y.index_add_(0, dest, out.index_select(0, real).to(y.dtype))
