@@ -122,6 +122,8 @@ def test_tables_follow_adapters_added_and_deleted(bank):
 
 
 def test_adapters_changed_in_place_are_seen_by_the_next_batch(bank):
+    """A mixed batch reads its adapters as they are when it starts (the stacked operands are checked
+    once per batch, not at every decode step): a change made in place is seen by the next batch."""
     base, _ = bank
     model = with_adapters(base, {"x": METHOD_CONFIGS["bishare_kron"], "y": METHOD_CONFIGS["bishare_kron"]})
     rows = ["x", "y", "x", "y"]  # two adapters of one structure run batched: their stacked operands are kept
@@ -130,6 +132,8 @@ def test_adapters_changed_in_place_are_seen_by_the_next_batch(bank):
         first = model(ids).logits
         for p in adapter_store(model, "x").parameters():  # in place, as load() writes a checkpoint
             p.copy_(torch.randn_like(p) * 0.2)
+        assert torch.equal(model(ids).logits, first)  # the batch that started before the change
+    with torch.no_grad(), sk.mixed_batch(model, rows):
         second = model(ids).logits
     assert (second[0] - first[0]).abs().max() > 1e-3 and torch.equal(second[1], first[1])
     for i in (0, 1):

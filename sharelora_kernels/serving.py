@@ -72,16 +72,23 @@ def layer_tables(layer: SharedLoRALinear, known: Sequence[str]) -> ops.AdapterTa
     """The layer's ``ops.AdapterTables`` for adapters ``known`` (an adapter the layer lacks: no paths),
     cached on the layer; rebuilt when one of its adapters is added, deleted or replaced (the identity of
     its path lists), or the names, device or dtype of its tensors change (``.to()``), not when another
-    adapter is made active. Tensors loaded in place (``load``) are read live."""
-    paths = layer.adapter_paths
-    first = next((m.as_path().tensors[0] for ms in paths.values() for m in ms), None)
-    key = (tuple(paths._modules), tuple(map(id, paths._modules.values())), tuple(known),
-           None if first is None else (first.device, first.dtype))
+    adapter is made active. Tensors loaded in place (``load``) are read live. The check is a few
+    identity comparisons (no tensor is looked up): it runs at every layer call."""
+    paths = layer.adapter_paths._modules
+    key = (tuple(paths), tuple(paths.values()), tuple(known))
     cached = layer.__dict__.get("_mixed_tables")
-    if cached is None or cached[0] != key:
-        adapters = [[m.as_path() for m in paths[n]] if n in paths else [] for n in known]
-        layer.__dict__["_mixed_tables"] = (key, ops.adapter_tables(adapters, layer.in_features, layer.out_features))
-    return layer.__dict__["_mixed_tables"][1]
+    if cached is not None and cached[0] == key and cached[2] == _placement(cached[1]):
+        return cached[1]
+    adapters = [[m.as_path() for m in paths[n]] if n in paths else [] for n in known]
+    tables = ops.adapter_tables(adapters, layer.in_features, layer.out_features)
+    layer.__dict__["_mixed_tables"] = (key, tables, _placement(tables))
+    return tables
+
+
+def _placement(tables: ops.AdapterTables) -> tuple | None:
+    """Device and dtype of the first adapter tensor of ``tables`` now (``.to()`` changes them in place)."""
+    first = next(tables.tensors(), None)
+    return None if first is None else (first.device, first.dtype)
 
 
 def row_indices(model: nn.Module, names: Sequence[str], expand: int = 1) -> tuple[list[str], list[int]]:

@@ -9,13 +9,16 @@ padded to the longest one, (S, C_max) token ids built once per batch (``segment_
 batch; none at all when the segments are x's own rows in order, as in a decode batch of distinct
 adapters), and every path slot is a few batched GEMMs over the S adapters, their tensors stacked
 (nothing Kronecker- or gate-expanded). Each structure group's tensors are stacked once for every
-adapter of the layer's tables (``cached_factors``, kept while their tensors are unchanged: every batch,
-whichever of the adapters it uses, reads the same stacks; a batch using some of them picks their
-lanes with one ``index_select``), a copy never counted as the bank's:
+adapter of the layer's tables (``cached_factors``, kept while their tensors are unchanged, checked once
+per batch: every batch, whichever of the adapters it uses, reads the same stacks; a batch using some
+of them picks their lanes with one ``index_select``), a copy never counted as the bank's:
 
-    plain / slice   h = x A^T,  out += (h s) B^T                     (A, B: the windows)
-    gate            C = G_od B A G_iu (S, g, g),  h = x (C G_id)^T,  out += (h s) G_ou^T
-    kron            h = fold_{K_A}(x) A_s^T,  out[:, i d + c] += K_B[i] ((h s) B_s^T)[:, c]
+    plain / slice   h = x A^T,  out += h (s B)^T                     (A, B: the windows)
+    gate            C = G_od B A G_iu (S, g, g),  h = x (C G_id)^T,  out += h (s G_ou)^T
+    kron            h = fold_{K_A}(x) A_s^T,  out[:, i d + c] += K_B[i] (h (s B_s)^T)[:, c]
+
+(plain, slice and gate paths concatenated along the rank into one bmm pair; the gate's A_eff and the
+scaled B's are part of the stacks).
 
 Per structure the shortest segments run batched, as many as keep the padded rows within ``PAD_LIMIT``
 times the real ones; the longer ones (and a structure with one adapter in the batch) run one
@@ -23,6 +26,7 @@ segment at a time through ``lowrank_only.torch_forward`` (the reference's helper
 """
 from __future__ import annotations
 
+import weakref
 from operator import attrgetter
 from typing import Sequence
 
@@ -34,6 +38,7 @@ from .lowrank_only import accumulation_dtype, torch_forward
 
 PAD_LIMIT = 2.0  # padded rows / real rows above which a structure's segments run one at a time
 _VERSION = attrgetter("_version")  # a tensor's in-place version counter
+_NO_BATCH = lambda: None  # noqa: E731  (a stack not yet checked for any batch)
 
 
 def structure(paths: Sequence[LoRAPath], k: int, n: int) -> tuple:
@@ -63,8 +68,12 @@ def segment_plan(batch, groups: tuple[tuple[int, ...], ...]) -> list:
     plan, order = [], batch.order
     for g, segs in segments.items():
         segs = sorted(segs, key=lambda seg: seg[2])  # the most segments padding keeps within PAD_LIMIT
-        fits = [i for i in range(1, len(segs) + 1) if i * segs[i - 1][2] <= PAD_LIMIT * sum(c for _, _, c in segs[:i])]
-        batched = fits[-1] if fits and fits[-1] > 1 else 0
+        batched, real = 0, 0
+        for i, (_, _, c) in enumerate(segs, 1):
+            real += c
+            if i * c <= PAD_LIMIT * real:
+                batched = i
+        batched = batched if batched > 1 else 0
         plan += [("single", a, None if c == batch.num_tokens else order[s:s + c]) for a, s, c in segs[batched:]]
         segs = sorted(segs[:batched], key=lambda seg: seg[1])  # in order: their tokens may be x's rows as they are
         if segs:
@@ -99,72 +108,99 @@ def _stack(ts: Sequence[Tensor], dtype: torch.dtype, acc: torch.dtype) -> Tensor
     return torch.stack(ts).to(dtype).to(acc)
 
 
-def slot_factors(ps: Sequence[LoRAPath], k: int, n: int, dtype: torch.dtype, acc: torch.dtype, device) -> tuple:
-    """The stacked operands of one path slot of S adapters (``batched_paths`` reads them) and their scales."""
-    scale = torch.tensor([p.scale for p in ps], dtype=acc, device=device).view(-1, 1, 1)
-    kind = ps[0].kind
-    if kind in ("plain", "slice"):
-        windows = [path_factors(p, k, n) for p in ps]
-        return scale, _stack([w[0] for w in windows], dtype, acc), _stack([w[1] for w in windows], dtype, acc)
-    return (scale, *(_stack([p.tensors[r] for p in ps], dtype, acc) for r in range(len(ps[0].tensors))))
+def group_factors(adapters: Sequence[Sequence[LoRAPath]], k: int, n: int, dtype: torch.dtype, acc: torch.dtype,
+                  device) -> tuple:
+    """The stacked operands of S adapters of one structure (``batched_paths`` reads them), each
+    tensor rounded to the compute dtype, held in the accumulation dtype, scales folded into B:
+
+    dense: (A (S, R, K), (s B)^T (S, R, N)) over every plain, slice and gate path (a gate's
+    A_eff = (G_od B A G_iu) G_id, its B G_ou), concatenated along the rank, or None;
+    krons: per Kronecker path (A_s (S, r, d), K_A (S, K / d), (s B_s)^T (S, r, d), K_B (S, N / d))."""
+    dense_a, dense_bt, krons = [], [], []
+    for slot in range(len(adapters[0])):
+        ps = [paths[slot] for paths in adapters]
+        scale = torch.tensor([p.scale for p in ps], dtype=acc, device=device).view(-1, 1, 1)
+        kind = ps[0].kind
+        if kind in ("plain", "slice"):
+            windows = [path_factors(p, k, n) for p in ps]
+            dense_a.append(_stack([w[0] for w in windows], dtype, acc))
+            dense_bt.append(_stack([w[1] for w in windows], dtype, acc).transpose(1, 2) * scale)
+            continue
+        f = [_stack([p.tensors[r] for p in ps], dtype, acc) for r in range(len(ps[0].tensors))]
+        if kind == "gate":
+            core = torch.bmm(torch.bmm(f[4], f[1]), torch.bmm(f[0], f[3]))  # (S, g, g)
+            dense_a.append(torch.bmm(core, f[2]))
+            dense_bt.append(f[5].transpose(1, 2) * scale)
+        else:  # kron
+            krons.append((f[0], f[2].flatten(1), (f[1].transpose(1, 2) * scale).contiguous(), f[3].flatten(1)))
+    dense = (torch.cat(dense_a, 1), torch.cat(dense_bt, 1).contiguous()) if dense_a else None
+    return dense, tuple(krons)
 
 
-def cached_factors(cache: dict | None, key: tuple, ps: Sequence[LoRAPath], k: int, n: int, dtype: torch.dtype,
-                   acc: torch.dtype, device) -> tuple:
-    """``slot_factors``, kept in ``cache`` under ``key`` (the same key: the same tensors) while their
-    in-place versions are unchanged (compared at each call, each tensor once). A cache of copies:
-    the adapter bank itself stays unique. Inference tensors (made under ``torch.inference_mode``)
-    keep no version: stacked at each call."""
+def cached_factors(cache: dict | None, key: tuple, adapters: Sequence[Sequence[LoRAPath]], k: int, n: int,
+                   dtype: torch.dtype, acc: torch.dtype, device, batch=None) -> tuple:
+    """``group_factors``, kept in ``cache`` under ``key`` (the same key: the same tensors) while their
+    in-place versions are unchanged. The versions (each tensor once) are compared at the first call
+    of each ``batch`` (its metadata: every layer and every decode step of one mixed batch reuse it),
+    not again while the same batch runs: a batch reads the adapters as they were when it started.
+    A cache of copies: the adapter bank itself stays unique. Inference tensors (made under
+    ``torch.inference_mode``) keep no version: stacked at each call."""
     if cache is None:
-        return slot_factors(ps, k, n, dtype, acc, device)
+        return group_factors(adapters, k, n, dtype, acc, device)
     hit = cache.get(key)
     if hit is not None:
-        tensors, versions, factors = hit
-        if list(map(_VERSION, tensors)) == versions:
+        tensors, versions, factors, checked = hit
+        if batch is not None and checked() is batch:
             return factors
-    tensors = list(dict.fromkeys(t for p in ps for t in p.tensors))  # a tensor shared by adapters once
+        if list(map(_VERSION, tensors)) == versions:
+            if batch is not None:
+                cache[key] = (tensors, versions, factors, weakref.ref(batch))
+            return factors
+    tensors = list(dict.fromkeys(t for paths in adapters for p in paths for t in p.tensors))  # shared ones once
     try:
         versions = list(map(_VERSION, tensors))
     except RuntimeError:  # an inference tensor
-        return slot_factors(ps, k, n, dtype, acc, device)
-    factors = slot_factors(ps, k, n, dtype, acc, device)
-    cache[key] = (tensors, versions, factors)
+        return group_factors(adapters, k, n, dtype, acc, device)
+    factors = group_factors(adapters, k, n, dtype, acc, device)
+    cache[key] = (tensors, versions, factors, _NO_BATCH if batch is None else weakref.ref(batch))
     return factors
 
 
-def batched_paths(out: Tensor, xs: Tensor, adapters: Sequence[Sequence[LoRAPath]], dtype: torch.dtype,
-                  cache: dict | None = None, group: tuple = (), lanes: Tensor | None = None) -> None:
-    """out (S, C, N) += every path of adapter ``lanes[s]`` of ``adapters`` (one structure) applied to
-    xs[s] (S, C, K) (lanes None: every adapter, in order). cache / group: where the stacked operands of
-    ``adapters`` (ids ``group``) are kept (``cached_factors``)."""
+def _lanes(factors: tuple, lanes: Tensor) -> tuple:
+    """``group_factors`` of the adapters at ``lanes`` only."""
+    dense, krons = factors
+    pick = lambda ts: tuple(t.index_select(0, lanes) for t in ts)
+    return (None if dense is None else pick(dense)), tuple(pick(kron) for kron in krons)
+
+
+def batched_paths(xs: Tensor, n: int, factors: tuple, lanes: Tensor | None = None) -> Tensor:
+    """Every path of adapter ``lanes[s]`` of the stacked ``factors`` (``group_factors``: S adapters of
+    one structure) applied to xs[s] (S, C, K): (S, C, N) in xs's dtype (lanes None: every adapter, in
+    order). One bmm pair for every plain, slice and gate path together; per Kronecker path a fold, a
+    bmm pair and the K_B tiling, nothing expanded:
+
+        dense   out = (xs A^T) (s B)^T
+        kron    h = fold_{K_A}(xs) A_s^T,  out[:, i d + c] += K_B[i] (h (s B_s)^T)[:, c]
+    """
     s_count, c, k = xs.shape
-    n = out.shape[2]
-    acc = out.dtype
-    for slot in range(len(adapters[0])):
-        ps = [paths[slot] for paths in adapters]
-        scale, *f = cached_factors(cache, (group, slot, dtype, acc), ps, k, n, dtype, acc, out.device)
-        if lanes is not None:
-            scale, *f = (t.index_select(0, lanes) for t in (scale, *f))
-        kind = ps[0].kind
-        if kind in ("plain", "slice"):
-            a, b = f
-            out.baddbmm_(torch.bmm(xs, a.transpose(1, 2)) * scale, b.transpose(1, 2))
-        elif kind == "gate":
-            core = torch.bmm(torch.bmm(f[4], f[1]), torch.bmm(f[0], f[3]))  # (S, g, g)
-            a_eff = torch.bmm(core, f[2])  # (S, g, K)
-            out.baddbmm_(torch.bmm(xs, a_eff.transpose(1, 2)) * scale, f[5].transpose(1, 2))
-        else:  # kron
-            d = ps[0].tensors[0].shape[1]
-            fold = torch.matmul(f[2].view(s_count, 1, 1, k // d), xs.view(s_count, c, k // d, d))  # (S, C, 1, d)
-            h = torch.bmm(fold.view(s_count, c, d), f[0].transpose(1, 2)) * scale
-            hb = torch.bmm(h, f[1].transpose(1, 2))  # (S, C, d)
-            out.view(s_count, c, n // d, d).addcmul_(f[3].view(s_count, 1, n // d, 1), hb.view(s_count, c, 1, d))
+    dense, krons = factors if lanes is None else _lanes(factors, lanes)
+    if dense is not None:
+        out = torch.bmm(torch.bmm(xs, dense[0].transpose(1, 2)), dense[1])
+    else:
+        out = torch.zeros((s_count, c, n), dtype=xs.dtype, device=xs.device)
+    for a_s, k_a, bt_s, k_b in krons:
+        d = a_s.shape[2]
+        fold = (xs.view(s_count, c, k // d, d) * k_a.view(s_count, 1, k // d, 1)).sum(2)  # (S, C, d)
+        hb = torch.bmm(torch.bmm(fold, a_s.transpose(1, 2)), bt_s)  # (S, C, d)
+        out.view(s_count, c, n // d, d).addcmul_(k_b.view(s_count, 1, n // d, 1), hb.view(s_count, c, 1, d))
+    return out
 
 
 def torch_add(y: Tensor, x: Tensor, batch, adapters: Sequence[Sequence[LoRAPath]],
               groups: tuple[tuple[int, ...], ...], cache: dict | None = None) -> None:
     """y (M, N) += each token's adapter paths of x (M, K) (x in the compute dtype) in place; cache: where
-    each structure group keeps its stacked operands (``cached_factors``; None: stacked at each call)."""
+    each structure group keeps its stacked operands (``cached_factors``, checked once per batch; None:
+    stacked at each call)."""
     acc = accumulation_dtype(x.dtype)
     n, k = y.shape[1], x.shape[1]
     for item in segment_plan(batch, groups):
@@ -179,9 +215,9 @@ def torch_add(y: Tensor, x: Tensor, batch, adapters: Sequence[Sequence[LoRAPath]
             continue
         _, members, g, lanes, tokens, real, dest, c = item
         xs = (x if tokens is None else x.index_select(0, tokens)).to(acc).reshape(len(members), c, k)
-        out = torch.zeros((len(members), c, n), dtype=acc, device=y.device)
-        batched_paths(out, xs, [adapters[a] for a in groups[g]], x.dtype, cache, groups[g], lanes)
-        out = out.view(-1, n)
+        factors = cached_factors(cache, (groups[g], x.dtype, acc), [adapters[a] for a in groups[g]], k, n, x.dtype,
+                                 acc, y.device, batch)
+        out = batched_paths(xs, n, factors, lanes).view(-1, n)
         if tokens is None:
             y.add_(out.to(y.dtype))
         elif real is None:
