@@ -332,6 +332,73 @@ def test_load_adds_one_adapter_without_touching_the_others_and_delete_frees_it(b
     assert not any("kron2" in n for n, _ in model.named_parameters())
 
 
+def test_a_full_bank_refuses_the_next_adapter_before_it_changes(bank, tmp_path):
+    """set_bank_limit: an adapter past max_adapters or max_bytes is refused by apply and by load with
+    BankFullError naming the limit and the adapter, before the model changes; deleting one makes room."""
+    base, _ = bank
+    model = with_adapters(base, {"a": METHOD_CONFIGS["lora"], "b": METHOD_CONFIGS["bishare_kron"]})
+    donor = with_adapters(base, {"c": METHOD_CONFIGS["share_a"]}, seed=3)
+    sk.save(donor, tmp_path / "c")
+    c_bytes = sk.adapter_memory(donor)["c"]
+    held = sum(sk.adapter_memory(model).values())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def unchanged():
+        assert adapter_names(model) == ["a", "b"] and model.state_dict().keys() == state.keys()
+
+    sk.set_bank_limit(model, max_adapters=2)
+    with pytest.raises(sk.BankFullError, match=r"no room for adapter 'c'.*\['a', 'b'\].*max_adapters=2"):
+        sk.load(model, tmp_path / "c", adapter_name="c")
+    with pytest.raises(sk.BankFullError, match="no room for adapter 'c2'.*max_adapters=2"):
+        sk.apply(model, sk.ShareLoRAConfig(**METHOD_CONFIGS["share_a"]), adapter_name="c2")
+    unchanged()
+    sk.set_bank_limit(model, max_bytes=held + c_bytes - 1)  # max_adapters lifted, one byte short of room for c
+    with pytest.raises(sk.BankFullError, match=rf"no room for adapter 'c' \({c_bytes} bytes\).*holds {held} bytes"
+                                               rf".*max_bytes={held + c_bytes - 1}"):
+        sk.load(model, tmp_path / "c", adapter_name="c")
+    unchanged()
+    sk.set_bank_limit(model, max_bytes=held + c_bytes)  # exactly room for c
+    sk.load(model, tmp_path / "c", adapter_name="c")
+    assert sum(sk.adapter_memory(model).values()) == held + c_bytes
+    sk.set_bank_limit(model, max_adapters=3)
+    with pytest.raises(sk.BankFullError, match="no room for adapter 'd'"):
+        sk.apply(model, sk.ShareLoRAConfig(**METHOD_CONFIGS["lora"]), adapter_name="d")
+    with pytest.warns(UserWarning, match="'a' was active"):
+        sk.delete_adapter(model, "a")
+    sk.apply(model, sk.ShareLoRAConfig(**METHOD_CONFIGS["lora"]), adapter_name="d")
+    assert adapter_names(model) == ["b", "c", "d"]
+
+
+def test_bank_limits_that_do_not_fit_are_refused(bank):
+    _, model = bank
+    model = copy.deepcopy(model)
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(ValueError, match="max_adapters must be a positive int"):
+            sk.set_bank_limit(model, max_adapters=bad)
+    with pytest.raises(ValueError, match=f"holds {len(NAMES)} adapters .* more than max_adapters=2"):
+        sk.set_bank_limit(model, max_adapters=2)
+    with pytest.raises(ValueError, match="more than max_bytes=10"):
+        sk.set_bank_limit(model, max_bytes=10)
+    assert getattr(model, "sharelora_bank_limit", (None, None)) == (None, None)
+
+
+def test_peft_load_adapter_into_a_full_bank_is_refused(tmp_path):
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    base = tiny_model(layers=2, dtype=torch.float64)
+    config = sk.ShareLoRAPeftConfig(method="share_a", r=3, target_modules=TARGETS)
+    get_peft_model(copy.deepcopy(base), config).save_pretrained(tmp_path / "other")
+    model = get_peft_model(copy.deepcopy(base), config)
+    sk.set_bank_limit(model, max_adapters=1)  # a PeftModel: the limit goes to the model it wraps
+    with pytest.raises(sk.BankFullError, match="no room for adapter 'other'.*max_adapters=1"):
+        model.load_adapter(tmp_path / "other", adapter_name="other")
+    assert list(model.peft_config) == ["default"] and list(sk.adapter_memory(model.base_model.model)) == ["default"]
+    sk.set_bank_limit(model, max_adapters=2)
+    model.load_adapter(tmp_path / "other", adapter_name="other")
+    assert list(sk.adapter_memory(model.base_model.model)) == ["default", "other"]
+
+
 def test_an_adapter_of_another_base_is_refused_before_the_bank_changes(bank, tmp_path):
     _, model = bank
     model = copy.deepcopy(model)

@@ -24,7 +24,7 @@ from torch import Tensor
 from . import ops
 from .base import compute_dtype
 from .layer import SharedLoRALinear
-from .model import adapter_names, adapter_store, shared_layers
+from .model import adapter_memory, adapter_names, shared_layers  # noqa: F401  (adapter_memory: sk.adapter_memory)
 
 BASE_NAME = "__base__"  # PEFT's name of a row without adapter
 
@@ -135,16 +135,3 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], expand: int = 1)
     finally:
         for layer, was in zip(layers, before):
             layer.mixed_batch = was
-
-
-def adapter_memory(model: nn.Module) -> dict[str, int]:
-    """Bytes of each named adapter's tensors, each unique storage counted once (a shared tensor once,
-    however many layers read it): adapter name -> bytes, in the order the adapters were added."""
-    out = {}
-    for name in adapter_names(model):
-        storages = {}
-        for p in adapter_store(model, name).parameters():
-            s = p.untyped_storage()
-            storages[(p.device, s.data_ptr())] = s.nbytes()
-        out[name] = sum(storages.values())
-    return out

@@ -3,11 +3,15 @@
 For each method (plain LoRA, ShareLoRA similarity, Bi-Share kron; `compare`'s defaults: r=8, alpha=16,
 the fitted kron_dim; ShareLoRA's share sets: adjacent layer pairs, as no calibration runs here) and
 1, 8 and 64 distinct adapters over a batch of 64 rows (row i uses adapter i mod N), it times
-  ours      one mixed-batch forward (``mixed_batch``): prefill (64 x P tokens) and one decode step
-            (64 x 1 token after a P-token cache);
+  ours      prefill: one mixed-batch forward (``mixed_batch``) of 64 x P tokens, the block entered for
+            it; decode: one step (64 x 1 token after a P-token cache) inside a mixed-batch block that
+            already ran a step, as ``generate`` runs its steps (the block's first forward checks the
+            adapters: ``ops.multi_adapter``);
   separate  the same work as one forward per adapter, each over that adapter's rows alone;
   peft      PEFT's mixed-batch LoRA (``adapter_names=``) with as many adapters of the same rank
             (one figure, shared by every method's rows: the plain LoRA baseline of serving today);
+            prefill: one forward with ``adapter_names``; decode: one step inside PEFT's own
+            ``adapter_names`` hooks, as its ``generate`` runs its steps;
 and reports tokens/s and the bytes of one adapter (its unique tensors: ``adapter_memory``). Adapter
 tensors are random (zero-B fresh adapters would let a path be skipped). Variants of one case are
 timed interleaved; read the ratios (``vs_one_adapter``, ``speedup_vs_peft``), not the times.
@@ -110,6 +114,26 @@ def _cache(model: nn.Module, ids: torch.Tensor, names=None, peft_names=None):
         return getattr(model(ids, **kwargs), _cache_arg())
 
 
+def _decode_in_block(model: nn.Module, token: torch.Tensor, cache, names: list[str], timer) -> float:
+    """ms of one decode step inside a mixed-batch block that already ran one (as in ``generate``)."""
+    from ..serving import mixed_batch
+
+    with mixed_batch(model, names):
+        _step(model, token, cache)
+        return timer.time(lambda: _step(model, token, cache))
+
+
+def _peft_decode_in_hooks(peft_model: nn.Module, token: torch.Tensor, cache, names: list[str], timer) -> float:
+    """ms of one PEFT decode step inside its ``adapter_names`` hooks, as PEFT's ``generate`` runs
+    its steps (PEFT internals: ``PeftModel._enable_peft_forward_hooks``, the context generate uses)."""
+    hooks = getattr(peft_model, "_enable_peft_forward_hooks", None)
+    if hooks is None:
+        raise RuntimeError("this PEFT version has no PeftModel._enable_peft_forward_hooks (the adapter_names "
+                           "context its generate uses): bench --serving needs PEFT 0.13 to 0.21")
+    with hooks(adapter_names=names):
+        return timer.time(lambda: _step(peft_model, token, cache))
+
+
 def _separate(model: nn.Module, ids: torch.Tensor, names: list[str], caches: dict | None) -> None:
     """Each adapter's rows as their own forward with that adapter active."""
     from ..model import set_adapter
@@ -135,9 +159,9 @@ def time_case(model, peft_model, peft_cache, names: list[str], prompt, token, ti
             "prefill_ours": lambda: timer.time(lambda: _step(model, prompt, None, names)),
             "prefill_separate": lambda: timer.time(lambda: _separate(model, prompt, names, None)),
             "prefill_peft": lambda: timer.time(lambda: _step(peft_model, prompt, None, peft_names=names)),
-            "decode_ours": lambda: timer.time(lambda: _step(model, token, cache, names)),
+            "decode_ours": lambda: _decode_in_block(model, token, cache, names, timer),
             "decode_separate": lambda: timer.time(lambda: _separate(model, token, names, caches)),
-            "decode_peft": lambda: timer.time(lambda: _step(peft_model, token, peft_cache, peft_names=names)),
+            "decode_peft": lambda: _peft_decode_in_hooks(peft_model, token, peft_cache, names, timer),
         }
         return interleaved(calls, warmup, repeats)
 
