@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import weakref
 from operator import attrgetter
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -39,6 +39,8 @@ from .lowrank_only import accumulation_dtype, torch_forward
 PAD_LIMIT = 2.0  # padded rows / real rows above which a structure's segments run one at a time
 _VERSION = attrgetter("_version")  # a tensor's in-place version counter
 _NO_BATCH = lambda: None  # noqa: E731  (a stack not yet checked for any batch)
+# stacks of tensors several layers read, by (role, tensor ids, versions, window, dtypes): alive while a layer keeps them
+_SHARED_STACKS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def structure(paths: Sequence[LoRAPath], k: int, n: int) -> tuple:
@@ -108,6 +110,23 @@ def _stack(ts: Sequence[Tensor], dtype: torch.dtype, acc: torch.dtype) -> Tensor
     return torch.stack(ts).to(dtype).to(acc)
 
 
+def _shared_stack(role: str, ps: Sequence[LoRAPath], index: int, extra: tuple, dtype: torch.dtype, acc: torch.dtype,
+                  build: Callable[[], Tensor]) -> Tensor:
+    """``build()``, or the stack another layer built from the same tensors (tensor ``index`` of every
+    path of ``ps``, at the same in-place versions, with the same ``extra`` (window, scales)) while it
+    is alive: a tensor shared across layers is stacked once, not once per layer. Inference tensors
+    (no versions): built here."""
+    tensors = [p.tensors[index] for p in ps]
+    try:
+        key = (role, tuple(map(id, tensors)), tuple(map(_VERSION, tensors)), extra, dtype, acc)
+    except RuntimeError:  # inference tensors keep no version
+        return build()
+    stack = _SHARED_STACKS.get(key)
+    if stack is None:
+        stack = _SHARED_STACKS[key] = build()
+    return stack
+
+
 def group_factors(adapters: Sequence[Sequence[LoRAPath]], k: int, n: int, dtype: torch.dtype, acc: torch.dtype,
                   device) -> tuple:
     """The stacked operands of S adapters of one structure (``batched_paths`` reads them), each
@@ -115,25 +134,38 @@ def group_factors(adapters: Sequence[Sequence[LoRAPath]], k: int, n: int, dtype:
 
     dense: (A (S, R, K), (s B)^T (S, R, N)) over every plain, slice and gate path (a gate's
     A_eff = (G_od B A G_iu) G_id, its B G_ou), concatenated along the rank, or None;
-    krons: per Kronecker path (A_s (S, r, d), K_A (S, K / d), (s B_s)^T (S, r, d), K_B (S, N / d))."""
+    krons: per Kronecker path (A_s (S, r, d), K_A (S, K / d), (s B_s)^T (S, r, d), K_B (S, N / d)).
+    The stacks of tensors other layers read too (a shared A_s, a ShareLoRA pair's A and B) are
+    built once for all of them (``_shared_stack``)."""
     dense_a, dense_bt, krons = [], [], []
     for slot in range(len(adapters[0])):
         ps = [paths[slot] for paths in adapters]
-        scale = torch.tensor([p.scale for p in ps], dtype=acc, device=device).view(-1, 1, 1)
+        scales = tuple(p.scale for p in ps)
+        scale = lambda: torch.tensor(scales, dtype=acc, device=device).view(-1, 1, 1)  # noqa: E731
         kind = ps[0].kind
         if kind in ("plain", "slice"):
             windows = [path_factors(p, k, n) for p in ps]
-            dense_a.append(_stack([w[0] for w in windows], dtype, acc))
-            dense_bt.append(_stack([w[1] for w in windows], dtype, acc).transpose(1, 2) * scale)
+            offsets = tuple((p.k_offset, p.n_offset) for p in ps) if kind == "slice" else ()
+            dense_a.append(_shared_stack("a", ps, 0, (k, offsets), dtype, acc,
+                                         lambda: _stack([w[0] for w in windows], dtype, acc)))
+            dense_bt.append(_shared_stack("bt", ps, 1, (n, offsets, scales), dtype, acc, lambda: (
+                _stack([w[1] for w in windows], dtype, acc).transpose(1, 2) * scale()).contiguous()))
             continue
-        f = [_stack([p.tensors[r] for p in ps], dtype, acc) for r in range(len(ps[0].tensors))]
         if kind == "gate":
+            f = [_stack([p.tensors[r] for p in ps], dtype, acc) for r in range(len(ps[0].tensors))]
             core = torch.bmm(torch.bmm(f[4], f[1]), torch.bmm(f[0], f[3]))  # (S, g, g)
             dense_a.append(torch.bmm(core, f[2]))
-            dense_bt.append(f[5].transpose(1, 2) * scale)
+            dense_bt.append((f[5].transpose(1, 2) * scale()).contiguous())
         else:  # kron
-            krons.append((f[0], f[2].flatten(1), (f[1].transpose(1, 2) * scale).contiguous(), f[3].flatten(1)))
-    dense = (torch.cat(dense_a, 1), torch.cat(dense_bt, 1).contiguous()) if dense_a else None
+            a_s = _shared_stack("a", ps, 0, (), dtype, acc, lambda: _stack([p.tensors[0] for p in ps], dtype, acc))
+            bt_s = _shared_stack("bt", ps, 1, (scales,), dtype, acc, lambda: (
+                _stack([p.tensors[1] for p in ps], dtype, acc).transpose(1, 2) * scale()).contiguous())
+            k_a, k_b = (_stack([p.tensors[r] for p in ps], dtype, acc).flatten(1) for r in (2, 3))
+            krons.append((a_s, k_a, bt_s, k_b))
+    if len(dense_a) > 1:
+        dense = (torch.cat(dense_a, 1), torch.cat(dense_bt, 1))
+    else:
+        dense = (dense_a[0], dense_bt[0]) if dense_a else None
     return dense, tuple(krons)
 
 
