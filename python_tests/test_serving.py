@@ -140,6 +140,27 @@ def test_adapters_changed_in_place_are_seen_by_the_next_batch(bank):
         assert torch.allclose(second[i:i + 1], alone(model, base, rows[i], ids[i:i + 1]), rtol=0, atol=1e-12)
 
 
+def test_layers_sharing_tensors_share_their_stacked_copy(bank):
+    """The CPU path stacks the adapters' tensors once per set of adapters; a tensor several layers read
+    (a ShareLoRA set's A and B, Bi-Share's inter A_s) is stacked once for all of them, not per layer."""
+    base, _ = bank
+    model = with_adapters(base, {"s1": METHOD_CONFIGS["similarity"], "s2": METHOD_CONFIGS["similarity"],
+                                 "k1": METHOD_CONFIGS["bishare_kron"], "k2": METHOD_CONFIGS["bishare_kron"]})
+    with torch.no_grad(), sk.mixed_batch(model, ["s1", "s2", "k1", "k2"]):
+        model(token_batch(batch=4, seq=1))
+
+    layers = model.model.layers
+    q = [layer_tables(layers[i].self_attn.q_proj, adapter_names(model)).stacks for i in range(4)]
+    by_group = [{group: entry[2] for (group, *_), entry in stack.items()} for stack in q]
+    similarity, kron = (0, 1), (2, 3)
+    # layers 1, 2, 3 share one A and B per module type (share_sets [[1, 2, 3]]); layer 0 has its own
+    assert by_group[1][similarity][0][0] is by_group[2][similarity][0][0] is by_group[3][similarity][0][0]
+    assert by_group[1][similarity][0][1] is by_group[3][similarity][0][1]
+    assert by_group[0][similarity][0][0] is not by_group[1][similarity][0][0]
+    # Bi-Share's inter A_s (the last Kronecker path) is one tensor for every layer
+    assert len({id(g[kron][1][-1][0]) for g in by_group}) == 1
+
+
 def test_bad_input_is_refused_before_any_work(bank):
     base, model = bank
     ids = token_batch(batch=2, seq=3)

@@ -11,7 +11,8 @@ adapters), and every path slot is a few batched GEMMs over the S adapters, their
 (nothing Kronecker- or gate-expanded). Each structure group's tensors are stacked once for every
 adapter of the layer's tables (``cached_factors``, kept while their tensors are unchanged, checked once
 per batch: every batch, whichever of the adapters it uses, reads the same stacks; a batch using some
-of them picks their lanes with one ``index_select``), a copy never counted as the bank's:
+of them picks their lanes with one ``index_select``), a copy never counted as the bank's, of the
+bank's size at most (a tensor several layers read is stacked once for all of them, ``_shared_stack``):
 
     plain / slice   h = x A^T,  out += h (s B)^T                     (A, B: the windows)
     gate            C = G_od B A G_iu (S, g, g),  h = x (C G_id)^T,  out += h (s G_ou)^T
