@@ -119,7 +119,8 @@ def _shared_stack(role: str, ps: Sequence[LoRAPath], index: int, extra: tuple, d
     (no versions): built here."""
     tensors = [p.tensors[index] for p in ps]
     try:
-        key = (role, tuple(map(id, tensors)), tuple(map(_VERSION, tensors)), extra, dtype, acc)
+        key = (role, tuple(map(id, tensors)), tuple(map(_VERSION, tensors)), extra, dtype, acc,
+               tensors[0].device, tensors[0].dtype)  # .to() moves a tensor in place (same id and version)
     except RuntimeError:  # inference tensors keep no version
         return build()
     stack = _SHARED_STACKS.get(key)
@@ -223,10 +224,26 @@ def batched_paths(xs: Tensor, n: int, factors: tuple, lanes: Tensor | None = Non
         out = torch.zeros((s_count, c, n), dtype=xs.dtype, device=xs.device)
     for a_s, k_a, bt_s, k_b in krons:
         d = a_s.shape[2]
-        fold = (xs.view(s_count, c, k // d, d) * k_a.view(s_count, 1, k // d, 1)).sum(2)  # (S, C, d)
-        hb = torch.bmm(torch.bmm(fold, a_s.transpose(1, 2)), bt_s)  # (S, C, d)
-        out.view(s_count, c, n // d, d).addcmul_(k_b.view(s_count, 1, n // d, 1), hb.view(s_count, c, 1, d))
+        hb = torch.bmm(torch.bmm(_fold(xs, k_a, d), a_s.transpose(1, 2)), bt_s)  # (S, C, d)
+        blocks = out.view(s_count, c, n // d, d)
+        if c == 1:  # decode: one broadcast op
+            blocks.addcmul_(k_b.view(s_count, 1, n // d, 1), hb.view(s_count, c, 1, d))
+        else:  # prefill: one op per block of d columns, no (S, C, N / d, d) broadcast
+            for i in range(n // d):
+                blocks[:, :, i].addcmul_(hb, k_b[:, i, None, None])
     return out
+
+
+def _fold(xs: Tensor, k_a: Tensor, d: int) -> Tensor:
+    """fold(xs)[s, c, :] = sum_j K_A[s, j] xs[s, c, j d : (j + 1) d]: (S, C, K) -> (S, C, d)."""
+    s_count, c, k = xs.shape
+    blocks = xs.view(s_count, c, k // d, d)
+    if c == 1:  # decode: one broadcast product and sum
+        return (blocks * k_a.view(s_count, 1, k // d, 1)).sum(2)
+    fold = blocks[:, :, 0] * k_a[:, 0, None, None]  # prefill: one op per block, no (S, C, K) product
+    for j in range(1, k // d):
+        fold.addcmul_(blocks[:, :, j], k_a[:, j, None, None])
+    return fold
 
 
 def torch_add(y: Tensor, x: Tensor, batch, adapters: Sequence[Sequence[LoRAPath]],
