@@ -161,6 +161,26 @@ def test_layers_sharing_tensors_share_their_stacked_copy(bank):
     assert len({id(g[kron][1][-1][0]) for g in by_group}) == 1
 
 
+def test_a_model_converted_in_place_is_served_in_its_new_dtype(bank):
+    """model.float() changes the adapter tensors in place (same objects): the next mixed batch stacks
+    them again in the new dtype, shared stacks included."""
+    base, _ = bank
+    model = with_adapters(base, {"s1": METHOD_CONFIGS["similarity"], "s2": METHOD_CONFIGS["similarity"],
+                                 "k1": METHOD_CONFIGS["bishare_kron"], "k2": METHOD_CONFIGS["bishare_kron"]})
+    rows = ["s1", "s2", "k1", "k2"]
+    ids = token_batch(batch=4, seq=2)
+    with torch.no_grad(), sk.mixed_batch(model, rows):
+        model(ids)
+    model.float()
+    with torch.no_grad(), sk.mixed_batch(model, rows):
+        out = model(ids).logits
+    assert out.dtype == torch.float32
+    base32 = copy.deepcopy(base).float()
+    for i, name in enumerate(rows):
+        ref = alone(model, base32, name, ids[i:i + 1])
+        assert (out[i:i + 1] - ref).abs().max() <= 1e-5 * ref.abs().max(), name
+
+
 def test_bad_input_is_refused_before_any_work(bank):
     base, model = bank
     ids = token_batch(batch=2, seq=3)
