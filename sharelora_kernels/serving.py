@@ -1,4 +1,4 @@
-"""Many adapters on one base: mixed-adapter batches and the adapter bank's accounting.
+"""Many adapters on one base: mixed-adapter batches.
 
 ``with mixed_batch(model, ["a", "b", "__base__", "a"]): model.generate(...)`` runs each row of a
 batch with its own adapter in one forward: every ``SharedLoRALinear`` computes its base once for the
@@ -11,6 +11,10 @@ one token per row) and read by every layer; each layer keeps the tables of its a
 Mixed batches are inference: refused in training mode (as PEFT refuses ``adapter_names``), computed
 without autograd in eval mode. The adapters are the model's named adapters (``apply`` / ``load`` with
 ``adapter_name=``, or a PEFT model's), whatever is active; ``"__base__"`` names a row without adapter.
+A mixed batch reads its adapters as they are when it starts (their tensors are checked once per
+batch shape of a ``mixed_batch`` block, not at every decode step of its ``generate``): a change made
+in place is seen by the next block. The bank's accounting and limit (``adapter_memory``,
+``set_bank_limit``) live in ``model``.
 """
 from __future__ import annotations
 
