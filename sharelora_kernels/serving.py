@@ -28,7 +28,7 @@ from torch import Tensor
 from . import ops
 from .base import compute_dtype
 from .layer import SharedLoRALinear
-from .model import adapter_memory, adapter_names, shared_layers  # noqa: F401  (adapter_memory: sk.adapter_memory)
+from .model import adapter_names, shared_layers
 
 BASE_NAME = "__base__"  # PEFT's name of a row without adapter
 

@@ -177,7 +177,7 @@ def time_case(model, peft_model, peft_cache, names: list[str], prompt, token, ti
 def run(profile: str, device: torch.device, seed: int = 0) -> dict:
     """Every method x adapter count: tokens/s of prefill and decode (ours, separate, PEFT), bytes per adapter."""
     from ..cli.loading import load_model, resolve_model_dir
-    from ..serving import adapter_memory
+    from ..model import adapter_memory
     from .timing import Timer
 
     past, warmup, repeats, counts = PROFILES[profile]
