@@ -199,6 +199,44 @@ def test_gate_buffer_follows_in_place_updates():
     assert rel_err(y, float64_rows(y0, x, rows, adapters, 1)) < 1e-4
 
 
+def test_torch_stacks_once_per_adapter_set_and_checks_once_per_batch():
+    """The torch path stacks each structure group once for all its adapters: batches using any subset
+    (in any order) read the same stacks; an in-place change is seen by the next batch, while a batch
+    that already ran keeps reading the adapters as they were when it started."""
+    torch.manual_seed(6)
+    k, n = 48, 40
+    method = [("plain", 2), ("slice", 3), ("gate", 2), ("kron", 4)]
+    adapters = make_adapters([method] * 5, k, n)
+    tables = adapter_tables(adapters, k, n)
+    x, y0 = torch.randn(6, k), torch.randn(6, n)
+    for rows in ([0, 1, 2, 3, 4, BASE], [4, 2, 2, BASE, 0, 4], [3, 1, 3, 1, 1, 3]):
+        batch = adapter_batch(rows, 5)
+        y = multi_adapter_add(y0.clone(), x, batch, tables, use_triton=False)
+        assert rel_err(y - y0, float64_rows(y0, x, rows, adapters, 1) - y0.double()) < TOL[torch.float32]
+        assert len(tables.stacks) == 1  # one entry: the group of all five adapters
+    stacks = next(iter(tables.stacks.values()))[2]
+    rows = [0, 1, 2, 3]
+    batch = adapter_batch(rows, 5)
+    first = multi_adapter_add(y0[:4].clone(), x[:4], batch, tables, use_triton=False)
+    adapters[1][3].tensors[0].mul_(-2.0)  # A_s of adapter 1's Kronecker path, in place
+    assert torch.equal(multi_adapter_add(y0[:4].clone(), x[:4], batch, tables, use_triton=False), first)
+    y = multi_adapter_add(y0[:4].clone(), x[:4], adapter_batch(rows, 5), tables, use_triton=False)
+    assert rel_err(y - y0[:4], float64_rows(y0[:4], x[:4], rows, adapters, 1) - y0[:4].double()) < TOL[torch.float32]
+    assert not torch.equal(y[1], first[1]) and torch.equal(y[0], first[0])
+    assert next(iter(tables.stacks.values()))[2] is not stacks  # restacked after the change
+
+
+def test_torch_decode_rows_in_order_need_no_gather():
+    """One row per adapter, rows in adapter order (a decode batch of distinct tenants): the plan reads
+    x's rows as they are (no token ids)."""
+    k, n = 32, 24
+    _, _, _, _, batch = check(list(range(6)), [[("plain", 3), ("kron", 2)]] * 6, k, n, tokens_per_row=2,
+                              use_triton=False)
+    (plan,) = batch.cache.values()
+    (item,) = plan
+    assert item[0] == "batched" and item[4] is None  # tokens: x's own rows
+
+
 # ---------------------------------------------------------------------------------- metadata
 def test_batch_metadata_groups_tokens_by_adapter():
     batch = adapter_batch([2, BASE, 0, 2, 0], num_adapters=4, tokens_per_row=2)

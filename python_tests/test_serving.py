@@ -122,6 +122,8 @@ def test_tables_follow_adapters_added_and_deleted(bank):
 
 
 def test_adapters_changed_in_place_are_seen_by_the_next_batch(bank):
+    """A mixed batch reads its adapters as they are when it starts (the stacked operands are checked
+    once per batch, not at every decode step): a change made in place is seen by the next batch."""
     base, _ = bank
     model = with_adapters(base, {"x": METHOD_CONFIGS["bishare_kron"], "y": METHOD_CONFIGS["bishare_kron"]})
     rows = ["x", "y", "x", "y"]  # two adapters of one structure run batched: their stacked operands are kept
@@ -130,10 +132,53 @@ def test_adapters_changed_in_place_are_seen_by_the_next_batch(bank):
         first = model(ids).logits
         for p in adapter_store(model, "x").parameters():  # in place, as load() writes a checkpoint
             p.copy_(torch.randn_like(p) * 0.2)
+        assert torch.equal(model(ids).logits, first)  # the batch that started before the change
+    with torch.no_grad(), sk.mixed_batch(model, rows):
         second = model(ids).logits
     assert (second[0] - first[0]).abs().max() > 1e-3 and torch.equal(second[1], first[1])
     for i in (0, 1):
         assert torch.allclose(second[i:i + 1], alone(model, base, rows[i], ids[i:i + 1]), rtol=0, atol=1e-12)
+
+
+def test_layers_sharing_tensors_share_their_stacked_copy(bank):
+    """The CPU path stacks the adapters' tensors once per set of adapters; a tensor several layers read
+    (a ShareLoRA set's A and B, Bi-Share's inter A_s) is stacked once for all of them, not per layer."""
+    base, _ = bank
+    model = with_adapters(base, {"s1": METHOD_CONFIGS["similarity"], "s2": METHOD_CONFIGS["similarity"],
+                                 "k1": METHOD_CONFIGS["bishare_kron"], "k2": METHOD_CONFIGS["bishare_kron"]})
+    with torch.no_grad(), sk.mixed_batch(model, ["s1", "s2", "k1", "k2"]):
+        model(token_batch(batch=4, seq=1))
+
+    layers = model.model.layers
+    q = [layer_tables(layers[i].self_attn.q_proj, adapter_names(model)).stacks for i in range(4)]
+    by_group = [{group: entry[2] for (group, *_), entry in stack.items()} for stack in q]
+    similarity, kron = (0, 1), (2, 3)
+    # layers 1, 2, 3 share one A and B per module type (share_sets [[1, 2, 3]]); layer 0 has its own
+    assert by_group[1][similarity][0][0] is by_group[2][similarity][0][0] is by_group[3][similarity][0][0]
+    assert by_group[1][similarity][0][1] is by_group[3][similarity][0][1]
+    assert by_group[0][similarity][0][0] is not by_group[1][similarity][0][0]
+    # Bi-Share's inter A_s (the last Kronecker path) is one tensor for every layer
+    assert len({id(g[kron][1][-1][0]) for g in by_group}) == 1
+
+
+def test_a_model_converted_in_place_is_served_in_its_new_dtype(bank):
+    """model.float() changes the adapter tensors in place (same objects): the next mixed batch stacks
+    them again in the new dtype, shared stacks included."""
+    base, _ = bank
+    model = with_adapters(base, {"s1": METHOD_CONFIGS["similarity"], "s2": METHOD_CONFIGS["similarity"],
+                                 "k1": METHOD_CONFIGS["bishare_kron"], "k2": METHOD_CONFIGS["bishare_kron"]})
+    rows = ["s1", "s2", "k1", "k2"]
+    ids = token_batch(batch=4, seq=2)
+    with torch.no_grad(), sk.mixed_batch(model, rows):
+        model(ids)
+    model.float()
+    with torch.no_grad(), sk.mixed_batch(model, rows):
+        out = model(ids).logits
+    assert out.dtype == torch.float32
+    base32 = copy.deepcopy(base).float()
+    for i, name in enumerate(rows):
+        ref = alone(model, base32, name, ids[i:i + 1])
+        assert (out[i:i + 1] - ref).abs().max() <= 1e-5 * ref.abs().max(), name
 
 
 def test_bad_input_is_refused_before_any_work(bank):
@@ -326,6 +371,73 @@ def test_load_adds_one_adapter_without_touching_the_others_and_delete_frees_it(b
     sk.delete_adapter(model, "kron2")
     assert sk.adapter_memory(model) == before_memory
     assert not any("kron2" in n for n, _ in model.named_parameters())
+
+
+def test_a_full_bank_refuses_the_next_adapter_before_it_changes(bank, tmp_path):
+    """set_bank_limit: an adapter past max_adapters or max_bytes is refused by apply and by load with
+    BankFullError naming the limit and the adapter, before the model changes; deleting one makes room."""
+    base, _ = bank
+    model = with_adapters(base, {"a": METHOD_CONFIGS["lora"], "b": METHOD_CONFIGS["bishare_kron"]})
+    donor = with_adapters(base, {"c": METHOD_CONFIGS["share_a"]}, seed=3)
+    sk.save(donor, tmp_path / "c")
+    c_bytes = sk.adapter_memory(donor)["c"]
+    held = sum(sk.adapter_memory(model).values())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def unchanged():
+        assert adapter_names(model) == ["a", "b"] and model.state_dict().keys() == state.keys()
+
+    sk.set_bank_limit(model, max_adapters=2)
+    with pytest.raises(sk.BankFullError, match=r"no room for adapter 'c'.*\['a', 'b'\].*max_adapters=2"):
+        sk.load(model, tmp_path / "c", adapter_name="c")
+    with pytest.raises(sk.BankFullError, match="no room for adapter 'c2'.*max_adapters=2"):
+        sk.apply(model, sk.ShareLoRAConfig(**METHOD_CONFIGS["share_a"]), adapter_name="c2")
+    unchanged()
+    sk.set_bank_limit(model, max_bytes=held + c_bytes - 1)  # max_adapters lifted, one byte short of room for c
+    with pytest.raises(sk.BankFullError, match=rf"no room for adapter 'c' \({c_bytes} bytes\).*holds {held} bytes"
+                                               rf".*max_bytes={held + c_bytes - 1}"):
+        sk.load(model, tmp_path / "c", adapter_name="c")
+    unchanged()
+    sk.set_bank_limit(model, max_bytes=held + c_bytes)  # exactly room for c
+    sk.load(model, tmp_path / "c", adapter_name="c")
+    assert sum(sk.adapter_memory(model).values()) == held + c_bytes
+    sk.set_bank_limit(model, max_adapters=3)
+    with pytest.raises(sk.BankFullError, match="no room for adapter 'd'"):
+        sk.apply(model, sk.ShareLoRAConfig(**METHOD_CONFIGS["lora"]), adapter_name="d")
+    with pytest.warns(UserWarning, match="'a' was active"):
+        sk.delete_adapter(model, "a")
+    sk.apply(model, sk.ShareLoRAConfig(**METHOD_CONFIGS["lora"]), adapter_name="d")
+    assert adapter_names(model) == ["b", "c", "d"]
+
+
+def test_bank_limits_that_do_not_fit_are_refused(bank):
+    _, model = bank
+    model = copy.deepcopy(model)
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(ValueError, match="max_adapters must be a positive int"):
+            sk.set_bank_limit(model, max_adapters=bad)
+    with pytest.raises(ValueError, match=f"holds {len(NAMES)} adapters .* more than max_adapters=2"):
+        sk.set_bank_limit(model, max_adapters=2)
+    with pytest.raises(ValueError, match="more than max_bytes=10"):
+        sk.set_bank_limit(model, max_bytes=10)
+    assert getattr(model, "sharelora_bank_limit", (None, None)) == (None, None)
+
+
+def test_peft_load_adapter_into_a_full_bank_is_refused(tmp_path):
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    base = tiny_model(layers=2, dtype=torch.float64)
+    config = sk.ShareLoRAPeftConfig(method="share_a", r=3, target_modules=TARGETS)
+    get_peft_model(copy.deepcopy(base), config).save_pretrained(tmp_path / "other")
+    model = get_peft_model(copy.deepcopy(base), config)
+    sk.set_bank_limit(model, max_adapters=1)  # a PeftModel: the limit goes to the model it wraps
+    with pytest.raises(sk.BankFullError, match="no room for adapter 'other'.*max_adapters=1"):
+        model.load_adapter(tmp_path / "other", adapter_name="other")
+    assert list(model.peft_config) == ["default"] and list(sk.adapter_memory(model.base_model.model)) == ["default"]
+    sk.set_bank_limit(model, max_adapters=2)
+    model.load_adapter(tmp_path / "other", adapter_name="other")
+    assert list(sk.adapter_memory(model.base_model.model)) == ["default", "other"]
 
 
 def test_an_adapter_of_another_base_is_refused_before_the_bank_changes(bank, tmp_path):

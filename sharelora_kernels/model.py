@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import warnings
 from pathlib import Path
@@ -72,7 +73,9 @@ def plan_model(model: nn.Module, config: ShareLoRAConfig, adapter_name: str = DE
                          f"owns that: pass modules_to_save=[] for adapter {adapter_name!r} (PEFT's method keeps a "
                          "copy per adapter)")
     _check_not_tied(model, saved)
-    return build_plan(config, infos, num_layers, saved)
+    plan = build_plan(config, infos, num_layers, saved)
+    check_bank_room(model, plan, adapter_name)
+    return plan
 
 
 def apply_plan(model: nn.Module, config: ShareLoRAConfig, plan: SharePlan, group_inputs: bool = False,
@@ -151,6 +154,72 @@ def _check_not_tied(model: nn.Module, saved: list[str]) -> None:
             if id(p) in inside and not pname.startswith(f"{name}."):
                 raise ValueError(f"modules_to_save entry {name!r} shares a parameter with {pname!r} (tied weights); "
                                  "training it in full would change that module too")
+
+
+# ----------------------------------------------------------------------------- the adapter bank
+class BankFullError(ValueError):
+    """Adding an adapter would take the model's adapter bank past a limit set by ``set_bank_limit``."""
+
+
+def set_bank_limit(model: nn.Module, max_adapters: int | None = None, max_bytes: int | None = None) -> nn.Module:
+    """Limit the model's adapter bank: at most ``max_adapters`` named adapters, at most ``max_bytes``
+    bytes of adapter tensors (``adapter_memory``: each unique tensor once); None: no limit (both None
+    lifts the limits). Adding an adapter past a limit (``apply`` / ``load`` with ``adapter_name=``,
+    PEFT's ``add_adapter`` / ``load_adapter``) raises ``BankFullError`` naming the limit and the
+    adapter, before the model changes. ValueError for a limit the bank already exceeds. A PEFT model:
+    pass it or its base model."""
+    get_base = getattr(model, "get_base_model", None)  # a PeftModel: the limit lives on the model it wraps
+    model = get_base() if callable(get_base) else model
+    for name, value in (("max_adapters", max_adapters), ("max_bytes", max_bytes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    held = adapter_memory(model)
+    if max_adapters is not None and len(held) > max_adapters:
+        raise ValueError(f"the adapter bank holds {len(held)} adapters {list(held)}, more than max_adapters="
+                         f"{max_adapters}: delete_adapter some first")
+    if max_bytes is not None and sum(held.values()) > max_bytes:
+        raise ValueError(f"the adapter bank holds {sum(held.values())} bytes, more than max_bytes={max_bytes}: "
+                         "delete_adapter some first")
+    model.sharelora_bank_limit = (max_adapters, max_bytes)
+    return model
+
+
+def adapter_memory(model: nn.Module) -> dict[str, int]:
+    """Bytes of each named adapter's tensors, each unique storage counted once (a shared tensor once,
+    however many layers read it): adapter name -> bytes, in the order the adapters were added."""
+    out = {}
+    for name in adapter_names(model):
+        storages = {}
+        for p in adapter_store(model, name).parameters():
+            s = p.untyped_storage()
+            storages[(p.device, s.data_ptr())] = s.nbytes()
+        out[name] = sum(storages.values())
+    return out
+
+
+def planned_bytes(model: nn.Module, plan: SharePlan) -> int:
+    """Bytes the tensors of ``plan`` will take once ``apply_plan`` creates them on ``model``."""
+    first_user = _first_users(plan)
+    return sum(math.prod(spec.shape) * new_adapter_dtype(_base_of(model.get_submodule(first_user[name]))).itemsize
+               for name, spec in plan.tensors.items())
+
+
+def check_bank_room(model: nn.Module, plan: SharePlan, adapter_name: str) -> None:
+    """BankFullError when adding adapter ``adapter_name`` (plan ``plan``) would take the bank past a
+    limit of ``set_bank_limit``; nothing when no limit is set."""
+    max_adapters, max_bytes = getattr(model, "sharelora_bank_limit", (None, None))
+    if max_adapters is None and max_bytes is None:
+        return
+    held = adapter_memory(model)
+    if max_adapters is not None and len(held) + 1 > max_adapters:
+        raise BankFullError(f"no room for adapter {adapter_name!r}: the adapter bank holds {len(held)} adapters "
+                            f"{list(held)}, its limit is max_adapters={max_adapters} (set_bank_limit): delete_adapter "
+                            "one first, or raise the limit")
+    new = planned_bytes(model, plan)
+    if max_bytes is not None and sum(held.values()) + new > max_bytes:
+        raise BankFullError(f"no room for adapter {adapter_name!r} ({new} bytes): the adapter bank holds "
+                            f"{sum(held.values())} bytes in {list(held)}, its limit is max_bytes={max_bytes} "
+                            "(set_bank_limit): delete_adapter one first, or raise the limit")
 
 
 def _first_users(plan: SharePlan) -> dict[str, str]:
@@ -286,7 +355,19 @@ def parameter_breakdown(model: nn.Module) -> dict[str, int]:
 
 
 def shared_layers(model: nn.Module) -> list[SharedLoRALinear]:
-    return [m for m in model.modules() if isinstance(m, SharedLoRALinear)]
+    """The model's SharedLoRALinear layers in module order; their own children (one path module per
+    adapter and path) are not walked, so the cost does not grow with the adapters loaded."""
+    out, stack, seen = [], [model], set()
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:  # a module registered twice counts once, as in model.modules()
+            continue
+        seen.add(id(m))
+        if isinstance(m, SharedLoRALinear):
+            out.append(m)
+        else:
+            stack.extend(reversed([c for c in m._modules.values() if c is not None]))
+    return out
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Many adapters on one base: mixed-adapter batches and the adapter bank's accounting.
+"""Many adapters on one base: mixed-adapter batches.
 
 ``with mixed_batch(model, ["a", "b", "__base__", "a"]): model.generate(...)`` runs each row of a
 batch with its own adapter in one forward: every ``SharedLoRALinear`` computes its base once for the
@@ -11,6 +11,10 @@ one token per row) and read by every layer; each layer keeps the tables of its a
 Mixed batches are inference: refused in training mode (as PEFT refuses ``adapter_names``), computed
 without autograd in eval mode. The adapters are the model's named adapters (``apply`` / ``load`` with
 ``adapter_name=``, or a PEFT model's), whatever is active; ``"__base__"`` names a row without adapter.
+A mixed batch reads its adapters as they are when it starts (their tensors are checked once per
+batch shape of a ``mixed_batch`` block, not at every decode step of its ``generate``): a change made
+in place is seen by the next block. The bank's accounting and limit (``adapter_memory``,
+``set_bank_limit``) live in ``model``.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from torch import Tensor
 from . import ops
 from .base import compute_dtype
 from .layer import SharedLoRALinear
-from .model import adapter_names, adapter_store, shared_layers
+from .model import adapter_names, shared_layers
 
 BASE_NAME = "__base__"  # PEFT's name of a row without adapter
 
@@ -72,16 +76,23 @@ def layer_tables(layer: SharedLoRALinear, known: Sequence[str]) -> ops.AdapterTa
     """The layer's ``ops.AdapterTables`` for adapters ``known`` (an adapter the layer lacks: no paths),
     cached on the layer; rebuilt when one of its adapters is added, deleted or replaced (the identity of
     its path lists), or the names, device or dtype of its tensors change (``.to()``), not when another
-    adapter is made active. Tensors loaded in place (``load``) are read live."""
-    paths = layer.adapter_paths
-    first = next((m.as_path().tensors[0] for ms in paths.values() for m in ms), None)
-    key = (tuple(paths._modules), tuple(map(id, paths._modules.values())), tuple(known),
-           None if first is None else (first.device, first.dtype))
+    adapter is made active. Tensors loaded in place (``load``) are read live. The check is a few
+    identity comparisons (no tensor is looked up): it runs at every layer call."""
+    paths = layer.adapter_paths._modules
+    key = (tuple(paths), tuple(paths.values()), tuple(known))
     cached = layer.__dict__.get("_mixed_tables")
-    if cached is None or cached[0] != key:
-        adapters = [[m.as_path() for m in paths[n]] if n in paths else [] for n in known]
-        layer.__dict__["_mixed_tables"] = (key, ops.adapter_tables(adapters, layer.in_features, layer.out_features))
-    return layer.__dict__["_mixed_tables"][1]
+    if cached is not None and cached[0] == key and cached[2] == _placement(cached[1]):
+        return cached[1]
+    adapters = [[m.as_path() for m in paths[n]] if n in paths else [] for n in known]
+    tables = ops.adapter_tables(adapters, layer.in_features, layer.out_features)
+    layer.__dict__["_mixed_tables"] = (key, tables, _placement(tables))
+    return tables
+
+
+def _placement(tables: ops.AdapterTables) -> tuple | None:
+    """Device and dtype of the first adapter tensor of ``tables`` now (``.to()`` changes them in place)."""
+    first = next(tables.tensors(), None)
+    return None if first is None else (first.device, first.dtype)
 
 
 def row_indices(model: nn.Module, names: Sequence[str], expand: int = 1) -> tuple[list[str], list[int]]:
@@ -128,16 +139,3 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], expand: int = 1)
     finally:
         for layer, was in zip(layers, before):
             layer.mixed_batch = was
-
-
-def adapter_memory(model: nn.Module) -> dict[str, int]:
-    """Bytes of each named adapter's tensors, each unique storage counted once (a shared tensor once,
-    however many layers read it): adapter name -> bytes, in the order the adapters were added."""
-    out = {}
-    for name in adapter_names(model):
-        storages = {}
-        for p in adapter_store(model, name).parameters():
-            s = p.untyped_storage()
-            storages[(p.device, s.data_ptr())] = s.nbytes()
-        out[name] = sum(storages.values())
-    return out

@@ -3,14 +3,19 @@
 For each method (plain LoRA, ShareLoRA similarity, Bi-Share kron; `compare`'s defaults: r=8, alpha=16,
 the fitted kron_dim; ShareLoRA's share sets: adjacent layer pairs, as no calibration runs here) and
 1, 8 and 64 distinct adapters over a batch of 64 rows (row i uses adapter i mod N), it times
-  ours      one mixed-batch forward (``mixed_batch``): prefill (64 x P tokens) and one decode step
-            (64 x 1 token after a P-token cache);
+  ours      prefill: one mixed-batch forward (``mixed_batch``) of 64 x P tokens, the block entered for
+            it; decode: one step (64 x 1 token after a P-token cache) inside a mixed-batch block that
+            already ran a step, as ``generate`` runs its steps (the block's first forward checks the
+            adapters: ``ops.multi_adapter``);
   separate  the same work as one forward per adapter, each over that adapter's rows alone;
   peft      PEFT's mixed-batch LoRA (``adapter_names=``) with as many adapters of the same rank
             (one figure, shared by every method's rows: the plain LoRA baseline of serving today);
+            prefill: one forward with ``adapter_names``; decode: one step inside PEFT's own
+            ``adapter_names`` hooks, as its ``generate`` runs its steps;
 and reports tokens/s and the bytes of one adapter (its unique tensors: ``adapter_memory``). Adapter
 tensors are random (zero-B fresh adapters would let a path be skipped). Variants of one case are
-timed interleaved; read the ratios (``vs_one_adapter``, ``speedup_vs_peft``), not the times.
+timed interleaved, ``ours`` on the method's one-adapter model too (``vs_one_adapter`` compares the
+two under the same load); read the ratios (``vs_one_adapter``, ``speedup_vs_peft``), not the times.
 """
 from __future__ import annotations
 
@@ -110,6 +115,26 @@ def _cache(model: nn.Module, ids: torch.Tensor, names=None, peft_names=None):
         return getattr(model(ids, **kwargs), _cache_arg())
 
 
+def _decode_in_block(model: nn.Module, token: torch.Tensor, cache, names: list[str], timer) -> float:
+    """ms of one decode step inside a mixed-batch block that already ran one (as in ``generate``)."""
+    from ..serving import mixed_batch
+
+    with mixed_batch(model, names):
+        _step(model, token, cache)
+        return timer.time(lambda: _step(model, token, cache))
+
+
+def _peft_decode_in_hooks(peft_model: nn.Module, token: torch.Tensor, cache, names: list[str], timer) -> float:
+    """ms of one PEFT decode step inside its ``adapter_names`` hooks, as PEFT's ``generate`` runs
+    its steps (PEFT internals: ``PeftModel._enable_peft_forward_hooks``, the context generate uses)."""
+    hooks = getattr(peft_model, "_enable_peft_forward_hooks", None)
+    if hooks is None:
+        raise RuntimeError("this PEFT version has no PeftModel._enable_peft_forward_hooks (the adapter_names "
+                           "context its generate uses): bench --serving needs PEFT 0.13 to 0.21")
+    with hooks(adapter_names=names):
+        return timer.time(lambda: _step(peft_model, token, cache))
+
+
 def _separate(model: nn.Module, ids: torch.Tensor, names: list[str], caches: dict | None) -> None:
     """Each adapter's rows as their own forward with that adapter active."""
     from ..model import set_adapter
@@ -121,12 +146,17 @@ def _separate(model: nn.Module, ids: torch.Tensor, names: list[str], caches: dic
 
 
 def time_case(model, peft_model, peft_cache, names: list[str], prompt, token, timer, warmup: int,
-              repeats: int) -> dict:
-    """Prefill and decode of one model and its adapters ``names`` (one per row): ours, separate, peft (ms stats)."""
+              repeats: int, one_model=None) -> dict:
+    """Prefill and decode of one model and its adapters ``names`` (one per row): ours, separate, peft,
+    and ``one``: ours on ``one_model`` (the method's model with one adapter, every row "a0"; default
+    ``model``), interleaved with the others so that the ratio to it sees the same load (ms stats)."""
     from ..model import set_adapter
 
+    one_model = model if one_model is None else one_model
+    one_names = ["a0"] * len(names)
     with torch.inference_mode():
         cache = _cache(model, prompt, names)
+        one_cache = _cache(one_model, prompt, one_names)
         caches = {}
         for name in dict.fromkeys(names):
             set_adapter(model, name)
@@ -135,9 +165,11 @@ def time_case(model, peft_model, peft_cache, names: list[str], prompt, token, ti
             "prefill_ours": lambda: timer.time(lambda: _step(model, prompt, None, names)),
             "prefill_separate": lambda: timer.time(lambda: _separate(model, prompt, names, None)),
             "prefill_peft": lambda: timer.time(lambda: _step(peft_model, prompt, None, peft_names=names)),
-            "decode_ours": lambda: timer.time(lambda: _step(model, token, cache, names)),
+            "decode_ours": lambda: _decode_in_block(model, token, cache, names, timer),
             "decode_separate": lambda: timer.time(lambda: _separate(model, token, names, caches)),
-            "decode_peft": lambda: timer.time(lambda: _step(peft_model, token, peft_cache, peft_names=names)),
+            "decode_peft": lambda: _peft_decode_in_hooks(peft_model, token, peft_cache, names, timer),
+            "prefill_one": lambda: timer.time(lambda: _step(one_model, prompt, None, one_names)),
+            "decode_one": lambda: _decode_in_block(one_model, token, one_cache, one_names, timer),
         }
         return interleaved(calls, warmup, repeats)
 
@@ -145,7 +177,7 @@ def time_case(model, peft_model, peft_cache, names: list[str], prompt, token, ti
 def run(profile: str, device: torch.device, seed: int = 0) -> dict:
     """Every method x adapter count: tokens/s of prefill and decode (ours, separate, PEFT), bytes per adapter."""
     from ..cli.loading import load_model, resolve_model_dir
-    from ..serving import adapter_memory
+    from ..model import adapter_memory
     from .timing import Timer
 
     past, warmup, repeats, counts = PROFILES[profile]
@@ -167,10 +199,11 @@ def run(profile: str, device: torch.device, seed: int = 0) -> dict:
             peft_cache = _cache(peft_model, prompt, peft_names=names)
         peft_cases[count] = (peft_model, peft_bytes, peft_cache, names)
     for method, config in configs.items():
+        one_model = with_adapters(base, config, 1)
         for count in counts:
             model = with_adapters(base, config, count)
             peft_model, peft_bytes, peft_cache, names = peft_cases[count]
-            stats = time_case(model, peft_model, peft_cache, names, prompt, token, timer, warmup, repeats)
+            stats = time_case(model, peft_model, peft_cache, names, prompt, token, timer, warmup, repeats, one_model)
             row = {"method": method, "adapters": count, "bytes_per_adapter": adapter_memory(model)["a0"],
                    "peft_lora_bytes_per_adapter": peft_bytes, "ms": stats}
             for phase, tokens in (("prefill", BATCH * past), ("decode", BATCH)):
@@ -179,11 +212,8 @@ def run(profile: str, device: torch.device, seed: int = 0) -> dict:
                 for variant in ("peft", "separate"):
                     row[f"{phase}_speedup_vs_{variant}"] = (stats[f"{phase}_{variant}"]["median"]
                                                             / stats[f"{phase}_ours"]["median"])
+                row[f"{phase}_vs_one_adapter"] = stats[f"{phase}_ours"]["median"] / stats[f"{phase}_one"]["median"]
             out["rows"].append(row)
-    for row in out["rows"]:
-        one = next(r for r in out["rows"] if r["method"] == row["method"] and r["adapters"] == counts[0])
-        for phase in ("prefill", "decode"):
-            row[f"{phase}_vs_one_adapter"] = one[f"{phase}_ours_tokens_per_s"] / row[f"{phase}_ours_tokens_per_s"]
     return out
 
 
@@ -193,7 +223,8 @@ def markdown(data: dict, smoke_note: str | None = None) -> str:
     if smoke_note:
         lines += [f"**{smoke_note}**", ""]
     lines += [f"Batch {data['batch']} rows, prompt {data['prompt_tokens']} tokens; row i uses adapter i mod N. "
-              "tok/s: median; x1: time / time with one adapter; vs PEFT / vs separate: their time / ours.", "",
+              "tok/s: median; x1: time / time with one adapter (timed interleaved with it); vs PEFT / vs separate: "
+              "their time / ours.", "",
               "| method | N | KiB/adapter (PEFT LoRA) | prefill tok/s | x1 | vs PEFT | vs separate "
               "| decode tok/s | x1 | vs PEFT | vs separate |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -26,8 +26,8 @@ import torch.nn as nn
 
 from ..config import ShareLoRAConfig
 from ..layer import AdapterStore, SharedLoRALinear, check_adapter_name
-from ..model import (STORE_ATTR, active_adapters, adapter_names, adapter_store, apply_plan, check_known, delete_adapter,
-                     is_applied, set_adapter, store_attr, unload)
+from ..model import (STORE_ATTR, active_adapters, adapter_names, adapter_store, apply_plan, check_bank_room,
+                     check_known, delete_adapter, is_applied, set_adapter, store_attr, unload)
 from ..plan import build_plan
 from ..serving import mixed_batch
 from ..targeting import DEFAULT_TARGET_MODULES, find_target_modules, matches
@@ -175,6 +175,7 @@ class ShareLoRAModel(BaseTuner):
         config.modules_to_save = [e for e in peft_config.modules_to_save or [] if any(matches(n, [e]) for n in names)]
         infos, num_layers = find_target_modules(model, config, wrapped_ok=is_applied(model))
         plan = build_plan(config, infos, num_layers)
+        check_bank_room(model, plan, adapter_name)
         if not adapter_names(model):
             self._requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
         apply_plan(model, config, plan, adapter_name=adapter_name, layer_cls=ShareLoRAPeftLayer)

@@ -30,11 +30,14 @@ own tensors, slice offsets, Kronecker kernels, a gate's (g, K) ``A_eff`` buffer)
 each adapter's first rank row: the kernels find an adapter's factors through them, nothing copied or
 expanded. A gate buffer is recomputed when one of its gate's tensors changed in place (their version
 counters); tables describe the tensors they were built from, so build new ones when an adapter is
-added, deleted or its tensors replaced.
+added, deleted or its tensors replaced. The torch path's stacked operands are checked against their
+tensors' versions once per batch (at its first call with these tables): a batch reads the adapters as
+they were when it started; build a new batch after changing an adapter in place.
 
 Backends: torch (the CPU default, ``multi_adapter_torch``: the segments of adapters of one structure
-as batched GEMMs over the adapters, padded to the longest; uneven segments one at a time through the
-single-adapter op's torch math, the reference's helpers) and Triton
+as batched GEMMs over the adapters, padded to the longest, their tensors stacked once per set of
+adapters; uneven segments one at a time through the single-adapter op's torch math, the reference's
+helpers) and Triton
 (``multi_adapter_triton``: one "shrink" launch ``h = x A_eff^T`` per tile into an fp32 h, one
 "expand" launch ``y += (h s) B_eff^T`` in place, over all segments at once; CUDA, or CPU under
 ``TRITON_INTERPRET=1``).
@@ -146,9 +149,10 @@ class AdapterTables:
 
     adapters: one tuple of LoRAPaths per adapter (possibly empty); in_features K, out_features N;
     groups: the adapters with paths, grouped by structure (``multi_adapter_torch.structure``: the torch
-    path runs each group's segments together; it keeps their stacked operands in ``stacks``, per set of
-    adapters in a batch, while their tensors are unchanged). The Triton tables are built on first
-    Triton use (``device_tables``) and kept.
+    path runs each group's segments together; it keeps each group's stacked operands in ``stacks``,
+    built on first use for every adapter of the group and kept while their tensors are unchanged,
+    whichever adapters a batch uses). The Triton tables are built on first Triton use
+    (``device_tables``) and kept.
     """
 
     adapters: tuple[tuple[LoRAPath, ...], ...]

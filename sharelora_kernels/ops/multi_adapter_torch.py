@@ -6,14 +6,20 @@ the accumulation dtype (float32; float64 for float64), the low-rank term added i
 Adapters of one structure (the same path kinds, ranks, window shapes and dtypes in the same order:
 every tenant of one method and configuration) run together, whatever their number: their segments are
 padded to the longest one, (S, C_max) token ids built once per batch (``segment_plan``, cached on the
-batch), and every path slot is a few batched GEMMs over the S adapters, their tensors stacked (nothing
-Kronecker- or gate-expanded). The stacks are a copy of the batch's adapters, kept in the layer's
-tables per set of adapters while their tensors are unchanged (``cached_factors``: the next batch with
-the same adapters, e.g. every decode step, skips the stacking), never counted as the bank's:
+batch; none at all when the segments are x's own rows in order, as in a decode batch of distinct
+adapters), and every path slot is a few batched GEMMs over the S adapters, their tensors stacked
+(nothing Kronecker- or gate-expanded). Each structure group's tensors are stacked once for every
+adapter of the layer's tables (``cached_factors``, kept while their tensors are unchanged, checked once
+per batch: every batch, whichever of the adapters it uses, reads the same stacks; a batch using some
+of them picks their lanes with one ``index_select``), a copy never counted as the bank's, of the
+bank's size at most (a tensor several layers read is stacked once for all of them, ``_shared_stack``):
 
-    plain / slice   h = x A^T,  out += (h s) B^T                     (A, B: the windows)
-    gate            C = G_od B A G_iu (S, g, g),  h = x (C G_id)^T,  out += (h s) G_ou^T
-    kron            h = fold_{K_A}(x) A_s^T,  out[:, i d + c] += K_B[i] ((h s) B_s^T)[:, c]
+    plain / slice   h = x A^T,  out += h (s B)^T                     (A, B: the windows)
+    gate            C = G_od B A G_iu (S, g, g),  h = x (C G_id)^T,  out += h (s G_ou)^T
+    kron            h = fold_{K_A}(x) A_s^T,  out[:, i d + c] += K_B[i] (h (s B_s)^T)[:, c]
+
+(plain, slice and gate paths concatenated along the rank into one bmm pair; the gate's A_eff and the
+scaled B's are part of the stacks).
 
 Per structure the shortest segments run batched, as many as keep the padded rows within ``PAD_LIMIT``
 times the real ones; the longer ones (and a structure with one adapter in the batch) run one
@@ -21,7 +27,9 @@ segment at a time through ``lowrank_only.torch_forward`` (the reference's helper
 """
 from __future__ import annotations
 
-from typing import Sequence
+import weakref
+from operator import attrgetter
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -30,7 +38,10 @@ from ..reference import LoRAPath, path_factors
 from .lowrank_only import accumulation_dtype, torch_forward
 
 PAD_LIMIT = 2.0  # padded rows / real rows above which a structure's segments run one at a time
-STACK_CACHE = 16  # stacked operand sets a layer's tables keep (one per path slot and set of adapters in a batch)
+_VERSION = attrgetter("_version")  # a tensor's in-place version counter
+_NO_BATCH = lambda: None  # noqa: E731  (a stack not yet checked for any batch)
+# stacks of tensors several layers read, by (role, tensor ids, versions, window, dtypes): alive while a layer keeps them
+_SHARED_STACKS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def structure(paths: Sequence[LoRAPath], k: int, n: int) -> tuple:
@@ -43,10 +54,12 @@ def structure(paths: Sequence[LoRAPath], k: int, n: int) -> tuple:
 
 
 def segment_plan(batch, groups: tuple[tuple[int, ...], ...]) -> list:
-    """For each structure group (adapter ids), the batch's work: ("batched", adapters, tokens (S * C,)
-    (padding repeats a segment's last token), the real lanes' positions, their tokens, C) for padded
-    segments run together, else ("single", adapter, tokens; None: every token) per segment. Cached
-    on the batch (every layer with the same groups reuses it)."""
+    """For each structure group (adapter ids), the batch's work: ("batched", adapters, group index,
+    their lanes in the group's stacks (None: the whole group in order), tokens (S * C,) (padding
+    repeats a segment's last token; None: x's own rows in order, nothing padded), the real lanes'
+    positions, their tokens (both None when nothing is padded), C) for padded segments run together,
+    else ("single", adapter, tokens; None: every token) per segment. Cached on the batch (every
+    layer with the same groups reuses it)."""
     key = ("plan", groups)
     if key in batch.cache:
         return batch.cache[key]
@@ -56,23 +69,41 @@ def segment_plan(batch, groups: tuple[tuple[int, ...], ...]) -> list:
         if a in group_of:
             segments.setdefault(group_of[a], []).append((a, start, count))
     plan, order = [], batch.order
-    for segs in segments.values():
+    for g, segs in segments.items():
         segs = sorted(segs, key=lambda seg: seg[2])  # the most segments padding keeps within PAD_LIMIT
-        fits = [i for i in range(1, len(segs) + 1) if i * segs[i - 1][2] <= PAD_LIMIT * sum(c for _, _, c in segs[:i])]
-        batched = fits[-1] if fits and fits[-1] > 1 else 0
+        batched, real = 0, 0
+        for i, (_, _, c) in enumerate(segs, 1):
+            real += c
+            if i * c <= PAD_LIMIT * real:
+                batched = i
+        batched = batched if batched > 1 else 0
         plan += [("single", a, None if c == batch.num_tokens else order[s:s + c]) for a, s, c in segs[batched:]]
-        segs = segs[:batched]
+        segs = sorted(segs[:batched], key=lambda seg: seg[1])  # in order: their tokens may be x's rows as they are
         if segs:
-            longest = segs[-1][2]
-            lanes = torch.arange(longest, device=order.device)
-            starts = torch.tensor([s for _, s, _ in segs], device=order.device)[:, None]
-            counts = torch.tensor([c for _, _, c in segs], device=order.device)[:, None]
-            valid = (lanes[None, :] < counts).reshape(-1)
-            tokens = order[(starts + torch.minimum(lanes[None, :], counts - 1)).reshape(-1)]
-            plan.append(("batched", tuple(a for a, _, _ in segs), tokens, valid.nonzero().view(-1), tokens[valid],
-                         longest))
+            plan.append(_batched_item(batch, g, groups[g], segs))
     batch.cache[key] = plan
     return plan
+
+
+def _batched_item(batch, g: int, group: tuple[int, ...], segs: list) -> tuple:
+    """The plan item of segments ``segs`` (adapter, start, count) of group ``g`` run padded together."""
+    order = batch.order
+    members = tuple(a for a, _, _ in segs)
+    lanes_in_group = None if members == group else \
+        torch.tensor([group.index(a) for a in members], dtype=torch.int64, device=order.device)
+    longest = max(c for _, _, c in segs)
+    lanes = torch.arange(longest, device=order.device)
+    starts = torch.tensor([s for _, s, _ in segs], device=order.device)[:, None]
+    counts = torch.tensor([c for _, _, c in segs], device=order.device)[:, None]
+    valid = (lanes[None, :] < counts).reshape(-1)
+    tokens = order[(starts + torch.minimum(lanes[None, :], counts - 1)).reshape(-1)]
+    if all(c == longest for _, _, c in segs):
+        real, dest = None, None  # nothing padded
+        if tokens.numel() == batch.num_tokens and torch.equal(tokens, torch.arange(tokens.numel(), device=tokens.device)):
+            tokens = None  # x's own rows, in order
+    else:
+        real, dest = valid.nonzero().view(-1), tokens[valid]
+    return ("batched", members, g, lanes_in_group, tokens, real, dest, longest)
 
 
 def _stack(ts: Sequence[Tensor], dtype: torch.dtype, acc: torch.dtype) -> Tensor:
@@ -80,72 +111,146 @@ def _stack(ts: Sequence[Tensor], dtype: torch.dtype, acc: torch.dtype) -> Tensor
     return torch.stack(ts).to(dtype).to(acc)
 
 
-def slot_factors(ps: Sequence[LoRAPath], k: int, n: int, dtype: torch.dtype, acc: torch.dtype, device) -> tuple:
-    """The stacked operands of one path slot of S adapters (``batched_paths`` reads them) and their scales."""
-    scale = torch.tensor([p.scale for p in ps], dtype=acc, device=device).view(-1, 1, 1)
-    kind = ps[0].kind
-    if kind in ("plain", "slice"):
-        windows = [path_factors(p, k, n) for p in ps]
-        return scale, _stack([w[0] for w in windows], dtype, acc), _stack([w[1] for w in windows], dtype, acc)
-    return (scale, *(_stack([p.tensors[r] for p in ps], dtype, acc) for r in range(len(ps[0].tensors))))
+def _shared_stack(role: str, ps: Sequence[LoRAPath], index: int, extra: tuple, dtype: torch.dtype, acc: torch.dtype,
+                  build: Callable[[], Tensor]) -> Tensor:
+    """``build()``, or the stack another layer built from the same tensors (tensor ``index`` of every
+    path of ``ps``, at the same in-place versions, with the same ``extra`` (window, scales)) while it
+    is alive: a tensor shared across layers is stacked once, not once per layer. Inference tensors
+    (no versions): built here."""
+    tensors = [p.tensors[index] for p in ps]
+    try:
+        key = (role, tuple(map(id, tensors)), tuple(map(_VERSION, tensors)), extra, dtype, acc,
+               tensors[0].device, tensors[0].dtype)  # .to() moves a tensor in place (same id and version)
+    except RuntimeError:  # inference tensors keep no version
+        return build()
+    stack = _SHARED_STACKS.get(key)
+    if stack is None:
+        stack = _SHARED_STACKS[key] = build()
+    return stack
 
 
-def cached_factors(cache: dict | None, key: tuple, ps: Sequence[LoRAPath], k: int, n: int, dtype: torch.dtype,
-                   acc: torch.dtype, device) -> tuple:
-    """``slot_factors``, kept in ``cache`` under ``key`` (the same key: the same tensors) while their
-    in-place versions are unchanged (compared at each call); at most ``STACK_CACHE`` entries, oldest
-    evicted. A cache of copies for repeated batch signatures: the adapter bank itself stays unique.
-    Inference tensors (made under ``torch.inference_mode``) keep no version: stacked at each call."""
+def group_factors(adapters: Sequence[Sequence[LoRAPath]], k: int, n: int, dtype: torch.dtype, acc: torch.dtype,
+                  device) -> tuple:
+    """The stacked operands of S adapters of one structure (``batched_paths`` reads them), each
+    tensor rounded to the compute dtype, held in the accumulation dtype, scales folded into B:
+
+    dense: (A (S, R, K), (s B)^T (S, R, N)) over every plain, slice and gate path (a gate's
+    A_eff = (G_od B A G_iu) G_id, its B G_ou), concatenated along the rank, or None;
+    krons: per Kronecker path (A_s (S, r, d), K_A (S, K / d), (s B_s)^T (S, r, d), K_B (S, N / d)).
+    The stacks of tensors other layers read too (a shared A_s, a ShareLoRA pair's A and B) are
+    built once for all of them (``_shared_stack``)."""
+    dense_a, dense_bt, krons = [], [], []
+    for slot in range(len(adapters[0])):
+        ps = [paths[slot] for paths in adapters]
+        scales = tuple(p.scale for p in ps)
+        scale = lambda: torch.tensor(scales, dtype=acc, device=device).view(-1, 1, 1)  # noqa: E731
+        kind = ps[0].kind
+        if kind in ("plain", "slice"):
+            windows = [path_factors(p, k, n) for p in ps]
+            offsets = tuple((p.k_offset, p.n_offset) for p in ps) if kind == "slice" else ()
+            dense_a.append(_shared_stack("a", ps, 0, (k, offsets), dtype, acc,
+                                         lambda: _stack([w[0] for w in windows], dtype, acc)))
+            dense_bt.append(_shared_stack("bt", ps, 1, (n, offsets, scales), dtype, acc, lambda: (
+                _stack([w[1] for w in windows], dtype, acc).transpose(1, 2) * scale()).contiguous()))
+            continue
+        if kind == "gate":
+            f = [_stack([p.tensors[r] for p in ps], dtype, acc) for r in range(len(ps[0].tensors))]
+            core = torch.bmm(torch.bmm(f[4], f[1]), torch.bmm(f[0], f[3]))  # (S, g, g)
+            dense_a.append(torch.bmm(core, f[2]))
+            dense_bt.append((f[5].transpose(1, 2) * scale()).contiguous())
+        else:  # kron
+            a_s = _shared_stack("a", ps, 0, (), dtype, acc, lambda: _stack([p.tensors[0] for p in ps], dtype, acc))
+            bt_s = _shared_stack("bt", ps, 1, (scales,), dtype, acc, lambda: (
+                _stack([p.tensors[1] for p in ps], dtype, acc).transpose(1, 2) * scale()).contiguous())
+            k_a, k_b = (_stack([p.tensors[r] for p in ps], dtype, acc).flatten(1) for r in (2, 3))
+            krons.append((a_s, k_a, bt_s, k_b))
+    if len(dense_a) > 1:
+        dense = (torch.cat(dense_a, 1), torch.cat(dense_bt, 1))
+    else:
+        dense = (dense_a[0], dense_bt[0]) if dense_a else None
+    return dense, tuple(krons)
+
+
+def cached_factors(cache: dict | None, key: tuple, adapters: Sequence[Sequence[LoRAPath]], k: int, n: int,
+                   dtype: torch.dtype, acc: torch.dtype, device, batch=None) -> tuple:
+    """``group_factors``, kept in ``cache`` under ``key`` (the same key: the same tensors) while their
+    in-place versions are unchanged. The versions (each tensor once) are compared at the first call
+    of each ``batch`` (its metadata: every layer and every decode step of one mixed batch reuse it),
+    not again while the same batch runs: a batch reads the adapters as they were when it started.
+    A cache of copies: the adapter bank itself stays unique. Inference tensors (made under
+    ``torch.inference_mode``) keep no version: stacked at each call."""
     if cache is None:
-        return slot_factors(ps, k, n, dtype, acc, device)
+        return group_factors(adapters, k, n, dtype, acc, device)
     hit = cache.get(key)
     if hit is not None:
-        tensors, versions, factors = hit
-        if [t._version for t in tensors] == versions:
+        tensors, versions, factors, checked = hit
+        if batch is not None and checked() is batch:
             return factors
-    tensors = [t for p in ps for t in p.tensors]
+        if list(map(_VERSION, tensors)) == versions:
+            if batch is not None:
+                cache[key] = (tensors, versions, factors, weakref.ref(batch))
+            return factors
+    tensors = list(dict.fromkeys(t for paths in adapters for p in paths for t in p.tensors))  # shared ones once
     try:
-        versions = [t._version for t in tensors]
+        versions = list(map(_VERSION, tensors))
     except RuntimeError:  # an inference tensor
-        return slot_factors(ps, k, n, dtype, acc, device)
-    factors = slot_factors(ps, k, n, dtype, acc, device)
-    cache.pop(key, None)
-    cache[key] = (tensors, versions, factors)
-    while len(cache) > STACK_CACHE:
-        cache.pop(next(iter(cache)))
+        return group_factors(adapters, k, n, dtype, acc, device)
+    factors = group_factors(adapters, k, n, dtype, acc, device)
+    cache[key] = (tensors, versions, factors, _NO_BATCH if batch is None else weakref.ref(batch))
     return factors
 
 
-def batched_paths(out: Tensor, xs: Tensor, adapters: Sequence[Sequence[LoRAPath]], dtype: torch.dtype,
-                  cache: dict | None = None, members: tuple = ()) -> None:
-    """out (S, C, N) += every path of adapter s applied to xs[s] (S, C, K); adapters of one structure.
-    cache / members: where the stacked operands of these adapters (ids ``members``) are kept (``cached_factors``)."""
+def _lanes(factors: tuple, lanes: Tensor) -> tuple:
+    """``group_factors`` of the adapters at ``lanes`` only."""
+    dense, krons = factors
+    pick = lambda ts: tuple(t.index_select(0, lanes) for t in ts)
+    return (None if dense is None else pick(dense)), tuple(pick(kron) for kron in krons)
+
+
+def batched_paths(xs: Tensor, n: int, factors: tuple, lanes: Tensor | None = None) -> Tensor:
+    """Every path of adapter ``lanes[s]`` of the stacked ``factors`` (``group_factors``: S adapters of
+    one structure) applied to xs[s] (S, C, K): (S, C, N) in xs's dtype (lanes None: every adapter, in
+    order). One bmm pair for every plain, slice and gate path together; per Kronecker path a fold, a
+    bmm pair and the K_B tiling, nothing expanded:
+
+        dense   out = (xs A^T) (s B)^T
+        kron    h = fold_{K_A}(xs) A_s^T,  out[:, i d + c] += K_B[i] (h (s B_s)^T)[:, c]
+    """
     s_count, c, k = xs.shape
-    n = out.shape[2]
-    acc = out.dtype
-    for slot in range(len(adapters[0])):
-        ps = [paths[slot] for paths in adapters]
-        scale, *f = cached_factors(cache, (members, slot, dtype, acc), ps, k, n, dtype, acc, out.device)
-        kind = ps[0].kind
-        if kind in ("plain", "slice"):
-            a, b = f
-            out.baddbmm_(torch.bmm(xs, a.transpose(1, 2)) * scale, b.transpose(1, 2))
-        elif kind == "gate":
-            core = torch.bmm(torch.bmm(f[4], f[1]), torch.bmm(f[0], f[3]))  # (S, g, g)
-            a_eff = torch.bmm(core, f[2])  # (S, g, K)
-            out.baddbmm_(torch.bmm(xs, a_eff.transpose(1, 2)) * scale, f[5].transpose(1, 2))
-        else:  # kron
-            d = ps[0].tensors[0].shape[1]
-            fold = torch.matmul(f[2].view(s_count, 1, 1, k // d), xs.view(s_count, c, k // d, d))  # (S, C, 1, d)
-            h = torch.bmm(fold.view(s_count, c, d), f[0].transpose(1, 2)) * scale
-            hb = torch.bmm(h, f[1].transpose(1, 2))  # (S, C, d)
-            out.view(s_count, c, n // d, d).addcmul_(f[3].view(s_count, 1, n // d, 1), hb.view(s_count, c, 1, d))
+    dense, krons = factors if lanes is None else _lanes(factors, lanes)
+    if dense is not None:
+        out = torch.bmm(torch.bmm(xs, dense[0].transpose(1, 2)), dense[1])
+    else:
+        out = torch.zeros((s_count, c, n), dtype=xs.dtype, device=xs.device)
+    for a_s, k_a, bt_s, k_b in krons:
+        d = a_s.shape[2]
+        hb = torch.bmm(torch.bmm(_fold(xs, k_a, d), a_s.transpose(1, 2)), bt_s)  # (S, C, d)
+        blocks = out.view(s_count, c, n // d, d)
+        if c == 1:  # decode: one broadcast op
+            blocks.addcmul_(k_b.view(s_count, 1, n // d, 1), hb.view(s_count, c, 1, d))
+        else:  # prefill: one op per block of d columns, no (S, C, N / d, d) broadcast
+            for i in range(n // d):
+                blocks[:, :, i].addcmul_(hb, k_b[:, i, None, None])
+    return out
+
+
+def _fold(xs: Tensor, k_a: Tensor, d: int) -> Tensor:
+    """fold(xs)[s, c, :] = sum_j K_A[s, j] xs[s, c, j d : (j + 1) d]: (S, C, K) -> (S, C, d)."""
+    s_count, c, k = xs.shape
+    blocks = xs.view(s_count, c, k // d, d)
+    if c == 1:  # decode: one broadcast product and sum
+        return (blocks * k_a.view(s_count, 1, k // d, 1)).sum(2)
+    fold = blocks[:, :, 0] * k_a[:, 0, None, None]  # prefill: one op per block, no (S, C, K) product
+    for j in range(1, k // d):
+        fold.addcmul_(blocks[:, :, j], k_a[:, j, None, None])
+    return fold
 
 
 def torch_add(y: Tensor, x: Tensor, batch, adapters: Sequence[Sequence[LoRAPath]],
               groups: tuple[tuple[int, ...], ...], cache: dict | None = None) -> None:
     """y (M, N) += each token's adapter paths of x (M, K) (x in the compute dtype) in place; cache: where
-    batched segments keep their stacked operands (``cached_factors``; None: stacked at each call)."""
+    each structure group keeps its stacked operands (``cached_factors``, checked once per batch; None:
+    stacked at each call)."""
     acc = accumulation_dtype(x.dtype)
     n, k = y.shape[1], x.shape[1]
     for item in segment_plan(batch, groups):
@@ -158,8 +263,14 @@ def torch_add(y: Tensor, x: Tensor, batch, adapters: Sequence[Sequence[LoRAPath]
             torch_forward(ys, x.index_select(0, rows), adapters[a], 0.0, None)  # p = 0: no dropout seed read
             y.index_copy_(0, rows, ys)
             continue
-        _, members, tokens, lanes, dest, c = item
-        xs = x.index_select(0, tokens).to(acc).view(len(members), c, k)
-        out = torch.zeros((len(members), c, n), dtype=acc, device=y.device)
-        batched_paths(out, xs, [adapters[a] for a in members], x.dtype, cache, members)
-        y.index_add_(0, dest, out.view(-1, n).index_select(0, lanes).to(y.dtype))
+        _, members, g, lanes, tokens, real, dest, c = item
+        xs = (x if tokens is None else x.index_select(0, tokens)).to(acc).reshape(len(members), c, k)
+        factors = cached_factors(cache, (groups[g], x.dtype, acc), [adapters[a] for a in groups[g]], k, n, x.dtype,
+                                 acc, y.device, batch)
+        out = batched_paths(xs, n, factors, lanes).view(-1, n)
+        if tokens is None:
+            y.add_(out.to(y.dtype))
+        elif real is None:
+            y.index_add_(0, tokens, out.to(y.dtype))
+        else:
+            y.index_add_(0, dest, out.index_select(0, real).to(y.dtype))
