@@ -199,6 +199,43 @@ def test_gate_buffer_follows_in_place_updates():
     assert rel_err(y, float64_rows(y0, x, rows, adapters, 1)) < 1e-4
 
 
+@pytest.mark.skipif(not ops.HAS_TRITON, reason="triton not importable")
+@pytest.mark.parametrize("wrong", [False, True])
+def test_default_kernels_are_compared_before_they_are_trusted(wrong, monkeypatch):
+    """The default choice (use_triton=None: the kernels for CUDA tensors; here the interpreter stands
+    in) compares the kernels with the torch path on the first batch of these tables: kept when they
+    agree, ruled out with one warning when they differ; every result right either way."""
+    import warnings
+
+    from sharelora_kernels.ops import multi_adapter, multi_adapter_triton
+
+    real, calls = multi_adapter_triton.triton_add, []
+
+    def kernels(y, *a):
+        calls.append(1)
+        real(y, *a)
+        if wrong:
+            y.mul_(1.5)
+
+    monkeypatch.setattr(multi_adapter, "_default_triton", lambda *a: True)
+    monkeypatch.setattr(multi_adapter_triton, "triton_add", kernels)
+    torch.manual_seed(0)
+    adapters = make_adapters(METHODS[:4], 24, 16)
+    tables = adapter_tables(adapters, 24, 16)
+    rows = [0, 1, BASE, 2, 3, 1]
+    batch = adapter_batch(rows, len(adapters), 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for seed in range(3):
+            x, y0 = torch.randn(len(rows), 2, 24), torch.randn(len(rows), 2, 16)
+            y = multi_adapter_add(y0.clone(), x, batch, tables)
+            y_ref = float64_rows(y0, x, rows, adapters, 2)
+            assert rel_err(y - y0, y_ref - y0.double()) < TOL[torch.float32]
+    differ = [w for w in caught if "differ from the torch path" in str(w.message)]
+    assert tables.verified == {torch.float32: not wrong} and len(differ) == int(wrong)
+    assert len(calls) == (1 if wrong else 4)  # compared once; then run on every batch, or never again
+
+
 def test_torch_stacks_once_per_adapter_set_and_checks_once_per_batch():
     """The torch path stacks each structure group once for all its adapters: batches using any subset
     (in any order) read the same stacks; an in-place change is seen by the next batch, while a batch

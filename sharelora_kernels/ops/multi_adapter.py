@@ -48,6 +48,7 @@ under ``torch.no_grad()`` / ``torch.inference_mode()``, or train one adapter at 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -56,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference import LoRAPath
+from . import dispatch
 from .encoding import check_path
 from .multi_adapter_torch import structure, torch_add
 
@@ -163,6 +165,7 @@ class AdapterTables:
     dtypes: frozenset  # of the adapter tensors
     _device: object = field(default=None, repr=False)
     stacks: dict = field(default_factory=dict, repr=False)  # the torch path's stacked operands (a cache of copies)
+    verified: dict = field(default_factory=dict, repr=False)  # compute dtype -> the kernels agreed (``_verified_add``)
 
     @property
     def num_adapters(self) -> int:
@@ -268,6 +271,29 @@ def _default_triton(y: Tensor, x: Tensor, tables: AdapterTables, compute: torch.
     return True
 
 
+def _verified_add(y: Tensor, x: Tensor, batch: AdapterBatch, tables: AdapterTables, compute: torch.dtype) -> bool:
+    """Whether the kernels may run for these tables at this compute dtype: the first time, their
+    low-rank sums on this batch (into float32 zeros) are compared with the torch path's (the error
+    as ``dispatch.result_error``, within ``dispatch.TOLERANCE`` of the least precise dtype); a
+    mismatch rules them out for these tables, with one warning. y (M, N), x (M, K) in ``compute``."""
+    ok = tables.verified.get(compute)
+    if ok is None:
+        from .multi_adapter_triton import triton_add
+
+        want, got = (torch.zeros(y.shape, dtype=torch.float32, device=y.device) for _ in range(2))
+        torch_add(want, x, batch, tables.adapters, tables.groups, tables.stacks)
+        triton_add(got, x, batch, tables.device_tables())
+        err, _ = dispatch.result_error({"y": got}, {"y": want})
+        tol = max(dispatch.TOLERANCE.get(d, dispatch.TOLERANCE[torch.float32]) for d in {compute, *tables.dtypes})
+        ok = tables.verified[compute] = err <= tol
+        if not ok:
+            warnings.warn(f"sharelora_kernels: the multi-adapter kernels' results differ from the torch path's "
+                          f"(relative error {err:.3g} > {tol:g}, {tables.num_adapters} adapters, K="
+                          f"{tables.in_features} N={tables.out_features}); using the torch path for this layer",
+                          stacklevel=3)
+    return ok
+
+
 # ----------------------------------------------------------------------------- public entry
 def multi_adapter_add(y: Tensor, x: Tensor, batch: AdapterBatch, tables: AdapterTables,
                       compute_dtype: torch.dtype | None = None, use_triton: bool | None = None) -> Tensor:
@@ -279,10 +305,12 @@ def multi_adapter_add(y: Tensor, x: Tensor, batch: AdapterBatch, tables: Adapter
     ``adapter_tables`` of this module; compute_dtype: dtype of the low-rank products' operands
     (default x's; h and the sums in float32); use_triton: the Triton kernels (CUDA tensors, or CPU
     under ``TRITON_INTERPRET=1``; every adapter tensor of one dtype), False the torch path, None
-    (default): Triton for CUDA tensors it takes, torch otherwise. Inference only: RuntimeError when grad is
+    (default): Triton for CUDA tensors it takes once compared with the torch path on the first batch
+    of these tables (``_verified_add``), torch otherwise. Inference only: RuntimeError when grad is
     enabled and x or an adapter tensor requires grad.
     """
     compute = compute_dtype or x.dtype
+    verify = use_triton is None  # the default choice of the kernels is trusted once compared
     use_triton = _default_triton(y, x, tables, compute) if use_triton is None else use_triton
     _check(y, x, batch, tables, compute, use_triton)
     if not batch.segments:
@@ -291,7 +319,9 @@ def multi_adapter_add(y: Tensor, x: Tensor, batch: AdapterBatch, tables: Adapter
         y = y.contiguous()
     y2, x2 = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]).to(compute)
     with torch.autocast(x.device.type, enabled=False):  # the dtypes are chosen above
-        if use_triton:
+        if use_triton and verify and not _verified_add(y2, x2, batch, tables, compute):
+            torch_add(y2, x2, batch, tables.adapters, tables.groups, tables.stacks)
+        elif use_triton:
             from .multi_adapter_triton import triton_add
 
             triton_add(y2, x2, batch, tables.device_tables())
