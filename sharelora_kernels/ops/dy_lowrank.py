@@ -69,7 +69,9 @@ def _dy_lowrank_kernel(
             dh_ptrs = dh_ptr + pid_n.to(tl.int64) * stride_dhs + rows64[:, None] * stride_dhm + ranks[None, :] * stride_dhr
             dh_mask = row_mask[:, None] & rank_mask[None, :]
             # the first column tile writes the slab (no zero-filled buffer), the later ones add to it
-            tl.store(dh_ptrs, tl.load(dh_ptrs, mask=dh_mask & (n0 > n_start), other=0.0) + dh * scale[None, :],
+            # (the tile test as a (1, BLOCK_R) block: a scalar in a mask is int32 in Triton 3.9's interpreter)
+            later = (ranks * 0 + n0 > n_start)[None, :]
+            tl.store(dh_ptrs, tl.load(dh_ptrs, mask=dh_mask & later, other=0.0) + dh * scale[None, :],
                      mask=dh_mask)
         tl.store(db_ptr + pid_m.to(tl.int64) * stride_dbs + ranks[:, None] * stride_dbr + cols[None, :] * stride_dbn, acc_b,
                  mask=rank_mask[:, None] & col_mask[None, :])
