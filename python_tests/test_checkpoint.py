@@ -1,5 +1,4 @@
 """save / load: round trip, shared tensors stored once, atomic writes, every mismatch named."""
-import copy
 
 import pytest
 import torch

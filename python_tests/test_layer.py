@@ -1,5 +1,4 @@
 """SharedLoRALinear on its own, and merge / unmerge on whole models."""
-import copy
 
 import pytest
 import torch
