@@ -217,21 +217,26 @@ def _triton_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequen
 def _auto_runner(runners: dict[str, Run], weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath],
                  dropout_p: float, training: bool) -> Run:
     """auto: ``dispatch.auto_choice`` once per M bucket of this plan, then that backend's runner."""
-    chosen: dict[int, Run] = {}
-    k = weight.shape[1]
-    backends = {"triton": runners["triton"], "compose": runners["compose"]}
+    def choose(x: Tensor) -> str:
+        from . import _fused_lora_linear
 
-    def run(x: Tensor) -> Tensor:
+        return dispatch.auto_choice(x, weight, bias, paths, dropout_p, training,
+                                    {"triton": _fused_lora_linear, "compose": compose.lora_linear})
+    pick = _per_bucket(weight.shape[1], runners, choose)
+    return lambda x: pick(x)(x)
+
+
+def _per_bucket(k: int, runners: dict[str, Callable], choose: Callable[[Tensor], str]) -> Callable[[Tensor], Callable]:
+    """pick(x): the runner named by ``choose(x)`` (auto's choice), asked once per M bucket of x (..., K)."""
+    chosen: dict[int, Callable] = {}
+
+    def pick(x: Tensor) -> Callable:
         bucket = dispatch.m_bucket(x.numel() // k if k else 0)
         fn = chosen.get(bucket)
         if fn is None:
-            from . import _fused_lora_linear
-
-            name = dispatch.auto_choice(x, weight, bias, paths, dropout_p, training,
-                                        {"triton": _fused_lora_linear, "compose": compose.lora_linear})
-            fn = chosen[bucket] = backends[name]
-        return fn(x)
-    return run
+            fn = chosen[bucket] = runners[choose(x)]
+        return fn
+    return pick
 
 
 def build_lowrank(env: tuple, sources: Sequence[Source], x: Tensor, n: int, paths: Sequence[LoRAPath],
@@ -247,17 +252,9 @@ def build_lowrank(env: tuple, sources: Sequence[Source], x: Tensor, n: int, path
     if setting == "auto" and takes and _auto_times_triton(x):
         runners = {name: planned_call(x, n, paths, dropout_p, training, compute_dtype, name == "triton")
                    for name in ("triton", "compose")}
-        chosen: dict[int, Callable] = {}
-        k = x.shape[-1]
-
-        def run(y: Tensor, x: Tensor) -> Tensor:  # auto's choice once per M bucket of this plan
-            bucket = dispatch.m_bucket(x.numel() // k if k else 0)
-            fn = chosen.get(bucket)
-            if fn is None:
-                name = lowrank_auto_choice(x, n, paths, dropout_p, training, compute_dtype, compute_dtype)
-                fn = chosen[bucket] = runners[name]
-            return fn(y, x)
-        return CallPlan(env, sources, run, "auto", adds_to_base=True)
+        pick = _per_bucket(x.shape[-1], runners, lambda x: lowrank_auto_choice(
+            x, n, paths, dropout_p, training, compute_dtype, compute_dtype))
+        return CallPlan(env, sources, lambda y, x: pick(x)(y, x), "auto", adds_to_base=True)
     use_triton = takes and setting == "triton"
     return CallPlan(env, sources, planned_call(x, n, paths, dropout_p, training, compute_dtype, use_triton),
                     "triton" if use_triton else "torch", adds_to_base=True)

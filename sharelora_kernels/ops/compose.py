@@ -65,7 +65,7 @@ def _at_least_fp32(path: LoRAPath) -> LoRAPath:
     return path._replace(tensors=tuple(t.to(torch.promote_types(t.dtype, torch.float32)) for t in path.tensors))
 
 
-def _no_autocast(device: str):
+def no_autocast(device: str):
     """Autocast off inside: a context manager only when autocast is on."""
     return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
@@ -94,7 +94,7 @@ def compose_forward(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor |
     """y (M, N) of x (M, K) (xd: its dropped-out copy, or None), and what backward needs: h (M, R_d)
     of the dense paths, their stacked factors (or None), the Kronecker paths cast, folds and h's."""
     dtype = lowrank_dtype(x.dtype)
-    with _no_autocast(x.device.type):
+    with no_autocast(x.device.type):
         xl = _cast(x if xd is None else xd, dtype)
         dense, krons = _factors(paths, x.shape[1], weight.shape[0], dtype)
         z = h = None
@@ -135,7 +135,7 @@ class _ComposeLinear(torch.autograd.Function):
         dtype = lowrank_dtype(x.dtype)
         keep = 1.0 / (1.0 - p) if mask is not None else 1.0
         sink = sink_for(tensors, need)
-        with _no_autocast(x.device.type):
+        with no_autocast(x.device.type):
             dyl = _cast(dy, dtype)
             xm = None  # dropout(x) * (1 - p), only when an adapter needs a gradient
             if any(need):

@@ -28,14 +28,13 @@ mutable op (``ctx.mark_dirty(y)``); dynamo traces it into one graph (``torch.com
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from ..reference import LoRAPath, _add_lowrank, _dense_factors, add_path_output, path_input
-from .compose import DenseProgram
+from .compose import DenseProgram, no_autocast
 from .encoding import check_path, decode, encode
 from .function import thin_apply
 from .shared_grad import path_grads
@@ -261,7 +260,7 @@ class LowRankPlanned(torch.autograd.Function):
         paths, p, seed, use_triton = program
         if p > 0:
             seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
-        with _no_autocast(x.device.type):  # the dtypes are chosen by the plan
+        with no_autocast(x.device.type):  # the dtypes are chosen by the plan
             h, mask = _backend(use_triton)[0](y.view(-1, y.shape[-1]), x, paths, p, seed)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x, h, mask, seed)
@@ -273,7 +272,7 @@ class LowRankPlanned(torch.autograd.Function):
         x, h, mask, seed = ctx.saved_tensors
         paths, p, _, use_triton = ctx.program
         needs = ctx.needs_input_grad
-        with _no_autocast(x.device.type):
+        with no_autocast(x.device.type):
             dx, grad_a, grad_b = _backend(use_triton)[1](dy.reshape(-1, dy.shape[-1]), x, h, mask, paths, p, seed,
                                                          needs[2])
         tensors = [t for q in paths for t in q.tensors]
@@ -281,11 +280,6 @@ class LowRankPlanned(torch.autograd.Function):
 
 
 _planned_apply = thin_apply(LowRankPlanned)
-
-
-def _no_autocast(device: str):
-    """Autocast off inside (a context manager only when it is on)."""
-    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
 
 class LowRankDense(torch.autograd.Function):
@@ -348,7 +342,7 @@ def planned_call(x: Tensor, n: int, paths: Sequence[LoRAPath], dropout_p: float,
             return y
         if grad:
             return _planned_apply(program, y, x2, *tensors)
-        with _no_autocast(x.device.type):
+        with no_autocast(x.device.type):
             _backend(use_triton)[0](y.view(-1, y.shape[-1]), x2, paths, p, program[2] if p == 0 else
                                     torch.randint(0, 2**31 - 1, (1,), device=x.device))
         return y
