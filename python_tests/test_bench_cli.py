@@ -76,7 +76,7 @@ def test_host_bench_writes_json_table_and_plot(tmp_path, drawn):
     assert data["environment"]["command"].startswith("python -m sharelora_kernels bench") and data["host"]["smoke_run"]
     kinds = {c["kind"]: c for c in data["host"]["cases"]}
     assert set(kinds) == set(host.KINDS)
-    for kind in ("plain", "bishare3", "grouped_qkv"):
+    for kind in ("plain", "bishare3", "grouped_qkv", "4bit_qlora"):
         for mode in host.MODES:
             assert set(kinds[kind]["modes"][mode]) == set(host.VARIANTS)
             assert kinds[kind]["modes"][mode]["peft"]["ratio_vs_peft"] == 1.0

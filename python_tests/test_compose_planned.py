@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharelora_kernels import ops
+from sharelora_kernels import ops, reference
 from sharelora_kernels.ops import compose, path_program
 
 from test_call_plan import K, N, bishare_layer, check_against_float64, rel_err
@@ -160,3 +160,77 @@ def test_4bit_base_planned_call_equals_the_router_call():
         assert rel_err(g, g_ref) < 1e-5
     with torch.no_grad():
         assert rel_err(layer(x), y_ref) < 1e-6
+
+
+@pytest.mark.parametrize("paths_of", ["plain", "slices"])
+@pytest.mark.parametrize("autocast", [True, False])
+def test_4bit_bf16_compute_with_dropout_matches_float64(paths_of, autocast, monkeypatch):
+    """QLoRA's setting: a 4-bit base computing in bf16 (x in float32 under bf16 autocast, or in
+    bf16), float32 adapters, dropout in training. The plan's LowRankDense rounds the operands to bf16
+    and accumulates in float32; output and every gradient against float64 math on the same mask."""
+    pytest.importorskip("bitsandbytes")
+    import logging
+
+    import bitsandbytes as bnb
+    import torch.nn as nn
+
+    from sharelora_kernels.layer import SharedLoRALinear
+    from sharelora_kernels.ops import lowrank_only
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    base = bnb.nn.Linear4bit(K, N, compute_dtype=torch.bfloat16, quant_type="nf4")
+    base.load_state_dict(nn.Linear(K, N).state_dict())
+    if paths_of == "plain":
+        layer = SharedLoRALinear(base.to("cpu"), r=5, alpha=8, dropout=0.25).train()
+    else:
+        donor = bishare_layer(kinds=("plain", "slice", "slice"))
+        layer = SharedLoRALinear(base.to("cpu"), donor.lora_paths, dropout=0.25).train()
+        layer.store = donor.store
+    for t in layer.parameters():
+        if t.requires_grad:
+            nn.init.normal_(t, std=0.3)
+    masks = []
+
+    def recording(x, p):
+        out = compose.draw_dropout(x, p)
+        masks.append(out[1])
+        return out
+
+    monkeypatch.setattr(lowrank_only, "draw_dropout", recording)
+    x = torch.randn(2, 7, K, dtype=torch.float32 if autocast else torch.bfloat16, requires_grad=True)
+    params = [t for p in layer.paths() for t in p.tensors]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+        y_base = layer._base_output(x)
+    assert type(y.grad_fn).__name__ == "LowRankDenseBackward" and len(masks) == 1
+    dy = torch.randn(y.shape, dtype=y.dtype)
+    grads = torch.autograd.grad(y, [x, *params], dy)
+    (dx_base,) = torch.autograd.grad(y_base, [x], dy)
+
+    def bf16(t):  # an operand as the op reads it: rounded to the compute dtype
+        return t.detach().to(torch.bfloat16).double().requires_grad_()
+
+    x64, p64 = bf16(x), [bf16(t) for t in params]
+    paths64, i = [], 0
+    for p in layer.paths():
+        paths64.append(p._replace(tensors=tuple(p64[i:i + len(p.tensors)])))
+        i += len(p.tensors)
+    xd = (x64.reshape(-1, K) * masks[0] / 0.75).reshape(x.shape)
+    zero = torch.zeros(N, K, dtype=torch.float64)
+    low64 = reference.lora_linear(xd, zero, None, paths64)
+    grads64 = torch.autograd.grad(low64, [x64, *p64], bf16(dy))
+    assert rel_err(y, y_base.double() + low64) < 2e-2
+    assert rel_err(grads[0], grads64[0] + dx_base.double()) < 2e-2
+    for g, g64 in zip(grads[1:], grads64[1:]):
+        assert g.dtype == torch.float32 and rel_err(g, g64) < 2e-2
+    assert 0 < masks[0].float().mean() < 1  # some dropped, some kept
+
+
+def test_the_torch_paths_dropout_seed_is_drawn_on_the_host():
+    """The torch path reads its seed on the host (a device seed would sync every call); the
+    kernels read theirs on x's device."""
+    from sharelora_kernels.ops import lowrank_only
+
+    assert lowrank_only._seed(torch.device("cuda"), use_triton=False).device.type == "cpu"
+    assert lowrank_only._seed(torch.device("cpu"), use_triton=True).device.type == "cpu"

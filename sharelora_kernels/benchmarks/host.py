@@ -13,8 +13,9 @@ negligible and the time of a call is its host time. Variants, on the same x:
 
 Layer kinds: plain r=8; one slice, gate or Kronecker path; a 3-path Bi-Share module (plain r=2 and
 slices r=4 and r=32 of shared tensors); q/k/v of one input as an input group; plain r=8 on a
-bitsandbytes 4-bit base (when bitsandbytes is installed); plain r=8 on a bf16 base with fp32 adapters
-under bf16 autocast (what a Trainer with ``bf16=True`` runs), x in bf16. Modes: ``fwd_nograd`` (under
+bitsandbytes 4-bit base (when bitsandbytes is installed), computing in float32, and as QLoRA runs it
+(``4bit_qlora``: nf4 computing in bf16, dropout 0.05, bf16 autocast, x in float32); plain r=8 on a bf16
+base with fp32 adapters under bf16 autocast (what a Trainer with ``bf16=True`` runs), x in bf16. Modes: ``fwd_nograd`` (under
 torch.no_grad), ``fwd`` (x and the adapters require grad), ``fwd+bwd``. Plus one training step
 (forward, loss, backward, AdamW, zero_grad) of a tiny LLaMA (hidden 64, 4 layers, every
 q/k/v/o/gate/up/down, r=8, batch 2 x 32): ours (lora and similarity) against PEFT's LoRA.
@@ -47,7 +48,8 @@ from .ops import bishare_slice_paths, gate_paths, kron_paths, peft_layer, plain_
 M, K, N, R = 8, 64, 64, 8
 MODES = ("fwd_nograd", "fwd", "fwd+bwd")
 VARIANTS = ("linear", "peft", "torch", "compose", "triton_stub")
-KINDS = ("plain", "slice", "gate", "kron", "bishare3", "grouped_qkv", "4bit", "bf16_autocast")
+KINDS = ("plain", "slice", "gate", "kron", "bishare3", "grouped_qkv", "4bit", "4bit_qlora", "bf16_autocast")
+AUTOCAST_KINDS = ("4bit_qlora", "bf16_autocast")  # run under bf16 autocast
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -108,7 +110,9 @@ def _peft(base: nn.Module) -> nn.Module:
 def kind_calls(kind: str) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tensor]], dict[str, str]]:
     """variant -> call(x) of one layer kind, and the variants skipped with their reason."""
     if kind == "4bit":
-        return _4bit_calls()
+        return _4bit_calls(torch.float32, 0.0)
+    if kind == "4bit_qlora":
+        return _4bit_calls(torch.bfloat16, 0.05)
     if kind == "grouped_qkv":
         return _grouped_calls()
     base = _base(0)
@@ -135,7 +139,7 @@ def _grouped_calls():
              "ours": lambda x: [layer(x) for layer in layers]}, {})
 
 
-def _4bit_calls():
+def _4bit_calls(compute_dtype: torch.dtype, dropout: float):
     try:
         import bitsandbytes as bnb
         from peft import LoraConfig, get_peft_model
@@ -147,16 +151,17 @@ def _4bit_calls():
     dense = _base(0)
 
     def quantized():
-        q = bnb.nn.Linear4bit(K, N, compute_dtype=torch.float32, quant_type="nf4")
+        q = bnb.nn.Linear4bit(K, N, compute_dtype=compute_dtype, quant_type="nf4")
         q.load_state_dict(dense.state_dict())
         return q.to("cpu").train()
 
     base = quantized()
-    ours = SharedLoRALinear(quantized(), r=R, alpha=2 * R).train()
+    ours = SharedLoRALinear(quantized(), r=R, alpha=2 * R, dropout=dropout).train()
     nn.init.normal_(ours.lora_paths[0].B, std=0.02)
     holder = nn.Sequential()
     holder.add_module("lin", quantized())
-    peft = get_peft_model(holder, LoraConfig(r=R, lora_alpha=2 * R, target_modules=["lin"])).train()
+    peft = get_peft_model(holder, LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=dropout,
+                                             target_modules=["lin"])).train()
     return {"linear": base, "peft": peft, "ours": ours}, {}
 
 
@@ -211,8 +216,8 @@ def run_kind(kind: str, rounds: int, burst: int) -> dict:
     calls, skipped = kind_calls(kind)
     if not calls:
         return {"kind": kind, "skipped": skipped}
-    autocast = kind == "bf16_autocast"
-    x = torch.randn(M, K, dtype=torch.bfloat16 if autocast else torch.float32)
+    autocast = kind in AUTOCAST_KINDS
+    x = torch.randn(M, K, dtype=torch.bfloat16 if kind == "bf16_autocast" else torch.float32)
     xg = x.clone().requires_grad_()
     ours = calls.pop("ours")
     variants = {"linear": calls["linear"], "peft": calls["peft"]}

@@ -18,8 +18,8 @@ batch) and keeps a ``run(x)`` that issues the chosen backend's one op boundary d
                                    wrapper), its factor tables built once
     torch                          ``reference.lora_linear`` on the prebuilt path list
     auto                           the choice of ``dispatch.auto_choice``, kept per M bucket
-    a base that computes itself    ``lowrank_only.LowRankDense`` (plain / slice float32 paths on the
-                                   torch path, no dropout) or ``LowRankPlanned`` (no custom-op wrapper)
+    a base that computes itself    ``lowrank_only.LowRankDense`` (plain / slice paths on the torch
+                                   path) or ``LowRankPlanned`` (no custom-op wrapper)
 
 A plan is valid while nothing it was built from changed. Two cheap comparisons decide, at each call:
 

@@ -65,9 +65,31 @@ def _at_least_fp32(path: LoRAPath) -> LoRAPath:
     return path._replace(tensors=tuple(t.to(torch.promote_types(t.dtype, torch.float32)) for t in path.tensors))
 
 
+class _AutocastOff:
+    """Autocast off on ``device`` inside the block, on again after: what ``torch.autocast(device,
+    enabled=False)`` does inside an autocast region, without its Python bookkeeping (a few
+    microseconds a call). Eager only: dynamo traces ``torch.autocast``."""
+
+    __slots__ = ("device",)
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __enter__(self) -> None:
+        torch.set_autocast_enabled(self.device, False)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_autocast_enabled(self.device, True)
+
+
+_NOTHING = contextlib.nullcontext()
+
+
 def no_autocast(device: str):
     """Autocast off inside: a context manager only when autocast is on."""
-    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+    if not torch.is_autocast_enabled(device):
+        return _NOTHING
+    return torch.autocast(device, enabled=False) if torch.compiler.is_compiling() else _AutocastOff(device)
 
 
 def _factors(paths: Sequence[LoRAPath], k: int, n: int, dtype: torch.dtype) -> tuple[tuple[Tensor, Tensor] | None,
@@ -326,14 +348,18 @@ class DenseProgram:
     """
 
     def __init__(self, weight: Tensor | None, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
-                 shape: tuple[int, int] | None = None):
+                 shape: tuple[int, int] | None = None, compute: torch.dtype | None = None):
         """weight None: the adapter side alone (``add_into`` / ``lowrank_backward``) for a base that
-        computes itself, of ``shape`` (N, K), the GEMMs in the adapters' dtype."""
+        computes itself, of ``shape`` (N, K): its operands (x, dy, the adapters) rounded to the
+        ``compute`` dtype, the GEMMs in that dtype's accumulation dtype (float32 or float64)."""
         n, k = weight.shape if weight is not None else shape
         self.weight, self.bias, self.p, self.k, self.n = weight, bias, dropout_p, k, n
         self.wt = None if weight is None else weight.t()
         self.adapter_dtype = paths[0].tensors[0].dtype
-        self.dtype = self.adapter_dtype if weight is None else lowrank_dtype(weight.dtype)
+        self.dtype = torch.promote_types(compute, torch.float32) if weight is None else lowrank_dtype(weight.dtype)
+        self.compute = compute
+        # a bfloat16 / float16 compute dtype on a quantized base: operands rounded to it, then cast
+        self.operand = compute if weight is None and compute != self.dtype else None
         device = paths[0].tensors[0].device
         self.window = [(q.k_offset, q.n_offset) if q.kind == "slice" else None for q in paths]
         self.sliced = any(w is not None for w in self.window)
@@ -354,7 +380,7 @@ class DenseProgram:
         self.bias_term, self.beta = (self.zero, 0) if bias is None else (bias, 1)
         self.detached = self.windows([t.detach() for q in paths for t in q.tensors])
         # no dropout, nothing cast: DenseLean reads these views directly
-        self.lean = dropout_p == 0 and self.adapter_dtype == self.dtype and (
+        self.lean = dropout_p == 0 and self.operand is None and self.adapter_dtype == self.dtype and (
             weight is None or weight.dtype == self.dtype) and (bias is None or bias.dtype == self.dtype)
         self.a_list, self.b_list = self.detached[0::2], self.detached[1::2]
         self.a, self.b = self.detached if self.single else (None, None)
@@ -382,7 +408,9 @@ class DenseProgram:
             a, b = ab
         else:
             a, b = torch.cat(ab[0::2]), torch.cat(ab[1::2], 1)
-        if a.dtype != self.dtype:
+        if self.operand is not None:
+            a, b = a.to(self.operand).to(self.dtype), b.to(self.operand).to(self.dtype)
+        elif a.dtype != self.dtype:
             a, b = a.to(self.dtype), b.to(self.dtype)
         xl = x if xd is None else xd
         return torch.mm(xl if xl.dtype == self.dtype else xl.to(self.dtype), a.t()), a, b
@@ -399,15 +427,18 @@ class DenseProgram:
         """y (M, N) of x (M, K) without autograd (dropout drawn here in training)."""
         return self.forward(x, draw_dropout(x, self.p)[0], self.detached)[0]
 
-    def add_into(self, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """y (M, N) += the paths of x (M, K) in place, without dropout (x, y in the low-rank dtype);
-        returns (h, A, B) as ``forward``."""
-        h, a, b = self.project(x, None, self.detached)
-        if self.single:
-            y.addmm_(h, b.t(), alpha=self.scale)
+    def add_into(self, y: Tensor, x: Tensor, xd: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """y (M, N) += the paths of x (M, K) in place (xd: its dropped-out copy, or None); x in the
+        compute dtype, y in any float dtype (the term is rounded to it once); returns (h, A, B) as
+        ``forward``."""
+        h, a, b = self.project(x, xd, self.detached)
+        alpha = self.scale
+        if not self.single:
+            b, alpha = b * self.scales, 1.0
+        if y.dtype == self.dtype:
+            y.addmm_(h, b.t(), alpha=alpha)
         else:
-            b = b * self.scales
-            y.addmm_(h, b.t())
+            y.add_(torch.mm(h, b.t()), alpha=alpha)
         return h, a, b
 
     def backward(self, dy: Tensor, x: Tensor, mask: Tensor | None, h: Tensor, a: Tensor, b: Tensor,
@@ -423,6 +454,8 @@ class DenseProgram:
                          needs: Sequence[bool]) -> tuple[Tensor | None, ...]:
         """(the paths' part of dx (M, K) in the low-rank dtype, masked, then each path's dA, dB) from
         dy (M, N); ``needs`` = (x, then each tensor)."""
+        if self.operand is not None:
+            dy = dy.to(self.operand)
         dyl = dy if dy.dtype == self.dtype else dy.to(self.dtype)
         if self.single:
             dh = torch.addmm(self.zero, dyl, b, beta=0, alpha=self.scale if mask is None else self.scale * self.keep)

@@ -13,13 +13,15 @@ through): ``dh = s * dy B_eff``, ``dx = mask(dh A_eff) / (1 - p)``, ``dA_eff = d
 ``dB_eff^T = (s h)^T dy`` in the accumulation dtype, then the chain to each parameter
 (``shared_grad.path_grads``: slice window, Kronecker fold, gate core). Dropout draws one mask on x
 from a seed; x is not copied (the torch path draws the mask again in backward, the kernels keep it
-bit-packed, M * K / 8 bytes).
+bit-packed, M * K / 8 bytes). A layer's call plan of plain / slice paths on the torch path runs
+``LowRankDense`` instead, which keeps the mask as bool (M * K bytes), as the compose backend does.
 
 Backends: ``torch`` (any device: the reference's helpers ``_dense_factors`` (plain, slice and gate
 paths stacked, a gate as its rank-g pair: one pass over x) and ``path_input`` / ``add_path_output``
-(Kronecker paths: nothing expanded), the mask from a ``torch.Generator`` seeded with the seed); ``triton`` (CUDA, or the
-interpreter; ``lowrank_only_triton``: ``lowrank_project`` for h and the mask, one kernel adding into
-y in place, ``dy_lowrank`` and ``lowrank_grad`` for dh, dB and dA).
+(Kronecker paths: nothing expanded), the mask from a ``torch.Generator`` seeded with a seed drawn on
+the host); ``triton`` (CUDA, or the interpreter; ``lowrank_only_triton``: ``lowrank_project`` for h
+and the mask, one kernel adding into y in place, ``dy_lowrank`` and ``lowrank_grad`` for dh, dB and
+dA; the seed on x's device).
 
 Registered as the custom ops ``sharelora::lowrank_add_`` (mutates y, returns h and the mask) and
 ``sharelora::lowrank_add_backward``, with fake kernels. ``torch.library`` attaches no autograd
@@ -34,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..reference import LoRAPath, _add_lowrank, _dense_factors, add_path_output, path_input
-from .compose import DenseProgram, no_autocast
+from .compose import DenseProgram, draw_dropout, no_autocast
 from .encoding import check_path, decode, encode
 from .function import thin_apply
 from .shared_grad import path_grads
@@ -44,8 +46,9 @@ DENSE_KINDS = ("plain", "slice", "gate")  # stacked into one LoRA by the torch p
 
 # ----------------------------------------------------------------------------- torch path
 def _keep(x: Tensor, p: float, seed: Tensor) -> Tensor | None:
-    """The (M, K) keep mask of ``seed`` (None when p == 0): ``rand >= p`` from a generator on x's
-    device seeded with it, so backward draws the forward's mask again."""
+    """The (M, K) keep mask of ``seed`` (a host tensor: reading it costs no device sync; None when
+    p == 0): ``rand >= p`` from a generator on x's device seeded with it, so backward draws the
+    forward's mask again."""
     if p == 0:
         return None
     gen = torch.Generator(device=x.device)
@@ -240,8 +243,7 @@ def lowrank_add(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: floa
         y = y.clone(memory_format=torch.contiguous_format)
     x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype or x.dtype)
     p = dropout_p if training else 0.0
-    seed = (torch.randint(0, 2**31 - 1, (1,), device=x.device) if p > 0 else
-            torch.zeros(1, dtype=torch.int64, device=x.device))
+    seed = _seed(x.device, use_triton) if p > 0 else torch.zeros(1, dtype=torch.int64, device=x.device)
     tensors, layout, scales = encode(paths)
     if not (torch.is_grad_enabled() and (x2.requires_grad or y.requires_grad or any(t.requires_grad for t in tensors))):
         _forward_op(y, x2, tensors, layout, scales, p, seed, use_triton)  # no gradient wanted
@@ -259,7 +261,7 @@ class LowRankPlanned(torch.autograd.Function):
     def forward(ctx, program, y, x, *tensors):
         paths, p, seed, use_triton = program
         if p > 0:
-            seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
+            seed = _seed(x.device, use_triton)
         with no_autocast(x.device.type):  # the dtypes are chosen by the plan
             h, mask = _backend(use_triton)[0](y.view(-1, y.shape[-1]), x, paths, p, seed)
         ctx.mark_dirty(y)
@@ -283,67 +285,76 @@ _planned_apply = thin_apply(LowRankPlanned)
 
 
 class LowRankDense(torch.autograd.Function):
-    """The planned eager call of plain / slice paths in float32 without dropout on the torch path:
-    ``apply(program, y, x (M, K), *tensors)`` adds them into y in place with the GEMMs of
-    ``compose.DenseProgram`` (its adapter side: ``add_into``, ``lowrank_backward``), nothing cast."""
+    """The planned eager call of plain / slice paths on the torch path: ``apply(program, y, x (M, K),
+    *tensors)`` adds them into y in place with the GEMMs of ``compose.DenseProgram`` (its adapter
+    side: ``add_into``, ``lowrank_backward``; x in the compute dtype, the products in its
+    accumulation dtype; x cast to it here, its gradient cast back). Dropout draws one bool mask,
+    saved with x (as the compose backend does: nothing read back from the device, no generator
+    seeded per call)."""
 
     @staticmethod
     def forward(ctx, program, y, x, *tensors):
-        h, a, b = program.add_into(y.view(-1, program.n), x)
+        ctx.x_dtype = x.dtype
+        if x.dtype != program.compute:
+            x = x.to(program.compute)
+        xd, mask = draw_dropout(x, program.p)
+        with no_autocast(x.device.type):  # the dtypes are chosen by the plan
+            h, a, b = program.add_into(y.view(-1, program.n), x, xd)
         ctx.mark_dirty(y)
-        ctx.save_for_backward(x, h, a, b)
+        ctx.save_for_backward(x, mask, h, a, b)
         ctx.program = program
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, h, a, b = ctx.saved_tensors
+        x, mask, h, a, b = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        return (None, dy, *ctx.program.lowrank_backward(dy.reshape(-1, dy.shape[-1]), x, None, h, a, b, needs[2:]))
+        with no_autocast(x.device.type):
+            dx, *grads = ctx.program.lowrank_backward(dy.reshape(-1, dy.shape[-1]), x, mask, h, a, b, needs[2:])
+        return (None, dy, dx if dx is None or dx.dtype == ctx.x_dtype else dx.to(ctx.x_dtype), *grads)
 
 
 _dense_apply = thin_apply(LowRankDense)
 
 
-def _lean(x: Tensor, paths: Sequence[LoRAPath], p: float, compute_dtype: torch.dtype, use_triton: bool) -> bool:
-    """Whether ``LowRankDense`` serves a plan: the torch path, no dropout, autocast off, float32
-    compute and adapters, plain / slice paths (``DenseProgram.takes``)."""
-    return (not use_triton and p == 0 and compute_dtype == torch.float32
-            and not torch.is_autocast_enabled(x.device.type)
-            and DenseProgram.takes(paths) and paths[0].tensors[0].dtype == torch.float32)
+def _seed(device: torch.device, use_triton: bool) -> Tensor:
+    """The dropout seed of one call: the kernels read it on x's device; the torch path reads it on
+    the host (``_keep``), so it is drawn there (no device-to-host copy per call)."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device if use_triton else "cpu")
 
 
 def planned_call(x: Tensor, n: int, paths: Sequence[LoRAPath], dropout_p: float, training: bool,
                  compute_dtype: torch.dtype, use_triton: bool):
-    """The run(y, x) of a call plan on this op: the checks, flat arguments and a zero seed made once
-    (``LowRankDense``'s program where it serves the plan)."""
+    """The run(y, x) of a call plan on this op: the checks, flat arguments and a zero seed made once;
+    on the torch path, plain / slice paths (``DenseProgram.takes``) run ``LowRankDense``."""
     p = dropout_p if training else 0.0
     paths = list(paths)
     tensors = [t for q in paths for t in q.tensors]
     program = (paths, p, torch.zeros(1, dtype=torch.int64, device=x.device), use_triton)
     for i, q in enumerate(paths):
         check_path(i, q, x.shape[-1], n)
-    dense = DenseProgram(None, None, paths, 0.0, shape=(n, x.shape[-1])) if _lean(x, paths, p, compute_dtype,
-                                                                                  use_triton) else None
+    dense = None
+    if not use_triton and DenseProgram.takes(paths):
+        dense = DenseProgram(None, None, paths, p, shape=(n, x.shape[-1]), compute=compute_dtype)
 
     def run(y: Tensor, x: Tensor) -> Tensor:
         _check(y, x, (), p)
         if not y.is_contiguous() or y._base is not None:
             y = y.clone(memory_format=torch.contiguous_format)
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.dtype != compute_dtype:
-            x2 = x2.to(compute_dtype)
         grad = torch.is_grad_enabled() and (x2.requires_grad or y.requires_grad
                                             or any(t.requires_grad for t in tensors))
-        if dense is not None and y.dtype == compute_dtype:
-            if grad:
-                return _dense_apply(dense, y, x2, *tensors)
-            dense.add_into(y.view(-1, n), x2)
+        if dense is not None and grad:
+            return _dense_apply(dense, y, x2, *tensors)  # casts x itself: one autograd node
+        if x2.dtype != compute_dtype:
+            x2 = x2.to(compute_dtype)
+        if dense is not None:
+            with no_autocast(x.device.type):
+                dense.add_into(y.view(-1, n), x2, draw_dropout(x2, p)[0])
             return y
         if grad:
             return _planned_apply(program, y, x2, *tensors)
         with no_autocast(x.device.type):
             _backend(use_triton)[0](y.view(-1, y.shape[-1]), x2, paths, p, program[2] if p == 0 else
-                                    torch.randint(0, 2**31 - 1, (1,), device=x.device))
-        return y
+                                    _seed(x.device, use_triton))
     return run
