@@ -174,6 +174,41 @@ def test_autocast_over_a_base_in_its_dtype_runs_the_plan(x_dtype, monkeypatch):
         assert rel_err(ours, exact) < 2e-2 and rel_err(router, exact) < 2e-2
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_autocast_over_a_float32_base_runs_the_plan(dropout, monkeypatch):
+    """A float32 model under bf16 autocast (Trainer's bf16=True): the plan casts x, W and b every
+    call, as autocast does, and runs compose with autocast off; the router is not called again.
+    Output and every gradient equal the router's call on the same dropout mask, and within bf16
+    tolerance of float64; the forward alone too; autocast is on again after a call."""
+    layer = bishare_layer(dropout=dropout).train()
+    x = torch.randn(3, 5, K, requires_grad=True)
+    params = [t for p in layer.paths() for t in p.tensors]
+    dy = torch.randn(3, 5, N, dtype=torch.bfloat16)
+    routed = []
+    real = ops.lora_linear
+    monkeypatch.setattr(ops, "lora_linear", lambda *a, **kw: routed.append(1) or real(*a, **kw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+        torch.manual_seed(7)
+        y = layer(x)
+        assert torch.is_autocast_enabled("cpu")
+        grads = torch.autograd.grad(y, [x, *params], dy)
+        with torch.no_grad():
+            torch.manual_seed(7)
+            y_alone = layer(x)
+        torch.manual_seed(7)
+        y_router = real(x, layer.base_weight(), layer.bias, layer.paths(), dropout, True)
+        grads_router = torch.autograd.grad(y_router, [x, *params], dy)
+    assert not routed and layer._plan.backend == "compose"
+    assert y.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.float32] * (1 + len(params))
+    for ours, router in zip([y, y_alone, *grads], [y_router, y_router, *grads_router]):
+        assert rel_err(ours, router) < 2e-2  # bf16 roundings in another order; another mask errs by O(1)
+    if dropout == 0:
+        y64, grads64 = float64_call(layer, x, dy)
+        for ours, exact in zip([y, *grads], [y64, *grads64]):
+            assert rel_err(ours, exact) < 2e-2
+
+
 def test_merge_and_paths_version_rebuild_the_plan():
     layer = bishare_layer()
     x = torch.randn(4, K)

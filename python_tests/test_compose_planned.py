@@ -164,10 +164,11 @@ def test_4bit_base_planned_call_equals_the_router_call():
 
 @pytest.mark.parametrize("paths_of", ["plain", "slices"])
 @pytest.mark.parametrize("autocast", [True, False])
-def test_4bit_bf16_compute_with_dropout_matches_float64(paths_of, autocast, monkeypatch):
-    """QLoRA's setting: a 4-bit base computing in bf16 (x in float32 under bf16 autocast, or in
-    bf16), float32 adapters, dropout in training. The plan's LowRankDense rounds the operands to bf16
-    and accumulates in float32; output and every gradient against float64 math on the same mask."""
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_4bit_half_compute_with_dropout_matches_float64(paths_of, autocast, half, monkeypatch):
+    """QLoRA's setting: a 4-bit base computing in bf16 or fp16 (x in float32 under autocast, or in
+    that dtype), float32 adapters, dropout in training. The plan's LowRankDense rounds the operands to
+    it and accumulates in float32; output and every gradient against float64 math on the same mask."""
     pytest.importorskip("bitsandbytes")
     import logging
 
@@ -179,7 +180,7 @@ def test_4bit_bf16_compute_with_dropout_matches_float64(paths_of, autocast, monk
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     torch.manual_seed(0)
-    base = bnb.nn.Linear4bit(K, N, compute_dtype=torch.bfloat16, quant_type="nf4")
+    base = bnb.nn.Linear4bit(K, N, compute_dtype=half, quant_type="nf4")
     base.load_state_dict(nn.Linear(K, N).state_dict())
     if paths_of == "plain":
         layer = SharedLoRALinear(base.to("cpu"), r=5, alpha=8, dropout=0.25).train()
@@ -198,9 +199,9 @@ def test_4bit_bf16_compute_with_dropout_matches_float64(paths_of, autocast, monk
         return out
 
     monkeypatch.setattr(lowrank_only, "draw_dropout", recording)
-    x = torch.randn(2, 7, K, dtype=torch.float32 if autocast else torch.bfloat16, requires_grad=True)
+    x = torch.randn(2, 7, K, dtype=torch.float32 if autocast else half, requires_grad=True)
     params = [t for p in layer.paths() for t in p.tensors]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast("cpu", dtype=half, enabled=autocast):
         y = layer(x)
         y_base = layer._base_output(x)
     assert type(y.grad_fn).__name__ == "LowRankDenseBackward" and len(masks) == 1
@@ -208,10 +209,10 @@ def test_4bit_bf16_compute_with_dropout_matches_float64(paths_of, autocast, monk
     grads = torch.autograd.grad(y, [x, *params], dy)
     (dx_base,) = torch.autograd.grad(y_base, [x], dy)
 
-    def bf16(t):  # an operand as the op reads it: rounded to the compute dtype
-        return t.detach().to(torch.bfloat16).double().requires_grad_()
+    def rounded(t):  # an operand as the op reads it: rounded to the compute dtype
+        return t.detach().to(half).double().requires_grad_()
 
-    x64, p64 = bf16(x), [bf16(t) for t in params]
+    x64, p64 = rounded(x), [rounded(t) for t in params]
     paths64, i = [], 0
     for p in layer.paths():
         paths64.append(p._replace(tensors=tuple(p64[i:i + len(p.tensors)])))
@@ -219,7 +220,7 @@ def test_4bit_bf16_compute_with_dropout_matches_float64(paths_of, autocast, monk
     xd = (x64.reshape(-1, K) * masks[0] / 0.75).reshape(x.shape)
     zero = torch.zeros(N, K, dtype=torch.float64)
     low64 = reference.lora_linear(xd, zero, None, paths64)
-    grads64 = torch.autograd.grad(low64, [x64, *p64], bf16(dy))
+    grads64 = torch.autograd.grad(low64, [x64, *p64], rounded(dy))
     assert rel_err(y, y_base.double() + low64) < 2e-2
     assert rel_err(grads[0], grads64[0] + dx_base.double()) < 2e-2
     for g, g64 in zip(grads[1:], grads64[1:]):

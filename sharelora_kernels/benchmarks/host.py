@@ -11,11 +11,14 @@ negligible and the time of a call is its host time. Variants, on the same x:
     triton_stub  our layer on triton with every kernel launch replaced by a no-op: the launchers'
                  host work without the interpreter or a GPU (its outputs are garbage, untimed)
 
-Layer kinds: plain r=8; one slice, gate or Kronecker path; a 3-path Bi-Share module (plain r=2 and
-slices r=4 and r=32 of shared tensors); q/k/v of one input as an input group; plain r=8 on a
-bitsandbytes 4-bit base (when bitsandbytes is installed), computing in float32, and as QLoRA runs it
-(``4bit_qlora``: nf4 computing in bf16, dropout 0.05, bf16 autocast, x in float32); plain r=8 on a bf16
-base with fp32 adapters under bf16 autocast (what a Trainer with ``bf16=True`` runs), x in bf16. Modes: ``fwd_nograd`` (under
+Layer kinds: plain r=8; one slice, gate or Kronecker path; a 3-path Bi-Share module (plain r=2, and
+r=4 and r=32 parts of shared tensors) of each shape transform: slices (``bishare3``), gates
+(``bishare3_gate``), Kronecker factors (``bishare3_kron``); q/k/v of one input as an input group;
+plain r=8 on a bitsandbytes 4-bit base (when bitsandbytes is installed), computing in float32, and
+as QLoRA runs it (``4bit_qlora``: nf4 computing in bf16, dropout 0.05, bf16 autocast, x in
+float32); plain r=8 with fp32 adapters under bf16 autocast (what a Trainer with ``bf16=True``
+runs) on a bf16 base, x in bf16 (``bf16_autocast``), and on a float32 base, x in float32
+(``fp32_autocast``: the base cast every call, as autocast casts it). Modes: ``fwd_nograd`` (under
 torch.no_grad), ``fwd`` (x and the adapters require grad), ``fwd+bwd``. Plus one training step
 (forward, loss, backward, AdamW, zero_grad) of a tiny LLaMA (hidden 64, 4 layers, every
 q/k/v/o/gate/up/down, r=8, batch 2 x 32): ours (lora and similarity) against PEFT's LoRA.
@@ -43,13 +46,14 @@ from ..layer import AdapterStore, LoRAPathModule, SharedLoRALinear
 from ..config import PATH_ROLES
 from ..plan import PathSpec, TensorSpec
 from ..reference import LoRAPath
-from .ops import bishare_slice_paths, gate_paths, kron_paths, peft_layer, plain_paths, slice_paths
+from .ops import bishare_paths, gate_paths, kron_paths, peft_layer, plain_paths, slice_paths
 
 M, K, N, R = 8, 64, 64, 8
 MODES = ("fwd_nograd", "fwd", "fwd+bwd")
 VARIANTS = ("linear", "peft", "torch", "compose", "triton_stub")
-KINDS = ("plain", "slice", "gate", "kron", "bishare3", "grouped_qkv", "4bit", "4bit_qlora", "bf16_autocast")
-AUTOCAST_KINDS = ("4bit_qlora", "bf16_autocast")  # run under bf16 autocast
+KINDS = ("plain", "slice", "gate", "kron", "bishare3", "bishare3_gate", "bishare3_kron", "grouped_qkv", "4bit",
+         "4bit_qlora", "bf16_autocast", "fp32_autocast")
+AUTOCAST_KINDS = ("4bit_qlora", "bf16_autocast", "fp32_autocast")  # run under bf16 autocast
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -95,7 +99,9 @@ PATHS = {"plain": lambda: plain_paths(K, N, "cpu", torch.float32, r=R),
          "slice": lambda: slice_paths(K, N, "cpu", torch.float32, r=R),
          "gate": lambda: gate_paths(K, N, "cpu", torch.float32),
          "kron": lambda: kron_paths(K, N, "cpu", torch.float32, r=R),
-         "bishare3": lambda: bishare_slice_paths(K, N, "cpu", torch.float32)}
+         "bishare3": lambda: bishare_paths(K, N, "cpu", torch.float32, "slice"),
+         "bishare3_gate": lambda: bishare_paths(K, N, "cpu", torch.float32, "gate"),
+         "bishare3_kron": lambda: bishare_paths(K, N, "cpu", torch.float32, "kron")}
 
 
 def _base(seed: int) -> nn.Linear:
@@ -116,8 +122,9 @@ def kind_calls(kind: str) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tens
     if kind == "grouped_qkv":
         return _grouped_calls()
     base = _base(0)
-    if kind == "bf16_autocast":  # a bf16 base, fp32 adapters (PEFT's default under autocast), bf16 autocast
-        base = base.to(torch.bfloat16)
+    if kind in ("bf16_autocast", "fp32_autocast"):  # fp32 adapters (PEFT's default under autocast), bf16 autocast
+        if kind == "bf16_autocast":  # a bf16 base; fp32_autocast: a float32 base, cast every call
+            base = base.to(torch.bfloat16)
         return {"linear": base, "peft": _peft(base), "ours": layer_with_paths(copy.deepcopy(base), PATHS["plain"]())}, {}
     ours = layer_with_paths(copy.deepcopy(base), PATHS[kind]())
     peft = _peft(base)

@@ -68,9 +68,10 @@ def gate_paths(k: int, n: int, device, dtype, r: int = 8, g: int = 1) -> list[Lo
     return [LoRAPath("gate", t, 2.0)]
 
 
-def kron_paths(k: int, n: int, device, dtype, r: int = 16) -> list[LoRAPath]:
-    """A Kronecker path on a shared (r, d) / (d, r) pair, d = 256 or the largest power of 2 dividing K, N."""
-    d = math.gcd(256, k, n)
+def kron_paths(k: int, n: int, device, dtype, r: int = 16, d: int = 256) -> list[LoRAPath]:
+    """A Kronecker path on a shared (r, d) / (d, r) pair, d = 256 (or ``d``) or the largest power of 2
+    dividing it, K and N."""
+    d = math.gcd(d, k, n)
     t = (_t(r, d, device=device, dtype=dtype), _t(d, r, device=device, dtype=dtype),
          _t(1, k // d, device=device, dtype=dtype), _t(n // d, 1, device=device, dtype=dtype))
     return [LoRAPath("kron", t, 2.0)]
@@ -78,8 +79,15 @@ def kron_paths(k: int, n: int, device, dtype, r: int = 16) -> list[LoRAPath]:
 
 def bishare_slice_paths(k: int, n: int, device, dtype) -> list[LoRAPath]:
     """One Bi-Share SS module at the paper's ranks: local plain r=2, intra slice r=4, inter slice r=32."""
-    return (plain_paths(k, n, device, dtype, r=2) + slice_paths(k, n, device, dtype, r=4)
-            + slice_paths(k, n, device, dtype, r=32))
+    return bishare_paths(k, n, device, dtype, "slice")
+
+
+def bishare_paths(k: int, n: int, device, dtype, transform: str) -> list[LoRAPath]:
+    """One Bi-Share module of a shape transform (slice, gate, kron) at the paper's ranks: local plain
+    r=2, intra r=4, inter r=32 (gates of rank 1; Kronecker d = K / 4 at most)."""
+    part = {"slice": slice_paths, "gate": gate_paths,
+            "kron": lambda *a, r: kron_paths(*a, r=r, d=max(k // 4, 1))}[transform]
+    return plain_paths(k, n, device, dtype, r=2) + part(k, n, device, dtype, r=4) + part(k, n, device, dtype, r=32)
 
 
 # name -> (paths builder, rank of the equivalent plain LoRA: what PEFT runs)

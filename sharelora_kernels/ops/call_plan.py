@@ -18,6 +18,10 @@ batch) and keeps a ``run(x)`` that issues the chosen backend's one op boundary d
                                    wrapper), its factor tables built once
     torch                          ``reference.lora_linear`` on the prebuilt path list
     auto                           the choice of ``dispatch.auto_choice``, kept per M bucket
+    under autocast                 a base in autocast's dtype: x cast, then the plan of those
+                                   operands; a base of another dtype, plain / slice paths on
+                                   compose: ``compose.cast_base_runner`` (W and b cast every call,
+                                   as autocast does); anything else: the router
     a base that computes itself    ``lowrank_only.LowRankDense`` (plain / slice paths on the torch
                                    path) or ``LowRankPlanned`` (no custom-op wrapper)
 
@@ -160,6 +164,9 @@ def build_linear(env: tuple, sources: Sequence[Source], x: Tensor, weight: Tenso
     if cast is not None:
         if cast[1] is weight and cast[2] is bias:  # the base in autocast's dtype: only x is cast per call
             return _without_autocast(env, sources, cast[0], weight, bias, paths, dropout_p, training)
+        if (setting == "compose" or (setting == "auto" and not _auto_times_triton(x))) and _compose_takes(*cast, paths) \
+                and compose.DenseProgram.takes(paths):
+            return CallPlan(env, sources, _cast_base_runner(cast, weight, bias, paths, dropout_p, training), "compose")
         # a base of another dtype is cast every call (as autocast's linear does): the router's path
         return CallPlan(env, sources, lambda x: lora_linear(x, weight, bias, paths, dropout_p, training, backend=setting),
                         setting)
@@ -192,6 +199,19 @@ def _without_autocast(env: tuple, sources: Sequence[Source], xs: Tensor, weight:
         finally:
             torch.set_autocast_enabled(device, True)
     return CallPlan(env, sources, run, inner.backend)
+
+
+def _cast_base_runner(cast: tuple, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
+                      training: bool) -> Run:
+    """compose's run(x) under autocast for a base cast every call (``compose.cast_base_runner``) of
+    plain / slice paths. ``cast``: this call's (x, W, b) in the autocast dtype, what the program is
+    built from."""
+    xs, ws, bs = cast
+    p = dropout_p if training else 0.0
+    compose._check(xs, ws, bs, p)
+    program = compose.DenseProgram(ws, bs, paths, p, per_call=True)
+    tensors = [t for q in paths for t in q.tensors]
+    return compose.cast_base_runner(program, weight, bias, tensors, grad_wanted(xs, paths), xs.dtype)
 
 
 def _compose_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,

@@ -334,6 +334,20 @@ def grouped_lora_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[T
 
 
 # ----------------------------------------------------------------------------- the planned dense call
+class Base(NamedTuple):
+    """The frozen base of a planned call as its GEMMs read it: W (N, K), its transpose, the term the
+    low-rank GEMM's epilogue adds (the bias (N,), or a 0-d zero) and that GEMM's beta (1 or 0)."""
+
+    weight: Tensor
+    wt: Tensor
+    bias_term: Tensor
+    beta: int
+
+
+def base_of(weight: Tensor, bias: Tensor | None, zero: Tensor) -> Base:
+    return Base(weight, weight.t(), zero if bias is None else bias, 0 if bias is None else 1)
+
+
 class DenseProgram:
     """What a compose call of plain and slice paths needs that does not change between calls, built
     once by a layer's call plan (``ops.call_plan``): the frozen weight (N, K) and bias, each slice's
@@ -344,17 +358,20 @@ class DenseProgram:
     paths, no tensor read twice, every adapter tensor in one floating dtype).
 
     Both the forward without gradient and ``DenseCompose`` read the detached windows; backward
-    returns each slice's window gradient padded into its tensor's shape (``pads``).
+    returns each slice's window gradient padded into its tensor's shape (``pads``). The frozen base
+    is the program's own (``own``), or, for a base cast every call (``per_call``), each call's.
     """
 
     def __init__(self, weight: Tensor | None, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
-                 shape: tuple[int, int] | None = None, compute: torch.dtype | None = None):
+                 shape: tuple[int, int] | None = None, compute: torch.dtype | None = None, per_call: bool = False):
         """weight None: the adapter side alone (``add_into`` / ``lowrank_backward``) for a base that
         computes itself, of ``shape`` (N, K): its operands (x, dy, the adapters) rounded to the
-        ``compute`` dtype, the GEMMs in that dtype's accumulation dtype (float32 or float64)."""
+        ``compute`` dtype, the GEMMs in that dtype's accumulation dtype (float32 or float64).
+        per_call: weight and bias are one call's casts of the base (autocast casting a base of
+        another dtype): the program keeps their dtype and shapes, and every call passes its own
+        ``Base`` (``base_of``)."""
         n, k = weight.shape if weight is not None else shape
-        self.weight, self.bias, self.p, self.k, self.n = weight, bias, dropout_p, k, n
-        self.wt = None if weight is None else weight.t()
+        self.p, self.k, self.n = dropout_p, k, n
         self.adapter_dtype = paths[0].tensors[0].dtype
         self.dtype = torch.promote_types(compute, torch.float32) if weight is None else lowrank_dtype(weight.dtype)
         self.compute = compute
@@ -377,11 +394,11 @@ class DenseProgram:
         self.tall = TALL_ROWS if device.type == "cpu" else None  # see ``db_of``
         self.scales_col = None if self.single else self.scales.view(-1, 1)
         # z = addmm(bias_or_zero, h, B^T, beta=beta): the bias added by the low-rank GEMM's epilogue
-        self.bias_term, self.beta = (self.zero, 0) if bias is None else (bias, 1)
+        self.own = None if weight is None or per_call else base_of(weight, bias, self.zero)
         self.detached = self.windows([t.detach() for q in paths for t in q.tensors])
         # no dropout, nothing cast: DenseLean reads these views directly
-        self.lean = dropout_p == 0 and self.operand is None and self.adapter_dtype == self.dtype and (
-            weight is None or weight.dtype == self.dtype) and (bias is None or bias.dtype == self.dtype)
+        self.lean = self.own is not None and dropout_p == 0 and self.adapter_dtype == self.dtype and (
+            weight.dtype == self.dtype) and (bias is None or bias.dtype == self.dtype)
         self.a_list, self.b_list = self.detached[0::2], self.detached[1::2]
         self.a, self.b = self.detached if self.single else (None, None)
         self.at, self.bt = (self.a.t(), self.b.t()) if self.single else (None, None)
@@ -415,17 +432,20 @@ class DenseProgram:
         xl = x if xd is None else xd
         return torch.mm(xl if xl.dtype == self.dtype else xl.to(self.dtype), a.t()), a, b
 
-    def forward(self, x: Tensor, xd: Tensor | None, ab: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, xd: Tensor | None, ab: Sequence[Tensor],
+                base: Base | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(y (M, N) in x's dtype, h (M, R), A, B) of x (M, K), its dropped-out copy xd (or None) and
-        ``ab`` each path's (A window, B window); B of several paths holds their scales."""
+        ``ab`` each path's (A window, B window), on ``base`` (default: the program's own); B of
+        several paths holds their scales."""
+        base = base or self.own
         h, a, b = self.project(x, xd, ab)
-        z, b = stacked_output(self, h, b)
-        y = (z if z.dtype == x.dtype else z.to(x.dtype)).addmm_(x, self.wt)
+        z, b = stacked_output(self, h, b, base)
+        y = (z if z.dtype == x.dtype else z.to(x.dtype)).addmm_(x, base.wt)
         return y, h, a, b
 
-    def infer(self, x: Tensor) -> Tensor:
+    def infer(self, x: Tensor, base: Base | None = None) -> Tensor:
         """y (M, N) of x (M, K) without autograd (dropout drawn here in training)."""
-        return self.forward(x, draw_dropout(x, self.p)[0], self.detached)[0]
+        return self.forward(x, draw_dropout(x, self.p)[0], self.detached, base)[0]
 
     def add_into(self, y: Tensor, x: Tensor, xd: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """y (M, N) += the paths of x (M, K) in place (xd: its dropped-out copy, or None); x in the
@@ -442,12 +462,14 @@ class DenseProgram:
         return h, a, b
 
     def backward(self, dy: Tensor, x: Tensor, mask: Tensor | None, h: Tensor, a: Tensor, b: Tensor,
-                 needs: Sequence[bool]) -> tuple[Tensor | None, ...]:
-        """(dx, then each path's dA, dB) from dy (M, N); ``needs`` = (x, then each tensor)."""
+                 needs: Sequence[bool], weight: Tensor | None = None) -> tuple[Tensor | None, ...]:
+        """(dx, then each path's dA, dB) from dy (M, N); ``needs`` = (x, then each tensor); ``weight``
+        the call's W (default: the program's own)."""
         dx_low, *grads = self.lowrank_backward(dy, x, mask, h, a, b, needs)
         dx = None
         if needs[0]:
-            dx = (dx_low if dx_low.dtype == x.dtype else dx_low.to(x.dtype)).addmm_(dy, self.weight)
+            w = self.own.weight if weight is None else weight
+            dx = (dx_low if dx_low.dtype == x.dtype else dx_low.to(x.dtype)).addmm_(dy, w)
         return (dx, *grads)
 
     def lowrank_backward(self, dy: Tensor, x: Tensor, mask: Tensor | None, h: Tensor, a: Tensor, b: Tensor,
@@ -484,38 +506,42 @@ class DenseProgram:
 
 
 class DenseCompose(torch.autograd.Function):
-    """One planned compose call of plain / slice paths: ``apply(program, x (M, K), *tensors)`` -> y (M, N),
-    ``tensors`` each path's (A, B) parameters (what gets gradients; the forward reads the program's
-    detached windows of them). Saves x, the bool dropout mask, h and the (stacked) factors; backward
-    is ``DenseProgram.backward``."""
+    """One planned compose call of plain / slice paths: ``apply(program, x (M, K), weight, bias,
+    *tensors)`` -> y (M, N), ``tensors`` each path's (A, B) parameters (what gets gradients; the
+    forward reads the program's detached windows of them); weight / bias: this call's cast of a base
+    cast every call, or None (the program's own). Saves x, the bool dropout mask, h, the (stacked)
+    factors and a per-call weight; backward is ``DenseProgram.backward``."""
 
     @staticmethod
-    def forward(ctx, program, x, *tensors):
+    def forward(ctx, program, x, weight, bias, *tensors):
         xd, mask = draw_dropout(x, program.p)
-        y, h, a, b = program.forward(x, xd, program.detached)
-        ctx.save_for_backward(x, mask, h, a, b)
+        y, h, a, b = program.forward(x, xd, program.detached, None if weight is None else
+                                     base_of(weight, bias, program.zero))
+        ctx.save_for_backward(x, mask, h, a, b, weight)
         ctx.program = program
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, mask, h, a, b = ctx.saved_tensors
-        return (None, *ctx.program.backward(dy, x, mask, h, a, b, ctx.needs_input_grad[1:]))
+        x, mask, h, a, b, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dx, *grads = ctx.program.backward(dy, x, mask, h, a, b, (needs[1], *needs[4:]), weight)
+        return (None, dx, None, None, *grads)
 
 
 _dense_apply = thin_apply(DenseCompose)
 
 
-def stacked_output(program, h: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+def stacked_output(program, h: Tensor, b: Tensor, base: Base) -> tuple[Tensor, Tensor]:
     """(z = bias + h (B * s)^T (M, N), B as backward reads it) of the stacked dense paths of a
     program (``DenseProgram``, ``path_program.PathProgram``), h (M, R) and B (N, R) in its low-rank
     dtype: one path's scale is the GEMM's alpha, several paths' scales are folded into B (so
     backward's dh is one GEMM)."""
-    bias = program.bias_term if program.bias_term.dtype == program.dtype else program.bias_term.to(program.dtype)
+    bias = base.bias_term if base.bias_term.dtype == program.dtype else base.bias_term.to(program.dtype)
     if program.single:
-        return torch.addmm(bias, h, b.t(), beta=program.beta, alpha=program.scale), b
+        return torch.addmm(bias, h, b.t(), beta=base.beta, alpha=program.scale), b
     b = b * program.scales
-    return torch.addmm(bias, h, b.t(), beta=program.beta), b
+    return torch.addmm(bias, h, b.t(), beta=base.beta), b
 
 
 # From this many rows (tokens) on, a CPU computes dB^T = h^T dy as an (R, N) GEMM and hands its
@@ -546,17 +572,18 @@ class DenseLean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, program, x, *tensors):
+        own = program.own
         if program.single:
             a, b = program.a, program.b
             h = torch.mm(x, program.at)
-            z = torch.addmm(program.bias_term, h, program.bt, beta=program.beta, alpha=program.scale)
+            z = torch.addmm(own.bias_term, h, program.bt, beta=own.beta, alpha=program.scale)
         else:
             a, b = torch.cat(program.a_list), torch.cat(program.b_list, 1).mul_(program.scales)
             h = torch.mm(x, a.t())
-            z = torch.addmm(program.bias_term, h, b.t(), beta=program.beta)
+            z = torch.addmm(own.bias_term, h, b.t(), beta=own.beta)
         ctx.save_for_backward(x, h, a, b)
         ctx.program = program
-        return z.addmm_(x, program.wt)
+        return z.addmm_(x, own.wt)
 
     @staticmethod
     def backward(ctx, dy):
@@ -564,7 +591,7 @@ class DenseLean(torch.autograd.Function):
         program = ctx.program
         needs = ctx.needs_input_grad
         dh = torch.addmm(program.zero, dy, b, beta=0, alpha=program.scale) if program.single else torch.mm(dy, b)
-        grads = [None, torch.mm(dh, a).addmm_(dy, program.weight) if needs[1] else None]
+        grads = [None, torch.mm(dh, a).addmm_(dy, program.own.weight) if needs[1] else None]
         if not any(needs[2:]):
             return (*grads, *([None] * (len(needs) - 2)))
         ga, gb = torch.mm(dh.t(), x), db_of(program, dy, h)
@@ -601,5 +628,31 @@ def runner(program, apply: Callable, tensors: Sequence[Tensor], grad: bool) -> C
 
 
 def dense_runner(program: DenseProgram, tensors: Sequence[Tensor], grad: bool) -> Callable[[Tensor], Tensor]:
-    """``runner`` of a ``DenseProgram`` through ``DenseLean`` or ``DenseCompose``."""
-    return runner(program, _lean_apply if program.lean else _dense_apply, tensors, grad)
+    """``runner`` of a ``DenseProgram`` through ``DenseLean`` or ``DenseCompose`` (its weight and
+    bias arguments None: the program's own base)."""
+    if program.lean:
+        return runner(program, _lean_apply, tensors, grad)
+    return runner(program, _dense_apply, [None, None, *tensors], grad)
+
+
+def cast_base_runner(program: DenseProgram, weight: Tensor, bias: Tensor | None, tensors: Sequence[Tensor],
+                     grad: bool, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    """run(x) (..., K) -> (..., N) under autocast of a base of another dtype (a float32 model under
+    bf16 autocast): x, W and b cast to the autocast ``dtype`` each call, as autocast's linear casts
+    them (no copy kept between calls), then ``DenseCompose`` (or the forward alone) of a
+    ``per_call`` program, autocast off inside."""
+    device, k, n = weight.device.type, program.k, program.n
+
+    def run(x: Tensor) -> Tensor:
+        torch.set_autocast_enabled(device, False)
+        try:
+            x2 = x.reshape(-1, k).to(dtype)
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            if grad:
+                y = _dense_apply(program, x2, w, b, *tensors)
+            else:
+                y = program.infer(x2, base_of(w, b, program.zero))
+        finally:
+            torch.set_autocast_enabled(device, True)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+    return run

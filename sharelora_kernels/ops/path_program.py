@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..reference import LoRAPath
-from .compose import TALL_ROWS, _check, db_of, draw_dropout, lowrank_dtype, runner, stacked_output
+from .compose import TALL_ROWS, _check, base_of, db_of, draw_dropout, lowrank_dtype, runner, stacked_output
 from .function import thin_apply
 
 
@@ -66,7 +66,7 @@ class PathProgram:
         self.zero = torch.zeros((), dtype=self.dtype, device=weight.device)
         self.tall = TALL_ROWS if weight.device.type == "cpu" else None  # see ``compose.db_of``
         self.scales_col = None if self.scales is None else self.scales.view(-1, 1)
-        self.bias_term, self.beta = (self.zero, 0) if bias is None else (bias, 1)
+        self.own = base_of(weight, bias, self.zero)
         # the tensors and their transposes as detached views (in-place updates show through; a
         # replaced tensor makes the plan rebuild), read by every call when no cast is needed
         self.views = self._views([t.detach() for q in paths for t in q.tensors])  # after self.krons
@@ -125,7 +125,7 @@ class PathProgram:
             a_list, b_list, cores = self._dense_factors(t)
             a, b = (a_list[0], b_list[0]) if self.single else (torch.cat(a_list), torch.cat(b_list, 1))
             h = torch.mm(xl, a.t())
-            z, b = stacked_output(self, h, b)
+            z, b = stacked_output(self, h, b, self.own)
             z = z if z.dtype == x.dtype else z.to(x.dtype)
         else:
             z = torch.nn.functional.linear(x, self.weight, self.bias)
