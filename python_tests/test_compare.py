@@ -104,3 +104,24 @@ def test_training_windows_start_with_bos_and_repeat_for_a_seed():
     assert torch.equal(first, b()) and not torch.equal(a(), first)
     with pytest.raises(ValueError, match="the text has 10 tokens, too few for windows of 16 tokens"):
         Windows(torch.arange(10), 16, 4, bos_id=None, seed=0)
+
+
+def test_adapter_optimizer_steps_the_adapters_alone_with_multi_tensor_adamw():
+    """The CLI's optimizer: AdamW over the trainable tensors only, its foreach step (a Bi-Share
+    model has many small tensors), the same update as the per-tensor loop."""
+    from sharelora_kernels.cli.training import adapter_optimizer
+
+    model = sk.apply(tiny_model(), sk.ShareLoRAConfig(method="bishare", shape_transform="gate", gate_dims=(8, 8),
+                                                      target_modules=["q_proj", "v_proj"]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = adapter_optimizer(model, 1e-2)
+    assert opt.defaults["foreach"] and [p for g in opt.param_groups for p in g["params"]] == trainable
+    loop = torch.optim.AdamW([p.detach().clone().requires_grad_() for p in trainable], lr=1e-2, weight_decay=0.0,
+                             foreach=False)
+    for p, q in zip(trainable, loop.param_groups[0]["params"]):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    opt.step()
+    loop.step()
+    for p, q in zip(trainable, loop.param_groups[0]["params"]):
+        torch.testing.assert_close(p, q)

@@ -57,8 +57,11 @@ class TrainLog:
 
 
 def adapter_optimizer(model: nn.Module, lr: float) -> torch.optim.AdamW:
-    """AdamW (no weight decay) over the model's trainable parameters: the adapters after ``apply``."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    """AdamW (no weight decay) over the model's trainable parameters: the adapters after ``apply``.
+    Its multi-tensor (foreach) step on every device: Bi-Share's many small tensors (a gate path has
+    six per module) take half the time of the per-tensor loop torch picks on the CPU."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0,
+                             foreach=True)
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, batches: Callable[[], torch.Tensor], steps: int,
