@@ -248,7 +248,8 @@ def test_standalone_layer_and_input_groups(float_dir):
 @pytest.mark.skipif(not sk.ops.HAS_TRITON, reason="triton not importable")
 def test_triton_backend_on_a_quantized_model(float_dir, monkeypatch):
     """SHARELORA_BACKEND=triton (the kernels through the interpreter here, as on CUDA): logits and
-    every adapter gradient equal the torch path's, dropout off."""
+    every adapter gradient equal the torch path's, dropout off; so do the forwards without grad
+    (gate paths: not the dense program's) on both paths."""
     from sharelora_kernels.ops import lowrank_only_triton
 
     model = sk.apply(quantized(float_dir, "nf4"), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["bishare_gate"]))
@@ -257,17 +258,19 @@ def test_triton_backend_on_a_quantized_model(float_dir, monkeypatch):
 
     def run():
         logits = model(ids).logits
-        return logits.detach(), torch.autograd.grad(logits.pow(2).mean(), list(adapter_tensors(model).values()))
+        with torch.no_grad():
+            alone = model(ids).logits
+        return logits.detach(), alone, torch.autograd.grad(logits.pow(2).mean(), list(adapter_tensors(model).values()))
 
     monkeypatch.setenv("SHARELORA_BACKEND", "torch")
-    ref, ref_grads = run()
+    ref, ref_alone, ref_grads = run()
     calls = []
-    forward = lowrank_only_triton.triton_forward
-    monkeypatch.setattr(lowrank_only_triton, "triton_forward", lambda *a: calls.append(1) or forward(*a))
+    forward = lowrank_only_triton._forward
+    monkeypatch.setattr(lowrank_only_triton, "_forward", lambda *a: calls.append(1) or forward(*a))
     monkeypatch.setenv("SHARELORA_BACKEND", "triton")
-    out, grads = run()
-    assert len(calls) == 4 * len(TARGETS)
-    assert rel_err(out, ref) < TOL
+    out, alone, grads = run()
+    assert len(calls) == 2 * 4 * len(TARGETS)  # with and without grad
+    assert rel_err(out, ref) < TOL and rel_err(alone, ref) < TOL and rel_err(ref_alone, ref) < TOL
     for g, g_ref in zip(grads, ref_grads):  # float32 sums in another order, through four layers
         assert rel_err(g, g_ref) < 1e-3
 
@@ -282,7 +285,7 @@ def test_auto_verifies_and_times_the_low_rank_kernels_of_a_quantized_base(wrong,
     monkeypatch.setenv("SHARELORA_BACKEND", "auto")
     monkeypatch.setenv("SHARELORA_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(dispatch, "TIME_INTERPRETED_KERNELS", True)
-    forward, calls = lowrank_only_triton.triton_forward, []
+    forward, calls = lowrank_only_triton._forward, []  # the kernels' forward, of every call
 
     def kernels(y, *a):
         calls.append(1)
@@ -291,7 +294,7 @@ def test_auto_verifies_and_times_the_low_rank_kernels_of_a_quantized_base(wrong,
             y.mul_(1.1)
         return out
 
-    monkeypatch.setattr(lowrank_only_triton, "triton_forward", kernels)
+    monkeypatch.setattr(lowrank_only_triton, "_forward", kernels)
     previous = dispatch.set_timer(lambda name, run, device: {"triton": 1.0, "compose": 2.0}[name])
     try:
         dispatch.clear()

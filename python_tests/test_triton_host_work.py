@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sharelora_kernels import grouping, ops
 from sharelora_kernels.layer import SharedLoRALinear
 from sharelora_kernels.ops import (autotune, call_plan, dy_lowrank, fused_lora_linear, grad_routes, lowrank_grad,
-                                   lowrank_input, tables)
+                                   lowrank_input, lowrank_only_triton, tables)
 
 grouped_lora_linear = importlib.import_module("sharelora_kernels.ops.grouped_lora_linear")  # ops.grouped_lora_linear: the router
 
@@ -67,6 +67,7 @@ class CountAllocations(TorchDispatchMode):
 
 
 PER_PLAN = ((fused_lora_linear.FusedPlan, "__init__"), (grouped_lora_linear.GroupedPlan, "__init__"),
+            (lowrank_only_triton.LowRankPlan, "__init__"),
             (grad_routes.GradRoutes, "__init__"), (tables, "build_tables"), (tables, "cached"), (tables, "index_tensor"),
             (dy_lowrank, "geometry"), (lowrank_grad, "geometry"), (lowrank_input, "geometry"), (call_plan, "CallPlan"),
             (torch, "tensor"))
@@ -133,6 +134,37 @@ def test_steady_state_triton_call_with_frozen_a_launches_no_da(per_plan):
         results.append((y, *torch.autograd.grad(y, [x, b], torch.ones_like(y))))
     for got, ref in zip(*results):
         assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("frozen_a", [False, True])
+def test_steady_state_triton_call_on_a_4bit_base(frozen_a, per_plan):
+    """The low-rank-only kernels of a quantized base: h and the add into the base's output forward;
+    the dy pass, dx and dA (none with frozen A factors) backward; the plan's tables and routes reused."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    ops.set_backend("triton")
+    torch.manual_seed(0)
+    base = bnb.nn.Linear4bit(K, N, compute_dtype=torch.float32, quant_type="nf4")
+    base.load_state_dict(nn.Linear(K, N).state_dict())
+    layer = SharedLoRALinear(base.to("cpu"), r=4, alpha=8).train()
+    nn.init.normal_(layer.lora_paths[0].B, std=0.3)
+    layer.lora_paths[0].A.requires_grad_(not frozen_a)
+    x = torch.randn(2, 5, K, requires_grad=True)
+    launches, allocations = steady_call(lambda x: layer(x), x, torch.randn(2, 5, N), per_plan)
+    assert layer._plan.backend == "triton" and per_plan["LowRankPlan.__init__"] == 1
+    expected = {"_lowrank_project_kernel": 1, "_lowrank_add_kernel": 2, "_dy_lowrank_kernel": 1}
+    assert launches == (expected if frozen_a else {**expected, "_lowrank_grad_kernel": 1}), launches
+    assert "cat" not in allocations and "constant_pad_nd" not in allocations, allocations
+    results = []
+    for backend in ("triton", "torch"):  # the kernels, run, vs the torch path
+        ops.set_backend(backend)
+        y = layer(x)
+        params = [t for t in layer.parameters() if t.requires_grad]
+        results.append((y, *torch.autograd.grad(y, [x, *params], torch.ones_like(y))))
+    for got, ref in zip(*results):
+        assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
 def grouped_layers() -> list[SharedLoRALinear]:

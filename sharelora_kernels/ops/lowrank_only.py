@@ -254,16 +254,18 @@ def lowrank_add(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: floa
 # ----------------------------------------------------------------------------- the planned eager call
 class LowRankPlanned(torch.autograd.Function):
     """One planned eager call: ``apply(program, y, x (M, K), *tensors)`` adds the paths into y in
-    place through the backend's functions directly (no custom-op wrapper; ``torch.compile`` reaches
-    the custom ops through ``lowrank_add``). ``program`` = (paths, p, seed, use_triton)."""
+    place through the backend directly (no custom-op wrapper; ``torch.compile`` reaches the custom
+    ops through ``lowrank_add``). ``program`` = (paths, p, zero seed, kernels): ``kernels`` the
+    Triton path's ``lowrank_only_triton.LowRankPlan``, or None for the torch path."""
 
     @staticmethod
     def forward(ctx, program, y, x, *tensors):
-        paths, p, seed, use_triton = program
+        paths, p, seed, kernels = program
         if p > 0:
-            seed = _seed(x.device, use_triton)
+            seed = _seed(x.device, kernels is not None)
         with no_autocast(x.device.type):  # the dtypes are chosen by the plan
-            h, mask = _backend(use_triton)[0](y.view(-1, y.shape[-1]), x, paths, p, seed)
+            y2 = y.view(-1, y.shape[-1])
+            h, mask = torch_forward(y2, x, paths, p, seed) if kernels is None else kernels.forward(y2, x, seed)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x, h, mask, seed)
         ctx.program = program
@@ -272,13 +274,16 @@ class LowRankPlanned(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, h, mask, seed = ctx.saved_tensors
-        paths, p, _, use_triton = ctx.program
+        paths, p, _, kernels = ctx.program
         needs = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
         with no_autocast(x.device.type):
-            dx, grad_a, grad_b = _backend(use_triton)[1](dy.reshape(-1, dy.shape[-1]), x, h, mask, paths, p, seed,
-                                                         needs[2])
-        tensors = [t for q in paths for t in q.tensors]
-        return (None, dy, dx if needs[2] else None, *path_grads(tensors, needs[3:], paths, grad_a, grad_b))
+            if kernels is not None:
+                dx, grads = kernels.backward(dy2, x, h, mask, needs[2], needs[3:])
+            else:
+                dx, grad_a, grad_b = torch_backward(dy2, x, h, mask, paths, p, seed, needs[2])
+                grads = path_grads([t for q in paths for t in q.tensors], needs[3:], paths, grad_a, grad_b)
+        return (None, dy, dx if needs[2] else None, *grads)
 
 
 _planned_apply = thin_apply(LowRankPlanned)
@@ -330,9 +335,14 @@ def planned_call(x: Tensor, n: int, paths: Sequence[LoRAPath], dropout_p: float,
     p = dropout_p if training else 0.0
     paths = list(paths)
     tensors = [t for q in paths for t in q.tensors]
-    program = (paths, p, torch.zeros(1, dtype=torch.int64, device=x.device), use_triton)
     for i, q in enumerate(paths):
         check_path(i, q, x.shape[-1], n)
+    kernels = None
+    if use_triton:
+        from .lowrank_only_triton import LowRankPlan
+
+        kernels = LowRankPlan(paths, p, x.shape[-1], n, x.device)
+    program = (paths, p, torch.zeros(1, dtype=torch.int64, device=x.device), kernels)
     dense = None
     if not use_triton and DenseProgram.takes(paths):
         dense = DenseProgram(None, None, paths, p, shape=(n, x.shape[-1]), compute=compute_dtype)
@@ -354,7 +364,11 @@ def planned_call(x: Tensor, n: int, paths: Sequence[LoRAPath], dropout_p: float,
             return y
         if grad:
             return _planned_apply(program, y, x2, *tensors)
+        seed = program[2] if p == 0 else _seed(x.device, use_triton)
         with no_autocast(x.device.type):
-            _backend(use_triton)[0](y.view(-1, y.shape[-1]), x2, paths, p, program[2] if p == 0 else
-                                    _seed(x.device, use_triton))
+            if kernels is None:
+                torch_forward(y.view(-1, n), x2, paths, p, seed)
+            else:
+                kernels.forward(y.view(-1, n), x2, seed)
+        return y
     return run

@@ -18,7 +18,8 @@ Backward (y's gradient passes through; the base's own backward gives the rest of
      the mask read from the forward's bits.
   3. ``dA_eff = dh^T dropout(x)`` in fp32 (``lowrank_grad``, the same bits).
 Factor tables come from the per-plan device cache (``tables.tables_for``); launch settings from
-``autotune.lowrank_add_config`` (memory-bound: not autotuned).
+``autotune.lowrank_add_config`` (memory-bound: not autotuned). A layer's call plan keeps a
+``LowRankPlan``: the tables and the gradient routes resolved once, a call only launches.
 """
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ from ..reference import LoRAPath
 from .autotune import lowrank_add_config
 from .dy_lowrank import dy_lowrank
 from .gemm_tiles import LOWRANK_CHUNK, lowrank_tile, tile_coords
+from .grad_routes import GradRoutes, path_routes
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
-from .tables import FactorTables, tables_for
+from .tables import FactorTables, refresh_gates, tables_for
 from .utils import TL_DTYPES, cdiv, dot_precision, on_device
 
 
@@ -85,22 +87,62 @@ def _lowrank_add(out: Tensor, h: Tensor, table: Tensor, tables: FactorTables, co
 
 
 
-def triton_forward(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
-    """y (M, N) += the paths of dropout(x) (M, K) in place; returns h (M, R) float32 and the
-    (M, ceil(K / 32)) int32 bit-packed dropout mask (empty when p == 0)."""
-    tables = tables_for(paths, x.device)
+def _forward(y: Tensor, x: Tensor, tables: FactorTables, p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
     h, mask = lowrank_project(x, tables.a, tables.dtype, tables.periodic, p, seed)
     _lowrank_add(y, h, tables.b, tables, x.dtype, tables.scale, accumulate=True)
     return h, mask
+
+
+def _backward(dy: Tensor, x: Tensor, h: Tensor, mask: Tensor, tables: FactorTables, p: float, needs_dx: bool,
+              needs_a: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    dh, grad_b = dy_lowrank(dy if dy.dtype == x.dtype else dy.to(x.dtype), h, tables.b, tables.scale, tables.dtype,
+                            tables.periodic)
+    dx = x.new_empty(x.shape if needs_dx else (0,))
+    if needs_dx:
+        _lowrank_add(dx, dh, tables.a, tables, x.dtype, None, accumulate=False, dropout_p=p, mask=mask)
+    return dx, lowrank_grad(dh, x, mask, p) if needs_a else None, grad_b
+
+
+def triton_forward(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
+    """y (M, N) += the paths of dropout(x) (M, K) in place; returns h (M, R) float32 and the
+    (M, ceil(K / 32)) int32 bit-packed dropout mask (empty when p == 0)."""
+    return _forward(y, x, tables_for(paths, x.device), p, seed)
 
 
 def triton_backward(dy: Tensor, x: Tensor, h: Tensor, mask: Tensor, paths: Sequence[LoRAPath], p: float,
                     seed: Tensor, needs_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """dx (M, K) in x's dtype (empty unless needs_dx), dA_eff (R, K) and dB_eff^T (R, N) float32;
     the mask is the forward's (``seed`` is not read: nothing is drawn again)."""
-    tables = tables_for(paths, x.device)
-    dh, grad_b = dy_lowrank(dy if dy.dtype == x.dtype else dy.to(x.dtype), h, tables.b, tables.scale, tables.dtype, tables.periodic)
-    dx = x.new_empty(x.shape if needs_dx else (0,))
-    if needs_dx:
-        _lowrank_add(dx, dh, tables.a, tables, x.dtype, None, accumulate=False, dropout_p=p, mask=mask)
-    return dx, lowrank_grad(dh, x, mask, p), grad_b
+    return _backward(dy, x, h, mask, tables_for(paths, x.device), p, needs_dx, True)
+
+
+class LowRankPlan:
+    """What an eager call of these kernels reads that does not change between calls, built once per
+    call plan (as ``fused_lora_linear.FusedPlan``): the paths and their flat tensors, the factor
+    tables (gate cores refreshed each forward), dropout p, and where each factor gradient goes
+    (``grad_routes``, one routing per set of tensors needing a gradient)."""
+
+    __slots__ = ("paths", "tensors", "tables", "p", "k", "n", "_routes")
+
+    def __init__(self, paths: Sequence[LoRAPath], p: float, k: int, n: int, device: torch.device):
+        self.paths = list(paths)
+        self.tensors = [t for q in self.paths for t in q.tensors]
+        self.tables = tables_for(self.paths, device)
+        self.p, self.k, self.n = p, k, n
+        self._routes: dict[tuple[bool, ...], GradRoutes] = {}
+
+    def forward(self, y: Tensor, x: Tensor, seed: Tensor) -> tuple[Tensor, Tensor]:
+        """``triton_forward`` of y (M, N), x (M, K) on the plan's tables (two launches)."""
+        if self.tables.gates:
+            refresh_gates(self.tables, self.paths)
+        return _forward(y, x, self.tables, self.p, seed)
+
+    def backward(self, dy: Tensor, x: Tensor, h: Tensor, mask: Tensor, needs_dx: bool,
+                 needs: tuple[bool, ...]) -> tuple[Tensor, list[Tensor | None]]:
+        """(dx (M, K), or empty unless needs_dx; the tensors' gradients, None where ``needs`` is
+        false): the dy pass, dx and dA only where wanted, then the routes."""
+        routes = self._routes.get(needs)
+        if routes is None:
+            routes = self._routes[needs] = GradRoutes(self.tensors, needs, path_routes(self.paths, self.k, self.n))
+        dx, grad_a, grad_b = _backward(dy, x, h, mask, self.tables, self.p, needs_dx, routes.uses(0))
+        return dx, routes((grad_a, grad_b))
