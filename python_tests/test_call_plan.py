@@ -148,40 +148,19 @@ def test_autocast_and_train_eval_rebuild_the_plan():
     assert layer._plan is eval_plan  # the eval plan was kept, and still fits
 
 
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-def test_autocast_over_a_base_in_its_dtype_runs_the_plan(x_dtype, monkeypatch):
-    """A bf16 base with fp32 adapters (PEFT's habit) under bf16 autocast: the plan casts x and runs
-    compose with autocast off, the router is not called again; output and every gradient within
-    bf16 tolerance of float64 (the router's too); autocast is on again after a call."""
-    layer = bishare_layer()
-    layer.weight.data, layer.bias.data = layer.weight.data.bfloat16(), layer.bias.data.bfloat16()
-    x = torch.randn(3, 5, K, dtype=x_dtype, requires_grad=True)
-    params = [t for p in layer.paths() for t in p.tensors]
-    dy = torch.randn(3, 5, N, dtype=torch.bfloat16)
-    routed = []
-    real = ops.lora_linear
-    monkeypatch.setattr(ops, "lora_linear", lambda *a, **kw: routed.append(1) or real(*a, **kw))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ys = [layer(x) for _ in range(3)]
-        assert torch.is_autocast_enabled("cpu")
-        grads = torch.autograd.grad(ys[-1], [x, *params], dy)
-        y_router = real(x, layer.base_weight(), layer.bias, layer.paths())
-        grads_router = torch.autograd.grad(y_router, [x, *params], dy)
-    assert not routed and layer._plan.backend == "compose"
-    assert ys[-1].dtype == torch.bfloat16 and [g.dtype for g in grads] == [x_dtype] + [torch.float32] * len(params)
-    y64, grads64 = float64_call(layer, x, dy)
-    for ours, router, exact in zip([ys[-1], *grads], [y_router, *grads_router], [y64, *grads64]):
-        assert rel_err(ours, exact) < 2e-2 and rel_err(router, exact) < 2e-2
-
-
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_autocast_over_a_float32_base_runs_the_plan(dropout, monkeypatch):
-    """A float32 model under bf16 autocast (Trainer's bf16=True): the plan casts x, W and b every
-    call, as autocast does, and runs compose with autocast off; the router is not called again.
-    Output and every gradient equal the router's call on the same dropout mask, and within bf16
-    tolerance of float64; the forward alone too; autocast is on again after a call."""
+@pytest.mark.parametrize("base_dtype,x_dtype,dropout", [(torch.bfloat16, torch.float32, 0.0),
+                                                        (torch.bfloat16, torch.bfloat16, 0.0),
+                                                        (torch.float32, torch.float32, 0.0),
+                                                        (torch.float32, torch.float32, 0.3)])
+def test_autocast_runs_the_plan(base_dtype, x_dtype, dropout, monkeypatch):
+    """fp32 adapters under bf16 autocast (Trainer's bf16=True) on a bf16 base (the plan casts x) or
+    a float32 base (the plan casts x, W and b every call, as autocast does): compose runs with
+    autocast off, the router is not called again. Output and every gradient equal the router's
+    call on the same dropout mask, and are within bf16 tolerance of float64 without dropout; the
+    forward alone too; autocast is on again after a call."""
     layer = bishare_layer(dropout=dropout).train()
-    x = torch.randn(3, 5, K, requires_grad=True)
+    layer.weight.data, layer.bias.data = layer.weight.data.to(base_dtype), layer.bias.data.to(base_dtype)
+    x = torch.randn(3, 5, K, dtype=x_dtype, requires_grad=True)
     params = [t for p in layer.paths() for t in p.tensors]
     dy = torch.randn(3, 5, N, dtype=torch.bfloat16)
     routed = []
@@ -200,13 +179,13 @@ def test_autocast_over_a_float32_base_runs_the_plan(dropout, monkeypatch):
         y_router = real(x, layer.base_weight(), layer.bias, layer.paths(), dropout, True)
         grads_router = torch.autograd.grad(y_router, [x, *params], dy)
     assert not routed and layer._plan.backend == "compose"
-    assert y.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.float32] * (1 + len(params))
+    assert y.dtype == torch.bfloat16 and [g.dtype for g in grads] == [x_dtype] + [torch.float32] * len(params)
     for ours, router in zip([y, y_alone, *grads], [y_router, y_router, *grads_router]):
         assert rel_err(ours, router) < 2e-2  # bf16 roundings in another order; another mask errs by O(1)
     if dropout == 0:
         y64, grads64 = float64_call(layer, x, dy)
-        for ours, exact in zip([y, *grads], [y64, *grads64]):
-            assert rel_err(ours, exact) < 2e-2
+        for ours, router, exact in zip([y, *grads], [y_router, *grads_router], [y64, *grads64]):
+            assert rel_err(ours, exact) < 2e-2 and rel_err(router, exact) < 2e-2
 
 
 def test_merge_and_paths_version_rebuild_the_plan():
