@@ -1,4 +1,4 @@
-"""The planned compose calls of a layer (compose.DenseLean / DenseCompose,
+"""The planned compose calls of a layer (dense_program.DenseLean / DenseCompose,
 path_program.PathCompose, lowrank_only.LowRankDense): every path kind and mix against float64
 (outputs and every gradient), in each base dtype; with dropout equal to the router's compose call
 drawing the same mask; frozen adapters, an input without grad, M = 0, many tokens."""
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sharelora_kernels import ops, reference
-from sharelora_kernels.ops import compose, path_program
+from sharelora_kernels.ops import compose, dense_program, path_program
 
 from test_call_plan import K, N, bishare_layer, check_against_float64, rel_err
 
@@ -40,11 +40,11 @@ def test_planned_call_matches_float64(kinds):
 
 @pytest.mark.parametrize("kinds", [("plain",), ("plain", "slice", "slice"), ("gate", "kron")])
 def test_planned_call_of_many_tokens(kinds):
-    """From compose.TALL_ROWS tokens on, dB comes from the (R, N)-shaped GEMM (a transposed view)."""
+    """From dense_program.TALL_ROWS tokens on, dB comes from the (R, N)-shaped GEMM (a transposed view)."""
     layer = bishare_layer(kinds=kinds)
-    check_against_float64(layer, torch.randn(compose.TALL_ROWS + 3, K, requires_grad=True))
+    check_against_float64(layer, torch.randn(dense_program.TALL_ROWS + 3, K, requires_grad=True))
     layer.zero_grad(set_to_none=False)  # a gradient accumulated into an existing .grad
-    x = torch.randn(compose.TALL_ROWS, K)
+    x = torch.randn(dense_program.TALL_ROWS, K)
     layer(x).sum().backward()
     first = [t.grad.clone() for t in layer.store.parameters()]
     layer(x).sum().backward()
@@ -124,7 +124,7 @@ def test_an_adapter_changed_in_place_before_backward_is_reported(kinds):
 def test_path_program_takes():
     layer = bishare_layer(kinds=("gate", "kron"))
     paths = layer.paths()
-    assert path_program.PathProgram.takes(paths) and not compose.DenseProgram.takes(paths)
+    assert path_program.PathProgram.takes(paths) and not dense_program.DenseProgram.takes(paths)
     assert not path_program.PathProgram.takes(bishare_layer(kinds=("plain", "slice")).paths())
     twice = [paths[0], paths[0]]  # a tensor read by two paths: the general compose call (one buffer per tensor)
     assert not path_program.PathProgram.takes(twice)

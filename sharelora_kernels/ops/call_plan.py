@@ -5,7 +5,7 @@ router's choice and the op's flat arguments, although none of them changes from 
 next. A ``CallPlan`` resolves them once (the way vLLM builds its LoRA kernel metadata once per
 batch) and keeps a ``run(x)`` that issues the chosen backend's one op boundary directly:
 
-    compose, plain / slice paths   ``compose.dense_runner``: one autograd Function over a
+    compose, plain / slice paths   ``dense_program.dense_runner``: one autograd Function over a
                                    ``DenseProgram`` built once, ``DenseLean`` (no dropout, nothing
                                    cast) or ``DenseCompose``, its backward hand-written; the
                                    forward alone when no gradient is wanted
@@ -20,7 +20,7 @@ batch) and keeps a ``run(x)`` that issues the chosen backend's one op boundary d
     auto                           the choice of ``dispatch.auto_choice``, kept per M bucket
     under autocast                 a base in autocast's dtype: x cast, then the plan of those
                                    operands; a base of another dtype, plain / slice paths on
-                                   compose: ``compose.cast_base_runner`` (W and b cast every call,
+                                   compose: ``dense_program.cast_base_runner`` (W and b cast every call,
                                    as autocast does); anything else: the router
     a base that computes itself    ``lowrank_only.LowRankDense`` (plain / slice paths on the torch
                                    path) or ``LowRankPlanned`` (no custom-op wrapper)
@@ -50,7 +50,7 @@ from torch import Tensor
 
 from .. import reference
 from ..reference import LoRAPath
-from . import compose, dispatch, path_program
+from . import compose, dense_program, dispatch, path_program
 
 Run = Callable[[Tensor], Tensor]
 
@@ -165,7 +165,7 @@ def build_linear(env: tuple, sources: Sequence[Source], x: Tensor, weight: Tenso
         if cast[1] is weight and cast[2] is bias:  # the base in autocast's dtype: only x is cast per call
             return _without_autocast(env, sources, cast[0], weight, bias, paths, dropout_p, training)
         if (setting == "compose" or (setting == "auto" and not _auto_times_triton(x))) and _compose_takes(*cast, paths) \
-                and compose.DenseProgram.takes(paths):
+                and dense_program.DenseProgram.takes(paths):
             return CallPlan(env, sources, _cast_base_runner(cast, weight, bias, paths, dropout_p, training), "compose")
         # a base of another dtype is cast every call (as autocast's linear does): the router's path
         return CallPlan(env, sources, lambda x: lora_linear(x, weight, bias, paths, dropout_p, training, backend=setting),
@@ -203,25 +203,25 @@ def _without_autocast(env: tuple, sources: Sequence[Source], xs: Tensor, weight:
 
 def _cast_base_runner(cast: tuple, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
                       training: bool) -> Run:
-    """compose's run(x) under autocast for a base cast every call (``compose.cast_base_runner``) of
+    """compose's run(x) under autocast for a base cast every call (``dense_program.cast_base_runner``) of
     plain / slice paths. ``cast``: this call's (x, W, b) in the autocast dtype, what the program is
     built from."""
     xs, ws, bs = cast
     p = dropout_p if training else 0.0
     compose._check(xs, ws, bs, p)
-    program = compose.DenseProgram(ws, bs, paths, p, per_call=True)
+    program = dense_program.DenseProgram(ws, bs, paths, p, per_call=True)
     tensors = [t for q in paths for t in q.tensors]
-    return compose.cast_base_runner(program, weight, bias, tensors, grad_wanted(xs, paths), xs.dtype)
+    return dense_program.cast_base_runner(program, weight, bias, tensors, grad_wanted(xs, paths), xs.dtype)
 
 
 def _compose_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
                     training: bool) -> Run:
     p = dropout_p if training else 0.0
-    if compose.DenseProgram.takes(paths):
+    if dense_program.DenseProgram.takes(paths):
         compose._check(x, weight, bias, p)
-        program = compose.DenseProgram(weight, bias, paths, p)
+        program = dense_program.DenseProgram(weight, bias, paths, p)
         tensors = [t for q in paths for t in q.tensors]
-        return compose.dense_runner(program, tensors, grad_wanted(x, paths))
+        return dense_program.dense_runner(program, tensors, grad_wanted(x, paths))
     if path_program.PathProgram.takes(paths):
         return path_program.path_runner(x, weight, bias, paths, p, grad_wanted(x, paths))
     return compose.planned_call(x, weight, bias, paths, dropout_p, training)

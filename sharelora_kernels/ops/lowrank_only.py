@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from ..reference import LoRAPath, _add_lowrank, _dense_factors, add_path_output, path_input
-from .compose import DenseProgram, draw_dropout, no_autocast
+from .compose import draw_dropout, no_autocast
+from .dense_program import DenseProgram
 from .encoding import check_path, decode, encode
 from .function import thin_apply
 from .shared_grad import path_grads
@@ -291,7 +292,7 @@ _planned_apply = thin_apply(LowRankPlanned)
 
 class LowRankDense(torch.autograd.Function):
     """The planned eager call of plain / slice paths on the torch path: ``apply(program, y, x (M, K),
-    *tensors)`` adds them into y in place with the GEMMs of ``compose.DenseProgram`` (its adapter
+    *tensors)`` adds them into y in place with the GEMMs of ``dense_program.DenseProgram`` (its adapter
     side: ``add_into``, ``lowrank_backward``; x in the compute dtype, the products in its
     accumulation dtype; x cast to it here, its gradient cast back). Dropout draws one bool mask,
     saved with x (as the compose backend does: nothing read back from the device, no generator

@@ -1,6 +1,6 @@
 """The planned compose call of a path list with gate or Kronecker paths: structure resolved once.
 
-``compose.DenseProgram`` serves plain and slice paths; ``PathProgram`` serves any mix of plain,
+``dense_program.DenseProgram`` serves plain and slice paths; ``PathProgram`` serves any mix of plain,
 slice, gate and Kronecker paths whose tensors are all distinct and of one dtype (a layer's Bi-Share
 GT / KE module: local, intra and inter parts are different tensors). Built once by a layer's call
 plan: which path is what, each tensor's index in the flat list, the scales, the slice windows and
@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from ..reference import LoRAPath
-from .compose import TALL_ROWS, _check, base_of, db_of, draw_dropout, lowrank_dtype, runner, stacked_output
+from .compose import _check, draw_dropout, lowrank_dtype
+from .dense_program import TALL_ROWS, base_of, db_of, runner, stacked_output
 from .function import thin_apply
 
 
@@ -64,7 +65,7 @@ class PathProgram:
         self.scales = None if self.single or not self.dense else torch.cat(
             [torch.full((r,), s, dtype=self.dtype, device=weight.device) for _, _, r, s, _, _ in self.dense])
         self.zero = torch.zeros((), dtype=self.dtype, device=weight.device)
-        self.tall = TALL_ROWS if weight.device.type == "cpu" else None  # see ``compose.db_of``
+        self.tall = TALL_ROWS if weight.device.type == "cpu" else None  # see ``dense_program.db_of``
         self.scales_col = None if self.scales is None else self.scales.view(-1, 1)
         self.own = base_of(weight, bias, self.zero)
         # the tensors and their transposes as detached views (in-place updates show through; a
@@ -261,7 +262,7 @@ _path_apply = thin_apply(PathCompose)
 def path_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
                 grad: bool) -> Callable[[Tensor], Tensor]:
     """run(x) (..., K) -> (..., N) of ``paths`` (``PathProgram.takes``) with dropout ``dropout_p``
-    (``compose.runner`` through ``PathCompose``), the checks of a call made once."""
+    (``dense_program.runner`` through ``PathCompose``), the checks of a call made once."""
     _check(x, weight, bias, dropout_p)
     program = PathProgram(weight, bias, paths, dropout_p)
     return runner(program, _path_apply, [t for q in paths for t in q.tensors], grad)
