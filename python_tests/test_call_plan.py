@@ -22,7 +22,7 @@ def rel_err(a, b) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
 
 
-def bishare_layer(dtype=torch.float32, kinds=("plain", "slice", "slice"), dropout=0.0) -> SharedLoRALinear:
+def bishare_layer(dtype=torch.float32, kinds=("plain", "slice", "slice"), dropout=0.0, bias=True) -> SharedLoRALinear:
     """A layer with a plain path and slice paths of wider shared tensors (a 3-path Bi-Share module),
     or gate / Kronecker paths, every tensor random."""
     torch.manual_seed(0)
@@ -47,7 +47,8 @@ def bishare_layer(dtype=torch.float32, kinds=("plain", "slice", "slice"), dropou
         paths.append((PathSpec(kind, "lora", names, 0.5 + i, rank, 3 if kind == "slice" else 0,
                                2 if kind == "slice" else 0)))
     store = AdapterStore(params, specs)
-    layer = SharedLoRALinear(nn.Linear(K, N).to(dtype), [LoRAPathModule(s, store) for s in paths], dropout=dropout)
+    layer = SharedLoRALinear(nn.Linear(K, N, bias=bias).to(dtype), [LoRAPathModule(s, store) for s in paths],
+                             dropout=dropout)
     layer.store = store
     return layer
 
@@ -148,18 +149,21 @@ def test_autocast_and_train_eval_rebuild_the_plan():
     assert layer._plan is eval_plan  # the eval plan was kept, and still fits
 
 
-@pytest.mark.parametrize("base_dtype,x_dtype,dropout", [(torch.bfloat16, torch.float32, 0.0),
-                                                        (torch.bfloat16, torch.bfloat16, 0.0),
-                                                        (torch.float32, torch.float32, 0.0),
-                                                        (torch.float32, torch.float32, 0.3)])
-def test_autocast_runs_the_plan(base_dtype, x_dtype, dropout, monkeypatch):
+@pytest.mark.parametrize("base_dtype,x_dtype,dropout,bias", [(torch.bfloat16, torch.float32, 0.0, True),
+                                                             (torch.bfloat16, torch.bfloat16, 0.0, True),
+                                                             (torch.float32, torch.float32, 0.0, True),
+                                                             (torch.float32, torch.float32, 0.3, True),
+                                                             (torch.float32, torch.float32, 0.0, False)])
+def test_autocast_runs_the_plan(base_dtype, x_dtype, dropout, bias, monkeypatch):
     """fp32 adapters under bf16 autocast (Trainer's bf16=True) on a bf16 base (the plan casts x) or
     a float32 base (the plan casts x, W and b every call, as autocast does): compose runs with
     autocast off, the router is not called again. Output and every gradient equal the router's
     call on the same dropout mask, and are within bf16 tolerance of float64 without dropout; the
     forward alone too; autocast is on again after a call."""
-    layer = bishare_layer(dropout=dropout).train()
-    layer.weight.data, layer.bias.data = layer.weight.data.to(base_dtype), layer.bias.data.to(base_dtype)
+    layer = bishare_layer(dropout=dropout, bias=bias).train()
+    layer.weight.data = layer.weight.data.to(base_dtype)
+    if bias:
+        layer.bias.data = layer.bias.data.to(base_dtype)
     x = torch.randn(3, 5, K, dtype=x_dtype, requires_grad=True)
     params = [t for p in layer.paths() for t in p.tensors]
     dy = torch.randn(3, 5, N, dtype=torch.bfloat16)
