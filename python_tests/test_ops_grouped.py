@@ -407,6 +407,38 @@ def test_input_groups_on_tiny_llama_same_logits_and_gradients(backend, name, mon
     assert torch.equal(model(ids).logits.detach(), ref)
 
 
+@pytest.mark.parametrize("name", ["bishare_slice", "bishare_gate", "bishare_kron"])
+def test_compose_input_groups_with_dropout_run_their_plan(name, monkeypatch):
+    """On compose with dropout in training, a group draws one mask and runs each member's planned
+    compose call on it: logits and every gradient equal the router's group op on the same draw."""
+    from sharelora_kernels.ops import call_plan
+    from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
+
+    monkeypatch.setenv("SHARELORA_BACKEND", "compose")
+    config = sk.ShareLoRAConfig(target_modules=TARGETS + ["gate_proj"], dropout=0.25, **METHOD_CONFIGS[name])
+    model = sk.apply(tiny_model("mistral", layers=2), config, group_inputs=True).train()
+    randomize_adapters(model)
+    ids = token_batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = {id(m.input_group): m.input_group for m in sk.model.shared_layers(model) if m.input_group is not None}
+
+    def run():
+        torch.manual_seed(11)
+        logits = model(ids).logits
+        return logits.detach(), torch.autograd.grad(logits.pow(2).mean(), params)
+
+    out, grads = run()
+    assert len(groups) == 4 and {g._plan.backend for g in groups.values()} == {"compose"}
+    monkeypatch.setattr(call_plan, "build_compose_group", lambda *a: None)  # the router's group op
+    for group in groups.values():
+        group.clear()
+    ref, ref_grads = run()
+    assert {g._plan.backend for g in groups.values()} == {"router"}
+    assert rel_err(out, ref.double()) < 1e-4  # float32 sums in another order; another mask errs by O(1)
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r.double()) < 1e-4
+
+
 def test_input_group_fallbacks_no_grad_and_changed_input(monkeypatch):
     monkeypatch.setenv("SHARELORA_BACKEND", "torch")
     model = grouped_model()

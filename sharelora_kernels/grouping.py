@@ -51,34 +51,49 @@ class InputGroup:
         entry = self._pending.pop(index, None)
         if entry is not None and entry[0] is x and entry[1] == grad_mode:
             return entry[2]
-        if entry is not None or not self._can_group(x):  # the member's own op (it also reports bad inputs)
+        outs = None
+        if entry is None and x.dim() and x.shape[-1] == module.in_features:  # else a bad input: reported below
+            outs = self._run(x, module)
+        if outs is None:  # the member's own op (it also reports bad inputs)
             return module.forward_alone(x)
-        outs = self._run(x, module)
         self._pending = {i: (x, grad_mode, y) for i, y in enumerate(outs) if i != index}
         return outs[index]
 
-    def _run(self, x: Tensor, module: SharedLoRALinear) -> tuple[Tensor, ...]:
-        """The group's op on x. Eager calls run the group's call plan: the kernels' ``GroupedPlan``
-        under triton (no autocast cast, every member fusable), else the router on paths made once;
-        rebuilt when what it was built from changed (``ops.call_plan``)."""
+    def _run(self, x: Tensor, module: SharedLoRALinear) -> tuple[Tensor, ...] | None:
+        """The group's op on x, or None where its members cannot run together (``_can_group``).
+        Eager calls run the group's call plan: the kernels' ``GroupedPlan`` under triton (no autocast
+        cast, every member fusable), each member's planned compose call on one dropout draw under
+        compose (``call_plan.build_compose_group``), else the router on paths made once; rebuilt
+        when what it was built from changed (``ops.call_plan``; the members' train / eval modes and
+        paths versions are part of its environment, so whether they can run together is too)."""
         members = self.members
         if torch.compiler.is_compiling():
+            if not self._can_group(x):
+                return None
             return ops.grouped_lora_linear(x, [m.base_weight() for m in members], [m.bias for m in members],
                                            [m.paths() for m in members], module.dropout, module.training)
-        env = call_plan.environment(x, module.training, (module.dropout, *(m._paths_version for m in members)))
+        env = call_plan.environment(x, module.training, (*(m._paths_version for m in members),
+                                                         *(m.training for m in members)))
         plan = self._plan
         if plan is None or not plan.fits(env):
             plan = self._plan = None
+            sources = [s for m in members for s in m._sources()]
+            if not self._can_group(x):
+                self._plan = call_plan.CallPlan(env, sources, lambda x: None, "alone")
+                return None
             ws, bs, ps = [m.base_weight() for m in members], [m.bias for m in members], [m.paths() for m in members]
             args = (ws, bs, ps, module.dropout, module.training)
-            if (ops.backend_for(x) == "triton" and ops._autocast_operands(x, *ws, *bs) is None
-                    and all(ops._fusable(x, w, b, p) for w, b, p in zip(ws, bs, ps))):
+            setting, cast = ops.backend_for(x), ops._autocast_operands(x, *ws, *bs)
+            run, backend = None, "router"
+            if setting == "triton" and cast is None and all(ops._fusable(x, w, b, p) for w, b, p in zip(ws, bs, ps)):
                 from .ops.grouped_lora_linear import planned_call
 
                 run, backend = planned_call(x, *args), "triton"
-            else:
+            elif setting == "compose" and cast is None:
+                run, backend = call_plan.build_compose_group(x, *args), "compose"
+            if run is None:
                 run, backend = (lambda x: ops.grouped_lora_linear(x, *args)), "router"
-            plan = self._plan = call_plan.CallPlan(env, [s for m in members for s in m._sources()], run, backend)
+            plan = self._plan = call_plan.CallPlan(env, sources, run, backend)
         return plan.run(x)
 
     @staticmethod

@@ -214,6 +214,37 @@ def _cast_base_runner(cast: tuple, weight: Tensor, bias: Tensor | None, paths: S
     return dense_program.cast_base_runner(program, weight, bias, tensors, grad_wanted(xs, paths), xs.dtype)
 
 
+def build_compose_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
+                        paths: Sequence[Sequence[LoRAPath]], dropout_p: float, training: bool) -> Run | None:
+    """compose's run(x) -> one (..., N_g) per member of an input group: one dropout draw on x, then
+    each member's planned Function (``DenseCompose`` or ``PathCompose``) on that draw. None where a
+    member's paths need the general compose call (a tensor read twice, mixed adapter dtypes) or a
+    base compose does not take: the router runs the group."""
+    from . import _compose_takes
+
+    p = dropout_p if training else 0.0
+    calls = []
+    for w, b, ps in zip(weights, biases, paths):
+        if not (ps and _compose_takes(x, w, b, ps)):
+            return None
+        compose._check(x, w, b, p)
+        tensors = [t for q in ps for t in q.tensors]
+        if dense_program.DenseProgram.takes(ps):
+            calls.append((dense_program.dense_apply, dense_program.DenseProgram(w, b, ps, p), (None, None, *tensors)))
+        elif path_program.PathProgram.takes(ps):
+            calls.append((path_program.path_apply, path_program.PathProgram(w, b, ps, p), tensors))
+        else:
+            return None
+    k = x.shape[-1]
+
+    def run(x: Tensor) -> tuple[Tensor, ...]:
+        x2 = x.reshape(-1, k)
+        dropped = compose.draw_dropout(x2, p)
+        lead = x.shape[:-1]
+        return tuple(apply(program, x2, dropped, *args).view(*lead, program.n) for apply, program, args in calls)
+    return run
+
+
 def _compose_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
                     training: bool) -> Run:
     p = dropout_p if training else 0.0

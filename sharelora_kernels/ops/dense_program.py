@@ -197,15 +197,16 @@ class DenseProgram:
 
 
 class DenseCompose(torch.autograd.Function):
-    """One planned compose call of plain / slice paths: ``apply(program, x (M, K), weight, bias,
-    *tensors)`` -> y (M, N), ``tensors`` each path's (A, B) parameters (what gets gradients; the
-    forward reads the program's detached windows of them); weight / bias: this call's cast of a base
-    cast every call, or None (the program's own). Saves x, the bool dropout mask, h, the (stacked)
-    factors and a per-call weight; backward is ``DenseProgram.backward``."""
+    """One planned compose call of plain / slice paths: ``apply(program, x (M, K), dropped, weight,
+    bias, *tensors)`` -> y (M, N), ``tensors`` each path's (A, B) parameters (what gets gradients;
+    the forward reads the program's detached windows of them); dropped: the (dropout(x), mask) pair
+    of ``draw_dropout`` an input group shares, or None (drawn here); weight / bias: this call's cast
+    of a base cast every call, or None (the program's own). Saves x, the bool dropout mask, h, the
+    (stacked) factors and a per-call weight; backward is ``DenseProgram.backward``."""
 
     @staticmethod
-    def forward(ctx, program, x, weight, bias, *tensors):
-        xd, mask = draw_dropout(x, program.p)
+    def forward(ctx, program, x, dropped, weight, bias, *tensors):
+        xd, mask = dropped if dropped is not None else draw_dropout(x, program.p)
         y, h, a, b = program.forward(x, xd, program.detached, None if weight is None else
                                      base_of(weight, bias, program.zero))
         ctx.save_for_backward(x, mask, h, a, b, weight)
@@ -216,11 +217,11 @@ class DenseCompose(torch.autograd.Function):
     def backward(ctx, dy):
         x, mask, h, a, b, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        dx, *grads = ctx.program.backward(dy, x, mask, h, a, b, (needs[1], *needs[4:]), weight)
-        return (None, dx, None, None, *grads)
+        dx, *grads = ctx.program.backward(dy, x, mask, h, a, b, (needs[1], *needs[5:]), weight)
+        return (None, dx, None, None, None, *grads)
 
 
-_dense_apply = thin_apply(DenseCompose)
+dense_apply = thin_apply(DenseCompose)
 
 
 def stacked_output(program, h: Tensor, b: Tensor, base: Base) -> tuple[Tensor, Tensor]:
@@ -319,11 +320,11 @@ def runner(program, apply: Callable, tensors: Sequence[Tensor], grad: bool) -> C
 
 
 def dense_runner(program: DenseProgram, tensors: Sequence[Tensor], grad: bool) -> Callable[[Tensor], Tensor]:
-    """``runner`` of a ``DenseProgram`` through ``DenseLean`` or ``DenseCompose`` (its weight and
-    bias arguments None: the program's own base)."""
+    """``runner`` of a ``DenseProgram`` through ``DenseLean`` or ``DenseCompose`` (its dropped,
+    weight and bias arguments None: its own dropout draw, the program's own base)."""
     if program.lean:
         return runner(program, _lean_apply, tensors, grad)
-    return runner(program, _dense_apply, [None, None, *tensors], grad)
+    return runner(program, dense_apply, [None, None, None, *tensors], grad)
 
 
 def cast_base_runner(program: DenseProgram, weight: Tensor, bias: Tensor | None, tensors: Sequence[Tensor],
@@ -340,7 +341,7 @@ def cast_base_runner(program: DenseProgram, weight: Tensor, bias: Tensor | None,
             x2 = x.reshape(-1, k).to(dtype)
             w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
             if grad:
-                y = _dense_apply(program, x2, w, b, *tensors)
+                y = dense_apply(program, x2, None, w, b, *tensors)
             else:
                 y = program.infer(x2, base_of(w, b, program.zero))
         finally:

@@ -237,13 +237,14 @@ class PathProgram:
 
 
 class PathCompose(torch.autograd.Function):
-    """One planned compose call: ``apply(program, x (M, K), *tensors)`` -> y (M, N), ``tensors`` every
-    path's tensors in role order (what gets gradients). Saves x, the bool dropout mask, the tensors,
-    h, the stacked dense factors, each gate's core products and each Kronecker fold."""
+    """One planned compose call: ``apply(program, x (M, K), dropped, *tensors)`` -> y (M, N),
+    ``tensors`` every path's tensors in role order (what gets gradients), dropped the (dropout(x),
+    mask) pair an input group shares or None (drawn here). Saves x, the bool dropout mask, the
+    tensors, h, the stacked dense factors, each gate's core products and each Kronecker fold."""
 
     @staticmethod
-    def forward(ctx, program, x, *tensors):
-        xd, mask = draw_dropout(x, program.p)
+    def forward(ctx, program, x, dropped, *tensors):
+        xd, mask = dropped if dropped is not None else draw_dropout(x, program.p)
         y, saved = program.forward(x, xd)
         ctx.save_for_backward(x, mask, *tensors)
         ctx.program, ctx.saved = program, saved
@@ -253,10 +254,11 @@ class PathCompose(torch.autograd.Function):
     def backward(ctx, dy):
         x, mask = ctx.saved_tensors[:2]  # the tensors are saved for autograd's in-place check
         needs = ctx.needs_input_grad
-        return (None, *ctx.program.backward(dy, x, mask, ctx.saved, needs[1], any(needs[2:])))
+        dx, *grads = ctx.program.backward(dy, x, mask, ctx.saved, needs[1], any(needs[3:]))
+        return (None, dx, None, *grads)
 
 
-_path_apply = thin_apply(PathCompose)
+path_apply = thin_apply(PathCompose)
 
 
 def path_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
@@ -265,4 +267,4 @@ def path_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
     (``dense_program.runner`` through ``PathCompose``), the checks of a call made once."""
     _check(x, weight, bias, dropout_p)
     program = PathProgram(weight, bias, paths, dropout_p)
-    return runner(program, _path_apply, [t for q in paths for t in q.tensors], grad)
+    return runner(program, path_apply, [None, *(t for q in paths for t in q.tensors)], grad)
