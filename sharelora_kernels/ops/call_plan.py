@@ -193,11 +193,8 @@ def _without_autocast(env: tuple, sources: Sequence[Source], xs: Tensor, weight:
     run_cast = inner.run
 
     def run(x: Tensor) -> Tensor:
-        torch.set_autocast_enabled(device, False)
-        try:
+        with compose.AutocastOff(device):
             return run_cast(x if x.dtype == dtype else x.to(dtype))
-        finally:
-            torch.set_autocast_enabled(device, True)
     return CallPlan(env, sources, run, inner.backend)
 
 

@@ -65,10 +65,11 @@ def _at_least_fp32(path: LoRAPath) -> LoRAPath:
     return path._replace(tensors=tuple(t.to(torch.promote_types(t.dtype, torch.float32)) for t in path.tensors))
 
 
-class _AutocastOff:
+class AutocastOff:
     """Autocast off on ``device`` inside the block, on again after: what ``torch.autocast(device,
     enabled=False)`` does inside an autocast region, without its Python bookkeeping (a few
-    microseconds a call). Eager only: dynamo traces ``torch.autocast``."""
+    microseconds a call). Eager only (dynamo traces ``torch.autocast``), and only where autocast is
+    on (the call plans built under it)."""
 
     __slots__ = ("device",)
 
@@ -89,7 +90,7 @@ def no_autocast(device: str):
     """Autocast off inside: a context manager only when autocast is on."""
     if not torch.is_autocast_enabled(device):
         return _NOTHING
-    return torch.autocast(device, enabled=False) if torch.compiler.is_compiling() else _AutocastOff(device)
+    return torch.autocast(device, enabled=False) if torch.compiler.is_compiling() else AutocastOff(device)
 
 
 def _factors(paths: Sequence[LoRAPath], k: int, n: int, dtype: torch.dtype) -> tuple[tuple[Tensor, Tensor] | None,

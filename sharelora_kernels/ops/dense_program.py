@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from ..reference import LoRAPath
-from .compose import draw_dropout, lowrank_dtype
+from .compose import AutocastOff, draw_dropout, lowrank_dtype
 from .function import thin_apply
+
 
 class Base(NamedTuple):
     """The frozen base of a planned call as its GEMMs read it: W (N, K), its transpose, the term the
@@ -37,6 +38,20 @@ class Base(NamedTuple):
 
 def base_of(weight: Tensor, bias: Tensor | None, zero: Tensor) -> Base:
     return Base(weight, weight.t(), zero if bias is None else bias, 0 if bias is None else 1)
+
+
+def window_pads(path: LoRAPath, k: int, n: int) -> tuple[tuple[int, int], tuple[int, int, int, int]] | None:
+    """``constant_pad_nd`` widths that put a slice path's (r, K) / (N, r) window gradients into its
+    tensors' shapes (A's columns, B's rows); None for any other path."""
+    if path.kind != "slice":
+        return None
+    return ((path.k_offset, path.tensors[0].shape[1] - k - path.k_offset),
+            (0, 0, path.n_offset, path.tensors[1].shape[0] - n - path.n_offset))
+
+
+def rank_scales(ranks_and_scales: Sequence[tuple[int, float]], dtype: torch.dtype, device) -> Tensor:
+    """(R,) each stacked path's scale repeated over its rank: folded into the stacked B."""
+    return torch.cat([torch.full((r,), float(s), dtype=dtype, device=device) for r, s in ranks_and_scales])
 
 
 class DenseProgram:
@@ -71,27 +86,23 @@ class DenseProgram:
         device = paths[0].tensors[0].device
         self.window = [(q.k_offset, q.n_offset) if q.kind == "slice" else None for q in paths]
         self.sliced = any(w is not None for w in self.window)
-        # constant_pad_nd widths of each slice's window gradients: A's columns, B's rows
-        self.pads = [None if q.kind != "slice" else ((q.k_offset, q.tensors[0].shape[1] - k - q.k_offset),
-                                                     (0, 0, q.n_offset, q.tensors[1].shape[0] - n - q.n_offset))
-                     for q in paths]
+        self.pads = [window_pads(q, k, n) for q in paths]
         self.single = len(paths) == 1
         self.scale = float(paths[0].scale)
         self.ranks = [q.rank for q in paths]
         self.keep = 1.0 / (1.0 - dropout_p)
-        self.scales = None if self.single else torch.cat(
-            [torch.full((q.rank,), float(q.scale), dtype=self.dtype, device=device) for q in paths])
+        self.scales = None if self.single else rank_scales([(q.rank, q.scale) for q in paths], self.dtype, device)
         self.zero = torch.zeros((), dtype=self.dtype, device=device)
         self.tall = TALL_ROWS if device.type == "cpu" else None  # see ``db_of``
         self.scales_col = None if self.single else self.scales.view(-1, 1)
         # z = addmm(bias_or_zero, h, B^T, beta=beta): the bias added by the low-rank GEMM's epilogue
         self.own = None if weight is None or per_call else base_of(weight, bias, self.zero)
-        self.detached = self.windows([t.detach() for q in paths for t in q.tensors])
+        detached = self.windows([t.detach() for q in paths for t in q.tensors])
         # no dropout, nothing cast: DenseLean reads these views directly
         self.lean = self.own is not None and dropout_p == 0 and self.adapter_dtype == self.dtype and (
             weight.dtype == self.dtype) and (bias is None or bias.dtype == self.dtype)
-        self.a_list, self.b_list = self.detached[0::2], self.detached[1::2]
-        self.a, self.b = self.detached if self.single else (None, None)
+        self.a_list, self.b_list = detached[0::2], detached[1::2]
+        self.a, self.b = detached if self.single else (None, None)
         self.at, self.bt = (self.a.t(), self.b.t()) if self.single else (None, None)
 
     @staticmethod
@@ -109,13 +120,13 @@ class DenseProgram:
             out += (a, b) if w is None else (a.narrow(1, w[0], self.k), b.narrow(0, w[1], self.n))
         return out
 
-    def project(self, x: Tensor, xd: Tensor | None, ab: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """(h (M, R), A (R, K), B (N, R)) in the low-rank dtype, of x (M, K) or its dropped-out copy xd
-        and ``ab`` each path's (A window, B window)."""
+    def project(self, x: Tensor, xd: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(h (M, R), A (R, K), B (N, R)) in the low-rank dtype, of x (M, K) or its dropped-out copy xd,
+        from the detached windows (stacked for several paths)."""
         if self.single:
-            a, b = ab
+            a, b = self.a, self.b
         else:
-            a, b = torch.cat(ab[0::2]), torch.cat(ab[1::2], 1)
+            a, b = torch.cat(self.a_list), torch.cat(self.b_list, 1)
         if self.operand is not None:
             a, b = a.to(self.operand).to(self.dtype), b.to(self.operand).to(self.dtype)
         elif a.dtype != self.dtype:
@@ -123,26 +134,24 @@ class DenseProgram:
         xl = x if xd is None else xd
         return torch.mm(xl if xl.dtype == self.dtype else xl.to(self.dtype), a.t()), a, b
 
-    def forward(self, x: Tensor, xd: Tensor | None, ab: Sequence[Tensor],
-                base: Base | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(y (M, N) in x's dtype, h (M, R), A, B) of x (M, K), its dropped-out copy xd (or None) and
-        ``ab`` each path's (A window, B window), on ``base`` (default: the program's own); B of
-        several paths holds their scales."""
+    def forward(self, x: Tensor, xd: Tensor | None, base: Base | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(y (M, N) in x's dtype, h (M, R), A, B) of x (M, K) and its dropped-out copy xd (or None),
+        on ``base`` (default: the program's own); B of several paths holds their scales."""
         base = base or self.own
-        h, a, b = self.project(x, xd, ab)
+        h, a, b = self.project(x, xd)
         z, b = stacked_output(self, h, b, base)
         y = (z if z.dtype == x.dtype else z.to(x.dtype)).addmm_(x, base.wt)
         return y, h, a, b
 
     def infer(self, x: Tensor, base: Base | None = None) -> Tensor:
         """y (M, N) of x (M, K) without autograd (dropout drawn here in training)."""
-        return self.forward(x, draw_dropout(x, self.p)[0], self.detached, base)[0]
+        return self.forward(x, draw_dropout(x, self.p)[0], base)[0]
 
     def add_into(self, y: Tensor, x: Tensor, xd: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """y (M, N) += the paths of x (M, K) in place (xd: its dropped-out copy, or None); x in the
         compute dtype, y in any float dtype (the term is rounded to it once); returns (h, A, B) as
         ``forward``."""
-        h, a, b = self.project(x, xd, self.detached)
+        h, a, b = self.project(x, xd)
         alpha = self.scale
         if not self.single:
             b, alpha = b * self.scales, 1.0
@@ -186,12 +195,17 @@ class DenseProgram:
         gb = db_of(self, dyl, h)  # (N, R), scaled
         if ga.dtype != self.adapter_dtype:
             ga, gb = ga.to(self.adapter_dtype), gb.to(self.adapter_dtype)
+        return (dx, *self.tensor_grads(ga, gb))
+
+    def tensor_grads(self, ga: Tensor, gb: Tensor) -> list[Tensor]:
+        """Each path's (dA, dB) from the stacked dA (R, K) and dB (N, R): split by rank, a slice's
+        window gradient padded into its tensor's shape."""
         if self.single:
-            if self.sliced:
-                ga, gb = torch.constant_pad_nd(ga, self.pads[0][0]), torch.constant_pad_nd(gb, self.pads[0][1])
-            return dx, ga, gb
-        grads = [dx]
-        for pad, da, db in zip(self.pads, ga.split_with_sizes(self.ranks), gb.split_with_sizes(self.ranks, 1)):
+            parts = ((self.pads[0], ga, gb),)
+        else:
+            parts = zip(self.pads, ga.split_with_sizes(self.ranks), gb.split_with_sizes(self.ranks, 1))
+        grads = []
+        for pad, da, db in parts:
             grads += (da, db) if pad is None else (torch.constant_pad_nd(da, pad[0]), torch.constant_pad_nd(db, pad[1]))
         return grads
 
@@ -207,8 +221,7 @@ class DenseCompose(torch.autograd.Function):
     @staticmethod
     def forward(ctx, program, x, dropped, weight, bias, *tensors):
         xd, mask = dropped if dropped is not None else draw_dropout(x, program.p)
-        y, h, a, b = program.forward(x, xd, program.detached, None if weight is None else
-                                     base_of(weight, bias, program.zero))
+        y, h, a, b = program.forward(x, xd, None if weight is None else base_of(weight, bias, program.zero))
         ctx.save_for_backward(x, mask, h, a, b, weight)
         ctx.program = program
         return y
@@ -286,14 +299,7 @@ class DenseLean(torch.autograd.Function):
         grads = [None, torch.mm(dh, a).addmm_(dy, program.own.weight) if needs[1] else None]
         if not any(needs[2:]):
             return (*grads, *([None] * (len(needs) - 2)))
-        ga, gb = torch.mm(dh.t(), x), db_of(program, dy, h)
-        if program.single:
-            parts = ((program.pads[0], ga, gb),)
-        else:
-            parts = zip(program.pads, ga.split_with_sizes(program.ranks), gb.split_with_sizes(program.ranks, 1))
-        for pad, da, db in parts:
-            grads += (da, db) if pad is None else (torch.constant_pad_nd(da, pad[0]), torch.constant_pad_nd(db, pad[1]))
-        return tuple(grads)
+        return (*grads, *program.tensor_grads(torch.mm(dh.t(), x), db_of(program, dy, h)))
 
 
 _lean_apply = thin_apply(DenseLean)
@@ -336,15 +342,12 @@ def cast_base_runner(program: DenseProgram, weight: Tensor, bias: Tensor | None,
     device, k, n = weight.device.type, program.k, program.n
 
     def run(x: Tensor) -> Tensor:
-        torch.set_autocast_enabled(device, False)
-        try:
+        with AutocastOff(device):
             x2 = x.reshape(-1, k).to(dtype)
             w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
             if grad:
                 y = dense_apply(program, x2, None, w, b, *tensors)
             else:
                 y = program.infer(x2, base_of(w, b, program.zero))
-        finally:
-            torch.set_autocast_enabled(device, True)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
     return run

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..reference import LoRAPath
 from .compose import _check, draw_dropout, lowrank_dtype
-from .dense_program import TALL_ROWS, base_of, db_of, runner, stacked_output
+from .dense_program import TALL_ROWS, base_of, db_of, rank_scales, runner, stacked_output, window_pads
 from .function import thin_apply
 
 
@@ -41,7 +41,6 @@ class PathProgram:
     def __init__(self, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float):
         k, n = weight.shape[1], weight.shape[0]
         self.weight, self.bias, self.p, self.k, self.n = weight, bias, dropout_p, k, n
-        self.wt = weight.t()
         self.dtype = lowrank_dtype(weight.dtype)
         self.chain = torch.promote_types(self.dtype, torch.float32)
         self.adapter_dtype = paths[0].tensors[0].dtype
@@ -53,17 +52,13 @@ class PathProgram:
                 d = q.tensors[0].shape[1]
                 self.krons.append((i, d, float(q.scale), k // d, n // d))
             else:
-                pads = None
-                if q.kind == "slice":
-                    pads = ((q.k_offset, q.tensors[0].shape[1] - k - q.k_offset),
-                            (0, 0, q.n_offset, q.tensors[1].shape[0] - n - q.n_offset))
-                self.dense.append((q.kind, i, q.rank, float(q.scale), pads, (q.k_offset, q.n_offset)))
+                self.dense.append((q.kind, i, q.rank, float(q.scale), window_pads(q, k, n), (q.k_offset, q.n_offset)))
             i += len(q.tensors)
         self.single = len(self.dense) == 1
         self.ranks = [r for _, _, r, _, _, _ in self.dense]
         self.scale = self.dense[0][3] if self.single else 1.0
-        self.scales = None if self.single or not self.dense else torch.cat(
-            [torch.full((r,), s, dtype=self.dtype, device=weight.device) for _, _, r, s, _, _ in self.dense])
+        self.scales = None if self.single or not self.dense else rank_scales(
+            [(r, s) for _, _, r, s, _, _ in self.dense], self.dtype, weight.device)
         self.zero = torch.zeros((), dtype=self.dtype, device=weight.device)
         self.tall = TALL_ROWS if weight.device.type == "cpu" else None  # see ``dense_program.db_of``
         self.scales_col = None if self.scales is None else self.scales.view(-1, 1)
@@ -138,7 +133,7 @@ class PathProgram:
             hb = torch.mm(hk, tt[i + 1])  # (M, d), unscaled
             z.view(m, jn, d).addcmul_(kb_tile.to(z.dtype), hb.to(z.dtype).view(m, 1, d), value=s)
             folds.append((u, hk, hb))
-        y = z.addmm_(x, self.wt) if self.dense else z
+        y = z.addmm_(x, self.own.wt) if self.dense else z
         return y, (t, tt, kernels, h, a, b, cores, folds)
 
     def infer(self, x: Tensor) -> Tensor:
