@@ -261,12 +261,8 @@ class LowRankPlanned(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, program, y, x, *tensors):
-        paths, p, seed, kernels = program
-        if p > 0:
-            seed = _seed(x.device, kernels is not None)
         with no_autocast(x.device.type):  # the dtypes are chosen by the plan
-            y2 = y.view(-1, y.shape[-1])
-            h, mask = torch_forward(y2, x, paths, p, seed) if kernels is None else kernels.forward(y2, x, seed)
+            h, mask, seed = _planned_add(program, y.view(-1, y.shape[-1]), x)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x, h, mask, seed)
         ctx.program = program
@@ -288,6 +284,17 @@ class LowRankPlanned(torch.autograd.Function):
 
 
 _planned_apply = thin_apply(LowRankPlanned)
+
+
+def _planned_add(program: tuple, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """y (M, N) += the paths of dropout(x) (M, K) in place on a planned call's path (the torch path,
+    or its kernels' ``LowRankPlan``); returns h, the mask and the call's seed (drawn when p > 0)."""
+    paths, p, seed, kernels = program
+    if p > 0:
+        seed = _seed(x.device, kernels is not None)
+    if kernels is None:
+        return (*torch_forward(y, x, paths, p, seed), seed)
+    return (*kernels.forward(y, x, seed), seed)
 
 
 class LowRankDense(torch.autograd.Function):
@@ -365,11 +372,7 @@ def planned_call(x: Tensor, n: int, paths: Sequence[LoRAPath], dropout_p: float,
             return y
         if grad:
             return _planned_apply(program, y, x2, *tensors)
-        seed = program[2] if p == 0 else _seed(x.device, use_triton)
         with no_autocast(x.device.type):
-            if kernels is None:
-                torch_forward(y.view(-1, n), x2, paths, p, seed)
-            else:
-                kernels.forward(y.view(-1, n), x2, seed)
+            _planned_add(program, y.view(-1, n), x2)
         return y
     return run
