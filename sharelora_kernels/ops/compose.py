@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ..config import PATH_ROLES
 from ..reference import LoRAPath, _dense_factors, add_path_output, kron_fold
-from .function import thin_apply
+from .function import thin_apply, wants_grad
 from .shared_grad import DirectSink, GradSink, chain_a, chain_b, sink_for
 
 DENSE_KINDS = ("plain", "slice", "gate")  # one stacked dense LoRA; "kron" is folded instead
@@ -294,7 +294,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
     x2 = x.reshape(-1, x.shape[-1])
     p = dropout_p if training else 0.0
     xd, mask = dropped if dropped is not None else draw_dropout(x2, p)
-    if not (torch.is_grad_enabled() and (x2.requires_grad or any(t.requires_grad for q in paths for t in q.tensors))):
+    if not wants_grad(x2, (t for q in paths for t in q.tensors)):
         y = compose_forward(x2, xd, weight, bias, paths)[0]  # no gradient wanted: no autograd Function
         return y.reshape(*x.shape[:-1], weight.shape[0])
     specs = tuple((q.kind, float(q.scale), q.k_offset, q.n_offset) for q in paths)
@@ -317,7 +317,7 @@ def planned_call(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence
     def run(x: Tensor) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         xd, mask = draw_dropout(x2, p)
-        if torch.is_grad_enabled() and (x2.requires_grad or any(t.requires_grad for t in tensors)):
+        if wants_grad(x2, tensors):
             y = _compose_apply(x2, xd, mask, weight, bias, meta, *tensors)
         else:
             y = compose_forward(x2, xd, weight, bias, paths)[0]

@@ -47,6 +47,7 @@ from torch import Tensor
 from ..reference import LoRAPath
 from .dispatch_cache import (CACHE_ENV, CACHE_FORMAT, CACHE_VERSION, cache_dir, cache_file,  # noqa: F401 (named here too)
                              read_cache, write_cache)
+from .function import wants_grad
 
 BACKEND_ENV, AUTOTUNE_ENV = "SHARELORA_BACKEND", "SHARELORA_AUTOTUNE"
 BACKENDS = ("torch", "compose", "triton", "auto")
@@ -193,8 +194,7 @@ def _signature(device: torch.device, x_dtype: torch.dtype, weight_dtype: torch.d
 
 def call_mode(x: Tensor, paths: Sequence[LoRAPath]) -> str:
     """``fwd+bwd`` when autograd will take a gradient of this call, else ``fwd``."""
-    grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for p in paths for t in p.tensors))
-    return "fwd+bwd" if grad else "fwd"
+    return "fwd+bwd" if wants_grad(x, (t for p in paths for t in p.tensors)) else "fwd"
 
 
 # ----------------------------------------------------------------------------- timing

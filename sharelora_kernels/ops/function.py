@@ -4,13 +4,15 @@
 binds default arguments (for a ``setup_context`` style Function) and unwraps functorch's dead
 wrappers (for ``torch.func`` transforms). The planned calls' Functions use neither: outside
 functorch transforms ``thin_apply(cls)`` calls the C entry point (about 2 us less per call on a
-CPU); inside one it is the ordinary ``cls.apply``.
+CPU); inside one it is the ordinary ``cls.apply``. ``wants_grad``: whether a call needs its
+Function at all (a call autograd will not record runs its forward alone).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
+from torch import Tensor
 
 
 def thin_apply(cls: type[torch.autograd.Function]) -> Callable:
@@ -23,3 +25,8 @@ def thin_apply(cls: type[torch.autograd.Function]) -> Callable:
             return wrapped(*args)
         return direct(*args)
     return apply
+
+
+def wants_grad(x: Tensor, tensors: Iterable[Tensor]) -> bool:
+    """Whether autograd records a call on x and ``tensors`` (grad mode on, something requires grad)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors))

@@ -46,8 +46,8 @@ from . import tma_linear
 from .autotune import SMALL_GEMM, TunedKernel, gemm_configs
 from .dy_lowrank import dy_lowrank
 from .encoding import KINDS, check_path, decode, encode  # noqa: F401 (KINDS: the layout codes)
-from .function import thin_apply
-from .grad_routes import GradRoutes, path_routes
+from .function import thin_apply, wants_grad
+from .grad_routes import RouteCache, path_routes
 from .gemm_tiles import LOWRANK_CHUNK, epilogue, lowrank_tile, matmul_tile, tile_coords
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
@@ -256,7 +256,7 @@ class FusedPlan:
     (``grad_routes``, one routing per set of tensors needing a gradient). A call then allocates
     its outputs and launches; the launchers keep their grids per shape (``utils.memo``)."""
 
-    __slots__ = ("weight", "w_kn", "bias", "paths", "tensors", "tables", "p", "seed", "n", "k", "w_int64", "_routes")
+    __slots__ = ("weight", "w_kn", "bias", "paths", "tensors", "tables", "p", "seed", "n", "k", "w_int64", "routes")
 
     def __init__(self, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], p: float, device: torch.device):
         self.weight, self.w_kn, self.bias = weight, weight.t(), bias  # a strided bias: made contiguous per call
@@ -266,14 +266,7 @@ class FusedPlan:
         self.p, self.seed = p, dropout_seed(0.0, device)
         self.n, self.k = weight.shape
         self.w_int64 = needs_int64_index(weight)
-        self._routes: dict[tuple[bool, ...], GradRoutes] = {}
-
-    def routes(self, needs: tuple[bool, ...]) -> GradRoutes:
-        """The gradient routing of the tensors ``needs`` marks (made on first use of each marking)."""
-        routes = self._routes.get(needs)
-        if routes is None:
-            routes = self._routes[needs] = GradRoutes(self.tensors, needs, path_routes(self.paths, self.k, self.n))
-        return routes
+        self.routes = RouteCache(self.tensors, path_routes(self.paths, self.k, self.n))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """y (M, N), h (M, R) float32 and the bit-packed dropout mask of x (M, K) (two launches)."""
@@ -329,8 +322,3 @@ def planned_call(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence
             return call(plan, x, *tensors)
         return call(plan, x.reshape(-1, x.shape[-1]), *tensors).view(*x.shape[:-1], n)
     return run
-
-
-def wants_grad(x: Tensor, tensors: Sequence[Tensor]) -> bool:
-    """Whether autograd records a call on x and ``tensors`` (grad mode on, something requires grad)."""
-    return torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors))

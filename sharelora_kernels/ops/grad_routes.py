@@ -173,3 +173,20 @@ def path_routes(paths: Sequence[LoRAPath], k: int, n: int) -> list[Route]:
         routes += [Route(0, r0, r1, p, "a", slots, k), Route(1, r0, r1, p, "b", slots, n)]
         i0, r0 = i0 + len(p.tensors), r1
     return routes
+
+
+class RouteCache:
+    """A plan's ``GradRoutes``, one per marking of the tensors that need a gradient, made on first use:
+    ``cache(needs)``. ``routes``: every route over the plan's flat ``tensors``."""
+
+    __slots__ = ("tensors", "routes", "_made")
+
+    def __init__(self, tensors: Sequence[Tensor], routes: Sequence[Route]):
+        self.tensors, self.routes = list(tensors), list(routes)
+        self._made: dict[tuple[bool, ...], GradRoutes] = {}
+
+    def __call__(self, needs: tuple[bool, ...]) -> GradRoutes:
+        routes = self._made.get(needs)
+        if routes is None:
+            routes = self._made[needs] = GradRoutes(self.tensors, needs, self.routes)
+        return routes

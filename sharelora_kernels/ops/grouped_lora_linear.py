@@ -51,10 +51,10 @@ from torch import Tensor
 from ..config import PATH_ROLES
 from ..reference import LoRAPath
 from .autotune import TunedKernel
-from .function import thin_apply
-from .grad_routes import GradRoutes, Route
+from .function import thin_apply, wants_grad
+from .grad_routes import Route, RouteCache
 from .dy_lowrank import dy_lowrank
-from .fused_lora_linear import SPACES, _check, wants_grad
+from .fused_lora_linear import SPACES, _check
 from .gemm_tiles import LOWRANK_CHUNK, lowrank_tile, matmul_tile, tile_coords
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
@@ -483,7 +483,7 @@ class GroupedPlan:
     Weights or biases that are not contiguous get their launches per call (built from copies)."""
 
     __slots__ = ("weights", "biases", "tensors", "group", "views", "module_tables", "launch", "dx", "h_cols",
-                 "dh_index", "dh_concat", "ns", "p", "seed", "atomic", "route_list", "_routes")
+                 "dh_index", "dh_concat", "ns", "p", "seed", "atomic", "routes")
 
     def __init__(self, weights: Sequence[Tensor], biases: Sequence[Tensor | None], paths: Sequence[Sequence[LoRAPath]],
                  p: float, device: torch.device, atomic: bool | None = None):
@@ -509,21 +509,14 @@ class GroupedPlan:
         k, starts = self.weights[0].shape[1], [0]
         for v in grp.views:
             starts.append(starts[-1] + path_rank(v))
-        self.route_list = [Route(0, r0, r1, v, "a", tuple(idx), k)
-                           for v, idx, r0, r1 in zip(grp.views, grp.view_roles, starts, starts[1:])]
+        route_list = [Route(0, r0, r1, v, "a", tuple(idx), k)
+                      for v, idx, r0, r1 in zip(grp.views, grp.view_roles, starts, starts[1:])]
         for g, (module_paths, module_roles) in enumerate(zip(grp.paths, grp.roles)):
             r0 = 0
             for path, idx in zip(module_paths, module_roles):
-                self.route_list.append(Route(1 + g, r0, r0 + path_rank(path), path, "b", tuple(idx), self.ns[g]))
+                route_list.append(Route(1 + g, r0, r0 + path_rank(path), path, "b", tuple(idx), self.ns[g]))
                 r0 += path_rank(path)
-        self._routes: dict[tuple[bool, ...], GradRoutes] = {}
-
-    def routes(self, needs: tuple[bool, ...]) -> GradRoutes:
-        """The gradient routing of the tensors ``needs`` marks (made on first use of each marking)."""
-        routes = self._routes.get(needs)
-        if routes is None:
-            routes = self._routes[needs] = GradRoutes(self.tensors, needs, self.route_list)
-        return routes
+        self.routes = RouteCache(self.tensors, route_list)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """[y_0, ..., y_{G-1}, h (M, R_u) float32, the bit-packed dropout mask] of x (M, K) (two launches)."""

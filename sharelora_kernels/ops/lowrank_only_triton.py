@@ -34,7 +34,7 @@ from ..reference import LoRAPath
 from .autotune import lowrank_add_config
 from .dy_lowrank import dy_lowrank
 from .gemm_tiles import LOWRANK_CHUNK, lowrank_tile, tile_coords
-from .grad_routes import GradRoutes, path_routes
+from .grad_routes import RouteCache, path_routes
 from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
 from .tables import FactorTables, refresh_gates, tables_for
@@ -118,18 +118,17 @@ def triton_backward(dy: Tensor, x: Tensor, h: Tensor, mask: Tensor, paths: Seque
 
 class LowRankPlan:
     """What an eager call of these kernels reads that does not change between calls, built once per
-    call plan (as ``fused_lora_linear.FusedPlan``): the paths and their flat tensors, the factor
-    tables (gate cores refreshed each forward), dropout p, and where each factor gradient goes
-    (``grad_routes``, one routing per set of tensors needing a gradient)."""
+    call plan (as ``fused_lora_linear.FusedPlan``): the paths, the factor tables (gate cores
+    refreshed each forward), dropout p, and where each factor gradient goes (``grad_routes``, one
+    routing per set of tensors needing a gradient)."""
 
-    __slots__ = ("paths", "tensors", "tables", "p", "k", "n", "_routes")
+    __slots__ = ("paths", "tables", "p", "routes")
 
     def __init__(self, paths: Sequence[LoRAPath], p: float, k: int, n: int, device: torch.device):
         self.paths = list(paths)
-        self.tensors = [t for q in self.paths for t in q.tensors]
         self.tables = tables_for(self.paths, device)
-        self.p, self.k, self.n = p, k, n
-        self._routes: dict[tuple[bool, ...], GradRoutes] = {}
+        self.p = p
+        self.routes = RouteCache([t for q in self.paths for t in q.tensors], path_routes(self.paths, k, n))
 
     def forward(self, y: Tensor, x: Tensor, seed: Tensor) -> tuple[Tensor, Tensor]:
         """``triton_forward`` of y (M, N), x (M, K) on the plan's tables (two launches)."""
@@ -141,8 +140,6 @@ class LowRankPlan:
                  needs: tuple[bool, ...]) -> tuple[Tensor, list[Tensor | None]]:
         """(dx (M, K), or empty unless needs_dx; the tensors' gradients, None where ``needs`` is
         false): the dy pass, dx and dA only where wanted, then the routes."""
-        routes = self._routes.get(needs)
-        if routes is None:
-            routes = self._routes[needs] = GradRoutes(self.tensors, needs, path_routes(self.paths, self.k, self.n))
+        routes = self.routes(needs)
         dx, grad_a, grad_b = _backward(dy, x, h, mask, self.tables, self.p, needs_dx, routes.uses(0))
         return dx, routes((grad_a, grad_b))

@@ -59,6 +59,7 @@ from torch import Tensor
 from ..reference import LoRAPath
 from . import dispatch
 from .encoding import check_path
+from .function import wants_grad
 from .multi_adapter_torch import structure, torch_add
 
 BASE = -1  # the adapter index of a row without adapter ("__base__")
@@ -213,7 +214,7 @@ def adapter_tables(adapters: Sequence[Sequence[LoRAPath]], in_features: int, out
 # ----------------------------------------------------------------------------- checks and backends
 def _inference_only(x: Tensor, tables: AdapterTables) -> None:
     """RuntimeError when grad is enabled and x or an adapter tensor requires grad (no backward here)."""
-    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tables.tensors())):
+    if wants_grad(x, tables.tensors()):
         raise RuntimeError("multi-adapter batches are inference only (no backward): call under torch.no_grad() or "
                            "torch.inference_mode(), or train one adapter at a time")
 
