@@ -105,7 +105,7 @@ class GradRoutes:
             return out
         buffers = {slot: torch.zeros(shape, device=device, dtype=torch.float32) for slot, shape, device in self.summed}
         for source, r0, r1, path, factor, slots in self.chained:
-            for role, g, (w0, w1) in _CHAINS[path.kind, factor](path, grads[source][r0:r1]):
+            for role, g, (w0, w1) in (chain_a if factor == "a" else chain_b)(path, grads[source][r0:r1]):
                 slot = slots.get(role)
                 if slot is None:
                     continue
@@ -122,34 +122,6 @@ class GradRoutes:
         for slot, dtype in self.casts:
             out[slot] = out[slot].to(dtype)
         return out
-
-
-def _f32(t: Tensor) -> Tensor:
-    return t if t.dtype == torch.float32 else t.float()
-
-
-def kron_chain_a(path: LoRAPath, ga: Tensor) -> tuple[tuple[int, Tensor, tuple[int, int]], ...]:
-    """``shared_grad.chain_a`` of a Kronecker path (A = K_A (x) A_s: A[:, j d + c] = K_A[0, j] A_s[:, c])
-    as batched matmuls (einsum's Python front end costs several times more at adapter sizes)."""
-    a_s, k_a = _f32(path.tensors[0]), _f32(path.tensors[2])
-    r, d = a_s.shape
-    ga3 = ga.reshape(r, -1, d)  # (r, J, d)
-    return ((0, torch.bmm(k_a.expand(r, 1, -1), ga3).view(r, d), (0, 0)),
-            (2, torch.bmm(ga3, a_s.unsqueeze(2)).sum(0).t(), (0, 0)))
-
-
-def kron_chain_b(path: LoRAPath, gb: Tensor) -> tuple[tuple[int, Tensor, tuple[int, int]], ...]:
-    """``shared_grad.chain_b`` of a Kronecker path (B = K_B (x) B_s: B[i c + e, :] = K_B[i, 0] B_s[e, :]),
-    gb = dB_eff^T (r, N), as batched matmuls."""
-    b_s, k_b = _f32(path.tensors[1]), _f32(path.tensors[3])
-    c, r = b_s.shape
-    gb3 = gb.reshape(r, -1, c)  # (r, I, c)
-    return ((1, torch.bmm(k_b.t().expand(r, 1, -1), gb3).view(r, c).t(), (0, 0)),
-            (3, torch.bmm(gb3, b_s.t().unsqueeze(2)).sum(0), (0, 0)))
-
-
-_CHAINS = {("plain", "a"): chain_a, ("slice", "a"): chain_a, ("gate", "a"): chain_a, ("kron", "a"): kron_chain_a,
-           ("plain", "b"): chain_b, ("slice", "b"): chain_b, ("gate", "b"): chain_b, ("kron", "b"): kron_chain_b}
 
 
 def _reads_whole(route: Route, t: Tensor) -> bool:
