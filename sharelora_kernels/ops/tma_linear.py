@@ -34,7 +34,7 @@ except ImportError:  # Triton without host-side descriptors: the pointer kernel 
 
 from .autotune import SMALL_GEMM, TunedKernel, gemm_configs, sm_count
 from .gemm_tiles import LOWRANK_CHUNK, epilogue, lowrank_tile, tile_coords
-from .utils import INTERPRET, cdiv, dot_precision, mma, next_power_of_2, on_device
+from .utils import INTERPRET, cdiv, dot_precision, memo, mma, next_power_of_2, on_device
 
 PERF = [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
 FULL = PERF + [(128, 128, 64, 4, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 4), (128, 128, 128, 8, 3),
@@ -95,10 +95,7 @@ _TMA: dict[torch.device, bool] = {}
 
 def _has_tma(device: torch.device) -> bool:
     """Whether CUDA ``device`` has compute capability 9 or more (asked once per device)."""
-    has = _TMA.get(device)
-    if has is None:
-        has = _TMA[device] = torch.cuda.get_device_capability(device)[0] >= 9
-    return has
+    return memo(_TMA, device, lambda: torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def usable(a: Tensor, w_kn: Tensor) -> bool:
