@@ -355,9 +355,13 @@ class SharedLoRALinear(nn.Module):
         return ops.lora_linear(x, weight, self.bias, [m.as_path() for m in paths], self.dropout, self.training)
 
     def _base_output(self, x: Tensor) -> Tensor:
-        """A quantized base's own forward ``x W^T + b``."""
-        if self.layout.kind == "bnb_4bit" and torch.is_grad_enabled() and (self.training or x.requires_grad):
-            standard_4bit_layout(self.base_layer)  # after an eval pass on the CPU: a layout with a backward
+        """A quantized base's own forward ``x W^T + b`` (in x's dtype, as bitsandbytes returns it)."""
+        if self.layout.kind == "bnb_4bit":
+            if x.numel() == 0:  # bitsandbytes' CPU 4-bit inference kernel dies (SIGFPE) on an empty batch
+                with torch.autocast(x.device.type, enabled=False):
+                    return F.linear(x, x.new_zeros(self.out_features, self.in_features))
+            if torch.is_grad_enabled() and (self.training or x.requires_grad):
+                standard_4bit_layout(self.base_layer)  # after an eval pass on the CPU: a layout with a backward
         return self.base_layer(x)
 
     def _run_computing_base(self, plan: call_plan.CallPlan, x: Tensor) -> Tensor:

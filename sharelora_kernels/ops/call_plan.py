@@ -51,6 +51,7 @@ from torch import Tensor
 from .. import reference
 from ..reference import LoRAPath
 from . import compose, dense_program, dispatch, path_program
+from .autocast import AutocastOff
 
 Run = Callable[[Tensor], Tensor]
 
@@ -193,7 +194,7 @@ def _without_autocast(env: tuple, sources: Sequence[Source], xs: Tensor, weight:
     run_cast = inner.run
 
     def run(x: Tensor) -> Tensor:
-        with compose.AutocastOff(device):
+        with AutocastOff(device):
             return run_cast(x if x.dtype == dtype else x.to(dtype))
     return CallPlan(env, sources, run, inner.backend)
 

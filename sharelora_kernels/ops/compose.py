@@ -34,7 +34,6 @@ gradient returned directly (its tensors are distinct), slice windows padded into
 """
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple, Sequence
 
 import torch
@@ -43,6 +42,7 @@ from torch import Tensor
 
 from ..config import PATH_ROLES
 from ..reference import LoRAPath, _dense_factors, add_path_output, kron_fold
+from .autocast import no_autocast
 from .function import thin_apply, wants_grad
 from .shared_grad import DirectSink, GradSink, chain_a, chain_b, sink_for
 
@@ -63,34 +63,6 @@ def _at_least_fp32(path: LoRAPath) -> LoRAPath:
     if all(t.dtype in (torch.float32, torch.float64) for t in path.tensors):
         return path
     return path._replace(tensors=tuple(t.to(torch.promote_types(t.dtype, torch.float32)) for t in path.tensors))
-
-
-class AutocastOff:
-    """Autocast off on ``device`` inside the block, on again after: what ``torch.autocast(device,
-    enabled=False)`` does inside an autocast region, without its Python bookkeeping (a few
-    microseconds a call). Eager only (dynamo traces ``torch.autocast``), and only where autocast is
-    on (the call plans built under it)."""
-
-    __slots__ = ("device",)
-
-    def __init__(self, device: str):
-        self.device = device
-
-    def __enter__(self) -> None:
-        torch.set_autocast_enabled(self.device, False)
-
-    def __exit__(self, *exc) -> None:
-        torch.set_autocast_enabled(self.device, True)
-
-
-_NOTHING = contextlib.nullcontext()
-
-
-def no_autocast(device: str):
-    """Autocast off inside: a context manager only when autocast is on."""
-    if not torch.is_autocast_enabled(device):
-        return _NOTHING
-    return torch.autocast(device, enabled=False) if torch.compiler.is_compiling() else AutocastOff(device)
 
 
 def _factors(paths: Sequence[LoRAPath], k: int, n: int, dtype: torch.dtype) -> tuple[tuple[Tensor, Tensor] | None,

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from ..reference import LoRAPath
-from .compose import AutocastOff, draw_dropout, lowrank_dtype
+from .autocast import AutocastOff
+from .compose import draw_dropout, lowrank_dtype
 from .function import thin_apply
 
 

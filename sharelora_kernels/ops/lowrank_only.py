@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from ..reference import LoRAPath, _add_lowrank, _dense_factors, add_path_output, path_input
-from .compose import draw_dropout, no_autocast
+from .autocast import no_autocast
+from .compose import draw_dropout
 from .dense_program import DenseProgram
 from .encoding import check_path, decode, encode
 from .function import thin_apply

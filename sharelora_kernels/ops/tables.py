@@ -37,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import LoRAPath, gate_core
+from .autocast import no_autocast
 from .utils import TL_DTYPES
 
 CACHE_SIZE = 4096  # tables kept (least recently used dropped first); a 7B model's plan needs ~250
@@ -68,9 +69,10 @@ def _fp32(path: LoRAPath) -> LoRAPath:
 
 
 def gate_a_eff(path: LoRAPath) -> Tensor:
-    """``A_eff = C G_id`` (g, K) of a gate path: fp32 math, cast once to the adapter dtype."""
+    """``A_eff = C G_id`` (g, K) of a gate path: fp32 math (autocast off), cast once to the adapter dtype."""
     fp32 = _fp32(path)
-    return (gate_core(fp32) @ fp32.tensors[2]).to(path.tensors[0].dtype)
+    with no_autocast(fp32.tensors[2].device.type):
+        return (gate_core(fp32) @ fp32.tensors[2]).to(path.tensors[0].dtype)
 
 
 def rows_of(t: Tensor, rank_dim: int, offset: int, period: int = 0, coef: Tensor | None = None,
@@ -139,9 +141,10 @@ def refresh_gates(tables: FactorTables, paths: Sequence[LoRAPath]) -> FactorTabl
         return tables
     with torch.no_grad():  # the buffer is data the kernels read (their gradients come from the chain rule)
         for i, buffer in tables.gates:
-            if buffer.dtype == torch.float32:  # written in place: no temporary
+            if buffer.dtype == torch.float32:  # written in place, no temporary: fp32 math whatever autocast says
                 fp32 = _fp32(paths[i])
-                torch.mm(gate_core(fp32), fp32.tensors[2], out=buffer)
+                with no_autocast(buffer.device.type):
+                    torch.mm(gate_core(fp32), fp32.tensors[2], out=buffer)
             else:
                 buffer.copy_(gate_a_eff(paths[i]))
     return tables
