@@ -7,7 +7,8 @@ groups, a base that computes itself, the torch path, the kernels through the int
 Conv1D and bitsandbytes nf4 bases, path mixes whose tensors are shared by two layers (the
 gradients of a shared tensor sum over both) or read twice by one, base and adapter dtypes,
 autocast, bias, eval-mode dropout, frozen tensors, an input without grad, 2-d, 3-d and strided
-inputs, M = 0 and 1, grad mode, no_grad and inference mode. Errors are measured against each
+inputs, M = 0 and 1, grad mode, no_grad and inference mode, adapters disabled, merged (held to
+the unmerged math) and unmerged again. Errors are measured against each
 element's magnitude bound (the same math on absolute values), so a sum that cancels in bfloat16
 is held to what its terms allow. Each draw calls its
 layers three times: once to build the plan, once in the steady state, and once after an in-place
@@ -17,6 +18,7 @@ the last, and a frozen tensor must get none.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -62,8 +64,9 @@ def role_shapes(kind: str, r: int, k: int, n: int) -> dict[str, tuple[tuple[int,
     return {"A": ((r, 4), True), "B": ((4, r), True), "K_A": ((1, k // 4), False), "K_B": ((n // 4, 1), False)}
 
 
-def build_layers(case) -> tuple[list[SharedLoRALinear], list[nn.Module], AdapterStore]:
-    """``case['layers']`` layers of one store, their bases (``make_base``), the store; every tensor random."""
+def build_layers(case) -> tuple[list[SharedLoRALinear], list[nn.Module], AdapterStore, list[torch.Tensor]]:
+    """``case['layers']`` layers of one store, their bases (``make_base``), the store, and each base
+    weight in float64 before the adapters were merged (``case['adapters']``); every tensor random."""
     g = torch.Generator().manual_seed(case["seed"])
     specs, params, per_layer = {}, {}, []
     for layer in range(case["layers"]):
@@ -99,7 +102,19 @@ def build_layers(case) -> tuple[list[SharedLoRALinear], list[nn.Module], Adapter
     for name in case["frozen"]:
         if name < len(params):
             list(params.values())[name].requires_grad_(False)
-    return layers, bases, store
+    weights = [base_weight64(layer) for layer in layers]  # before any merge
+    for layer in layers:
+        if case["adapters"] == "disabled":
+            layer.enable_adapters(False)
+        elif case["adapters"] in ("merged", "unmerged"):
+            with warnings.catch_warnings():  # an nf4 base is requantized (and says so)
+                warnings.simplefilter("ignore")
+                layer.merge()
+                if case["adapters"] == "unmerged":
+                    layer.unmerge()
+    if case["adapters"] == "unmerged":  # the weights back within their rounding (nf4: requantized twice)
+        weights = [base_weight64(layer) for layer in layers]
+    return layers, bases, store, weights
 
 
 def make_base(case, g: torch.Generator) -> nn.Module:
@@ -131,12 +146,14 @@ def base_weight64(layer) -> torch.Tensor:
     return layer.base_weight().detach().double()
 
 
-def float64_outputs(layers, x, dy, base_outs, magnitude: bool = False):
+def float64_outputs(layers, x, dy, base_outs, weights, magnitude: bool = False):
     """Each layer's output in float64 and, for ``dy`` (one per layer, or None), the float64 gradients
     of x and of every store tensor by id (a shared tensor's summed over the layers; None where
     frozen). ``base_outs``: per layer, what a base that computes itself returned for x (its own
     numerics: bitsandbytes' CPU kernel of eval mode rounds the nf4 scales to bfloat16), taken as
-    the base's part of the output; else None. ``magnitude``: the same of every operand's absolute
+    the base's part of the output; else None. ``weights``: per layer, its base weight (N, K) in
+    float64 before any merge (a merged layer is held to the unmerged math; its adapters get no
+    gradient). ``magnitude``: the same of every operand's absolute
     value (x, W, b, the adapters, dy): a bound on what each element sums, against which a rounding
     error is measured (a sum that cancels is not held to its own small size)."""
     fix = torch.abs if magnitude else (lambda t: t)
@@ -144,10 +161,12 @@ def float64_outputs(layers, x, dy, base_outs, magnitude: bool = False):
     p64 = {i: fix(t.detach().double()).requires_grad_(t.requires_grad) for i, t in store_params.items()}
     x64 = fix(x.detach().double()).requires_grad_(x.requires_grad)
     ys = []
-    for layer, base_out in zip(layers, base_outs):
-        paths = [p._replace(tensors=tuple(p64[id(t)] for t in p.tensors)) for p in layer.paths()]
+    for layer, base_out, weight in zip(layers, base_outs, weights):
+        merged = layer.merged
+        paths = [p._replace(tensors=tuple(p64[id(t)].detach() if merged else p64[id(t)] for t in p.tensors))
+                 for p in layer.paths()]  # none while adapters are disabled
         bias = None if layer.bias is None else fix(layer.bias.detach().double())
-        weight = fix(base_weight64(layer))
+        weight = fix(weight)
         y = reference.lora_linear(x64, weight, bias, paths)
         if base_out is not None:  # the base's own output, the gradient of x W^T
             y = y - F.linear(x64, weight, bias).detach() + fix(base_out.double())
@@ -205,12 +224,12 @@ def base_results(layers, bases, case, x) -> tuple[list, list[torch.dtype]]:
 
 
 def check_case(case):
-    layers, bases, store = build_layers(case)
+    layers, bases, store, weights = build_layers(case)
     g = torch.Generator().manual_seed(case["seed"] + 1)
     half = case["autocast"] or torch.bfloat16 in (case["base_dtype"], case["adapter_dtype"])
     tol = TOL[torch.bfloat16 if half else torch.float32]
     for step in range(3):
-        if step == 2:  # an optimizer step: every tensor changed in place
+        if step == 2 and case["adapters"] != "merged":  # an optimizer step: every tensor changed in place
             with torch.no_grad():
                 for t in store.parameters():
                     t.add_(torch.randn(t.shape, generator=g).to(t.dtype) * 0.1)
@@ -220,8 +239,8 @@ def check_case(case):
             ys = call(layers, case, x)
             base_outs, dtypes = base_results(layers, bases, case, x)
         dys = [torch.randn(y.shape, generator=g) for y in ys] if last else None
-        ys64, grads64 = float64_outputs(layers, x, dys, base_outs)
-        bounds, grad_bounds = float64_outputs(layers, x, dys, base_outs, magnitude=True)
+        ys64, grads64 = float64_outputs(layers, x, dys, base_outs, weights)
+        bounds, grad_bounds = float64_outputs(layers, x, dys, base_outs, weights, magnitude=True)
         for y, y64, bound, dtype in zip(ys, ys64, bounds, dtypes):
             event(type(y.grad_fn).__name__)
             assert y.shape == y64.shape and y.dtype == dtype  # the base's result dtype
@@ -258,19 +277,21 @@ layer_cases = st.fixed_dictionaries({
     "train": st.booleans(),
     "dropout": st.sampled_from([0.0, 0.2]),
     "frozen": st.lists(st.integers(0, 11), max_size=3),
+    "adapters": st.sampled_from(["on", "on", "on", "disabled", "merged", "unmerged"]),
     "x_grad": st.booleans(),
     "x_layout": st.sampled_from(["2d", "3d", "strided"]),
     "m": st.sampled_from([0, 1, 5, 9]),
     "grad_mode": st.sampled_from(["grad", "grad", "no_grad", "inference"]),
     "seed": st.integers(0, 2**16),
-}).filter(lambda c: not (c["train"] and c["dropout"]))  # dropout is checked against its mask elsewhere
+}).filter(lambda c: not (c["train"] and c["dropout"])  # dropout is checked against its mask elsewhere
+          and not (c["adapters"] == "merged" and c["base"] == "nf4"))  # requantized: held to its grid, elsewhere
 
 
 def pinned(**changes) -> dict:
     """A case found by these tests once, kept: a plain-path layer with ``changes``."""
     case = {"kinds": ["plain"], "ranks": [1, 1, 1], "layers": 1, "group": False, "read_twice": False, "base": "linear",
             "base_dtype": torch.float32, "adapter_dtype": torch.float32, "autocast": False, "bias": False,
-            "train": False, "dropout": 0.0, "frozen": [], "x_grad": False, "x_layout": "2d", "m": 1,
+            "train": False, "dropout": 0.0, "frozen": [], "adapters": "on", "x_grad": False, "x_layout": "2d", "m": 1,
             "grad_mode": "grad", "seed": 0}
     return {**case, **changes}
 
