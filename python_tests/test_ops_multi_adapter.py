@@ -3,20 +3,22 @@
 Both backends: the torch path, and the Triton shrink / expand kernels through TRITON_INTERPRET=1
 (conftest.py). Adapters of every path kind, of different ranks, methods and path counts, in one
 batch, with base rows (index -1), adapters without rows, one row per adapter and segments longer
-than a tile.
+than a tile; and drawn batches (adapters, rows, shapes) of all of these.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sharelora_kernels import ops, reference
 from sharelora_kernels.ops.lowrank_only import lowrank_add
 from sharelora_kernels.ops.multi_adapter import (BASE, adapter_batch, adapter_tables, multi_adapter_add,
                                                  multi_adapter_linear)
 from sharelora_kernels.reference import LoRAPath
-from test_ops_fused_lora_linear import TOL, make_path, rel_err
+from test_ops_fused_lora_linear import KRON_D, TOL, make_path, rel_err
 
 BACKENDS = [False, pytest.param(True, marks=pytest.mark.skipif(not ops.HAS_TRITON, reason="triton not importable"))]
 IDS = ["torch", "triton"]
@@ -382,3 +384,23 @@ def test_tables_reject_tensors_on_two_devices():
     b = LoRAPath("plain", (torch.randn(2, 24, device="meta"), torch.randn(16, 2, device="meta")), 1.0)
     with pytest.raises(ValueError, match="one device"):
         adapter_tables([[a], [b]], 24, 16)
+
+
+@st.composite
+def drawn_batches(draw):
+    """(methods, rows, K, N, tokens per row): up to five adapters of up to three paths each (any kind,
+    ranks 1-12, an adapter may have none), up to eight rows of them or of the base, K and N
+    multiples of the Kronecker block."""
+    methods = draw(st.lists(st.lists(st.tuples(st.sampled_from(["plain", "slice", "gate", "kron"]),
+                                               st.integers(1, 12)), max_size=3), min_size=1, max_size=5))
+    rows = draw(st.lists(st.sampled_from([BASE, *range(len(methods))]), min_size=1, max_size=8))
+    k, n = (KRON_D * draw(st.integers(1, 5)) for _ in range(2))
+    return methods, rows, k, n, draw(st.integers(1, 5))
+
+
+@pytest.mark.parametrize("use_triton", BACKENDS, ids=IDS)
+@settings(max_examples=60, deadline=None)
+@given(case=drawn_batches())
+def test_drawn_batches_match_float64(case, use_triton):
+    methods, rows, k, n, tokens_per_row = case
+    check(rows, methods, k, n, tokens_per_row, use_triton)
