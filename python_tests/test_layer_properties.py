@@ -69,25 +69,24 @@ def build_layers(case) -> tuple[list[SharedLoRALinear], list[nn.Module], Adapter
     weight in float64 before the adapters were merged (``case['adapters']``); every tensor random."""
     g = torch.Generator().manual_seed(case["seed"])
     specs, params, per_layer = {}, {}, []
+
+    def tensor(name: str, shape: tuple[int, int]) -> str:
+        if name not in params:  # a shared tensor is made by its first layer
+            specs[name] = TensorSpec(name, shape, "gaussian", "lora", init_std=0.3)
+            params[name] = nn.Parameter((torch.randn(shape, generator=g) * 0.3).to(case["adapter_dtype"]))
+        return name
+
     for layer in range(case["layers"]):
         paths = []
         for i, (kind, r) in enumerate(zip(case["kinds"], case["ranks"])):
-            names = {}
-            for role, (shape, shared) in role_shapes(kind, r, *dims(case)).items():
-                name = f"p{i}.{role}" if shared else f"l{layer}.p{i}.{role}"
-                if name not in params:
-                    specs[name] = TensorSpec(name, shape, "gaussian", "lora", init_std=0.3)
-                    params[name] = nn.Parameter((torch.randn(shape, generator=g) * 0.3).to(case["adapter_dtype"]))
-                names[role] = name
-            rank = 2 if kind == "gate" else r
+            names = {role: tensor(f"p{i}.{role}" if shared else f"l{layer}.p{i}.{role}", shape)
+                     for role, (shape, shared) in role_shapes(kind, r, *dims(case)).items()}
             offsets = (2, 1) if kind == "slice" else (0, 0)
-            paths.append(PathSpec(kind, "lora", names, 0.5 + 0.25 * i, rank, *offsets))
-        if case["read_twice"] and paths[0].kind == "plain":  # one more path reading the first path's A
-            names = dict(paths[0].tensors)
-            names["B"] = f"l{layer}.extra.B"
-            specs[names["B"]] = TensorSpec(names["B"], (dims(case)[1], paths[0].rank), "gaussian", "lora", init_std=0.3)
-            params[names["B"]] = nn.Parameter((torch.randn(dims(case)[1], paths[0].rank, generator=g) * 0.3).to(case["adapter_dtype"]))
-            paths.append(PathSpec("plain", "lora", names, 1.5, paths[0].rank, 0, 0))
+            paths.append(PathSpec(kind, "lora", names, 0.5 + 0.25 * i, 2 if kind == "gate" else r, *offsets))
+        first = paths[0]
+        if case["read_twice"] and first.kind == "plain":  # one more path reading the first path's A
+            names = {"A": first.tensors["A"], "B": tensor(f"l{layer}.extra.B", (dims(case)[1], first.rank))}
+            paths.append(PathSpec("plain", "lora", names, 1.5, first.rank, 0, 0))
         per_layer.append(paths)
     store = AdapterStore(params, specs)
     bases = [make_base(case, g) for _ in per_layer]
