@@ -2,8 +2,8 @@
 logits through every way out of the package.
 
 Each draw (method, ranks, alpha, rsLoRA, targets, the Bi-Share transform and its settings, share
-sets; LLaMA, Qwen2 (biased q/k/v) or GPT-2 (Conv1D)) is applied to a float64 model with random
-adapters; then these give the adapted model's logits again: ``merge_and_unload`` (the adapters
+sets, input groups; LLaMA, Qwen2 (biased q/k/v) or GPT-2 (Conv1D)) is applied to a float64 model
+with random adapters, whose gradients on the compose backend equal the torch path's; then these give the adapted model's logits again: ``merge_and_unload`` (the adapters
 folded into the base), ``save`` then ``load`` into a fresh copy of the base (bit for bit), and
 ``export_peft`` then PEFT's ``PeftModel.from_pretrained`` (a plain LoRA of the summed rank, in
 float32 as PEFT's adapter files hold it).
@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sharelora_kernels as sk
+from sharelora_kernels import ops
 from tiny_models import randomize_adapters, tiny_family, token_batch
 
 peft = pytest.importorskip("peft")
@@ -52,16 +53,27 @@ def logits(model, ids) -> torch.Tensor:
         return model(ids).logits
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(config=configs(), family=st.sampled_from(["llama", "qwen2", "gpt2"]))
-def test_a_drawn_config_keeps_its_logits_through_merge_save_load_and_peft_export(config, family):
+def gradients(model, ids, backend: str) -> list[torch.Tensor]:
+    """Every trainable tensor's gradient of a loss on the logits, on ``backend``."""
+    ops.set_backend(backend)
+    model.zero_grad(set_to_none=True)
+    model(ids).logits.pow(2).mean().backward()
+    return [p.grad for p in model.parameters() if p.requires_grad]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=configs(), family=st.sampled_from(["llama", "qwen2", "gpt2"]), group_inputs=st.booleans())
+def test_a_drawn_config_keeps_its_logits_through_merge_save_load_and_peft_export(config, family, group_inputs):
     base = tiny_family(family, layers=LAYERS).double()
     model = copy.deepcopy(base)
-    sk.apply(model, sk.ShareLoRAConfig(**config))
+    sk.apply(model, sk.ShareLoRAConfig(**config), group_inputs=group_inputs and family != "gpt2")
     randomize_adapters(model)
     ids = token_batch(batch=2, seq=5)
     want = logits(model, ids)
     assert (want - logits(base, ids)).abs().max() > 1e-6  # the adapters change the output
+    for got, ref in zip(gradients(model, ids, "compose"), gradients(model, ids, "torch")):
+        assert ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item() < 1e-10, "compose vs torch"
+    ops.set_backend(None)
 
     def close(got, what, tol=1e-10):
         err = ((got - want).abs().max() / want.abs().max()).item()
