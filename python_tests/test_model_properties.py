@@ -6,7 +6,8 @@ sets, input groups; LLaMA, Qwen2 (biased q/k/v) or GPT-2 (Conv1D)) is applied to
 with random adapters, whose gradients on the compose backend equal the torch path's; then these give the adapted model's logits again: ``merge_and_unload`` (the adapters
 folded into the base), ``save`` then ``load`` into a fresh copy of the base (bit for bit), and
 ``export_peft`` then PEFT's ``PeftModel.from_pretrained`` (a plain LoRA of the summed rank, in
-float32 as PEFT's adapter files hold it).
+float32 as PEFT's adapter files hold it). The same draws as a PEFT method round-trip through
+``save_pretrained`` / ``from_pretrained`` and merge.
 """
 from __future__ import annotations
 
@@ -87,3 +88,21 @@ def test_a_drawn_config_keeps_its_logits_through_merge_save_load_and_peft_export
         sk.export_peft(model, f"{tmp}/peft")
         exported = peft.PeftModel.from_pretrained(copy.deepcopy(base), f"{tmp}/peft")
         close(logits(exported, ids), "export_peft", tol=1e-5)  # float32 factors, through two layers
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=configs(), family=st.sampled_from(["llama", "qwen2", "gpt2"]))
+def test_a_drawn_config_as_a_peft_method_round_trips_and_merges(config, family):
+    """The same draws through PEFT: get_peft_model, save_pretrained / from_pretrained (bit for bit),
+    merge_and_unload."""
+    base = tiny_family(family, layers=LAYERS).double()
+    model = peft.get_peft_model(copy.deepcopy(base), sk.ShareLoRAPeftConfig(task_type="CAUSAL_LM", **config))
+    randomize_adapters(model)
+    ids = token_batch(batch=2, seq=5)
+    want = logits(model, ids)
+    assert (want - logits(base, ids)).abs().max() > 1e-6
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        assert torch.equal(logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp), ids), want)
+    merged = logits(model.merge_and_unload(), ids)
+    assert ((merged - want).abs().max() / want.abs().max()).item() < 1e-10, f"merge_and_unload ({config}, {family})"
