@@ -3,11 +3,12 @@ logits through every way out of the package.
 
 Each draw (method, ranks, alpha, rsLoRA, targets, the Bi-Share transform and its settings, share
 sets, input groups; LLaMA, Qwen2 (biased q/k/v) or GPT-2 (Conv1D)) is applied to a float64 model
-with random adapters, whose gradients on the compose backend equal the torch path's; then these give the adapted model's logits again: ``merge_and_unload`` (the adapters
-folded into the base), ``save`` then ``load`` into a fresh copy of the base (bit for bit), and
-``export_peft`` then PEFT's ``PeftModel.from_pretrained`` (a plain LoRA of the summed rank, in
-float32 as PEFT's adapter files hold it). The same draws as a PEFT method round-trip through
-``save_pretrained`` / ``from_pretrained`` and merge.
+with random adapters, whose gradients on the compose backend equal the torch path's; then these
+give the adapted model's logits again: ``merge_and_unload`` (the adapters folded into the base),
+``save`` then ``load`` into a fresh copy of the base (bit for bit), and ``export_peft`` then PEFT's
+``PeftModel.from_pretrained`` (a plain LoRA of the summed rank, in float32 as PEFT's adapter files
+hold it). The same draws as a PEFT method round-trip through ``save_pretrained`` /
+``from_pretrained`` and merge.
 """
 from __future__ import annotations
 
