@@ -4,16 +4,15 @@
 ``SharedLoRALinear`` itself, so every branch of its call plan is reached (``DenseLean``,
 ``DenseCompose``, ``PathCompose``, the general compose call, the cast base under autocast, input
 groups, a base that computes itself, the torch path, the kernels through the interpreter): dense,
-Conv1D and bitsandbytes nf4 bases, path mixes whose tensors are shared by two layers (the
+Conv1D, bitsandbytes nf4 and int8 bases, path mixes whose tensors are shared by two layers (the
 gradients of a shared tensor sum over both) or read twice by one, base and adapter dtypes,
 autocast, bias, eval-mode dropout, frozen tensors, an input without grad, 2-d, 3-d and strided
 inputs, M = 0 and 1, grad mode, no_grad and inference mode, adapters disabled, merged (held to
-the unmerged math) and unmerged again. Errors are measured against each
-element's magnitude bound (the same math on absolute values), so a sum that cancels in bfloat16
-is held to what its terms allow. Each draw calls its
-layers three times: once to build the plan, once in the steady state, and once after an in-place
-update of every tensor (an optimizer step), each call against float64; gradients are checked on
-the last, and a frozen tensor must get none.
+the unmerged math) and unmerged again. Errors are measured against each element's magnitude bound
+(the same math on absolute values), so a sum that cancels in bfloat16 is held to what its terms
+allow. Each draw calls its layers three times: once to build the plan, once in the steady state,
+and once after an in-place update of every tensor (an optimizer step), each call against float64;
+gradients are checked on the last, and a frozen tensor must get none.
 """
 from __future__ import annotations
 
@@ -40,7 +39,7 @@ try:
 except ImportError:  # a test extra: without it the draws keep to dense and Conv1D bases
     bnb = None
 
-BASES = ["linear", "linear", "conv1d"] + (["nf4"] if bnb is not None else [])
+BASES = ["linear", "linear", "conv1d"] + (["nf4", "int8"] if bnb is not None else [])
 NF4 = {"base": "nf4"} if bnb is not None else {}  # the pinned cases of an nf4 base
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}  # of each element's magnitude bound
 
@@ -117,8 +116,8 @@ def build_layers(case) -> tuple[list[SharedLoRALinear], list[nn.Module], Adapter
 
 
 def make_base(case, g: torch.Generator) -> nn.Module:
-    """A random frozen base of ``case['base']``: nn.Linear, transformers' Conv1D (weight (K, N)), or
-    a bitsandbytes nf4 layer computing in ``case['base_dtype']``."""
+    """A random frozen base of ``case['base']``: nn.Linear, transformers' Conv1D (weight (K, N)), a
+    bitsandbytes nf4 layer computing in ``case['base_dtype']``, or a bitsandbytes int8 layer."""
     k, n = dims(case)
     dense = nn.Linear(k, n, bias=case["bias"])
     with torch.no_grad():
@@ -133,6 +132,10 @@ def make_base(case, g: torch.Generator) -> nn.Module:
             conv.weight.copy_(dense.weight.t())
             conv.bias.copy_(dense.bias if case["bias"] else torch.zeros(n))
         return conv.to(case["base_dtype"])
+    if case["base"] == "int8":
+        q = bnb.nn.Linear8bitLt(k, n, bias=case["bias"], has_fp16_weights=False)
+        q.load_state_dict(dense.state_dict())
+        return q.to("cpu")
     q = bnb.nn.Linear4bit(k, n, bias=case["bias"], compute_dtype=case["base_dtype"], quant_type="nf4")
     q.load_state_dict(dense.state_dict())
     return q.to("cpu")
@@ -216,7 +219,7 @@ def base_results(layers, bases, case, x) -> tuple[list, list[torch.dtype]]:
     if not layers[0].layout.computes_itself:
         with torch.no_grad():
             return [None] * len(layers), [y.dtype for y in call(bases, case, x[..., :1, :] if x.dim() > 1 else x)]
-    if x.numel() == 0:  # bitsandbytes' CPU 4-bit kernel dies on an empty batch; it returns x's dtype
+    if x.numel() == 0 and case["base"] == "nf4":  # bitsandbytes' CPU 4-bit kernel dies on it (returning x's dtype)
         return [None] * len(layers), [x.dtype] * len(layers)
     outs = [y.detach() for y in call(bases, case, x)]
     return outs, [y.dtype for y in outs]
@@ -225,7 +228,8 @@ def base_results(layers, bases, case, x) -> tuple[list, list[torch.dtype]]:
 def check_case(case):
     layers, bases, store, weights = build_layers(case)
     g = torch.Generator().manual_seed(case["seed"] + 1)
-    half = case["autocast"] or torch.bfloat16 in (case["base_dtype"], case["adapter_dtype"])
+    half = (case["autocast"] or torch.bfloat16 in (case["base_dtype"], case["adapter_dtype"])
+            or case["base"] == "int8")  # bitsandbytes' int8 matmul runs in float16
     tol = TOL[torch.bfloat16 if half else torch.float32]
     for step in range(3):
         if step == 2 and case["adapters"] != "merged":  # an optimizer step: every tensor changed in place
@@ -283,7 +287,7 @@ layer_cases = st.fixed_dictionaries({
     "grad_mode": st.sampled_from(["grad", "grad", "no_grad", "inference"]),
     "seed": st.integers(0, 2**16),
 }).filter(lambda c: not (c["train"] and c["dropout"])  # dropout is checked against its mask elsewhere
-          and not (c["adapters"] == "merged" and c["base"] == "nf4"))  # requantized: held to its grid, elsewhere
+          and not (c["adapters"] == "merged" and c["base"] in ("nf4", "int8")))  # requantized: tested elsewhere
 
 
 def pinned(**changes) -> dict:
