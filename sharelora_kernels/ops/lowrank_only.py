@@ -40,7 +40,7 @@ from .autocast import no_autocast
 from .compose import draw_dropout
 from .dense_program import DenseProgram
 from .encoding import check_path, decode, encode
-from .function import thin_apply
+from .function import thin_apply, wants_grad
 from .shared_grad import path_grads
 
 DENSE_KINDS = ("plain", "slice", "gate")  # stacked into one LoRA by the torch path (gate: C G_id (g, K), G_ou)
@@ -247,7 +247,7 @@ def lowrank_add(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: floa
     p = dropout_p if training else 0.0
     seed = _seed(x.device, use_triton) if p > 0 else torch.zeros(1, dtype=torch.int64, device=x.device)
     tensors, layout, scales = encode(paths)
-    if not (torch.is_grad_enabled() and (x2.requires_grad or y.requires_grad or any(t.requires_grad for t in tensors))):
+    if not wants_grad(x2, (y, *tensors)):
         _forward_op(y, x2, tensors, layout, scales, p, seed, use_triton)  # no gradient wanted
         return y
     return _LowRankAdd.apply(y, x2, seed, layout, scales, p, use_triton, *tensors)
@@ -361,8 +361,7 @@ def planned_call(x: Tensor, n: int, paths: Sequence[LoRAPath], dropout_p: float,
         if not y.is_contiguous() or y._base is not None:
             y = y.clone(memory_format=torch.contiguous_format)
         x2 = x.reshape(-1, x.shape[-1])
-        grad = torch.is_grad_enabled() and (x2.requires_grad or y.requires_grad
-                                            or any(t.requires_grad for t in tensors))
+        grad = wants_grad(x2, (y, *tensors))
         if dense is not None and grad:
             return _dense_apply(dense, y, x2, *tensors)  # casts x itself: one autograd node
         if x2.dtype != compute_dtype:
