@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import ops
 from .ops import call_plan
+from .ops.autocast import no_autocast
 from .base import adapter_dtype  # noqa: F401 (re-exported: the dtype rule of dense bases' adapters)
 from .base import add_to_weight_, compute_dtype, describe_base, new_adapter_dtype, standard_4bit_layout
 from .config import PATH_ROLES, check_dropout, check_int, check_positive
@@ -355,10 +356,10 @@ class SharedLoRALinear(nn.Module):
         return ops.lora_linear(x, weight, self.bias, [m.as_path() for m in paths], self.dropout, self.training)
 
     def _base_output(self, x: Tensor) -> Tensor:
-        """A quantized base's own forward ``x W^T + b`` (in x's dtype, as bitsandbytes returns it)."""
+        """A quantized base's own forward ``x W^T + b``."""
         if self.layout.kind == "bnb_4bit":
-            if x.numel() == 0:  # bitsandbytes' CPU 4-bit inference kernel dies (SIGFPE) on an empty batch
-                with torch.autocast(x.device.type, enabled=False):
+            if x.numel() == 0:  # bitsandbytes' CPU 4-bit inference kernel dies (SIGFPE) on an empty batch;
+                with no_autocast(x.device.type):  # its output is in x's dtype, as bitsandbytes returns it
                     return F.linear(x, x.new_zeros(self.out_features, self.in_features))
             if torch.is_grad_enabled() and (self.training or x.requires_grad):
                 standard_4bit_layout(self.base_layer)  # after an eval pass on the CPU: a layout with a backward
