@@ -20,11 +20,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import sharelora_kernels as sk
-from sharelora_kernels import ops
-from tiny_models import randomize_adapters, tiny_family, token_batch
-
 peft = pytest.importorskip("peft")
+
+import sharelora_kernels as sk  # noqa: E402
+from sharelora_kernels import ops  # noqa: E402
+from test_peft_method import logits  # noqa: E402
+from tiny_models import randomize_adapters, tiny_family, token_batch  # noqa: E402
 
 LAYERS = 2
 
@@ -48,11 +49,6 @@ def configs(draw) -> dict:
         else:
             config.update(kron_dim=draw(st.sampled_from([4, 8])))
     return config
-
-
-def logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def gradients(model, ids, backend: str) -> list[torch.Tensor]:
