@@ -24,8 +24,7 @@ peft = pytest.importorskip("peft")
 
 import sharelora_kernels as sk  # noqa: E402
 from sharelora_kernels import ops  # noqa: E402
-from test_peft_method import logits  # noqa: E402
-from tiny_models import randomize_adapters, tiny_family, token_batch  # noqa: E402
+from tiny_models import logits, randomize_adapters, tiny_family, token_batch  # noqa: E402
 
 LAYERS = 2
 

@@ -10,14 +10,9 @@ from transformers import AutoModelForCausalLM
 
 import sharelora_kernels as sk
 from sharelora_kernels.model import adapter_names, adapter_tensors
-from tiny_models import TARGETS, randomize_adapters, tiny_model, token_batch
+from tiny_models import TARGETS, logits, randomize_adapters, tiny_model, token_batch
 
 SECOND = sk.ShareLoRAConfig(method="bishare", target_modules=["q_proj", "o_proj"], local_r=1, intra_r=2, inter_r=2)
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def two_adapters():

@@ -17,12 +17,7 @@ from safetensors import safe_open  # noqa: E402
 
 import sharelora_kernels as sk  # noqa: E402
 from sharelora_kernels.model import adapter_names  # noqa: E402
-from tiny_models import METHOD_CONFIGS, TARGETS, tiny_family, tiny_model, token_batch  # noqa: E402
-
-
-def logits(model, ids, **kw):
-    with torch.no_grad():
-        return model(ids, **kw).logits
+from tiny_models import METHOD_CONFIGS, TARGETS, logits, tiny_family, tiny_model, token_batch  # noqa: E402
 
 
 def train_steps(model, ids, steps=3, lr=0.3, **kw):

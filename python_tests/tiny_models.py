@@ -39,6 +39,12 @@ def token_batch(batch: int = 2, seq: int = 7, seed: int = 2) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def logits(model, ids: torch.Tensor, **kw) -> torch.Tensor:
+    """The model's logits of ``ids`` without autograd (``kw`` go to its forward)."""
+    with torch.no_grad():
+        return model(ids, **kw).logits
+
+
 # Every method and shape transform, with settings that fit the tiny models (dims 16, 32, 48).
 METHOD_CONFIGS = {
     "lora": dict(method="lora", r=3),
