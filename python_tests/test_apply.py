@@ -70,6 +70,22 @@ def test_state_dict_holds_each_tensor_once_and_save_pretrained_works(tmp_path):
     model.save_pretrained(tmp_path)  # no tied tensors for transformers to refuse
 
 
+def test_save_pretrained_refuses_merged_adapters_before_writing(tmp_path):
+    """Merged weights plus the adapters beside them would load as the adapters applied twice."""
+    model = sk.apply(tiny_model(), sk.ShareLoRAConfig(method="share_ab", r=2, target_modules=TARGETS))
+    randomize_adapters(model)
+    sk.merge(model)
+    with pytest.raises(ValueError, match=r"adapter\(s\) \['default'\] are merged into the weights of 20 module\(s\) "
+                                         r"\(first: model\.layers\.0\.self_attn\.q_proj\).*unmerge"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    sk.unmerge(model)
+    model.save_pretrained(tmp_path / "out")
+    with torch.no_grad():  # the base as saved (unmerged within float32 rounding) with the adapters once
+        torch.testing.assert_close(sk.load(tiny_model(), tmp_path / "out")(token_batch()).logits,
+                                   model(token_batch()).logits)
+
+
 def test_parameters_yields_each_shared_tensor_once():
     model = sk.apply(tiny_model(), sk.ShareLoRAConfig(method="share_ab", r=2, target_modules=TARGETS))
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -41,6 +41,18 @@ def test_mismatched_model_is_named(other, match, tmp_path):
         sk.load(target, tmp_path)
 
 
+def test_a_module_of_another_shape_is_named_not_the_slice_offsets_it_moves(tmp_path):
+    """A wider MLP moves every shared slice window (offsets centre on the widest module): the error
+    names the module whose shape differs, not a q_proj offset that follows from it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sk.save(trained("bishare_slice"), tmp_path)
+    wide = LlamaForCausalLM(LlamaConfig(**{**tiny_model().config.to_dict(), "intermediate_size": 64}))
+    with pytest.raises(ValueError, match=r"module model\.layers\.0\.mlp\.up_proj: checkpoint has .*out_features=48.*"
+                                         r"model has .*out_features=64"):
+        sk.load(sk.apply(wide, sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["bishare_slice"])), tmp_path)
+
+
 def test_other_architecture_is_named(tmp_path):
     sk.save(trained("lora"), tmp_path)
     with pytest.raises(ValueError, match="number of layers"):

@@ -63,7 +63,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 # Tiny random models of every family with a default target table (targeting.DEFAULT_TARGET_MODULES),
 # built from configs: hidden 32, 2 layers, vocab VOCAB; ``head`` picks the Auto class.
-FAMILIES = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "bert", "roberta", "t5")
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "bert", "roberta", "t5", "falcon", "bloom", "gpt_neox")
 
 
 def tiny_family(model_type: str, head: str = "causal_lm", layers: int = 2, seed: int = 0, **extra):
@@ -77,7 +77,11 @@ def tiny_family(model_type: str, head: str = "causal_lm", layers: int = 2, seed:
                           max_position_embeddings=64),
              "phi3": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
                           num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-                          eos_token_id=2)}
+                          eos_token_id=2),
+             "falcon": dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4),  # FalconLinear layers
+             "bloom": dict(hidden_size=32, n_layer=layers, n_head=4),
+             "gpt_neox": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
+                              max_position_embeddings=64)}
     sizes["roberta"] = {**sizes["bert"], "pad_token_id": 1, "max_position_embeddings": 70}
     default = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=64)

@@ -1,6 +1,7 @@
 """The base layers ShareLoRA wraps, and how each computes ``y = x W^T + b``: the one place that knows base kinds.
 
-  linear    ``nn.Linear`` (or a subclass that keeps its forward): weight (N, K), used as is.
+  linear    ``nn.Linear`` (or a subclass that keeps its forward, or one of ``LINEAR_EQUIVALENT``, whose
+            forward computes the same ``x W^T + b``): weight (N, K), used as is.
   conv1d    Transformers' ``Conv1D`` (GPT-2, GPT-J style): weight stored (K, N); every backend reads
             ``weight.t()``, a transposed view (no copy), and a merge adds the update transposed.
   bnb_4bit  bitsandbytes' ``Linear4bit`` (nf4 or fp4, with or without double quantization) and
@@ -28,6 +29,9 @@ KINDS = ("linear", "conv1d", "bnb_4bit", "bnb_8bit")
 QUANTIZED_KINDS = ("bnb_4bit", "bnb_8bit")
 WRAPPED_MARK = "is_sharelora_layer"  # a class attribute, True on the layer classes that wrap a base
 INSTALL_HINT = 'pip install "sharelora_kernels[qlora]"'
+# nn.Linear subclasses whose own forward is nn.Linear's math (qualified class names, so nothing is
+# imported to ask): Falcon's FalconLinear computes ``x @ W.T + b`` by hand.
+LINEAR_EQUIVALENT = frozenset({"transformers.models.falcon.modeling_falcon.FalconLinear"})
 
 
 def _conv1d_class():
@@ -85,7 +89,8 @@ def describe_base(module: nn.Module, name: str | None = None) -> BaseLayout:
     conv1d = _conv1d_class()
     cls = type(module)
     what = f"target module {name!r}" if name is not None else "the base module"
-    if isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward:
+    qualified = f"{cls.__module__}.{cls.__qualname__}"
+    if isinstance(module, nn.Linear) and (cls.forward is nn.Linear.forward or qualified in LINEAR_EQUIVALENT):
         return BaseLayout("linear", module.in_features, module.out_features)
     if isinstance(module, conv1d) and cls.forward is conv1d.forward:
         k, n = module.weight.shape
@@ -93,7 +98,6 @@ def describe_base(module: nn.Module, name: str | None = None) -> BaseLayout:
     kind = _bitsandbytes_kind(module, what) if _from_bitsandbytes(cls) else None
     if kind is not None:
         return BaseLayout(kind, module.in_features, module.out_features)
-    qualified = f"{cls.__module__}.{cls.__qualname__}"
     if isinstance(module, (nn.Linear, conv1d)):
         parent = "nn.Linear" if isinstance(module, nn.Linear) else "Conv1D"
         raise TypeError(f"{what} is a {qualified}, which subclasses {parent} but overrides its forward (a quantized "

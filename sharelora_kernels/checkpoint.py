@@ -197,10 +197,11 @@ def plan_mismatch(saved: SharePlan, current: SharePlan, where: str) -> None:
         fail("order of target modules", list(saved.modules), list(current.modules))
     if saved.modules_to_save != current.modules_to_save:
         fail("modules_to_save", saved.modules_to_save, current.modules_to_save)
+    for name, m in saved.modules.items():  # shapes first: a module's paths follow from every module's shape
+        if m.info != current.modules[name].info:
+            fail(f"module {name}", m.info, current.modules[name].info)
     for name, m in saved.modules.items():
         c = current.modules[name]
-        if m.info != c.info:
-            fail(f"module {name}", m.info, c.info)
         if len(m.paths) != len(c.paths):
             fail(f"number of paths of module {name}", len(m.paths), len(c.paths))
         for i, (p, q) in enumerate(zip(m.paths, c.paths)):

@@ -502,13 +502,23 @@ class SavePretrainedWithAdapters:
     """A Transformers model's ``save_pretrained`` after ``apply`` (set on the instance): the model, a
     quantized base named as unwrapped (``from_pretrained`` reads the base back), then each adapter as
     ``save`` writes it, in the folder (adapter "default") or its subfolder ``<name>`` (PEFT's
-    layout), for ``load``. ``unload`` removes it. A plain object: copies and pickles keep it."""
+    layout), for ``load``. ``unload`` removes it. A plain object: copies and pickles keep it.
+    Refused, before anything is written, while adapters are merged: the folder would hold them twice,
+    in the weights and beside them."""
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     def __call__(self, save_directory: str | os.PathLike, *args, **kwargs):
         model = self.model
+        merged = [(name, m) for name, m in model.named_modules() if isinstance(m, SharedLoRALinear) and m.merged]
+        if merged:
+            name, layer = merged[0]
+            raise ValueError(f"adapter(s) {layer.merged_adapters} are merged into the weights of {len(merged)} module(s) "
+                             f"(first: {name}): save_pretrained would write them twice, in the weights and as "
+                             "adapters, and loading would apply them twice; call sharelora_kernels.unmerge(model) "
+                             "first, or sharelora_kernels.merge_and_unload(model) to save a plain model with the "
+                             "adapters folded in")
         if kwargs.get("state_dict") is None:
             kwargs["state_dict"] = base_state_dict(model)
         out = type(model).save_pretrained(model, save_directory, *args, **kwargs)

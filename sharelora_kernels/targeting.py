@@ -50,6 +50,8 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
        for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")},
     "phi3": ["qkv_proj", "gate_up_proj", "down_proj"],  # fused q/k/v and gate/up
     "gpt2": ["c_attn", "c_fc", "mlp.c_proj"],  # Conv1D; attn.c_proj is the output projection
+    # fused q/k/v, up, down; the attention output is "attention.dense" / "self_attention.dense"
+    **{t: ["query_key_value", "dense_h_to_4h", "dense_4h_to_h"] for t in ("falcon", "bloom", "gpt_neox")},
     # "output.dense" is the attention output and the FFN output alike (BERT names both so)
     **{t: ["query", "key", "value", "intermediate.dense", "output.dense"] for t in ("bert", "roberta")},
     "t5": ["q", "k", "v", "wi", "wi_0", "wi_1", "wo"],  # wi: T5 v1.0, wi_0 / wi_1: gated T5 v1.1
