@@ -108,7 +108,9 @@ class _LinearPlusLoRA(torch.autograd.Function):
 
     The same math as autograd over F.linear + two matmuls, with a leaner backward: when the adapter
     input is x itself, dx = dy W + dh A is one GEMM plus an in-place addmm (no second (M, K) tensor
-    and sum). (x is not passed twice: dynamo refuses a tensor given to two inputs.)
+    and sum). (x is not passed twice: dynamo refuses a tensor given to two inputs.) The backward is
+    made of differentiable ops on the inputs, so second derivatives (``create_graph=True``) are exact:
+    there it recomputes h from xd and A, as the saved h is outside the graph.
     """
 
     @staticmethod
@@ -124,6 +126,8 @@ class _LinearPlusLoRA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, xd, weight, a, b, h = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: h as a function of xd and A
+            h = xd @ a.t()
         need = ctx.needs_input_grad
         dh = dy.to(b.dtype) @ b
         dx = dxd = None

@@ -43,7 +43,7 @@ from torch import Tensor
 from ..config import PATH_ROLES
 from ..reference import LoRAPath, _dense_factors, add_path_output, kron_fold
 from .autocast import no_autocast
-from .function import thin_apply, wants_grad
+from .function import first_order, thin_apply, wants_grad
 from .shared_grad import DirectSink, GradSink, chain_a, chain_b, sink_for
 
 DENSE_KINDS = ("plain", "slice", "gate")  # one stacked dense LoRA; "kron" is folded instead
@@ -121,6 +121,7 @@ class _ComposeLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order("the compose backend")
     def backward(ctx, dy):
         x, mask, weight, h, a_d, b_d, *rest = ctx.saved_tensors
         kron_saved, tensors = rest[:6 * ctx.kron_count], rest[6 * ctx.kron_count:]

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..reference import LoRAPath
 from .autocast import AutocastOff
 from .compose import draw_dropout, lowrank_dtype
-from .function import thin_apply
+from .function import first_order, thin_apply
 
 
 class Base(NamedTuple):
@@ -228,6 +228,7 @@ class DenseCompose(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order("the compose backend")
     def backward(ctx, dy):
         x, mask, h, a, b, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
@@ -292,6 +293,7 @@ class DenseLean(torch.autograd.Function):
         return z.addmm_(x, own.wt)
 
     @staticmethod
+    @first_order("the compose backend")
     def backward(ctx, dy):
         x, h, a, b = ctx.saved_tensors
         program = ctx.program

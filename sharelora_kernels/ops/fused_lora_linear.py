@@ -46,7 +46,7 @@ from . import tma_linear
 from .autotune import SMALL_GEMM, TunedKernel, gemm_configs
 from .dy_lowrank import dy_lowrank
 from .encoding import KINDS, check_path, decode, encode  # noqa: F401 (KINDS: the layout codes)
-from .function import thin_apply, wants_grad
+from .function import first_order, thin_apply, wants_grad
 from .grad_routes import RouteCache, path_routes
 from .gemm_tiles import LOWRANK_CHUNK, epilogue, lowrank_tile, matmul_tile, tile_coords
 from .lowrank_grad import lowrank_grad
@@ -186,6 +186,7 @@ def _setup_context(ctx, inputs, output):
     ctx.layout, ctx.scales, ctx.dropout_p = layout, scales, dropout_p
 
 
+@first_order("the triton backend")
 def _backward(ctx, dy, _dh, _mask):
     x, weight, h, mask, *tensors = ctx.saved_tensors
     dx, grad_a, grad_b = _backward_op(dy, x, weight, h, mask, tensors, ctx.layout, ctx.scales, ctx.dropout_p,
@@ -292,6 +293,7 @@ class FusedLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order("the triton backend")
     def backward(ctx, dy):
         x, h, mask = ctx.saved_tensors
         plan = ctx.plan

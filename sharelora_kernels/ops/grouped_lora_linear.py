@@ -51,7 +51,7 @@ from torch import Tensor
 from ..config import PATH_ROLES
 from ..reference import LoRAPath
 from .autotune import TunedKernel
-from .function import thin_apply, wants_grad
+from .function import first_order, thin_apply, wants_grad
 from .grad_routes import Route, RouteCache
 from .dy_lowrank import dy_lowrank
 from .fused_lora_linear import SPACES, _check
@@ -421,6 +421,7 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_grads = [None] * len(biases) if all(b is not None for b in biases) else None
 
 
+@first_order("the triton backend")
 def _backward(ctx, grads):
     x, h, mask, *rest = ctx.saved_tensors
     weights, tensors = rest[:ctx.modules], rest[ctx.modules:]
@@ -550,6 +551,7 @@ class GroupedEager(torch.autograd.Function):
         return tuple(ys)
 
     @staticmethod
+    @first_order("the triton backend")
     def backward(ctx, *dys):  # unused outputs' gradients come as zeros (materialized)
         x, h, mask = ctx.saved_tensors
         plan = ctx.plan

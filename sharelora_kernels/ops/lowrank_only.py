@@ -40,7 +40,7 @@ from .autocast import no_autocast
 from .compose import draw_dropout
 from .dense_program import DenseProgram
 from .encoding import check_path, decode, encode
-from .function import thin_apply, wants_grad
+from .function import first_order, thin_apply, wants_grad
 from .shared_grad import path_grads
 
 DENSE_KINDS = ("plain", "slice", "gate")  # stacked into one LoRA by the torch path (gate: C G_id (g, K), G_ou)
@@ -203,6 +203,7 @@ class _LowRankAdd(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order("the low-rank op of a quantized base", torch_exact=False)
     def backward(ctx, dy):
         x, h, mask, seed, *tensors = ctx.saved_tensors
         needs_dx = ctx.needs_input_grad[1]
@@ -270,6 +271,7 @@ class LowRankPlanned(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order("the low-rank op of a quantized base", torch_exact=False)
     def backward(ctx, dy):
         x, h, mask, seed = ctx.saved_tensors
         paths, p, _, kernels = ctx.program
@@ -320,6 +322,7 @@ class LowRankDense(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order("the low-rank op of a quantized base", torch_exact=False)
     def backward(ctx, dy):
         x, mask, h, a, b = ctx.saved_tensors
         needs = ctx.needs_input_grad

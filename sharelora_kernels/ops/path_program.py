@@ -28,7 +28,7 @@ from torch import Tensor
 from ..reference import LoRAPath
 from .compose import _check, draw_dropout, lowrank_dtype
 from .dense_program import TALL_ROWS, base_of, db_of, rank_scales, runner, stacked_output, window_pads
-from .function import thin_apply
+from .function import first_order, thin_apply
 
 
 class PathProgram:
@@ -246,6 +246,7 @@ class PathCompose(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order("the compose backend")
     def backward(ctx, dy):
         x, mask = ctx.saved_tensors[:2]  # the tensors are saved for autograd's in-place check
         needs = ctx.needs_input_grad
