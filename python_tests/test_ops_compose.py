@@ -222,3 +222,30 @@ def test_bad_inputs_raise_clear_errors():
         compose.lora_linear(x, w.requires_grad_(), None, path)
     with pytest.raises(ValueError, match="dropout_p"):
         compose.lora_linear(x, w.detach(), None, path, 1.0, True)
+
+
+@pytest.mark.parametrize("kind", ["plain", "slice", "gate", "kron"])
+def test_second_derivatives_exact_on_torch_and_refused_by_hand_written_backwards(kind):
+    """create_graph=True: the torch backend's gradients are themselves differentiable (gradgradcheck
+    in float64, dropout-free); compose and triton, whose backward is first-order only, raise a clear
+    error rather than return gradients without their own graph."""
+    torch.manual_seed(0)
+    k, n = 2 * 8, 3 * 8
+    path = make_path(kind, k, n, 3, torch.float64)
+    weight, bias = torch.randn(n, k, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    x = torch.randn(5, k, dtype=torch.float64, requires_grad=True)
+    tensors = [t.requires_grad_() for t in path.tensors]
+    ops.set_backend("torch")
+    call = lambda x, *ts: ops.lora_linear(x, weight, bias, [path._replace(tensors=ts)])  # noqa: E731
+    assert torch.autograd.gradgradcheck(call, (x, *tensors))
+    for backend in ("compose", "triton"):
+        ops.set_backend(backend)
+        x32, ts32 = x.detach().float().requires_grad_(), [t.detach().float().requires_grad_() for t in tensors]
+        y = ops.lora_linear(x32, weight.float(), bias.float(), [path._replace(tensors=ts32)])
+        with pytest.raises(RuntimeError, match=f"second derivative .create_graph=True. through a sharelora_kernels "
+                                               f"layer: the {backend} backend computes first derivatives only; "
+                                               "the torch backend's second derivatives are exact"):
+            torch.autograd.grad(y.square().sum(), [x32, *ts32], create_graph=True)
+        gx = torch.autograd.grad(ops.lora_linear(x32, weight.float(), bias.float(), [path._replace(tensors=ts32)])
+                                 .square().sum(), x32)[0]  # first order: as before
+        assert gx.abs().max() > 0
