@@ -303,6 +303,33 @@ def test_apply_group_inputs_groups_qkv_and_gate_up_with_same_outputs():
     torch.testing.assert_close(grouped(ids).logits, plain(ids).logits, rtol=1e-6, atol=1e-6)
 
 
+def test_a_pending_group_output_is_not_served_after_what_it_read_changed():
+    """q_proj(x) computes k's output too (train mode, dropout: one shared mask); k_proj(x) takes it
+    only while nothing it was computed from changed: adapters disabled, x or k's B written in place."""
+    config = sk.ShareLoRAConfig(method="lora", r=4, dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj"])
+    model = sk.apply(tiny_model("llama", layers=1), config, group_inputs=True)
+    randomize_adapters(model)
+    model.train()
+    attn = model.model.layers[0].self_attn
+    group, x = attn.q_proj.input_group, torch.randn(6, 32)
+    base_k = lambda x: torch.nn.functional.linear(x, attn.k_proj.weight)  # noqa: E731  (no bias)
+    attn.q_proj(x)
+    pending = group._pending[1][2]
+    assert attn.k_proj(x) is pending and 1 not in group._pending  # unchanged: the group's output, consumed
+    attn.q_proj(x)
+    with sk.disable_adapters(model):
+        assert torch.equal(attn.k_proj(x), base_k(x))
+    attn.q_proj(x)
+    with torch.no_grad():
+        x.zero_()
+    assert attn.k_proj(x).abs().max() == 0
+    x = torch.randn(6, 32)
+    attn.q_proj(x)
+    with torch.no_grad():
+        attn.k_proj.lora_paths[0].B.zero_()
+    assert torch.equal(attn.k_proj(x), base_k(x))
+
+
 def test_grouped_model_deepcopies_and_pickles_independently():
     """Input groups live on the layers as plain attributes: a deep copy gets its own groups (reading
     its own weights), and the model pickles."""

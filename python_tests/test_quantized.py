@@ -245,6 +245,26 @@ def test_standalone_layer_and_input_groups(float_dir):
     assert torch.equal(grouped(ids).logits, alone(ids).logits)
 
 
+def test_input_groups_run_4bit_members_alone_whatever_their_storage_dtype(float_dir):
+    """A 4-bit weight stored in x's dtype (bnb_4bit_quant_storage=float32, as FSDP-QLoRA stores bf16)
+    is still no dense weight to share: with dropout in training the members run alone, as without groups."""
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                bnb_4bit_quant_storage=torch.float32)
+    load = lambda: AutoModelForCausalLM.from_pretrained(float_dir / "float32", dtype=torch.float32,  # noqa: E731
+                                                        quantization_config=config, device_map="cpu").train()
+    sk_config = sk.ShareLoRAConfig(target_modules=TARGETS + ["gate_proj"], dropout=0.1, **METHOD_CONFIGS["share_a"])
+    grouped, alone = sk.apply(load(), sk_config, group_inputs=True), sk.apply(load(), sk_config)
+    assert grouped.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    randomize_adapters(grouped)
+    randomize_adapters(alone)
+    ids = token_batch()
+    torch.manual_seed(3)
+    got = grouped(ids, labels=ids)
+    got.loss.backward()
+    torch.manual_seed(3)
+    assert torch.equal(got.logits, alone(ids).logits)
+
+
 @pytest.mark.skipif(not sk.ops.HAS_TRITON, reason="triton not importable")
 def test_triton_backend_on_a_quantized_model(float_dir, monkeypatch):
     """SHARELORA_BACKEND=triton (the kernels through the interpreter here, as on CUDA): logits and

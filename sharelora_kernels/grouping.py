@@ -8,18 +8,22 @@ that share an input: ``self_attn.{q,k,v}_proj`` and ``mlp.{gate,up}_proj``, and 
     siblings' outputs keyed by the identity of x (holding x, so the identity cannot be reused) and
     returns its own;
   * a sibling called with that same x pops its output (the cache entry is dropped once consumed);
-  * a sibling called with any other x, or in another grad mode, drops its stale entry and runs its
-    own op; a member with no entry starts a new group run (replacing every pending entry), so at
-    most one pending output per member is ever held, and none once the group's siblings ran.
+  * a sibling called with any other x, or in another grad mode, or after anything its output was
+    computed from changed (x or an adapter tensor written in place, an adapter switched, disabled,
+    merged, a train / eval switch: ``_state``), drops its stale entry and runs its own op; a member
+    with no entry starts a new group run (replacing every pending entry), so at most one pending
+    output per member is ever held, and none once the group's siblings ran.
 
-Members run alone when the group cannot run together: merged or path-less members, different
-dropout or training mode, or a member whose forward raises a shape/dtype error (it reports it);
+Members run alone when the group cannot run together: merged, path-less or quantized members
+(a base that computes itself has no dense weight to share), different dropout or training mode,
+or a member whose forward raises a shape/dtype error (it reports it);
 and when the group's op would run them one by one anyway (auto; compose without a dropout mask
 to share), each runs its own call plan directly, with no coordination.
 Autograd needs nothing special: the cached outputs are ordinary outputs of the grouped op.
 """
 from __future__ import annotations
 
+import operator
 from typing import Sequence
 
 import torch
@@ -32,6 +36,7 @@ from .ops import call_plan
 
 KNOWN_ARCHITECTURES = ("llama", "mistral", "qwen2")  # config.model_type
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings that read their parent's one input
+_version = operator.attrgetter("_version")
 
 
 class InputGroup:
@@ -39,7 +44,8 @@ class InputGroup:
 
     def __init__(self, members: Sequence[SharedLoRALinear]):
         self.members = list(members)
-        self._pending: dict[int, tuple[Tensor, bool, Tensor]] = {}  # member index -> (x, grad mode, output)
+        # member index -> (x, grad mode, output, the tensors the run read, their ``_state`` then)
+        self._pending: dict[int, tuple[Tensor, bool, Tensor, list[Tensor], tuple]] = {}
         self._plan: call_plan.CallPlan | None = None  # the group's call plan (built once, like a layer's)
 
     def forward(self, module: SharedLoRALinear, x: Tensor) -> Tensor:
@@ -49,15 +55,26 @@ class InputGroup:
         index = next(i for i, m in enumerate(self.members) if m is module)
         grad_mode = torch.is_grad_enabled()
         entry = self._pending.pop(index, None)
-        if entry is not None and entry[0] is x and entry[1] == grad_mode:
+        if entry is not None and entry[0] is x and entry[1] == grad_mode and self._state(x, entry[3]) == entry[4]:
             return entry[2]
         outs = None
         if entry is None and x.dim() and x.shape[-1] == module.in_features:  # else a bad input: reported below
             outs = self._run(x, module)
         if outs is None:  # the member's own op (it also reports bad inputs)
             return module.forward_alone(x)
-        self._pending = {i: (x, grad_mode, y) for i, y in enumerate(outs) if i != index}
+        tensors = [] if torch.compiler.is_compiling() else self._plan._tensors
+        state = self._state(x, tensors)
+        self._pending = {i: (x, grad_mode, y, tensors, state) for i, y in enumerate(outs) if i != index}
         return outs[index]
+
+    def _state(self, x: Tensor, tensors: list[Tensor]) -> tuple:
+        """What a pending output was computed from, as cheap counters: x's and every tensor's
+        version (in-place writes), each member's paths version (adapters switched, enabled,
+        disabled, merged) and train / eval mode. Not traced: a compiled model's calls are one graph."""
+        if torch.compiler.is_compiling():
+            return ()
+        return (x._version, *(m._paths_version for m in self.members), *(m.training for m in self.members),
+                *map(_version, tensors))
 
     def _run(self, x: Tensor, module: SharedLoRALinear) -> tuple[Tensor, ...] | None:
         """The group's op on x, or None where its members cannot run together (``_can_group``).
@@ -106,7 +123,7 @@ class InputGroup:
 
     def _can_group(self, x: Tensor) -> bool:
         first = self.members[0]
-        return all(not m.merged and len(m.lora_paths) > 0 and m.dropout == first.dropout
+        return all(not m.merged and len(m.lora_paths) > 0 and not m.layout.computes_itself and m.dropout == first.dropout
                    and m.training == first.training and m.in_features == x.shape[-1]
                    and m.weight.device == x.device and m.weight.dtype == x.dtype for m in self.members)
 
