@@ -146,6 +146,16 @@ def test_expand_rank_keeps_count_at_or_under_lora():
     assert sk.trainable_parameters(model) == 54784 * 11 * 22 <= 14_024_704
 
 
+@pytest.mark.parametrize("args, match", [
+    ((2, [[0, 1, 2, 3]], 8), r"share set \[0, 1, 2, 3\] holds layer 2, outside \[0, 2\)"),
+    ((0, [], 8), "num_layers and r must be at least 1, got num_layers=0"),
+    ((8, [[0, 1], [1, 2]], 8), "layer 1 is in more than one share set"),
+])
+def test_expanded_rank_names_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        sk.expanded_rank(*args)
+
+
 def test_bishare_breakdown_by_part():
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**LLAMA7B))

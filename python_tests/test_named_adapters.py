@@ -117,6 +117,12 @@ def test_bad_names_and_refusals_leave_the_model_as_it_was():
     with pytest.raises(ValueError, match="modules_to_save"):
         sk.apply(model, sk.ShareLoRAConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), adapter_name="x")
     assert adapter_names(model) == ["default", "other"] and not hasattr(model, "sharelora_adapters_x")
+    sk.set_adapter(model, ["default", "other"])
+    for call in (lambda: sk.parameter_breakdown(model), lambda: sk.export_peft(model, "unused")):
+        with pytest.raises(ValueError, match=r"2 active adapters .*this call reads one: name it with adapter_name= "
+                                             r"where the function takes it, or make one active first"):
+            call()
+    sk.set_adapter(model, "default")
     sk.merge(model)
     with pytest.raises(ValueError, match="merged"):
         sk.delete_adapter(model, "default")

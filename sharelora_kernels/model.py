@@ -267,8 +267,9 @@ def resolve_adapter(model: nn.Module, adapter_name: str | None) -> str:
         return adapter_name
     active = active_adapters(model)
     if len(active) != 1:
-        raise ValueError(f"this model has {len(active)} active adapters ({active}; all: {adapter_names(model)}): "
-                         "pass adapter_name")
+        raise ValueError(f"this model has {len(active)} active adapters ({active}; all: {adapter_names(model)}) and "
+                         "this call reads one: name it with adapter_name= where the function takes it, or make one "
+                         "active first with sharelora_kernels.set_adapter(model, name)")
     return active[0]
 
 

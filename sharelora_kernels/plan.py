@@ -106,7 +106,18 @@ def _module_info(d: dict[str, Any]) -> ModuleInfo:
 
 
 def expanded_rank(num_layers: int, share_sets: list[list[int]], r: int) -> int:
-    """floor(L / U * r) with U = L - sum|S_i| + |S| unique slots (METHOD section 1); singletons ignored."""
+    """floor(L / U * r) with U = L - sum|S_i| + |S| unique slots (METHOD section 1); singletons ignored.
+    ValueError for L or r below 1, or sets that are not disjoint layer indices in [0, L)."""
+    if num_layers < 1 or r < 1:
+        raise ValueError(f"num_layers and r must be at least 1, got num_layers={num_layers}, r={r}")
+    seen: set[int] = set()
+    for s in share_sets:
+        for layer in s:
+            if not 0 <= layer < num_layers:
+                raise ValueError(f"share set {list(s)} holds layer {layer}, outside [0, {num_layers})")
+            if layer in seen:
+                raise ValueError(f"layer {layer} is in more than one share set (or twice in one): {share_sets}")
+            seen.add(layer)
     sets = [s for s in share_sets if len(s) > 1]
     unique = num_layers - sum(len(s) for s in sets) + len(sets)
     return (num_layers * r) // unique
