@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -427,6 +428,22 @@ def test_save_load_round_trip(float_dir, tmp_path):
     sk.save(model, tmp_path)
     loaded = sk.load(quantized(float_dir, "nf4_double"), tmp_path)
     ids = token_batch()
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("quant", ["nf4_double", "int8"])
+def test_save_pretrained_writes_a_base_from_pretrained_reads_back(float_dir, quant, tmp_path):
+    """The quantized base under its unwrapped names (q_proj.weight), the adapters beside it: the
+    folder loads back through from_pretrained and load, same logits; the model keeps its layers."""
+    model = sk.apply(quantized(float_dir, quant), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["share_a"]))
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, SharedLoRALinear)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.self_attn.q_proj.weight" in f.keys()
+        assert not any(".base_layer." in k for k in f.keys())
+    loaded = sk.load(AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu"), tmp_path).train()
+    ids = token_batch()  # train mode (no dropout): bitsandbytes' CPU eval kernel needs wider layers
     assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 

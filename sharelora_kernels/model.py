@@ -14,7 +14,6 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import torch
 import torch.nn as nn
 
 from .base import new_adapter_dtype
@@ -486,22 +485,30 @@ def adapter_store(model: nn.Module, adapter_name: str) -> AdapterStore:
     return getattr(store_host(model, model.sharelora_plans[adapter_name]), store_attr(adapter_name))
 
 
-def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with a quantized base's ``q_proj.base_layer.weight`` (and its quantization
-    state) named as the unwrapped model names it, ``q_proj.weight``; adapter tensors stay (Trainer's
-    resume reads them back; ``from_pretrained`` of the base skips them)."""
-    wrapped = {f"{n}.base_layer." for n, m in model.named_modules() if isinstance(m, SharedLoRALinear)
-               and m.layout.computes_itself}
-    out = {}
-    for key, t in model.state_dict().items():
-        prefix = next((w for w in wrapped if key.startswith(w)), None)
-        out[key if prefix is None else prefix[:-len("base_layer.")] + key[len(prefix):]] = t
-    return out
+@contextlib.contextmanager
+def quantized_bases_unwrapped(model: nn.Module) -> Iterator[None]:
+    """Inside the block each layer of a quantized base (one that computes itself) is replaced in its
+    parent by that base, so the model's state dict, and a quantizer that reads the modules (as
+    Transformers' does when saving), name the base as the unwrapped model does (``q_proj.weight``,
+    not ``q_proj.base_layer.weight``); the layers are put back afterwards, whatever happens."""
+    swapped = []
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, SharedLoRALinear) and layer.layout.computes_itself:
+            parent_name, _, child = name.rpartition(".")
+            swapped.append((model.get_submodule(parent_name), child, layer))
+    try:
+        for parent, child, layer in swapped:
+            setattr(parent, child, layer.base_layer)
+        yield
+    finally:
+        for parent, child, layer in swapped:
+            setattr(parent, child, layer)
 
 
 class SavePretrainedWithAdapters:
     """A Transformers model's ``save_pretrained`` after ``apply`` (set on the instance): the model, a
-    quantized base named as unwrapped (``from_pretrained`` reads the base back), then each adapter as
+    quantized base named as unwrapped (``from_pretrained`` reads the base back), the adapter tensors
+    beside it (Trainer's resume reads them back; ``from_pretrained`` of the base skips them), then each adapter as
     ``save`` writes it, in the folder (adapter "default") or its subfolder ``<name>`` (PEFT's
     layout), for ``load``. ``unload`` removes it. A plain object: copies and pickles keep it.
     Refused, before anything is written, while adapters are merged: the folder would hold them twice,
@@ -520,9 +527,8 @@ class SavePretrainedWithAdapters:
                              "adapters, and loading would apply them twice; call sharelora_kernels.unmerge(model) "
                              "first, or sharelora_kernels.merge_and_unload(model) to save a plain model with the "
                              "adapters folded in")
-        if kwargs.get("state_dict") is None:
-            kwargs["state_dict"] = base_state_dict(model)
-        out = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        with quantized_bases_unwrapped(model):
+            out = type(model).save_pretrained(model, save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             if not ADAPTER_WRITERS:  # sharelora_kernels.checkpoint not imported: say what to call
                 warnings.warn(f"save_pretrained wrote the model, not its adapters {adapter_names(model)} in the form "
