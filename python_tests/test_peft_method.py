@@ -17,7 +17,7 @@ from safetensors import safe_open  # noqa: E402
 
 import sharelora_kernels as sk  # noqa: E402
 from sharelora_kernels.model import adapter_names  # noqa: E402
-from tiny_models import METHOD_CONFIGS, TARGETS, logits, tiny_family, tiny_model, token_batch  # noqa: E402
+from tiny_models import METHOD_CONFIGS, TARGETS, logits, randomize_adapters, tiny_family, tiny_model, token_batch  # noqa: E402
 
 
 def train_steps(model, ids, steps=3, lr=0.3, **kw):
@@ -151,6 +151,31 @@ def test_named_adapters_each_with_its_own_tensors(tmp_path):
         loaded.delete_adapter("other")
     assert loaded.active_adapters == ["default"] and torch.equal(logits(loaded, ids), first)
     assert not hasattr(loaded.base_model.model, "sharelora_adapters_other")
+
+
+def test_low_cpu_mem_usage_makes_only_the_adapter_on_meta_and_loads_it(tmp_path):
+    """PEFT's low_cpu_mem_usage: get_peft_model makes the adapter's tensors on the meta device (the
+    base keeps its own); from_pretrained and load_adapter fill them from the folder, equal logits."""
+    base = tiny_model(layers=2)
+    ids = token_batch()
+    config = lambda r: sk.ShareLoRAPeftConfig(method="share_a", r=r, target_modules=TARGETS)  # noqa: E731
+    model = get_peft_model(copy.deepcopy(base), config(3))
+    model.add_adapter("b", config(2))
+    randomize_adapters(model)
+    first = logits(model, ids)
+    model.set_adapter("b")
+    randomize_adapters(model, seed=3)
+    second = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    empty = get_peft_model(copy.deepcopy(base), config(3), low_cpu_mem_usage=True)
+    meta = [n for n, p in empty.named_parameters() if p.device.type == "meta"]
+    assert meta and all(".sharelora_adapters." in n for n in meta)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, low_cpu_mem_usage=True)
+    loaded.load_adapter(tmp_path / "b", adapter_name="b", low_cpu_mem_usage=True)
+    assert not any(p.device.type == "meta" for p in loaded.parameters())
+    assert torch.equal(logits(loaded, ids), first)
+    loaded.set_adapter("b")
+    assert torch.equal(logits(loaded, ids), second)
 
 
 def test_a_classifier_head_is_a_module_to_save_per_adapter(tmp_path):

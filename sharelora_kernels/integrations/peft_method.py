@@ -12,8 +12,9 @@ PEFT internals this relies on (peft 0.21): the method tables ``PEFT_TYPE_TO_CONF
 state-dict hooks ``_get_adapter_state_dict``, ``_remove_adapter_name_from_key`` and
 ``_remap_adapter_state_dict_for_load``, and the forward-hook context ``_enable_peft_forward_hooks``
 (``PeftModel.forward`` / ``generate`` pass it their kwargs; ``adapter_names`` runs a mixed batch,
-and PEFT's modules-to-save wrappers get ``adapter_names`` per row, as PEFT's LoRA gives it). When they are missing this module raises ImportError naming
-the installed PEFT version.
+and PEFT's modules-to-save wrappers get ``adapter_names`` per row, as PEFT's LoRA gives it), and
+``peft.utils.integrations``' ``init_empty_weights`` / ``skip_init_on_device`` (``low_cpu_mem_usage``).
+When they are missing this module raises ImportError naming the installed PEFT version.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ try:
     from peft.config import PeftConfig
     from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _delete_auxiliary_adapter
     from peft.tuners.tuners_utils import set_requires_grad as _peft_set_requires_grad
+    from peft.utils.integrations import init_empty_weights, skip_init_on_device
     from peft.utils.other import AuxiliaryTrainingWrapper, _set_adapter, set_additional_trainable_modules
 except ImportError as e:
     raise _moved(f"these PEFT modules ({e})") from e
@@ -113,6 +115,12 @@ class ShareLoRAPeftLayer(SharedLoRALinear, BaseTunerLayer):
 
     adapter_layer_names = ("adapter_paths",)
 
+    @skip_init_on_device
+    def __init__(self, *args, **kwargs) -> None:
+        """``SharedLoRALinear``'s, keeping the base's tensors where they are under PEFT's
+        ``low_cpu_mem_usage`` (its ``init_empty_weights`` would put every registered tensor on meta)."""
+        super().__init__(*args, **kwargs)
+
     def _own_or_base(self, name: str):
         if name in self._parameters:
             return self._parameters[name]
@@ -164,7 +172,8 @@ class ShareLoRAModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         """Plan and add adapter ``adapter_name`` (every check before the model changes), then PEFT's
-        bookkeeping: active adapter, trainable tensors, its modules to save."""
+        bookkeeping: active adapter, trainable tensors, its modules to save.
+        ``low_cpu_mem_usage``: the adapter's tensors are made on the meta device, for a load to fill."""
         peft_config = self.peft_config[adapter_name]
         check_adapter_name(adapter_name)
         if adapter_name in adapter_names(model):
@@ -178,7 +187,8 @@ class ShareLoRAModel(BaseTuner):
         check_bank_room(model, plan, adapter_name)
         if not adapter_names(model):
             self._requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
-        apply_plan(model, config, plan, adapter_name=adapter_name, layer_cls=ShareLoRAPeftLayer)
+        with init_empty_weights() if low_cpu_mem_usage else contextlib.nullcontext():  # the store on meta, to be loaded
+            apply_plan(model, config, plan, adapter_name=adapter_name, layer_cls=ShareLoRAPeftLayer)
         self.targeted_module_names.extend(n for n in plan.modules if n not in self.targeted_module_names)
         self.set_adapter(self.active_adapters, inference_mode=peft_config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
