@@ -178,6 +178,28 @@ def test_low_cpu_mem_usage_makes_only_the_adapter_on_meta_and_loads_it(tmp_path)
     assert torch.equal(logits(loaded, ids), second)
 
 
+def test_a_later_adapter_leaves_the_others_trainable_or_frozen_as_they_were(tmp_path):
+    """As PEFT's LoRA: add_adapter / load_adapter never change whether the adapters already there
+    train; load_adapter(is_trainable=True) makes the new one trainable."""
+    base = tiny_model(layers=2)
+    config = lambda r: sk.ShareLoRAPeftConfig(method="share_a", r=r, target_modules=TARGETS)  # noqa: E731
+    model = get_peft_model(copy.deepcopy(base), config(3))
+    model.add_adapter("b", config(2))
+    model.save_pretrained(tmp_path)
+
+    def trainable(m):
+        return {n.split(".")[2] for n, p in m.named_parameters() if p.requires_grad}
+
+    training = get_peft_model(copy.deepcopy(base), config(3))
+    training.load_adapter(tmp_path / "b", adapter_name="b")
+    assert trainable(training) == {"sharelora_adapters"}
+    inference = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    inference.add_adapter("c", config(2))
+    assert trainable(inference) == set()
+    inference.load_adapter(tmp_path / "b", adapter_name="b", is_trainable=True)
+    assert trainable(inference) == {"sharelora_adapters_b"} and inference.active_adapters == ["default"]
+
+
 def test_a_classifier_head_is_a_module_to_save_per_adapter(tmp_path):
     ids = token_batch()
     bert = tiny_family("bert", head="seq_cls", num_labels=3)

@@ -172,7 +172,8 @@ class ShareLoRAModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         """Plan and add adapter ``adapter_name`` (every check before the model changes), then PEFT's
-        bookkeeping: active adapter, trainable tensors, its modules to save.
+        bookkeeping: active adapter, trainable tensors, its modules to save. The first adapter freezes
+        the base; a later one leaves every tensor already there trainable or frozen as it was (as PEFT).
         ``low_cpu_mem_usage``: the adapter's tensors are made on the meta device, for a load to fill."""
         peft_config = self.peft_config[adapter_name]
         check_adapter_name(adapter_name)
@@ -185,8 +186,10 @@ class ShareLoRAModel(BaseTuner):
         infos, num_layers = find_target_modules(model, config, wrapped_ok=is_applied(model))
         plan = build_plan(config, infos, num_layers)
         check_bank_room(model, plan, adapter_name)
-        if not adapter_names(model):
-            self._requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
+        first = not adapter_names(model)
+        requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
+        if first:
+            self._requires_grad_before = requires_grad_before
         with init_empty_weights() if low_cpu_mem_usage else contextlib.nullcontext():  # the store on meta, to be loaded
             apply_plan(model, config, plan, adapter_name=adapter_name, layer_cls=ShareLoRAPeftLayer)
         self.targeted_module_names.extend(n for n in plan.modules if n not in self.targeted_module_names)
@@ -195,6 +198,9 @@ class ShareLoRAModel(BaseTuner):
         set_additional_trainable_modules(model=model, peft_config=peft_config,
                                          model_config=BaseTuner.get_model_config(self), adapter_name=adapter_name,
                                          activate_adapter=adapter_name in self.active_adapters)
+        if not first:  # set_adapter above set the active adapters' flags by the new adapter's inference_mode
+            for p, requires_grad in requires_grad_before:
+                p.requires_grad_(requires_grad)
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
