@@ -9,7 +9,7 @@ import torch.nn as nn
 from transformers import AutoModelForCausalLM
 
 import sharelora_kernels as sk
-from sharelora_kernels.model import adapter_names, adapter_tensors
+from sharelora_kernels.model import adapter_names, adapter_tensors, shared_layers
 from tiny_models import TARGETS, logits, randomize_adapters, tiny_model, token_batch
 
 SECOND = sk.ShareLoRAConfig(method="bishare", target_modules=["q_proj", "o_proj"], local_r=1, intra_r=2, inter_r=2)
@@ -52,6 +52,17 @@ def test_a_second_adapter_has_its_own_tensors_and_only_the_active_one_computes_a
     assert torch.equal(logits(model, ids), other)
     sk.set_adapter(model, "default")
     assert torch.equal(logits(model, ids), first)
+
+
+def test_disabling_a_merged_model_unmerges_it_and_computes_the_base():
+    """As PEFT's LoRA: disable_adapters on a merged model unmerges it first (it stays unmerged)."""
+    base, model, first, _ = two_adapters()
+    ids = token_batch()
+    sk.merge(model)
+    with sk.disable_adapters(model):
+        assert torch.allclose(logits(model, ids), logits(base, ids), atol=1e-5)
+    assert not any(layer.merged for layer in shared_layers(model))
+    assert torch.allclose(logits(model, ids), first, atol=1e-5)
 
 
 def test_paths_version_changes_with_what_a_layer_computes():

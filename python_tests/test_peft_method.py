@@ -124,6 +124,19 @@ def test_trainable_count_disable_merge_unload_and_resume(tmp_path):
     assert torch.equal(logits(plain, ids), logits(base, ids))
 
 
+def test_disable_adapter_on_a_merged_model_gives_the_base():
+    """As PEFT's LoRA: disable_adapter unmerges a merged model first (it stays unmerged)."""
+    base = tiny_model(layers=2)
+    ids = token_batch()
+    model = get_peft_model(copy.deepcopy(base), sk.ShareLoRAPeftConfig(method="share_a", r=3, target_modules=TARGETS))
+    randomize_adapters(model)
+    trained = logits(model, ids)
+    model.merge_adapter()
+    with model.disable_adapter():
+        assert torch.allclose(logits(model, ids), logits(base, ids), atol=1e-5)
+    assert torch.allclose(logits(model, ids), trained, atol=1e-5)
+
+
 def test_named_adapters_each_with_its_own_tensors(tmp_path):
     base = tiny_model(layers=2)
     ids = token_batch()

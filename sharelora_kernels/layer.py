@@ -230,7 +230,10 @@ class SharedLoRALinear(nn.Module):
         self._paths_version += 1
 
     def enable_adapters(self, enabled: bool) -> None:
-        """Compute the active adapters (True) or the base alone (False)."""
+        """Compute the active adapters (True) or the base alone (False: merged adapters are unmerged
+        first, and stay unmerged, as PEFT's LoRA does)."""
+        if not enabled:
+            self.unmerge()
         self._disable_adapters = not enabled
         self._paths_version += 1
 

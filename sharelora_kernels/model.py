@@ -408,7 +408,8 @@ def set_adapter(model: nn.Module, adapter_names: str | Sequence[str]) -> nn.Modu
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """``with disable_adapters(model):`` the model computes its base alone (as before ``apply``)."""
+    """``with disable_adapters(model):`` the model computes its base alone (as before ``apply``); merged
+    layers are unmerged first, and stay unmerged (as PEFT's LoRA does)."""
     layers = shared_layers(model)
     was = [layer.disable_adapters for layer in layers]
     for layer in layers:
