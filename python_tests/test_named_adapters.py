@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import sharelora_kernels as sk
 from sharelora_kernels.model import adapter_names, adapter_tensors, shared_layers
-from tiny_models import TARGETS, logits, randomize_adapters, tiny_model, token_batch
+from tiny_models import TARGETS, logits, randomize_adapters, tiny_family, tiny_model, token_batch
 
 SECOND = sk.ShareLoRAConfig(method="bishare", target_modules=["q_proj", "o_proj"], local_r=1, intra_r=2, inter_r=2)
 
@@ -63,6 +63,26 @@ def test_disabling_a_merged_model_unmerges_it_and_computes_the_base():
         assert torch.allclose(logits(model, ids), logits(base, ids), atol=1e-5)
     assert not any(layer.merged for layer in shared_layers(model))
     assert torch.allclose(logits(model, ids), first, atol=1e-5)
+
+
+def test_modules_to_save_train_only_while_their_adapter_is_active():
+    """A classifier's head (a module to save of "default", trained in place) is frozen while another
+    adapter is active, trains again with "default", and stays frozen once "default" is deleted."""
+    model = sk.apply(tiny_family("llama", head="seq_cls", num_labels=3, pad_token_id=0),
+                     sk.ShareLoRAConfig(method="share_a", r=2))
+    sk.apply(model, sk.ShareLoRAConfig(target_modules=["q_proj"], modules_to_save=[]), adapter_name="two")
+
+    def trained():
+        return {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+
+    assert model.sharelora_plan.modules_to_save == ["score"] and trained() == {"sharelora_adapters", "score"}
+    sk.set_adapter(model, "two")
+    assert trained() == {"sharelora_adapters_two"}
+    sk.set_adapter(model, "default")
+    assert trained() == {"sharelora_adapters", "score"}
+    with pytest.warns(UserWarning, match="'two' is active now"):
+        sk.delete_adapter(model, "default")
+    assert trained() == {"sharelora_adapters_two"}
 
 
 def test_paths_version_changes_with_what_a_layer_computes():
