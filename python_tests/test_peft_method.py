@@ -280,6 +280,26 @@ def test_bad_input_names_the_problem_and_leaves_the_model_as_it_was(tmp_path):
     assert all(p.requires_grad for p in wider.parameters()) and not hasattr(wider, "peft_config")
 
 
+def test_a_model_of_sk_apply_is_refused_and_export_peft_takes_a_peft_model(tmp_path):
+    base = tiny_model(layers=2)
+    ids = token_batch()
+    applied = sk.apply(copy.deepcopy(base), sk.ShareLoRAConfig(method="share_a", r=3, target_modules=TARGETS))
+    with pytest.raises(ValueError, match=r"holds ShareLoRA adapters \['default'\] of sharelora_kernels.apply"):
+        get_peft_model(applied, sk.ShareLoRAPeftConfig(method="share_b", r=2, target_modules=TARGETS), adapter_name="x")
+    assert applied.sharelora_active == ["default"] and adapter_names(applied) == ["default"]
+    assert not any(isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) for m in applied.modules())
+    config = sk.ShareLoRAPeftConfig(method="share_a", r=3, target_modules=TARGETS, task_type="CAUSAL_LM")
+    model = get_peft_model(copy.deepcopy(base), config)
+    randomize_adapters(model)
+    sk.export_peft(model, tmp_path)
+    exported = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert torch.allclose(logits(exported, ids), logits(model, ids), atol=1e-5)
+    classifier = get_peft_model(tiny_family("bert", head="seq_cls", num_labels=3),
+                                sk.ShareLoRAPeftConfig(r=2, task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match=r"modules to save in PEFT's wrappers \(\['classifier'\]\)"):
+        sk.export_peft(classifier, tmp_path / "classifier")
+
+
 def test_import_is_lazy_and_registers_when_peft_is_imported():
     """One fresh process: PEFT is not imported by sharelora_kernels, knows the method once imported,
     and a PEFT without its method tables gives an ImportError naming its version."""

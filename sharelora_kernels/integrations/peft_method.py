@@ -177,6 +177,13 @@ class ShareLoRAModel(BaseTuner):
         ``low_cpu_mem_usage``: the adapter's tensors are made on the meta device, for a load to fill."""
         peft_config = self.peft_config[adapter_name]
         check_adapter_name(adapter_name)
+        managed = getattr(model, "peft_config", {})  # BaseTuner puts its configs there after the first adapter
+        applied = [n for n in adapter_names(model) if n not in managed]
+        if applied:
+            raise ValueError(f"this model holds ShareLoRA adapters {applied} of sharelora_kernels.apply / load, which "
+                             "PEFT would not know: it would deactivate them and save without them. Add adapters "
+                             "with sharelora_kernels.apply(model, config, adapter_name=...), or call "
+                             "sharelora_kernels.unload(model) first")
         if adapter_name in adapter_names(model):
             raise ValueError(f"this model already has a ShareLoRA adapter named {adapter_name!r}")
         config = peft_config.to_config()
