@@ -85,6 +85,20 @@ def test_modules_to_save_train_only_while_their_adapter_is_active():
     assert trained() == {"sharelora_adapters_two"}
 
 
+def test_safe_merge_checks_every_module_before_changing_any():
+    base, model, first, _ = two_adapters()
+    ids = token_batch()
+    layers = shared_layers(model)
+    with torch.no_grad():
+        adapter_tensors(model)["model.layers.1.mlp.down_proj.B"].fill_(float("nan"))  # the last module merged
+    with pytest.raises(ValueError, match=r"non-finite values into the base weight of module 'model.layers.1.mlp."
+                                         r"down_proj'; nothing was merged"):
+        sk.unload(model, merge=True, safe_merge=True)
+    assert shared_layers(model) == layers and not any(layer.merged for layer in layers)
+    with sk.disable_adapters(model):
+        assert torch.equal(logits(model, ids), logits(base, ids))
+
+
 def test_paths_version_changes_with_what_a_layer_computes():
     _, model, _, _ = two_adapters()
     layer = model.model.layers[0].self_attn.q_proj

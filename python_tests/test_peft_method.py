@@ -137,6 +137,21 @@ def test_disable_adapter_on_a_merged_model_gives_the_base():
     assert torch.allclose(logits(model, ids), trained, atol=1e-5)
 
 
+def test_safe_merge_and_unload_checks_every_module_before_changing_any():
+    bert = tiny_family("bert", head="seq_cls", num_labels=3)
+    model = get_peft_model(copy.deepcopy(bert), sk.ShareLoRAPeftConfig(method="lora", r=2, task_type="SEQ_CLS"))
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.base_model.model.sharelora_adapters["bert.encoder.layer.1.output.dense.B"].fill_(float("nan"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="non-finite values into the base weight of module 'bert.encoder.layer.1."
+                                         "output.dense'; nothing was merged"):
+        model.merge_and_unload(safe_merge=True)
+    after = model.state_dict()  # the modules to save's wrapper and every wrapped layer still there, unmerged
+    assert after.keys() == before.keys() and all(torch.allclose(after[k], v, rtol=0, atol=0, equal_nan=True)
+                                                 for k, v in before.items())
+
+
 def test_named_adapters_each_with_its_own_tensors(tmp_path):
     base = tiny_model(layers=2)
     ids = token_batch()

@@ -463,14 +463,16 @@ def unload(model: nn.Module, merge: bool = False, adapter_names: Sequence[str] |
            safe_merge: bool = False) -> nn.Module:
     """Put every wrapped module back as it was before ``apply`` (modules to save, trained in place,
     keep their trained values) and drop all adapters; with ``merge``, first fold the active adapters
-    (or ``adapter_names``) into the base weights (``safe_merge``: refuse non-finite updates). Returns
-    the model."""
+    (or ``adapter_names``) into the base weights (``safe_merge``: refuse non-finite updates, every
+    module checked before any changes). Returns the model."""
     if adapter_names is not None:
         check_known(model, adapter_names)
+    if merge and safe_merge:
+        check_safe_merge(model, adapter_names)
     disable_input_groups(model)
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, SharedLoRALinear)]:
         if merge:
-            layer.merge(safe_merge, adapter_names)
+            layer.merge(adapter_names=adapter_names)
         parent_name, _, leaf = name.rpartition(".")
         base = layer.base_module()
         if not name:
@@ -483,6 +485,15 @@ def unload(model: nn.Module, merge: bool = False, adapter_names: Sequence[str] |
                  "save_pretrained"):
         model.__dict__.pop(attr, None)
     return model
+
+
+def check_safe_merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> None:
+    """ValueError naming the first wrapped module whose merge of the active adapters (or
+    ``adapter_names``) would put non-finite values into its base weight; nothing is changed."""
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, SharedLoRALinear)]:
+        if not layer.merge_is_finite(adapter_names):
+            raise ValueError(f"merging adapter(s) {layer.adapters_to_merge(adapter_names)} would put non-finite values "
+                             f"into the base weight of module {name!r}; nothing was merged")
 
 
 def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:

@@ -28,7 +28,7 @@ import torch.nn as nn
 from ..config import ShareLoRAConfig
 from ..layer import AdapterStore, SharedLoRALinear, check_adapter_name
 from ..model import (STORE_ATTR, active_adapters, adapter_names, adapter_store, apply_plan, check_bank_room,
-                     check_known, delete_adapter, is_applied, set_adapter, store_attr, unload)
+                     check_known, check_safe_merge, delete_adapter, is_applied, set_adapter, store_attr, unload)
 from ..plan import build_plan
 from ..serving import mixed_batch
 from ..targeting import DEFAULT_TARGET_MODULES, find_target_modules, matches
@@ -274,12 +274,14 @@ class ShareLoRAModel(BaseTuner):
                                      adapter_names: list[str] | None = None) -> nn.Module:
         if merge:
             self._check_merge_allowed()
+            if safe_merge:  # every module before any changes (PEFT's wrappers below included)
+                check_safe_merge(self.model, adapter_names)
         for name, wrapper in [(n, m) for n, m in self.model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]:
             parent, _, leaf = name.rpartition(".")
             setattr(self.model.get_submodule(parent), leaf,
                     wrapper.unload_and_optionally_merge_module(merge=merge, safe_merge=safe_merge,
                                                                adapter_names=adapter_names))
-        unload(self.model, merge=merge, adapter_names=adapter_names, safe_merge=safe_merge)
+        unload(self.model, merge=merge, adapter_names=adapter_names)  # safe_merge: checked above
         self.model.__dict__.pop("peft_config", None)
         return self.model
 
