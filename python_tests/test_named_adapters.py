@@ -9,8 +9,8 @@ import torch.nn as nn
 from transformers import AutoModelForCausalLM
 
 import sharelora_kernels as sk
-from sharelora_kernels.model import adapter_names, adapter_tensors
-from tiny_models import TARGETS, logits, randomize_adapters, tiny_model, token_batch
+from sharelora_kernels.model import adapter_names, adapter_tensors, shared_layers
+from tiny_models import TARGETS, logits, randomize_adapters, tiny_family, tiny_model, token_batch
 
 SECOND = sk.ShareLoRAConfig(method="bishare", target_modules=["q_proj", "o_proj"], local_r=1, intra_r=2, inter_r=2)
 
@@ -52,6 +52,51 @@ def test_a_second_adapter_has_its_own_tensors_and_only_the_active_one_computes_a
     assert torch.equal(logits(model, ids), other)
     sk.set_adapter(model, "default")
     assert torch.equal(logits(model, ids), first)
+
+
+def test_disabling_a_merged_model_unmerges_it_and_computes_the_base():
+    """As PEFT's LoRA: disable_adapters on a merged model unmerges it first (it stays unmerged)."""
+    base, model, first, _ = two_adapters()
+    ids = token_batch()
+    sk.merge(model)
+    with sk.disable_adapters(model):
+        assert torch.allclose(logits(model, ids), logits(base, ids), atol=1e-5)
+    assert not any(layer.merged for layer in shared_layers(model))
+    assert torch.allclose(logits(model, ids), first, atol=1e-5)
+
+
+def test_modules_to_save_train_only_while_their_adapter_is_active():
+    """A classifier's head (a module to save of "default", trained in place) is frozen while another
+    adapter is active, trains again with "default", and stays frozen once "default" is deleted."""
+    model = sk.apply(tiny_family("llama", head="seq_cls", num_labels=3, pad_token_id=0),
+                     sk.ShareLoRAConfig(method="share_a", r=2))
+    sk.apply(model, sk.ShareLoRAConfig(target_modules=["q_proj"], modules_to_save=[]), adapter_name="two")
+
+    def trained():
+        return {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+
+    assert model.sharelora_plan.modules_to_save == ["score"] and trained() == {"sharelora_adapters", "score"}
+    sk.set_adapter(model, "two")
+    assert trained() == {"sharelora_adapters_two"}
+    sk.set_adapter(model, "default")
+    assert trained() == {"sharelora_adapters", "score"}
+    with pytest.warns(UserWarning, match="'two' is active now"):
+        sk.delete_adapter(model, "default")
+    assert trained() == {"sharelora_adapters_two"}
+
+
+def test_safe_merge_checks_every_module_before_changing_any():
+    base, model, first, _ = two_adapters()
+    ids = token_batch()
+    layers = shared_layers(model)
+    with torch.no_grad():
+        adapter_tensors(model)["model.layers.1.mlp.down_proj.B"].fill_(float("nan"))  # the last module merged
+    with pytest.raises(ValueError, match=r"non-finite values into the base weight of module 'model.layers.1.mlp."
+                                         r"down_proj'; nothing was merged"):
+        sk.unload(model, merge=True, safe_merge=True)
+    assert shared_layers(model) == layers and not any(layer.merged for layer in layers)
+    with sk.disable_adapters(model):
+        assert torch.equal(logits(model, ids), logits(base, ids))
 
 
 def test_paths_version_changes_with_what_a_layer_computes():

@@ -93,6 +93,26 @@ def test_from_peft_refuses_other_adapter_types_and_dora(tmp_path):
         sk.from_peft(tiny_model(), tmp_path)
 
 
+def test_from_peft_unmerges_a_merged_lora_and_refuses_several_active_or_another_merged():
+    ids = token_batch(seed=4)
+    merged = trained_peft(tiny_model(layers=2), r=3, lora_alpha=5, target_modules=TARGETS)
+    with torch.no_grad():
+        want = merged(input_ids=ids).logits
+    merged.merge_adapter()
+    with torch.no_grad():
+        assert rel_err(sk.from_peft(merged)(input_ids=ids).logits, want) < 1e-5  # the update counted once
+    two = trained_peft(tiny_model(layers=2), r=3, target_modules=TARGETS)
+    two.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"]))
+    two.base_model.set_adapter(["default", "b"])
+    with pytest.raises(ValueError, match=r"2 active adapters \['default', 'b'\], and from_peft converts one"):
+        sk.from_peft(two)
+    two.set_adapter("default")
+    two.merge_adapter(["b"])
+    with pytest.raises(ValueError, match=r"adapter\(s\) \['b'\] of this PeftModel are merged"):
+        sk.from_peft(two)
+    assert any(type(m).__module__.startswith("peft.") for m in two.modules())  # refused before anything changed
+
+
 def test_apply_refuses_models_holding_peft_adapters():
     peft_model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="holds PEFT adapters .the model is a PeftModel.*from_peft"):

@@ -17,7 +17,7 @@ from safetensors import safe_open  # noqa: E402
 
 import sharelora_kernels as sk  # noqa: E402
 from sharelora_kernels.model import adapter_names  # noqa: E402
-from tiny_models import METHOD_CONFIGS, TARGETS, logits, tiny_family, tiny_model, token_batch  # noqa: E402
+from tiny_models import METHOD_CONFIGS, TARGETS, logits, randomize_adapters, tiny_family, tiny_model, token_batch  # noqa: E402
 
 
 def train_steps(model, ids, steps=3, lr=0.3, **kw):
@@ -124,6 +124,34 @@ def test_trainable_count_disable_merge_unload_and_resume(tmp_path):
     assert torch.equal(logits(plain, ids), logits(base, ids))
 
 
+def test_disable_adapter_on_a_merged_model_gives_the_base():
+    """As PEFT's LoRA: disable_adapter unmerges a merged model first (it stays unmerged)."""
+    base = tiny_model(layers=2)
+    ids = token_batch()
+    model = get_peft_model(copy.deepcopy(base), sk.ShareLoRAPeftConfig(method="share_a", r=3, target_modules=TARGETS))
+    randomize_adapters(model)
+    trained = logits(model, ids)
+    model.merge_adapter()
+    with model.disable_adapter():
+        assert torch.allclose(logits(model, ids), logits(base, ids), atol=1e-5)
+    assert torch.allclose(logits(model, ids), trained, atol=1e-5)
+
+
+def test_safe_merge_and_unload_checks_every_module_before_changing_any():
+    bert = tiny_family("bert", head="seq_cls", num_labels=3)
+    model = get_peft_model(copy.deepcopy(bert), sk.ShareLoRAPeftConfig(method="lora", r=2, task_type="SEQ_CLS"))
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.base_model.model.sharelora_adapters["bert.encoder.layer.1.output.dense.B"].fill_(float("nan"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="non-finite values into the base weight of module 'bert.encoder.layer.1."
+                                         "output.dense'; nothing was merged"):
+        model.merge_and_unload(safe_merge=True)
+    after = model.state_dict()  # the modules to save's wrapper and every wrapped layer still there, unmerged
+    assert after.keys() == before.keys() and all(torch.allclose(after[k], v, rtol=0, atol=0, equal_nan=True)
+                                                 for k, v in before.items())
+
+
 def test_named_adapters_each_with_its_own_tensors(tmp_path):
     base = tiny_model(layers=2)
     ids = token_batch()
@@ -151,6 +179,53 @@ def test_named_adapters_each_with_its_own_tensors(tmp_path):
         loaded.delete_adapter("other")
     assert loaded.active_adapters == ["default"] and torch.equal(logits(loaded, ids), first)
     assert not hasattr(loaded.base_model.model, "sharelora_adapters_other")
+
+
+def test_low_cpu_mem_usage_makes_only_the_adapter_on_meta_and_loads_it(tmp_path):
+    """PEFT's low_cpu_mem_usage: get_peft_model makes the adapter's tensors on the meta device (the
+    base keeps its own); from_pretrained and load_adapter fill them from the folder, equal logits."""
+    base = tiny_model(layers=2)
+    ids = token_batch()
+    config = lambda r: sk.ShareLoRAPeftConfig(method="share_a", r=r, target_modules=TARGETS)  # noqa: E731
+    model = get_peft_model(copy.deepcopy(base), config(3))
+    model.add_adapter("b", config(2))
+    randomize_adapters(model)
+    first = logits(model, ids)
+    model.set_adapter("b")
+    randomize_adapters(model, seed=3)
+    second = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    empty = get_peft_model(copy.deepcopy(base), config(3), low_cpu_mem_usage=True)
+    meta = [n for n, p in empty.named_parameters() if p.device.type == "meta"]
+    assert meta and all(".sharelora_adapters." in n for n in meta)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, low_cpu_mem_usage=True)
+    loaded.load_adapter(tmp_path / "b", adapter_name="b", low_cpu_mem_usage=True)
+    assert not any(p.device.type == "meta" for p in loaded.parameters())
+    assert torch.equal(logits(loaded, ids), first)
+    loaded.set_adapter("b")
+    assert torch.equal(logits(loaded, ids), second)
+
+
+def test_a_later_adapter_leaves_the_others_trainable_or_frozen_as_they_were(tmp_path):
+    """As PEFT's LoRA: add_adapter / load_adapter never change whether the adapters already there
+    train; load_adapter(is_trainable=True) makes the new one trainable."""
+    base = tiny_model(layers=2)
+    config = lambda r: sk.ShareLoRAPeftConfig(method="share_a", r=r, target_modules=TARGETS)  # noqa: E731
+    model = get_peft_model(copy.deepcopy(base), config(3))
+    model.add_adapter("b", config(2))
+    model.save_pretrained(tmp_path)
+
+    def trainable(m):
+        return {n.split(".")[2] for n, p in m.named_parameters() if p.requires_grad}
+
+    training = get_peft_model(copy.deepcopy(base), config(3))
+    training.load_adapter(tmp_path / "b", adapter_name="b")
+    assert trainable(training) == {"sharelora_adapters"}
+    inference = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    inference.add_adapter("c", config(2))
+    assert trainable(inference) == set()
+    inference.load_adapter(tmp_path / "b", adapter_name="b", is_trainable=True)
+    assert trainable(inference) == {"sharelora_adapters_b"} and inference.active_adapters == ["default"]
 
 
 def test_a_classifier_head_is_a_module_to_save_per_adapter(tmp_path):
@@ -218,6 +293,26 @@ def test_bad_input_names_the_problem_and_leaves_the_model_as_it_was(tmp_path):
     after = wider.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     assert all(p.requires_grad for p in wider.parameters()) and not hasattr(wider, "peft_config")
+
+
+def test_a_model_of_sk_apply_is_refused_and_export_peft_takes_a_peft_model(tmp_path):
+    base = tiny_model(layers=2)
+    ids = token_batch()
+    applied = sk.apply(copy.deepcopy(base), sk.ShareLoRAConfig(method="share_a", r=3, target_modules=TARGETS))
+    with pytest.raises(ValueError, match=r"holds ShareLoRA adapters \['default'\] of sharelora_kernels.apply"):
+        get_peft_model(applied, sk.ShareLoRAPeftConfig(method="share_b", r=2, target_modules=TARGETS), adapter_name="x")
+    assert applied.sharelora_active == ["default"] and adapter_names(applied) == ["default"]
+    assert not any(isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) for m in applied.modules())
+    config = sk.ShareLoRAPeftConfig(method="share_a", r=3, target_modules=TARGETS, task_type="CAUSAL_LM")
+    model = get_peft_model(copy.deepcopy(base), config)
+    randomize_adapters(model)
+    sk.export_peft(model, tmp_path)
+    exported = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert torch.allclose(logits(exported, ids), logits(model, ids), atol=1e-5)
+    classifier = get_peft_model(tiny_family("bert", head="seq_cls", num_labels=3),
+                                sk.ShareLoRAPeftConfig(r=2, task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match=r"modules to save in PEFT's wrappers \(\['classifier'\]\)"):
+        sk.export_peft(classifier, tmp_path / "classifier")
 
 
 def test_import_is_lazy_and_registers_when_peft_is_imported():

@@ -73,10 +73,19 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, serving: str | N
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by ``PeftModel.from_pretrained``.
 
     serving: None (plain PEFT, per-module ranks through rank_pattern), or "vllm" / "tgi" (see the
-    module docstring). Returns the directory.
+    module docstring). Returns the directory. A ``PeftModel`` of the ShareLoRA method: its active
+    adapter (modules to save in PEFT's wrappers are refused by name).
     """
     if serving is not None and serving not in SERVING_ENGINES:
         raise ValueError(f"serving must be None or one of {list(SERVING_ENGINES)}, got {serving!r}")
+    get_base = getattr(model, "get_base_model", None)  # a PeftModel: export the model it wraps
+    if callable(get_base):
+        model = get_base()
+        wrapped = [n for n, m in model.named_modules() if any(
+            c.__name__ == "AuxiliaryTrainingWrapper" and c.__module__.startswith("peft.") for c in type(m).__mro__)]
+        if wrapped:
+            raise ValueError(f"this PeftModel keeps modules to save in PEFT's wrappers ({wrapped}), which export_peft "
+                             "does not write (the export would lack them): save it with save_pretrained")
     plan = get_plan(model)
     if "" in plan.modules:
         raise ValueError("export_peft names adapters by module path, and the root module itself is a "

@@ -230,7 +230,10 @@ class SharedLoRALinear(nn.Module):
         self._paths_version += 1
 
     def enable_adapters(self, enabled: bool) -> None:
-        """Compute the active adapters (True) or the base alone (False)."""
+        """Compute the active adapters (True) or the base alone (False: merged adapters are unmerged
+        first, and stay unmerged, as PEFT's LoRA does)."""
+        if not enabled:
+            self.unmerge()
         self._disable_adapters = not enabled
         self._paths_version += 1
 
@@ -392,13 +395,23 @@ class SharedLoRALinear(nn.Module):
     def _weight_owner(self) -> nn.Module:
         return self.base_layer if self.layout.computes_itself else self
 
+    def adapters_to_merge(self, adapter_names: Sequence[str] | None = None) -> list[str]:
+        """The adapters ``merge`` folds in: the active ones (or ``adapter_names``) this layer has, not merged yet."""
+        return [n for n in (self.active_adapters if adapter_names is None else adapter_names)
+                if n in self.adapter_paths and n not in self.merged_adapters]
+
+    def merge_is_finite(self, adapter_names: Sequence[str] | None = None) -> bool:
+        """Whether ``merge`` of the active adapters (or ``adapter_names``) keeps the base weight finite
+        (what ``safe_merge`` checks), without merging."""
+        names = self.adapters_to_merge(adapter_names)
+        return not names or bool(torch.isfinite(self.delta_weight(names)).all())
+
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
         """Fold the active adapters (or ``adapter_names``) into the base weight; forward then runs the base
         matmul only. A quantized base is requantized (``base.add_to_weight_``: the update is rounded to its
         grid). ``safe_merge``: check the merged weight for non-finite values before writing it."""
-        names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)
-                 if n in self.adapter_paths and n not in self.merged_adapters]
+        names = self.adapters_to_merge(adapter_names)
         if not names:
             return
         delta = self.delta_weight(names)

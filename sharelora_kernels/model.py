@@ -387,7 +387,9 @@ def unmerge(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------ adapter controls
 def set_adapter(model: nn.Module, adapter_names: str | Sequence[str]) -> nn.Module:
     """Make ``adapter_names`` (one name or several) the model's active adapters: its layers compute
-    them and only their tensors train. Merged layers are unmerged first (with a warning, as PEFT)."""
+    them and only their tensors train (with the modules to save of the adapter that has them, which
+    train in place: frozen while it is inactive). Merged layers are unmerged first (with a warning,
+    as PEFT)."""
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     check_known(model, names)
     drops = {model.sharelora_configs[n].dropout for n in names}
@@ -399,8 +401,10 @@ def set_adapter(model: nn.Module, adapter_names: str | Sequence[str]) -> nn.Modu
             warnings.warn("set_adapter on a merged model: unmerging it first", stacklevel=2)
             layer.unmerge()
         layer.set_adapter(names)
-    for name in model.sharelora_plans:
+    for name, plan in model.sharelora_plans.items():
         adapter_store(model, name).requires_grad_(name in names)
+        for module in plan.modules_to_save:
+            model.get_submodule(module).requires_grad_(name in names)
     model.sharelora_active = names
     _point_at_active(model)
     return model
@@ -408,7 +412,10 @@ def set_adapter(model: nn.Module, adapter_names: str | Sequence[str]) -> nn.Modu
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """``with disable_adapters(model):`` the model computes its base alone (as before ``apply``)."""
+    """``with disable_adapters(model):`` the wrapped modules compute their base alone; merged layers are
+    unmerged first, and stay unmerged (as PEFT's LoRA does). Modules to save, trained in place, keep
+    their trained values (PEFT's method keeps a copy per adapter, and its ``disable_adapter`` gives
+    the original)."""
     layers = shared_layers(model)
     was = [layer.disable_adapters for layer in layers]
     for layer in layers:
@@ -421,9 +428,10 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
-    """Remove adapter ``adapter_name`` and its tensors. Refused while it is merged. Deleting an active
-    adapter activates the first remaining one (a warning says which), as PEFT does; after the last
-    one the layers compute their base (``unload`` gives the plain modules back)."""
+    """Remove adapter ``adapter_name`` and its tensors (its modules to save keep their trained values,
+    frozen). Refused while it is merged. Deleting an active adapter activates the first remaining one
+    (a warning says which), as PEFT does; after the last one the layers compute their base (``unload``
+    gives the plain modules back)."""
     check_known(model, [adapter_name])
     layers = shared_layers(model)
     if any(adapter_name in layer.merged_adapters for layer in layers):
@@ -431,6 +439,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
                          "deleting it")
     plan = model.sharelora_plans.pop(adapter_name)
     del model.sharelora_configs[adapter_name]
+    for module in plan.modules_to_save:
+        model.get_submodule(module).requires_grad_(False)
     delattr(store_host(model, plan), store_attr(adapter_name))
     for layer in layers:
         layer.delete_adapter(adapter_name)
@@ -451,15 +461,18 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
 
 def unload(model: nn.Module, merge: bool = False, adapter_names: Sequence[str] | None = None,
            safe_merge: bool = False) -> nn.Module:
-    """Put every wrapped module back (the model as before ``apply``, its modules to save as trained)
-    and drop all adapters; with ``merge``, first fold the active adapters (or ``adapter_names``) into
-    the base weights (``safe_merge``: refuse non-finite updates). Returns the model."""
+    """Put every wrapped module back as it was before ``apply`` (modules to save, trained in place,
+    keep their trained values) and drop all adapters; with ``merge``, first fold the active adapters
+    (or ``adapter_names``) into the base weights (``safe_merge``: refuse non-finite updates, every
+    module checked before any changes). Returns the model."""
     if adapter_names is not None:
         check_known(model, adapter_names)
+    if merge and safe_merge:
+        check_safe_merge(model, adapter_names)
     disable_input_groups(model)
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, SharedLoRALinear)]:
         if merge:
-            layer.merge(safe_merge, adapter_names)
+            layer.merge(adapter_names=adapter_names)
         parent_name, _, leaf = name.rpartition(".")
         base = layer.base_module()
         if not name:
@@ -472,6 +485,15 @@ def unload(model: nn.Module, merge: bool = False, adapter_names: Sequence[str] |
                  "save_pretrained"):
         model.__dict__.pop(attr, None)
     return model
+
+
+def check_safe_merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> None:
+    """ValueError naming the first wrapped module whose merge of the active adapters (or
+    ``adapter_names``) would put non-finite values into its base weight; nothing is changed."""
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, SharedLoRALinear)]:
+        if not layer.merge_is_finite(adapter_names):
+            raise ValueError(f"merging adapter(s) {layer.adapters_to_merge(adapter_names)} would put non-finite values "
+                             f"into the base weight of module {name!r}; nothing was merged")
 
 
 def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:

@@ -33,8 +33,10 @@ _UNSUPPORTED = (("use_dora", False, "DoRA"), ("bias", "none", "trained biases (b
 def from_peft(model: nn.Module, adapter_dir: str | os.PathLike | None = None) -> nn.Module:
     """Turn a PEFT LoRA into ShareLoRA layers with ``method="lora"``; returns the base model, wrapped.
 
-    model: a ``PeftModel`` (adapter_dir None; its active adapter is converted and the PEFT layers
-        removed), or a base model (not wrapped by PEFT) with ``adapter_dir`` naming a saved PEFT LoRA.
+    model: a ``PeftModel`` (adapter_dir None; its one active adapter is converted, unmerged first if
+        ``merge_adapter`` merged it, and the PEFT layers removed; several active adapters, or another
+        adapter merged, are refused), or a base model (not wrapped by PEFT) with ``adapter_dir``
+        naming a saved PEFT LoRA.
     The result gives the same logits and gradients as the PEFT model, saves with ``save`` and
     exports with ``export_peft`` to the tensors PEFT itself saves.
     """
@@ -42,6 +44,8 @@ def from_peft(model: nn.Module, adapter_dir: str | os.PathLike | None = None) ->
         if adapter_dir is not None:
             raise ValueError("from_peft takes a PeftModel, or a base model and adapter_dir, not both")
         peft_config, lora, saved = _read_peft_model(model)
+        if _merged_adapters(model):  # only the converted one (checked): its update leaves the base weights
+            model.unmerge_adapter()
         base = model.unload()
     else:
         if adapter_dir is None:
@@ -86,8 +90,17 @@ def _check_supported(peft_config: dict) -> None:
 
 
 def _read_peft_model(model) -> tuple[dict, dict, dict]:
-    """(config dict, {module: (A, B, scale)}, {"<module>.<tensor>": saved module tensor}) of the active adapter."""
-    adapter = model.active_adapter
+    """(config dict, {module: (A, B, scale)}, {"<module>.<tensor>": saved module tensor}) of the one active
+    adapter; ValueError when several are active or another adapter is merged into the weights."""
+    active = model.active_adapters
+    if len(active) != 1:
+        raise ValueError(f"this PeftModel has {len(active)} active adapters {active}, and from_peft converts one: "
+                         "call model.set_adapter(name) first")
+    adapter = active[0]
+    others = sorted(_merged_adapters(model) - {adapter})
+    if others:
+        raise ValueError(f"adapter(s) {others} of this PeftModel are merged into its weights, and from_peft converts "
+                         f"adapter {adapter!r} alone: call model.unmerge_adapter() first")
     peft_config = model.peft_config[adapter].to_dict()
     _check_supported(peft_config)
     lora, saved = {}, {}
@@ -101,6 +114,11 @@ def _read_peft_model(model) -> tuple[dict, dict, dict]:
             for key, t in module.modules_to_save[adapter].state_dict().items():
                 saved[f"{name}.{key}"] = t.detach().clone()
     return peft_config, lora, saved
+
+
+def _merged_adapters(model) -> set[str]:
+    """Names of the adapters merged into a PeftModel's weights (``merge_adapter``)."""
+    return {name for m in model.modules() for name in getattr(m, "merged_adapters", ())}
 
 
 def _read_adapter_dir(directory: Path) -> tuple[dict, dict, dict]:

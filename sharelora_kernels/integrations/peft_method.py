@@ -12,8 +12,9 @@ PEFT internals this relies on (peft 0.21): the method tables ``PEFT_TYPE_TO_CONF
 state-dict hooks ``_get_adapter_state_dict``, ``_remove_adapter_name_from_key`` and
 ``_remap_adapter_state_dict_for_load``, and the forward-hook context ``_enable_peft_forward_hooks``
 (``PeftModel.forward`` / ``generate`` pass it their kwargs; ``adapter_names`` runs a mixed batch,
-and PEFT's modules-to-save wrappers get ``adapter_names`` per row, as PEFT's LoRA gives it). When they are missing this module raises ImportError naming
-the installed PEFT version.
+and PEFT's modules-to-save wrappers get ``adapter_names`` per row, as PEFT's LoRA gives it), and
+``peft.utils.integrations``' ``init_empty_weights`` / ``skip_init_on_device`` (``low_cpu_mem_usage``).
+When they are missing this module raises ImportError naming the installed PEFT version.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch.nn as nn
 from ..config import ShareLoRAConfig
 from ..layer import AdapterStore, SharedLoRALinear, check_adapter_name
 from ..model import (STORE_ATTR, active_adapters, adapter_names, adapter_store, apply_plan, check_bank_room,
-                     check_known, delete_adapter, is_applied, set_adapter, store_attr, unload)
+                     check_known, check_safe_merge, delete_adapter, is_applied, set_adapter, store_attr, unload)
 from ..plan import build_plan
 from ..serving import mixed_batch
 from ..targeting import DEFAULT_TARGET_MODULES, find_target_modules, matches
@@ -55,6 +56,7 @@ try:
     from peft.config import PeftConfig
     from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _delete_auxiliary_adapter
     from peft.tuners.tuners_utils import set_requires_grad as _peft_set_requires_grad
+    from peft.utils.integrations import init_empty_weights, skip_init_on_device
     from peft.utils.other import AuxiliaryTrainingWrapper, _set_adapter, set_additional_trainable_modules
 except ImportError as e:
     raise _moved(f"these PEFT modules ({e})") from e
@@ -113,6 +115,12 @@ class ShareLoRAPeftLayer(SharedLoRALinear, BaseTunerLayer):
 
     adapter_layer_names = ("adapter_paths",)
 
+    @skip_init_on_device
+    def __init__(self, *args, **kwargs) -> None:
+        """``SharedLoRALinear``'s, keeping the base's tensors where they are under PEFT's
+        ``low_cpu_mem_usage`` (its ``init_empty_weights`` would put every registered tensor on meta)."""
+        super().__init__(*args, **kwargs)
+
     def _own_or_base(self, name: str):
         if name in self._parameters:
             return self._parameters[name]
@@ -164,9 +172,18 @@ class ShareLoRAModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         """Plan and add adapter ``adapter_name`` (every check before the model changes), then PEFT's
-        bookkeeping: active adapter, trainable tensors, its modules to save."""
+        bookkeeping: active adapter, trainable tensors, its modules to save. The first adapter freezes
+        the base; a later one leaves every tensor already there trainable or frozen as it was (as PEFT).
+        ``low_cpu_mem_usage``: the adapter's tensors are made on the meta device, for a load to fill."""
         peft_config = self.peft_config[adapter_name]
         check_adapter_name(adapter_name)
+        managed = getattr(model, "peft_config", {})  # BaseTuner puts its configs there after the first adapter
+        applied = [n for n in adapter_names(model) if n not in managed]
+        if applied:
+            raise ValueError(f"this model holds ShareLoRA adapters {applied} of sharelora_kernels.apply / load, which "
+                             "PEFT would not know: it would deactivate them and save without them. Add adapters "
+                             "with sharelora_kernels.apply(model, config, adapter_name=...), or call "
+                             "sharelora_kernels.unload(model) first")
         if adapter_name in adapter_names(model):
             raise ValueError(f"this model already has a ShareLoRA adapter named {adapter_name!r}")
         config = peft_config.to_config()
@@ -176,15 +193,21 @@ class ShareLoRAModel(BaseTuner):
         infos, num_layers = find_target_modules(model, config, wrapped_ok=is_applied(model))
         plan = build_plan(config, infos, num_layers)
         check_bank_room(model, plan, adapter_name)
-        if not adapter_names(model):
-            self._requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
-        apply_plan(model, config, plan, adapter_name=adapter_name, layer_cls=ShareLoRAPeftLayer)
+        first = not adapter_names(model)
+        requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
+        if first:
+            self._requires_grad_before = requires_grad_before
+        with init_empty_weights() if low_cpu_mem_usage else contextlib.nullcontext():  # the store on meta, to be loaded
+            apply_plan(model, config, plan, adapter_name=adapter_name, layer_cls=ShareLoRAPeftLayer)
         self.targeted_module_names.extend(n for n in plan.modules if n not in self.targeted_module_names)
         self.set_adapter(self.active_adapters, inference_mode=peft_config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
         set_additional_trainable_modules(model=model, peft_config=peft_config,
                                          model_config=BaseTuner.get_model_config(self), adapter_name=adapter_name,
                                          activate_adapter=adapter_name in self.active_adapters)
+        if not first:  # set_adapter above set the active adapters' flags by the new adapter's inference_mode
+            for p, requires_grad in requires_grad_before:
+                p.requires_grad_(requires_grad)
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
@@ -251,12 +274,14 @@ class ShareLoRAModel(BaseTuner):
                                      adapter_names: list[str] | None = None) -> nn.Module:
         if merge:
             self._check_merge_allowed()
+            if safe_merge:  # every module before any changes (PEFT's wrappers below included)
+                check_safe_merge(self.model, adapter_names)
         for name, wrapper in [(n, m) for n, m in self.model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]:
             parent, _, leaf = name.rpartition(".")
             setattr(self.model.get_submodule(parent), leaf,
                     wrapper.unload_and_optionally_merge_module(merge=merge, safe_merge=safe_merge,
                                                                adapter_names=adapter_names))
-        unload(self.model, merge=merge, adapter_names=adapter_names, safe_merge=safe_merge)
+        unload(self.model, merge=merge, adapter_names=adapter_names)  # safe_merge: checked above
         self.model.__dict__.pop("peft_config", None)
         return self.model
 
