@@ -21,7 +21,6 @@ from torch import Tensor
 from . import ops
 from .ops import call_plan
 from .ops.autocast import no_autocast
-from .base import adapter_dtype  # noqa: F401 (re-exported: the dtype rule of dense bases' adapters)
 from .base import add_to_weight_, compute_dtype, describe_base, new_adapter_dtype, standard_4bit_layout
 from .config import PATH_ROLES, check_dropout, check_int, check_positive
 from .plan import PathSpec, TensorSpec

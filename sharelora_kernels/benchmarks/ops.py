@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import ops as fused_ops
 from .. import reference
-from ..layer import adapter_dtype
+from ..base import adapter_dtype
 from ..reference import LoRAPath
 
 Forward = Callable[[], Tensor]
