@@ -213,6 +213,23 @@ def test_bad_input_is_refused_before_any_work(bank):
     assert all(layer.mixed_batch is None for layer in model.modules() if isinstance(layer, sk.SharedLoRALinear))
 
 
+def test_the_base_row_name_cannot_name_an_adapter(bank):
+    """"__base__" names a row without adapter: apply, a hand-wrapped layer and PEFT refuse it as a name."""
+    base, model = bank
+    with pytest.raises(ValueError, match="'__base__' cannot name an adapter: it names a row without adapter"):
+        sk.apply(model, sk.ShareLoRAConfig(method="lora", r=2), adapter_name="__base__")
+    with pytest.raises(ValueError, match="'__base__' cannot name an adapter"):
+        sk.SharedLoRALinear(torch.nn.Linear(4, 4), adapter_name="__base__")
+    assert adapter_names(model) == NAMES
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(base), sk.ShareLoRAPeftConfig(method="lora", r=2))
+    with pytest.raises(ValueError, match="'__base__' cannot name an adapter"):
+        peft_model.add_adapter("__base__", sk.ShareLoRAPeftConfig(method="lora", r=2))
+    assert list(peft_model.peft_config) == ["default"]
+
+
 # ------------------------------------------------------------------------------------------ PEFT
 def test_peft_adapter_names_forward_generate_and_beams():
     pytest.importorskip("peft")

@@ -29,13 +29,18 @@ from .reference import LoRAPath, delta_weight
 
 
 DEFAULT_ADAPTER = "default"
+BASE_ROW = "__base__"  # names a row without adapter in a mixed batch (serving, PEFT's adapter_names): reserved
 _is_compiling = torch.compiler.is_compiling
 
 
 def check_adapter_name(name) -> None:
-    """ValueError unless ``name`` can name an adapter: a non-empty string without '.' (it names modules)."""
+    """ValueError unless ``name`` can name an adapter: a non-empty string without '.' (it names modules),
+    other than ``BASE_ROW``."""
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"an adapter name must be a non-empty string without '.', got {name!r}")
+    if name == BASE_ROW:
+        raise ValueError(f"{BASE_ROW!r} cannot name an adapter: it names a row without adapter in a mixed batch "
+                         "(sk.mixed_batch, PEFT's adapter_names)")
 
 
 @torch.no_grad()

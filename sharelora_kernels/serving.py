@@ -27,10 +27,8 @@ from torch import Tensor
 
 from . import ops
 from .base import compute_dtype
-from .layer import SharedLoRALinear
+from .layer import BASE_ROW, SharedLoRALinear
 from .model import adapter_names, shared_layers
-
-BASE_NAME = "__base__"  # PEFT's name of a row without adapter
 
 
 class MixedBatch:
@@ -105,10 +103,10 @@ def row_indices(model: nn.Module, names: Sequence[str], expand: int = 1) -> tupl
     known = adapter_names(model)
     if not known:
         raise ValueError("this model has no ShareLoRA adapters: apply or load some before a mixed batch")
-    unknown = sorted({n for n in names if n != BASE_NAME and n not in known}, key=str)
+    unknown = sorted({n for n in names if n != BASE_ROW and n not in known}, key=str)
     if unknown:
         raise ValueError(f"adapter_names has unknown adapter(s) {unknown}; this model's adapters are {known} "
-                         f"(and {BASE_NAME!r} for a row without adapter)")
+                         f"(and {BASE_ROW!r} for a row without adapter)")
     if getattr(model, "training", False):
         raise ValueError("cannot run a mixed-adapter batch in training mode (inference only, as PEFT's "
                          "adapter_names): call model.eval() first")
