@@ -140,6 +140,35 @@ def test_adapters_changed_in_place_are_seen_by_the_next_batch(bank):
         assert torch.allclose(second[i:i + 1], alone(model, base, rows[i], ids[i:i + 1]), rtol=0, atol=1e-12)
 
 
+def rows_match_alone(model, base, rows, ids, tol=1e-12):
+    """Each row of a mixed batch of ``rows`` equals its adapter alone (relative to its largest logit)."""
+    with torch.no_grad(), sk.mixed_batch(model, rows):
+        out = model(ids).logits
+    for i, name in enumerate(rows):
+        ref = alone(model, base, name, ids[i:i + 1])
+        assert (out[i:i + 1] - ref).abs().max() <= tol * ref.abs().max(), name
+
+
+@pytest.mark.parametrize("how", ["assign", "data", "float_then_double"])
+def test_adapter_tensors_replaced_not_in_place_are_seen_by_the_next_batch(bank, how):
+    """load_state_dict(assign=True) puts new objects in the store; p.data = ... and a dtype round trip
+    (new storage, possibly at the old address, same version) keep the objects: every one is served."""
+    base, _ = bank
+    model = with_adapters(base, {"a": METHOD_CONFIGS["lora"], "b": METHOD_CONFIGS["lora"]})
+    rows, ids = ["a", "b"], token_batch(batch=2, seq=3)
+    rows_match_alone(model, base, rows, ids)  # builds the tables and the stacked copies
+    if how == "assign":
+        state = {k: v + 0.3 if "sharelora" in k else v for k, v in model.state_dict().items()}
+        model.load_state_dict(state, assign=True)
+    elif how == "data":
+        for p in adapter_store(model, "a").parameters():
+            p.data = p.data + 0.3
+    else:
+        model.float()
+        model.double()
+    rows_match_alone(model, base, rows, ids)
+
+
 def test_layers_sharing_tensors_share_their_stacked_copy(bank):
     """The CPU path stacks the adapters' tensors once per set of adapters; a tensor several layers read
     (a ShareLoRA set's A and B, Bi-Share's inter A_s) is stacked once for all of them, not per layer."""

@@ -178,6 +178,7 @@ class SharedLoRALinear(nn.Module):
         self._plan = None  # the plan of the last call
         self._plans = {}  # environment -> plan, a few kept (grad on / off under reentrant checkpointing, ...)
         self.mixed_batch = None  # serving.MixedBatch while a mixed-adapter batch runs (serving.mixed_batch)
+        self._mixed_tables = None  # serving.layer_tables' cache: the tables (and stacked copies) of every adapter
         self.train(base.training)
 
     # ---------------------------------------------------------------------------- named adapters

@@ -19,6 +19,8 @@ in place is seen by the next block. The bank's accounting and limit (``adapter_m
 from __future__ import annotations
 
 import contextlib
+import operator
+import weakref
 from typing import Iterator, Sequence
 
 import torch
@@ -27,8 +29,11 @@ from torch import Tensor
 
 from . import ops
 from .base import compute_dtype
-from .layer import BASE_ROW, SharedLoRALinear
+from .layer import BASE_ROW, LoRAPathModule, SharedLoRALinear
 from .model import adapter_names, shared_layers
+from .ops.multi_adapter_torch import storage_state
+
+_NO_BATCH = lambda: None  # noqa: E731  (tables not yet checked for any batch)
 
 
 class MixedBatch:
@@ -62,7 +67,7 @@ class MixedBatch:
                              "per row (generate's num_beams / num_return_sequences repeat rows: pass expand)")
         layer._check_call(x)  # the device and dtype checks of the layer's own call
         batch = self.batch(x[0].numel() // x.shape[-1], x.device)
-        tables = layer_tables(layer, self.known)
+        tables = layer_tables(layer, self.known, batch)
         with torch.no_grad():
             if layer.layout.computes_itself:
                 dtype = compute_dtype(layer.base_layer, layer.layout, x)
@@ -70,27 +75,54 @@ class MixedBatch:
             return ops.multi_adapter_linear(x, layer.base_weight(), layer.bias, batch, tables)
 
 
-def layer_tables(layer: SharedLoRALinear, known: Sequence[str]) -> ops.AdapterTables:
+def layer_tables(layer: SharedLoRALinear, known: Sequence[str], batch: ops.AdapterBatch | None = None
+                 ) -> ops.AdapterTables:
     """The layer's ``ops.AdapterTables`` for adapters ``known`` (an adapter the layer lacks: no paths),
-    cached on the layer; rebuilt when one of its adapters is added, deleted or replaced (the identity of
-    its path lists), or the names, device or dtype of its tensors change (``.to()``), not when another
-    adapter is made active. Tensors loaded in place (``load``) are read live. The check is a few
-    identity comparisons (no tensor is looked up): it runs at every layer call."""
+    cached on the layer (``_mixed_tables``). Rebuilt when one of its adapters is added, deleted or replaced (the identity of its path
+    lists, compared at every call: a few identity comparisons), or a tensor of their paths is replaced:
+    another object in its store (``load_state_dict(assign=True)``), or the same one on other storage
+    (``.to()``, ``.float()``, ``p.data = ...``), checked at the first call of each ``batch`` (None: at
+    every call); not when another adapter is made active. Tensors changed in place (``load``) are
+    read live (the torch path's stacked copies follow their versions)."""
     paths = layer.adapter_paths._modules
     key = (tuple(paths), tuple(paths.values()), tuple(known))
     cached = layer.__dict__.get("_mixed_tables")
-    if cached is not None and cached[0] == key and cached[2] == _placement(cached[1]):
-        return cached[1]
-    adapters = [[m.as_path() for m in paths[n]] if n in paths else [] for n in known]
-    tables = ops.adapter_tables(adapters, layer.in_features, layer.out_features)
-    layer.__dict__["_mixed_tables"] = (key, tables, _placement(tables))
+    if cached is not None and cached.key == key and cached.current(batch):
+        return cached.tables
+    modules = [list(paths[n]) if n in paths else [] for n in known]
+    tables = ops.adapter_tables([[m.as_path() for m in ms] for ms in modules], layer.in_features, layer.out_features)
+    layer._mixed_tables = _CachedTables(key, tables, [m for ms in modules for m in ms], batch)
     return tables
 
 
-def _placement(tables: ops.AdapterTables) -> tuple | None:
-    """Device and dtype of the first adapter tensor of ``tables`` now (``.to()`` changes them in place)."""
-    first = next(tables.tensors(), None)
-    return None if first is None else (first.device, first.dtype)
+class _CachedTables:
+    """A layer's tables and what they were built from: where each path module's spec and store, and
+    each tensor, were found, and each tensor's data pointer and storage (``storage_state``)."""
+
+    def __init__(self, key: tuple, tables: ops.AdapterTables, modules: Sequence[LoRAPathModule],
+                 batch: ops.AdapterBatch | None):
+        self.key, self.tables = key, tables
+        self._owners, self._names, self._found = [], [], []
+        for m in modules:
+            store = m._store[0]._parameters
+            keys = [name.replace(".", "/") for name in m.spec.tensors.values()]
+            self._owners += [m.__dict__, m.__dict__, *[store] * len(keys)]
+            self._names += ["spec", "_store", *keys]
+            self._found += [m.spec, m._store, *[store[k] for k in keys]]
+        self._tensors = list(tables.tensors())
+        self._states = list(map(storage_state, self._tensors))
+        self._checked = _NO_BATCH if batch is None else weakref.ref(batch)
+
+    def current(self, batch: ops.AdapterBatch | None) -> bool:
+        """Whether the tables still describe the layer's paths: true without a look at the tensors
+        when they were checked for this batch already."""
+        if batch is not None and self._checked() is batch:
+            return True
+        ok = (all(map(operator.is_, map(dict.get, self._owners, self._names), self._found))
+              and list(map(storage_state, self._tensors)) == self._states)
+        if ok and batch is not None:
+            self._checked = weakref.ref(batch)
+        return ok
 
 
 def row_indices(model: nn.Module, names: Sequence[str], expand: int = 1) -> tuple[list[str], list[int]]:
