@@ -169,6 +169,24 @@ def test_adapter_tensors_replaced_not_in_place_are_seen_by_the_next_batch(bank, 
     rows_match_alone(model, base, rows, ids)
 
 
+def test_a_copy_or_pickle_of_a_served_model_serves_its_own_adapters(bank):
+    """Copies and pickles do not take the mixed batches' tables or stacks: a copy whose adapters are
+    then loaded in place (its tensors' versions counted from 0 again) serves the new values."""
+    import pickle
+
+    base, _ = bank
+    model = with_adapters(base, {"a": METHOD_CONFIGS["lora"], "b": METHOD_CONFIGS["lora"]})
+    rows, ids = ["a", "b"], token_batch(batch=2, seq=3)
+    rows_match_alone(model, base, rows, ids)
+    clone = copy.deepcopy(model)
+    for served in (clone, pickle.loads(pickle.dumps(model))):
+        with torch.no_grad():  # as many in-place writes as the original's tensors had (init, randomize_adapters)
+            for p in [*adapter_store(served, "a").parameters(), *adapter_store(served, "b").parameters()]:
+                p.add_(0.1)
+                p.mul_(1.5)
+        rows_match_alone(served, base, rows, ids)
+
+
 def test_layers_sharing_tensors_share_their_stacked_copy(bank):
     """The CPU path stacks the adapters' tensors once per set of adapters; a tensor several layers read
     (a ShareLoRA set's A and B, Bi-Share's inter A_s) is stacked once for all of them, not per layer."""

@@ -290,8 +290,9 @@ class SharedLoRALinear(nn.Module):
         return sources
 
     def __getstate__(self) -> dict:
-        """Copies and pickles do not take the call plans (rebuilt on the first call)."""
-        return {**self.__dict__, "_plan": None, "_plans": {}}
+        """Copies and pickles do not take the call plans (rebuilt on the first call) nor the mixed
+        batches' tables (rebuilt by the first mixed batch)."""
+        return {**self.__dict__, "_plan": None, "_plans": {}, "_mixed_tables": None}
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mixed_batch is not None:  # each row its own adapter (serving.mixed_batch)
