@@ -187,6 +187,20 @@ def test_a_copy_or_pickle_of_a_served_model_serves_its_own_adapters(bank):
         rows_match_alone(served, base, rows, ids)
 
 
+def test_delete_adapter_frees_the_tensors_a_mixed_batch_served(bank):
+    import gc
+    import weakref
+
+    base, _ = bank
+    model = with_adapters(base, {"a": METHOD_CONFIGS["lora"], "b": METHOD_CONFIGS["similarity"]})
+    with torch.no_grad(), sk.mixed_batch(model, ["a", "b"]):
+        model(token_batch(batch=2, seq=1))
+    refs = [weakref.ref(p) for p in adapter_store(model, "b").parameters()]
+    sk.delete_adapter(model, "b")
+    gc.collect()
+    assert refs and not any(r() is not None for r in refs)
+
+
 def test_layers_sharing_tensors_share_their_stacked_copy(bank):
     """The CPU path stacks the adapters' tensors once per set of adapters; a tensor several layers read
     (a ShareLoRA set's A and B, Bi-Share's inter A_s) is stacked once for all of them, not per layer."""

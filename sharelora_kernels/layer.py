@@ -248,6 +248,7 @@ class SharedLoRALinear(nn.Module):
             del self.adapter_paths[name]
             del self.adapter_dropout[name]
         self._active_adapter = [n for n in self._active_adapter if n != name]
+        self._mixed_tables = None  # they hold the adapter's tensors
         self._paths_version += 1
 
     def __getattr__(self, name: str):

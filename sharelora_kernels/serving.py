@@ -78,7 +78,8 @@ class MixedBatch:
 def layer_tables(layer: SharedLoRALinear, known: Sequence[str], batch: ops.AdapterBatch | None = None
                  ) -> ops.AdapterTables:
     """The layer's ``ops.AdapterTables`` for adapters ``known`` (an adapter the layer lacks: no paths),
-    cached on the layer (``_mixed_tables``: copies and pickles do not take it). Rebuilt when one of its adapters is added, deleted or replaced (the identity of its path
+    cached on the layer (``_mixed_tables``: dropped by ``delete_adapter``, not taken by copies and
+    pickles). Rebuilt when one of its adapters is added, deleted or replaced (the identity of its path
     lists, compared at every call: a few identity comparisons), or a tensor of their paths is replaced:
     another object in its store (``load_state_dict(assign=True)``), or the same one on other storage
     (``.to()``, ``.float()``, ``p.data = ...``), checked at the first call of each ``batch`` (None: at
