@@ -201,6 +201,22 @@ def test_delete_adapter_frees_the_tensors_a_mixed_batch_served(bank):
     assert refs and not any(r() is not None for r in refs)
 
 
+def test_an_adapter_deleted_inside_its_mixed_batch_is_refused_not_served_as_the_base(bank):
+    base, _ = bank
+    model = with_adapters(base, {"a": METHOD_CONFIGS["lora"], "b": METHOD_CONFIGS["share_a"],
+                                 "c": METHOD_CONFIGS["lora"]})
+    ids = token_batch(batch=2, seq=3)
+    with torch.no_grad(), sk.mixed_batch(model, ["a", "b"]):
+        model(ids)
+        sk.delete_adapter(model, "c")  # no row uses it: the batch goes on
+        model(ids)
+        sk.delete_adapter(model, "b")
+        with pytest.raises(RuntimeError, match=r"adapter 'b' \(rows \[1\]\) was deleted or replaced while a mixed "
+                                               "batch serving it runs"):
+            model(ids)
+    rows_match_alone(model, base, ["a", "__base__"], ids)
+
+
 def test_layers_sharing_tensors_share_their_stacked_copy(bank):
     """The CPU path stacks the adapters' tensors once per set of adapters; a tensor several layers read
     (a ShareLoRA set's A and B, Bi-Share's inter A_s) is stacked once for all of them, not per layer."""

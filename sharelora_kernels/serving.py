@@ -40,13 +40,20 @@ class MixedBatch:
     """The rows' adapters of one mixed batch, shared by every layer of the model.
 
     known: the model's adapter names (adapter i of the tables); rows: one adapter index per row
-    (``ops.BASE`` for "__base__"), each repeated ``expand`` times (generate's beams / return sequences).
+    (``ops.BASE`` for "__base__"), each repeated ``expand`` times (generate's beams / return sequences);
+    layers: the layers it runs in, whose path lists of the rows' adapters it keeps (an adapter deleted
+    or replaced while it runs is refused at the next forward, not served as the base).
     """
 
-    def __init__(self, known: Sequence[str], rows: Sequence[int]):
+    def __init__(self, known: Sequence[str], rows: Sequence[int], layers: Sequence[SharedLoRALinear] = ()):
         self.known = tuple(known)
         self.rows = tuple(rows)
         self._batches: dict[tuple, ops.AdapterBatch] = {}
+        used = [self.known[a] for a in sorted(set(self.rows) - {ops.BASE})]
+        self._served = {}  # layer -> (names, path lists) of the rows' adapters it has
+        for layer in layers:
+            names = tuple(n for n in used if n in layer.adapter_paths)
+            self._served[layer] = names, tuple(layer.adapter_paths[n] for n in names)
 
     def batch(self, tokens_per_row: int, device: torch.device) -> ops.AdapterBatch:
         """The metadata of a forward with ``tokens_per_row`` tokens per row, built once per shape."""
@@ -66,6 +73,7 @@ class MixedBatch:
             raise ValueError(f"adapter_names gives {len(self.rows)} rows, the batch has {x.shape[0]}: give one name "
                              "per row (generate's num_beams / num_return_sequences repeat rows: pass expand)")
         layer._check_call(x)  # the device and dtype checks of the layer's own call
+        self._check_served(layer)
         batch = self.batch(x[0].numel() // x.shape[-1], x.device)
         tables = layer_tables(layer, self.known, batch)
         with torch.no_grad():
@@ -73,6 +81,19 @@ class MixedBatch:
                 dtype = compute_dtype(layer.base_layer, layer.layout, x)
                 return ops.multi_adapter_add(layer._base_output(x), x, batch, tables, dtype)
             return ops.multi_adapter_linear(x, layer.base_weight(), layer.bias, batch, tables)
+
+    def _check_served(self, layer: SharedLoRALinear) -> None:
+        """RuntimeError when an adapter of the rows that ``layer`` had when the batch started was deleted
+        or replaced since (a few identity comparisons, at every call)."""
+        names, lists = self._served.get(layer, ((), ()))
+        paths = layer.adapter_paths._modules
+        if all(map(operator.is_, map(paths.get, names), lists)):
+            return
+        name = next(n for n, ml in zip(names, lists) if paths.get(n) is not ml)
+        rows = [i for i, a in enumerate(self.rows) if a != ops.BASE and self.known[a] == name]
+        raise RuntimeError(f"adapter {name!r} (rows {rows}) was deleted or replaced while a mixed batch serving it "
+                           "runs: its rows cannot be served; start a new mixed batch (sk.mixed_batch / "
+                           "adapter_names) with the adapters the model has now")
 
 
 def layer_tables(layer: SharedLoRALinear, known: Sequence[str], batch: ops.AdapterBatch | None = None
@@ -160,8 +181,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], expand: int = 1)
     merged model; a forward whose rows do not match raises ValueError before it computes anything.
     """
     known, rows = row_indices(model, adapter_names, expand)
-    state = MixedBatch(known, rows)
     layers = shared_layers(model)
+    state = MixedBatch(known, rows, layers)
     before = [layer.mixed_batch for layer in layers]
     for layer in layers:
         layer.mixed_batch = state
