@@ -217,6 +217,15 @@ def test_an_adapter_deleted_inside_its_mixed_batch_is_refused_not_served_as_the_
     rows_match_alone(model, base, ["a", "__base__"], ids)
 
 
+def test_disabled_adapters_give_every_row_the_base(bank):
+    """As PEFT: adapters disabled, a mixed batch computes the base for every row."""
+    base, model = bank
+    ids = token_batch(batch=3, seq=4)
+    with torch.no_grad(), sk.disable_adapters(model), sk.mixed_batch(model, ["lora", "__base__", "bishare_kron"]):
+        out = model(ids).logits
+    assert torch.allclose(out, base(ids).logits, rtol=0, atol=1e-12)
+
+
 def test_layers_sharing_tensors_share_their_stacked_copy(bank):
     """The CPU path stacks the adapters' tensors once per set of adapters; a tensor several layers read
     (a ShareLoRA set's A and B, Bi-Share's inter A_s) is stacked once for all of them, not per layer."""

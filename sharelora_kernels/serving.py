@@ -11,6 +11,7 @@ one token per row) and read by every layer; each layer keeps the tables of its a
 Mixed batches are inference: refused in training mode (as PEFT refuses ``adapter_names``), computed
 without autograd in eval mode. The adapters are the model's named adapters (``apply`` / ``load`` with
 ``adapter_name=``, or a PEFT model's), whatever is active; ``"__base__"`` names a row without adapter.
+Inside ``disable_adapters`` every row gets the base alone (PEFT's rule).
 A mixed batch reads its adapters as they are when it starts (their tensors are checked once per
 batch shape of a ``mixed_batch`` block, not at every decode step of its ``generate``): a change made
 in place is seen by the next block. The bank's accounting and limit (``adapter_memory``,
@@ -63,7 +64,8 @@ class MixedBatch:
         return self._batches[key]
 
     def forward(self, layer: SharedLoRALinear, x: Tensor) -> Tensor:
-        """``layer``'s output for x (B, T, K) or (B, K), row b with adapter ``rows[b]``."""
+        """``layer``'s output for x (B, T, K) or (B, K), row b with adapter ``rows[b]``; while the
+        layer's adapters are disabled, its base alone for every row."""
         if layer.training:
             raise RuntimeError("a mixed-adapter batch is inference only: call model.eval() (the layer is in "
                                "training mode)")
@@ -73,6 +75,8 @@ class MixedBatch:
             raise ValueError(f"adapter_names gives {len(self.rows)} rows, the batch has {x.shape[0]}: give one name "
                              "per row (generate's num_beams / num_return_sequences repeat rows: pass expand)")
         layer._check_call(x)  # the device and dtype checks of the layer's own call
+        if layer.disable_adapters:  # sk.disable_adapters: the base for every row (PEFT's rule)
+            return layer.forward_alone(x)
         self._check_served(layer)
         batch = self.batch(x[0].numel() // x.shape[-1], x.device)
         tables = layer_tables(layer, self.known, batch)
