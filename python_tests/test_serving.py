@@ -226,6 +226,16 @@ def test_disabled_adapters_give_every_row_the_base(bank):
     assert torch.allclose(out, base(ids).logits, rtol=0, atol=1e-12)
 
 
+def test_an_empty_batch_gives_the_empty_output_of_the_layer_alone(bank):
+    _, model = bank
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad(), sk.mixed_batch(model, []):
+        for shape in ((0, 3, 32), (0, 32)):
+            x = torch.randn(shape, dtype=torch.float64)
+            out = layer(x)
+            assert out.shape == (*shape[:-1], layer.out_features) and out.dtype == x.dtype
+
+
 def test_layers_sharing_tensors_share_their_stacked_copy(bank):
     """The CPU path stacks the adapters' tensors once per set of adapters; a tensor several layers read
     (a ShareLoRA set's A and B, Bi-Share's inter A_s) is stacked once for all of them, not per layer."""

@@ -75,7 +75,7 @@ class MixedBatch:
             raise ValueError(f"adapter_names gives {len(self.rows)} rows, the batch has {x.shape[0]}: give one name "
                              "per row (generate's num_beams / num_return_sequences repeat rows: pass expand)")
         layer._check_call(x)  # the device and dtype checks of the layer's own call
-        if layer.disable_adapters:  # sk.disable_adapters: the base for every row (PEFT's rule)
+        if layer.disable_adapters or x.numel() == 0:  # the base for every row (PEFT's rule); no rows: no work
             return layer.forward_alone(x)
         self._check_served(layer)
         batch = self.batch(x[0].numel() // x.shape[-1], x.device)
