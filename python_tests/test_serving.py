@@ -236,6 +236,25 @@ def test_an_empty_batch_gives_the_empty_output_of_the_layer_alone(bank):
             assert out.shape == (*shape[:-1], layer.out_features) and out.dtype == x.dtype
 
 
+def test_hand_wrapped_layers_serve_their_adapters():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(sk.SharedLoRALinear(torch.nn.Linear(16, 8), r=2),
+                              sk.SharedLoRALinear(torch.nn.Linear(8, 8), r=3, adapter_name="other")).double().eval()
+    randomize_adapters(net)
+    rows, x = ["other", "default", "__base__"], torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad(), sk.mixed_batch(net, rows):
+        out = net(x)
+    for i, name in enumerate(rows):
+        for layer in net:
+            layer.set_adapter(name)
+            layer.enable_adapters(name != "__base__")
+        with torch.no_grad():
+            assert torch.allclose(out[i], net(x[i:i + 1])[0], rtol=0, atol=1e-12), name
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['x'\]; this model's adapters are \['default', 'other'\]"):
+        with sk.mixed_batch(net, ["x"]):
+            pass
+
+
 def test_layers_sharing_tensors_share_their_stacked_copy(bank):
     """The CPU path stacks the adapters' tensors once per set of adapters; a tensor several layers read
     (a ShareLoRA set's A and B, Bi-Share's inter A_s) is stacked once for all of them, not per layer."""

@@ -10,7 +10,7 @@ one token per row) and read by every layer; each layer keeps the tables of its a
 
 Mixed batches are inference: refused in training mode (as PEFT refuses ``adapter_names``), computed
 without autograd in eval mode. The adapters are the model's named adapters (``apply`` / ``load`` with
-``adapter_name=``, or a PEFT model's), whatever is active; ``"__base__"`` names a row without adapter.
+``adapter_name=``, or a PEFT model's; a hand-wrapped layer's), whatever is active; ``"__base__"`` names a row without adapter.
 Inside ``disable_adapters`` every row gets the base alone (PEFT's rule).
 A mixed batch reads its adapters as they are when it starts (their tensors are checked once per
 batch shape of a ``mixed_batch`` block, not at every decode step of its ``generate``): a change made
@@ -31,7 +31,7 @@ from torch import Tensor
 from . import ops
 from .base import compute_dtype
 from .layer import BASE_ROW, LoRAPathModule, SharedLoRALinear
-from .model import adapter_names, shared_layers
+from .model import adapter_names, is_applied, shared_layers
 from .ops.multi_adapter_torch import storage_state
 
 _NO_BATCH = lambda: None  # noqa: E731  (tables not yet checked for any batch)
@@ -151,16 +151,26 @@ class _CachedTables:
         return ok
 
 
+def served_adapters(model: nn.Module) -> list[str]:
+    """The adapters a mixed batch of ``model`` serves: its named adapters (``apply`` / ``load``, or a
+    PEFT model's), or those of its hand-wrapped ``SharedLoRALinear`` layers (``adapter_name``,
+    ``add_adapter``), in the order the layers first name them."""
+    if is_applied(model):
+        return adapter_names(model)
+    return list(dict.fromkeys(n for layer in shared_layers(model) for n in layer.adapter_paths))
+
+
 def row_indices(model: nn.Module, names: Sequence[str], expand: int = 1) -> tuple[list[str], list[int]]:
-    """The model's adapter names and one index per row (``ops.BASE`` for "__base__"), each name
-    repeated ``expand`` times in a row; ValueError (TypeError for a non-list) before any work."""
+    """The model's adapter names (``served_adapters``) and one index per row (``ops.BASE`` for
+    "__base__"), each name repeated ``expand`` times in a row; ValueError (TypeError for a non-list) before any work."""
     if isinstance(names, str) or not isinstance(names, (list, tuple)):
         raise TypeError(f"adapter_names must be a list of adapter names, one per row, got {type(names).__name__}")
     if isinstance(expand, bool) or not isinstance(expand, int) or expand < 1:
         raise ValueError(f"expand must be a positive int, got {expand!r}")
-    known = adapter_names(model)
+    known = served_adapters(model)
     if not known:
-        raise ValueError("this model has no ShareLoRA adapters: apply or load some before a mixed batch")
+        raise ValueError("this model has no ShareLoRA adapters: apply or load some (or wrap layers in "
+                         "SharedLoRALinear) before a mixed batch")
     unknown = sorted({n for n in names if n != BASE_ROW and n not in known}, key=str)
     if unknown:
         raise ValueError(f"adapter_names has unknown adapter(s) {unknown}; this model's adapters are {known} "
@@ -179,7 +189,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], expand: int = 1)
     """``with mixed_batch(model, names): model(ids)`` / ``model.generate(ids, ...)``: row b of every
     forward inside uses adapter ``names[b]`` ("__base__": the base alone), all in one batch.
 
-    adapter_names: one of the model's adapter names (or "__base__") per row of the batch; expand: how
+    adapter_names: one of the model's adapter names (``served_adapters``: hand-wrapped layers' too) or
+    "__base__" per row of the batch; expand: how
     many times generate repeats each row (``num_beams`` for beam search, else ``num_return_sequences``).
     Inference only: ValueError in training mode, for an unknown name (the known ones listed), on a
     merged model; a forward whose rows do not match raises ValueError before it computes anything.
