@@ -572,6 +572,28 @@ def test_peft_load_adapter_into_a_full_bank_is_refused(tmp_path):
     assert list(sk.adapter_memory(model.base_model.model)) == ["default", "other"]
 
 
+def test_the_bank_counts_a_peft_models_copies_of_its_modules_to_save():
+    """PEFT keeps one copy of each module to save per adapter: adapter_memory counts it with the
+    adapter, and set_bank_limit(max_bytes=...) refuses an adapter whose copy does not fit."""
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    base = tiny_model(layers=2)
+    config = dict(method="lora", r=3, target_modules=TARGETS, modules_to_save=["lm_head"])
+    model = get_peft_model(copy.deepcopy(base), sk.ShareLoRAPeftConfig(**config))
+    model.add_adapter("two", sk.ShareLoRAPeftConfig(**config))
+    head = base.lm_head.weight.numel() * base.lm_head.weight.element_size()
+    lora = sum(p.numel() * p.element_size() for p in adapter_store(model.base_model.model, "two").parameters())
+    assert sk.adapter_memory(model) == {"default": lora + head, "two": lora + head}
+    held = 2 * (lora + head)
+    sk.set_bank_limit(model, max_bytes=held + lora + head - 1)
+    with pytest.raises(sk.BankFullError, match=rf"no room for adapter 'three' \({lora + head} bytes\)"):
+        model.add_adapter("three", sk.ShareLoRAPeftConfig(**config))
+    sk.set_bank_limit(model, max_bytes=held + lora + head)
+    model.add_adapter("three", sk.ShareLoRAPeftConfig(**config))
+    assert sum(sk.adapter_memory(model).values()) == held + lora + head
+
+
 def test_an_adapter_of_another_base_is_refused_before_the_bank_changes(bank, tmp_path):
     _, model = bank
     model = copy.deepcopy(model)
