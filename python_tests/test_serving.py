@@ -276,6 +276,44 @@ def test_layers_sharing_tensors_share_their_stacked_copy(bank):
     assert len({id(g[kron][1][-1][0]) for g in by_group}) == 1
 
 
+def stacked_bytes(model) -> int:
+    """Bytes of the CPU path's stacked copies held by the model's layers, each storage once."""
+    storages = {}
+    for layer in model.modules():
+        if isinstance(layer, sk.SharedLoRALinear) and layer._mixed_tables is not None:
+            for _, _, (dense, krons), _ in layer._mixed_tables.tables.stacks.values():
+                for t in [*(dense or ()), *(t for kron in krons for t in kron)]:
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("method", ["lora", "share_ab", "bishare_kron", "bishare_slice", "inter_slice"])
+def test_the_stacked_copy_takes_what_the_docstring_says(method):
+    """float32 copies: the bank's size for plain / ShareLoRA / Kronecker adapters (twice a bf16 bank);
+    slice windows: one copy per distinct window a module reads alone, else concatenated per module
+    (the adapters' unshared size)."""
+    configs = dict(METHOD_CONFIGS, inter_slice=dict(method="bishare", shape_transform="slice", local_r=0,
+                                                    intra_r=0, inter_r=5))
+    base = tiny_model(layers=4)
+    names = [f"{method}{i}" for i in range(3)]
+    for dtype in (torch.float32, torch.bfloat16):
+        model = with_adapters(base, {n: configs[method] for n in names}).to(dtype)
+        with torch.no_grad(), sk.mixed_batch(model, names):
+            model(token_batch(batch=3, seq=1))
+        bank = sum(sk.adapter_memory(model).values())
+        layers = [m for m in model.modules() if isinstance(m, sk.SharedLoRALinear)]
+        paths = [(layer, p) for layer in layers for n in names for p in layer.paths([n])]
+        if method == "bishare_slice":  # every module's paths concatenated: the unshared size
+            want = sum(p.rank * (layer.in_features + layer.out_features) for layer, p in paths) * 4
+        elif method == "inter_slice":  # one copy per distinct window of the shared A and B
+            a = {(id(p.tensors[0]), p.k_offset, layer.in_features): p.rank * layer.in_features for layer, p in paths}
+            b = {(id(p.tensors[1]), p.n_offset, layer.out_features): p.rank * layer.out_features for layer, p in paths}
+            want = (sum(a.values()) + sum(b.values())) * 4
+        else:
+            want = bank * (4 // dtype.itemsize)
+        assert stacked_bytes(model) == want, dtype
+
+
 def test_a_model_converted_in_place_is_served_in_its_new_dtype(bank):
     """model.float() changes the adapter tensors in place (same objects): the next mixed batch stacks
     them again in the new dtype, shared stacks included."""

@@ -11,8 +11,13 @@ adapters), and every path slot is a few batched GEMMs over the S adapters, their
 (nothing Kronecker- or gate-expanded). Each structure group's tensors are stacked once for every
 adapter of the layer's tables (``cached_factors``, kept while their tensors are unchanged, checked once
 per batch: every batch, whichever of the adapters it uses, reads the same stacks; a batch using some
-of them picks their lanes with one ``index_select``), a copy never counted as the bank's, of the
-bank's size at most (a tensor several layers read is stacked once for all of them, ``_shared_stack``):
+of them picks their lanes with one ``index_select``). A copy never counted as the bank's, held in
+the accumulation dtype (float32: twice a 16-bit bank): the adapters as each module reads them, a stack
+that several modules read alike made once for all of them (``_shared_stack``: ShareLoRA's shared A or
+B, Bi-Share's Kronecker A_s and B_s, a slice window read by modules with no other plain / slice /
+gate path). So plain LoRA, ShareLoRA and Kronecker adapters take the bank's size; slice paths read
+beside other paths are concatenated with them per module (each module's windows of a shared tensor
+copied for it): up to the same adapters' size unshared, several times a Bi-Share slice bank:
 
     plain / slice   h = x A^T,  out += h (s B)^T                     (A, B: the windows)
     gate            C = G_od B A G_iu (S, g, g),  h = x (C G_id)^T,  out += h (s G_ou)^T
@@ -157,10 +162,11 @@ def group_factors(adapters: Sequence[Sequence[LoRAPath]], k: int, n: int, dtype:
         kind = ps[0].kind
         if kind in ("plain", "slice"):
             windows = [path_factors(p, k, n) for p in ps]
-            offsets = tuple((p.k_offset, p.n_offset) for p in ps) if kind == "slice" else ()
-            dense_a.append(_shared_stack("a", ps, 0, (k, offsets), dtype, acc,
+            k_offsets, n_offsets = (tuple(p.k_offset for p in ps), tuple(p.n_offset for p in ps)) \
+                if kind == "slice" else ((), ())  # an A window depends on K's, a B window on N's
+            dense_a.append(_shared_stack("a", ps, 0, (k, k_offsets), dtype, acc,
                                          lambda: _stack([w[0] for w in windows], dtype, acc)))
-            dense_bt.append(_shared_stack("bt", ps, 1, (n, offsets, scales), dtype, acc, lambda: (
+            dense_bt.append(_shared_stack("bt", ps, 1, (n, n_offsets, scales), dtype, acc, lambda: (
                 _stack([w[1] for w in windows], dtype, acc).transpose(1, 2) * scale()).contiguous()))
             continue
         if kind == "gate":
