@@ -267,11 +267,8 @@ def _takes_triton(y: Tensor, tables: AdapterTables, compute: torch.dtype) -> boo
     return {compute, y.dtype, *tables.dtypes} <= set(FUSED_DTYPES) and len(tables.dtypes) <= 1
 
 
-def _default_triton(y: Tensor, x: Tensor, tables: AdapterTables, compute: torch.dtype) -> bool:
-    """Triton for CUDA tensors when it imports and takes the dtypes (``_takes_triton``); the torch
-    path elsewhere."""
-    if not (x.is_cuda and _takes_triton(y, tables, compute)):
-        return False
+def _triton_imports() -> bool:
+    """Whether the kernels' module imports (triton is installed)."""
     try:
         from . import multi_adapter_triton  # noqa: F401
     except ImportError:
@@ -279,15 +276,23 @@ def _default_triton(y: Tensor, x: Tensor, tables: AdapterTables, compute: torch.
     return True
 
 
+def _default_triton(y: Tensor, x: Tensor, tables: AdapterTables, compute: torch.dtype) -> bool:
+    """auto's choice: Triton for CUDA tensors when it imports and takes the dtypes (``_takes_triton``);
+    the torch path elsewhere."""
+    return x.is_cuda and _takes_triton(y, tables, compute) and _triton_imports()
+
+
 def _chosen_triton(y: Tensor, x: Tensor, tables: AdapterTables, compute: torch.dtype) -> tuple[bool, bool]:
     """(the kernels run, they are compared with the torch path first) under the backend setting
-    (``ops.set_backend`` / ``SHARELORA_BACKEND``, ``ops.backend_for``): torch and compose run the
-    torch path; triton the kernels where they take the dtypes (the torch path elsewhere, as a layer
-    does); auto (the CUDA default) the kernels on CUDA once ``_verified_add`` agreed."""
-    from . import backend_for
-
-    setting = backend_for(x)
+    (``ops.set_backend`` / ``SHARELORA_BACKEND``, ``dispatch.backend_setting``): torch and compose run
+    the torch path; triton the kernels where they take the dtypes (the torch path elsewhere, as a
+    layer does); auto (the CUDA default) the kernels for CUDA tensors they take, once ``_verified_add``
+    agreed. ValueError for triton when it cannot be imported."""
+    setting = dispatch.backend_setting(x.device)
     if setting == "triton":
+        if not _triton_imports():
+            raise ValueError("the backend is set to triton (ops.set_backend / SHARELORA_BACKEND) but triton cannot "
+                             "be imported")
         return _takes_triton(y, tables, compute), False
     return setting == "auto" and _default_triton(y, x, tables, compute), True
 
