@@ -250,7 +250,7 @@ def test_hand_wrapped_layers_serve_their_adapters():
             layer.enable_adapters(name != "__base__")
         with torch.no_grad():
             assert torch.allclose(out[i], net(x[i:i + 1])[0], rtol=0, atol=1e-12), name
-    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['x'\]; this model's adapters are \['default', 'other'\]"):
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['x'\]; .* adapters are \['default', 'other'\]"):
         with sk.mixed_batch(net, ["x"]):
             pass
 

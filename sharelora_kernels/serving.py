@@ -10,8 +10,8 @@ one token per row) and read by every layer; each layer keeps the tables of its a
 
 Mixed batches are inference: refused in training mode (as PEFT refuses ``adapter_names``), computed
 without autograd in eval mode. The adapters are the model's named adapters (``apply`` / ``load`` with
-``adapter_name=``, or a PEFT model's; a hand-wrapped layer's), whatever is active; ``"__base__"`` names a row without adapter.
-Inside ``disable_adapters`` every row gets the base alone (PEFT's rule).
+``adapter_name=``, or a PEFT model's; a hand-wrapped layer's), whatever is active; ``"__base__"``
+names a row without adapter. Inside ``disable_adapters`` every row gets the base alone (PEFT's rule).
 A mixed batch reads its adapters as they are when it starts (their tensors are checked once per
 batch shape of a ``mixed_batch`` block, not at every decode step of its ``generate``): a change made
 in place is seen by the next block. The bank's accounting and limit (``adapter_memory``,
@@ -162,7 +162,8 @@ def served_adapters(model: nn.Module) -> list[str]:
 
 def row_indices(model: nn.Module, names: Sequence[str], expand: int = 1) -> tuple[list[str], list[int]]:
     """The model's adapter names (``served_adapters``) and one index per row (``ops.BASE`` for
-    "__base__"), each name repeated ``expand`` times in a row; ValueError (TypeError for a non-list) before any work."""
+    "__base__"), each name repeated ``expand`` times in a row; ValueError (TypeError for a non-list)
+    before any work."""
     if isinstance(names, str) or not isinstance(names, (list, tuple)):
         raise TypeError(f"adapter_names must be a list of adapter names, one per row, got {type(names).__name__}")
     if isinstance(expand, bool) or not isinstance(expand, int) or expand < 1:
@@ -190,10 +191,11 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], expand: int = 1)
     forward inside uses adapter ``names[b]`` ("__base__": the base alone), all in one batch.
 
     adapter_names: one of the model's adapter names (``served_adapters``: hand-wrapped layers' too) or
-    "__base__" per row of the batch; expand: how
-    many times generate repeats each row (``num_beams`` for beam search, else ``num_return_sequences``).
-    Inference only: ValueError in training mode, for an unknown name (the known ones listed), on a
-    merged model; a forward whose rows do not match raises ValueError before it computes anything.
+    "__base__" per row of the batch; expand: how many times generate repeats each row (``num_beams``
+    for beam search, else ``num_return_sequences``). Inference only: ValueError in training mode, for
+    an unknown name (the known ones listed), on a merged model; a forward whose rows do not match
+    raises ValueError before it computes anything, one after an adapter of the rows was deleted
+    inside the block RuntimeError. Inside ``disable_adapters`` every row gets the base.
     """
     known, rows = row_indices(model, adapter_names, expand)
     layers = shared_layers(model)

@@ -43,7 +43,8 @@ from .lowrank_only import accumulation_dtype, torch_forward
 
 PAD_LIMIT = 2.0  # padded rows / real rows above which a structure's segments run one at a time
 _NO_BATCH = lambda: None  # noqa: E731  (a stack not yet checked for any batch)
-# stacks of tensors several layers read, by (role, tensor ids and states, window, dtypes): alive while a layer keeps them
+# stacks of tensors several layers read, by (role, tensor ids and states, window, dtypes): alive while a
+# layer keeps them
 _SHARED_STACKS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
