@@ -204,12 +204,15 @@ def test_gate_buffer_follows_in_place_updates():
 @pytest.mark.skipif(not ops.HAS_TRITON, reason="triton not importable")
 @pytest.mark.parametrize("wrong", [False, True])
 def test_default_kernels_are_compared_before_they_are_trusted(wrong, monkeypatch):
-    """The default choice (use_triton=None: the kernels for CUDA tensors; here the interpreter stands
-    in) compares the kernels with the torch path on the first batch of these tables: kept when they
-    agree, ruled out with one warning when they differ; every result right either way."""
+    """auto's choice (use_triton=None under auto, the CUDA default: the kernels for CUDA tensors; here
+    the interpreter stands in) compares the kernels with the torch path on the first batch of these
+    tables: kept when they agree, ruled out with one warning when they differ; every result right
+    either way."""
     import warnings
 
     from sharelora_kernels.ops import multi_adapter, multi_adapter_triton
+
+    ops.set_backend("auto")
 
     real, calls = multi_adapter_triton.triton_add, []
 
@@ -236,6 +239,41 @@ def test_default_kernels_are_compared_before_they_are_trusted(wrong, monkeypatch
     differ = [w for w in caught if "differ from the torch path" in str(w.message)]
     assert tables.verified == {torch.float32: not wrong} and len(differ) == int(wrong)
     assert len(calls) == (1 if wrong else 4)  # compared once; then run on every batch, or never again
+
+
+@pytest.mark.skipif(not ops.HAS_TRITON, reason="triton not importable")
+def test_the_backend_setting_picks_the_path(monkeypatch):
+    """use_triton=None follows ops.set_backend as a layer does: torch and compose the torch path (on
+    CUDA too), triton the kernels uncompared (here under the interpreter) where they take the dtypes,
+    auto the CUDA default (the torch path on the CPU)."""
+    from sharelora_kernels.ops import multi_adapter, multi_adapter_triton
+
+    calls = []
+    for name, module in (("torch", multi_adapter), ("triton", multi_adapter_triton)):
+        real = getattr(module, f"{name}_add")
+        monkeypatch.setattr(module, f"{name}_add", lambda *a, real=real, name=name: (calls.append(name), real(*a)))
+    torch.manual_seed(0)
+    adapters = make_adapters(METHODS[:4], 24, 16)
+    tables = adapter_tables(adapters, 24, 16)
+    rows = [0, 1, BASE, 2, 3, 1]
+    batch = adapter_batch(rows, len(adapters), 2)
+    x, y0 = torch.randn(len(rows), 2, 24), torch.randn(len(rows), 2, 16)
+    y_ref = float64_rows(y0, x, rows, adapters, 2)
+
+    def run(backend, cuda=False, dtype=torch.float32):
+        calls.clear()
+        ops.set_backend(backend)
+        monkeypatch.setattr(multi_adapter, "_default_triton", lambda *a: cuda)  # CUDA tensors: auto's kernels
+        y = multi_adapter_add(y0.to(dtype, copy=True), x.to(dtype), batch, tables)
+        assert rel_err(y - y0.to(dtype), y_ref - y0.double()) < TOL[torch.float32]
+        return calls[:]
+
+    assert run("triton") == ["triton"] and tables.verified == {}
+    assert run("triton", dtype=torch.float64) == ["torch"]  # the kernels do not take float64
+    assert run("torch", cuda=True) == run("compose", cuda=True) == run(None) == ["torch"]
+    assert run("auto") == ["torch"]
+    assert run("auto", cuda=True) == ["torch", "triton", "triton"] and tables.verified == {torch.float32: True}
+    assert run("auto", cuda=True) == ["triton"]  # compared on the first batch only
 
 
 def test_torch_stacks_once_per_adapter_set_and_checks_once_per_batch():

@@ -91,6 +91,8 @@ def test_from_peft_refuses_other_adapter_types_and_dora(tmp_path):
         sk.from_peft(tiny_model())
     with pytest.raises(ValueError, match="adapter_config.json is missing"):
         sk.from_peft(tiny_model(), tmp_path)
+    with pytest.raises(ValueError, match=r"into a model without ShareLoRA adapters; this one has \['default'\]"):
+        sk.from_peft(sk.apply(tiny_model(), sk.ShareLoRAConfig(r=2)), tmp_path)
 
 
 def test_from_peft_unmerges_a_merged_lora_and_refuses_several_active_or_another_merged():

@@ -140,6 +140,121 @@ def test_adapters_changed_in_place_are_seen_by_the_next_batch(bank):
         assert torch.allclose(second[i:i + 1], alone(model, base, rows[i], ids[i:i + 1]), rtol=0, atol=1e-12)
 
 
+def rows_match_alone(model, base, rows, ids, tol=1e-12):
+    """Each row of a mixed batch of ``rows`` equals its adapter alone (relative to its largest logit)."""
+    with torch.no_grad(), sk.mixed_batch(model, rows):
+        out = model(ids).logits
+    for i, name in enumerate(rows):
+        ref = alone(model, base, name, ids[i:i + 1])
+        assert (out[i:i + 1] - ref).abs().max() <= tol * ref.abs().max(), name
+
+
+@pytest.mark.parametrize("how", ["assign", "data", "float_then_double"])
+def test_adapter_tensors_replaced_not_in_place_are_seen_by_the_next_batch(bank, how):
+    """load_state_dict(assign=True) puts new objects in the store; p.data = ... and a dtype round trip
+    (new storage, possibly at the old address, same version) keep the objects: every one is served."""
+    base, _ = bank
+    model = with_adapters(base, {"a": METHOD_CONFIGS["lora"], "b": METHOD_CONFIGS["lora"]})
+    rows, ids = ["a", "b"], token_batch(batch=2, seq=3)
+    rows_match_alone(model, base, rows, ids)  # builds the tables and the stacked copies
+    if how == "assign":
+        state = {k: v + 0.3 if "sharelora" in k else v for k, v in model.state_dict().items()}
+        model.load_state_dict(state, assign=True)
+    elif how == "data":
+        for p in adapter_store(model, "a").parameters():
+            p.data = p.data + 0.3
+    else:
+        model.float()
+        model.double()
+    rows_match_alone(model, base, rows, ids)
+
+
+def test_a_copy_or_pickle_of_a_served_model_serves_its_own_adapters(bank):
+    """Copies and pickles do not take the mixed batches' tables or stacks: a copy whose adapters are
+    then loaded in place (its tensors' versions counted from 0 again) serves the new values."""
+    import pickle
+
+    base, _ = bank
+    model = with_adapters(base, {"a": METHOD_CONFIGS["lora"], "b": METHOD_CONFIGS["lora"]})
+    rows, ids = ["a", "b"], token_batch(batch=2, seq=3)
+    rows_match_alone(model, base, rows, ids)
+    clone = copy.deepcopy(model)
+    for served in (clone, pickle.loads(pickle.dumps(model))):
+        with torch.no_grad():  # as many in-place writes as the original's tensors had (init, randomize_adapters)
+            for p in [*adapter_store(served, "a").parameters(), *adapter_store(served, "b").parameters()]:
+                p.add_(0.1)
+                p.mul_(1.5)
+        rows_match_alone(served, base, rows, ids)
+
+
+def test_delete_adapter_frees_the_tensors_a_mixed_batch_served(bank):
+    import gc
+    import weakref
+
+    base, _ = bank
+    model = with_adapters(base, {"a": METHOD_CONFIGS["lora"], "b": METHOD_CONFIGS["similarity"]})
+    with torch.no_grad(), sk.mixed_batch(model, ["a", "b"]):
+        model(token_batch(batch=2, seq=1))
+    refs = [weakref.ref(p) for p in adapter_store(model, "b").parameters()]
+    sk.delete_adapter(model, "b")
+    gc.collect()
+    assert refs and not any(r() is not None for r in refs)
+
+
+def test_an_adapter_deleted_inside_its_mixed_batch_is_refused_not_served_as_the_base(bank):
+    base, _ = bank
+    model = with_adapters(base, {"a": METHOD_CONFIGS["lora"], "b": METHOD_CONFIGS["share_a"],
+                                 "c": METHOD_CONFIGS["lora"]})
+    ids = token_batch(batch=2, seq=3)
+    with torch.no_grad(), sk.mixed_batch(model, ["a", "b"]):
+        model(ids)
+        sk.delete_adapter(model, "c")  # no row uses it: the batch goes on
+        model(ids)
+        sk.delete_adapter(model, "b")
+        with pytest.raises(RuntimeError, match=r"adapter 'b' \(rows \[1\]\) was deleted or replaced while a mixed "
+                                               "batch serving it runs"):
+            model(ids)
+    rows_match_alone(model, base, ["a", "__base__"], ids)
+
+
+def test_disabled_adapters_give_every_row_the_base(bank):
+    """As PEFT: adapters disabled, a mixed batch computes the base for every row."""
+    base, model = bank
+    ids = token_batch(batch=3, seq=4)
+    with torch.no_grad(), sk.disable_adapters(model), sk.mixed_batch(model, ["lora", "__base__", "bishare_kron"]):
+        out = model(ids).logits
+    assert torch.allclose(out, base(ids).logits, rtol=0, atol=1e-12)
+
+
+def test_an_empty_batch_gives_the_empty_output_of_the_layer_alone(bank):
+    _, model = bank
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad(), sk.mixed_batch(model, []):
+        for shape in ((0, 3, 32), (0, 32)):
+            x = torch.randn(shape, dtype=torch.float64)
+            out = layer(x)
+            assert out.shape == (*shape[:-1], layer.out_features) and out.dtype == x.dtype
+
+
+def test_hand_wrapped_layers_serve_their_adapters():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(sk.SharedLoRALinear(torch.nn.Linear(16, 8), r=2),
+                              sk.SharedLoRALinear(torch.nn.Linear(8, 8), r=3, adapter_name="other")).double().eval()
+    randomize_adapters(net)
+    rows, x = ["other", "default", "__base__"], torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad(), sk.mixed_batch(net, rows):
+        out = net(x)
+    for i, name in enumerate(rows):
+        for layer in net:
+            layer.set_adapter(name)
+            layer.enable_adapters(name != "__base__")
+        with torch.no_grad():
+            assert torch.allclose(out[i], net(x[i:i + 1])[0], rtol=0, atol=1e-12), name
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['x'\]; .* adapters are \['default', 'other'\]"):
+        with sk.mixed_batch(net, ["x"]):
+            pass
+
+
 def test_layers_sharing_tensors_share_their_stacked_copy(bank):
     """The CPU path stacks the adapters' tensors once per set of adapters; a tensor several layers read
     (a ShareLoRA set's A and B, Bi-Share's inter A_s) is stacked once for all of them, not per layer."""
@@ -159,6 +274,44 @@ def test_layers_sharing_tensors_share_their_stacked_copy(bank):
     assert by_group[0][similarity][0][0] is not by_group[1][similarity][0][0]
     # Bi-Share's inter A_s (the last Kronecker path) is one tensor for every layer
     assert len({id(g[kron][1][-1][0]) for g in by_group}) == 1
+
+
+def stacked_bytes(model) -> int:
+    """Bytes of the CPU path's stacked copies held by the model's layers, each storage once."""
+    storages = {}
+    for layer in model.modules():
+        if isinstance(layer, sk.SharedLoRALinear) and layer._mixed_tables is not None:
+            for _, _, (dense, krons), _ in layer._mixed_tables.tables.stacks.values():
+                for t in [*(dense or ()), *(t for kron in krons for t in kron)]:
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("method", ["lora", "share_ab", "bishare_kron", "bishare_slice", "inter_slice"])
+def test_the_stacked_copy_takes_what_the_docstring_says(method):
+    """float32 copies: the bank's size for plain / ShareLoRA / Kronecker adapters (twice a bf16 bank);
+    slice windows: one copy per distinct window a module reads alone, else concatenated per module
+    (the adapters' unshared size)."""
+    configs = dict(METHOD_CONFIGS, inter_slice=dict(method="bishare", shape_transform="slice", local_r=0,
+                                                    intra_r=0, inter_r=5))
+    base = tiny_model(layers=4)
+    names = [f"{method}{i}" for i in range(3)]
+    for dtype in (torch.float32, torch.bfloat16):
+        model = with_adapters(base, {n: configs[method] for n in names}).to(dtype)
+        with torch.no_grad(), sk.mixed_batch(model, names):
+            model(token_batch(batch=3, seq=1))
+        bank = sum(sk.adapter_memory(model).values())
+        layers = [m for m in model.modules() if isinstance(m, sk.SharedLoRALinear)]
+        paths = [(layer, p) for layer in layers for n in names for p in layer.paths([n])]
+        if method == "bishare_slice":  # every module's paths concatenated: the unshared size
+            want = sum(p.rank * (layer.in_features + layer.out_features) for layer, p in paths) * 4
+        elif method == "inter_slice":  # one copy per distinct window of the shared A and B
+            a = {(id(p.tensors[0]), p.k_offset, layer.in_features): p.rank * layer.in_features for layer, p in paths}
+            b = {(id(p.tensors[1]), p.n_offset, layer.out_features): p.rank * layer.out_features for layer, p in paths}
+            want = (sum(a.values()) + sum(b.values())) * 4
+        else:
+            want = bank * (4 // dtype.itemsize)
+        assert stacked_bytes(model) == want, dtype
 
 
 def test_a_model_converted_in_place_is_served_in_its_new_dtype(bank):
@@ -211,6 +364,23 @@ def test_bad_input_is_refused_before_any_work(bank):
         finally:
             model.eval()
     assert all(layer.mixed_batch is None for layer in model.modules() if isinstance(layer, sk.SharedLoRALinear))
+
+
+def test_the_base_row_name_cannot_name_an_adapter(bank):
+    """"__base__" names a row without adapter: apply, a hand-wrapped layer and PEFT refuse it as a name."""
+    base, model = bank
+    with pytest.raises(ValueError, match="'__base__' cannot name an adapter: it names a row without adapter"):
+        sk.apply(model, sk.ShareLoRAConfig(method="lora", r=2), adapter_name="__base__")
+    with pytest.raises(ValueError, match="'__base__' cannot name an adapter"):
+        sk.SharedLoRALinear(torch.nn.Linear(4, 4), adapter_name="__base__")
+    assert adapter_names(model) == NAMES
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(base), sk.ShareLoRAPeftConfig(method="lora", r=2))
+    with pytest.raises(ValueError, match="'__base__' cannot name an adapter"):
+        peft_model.add_adapter("__base__", sk.ShareLoRAPeftConfig(method="lora", r=2))
+    assert list(peft_model.peft_config) == ["default"]
 
 
 # ------------------------------------------------------------------------------------------ PEFT
@@ -438,6 +608,28 @@ def test_peft_load_adapter_into_a_full_bank_is_refused(tmp_path):
     sk.set_bank_limit(model, max_adapters=2)
     model.load_adapter(tmp_path / "other", adapter_name="other")
     assert list(sk.adapter_memory(model.base_model.model)) == ["default", "other"]
+
+
+def test_the_bank_counts_a_peft_models_copies_of_its_modules_to_save():
+    """PEFT keeps one copy of each module to save per adapter: adapter_memory counts it with the
+    adapter, and set_bank_limit(max_bytes=...) refuses an adapter whose copy does not fit."""
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    base = tiny_model(layers=2)
+    config = dict(method="lora", r=3, target_modules=TARGETS, modules_to_save=["lm_head"])
+    model = get_peft_model(copy.deepcopy(base), sk.ShareLoRAPeftConfig(**config))
+    model.add_adapter("two", sk.ShareLoRAPeftConfig(**config))
+    head = base.lm_head.weight.numel() * base.lm_head.weight.element_size()
+    lora = sum(p.numel() * p.element_size() for p in adapter_store(model.base_model.model, "two").parameters())
+    assert sk.adapter_memory(model) == {"default": lora + head, "two": lora + head}
+    held = 2 * (lora + head)
+    sk.set_bank_limit(model, max_bytes=held + lora + head - 1)
+    with pytest.raises(sk.BankFullError, match=rf"no room for adapter 'three' \({lora + head} bytes\)"):
+        model.add_adapter("three", sk.ShareLoRAPeftConfig(**config))
+    sk.set_bank_limit(model, max_bytes=held + lora + head)
+    model.add_adapter("three", sk.ShareLoRAPeftConfig(**config))
+    assert sum(sk.adapter_memory(model).values()) == held + lora + head
 
 
 def test_an_adapter_of_another_base_is_refused_before_the_bank_changes(bank, tmp_path):

@@ -28,13 +28,18 @@ from .reference import LoRAPath, delta_weight
 
 
 DEFAULT_ADAPTER = "default"
+BASE_ROW = "__base__"  # names a row without adapter in a mixed batch (serving, PEFT's adapter_names): reserved
 _is_compiling = torch.compiler.is_compiling
 
 
 def check_adapter_name(name) -> None:
-    """ValueError unless ``name`` can name an adapter: a non-empty string without '.' (it names modules)."""
+    """ValueError unless ``name`` can name an adapter: a non-empty string without '.' (it names modules),
+    other than ``BASE_ROW``."""
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"an adapter name must be a non-empty string without '.', got {name!r}")
+    if name == BASE_ROW:
+        raise ValueError(f"{BASE_ROW!r} cannot name an adapter: it names a row without adapter in a mixed batch "
+                         "(sk.mixed_batch, PEFT's adapter_names)")
 
 
 @torch.no_grad()
@@ -172,6 +177,7 @@ class SharedLoRALinear(nn.Module):
         self._plan = None  # the plan of the last call
         self._plans = {}  # environment -> plan, a few kept (grad on / off under reentrant checkpointing, ...)
         self.mixed_batch = None  # serving.MixedBatch while a mixed-adapter batch runs (serving.mixed_batch)
+        self._mixed_tables = None  # serving.layer_tables' cache: the tables (and stacked copies) of every adapter
         self.train(base.training)
 
     # ---------------------------------------------------------------------------- named adapters
@@ -244,6 +250,7 @@ class SharedLoRALinear(nn.Module):
             del self.adapter_paths[name]
             del self.adapter_dropout[name]
         self._active_adapter = [n for n in self._active_adapter if n != name]
+        self._mixed_tables = None  # they hold the adapter's tensors
         self._paths_version += 1
 
     def __getattr__(self, name: str):
@@ -286,8 +293,9 @@ class SharedLoRALinear(nn.Module):
         return sources
 
     def __getstate__(self) -> dict:
-        """Copies and pickles do not take the call plans (rebuilt on the first call)."""
-        return {**self.__dict__, "_plan": None, "_plans": {}}
+        """Copies and pickles do not take the call plans (rebuilt on the first call) nor the mixed
+        batches' tables (rebuilt by the first mixed batch)."""
+        return {**self.__dict__, "_plan": None, "_plans": {}, "_mixed_tables": None}
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mixed_batch is not None:  # each row its own adapter (serving.mixed_batch)

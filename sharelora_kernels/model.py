@@ -185,14 +185,29 @@ def set_bank_limit(model: nn.Module, max_adapters: int | None = None, max_bytes:
 
 def adapter_memory(model: nn.Module) -> dict[str, int]:
     """Bytes of each named adapter's tensors, each unique storage counted once (a shared tensor once,
-    however many layers read it): adapter name -> bytes, in the order the adapters were added."""
+    however many layers read it), with a PEFT model's copies of its modules to save that belong to
+    the adapter (``saved_copies``): adapter name -> bytes, in the order the adapters were added."""
+    copies = saved_copies(model)
     out = {}
     for name in adapter_names(model):
         storages = {}
-        for p in adapter_store(model, name).parameters():
+        for p in [*adapter_store(model, name).parameters(), *copies.get(name, [])]:
             s = p.untyped_storage()
             storages[(p.device, s.data_ptr())] = s.nbytes()
         out[name] = sum(storages.values())
+    return out
+
+
+def saved_copies(model: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """The tensors of a PEFT model's per-adapter copies of its modules to save (PEFT's
+    ``ModulesToSaveWrapper``: an ``original_module`` and one copy per adapter in ``modules_to_save``):
+    adapter name -> their parameters and buffers. Empty for a model without them."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for m in model.modules():
+        copies = getattr(m, "modules_to_save", None)
+        if isinstance(copies, nn.ModuleDict) and hasattr(m, "original_module"):
+            for name, module in copies.items():
+                out.setdefault(name, []).extend([*module.parameters(), *module.buffers()])
     return out
 
 
@@ -203,8 +218,9 @@ def planned_bytes(model: nn.Module, plan: SharePlan) -> int:
                for name, spec in plan.tensors.items())
 
 
-def check_bank_room(model: nn.Module, plan: SharePlan, adapter_name: str) -> None:
-    """BankFullError when adding adapter ``adapter_name`` (plan ``plan``) would take the bank past a
+def check_bank_room(model: nn.Module, plan: SharePlan, adapter_name: str, extra_bytes: int = 0) -> None:
+    """BankFullError when adding adapter ``adapter_name`` (plan ``plan``, and ``extra_bytes`` of
+    other tensors it brings: a PEFT model's copies of its modules to save) would take the bank past a
     limit of ``set_bank_limit``; nothing when no limit is set."""
     max_adapters, max_bytes = getattr(model, "sharelora_bank_limit", (None, None))
     if max_adapters is None and max_bytes is None:
@@ -214,7 +230,7 @@ def check_bank_room(model: nn.Module, plan: SharePlan, adapter_name: str) -> Non
         raise BankFullError(f"no room for adapter {adapter_name!r}: the adapter bank holds {len(held)} adapters "
                             f"{list(held)}, its limit is max_adapters={max_adapters} (set_bank_limit): delete_adapter "
                             "one first, or raise the limit")
-    new = planned_bytes(model, plan)
+    new = planned_bytes(model, plan) + extra_bytes
     if max_bytes is not None and sum(held.values()) + new > max_bytes:
         raise BankFullError(f"no room for adapter {adapter_name!r} ({new} bytes): the adapter bank holds "
                             f"{sum(held.values())} bytes in {list(held)}, its limit is max_bytes={max_bytes} "

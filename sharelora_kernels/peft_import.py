@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .config import ShareLoRAConfig
-from .model import adapter_tensors, apply_plan, plan_model
+from .model import adapter_names, adapter_tensors, apply_plan, plan_model
 from .plan import pattern_value
 from .targeting import find_target_modules, matches
 
@@ -50,6 +50,9 @@ def from_peft(model: nn.Module, adapter_dir: str | os.PathLike | None = None) ->
     else:
         if adapter_dir is None:
             raise ValueError(f"{type(model).__name__} is not a PeftModel: pass the PEFT adapter directory as adapter_dir")
+        if adapter_names(model):
+            raise ValueError(f"from_peft converts into a model without ShareLoRA adapters; this one has "
+                             f"{adapter_names(model)}: pass a fresh base model")
         peft_config, lora, saved = _read_adapter_dir(Path(adapter_dir))
         base = model
     config = _config(base, peft_config, list(lora), _saved_modules(base, peft_config, saved))

@@ -155,6 +155,17 @@ def _is_store_key(key: str) -> bool:
     return any(p == STORE_ATTR or p.startswith(STORE_ATTR + "_") for p in key.split(".")[:-1])
 
 
+def _copy_bytes(model: nn.Module, modules_to_save: Sequence[str]) -> int:
+    """Bytes of the copies PEFT makes for a new adapter of the modules whose names end with an entry
+    of ``modules_to_save`` (its match; of a module it wrapped already, the original)."""
+    copied = {}
+    for name, module in model.named_modules():
+        if name and any(name.endswith(e) for e in modules_to_save):
+            module = getattr(module, "original_module", module)
+            copied.update((id(t), t) for t in [*module.parameters(), *module.buffers()])
+    return sum(t.numel() * t.element_size() for t in copied.values())
+
+
 class ShareLoRAModel(BaseTuner):
     """PEFT's tuner for ``ShareLoRAPeftConfig``: adds each named adapter through the core planner."""
 
@@ -192,7 +203,7 @@ class ShareLoRAModel(BaseTuner):
         config.modules_to_save = [e for e in peft_config.modules_to_save or [] if any(matches(n, [e]) for n in names)]
         infos, num_layers = find_target_modules(model, config, wrapped_ok=is_applied(model))
         plan = build_plan(config, infos, num_layers)
-        check_bank_room(model, plan, adapter_name)
+        check_bank_room(model, plan, adapter_name, _copy_bytes(model, peft_config.modules_to_save or []))
         first = not adapter_names(model)
         requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
         if first:

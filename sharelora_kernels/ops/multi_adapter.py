@@ -40,7 +40,9 @@ adapters; uneven segments one at a time through the single-adapter op's torch ma
 helpers) and Triton
 (``multi_adapter_triton``: one "shrink" launch ``h = x A_eff^T`` per tile into an fp32 h, one
 "expand" launch ``y += (h s) B_eff^T`` in place, over all segments at once; CUDA, or CPU under
-``TRITON_INTERPRET=1``).
+``TRITON_INTERPRET=1``), chosen by the backend setting as a layer's call is (``ops.set_backend`` /
+``SHARELORA_BACKEND``: torch and compose the torch path, triton the kernels, auto the kernels on
+CUDA once compared with the torch path) unless ``use_triton`` says.
 
 Refused: a call with grad enabled where x or an adapter tensor requires grad (RuntimeError: run it
 under ``torch.no_grad()`` / ``torch.inference_mode()``, or train one adapter at a time with
@@ -259,17 +261,40 @@ def _check(y: Tensor, x: Tensor, batch: AdapterBatch, tables: AdapterTables, com
                              f"{sorted(map(str, adapter_dtypes))}")
 
 
-def _default_triton(y: Tensor, x: Tensor, tables: AdapterTables, compute: torch.dtype) -> bool:
-    """Triton for CUDA tensors when it imports and takes the dtypes (compute, y and the adapters, one
-    dtype, among float32 / bfloat16 / float16); the torch path elsewhere (the CPU default)."""
-    dtypes = {compute, y.dtype, *tables.dtypes}
-    if not (x.is_cuda and dtypes <= set(FUSED_DTYPES) and len(tables.dtypes) <= 1):
-        return False
+def _takes_triton(y: Tensor, tables: AdapterTables, compute: torch.dtype) -> bool:
+    """Whether the kernels take these dtypes: compute, y and the adapters (one dtype) among float32 /
+    bfloat16 / float16."""
+    return {compute, y.dtype, *tables.dtypes} <= set(FUSED_DTYPES) and len(tables.dtypes) <= 1
+
+
+def _triton_imports() -> bool:
+    """Whether the kernels' module imports (triton is installed)."""
     try:
         from . import multi_adapter_triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def _default_triton(y: Tensor, x: Tensor, tables: AdapterTables, compute: torch.dtype) -> bool:
+    """auto's choice: Triton for CUDA tensors when it imports and takes the dtypes (``_takes_triton``);
+    the torch path elsewhere."""
+    return x.is_cuda and _takes_triton(y, tables, compute) and _triton_imports()
+
+
+def _chosen_triton(y: Tensor, x: Tensor, tables: AdapterTables, compute: torch.dtype) -> tuple[bool, bool]:
+    """(the kernels run, they are compared with the torch path first) under the backend setting
+    (``ops.set_backend`` / ``SHARELORA_BACKEND``, ``dispatch.backend_setting``): torch and compose run
+    the torch path; triton the kernels where they take the dtypes (the torch path elsewhere, as a
+    layer does); auto (the CUDA default) the kernels for CUDA tensors they take, once ``_verified_add``
+    agreed. ValueError for triton when it cannot be imported."""
+    setting = dispatch.backend_setting(x.device)
+    if setting == "triton":
+        if not _triton_imports():
+            raise ValueError("the backend is set to triton (ops.set_backend / SHARELORA_BACKEND) but triton cannot "
+                             "be imported")
+        return _takes_triton(y, tables, compute), False
+    return setting == "auto" and _default_triton(y, x, tables, compute), True
 
 
 def _verified_add(y: Tensor, x: Tensor, batch: AdapterBatch, tables: AdapterTables, compute: torch.dtype) -> bool:
@@ -306,13 +331,13 @@ def multi_adapter_add(y: Tensor, x: Tensor, batch: AdapterBatch, tables: Adapter
     ``adapter_tables`` of this module; compute_dtype: dtype of the low-rank products' operands
     (default x's; h and the sums in float32); use_triton: the Triton kernels (CUDA tensors, or CPU
     under ``TRITON_INTERPRET=1``; every adapter tensor of one dtype), False the torch path, None
-    (default): Triton for CUDA tensors it takes once compared with the torch path on the first batch
-    of these tables (``_verified_add``), torch otherwise. Inference only: RuntimeError when grad is
+    (default): as the backend setting says (``_chosen_triton``: under auto, the CUDA default, Triton
+    for CUDA tensors it takes once compared with the torch path on the first batch of these tables,
+    ``_verified_add``; the torch path on the CPU by default). Inference only: RuntimeError when grad is
     enabled and x or an adapter tensor requires grad.
     """
     compute = compute_dtype or x.dtype
-    verify = use_triton is None  # the default choice of the kernels is trusted once compared
-    use_triton = _default_triton(y, x, tables, compute) if use_triton is None else use_triton
+    use_triton, verify = _chosen_triton(y, x, tables, compute) if use_triton is None else (use_triton, False)
     _check(y, x, batch, tables, compute, use_triton)
     if not batch.segments:
         return y

@@ -11,8 +11,13 @@ adapters), and every path slot is a few batched GEMMs over the S adapters, their
 (nothing Kronecker- or gate-expanded). Each structure group's tensors are stacked once for every
 adapter of the layer's tables (``cached_factors``, kept while their tensors are unchanged, checked once
 per batch: every batch, whichever of the adapters it uses, reads the same stacks; a batch using some
-of them picks their lanes with one ``index_select``), a copy never counted as the bank's, of the
-bank's size at most (a tensor several layers read is stacked once for all of them, ``_shared_stack``):
+of them picks their lanes with one ``index_select``). A copy never counted as the bank's, held in
+the accumulation dtype (float32: twice a 16-bit bank): the adapters as each module reads them, a stack
+that several modules read alike made once for all of them (``_shared_stack``: ShareLoRA's shared A or
+B, Bi-Share's Kronecker A_s and B_s, a slice window read by modules with no other plain / slice /
+gate path). So plain LoRA, ShareLoRA and Kronecker adapters take the bank's size; slice paths read
+beside other paths are concatenated with them per module (each module's windows of a shared tensor
+copied for it): up to the same adapters' size unshared, several times a Bi-Share slice bank:
 
     plain / slice   h = x A^T,  out += h (s B)^T                     (A, B: the windows)
     gate            C = G_od B A G_iu (S, g, g),  h = x (C G_id)^T,  out += h (s G_ou)^T
@@ -28,7 +33,6 @@ segment at a time through ``lowrank_only.torch_forward`` (the reference's helper
 from __future__ import annotations
 
 import weakref
-from operator import attrgetter
 from typing import Callable, Sequence
 
 import torch
@@ -38,10 +42,23 @@ from ..reference import LoRAPath, path_factors
 from .lowrank_only import accumulation_dtype, torch_forward
 
 PAD_LIMIT = 2.0  # padded rows / real rows above which a structure's segments run one at a time
-_VERSION = attrgetter("_version")  # a tensor's in-place version counter
 _NO_BATCH = lambda: None  # noqa: E731  (a stack not yet checked for any batch)
-# stacks of tensors several layers read, by (role, tensor ids, versions, window, dtypes): alive while a layer keeps them
+# stacks of tensors several layers read, by (role, tensor ids and states, window, dtypes): alive while a
+# layer keeps them
 _SHARED_STACKS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def storage_state(t: Tensor) -> tuple:
+    """Where t's values live: its data pointer and its storage, by a weak reference (equal to another
+    state only while both name one live storage, so a freed storage never matches a new one at the
+    same address). ``.to()``, ``.float()`` and ``p.data = ...`` change it; an in-place write does not."""
+    return t.data_ptr(), weakref.ref(t.untyped_storage())
+
+
+def _state(t: Tensor) -> tuple:
+    """t's ``storage_state`` and in-place version: what tells its values unchanged (RuntimeError for
+    an inference tensor, which keeps no version)."""
+    return t._version, *storage_state(t)
 
 
 def structure(paths: Sequence[LoRAPath], k: int, n: int) -> tuple:
@@ -114,13 +131,12 @@ def _stack(ts: Sequence[Tensor], dtype: torch.dtype, acc: torch.dtype) -> Tensor
 def _shared_stack(role: str, ps: Sequence[LoRAPath], index: int, extra: tuple, dtype: torch.dtype, acc: torch.dtype,
                   build: Callable[[], Tensor]) -> Tensor:
     """``build()``, or the stack another layer built from the same tensors (tensor ``index`` of every
-    path of ``ps``, at the same in-place versions, with the same ``extra`` (window, scales)) while it
+    path of ``ps``, in the same state (``_state``), with the same ``extra`` (window, scales)) while it
     is alive: a tensor shared across layers is stacked once, not once per layer. Inference tensors
     (no versions): built here."""
     tensors = [p.tensors[index] for p in ps]
     try:
-        key = (role, tuple(map(id, tensors)), tuple(map(_VERSION, tensors)), extra, dtype, acc,
-               tensors[0].device, tensors[0].dtype)  # .to() moves a tensor in place (same id and version)
+        key = (role, tuple(map(id, tensors)), tuple(map(_state, tensors)), extra, dtype, acc)
     except RuntimeError:  # inference tensors keep no version
         return build()
     stack = _SHARED_STACKS.get(key)
@@ -147,10 +163,11 @@ def group_factors(adapters: Sequence[Sequence[LoRAPath]], k: int, n: int, dtype:
         kind = ps[0].kind
         if kind in ("plain", "slice"):
             windows = [path_factors(p, k, n) for p in ps]
-            offsets = tuple((p.k_offset, p.n_offset) for p in ps) if kind == "slice" else ()
-            dense_a.append(_shared_stack("a", ps, 0, (k, offsets), dtype, acc,
+            k_offsets, n_offsets = (tuple(p.k_offset for p in ps), tuple(p.n_offset for p in ps)) \
+                if kind == "slice" else ((), ())  # an A window depends on K's, a B window on N's
+            dense_a.append(_shared_stack("a", ps, 0, (k, k_offsets), dtype, acc,
                                          lambda: _stack([w[0] for w in windows], dtype, acc)))
-            dense_bt.append(_shared_stack("bt", ps, 1, (n, offsets, scales), dtype, acc, lambda: (
+            dense_bt.append(_shared_stack("bt", ps, 1, (n, n_offsets, scales), dtype, acc, lambda: (
                 _stack([w[1] for w in windows], dtype, acc).transpose(1, 2) * scale()).contiguous()))
             continue
         if kind == "gate":
@@ -174,29 +191,29 @@ def group_factors(adapters: Sequence[Sequence[LoRAPath]], k: int, n: int, dtype:
 def cached_factors(cache: dict | None, key: tuple, adapters: Sequence[Sequence[LoRAPath]], k: int, n: int,
                    dtype: torch.dtype, acc: torch.dtype, device, batch=None) -> tuple:
     """``group_factors``, kept in ``cache`` under ``key`` (the same key: the same tensors) while their
-    in-place versions are unchanged. The versions (each tensor once) are compared at the first call
-    of each ``batch`` (its metadata: every layer and every decode step of one mixed batch reuse it),
-    not again while the same batch runs: a batch reads the adapters as they were when it started.
-    A cache of copies: the adapter bank itself stays unique. Inference tensors (made under
-    ``torch.inference_mode``) keep no version: stacked at each call."""
+    states are unchanged (``_state``: in-place version, data pointer, storage). The states (each
+    tensor once) are compared at the first call of each ``batch`` (its metadata: every layer and every
+    decode step of one mixed batch reuse it), not again while the same batch runs: a batch reads the
+    adapters as they were when it started. A cache of copies: the adapter bank itself stays unique.
+    Inference tensors (made under ``torch.inference_mode``) keep no version: stacked at each call."""
     if cache is None:
         return group_factors(adapters, k, n, dtype, acc, device)
     hit = cache.get(key)
     if hit is not None:
-        tensors, versions, factors, checked = hit
+        tensors, states, factors, checked = hit
         if batch is not None and checked() is batch:
             return factors
-        if list(map(_VERSION, tensors)) == versions:
+        if list(map(_state, tensors)) == states:
             if batch is not None:
-                cache[key] = (tensors, versions, factors, weakref.ref(batch))
+                cache[key] = (tensors, states, factors, weakref.ref(batch))
             return factors
     tensors = list(dict.fromkeys(t for paths in adapters for p in paths for t in p.tensors))  # shared ones once
     try:
-        versions = list(map(_VERSION, tensors))
+        states = list(map(_state, tensors))
     except RuntimeError:  # an inference tensor
         return group_factors(adapters, k, n, dtype, acc, device)
     factors = group_factors(adapters, k, n, dtype, acc, device)
-    cache[key] = (tensors, versions, factors, _NO_BATCH if batch is None else weakref.ref(batch))
+    cache[key] = (tensors, states, factors, _NO_BATCH if batch is None else weakref.ref(batch))
     return factors
 
 
