@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import torch
 import torch.nn as nn
 
 from .base import new_adapter_dtype
