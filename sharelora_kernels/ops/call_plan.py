@@ -154,13 +154,13 @@ def grad_wanted(x: Tensor, paths: Sequence[LoRAPath]) -> bool:
 def build_linear(env: tuple, sources: Sequence[Source], x: Tensor, weight: Tensor, bias: Tensor | None,
                  paths: Sequence[LoRAPath], dropout_p: float, training: bool) -> CallPlan:
     """The plan of a dense base: y = x W^T + b + paths(dropout(x)); weight (N, K) as the backends read it."""
-    from . import _autocast_operands, _auto_times_triton, _compose_takes, _fusable, _pick, backend_for, lora_linear
+    from . import _autocast_operands, _auto_times_triton, _compose_takes, _fusable, backend_for, lora_linear
 
     if not paths:
         return CallPlan(env, sources, lambda x: F.linear(x, weight, bias), "base")
     setting = backend_for(x)
     if setting == "torch":
-        return CallPlan(env, sources, lambda x: reference.lora_linear(x, weight, bias, paths, dropout_p, training), "torch")
+        return CallPlan(env, sources, _torch_runner(weight, bias, paths, dropout_p, training), "torch")
     cast = _autocast_operands(x, weight, bias)
     if cast is not None:
         if cast[1] is weight and cast[2] is bias:  # the base in autocast's dtype: only x is cast per call
@@ -171,16 +171,17 @@ def build_linear(env: tuple, sources: Sequence[Source], x: Tensor, weight: Tenso
         # a base of another dtype is cast every call (as autocast's linear does): the router's path
         return CallPlan(env, sources, lambda x: lora_linear(x, weight, bias, paths, dropout_p, training, backend=setting),
                         setting)
-    runners = {"compose": _compose_runner(x, weight, bias, paths, dropout_p, training),
-               "torch": lambda x: reference.lora_linear(x, weight, bias, paths, dropout_p, training)}
-    if setting in ("triton", "auto") and _fusable(x, weight, bias, paths) and (setting == "triton" or _auto_times_triton(x)):
-        runners["triton"] = _triton_runner(x, weight, bias, paths, dropout_p, training)
-    if setting != "auto":
-        name = _pick(setting, x, weight, bias, paths, dropout_p, training)
-        return CallPlan(env, sources, runners[name], name)
-    if "triton" not in runners:  # auto with compose alone to run (the CPU): no timing
-        name = "compose" if _compose_takes(x, weight, bias, paths) else "torch"
-        return CallPlan(env, sources, runners[name], name)
+    torch_run = _torch_runner(weight, bias, paths, dropout_p, training)
+    if not _compose_takes(x, weight, bias, paths):  # float64, a base that trains, ...: the torch path alone takes it
+        return CallPlan(env, sources, torch_run, "torch")
+    fusable = _fusable(x, weight, bias, paths)
+    if setting == "triton":
+        return (CallPlan(env, sources, _triton_runner(x, weight, bias, paths, dropout_p, training), "triton") if fusable
+                else CallPlan(env, sources, torch_run, "torch"))
+    compose_run = _compose_runner(x, weight, bias, paths, dropout_p, training)
+    if setting == "compose" or not (fusable and _auto_times_triton(x)):  # auto with compose alone (the CPU): untimed
+        return CallPlan(env, sources, compose_run, "compose")
+    runners = {"compose": compose_run, "triton": _triton_runner(x, weight, bias, paths, dropout_p, training)}
     return CallPlan(env, sources, _auto_runner(runners, weight, bias, paths, dropout_p, training), "auto")
 
 
@@ -241,6 +242,12 @@ def build_compose_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[T
         lead = x.shape[:-1]
         return tuple(apply(program, x2, dropped, *args).view(*lead, program.n) for apply, program, args in calls)
     return run
+
+
+def _torch_runner(weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
+                  training: bool) -> Run:
+    """The torch backend's run(x): ``reference.lora_linear`` (gradients of W and b too, where they require it)."""
+    return lambda x: reference.lora_linear(x, weight, bias, paths, dropout_p, training)
 
 
 def _compose_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
