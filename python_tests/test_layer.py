@@ -169,3 +169,19 @@ def test_inductor_compile_matches_eager_outputs_and_gradients():
         assert (out - ref).abs().max() / ref.abs().max() < 1e-5
         for g, r in zip(grads, ref_grads):
             assert (g - r).abs().max() / r.abs().max() < 1e-4
+
+
+def test_a_path_spec_is_frozen_and_a_replaced_spec_reaches_forward_and_merge():
+    import dataclasses
+
+    layer = sk.SharedLoRALinear(nn.Linear(8, 6), r=2, alpha=4)
+    nn.init.normal_(layer.adapters.B)
+    x = torch.randn(3, 8)
+    layer(x)  # the call plan is built
+    module = layer.lora_paths[0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        module.spec.scale = 10.0
+    module.spec = dataclasses.replace(module.spec, scale=10.0)
+    expected = nn.functional.linear(x, layer.weight + layer.delta_weight(), layer.bias)
+    torch.testing.assert_close(layer(x), expected)
+    assert layer.delta_weight().abs().max() > 0
