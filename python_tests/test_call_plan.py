@@ -160,6 +160,30 @@ def test_a_base_that_trains_runs_the_torch_path_before_and_after_the_first_call(
     assert layer._plan.backend == "compose"
 
 
+def path_module(shapes: dict, kind="plain", k_offset=0, rank=2) -> LoRAPathModule:
+    """One path module over a store of random tensors of ``shapes`` (role -> shape)."""
+    specs = {role: TensorSpec(role, shape, "gaussian", "lora", init_std=0.1) for role, shape in shapes.items()}
+    store = AdapterStore({role: nn.Parameter(torch.randn(shape)) for role, shape in shapes.items()}, specs)
+    return LoRAPathModule(PathSpec(kind, "lora", {role: role for role in shapes}, 1.0, rank, k_offset), store)
+
+
+@pytest.mark.parametrize("backend", ["torch", "compose"])
+def test_paths_that_do_not_fit_the_base_are_named_when_the_plan_is_built(backend):
+    ops.set_backend(backend)
+    for message, module in (("A has shape \\(2, 9\\), expected \\(2, 8\\)", path_module({"A": (2, 9), "B": (6, 2)})),
+                            ("B has shape \\(6, 3\\), expected \\(6, 2\\)", path_module({"A": (2, 8), "B": (6, 3)})),
+                            ("k_offset=4 \\+ K=8 exceeds A's K_max=10",
+                             path_module({"A": (2, 10), "B": (6, 2)}, "slice", 4)),
+                            ("k_offset=-2 is negative", path_module({"A": (2, 10), "B": (6, 2)}, "slice", -2))):
+        layer = SharedLoRALinear(nn.Linear(8, 6), [module])
+        with pytest.raises(ValueError, match="path 0 \\((plain|slice)\\): " + message):
+            layer(torch.randn(3, 8))
+    with pytest.raises(ValueError, match="unknown path kind 'Plain'"):
+        path_module({"A": (2, 8), "B": (6, 2)}, "Plain")
+    with pytest.raises(ValueError, match="a plain path names the tensors of roles"):
+        path_module({"A": (2, 8)})
+
+
 def test_autocast_and_train_eval_rebuild_the_plan():
     layer = bishare_layer(dropout=0.5)
     x = torch.randn(4, K)

@@ -96,6 +96,11 @@ class LoRAPathModule(nn.Module):
 
     def __init__(self, spec: PathSpec, store: AdapterStore):
         super().__init__()
+        if spec.kind not in PATH_ROLES:
+            raise ValueError(f"unknown path kind {spec.kind!r}, expected one of {list(PATH_ROLES)}")
+        if sorted(spec.tensors) != sorted(PATH_ROLES[spec.kind]):
+            raise ValueError(f"a {spec.kind} path names the tensors of roles {PATH_ROLES[spec.kind]}, got "
+                             f"{tuple(spec.tensors)}")
         self.spec = spec
         self._store = (store,)  # a tuple: the store is owned (registered) by the model root, not here
 

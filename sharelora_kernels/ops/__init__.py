@@ -30,6 +30,7 @@ from .. import reference
 from ..reference import LoRAPath
 from . import compose, dispatch
 from .dispatch import BACKENDS, dispatch_table  # noqa: F401 (public)
+from .encoding import check_group, check_group_sizes, check_linear, encode
 from .lowrank_only import lowrank_add as _lowrank_add
 from .multi_adapter import (BASE, AdapterBatch, AdapterTables, adapter_batch, adapter_tables,  # noqa: F401 (public)
                             multi_adapter_add, multi_adapter_linear)
@@ -115,8 +116,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
             and dispatch.call_mode(x, paths) == "fwd" and _autocast_operands(x, weight, bias) is None
             and _fusable(x, weight, bias, paths)):  # a compiled inference call: auto chooses when it runs
         from .auto_op import auto_lora_linear
-        from .encoding import encode
 
+        check_linear(x, weight, bias, paths, dropout_p)
         x2 = x.reshape(-1, x.shape[-1])
         y = auto_lora_linear(x2, weight, bias, *encode(paths))
         return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -127,7 +128,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
         if name != "torch":
             run = _fused_lora_linear if name == "triton" else compose.lora_linear
             with _autocast_off(x.device.type, cast is not None):
-                return run(xs, ws, bs, paths, dropout_p, training)
+                return run(xs, ws, bs, paths, dropout_p, training)  # which checks its inputs
+    check_linear(x, weight, bias, paths, dropout_p)
     return reference.lora_linear(x, weight, bias, paths, dropout_p, training)
 
 
@@ -141,7 +143,9 @@ def grouped_lora_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[T
     dropout mask on x for the whole group; auto: each module on its own (its own choice and mask).
     """
     setting = backend_for(x, backend)
+    check_group_sizes(weights, biases, paths)
     if setting == "auto":
+        check_group(x, weights, biases, paths, dropout_p)  # every module named before any runs
         return tuple(lora_linear(x, w, b, ps, dropout_p, training, backend="auto")
                      for w, b, ps in zip(weights, biases, paths))
     cast = _autocast_operands(x, *weights, *biases)
@@ -160,6 +164,7 @@ def grouped_lora_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[T
 def _grouped_reference(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
                        paths: Sequence[Sequence[LoRAPath]], dropout_p: float, training: bool) -> tuple[Tensor, ...]:
     """``reference.lora_linear`` per module, the one dropout mask drawn once for the group."""
+    check_group(x, weights, biases, paths, dropout_p)
     xd = F.dropout(x, dropout_p, training=True) if (training and dropout_p > 0) else x
     return tuple(reference.lora_linear(x, w, b, ps, x_dropped=xd) for w, b, ps in zip(weights, biases, paths))
 

@@ -35,9 +35,10 @@ A plan is valid while nothing it was built from changed. Two cheap comparisons d
     an in-place optimizer step does not, and needs no rebuild) and requires_grad; and of each
     path's spec and store (their identity).
 
-Anything else is rebuilt: ``build`` checks the inputs with the messages a call always gave, so
-what left the per-call path is checked once per plan. Under ``torch.compile`` the layer does not use
-a plan (dynamo traces the router, ``ops.lora_linear``, and reaches the custom ops).
+Anything else is rebuilt: ``build_linear`` checks the inputs (``encoding.check_linear``: shapes,
+dropout, every path) with the messages a call of the op gives, so what left the per-call path is
+checked once per plan. Under ``torch.compile`` the layer does not use a plan (dynamo traces the
+router, ``ops.lora_linear``, and reaches the custom ops).
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ from .. import reference
 from ..reference import LoRAPath
 from . import compose, dense_program, dispatch, path_program
 from .autocast import AutocastOff
+from .encoding import check_linear
 
 Run = Callable[[Tensor], Tensor]
 
@@ -156,6 +158,7 @@ def build_linear(env: tuple, sources: Sequence[Source], x: Tensor, weight: Tenso
     """The plan of a dense base: y = x W^T + b + paths(dropout(x)); weight (N, K) as the backends read it."""
     from . import _autocast_operands, _auto_times_triton, _compose_takes, _fusable, backend_for, lora_linear
 
+    check_linear(x, weight, bias, paths, dropout_p)
     if not paths:
         return CallPlan(env, sources, lambda x: F.linear(x, weight, bias), "base")
     setting = backend_for(x)
@@ -207,7 +210,6 @@ def _cast_base_runner(cast: tuple, weight: Tensor, bias: Tensor | None, paths: S
     built from."""
     xs, ws, bs = cast
     p = dropout_p if training else 0.0
-    compose._check(xs, ws, bs, p)
     program = dense_program.DenseProgram(ws, bs, paths, p, per_call=True)
     tensors = [t for q in paths for t in q.tensors]
     return dense_program.cast_base_runner(program, weight, bias, tensors, grad_wanted(xs, paths), xs.dtype)
@@ -226,7 +228,7 @@ def build_compose_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[T
     for w, b, ps in zip(weights, biases, paths):
         if not (ps and _compose_takes(x, w, b, ps)):
             return None
-        compose._check(x, w, b, p)
+        compose._check(x, w, b, ps, p)
         tensors = [t for q in ps for t in q.tensors]
         if dense_program.DenseProgram.takes(ps):
             calls.append((dense_program.dense_apply, dense_program.DenseProgram(w, b, ps, p), (None, None, *tensors)))
@@ -254,7 +256,6 @@ def _compose_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Seque
                     training: bool) -> Run:
     p = dropout_p if training else 0.0
     if dense_program.DenseProgram.takes(paths):
-        compose._check(x, weight, bias, p)
         program = dense_program.DenseProgram(weight, bias, paths, p)
         tensors = [t for q in paths for t in q.tensors]
         return dense_program.dense_runner(program, tensors, grad_wanted(x, paths))

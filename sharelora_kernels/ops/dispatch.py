@@ -47,6 +47,7 @@ from torch import Tensor
 from ..reference import LoRAPath
 from .dispatch_cache import (CACHE_ENV, CACHE_FORMAT, CACHE_VERSION, cache_dir, cache_file,  # noqa: F401 (named here too)
                              read_cache, write_cache)
+from .encoding import check_linear
 from .function import wants_grad
 
 BACKEND_ENV, AUTOTUNE_ENV = "SHARELORA_BACKEND", "SHARELORA_AUTOTUNE"
@@ -411,6 +412,7 @@ def auto_choice(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
             known = _table.get(sig)
     if known is not None and known.choice in backends:
         return known.choice
+    check_linear(x, weight, bias, paths, dropout_p)  # bad inputs are named, never timed nor remembered
     times, errors, results = _time_backends(sig, backends, x, weight, bias, paths, dropout_p, training)
     rejected, verified = _verify(sig, results, tolerance(x, paths))
     allowed = [name for name in times if name not in rejected] or ["compose"]
