@@ -45,6 +45,18 @@ def test_bad_inputs_are_named():
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="alpha must be a positive number"):
             sk.SharedLoRALinear(nn.Linear(8, 6), alpha=bad)
+    for bad in ("no", 1, None):
+        with pytest.raises(ValueError, match="use_rslora must be true or false"):
+            sk.SharedLoRALinear(nn.Linear(8, 6), use_rslora=bad)
+
+
+def test_numpy_numbers_are_taken_as_python_numbers():
+    import numpy as np
+
+    layer = sk.SharedLoRALinear(nn.Linear(8, 6), r=np.int64(4), alpha=np.float32(16), dropout=np.float32(0.25))
+    spec = layer.lora_paths[0].spec
+    assert (type(spec.rank), type(spec.scale), type(layer.dropout)) == (int, float, float)
+    assert spec.scale == 4.0 and layer.adapters.A.shape == (4, 8) and layer.dropout == pytest.approx(0.25)
 
 
 def test_a_0d_input_is_named():

@@ -23,7 +23,7 @@ from .ops import call_plan
 from .ops.autocast import no_autocast
 from .base import adapter_dtype  # noqa: F401 (re-exported: the dtype rule of dense bases' adapters)
 from .base import add_to_weight_, compute_dtype, describe_base, new_adapter_dtype, standard_4bit_layout
-from .config import PATH_ROLES, check_dropout, check_int, check_positive
+from .config import PATH_ROLES, check_bool, check_dropout, check_int, check_positive
 from .plan import PathSpec, TensorSpec
 from .reference import LoRAPath, delta_weight
 
@@ -152,7 +152,7 @@ class SharedLoRALinear(nn.Module):
                  adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         self.layout = describe_base(base)
-        check_dropout(dropout)
+        dropout = check_dropout(dropout)
         check_adapter_name(adapter_name)
         self.in_features, self.out_features = self.layout.in_features, self.layout.out_features
         self.fan_in_fan_out = self.layout.transposed
@@ -168,7 +168,7 @@ class SharedLoRALinear(nn.Module):
         if paths is None:
             paths = [self._own_plain_path(r, alpha, use_rslora, new_adapter_dtype(base))]
         self.adapter_paths = nn.ModuleDict({adapter_name: nn.ModuleList(paths)})
-        self.adapter_dropout = {adapter_name: float(dropout)}
+        self.adapter_dropout = {adapter_name: dropout}
         self._active_adapter = [adapter_name]
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -217,11 +217,11 @@ class SharedLoRALinear(nn.Module):
     def add_adapter(self, name: str, paths: Sequence[LoRAPathModule], dropout: float = 0.0) -> None:
         """Add the paths of adapter ``name`` (not made active)."""
         check_adapter_name(name)
-        check_dropout(dropout)
+        dropout = check_dropout(dropout)
         if name in self.adapter_paths:
             raise ValueError(f"this layer already has an adapter named {name!r}")
         self.adapter_paths[name] = nn.ModuleList(paths)
-        self.adapter_dropout[name] = float(dropout)
+        self.adapter_dropout[name] = dropout
         self._paths_version += 1
 
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
@@ -255,8 +255,8 @@ class SharedLoRALinear(nn.Module):
         return super().__getattr__(name)
 
     def _own_plain_path(self, r: int, alpha: float, use_rslora: bool, dtype: torch.dtype) -> LoRAPathModule:
-        check_int("r", r, minimum=1)
-        check_positive("alpha", alpha)
+        r, alpha = check_int("r", r, minimum=1), check_positive("alpha", alpha)
+        check_bool("use_rslora", use_rslora)
         scale = alpha / (math.sqrt(r) if use_rslora else r)
         kw = {"device": self.weight.device, "dtype": dtype}
         specs = {"A": TensorSpec("A", (r, self.in_features), "kaiming_uniform", "lora"),
