@@ -197,3 +197,17 @@ def test_a_path_spec_is_frozen_and_a_replaced_spec_reaches_forward_and_merge():
     expected = nn.functional.linear(x, layer.weight + layer.delta_weight(), layer.bias)
     torch.testing.assert_close(layer(x), expected)
     assert layer.delta_weight().abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "compose"])
+def test_a_layer_on_the_meta_device_propagates_shapes(backend):
+    with torch.device("meta"):
+        layer = sk.SharedLoRALinear(nn.Linear(8, 6), r=2, dropout=0.1)
+    sk.ops.set_backend(backend)
+    x = torch.ones(2, 3, 8, device="meta", requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 3, 6) and y.is_meta
+    y.sum().backward()
+    assert x.grad.shape == x.shape and layer.adapters.B.grad.is_meta
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast on elsewhere: meta has none
+        assert layer(x).shape == (2, 3, 6)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import ops
 from .ops import call_plan
-from .ops.autocast import no_autocast
+from .ops.autocast import autocast_enabled, no_autocast
 from .base import adapter_dtype  # noqa: F401 (re-exported: the dtype rule of dense bases' adapters)
 from .base import add_to_weight_, compute_dtype, describe_base, new_adapter_dtype, standard_4bit_layout
 from .config import PATH_ROLES, check_bool, check_dropout, check_int, check_positive
@@ -327,8 +327,7 @@ class SharedLoRALinear(nn.Module):
         """The checks of a call (run when its plan is built, and by every traced call)."""
         if x.device != self.weight.device:
             raise ValueError(f"input is on {x.device}, the layer's weight on {self.weight.device}")
-        if not self.layout.computes_itself and x.dtype != self.weight.dtype and not torch.is_autocast_enabled(
-                x.device.type):
+        if not self.layout.computes_itself and x.dtype != self.weight.dtype and not autocast_enabled(x.device.type):
             raise ValueError(f"input dtype {x.dtype} does not match the weight dtype {self.weight.dtype}")
 
     def _build_plan(self, x: Tensor, env: tuple) -> call_plan.CallPlan:

@@ -29,6 +29,7 @@ from torch import Tensor
 from .. import reference
 from ..reference import LoRAPath
 from . import compose, dispatch
+from .autocast import autocast_enabled
 from .dispatch import BACKENDS, dispatch_table  # noqa: F401 (public)
 from .encoding import check_group, check_group_sizes, check_linear, encode
 from .lowrank_only import lowrank_add as _lowrank_add
@@ -60,9 +61,10 @@ def backend_for(x: Tensor, backend: str | None = None) -> str:
 
 
 def _compose_takes(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath]) -> bool:
-    """x, W, b in one supported dtype and frozen; every adapter tensor in a supported dtype."""
+    """x, W, b in one supported dtype and frozen; every adapter tensor in a supported dtype; tensors
+    with data (meta tensors, for shapes alone, run the torch path)."""
     base = [weight, *([bias] if bias is not None else [])]
-    return (x.dtype in FUSED_DTYPES and all(t.dtype == x.dtype and not t.requires_grad for t in base)
+    return (x.dtype in FUSED_DTYPES and not x.is_meta and all(t.dtype == x.dtype and not t.requires_grad for t in base)
             and all(t.dtype in FUSED_DTYPES for p in paths for t in p.tensors))
 
 
@@ -82,7 +84,7 @@ def _autocast_operands(x: Tensor, *base: Tensor | None) -> tuple[Tensor | None, 
     """(x, *base) cast to the autocast dtype when autocast is on for x's device and would cast them
     (float32 / bf16 / fp16 tensors), else None."""
     device = x.device.type
-    if not torch.is_autocast_enabled(device) or any(t is not None and t.dtype not in FUSED_DTYPES for t in (x, *base)):
+    if not autocast_enabled(device) or any(t is not None and t.dtype not in FUSED_DTYPES for t in (x, *base)):
         return None
     dtype = torch.get_autocast_dtype(device)
     return tuple(None if t is None else t.to(dtype) for t in (x, *base))

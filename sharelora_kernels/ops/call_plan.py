@@ -52,7 +52,7 @@ from torch import Tensor
 from .. import reference
 from ..reference import LoRAPath
 from . import compose, dense_program, dispatch, path_program
-from .autocast import AutocastOff
+from .autocast import AutocastOff, autocast_enabled
 from .encoding import check_linear
 
 Run = Callable[[Tensor], Tensor]
@@ -99,7 +99,7 @@ def environment(x: Tensor, training: bool, paths_version: int) -> tuple:
     autocast = None
     if _any_autocast():
         device = x.device.type
-        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        autocast = torch.get_autocast_dtype(device) if autocast_enabled(device) else None
     return (x.dtype, x.device, x.layout, x.requires_grad, torch.is_grad_enabled(), autocast,
             dispatch.SETTINGS.version, training, paths_version)
 
