@@ -211,3 +211,20 @@ def test_a_layer_on_the_meta_device_propagates_shapes(backend):
     assert x.grad.shape == x.shape and layer.adapters.B.grad.is_meta
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast on elsewhere: meta has none
         assert layer(x).shape == (2, 3, 6)
+
+
+def test_a_parametrized_tensor_is_refused_by_name():
+    import torch.nn.utils.parametrize as parametrize
+
+    class Twice(nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    x = torch.randn(3, 8)
+    for owner, name in (("adapters", "A"), ("layer", "weight")):
+        layer = sk.SharedLoRALinear(nn.Linear(8, 6), r=2)
+        layer(x)  # a plan built before the parametrization
+        parametrize.register_parametrization(layer.adapters if owner == "adapters" else layer, name, Twice())
+        for call in (lambda: layer(x), layer.delta_weight, layer.merge):
+            with pytest.raises(NotImplementedError, match=rf"parametrize on \['{name}'\] of a ShareLoRA layer"):
+                call()

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from . import ops
 from .ops import call_plan
@@ -270,8 +271,20 @@ class SharedLoRALinear(nn.Module):
             raise TypeError(f"a {self.layout.kind} base has no dense weight (base.dequantized_weight builds one)")
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
+    def _refuse_parametrizations(self) -> None:
+        """NotImplementedError naming the tensors when ``torch.nn.utils.parametrize`` parametrizes the
+        base's weight or bias or an adapter tensor: the layer reads its tensors where they are registered."""
+        stores = {id(m._store[0]): m._store[0] for ms in self.adapter_paths.values() for m in ms}
+        for owner in (self._weight_owner(), *stores.values()):
+            if parametrize.is_parametrized(owner):
+                names = [name.replace("/", ".") for name in owner.parametrizations]
+                raise NotImplementedError(f"torch.nn.utils.parametrize on {names} of a ShareLoRA layer is not supported "
+                                          "(its tensors are read as registered parameters): remove it with "
+                                          "parametrize.remove_parametrizations")
+
     def paths(self, adapter_names: Sequence[str] | None = None) -> list[LoRAPath]:
         """The paths forward computes, or with ``adapter_names`` those of these adapters."""
+        self._refuse_parametrizations()
         if adapter_names is None:
             return [m.as_path() for m in self.active_path_modules()]
         return [m.as_path() for n in adapter_names if n in self.adapter_paths for m in self.adapter_paths[n]]
@@ -325,6 +338,7 @@ class SharedLoRALinear(nn.Module):
 
     def _check_call(self, x: Tensor) -> None:
         """The checks of a call (run when its plan is built, and by every traced call)."""
+        self._refuse_parametrizations()
         if x.device != self.weight.device:
             raise ValueError(f"input is on {x.device}, the layer's weight on {self.weight.device}")
         if not self.layout.computes_itself and x.dtype != self.weight.dtype and not autocast_enabled(x.device.type):
