@@ -74,12 +74,6 @@ def check_path(i: int, p: LoRAPath, k: int, n: int) -> None:
             raise ValueError(f"path {i} ({kind}): {role} has shape {tuple(u.shape)}, expected {e} (K={k}, N={n}, r={r})")
 
 
-def check_dropout_p(dropout_p: float) -> None:
-    """ValueError unless ``dropout_p`` is in [0, 1)."""
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-
-
 def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float) -> None:
     """ValueError naming what does not fit y = x W^T + b + paths(dropout(x)): x floating point with
     W's K features, W (N, K), b (N,), ``dropout_p`` in [0, 1), every path (``check_path``)."""
@@ -92,14 +86,15 @@ def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence
     k, n = weight.shape[1], weight.shape[0]
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected (N,) = ({n},)")
-    check_dropout_p(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     for i, p in enumerate(paths):
         check_path(i, p, k, n)
 
 
 def check_group_sizes(weights: Sequence[Tensor], biases: Sequence[Tensor | None],
                       paths: Sequence[Sequence[LoRAPath]]) -> None:
-    """ValueError unless a group has one weight, one bias (or None) and one path list per module, and a module."""
+    """ValueError unless a group has a module, and one weight, one bias (or None) and one path list per module."""
     if not len(weights) == len(biases) == len(paths) or not weights:
         raise ValueError(f"grouped_lora_linear needs one weight, bias and path list per module, got "
                          f"{len(weights)} weights, {len(biases)} biases, {len(paths)} path lists")
