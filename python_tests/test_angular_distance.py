@@ -200,6 +200,12 @@ def test_bad_inputs():
         angular_distance([torch.randn(4, 2, 8, generator=gen), torch.randn(3, 2, 8, generator=gen)])
     with pytest.raises(ValueError, match="3-D"):
         angular_sums_torch(torch.randn(4, 8, generator=gen))
+    with pytest.raises(ValueError, match="batch 1 has hidden size d=16, earlier batches have d=8"):
+        angular_distance([torch.randn(4, 2, 8, generator=gen), torch.randn(4, 2, 16, generator=gen)])
+    with pytest.raises(ValueError, match="batch 0 has no layers"):
+        angular_distance(torch.randn(0, 2, 8, generator=gen))
+    with pytest.raises(ValueError, match="batch 0 is on the meta device"):
+        angular_distance(torch.empty(4, 2, 8, device="meta"))
 
 
 # ---------------------------------------------------------------------------------- distributed

@@ -129,6 +129,61 @@ def test_plan_is_rebuilt_exactly_when_it_must_be(kinds):
     check_against_float64(layer, x)
 
 
+def check_base_grads(layer, x):
+    """The gradients of the base's weight and bias (those that require it) against float64 math."""
+    base = [t for t in (layer.weight, layer.bias) if t.requires_grad]
+    grads = torch.autograd.grad(layer(x).pow(2).sum(), base)
+    base64 = {id(t): t.detach().double().requires_grad_() for t in base}
+    weight, bias = (base64.get(id(t), t.detach().double()) for t in (layer.weight, layer.bias))
+    paths64 = [p._replace(tensors=tuple(t.detach().double() for t in p.tensors)) for p in layer.paths()]
+    y64 = reference.lora_linear(x.double(), weight, bias, paths64)
+    for g, g64 in zip(grads, torch.autograd.grad(y64.pow(2).sum(), list(base64.values()))):
+        assert rel_err(g, g64) < 1e-5
+
+
+@pytest.mark.parametrize("kinds", [("plain", "slice", "slice"), ("gate", "kron")])
+@pytest.mark.parametrize("what", ["weight", "bias"])
+def test_a_base_that_trains_runs_the_torch_path_before_and_after_the_first_call(kinds, what):
+    x = torch.randn(3, K)
+    fresh = bishare_layer(kinds=kinds)
+    getattr(fresh, what).requires_grad_(True)  # before the first call
+    check_base_grads(fresh, x)
+    assert fresh._plan.backend == "torch"
+    layer = bishare_layer(kinds=kinds)
+    layer(x)
+    assert layer._plan.backend == "compose"
+    getattr(layer, what).requires_grad_(True)  # after it: the plan notices
+    check_base_grads(layer, x)
+    assert layer._plan.backend == "torch"
+    getattr(layer, what).requires_grad_(False)
+    check_against_float64(layer, x)
+    assert layer._plan.backend == "compose"
+
+
+def path_module(shapes: dict, kind="plain", k_offset=0, rank=2) -> LoRAPathModule:
+    """One path module over a store of random tensors of ``shapes`` (role -> shape)."""
+    specs = {role: TensorSpec(role, shape, "gaussian", "lora", init_std=0.1) for role, shape in shapes.items()}
+    store = AdapterStore({role: nn.Parameter(torch.randn(shape)) for role, shape in shapes.items()}, specs)
+    return LoRAPathModule(PathSpec(kind, "lora", {role: role for role in shapes}, 1.0, rank, k_offset), store)
+
+
+@pytest.mark.parametrize("backend", ["torch", "compose"])
+def test_paths_that_do_not_fit_the_base_are_named_when_the_plan_is_built(backend):
+    ops.set_backend(backend)
+    for message, module in (("A has shape \\(2, 9\\), expected \\(2, 8\\)", path_module({"A": (2, 9), "B": (6, 2)})),
+                            ("B has shape \\(6, 3\\), expected \\(6, 2\\)", path_module({"A": (2, 8), "B": (6, 3)})),
+                            ("k_offset=4 \\+ K=8 exceeds A's K_max=10",
+                             path_module({"A": (2, 10), "B": (6, 2)}, "slice", 4)),
+                            ("k_offset=-2 is negative", path_module({"A": (2, 10), "B": (6, 2)}, "slice", -2))):
+        layer = SharedLoRALinear(nn.Linear(8, 6), [module])
+        with pytest.raises(ValueError, match="path 0 \\((plain|slice)\\): " + message):
+            layer(torch.randn(3, 8))
+    with pytest.raises(ValueError, match="unknown path kind 'Plain'"):
+        path_module({"A": (2, 8), "B": (6, 2)}, "Plain")
+    with pytest.raises(ValueError, match="a plain path names the tensors of roles"):
+        path_module({"A": (2, 8)})
+
+
 def test_autocast_and_train_eval_rebuild_the_plan():
     layer = bishare_layer(dropout=0.5)
     x = torch.randn(4, K)

@@ -85,6 +85,18 @@ def test_invalid_config_names_the_field(kwargs, field):
         ShareLoRAConfig(**kwargs)
 
 
+def test_numpy_numbers_become_python_numbers():
+    import numpy as np
+
+    c = ShareLoRAConfig(r=np.int64(4), alpha=np.float32(8), dropout=np.float64(0.1), gate_dims=(np.int32(16), 8),
+                        layers_to_transform=[np.int64(1)], rank_pattern={"q_proj": np.int64(2)},
+                        alpha_pattern={"q_proj": np.float32(4)})
+    assert (c.r, c.alpha, c.dropout, c.gate_dims, c.layers_to_transform) == (4, 8.0, 0.1, (16, 8), [1])
+    assert type(c.r) is int and type(c.alpha) is float and type(c.gate_dims[0]) is int
+    assert type(c.rank_pattern["q_proj"]) is int and type(c.alpha_pattern["q_proj"]) is float
+    assert ShareLoRAConfig.from_json(c.to_json()) == c  # JSON takes it (numpy's numbers it does not)
+
+
 def test_unknown_json_key_and_wrong_type_are_refused():
     with pytest.raises(ValueError, match="unknown config key"):
         ShareLoRAConfig.from_json('{"method": "lora", "rank": 8}')

@@ -75,6 +75,22 @@ def test_env_values_are_checked_and_named(monkeypatch):
     assert dispatch.backend_setting(torch.device("cpu")) == dispatch.DEFAULT_CPU == ops.backend_for(x)
 
 
+def test_set_backend_wins_over_a_bad_backend_variable(monkeypatch):
+    x, weight, bias, paths, _ = call(grad=False)
+    monkeypatch.setenv("SHARELORA_BACKEND", "pytorch")
+    with pytest.raises(ValueError, match="SHARELORA_BACKEND must be one of"):
+        ops.lora_linear(x, weight, bias, paths)
+    ops.set_backend("torch")
+    assert ops.backend_for(x) == "torch" and ops.lora_linear(x, weight, bias, paths).shape == (5, 16)
+    ops.set_backend(None)
+    with pytest.raises(ValueError, match="SHARELORA_BACKEND must be one of"):
+        ops.backend_for(x)
+    monkeypatch.setenv("SHARELORA_AUTOTUNE", "fastest")  # a bad autotune mode is not the backend's to override
+    ops.set_backend("torch")
+    with pytest.raises(ValueError, match="SHARELORA_AUTOTUNE must be one of"):
+        ops.lora_linear(x, weight, bias, paths)
+
+
 def test_auto_on_cpu_without_the_interpreter_flag_runs_compose_untimed(monkeypatch, tmp_path):
     monkeypatch.setenv("SHARELORA_BACKEND", "auto")
     monkeypatch.setenv("SHARELORA_CACHE_DIR", str(tmp_path))

@@ -45,6 +45,18 @@ def test_bad_inputs_are_named():
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="alpha must be a positive number"):
             sk.SharedLoRALinear(nn.Linear(8, 6), alpha=bad)
+    for bad in ("no", 1, None):
+        with pytest.raises(ValueError, match="use_rslora must be true or false"):
+            sk.SharedLoRALinear(nn.Linear(8, 6), use_rslora=bad)
+
+
+def test_numpy_numbers_are_taken_as_python_numbers():
+    import numpy as np
+
+    layer = sk.SharedLoRALinear(nn.Linear(8, 6), r=np.int64(4), alpha=np.float32(16), dropout=np.float32(0.25))
+    spec = layer.lora_paths[0].spec
+    assert (type(spec.rank), type(spec.scale), type(layer.dropout)) == (int, float, float)
+    assert spec.scale == 4.0 and layer.adapters.A.shape == (4, 8) and layer.dropout == pytest.approx(0.25)
 
 
 def test_a_0d_input_is_named():
@@ -169,3 +181,50 @@ def test_inductor_compile_matches_eager_outputs_and_gradients():
         assert (out - ref).abs().max() / ref.abs().max() < 1e-5
         for g, r in zip(grads, ref_grads):
             assert (g - r).abs().max() / r.abs().max() < 1e-4
+
+
+def test_a_path_spec_is_frozen_and_a_replaced_spec_reaches_forward_and_merge():
+    import dataclasses
+
+    layer = sk.SharedLoRALinear(nn.Linear(8, 6), r=2, alpha=4)
+    nn.init.normal_(layer.adapters.B)
+    x = torch.randn(3, 8)
+    layer(x)  # the call plan is built
+    module = layer.lora_paths[0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        module.spec.scale = 10.0
+    module.spec = dataclasses.replace(module.spec, scale=10.0)
+    expected = nn.functional.linear(x, layer.weight + layer.delta_weight(), layer.bias)
+    torch.testing.assert_close(layer(x), expected)
+    assert layer.delta_weight().abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "compose"])
+def test_a_layer_on_the_meta_device_propagates_shapes(backend):
+    with torch.device("meta"):
+        layer = sk.SharedLoRALinear(nn.Linear(8, 6), r=2, dropout=0.1)
+    sk.ops.set_backend(backend)
+    x = torch.ones(2, 3, 8, device="meta", requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 3, 6) and y.is_meta
+    y.sum().backward()
+    assert x.grad.shape == x.shape and layer.adapters.B.grad.is_meta
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast on elsewhere: meta has none
+        assert layer(x).shape == (2, 3, 6)
+
+
+def test_a_parametrized_tensor_is_refused_by_name():
+    import torch.nn.utils.parametrize as parametrize
+
+    class Twice(nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    x = torch.randn(3, 8)
+    for owner, name in (("adapters", "A"), ("layer", "weight")):
+        layer = sk.SharedLoRALinear(nn.Linear(8, 6), r=2)
+        layer(x)  # a plan built before the parametrization
+        parametrize.register_parametrization(layer.adapters if owner == "adapters" else layer, name, Twice())
+        for call in (lambda: layer(x), layer.delta_weight, layer.merge):
+            with pytest.raises(NotImplementedError, match=rf"parametrize on \['{name}'\] of a ShareLoRA layer"):
+                call()

@@ -249,3 +249,42 @@ def test_second_derivatives_exact_on_torch_and_refused_by_hand_written_backwards
         gx = torch.autograd.grad(ops.lora_linear(x32, weight.float(), bias.float(), [path._replace(tensors=ts32)])
                                  .square().sum(), x32)[0]  # first order: as before
         assert gx.abs().max() > 0
+
+
+def bad_calls():
+    """(what the error names, x, weight, paths, dropout_p) of calls every backend must refuse."""
+    k, n, r = 16, 8, 2
+    x, w = torch.randn(3, k), torch.randn(n, k)
+    a, b = torch.randn(r, k), torch.randn(n, r)
+    return [("unknown kind 'Plain'", x, w, [LoRAPath("Plain", (a, b), 1.0)], 0.0),
+            (r"A has shape \(2, 18\), expected \(2, 16\)", x, w, [LoRAPath("plain", (torch.randn(r, k + 2), b), 1.0)], 0.0),
+            (r"B has shape \(10, 2\), expected \(8, 2\)", x, w, [LoRAPath("plain", (a, torch.randn(n + 2, r)), 1.0)], 0.0),
+            (r"B has shape \(8, 3\), expected \(8, 2\)", x, w, [LoRAPath("plain", (a, torch.randn(n, r + 1)), 1.0)], 0.0),
+            ("k_offset=5 \\+ K=16 exceeds A's K_max=18", x, w,
+             [LoRAPath("slice", (torch.randn(r, k + 2), torch.randn(n, r)), 1.0, 5, 0)], 0.0),
+            ("n_offset=-1 is negative", x, w, [LoRAPath("slice", (torch.randn(r, k), torch.randn(n + 2, r)), 1.0, 0, -1)], 0.0),
+            ("d=3 must divide K=16 and N=8", x, w,
+             [LoRAPath("kron", (torch.randn(r, 3), torch.randn(3, r), torch.randn(1, 5), torch.randn(2, 1)), 1.0)], 0.0),
+            (r"needs tensors \('A', 'B'\), got 1", x, w, [LoRAPath("plain", (a,), 1.0)], 0.0),
+            ("x must be floating point, got torch.int64", x.long(), w, [LoRAPath("plain", (a, b), 1.0)], 0.0),
+            (r"dropout_p must be in \[0, 1\), got 1.0", x, w, [LoRAPath("plain", (a, b), 1.0)], 1.0),
+            (r"dropout_p must be in \[0, 1\), got -0.1", x, w, [LoRAPath("plain", (a, b), 1.0)], -0.1)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "compose", "triton", "auto"])
+def test_every_backend_names_bad_paths_and_options(backend):
+    for message, x, w, paths, p in bad_calls():
+        with pytest.raises(ValueError, match=message):
+            ops.lora_linear(x, w, None, paths, p, True, backend=backend)
+        with pytest.raises(ValueError, match="module [01] of the group: .*" + message):
+            ops.grouped_lora_linear(x, [w, w], [None, None], [[make_path("plain", 16, 8, 2)], paths], p, True,
+                                    backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "compose", "triton", "auto"])
+def test_grouped_op_refuses_lists_of_different_lengths(backend):
+    x, w, b = torch.randn(3, 16), torch.randn(8, 16), torch.randn(8)
+    path = [make_path("plain", 16, 8, 2)]
+    for weights, biases, paths in (([w, w], [b, b], [path]), ([w, w], [b], [path, path]), ([w], [b, b], [path, path])):
+        with pytest.raises(ValueError, match="one weight, bias and path list per module"):
+            ops.grouped_lora_linear(x, weights, biases, paths, backend=backend)

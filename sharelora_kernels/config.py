@@ -108,25 +108,24 @@ class ShareLoRAConfig:
 
     # ----------------------------------------------------------------------------------- checks
     def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
+        """Raise ValueError naming the first invalid field; numbers of other types (numpy's) that are
+        valid become Python ints and floats."""
         _choice("method", self.method, METHODS)
         _choice("shape_transform", self.shape_transform, SHAPE_TRANSFORMS)
         _choice("slice_policy", self.slice_policy, SLICE_POLICIES)
         _choice("init_a", self.init_a, INITS)
-        check_int("r", self.r, minimum=1)
+        self.r = check_int("r", self.r, minimum=1)
         for name in ("use_rslora", "expand_rank"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         for name in ("local_r", "intra_r", "inter_r"):
-            check_int(name, getattr(self, name), minimum=0)
-        check_int("gate_rank", self.gate_rank, minimum=1)
-        check_int("kron_dim", self.kron_dim, minimum=1)
+            setattr(self, name, check_int(name, getattr(self, name), minimum=0))
+        self.gate_rank = check_int("gate_rank", self.gate_rank, minimum=1)
+        self.kron_dim = check_int("kron_dim", self.kron_dim, minimum=1)
         if len(self.gate_dims) != 2:
             raise ValueError(f"gate_dims must be a pair (m, n), got {self.gate_dims!r}")
-        for d in self.gate_dims:
-            check_int("gate_dims", d, minimum=1)
-        check_positive("alpha", self.alpha)
-        check_dropout(self.dropout)
+        self.gate_dims = tuple(check_int("gate_dims", d, minimum=1) for d in self.gate_dims)
+        self.alpha = check_positive("alpha", self.alpha)
+        self.dropout = check_dropout(self.dropout)
         _check_names("target_modules", self.target_modules)
         _check_names("exclude_modules", self.exclude_modules)
         _check_names("layers_pattern", self.layers_pattern)
@@ -137,8 +136,8 @@ class ShareLoRAConfig:
         if layers is not None:
             if layers == []:
                 raise ValueError("layers_to_transform must name at least one layer (or be None)")
-            for i in layers if isinstance(layers, list) else [layers]:
-                check_int("layers_to_transform", i, minimum=0)
+            self.layers_to_transform = ([check_int("layers_to_transform", i, minimum=0) for i in layers]
+                                        if isinstance(layers, list) else check_int("layers_to_transform", layers, minimum=0))
             if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
                 raise ValueError("layers_to_transform cannot be used with a regular-expression target_modules "
                                  "(write the layers into the expression)")
@@ -147,11 +146,11 @@ class ShareLoRAConfig:
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pattern, dict) or not all(isinstance(k, str) and k for k in pattern):
                 raise ValueError(f"{name} must map module names to values, got {pattern!r}")
-            for k, v in pattern.items():
-                if name == "rank_pattern":
-                    check_int(f"rank_pattern[{k!r}]", v, minimum=1)
-                else:
-                    check_positive(f"alpha_pattern[{k!r}]", v)
+            if name == "rank_pattern":
+                pattern = {k: check_int(f"rank_pattern[{k!r}]", v, minimum=1) for k, v in pattern.items()}
+            else:
+                pattern = {k: check_positive(f"alpha_pattern[{k!r}]", v) for k, v in pattern.items()}
+            setattr(self, name, pattern)
             if pattern and self.method != "lora":
                 raise ValueError(f"{name} only applies to method='lora', not {self.method!r}")
         if self.method == "bishare" and self.local_r + self.intra_r + self.inter_r == 0:
@@ -224,21 +223,35 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def check_positive(name: str, value: Any) -> None:
-    """ValueError unless ``value`` is a finite real number > 0 (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+def _python_number(value: numbers.Real) -> int | float:
+    """``value`` (numpy's numbers too) as a Python int (an integral value) or float."""
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def check_positive(name: str, value: Any) -> int | float:
+    """``value`` as a Python number; ValueError unless it is a finite real number > 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return _python_number(value)
 
 
-def check_dropout(value: Any) -> None:
-    """ValueError unless ``value`` is a dropout probability in [0, 1) (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+def check_dropout(value: Any) -> float:
+    """``value`` as a Python float; ValueError unless it is a dropout probability in [0, 1) (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
         raise ValueError(f"dropout must be in [0, 1), got {value!r}")
+    return float(value)
 
 
-def check_int(name: str, value: Any, minimum: int) -> None:
-    """ValueError unless ``value`` is an integer >= minimum (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` as a Python int; ValueError unless it is an integer >= minimum (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_bool(name: str, value: Any) -> None:
+    """ValueError unless ``value`` is True or False (a string such as "no" is not)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")

@@ -17,12 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from . import ops
 from .ops import call_plan
-from .ops.autocast import no_autocast
+from .ops.autocast import autocast_enabled, no_autocast
 from .base import add_to_weight_, compute_dtype, describe_base, new_adapter_dtype, standard_4bit_layout
-from .config import PATH_ROLES, check_dropout, check_int, check_positive
+from .config import PATH_ROLES, check_bool, check_dropout, check_int, check_positive
 from .plan import PathSpec, TensorSpec
 from .reference import LoRAPath, delta_weight
 
@@ -100,6 +101,11 @@ class LoRAPathModule(nn.Module):
 
     def __init__(self, spec: PathSpec, store: AdapterStore):
         super().__init__()
+        if spec.kind not in PATH_ROLES:
+            raise ValueError(f"unknown path kind {spec.kind!r}, expected one of {list(PATH_ROLES)}")
+        if sorted(spec.tensors) != sorted(PATH_ROLES[spec.kind]):
+            raise ValueError(f"a {spec.kind} path names the tensors of roles {PATH_ROLES[spec.kind]}, got "
+                             f"{tuple(spec.tensors)}")
         self.spec = spec
         self._store = (store,)  # a tuple: the store is owned (registered) by the model root, not here
 
@@ -151,7 +157,7 @@ class SharedLoRALinear(nn.Module):
                  adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         self.layout = describe_base(base)
-        check_dropout(dropout)
+        dropout = check_dropout(dropout)
         check_adapter_name(adapter_name)
         self.in_features, self.out_features = self.layout.in_features, self.layout.out_features
         self.fan_in_fan_out = self.layout.transposed
@@ -167,7 +173,7 @@ class SharedLoRALinear(nn.Module):
         if paths is None:
             paths = [self._own_plain_path(r, alpha, use_rslora, new_adapter_dtype(base))]
         self.adapter_paths = nn.ModuleDict({adapter_name: nn.ModuleList(paths)})
-        self.adapter_dropout = {adapter_name: float(dropout)}
+        self.adapter_dropout = {adapter_name: dropout}
         self._active_adapter = [adapter_name]
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -217,11 +223,11 @@ class SharedLoRALinear(nn.Module):
     def add_adapter(self, name: str, paths: Sequence[LoRAPathModule], dropout: float = 0.0) -> None:
         """Add the paths of adapter ``name`` (not made active)."""
         check_adapter_name(name)
-        check_dropout(dropout)
+        dropout = check_dropout(dropout)
         if name in self.adapter_paths:
             raise ValueError(f"this layer already has an adapter named {name!r}")
         self.adapter_paths[name] = nn.ModuleList(paths)
-        self.adapter_dropout[name] = float(dropout)
+        self.adapter_dropout[name] = dropout
         self._paths_version += 1
 
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
@@ -259,8 +265,8 @@ class SharedLoRALinear(nn.Module):
         return super().__getattr__(name)
 
     def _own_plain_path(self, r: int, alpha: float, use_rslora: bool, dtype: torch.dtype) -> LoRAPathModule:
-        check_int("r", r, minimum=1)
-        check_positive("alpha", alpha)
+        r, alpha = check_int("r", r, minimum=1), check_positive("alpha", alpha)
+        check_bool("use_rslora", use_rslora)
         scale = alpha / (math.sqrt(r) if use_rslora else r)
         kw = {"device": self.weight.device, "dtype": dtype}
         specs = {"A": TensorSpec("A", (r, self.in_features), "kaiming_uniform", "lora"),
@@ -274,8 +280,20 @@ class SharedLoRALinear(nn.Module):
             raise TypeError(f"a {self.layout.kind} base has no dense weight (base.dequantized_weight builds one)")
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
+    def _refuse_parametrizations(self) -> None:
+        """NotImplementedError naming the tensors when ``torch.nn.utils.parametrize`` parametrizes the
+        base's weight or bias or an adapter tensor: the layer reads its tensors where they are registered."""
+        stores = {id(m._store[0]): m._store[0] for ms in self.adapter_paths.values() for m in ms}
+        for owner in (self._weight_owner(), *stores.values()):
+            if parametrize.is_parametrized(owner):
+                names = [name.replace("/", ".") for name in owner.parametrizations]
+                raise NotImplementedError(f"torch.nn.utils.parametrize on {names} of a ShareLoRA layer is not supported "
+                                          "(its tensors are read as registered parameters): remove it with "
+                                          "parametrize.remove_parametrizations")
+
     def paths(self, adapter_names: Sequence[str] | None = None) -> list[LoRAPath]:
         """The paths forward computes, or with ``adapter_names`` those of these adapters."""
+        self._refuse_parametrizations()
         if adapter_names is None:
             return [m.as_path() for m in self.active_path_modules()]
         return [m.as_path() for n in adapter_names if n in self.adapter_paths for m in self.adapter_paths[n]]
@@ -330,10 +348,10 @@ class SharedLoRALinear(nn.Module):
 
     def _check_call(self, x: Tensor) -> None:
         """The checks of a call (run when its plan is built, and by every traced call)."""
+        self._refuse_parametrizations()
         if x.device != self.weight.device:
             raise ValueError(f"input is on {x.device}, the layer's weight on {self.weight.device}")
-        if not self.layout.computes_itself and x.dtype != self.weight.dtype and not torch.is_autocast_enabled(
-                x.device.type):
+        if not self.layout.computes_itself and x.dtype != self.weight.dtype and not autocast_enabled(x.device.type):
             raise ValueError(f"input dtype {x.dtype} does not match the weight dtype {self.weight.dtype}")
 
     def _build_plan(self, x: Tensor, env: tuple) -> call_plan.CallPlan:

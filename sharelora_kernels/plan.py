@@ -36,9 +36,11 @@ class TensorSpec:
     init_std: float | None = None  # only for init "gaussian"
 
 
-@dataclass
+@dataclass(frozen=True)
 class PathSpec:
-    """One low-rank path of one module: ``scale * B_eff (A_eff x)`` with tensors named by role."""
+    """One low-rank path of one module: ``scale * B_eff (A_eff x)`` with tensors named by role.
+    Frozen: a layer's call plan holds what it read from a spec, so a path changes by a new spec
+    (``dataclasses.replace``) assigned to its module, which the plan notices."""
 
     kind: str
     part: str

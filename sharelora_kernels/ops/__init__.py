@@ -29,7 +29,9 @@ from torch import Tensor
 from .. import reference
 from ..reference import LoRAPath
 from . import compose, dispatch
+from .autocast import autocast_enabled
 from .dispatch import BACKENDS, dispatch_table  # noqa: F401 (public)
+from .encoding import check_group, check_group_sizes, check_linear, encode
 from .lowrank_only import lowrank_add as _lowrank_add
 from .multi_adapter import (BASE, AdapterBatch, AdapterTables, adapter_batch, adapter_tables,  # noqa: F401 (public)
                             multi_adapter_add, multi_adapter_linear)
@@ -59,9 +61,10 @@ def backend_for(x: Tensor, backend: str | None = None) -> str:
 
 
 def _compose_takes(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath]) -> bool:
-    """x, W, b in one supported dtype and frozen; every adapter tensor in a supported dtype."""
+    """x, W, b in one supported dtype and frozen; every adapter tensor in a supported dtype; tensors
+    with data (meta tensors, for shapes alone, run the torch path)."""
     base = [weight, *([bias] if bias is not None else [])]
-    return (x.dtype in FUSED_DTYPES and all(t.dtype == x.dtype and not t.requires_grad for t in base)
+    return (x.dtype in FUSED_DTYPES and not x.is_meta and all(t.dtype == x.dtype and not t.requires_grad for t in base)
             and all(t.dtype in FUSED_DTYPES for p in paths for t in p.tensors))
 
 
@@ -81,7 +84,7 @@ def _autocast_operands(x: Tensor, *base: Tensor | None) -> tuple[Tensor | None, 
     """(x, *base) cast to the autocast dtype when autocast is on for x's device and would cast them
     (float32 / bf16 / fp16 tensors), else None."""
     device = x.device.type
-    if not torch.is_autocast_enabled(device) or any(t is not None and t.dtype not in FUSED_DTYPES for t in (x, *base)):
+    if not autocast_enabled(device) or any(t is not None and t.dtype not in FUSED_DTYPES for t in (x, *base)):
         return None
     dtype = torch.get_autocast_dtype(device)
     return tuple(None if t is None else t.to(dtype) for t in (x, *base))
@@ -115,8 +118,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
             and dispatch.call_mode(x, paths) == "fwd" and _autocast_operands(x, weight, bias) is None
             and _fusable(x, weight, bias, paths)):  # a compiled inference call: auto chooses when it runs
         from .auto_op import auto_lora_linear
-        from .encoding import encode
 
+        check_linear(x, weight, bias, paths, dropout_p)
         x2 = x.reshape(-1, x.shape[-1])
         y = auto_lora_linear(x2, weight, bias, *encode(paths))
         return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -127,7 +130,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
         if name != "torch":
             run = _fused_lora_linear if name == "triton" else compose.lora_linear
             with _autocast_off(x.device.type, cast is not None):
-                return run(xs, ws, bs, paths, dropout_p, training)
+                return run(xs, ws, bs, paths, dropout_p, training)  # which checks its inputs
+    check_linear(x, weight, bias, paths, dropout_p)
     return reference.lora_linear(x, weight, bias, paths, dropout_p, training)
 
 
@@ -141,7 +145,9 @@ def grouped_lora_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[T
     dropout mask on x for the whole group; auto: each module on its own (its own choice and mask).
     """
     setting = backend_for(x, backend)
+    check_group_sizes(weights, biases, paths)
     if setting == "auto":
+        check_group(x, weights, biases, paths, dropout_p)  # every module named before any runs
         return tuple(lora_linear(x, w, b, ps, dropout_p, training, backend="auto")
                      for w, b, ps in zip(weights, biases, paths))
     cast = _autocast_operands(x, *weights, *biases)
@@ -160,6 +166,7 @@ def grouped_lora_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[T
 def _grouped_reference(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
                        paths: Sequence[Sequence[LoRAPath]], dropout_p: float, training: bool) -> tuple[Tensor, ...]:
     """``reference.lora_linear`` per module, the one dropout mask drawn once for the group."""
+    check_group(x, weights, biases, paths, dropout_p)
     xd = F.dropout(x, dropout_p, training=True) if (training and dropout_p > 0) else x
     return tuple(reference.lora_linear(x, w, b, ps, x_dropped=xd) for w, b, ps in zip(weights, biases, paths))
 

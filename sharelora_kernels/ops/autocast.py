@@ -28,6 +28,11 @@ class AutocastOff:
 _NOTHING = contextlib.nullcontext()
 
 
+def autocast_enabled(device: str) -> bool:
+    """Whether autocast is on for ``device`` (False for a device without autocast, such as meta)."""
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
 def no_autocast(device: str):
     """Autocast off inside: a context manager only when autocast is on."""
     if not torch.is_autocast_enabled(device):

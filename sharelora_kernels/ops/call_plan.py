@@ -35,9 +35,10 @@ A plan is valid while nothing it was built from changed. Two cheap comparisons d
     an in-place optimizer step does not, and needs no rebuild) and requires_grad; and of each
     path's spec and store (their identity).
 
-Anything else is rebuilt: ``build`` checks the inputs with the messages a call always gave, so
-what left the per-call path is checked once per plan. Under ``torch.compile`` the layer does not use
-a plan (dynamo traces the router, ``ops.lora_linear``, and reaches the custom ops).
+Anything else is rebuilt: ``build_linear`` checks the inputs (``encoding.check_linear``: shapes,
+dropout, every path) with the messages a call of the op gives, so what left the per-call path is
+checked once per plan. Under ``torch.compile`` the layer does not use a plan (dynamo traces the
+router, ``ops.lora_linear``, and reaches the custom ops).
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ from torch import Tensor
 from .. import reference
 from ..reference import LoRAPath
 from . import compose, dense_program, dispatch, path_program
-from .autocast import AutocastOff
+from .autocast import AutocastOff, autocast_enabled
+from .encoding import check_linear
 
 Run = Callable[[Tensor], Tensor]
 
@@ -97,7 +99,7 @@ def environment(x: Tensor, training: bool, paths_version: int) -> tuple:
     autocast = None
     if _any_autocast():
         device = x.device.type
-        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        autocast = torch.get_autocast_dtype(device) if autocast_enabled(device) else None
     return (x.dtype, x.device, x.layout, x.requires_grad, torch.is_grad_enabled(), autocast,
             dispatch.SETTINGS.version, training, paths_version)
 
@@ -154,13 +156,14 @@ def grad_wanted(x: Tensor, paths: Sequence[LoRAPath]) -> bool:
 def build_linear(env: tuple, sources: Sequence[Source], x: Tensor, weight: Tensor, bias: Tensor | None,
                  paths: Sequence[LoRAPath], dropout_p: float, training: bool) -> CallPlan:
     """The plan of a dense base: y = x W^T + b + paths(dropout(x)); weight (N, K) as the backends read it."""
-    from . import _autocast_operands, _auto_times_triton, _compose_takes, _fusable, _pick, backend_for, lora_linear
+    from . import _autocast_operands, _auto_times_triton, _compose_takes, _fusable, backend_for, lora_linear
 
+    check_linear(x, weight, bias, paths, dropout_p)
     if not paths:
         return CallPlan(env, sources, lambda x: F.linear(x, weight, bias), "base")
     setting = backend_for(x)
     if setting == "torch":
-        return CallPlan(env, sources, lambda x: reference.lora_linear(x, weight, bias, paths, dropout_p, training), "torch")
+        return CallPlan(env, sources, _torch_runner(weight, bias, paths, dropout_p, training), "torch")
     cast = _autocast_operands(x, weight, bias)
     if cast is not None:
         if cast[1] is weight and cast[2] is bias:  # the base in autocast's dtype: only x is cast per call
@@ -171,16 +174,17 @@ def build_linear(env: tuple, sources: Sequence[Source], x: Tensor, weight: Tenso
         # a base of another dtype is cast every call (as autocast's linear does): the router's path
         return CallPlan(env, sources, lambda x: lora_linear(x, weight, bias, paths, dropout_p, training, backend=setting),
                         setting)
-    runners = {"compose": _compose_runner(x, weight, bias, paths, dropout_p, training),
-               "torch": lambda x: reference.lora_linear(x, weight, bias, paths, dropout_p, training)}
-    if setting in ("triton", "auto") and _fusable(x, weight, bias, paths) and (setting == "triton" or _auto_times_triton(x)):
-        runners["triton"] = _triton_runner(x, weight, bias, paths, dropout_p, training)
-    if setting != "auto":
-        name = _pick(setting, x, weight, bias, paths, dropout_p, training)
-        return CallPlan(env, sources, runners[name], name)
-    if "triton" not in runners:  # auto with compose alone to run (the CPU): no timing
-        name = "compose" if _compose_takes(x, weight, bias, paths) else "torch"
-        return CallPlan(env, sources, runners[name], name)
+    torch_run = _torch_runner(weight, bias, paths, dropout_p, training)
+    if not _compose_takes(x, weight, bias, paths):  # float64, a base that trains, ...: the torch path alone takes it
+        return CallPlan(env, sources, torch_run, "torch")
+    fusable = _fusable(x, weight, bias, paths)
+    if setting == "triton":
+        return (CallPlan(env, sources, _triton_runner(x, weight, bias, paths, dropout_p, training), "triton") if fusable
+                else CallPlan(env, sources, torch_run, "torch"))
+    compose_run = _compose_runner(x, weight, bias, paths, dropout_p, training)
+    if setting == "compose" or not (fusable and _auto_times_triton(x)):  # auto with compose alone (the CPU): untimed
+        return CallPlan(env, sources, compose_run, "compose")
+    runners = {"compose": compose_run, "triton": _triton_runner(x, weight, bias, paths, dropout_p, training)}
     return CallPlan(env, sources, _auto_runner(runners, weight, bias, paths, dropout_p, training), "auto")
 
 
@@ -206,7 +210,6 @@ def _cast_base_runner(cast: tuple, weight: Tensor, bias: Tensor | None, paths: S
     built from."""
     xs, ws, bs = cast
     p = dropout_p if training else 0.0
-    compose._check(xs, ws, bs, p)
     program = dense_program.DenseProgram(ws, bs, paths, p, per_call=True)
     tensors = [t for q in paths for t in q.tensors]
     return dense_program.cast_base_runner(program, weight, bias, tensors, grad_wanted(xs, paths), xs.dtype)
@@ -225,7 +228,7 @@ def build_compose_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[T
     for w, b, ps in zip(weights, biases, paths):
         if not (ps and _compose_takes(x, w, b, ps)):
             return None
-        compose._check(x, w, b, p)
+        compose._check(x, w, b, ps, p)
         tensors = [t for q in ps for t in q.tensors]
         if dense_program.DenseProgram.takes(ps):
             calls.append((dense_program.dense_apply, dense_program.DenseProgram(w, b, ps, p), (None, None, *tensors)))
@@ -243,11 +246,16 @@ def build_compose_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[T
     return run
 
 
+def _torch_runner(weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
+                  training: bool) -> Run:
+    """The torch backend's run(x): ``reference.lora_linear`` (gradients of W and b too, where they require it)."""
+    return lambda x: reference.lora_linear(x, weight, bias, paths, dropout_p, training)
+
+
 def _compose_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
                     training: bool) -> Run:
     p = dropout_p if training else 0.0
     if dense_program.DenseProgram.takes(paths):
-        compose._check(x, weight, bias, p)
         program = dense_program.DenseProgram(weight, bias, paths, p)
         tensors = [t for q in paths for t in q.tensors]
         return dense_program.dense_runner(program, tensors, grad_wanted(x, paths))

@@ -43,6 +43,7 @@ from torch import Tensor
 from ..config import PATH_ROLES
 from ..reference import LoRAPath, _dense_factors, add_path_output, kron_fold
 from .autocast import no_autocast
+from .encoding import check_linear
 from .function import first_order, thin_apply, wants_grad
 from .shared_grad import DirectSink, GradSink, chain_a, chain_b, sink_for
 
@@ -245,15 +246,11 @@ def draw_dropout(x: Tensor, p: float) -> tuple[Tensor | None, Tensor | None]:
         return torch.native_dropout(x, p, True)
 
 
-def _check(x: Tensor, weight: Tensor, bias: Tensor | None, dropout_p: float) -> None:
-    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x has K={x.shape[-1]} features but weight has shape {tuple(weight.shape)}, expected (N, K)")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected (N,) = ({weight.shape[0]},)")
+def _check(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float) -> None:
+    """ValueError naming what does not fit one call (``encoding.check_linear``) or a base that trains."""
+    check_linear(x, weight, bias, paths, dropout_p)
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("the compose backend takes a frozen weight and bias (requires_grad=False)")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float = 0.0,
@@ -263,10 +260,17 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
     dropped: the (dropout(x), mask) pair of x reshaped to (M, K) from ``draw_dropout``, shared by
     modules that read the same x; None draws this module's own.
     """
-    _check(x, weight, bias, dropout_p)
-    x2 = x.reshape(-1, x.shape[-1])
+    _check(x, weight, bias, paths, dropout_p)
     p = dropout_p if training else 0.0
-    xd, mask = dropped if dropped is not None else draw_dropout(x2, p)
+    return _linear(x, weight, bias, paths, p, dropped if dropped is not None else
+                   draw_dropout(x.reshape(-1, x.shape[-1]), p))
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], p: float,
+            dropped: tuple[Tensor | None, Tensor | None]) -> Tensor:
+    """``lora_linear`` of checked inputs, with dropout p applied as ``dropped`` says."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xd, mask = dropped
     if not wants_grad(x2, (t for q in paths for t in q.tensors)):
         y = compose_forward(x2, xd, weight, bias, paths)[0]  # no gradient wanted: no autograd Function
         return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -281,7 +285,7 @@ def planned_call(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence
     """The run(x) of a call plan for any path list: ``lora_linear`` with its checks and the op's flat
     arguments done once."""
     p = dropout_p if training else 0.0
-    _check(x, weight, bias, p)
+    _check(x, weight, bias, paths, p)
     paths = list(paths)
     tensors = [t for q in paths for t in q.tensors]
     meta = (p, tuple((q.kind, float(q.scale), q.k_offset, q.n_offset) for q in paths))
@@ -301,7 +305,13 @@ def planned_call(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence
 def grouped_lora_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
                         paths: Sequence[Sequence[LoRAPath]], dropout_p: float = 0.0,
                         training: bool = False) -> tuple[Tensor, ...]:
-    """``lora_linear`` of G modules that read x, one dropout draw for the group: one (..., N_g) per module."""
+    """``lora_linear`` of G modules that read x, one dropout draw for the group: one (..., N_g) per
+    module. Every module is checked (the error naming it) before anything runs."""
+    for g, (w, b, ps) in enumerate(zip(weights, biases, paths)):
+        try:
+            _check(x, w, b, ps, dropout_p)
+        except ValueError as e:
+            raise ValueError(f"module {g} of the group: {e}") from None
     p = dropout_p if training else 0.0
     dropped = draw_dropout(x.reshape(-1, x.shape[-1]), p)
-    return tuple(lora_linear(x, w, b, ps, dropout_p, training, dropped) for w, b, ps in zip(weights, biases, paths))
+    return tuple(_linear(x, w, b, ps, p, dropped) for w, b, ps in zip(weights, biases, paths))

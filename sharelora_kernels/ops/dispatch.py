@@ -47,6 +47,7 @@ from torch import Tensor
 from ..reference import LoRAPath
 from .dispatch_cache import (CACHE_ENV, CACHE_FORMAT, CACHE_VERSION, cache_dir, cache_file,  # noqa: F401 (named here too)
                              read_cache, write_cache)
+from .encoding import check_linear
 from .function import wants_grad
 
 BACKEND_ENV, AUTOTUNE_ENV = "SHARELORA_BACKEND", "SHARELORA_AUTOTUNE"
@@ -78,7 +79,8 @@ def env_choice(name: str, allowed: Sequence[str], default: str) -> str:
 # ----------------------------------------------------------------------------- settings (read once)
 class _Settings:
     """``SHARELORA_BACKEND`` and ``SHARELORA_AUTOTUNE`` as read by the last ``refresh_settings()``
-    (at import, and again only when asked), or the ValueError a bad value gave, raised on use.
+    (at import, and again only when asked), or the ValueError a bad value gave, raised on use (a bad
+    ``SHARELORA_BACKEND`` only while ``set_backend`` names no backend, which wins over it).
     ``version`` changes whenever anything a call plan took from here may have changed (a refresh,
     ``set_backend``, ``clear``), so layers rebuild their plans then and only then."""
 
@@ -86,11 +88,20 @@ class _Settings:
         self.backend: str | None = None  # None: the device's default
         self.forced: str | None = None  # set_backend's value, which wins over the variable
         self.autotune = "perf"
-        self.error: ValueError | None = None
+        self.backend_error: ValueError | None = None
+        self.autotune_error: ValueError | None = None
         self.version = 0
 
 
 SETTINGS = _Settings()
+
+
+def _read(name: str, allowed: Sequence[str], default: str) -> tuple[str, ValueError | None]:
+    """(``env_choice``'s value, None), or (``default``, the ValueError it raised)."""
+    try:
+        return env_choice(name, allowed, default), None
+    except ValueError as e:
+        return default, e
 
 
 def refresh_settings() -> None:
@@ -98,40 +109,37 @@ def refresh_settings() -> None:
     import; call this after changing them in a running process). A bad value is kept as its
     ValueError, raised by the next call that needs the setting."""
     SETTINGS.version += 1
-    try:
-        backend = env_choice(BACKEND_ENV, BACKENDS, "")
-        SETTINGS.autotune = env_choice(AUTOTUNE_ENV, AUTOTUNE_MODES, "perf")
-    except ValueError as e:
-        SETTINGS.error = e
-        return
-    SETTINGS.backend, SETTINGS.error = backend or None, None
+    backend, SETTINGS.backend_error = _read(BACKEND_ENV, BACKENDS, "")
+    SETTINGS.backend = backend or None
+    SETTINGS.autotune, SETTINGS.autotune_error = _read(AUTOTUNE_ENV, AUTOTUNE_MODES, "perf")
 
 
 def set_backend(name: str | None) -> None:
     """Run every later call on backend ``name`` (one of ``BACKENDS``), whatever ``SHARELORA_BACKEND``
-    says; None goes back to the variable (or the device's default). Layers rebuild their call plans."""
+    says (a bad value included); None goes back to the variable (or the device's default). Layers
+    rebuild their call plans."""
     if name is not None and name not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {name!r}")
     SETTINGS.forced = name
     SETTINGS.version += 1
 
 
-def _checked_settings() -> _Settings:
-    if SETTINGS.error is not None:
-        raise SETTINGS.error
-    return SETTINGS
-
-
 def backend_setting(device: torch.device) -> str:
-    """``set_backend``'s choice, else ``SHARELORA_BACKEND``, else the default for ``device``: auto on
-    CUDA, ``DEFAULT_CPU`` elsewhere."""
-    s = _checked_settings()
-    return s.forced or s.backend or ("auto" if device.type == "cuda" else DEFAULT_CPU)
+    """``set_backend``'s choice, else ``SHARELORA_BACKEND`` (its ValueError when bad), else the default
+    for ``device``: auto on CUDA, ``DEFAULT_CPU`` elsewhere."""
+    s = SETTINGS
+    if s.forced:
+        return s.forced
+    if s.backend_error is not None:
+        raise s.backend_error
+    return s.backend or ("auto" if device.type == "cuda" else DEFAULT_CPU)
 
 
 def autotune_mode() -> str:
     """``SHARELORA_AUTOTUNE`` (small, perf or full; default perf), checked here so a bad value fails early."""
-    return _checked_settings().autotune
+    if SETTINGS.autotune_error is not None:
+        raise SETTINGS.autotune_error
+    return SETTINGS.autotune
 
 
 refresh_settings()
@@ -404,6 +412,7 @@ def auto_choice(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
             known = _table.get(sig)
     if known is not None and known.choice in backends:
         return known.choice
+    check_linear(x, weight, bias, paths, dropout_p)  # bad inputs are named, never timed nor remembered
     times, errors, results = _time_backends(sig, backends, x, weight, bias, paths, dropout_p, training)
     rejected, verified = _verify(sig, results, tolerance(x, paths))
     allowed = [name for name in times if name not in rejected] or ["compose"]

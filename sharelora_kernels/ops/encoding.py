@@ -3,7 +3,9 @@
 A custom op's schema holds tensors, ints and floats, not ``LoRAPath`` tuples: ``encode`` flattens
 paths into (every tensor in role order, [kind code, k_offset, n_offset] per path, scale per path)
 and ``decode`` rebuilds them. R, the concatenated rank of a path list, is the sum of ``LoRAPath.rank``.
-``check_path`` raises ValueError naming what does not fit a module's (K, N).
+``check_path`` raises ValueError naming what does not fit a module's (K, N); ``check_linear`` and
+``check_group``, what does not fit one call of ``ops.lora_linear`` / ``ops.grouped_lora_linear``
+(every backend's inputs).
 """
 from __future__ import annotations
 
@@ -57,9 +59,12 @@ def check_path(i: int, p: LoRAPath, k: int, n: int) -> None:
             raise ValueError(f"path {i} (kron): d={d} must divide K={k} and N={n}")
         expect = [(r, d), (d, r), (1, k // d), (n // d, 1)]
     elif kind == "slice":
-        if p.k_offset < 0 or p.k_offset + k > t[0].shape[1]:
+        for name, offset in (("k_offset", p.k_offset), ("n_offset", p.n_offset)):
+            if offset < 0:
+                raise ValueError(f"path {i} (slice): {name}={offset} is negative")
+        if p.k_offset + k > t[0].shape[1]:
             raise ValueError(f"path {i} (slice): k_offset={p.k_offset} + K={k} exceeds A's K_max={t[0].shape[1]}")
-        if p.n_offset < 0 or p.n_offset + n > t[1].shape[0]:
+        if p.n_offset + n > t[1].shape[0]:
             raise ValueError(f"path {i} (slice): n_offset={p.n_offset} + N={n} exceeds B's N_max={t[1].shape[0]}")
         expect = [(r, t[0].shape[1]), (t[1].shape[0], r)]
     else:
@@ -67,3 +72,40 @@ def check_path(i: int, p: LoRAPath, k: int, n: int) -> None:
     for role, u, e in zip(PATH_ROLES[kind], t, expect):
         if tuple(u.shape) != e:
             raise ValueError(f"path {i} ({kind}): {role} has shape {tuple(u.shape)}, expected {e} (K={k}, N={n}, r={r})")
+
+
+def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float) -> None:
+    """ValueError naming what does not fit y = x W^T + b + paths(dropout(x)): x floating point with
+    W's K features, W (N, K), b (N,), ``dropout_p`` in [0, 1), every path (``check_path``)."""
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("x is a 0-d tensor, expected (..., K)")
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has K={x.shape[-1]} features but weight has shape {tuple(weight.shape)}, expected (N, K)")
+    k, n = weight.shape[1], weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected (N,) = ({n},)")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    for i, p in enumerate(paths):
+        check_path(i, p, k, n)
+
+
+def check_group_sizes(weights: Sequence[Tensor], biases: Sequence[Tensor | None],
+                      paths: Sequence[Sequence[LoRAPath]]) -> None:
+    """ValueError unless a group has a module, and one weight, one bias (or None) and one path list per module."""
+    if not len(weights) == len(biases) == len(paths) or not weights:
+        raise ValueError(f"grouped_lora_linear needs one weight, bias and path list per module, got "
+                         f"{len(weights)} weights, {len(biases)} biases, {len(paths)} path lists")
+
+
+def check_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
+                paths: Sequence[Sequence[LoRAPath]], dropout_p: float) -> None:
+    """``check_group_sizes``, then ``check_linear`` of every module, the error naming the module."""
+    check_group_sizes(weights, biases, paths)
+    for g, (w, b, ps) in enumerate(zip(weights, biases, paths)):
+        try:
+            check_linear(x, w, b, ps, dropout_p)
+        except ValueError as e:
+            raise ValueError(f"module {g} of the group: {e}") from None

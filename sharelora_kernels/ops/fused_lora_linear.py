@@ -45,7 +45,7 @@ from ..reference import LoRAPath
 from . import tma_linear
 from .autotune import SMALL_GEMM, TunedKernel, gemm_configs
 from .dy_lowrank import dy_lowrank
-from .encoding import KINDS, check_path, decode, encode  # noqa: F401 (KINDS: the layout codes)
+from .encoding import KINDS, check_linear, decode, encode  # noqa: F401 (KINDS: the layout codes)
 from .function import first_order, thin_apply, wants_grad
 from .grad_routes import RouteCache, path_routes
 from .gemm_tiles import LOWRANK_CHUNK, epilogue, lowrank_tile, matmul_tile, tile_coords
@@ -201,16 +201,11 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------- public entry
 def _check(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float) -> None:
-    """Raise ValueError naming the problem when the inputs do not fit one another."""
-    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x has K={x.shape[-1]} features but weight has shape {tuple(weight.shape)}, expected (N, K)")
-    k, n = weight.shape[1], weight.shape[0]
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected (N,) = ({n},)")
+    """Raise ValueError naming the problem when the inputs do not fit one another
+    (``encoding.check_linear``) or the kernels."""
+    check_linear(x, weight, bias, paths, dropout_p)
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("the triton backend takes a frozen weight and bias (requires_grad=False)")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if not INTERPRET and x.device.type != "cuda":
         raise ValueError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got x on {x.device}")
     for t in (weight, *([bias] if bias is not None else [])):
@@ -225,8 +220,6 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAP
     for what, dtype in (("x", x.dtype), ("the adapters", adapter_dtype)):
         if dtype not in TL_DTYPES:
             raise ValueError(f"the triton backend supports float32, bfloat16, float16; {what} are {dtype}")
-    for i, p in enumerate(paths):
-        check_path(i, p, k, n)
 
 
 def fused_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath],

@@ -54,6 +54,7 @@ from .autotune import TunedKernel
 from .function import first_order, thin_apply, wants_grad
 from .grad_routes import Route, RouteCache
 from .dy_lowrank import dy_lowrank
+from .encoding import check_group_sizes
 from .fused_lora_linear import SPACES, _check
 from .gemm_tiles import LOWRANK_CHUNK, lowrank_tile, matmul_tile, tile_coords
 from .lowrank_grad import lowrank_grad
@@ -440,9 +441,7 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 def _check_group(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
                  paths: Sequence[Sequence[LoRAPath]], dropout_p: float) -> None:
     """Raise ValueError naming the problem when the group's inputs do not fit one another."""
-    if not len(weights) == len(biases) == len(paths) or not weights:
-        raise ValueError(f"grouped_lora_linear needs one weight, bias and path list per module, got "
-                         f"{len(weights)} weights, {len(biases)} biases, {len(paths)} path lists")
+    check_group_sizes(weights, biases, paths)
     dtypes = set()
     for g, (w, b, ps) in enumerate(zip(weights, biases, paths)):
         if not ps:

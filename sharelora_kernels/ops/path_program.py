@@ -261,6 +261,6 @@ def path_runner(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
                 grad: bool) -> Callable[[Tensor], Tensor]:
     """run(x) (..., K) -> (..., N) of ``paths`` (``PathProgram.takes``) with dropout ``dropout_p``
     (``dense_program.runner`` through ``PathCompose``), the checks of a call made once."""
-    _check(x, weight, bias, dropout_p)
+    _check(x, weight, bias, paths, dropout_p)
     program = PathProgram(weight, bias, paths, dropout_p)
     return runner(program, path_apply, [None, *(t for q in paths for t in q.tensors)], grad)

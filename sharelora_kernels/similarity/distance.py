@@ -74,13 +74,19 @@ def angular_distance(reps: torch.Tensor | Iterable[torch.Tensor], process_group=
     METHOD section 1 is ``S = 1 - D``.
     """
     batches = [reps] if isinstance(reps, torch.Tensor) else reps
-    total, count, num_layers = None, 0, None
+    total, count, num_layers, hidden = None, 0, None, None
     for k, batch in enumerate(batches):
         if not isinstance(batch, torch.Tensor) or batch.dim() != 3:
             raise ValueError(f"batch {k} must be an (L, n, d) tensor, got {getattr(batch, 'shape', type(batch).__name__)}")
+        if batch.is_meta:
+            raise ValueError(f"batch {k} is on the meta device: it has no values to measure")
+        if batch.shape[0] == 0:
+            raise ValueError(f"batch {k} has no layers (shape {tuple(batch.shape)}): nothing to compare")
         if num_layers is not None and batch.shape[0] != num_layers:
             raise ValueError(f"batch {k} has {batch.shape[0]} layers, earlier batches have {num_layers}")
-        num_layers = batch.shape[0]
+        if hidden is not None and batch.shape[2] != hidden:
+            raise ValueError(f"batch {k} has hidden size d={batch.shape[2]}, earlier batches have d={hidden}")
+        num_layers, hidden = batch.shape[0], batch.shape[2]
         try:
             sums = _sums_function(batch)(batch, layer_dim=0)
         except ValueError as err:
