@@ -16,7 +16,7 @@ trained on: by default the built-in fine-tuning task (unit conversions the built
 held out line by line, so no held-out line is a training line; with --text, its last --heldout
 paragraphs. Writes into --out: compare.json (every figure, every loss; rewritten after each method,
 so a Ctrl-C, once or more, at any moment keeps the finished ones) and compare.png (loss curves, and
-trainable parameters against held-out loss), each time through a temporary folder beside --out, so
+trainable parameters against held-out loss), each time through a hidden temporary folder in --out, so
 --out never mixes them with an earlier run's.
 
 Every option, the model directory (a causal LM), the configs (they must fit) and --out are checked

@@ -10,7 +10,7 @@ model), --out and the free space there are checked before training. Writes into 
     peft/        the same adapters as a plain PEFT LoRA (PeftModel.from_pretrained reads it)
     losses.json  the loss of every finished step
 
-The three are written into a temporary folder beside --out and moved in together (those of an
+The three are written into a hidden temporary folder in --out and moved in together (those of an
 earlier run in --out are replaced, all three at once). Ctrl-C, once or more, at any moment of
 training or saving stops after the step under way and saves all three as of the last finished step
 (exit status 130). If the results cannot be written (a full disk), the trained adapter is kept and

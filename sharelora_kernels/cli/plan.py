@@ -4,7 +4,7 @@ Runs the frozen model on calibration text, takes each sample's last-token hidden
 layer, measures the mean angular distance between layers, groups layers with similarity >= eps,
 prints the share sets and the trainable-parameter counts (LoRA, ShareLoRA with and without rank
 expansion, Bi-Share LoRA at the paper's ranks with a Kronecker dim and gate core that fit the model),
-and writes into --out (all through a temporary folder beside it, moved in together):
+and writes into --out (all through a hidden temporary folder in it, moved in together):
 
     plan.json               ShareLoRAConfig: method "similarity", the share sets found, and the Bi-Share
                             kron_dim / gate_dims priced for this model (finetune --plan trains it)
