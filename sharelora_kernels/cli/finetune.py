@@ -23,9 +23,10 @@ from pathlib import Path
 
 from . import CommandError, Interrupted, counted, require_positive
 from .fitting import structure
-from .loading import (add_device_argument, load_model, load_texts, load_tokenizer, model_skeleton, read_model_config,
-                      read_plan, resolve_device, resolve_model_dir)
-from .options import add_threads_argument, add_training_arguments, check_threads_argument, check_training_arguments, set_threads
+from .loading import (add_device_argument, check_weight_shapes, load_model, load_texts, load_tokenizer, model_skeleton,
+                      read_model_config, read_plan, resolve_device, resolve_model_dir)
+from .options import (add_threads_argument, add_training_arguments, check_threads_argument, check_training_arguments,
+                      check_training_fits, set_threads)
 from .outputs import RunOutputs, check_out_dir, write_json
 
 HELP = "train the adapters of a plan.json and save them (ShareLoRA checkpoint and PEFT export)"
@@ -40,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training text file, paragraphs separated by blank lines (default: the built-in fine-tuning "
                         "task, unit conversions the model never saw)")
     p.add_argument("--samples", metavar="N", type=int, default=None,
-                   help="train on the first N paragraphs only (default: all; 256 of the built-in task)")
+                   help="train on the first N paragraphs only (default: all; 256 of the built-in task, which makes "
+                        "at most 100,000)")
     p.add_argument("--steps", metavar="N", type=int, default=30, help="optimizer steps (default: 30)")
     add_training_arguments(p)
     p.add_argument("--log-every", metavar="N", type=int, default=10, help="print the loss every N steps (default: 10)")
@@ -69,8 +71,11 @@ def run(args: argparse.Namespace) -> list[float]:
     out = check_out_dir(args.out, OUTPUTS)
     texts = load_texts(args.text, args.samples, builtin="task")
     device = resolve_device(args.device)
+    check_training_fits(args, model_config, model_dir, device)
+    skeleton = model_skeleton(model_config, causal_lm=True)
+    check_weight_shapes(model_dir, skeleton)
     try:
-        plan_model(model_skeleton(model_config, causal_lm=True), config)
+        plan_model(skeleton, config)
     except (ValueError, TypeError) as err:
         raise CommandError(f"plan {args.plan} does not fit {model_dir}: {err}") from err
     tokenizer = load_tokenizer(model_dir)
