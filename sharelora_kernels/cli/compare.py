@@ -193,8 +193,13 @@ def _setup(args: argparse.Namespace) -> Setup:
         Windows(train_tokens, args.seq_len, args.batch_size, tokenizer.bos_token_id, args.seed)
     except ValueError as err:
         raise CommandError(f"{err}: lower --seq-len or give a longer --text") from err
+    heldout_tokens = token_stream(tokenizer, heldout_texts)
+    if len(heldout_tokens) + (tokenizer.bos_token_id is not None) < 2:  # a window predicts its tokens after the first
+        raise CommandError(f"--heldout {args.heldout}: the held-out text ({text_note['heldout']}) is "
+                           f"{counted(len(heldout_tokens), 'token')}, and the tokenizer has no BOS token to start a "
+                           "window with: no token to predict; hold out more or longer paragraphs")
     return Setup(model_dir, model_config, out, device, methods, infos, num_layers, configs, calibration, tokenizer,
-                 train_tokens, token_stream(tokenizer, heldout_texts), text_note)
+                 train_tokens, heldout_tokens, text_note)
 
 
 def _found_sharelora_configs(model, setup: Setup, args: argparse.Namespace) -> dict:
