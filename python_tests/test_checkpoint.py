@@ -313,6 +313,13 @@ def reshaped(tensors):
     return {**tensors, name: torch.randn(tensors[name].shape[0] + 1, *tensors[name].shape[1:])}
 
 
+def edited(field, **changes):
+    """A metadata change: the JSON of ``field`` ("config" / "plan") with ``changes``."""
+    import json
+
+    return lambda m: {**m, field: json.dumps({**json.loads(m[field]), **changes})}
+
+
 REFUSALS = {
     "wrong shape": (dict(tensors=reshaped), r"tensor '.*' has shape"),
     "missing tensor": (dict(tensors=lambda t: {k: v for k, v in t.items() if k != last_tensor(t)}), r"lacks tensor '"),
@@ -323,6 +330,16 @@ REFUSALS = {
     "newer format": (dict(metadata=lambda m: {**m, "format_version": "2"}),
                      r"format version 2, newer than the version 1"),
     "damaged format version": (dict(metadata=lambda m: {**m, "format_version": "x"}), r"damaged format_version"),
+    "plan tensors a list": (dict(metadata=edited("plan", tensors=[])),
+                            r"adapter.safetensors has damaged metadata: its 'plan' is not a valid share plan \(plan "
+                            r"field 'tensors' must be a JSON object, got list\)"),
+    "plan modules a list": (dict(metadata=edited("plan", modules=["x"])),
+                            r"adapter.safetensors has damaged metadata: its 'plan' .*'modules' must be a JSON object"),
+    "plan without method": (dict(metadata=lambda m: {**m, "plan": m["plan"].replace('"method"', '"m"')}),
+                            r"its 'plan' is not a valid share plan \(plan lacks field 'method'\)"),
+    "config of a bad value": (dict(metadata=edited("config", r=-3)),
+                              r"adapter.safetensors has damaged metadata: its 'config' is not a valid ShareLoRAConfig "
+                              r"\(r must be >= 1, got -3\)"),
 }
 
 

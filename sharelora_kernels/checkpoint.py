@@ -68,7 +68,8 @@ def saved_state(model: nn.Module, plan: SharePlan) -> dict[str, torch.Tensor]:
 
 def read_checkpoint(directory: str | os.PathLike) -> tuple[ShareLoRAConfig | None, SharePlan, Path]:
     """Config (None for hand-wrapped layers) and plan stored in a checkpoint directory; ValueError
-    if it is missing, damaged, or of a newer format version than this package reads."""
+    naming the file (and the metadata field) if it is missing, damaged or hand-edited into something
+    ``save`` does not write, or of a newer format version than this package reads."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise ValueError(f"no ShareLoRA checkpoint at {path}")
@@ -86,11 +87,18 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[ShareLoRAConfig | Non
     if int(version) > int(FORMAT_VERSION):
         raise ValueError(f"{path} has checkpoint format version {version}, newer than the version {FORMAT_VERSION} "
                          "this sharelora_kernels reads: upgrade sharelora_kernels to load it")
+    for field in ("config", "plan"):
+        if field not in meta:
+            raise ValueError(f"{path} has damaged metadata: no {field!r}")
     try:
         config = None if meta["config"] == "null" else ShareLoRAConfig.from_json(meta["config"])
-        return config, SharePlan.from_dict(json.loads(meta["plan"])), path
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} has damaged config/plan metadata ({e})") from e
+    except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path} has damaged metadata: its 'config' is not a valid ShareLoRAConfig ({e})") from e
+    try:
+        plan = SharePlan.from_dict(json.loads(meta["plan"]))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path} has damaged metadata: its 'plan' is not a valid share plan ({e})") from e
+    return config, plan, path
 
 
 @dataclass
