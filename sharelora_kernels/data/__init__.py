@@ -10,6 +10,7 @@ conversions in a fixed format), so fine-tuning visibly lowers the loss.
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -26,8 +27,9 @@ def default_model_dir() -> Path:
 
 
 def split_paragraphs(text: str) -> list[str]:
-    """Non-empty paragraphs of ``text`` (blocks separated by blank lines), whitespace-trimmed."""
-    return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+    """Non-empty paragraphs of ``text`` (blocks separated by blank lines: empty, or only spaces or
+    tabs), whitespace-trimmed."""
+    return [p.strip() for p in re.split(r"\n\s*\n", text.replace("\r\n", "\n")) if p.strip()]
 
 
 def calibration_texts(n: int | None = None) -> list[str]:
