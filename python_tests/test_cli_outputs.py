@@ -364,3 +364,22 @@ def test_ctrl_c_to_a_starting_process_is_one_line(plan_file, tmp_path):
     # SIGINT after main() returned 130, as for an uncaught Ctrl-C. A shell reports both as 130.
     assert proc.returncode in (130, -signal.SIGINT), err
     assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("interrupted"), err
+
+
+def test_ctrl_c_while_the_process_shuts_down_is_ignored(tmp_path):
+    """Once the command is done, a Ctrl-C during interpreter shutdown (torch's exit callbacks run then)
+    neither prints a traceback nor kills the process: its exit status stays the command's."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    child = ("import atexit, os, signal, sys, time\n"
+             "from sharelora_kernels.__main__ import main\n"
+             "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.2), print('shut down')))\n"
+             "sys.argv = ['sharelora', 'plan', '--eps', '2']\n"
+             "sys.exit(main())\n")
+    proc = subprocess.run([sys.executable, "-c", child], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "shut down\n", proc.stderr
+    assert proc.stderr.strip().splitlines() == ["sharelora plan: error: --eps must be in [0, 1], got 2.0"]

@@ -127,27 +127,29 @@ def run(args: argparse.Namespace) -> dict:
         parts = [("compare.json", lambda path: write_json(path, result))]
         outputs.write(parts + [("compare.png", lambda path: plot(result, path))] if with_plot else parts)
 
-    bar = tqdm(total=len(methods) * args.steps, desc="compare")
-    with Interrupts() as interrupts, bar:  # from here on a Ctrl-C never costs a finished method
-        for name in methods:
-            bar.set_description(f"compare: {name}")
-            row = _train_method(base_model, setup.configs[name], setup, args, bar, interrupts)
-            if row is not None:
-                result["methods"][name] = row
-                result["finished"] = len(result["methods"]) == len(methods)
-                machine["loadavg_after"] = loadavg()
-                save(with_plot=result["finished"])
-            if interrupts.requested:
-                break
+    with Interrupts() as interrupts:  # from here on a Ctrl-C never costs a finished method
+        with tqdm(total=len(methods) * args.steps, desc="compare") as bar:
+            for name in methods:
+                bar.set_description(f"compare: {name}")
+                row = _train_method(base_model, setup.configs[name], setup, args, bar, interrupts)
+                if row is not None:
+                    result["methods"][name] = row
+                    result["finished"] = len(result["methods"]) == len(methods)
+                    machine["loadavg_after"] = loadavg()
+                    save(with_plot=result["finished"])
+                if interrupts.requested:
+                    break
+        del bar  # tqdm's __del__ runs here, where a Ctrl-C is recorded, not raised inside it
+        if not interrupts.requested:
+            print(table(result))
+            warning = load_warning(machine)
+            if warning:
+                print(warning)
+            print(f"wrote {setup.out / 'compare.json'}, {setup.out / 'compare.png'}")
     if interrupts.requested:
         done = len(result["methods"])
         where = f"{setup.out / 'compare.json'} holds them" if done else "nothing written"
         raise Interrupted(f"interrupted after {counted(done, 'finished method')} of {len(methods)}; {where}")
-    print(table(result))
-    warning = load_warning(machine)
-    if warning:
-        print(warning)
-    print(f"wrote {setup.out / 'compare.json'}, {setup.out / 'compare.png'}")
     return result
 
 

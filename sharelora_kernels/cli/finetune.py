@@ -59,11 +59,10 @@ def run(args: argparse.Namespace) -> list[float]:
     check_threads_argument(args)
 
     import torch
-    from tqdm.auto import tqdm
 
     import sharelora_kernels as sk
     from ..model import plan_model
-    from .training import Interrupts, Windows, adapter_optimizer, token_stream, train
+    from .training import Interrupts, Windows, token_stream
 
     config = read_plan(Path(args.plan))
     model_dir = resolve_model_dir(args.model)
@@ -92,21 +91,14 @@ def run(args: argparse.Namespace) -> list[float]:
           f"({structure(config)})")
     outputs = RunOutputs(out, OUTPUTS)
     outputs.check_space(outputs_bytes(model))
-    bar = tqdm(total=args.steps, desc="finetune")
-
-    def on_step(step: int, loss: float) -> None:
-        bar.update()
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if step % args.log_every == 0 or step == args.steps:
-            bar.write(f"step {step:5d}  loss {loss:.4f}")
 
     def write_losses(path: Path) -> None:
         write_json(path, {"steps": args.steps, "finished_steps": len(log.losses), "interrupted": log.interrupted,
                           "losses": log.losses}, indent=None)
 
+    written = f"{out / 'adapter'} (ShareLoRA checkpoint), {out / 'peft'} (PEFT LoRA export), {out / 'losses.json'}"
     with Interrupts() as interrupts:  # from here on a Ctrl-C never costs a finished step
-        log = train(model, adapter_optimizer(model, args.lr), batches, args.steps, on_step, interrupts)
-        bar.close()
+        log = _train_with_progress(model, batches, args, interrupts)
         losses = log.losses
         if losses:
             k = max(1, min(5, len(losses) // 4))
@@ -114,12 +106,30 @@ def run(args: argparse.Namespace) -> list[float]:
                   f"last {counted(k, 'step')} {sum(losses[-k:]) / k:.4f}")
         outputs.write([("adapter/", lambda path: sk.save(model, path)), ("peft/", lambda path: sk.export_peft(model, path)),
                        ("losses.json", write_losses)])
-    written = f"{out / 'adapter'} (ShareLoRA checkpoint), {out / 'peft'} (PEFT LoRA export), {out / 'losses.json'}"
+        if not interrupts.requested:
+            print(f"wrote {written}")
     if interrupts.requested:
         raise Interrupted(f"interrupted after {counted(len(losses), 'finished step')} of {args.steps}; "
                           f"saved them to {written}")
-    print(f"wrote {written}")
     return losses
+
+
+def _train_with_progress(model, batches, args: argparse.Namespace, interrupts):
+    """``training.train`` for finetune's options, with a progress bar and a loss line every --log-every
+    steps; the bar is closed and gone when it returns (so a Ctrl-C never lands in its ``__del__``
+    outside ``interrupts``)."""
+    from tqdm.auto import tqdm
+
+    from .training import adapter_optimizer, train
+
+    with tqdm(total=args.steps, desc="finetune") as bar:
+        def on_step(step: int, loss: float) -> None:
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if step % args.log_every == 0 or step == args.steps:
+                bar.write(f"step {step:5d}  loss {loss:.4f}")
+
+        return train(model, adapter_optimizer(model, args.lr), batches, args.steps, on_step, interrupts)
 
 
 def outputs_bytes(model) -> int:
