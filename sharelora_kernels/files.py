@@ -43,7 +43,8 @@ def atomic_write_files(writes: Mapping[Path, Callable[[str], None]], remove: Ite
     Every new file is written in full to its temporary name first, so a failing write (a full disk)
     changes nothing. Then each old file keeps a second name (a hard link; a rename where the file
     system has none) while the new files are renamed in and those of ``remove`` deleted; if one of
-    these steps fails, the old files are put back, and the error is raised.
+    these steps fails, the old files are put back, and the error is raised. (Only a process killed
+    in the instant between two of these renames can leave the files mixed.)
     """
     temps: dict[Path, str] = {}
     try:
