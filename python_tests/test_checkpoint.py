@@ -95,6 +95,88 @@ def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatc
     torch.testing.assert_close(sk.load(tiny_model(), tmp_path)(ids).logits, first(ids).logits, rtol=0, atol=0)
 
 
+def checkpoint_files(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_a_save_failing_on_its_second_file_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    """Weights and sharelora_config.json change together: a full disk on the second file keeps both old ones."""
+    import errno
+
+    import sharelora_kernels.files as files
+
+    sk.save(trained("lora"), tmp_path)
+    before = checkpoint_files(tmp_path)
+    original = files._written_temp
+
+    def full_on_config(path, write):
+        if path.name == ckpt.CONFIG_NAME:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return original(path, write)
+
+    monkeypatch.setattr(files, "_written_temp", full_on_config)
+    with pytest.raises(OSError, match="No space left"):
+        sk.save(trained("bishare_slice"), tmp_path)
+    assert checkpoint_files(tmp_path) == before
+
+
+def test_a_failing_rename_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
+    import os
+
+    import sharelora_kernels.files as files
+
+    sk.save(trained("lora"), tmp_path)
+    before = checkpoint_files(tmp_path)
+    original = os.replace
+
+    def refuse_config(source, target):
+        if str(source).endswith(".tmp") and os.path.basename(target) == ckpt.CONFIG_NAME and "aside" not in str(source):
+            raise PermissionError(1, "Operation not permitted", str(target))
+        return original(source, target)
+
+    monkeypatch.setattr(files.os, "replace", refuse_config)
+    monkeypatch.setattr(files.secrets, "token_hex", lambda n: "aside")  # tells the second names apart
+    with pytest.raises(PermissionError):
+        sk.save(trained("bishare_slice"), tmp_path)  # the weights are renamed in first, then put back
+    assert checkpoint_files(tmp_path) == before
+
+
+def test_a_config_less_save_removes_the_config_of_an_earlier_save(tmp_path):
+    """Hand-wrapped layers have no config: a sharelora_config.json left would describe another adapter."""
+    import torch.nn as nn
+
+    sk.save(trained("lora"), tmp_path)
+    wrapped = nn.Sequential(sk.SharedLoRALinear(nn.Linear(8, 8), r=2, alpha=4))
+    sk.save(wrapped, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.WEIGHTS_NAME]
+    assert ckpt.read_checkpoint(tmp_path)[0] is None
+
+
+@pytest.mark.parametrize("what", ["save", "export_peft"])
+def test_a_full_disk_in_safetensors_is_an_oserror_naming_the_file(what, tmp_path, monkeypatch):
+    """safetensors reports a full disk as SafetensorError "... (os error 28)": save and export_peft raise it
+    as the OSError any other write gives (ENOSPC, the file), and the previous files stay."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    import sharelora_kernels.export as export
+
+    model = trained("lora")
+    write = sk.save if what == "save" else sk.export_peft
+    write(model, tmp_path)
+    before = checkpoint_files(tmp_path)
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt if what == "save" else export, "save_file", full)
+    with pytest.raises(OSError) as raised:
+        write(model, tmp_path)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename.startswith(str(tmp_path))
+    assert checkpoint_files(tmp_path) == before
+
+
 def test_scale_mismatch_names_the_field(tmp_path):
     """Paths that differ only in alpha (the scale) name that field and both values."""
     sk.save(trained("lora"), tmp_path)
@@ -231,6 +313,13 @@ def reshaped(tensors):
     return {**tensors, name: torch.randn(tensors[name].shape[0] + 1, *tensors[name].shape[1:])}
 
 
+def edited(field, **changes):
+    """A metadata change: the JSON of ``field`` ("config" / "plan") with ``changes``."""
+    import json
+
+    return lambda m: {**m, field: json.dumps({**json.loads(m[field]), **changes})}
+
+
 REFUSALS = {
     "wrong shape": (dict(tensors=reshaped), r"tensor '.*' has shape"),
     "missing tensor": (dict(tensors=lambda t: {k: v for k, v in t.items() if k != last_tensor(t)}), r"lacks tensor '"),
@@ -241,6 +330,16 @@ REFUSALS = {
     "newer format": (dict(metadata=lambda m: {**m, "format_version": "2"}),
                      r"format version 2, newer than the version 1"),
     "damaged format version": (dict(metadata=lambda m: {**m, "format_version": "x"}), r"damaged format_version"),
+    "plan tensors a list": (dict(metadata=edited("plan", tensors=[])),
+                            r"adapter.safetensors has damaged metadata: its 'plan' is not a valid share plan \(plan "
+                            r"field 'tensors' must be a JSON object, got list\)"),
+    "plan modules a list": (dict(metadata=edited("plan", modules=["x"])),
+                            r"adapter.safetensors has damaged metadata: its 'plan' .*'modules' must be a JSON object"),
+    "plan without method": (dict(metadata=lambda m: {**m, "plan": m["plan"].replace('"method"', '"m"')}),
+                            r"its 'plan' is not a valid share plan \(plan lacks field 'method'\)"),
+    "config of a bad value": (dict(metadata=edited("config", r=-3)),
+                              r"adapter.safetensors has damaged metadata: its 'config' is not a valid ShareLoRAConfig "
+                              r"\(r must be >= 1, got -3\)"),
 }
 
 

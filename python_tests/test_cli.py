@@ -155,6 +155,13 @@ def test_short_text_file_needs_no_samples_option(tmp_path):
         load_texts(str(text), 4, default=64)
 
 
+def test_a_line_of_spaces_or_tabs_separates_paragraphs():
+    from sharelora_kernels.data import split_paragraphs
+
+    assert split_paragraphs("first\n   \nsecond\r\n \t\r\nthird\nstill third\n") == ["first", "second",
+                                                                                       "third\nstill third"]
+
+
 def test_finetune_samples_default_is_the_whole_task():
     """Only a missing --samples (None) means the default of 256 task paragraphs."""
     from sharelora_kernels.cli.loading import load_texts

@@ -34,6 +34,17 @@ def dirs(tmp_path_factory):
     (root / "taken" / "plan.json").mkdir()  # a folder where plan writes a file
     (root / "taken" / "compare.json").mkdir()
     bert_dir(root / "bert")
+    from transformers import GPT2Config
+
+    from sharelora_kernels.data import default_model_dir
+
+    GPT2Config(n_positions=16, n_embd=32, n_layer=2, n_head=2, vocab_size=260).save_pretrained(root / "gpt2")
+    llama = json.loads((default_model_dir() / "config.json").read_text())
+    for name, changes in {"zero_heads": {"num_attention_heads": 0, "num_key_value_heads": 0},
+                          "str_hidden": {"hidden_size": "32"}, "other_shape": {"hidden_size": 64}}.items():
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps({**llama, **changes}))
+    (root / "other_shape" / "model.safetensors").symlink_to(default_model_dir() / "model.safetensors")
     return root
 
 
@@ -62,6 +73,16 @@ CASES = [
     (["plan", "--out", "{d}/a_file"], "--out {d}/a_file is an existing file, not a folder"),
     (["plan", "--out", "{d}/a_file/sub"], "--out {d}/a_file/sub cannot be made: {d}/a_file is a file, not a folder"),
     (["plan", "--out", "{d}/taken"], "--out {d}/taken: {d}/taken/plan.json is a folder, but this command writes a file there"),
+    (["plan", "--device", "meta"], "--device meta holds shapes, no values: a model cannot run there"),
+    (["plan", "--model", "{d}/gpt2", "--max-length", "17"],
+     "--max-length 17 is longer than the model of {d}/gpt2 takes: at most 16 tokens"),
+    (["plan", "--model", "{d}/zero_heads"],
+     "{d}/zero_heads/config.json holds an invalid value: integer modulo by zero (a size or count of 0"),
+    (["plan", "--model", "{d}/str_hidden"], "{d}/str_hidden/config.json holds an invalid value: Validation error for "
+                                            "field 'hidden_size': TypeError: Field 'hidden_size' expected int, got str"),
+    (["plan", "--model", "{d}/other_shape"], "the weights in {d}/other_shape/model.safetensors do not fit "
+                                             "{d}/other_shape/config.json: tensor model.embed_tokens.weight is (260, 128) "
+                                             "there, (260, 64) in the model config.json describes"),
     # finetune: numbers, the plan, the model (a causal LM), the text, the output
     (FINETUNE + ["--samples", "0"], "--samples must be a positive number, got 0"),
     (FINETUNE + ["--samples", "-3"], "--samples must be a positive number, got -3"),
@@ -77,9 +98,18 @@ CASES = [
     (["finetune", "--plan", "{d}/bad_kron.json"], "plan {d}/bad_kron.json does not fit "),
     (FINETUNE + ["--model", "{d}/bert"], "{d}/bert holds a BertModel (bert) with no causal-LM head; fine-tuning "
                                         "(finetune, compare) needs a causal language model: a decoder saved as a *ForCausalLM class"),
-    (FINETUNE + ["--samples", "1", "--seq-len", "4000"], "the text has 216 tokens, too few for windows of 4000 tokens: lower --seq-len"),
+    (FINETUNE + ["--samples", "1", "--seq-len", "500"], "the text has 216 tokens, too few for windows of 500 tokens: lower --seq-len"),
     (FINETUNE + ["--out", "{d}/a_file"], "--out {d}/a_file is an existing file, not a folder"),
     (FINETUNE + ["--device", "nonsense"], "--device nonsense is not usable: "),
+    (FINETUNE + ["--device", "meta"], "--device meta holds shapes, no values: a model cannot run there"),
+    (FINETUNE + ["--seed", "18446744073709551616"], "--seed must be in [0, 18446744073709551615], got 18446744073709551616"),
+    (FINETUNE + ["--batch-size", "99999999999999999"],
+     "--batch-size 99999999999999999 with --seq-len 128: the logits of one batch alone take "),
+    (FINETUNE + ["--samples", "1000000000"], "--samples 1000000000: the built-in task makes at most 100,000 paragraphs"),
+    (FINETUNE + ["--model", "{d}/gpt2", "--seq-len", "17"],
+     "--seq-len 17 is longer than the model of {d}/gpt2 takes: at most 16 tokens"),
+    (FINETUNE + ["--model", "{d}/zero_heads"], "{d}/zero_heads/config.json holds an invalid value: "),
+    (FINETUNE + ["--model", "{d}/other_shape"], "the weights in {d}/other_shape/model.safetensors do not fit "),
     # compare
     (["compare", "--steps", "0"], "--steps must be a positive number, got 0"),
     (["compare", "--heldout", "0"], "--heldout must be a positive number, got 0"),
@@ -93,6 +123,12 @@ CASES = [
     (["compare", "--model", "{d}/bert"], "{d}/bert holds a BertModel (bert) with no causal-LM head"),
     (["compare", "--text", "{d}/two.txt", "--heldout", "2"], "--heldout 2 leaves no training paragraph: {d}/two.txt holds 2"),
     (["compare", "--out", "{d}/taken"], "--out {d}/taken: {d}/taken/compare.json is a folder"),
+    (["compare", "--heldout", "3000000"], "--heldout 3000000: the built-in task has only 55 paragraphs of lines it "
+                                          "does not train on"),
+    (["compare", "--seed", "-1"], "--seed must be in [0, 18446744073709551615], got -1"),
+    (["compare", "--model", "{d}/gpt2", "--seq-len", "17"],
+     "--seq-len 17 is longer than the model of {d}/gpt2 takes: at most 16 tokens"),
+    (["compare", "--model", "{d}/other_shape"], "the weights in {d}/other_shape/model.safetensors do not fit "),
     # bench
     (["bench", "--device", "cpu", "--ops", "plain,nope"], "--ops: unknown op(s) ['nope']"),
     (["bench", "--device", "cpu", "--repeats", "0"], "--repeats must be a positive number, got 0"),

@@ -31,17 +31,26 @@ def plan_file(tmp_path_factory):
 
 
 def full_disk(monkeypatch, disk: Path, writers):
-    """Every atomic write under ``disk`` by ``writers`` (modules holding ``atomic_write``; ``files``
-    for those importing it when they write) fails as on a full disk; writes elsewhere work."""
-    original = files.atomic_write
-
-    def write(path, fill):
+    """Every atomic write under ``disk`` by ``writers`` (modules holding ``atomic_write`` or
+    ``atomic_write_files``; ``files`` for those importing it when they write) fails as on a full
+    disk; writes elsewhere work."""
+    def full(path):
         if Path(path).resolve().is_relative_to(disk.resolve()):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    def write(path, fill, original=files.atomic_write):
+        full(path)
         return original(path, fill)
 
+    def write_files(writes, remove=(), original=files.atomic_write_files):
+        for path in writes:
+            full(path)
+        return original(writes, remove)
+
     for module in writers:
-        monkeypatch.setattr(module, "atomic_write", write)
+        for name, replacement in (("atomic_write", write), ("atomic_write_files", write_files)):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, replacement)
 
 
 def one_line_error(capsys, command: str) -> str:
@@ -53,8 +62,9 @@ def one_line_error(capsys, command: str) -> str:
 
 
 def leftovers(out: Path) -> list[str]:
-    """Temporary folders of a run beside ``out``."""
-    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+    """Temporary folders of a run in ``out`` or beside it."""
+    return sorted(p.name for folder in (out, out.parent) if folder.is_dir() for p in folder.iterdir()
+                  if p.name.startswith((".sharelora-run.", f".{out.name}.")))
 
 
 def test_a_new_run_replaces_all_three_results_of_an_earlier_one(plan_file, tmp_path):
@@ -93,16 +103,99 @@ def test_a_full_disk_after_training_keeps_the_adapter_in_the_system_temp_dir(pla
     assert leftovers(out) == []
 
 
-def test_a_disk_filling_during_the_export_keeps_the_adapter_beside_out(plan_file, tmp_path, capsys, monkeypatch):
+def test_a_disk_filling_during_the_export_keeps_the_adapter_in_out(plan_file, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     full_disk(monkeypatch, tmp_path, writers=(export,))
     code, _, _ = run_cli(["finetune", "--plan", plan_file, "--steps", "2", *SMALL, "--out", out])
     line = one_line_error(capsys, "finetune")
     assert code == 1
     kept = Path(line.split("adapter/ is kept in ")[1])
-    assert kept.parent.parent == tmp_path and kept.parent.name.startswith(".run.")
-    assert (kept / ckpt.WEIGHTS_NAME).is_file() and not out.exists()
+    assert kept.parent.parent == out and kept.parent.name.startswith(".sharelora-run.")
+    assert list(out.iterdir()) == [kept.parent] and sorted(p.name for p in kept.parent.iterdir()) == ["adapter"]
     assert load_file(kept / ckpt.WEIGHTS_NAME)
+
+
+def test_a_real_full_disk_in_safetensors_keeps_the_adapter_and_says_where(plan_file, tmp_path, capsys, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError: the same one line, exit 1, no temporary folder."""
+    from safetensors import SafetensorError
+
+    original = ckpt.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        if Path(filename).is_relative_to(tmp_path):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return original(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(ckpt, "save_file", save_file)
+    out = tmp_path / "run"
+    code, _, _ = run_cli(["finetune", "--plan", plan_file, "--steps", "1", *SMALL, "--out", out])
+    line = one_line_error(capsys, "finetune")
+    assert code == 1 and f"could not write the results into {out} (No space left on device: " in line
+    kept = Path(line.split("adapter/ is kept in ")[1])
+    try:
+        assert (kept / ckpt.WEIGHTS_NAME).is_file() and not kept.is_relative_to(tmp_path)
+    finally:
+        shutil.rmtree(kept.parent, ignore_errors=True)
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_a_move_in_failing_halfway_leaves_the_previous_results_whole(plan_file, tmp_path, capsys, monkeypatch):
+    """The earlier peft/ cannot be moved out once adapter/ was: adapter/ is moved back, the new results named."""
+    import os
+
+    out = tmp_path / "run"
+    assert run_cli(["finetune", "--plan", plan_file, "--steps", "1", *SMALL, "--out", out])[0] == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    original = os.replace
+
+    def stuck_peft(source, target):
+        if Path(source) == out / "peft":
+            raise PermissionError(errno.EACCES, "Permission denied", str(source))
+        return original(source, target)
+
+    monkeypatch.setattr(outputs.os, "replace", stuck_peft)
+    code, _, _ = run_cli(["finetune", "--plan", plan_file, "--steps", "2", *SMALL, "--seed", "3", "--out", out])
+    line = one_line_error(capsys, "finetune")
+    assert code == 1 and f"(Permission denied: {out / 'peft'})" in line
+    kept = Path(line.split("adapter/ is kept in ")[1])
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and kept.parent not in p.parents} == before
+    assert sorted(p.name for p in kept.parent.iterdir()) == ["adapter", "losses.json", "peft"]
+    assert json.loads((kept.parent / "losses.json").read_text())["steps"] == 2
+    assert leftovers(out) == [kept.parent.name]  # the old results' temporary folder is gone
+
+
+def test_an_out_folder_in_a_read_only_folder_is_written(plan_file, tmp_path, monkeypatch):
+    """Only --out must be writable: nothing is written beside it (here, the folder holding it refuses)."""
+    import tempfile
+
+    out = tmp_path / "run"
+    out.mkdir()
+    original = tempfile.mkdtemp
+
+    def mkdtemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == tmp_path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return original(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(outputs.tempfile, "mkdtemp", mkdtemp)
+    assert run_cli(["finetune", "--plan", plan_file, "--steps", "1", *SMALL, "--out", out])[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "losses.json", "peft"]
+
+
+def test_an_earlier_output_folder_that_cannot_be_replaced_is_refused_up_front(plan_file, tmp_path, capsys, monkeypatch):
+    import os
+
+    from cli_helpers import forbid_model_loading
+
+    out = tmp_path / "run"
+    (out / "adapter").mkdir(parents=True)
+    original = os.access
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: Path(path) != out / "adapter" and original(path, mode))
+    forbid_model_loading(monkeypatch)
+    code, _, _ = run_cli(["finetune", "--plan", plan_file, "--steps", "1", *SMALL, "--out", out])
+    line = one_line_error(capsys, "finetune")
+    assert code == 2 and line.endswith(f"error: --out {out}: {out / 'adapter'} cannot be replaced: no write permission in it")
+    assert leftovers(out) == []
 
 
 def test_free_space_is_checked_before_training(plan_file, tmp_path, capsys, monkeypatch):
@@ -271,3 +364,22 @@ def test_ctrl_c_to_a_starting_process_is_one_line(plan_file, tmp_path):
     # SIGINT after main() returned 130, as for an uncaught Ctrl-C. A shell reports both as 130.
     assert proc.returncode in (130, -signal.SIGINT), err
     assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("interrupted"), err
+
+
+def test_ctrl_c_while_the_process_shuts_down_is_ignored(tmp_path):
+    """Once the command is done, a Ctrl-C during interpreter shutdown (torch's exit callbacks run then)
+    neither prints a traceback nor kills the process: its exit status stays the command's."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    child = ("import atexit, os, signal, sys, time\n"
+             "from sharelora_kernels.__main__ import main\n"
+             "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.2), print('shut down')))\n"
+             "sys.argv = ['sharelora', 'plan', '--eps', '2']\n"
+             "sys.exit(main())\n")
+    proc = subprocess.run([sys.executable, "-c", child], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "shut down\n", proc.stderr
+    assert proc.stderr.strip().splitlines() == ["sharelora plan: error: --eps must be in [0, 1], got 2.0"]

@@ -95,6 +95,36 @@ def test_heldout_loss_is_the_token_mean_over_windows_covering_the_text(bos):
     assert abs(got - total / count) / (total / count) < 1e-5
 
 
+def test_heldout_loss_without_a_token_to_predict_is_refused():
+    with pytest.raises(ValueError, match="1 held-out tokens and no BOS token: no token to predict"):
+        heldout_loss(tiny_model(), torch.tensor([5]), seq_len=8, bos_id=None, batch_size=3)
+
+
+def test_compare_refuses_a_heldout_text_of_one_token_without_bos(tmp_path, capsys, monkeypatch):
+    """A tokenizer without BOS and a held-out paragraph of one token: nothing to measure, said before loading."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from cli_helpers import forbid_model_loading
+    from sharelora_kernels.data import default_model_dir
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(default_model_dir(), model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.bos_token = None
+    tokenizer.save_pretrained(model_dir)
+    text = tmp_path / "text.txt"
+    text.write_text("Convert 3 km to m. Answer: 3000 m.\n\n" * 8 + "x\n")
+    forbid_model_loading(monkeypatch)
+    code, _, _ = run_cli(["compare", "--model", model_dir, "--text", text, "--heldout", "1", "--methods", "lora",
+                          "--seq-len", "16", "--out", tmp_path / "out"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"error: --heldout 1: the held-out text ({text}: its last 1 paragraphs) is 1 token, and the tokenizer has no "
+        "BOS token to start a window with: no token to predict; hold out more or longer paragraphs")
+
+
 def test_training_windows_start_with_bos_and_repeat_for_a_seed():
     tokens = torch.arange(100, 400)
     a, b = Windows(tokens, 16, 4, bos_id=7, seed=5), Windows(tokens, 16, 4, bos_id=7, seed=5)

@@ -189,3 +189,24 @@ def test_ctrl_c_at_every_phase_saves_the_last_finished_step(phase, times, plan_f
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "losses.json", "peft"]
     assert sorted(p.name for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")) == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+
+
+def test_ctrl_c_while_the_progress_bar_goes_is_one_line_and_saves(plan_file, tmp_path, capsys, monkeypatch):
+    """A Ctrl-C landing in the progress bar's clean-up (tqdm's __del__) once training ended: saved, exit 130,
+    one line, not an "Exception ignored in tqdm.__del__" traceback after "wrote"."""
+    from tqdm import std
+
+    original = std.tqdm.__del__
+
+    def interrupted_del(self):
+        if getattr(self, "desc", "") == "finetune":
+            signal.raise_signal(signal.SIGINT)
+        original(self)
+
+    monkeypatch.setattr(std.tqdm, "__del__", interrupted_del)
+    code, out, _ = run_cli(["finetune", "--plan", plan_file, "--steps", "2", *SMALL, "--out", tmp_path])
+    err = capsys.readouterr().err
+    assert code == 130 and "Exception ignored" not in err and "wrote " not in out
+    assert err.splitlines()[-1].startswith("python -m sharelora_kernels finetune: interrupted after 2 finished steps "
+                                           "of 2; saved them to ")
+    assert json.loads((tmp_path / "losses.json").read_text())["finished_steps"] == 2

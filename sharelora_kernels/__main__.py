@@ -22,7 +22,11 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    with _CtrlC() as ctrl_c:
+    """Run the command of ``argv``; returns its exit status. None: the process's own command line
+    (``python -m sharelora_kernels``, ``sharelora``), after which the process ends: Ctrl-C is then
+    ignored from the moment the command is done, so one arriving while the interpreter shuts down
+    (torch's exit callbacks) prints no traceback and does not turn a finished run into a kill."""
+    with _CtrlC(last=argv is None) as ctrl_c:
         try:
             return _main(argv)
         except KeyboardInterrupt:  # before a command's own handling: while its modules are imported
@@ -38,11 +42,14 @@ def main(argv: list[str] | None = None) -> int:
 
 class _CtrlC:
     """Within ``with``: Ctrl-C (SIGINT) raises KeyboardInterrupt as Python's default handler does,
-    and ``pressed`` records that it came. Installed only over the default handler, in the main thread."""
+    and ``pressed`` records that it came. Installed only over the default handler, in the main thread;
+    the ``with`` ends by putting the default back, or for ``last`` (nothing of the process's own
+    remains to be stopped) by ignoring SIGINT."""
 
-    def __init__(self):
+    def __init__(self, last: bool = False):
         self.pressed = False
         self._installed = False
+        self._last = last
 
     def __enter__(self) -> _CtrlC:
         if threading.current_thread() is threading.main_thread() and (
@@ -53,7 +60,7 @@ class _CtrlC:
 
     def __exit__(self, *exc) -> None:
         if self._installed:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGINT, signal.SIG_IGN if self._last else signal.default_int_handler)
 
     def _on_sigint(self, signum, frame) -> None:
         self.pressed = True

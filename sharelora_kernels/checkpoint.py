@@ -5,9 +5,13 @@ trained in full (``modules_to_save``) under ``modules_to_save/<module>.<tensor>`
 metadata the config and the share plan (the authoritative copy, so weights and plan can never
 disagree). A readable ``sharelora_config.json`` is written beside it. A module holding hand-wrapped
 ``SharedLoRALinear`` layers has no config: its checkpoint holds the plan read off the layers
-(config ``null``, no JSON file) and loads into a module wrapped the same way. Each file is written
-to a temporary name in the same directory and renamed over the old one, so an interrupted save
-leaves the previous checkpoint intact.
+(config ``null``, no JSON file; one left by an earlier save is removed) and loads into a module
+wrapped the same way.
+
+A save changes the folder as one unit (``files.atomic_write_files``): both files are written in
+full to temporary names beside their targets first, so a save that fails or is interrupted while
+writing (a full disk, Ctrl-C) leaves the previous checkpoint intact; then they are renamed in
+together, and a failing rename puts the previous files back. A full disk is an OSError (ENOSPC).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ShareLoRAConfig
-from .files import atomic_write
+from .files import atomic_write_files
 from .model import (ADAPTER_WRITERS, DEFAULT_ADAPTER, active_adapters, adapter_names, adapter_tensors, apply_plan,
                     get_plan, is_applied, plan_model, resolve_adapter, shared_layers)
 from .plan import SharePlan
@@ -49,9 +53,10 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter_name: str | Non
     tensors.update({SAVED_PREFIX + name: t.detach().to("cpu").contiguous() for name, t in saved_state(model, plan).items()})
     metadata = {"format": "sharelora", "format_version": FORMAT_VERSION,
                 "config": "null" if config is None else config.to_json(), "plan": json.dumps(plan.to_dict())}
-    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    writes = {out / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata=metadata)}
     if config is not None:
-        atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config.to_json() + "\n"))
+        writes[out / CONFIG_NAME] = lambda tmp: Path(tmp).write_text(config.to_json() + "\n")
+    atomic_write_files(writes, remove=[out / CONFIG_NAME])  # removed where it is not written: no config
     return out / WEIGHTS_NAME
 
 
@@ -63,7 +68,8 @@ def saved_state(model: nn.Module, plan: SharePlan) -> dict[str, torch.Tensor]:
 
 def read_checkpoint(directory: str | os.PathLike) -> tuple[ShareLoRAConfig | None, SharePlan, Path]:
     """Config (None for hand-wrapped layers) and plan stored in a checkpoint directory; ValueError
-    if it is missing, damaged, or of a newer format version than this package reads."""
+    naming the file (and the metadata field) if it is missing, damaged or hand-edited into something
+    ``save`` does not write, or of a newer format version than this package reads."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise ValueError(f"no ShareLoRA checkpoint at {path}")
@@ -81,11 +87,18 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[ShareLoRAConfig | Non
     if int(version) > int(FORMAT_VERSION):
         raise ValueError(f"{path} has checkpoint format version {version}, newer than the version {FORMAT_VERSION} "
                          "this sharelora_kernels reads: upgrade sharelora_kernels to load it")
+    for field in ("config", "plan"):
+        if field not in meta:
+            raise ValueError(f"{path} has damaged metadata: no {field!r}")
     try:
         config = None if meta["config"] == "null" else ShareLoRAConfig.from_json(meta["config"])
-        return config, SharePlan.from_dict(json.loads(meta["plan"])), path
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} has damaged config/plan metadata ({e})") from e
+    except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path} has damaged metadata: its 'config' is not a valid ShareLoRAConfig ({e})") from e
+    try:
+        plan = SharePlan.from_dict(json.loads(meta["plan"]))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path} has damaged metadata: its 'plan' is not a valid share plan ({e})") from e
+    return config, plan, path
 
 
 @dataclass

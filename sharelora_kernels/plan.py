@@ -94,10 +94,25 @@ class SharePlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SharePlan":
-        tensors = {k: TensorSpec(**{**v, "shape": tuple(v["shape"])}) for k, v in d["tensors"].items()}
-        modules = {k: ModulePlan(_module_info(m["info"]), [PathSpec(**p) for p in m["paths"]])
-                   for k, m in d["modules"].items()}
-        return cls(d["method"], d["num_layers"], tensors, modules, list(d.get("modules_to_save", [])))
+        """The plan ``to_dict`` wrote. ValueError naming the field if it is not what ``to_dict`` writes
+        (a hand-edited plan): a list or value where an object goes, a missing or unknown key."""
+        def obj(value, field: str) -> dict[str, Any]:
+            if not isinstance(value, dict):
+                raise ValueError(f"plan field {field!r} must be a JSON object, got {type(value).__name__}")
+            return value
+
+        try:
+            d = obj(d, "plan")
+            tensors = {k: TensorSpec(**{**obj(v, f"tensors.{k}"), "shape": tuple(v["shape"])})
+                       for k, v in obj(d["tensors"], "tensors").items()}
+            modules = {k: ModulePlan(_module_info(obj(obj(m, f"modules.{k}")["info"], f"modules.{k}.info")),
+                                     [PathSpec(**obj(p, f"modules.{k}.paths")) for p in m["paths"]])
+                       for k, m in obj(d["modules"], "modules").items()}
+            return cls(d["method"], d["num_layers"], tensors, modules, list(d.get("modules_to_save", [])))
+        except KeyError as e:
+            raise ValueError(f"plan lacks field {e.args[0]!r}") from e
+        except TypeError as e:  # an unknown key (a keyword the spec does not take), a shape that is no list
+            raise ValueError(f"plan has a malformed entry: {e}") from e
 
 
 def _module_info(d: dict[str, Any]) -> ModuleInfo:

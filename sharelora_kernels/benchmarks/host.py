@@ -340,7 +340,7 @@ def plot(host: dict, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ..checkpoint import atomic_write
+    from ..files import atomic_write
 
     cases = [c for c in host["cases"] if "modes" in c]
     fig = Figure(figsize=(4.5 * len(MODES), 4.2))

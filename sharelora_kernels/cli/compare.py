@@ -16,7 +16,7 @@ trained on: by default the built-in fine-tuning task (unit conversions the built
 held out line by line, so no held-out line is a training line; with --text, its last --heldout
 paragraphs. Writes into --out: compare.json (every figure, every loss; rewritten after each method,
 so a Ctrl-C, once or more, at any moment keeps the finished ones) and compare.png (loss curves, and
-trainable parameters against held-out loss), each time through a temporary folder beside --out, so
+trainable parameters against held-out loss), each time through a hidden temporary folder in --out, so
 --out never mixes them with an earlier run's.
 
 Every option, the model directory (a causal LM), the configs (they must fit) and --out are checked
@@ -33,15 +33,17 @@ from pathlib import Path
 from . import CommandError, Interrupted, counted, require_between, require_positive
 from .compare_report import plot, table
 from .fitting import add_adapter_arguments, bishare_configs, label, lora_config, parameter_count, target_modules
-from .loading import (add_device_argument, load_model, load_texts, load_tokenizer, model_skeleton, read_model_config,
-                      read_plan, resolve_device, resolve_model_dir)
+from .loading import (add_device_argument, check_weight_shapes, load_model, load_texts, load_tokenizer, max_positions,
+                      model_skeleton, read_model_config, read_plan, resolve_device, resolve_model_dir)
 from .outputs import RunOutputs, check_out_dir, write_json
-from .options import add_threads_argument, add_training_arguments, check_threads_argument, check_training_arguments, set_threads
+from .options import (add_threads_argument, add_training_arguments, check_threads_argument, check_training_arguments,
+                      check_training_fits, set_threads)
 
 HELP = "fine-tune LoRA, ShareLoRA and Bi-Share LoRA alike and compare parameters, memory, time and held-out loss"
 METHODS = ("lora", "sharelora", "sharelora_expanded", "bishare_slice", "bishare_gate", "bishare_kron")
 OUTPUTS = ("compare.json", "compare.png")
-CALIBRATION = {"max_length": 128, "position": "input", "batch_size": 16, "method": "complete"}  # plan's defaults
+CALIBRATION = {"max_length": 128, "position": "input", "batch_size": 16, "method": "complete"}  # plan's defaults;
+# max_length: at most the model's maximum positions, as in plan
 EVAL_BATCH = 16  # held-out windows per forward pass
 
 
@@ -125,27 +127,29 @@ def run(args: argparse.Namespace) -> dict:
         parts = [("compare.json", lambda path: write_json(path, result))]
         outputs.write(parts + [("compare.png", lambda path: plot(result, path))] if with_plot else parts)
 
-    bar = tqdm(total=len(methods) * args.steps, desc="compare")
-    with Interrupts() as interrupts, bar:  # from here on a Ctrl-C never costs a finished method
-        for name in methods:
-            bar.set_description(f"compare: {name}")
-            row = _train_method(base_model, setup.configs[name], setup, args, bar, interrupts)
-            if row is not None:
-                result["methods"][name] = row
-                result["finished"] = len(result["methods"]) == len(methods)
-                machine["loadavg_after"] = loadavg()
-                save(with_plot=result["finished"])
-            if interrupts.requested:
-                break
+    with Interrupts() as interrupts:  # from here on a Ctrl-C never costs a finished method
+        with tqdm(total=len(methods) * args.steps, desc="compare") as bar:
+            for name in methods:
+                bar.set_description(f"compare: {name}")
+                row = _train_method(base_model, setup.configs[name], setup, args, bar, interrupts)
+                if row is not None:
+                    result["methods"][name] = row
+                    result["finished"] = len(result["methods"]) == len(methods)
+                    machine["loadavg_after"] = loadavg()
+                    save(with_plot=result["finished"])
+                if interrupts.requested:
+                    break
+        del bar  # tqdm's __del__ runs here, where a Ctrl-C is recorded, not raised inside it
+        if not interrupts.requested:
+            print(table(result))
+            warning = load_warning(machine)
+            if warning:
+                print(warning)
+            print(f"wrote {setup.out / 'compare.json'}, {setup.out / 'compare.png'}")
     if interrupts.requested:
         done = len(result["methods"])
         where = f"{setup.out / 'compare.json'} holds them" if done else "nothing written"
         raise Interrupted(f"interrupted after {counted(done, 'finished method')} of {len(methods)}; {where}")
-    print(table(result))
-    warning = load_warning(machine)
-    if warning:
-        print(warning)
-    print(f"wrote {setup.out / 'compare.json'}, {setup.out / 'compare.png'}")
     return result
 
 
@@ -175,7 +179,10 @@ def _setup(args: argparse.Namespace) -> Setup:
     out = check_out_dir(args.out, OUTPUTS)
     train_texts, heldout_texts, text_note = _texts(args)
     device = resolve_device(args.device)
-    infos, num_layers = target_modules(model_skeleton(model_config, causal_lm=True), args.target_modules, model_dir)
+    check_training_fits(args, model_config, model_dir, device)
+    skeleton = model_skeleton(model_config, causal_lm=True)
+    check_weight_shapes(model_dir, skeleton)
+    infos, num_layers = target_modules(skeleton, args.target_modules, model_dir)
     base = lora_config(infos, args.r, args.alpha, args.target_modules)
     configs = {"lora": base, **{f"bishare_{t}": c for t, c in bishare_configs(base, infos, num_layers).items()}}
     if planned_sets is not None:
@@ -188,8 +195,13 @@ def _setup(args: argparse.Namespace) -> Setup:
         Windows(train_tokens, args.seq_len, args.batch_size, tokenizer.bos_token_id, args.seed)
     except ValueError as err:
         raise CommandError(f"{err}: lower --seq-len or give a longer --text") from err
+    heldout_tokens = token_stream(tokenizer, heldout_texts)
+    if len(heldout_tokens) + (tokenizer.bos_token_id is not None) < 2:  # a window predicts its tokens after the first
+        raise CommandError(f"--heldout {args.heldout}: the held-out text ({text_note['heldout']}) is "
+                           f"{counted(len(heldout_tokens), 'token')}, and the tokenizer has no BOS token to start a "
+                           "window with: no token to predict; hold out more or longer paragraphs")
     return Setup(model_dir, model_config, out, device, methods, infos, num_layers, configs, calibration, tokenizer,
-                 train_tokens, token_stream(tokenizer, heldout_texts), text_note)
+                 train_tokens, heldout_tokens, text_note)
 
 
 def _found_sharelora_configs(model, setup: Setup, args: argparse.Namespace) -> dict:
@@ -197,7 +209,8 @@ def _found_sharelora_configs(model, setup: Setup, args: argparse.Namespace) -> d
     from ..similarity import share_sets
     from .plan import similarity
 
-    S = similarity(model, setup.tokenizer, setup.calibration, CALIBRATION["max_length"], CALIBRATION["position"],
+    max_length = min(CALIBRATION["max_length"], max_positions(setup.model_config) or CALIBRATION["max_length"])
+    S = similarity(model, setup.tokenizer, setup.calibration, max_length, CALIBRATION["position"],
                    CALIBRATION["batch_size"])
     sets = [g for g in share_sets(S, args.eps, method=CALIBRATION["method"]) if len(g) > 1]
     return _sharelora_configs(setup.configs["lora"], sets, setup.infos, setup.num_layers,
@@ -247,11 +260,14 @@ def _sharelora_configs(base, sets: list[list[int]], infos, num_layers: int, sour
 
 def _texts(args: argparse.Namespace) -> tuple[list[str], list[str], dict]:
     """(training paragraphs, held-out paragraphs, a note on where each came from); no line or paragraph is in both."""
-    from ..data import task_texts
+    from ..data import task_line_count, task_texts
 
     if args.text is None:
         train = task_texts()
         seen = set(line for p in train for line in p.splitlines())
+        if 4 * args.heldout > task_line_count() - len(seen):
+            raise CommandError(f"--heldout {args.heldout}: the built-in task has only "
+                               f"{(task_line_count() - len(seen)) // 4} paragraphs of lines it does not train on")
         fresh = list(dict.fromkeys(line for p in task_texts(64 * args.heldout, seed=1) for line in p.splitlines()
                                    if line not in seen))
         if len(fresh) < 4 * args.heldout:

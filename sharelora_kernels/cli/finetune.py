@@ -10,7 +10,7 @@ model), --out and the free space there are checked before training. Writes into 
     peft/        the same adapters as a plain PEFT LoRA (PeftModel.from_pretrained reads it)
     losses.json  the loss of every finished step
 
-The three are written into a temporary folder beside --out and moved in together (those of an
+The three are written into a hidden temporary folder in --out and moved in together (those of an
 earlier run in --out are replaced, all three at once). Ctrl-C, once or more, at any moment of
 training or saving stops after the step under way and saves all three as of the last finished step
 (exit status 130). If the results cannot be written (a full disk), the trained adapter is kept and
@@ -23,9 +23,10 @@ from pathlib import Path
 
 from . import CommandError, Interrupted, counted, require_positive
 from .fitting import structure
-from .loading import (add_device_argument, load_model, load_texts, load_tokenizer, model_skeleton, read_model_config,
-                      read_plan, resolve_device, resolve_model_dir)
-from .options import add_threads_argument, add_training_arguments, check_threads_argument, check_training_arguments, set_threads
+from .loading import (add_device_argument, check_weight_shapes, load_model, load_texts, load_tokenizer, model_skeleton,
+                      read_model_config, read_plan, resolve_device, resolve_model_dir)
+from .options import (add_threads_argument, add_training_arguments, check_threads_argument, check_training_arguments,
+                      check_training_fits, set_threads)
 from .outputs import RunOutputs, check_out_dir, write_json
 
 HELP = "train the adapters of a plan.json and save them (ShareLoRA checkpoint and PEFT export)"
@@ -40,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training text file, paragraphs separated by blank lines (default: the built-in fine-tuning "
                         "task, unit conversions the model never saw)")
     p.add_argument("--samples", metavar="N", type=int, default=None,
-                   help="train on the first N paragraphs only (default: all; 256 of the built-in task)")
+                   help="train on the first N paragraphs only (default: all; 256 of the built-in task, which makes "
+                        "at most 100,000)")
     p.add_argument("--steps", metavar="N", type=int, default=30, help="optimizer steps (default: 30)")
     add_training_arguments(p)
     p.add_argument("--log-every", metavar="N", type=int, default=10, help="print the loss every N steps (default: 10)")
@@ -57,11 +59,10 @@ def run(args: argparse.Namespace) -> list[float]:
     check_threads_argument(args)
 
     import torch
-    from tqdm.auto import tqdm
 
     import sharelora_kernels as sk
     from ..model import plan_model
-    from .training import Interrupts, Windows, adapter_optimizer, token_stream, train
+    from .training import Interrupts, Windows, token_stream
 
     config = read_plan(Path(args.plan))
     model_dir = resolve_model_dir(args.model)
@@ -69,8 +70,11 @@ def run(args: argparse.Namespace) -> list[float]:
     out = check_out_dir(args.out, OUTPUTS)
     texts = load_texts(args.text, args.samples, builtin="task")
     device = resolve_device(args.device)
+    check_training_fits(args, model_config, model_dir, device)
+    skeleton = model_skeleton(model_config, causal_lm=True)
+    check_weight_shapes(model_dir, skeleton)
     try:
-        plan_model(model_skeleton(model_config, causal_lm=True), config)
+        plan_model(skeleton, config)
     except (ValueError, TypeError) as err:
         raise CommandError(f"plan {args.plan} does not fit {model_dir}: {err}") from err
     tokenizer = load_tokenizer(model_dir)
@@ -87,21 +91,14 @@ def run(args: argparse.Namespace) -> list[float]:
           f"({structure(config)})")
     outputs = RunOutputs(out, OUTPUTS)
     outputs.check_space(outputs_bytes(model))
-    bar = tqdm(total=args.steps, desc="finetune")
-
-    def on_step(step: int, loss: float) -> None:
-        bar.update()
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if step % args.log_every == 0 or step == args.steps:
-            bar.write(f"step {step:5d}  loss {loss:.4f}")
 
     def write_losses(path: Path) -> None:
         write_json(path, {"steps": args.steps, "finished_steps": len(log.losses), "interrupted": log.interrupted,
                           "losses": log.losses}, indent=None)
 
+    written = f"{out / 'adapter'} (ShareLoRA checkpoint), {out / 'peft'} (PEFT LoRA export), {out / 'losses.json'}"
     with Interrupts() as interrupts:  # from here on a Ctrl-C never costs a finished step
-        log = train(model, adapter_optimizer(model, args.lr), batches, args.steps, on_step, interrupts)
-        bar.close()
+        log = _train_with_progress(model, batches, args, interrupts)
         losses = log.losses
         if losses:
             k = max(1, min(5, len(losses) // 4))
@@ -109,12 +106,30 @@ def run(args: argparse.Namespace) -> list[float]:
                   f"last {counted(k, 'step')} {sum(losses[-k:]) / k:.4f}")
         outputs.write([("adapter/", lambda path: sk.save(model, path)), ("peft/", lambda path: sk.export_peft(model, path)),
                        ("losses.json", write_losses)])
-    written = f"{out / 'adapter'} (ShareLoRA checkpoint), {out / 'peft'} (PEFT LoRA export), {out / 'losses.json'}"
+        if not interrupts.requested:
+            print(f"wrote {written}")
     if interrupts.requested:
         raise Interrupted(f"interrupted after {counted(len(losses), 'finished step')} of {args.steps}; "
                           f"saved them to {written}")
-    print(f"wrote {written}")
     return losses
+
+
+def _train_with_progress(model, batches, args: argparse.Namespace, interrupts):
+    """``training.train`` for finetune's options, with a progress bar and a loss line every --log-every
+    steps; the bar is closed and gone when it returns (so a Ctrl-C never lands in its ``__del__``
+    outside ``interrupts``)."""
+    from tqdm.auto import tqdm
+
+    from .training import adapter_optimizer, train
+
+    with tqdm(total=args.steps, desc="finetune") as bar:
+        def on_step(step: int, loss: float) -> None:
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if step % args.log_every == 0 or step == args.steps:
+                bar.write(f"step {step:5d}  loss {loss:.4f}")
+
+        return train(model, adapter_optimizer(model, args.lr), batches, args.steps, on_step, interrupts)
 
 
 def outputs_bytes(model) -> int:

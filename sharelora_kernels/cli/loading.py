@@ -1,8 +1,9 @@
 """Shared by the subcommands: a plan file, a Transformers model directory (checked, as a weightless
 skeleton, loaded), its tokenizer, the calibration / training texts and the device.
 
-The checks (``read_plan``, ``read_model_config``, ``model_skeleton``, ``load_tokenizer``, ``load_texts``,
-``resolve_device``) read no weights, so a command runs them all before ``load_model``.
+The checks (``read_plan``, ``read_model_config``, ``model_skeleton``, ``check_weight_shapes``,
+``load_tokenizer``, ``load_texts``, ``resolve_device``) read no weights, so a command runs them all
+before ``load_model``.
 """
 from __future__ import annotations
 
@@ -49,11 +50,18 @@ def read_model_config(model_dir: Path, causal_lm: bool):
         raise CommandError(f"model directory {model_dir} does not exist")
     if not (model_dir / "config.json").is_file():
         raise CommandError(f"{model_dir} is not a Transformers model directory (no config.json)")
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CommandError(f"{model_dir} is not a Transformers model directory (no usable config.json): "
                            f"{_first_line(err)}") from err
+    except StrictDataclassError as err:  # a value of the wrong type, e.g. "hidden_size": "32"
+        raise CommandError(f"{model_dir}/config.json holds an invalid value: {' '.join(str(err).split())}") from err
+    except ArithmeticError as err:  # the config's own checks divide by a size or count
+        raise CommandError(f"{model_dir}/config.json holds an invalid value: {err} (a size or count of 0, "
+                           "e.g. num_attention_heads?)") from err
     if config.model_type not in MODEL_MAPPING_NAMES:
         raise CommandError(f"{model_dir} holds a model of type {config.model_type!r}, which Transformers' AutoModel "
                            "cannot build")
@@ -81,6 +89,50 @@ def model_skeleton(config, causal_lm: bool):
             return auto.from_config(config)
     except (ValueError, TypeError, KeyError, RuntimeError, AttributeError) as err:
         raise CommandError(f"cannot build a {config.model_type} model from its config.json: {_first_line(err)}") from err
+
+
+def max_positions(config) -> int | None:
+    """The longest input (in tokens) the model of ``config`` takes: its max_position_embeddings
+    (GPT-2's n_positions) or n_ctx; None when its config names no limit."""
+    text = config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_weight_shapes(model_dir: Path, skeleton) -> None:
+    """CommandError if a tensor of the directory's safetensors weights has another shape than the
+    same tensor of ``skeleton`` (the model its config.json describes). Reads the files' headers
+    only; tensors named differently (renamed by Transformers' loader), other formats and quantized
+    checkpoints are left to ``load_model``."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    if getattr(skeleton.config, "quantization_config", None) is not None:
+        return  # quantized tensors are stored packed, in other shapes
+    index = model_dir / "model.safetensors.index.json"
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # a damaged index: load_model names it
+    prefix = getattr(skeleton, "base_model_prefix", "")
+    expected = {}
+    for name, t in skeleton.state_dict().items():
+        expected[name] = expected[f"{prefix}.{name}"] = expected[name.removeprefix(f"{prefix}.")] = tuple(t.shape)
+    for file in files:
+        try:
+            with safe_open(str(model_dir / file), framework="pt") as f:
+                for name in f.keys():
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if name in expected and shape != expected[name]:
+                        raise CommandError(f"the weights in {model_dir / file} do not fit {model_dir}/config.json: "
+                                           f"tensor {name} is {shape} there, {expected[name]} in the model config.json "
+                                           "describes")
+        except (OSError, SafetensorError):
+            return  # missing or damaged: load_model names it
 
 
 def load_model(model_dir: Path, causal_lm: bool, device: str):
@@ -126,16 +178,19 @@ def load_texts(text_file: str | None, samples: int | None, builtin: str = "calib
                default: int | None = None) -> list[str]:
     """The first ``samples`` paragraphs of ``text_file`` (blank-line separated), or for None of the
     built-in ``builtin`` text: "calibration" (the corpus, 121 paragraphs) or "task" (the fine-tuning
-    task, generated: 256 paragraphs, or ``samples`` of them).
+    task, generated: 256 paragraphs, or ``samples`` of them, at most ``TASK_MAX_TEXTS``).
 
     samples: the user's ``--samples`` (a count >= 1, checked by the caller), or None for ``default``
     paragraphs, or all of them when the text holds fewer or ``default`` is None. Only an explicit
     ``samples`` larger than the text is an error.
     """
-    from ..data import calibration_texts, split_paragraphs, task_texts
+    from ..data import TASK_MAX_TEXTS, calibration_texts, split_paragraphs, task_texts
 
     if text_file is None:
         if builtin == "task":
+            if samples is not None and samples > TASK_MAX_TEXTS:
+                raise CommandError(f"--samples {samples}: the built-in task makes at most {TASK_MAX_TEXTS:,} paragraphs "
+                                   "(give a longer --text for more)")
             return task_texts(samples or default or 256)
         texts, source = calibration_texts(), "the built-in corpus"
     else:
@@ -168,9 +223,11 @@ def resolve_device(device: str | None) -> str:
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch.empty(0, device=device)
+        kind = torch.empty(0, device=device).device.type
     except (RuntimeError, AssertionError) as err:  # AssertionError: "Torch not compiled with CUDA enabled"
         raise CommandError(f"--device {device} is not usable: {_first_line(err)}") from err
+    if kind == "meta":
+        raise CommandError(f"--device {device} holds shapes, no values: a model cannot run there (pass cpu or cuda)")
     return device
 
 

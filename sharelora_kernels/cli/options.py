@@ -19,9 +19,41 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_training_arguments(args: argparse.Namespace) -> None:
-    """CommandError naming the first bad value among ``add_training_arguments``' options."""
+    """CommandError naming the first bad value among ``add_training_arguments``' options (--seed: a
+    64-bit seed, what torch's generators take)."""
     require_positive(args, "batch_size", "lr")
     require_between(args, "seq_len", 2)
+    require_between(args, "seed", 0, 2**64 - 1)
+
+
+def check_training_fits(args: argparse.Namespace, model_config, model_dir, device: str) -> None:
+    """CommandError naming the option if the training windows do not fit the model or the device:
+    --seq-len longer than the model's maximum positions, or a batch whose logits alone (--batch-size
+    x --seq-len tokens x the vocabulary, float32) exceed the memory of ``device`` (cpu or cuda)."""
+    import os
+
+    import torch
+
+    from . import CommandError
+    from .loading import max_positions
+
+    limit = max_positions(model_config)
+    if limit is not None and args.seq_len > limit:
+        raise CommandError(f"--seq-len {args.seq_len} is longer than the model of {model_dir} takes: at most "
+                           f"{limit} tokens (its maximum positions, config.json)")
+    kind = torch.device(device).type
+    if kind == "cpu":
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    elif kind == "cuda":
+        memory = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        return
+    vocab = getattr(model_config.get_text_config(), "vocab_size", None) or 1
+    logits = args.batch_size * args.seq_len * vocab * 4
+    if logits > memory:
+        raise CommandError(f"--batch-size {args.batch_size} with --seq-len {args.seq_len}: the logits of one batch "
+                           f"alone take {logits / 2**30:,.1f} GiB ({vocab:,} per token, float32), more than the "
+                           f"{memory / 2**30:,.1f} GiB of memory of {device}: lower --batch-size")
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:

@@ -2,6 +2,7 @@
 a run's results written as one unit (``RunOutputs``)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,9 +18,10 @@ def check_out_dir(out: str | os.PathLike, outputs: Iterable[str], option: str = 
 
     outputs: the names the command writes inside ``out``, a trailing "/" marking a folder
     ("plan.json", "adapter/"). CommandError naming ``option`` if ``out`` is an existing file, if the
-    folder it would be made in is not a writable folder, or if an output exists there as the other
-    kind (a folder where a file goes, or the reverse). Results already there will be replaced: a
-    note on stdout names them now, before the run.
+    folder it would be made in is not a writable folder, if an output exists there as the other
+    kind (a folder where a file goes, or the reverse), or if an output folder there cannot be
+    replaced (no write permission in it). Results already there will be replaced: a note on stdout
+    names them now, before the run.
     """
     path = Path(out)
     if path.exists() and not path.is_dir():
@@ -40,6 +42,8 @@ def check_out_dir(out: str | os.PathLike, outputs: Iterable[str], option: str = 
             kind = "a folder" if target.is_dir() else "a file"
             raise CommandError(f"{option} {path}: {target} is {kind}, but this command writes a "
                                f"{'folder' if name.endswith('/') else 'file'} there")
+        if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+            raise CommandError(f"{option} {path}: {target} cannot be replaced: no write permission in it")
         existing.append(name)
     if existing:
         print(f"note: {option} {path} already holds {', '.join(existing)}: they will be replaced")
@@ -85,9 +89,10 @@ class OutputError(CommandError):
 
 
 class RunOutputs:
-    """A command's results in ``out`` written as one unit: into a temporary folder beside ``out``
-    (``.<out name>.<pid>-<random>.tmp``), then moved into ``out`` together, the previous run's
-    results moved out first, so ``out`` never holds the results of two runs (other files stay).
+    """A command's results in ``out`` written as one unit: into a hidden temporary folder inside
+    ``out`` (``.sharelora-run.<pid>-<random>.tmp``; inside, so it needs no more than ``check_out_dir``
+    checked and lies on ``out``'s file system), then moved in together, the previous run's results
+    moved out first, so ``out`` never holds the results of two runs (other files stay).
 
     outputs: the names a run writes (as for ``check_out_dir``). A command may ``write`` more than
     once (after each finished part): each write replaces the last.
@@ -108,51 +113,85 @@ class RunOutputs:
 
     def write(self, parts: Sequence[tuple[str, Callable[[Path], object]]]) -> None:
         """Write each ``(name, write(path))`` part, in order, into a new temporary folder, then move
-        them all into ``out``. The first part is the one never lost: if a write fails (OSError: a full
-        disk), OutputError says where it is kept, in the temporary folder if its write finished,
-        else written again into a new folder of the system's temporary directory."""
-        staging, first_done = None, False
+        them all into ``out``. The first part is the one never lost: if a write or the move fails
+        (OSError: a full disk, a folder that cannot be moved; ``files`` raises the writers' I/O errors
+        as OSError), OutputError says where it is kept: in the temporary folder if its write finished
+        (the parts that did not finish removed from it), else written again into a new folder of the
+        system's temporary directory. ``out`` keeps the previous results."""
+        created = not self.out.exists()
+        staging, done = None, []
         try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{os.getpid()}-", suffix=".tmp",
-                                            dir=self.out.parent))
+            self.out.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".sharelora-run.{os.getpid()}-", suffix=".tmp", dir=self.out))
             for name, write in parts:
                 write(staging / name.rstrip("/"))
-                first_done = True
+                done.append(name)
             self._move_in(staging)
         except OSError as err:
             name, write = parts[0]
-            if first_done:  # in the temporary folder, or already moved in
-                kept = next((p for p in (staging / name.rstrip("/"), self.out / name.rstrip("/")) if p.exists()), None)
+            if done:
+                for part, _ in parts[len(done):]:
+                    _remove(staging / part.rstrip("/"))
+                kept = staging / name.rstrip("/")
             else:
                 kept = self._rescue(name, write, staging)
+                if created:
+                    with contextlib.suppress(OSError):  # not empty: something else was written there
+                        self.out.rmdir()
             where = f"{name} is kept in {kept}" if kept else f"{name} could not be kept anywhere"
+            previous = getattr(err, "previous_results", None)
+            where += f"; the previous results are in {previous}" if previous else ""
             raise OutputError(f"could not write the results into {self.out} ({_reason(err)}); {where}") from err
+        except BaseException:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     def _move_in(self, staging: Path) -> None:
-        """Old results out (into a second temporary folder, then deleted), the new ones in, by renames."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{os.getpid()}-", suffix=".old.tmp", dir=self.out.parent))
-        for name in self.outputs:
-            if (self.out / name).exists():
-                os.replace(self.out / name, old / name)
-        for name in self.outputs:
-            if (staging / name).exists():
-                os.replace(staging / name, self.out / name)
+        """Old results out (into a second temporary folder, then deleted), the new ones in, by renames.
+        If a rename fails, those done are undone (``out`` holds the previous results, ``staging`` the
+        new ones) and the OSError raised; if undoing fails too, its ``previous_results`` names the
+        folder left holding the previous results."""
+        old = Path(tempfile.mkdtemp(prefix=f".sharelora-run.{os.getpid()}-", suffix=".old.tmp", dir=self.out))
+        moves = [(self.out / name, old / name) for name in self.outputs if os.path.lexists(self.out / name)]
+        moves += [(staging / name, self.out / name) for name in self.outputs if os.path.lexists(staging / name)]
+        done = []
+        try:
+            for source, target in moves:
+                os.replace(source, target)
+                done.append((source, target))
+        except OSError as err:
+            try:
+                for source, target in reversed(done):
+                    os.replace(target, source)
+            except OSError:
+                err.previous_results = old
+                raise err from None
+            shutil.rmtree(old, ignore_errors=True)
+            raise
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
 
     def _rescue(self, name: str, write: Callable[[Path], object], staging: Path | None) -> Path | None:
         """``name`` written by ``write`` into a new folder of the system's temporary directory (the
-        temporary folder beside ``out`` removed); None if that fails too."""
+        temporary folder in ``out`` removed); None if that fails too."""
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         try:
-            path = Path(tempfile.mkdtemp(prefix=f"sharelora-{self.out.name}-")) / name.rstrip("/")
+            path = Path(tempfile.mkdtemp(prefix=f"sharelora-{self.out.absolute().name}-")) / name.rstrip("/")
             write(path)
         except OSError:
             return None
         return path
+
+
+def _remove(path: Path) -> None:
+    """Delete the file or folder ``path`` if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _reason(err: OSError) -> str:

@@ -4,7 +4,7 @@ Runs the frozen model on calibration text, takes each sample's last-token hidden
 layer, measures the mean angular distance between layers, groups layers with similarity >= eps,
 prints the share sets and the trainable-parameter counts (LoRA, ShareLoRA with and without rank
 expansion, Bi-Share LoRA at the paper's ranks with a Kronecker dim and gate core that fit the model),
-and writes into --out (all through a temporary folder beside it, moved in together):
+and writes into --out (all through a hidden temporary folder in it, moved in together):
 
     plan.json               ShareLoRAConfig: method "similarity", the share sets found, and the Bi-Share
                             kron_dim / gate_dims priced for this model (finetune --plan trains it)
@@ -20,14 +20,15 @@ import argparse
 
 from . import CommandError, counted, require_between, require_positive
 from .fitting import add_adapter_arguments, bishare_configs, label, lora_config, parameter_count, target_modules
-from .loading import (add_device_argument, load_model, load_texts, load_tokenizer, model_skeleton, read_model_config,
-                      resolve_device, resolve_model_dir)
+from .loading import (add_device_argument, check_weight_shapes, load_model, load_texts, load_tokenizer, max_positions,
+                      model_skeleton, read_model_config, resolve_device, resolve_model_dir)
 from .options import add_threads_argument, check_threads_argument, set_threads
 from .outputs import RunOutputs, check_out_dir, write_json, write_text
 
 HELP = "find share sets from layer similarity and write plan.json"
 SWEEP_EPS = (0.70, 0.75, 0.80, 0.85, 0.90, 0.95)
 DEFAULT_SAMPLES = 64
+DEFAULT_MAX_LENGTH = 128
 OUTPUTS = ("plan.json", "bishare_slice.json", "bishare_gate.json", "bishare_kron.json", "similarity.json", "similarity.png")
 
 
@@ -37,8 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibration text file, paragraphs separated by blank lines (default: the built-in corpus)")
     p.add_argument("--samples", metavar="N", type=int, default=None,
                    help=f"calibration paragraphs (default: {DEFAULT_SAMPLES}, or all of a shorter --text)")
-    p.add_argument("--max-length", metavar="N", type=int, default=128,
-                   help="tokens per calibration sample, longer ones are truncated (default: 128)")
+    p.add_argument("--max-length", metavar="N", type=int, default=None,
+                   help="tokens per calibration sample, longer ones are truncated; at most the model's maximum "
+                        f"positions (default: {DEFAULT_MAX_LENGTH}, or that maximum when smaller)")
     p.add_argument("--eps", metavar="EPS", type=float, default=0.85,
                    help="similarity threshold in [0, 1] (default: 0.85)")
     p.add_argument("--method", choices=("complete", "anchor"), default="complete",
@@ -91,14 +93,21 @@ def run(args: argparse.Namespace) -> dict:
     out = check_out_dir(args.out, OUTPUTS)
     texts = load_texts(args.text, args.samples, default=DEFAULT_SAMPLES)
     device = resolve_device(args.device)
-    infos, num_layers = target_modules(model_skeleton(model_config, causal_lm=False), args.target_modules, model_dir)
+    limit = max_positions(model_config)
+    if args.max_length is not None and limit is not None and args.max_length > limit:
+        raise CommandError(f"--max-length {args.max_length} is longer than the model of {model_dir} takes: at most "
+                           f"{limit} tokens (its maximum positions, config.json)")
+    max_length = args.max_length or min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
+    skeleton = model_skeleton(model_config, causal_lm=False)
+    check_weight_shapes(model_dir, skeleton)
+    infos, num_layers = target_modules(skeleton, args.target_modules, model_dir)
     base = lora_config(infos, args.r, args.alpha, args.target_modules, args.kron_dim)
     bishare = bishare_configs(base, infos, num_layers)
     tokenizer = load_tokenizer(model_dir)
 
     set_threads(args)
     model = load_model(model_dir, causal_lm=False, device=device)
-    S = similarity(model, tokenizer, texts, args.max_length, args.position, args.batch_size)
+    S = similarity(model, tokenizer, texts, max_length, args.position, args.batch_size)
     if num_layers != S.shape[0]:
         raise CommandError(f"{model_dir} reports {S.shape[0]} layers of hidden states but {num_layers} layers of "
                            "target modules")

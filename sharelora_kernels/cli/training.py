@@ -149,12 +149,16 @@ class Interrupts:
 @torch.no_grad()
 def heldout_loss(model: nn.Module, tokens: torch.Tensor, seq_len: int, bos_id: int | None, batch_size: int) -> float:
     """Mean next-token loss (nats per predicted token) over consecutive, non-overlapping windows that
-    cover ``tokens`` (1-D int64); each window starts with BOS like the training windows. Eval mode."""
+    cover ``tokens`` (1-D int64); each window starts with BOS like the training windows, and predicts
+    its tokens after the first (a last window of one token, without BOS, predicts none). Eval mode.
+    ValueError if no window predicts a token (under 2 tokens without BOS, none with it)."""
     device = next(p.device for p in model.parameters())
     bos = [] if bos_id is None else [bos_id]
     width = seq_len - len(bos)
     chunks = [torch.tensor(bos + tokens[s : s + width].tolist()) for s in range(0, len(tokens), width)]
     chunks = [c for c in chunks if len(c) >= 2]
+    if not chunks:
+        raise ValueError(f"{len(tokens)} held-out tokens{'' if bos else ' and no BOS token'}: no token to predict")
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
