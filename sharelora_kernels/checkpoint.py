@@ -81,8 +81,9 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[ShareLoRAConfig | Non
     if meta.get("format") != "sharelora":
         raise ValueError(f"{path} is not a ShareLoRA checkpoint (no 'format: sharelora' in its metadata)")
     version = meta.get("format_version", FORMAT_VERSION)
-    if not version.isdigit():
-        raise ValueError(f"{path} has a damaged format_version {version!r} (this version of sharelora_kernels writes "
+    if not (version.isdigit() and len(version) <= 9 and int(version) >= 1):
+        shown = repr(version[:20]) + ("..." if len(version) > 20 else "")
+        raise ValueError(f"{path} has a damaged format_version {shown} (this version of sharelora_kernels writes "
                          f"{FORMAT_VERSION!r})")
     if int(version) > int(FORMAT_VERSION):
         raise ValueError(f"{path} has checkpoint format version {version}, newer than the version {FORMAT_VERSION} "
@@ -124,7 +125,8 @@ def check_checkpoint(model: nn.Module, directory: str | os.PathLike,
                      adapter_name: str | None = None) -> CheckedCheckpoint:
     """Everything ``load`` checks, without changing ``model``: the file and its format version, the
     plan against the model's (or the one ``apply`` would build), merged adapters, and every tensor
-    read whole, present, floating point and of the right shape. ValueError naming the first problem."""
+    read whole, present, floating point, finite and of the right shape, none extra. ValueError naming
+    the first problem."""
     config, saved_plan, path = read_checkpoint(directory)
     names = adapter_names(model)
     if adapter_name is None:
@@ -149,6 +151,10 @@ def check_checkpoint(model: nn.Module, directory: str | os.PathLike,
     try:
         with safe_open(str(path), framework="pt") as f:
             stored = set(f.keys())
+            extra = sorted(stored - set(shapes))
+            if extra:
+                raise ValueError(f"{path} holds tensor {extra[0]!r}, which neither its plan nor the model has "
+                                 f"({len(extra)} such): a hand-edited or foreign file")
             for name, shape in shapes.items():
                 if name not in stored:
                     raise ValueError(f"{path} lacks tensor {name!r} of the model (shape {shape})")
@@ -157,6 +163,9 @@ def check_checkpoint(model: nn.Module, directory: str | os.PathLike,
                     raise ValueError(f"{path}: tensor {name!r} is {t.dtype}; adapter tensors are floating point")
                 if tuple(t.shape) != shape:
                     raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, the model's {shape}")
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"{path}: tensor {name!r} holds NaN or infinite values (the training that saved "
+                                     "it diverged?)")
                 tensors[name] = t
     except ValueError:
         raise
@@ -173,7 +182,7 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str | Non
 
     Raises ValueError naming the first difference if the model's method, target modules, shapes,
     share plan or modules to save differ from the checkpoint's, if its adapters are merged, if a
-    tensor is missing, of the wrong shape or not floating point, if the checkpoint's format is newer
+    tensor is missing, extra, of the wrong shape, not floating point or not finite, if the checkpoint's format is newer
     than this package's, or if the file is truncated or corrupted. Everything is checked
     (``check_checkpoint``) before the model changes: a refused load leaves it as it was.
     """
