@@ -311,8 +311,11 @@ def test_a_model_of_sk_apply_is_refused_and_export_peft_takes_a_peft_model(tmp_p
     assert torch.allclose(logits(exported, ids), logits(model, ids), atol=1e-5)
     classifier = get_peft_model(tiny_family("bert", head="seq_cls", num_labels=3),
                                 sk.ShareLoRAPeftConfig(r=2, task_type="SEQ_CLS"))
-    with pytest.raises(ValueError, match=r"modules to save in PEFT's wrappers \(\['classifier'\]\)"):
+    with pytest.raises(ValueError, match=r"modules to save in PEFT's wrappers \(\['classifier'\]\), which export_peft"):
         sk.export_peft(classifier, tmp_path / "classifier")
+    with pytest.raises(ValueError, match=r"modules to save in PEFT's wrappers \(\['classifier'\]\), which save does"):
+        sk.save(classifier, tmp_path / "saved")  # its file would lack the trained head
+    assert not (tmp_path / "saved").exists()
 
 
 def test_import_is_lazy_and_registers_when_peft_is_imported():

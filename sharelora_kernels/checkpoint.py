@@ -40,7 +40,9 @@ FORMAT_VERSION = "1"
 def save(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
     """Write the model's adapter ``adapter_name`` (None: the active one) and modules to save into
     ``directory`` (any directory, e.g. a Trainer checkpoint's; created if needed); returns the
-    weights path. The checkpoint holds no name: ``load`` gives it the name it is loaded under."""
+    weights path. The checkpoint holds no name: ``load`` gives it the name it is loaded under.
+    A PeftModel keeping modules to save in PEFT's wrappers is refused (``check_no_peft_wrappers``)."""
+    check_no_peft_wrappers(model, "save")
     if adapter_names(model):
         adapter_name = resolve_adapter(model, adapter_name)
         config: ShareLoRAConfig | None = model.sharelora_configs[adapter_name]
@@ -58,6 +60,19 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter_name: str | Non
         writes[out / CONFIG_NAME] = lambda tmp: Path(tmp).write_text(config.to_json() + "\n")
     atomic_write_files(writes, remove=[out / CONFIG_NAME])  # removed where it is not written: no config
     return out / WEIGHTS_NAME
+
+
+def check_no_peft_wrappers(model: nn.Module, what: str) -> None:
+    """ValueError naming the modules a PeftModel of the method keeps in PEFT's modules-to-save
+    wrappers (``AuxiliaryTrainingWrapper``): ``what`` writes the modules to save of ``apply``'s plan,
+    not PEFT's copies, so its file would lack them."""
+    get_base = getattr(model, "get_base_model", None)  # a PeftModel: name them as its base model does
+    model = get_base() if callable(get_base) else model
+    wrapped = [n for n, m in model.named_modules() if any(
+        c.__name__ == "AuxiliaryTrainingWrapper" and c.__module__.startswith("peft.") for c in type(m).__mro__)]
+    if wrapped:
+        raise ValueError(f"this PeftModel keeps modules to save in PEFT's wrappers ({wrapped}), which {what} does "
+                         "not write (its file would lack them): save it with save_pretrained")
 
 
 def saved_state(model: nn.Module, plan: SharePlan) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .checkpoint import saved_state
+from .checkpoint import check_no_peft_wrappers, saved_state
 from .files import atomic_write
 from .model import get_plan, shared_layers
 from .plan import pattern_value
@@ -81,11 +81,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, serving: str | N
     get_base = getattr(model, "get_base_model", None)  # a PeftModel: export the model it wraps
     if callable(get_base):
         model = get_base()
-        wrapped = [n for n, m in model.named_modules() if any(
-            c.__name__ == "AuxiliaryTrainingWrapper" and c.__module__.startswith("peft.") for c in type(m).__mro__)]
-        if wrapped:
-            raise ValueError(f"this PeftModel keeps modules to save in PEFT's wrappers ({wrapped}), which export_peft "
-                             "does not write (the export would lack them): save it with save_pretrained")
+        check_no_peft_wrappers(model, "export_peft")
     plan = get_plan(model)
     if "" in plan.modules:
         raise ValueError("export_peft names adapters by module path, and the root module itself is a "
