@@ -69,3 +69,16 @@ def test_callback_refuses_a_model_without_adapters(tmp_path):
         Trainer(model=tiny_model(), args=args, train_dataset=TokenWindows(12), callbacks=[sk.TrainerCallback()])
     with pytest.raises(ValueError, match="adapter_only must be true or false"):
         sk.TrainerCallback(adapter_only="yes")
+
+
+def test_callback_refuses_a_peft_model_whose_heads_save_would_lack_at_init(tmp_path):
+    """A PeftModel of the method keeping a task head in PEFT's wrappers: refused when the Trainer is
+    made, not at its first checkpoint (after steps that would be lost)."""
+    from peft import get_peft_model
+    from tiny_models import tiny_family
+
+    model = get_peft_model(tiny_family("bert", head="seq_cls", num_labels=3), sk.ShareLoRAPeftConfig(r=2, task_type="SEQ_CLS"))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match=r"modules to save in PEFT's wrappers \(\['classifier'\]\), which "
+                                         r"TrainerCallback's save does not write"):
+        Trainer(model=model, args=args, train_dataset=TokenWindows(12), callbacks=[sk.TrainerCallback()])

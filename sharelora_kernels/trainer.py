@@ -13,7 +13,7 @@ import os
 
 import transformers
 
-from .checkpoint import save, saved_state
+from .checkpoint import check_no_peft_wrappers, save, saved_state
 from .model import get_plan
 
 
@@ -39,6 +39,7 @@ class TrainerCallback(transformers.TrainerCallback):
 
     def _start(self, model) -> None:
         plan = get_plan(model)  # a model without adapters fails here, not at the first checkpoint
+        check_no_peft_wrappers(model, "TrainerCallback's save")  # nor one whose heads save would lack
         if self.adapter_only and self._ignored_before is None:
             if not isinstance(model, transformers.PreTrainedModel):
                 raise ValueError(f"adapter_only saves need a Transformers model (its save_pretrained leaves keys out), "
