@@ -64,6 +64,18 @@ def test_export_loads_in_peft_with_same_outputs_after_training(name, tmp_path):
     assert rel_err(ref, out) <= 1e-5
 
 
+@pytest.mark.parametrize("serving", [None, "vllm"])
+def test_export_inside_disable_adapters_writes_the_adapter(serving, tmp_path):
+    """Disabled adapters still exist: the export is the same as outside the block."""
+    model = sk.apply(tiny_model(), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["bishare_gate"]))
+    randomize_adapters(model)
+    sk.export_peft(model, tmp_path / "enabled", serving=serving)
+    with sk.disable_adapters(model):
+        sk.export_peft(model, tmp_path / "disabled", serving=serving)
+    assert (tmp_path / "enabled" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "disabled" / "adapter_model.safetensors").read_bytes()
+
+
 @pytest.mark.parametrize("engine", ["vllm", "tgi"])
 def test_serving_export_pads_ranks_and_keeps_outputs(engine, tmp_path):
     base = tiny_model("llama")

@@ -45,9 +45,10 @@ SERVING_CONFIG_KEYS = ("peft_type", "task_type", "base_model_name_or_path", "r",
 
 @torch.no_grad()
 def peft_lora_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A (R, K), B (N, R)) float32 of one SharedLoRALinear, scales folded into B."""
+    """(A (R, K), B (N, R)) float32 of one SharedLoRALinear's active adapters (disabled or not),
+    scales folded into B."""
     a_parts, b_parts = [], []
-    for p in layer.paths():
+    for p in layer.paths(layer.active_adapters):
         a, b = path_factors(p._replace(tensors=tuple(t.float() for t in p.tensors)), layer.in_features, layer.out_features)
         a_parts.append(a)
         b_parts.append(b * p.scale)
@@ -58,7 +59,7 @@ def peft_lora_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
 def _module_lora(name: str, layer, config, use_rslora: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(A, B, PEFT alpha) of module ``name``: as trained when it has one plain path at the scale of
     its config alpha, else ``peft_lora_factors`` with the alpha that makes PEFT's scale 1."""
-    paths = layer.paths()
+    paths = layer.paths(layer.active_adapters)  # what the adapter is, also while adapters are disabled
     if len(paths) == 1 and paths[0].kind == "plain" and config is not None:
         a, b = paths[0].tensors
         alpha = pattern_value(config.alpha_pattern, name, config.alpha)
