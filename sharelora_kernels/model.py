@@ -322,7 +322,7 @@ def _base_of(module: nn.Module) -> nn.Module:
 def _hand_wrapped(model: nn.Module) -> tuple[SharePlan, dict[str, nn.Parameter]]:
     """The plan of a module holding hand-wrapped SharedLoRALinears, and its tensors: each tensor is
     named by its parameter name in ``model`` (``"0.adapters.A"``), so layers sharing one are planned so."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SharedLoRALinear)]
+    layers = named_shared_layers(model)
     if not layers:
         raise ValueError("this model has no ShareLoRA adapters: call sharelora_kernels.apply(model, config) "
                          "or wrap its layers in SharedLoRALinear first")
@@ -372,18 +372,24 @@ def parameter_breakdown(model: nn.Module) -> dict[str, int]:
 
 
 def shared_layers(model: nn.Module) -> list[SharedLoRALinear]:
-    """The model's SharedLoRALinear layers in module order; their own children (one path module per
-    adapter and path) are not walked, so the cost does not grow with the adapters loaded."""
-    out, stack, seen = [], [model], set()
+    """The model's SharedLoRALinear layers in module order (``named_shared_layers`` without names)."""
+    return [m for _, m in named_shared_layers(model)]
+
+
+def named_shared_layers(model: nn.Module) -> list[tuple[str, SharedLoRALinear]]:
+    """(dotted name, layer) of the model's SharedLoRALinear layers in module order, named as
+    ``named_modules`` names them (the root ""); their own children (one path module per adapter and
+    path) are not walked, so the cost does not grow with the adapters loaded."""
+    out, stack, seen = [], [("", model)], set()
     while stack:
-        m = stack.pop()
+        name, m = stack.pop()
         if id(m) in seen:  # a module registered twice counts once, as in model.modules()
             continue
         seen.add(id(m))
         if isinstance(m, SharedLoRALinear):
-            out.append(m)
+            out.append((name, m))
         else:
-            stack.extend(reversed([c for c in m._modules.values() if c is not None]))
+            stack.extend(reversed([(f"{name}.{k}" if name else k, c) for k, c in m._modules.items() if c is not None]))
     return out
 
 
@@ -487,7 +493,7 @@ def unload(model: nn.Module, merge: bool = False, adapter_names: Sequence[str] |
     if merge and safe_merge:
         check_safe_merge(model, adapter_names)
     disable_input_groups(model)
-    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, SharedLoRALinear)]:
+    for name, layer in named_shared_layers(model):
         if merge:
             layer.merge(adapter_names=adapter_names)
         parent_name, _, leaf = name.rpartition(".")
@@ -507,7 +513,7 @@ def unload(model: nn.Module, merge: bool = False, adapter_names: Sequence[str] |
 def check_safe_merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> None:
     """ValueError naming the first wrapped module whose merge of the active adapters (or
     ``adapter_names``) would put non-finite values into its base weight; nothing is changed."""
-    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, SharedLoRALinear)]:
+    for name, layer in named_shared_layers(model):
         if not layer.merge_is_finite(adapter_names):
             raise ValueError(f"merging adapter(s) {layer.adapters_to_merge(adapter_names)} would put non-finite values "
                              f"into the base weight of module {name!r}; nothing was merged")
@@ -531,8 +537,8 @@ def quantized_bases_unwrapped(model: nn.Module) -> Iterator[None]:
     Transformers' does when saving), name the base as the unwrapped model does (``q_proj.weight``,
     not ``q_proj.base_layer.weight``); the layers are put back afterwards, whatever happens."""
     swapped = []
-    for name, layer in list(model.named_modules()):
-        if isinstance(layer, SharedLoRALinear) and layer.layout.computes_itself:
+    for name, layer in named_shared_layers(model):
+        if layer.layout.computes_itself:
             parent_name, _, child = name.rpartition(".")
             swapped.append((model.get_submodule(parent_name), child, layer))
     try:
@@ -558,7 +564,7 @@ class SavePretrainedWithAdapters:
 
     def __call__(self, save_directory: str | os.PathLike, *args, **kwargs):
         model = self.model
-        merged = [(name, m) for name, m in model.named_modules() if isinstance(m, SharedLoRALinear) and m.merged]
+        merged = [(name, m) for name, m in named_shared_layers(model) if m.merged]
         if merged:
             name, layer = merged[0]
             raise ValueError(f"adapter(s) {layer.merged_adapters} are merged into the weights of {len(merged)} module(s) "
