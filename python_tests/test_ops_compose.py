@@ -268,7 +268,9 @@ def bad_calls():
             (r"needs tensors \('A', 'B'\), got 1", x, w, [LoRAPath("plain", (a,), 1.0)], 0.0),
             ("x must be floating point, got torch.int64", x.long(), w, [LoRAPath("plain", (a, b), 1.0)], 0.0),
             (r"dropout_p must be in \[0, 1\), got 1.0", x, w, [LoRAPath("plain", (a, b), 1.0)], 1.0),
-            (r"dropout_p must be in \[0, 1\), got -0.1", x, w, [LoRAPath("plain", (a, b), 1.0)], -0.1)]
+            (r"dropout_p must be in \[0, 1\), got -0.1", x, w, [LoRAPath("plain", (a, b), 1.0)], -0.1),
+            ("x is on meta but weight is on cpu", x.to("meta"), w, [LoRAPath("plain", (a, b), 1.0)], 0.0),
+            ("x is on cpu but path 0 .plain.'s B is on meta", x, w, [LoRAPath("plain", (a, b.to("meta")), 1.0)], 0.0)]
 
 
 @pytest.mark.parametrize("backend", ["torch", "compose", "triton", "auto"])

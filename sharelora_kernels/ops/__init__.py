@@ -200,7 +200,7 @@ def lowrank_auto_choice(x: Tensor, n: int, paths: Sequence[LoRAPath], dropout_p:
     or ``compose`` (the torch path), verified and timed as ``dispatch.auto_choice`` does for a dense
     layer, on a zero y (the base's output does not change the low-rank sum). The signature names
     the base ``uint8`` (a quantized weight), so it never meets a dense layer's choice."""
-    quantized = torch.empty((n, x.shape[-1]), dtype=torch.uint8, device="meta")
+    quantized = torch.empty((), dtype=torch.uint8, device=x.device).expand(n, x.shape[-1])  # no (N, K) storage
 
     def backend(use_triton: bool):
         def run(x, weight, bias, paths, dropout_p, training):

@@ -76,7 +76,8 @@ def check_path(i: int, p: LoRAPath, k: int, n: int) -> None:
 
 def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float) -> None:
     """ValueError naming what does not fit y = x W^T + b + paths(dropout(x)): x floating point with
-    W's K features, W (N, K), b (N,), ``dropout_p`` in [0, 1), every path (``check_path``)."""
+    W's K features, W (N, K), b (N,), W, b and every adapter tensor on x's device, ``dropout_p`` in
+    [0, 1), every path (``check_path``)."""
     if not x.is_floating_point():
         raise ValueError(f"x must be floating point, got {x.dtype}")
     if x.dim() == 0:
@@ -88,8 +89,15 @@ def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected (N,) = ({n},)")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"x is on {x.device} but {name} is on {t.device}: move them to one device")
     for i, p in enumerate(paths):
         check_path(i, p, k, n)
+        for role, t in zip(PATH_ROLES.get(p.kind, ()), p.tensors):
+            if t.device != x.device:
+                raise ValueError(f"x is on {x.device} but path {i} ({p.kind})'s {role} is on {t.device}: "
+                                 "move them to one device")
 
 
 def check_group_sizes(weights: Sequence[Tensor], biases: Sequence[Tensor | None],
