@@ -144,15 +144,13 @@ def _bitsandbytes_kind(module: nn.Module, what: str) -> str | None:
 def compute_dtype(module: nn.Module, layout: BaseLayout, x: Tensor) -> torch.dtype:
     """The dtype the low-rank paths of a quantized base compute in for input x (its operands; the
     products accumulate in float32): the autocast dtype under autocast, else the base's compute dtype
-    (a Linear4bit's ``compute_dtype``; a Linear8bitLt computes in x's dtype). ValueError when x is
-    not in the 4-bit base's compute dtype outside autocast (bitsandbytes would silently cast x)."""
+    (a Linear4bit's ``compute_dtype``, to which bitsandbytes casts an input of another dtype, handing
+    its output back in x's dtype; a Linear8bitLt computes in x's dtype)."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
-    if layout.kind == "bnb_4bit" and module.compute_dtype is not None and module.compute_dtype != x.dtype:
-        raise ValueError(f"input dtype {x.dtype} does not match the 4-bit base's compute dtype {module.compute_dtype}: "
-                         f"cast the input, run under torch.autocast(dtype={module.compute_dtype}) (as Trainer's "
-                         "bf16=True does), or quantize with bnb_4bit_compute_dtype set to the input's dtype")
+    if layout.kind == "bnb_4bit" and module.compute_dtype is not None:
+        return module.compute_dtype
     return x.dtype
 
 
