@@ -95,6 +95,21 @@ def test_from_peft_refuses_other_adapter_types_and_dora(tmp_path):
         sk.from_peft(sk.apply(tiny_model(), sk.ShareLoRAConfig(r=2)), tmp_path)
 
 
+def test_from_peft_refuses_lora_on_embeddings_and_a_folder_without_lora(tmp_path):
+    from safetensors.torch import save_file
+
+    peft_model = trained_peft(tiny_model(layers=2), r=2, target_modules=["q_proj", "embed_tokens"])
+    peft_model.save_pretrained(tmp_path / "emb")
+    with pytest.raises(ValueError, match="'model.embed_tokens' has LoRA on an embedding"):
+        sk.from_peft(peft_model)
+    assert any(type(m).__module__.startswith("peft.") for m in peft_model.modules())  # refused before anything changed
+    with pytest.raises(ValueError, match="'model.embed_tokens' has LoRA on an embedding"):
+        sk.from_peft(tiny_model(layers=2), tmp_path / "emb")
+    save_file({}, tmp_path / "emb" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="adapter_model.safetensors holds no LoRA weights"):
+        sk.from_peft(tiny_model(layers=2), tmp_path / "emb")
+
+
 def test_from_peft_unmerges_a_merged_lora_and_refuses_several_active_or_another_merged():
     ids = token_batch(seed=4)
     merged = trained_peft(tiny_model(layers=2), r=3, lora_alpha=5, target_modules=TARGETS)

@@ -28,6 +28,7 @@ _UNSUPPORTED = (("use_dora", False, "DoRA"), ("bias", "none", "trained biases (b
                 ("target_parameters", None, "LoRA on parameters (target_parameters)"),
                 ("trainable_token_indices", None, "trainable tokens"), ("layer_replication", None, "layer replication"),
                 ("alora_invocation_tokens", None, "activated LoRA"), ("use_bdlora", None, "BD-LoRA"))
+_EMBEDDING = "PEFT module {name!r} has LoRA on an embedding, which ShareLoRA layers do not support"
 
 
 def from_peft(model: nn.Module, adapter_dir: str | os.PathLike | None = None) -> nn.Module:
@@ -108,14 +109,18 @@ def _read_peft_model(model) -> tuple[dict, dict, dict]:
     _check_supported(peft_config)
     lora, saved = {}, {}
     for name, module in model.get_base_model().named_modules():
+        if adapter in getattr(module, "lora_embedding_A", {}):  # PEFT's Embedding: its lora_A stays empty
+            raise ValueError(_EMBEDDING.format(name=name))
         if hasattr(module, "lora_A") and adapter in getattr(module, "lora_A", {}):
-            if adapter in getattr(module, "lora_embedding_A", {}) or not isinstance(module.lora_A[adapter], nn.Linear):
+            if not isinstance(module.lora_A[adapter], nn.Linear):
                 raise ValueError(f"PEFT module {name!r} is not a linear LoRA layer ({type(module).__name__})")
             lora[name] = (module.lora_A[adapter].weight.detach(), module.lora_B[adapter].weight.detach(),
                           module.scaling[adapter])
         elif hasattr(module, "modules_to_save") and adapter in getattr(module, "modules_to_save", {}):
             for key, t in module.modules_to_save[adapter].state_dict().items():
                 saved[f"{name}.{key}"] = t.detach().clone()
+    if not lora:
+        raise ValueError(f"adapter {adapter!r} of this PeftModel holds no LoRA layers")
     return peft_config, lora, saved
 
 
@@ -145,9 +150,13 @@ def _read_adapter_dir(directory: Path) -> tuple[dict, dict, dict]:
                 lora.setdefault(key[: -len(f".{role}.weight")], {})[role] = t
                 break
         else:
+            if key.endswith((".lora_embedding_A", ".lora_embedding_B")):
+                raise ValueError(f"{weights_path}: " + _EMBEDDING.format(name=key.rsplit(".", 1)[0]))
             if ".lora_" in key:
                 raise ValueError(f"{weights_path}: tensor {key!r} is not a linear LoRA weight (lora_A / lora_B)")
             saved[key] = t
+    if not lora:
+        raise ValueError(f"{weights_path} holds no LoRA weights (no lora_A / lora_B tensors)")
     out = {}
     for name, ab in lora.items():
         if set(ab) != {"lora_A", "lora_B"}:
