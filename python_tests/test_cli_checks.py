@@ -2,6 +2,7 @@
 seconds, with one line naming it, exit status 2, before any model is loaded or any timing starts."""
 import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -162,6 +163,20 @@ def test_cuda_device_without_cuda_is_a_clear_error(command, dirs, tmp_path, caps
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"{command[0]}: error: --device cuda is not usable" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_out_that_cannot_be_made_is_refused_even_for_root(tmp_path, capsys, monkeypatch):
+    """Permissions say yes to root everywhere; making a folder in /proc fails all the same."""
+    forbid_model_loading(monkeypatch)
+    code, _, _ = run_cli(["plan", "--out", "/proc/sharelora_out"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines()[-1].startswith(
+        "python -m sharelora_kernels plan: error: --out /proc/sharelora_out cannot be written: "), err
+    # a writable --out passes, and the check leaves nothing in it
+    (tmp_path / "out").mkdir()
+    code, _, _ = run_cli(["plan", "--text", tmp_path / "missing.txt", "--out", tmp_path / "out"])
+    assert code == 2 and "error: text file" in capsys.readouterr().err and list((tmp_path / "out").iterdir()) == []
 
 
 def test_existing_results_are_replaced_only_with_a_note(dirs, tmp_path, capsys, monkeypatch):

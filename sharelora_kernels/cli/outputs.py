@@ -18,10 +18,11 @@ def check_out_dir(out: str | os.PathLike, outputs: Iterable[str], option: str = 
 
     outputs: the names the command writes inside ``out``, a trailing "/" marking a folder
     ("plan.json", "adapter/"). CommandError naming ``option`` if ``out`` is an existing file, if the
-    folder it would be made in is not a writable folder, if an output exists there as the other
-    kind (a folder where a file goes, or the reverse), or if an output folder there cannot be
-    replaced (no write permission in it). Results already there will be replaced: a note on stdout
-    names them now, before the run.
+    folder it would be made in (or ``out`` itself, if it exists) is not a folder or no folder can be
+    created in it (tried: a temporary folder is made there and removed, since permissions do not tell,
+    e.g. for root or in /proc), if an output exists there as the other kind (a folder where a file
+    goes, or the reverse), or if an output folder there cannot be replaced (no write permission in
+    it). Results already there will be replaced: a note on stdout names them now, before the run.
     """
     path = Path(out)
     if path.exists() and not path.is_dir():
@@ -31,8 +32,13 @@ def check_out_dir(out: str | os.PathLike, outputs: Iterable[str], option: str = 
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise CommandError(f"{option} {path} cannot be made: {ancestor} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise CommandError(f"{option} {path} cannot be written: no write permission in {ancestor}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".sharelora-check.", dir=ancestor))
+    except PermissionError:
+        raise CommandError(f"{option} {path} cannot be written: no write permission in {ancestor}") from None
+    except OSError as err:
+        raise CommandError(f"{option} {path} cannot be written: no folder can be created in {ancestor} "
+                           f"({err.strerror or err})") from None
     existing = []
     for name in outputs:
         target = path / name.rstrip("/")
