@@ -1,5 +1,5 @@
 """The command line answers at once: --help of every command and every option error come back without
-importing torch or transformers, a mistyped option or command gets the command's own usage and a
+importing torch or transformers, a mistyped option or command gets one line naming the command, with a
 suggestion, and help text wraps at word boundaries."""
 from __future__ import annotations
 
@@ -73,10 +73,18 @@ def test_help_and_option_errors_import_nothing_heavy():
         assert r["seconds"] < 5, f"{r['argv']} took {r['seconds']:.1f} s"  # generous: it takes milliseconds
 
 
-def test_a_mistyped_option_shows_the_commands_own_usage():
-    (r,) = run_child([("plan", "--epss", "0.9")])
-    assert r["text"].startswith(f"usage: {PROG} plan ")
-    assert f"{PROG} plan: error: unrecognized arguments: --epss 0.9 (did you mean --eps?)" in r["text"]
+def test_an_error_argparse_reports_is_one_line_naming_the_command_and_option():
+    """Unknown option, bad type, bad choice, missing option, unknown command: one line, no usage block."""
+    cases = {("plan", "--epss", "0.9"): f"{PROG} plan: error: unrecognized arguments: --epss 0.9 (did you mean --eps?)",
+             ("plan", "--eps", "x"): f"{PROG} plan: error: argument --eps: invalid float value: 'x'",
+             ("plan", "--method", "anchr"): f"{PROG} plan: error: argument --method: invalid choice: 'anchr'",
+             ("finetune",): f"{PROG} finetune: error: the following arguments are required: --plan",
+             ("plna",): f"{PROG}: error: unknown command 'plna' (did you mean plan?)"}
+    for r in run_child(cases):
+        argv = tuple(r["argv"])
+        command = f"{PROG} {argv[0]}" if argv[0] in COMMANDS else PROG
+        assert r["code"] == 2 and r["text"].count("\n") == 1, r
+        assert r["text"].startswith(cases[argv]) and r["text"].endswith(f"; see {command} --help\n"), r
 
 
 def test_help_wraps_at_word_boundaries():

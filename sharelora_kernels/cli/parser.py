@@ -1,5 +1,5 @@
 """The command line's argparse parts: help that wraps at word boundaries (an option name is never
-split), and usage errors that show the command's own usage with a "did you mean ...?"."""
+split), and usage errors in one line naming the command, with a "did you mean ...?"."""
 from __future__ import annotations
 
 import argparse
@@ -41,10 +41,11 @@ def did_you_mean(word: str, candidates) -> str:
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser with ``HelpFormatter`` whose errors suggest the closest option or choice.
+    """An ArgumentParser with ``HelpFormatter`` whose errors are one line (no usage block) that
+    suggests the closest option or choice and points to ``--help``; exit status 2 as argparse's.
 
-    An option no command knows is reported by that command's parser (its usage, not the top level's):
-    ``parse_args`` looks it up in the namespace's ``command_parser`` (set by ``add_command``)."""
+    An option no command knows is reported by that command's parser (its name, not the top level's):
+    ``parse_args`` looks it up in the namespace's ``command_parser`` (``__main__`` sets it)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
@@ -63,4 +64,4 @@ class Parser(argparse.ArgumentParser):
         choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if choice:
             message += did_you_mean(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)))
-        super().error(message)
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
