@@ -114,6 +114,8 @@ def test_load_warning_when_other_work_shared_the_cores():
     assert load_warning(quiet) is None
     warning = load_warning(busy)
     assert "6.2" in warning and "2 cores" in warning and "not comparable" in warning and "\n" not in warning
+    assert warning.endswith("(rerun on a quiet machine, or with --threads 1)")
+    assert load_warning({**busy, "torch_threads": 1}).endswith("(rerun on a quiet machine)")  # it ran with one
     assert load_warning({"cpu_count": 2, "loadavg_before": None, "loadavg_after": None}) is None
 
 

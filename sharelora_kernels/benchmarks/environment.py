@@ -33,13 +33,15 @@ def loadavg() -> list[float] | None:
 def load_warning(machine: dict) -> str | None:
     """One line when the machine's load average (1 minute, before or after the timing) exceeded its
     cores, i.e. other work competed for them; None otherwise. ``machine`` holds ``cpu_count``,
-    ``loadavg_before`` and ``loadavg_after`` (as ``describe`` records them)."""
+    ``loadavg_before`` and ``loadavg_after`` (as ``describe`` records them), and ``torch_threads``:
+    "--threads 1" is suggested only when the run used more than one thread."""
     loads = [load[0] for load in (machine.get("loadavg_before"), machine.get("loadavg_after")) if load]
     cores = machine.get("cpu_count") or 0
     if not loads or not cores or max(loads) <= cores:
         return None
+    rerun = "on a quiet machine" if machine.get("torch_threads") == 1 else "on a quiet machine, or with --threads 1"
     return (f"warning: load average {max(loads):.1f} exceeded the {cores} cores while timing: other work shared them, "
-            "so step times are not comparable (rerun on a quiet machine, or with --threads 1)")
+            f"so step times are not comparable (rerun {rerun})")
 
 
 def device_name(device: torch.device) -> str:
