@@ -12,8 +12,10 @@ at M = 8192 tokens, bf16, it times (milliseconds, median):
   fused_kron      one Kronecker path (d = 256) of rank r: the same effective rank as plain
   fused_gate      one gate path (m = n = 1024) of gate rank r: effective rank r
 
-On CPU only the torch reference path runs (the Triton interpreter is far too slow to time), so CPU
-figures say nothing about the kernels; they only prove the script works.
+On CPU the fused kernels do not run (the Triton interpreter is far too slow to time): the backend
+``ops.backend_for`` picks there runs instead, and its figures are named after it (``compose_plain_fwd_ms``,
+``compose_plain_fwd_over_base``, ... where CUDA writes ``fused_...``; each row's ``backend`` says which).
+CPU figures say nothing about the kernels; they only prove the script works.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ def bench_shape(m: int, k: int, n: int, r: int, dtype, device: str, time_ms, kro
     dy = torch.randn(m, n, dtype=dtype, device=device)
     row = {"M": m, "K": k, "N": n, "r": r, "flops_base_fwd": 2 * m * n * k}
     backend = "triton" if device == "cuda" else ops.backend_for(x)  # the fused kernels, not auto's choice
+    ran = "fused" if backend == "triton" else backend  # the figures' name: what ran
 
     def both(name, forward, params):
         row[f"{name}_fwd_ms"] = time_ms(lambda: forward(), [])
@@ -63,11 +66,11 @@ def bench_shape(m: int, k: int, n: int, r: int, dtype, device: str, time_ms, kro
     both("peft", lambda: F.linear(x, w) + plain.scale * F.linear(F.linear(x, a), b), [a, b])
     for kind in ("plain", "kron", "gate"):
         paths = make_paths(kind, k, n, r, dtype, device, kron_dim, gate_dim)
-        both(f"fused_{kind}", lambda: ops.lora_linear(x, w, None, paths, backend=backend), list(paths[0].tensors))
+        both(f"{ran}_{kind}", lambda: ops.lora_linear(x, w, None, paths, backend=backend), list(paths[0].tensors))
     row["backend"] = backend
-    row["fused_plain_fwd_over_base"] = row["fused_plain_fwd_ms"] / row["base_fwd_ms"]
-    row["fused_plain_fwd_bwd_over_base"] = row["fused_plain_fwd_bwd_ms"] / row["base_fwd_bwd_ms"]
-    row["fused_plain_fwd_bwd_over_peft"] = row["fused_plain_fwd_bwd_ms"] / row["peft_fwd_bwd_ms"]
+    row[f"{ran}_plain_fwd_over_base"] = row[f"{ran}_plain_fwd_ms"] / row["base_fwd_ms"]
+    row[f"{ran}_plain_fwd_bwd_over_base"] = row[f"{ran}_plain_fwd_bwd_ms"] / row["base_fwd_bwd_ms"]
+    row[f"{ran}_plain_fwd_bwd_over_peft"] = row[f"{ran}_plain_fwd_bwd_ms"] / row["peft_fwd_bwd_ms"]
     return row
 
 

@@ -97,6 +97,16 @@ def test_gpu_scripts_run_on_cpu(script, tmp_path):
     assert report["environment"]["command"] == f"python bench/{script} --device cpu --quick --out {out}"
 
 
+def test_fused_lora_bench_on_cpu_names_its_figures_after_the_backend_that_ran(tmp_path):
+    """The fused kernels do not run on the CPU: no figure there is called fused."""
+    out = tmp_path / "out.json"
+    (row,) = _bench_script("bench_fused_lora.py").main(["--device", "cpu", "--quick", "--out", str(out)])["results"]
+    backend = row["backend"]
+    assert backend != "triton" and not [key for key in row if key.startswith("fused_")]
+    assert {f"{backend}_{kind}_fwd_bwd_ms" for kind in ("plain", "kron", "gate")} <= set(row)
+    assert f"{backend}_plain_fwd_bwd_over_peft" in row
+
+
 @pytest.mark.parametrize("method", ["sharelora", "bishare_kron"])
 def test_multi_adapter_bench_variants_compute_the_same_layers(method):
     """The multi-adapter bench's three variants (ours, each adapter's rows alone, PEFT's masked loop
