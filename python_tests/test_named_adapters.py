@@ -76,6 +76,8 @@ def test_modules_to_save_train_only_while_their_adapter_is_active():
         return {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
 
     assert model.sharelora_plan.modules_to_save == ["score"] and trained() == {"sharelora_adapters", "score"}
+    with pytest.raises(ValueError, match=r"adapter 'default' owns modules to save \(\['score'\]\): pass modules_to_save"):
+        sk.apply(model, sk.ShareLoRAConfig(target_modules=["q_proj"], modules_to_save=["score"]), adapter_name="three")
     sk.set_adapter(model, "two")
     assert trained() == {"sharelora_adapters_two"}
     sk.set_adapter(model, "default")
@@ -159,7 +161,8 @@ def test_bad_names_and_refusals_leave_the_model_as_it_was():
         sk.apply(model, SECOND, adapter_name="other")
     with pytest.raises(ValueError, match="adapter name must be a non-empty string without '.'"):
         sk.apply(model, SECOND, adapter_name="a.b")
-    with pytest.raises(ValueError, match="modules_to_save"):
+    with pytest.raises(ValueError, match=r"modules_to_save \['lm_head'\] train in full in place, and only the first "
+                                         r"adapter of a model may have them \(this one has adapters \['default', 'other'\]\)"):
         sk.apply(model, sk.ShareLoRAConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), adapter_name="x")
     assert adapter_names(model) == ["default", "other"] and not hasattr(model, "sharelora_adapters_x")
     sk.set_adapter(model, ["default", "other"])

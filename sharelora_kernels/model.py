@@ -69,9 +69,11 @@ def plan_model(model: nn.Module, config: ShareLoRAConfig, adapter_name: str = DE
     infos, num_layers = find_target_modules(model, config, wrapped_ok=is_applied(model))
     saved = find_modules_to_save(model, config)
     if saved and names:
-        raise ValueError(f"modules_to_save {saved} train in full in place, and this model's adapter {names[0]!r} "
-                         f"owns that: pass modules_to_save=[] for adapter {adapter_name!r} (PEFT's method keeps a "
-                         "copy per adapter)")
+        owners = [(n, p.modules_to_save) for n, p in model.sharelora_plans.items() if p.modules_to_save]
+        reason = (f"this model's adapter {owners[0][0]!r} owns modules to save ({owners[0][1]})" if owners else
+                  f"only the first adapter of a model may have them (this one has adapters {names})")
+        raise ValueError(f"modules_to_save {saved} train in full in place, and {reason}: pass modules_to_save=[] "
+                         f"for adapter {adapter_name!r} (PEFT's method keeps a copy per adapter)")
     _check_not_tied(model, saved)
     plan = build_plan(config, infos, num_layers, saved)
     check_bank_room(model, plan, adapter_name)
