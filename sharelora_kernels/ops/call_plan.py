@@ -133,8 +133,12 @@ class CallPlan:
 
     def fits(self, env: tuple) -> bool:
         """Whether this plan serves a call of environment ``env`` with the tensors as they are now."""
-        return (env == self.env and all(map(operator.is_, map(dict.get, self._owners, self._names), self._found))
-                and list(map(_requires_grad, self._tensors)) == self._grads
+        return env == self.env and self.reads_current_tensors() and list(map(_requires_grad, self._tensors)) == self._grads
+
+    def reads_current_tensors(self) -> bool:
+        """Whether every tensor it reads is still the one in its module, in the same storage (a tensor
+        frozen or unfrozen since, as switching adapters does, may be again when the plan is wanted)."""
+        return (all(map(operator.is_, map(dict.get, self._owners, self._names), self._found))
                 and list(map(Tensor.data_ptr, self._ptr_of)) == self._ptrs)
 
 
@@ -142,10 +146,10 @@ _requires_grad = operator.attrgetter("requires_grad")
 
 
 def still_valid(plans: dict[tuple, CallPlan]) -> dict[tuple, CallPlan]:
-    """The plans (environment -> plan) whose tensors are all still in place under the current
-    settings; the others are dropped (they may hold views of a replaced tensor's old storage)."""
+    """The plans (environment -> plan) of the current settings whose tensors are all still in place;
+    the others are dropped (they may hold views of a replaced tensor's old storage)."""
     version = dispatch.SETTINGS.version
-    return {env: plan for env, plan in plans.items() if env[_VERSION] == version and plan.fits(env)}
+    return {env: plan for env, plan in plans.items() if env[_VERSION] == version and plan.reads_current_tensors()}
 
 
 def grad_wanted(x: Tensor, paths: Sequence[LoRAPath]) -> bool:
