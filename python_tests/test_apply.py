@@ -4,12 +4,15 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sharelora_kernels as sk
 from sharelora_kernels.layer import AdapterStore
 from sharelora_kernels.model import adapter_tensors
-from sharelora_kernels.targeting import find_target_modules
+from sharelora_kernels.plan import build_plan
+from sharelora_kernels.targeting import ModuleInfo, find_target_modules
 from tiny_models import ARCHS, METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
 
 
@@ -143,12 +146,58 @@ def test_expand_rank_keeps_count_at_or_under_lora():
     sk.apply(model, sk.ShareLoRAConfig(method="similarity", r=8, share_sets=PAPER_SETS["llama"], expand_rank=True,
                                        target_modules=TARGETS))
     assert sk.expanded_rank(32, PAPER_SETS["llama"], 8) == 11  # floor(32 / 22 * 8)
+    assert sk.expanded_rank(32, PAPER_SETS["llama"], 8, layers=range(16, 19)) == 12  # {16,17},{18}: floor(3 / 2 * 8)
     assert sk.trainable_parameters(model) == 54784 * 11 * 22 <= 14_024_704
+
+
+@pytest.mark.parametrize("targets, extra, sets", [
+    (["q_proj", "lm_head"], {}, [[0, 1, 2, 3]]),  # lm_head: outside the layers, shares nothing, keeps r
+    (["q_proj"], dict(layers_to_transform=[1, 2, 3]), [[0, 1, 2]]),  # layer 0 has no adapter: saves nothing
+    (["q_proj", "v_proj"], dict(layers_to_transform=[0, 1, 3]), [[0, 1, 2, 3]]),
+])
+def test_expand_rank_counts_only_adapted_modules(targets, extra, sets):
+    def count(**kw):
+        return sk.trainable_parameters(sk.apply(tiny_model(layers=4), sk.ShareLoRAConfig(r=3, target_modules=targets,
+                                                                                         **extra, **kw)))
+
+    lora = count(method="lora")
+    assert count(method="similarity", share_sets=sets) < count(method="similarity", share_sets=sets,
+                                                               expand_rank=True) <= lora
+
+
+@st.composite
+def adapted_modules(draw):
+    """(num_layers, modules, share sets): module types adapted in drawn layers, maybe a head outside them."""
+    num_layers = draw(st.integers(1, 8))
+    modules = []
+    for t in range(draw(st.integers(1, 3))):
+        k, n = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+        for layer in draw(st.sets(st.integers(0, num_layers - 1), min_size=1)):
+            modules.append(ModuleInfo(f"layers.{layer}.t{t}", layer, f"t{t}", k, n, "layers"))
+    if draw(st.booleans()):
+        modules.append(ModuleInfo("head", None, "head", draw(st.integers(1, 5)), draw(st.integers(1, 5))))
+    order = draw(st.permutations(range(num_layers)))
+    cuts = sorted(draw(st.sets(st.integers(1, num_layers), max_size=num_layers)) | {num_layers})
+    sets = [sorted(order[a:b]) for a, b in zip([0] + cuts, cuts) if b - a > 1]
+    return num_layers, modules, sets
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=adapted_modules(), r=st.integers(1, 9))
+def test_expand_rank_never_exceeds_lora(case, r):
+    num_layers, modules, sets = case
+    lora = build_plan(sk.ShareLoRAConfig(r=r), modules, num_layers).parameter_count()
+    plan = build_plan(sk.ShareLoRAConfig(method="similarity", r=r, share_sets=sets, expand_rank=True), modules,
+                      num_layers)
+    assert plan.parameter_count() <= lora
+    assert all(m.rank == r for m in plan.modules.values() if m.info.layer is None)
 
 
 @pytest.mark.parametrize("args, match", [
     ((2, [[0, 1, 2, 3]], 8), r"share set \[0, 1, 2, 3\] holds layer 2, outside \[0, 2\)"),
     ((0, [], 8), "num_layers and r must be at least 1, got num_layers=0"),
+    ((4, [[0, 1]], 8, [1, 1]), r"layers must be distinct layer indices in \[0, 4\), at least one, got \[1, 1\]"),
+    ((4, [[0, 1]], 8, [4]), r"layers must be distinct .* got \[4\]"),
     ((8, [[0, 1], [1, 2]], 8), "layer 1 is in more than one share set"),
 ])
 def test_expanded_rank_names_bad_input(args, match):

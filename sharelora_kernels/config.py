@@ -50,7 +50,8 @@ class ShareLoRAConfig:
     rank_pattern, alpha_pattern: for "lora", per-module rank and alpha (PEFT's: a key matches a
         module whose name ends with it, as a regex after a dot).
     share_sets: for "similarity", lists of layer indices sharing one A/B slot; others are alone.
-    expand_rank: for "similarity", raise r to floor(L / U * r) (METHOD section 1).
+    expand_rank: for "similarity", raise r to floor(L / U * r) per module type, L and U counted over
+        the layers that type is adapted in (METHOD section 1); modules outside the layers keep r.
     local_r, intra_r, inter_r: Bi-Share ranks; None takes the paper default of the transform.
     shape_transform, slice_policy, gate_rank, gate_dims, kron_dim: Bi-Share shape transforms.
     init_a: "kaiming" (PEFT's kaiming-uniform, a=sqrt(5)) or "gaussian" (normal, std 1/r).

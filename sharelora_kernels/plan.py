@@ -122,9 +122,12 @@ def _module_info(d: dict[str, Any]) -> ModuleInfo:
     return ModuleInfo(**d)
 
 
-def expanded_rank(num_layers: int, share_sets: list[list[int]], r: int) -> int:
-    """floor(L / U * r) with U = L - sum|S_i| + |S| unique slots (METHOD section 1); singletons ignored.
-    ValueError for L or r below 1, or sets that are not disjoint layer indices in [0, L)."""
+def expanded_rank(num_layers: int, share_sets: list[list[int]], r: int, layers: list[int] | None = None) -> int:
+    """floor(L / U * r) (METHOD section 1) over the adapted layers ``layers`` (default: all of [0, L)):
+    L = len(layers), U = L - sum|S_i| + |S| unique slots, with each set cut to the adapted layers (a set
+    left with one adapted layer saves nothing). U slots of rank floor(L / U * r) hold at most L * r
+    ranks, so the count stays at or under LoRA's over those layers. ValueError for num_layers or r
+    below 1, no adapted layer, or sets or layers that are not distinct layer indices in [0, num_layers)."""
     if num_layers < 1 or r < 1:
         raise ValueError(f"num_layers and r must be at least 1, got num_layers={num_layers}, r={r}")
     seen: set[int] = set()
@@ -135,9 +138,13 @@ def expanded_rank(num_layers: int, share_sets: list[list[int]], r: int) -> int:
             if layer in seen:
                 raise ValueError(f"layer {layer} is in more than one share set (or twice in one): {share_sets}")
             seen.add(layer)
-    sets = [s for s in share_sets if len(s) > 1]
-    unique = num_layers - sum(len(s) for s in sets) + len(sets)
-    return (num_layers * r) // unique
+    adapted = list(range(num_layers)) if layers is None else list(layers)
+    if not adapted or len(set(adapted)) != len(adapted) or not all(0 <= layer < num_layers for layer in adapted):
+        raise ValueError(f"layers must be distinct layer indices in [0, {num_layers}), at least one, got {layers}")
+    adapted = set(adapted)
+    sizes = [n for n in (len(adapted.intersection(s)) for s in share_sets) if n > 1]
+    unique = len(adapted) - sum(sizes) + len(sizes)
+    return (len(adapted) * r) // unique
 
 
 # ------------------------------------------------------------------------------------ planning
@@ -207,11 +214,16 @@ class _Builder:
         for s in self.c.share_sets:
             for layer in s:
                 slot_of[layer] = f"layers{s[0]}-{s[-1]}" if len(s) > 1 else f"layer{s[0]}"
-        r = self.c.r
+        rank = {}  # per module type: expand_rank counts the layers where that type is adapted
         if self.c.expand_rank:
-            r = expanded_rank(self.plan.num_layers, self.c.share_sets, self.c.r)
-        for m in modules:  # a module outside the layers (no index) has a slot of its own
+            layers: dict[str, list[int]] = {}
+            for m in modules:
+                if m.layer is not None:
+                    layers.setdefault(m.module_type, []).append(m.layer)
+            rank = {t: expanded_rank(self.plan.num_layers, self.c.share_sets, self.c.r, ls) for t, ls in layers.items()}
+        for m in modules:  # a module outside the layers (no index) has a slot of its own and keeps r
             slot = m.module_type if m.layer is None else f"{m.module_type}.{slot_of.get(m.layer, f'layer{m.layer}')}"
+            r = self.c.r if m.layer is None else rank.get(m.module_type, self.c.r)
             self.add_plain(m, f"{slot}.A", f"{slot}.B", r, "lora", m.module_type, m.module_type)
 
     def share(self, modules: list[ModuleInfo]) -> None:
