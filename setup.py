@@ -5,7 +5,8 @@ headers; see csrc/README.md), so they build inside pip's isolated environment wh
 is not importable: the CPU library with the system C++ compiler everywhere, the CUDA library
 where nvcc is found (unless SHARELORA_KERNELS_NO_CUDA=1). A failed build never fails the
 install: extension.py then tries a just-in-time build (from a source checkout), and else uses
-the torch reference. MANIFEST.in puts csrc/ into the sdist.
+the torch reference. Each library records the digest of the sources it was built from, so that
+extension.py builds anew once a csrc/ source is edited. MANIFEST.in puts csrc/ into the sdist.
 """
 import importlib.util
 import os

@@ -35,13 +35,15 @@ def find_nvcc() -> str | None:
 
 
 def compile_command(kind: str, output: Path) -> list[str]:
-    """The compiler command line that builds library `kind` ("cpu" or "cuda") at `output`."""
+    """The compiler command line that builds library `kind` ("cpu" or "cuda") at `output`; the
+    library records `sources_digest()` (its C function `sharelora_sources_digest`)."""
     source = str(SOURCES[kind])
+    digest = f'-DSL_SOURCES_DIGEST="{sources_digest()}"'
     if kind == "cpu":
         cxx = shlex.split(os.environ.get("CXX", "c++"))  # e.g. "ccache c++"
         # -Wno-psabi: the 32-byte vector type never crosses a function boundary (inlined).
         return [*cxx, "-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-Wall",
-                "-Wno-psabi", source, "-o", str(output)]
+                "-Wno-psabi", digest, source, "-o", str(output)]
     nvcc = find_nvcc()
     if nvcc is None:
         raise FileNotFoundError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
@@ -50,7 +52,7 @@ def compile_command(kind: str, output: Path) -> list[str]:
     # The CUDA runtime is linked statically (nvcc's default), so the library does not
     # depend on where torch's wheel keeps libcudart; streams are shared through the driver.
     return [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart", "static",
-            *gencode, source, "-o", str(output)]
+            *gencode, digest, source, "-o", str(output)]
 
 
 def build(kinds: list[str], out_dir: Path) -> dict[str, str | None]:
@@ -74,10 +76,15 @@ def build(kinds: list[str], out_dir: Path) -> dict[str, str | None]:
     return errors
 
 
-def sources_fingerprint() -> str:
-    """A short hash of the sources, flags and compilers: names the JIT cache directory."""
+def sources_digest() -> str:
+    """A short hash of the sources and this script: what a library is built from (each records it)."""
     digest = hashlib.sha256()
     for path in [*SOURCES.values(), *HEADERS, Path(__file__)]:
         digest.update(path.read_bytes())
-    digest.update(repr([os.environ.get("CXX"), find_nvcc()]).encode())
     return digest.hexdigest()[:16]
+
+
+def sources_fingerprint() -> str:
+    """A short hash of the sources and the compilers: names the JIT cache directory."""
+    key = repr([sources_digest(), os.environ.get("CXX"), find_nvcc()])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]

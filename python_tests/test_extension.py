@@ -6,6 +6,7 @@ same tests run on CUDA when a GPU and the CUDA library are present. The nvcc tes
 """
 import importlib.util
 import math
+import shutil
 import subprocess
 import warnings
 from pathlib import Path
@@ -177,6 +178,36 @@ def test_jit_build_from_csrc(tmp_path, monkeypatch):
     library = extension._jit_build("cpu")
     assert library.is_file() and tmp_path in library.parents
     extension._load("cpu", library)  # loads and resolves the C entry point
+
+
+@pytest.mark.skipif(not (extension._CSRC_DIR / "build.py").is_file(),
+                    reason="the package is installed without its csrc/ sources (a wheel, not a checkout)")
+def test_install_time_library_is_used_only_while_it_matches_csrc(tmp_path, monkeypatch):
+    """An editable install's library (next to the package) built from older sources gives way to the
+    just-in-time build of the csrc/ present; without csrc/ (a wheel) it is used as it is."""
+    build = _csrc_build()
+    package = tmp_path / "package"
+    assert build.build(["cpu"], package) == {"cpu": None}
+    prebuilt = package / build.LIBRARIES["cpu"]
+    edited = tmp_path / "csrc"
+    shutil.copytree(CSRC, edited)
+    with open(edited / "angular_distance_cpu.cpp", "a") as source:
+        source.write("// edited\n")
+    monkeypatch.setattr(extension, "_PACKAGE_DIR", package)
+    monkeypatch.setenv("SHARELORA_KERNELS_CACHE", str(tmp_path / "cache"))
+
+    def loaded(csrc: Path) -> Path:
+        monkeypatch.setattr(extension, "_CSRC_DIR", csrc)
+        extension._library.cache_clear()
+        return Path(extension._library("cpu")._name)
+
+    try:
+        assert loaded(CSRC) == prebuilt  # built from these sources
+        rebuilt = loaded(edited)
+        assert rebuilt != prebuilt and tmp_path / "cache" in rebuilt.parents
+        assert loaded(tmp_path / "no_csrc") == prebuilt
+    finally:
+        extension._library.cache_clear()
 
 
 def test_unavailable_library_warns_once(tmp_path, monkeypatch):

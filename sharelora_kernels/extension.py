@@ -6,7 +6,8 @@ memory (`Tensor.data_ptr()`) and, on GPU, on torch's current CUDA stream. Librar
 looked up in this order (see csrc/README.md):
 
 1. ``sharelora_kernels/libsharelora_angular_{cpu,cuda}.so``: built by ``pip install`` (setup.py; CUDA only where nvcc
-   was found at install time);
+   was found at install time), if it records the digest of the ``csrc/`` sources present (an edited
+   source in an editable install makes it stale), or as it is where no ``csrc/`` is present (a wheel);
 2. a just-in-time build from ``csrc/`` (source checkouts and editable installs) into
    ``$SHARELORA_KERNELS_CACHE`` (default ``~/.cache/sharelora_kernels``), once per source
    version;
@@ -49,12 +50,13 @@ def _csrc_build_module():
     return module
 
 
-def _jit_build(kind: str) -> Path:
-    """Build library `kind` from csrc/ into the cache (once per source version)."""
+def _jit_build(kind: str, why: str = "not built at install time") -> Path:
+    """Build library `kind` from csrc/ into the cache (once per source version); `why` the install-time
+    library is not used (named in errors)."""
     if not (_CSRC_DIR / "build.py").is_file():
-        raise RuntimeError("not built at install time, and no csrc/ sources to build it from")
+        raise RuntimeError(f"{why}, and no csrc/ sources to build it from")
     if os.environ.get("SHARELORA_KERNELS_JIT", "1") == "0":
-        raise RuntimeError("not built at install time, and SHARELORA_KERNELS_JIT=0")
+        raise RuntimeError(f"{why}, and SHARELORA_KERNELS_JIT=0")
     build = _csrc_build_module()
     cache = Path(os.environ.get("SHARELORA_KERNELS_CACHE",
                                 Path.home() / ".cache" / "sharelora_kernels"))
@@ -81,12 +83,30 @@ def _load(kind: str, path: Path) -> ctypes.CDLL:
     return library
 
 
+def _stale(library: Path) -> bool:
+    """Whether an install-time library was built from other sources than the csrc/ present (it
+    records their digest; a library built before it did records none). False without csrc/."""
+    if not (_CSRC_DIR / "build.py").is_file():
+        return False
+    recorded = getattr(ctypes.CDLL(str(library)), "sharelora_sources_digest", None)
+    if recorded is None:
+        return True
+    recorded.restype = ctypes.c_char_p
+    return recorded().decode() != _csrc_build_module().sources_digest()
+
+
 @functools.cache
 def _library(kind: str) -> ctypes.CDLL | None:
     """The loaded library for "cpu" or "cuda", or None after one warning."""
     prebuilt = _PACKAGE_DIR / f"libsharelora_angular_{kind}.so"
     try:
-        return _load(kind, prebuilt if prebuilt.is_file() else _jit_build(kind))
+        if not prebuilt.is_file():
+            path = _jit_build(kind)
+        elif _stale(prebuilt):
+            path = _jit_build(kind, f"{prebuilt.name} was built from other csrc/ sources")
+        else:
+            path = prebuilt
+        return _load(kind, path)
     except (OSError, RuntimeError, AttributeError) as exc:  # AttributeError: stale library
         warnings.warn(f"sharelora_kernels: the compiled {kind} angular-distance kernel is "
                       f"unavailable ({exc}); using the slower torch reference instead.",
