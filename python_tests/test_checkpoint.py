@@ -1,5 +1,6 @@
 """save / load: round trip, shared tensors stored once, atomic writes, every mismatch named."""
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -25,6 +26,25 @@ def test_round_trip_into_fresh_model(name, tmp_path):
     ids = token_batch()
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert sk.ShareLoRAConfig.from_json((tmp_path / ckpt.CONFIG_NAME).read_text()) == model.sharelora_config
+
+
+@pytest.mark.parametrize("share_sets", [[[3, 1]], [[np.int64(0), np.int64(1)]]])
+def test_share_sets_assigned_after_construction_round_trip(share_sets, tmp_path):
+    config = sk.ShareLoRAConfig(method="similarity", r=2, target_modules=["q_proj"])
+    config.share_sets = share_sets
+    model = sk.apply(tiny_model(), config)
+    randomize_adapters(model)
+    sk.save(model, tmp_path)
+    ids = token_batch()
+    torch.testing.assert_close(sk.load(tiny_model(), tmp_path)(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_a_save_failing_before_writing_leaves_no_folder(tmp_path):
+    model = trained("similarity")
+    model.sharelora_config.alpha = np.float32(2)  # edited after apply: JSON cannot write it
+    with pytest.raises(TypeError):
+        sk.save(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("other, match", [

@@ -97,6 +97,22 @@ def test_numpy_numbers_become_python_numbers():
     assert ShareLoRAConfig.from_json(c.to_json()) == c  # JSON takes it (numpy's numbers it does not)
 
 
+def test_fields_assigned_after_construction_are_normalized_by_validate():
+    """validate (which apply re-runs) normalizes as the constructor does: sets sorted, numpy ints made ints."""
+    import numpy as np
+
+    c = ShareLoRAConfig(method="similarity")
+    c.share_sets, c.gate_dims = [[3, 1], [np.int64(2), np.int32(0)]], [np.int64(8), 4]
+    c.validate()
+    assert c.share_sets == [[1, 3], [0, 2]] and type(c.share_sets[1][0]) is int and c.gate_dims == (8, 4)
+    assert ShareLoRAConfig.from_json(c.to_json()) == c
+    for field, value in (("share_sets", [[0, 1.5]]), ("share_sets", [[0, 1], [1, 2]]), ("gate_dims", 8)):
+        c = ShareLoRAConfig(method="similarity")
+        setattr(c, field, value)
+        with pytest.raises(ValueError, match=field):
+            c.validate()
+
+
 def test_unknown_json_key_and_wrong_type_are_refused():
     with pytest.raises(ValueError, match="unknown config key"):
         ShareLoRAConfig.from_json('{"method": "lora", "rank": 8}')

@@ -49,12 +49,12 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter_name: str | Non
     else:
         config = None
     plan = get_plan(model, adapter_name)
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in adapter_tensors(model, adapter_name).items()}
     tensors.update({SAVED_PREFIX + name: t.detach().to("cpu").contiguous() for name, t in saved_state(model, plan).items()})
     metadata = {"format": "sharelora", "format_version": FORMAT_VERSION,
                 "config": "null" if config is None else config.to_json(), "plan": json.dumps(plan.to_dict())}
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)  # only once everything to write is made: no empty folder on an error
     writes = {out / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata=metadata)}
     if config is not None:
         writes[out / CONFIG_NAME] = lambda tmp: Path(tmp).write_text(config.to_json() + "\n")

@@ -92,14 +92,6 @@ class ShareLoRAConfig:
             self.target_modules = ALL_LINEAR
         if isinstance(self.layers_to_transform, (tuple, range)):
             self.layers_to_transform = list(self.layers_to_transform)
-        if not isinstance(self.share_sets, (list, tuple)) or not all(
-                isinstance(s, (list, tuple)) and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in s)
-                for s in self.share_sets):
-            raise ValueError(f"share_sets must be a list of lists of layer indices, got {self.share_sets!r}")
-        if not isinstance(self.gate_dims, (list, tuple)):
-            raise ValueError(f"gate_dims must be a pair (m, n), got {self.gate_dims!r}")
-        self.share_sets = [sorted(int(i) for i in s) for s in self.share_sets]
-        self.gate_dims = tuple(self.gate_dims)
         if self.shape_transform in BISHARE_DEFAULT_RANKS:
             defaults = BISHARE_DEFAULT_RANKS[self.shape_transform]
             for name, default in zip(("local_r", "intra_r", "inter_r"), defaults):
@@ -110,7 +102,8 @@ class ShareLoRAConfig:
     # ----------------------------------------------------------------------------------- checks
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field; numbers of other types (numpy's) that are
-        valid become Python ints and floats."""
+        valid become Python ints and floats, each share set a sorted list, gate_dims a tuple (so a
+        field assigned after the config was made is normalized as the constructor's arguments are)."""
         _choice("method", self.method, METHODS)
         _choice("shape_transform", self.shape_transform, SHAPE_TRANSFORMS)
         _choice("slice_policy", self.slice_policy, SLICE_POLICIES)
@@ -122,7 +115,7 @@ class ShareLoRAConfig:
             setattr(self, name, check_int(name, getattr(self, name), minimum=0))
         self.gate_rank = check_int("gate_rank", self.gate_rank, minimum=1)
         self.kron_dim = check_int("kron_dim", self.kron_dim, minimum=1)
-        if len(self.gate_dims) != 2:
+        if not isinstance(self.gate_dims, (list, tuple)) or len(self.gate_dims) != 2:
             raise ValueError(f"gate_dims must be a pair (m, n), got {self.gate_dims!r}")
         self.gate_dims = tuple(check_int("gate_dims", d, minimum=1) for d in self.gate_dims)
         self.alpha = check_positive("alpha", self.alpha)
@@ -160,6 +153,11 @@ class ShareLoRAConfig:
             raise ValueError(f"share_sets only applies to method='similarity', not {self.method!r}")
         if self.expand_rank and self.method != "similarity":
             raise ValueError(f"expand_rank only applies to method='similarity', not {self.method!r}")
+        if not isinstance(self.share_sets, (list, tuple)) or not all(
+                isinstance(s, (list, tuple)) and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in s)
+                for s in self.share_sets):
+            raise ValueError(f"share_sets must be a list of lists of layer indices, got {self.share_sets!r}")
+        self.share_sets = [sorted(int(i) for i in s) for s in self.share_sets]
         seen: dict[int, int] = {}
         for k, s in enumerate(self.share_sets):
             if len(s) != len(set(s)):
