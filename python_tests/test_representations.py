@@ -100,6 +100,24 @@ def test_streamed_batches_give_the_same_distance():
         iter_layer_representations(model, ids, torch.zeros_like(mask), progress=False)
 
 
+def test_a_consumer_that_stops_or_raises_finds_the_training_flags_as_they_were():
+    """The flags are restored before each batch is yielded, not when the generator is finalized: an
+    unfinished stream, or angular_distance failing on a zero-norm representation (its traceback
+    keeping the stream alive), leaves the model in the mode it had, submodules in eval included."""
+    model = llama().train()
+    model.model.layers[1].eval()
+    flags = [m.training for m in model.modules()]
+    ids, mask = pad(samples(n=6, seed=3), "right")
+    stream = iter_layer_representations(model, ids, mask, batch_size=2, progress=False)
+    next(stream)
+    assert [m.training for m in model.modules()] == flags
+    with torch.no_grad():
+        model.model.embed_tokens.weight[ids[:, 0]] = 0  # position input, layer 0: zero norm
+    with pytest.raises(ValueError, match="zero norm") as caught:
+        angular_distance(iter_layer_representations(model, ids[:, :1], batch_size=2, progress=False))
+    assert caught.value.__traceback__ is not None and [m.training for m in model.modules()] == flags
+
+
 def test_errors():
     model = llama()
     ids, mask = pad(samples(seed=5), "left")

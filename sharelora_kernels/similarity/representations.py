@@ -23,8 +23,8 @@ def layer_representations(
     model: a Transformers model (decoder such as LLaMA / Mistral / Qwen2, or encoder such as BERT)
         whose forward accepts ``output_hidden_states=True`` and returns L + 1 hidden states
         (embeddings, then each layer's output). Its backbone (``model.base_model``) is called, so
-        no LM head logits are computed. It runs in eval mode under ``torch.no_grad()``; its
-        training flag is restored afterwards.
+        no LM head logits are computed. It runs in eval mode under ``torch.no_grad()``; the
+        training flag of each of its modules is restored after each forward pass.
     input_ids: (n, T) integer token ids; attention_mask: (n, T), 1 = token, 0 = padding
         (None: no padding). Every row needs at least one token.
     position: "input" takes ``hidden_states[l]`` (the residual stream entering layer l),
@@ -77,23 +77,26 @@ def iter_layer_representations(
 
 def _batches(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position: str,
              batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
+    """The batches, each from a forward pass in eval mode; every module's training flag is restored
+    before the batch is yielded, so a consumer that stops early or raises finds the model as it was."""
     backbone = getattr(model, "base_model", model)
     device = next(model.parameters()).device
     starts = range(0, input_ids.shape[0], batch_size)
-    was_training = model.training
-    model.eval()
-    try:
-        for s in tqdm(starts, desc="layer representations", disable=not progress or len(starts) < 2, leave=False):
-            ids, mask = _right_pad(input_ids[s : s + batch_size], attention_mask[s : s + batch_size])
+    for s in tqdm(starts, desc="layer representations", disable=not progress or len(starts) < 2, leave=False):
+        ids, mask = _right_pad(input_ids[s : s + batch_size], attention_mask[s : s + batch_size])
+        flags = {m: m.training for m in model.modules()}
+        model.eval()
+        try:
             with torch.no_grad():
                 hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
                                   output_hidden_states=True).hidden_states
-            layers = hidden[:-1] if position == "input" else hidden[1:]
-            last = (mask.sum(dim=1) - 1).to(device)
-            rows = torch.arange(ids.shape[0], device=device)
-            yield torch.stack([h[rows, last].float() for h in layers])
-    finally:
-        model.train(was_training)
+        finally:
+            for m, training in flags.items():
+                m.training = training
+        layers = hidden[:-1] if position == "input" else hidden[1:]
+        last = (mask.sum(dim=1) - 1).to(device)
+        rows = torch.arange(ids.shape[0], device=device)
+        yield torch.stack([h[rows, last].float() for h in layers])
 
 
 def _right_pad(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
