@@ -67,3 +67,31 @@ def test_eps_below_every_similarity_still_shows():
     fig = heatmap_figure(similarity(6), [], None, eps=0.3)
     cbar, = [a for a in fig.axes if a.get_label() == "<colorbar>"]
     assert cbar.get_ylim()[0] <= 0.3
+
+
+def legend_title(fig) -> str:
+    legend, = [a.get_legend() for a in fig.axes if a.get_legend() is not None]
+    return legend.get_title().get_text()
+
+
+def test_the_legend_says_every_pair_reaches_eps_only_where_it_does():
+    S = torch.tensor([[1.0, 0.9, 0.9], [0.9, 1.0, 0.2], [0.9, 0.2, 1.0]])  # anchor set {0, 1, 2}: S[1, 2] < eps
+    assert "for every pair" not in legend_title(heatmap_figure(S, [[0, 1, 2]], eps=0.85))
+    assert "some pairs are below it" in legend_title(heatmap_figure(S, [[0, 1, 2]], eps=0.85))
+    assert "similarity >= eps = 0.85 for every pair" in legend_title(heatmap_figure(S, [[0, 1]], eps=0.85))
+
+
+@pytest.mark.parametrize("S, sets, eps, match", [
+    (torch.ones(3, 4), [], 0.5, r"square \(L, L\) matrix, got shape \(3, 4\)"),
+    (torch.ones(0, 0), [], 0.5, "S has no layers"),
+    (torch.full((3, 3), float("nan")), [], 0.5, "NaN or Inf"),
+    (torch.eye(3), [[1, 5]], 0.5, r"share set 0 \[1, 5\] holds layer 5, outside the 3 layers of S"),
+    (torch.eye(3), [[-1, 1]], 0.5, "holds layer -1, outside"),
+    (torch.eye(3), [[0, 1], [1, 2]], 0.5, "layer 1 is in share set 0 and share set 1"),
+    (torch.eye(3), [[0, 1.0]], 0.5, "not a layer index"),
+    (torch.eye(3), [], 2.0, r"eps must be a number in \[0, 1\]"),
+])
+def test_bad_input_is_named(S, sets, eps, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        similarity_heatmap(S, sets, tmp_path / "h.png", eps=eps)
+    assert not (tmp_path / "h.png").exists()

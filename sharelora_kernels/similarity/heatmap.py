@@ -7,11 +7,13 @@ one for the layers in no set).
 """
 from __future__ import annotations
 
+import numbers
 import textwrap
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from .share_sets import check_eps, check_matrix
 
 SET_COLORS = ("#ff3b30", "#ffffff", "#ff9500", "#ff2d95", "#00e5ff", "#ffcc00")
 LEGEND_FONT = 8  # points
@@ -21,11 +23,14 @@ LEGEND_COLUMNS = 3
 def similarity_heatmap(S, sets: list[list[int]], path, title: str | None = None, eps: float | None = None) -> Path:
     """Write a PNG of the (L, L) similarity S with every share set's cells outlined; returns the path.
 
-    S: (L, L) tensor or array, any float dtype. sets: lists of layer indices; singletons are not
-    outlined. A set's outline surrounds the cells (i, j) with i and j both in the set, so a contiguous
-    set shows as one square block; the legend names each outline's layers and the layers in no set.
-    title: e.g. the model's name and how S was measured. eps: the threshold the sets were found at,
-    marked on the colorbar. The file is written to a temporary name and renamed.
+    S: (L, L) tensor or array, any float dtype, L >= 1, finite and symmetric. sets: disjoint lists of
+    layer indices in [0, L); singletons are not outlined. A set's outline surrounds the cells (i, j)
+    with i and j both in the set, so a contiguous set shows as one square block; the legend names each
+    outline's layers and the layers in no set. title: e.g. the model's name and how S was measured.
+    eps: the threshold in [0, 1] the sets were found at, marked on the colorbar; the legend says that
+    every pair of a set reaches it only where it does (``share_sets``' "anchor" sets need not).
+    ValueError naming the problem for any other S, sets or eps. The file is written to a temporary
+    name and renamed.
     """
     from ..files import atomic_write
 
@@ -44,8 +49,13 @@ def heatmap_figure(S, sets: list[list[int]], title: str | None = None, eps: floa
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    s = S.detach().cpu().double().numpy() if isinstance(S, torch.Tensor) else np.asarray(S, dtype=np.float64)
+    s = check_matrix(S)
     n = len(s)
+    if n == 0:
+        raise ValueError("S has no layers (shape (0, 0)): nothing to draw")
+    _check_sets(sets, n)
+    if eps is not None:
+        eps = check_eps(eps)
     multi = [sorted(g) for g in sets if len(g) > 1]
     alone = sorted(set(range(n)) - {layer for g in multi for layer in g})
     side = max(6.0, 0.3 * n)  # inches of heatmap; about 0.3 inch per layer for deep models
@@ -87,10 +97,32 @@ def heatmap_figure(S, sets: list[list[int]], title: str | None = None, eps: floa
     legend_ax.axis("off")
     # on grey so the white outline colour shows
     legend_ax.legend(handles=handles, loc="upper center", ncol=columns, fontsize=LEGEND_FONT, facecolor="#9e9e9e",
-                     framealpha=1.0, title="outlined cells: both layers in one share set" +
-                     (f" (similarity >= eps = {eps:g} for every pair)" if eps is not None else ""),
+                     framealpha=1.0, title="outlined cells: both layers in one share set" + _eps_note(s, multi, eps),
                      title_fontsize=LEGEND_FONT)
     return fig
+
+
+def _check_sets(sets, n: int) -> None:
+    """ValueError unless ``sets`` are lists of distinct layer indices in [0, n), no layer in two sets."""
+    seen: dict[int, int] = {}
+    for k, g in enumerate(sets):
+        for layer in g:
+            if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+                raise ValueError(f"share set {k} {list(g)} holds {layer!r}, not a layer index")
+            if not 0 <= layer < n:
+                raise ValueError(f"share set {k} {list(g)} holds layer {layer}, outside the {n} layers of S")
+            if layer in seen:
+                raise ValueError(f"layer {layer} is in share set {seen[layer]} and share set {k}")
+            seen[layer] = k
+
+
+def _eps_note(s: np.ndarray, sets: list[list[int]], eps: float | None) -> str:
+    """What the legend's title says of eps: every pair of every set reaches it, or only that the sets were found at it."""
+    if eps is None:
+        return ""
+    if all(s[i, j] >= eps for g in sets for i in g for j in g):
+        return f" (similarity >= eps = {eps:g} for every pair)"
+    return f" (found at eps = {eps:g}; some pairs are below it)"
 
 
 def _mark_eps(colorbar, eps: float, vmin: float) -> None:

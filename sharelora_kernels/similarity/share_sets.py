@@ -29,13 +29,11 @@ def share_sets(S, eps: float, method: str = "complete", contiguous: bool = False
     given matrix. ``angular_distance`` resolves angles to about 1e-8 rad (float64 rounding of the
     cosine), so even identical layers get S slightly below 1: eps = 1 groups nothing in practice.
     """
-    s = _check_matrix(S)
-    value = eps.item() if isinstance(eps, (torch.Tensor, np.ndarray)) and eps.ndim == 0 else eps
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"eps must be a number in [0, 1], got {eps!r}")
+    s = check_matrix(S)
+    value = check_eps(eps)
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    sets = (_complete if method == "complete" else _anchor)(s, float(value), contiguous)
+    sets = (_complete if method == "complete" else _anchor)(s, value, contiguous)
     taken = {i for g in sets for i in g}
     sets += [[i] for i in range(len(s)) if i not in taken]
     return sorted((sorted(g) for g in sets), key=lambda g: g[0])
@@ -85,7 +83,16 @@ def _anchor(s: np.ndarray, eps: float, contiguous: bool) -> list[list[int]]:
     return sets
 
 
-def _check_matrix(S) -> np.ndarray:
+def check_eps(eps) -> float:
+    """``eps`` as a float; ValueError unless a real scalar in [0, 1] (Python, numpy, or a 0-d tensor or
+    array; not a bool)."""
+    value = eps.item() if isinstance(eps, (torch.Tensor, np.ndarray)) and eps.ndim == 0 else eps
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"eps must be a number in [0, 1], got {eps!r}")
+    return float(value)
+
+
+def check_matrix(S) -> np.ndarray:
     """S as a float64 numpy array; ValueError unless square, finite and symmetric (to 1e-9)."""
     s = S.detach().cpu().double().numpy() if isinstance(S, torch.Tensor) else np.asarray(S, dtype=np.float64)
     if s.ndim != 2 or s.shape[0] != s.shape[1]:
