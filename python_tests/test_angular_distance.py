@@ -192,6 +192,21 @@ def test_float64_equals_float32_promoted(hidden, monkeypatch):
     torch.testing.assert_close(D, angular_distance(reps), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("power", [1000, 530, -565, -1000, -1030])
+def test_float64_of_any_magnitude_gives_the_angle(power):
+    """float64 vectors (about 1e301, 1e160, 1e-170, 1e-301, 1e-310: subnormal) whose squares overflow or
+    underflow are neither NaN nor 'zero norm': each vector is scaled by a power of two first, which
+    leaves the angles bit for bit (to subnormal rounding for subnormal entries)."""
+    gen = torch.Generator().manual_seed(21)
+    reps = torch.randn(4, 6, 8, generator=gen, dtype=torch.float64)
+    reps[1, 2] *= 1e-3  # vectors of one sample far apart in magnitude too
+    expected = angular_sums_torch(reps)
+    scaled = torch.ldexp(reps, torch.tensor(float(power), dtype=torch.float64))
+    rtol = 1e-10 if power < -1000 else 0
+    torch.testing.assert_close(angular_sums_torch(scaled), expected, rtol=rtol, atol=0)
+    torch.testing.assert_close(angular_distance(scaled) * 6, expected, rtol=max(rtol, 1e-15), atol=0)
+
+
 def test_bad_inputs():
     gen = torch.Generator().manual_seed(16)
     with pytest.raises(ValueError, match="no batch"):

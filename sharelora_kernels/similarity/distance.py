@@ -28,7 +28,8 @@ _CHUNK = 64  # samples per float64 Gram, bounds the float64 copy to (64, L, d)
 def angular_sums_torch(reps: torch.Tensor, layer_dim: int = 0) -> torch.Tensor:
     """Sum over samples of the angular distance d_n(i, j) (reference and CPU fallback).
 
-    reps: (L, n, d) for ``layer_dim=0`` or (n, L, d) for ``layer_dim=1``, any floating dtype.
+    reps: (L, n, d) for ``layer_dim=0`` or (n, L, d) for ``layer_dim=1``, any floating dtype; a float64
+    vector of any magnitude (its squares may overflow or underflow) is scaled by a power of two first.
     Returns (L, L) float64 on reps' device: sum over the n samples, symmetric, diagonal exactly 0.
     Raises ValueError naming the first (sample, layer), in that order, whose vector contains NaN/Inf
     or has zero norm: the same (sample, layer) and message as ``extension.angular_sums``.
@@ -42,13 +43,20 @@ def angular_sums_torch(reps: torch.Tensor, layer_dim: int = 0) -> torch.Tensor:
     total = torch.zeros(num_layers, num_layers, dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[0], _CHUNK):
         xc = x[start : start + _CHUNK].to(torch.float64)
-        norms = torch.linalg.vector_norm(xc, dim=-1)  # (b, L)
+        peak = xc.abs().amax(dim=-1) if xc.shape[-1] else xc.new_zeros(xc.shape[:-1])  # (b, L)
         nonfinite = ~torch.isfinite(xc).all(dim=-1)
-        bad = nonfinite | (norms == 0)
+        bad = nonfinite | (peak == 0)
         if bad.any():  # chunks go in sample order, so the first hit of the first bad chunk is the first overall
             n, layer = (int(v) for v in torch.nonzero(bad)[0])
             problem = "contains NaN or Inf" if nonfinite[n, layer] else "has zero norm (no direction)"
             raise ValueError(f"representation of sample {start + n} at layer {layer} {problem}")
+        # Each vector times the power of two 2^shift that brings its largest entry into [1, 2) (exact, so the
+        # angles do not change): squares of float64 entries near 1e160 or 1e-170 neither overflow nor underflow.
+        # Two steps: 2^shift alone overflows for a subnormal peak (shift > 1023).
+        shift = (1 - torch.frexp(peak).exponent)[..., None].to(torch.float64)
+        half = torch.div(shift, 2, rounding_mode="floor")
+        xc = torch.ldexp(torch.ldexp(xc, half), shift - half)
+        norms = torch.linalg.vector_norm(xc, dim=-1)  # (b, L)
         c = torch.bmm(xc, xc.transpose(1, 2)) / (norms[:, :, None] * norms[:, None, :])
         c = c.clamp(-1.0, 1.0)
         theta = 2.0 * torch.atan2(torch.sqrt(1.0 - c), torch.sqrt(1.0 + c))
