@@ -12,14 +12,14 @@ from sharelora_kernels.cli.compare import METHODS, _texts
 from sharelora_kernels.cli.training import Windows, heldout_loss
 from tiny_models import VOCAB, tiny_model
 
-TINY = ["--steps", "4", "--heldout", "4", "--batch-size", "2", "--seq-len", "32", "--calibration-samples", "16",
-        "--threads", "1"]
+TINY = ["--steps", "4", "--heldout", "4", "--batch-size", "2", "--seq-len", "32", "--threads", "1"]
+FOUND = ["--calibration-samples", "16"]  # where the share sets are found (no --plan)
 
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    code, printed, _ = run_cli(["compare", *TINY, "--out", out])
+    code, printed, _ = run_cli(["compare", *TINY, *FOUND, "--out", out])
     assert code == 0
     return out, printed, json.loads((out / "compare.json").read_text())
 

@@ -44,6 +44,7 @@ METHODS = ("lora", "sharelora", "sharelora_expanded", "bishare_slice", "bishare_
 OUTPUTS = ("compare.json", "compare.png")
 CALIBRATION = {"max_length": 128, "position": "input", "batch_size": 16, "method": "complete"}  # plan's defaults;
 # max_length: at most the model's maximum positions, as in plan
+FOUND_DEFAULTS = {"eps": 0.85, "calibration_samples": 64}  # options of the share sets found, where no --plan gives them
 EVAL_BATCH = 16  # held-out windows per forward pass
 
 
@@ -55,10 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", metavar="FILE",
                    help="take the ShareLoRA share sets from this plan.json (default: find them on the built-in "
                         "corpus as `plan` does)")
-    p.add_argument("--eps", metavar="EPS", type=float, default=0.85,
-                   help="similarity threshold of the share sets found (default: 0.85)")
-    p.add_argument("--calibration-samples", metavar="N", type=int, default=64,
-                   help="paragraphs of the built-in corpus the share sets are found on (default: 64)")
+    p.add_argument("--eps", metavar="EPS", type=float,
+                   help=f"similarity threshold of the share sets found (default: {FOUND_DEFAULTS['eps']}; not with --plan)")
+    p.add_argument("--calibration-samples", metavar="N", type=int,
+                   help="paragraphs of the built-in corpus the share sets are found on (default: "
+                        f"{FOUND_DEFAULTS['calibration_samples']}; not with --plan)")
     p.add_argument("--text", metavar="FILE",
                    help="training text file, paragraphs separated by blank lines; its last --heldout paragraphs "
                         "are held out (default: the built-in fine-tuning task)")
@@ -158,6 +160,13 @@ def _setup(args: argparse.Namespace) -> Setup:
     naming what is wrong."""
     from ..data import calibration_texts
 
+    given = [f"--{name.replace('_', '-')}" for name in FOUND_DEFAULTS if getattr(args, name) is not None]
+    if args.plan is not None and given:
+        raise CommandError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to the share sets "
+                           "compare finds, not to those of --plan")
+    for name, default in FOUND_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     require_positive(args, "steps", "heldout", "calibration_samples", "r", "alpha")
     check_training_arguments(args)
     check_threads_argument(args)
