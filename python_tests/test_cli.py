@@ -142,6 +142,24 @@ def test_plan_on_an_encoder_directory(tmp_path):
     assert 64 % config.kron_dim == 0 and config.gate_dims == (64, 64)
 
 
+def test_plan_on_a_representation_with_no_direction_is_a_one_line_error(tmp_path, capsys):
+    """The built-in model with BOS's embedding zeroed, one token per text: layer 0's input is a zero vector."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tokenizer.bos_token_id] = 0
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    code, _, _ = run_cli(["plan", "--model", tmp_path / "model", "--max-length", "1", "--samples", "4",
+                          "--out", tmp_path / "out"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "out").exists()
+    assert err.splitlines()[-1].endswith("error: cannot measure the layer similarity: representation of sample 0 at "
+                                         "layer 0 has zero norm (no direction)"), err
+
+
 def test_short_text_file_needs_no_samples_option(tmp_path):
     """A --text shorter than the default 64 samples is used whole; only an explicit --samples beyond it is an error."""
     from sharelora_kernels.cli import CommandError

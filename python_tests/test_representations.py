@@ -128,3 +128,5 @@ def test_errors():
         layer_representations(model, ids, position="middle", progress=False)
     with pytest.raises(ValueError, match="attention_mask shape"):
         layer_representations(model, ids, mask[:, 1:], progress=False)
+    with pytest.raises(ValueError, match=r"input_ids holds no sample \(shape \(0, 4\)\)"):
+        layer_representations(model, ids[:0, :4], progress=False)

@@ -85,6 +85,7 @@ def test_accepts_real_scalars(eps):
     ({"eps": torch.tensor(True)}, "eps must be a number in"),
     ({"eps": "0.5"}, "eps must be a number in"),
     ({"eps": 0.8, "method": "greedy"}, "method must be one of"),
+    ({"eps": 0.8, "contiguous": "no"}, "contiguous must be true or false, got 'no'"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -162,3 +163,17 @@ def test_sweep_counts_on_llama7b_shapes():
     assert high.share_expanded_params <= high.lora_params
     # at 0.4 every pair is eligible, but the 0.95 pairs go first and two sets never merge
     assert low.sets == [list(range(16)) + [31]] + paper and low.slots == 6 and low.expanded_r == 42
+
+
+def test_sweep_ignores_the_config_method_and_its_per_module_patterns():
+    """A LoRA config with rank_pattern / alpha_pattern (method 'lora' only) sweeps as at config.r."""
+    from sharelora_kernels.config import ShareLoRAConfig
+    from sharelora_kernels.plan import ModuleInfo
+    from sharelora_kernels.similarity import sweep_thresholds
+
+    modules = [ModuleInfo(f"model.layers.{l}.q_proj", l, "q_proj", 8, 8) for l in range(3)]
+    S = np.array([[1.0, 0.9, 0.2], [0.9, 1.0, 0.2], [0.2, 0.2, 1.0]])
+    plain = sweep_thresholds(S, [0.5], ShareLoRAConfig(r=2), modules, 3)
+    patterned = ShareLoRAConfig(r=2, rank_pattern={"q_proj": 4}, alpha_pattern={"q_proj": 8.0})
+    assert sweep_thresholds(S, [0.5], patterned, modules, 3) == plain
+    assert plain[0].lora_params == 3 * 2 * 16 and plain[0].share_params == 2 * 2 * 16

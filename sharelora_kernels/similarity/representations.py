@@ -26,7 +26,7 @@ def layer_representations(
         no LM head logits are computed. It runs in eval mode under ``torch.no_grad()``; the
         training flag of each of its modules is restored after each forward pass.
     input_ids: (n, T) integer token ids; attention_mask: (n, T), 1 = token, 0 = padding
-        (None: no padding). Every row needs at least one token.
+        (None: no padding). At least one row; every row needs at least one token.
     position: "input" takes ``hidden_states[l]`` (the residual stream entering layer l),
         "output" takes ``hidden_states[l + 1]`` (leaving it; for the last layer this is whatever
         the model reports, e.g. after the final norm in LLaMA).
@@ -62,6 +62,8 @@ def iter_layer_representations(
         raise ValueError(f"position must be one of {list(POSITIONS)}, got {position!r}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (n, T), got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids holds no sample (shape {tuple(input_ids.shape)}): nothing to represent")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:

@@ -6,6 +6,8 @@ import numbers
 import numpy as np
 import torch
 
+from ..config import check_bool
+
 METHODS = ("complete", "anchor")
 
 
@@ -21,8 +23,8 @@ def share_sets(S, eps: float, method: str = "complete", contiguous: bool = False
         for every m in G. Both taken: skip. Every pair inside a set is then >= eps.
     method "anchor" (the paper's Algorithm 1 read literally): for i ascending, a free layer i takes
         {i} plus every free j > i with S[i, j] >= eps.
-    contiguous: a set may only be opened by, or grow by, a layer adjacent to its current range, so
-        every set is a run of consecutive layers.
+    contiguous: True or False (a bool, not a string such as "no"); True: a set may only be opened by, or
+        grow by, a layer adjacent to its current range, so every set is a run of consecutive layers.
 
     Returns every layer exactly once, singletons included (METHOD: singletons are not sets; the
     config and the counts ignore them): sorted lists, sorted by first layer. Deterministic for a
@@ -33,6 +35,7 @@ def share_sets(S, eps: float, method: str = "complete", contiguous: bool = False
     value = check_eps(eps)
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    check_bool("contiguous", contiguous)
     sets = (_complete if method == "complete" else _anchor)(s, value, contiguous)
     taken = {i for g in sets for i in g}
     sets += [[i] for i in range(len(s)) if i not in taken]

@@ -39,20 +39,22 @@ def sweep_thresholds(
     """For each eps: ``share_sets(S, eps, method, contiguous)`` and the trainable-parameter counts.
 
     S: (L, L) similarity with L == num_layers. config supplies r, alpha and target_modules (its
-    method and share sets are ignored); modules / num_layers are the model's target modules, as
+    method, share sets, expand_rank and LoRA's per-module rank_pattern / alpha_pattern are ignored:
+    every count is at config.r); modules / num_layers are the model's target modules, as
     ``sharelora_kernels.targeting.find_target_modules`` returns them. Counts come from
     ``plan.build_plan(...).parameter_count()``.
     """
     if len(S) != num_layers:
         raise ValueError(f"S has {len(S)} layers but num_layers is {num_layers}")
-    lora = dataclasses.replace(config, method="lora", share_sets=[], expand_rank=False)
+    lora = dataclasses.replace(config, method="lora", share_sets=[], expand_rank=False, rank_pattern={},
+                               alpha_pattern={})
     lora_params = build_plan(lora, modules, num_layers).parameter_count()
     points = []
     for eps in eps_values:
         sets = [g for g in share_sets(S, eps, method, contiguous) if len(g) > 1]
         counts = {}
         for expand in (False, True):
-            cfg = dataclasses.replace(config, method="similarity", share_sets=sets, expand_rank=expand)
+            cfg = dataclasses.replace(lora, method="similarity", share_sets=sets, expand_rank=expand)
             counts[expand] = build_plan(cfg, modules, num_layers).parameter_count()
         slots = num_layers - sum(len(g) for g in sets) + len(sets)
         points.append(SweepPoint(float(eps), sets, slots, lora_params, counts[False],
