@@ -182,6 +182,38 @@ def test_biased_base_batched_input_and_training_after_an_eval_pass(quant, bias, 
     layer_against_float64(layer.train(), leading=(2, 5))
 
 
+def test_eval_and_training_passes_in_turn_keep_the_call_plans(monkeypatch):
+    """Evaluation between training steps: bitsandbytes repacks a 4-bit weight on the CPU for its
+    eval-mode kernel and the layer restores the standard layout for training, both replacing the
+    weight's storage. The plans watch the base module, not its weight: after one cycle none is
+    rebuilt, and the training pass stays exact. A changed compute dtype rebuilds the plan."""
+    torch.manual_seed(1)
+    layer = SharedLoRALinear(standalone_quantized("nf4", True), r=5, alpha=10.0)
+    torch.nn.init.normal_(layer.lora_paths[0].B)
+    builds = []
+    build = SharedLoRALinear._build_plan
+    monkeypatch.setattr(SharedLoRALinear, "_build_plan", lambda self, x, env: builds.append(env) or build(self, x, env))
+
+    def cycle():
+        layer.train()
+        layer(torch.randn(3, layer.in_features, requires_grad=True)).sum().backward()
+        layer.eval()
+        with torch.no_grad():
+            layer(torch.randn(3, layer.in_features))
+
+    cycle()
+    first = len(builds)
+    cycle()
+    cycle()
+    assert len(builds) == first
+    layer_against_float64(layer.train(), leading=(2, 5))
+    assert len(builds) == first
+    layer.base_layer.compute_dtype = torch.bfloat16
+    with torch.no_grad():
+        y = layer(torch.randn(3, layer.in_features))
+    assert len(builds) == first + 1 and y.dtype == torch.float32
+
+
 @pytest.mark.parametrize("quant", list(QUANTS))
 def test_quant_kinds_model_matches_float64_reference(float_dir, quant):
     check_against_float64(quantized(float_dir, quant),

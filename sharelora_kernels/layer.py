@@ -309,10 +309,17 @@ class SharedLoRALinear(nn.Module):
 
     def _sources(self) -> list[call_plan.Source]:
         """Where every tensor a call reads lives (the base's weight and bias, each path's spec, store
-        and tensors)."""
-        owner = self._weight_owner()._parameters
-        sources = [call_plan.source(owner, "weight"), call_plan.source(owner, "bias")] if "bias" in owner else \
-            [call_plan.source(owner, "weight")]
+        and tensors). A base that computes itself is called, not read: the plan watches the module
+        (and a 4-bit base's compute dtype), not its weight, which bitsandbytes repacks on the CPU
+        between eval and training passes."""
+        if self.layout.computes_itself:
+            sources = [call_plan.source(self._modules, "base_layer")]
+            if "compute_dtype" in self.base_layer.__dict__:
+                sources.append(call_plan.source(self.base_layer.__dict__, "compute_dtype"))
+        else:
+            owner = self._parameters
+            sources = [call_plan.source(owner, "weight"), call_plan.source(owner, "bias")] if "bias" in owner else \
+                [call_plan.source(owner, "weight")]
         for m in self.active_path_modules():
             sources += [call_plan.source(m.__dict__, "spec"), call_plan.source(m.__dict__, "_store")]
             store = m._store[0]._parameters
