@@ -461,6 +461,37 @@ def test_input_group_fallbacks_no_grad_and_changed_input(monkeypatch):
         grouping.enable_input_groups(torch.nn.Sequential())
 
 
+@pytest.mark.parametrize("backend", ["torch", "compose", "triton"])
+def test_input_groups_under_inference_mode_match_ungrouped(backend, monkeypatch):
+    """Under torch.inference_mode() (x an inference tensor, which keeps no version to tell an
+    in-place write by) and with adapters made under it, each member runs its own op: logits (eval,
+    and training with dropout on one seed) and generate() equal the ungrouped model's."""
+    from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
+
+    monkeypatch.setenv("SHARELORA_BACKEND", backend)
+    config = sk.ShareLoRAConfig(target_modules=TARGETS + ["gate_proj"], dropout=0.25, **METHOD_CONFIGS["bishare_slice"])
+    model = sk.apply(tiny_model("llama", layers=2), config)
+    randomize_adapters(model)
+    ids = token_batch()
+
+    def run():
+        with torch.inference_mode():
+            torch.manual_seed(3)
+            out = [model.train()(ids).logits, model.eval()(ids).logits]
+            return out + [model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)]
+
+    ref = run()
+    assert grouping.enable_input_groups(model) == 4
+    for out, r in zip(run(), ref):
+        assert torch.equal(out, r)
+    with torch.inference_mode():
+        inference_model = sk.apply(tiny_model("llama", layers=2), config, group_inputs=True)
+        inference_model.load_state_dict(model.state_dict())
+    assert next(inference_model.sharelora_adapters.parameters()).is_inference()
+    with torch.no_grad():  # x a normal tensor, the adapters inference tensors
+        assert torch.equal(inference_model(ids).logits, ref[1])
+
+
 def test_compiled_input_groups_with_biases_match_eager(monkeypatch):
     """torch.compile(fullgraph) of a Qwen2 model (q/k/v have biases, gate/up none) with input groups
     on the triton backend: same logits and adapter gradients as eager."""

@@ -14,6 +14,9 @@ that share an input: ``self_attn.{q,k,v}_proj`` and ``mlp.{gate,up}_proj``, and 
     with no entry starts a new group run (replacing every pending entry), so at most one pending
     output per member is ever held, and none once the group's siblings ran.
 
+An inference tensor (made under ``torch.inference_mode()``) keeps no version, so an output computed
+from one could not be told stale: with such an x (or adapter tensor) each member runs its own op.
+
 Members run alone when the group cannot run together: merged, path-less or quantized members
 (a base that computes itself has no dense weight to share), different dropout or training mode,
 or a member whose forward raises a shape/dtype error (it reports it);
@@ -39,6 +42,11 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings 
 _version = operator.attrgetter("_version")
 
 
+def _unversioned(source: call_plan.Source) -> bool:
+    """Whether the source's tensor is an inference tensor (it has no version to tell in-place writes by)."""
+    return isinstance(source.tensor, Tensor) and source.tensor.is_inference()
+
+
 class InputGroup:
     """Coordinator of the modules of one group (same in_features, dtype and device)."""
 
@@ -50,7 +58,7 @@ class InputGroup:
 
     def forward(self, module: SharedLoRALinear, x: Tensor) -> Tensor:
         """The output of member ``module`` for x: (..., in_features) -> (..., out_features)."""
-        if not torch.compiler.is_compiling() and self._runs_alone(module, x):
+        if not torch.compiler.is_compiling() and (x.is_inference() or self._runs_alone(module, x)):
             return module.forward_alone(x)  # its call plan: what the group's op would run, module by module
         index = next(i for i, m in enumerate(self.members) if m is module)
         grad_mode = torch.is_grad_enabled()
@@ -82,7 +90,9 @@ class InputGroup:
         cast, every member fusable), each member's planned compose call on one dropout draw under
         compose (``call_plan.build_compose_group``), else the router on paths made once; rebuilt
         when what it was built from changed (``ops.call_plan``; the members' train / eval modes and
-        paths versions are part of its environment, so whether they can run together is too)."""
+        paths versions are part of its environment, so whether they can run together is too).
+        None as well where an adapter tensor is an inference tensor: its pending outputs could not
+        be told stale."""
         members = self.members
         if torch.compiler.is_compiling():
             if not self._can_group(x):
@@ -95,7 +105,7 @@ class InputGroup:
         if plan is None or not plan.fits(env):
             plan = self._plan = None
             sources = [s for m in members for s in m._sources()]
-            if not self._can_group(x):
+            if not self._can_group(x) or any(map(_unversioned, sources)):
                 self._plan = call_plan.CallPlan(env, sources, lambda x: None, "alone")
                 return None
             ws, bs, ps = [m.base_weight() for m in members], [m.bias for m in members], [m.paths() for m in members]
