@@ -129,6 +129,40 @@ def test_plan_is_rebuilt_exactly_when_it_must_be(kinds):
     check_against_float64(layer, x)
 
 
+@pytest.mark.parametrize("backend", ["torch", "compose", "triton"])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_calls_outside_inference_mode_after_one_inside(backend, dropout, monkeypatch):
+    """What a call under torch.inference_mode() builds and keeps (plans, the kernels' factor tables and
+    a gate path's A_eff buffer, grouped launches) is made of normal tensors: later calls outside it,
+    under no_grad and in training, run (right against float64 without dropout), every path kind, a
+    layer alone and in an input group."""
+    from sharelora_kernels import grouping
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from sharelora_kernels.ops import tables
+
+        tables.clear_cache()  # every table made by this test's first call
+    monkeypatch.setenv("SHARELORA_BACKEND", backend)
+    kinds = ("plain", "slice", "gate", "kron")
+    layer, other = bishare_layer(kinds=kinds, dropout=dropout).train(), bishare_layer(kinds=kinds, dropout=dropout)
+    group = grouping.InputGroup([layer, other.train()])
+    x = torch.randn(5, K)
+    for grouped in (False, True):
+        layer.input_group = other.input_group = group if grouped else None
+        with torch.inference_mode():
+            inside = [layer(x), other(x)]
+        with torch.no_grad():
+            outside = [layer(x), other(x)]
+        if dropout == 0:
+            assert all(torch.equal(a, b) for a, b in zip(inside, outside))
+            check_against_float64(layer, x)
+        else:
+            xg = x.clone().requires_grad_()
+            (layer(xg).sum() + other(xg).sum()).backward()
+            assert xg.grad is not None and all(t.grad is not None for t in layer.store.parameters())
+
+
 def check_base_grads(layer, x):
     """The gradients of the base's weight and bias (those that require it) against float64 math."""
     base = [t for t in (layer.weight, layer.bias) if t.requires_grad]

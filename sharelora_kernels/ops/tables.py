@@ -124,10 +124,13 @@ def paths_key(paths: Sequence[LoRAPath], device: torch.device) -> tuple:
 
 
 def cached(key: tuple, build):
-    """The cache entry of ``key``, made by ``build()`` on a miss (least recently used dropped first)."""
+    """The cache entry of ``key``, made by ``build()`` on a miss (least recently used dropped first).
+    Built outside inference mode: an entry kept across calls holds normal tensors, which a later call
+    outside ``torch.inference_mode()`` may write in place (a gate path's A_eff buffer)."""
     entry = _CACHE.get(key)
     if entry is None:
-        entry = _CACHE[key] = build()
+        with torch.inference_mode(False):
+            entry = _CACHE[key] = build()
         if len(_CACHE) > CACHE_SIZE:
             _CACHE.popitem(last=False)
     else:
@@ -159,10 +162,12 @@ _INDEX: dict[tuple, Tensor] = {}
 
 
 def index_tensor(values: Sequence[int], device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
-    """``values`` as a ``dtype`` tensor on ``device``, made once per (values, device, dtype)."""
+    """``values`` as a ``dtype`` tensor on ``device``, made once per (values, device, dtype) (a normal
+    tensor, made outside inference mode: autograd may save it in a call outside it)."""
     key = (tuple(values), str(device), dtype)
     if key not in _INDEX:
-        _INDEX[key] = torch.tensor(values, dtype=dtype).to(device)
+        with torch.inference_mode(False):
+            _INDEX[key] = torch.tensor(values, dtype=dtype).to(device)
     return _INDEX[key]
 
 
