@@ -163,6 +163,29 @@ def test_calls_outside_inference_mode_after_one_inside(backend, dropout, monkeyp
             assert xg.grad is not None and all(t.grad is not None for t in layer.store.parameters())
 
 
+@pytest.mark.parametrize("backend", ["compose", "triton"])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_an_adapter_changed_in_place_before_backward_raises(backend, grouped, monkeypatch):
+    """An adapter tensor changed in place between a call and its backward (an optimizer step taken
+    in between): autograd's error, as nn.Linear gives, never a gradient of other values than the
+    forward's; every path kind, a layer alone and in an input group (the kernels read the adapters
+    through their tables in backward)."""
+    from sharelora_kernels import grouping
+
+    monkeypatch.setenv("SHARELORA_BACKEND", backend)
+    kinds = ("plain", "slice", "gate", "kron")
+    layer, other = bishare_layer(kinds=kinds, dropout=0.25).train(), bishare_layer(kinds=kinds, dropout=0.25).train()
+    if grouped:
+        layer.input_group = other.input_group = grouping.InputGroup([layer, other])
+    for name in ("p0.A", "p1.B", "p2.G_ou", "p3.K_A"):
+        x = torch.randn(5, K, requires_grad=True)
+        loss = layer(x).pow(2).sum() + other(x).pow(2).sum()
+        with torch.no_grad():
+            layer.store._parameters[name.replace(".", "/")].mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
 def check_base_grads(layer, x):
     """The gradients of the base's weight and bias (those that require it) against float64 math."""
     base = [t for t in (layer.weight, layer.bias) if t.requires_grad]

@@ -278,6 +278,25 @@ def test_standalone_layer_and_input_groups(float_dir):
     assert torch.equal(grouped(ids).logits, alone(ids).logits)
 
 
+@pytest.mark.parametrize("backend", ["compose", "triton"])
+def test_adapter_changed_in_place_before_backward_raises(float_dir, backend, monkeypatch):
+    """Gate and Kronecker paths on a 4-bit base (the planned low-rank op, whose backward reads the
+    adapters through its plan): an adapter changed in place between forward and backward raises
+    autograd's error instead of giving a gradient of other values than the forward's."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("SHARELORA_BACKEND", backend)
+    for name in ("bishare_gate", "bishare_kron"):
+        model = sk.apply(quantized(float_dir, "nf4"), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS[name]))
+        randomize_adapters(model)
+        loss = model(token_batch()).logits.pow(2).mean()
+        with torch.no_grad():
+            for p in adapter_tensors(model).values():
+                p.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
 def test_input_groups_run_4bit_members_alone_whatever_their_storage_dtype(float_dir):
     """A 4-bit weight stored in x's dtype (bnb_4bit_quant_storage=float32, as FSDP-QLoRA stores bf16)
     is still no dense weight to share: with dropout in training the members run alone, as without groups."""

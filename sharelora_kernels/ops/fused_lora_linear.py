@@ -276,19 +276,21 @@ class FusedLinear(torch.autograd.Function):
     """One eager call of the kernels: ``apply(plan, x (M, K), *tensors)`` -> y (M, N), with no
     custom-op wrapper (``torch.compile`` reaches the custom ops through ``fused_lora_linear``);
     ``plan`` a ``FusedPlan``. Backward launches the dy pass, dx (when x needs it) and dA (when a
-    tensor behind some A_eff needs a gradient), then routes the factor gradients."""
+    tensor behind some A_eff needs a gradient), then routes the factor gradients. The adapter
+    tensors, which backward reads through the plan's tables, are saved too: one changed in place
+    since the forward raises autograd's error instead of giving a wrong gradient."""
 
     @staticmethod
     def forward(ctx, plan, x, *tensors):
         y, h, mask = plan.forward(x)
-        ctx.save_for_backward(x, h, mask)
+        ctx.save_for_backward(x, h, mask, *tensors)
         ctx.plan = plan
         return y
 
     @staticmethod
     @first_order("the triton backend")
     def backward(ctx, dy):
-        x, h, mask = ctx.saved_tensors
+        x, h, mask = ctx.saved_tensors[:3]  # unpacking checks every saved tensor's version
         plan = ctx.plan
         needs = ctx.needs_input_grad
         routes = plan.routes(needs[2:])

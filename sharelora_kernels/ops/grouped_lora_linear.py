@@ -540,19 +540,21 @@ class GroupedEager(torch.autograd.Function):
     """The eager call of the group: ``apply(plan, x (M, K), *tensors)`` -> (y_0, ..., y_{G-1}), ``plan``
     a ``GroupedPlan``; the same kernels as the custom ops, called directly. Backward: one dy pass
     per module, one grouped dx launch (when x needs it), dA over the distinct views (when a tensor
-    behind some A_eff needs a gradient), then the factor gradients routed."""
+    behind some A_eff needs a gradient), then the factor gradients routed. The adapter tensors are
+    saved too (backward reads them through the plan's tables): one changed in place since the
+    forward raises autograd's error instead of giving a wrong gradient."""
 
     @staticmethod
     def forward(ctx, plan, x, *tensors):
         *ys, h, mask = plan.forward(x)
-        ctx.save_for_backward(x, h, mask)
+        ctx.save_for_backward(x, h, mask, *tensors)
         ctx.plan = plan
         return tuple(ys)
 
     @staticmethod
     @first_order("the triton backend")
     def backward(ctx, *dys):  # unused outputs' gradients come as zeros (materialized)
-        x, h, mask = ctx.saved_tensors
+        x, h, mask = ctx.saved_tensors[:3]  # unpacking checks every saved tensor's version
         plan = ctx.plan
         needs = ctx.needs_input_grad
         routes = plan.routes(needs[2:])

@@ -259,21 +259,23 @@ class LowRankPlanned(torch.autograd.Function):
     """One planned eager call: ``apply(program, y, x (M, K), *tensors)`` adds the paths into y in
     place through the backend directly (no custom-op wrapper; ``torch.compile`` reaches the custom
     ops through ``lowrank_add``). ``program`` = (paths, p, zero seed, kernels): ``kernels`` the
-    Triton path's ``lowrank_only_triton.LowRankPlan``, or None for the torch path."""
+    Triton path's ``lowrank_only_triton.LowRankPlan``, or None for the torch path. The adapter
+    tensors, which backward reads through ``program``, are saved too: one changed in place since the
+    forward raises autograd's error instead of giving a wrong gradient."""
 
     @staticmethod
     def forward(ctx, program, y, x, *tensors):
         with no_autocast(x.device.type):  # the dtypes are chosen by the plan
             h, mask, seed = _planned_add(program, y.view(-1, y.shape[-1]), x)
         ctx.mark_dirty(y)
-        ctx.save_for_backward(x, h, mask, seed)
+        ctx.save_for_backward(x, h, mask, seed, *tensors)
         ctx.program = program
         return y
 
     @staticmethod
     @first_order("the low-rank op of a quantized base", torch_exact=False)
     def backward(ctx, dy):
-        x, h, mask, seed = ctx.saved_tensors
+        x, h, mask, seed = ctx.saved_tensors[:4]  # unpacking checks every saved tensor's version
         paths, p, _, kernels = ctx.program
         needs = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1])
