@@ -492,6 +492,37 @@ def test_input_groups_under_inference_mode_match_ungrouped(backend, monkeypatch)
         assert torch.equal(inference_model(ids).logits, ref[1])
 
 
+def test_triton_group_with_adapters_of_two_dtypes_runs_the_torch_path(monkeypatch):
+    """On triton, q_proj's adapters in bfloat16 and k/v's in float32 (each module fusable alone, no
+    one grouped kernel call takes both): the group runs the torch path, as the ungrouped model on
+    torch, instead of refusing the mix."""
+    from tiny_models import randomize_adapters, tiny_model, token_batch
+
+    config = sk.ShareLoRAConfig(method="lora", r=4, target_modules=["q_proj", "k_proj", "v_proj"])
+    model = sk.apply(tiny_model("llama", layers=1), config)
+    randomize_adapters(model)
+    store = model.sharelora_adapters
+    for name, p in list(store._parameters.items()):
+        if "q_proj" in name:
+            store._parameters[name] = torch.nn.Parameter(p.detach().to(torch.bfloat16))
+    ids = token_batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run():
+        logits = model(ids).logits
+        return logits.detach(), torch.autograd.grad(logits.pow(2).mean(), params)
+
+    monkeypatch.setenv("SHARELORA_BACKEND", "torch")
+    ref, ref_grads = run()
+    monkeypatch.setenv("SHARELORA_BACKEND", "triton")
+    assert grouping.enable_input_groups(model) == 1  # q/k/v
+    out, grads = run()
+    assert model.model.layers[0].self_attn.q_proj.input_group._plan.backend == "router"
+    assert rel_err(out, ref.double()) < 1e-5
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype and rel_err(g, r.double()) < 1e-5
+
+
 def test_compiled_input_groups_with_biases_match_eager(monkeypatch):
     """torch.compile(fullgraph) of a Qwen2 model (q/k/v have biases, gate/up none) with input groups
     on the triton backend: same logits and adapter gradients as eager."""

@@ -87,7 +87,7 @@ class InputGroup:
     def _run(self, x: Tensor, module: SharedLoRALinear) -> tuple[Tensor, ...] | None:
         """The group's op on x, or None where its members cannot run together (``_can_group``).
         Eager calls run the group's call plan: the kernels' ``GroupedPlan`` under triton (no autocast
-        cast, every member fusable), each member's planned compose call on one dropout draw under
+        cast, every member fusable, their adapters in one dtype), each member's planned compose call on one dropout draw under
         compose (``call_plan.build_compose_group``), else the router on paths made once; rebuilt
         when what it was built from changed (``ops.call_plan``; the members' train / eval modes and
         paths versions are part of its environment, so whether they can run together is too).
@@ -112,7 +112,7 @@ class InputGroup:
             args = (ws, bs, ps, module.dropout, module.training)
             setting, cast = ops.backend_for(x), ops._autocast_operands(x, *ws, *bs)
             run, backend = None, "router"
-            if setting == "triton" and cast is None and all(ops._fusable(x, w, b, p) for w, b, p in zip(ws, bs, ps)):
+            if setting == "triton" and cast is None and ops._group_fusable(x, ws, bs, ps):
                 from .ops.grouped_lora_linear import planned_call
 
                 run, backend = planned_call(x, *args), "triton"

@@ -74,6 +74,14 @@ def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoR
             and len({t.dtype for p in paths for t in p.tensors}) == 1)
 
 
+def _group_fusable(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
+                   paths: Sequence[Sequence[LoRAPath]]) -> bool:
+    """Whether one grouped kernel call takes the group: every module fusable, every adapter tensor of
+    the group in one dtype."""
+    return (all(_fusable(x, w, b, ps) for w, b, ps in zip(weights, biases, paths))
+            and len({ps[0].tensors[0].dtype for ps in paths}) == 1)
+
+
 def _auto_times_triton(x: Tensor) -> bool:
     """Whether auto considers the kernels for x: CUDA tensors (CPU ones only when the interpreter
     runs them and ``dispatch.TIME_INTERPRETED_KERNELS`` is set)."""
@@ -141,7 +149,8 @@ def grouped_lora_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[T
     """``lora_linear`` of G modules that share the input x, as a tuple of G outputs (..., N_g).
 
     weights: (N_g, K) each; biases: (N_g,) or None each; paths: one sequence of LoRAPaths per module.
-    triton: one grouped kernel when every module is fusable and has a path; compose and torch: one
+    triton: one grouped kernel when every module is fusable and has a path, every adapter of the
+    group in one dtype (else the torch path, one mask for the group); compose and torch: one
     dropout mask on x for the whole group; auto: each module on its own (its own choice and mask).
     """
     setting = backend_for(x, backend)
@@ -153,7 +162,7 @@ def grouped_lora_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[T
     cast = _autocast_operands(x, *weights, *biases)
     xs, ws, bs = (cast[0], cast[1:1 + len(weights)], cast[1 + len(weights):]) if cast else (x, weights, biases)
     run = None
-    if setting == "triton" and all(_fusable(xs, w, b, ps) for w, b, ps in zip(ws, bs, paths)):
+    if setting == "triton" and _group_fusable(xs, ws, bs, paths):
         run = _grouped_lora_linear
     elif setting == "compose" and all(_compose_takes(xs, w, b, ps) for w, b, ps in zip(ws, bs, paths)):
         run = compose.grouped_lora_linear
