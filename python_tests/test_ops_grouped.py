@@ -240,6 +240,24 @@ def test_opcheck_custom_ops(contiguous):
                            [t.detach() for t in tensors], layout, scales, 0.1, True, bufs, False))
 
 
+@pytest.mark.parametrize("used", [(0,), (0, 2)])
+def test_unused_outputs_leave_what_only_they_read_without_gradient(used):
+    """Outputs of the group that take no part in the loss: the tensors only their modules read get
+    no gradient (None, as separate modules leave them, not zeros an optimizer would act on); x and
+    every other tensor get exactly the used modules' gradients."""
+    x, weights, biases, paths = make_group(QKV, "mix")
+    ys = grouped_lora_linear(x, weights, biases, paths)
+    dys = [torch.randn_like(ys[g]) for g in used]
+    torch.autograd.backward([ys[g] for g in used], dys)
+    used_paths = [paths[g] for g in used]
+    _, grads_ref = float64_group(x, [weights[g] for g in used], [biases[g] for g in used], used_paths, dys)
+    ref = {id(t): g for t, g in zip(leaves_of(x, used_paths), grads_ref)}
+    unused = [t for t in leaves_of(x, paths) if id(t) not in ref]
+    assert unused and all(t.grad is None for t in unused)
+    for t in leaves_of(x, used_paths):
+        assert rel_err(t.grad, ref[id(t)]) < 1e-4
+
+
 def test_bad_inputs_raise_clear_errors():
     x, weights, biases, paths = make_group(GATE_UP, "plain")
     with pytest.raises(ValueError, match="one weight, bias and path list per module"):

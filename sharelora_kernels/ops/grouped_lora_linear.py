@@ -483,7 +483,7 @@ class GroupedPlan:
     Weights or biases that are not contiguous get their launches per call (built from copies)."""
 
     __slots__ = ("weights", "biases", "tensors", "group", "views", "module_tables", "launch", "dx", "h_cols",
-                 "dh_index", "dh_concat", "ns", "p", "seed", "atomic", "routes")
+                 "dh_index", "dh_concat", "ns", "p", "seed", "atomic", "routes", "reads")
 
     def __init__(self, weights: Sequence[Tensor], biases: Sequence[Tensor | None], paths: Sequence[Sequence[LoRAPath]],
                  p: float, device: torch.device, atomic: bool | None = None):
@@ -517,6 +517,12 @@ class GroupedPlan:
                 route_list.append(Route(1 + g, r0, r0 + path_rank(path), path, "b", tuple(idx), self.ns[g]))
                 r0 += path_rank(path)
         self.routes = RouteCache(self.tensors, route_list)
+        self.reads = [frozenset(i for roles in module_roles for i in roles) for module_roles in grp.roles]
+
+    def reached(self, needs: Sequence[bool], dys: Sequence[Tensor | None]) -> tuple[bool, ...]:
+        """``needs`` (one per tensor) less the tensors that no module with an output gradient reads."""
+        reads = frozenset().union(*(r for r, dy in zip(self.reads, dys) if dy is not None))
+        return tuple(need and i in reads for i, need in enumerate(needs))
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """[y_0, ..., y_{G-1}, h (M, R_u) float32, the bit-packed dropout mask] of x (M, K) (two launches)."""
@@ -542,29 +548,36 @@ class GroupedEager(torch.autograd.Function):
     per module, one grouped dx launch (when x needs it), dA over the distinct views (when a tensor
     behind some A_eff needs a gradient), then the factor gradients routed. The adapter tensors are
     saved too (backward reads them through the plan's tables): one changed in place since the
-    forward raises autograd's error instead of giving a wrong gradient."""
+    forward raises autograd's error instead of giving a wrong gradient. A member whose output took
+    no part in the loss (its gradient None: not materialized) gives no gradient to the tensors only
+    it reads (None, as its own op would leave them) and contributes nothing to the others."""
 
     @staticmethod
     def forward(ctx, plan, x, *tensors):
         *ys, h, mask = plan.forward(x)
         ctx.save_for_backward(x, h, mask, *tensors)
+        ctx.set_materialize_grads(False)
         ctx.plan = plan
         return tuple(ys)
 
     @staticmethod
     @first_order("the triton backend")
-    def backward(ctx, *dys):  # unused outputs' gradients come as zeros (materialized)
+    def backward(ctx, *dys):
         x, h, mask = ctx.saved_tensors[:3]  # unpacking checks every saved tensor's version
         plan = ctx.plan
-        needs = ctx.needs_input_grad
-        routes = plan.routes(needs[2:])
+        needs_dx, needs = ctx.needs_input_grad[1], ctx.needs_input_grad[2:]
+        if any(dy is None for dy in dys):  # an unused output
+            needs = plan.reached(needs, dys)
+            dys = [torch.zeros((x.shape[0], n), device=x.device, dtype=x.dtype) if dy is None else dy
+                   for dy, n in zip(dys, plan.ns)]  # dx reads every module's dy: zeros add nothing
+        routes = plan.routes(needs)
         dys = [dy.contiguous() for dy in dys]
         dhs, grads = [], [None]
         for g, (dy, tables) in enumerate(zip(dys, plan.module_tables)):
             dh_g, grad_b = dy_lowrank(dy, plan.columns(h, g), tables.b, tables.scale, tables.dtype, tables.periodic)
             dhs.append(dh_g)
             grads.append(grad_b)
-        if not (needs[1] or routes.uses(0)):  # dB alone: dh is not read
+        if not (needs_dx or routes.uses(0)):  # dB alone: dh is not read
             return (None, None, *routes(grads))
         if plan.dh_concat:
             dh = torch.cat(dhs, 1) if len(dhs) > 1 else dhs[0]
@@ -573,7 +586,7 @@ class GroupedEager(torch.autograd.Function):
             for dh_g, index in zip(dhs, plan.dh_index):  # index_add_: modules may read one view
                 dh.index_add_(1, index, dh_g)
         dx = None
-        if needs[1]:
+        if needs_dx:
             dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
             launch = plan.dx
             if launch is None:
