@@ -213,6 +213,30 @@ def test_a_layer_on_the_meta_device_propagates_shapes(backend):
         assert layer(x).shape == (2, 3, 6)
 
 
+@pytest.mark.parametrize("backend", ["torch", "compose", "triton"])
+def test_torch_func_transforms_are_refused_by_name(backend):
+    """torch.func transforms over a layer (unsupported) raise an error naming the package and the
+    transform, also where a call plan was built before; functional_call alone runs."""
+    from torch.func import functional_call, grad, jacrev, jvp, vmap
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+    sk.ops.set_backend(backend)
+    layer = sk.SharedLoRALinear(nn.Linear(8, 6), r=2).train()
+    x = torch.randn(3, 8)
+    a, b = torch.randn(2, 8), torch.randn(6, 2)
+    expected = nn.functional.linear(x, layer.weight, layer.bias) + layer.lora_paths[0].spec.scale * (x @ a.t()) @ b.t()
+    torch.testing.assert_close(functional_call(layer, {"adapters.A": a, "adapters.B": b}, (x,)), expected)
+    layer(x).sum().backward()  # a plan that later calls would reuse
+    cases = [("vmap", lambda: vmap(layer)(x)),
+             (r"grad \(or vjp, jacrev\)", lambda: grad(lambda a: functional_call(layer, {"adapters.A": a}, (x,)).sum())(a)),
+             (r"grad \(or vjp, jacrev\)", lambda: jacrev(layer)(x[0])),
+             (r"jvp \(or jacfwd\)", lambda: jvp(layer, (x,), (x,)))]
+    for name, call in cases:
+        with pytest.raises(NotImplementedError, match=rf"torch.func.{name} over a sharelora_kernels layer is not supported"):
+            call()
+
+
 def test_a_parametrized_tensor_is_refused_by_name():
     import torch.nn.utils.parametrize as parametrize
 

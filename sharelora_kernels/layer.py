@@ -31,6 +31,18 @@ from .reference import LoRAPath, delta_weight
 DEFAULT_ADAPTER = "default"
 BASE_ROW = "__base__"  # names a row without adapter in a mixed batch (serving, PEFT's adapter_names): reserved
 _is_compiling = torch.compiler.is_compiling
+_transforms_active = torch._C._are_functorch_transforms_active
+_TRANSFORMS = {"Vmap": "vmap", "Grad": "grad (or vjp, jacrev)", "Jvp": "jvp (or jacfwd)", "Functionalize": "functionalize"}
+
+
+def _refuse_transforms() -> None:
+    """NotImplementedError naming the ``torch.func`` transform a layer call runs under (vmap, grad, ...):
+    the layer's ops are autograd Functions and kernels without functorch rules."""
+    key = torch._C._functorch.peek_interpreter_stack().key().name
+    raise NotImplementedError(f"torch.func.{_TRANSFORMS.get(key, key.lower())} over a sharelora_kernels layer is "
+                              "not supported (its ops are autograd Functions and Triton kernels without torch.func "
+                              "rules): call the model without torch.func transforms (torch.func.functional_call "
+                              "alone works)")
 
 
 def check_adapter_name(name) -> None:
@@ -332,6 +344,8 @@ class SharedLoRALinear(nn.Module):
         return {**self.__dict__, "_plan": None, "_plans": {}, "_mixed_tables": None}
 
     def forward(self, x: Tensor) -> Tensor:
+        if _transforms_active():  # one C call: the steady-state call's host time counts
+            _refuse_transforms()
         if self.mixed_batch is not None:  # each row its own adapter (serving.mixed_batch)
             return self.mixed_batch.forward(self, x)
         if self.input_group is not None:
