@@ -457,6 +457,54 @@ def test_compose_input_groups_with_dropout_run_their_plan(name, monkeypatch):
         assert rel_err(g, r.double()) < 1e-4
 
 
+@pytest.mark.parametrize("backend", ["compose", "triton"])
+def test_group_plans_are_kept_per_environment_and_run_under_autocast(backend, monkeypatch):
+    """A group keeps a plan per environment, as a layer does: reentrant checkpointing (a no-grad
+    forward, then the recompute with grad) and evaluation between training steps build nothing after
+    one round. A bf16 model under bf16 autocast (Trainer's bf16=True) runs the group's plan, not the
+    router, and its logits match the router's group op on the same dropout draws."""
+    from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
+
+    monkeypatch.setenv("SHARELORA_BACKEND", backend)
+    config = sk.ShareLoRAConfig(target_modules=TARGETS + ["gate_proj"], dropout=0.25, **METHOD_CONFIGS["bishare_slice"])
+    model = sk.apply(tiny_model("llama", layers=1).to(torch.bfloat16), config).train()  # float32 adapters
+    randomize_adapters(model)
+    ids = token_batch()
+
+    def step():
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad():
+                model(ids)
+            logits = model(ids).logits
+        grads = torch.autograd.grad(logits.float().pow(2).mean(), [p for p in model.parameters() if p.requires_grad])
+        model.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids)
+        model.train()
+        return logits.detach(), grads
+
+    assert grouping.enable_input_groups(model) == 2
+    groups = {id(m.input_group): m.input_group for m in sk.model.shared_layers(model) if m.input_group is not None}
+    with monkeypatch.context() as m:
+        m.setattr(grouping.InputGroup, "_planned", staticmethod(lambda x, args: (None, "router")))
+        ref, _ = step()  # the router's group op, on the same draws
+    assert {p.backend for g in groups.values() for p in g._plans.values() if p.backend != "alone"} == {"router"}
+    for group in groups.values():
+        group.clear()
+    builds = []
+    build = grouping.InputGroup._build
+    monkeypatch.setattr(grouping.InputGroup, "_build", lambda *a: builds.append(1) or build(*a))
+    step()
+    first = len(builds)
+    out, grads = step()
+    assert first > 0 and len(builds) == first
+    assert {p.backend for g in groups.values() for p in g._plans.values() if p.backend != "alone"} == {backend}
+    assert rel_err(out, ref.double()) < 5e-2  # bf16 roundings in another order (each ~2e-2 from float32)
+    # a bf16 model's gradients differ by up to ~40% between the two orders, as each does from float64
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
 def test_input_group_fallbacks_no_grad_and_changed_input(monkeypatch):
     monkeypatch.setenv("SHARELORA_BACKEND", "torch")
     model = grouped_model()

@@ -36,6 +36,7 @@ from torch import Tensor
 from . import ops
 from .layer import SharedLoRALinear
 from .ops import call_plan
+from .ops.autocast import AutocastOff
 
 KNOWN_ARCHITECTURES = ("llama", "mistral", "qwen2")  # config.model_type
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings that read their parent's one input
@@ -54,7 +55,8 @@ class InputGroup:
         self.members = list(members)
         # member index -> (x, grad mode, output, the tensors the run read, their ``_state`` then)
         self._pending: dict[int, tuple[Tensor, bool, Tensor, list[Tensor], tuple]] = {}
-        self._plan: call_plan.CallPlan | None = None  # the group's call plan (built once, like a layer's)
+        self._plan: call_plan.CallPlan | None = None  # the group's call plan of the last run (built once, like a layer's)
+        self._plans: dict[tuple, call_plan.CallPlan] = {}  # environment -> plan, a few kept
 
     def forward(self, module: SharedLoRALinear, x: Tensor) -> Tensor:
         """The output of member ``module`` for x: (..., in_features) -> (..., out_features)."""
@@ -86,13 +88,10 @@ class InputGroup:
 
     def _run(self, x: Tensor, module: SharedLoRALinear) -> tuple[Tensor, ...] | None:
         """The group's op on x, or None where its members cannot run together (``_can_group``).
-        Eager calls run the group's call plan: the kernels' ``GroupedPlan`` under triton (no autocast
-        cast, every member fusable, their adapters in one dtype), each member's planned compose call on one dropout draw under
-        compose (``call_plan.build_compose_group``), else the router on paths made once; rebuilt
-        when what it was built from changed (``ops.call_plan``; the members' train / eval modes and
-        paths versions are part of its environment, so whether they can run together is too).
-        None as well where an adapter tensor is an inference tensor: its pending outputs could not
-        be told stale."""
+        Eager calls run the group's call plan (``_build``), kept per environment like a layer's (grad
+        on and off under reentrant checkpointing, train and eval) and rebuilt when what it was built
+        from changed (``ops.call_plan``; the members' train / eval modes and paths versions are part of
+        its environment, so whether they can run together is too)."""
         members = self.members
         if torch.compiler.is_compiling():
             if not self._can_group(x):
@@ -103,25 +102,58 @@ class InputGroup:
                                                          *(m.training for m in members)))
         plan = self._plan
         if plan is None or not plan.fits(env):
-            plan = self._plan = None
-            sources = [s for m in members for s in m._sources()]
-            if not self._can_group(x) or any(map(_unversioned, sources)):
-                self._plan = call_plan.CallPlan(env, sources, lambda x: None, "alone")
-                return None
-            ws, bs, ps = [m.base_weight() for m in members], [m.bias for m in members], [m.paths() for m in members]
-            args = (ws, bs, ps, module.dropout, module.training)
-            setting, cast = ops.backend_for(x), ops._autocast_operands(x, *ws, *bs)
-            run, backend = None, "router"
-            if setting == "triton" and cast is None and ops._group_fusable(x, ws, bs, ps):
-                from .ops.grouped_lora_linear import planned_call
-
-                run, backend = planned_call(x, *args), "triton"
-            elif setting == "compose" and cast is None:
-                run, backend = call_plan.build_compose_group(x, *args), "compose"
-            if run is None:
-                run, backend = (lambda x: ops.grouped_lora_linear(x, *args)), "router"
-            plan = self._plan = call_plan.CallPlan(env, sources, run, backend)
+            plan = self._plans.get(env)
+            if plan is None or not plan.fits(env):
+                self._plans = call_plan.still_valid(self._plans)
+                if len(self._plans) >= 8:
+                    self._plans.clear()
+                plan = self._plans[env] = self._build(x, module, env)
+            self._plan = plan
         return plan.run(x)
+
+    def _build(self, x: Tensor, module: SharedLoRALinear, env: tuple) -> call_plan.CallPlan:
+        """The group's call plan: the kernels' ``GroupedPlan`` under triton (every member fusable,
+        their adapters in one dtype), each member's planned compose call on one dropout draw under
+        compose (``call_plan.build_compose_group``), else the router on paths made once. Under
+        autocast with the bases in its dtype, x is cast and that plan runs with autocast off (as a
+        layer's plan does); a base of another dtype takes the router. Its run returns None where
+        the members run alone: they cannot run together, or an adapter tensor is an inference
+        tensor (its pending outputs could not be told stale)."""
+        members = self.members
+        sources = [s for m in members for s in m._sources()]
+        if not self._can_group(x) or any(map(_unversioned, sources)):
+            return call_plan.CallPlan(env, sources, lambda x: None, "alone")
+        ws, bs, ps = [m.base_weight() for m in members], [m.bias for m in members], [m.paths() for m in members]
+        args = (ws, bs, ps, module.dropout, module.training)
+        cast = ops._autocast_operands(x, *ws, *bs)
+        run, backend = None, "router"
+        if cast is None:
+            run, backend = self._planned(x, args)
+        elif all(c is t for c, t in zip(cast[1:], (*ws, *bs))):  # the bases in autocast's dtype: x cast per call
+            device, dtype = x.device.type, cast[0].dtype
+            with torch.autocast(device, enabled=False):
+                inner, backend = self._planned(cast[0], args)
+            if inner is not None:
+                def run(x: Tensor) -> tuple[Tensor, ...]:
+                    with AutocastOff(device):
+                        return inner(x if x.dtype == dtype else x.to(dtype))
+        if run is None:
+            run, backend = (lambda x: ops.grouped_lora_linear(x, *args)), "router"
+        return call_plan.CallPlan(env, sources, run, backend)
+
+    @staticmethod
+    def _planned(x: Tensor, args: tuple) -> tuple:
+        """(run, backend) of the group's planned op for operands x and ``args`` (weights, biases,
+        paths, dropout, training) with autocast off: triton's ``GroupedPlan``, compose's group, or
+        (None, "router")."""
+        setting, (ws, bs, ps) = ops.backend_for(x), args[:3]
+        if setting == "triton" and ops._group_fusable(x, ws, bs, ps):
+            from .ops.grouped_lora_linear import planned_call
+
+            return planned_call(x, *args), "triton"
+        if setting == "compose":
+            return call_plan.build_compose_group(x, *args), "compose"
+        return None, "router"
 
     @staticmethod
     def _runs_alone(module: SharedLoRALinear, x: Tensor) -> bool:
@@ -139,11 +171,11 @@ class InputGroup:
 
     def clear(self) -> None:
         self._pending.clear()
-        self._plan = None
+        self._plan, self._plans = None, {}
 
     def __getstate__(self) -> dict:
         """Copies and pickles hold the members, not the pending outputs of a run in flight."""
-        return {**self.__dict__, "_pending": {}, "_plan": None}
+        return {**self.__dict__, "_pending": {}, "_plan": None, "_plans": {}}
 
 
 def check_known_architecture(model: nn.Module) -> None:
