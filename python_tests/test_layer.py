@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import sharelora_kernels as sk
 from sharelora_kernels import reference
-from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
+from tiny_models import METHOD_CONFIGS, TARGETS, logits_and_grads, randomize_adapters, tiny_model, token_batch
 
 
 def test_standalone_layer_matches_formula_with_any_leading_dims():
@@ -168,16 +168,10 @@ def test_inductor_compile_matches_eager_outputs_and_gradients():
     Function and the Kronecker fold: float32 within reordering error."""
     model = sk.apply(tiny_model(layers=2), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS["bishare_kron"]))
     randomize_adapters(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def run(m, ids):
-        logits = m(ids).logits
-        return logits.detach(), torch.autograd.grad(logits.pow(2).mean(), params)
-
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
     for seq in (5, 9):
         ids = token_batch(2, seq)
-        (out, grads), (ref, ref_grads) = run(compiled, ids), run(model, ids)
+        (out, grads), (ref, ref_grads) = logits_and_grads(model, ids, compiled), logits_and_grads(model, ids)
         assert (out - ref).abs().max() / ref.abs().max() < 1e-5
         for g, r in zip(grads, ref_grads):
             assert (g - r).abs().max() / r.abs().max() < 1e-4

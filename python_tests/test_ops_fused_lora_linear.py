@@ -356,21 +356,15 @@ def test_layer_forced_triton_matches_reference(monkeypatch):
 def test_applied_model_runs_fused_and_matches_torch_backend(name, monkeypatch):
     """A whole tiny LLaMA after apply(): logits and every adapter gradient, triton vs torch backend."""
     import sharelora_kernels as sk
-    from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
+    from tiny_models import METHOD_CONFIGS, TARGETS, logits_and_grads, randomize_adapters, tiny_model, token_batch
 
     model = sk.apply(tiny_model("mistral", layers=2), sk.ShareLoRAConfig(target_modules=TARGETS, **METHOD_CONFIGS[name]))
     randomize_adapters(model)
     ids = token_batch()
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def run():
-        logits = model(ids).logits
-        return logits.detach(), torch.autograd.grad(logits.pow(2).mean(), params)
-
     monkeypatch.setenv("SHARELORA_BACKEND", "torch")
-    ref, ref_grads = run()
+    ref, ref_grads = logits_and_grads(model, ids)
     monkeypatch.setenv("SHARELORA_BACKEND", "triton")
-    out, grads = run()
+    out, grads = logits_and_grads(model, ids)
     layers = [m for m in model.modules() if isinstance(m, SharedLoRALinear)]
     assert len(layers) == 2 * len(TARGETS) and all(m._plan.backend == "triton" for m in layers)  # every call fused
     assert rel_err(out, ref.double()) < 1e-4

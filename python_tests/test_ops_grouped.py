@@ -397,16 +397,14 @@ def grouped_model(name="bishare_slice"):
 @pytest.mark.parametrize("backend,name", [("torch", "bishare_slice"), ("triton", "bishare_slice"),
                                           ("triton", "bishare_kron")])
 def test_input_groups_on_tiny_llama_same_logits_and_gradients(backend, name, monkeypatch):
-    from tiny_models import token_batch
+    from tiny_models import logits_and_grads, token_batch
 
     monkeypatch.setenv("SHARELORA_BACKEND", backend)
     model = grouped_model(name)
     ids = token_batch()
-    params = [p for p in model.parameters() if p.requires_grad]
 
     def run():
-        logits = model(ids).logits
-        return logits.detach(), torch.autograd.grad(logits.pow(2).mean(), params)
+        return logits_and_grads(model, ids)
 
     ref, ref_grads = run()
     calls = []
@@ -430,20 +428,18 @@ def test_compose_input_groups_with_dropout_run_their_plan(name, monkeypatch):
     """On compose with dropout in training, a group draws one mask and runs each member's planned
     compose call on it: logits and every gradient equal the router's group op on the same draw."""
     from sharelora_kernels.ops import call_plan
-    from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
+    from tiny_models import METHOD_CONFIGS, TARGETS, logits_and_grads, randomize_adapters, tiny_model, token_batch
 
     monkeypatch.setenv("SHARELORA_BACKEND", "compose")
     config = sk.ShareLoRAConfig(target_modules=TARGETS + ["gate_proj"], dropout=0.25, **METHOD_CONFIGS[name])
     model = sk.apply(tiny_model("mistral", layers=2), config, group_inputs=True).train()
     randomize_adapters(model)
     ids = token_batch()
-    params = [p for p in model.parameters() if p.requires_grad]
     groups = {id(m.input_group): m.input_group for m in sk.model.shared_layers(model) if m.input_group is not None}
 
     def run():
         torch.manual_seed(11)
-        logits = model(ids).logits
-        return logits.detach(), torch.autograd.grad(logits.pow(2).mean(), params)
+        return logits_and_grads(model, ids)
 
     out, grads = run()
     assert len(groups) == 4 and {g._plan.backend for g in groups.values()} == {"compose"}
@@ -562,7 +558,7 @@ def test_triton_group_with_adapters_of_two_dtypes_runs_the_torch_path(monkeypatc
     """On triton, q_proj's adapters in bfloat16 and k/v's in float32 (each module fusable alone, no
     one grouped kernel call takes both): the group runs the torch path, as the ungrouped model on
     torch, instead of refusing the mix."""
-    from tiny_models import randomize_adapters, tiny_model, token_batch
+    from tiny_models import logits_and_grads, randomize_adapters, tiny_model, token_batch
 
     config = sk.ShareLoRAConfig(method="lora", r=4, target_modules=["q_proj", "k_proj", "v_proj"])
     model = sk.apply(tiny_model("llama", layers=1), config)
@@ -572,17 +568,11 @@ def test_triton_group_with_adapters_of_two_dtypes_runs_the_torch_path(monkeypatc
         if "q_proj" in name:
             store._parameters[name] = torch.nn.Parameter(p.detach().to(torch.bfloat16))
     ids = token_batch()
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def run():
-        logits = model(ids).logits
-        return logits.detach(), torch.autograd.grad(logits.pow(2).mean(), params)
-
     monkeypatch.setenv("SHARELORA_BACKEND", "torch")
-    ref, ref_grads = run()
+    ref, ref_grads = logits_and_grads(model, ids)
     monkeypatch.setenv("SHARELORA_BACKEND", "triton")
     assert grouping.enable_input_groups(model) == 1  # q/k/v
-    out, grads = run()
+    out, grads = logits_and_grads(model, ids)
     assert model.model.layers[0].self_attn.q_proj.input_group._plan.backend == "router"
     assert rel_err(out, ref.double()) < 1e-5
     for g, r in zip(grads, ref_grads):
@@ -592,21 +582,15 @@ def test_triton_group_with_adapters_of_two_dtypes_runs_the_torch_path(monkeypatc
 def test_compiled_input_groups_with_biases_match_eager(monkeypatch):
     """torch.compile(fullgraph) of a Qwen2 model (q/k/v have biases, gate/up none) with input groups
     on the triton backend: same logits and adapter gradients as eager."""
-    from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
+    from tiny_models import METHOD_CONFIGS, TARGETS, logits_and_grads, randomize_adapters, tiny_model, token_batch
 
     monkeypatch.setenv("SHARELORA_BACKEND", "triton")
     config = sk.ShareLoRAConfig(target_modules=TARGETS + ["gate_proj"], **METHOD_CONFIGS["bishare_slice"])
     model = sk.apply(tiny_model("qwen2", layers=2), config, group_inputs=True)
     randomize_adapters(model)
     ids = token_batch()
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def run(m):
-        logits = m(ids).logits
-        return logits.detach(), torch.autograd.grad(logits.pow(2).mean(), params)
-
-    ref, ref_grads = run(model)
-    out, grads = run(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    ref, ref_grads = logits_and_grads(model, ids)
+    out, grads = logits_and_grads(model, ids, torch.compile(model, fullgraph=True, backend="aot_eager"))
     # float32, one graph vs op by op: equal up to summation order (2.8e-6 seen with Transformers 4.57)
     assert rel_err(out, ref.double()) < 1e-5
     for g, r in zip(grads, ref_grads):

@@ -45,6 +45,14 @@ def logits(model, ids: torch.Tensor, **kw) -> torch.Tensor:
         return model(ids, **kw).logits
 
 
+def logits_and_grads(model, ids: torch.Tensor, call=None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(the logits of ``ids``, detached; the gradients of their mean square with respect to every
+    trainable parameter of ``model``), computed by ``call`` (default: the model; e.g. a compiled copy)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = (model if call is None else call)(ids).logits
+    return out.detach(), torch.autograd.grad(out.pow(2).mean(), params)
+
+
 # Every method and shape transform, with settings that fit the tiny models (dims 16, 32, 48).
 METHOD_CONFIGS = {
     "lora": dict(method="lora", r=3),
