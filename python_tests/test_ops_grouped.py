@@ -458,7 +458,8 @@ def test_group_plans_are_kept_per_environment_and_run_under_autocast(backend, mo
     """A group keeps a plan per environment, as a layer does: reentrant checkpointing (a no-grad
     forward, then the recompute with grad) and evaluation between training steps build nothing after
     one round. A bf16 model under bf16 autocast (Trainer's bf16=True) runs the group's plan, not the
-    router, and its logits match the router's group op on the same dropout draws."""
+    router, and its logits match the router's group op on the same dropout draws; so does a float32
+    x (norms kept in float32), cast as autocast casts it."""
     from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
 
     monkeypatch.setenv("SHARELORA_BACKEND", backend)
@@ -499,6 +500,21 @@ def test_group_plans_are_kept_per_environment_and_run_under_autocast(backend, mo
     assert rel_err(out, ref.double()) < 5e-2  # bf16 roundings in another order (each ~2e-2 from float32)
     # a bf16 model's gradients differ by up to ~40% between the two orders, as each does from float64
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+    attn = model.model.layers[0].self_attn  # x in float32 (norms kept in float32), the bases in bf16
+    x = torch.randn(2, 5, attn.q_proj.in_features)
+
+    def qkv():
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return [m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    got = qkv()
+    assert attn.q_proj.input_group._plan.backend == backend
+    with monkeypatch.context() as m:
+        m.setattr(grouping.InputGroup, "_planned", staticmethod(lambda x, args: (None, "router")))
+        attn.q_proj.input_group.clear()
+        for y, r in zip(got, qkv()):
+            assert y.dtype == torch.bfloat16 and rel_err(y, r.double()) < 3e-2
 
 
 def test_input_group_fallbacks_no_grad_and_changed_input(monkeypatch):
@@ -554,10 +570,10 @@ def test_input_groups_under_inference_mode_match_ungrouped(backend, monkeypatch)
         assert torch.equal(inference_model(ids).logits, ref[1])
 
 
-def test_triton_group_with_adapters_of_two_dtypes_runs_the_torch_path(monkeypatch):
+def test_triton_group_with_adapters_of_two_dtypes_runs_each_member_on_its_kernels(monkeypatch):
     """On triton, q_proj's adapters in bfloat16 and k/v's in float32 (each module fusable alone, no
-    one grouped kernel call takes both): the group runs the torch path, as the ungrouped model on
-    torch, instead of refusing the mix."""
+    one grouped kernel call takes both): each member runs its own kernels, as the ungrouped model,
+    and matches the torch backend."""
     from tiny_models import logits_and_grads, randomize_adapters, tiny_model, token_batch
 
     config = sk.ShareLoRAConfig(method="lora", r=4, target_modules=["q_proj", "k_proj", "v_proj"])
@@ -569,14 +585,18 @@ def test_triton_group_with_adapters_of_two_dtypes_runs_the_torch_path(monkeypatc
             store._parameters[name] = torch.nn.Parameter(p.detach().to(torch.bfloat16))
     ids = token_batch()
     monkeypatch.setenv("SHARELORA_BACKEND", "torch")
-    ref, ref_grads = logits_and_grads(model, ids)
+    exact, exact_grads = logits_and_grads(model, ids)
     monkeypatch.setenv("SHARELORA_BACKEND", "triton")
+    ref, ref_grads = logits_and_grads(model, ids)
     assert grouping.enable_input_groups(model) == 1  # q/k/v
     out, grads = logits_and_grads(model, ids)
-    assert model.model.layers[0].self_attn.q_proj.input_group._plan.backend == "router"
-    assert rel_err(out, ref.double()) < 1e-5
-    for g, r in zip(grads, ref_grads):
-        assert g.dtype == r.dtype and rel_err(g, r.double()) < 1e-5
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.input_group._plan.backend == "alone"
+    assert {m._plan.backend for m in (attn.q_proj, attn.k_proj, attn.v_proj)} == {"triton"}
+    assert torch.equal(out, ref) and all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
+    assert rel_err(out, exact.double()) < 3e-2  # q's kernels read bf16 operands
+    for g, r in zip(grads, exact_grads):
+        assert g.dtype == r.dtype and rel_err(g, r.double()) < 3e-2
 
 
 def test_compiled_input_groups_with_biases_match_eager(monkeypatch):

@@ -36,7 +36,7 @@ from torch import Tensor
 from . import ops
 from .layer import SharedLoRALinear
 from .ops import call_plan
-from .ops.autocast import AutocastOff
+from .ops.autocast import autocast_enabled
 
 KNOWN_ARCHITECTURES = ("llama", "mistral", "qwen2")  # config.model_type
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings that read their parent's one input
@@ -78,9 +78,9 @@ class InputGroup:
         return outs[index]
 
     def _state(self, x: Tensor, tensors: list[Tensor]) -> tuple:
-        """What a pending output was computed from, as cheap counters: x's and every tensor's
-        version (in-place writes), each member's paths version (adapters switched, enabled,
-        disabled, merged) and train / eval mode. Not traced: a compiled model's calls are one graph."""
+        """What a pending output was computed from, as cheap values: x's and every tensor's version
+        (in-place writes), each member's paths version (adapters switched, enabled, disabled,
+        merged) and train / eval mode. Not traced: a compiled model's calls are one graph."""
         if torch.compiler.is_compiling():
             return ()
         return (x._version, *(m._paths_version for m in self.members), *(m.training for m in self.members),
@@ -112,17 +112,19 @@ class InputGroup:
         return plan.run(x)
 
     def _build(self, x: Tensor, module: SharedLoRALinear, env: tuple) -> call_plan.CallPlan:
-        """The group's call plan: the kernels' ``GroupedPlan`` under triton (every member fusable,
-        their adapters in one dtype), each member's planned compose call on one dropout draw under
-        compose (``call_plan.build_compose_group``), else the router on paths made once. Under
-        autocast with the bases in its dtype, x is cast and that plan runs with autocast off (as a
-        layer's plan does); a base of another dtype takes the router. Its run returns None where
-        the members run alone: they cannot run together, or an adapter tensor is an inference
-        tensor (its pending outputs could not be told stale)."""
+        """The group's call plan: the kernels' ``GroupedPlan`` under triton, each member's planned
+        compose call on one dropout draw under compose (``call_plan.build_compose_group``), else the
+        router on paths made once. Under autocast with the bases in its dtype, x is cast and that
+        plan runs with autocast off (as a layer's plan does); a base of another dtype takes the
+        router. Its run returns None where the members run alone: they cannot run together, one
+        grouped kernel call would not take them (triton, adapters of two dtypes: each member's own
+        plan runs its kernels), or a tensor it reads is an inference tensor (its pending outputs
+        could not be told stale)."""
         members = self.members
         sources = [s for m in members for s in m._sources()]
+        alone = call_plan.CallPlan(env, sources, lambda x: None, "alone")
         if not self._can_group(x) or any(map(_unversioned, sources)):
-            return call_plan.CallPlan(env, sources, lambda x: None, "alone")
+            return alone
         ws, bs, ps = [m.base_weight() for m in members], [m.bias for m in members], [m.paths() for m in members]
         args = (ws, bs, ps, module.dropout, module.training)
         cast = ops._autocast_operands(x, *ws, *bs)
@@ -130,13 +132,12 @@ class InputGroup:
         if cast is None:
             run, backend = self._planned(x, args)
         elif all(c is t for c, t in zip(cast[1:], (*ws, *bs))):  # the bases in autocast's dtype: x cast per call
-            device, dtype = x.device.type, cast[0].dtype
-            with torch.autocast(device, enabled=False):
-                inner, backend = self._planned(cast[0], args)
-            if inner is not None:
-                def run(x: Tensor) -> tuple[Tensor, ...]:
-                    with AutocastOff(device):
-                        return inner(x if x.dtype == dtype else x.to(dtype))
+            with torch.autocast(x.device.type, enabled=False):
+                run, backend = self._planned(cast[0], args)
+            if run is not None:
+                run = call_plan.cast_without_autocast(run, cast[0])
+        if backend == "alone":
+            return alone
         if run is None:
             run, backend = (lambda x: ops.grouped_lora_linear(x, *args)), "router"
         return call_plan.CallPlan(env, sources, run, backend)
@@ -144,13 +145,18 @@ class InputGroup:
     @staticmethod
     def _planned(x: Tensor, args: tuple) -> tuple:
         """(run, backend) of the group's planned op for operands x and ``args`` (weights, biases,
-        paths, dropout, training) with autocast off: triton's ``GroupedPlan``, compose's group, or
-        (None, "router")."""
+        paths, dropout, training) with autocast off: triton's ``GroupedPlan`` (None, "alone" where
+        one grouped call does not take the members but each takes its own kernels), compose's
+        group (run None where ``build_compose_group`` does not take them), else (None, "router");
+        a None run takes the router."""
         setting, (ws, bs, ps) = ops.backend_for(x), args[:3]
-        if setting == "triton" and ops._group_fusable(x, ws, bs, ps):
-            from .ops.grouped_lora_linear import planned_call
+        if setting == "triton":
+            if ops._group_fusable(x, ws, bs, ps):
+                from .ops.grouped_lora_linear import planned_call
 
-            return planned_call(x, *args), "triton"
+                return planned_call(x, *args), "triton"
+            if all(ops._fusable(x, w, b, p) for w, b, p in zip(ws, bs, ps)):
+                return None, "alone"
         if setting == "compose":
             return call_plan.build_compose_group(x, *args), "compose"
         return None, "router"
@@ -164,10 +170,15 @@ class InputGroup:
         return setting == "auto" or (setting == "compose" and (module.dropout == 0 or not module.training))
 
     def _can_group(self, x: Tensor) -> bool:
+        """Whether the members can run as one op on x: adapters active and not merged, dense bases
+        on x's device in x's dtype (or in autocast's dtype, x cast to it), one dropout, one mode."""
         first = self.members[0]
+        dtype = x.dtype
+        if autocast_enabled(x.device.type) and x.is_floating_point():
+            dtype = first.weight.dtype if first.weight.dtype == torch.get_autocast_dtype(x.device.type) else dtype
         return all(not m.merged and len(m.lora_paths) > 0 and not m.layout.computes_itself and m.dropout == first.dropout
                    and m.training == first.training and m.in_features == x.shape[-1]
-                   and m.weight.device == x.device and m.weight.dtype == x.dtype for m in self.members)
+                   and m.weight.device == x.device and m.weight.dtype == dtype for m in self.members)
 
     def clear(self) -> None:
         self._pending.clear()

@@ -43,7 +43,7 @@ router, ``ops.lora_linear``, and reaches the custom ops).
 from __future__ import annotations
 
 import operator
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Hashable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +91,7 @@ def _data_ptr(t: Tensor | None) -> int:
 _VERSION = 6  # the index of the settings' version in an environment
 
 
-def environment(x: Tensor, training: bool, paths_version: int) -> tuple:
+def environment(x: Tensor, training: bool, paths_version: Hashable) -> tuple:
     """What a plan depends on besides its tensors: x's dtype / device / layout / requires_grad, grad
     mode, autocast (its dtype, or None when off), the settings' version, the layer's train/eval mode
     and ``_paths_version``. (Every Python-level call here costs a call's host time: autocast's state
@@ -196,15 +196,20 @@ def _without_autocast(env: tuple, sources: Sequence[Source], xs: Tensor, weight:
                       paths: Sequence[LoRAPath], dropout_p: float, training: bool) -> CallPlan:
     """The plan under autocast when W and b are in its dtype already: x cast to that dtype, then the
     plan of those operands with autocast off (what the router does, built once). ``xs``: x cast."""
-    device, dtype = xs.device.type, xs.dtype
-    with torch.autocast(device, enabled=False):
+    with torch.autocast(xs.device.type, enabled=False):
         inner = build_linear(env, sources, xs, weight, bias, paths, dropout_p, training)
-    run_cast = inner.run
+    return CallPlan(env, sources, cast_without_autocast(inner.run, xs), inner.backend)
 
-    def run(x: Tensor) -> Tensor:
+
+def cast_without_autocast(run: Callable, xs: Tensor) -> Callable:
+    """run(x) of a plan built under autocast on operands in its dtype, ``xs`` (x cast): each call
+    casts x to that dtype and runs ``run`` with autocast off, as the router does."""
+    device, dtype = xs.device.type, xs.dtype
+
+    def run_cast(x: Tensor):
         with AutocastOff(device):
-            return run_cast(x if x.dtype == dtype else x.to(dtype))
-    return CallPlan(env, sources, run, inner.backend)
+            return run(x if x.dtype == dtype else x.to(dtype))
+    return run_cast
 
 
 def _cast_base_runner(cast: tuple, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float,
