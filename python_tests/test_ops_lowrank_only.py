@@ -227,5 +227,7 @@ def test_bad_inputs_raise_clear_errors():
         lowrank_add(y, x, [plain], dropout_p=1.0)
     with pytest.raises(ValueError, match="floating point"):
         lowrank_add(y, x.long(), [plain])
-    with pytest.raises(ValueError, match="on meta"):
+    with pytest.raises(ValueError, match="x is on cpu but y is on meta"):
         lowrank_add(y.to("meta"), x, [plain])
+    with pytest.raises(ValueError, match="x is on cpu but path 0 .plain.'s A is on meta"):
+        lowrank_add(y, x, [plain._replace(tensors=(plain.tensors[0].to("meta"), plain.tensors[1]))])

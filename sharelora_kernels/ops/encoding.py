@@ -89,15 +89,19 @@ def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected (N,) = ({n},)")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"x is on {x.device} but {name} is on {t.device}: move them to one device")
     for i, p in enumerate(paths):
         check_path(i, p, k, n)
-        for role, t in zip(PATH_ROLES.get(p.kind, ()), p.tensors):
-            if t.device != x.device:
-                raise ValueError(f"x is on {x.device} but path {i} ({p.kind})'s {role} is on {t.device}: "
-                                 "move them to one device")
+    check_devices(x, (("weight", weight), ("bias", bias)), paths)
+
+
+def check_devices(x: Tensor, named: Sequence[tuple[str, Tensor | None]], paths: Sequence[LoRAPath]) -> None:
+    """ValueError naming the first of the ``named`` tensors (None skipped) or path tensors that is
+    not on x's device."""
+    tensors = [*named, *((f"path {i} ({p.kind})'s {role}", t) for i, p in enumerate(paths)
+                         for role, t in zip(PATH_ROLES[p.kind], p.tensors))]
+    for name, t in tensors:
+        if t is not None and t.device != x.device:
+            raise ValueError(f"x is on {x.device} but {name} is on {t.device}: move them to one device")
 
 
 def check_group_sizes(weights: Sequence[Tensor], biases: Sequence[Tensor | None],

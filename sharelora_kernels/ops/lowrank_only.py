@@ -39,7 +39,7 @@ from ..reference import LoRAPath, _add_lowrank, _dense_factors, add_path_output,
 from .autocast import no_autocast
 from .compose import draw_dropout
 from .dense_program import DenseProgram
-from .encoding import check_path, decode, encode
+from .encoding import check_devices, check_path, decode, encode
 from .function import first_order, thin_apply, wants_grad
 from .shared_grad import path_grads
 
@@ -222,11 +222,9 @@ def _check(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: float) ->
         raise ValueError(f"x and y must be floating point, got {x.dtype} and {y.dtype}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    for t in (y, *(t for p in paths for t in p.tensors)):
-        if t.device != x.device:
-            raise ValueError(f"x is on {x.device}, and y or an adapter tensor on {t.device}")
     for i, p in enumerate(paths):
         check_path(i, p, x.shape[-1], y.shape[-1])
+    check_devices(x, (("y", y),), paths)
 
 
 def lowrank_add(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: float = 0.0, training: bool = False,
