@@ -156,13 +156,36 @@ def test_sweep_counts_on_llama7b_shapes():
         S[np.ix_(g, g)] = 0.95
     np.fill_diagonal(S, 1.0)
     high, low = sweep_thresholds(S, [0.9, 0.4], ShareLoRAConfig(r=8), modules, 32)
-    assert high.sets == paper and high.slots == 22
+    assert high.sets == paper and high.slots == dict.fromkeys(shapes, 22)
     assert high.lora_params == 14_024_704
     assert high.share_params == 14_024_704 * 22 // 32
-    assert high.expanded_r == 11 and high.share_expanded_params == 14_024_704 * 22 * 11 // (32 * 8)
+    assert high.expanded_r == dict.fromkeys(shapes, 11)
+    assert high.share_expanded_params == 14_024_704 * 22 * 11 // (32 * 8)
     assert high.share_expanded_params <= high.lora_params
     # at 0.4 every pair is eligible, but the 0.95 pairs go first and two sets never merge
-    assert low.sets == [list(range(16)) + [31]] + paper and low.slots == 6 and low.expanded_r == 42
+    assert low.sets == [list(range(16)) + [31]] + paper
+    assert low.slots == dict.fromkeys(shapes, 6) and low.expanded_r == dict.fromkeys(shapes, 42)
+
+
+def test_sweep_and_label_report_the_ranks_the_plan_builds_per_module_type():
+    """q_proj adapted in layers 0-3, v_proj in 0-1 only, one set {0..3}: each type has one slot, and
+    expand_rank builds q_proj at floor(4 / 1 * 8) = 32 and v_proj at floor(2 / 1 * 8) = 16."""
+    from sharelora_kernels.cli.fitting import label
+    from sharelora_kernels.config import ShareLoRAConfig
+    from sharelora_kernels.plan import ModuleInfo, build_plan
+    from sharelora_kernels.similarity import sweep_thresholds
+
+    modules = [ModuleInfo(f"model.layers.{l}.{t}", l, t, 8, 8) for t, ls in (("q_proj", range(4)), ("v_proj", range(2)))
+               for l in ls]
+    point, = sweep_thresholds(np.ones((4, 4)), [0.5], ShareLoRAConfig(r=8), modules, 4)
+    assert point.sets == [[0, 1, 2, 3]]
+    assert point.slots == {"q_proj": 1, "v_proj": 1} and point.expanded_r == {"q_proj": 32, "v_proj": 16}
+    config = ShareLoRAConfig(method="similarity", r=8, share_sets=point.sets, expand_rank=True)
+    plan = build_plan(config, modules, 4)
+    assert {t: plan.tensors[f"{t}.layers0-3.A"].shape[0] for t in ("q_proj", "v_proj")} == point.expanded_r
+    assert plan.parameter_count() == point.share_expanded_params
+    assert label(config, modules, 4) == "ShareLoRA r=q_proj 32, v_proj 16 (expanded)"
+    assert label(config, modules[:4], 4) == "ShareLoRA r=32 (expanded)"
 
 
 def test_sweep_ignores_the_config_method_and_its_per_module_patterns():

@@ -73,6 +73,18 @@ class SharePlan:
     def parameter_count(self) -> int:
         return sum(math.prod(t.shape) for t in self.tensors.values())
 
+    def layer_slots(self) -> dict[str, tuple[int, int]]:
+        """Per module type, over its modules in numbered layers: (distinct adapters, largest rank), where
+        an adapter is a module's tensors as a whole (modules with the same tensors share one)."""
+        adapters: dict[str, set] = {}
+        ranks: dict[str, int] = {}
+        for m in self.modules.values():
+            if m.info.layer is not None:
+                t = m.info.module_type
+                adapters.setdefault(t, set()).add(tuple(sorted(n for p in m.paths for n in p.tensors.values())))
+                ranks[t] = max(ranks.get(t, 0), m.rank)
+        return {t: (len(a), ranks[t]) for t, a in adapters.items()}
+
     def breakdown(self) -> dict[str, int]:
         """Trainable parameters per part ("part:lora", ...) and per module type ("type:q_proj", ...)."""
         out: dict[str, int] = {}

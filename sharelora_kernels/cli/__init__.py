@@ -42,3 +42,10 @@ def require_between(args, name: str, low: float, high: float = math.inf) -> None
 def counted(n: int, noun: str) -> str:
     """``n`` and ``noun`` in the right number: "1 set", "3 sets" (plural by adding "s")."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def per_type(values: dict[str, int]) -> str:
+    """A per-module-type number: "16" when every type has it, else "q_proj 16, v_proj 12"."""
+    if len(set(values.values())) == 1:
+        return str(next(iter(values.values())))
+    return ", ".join(f"{t} {v}" for t, v in values.items())

@@ -245,7 +245,7 @@ def _train_method(base_model, config, setup: Setup, args: argparse.Namespace, ba
         return None
     tail = log.losses[-max(1, len(log.losses) // 10):]
     return {
-        "label": label(config, setup.num_layers), "config": config.to_dict(),
+        "label": label(config, setup.infos, setup.num_layers), "config": config.to_dict(),
         "trainable_params": trainable_parameters(model),
         "optimizer_state_bytes": sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t)),
         "step_ms_median": log.median_step_ms(), "train_loss": sum(tail) / len(tail),

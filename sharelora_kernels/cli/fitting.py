@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from . import CommandError
+from . import CommandError, per_type
 
 PAPER_KRON_DIM = 256  # METHOD section 3: d_s = 256
 PAPER_GATE_DIM = 1024  # and m = n = 1024
@@ -100,16 +100,18 @@ def parameter_count(config, infos, num_layers: int, what: str) -> int:
         raise CommandError(f"{what}: {err}") from err
 
 
-def label(config, num_layers: int) -> str:
-    """What a config trains, in a few words, as the rows of `plan` and `compare` name it: "LoRA r=8",
-    "ShareLoRA r=20 (expanded)", "Bi-Share kron (2,4,16) d_s=64"."""
-    from ..plan import expanded_rank
+def label(config, infos, num_layers: int) -> str:
+    """What a config trains on target modules ``infos``, in a few words, as the rows of `plan` and
+    `compare` name it: "LoRA r=8", "ShareLoRA r=20 (expanded)" (the rank the plan builds; per module
+    type, "ShareLoRA r=q_proj 20, v_proj 16 (expanded)", where they differ), "Bi-Share kron (2,4,16) d_s=64"."""
+    from ..plan import build_plan
 
     if config.method == "lora":
         return f"LoRA r={config.r}"
     if config.method == "similarity":
         if config.expand_rank:
-            return f"ShareLoRA r={expanded_rank(num_layers, config.share_sets, config.r)} (expanded)"
+            slots = build_plan(config, infos, num_layers).layer_slots()
+            return f"ShareLoRA r={per_type({t: r for t, (_, r) in slots.items()})} (expanded)"
         return f"ShareLoRA r={config.r}"
     ranks = f"({config.local_r},{config.intra_r},{config.inter_r})"
     extra = {"gate": " m,n={},{}".format(*config.gate_dims), "kron": f" d_s={config.kron_dim}"}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import CommandError, counted, require_between, require_positive
+from . import CommandError, counted, per_type, require_between, require_positive
 from .fitting import add_adapter_arguments, bishare_configs, label, lora_config, parameter_count, target_modules
 from .loading import (add_device_argument, check_weight_shapes, load_model, load_texts, load_tokenizer, max_positions,
                       model_skeleton, read_model_config, resolve_device, resolve_model_dir)
@@ -124,17 +124,17 @@ def run(args: argparse.Namespace) -> dict:
         "model": str(model_dir), "model_type": model_config.model_type, "num_layers": num_layers,
         "samples": len(texts), "position": args.position, "eps": args.eps, "method": args.method,
         "contiguous": args.contiguous, "share_sets": sets, "counts": point.to_dict(),
-        "bishare": {t: {"label": label(c, num_layers), "ranks": [c.local_r, c.intra_r, c.inter_r],
+        "bishare": {t: {"label": label(c, infos, num_layers), "ranks": [c.local_r, c.intra_r, c.inter_r],
                         "params": parameter_count(c, infos, num_layers, t), "file": f"bishare_{t}.json",
                         **({"kron_dim": c.kron_dim} if t == "kron" else {}),
                         **({"gate_dims": list(c.gate_dims)} if t == "gate" else {})} for t, c in bishare.items()},
         "sweep": [p.to_dict() for p in sweep], "similarity": S.tolist(),
     }
     expanded = dataclasses.replace(plan_config, expand_rank=True)
-    rows = [(label(base, num_layers), point.lora_params, ""),
-            (label(dataclasses.replace(plan_config, expand_rank=False), num_layers), point.share_params,
+    rows = [(label(base, infos, num_layers), point.lora_params, ""),
+            (label(dataclasses.replace(plan_config, expand_rank=False), infos, num_layers), point.share_params,
              "(plan.json with expand_rank false)" if args.expand_rank else "plan.json"),
-            (label(expanded, num_layers), point.share_expanded_params,
+            (label(expanded, infos, num_layers), point.share_expanded_params,
              "plan.json" if args.expand_rank else "(plan --expand-rank)")]
     rows += [(c["label"], c["params"], c["file"]) for c in info["bishare"].values()]
     _report(info, point, sweep, rows)
@@ -159,10 +159,10 @@ def _report(info: dict, point, sweep, rows: list[tuple[str, int, str]]) -> None:
     print(f"share sets at eps={info['eps']} ({info['method']}{', contiguous' if info['contiguous'] else ''}):")
     multi = [g for g in info["share_sets"] if len(g) > 1]
     print("  " + (" ".join("{" + ",".join(map(str, g)) + "}" for g in multi) or "none (every layer keeps its own adapter)"))
-    print(f"  {counted(point.slots, 'adapter slot')} per module type for {counted(info['num_layers'], 'layer')}")
+    print(f"  adapter slots per module type: {per_type(point.slots)}, for {counted(info['num_layers'], 'layer')}")
     print("trainable parameters:")
     for name, n, file in rows:
         print(f"  {name:<36} {n:>12,}  ({100.0 * n / lora:5.1f}% of LoRA)  {file}".rstrip())
     print("threshold sweep (eps: sets / slots / ShareLoRA params):")
     for p in sweep:
-        print(f"  {p.eps:.2f}: {counted(len(p.sets), 'set')} / {counted(p.slots, 'slot')} / {p.share_params:,}")
+        print(f"  {p.eps:.2f}: {counted(len(p.sets), 'set')} / {per_type(p.slots)} / {p.share_params:,}")

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..config import ShareLoRAConfig
-from ..plan import build_plan, expanded_rank
+from ..plan import build_plan
 from ..targeting import ModuleInfo
 from .share_sets import share_sets
 
@@ -17,10 +17,10 @@ class SweepPoint:
 
     eps: float
     sets: list[list[int]]
-    slots: int  # unique adapter slots per module type, U = L - sum|S_i| + |S|
+    slots: dict[str, int]  # per module type, as built: U = L - sum|S_i| + |S| over its L adapted layers
     lora_params: int  # plain LoRA at config.r
     share_params: int  # ShareLoRA at config.r
-    expanded_r: int  # floor(L / U * r)
+    expanded_r: dict[str, int]  # per module type, as built with expand_rank: floor(L / U * r)
     share_expanded_params: int  # ShareLoRA at expanded_r
 
     def to_dict(self) -> dict:
@@ -41,8 +41,8 @@ def sweep_thresholds(
     S: (L, L) similarity with L == num_layers. config supplies r, alpha and target_modules (its
     method, share sets, expand_rank and LoRA's per-module rank_pattern / alpha_pattern are ignored:
     every count is at config.r); modules / num_layers are the model's target modules, as
-    ``sharelora_kernels.targeting.find_target_modules`` returns them. Counts come from
-    ``plan.build_plan(...).parameter_count()``.
+    ``sharelora_kernels.targeting.find_target_modules`` returns them. Counts, slots and ranks come from
+    the plans ``plan.build_plan`` builds.
     """
     if len(S) != num_layers:
         raise ValueError(f"S has {len(S)} layers but num_layers is {num_layers}")
@@ -52,11 +52,9 @@ def sweep_thresholds(
     points = []
     for eps in eps_values:
         sets = [g for g in share_sets(S, eps, method, contiguous) if len(g) > 1]
-        counts = {}
-        for expand in (False, True):
-            cfg = dataclasses.replace(lora, method="similarity", share_sets=sets, expand_rank=expand)
-            counts[expand] = build_plan(cfg, modules, num_layers).parameter_count()
-        slots = num_layers - sum(len(g) for g in sets) + len(sets)
-        points.append(SweepPoint(float(eps), sets, slots, lora_params, counts[False],
-                                 expanded_rank(num_layers, sets, config.r), counts[True]))
+        share, expanded = (build_plan(dataclasses.replace(lora, method="similarity", share_sets=sets, expand_rank=e),
+                                      modules, num_layers) for e in (False, True))
+        points.append(SweepPoint(float(eps), sets, {t: u for t, (u, _) in share.layer_slots().items()}, lora_params,
+                                 share.parameter_count(), {t: r for t, (_, r) in expanded.layer_slots().items()},
+                                 expanded.parameter_count()))
     return points
