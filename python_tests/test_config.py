@@ -97,6 +97,15 @@ def test_numpy_numbers_become_python_numbers():
     assert ShareLoRAConfig.from_json(c.to_json()) == c  # JSON takes it (numpy's numbers it does not)
 
 
+@pytest.mark.parametrize("method", ["similarity", "lora"])
+def test_numpy_array_share_sets_are_refused_by_type(method):
+    """A numpy array of sets is not a list of lists: the type error, not numpy's ambiguous truth value."""
+    import numpy as np
+
+    with pytest.raises(ValueError, match="share_sets must be a list of lists of layer indices"):
+        ShareLoRAConfig(method=method, share_sets=np.array([[0, 1], [2, 3]]))
+
+
 def test_fields_assigned_after_construction_are_normalized_by_validate():
     """validate (which apply re-runs) normalizes as the constructor does: sets sorted, numpy ints made ints."""
     import numpy as np

@@ -149,15 +149,15 @@ class ShareLoRAConfig:
                 raise ValueError(f"{name} only applies to method='lora', not {self.method!r}")
         if self.method == "bishare" and self.local_r + self.intra_r + self.inter_r == 0:
             raise ValueError("bishare needs at least one of local_r, intra_r, inter_r > 0")
-        if self.share_sets and self.method != "similarity":
-            raise ValueError(f"share_sets only applies to method='similarity', not {self.method!r}")
-        if self.expand_rank and self.method != "similarity":
-            raise ValueError(f"expand_rank only applies to method='similarity', not {self.method!r}")
         if not isinstance(self.share_sets, (list, tuple)) or not all(
                 isinstance(s, (list, tuple)) and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in s)
                 for s in self.share_sets):
             raise ValueError(f"share_sets must be a list of lists of layer indices, got {self.share_sets!r}")
         self.share_sets = [sorted(int(i) for i in s) for s in self.share_sets]
+        if self.share_sets and self.method != "similarity":
+            raise ValueError(f"share_sets only applies to method='similarity', not {self.method!r}")
+        if self.expand_rank and self.method != "similarity":
+            raise ValueError(f"expand_rank only applies to method='similarity', not {self.method!r}")
         seen: dict[int, int] = {}
         for k, s in enumerate(self.share_sets):
             if len(s) != len(set(s)):
