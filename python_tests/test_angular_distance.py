@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sharelora_kernels.similarity import angular_distance
+from sharelora_kernels.similarity import RepresentationError, angular_distance
 from sharelora_kernels.similarity.distance import angular_sums_torch
 
 
@@ -150,12 +150,12 @@ def test_first_bad_vector_is_named_like_the_extension(zero, nan, message):
     reps = torch.randn(4, 70, 8, generator=gen)
     reps[zero] = 0.0
     reps[nan][1] = float("nan")
-    with pytest.raises(ValueError) as torch_error:
+    with pytest.raises(RepresentationError) as torch_error:
         angular_sums_torch(reps)
     assert str(torch_error.value) == message
     if not extension.available("cpu"):
         pytest.skip("the compiled CPU kernel is unavailable (the torch path was checked)")
-    with pytest.raises(ValueError) as extension_error:
+    with pytest.raises(RepresentationError) as extension_error:
         extension.angular_sums(reps)
     assert str(extension_error.value) == message
 

@@ -160,6 +160,27 @@ def test_plan_on_a_representation_with_no_direction_is_a_one_line_error(tmp_path
                                          "layer 0 has zero norm (no direction)"), err
 
 
+def test_plan_similarity_lets_other_model_errors_through():
+    """Only a bad representation becomes a one-line error: a ValueError the model's forward raises
+    (the representations stream from it while the distance is measured) keeps its type and traceback."""
+    from sharelora_kernels.cli.plan import similarity
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", layers=2)
+
+    def broken_forward(*args, **kwargs):
+        raise ValueError("a bug inside the model")
+
+    model.model.forward = broken_forward
+
+    def tokenizer(texts, **kwargs):
+        ids = torch.ones(len(texts), 3, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    with pytest.raises(ValueError, match="a bug inside the model"):
+        similarity(model, tokenizer, ["a", "b"], 8, "input", 2)
+
+
 def test_short_text_file_needs_no_samples_option(tmp_path):
     """A --text shorter than the default 64 samples is used whole; only an explicit --samples beyond it is an error."""
     from sharelora_kernels.cli import CommandError

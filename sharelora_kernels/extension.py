@@ -32,6 +32,11 @@ _CSRC_DIR = _PACKAGE_DIR.parent / "csrc"
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc: SlDtype
 _NO_ERROR = 2**63 - 1  # csrc: SL_NO_ERROR
 _CUDA_MAX_LAYERS = 128  # csrc/angular_distance.cu: kMaxLayers (shared-memory Gram)
+
+
+class RepresentationError(ValueError):
+    """A representation vector the angular distance cannot measure: zero norm (no direction), NaN or
+    Inf. Raised by this module's kernels and by the torch reference alike, naming the sample and layer."""
 _STATUS = {1: "invalid argument", 2: "CUDA error", 3: "internal error (out of memory?)"}
 _I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
 _SIGNATURES = {
@@ -136,7 +141,7 @@ def angular_sums(reps: torch.Tensor, layer_dim: int = 0) -> torch.Tensor:
     reps: (L, n, d) if layer_dim == 0 or (n, L, d) if layer_dim == 1; float32, bfloat16 or
     float16; any strides (read in place, never copied). Returns an (L, L) float64 tensor on
     reps' device: symmetric, zero diagonal. Norms and Gram are accumulated in float64.
-    Raises ValueError naming the first (sample, layer) whose vector is zero or not finite.
+    Raises RepresentationError naming the first (sample, layer) whose vector is zero or not finite.
     """
     if not isinstance(reps, torch.Tensor) or reps.dim() != 3:
         raise ValueError(f"reps must be a 3-D tensor, got {getattr(reps, 'shape', type(reps))}")
@@ -149,7 +154,7 @@ def angular_sums(reps: torch.Tensor, layer_dim: int = 0) -> torch.Tensor:
     view = reps.detach() if layer_dim == 0 else reps.detach().transpose(0, 1)  # (L, n, d)
     num_layers, num_samples, dim = view.shape
     if dim == 0:
-        raise ValueError("reps has d = 0: every vector has zero norm")
+        raise RepresentationError("reps has d = 0: every vector has zero norm")
     args = (view.data_ptr(), _DTYPE_CODES[view.dtype], num_layers, num_samples, dim, *view.stride())
     out = torch.empty((num_layers, num_layers), dtype=torch.float64, device=view.device)
     error_key = torch.full((1,), _NO_ERROR, dtype=torch.int64, device=view.device)
@@ -186,4 +191,4 @@ def _raise_on_bad_input(key: int, num_layers: int) -> None:
     sample, layer = divmod(position, num_layers)
     # Same wording as the torch reference (similarity.distance.angular_sums_torch).
     problem = "has zero norm (no direction)" if kind == 0 else "contains NaN or Inf"
-    raise ValueError(f"representation of sample {sample} at layer {layer} {problem}")
+    raise RepresentationError(f"representation of sample {sample} at layer {layer} {problem}")

@@ -67,14 +67,14 @@ def similarity(model, tokenizer, texts: list[str], max_length: int, position: st
     """(L, L) float64 layer similarity 1 - angular distance of ``model`` on ``texts``, each truncated to
     ``max_length`` tokens, at ``position`` ("input" / "output"), streamed ``batch_size`` samples at a time.
     CommandError naming the sample and layer of a representation with no direction."""
-    from ..similarity import angular_distance, iter_layer_representations
+    from ..similarity import RepresentationError, angular_distance, iter_layer_representations
 
     batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     reps = iter_layer_representations(model, batch["input_ids"], batch["attention_mask"], position=position,
                                       batch_size=batch_size)
     try:
         return 1.0 - angular_distance(reps)
-    except ValueError as err:  # a representation with no direction (zero) or NaN / Inf, named by sample and layer
+    except RepresentationError as err:  # a representation with no direction (zero) or NaN / Inf
         raise CommandError(f"cannot measure the layer similarity: {err}") from err
 
 

@@ -1,9 +1,9 @@
 """Similarity-based share planning (METHOD section 1): representations, angular distance, share sets."""
-from .distance import angular_distance
+from .distance import RepresentationError, angular_distance
 from .heatmap import similarity_heatmap
 from .representations import iter_layer_representations, layer_representations
 from .share_sets import share_sets
 from .sweep import SweepPoint, sweep_thresholds
 
-__all__ = ["layer_representations", "iter_layer_representations", "angular_distance", "share_sets", "sweep_thresholds", "SweepPoint",
-           "similarity_heatmap"]
+__all__ = ["layer_representations", "iter_layer_representations", "angular_distance", "RepresentationError",
+           "share_sets", "sweep_thresholds", "SweepPoint", "similarity_heatmap"]

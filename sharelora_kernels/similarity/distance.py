@@ -22,6 +22,8 @@ from collections.abc import Iterable
 
 import torch
 
+from ..extension import RepresentationError
+
 _CHUNK = 64  # samples per float64 Gram, bounds the float64 copy to (64, L, d)
 
 
@@ -31,8 +33,8 @@ def angular_sums_torch(reps: torch.Tensor, layer_dim: int = 0) -> torch.Tensor:
     reps: (L, n, d) for ``layer_dim=0`` or (n, L, d) for ``layer_dim=1``, any floating dtype; a float64
     vector of any magnitude (its squares may overflow or underflow) is scaled by a power of two first.
     Returns (L, L) float64 on reps' device: sum over the n samples, symmetric, diagonal exactly 0.
-    Raises ValueError naming the first (sample, layer), in that order, whose vector contains NaN/Inf
-    or has zero norm: the same (sample, layer) and message as ``extension.angular_sums``.
+    Raises RepresentationError (a ValueError) naming the first (sample, layer), in that order, whose vector
+    contains NaN/Inf or has zero norm: the same (sample, layer) and message as ``extension.angular_sums``.
     """
     if reps.dim() != 3 or layer_dim not in (0, 1):
         raise ValueError(f"reps must be 3-D with layer_dim 0 or 1, got shape {tuple(reps.shape)} and layer_dim={layer_dim}")
@@ -49,7 +51,7 @@ def angular_sums_torch(reps: torch.Tensor, layer_dim: int = 0) -> torch.Tensor:
         if bad.any():  # chunks go in sample order, so the first hit of the first bad chunk is the first overall
             n, layer = (int(v) for v in torch.nonzero(bad)[0])
             problem = "contains NaN or Inf" if nonfinite[n, layer] else "has zero norm (no direction)"
-            raise ValueError(f"representation of sample {start + n} at layer {layer} {problem}")
+            raise RepresentationError(f"representation of sample {start + n} at layer {layer} {problem}")
         # Each vector times the power of two 2^shift that brings its largest entry into [1, 2) (exact, so the
         # angles do not change): squares of float64 entries near 1e160 or 1e-170 neither overflow nor underflow.
         # Two steps: 2^shift alone overflows for a subnormal peak (shift > 1023).
@@ -79,7 +81,8 @@ def angular_distance(reps: torch.Tensor | Iterable[torch.Tensor], process_group=
     built for the batch's device and takes its dtype (float32, bfloat16, float16), else
     ``angular_sums_torch`` (float64, for one); both follow the formula in this module's docstring
     and agree to rounding, so the result does not depend on which one ran. The similarity of
-    METHOD section 1 is ``S = 1 - D``.
+    METHOD section 1 is ``S = 1 - D``. RepresentationError (a ValueError) names the first sample and
+    layer whose vector has zero norm or holds NaN / Inf; ValueError for batches that do not fit together.
     """
     batches = [reps] if isinstance(reps, torch.Tensor) else reps
     total, count, num_layers, hidden = None, 0, None, None
@@ -100,7 +103,7 @@ def angular_distance(reps: torch.Tensor | Iterable[torch.Tensor], process_group=
         except ValueError as err:
             if k == 0:
                 raise
-            raise ValueError(f"{err} (sample index within batch {k}, which starts at sample {count} of the stream)") from err
+            raise type(err)(f"{err} (sample index within batch {k}, which starts at sample {count} of the stream)") from err
         total = sums if total is None else total + sums.to(total.device)
         count += batch.shape[1]
     if total is None:
