@@ -95,11 +95,10 @@ int32_t sharelora_angular_sums_cuda(const void* x, int32_t dtype, int64_t num_la
 
 // The digest of the csrc/ sources this library was built from (build.py: sources_digest, passed
 // as -DSL_SOURCES_DIGEST): extension.py uses an install-time library only while it matches the
-// csrc/ sources present. Defined here, once per library (each library is one translation unit).
+// csrc/ sources present. Each library's source defines it, returning SL_SOURCES_DIGEST.
 const char* sharelora_sources_digest(void);
 }
 
 #ifndef SL_SOURCES_DIGEST
 #define SL_SOURCES_DIGEST ""  // built without build.py: matches no sources
 #endif
-extern "C" const char* sharelora_sources_digest(void) { return SL_SOURCES_DIGEST; }

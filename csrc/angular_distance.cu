@@ -269,6 +269,8 @@ cudaError_t launch(Problem p, double* out, double* partials, int64_t* error_key,
 
 }  // namespace
 
+extern "C" const char* sharelora_sources_digest(void) { return SL_SOURCES_DIGEST; }
+
 // Doubles of scratch that sharelora_angular_sums_cuda needs for `partials` (grid x L x L),
 // or -1 if the problem is not supported (L > kMaxLayers, bad dtype, CUDA error).
 extern "C" int64_t sharelora_angular_cuda_partials(int64_t num_layers, int64_t num_samples,

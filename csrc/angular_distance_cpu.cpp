@@ -159,6 +159,8 @@ void run(const Problem& p, double* out, int64_t* error_key, int32_t num_threads)
 
 }  // namespace
 
+extern "C" const char* sharelora_sources_digest(void) { return SL_SOURCES_DIGEST; }
+
 extern "C" int32_t sharelora_angular_sums_cpu(const void* x, int32_t dtype, int64_t num_layers,
                                               int64_t num_samples, int64_t dim, int64_t stride_l,
                                               int64_t stride_n, int64_t stride_d, double* out,

@@ -223,6 +223,20 @@ def test_unavailable_library_warns_once(tmp_path, monkeypatch):
         extension._library.cache_clear()
 
 
+def test_common_header_links_into_one_library_from_two_translation_units(tmp_path):
+    """angular_common.h only declares the exported functions: two sources that include it link together."""
+    cxx = shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on this machine")
+    sources = []
+    for name in ("one", "two"):
+        sources.append(tmp_path / f"{name}.cpp")
+        sources[-1].write_text(f'#include "angular_common.h"\nint {name}() {{ return SL_FLOAT32; }}\n')
+    command = [cxx, "-std=c++17", "-fPIC", "-shared", f"-I{CSRC}", *map(str, sources), "-o", str(tmp_path / "lib.so")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}{result.stderr}"
+
+
 def _csrc_build():
     spec = importlib.util.spec_from_file_location("csrc_build", CSRC / "build.py")
     module = importlib.util.module_from_spec(spec)
