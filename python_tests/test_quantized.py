@@ -282,7 +282,7 @@ def test_standalone_layer_and_input_groups(float_dir):
 def test_adapter_changed_in_place_before_backward_raises(float_dir, backend, monkeypatch):
     """Gate and Kronecker paths on a 4-bit base (the planned low-rank op, whose backward reads the
     adapters through its plan): an adapter changed in place between forward and backward raises
-    autograd's error instead of giving a gradient of other values than the forward's."""
+    autograd's error (backward would read other values than the forward's)."""
     if backend == "triton":
         pytest.importorskip("triton")
     monkeypatch.setenv("SHARELORA_BACKEND", backend)
@@ -430,7 +430,7 @@ def test_kbit_preparation_and_gradient_checkpointing(float_dir, reentrant):
         assert rel_err(g, g_ref) < 1e-6
 
 
-def test_bf16_compute_after_kbit_preparation_needs_autocast(float_dir):
+def test_bf16_compute_after_kbit_preparation_runs_with_and_without_autocast(float_dir):
     """bf16 base, 4-bit with bf16 compute; after preparation the norms are fp32, so x reaches the 4-bit
     layers in fp32: outside autocast the model runs as it does without adapters and with PEFT's
     (bitsandbytes casts x to its compute dtype), and it trains under autocast."""

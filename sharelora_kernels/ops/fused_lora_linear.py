@@ -277,8 +277,8 @@ class FusedLinear(torch.autograd.Function):
     custom-op wrapper (``torch.compile`` reaches the custom ops through ``fused_lora_linear``);
     ``plan`` a ``FusedPlan``. Backward launches the dy pass, dx (when x needs it) and dA (when a
     tensor behind some A_eff needs a gradient), then routes the factor gradients. The adapter
-    tensors, which backward reads through the plan's tables, are saved too: one changed in place
-    since the forward raises autograd's error instead of giving a wrong gradient."""
+    tensors, which backward reads through the plan's tables, are saved too, so that autograd raises
+    its error for one changed in place since the forward (backward would read its new values)."""
 
     @staticmethod
     def forward(ctx, plan, x, *tensors):

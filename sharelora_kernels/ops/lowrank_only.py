@@ -258,8 +258,8 @@ class LowRankPlanned(torch.autograd.Function):
     place through the backend directly (no custom-op wrapper; ``torch.compile`` reaches the custom
     ops through ``lowrank_add``). ``program`` = (paths, p, zero seed, kernels): ``kernels`` the
     Triton path's ``lowrank_only_triton.LowRankPlan``, or None for the torch path. The adapter
-    tensors, which backward reads through ``program``, are saved too: one changed in place since the
-    forward raises autograd's error instead of giving a wrong gradient."""
+    tensors, which backward reads through ``program``, are saved too, so that autograd raises its
+    error for one changed in place since the forward (backward would read its new values)."""
 
     @staticmethod
     def forward(ctx, program, y, x, *tensors):
