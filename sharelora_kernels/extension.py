@@ -32,11 +32,6 @@ _CSRC_DIR = _PACKAGE_DIR.parent / "csrc"
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc: SlDtype
 _NO_ERROR = 2**63 - 1  # csrc: SL_NO_ERROR
 _CUDA_MAX_LAYERS = 128  # csrc/angular_distance.cu: kMaxLayers (shared-memory Gram)
-
-
-class RepresentationError(ValueError):
-    """A representation vector the angular distance cannot measure: zero norm (no direction), NaN or
-    Inf. Raised by this module's kernels and by the torch reference alike, naming the sample and layer."""
 _STATUS = {1: "invalid argument", 2: "CUDA error", 3: "internal error (out of memory?)"}
 _I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
 _SIGNATURES = {
@@ -46,6 +41,11 @@ _SIGNATURES = {
         "sharelora_angular_sums_cuda": [_PTR, _I32] + [_I64] * 6 + [_PTR] * 3 + [_I32, _PTR],
     },
 }
+
+
+class RepresentationError(ValueError):
+    """A representation vector the angular distance cannot measure: zero norm (no direction), NaN or
+    Inf. Raised by this module's kernels and by the torch reference alike, naming the sample and layer."""
 
 
 def _csrc_build_module():

@@ -547,8 +547,8 @@ class GroupedEager(torch.autograd.Function):
     a ``GroupedPlan``; the same kernels as the custom ops, called directly. Backward: one dy pass
     per module, one grouped dx launch (when x needs it), dA over the distinct views (when a tensor
     behind some A_eff needs a gradient), then the factor gradients routed. The adapter tensors are
-    saved too (backward reads them through the plan's tables): one changed in place since the
-    forward raises autograd's error instead of giving a wrong gradient. A member whose output took
+    saved too (backward reads them through the plan's tables), so autograd refuses a backward after
+    one of them changed in place since the forward. A member whose output took
     no part in the loss (its gradient None: not materialized) gives no gradient to the tensors only
     it reads (None, as its own op would leave them) and contributes nothing to the others."""
 
