@@ -102,13 +102,7 @@ class InputGroup:
                                                          *(m.training for m in members)))
         plan = self._plan
         if plan is None or not plan.fits(env):
-            plan = self._plans.get(env)
-            if plan is None or not plan.fits(env):
-                self._plans = call_plan.still_valid(self._plans)
-                if len(self._plans) >= 8:
-                    self._plans.clear()
-                plan = self._plans[env] = self._build(x, module, env)
-            self._plan = plan
+            plan = self._plan = call_plan.kept_or_built(self._plans, env, lambda: self._build(x, module, env))
         return plan.run(x)
 
     def _build(self, x: Tensor, module: SharedLoRALinear, env: tuple) -> call_plan.CallPlan:

@@ -368,10 +368,8 @@ class SharedLoRALinear(nn.Module):
         env = call_plan.environment(x, self.training, self._paths_version)
         plan = self._plan
         if plan is None or not plan.fits(env):
-            plan = self._plans.get(env)
-            if plan is None or not plan.fits(env):
-                plan = self._build_plan(x, env)
-            self.__dict__["_plan"] = plan
+            self.__dict__["_plan"] = None  # none keeps a replaced tensor's storage alive
+            plan = self.__dict__["_plan"] = call_plan.kept_or_built(self._plans, env, lambda: self._build_plan(x, env))
         if plan.adds_to_base:
             return self._run_computing_base(plan, x)
         return plan.run(x)
@@ -385,22 +383,16 @@ class SharedLoRALinear(nn.Module):
             raise ValueError(f"input dtype {x.dtype} does not match the weight dtype {self.weight.dtype}")
 
     def _build_plan(self, x: Tensor, env: tuple) -> call_plan.CallPlan:
-        self._plan = None
-        self._plans = call_plan.still_valid(self._plans)  # none keeps a replaced tensor's storage alive
+        """The call plan of x's environment ``env``, its inputs checked."""
         self._check_call(x)
         sources = self._sources()
         paths = [] if self.merged else self.paths()
         if self.layout.computes_itself:
             dtype = compute_dtype(self.base_layer, self.layout, x)
-            plan = call_plan.build_lowrank(env, sources, x, self.out_features, paths, self.dropout, self.training,
+            return call_plan.build_lowrank(env, sources, x, self.out_features, paths, self.dropout, self.training,
                                            dtype)
-        else:
-            plan = call_plan.build_linear(env, sources, x, self.base_weight(), self.bias, paths, self.dropout,
-                                          self.training)
-        if len(self._plans) >= 8:  # environments come and go (dtypes, autocast): a few at a time
-            self._plans.clear()
-        self._plan = self._plans[env] = plan
-        return plan
+        return call_plan.build_linear(env, sources, x, self.base_weight(), self.bias, paths, self.dropout,
+                                      self.training)
 
     def _forward_traced(self, x: Tensor) -> Tensor:
         """The router's call, which dynamo traces into one graph (custom ops for the kernels)."""

@@ -145,11 +145,24 @@ class CallPlan:
 _requires_grad = operator.attrgetter("requires_grad")
 
 
-def still_valid(plans: dict[tuple, CallPlan]) -> dict[tuple, CallPlan]:
-    """The plans (environment -> plan) of the current settings whose tensors are all still in place;
-    the others are dropped (they may hold views of a replaced tensor's old storage)."""
+KEPT_PLANS = 8  # plans kept per layer or input group: environments come and go (dtypes, autocast)
+
+
+def kept_or_built(plans: dict[tuple, CallPlan], env: tuple, build: Callable[[], CallPlan]) -> CallPlan:
+    """The plan of ``env`` kept in ``plans`` (environment -> plan: grad on and off under reentrant
+    checkpointing, train and eval, ...) if it still fits, else ``build()``'s, kept there. Before a
+    build, ``plans`` keeps only those of the current settings whose tensors are all still in place
+    (none holds views of a replaced tensor's old storage), and none once ``KEPT_PLANS`` are kept."""
+    plan = plans.get(env)
+    if plan is not None and plan.fits(env):
+        return plan
     version = dispatch.SETTINGS.version
-    return {env: plan for env, plan in plans.items() if env[_VERSION] == version and plan.reads_current_tensors()}
+    valid = {e: p for e, p in plans.items() if e[_VERSION] == version and p.reads_current_tensors()}
+    plans.clear()
+    if len(valid) < KEPT_PLANS:
+        plans.update(valid)
+    plan = plans[env] = build()
+    return plan
 
 
 def grad_wanted(x: Tensor, paths: Sequence[LoRAPath]) -> bool:
