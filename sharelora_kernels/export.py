@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import check_no_peft_wrappers, saved_state
 from .files import atomic_write
-from .model import get_plan, shared_layers
+from .model import get_plan, peft_base, shared_layers
 from .plan import pattern_value
 from .reference import path_factors
 from .targeting import peft_target_names, peft_task_type
@@ -79,10 +79,10 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, serving: str | N
     """
     if serving is not None and serving not in SERVING_ENGINES:
         raise ValueError(f"serving must be None or one of {list(SERVING_ENGINES)}, got {serving!r}")
-    get_base = getattr(model, "get_base_model", None)  # a PeftModel: export the model it wraps
-    if callable(get_base):
-        model = get_base()
-        check_no_peft_wrappers(model, "export_peft")
+    base = peft_base(model)  # a PeftModel: export the model it wraps
+    if base is not model:
+        check_no_peft_wrappers(base, "export_peft")
+        model = base
     plan = get_plan(model)
     if "" in plan.modules:
         raise ValueError("export_peft names adapters by module path, and the root module itself is a "

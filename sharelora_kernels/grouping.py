@@ -168,8 +168,9 @@ class InputGroup:
         on x's device in x's dtype (or in autocast's dtype, x cast to it), one dropout, one mode."""
         first = self.members[0]
         dtype = x.dtype
-        if autocast_enabled(x.device.type) and x.is_floating_point():
-            dtype = first.weight.dtype if first.weight.dtype == torch.get_autocast_dtype(x.device.type) else dtype
+        if (autocast_enabled(x.device.type) and x.is_floating_point()
+                and first.weight.dtype == torch.get_autocast_dtype(x.device.type)):
+            dtype = first.weight.dtype
         return all(not m.merged and len(m.lora_paths) > 0 and not m.layout.computes_itself and m.dropout == first.dropout
                    and m.training == first.training and m.in_features == x.shape[-1]
                    and m.weight.device == x.device and m.weight.dtype == dtype for m in self.members)

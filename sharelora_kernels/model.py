@@ -163,6 +163,12 @@ class BankFullError(ValueError):
     """Adding an adapter would take the model's adapter bank past a limit set by ``set_bank_limit``."""
 
 
+def peft_base(model: nn.Module) -> nn.Module:
+    """The model a PeftModel wraps (its ``get_base_model()``), or ``model`` itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def set_bank_limit(model: nn.Module, max_adapters: int | None = None, max_bytes: int | None = None) -> nn.Module:
     """Limit the model's adapter bank: at most ``max_adapters`` named adapters, at most ``max_bytes``
     bytes of adapter tensors (``adapter_memory``: each unique tensor once); None: no limit (both None
@@ -170,8 +176,7 @@ def set_bank_limit(model: nn.Module, max_adapters: int | None = None, max_bytes:
     PEFT's ``add_adapter`` / ``load_adapter``) raises ``BankFullError`` naming the limit and the
     adapter, before the model changes. ValueError for a limit the bank already exceeds. A PEFT model:
     pass it or its base model."""
-    get_base = getattr(model, "get_base_model", None)  # a PeftModel: the limit lives on the model it wraps
-    model = get_base() if callable(get_base) else model
+    model = peft_base(model)  # a PeftModel: the limit lives on the model it wraps
     for name, value in (("max_adapters", max_adapters), ("max_bytes", max_bytes)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int or None, got {value!r}")
