@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from cli_helpers import run_cli
 from sharelora_kernels.benchmarks import host, report, suite
@@ -84,3 +85,24 @@ def test_host_bench_writes_json_table_and_plot(tmp_path, drawn):
     text = (out / "host.md").read_text()
     assert "SMOKE RUN" in text and "| plain | fwd+bwd |" in text and "| similarity |" in text
     assert [ax.get_title() for ax in drawn[-1].axes] == list(host.MODES)
+
+
+@pytest.mark.parametrize("kind", ["plain", "grouped_qkv", "4bit"])
+def test_host_bench_times_peft_layer_itself(kind):
+    """The per-layer baseline is PEFT's LoRA layer as a model calls it, not wrapped in a PeftModel
+    (whose forward a model pays once, not per layer)."""
+    pytest.importorskip("peft")
+    from peft.tuners.lora import LoraLayer
+
+    if kind == "4bit":
+        pytest.importorskip("bitsandbytes")
+    calls, skipped = host.kind_calls(kind)
+    assert not skipped
+    peft = calls["peft"]
+    layers = [peft] if isinstance(peft, torch.nn.Module) else []
+    if kind == "grouped_qkv":  # a call of the three layers: find them in its closure
+        layers = [m for cell in peft.__closure__ for m in cell.cell_contents]
+    assert layers and all(isinstance(m, LoraLayer) for m in layers)
+    x = torch.randn(3, host.K)
+    outs = calls["peft"](x)
+    assert all(o.shape == (3, host.N) for o in (outs if isinstance(outs, list) else [outs]))

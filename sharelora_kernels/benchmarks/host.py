@@ -168,7 +168,7 @@ def _4bit_calls(compute_dtype: torch.dtype, dropout: float):
     holder = nn.Sequential()
     holder.add_module("lin", quantized())
     peft = get_peft_model(holder, LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=dropout,
-                                             target_modules=["lin"])).train()
+                                             target_modules=["lin"])).train().base_model.model.lin
     return {"linear": base, "peft": peft, "ours": ours}, {}
 
 

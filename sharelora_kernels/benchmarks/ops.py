@@ -110,7 +110,9 @@ class _OneLinear(nn.Module):
 
 
 def peft_layer(weight: Tensor, bias: Tensor | None, r: int, dropout: float = 0.0) -> nn.Module:
-    """A PEFT LoRA (r, alpha 2r, ``dropout``) around a frozen Linear sharing ``weight`` and ``bias``."""
+    """PEFT's LoRA layer itself (``peft.tuners.lora.Linear``: r, alpha 2r, ``dropout``) around a frozen
+    Linear sharing ``weight`` and ``bias``, as a model calls it: without the ``PeftModel`` wrapper,
+    whose per-forward work a model pays once, not per layer."""
     from peft import LoraConfig, get_peft_model
 
     n, k = weight.shape
@@ -119,10 +121,11 @@ def peft_layer(weight: Tensor, bias: Tensor | None, r: int, dropout: float = 0.0
     if bias is not None:
         lin.bias = nn.Parameter(bias, requires_grad=False)
     model = get_peft_model(_OneLinear(lin), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["lin"]))
-    for name, p in model.named_parameters():
+    layer = model.base_model.model.lin
+    for name, p in layer.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero; any value times the same
             nn.init.normal_(p, std=0.02)
-    return model
+    return layer
 
 
 def unsloth_order(x: Tensor, weight: Tensor, bias: Tensor | None, paths: list[LoRAPath], dropout_p: float = 0.0) -> Tensor:
