@@ -39,12 +39,19 @@ def test_share_sets_assigned_after_construction_round_trip(share_sets, tmp_path)
     torch.testing.assert_close(sk.load(tiny_model(), tmp_path)(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
-def test_a_save_failing_before_writing_leaves_no_folder(tmp_path):
+def test_a_config_edited_after_apply_is_refused_before_any_file(tmp_path):
+    """The layers follow the config as apply read it: a checkpoint of the edited one would not load
+    (or would build other layers), so save names the change and writes nothing."""
     model = trained("similarity")
-    model.sharelora_config.alpha = np.float32(2)  # edited after apply: JSON cannot write it
-    with pytest.raises(TypeError):
+    r = model.sharelora_config.r
+    model.sharelora_config.r = r + 2
+    with pytest.raises(ValueError, match=f"config of adapter 'default' was changed after apply \\(r: {r} -> {r + 2}\\)"):
         sk.save(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    model.sharelora_config.r = r  # set back: saves, and loads into the same model
+    sk.save(model, tmp_path / "out")
+    ids = token_batch()
+    torch.testing.assert_close(sk.load(tiny_model(), tmp_path / "out")(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("other, match", [

@@ -6,7 +6,8 @@ metadata the config and the share plan (the authoritative copy, so weights and p
 disagree). A readable ``sharelora_config.json`` is written beside it. A module holding hand-wrapped
 ``SharedLoRALinear`` layers has no config: its checkpoint holds the plan read off the layers
 (config ``null``, no JSON file; one left by an earlier save is removed) and loads into a module
-wrapped the same way.
+wrapped the same way. The config written is the one ``apply`` read: a config edited since is refused
+by name (``model.applied_config``), since the layers do not follow the edit.
 
 A save changes the folder as one unit (``files.atomic_write_files``): both files are written in
 full to temporary names beside their targets first, so a save that fails or is interrupted while
@@ -28,7 +29,7 @@ from safetensors.torch import save_file
 from .config import ShareLoRAConfig
 from .files import atomic_write_files
 from .model import (ADAPTER_WRITERS, DEFAULT_ADAPTER, active_adapters, adapter_names, adapter_tensors, apply_plan,
-                    get_plan, is_applied, peft_base, plan_model, resolve_adapter, shared_layers)
+                    applied_config, get_plan, is_applied, peft_base, plan_model, resolve_adapter, shared_layers)
 from .plan import SharePlan
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -45,7 +46,7 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter_name: str | Non
     check_no_peft_wrappers(model, "save")
     if adapter_names(model):
         adapter_name = resolve_adapter(model, adapter_name)
-        config: ShareLoRAConfig | None = model.sharelora_configs[adapter_name]
+        config: ShareLoRAConfig | None = applied_config(model, adapter_name)
     else:
         config = None
     plan = get_plan(model, adapter_name)

@@ -115,8 +115,10 @@ def apply_plan(model: nn.Module, config: ShareLoRAConfig, plan: SharePlan, group
         model.get_submodule(name).requires_grad_(True)
     if first:
         model.sharelora_plans, model.sharelora_configs, model.sharelora_active = {}, {}, active
+        model._sharelora_applied = {}
     model.sharelora_plans[adapter_name] = plan
     model.sharelora_configs[adapter_name] = config
+    model._sharelora_applied[adapter_name] = config.to_dict()  # what the layers are built from (applied_config)
     _point_at_active(model)
     if first and callable(getattr(type(model), "save_pretrained", None)):
         model.save_pretrained = SavePretrainedWithAdapters(model)
@@ -304,6 +306,20 @@ def get_plan(model: nn.Module, adapter_name: str | None = None) -> SharePlan:
     return model.sharelora_plans[resolve_adapter(model, adapter_name)]
 
 
+def applied_config(model: nn.Module, adapter_name: str) -> ShareLoRAConfig:
+    """The config adapter ``adapter_name`` was applied with; ValueError naming the fields changed on
+    it since (its layers follow the config as ``apply`` read it, and a checkpoint saying otherwise
+    would not load, or would build other layers)."""
+    config = model.sharelora_configs[adapter_name]
+    applied, now = model._sharelora_applied[adapter_name], config.to_dict()
+    changed = [f"{k}: {applied[k]!r} -> {now[k]!r}" for k in applied if now[k] != applied[k]]
+    if changed:
+        raise ValueError(f"the config of adapter {adapter_name!r} was changed after apply ({'; '.join(changed)}), "
+                         "but its layers were built from the config as apply read it: set the field back, or "
+                         "apply the changed config to a fresh model")
+    return config
+
+
 def adapter_tensors(model: nn.Module, adapter_name: str | None = None) -> dict[str, nn.Parameter]:
     """Plan tensor name -> the live parameter (each shared tensor once), in plan order, of adapter
     ``adapter_name`` (None: the active one)."""
@@ -468,7 +484,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         raise ValueError(f"adapter {adapter_name!r} is merged into the base weights: call unmerge(model) before "
                          "deleting it")
     plan = model.sharelora_plans.pop(adapter_name)
-    del model.sharelora_configs[adapter_name]
+    del model.sharelora_configs[adapter_name], model._sharelora_applied[adapter_name]
     for module in plan.modules_to_save:
         model.get_submodule(module).requires_grad_(False)
     delattr(store_host(model, plan), store_attr(adapter_name))
@@ -512,7 +528,7 @@ def unload(model: nn.Module, merge: bool = False, adapter_names: Sequence[str] |
         for attr in [a for a in host._modules if a == STORE_ATTR or a.startswith(STORE_ATTR + "_")]:
             delattr(host, attr)
     for attr in ("sharelora_plans", "sharelora_configs", "sharelora_active", "sharelora_plan", "sharelora_config",
-                 "save_pretrained"):
+                 "_sharelora_applied", "save_pretrained"):
         model.__dict__.pop(attr, None)
     return model
 
