@@ -90,7 +90,7 @@ def test_host_bench_writes_json_table_and_plot(tmp_path, drawn):
 @pytest.mark.parametrize("kind", ["plain", "grouped_qkv", "4bit"])
 def test_host_bench_times_peft_layer_itself(kind):
     """The per-layer baseline is PEFT's LoRA layer as a model calls it, not wrapped in a PeftModel
-    (whose forward a model pays once, not per layer)."""
+    (whose forward a model pays once, not per layer); the base alone is timed frozen."""
     pytest.importorskip("peft")
     from peft.tuners.lora import LoraLayer
 
@@ -103,6 +103,8 @@ def test_host_bench_times_peft_layer_itself(kind):
     if kind == "grouped_qkv":  # a call of the three layers: find them in its closure
         layers = [m for cell in peft.__closure__ for m in cell.cell_contents]
     assert layers and all(isinstance(m, LoraLayer) for m in layers)
+    if kind != "grouped_qkv":  # the base alone is frozen, as under a LoRA layer
+        assert not any(p.requires_grad for p in calls["linear"].parameters())
     x = torch.randn(3, host.K)
     outs = calls["peft"](x)
     assert all(o.shape == (3, host.N) for o in (outs if isinstance(outs, list) else [outs]))

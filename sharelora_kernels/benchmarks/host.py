@@ -162,7 +162,7 @@ def _4bit_calls(compute_dtype: torch.dtype, dropout: float):
         q.load_state_dict(dense.state_dict())
         return q.to("cpu").train()
 
-    base = quantized()
+    base = quantized().requires_grad_(False)  # frozen, as the base of a LoRA layer is
     ours = SharedLoRALinear(quantized(), r=R, alpha=2 * R, dropout=dropout).train()
     nn.init.normal_(ours.lora_paths[0].B, std=0.02)
     holder = nn.Sequential()
