@@ -81,7 +81,8 @@ def test_host_bench_writes_json_table_and_plot(tmp_path, drawn):
         for mode in host.MODES:
             assert set(kinds[kind]["modes"][mode]) == set(host.VARIANTS)
             assert kinds[kind]["modes"][mode]["peft"]["ratio_vs_peft"] == 1.0
-    assert set(data["host"]["llama_step"]["variants"]) == {"peft_lora", "lora", "similarity"}
+    assert set(data["host"]["llama_step"]["variants"]) == {"peft_lora", "lora", "similarity", "bishare_slice",
+                                                           "bishare_gate", "bishare_kron"}
     text = (out / "host.md").read_text()
     assert "SMOKE RUN" in text and "| plain | fwd+bwd |" in text and "| similarity |" in text
     assert [ax.get_title() for ax in drawn[-1].axes] == list(host.MODES)

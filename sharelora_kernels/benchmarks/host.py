@@ -5,7 +5,8 @@ layer's ops decides whether it beats PEFT. At M=8, K=N=64 (one thread) the arith
 negligible and the time of a call is its host time. Variants, on the same x:
 
     linear       the frozen base alone (nn.Linear; the Linear4bit itself for the 4-bit case)
-    peft         PEFT's LoRA layer (lora.Linear / lora.Linear4bit), r=8, of the same base
+    peft         PEFT's LoRA layer (lora.Linear / lora.Linear4bit), r=8, of the same base, called
+                 itself as a model calls it (not through a PeftModel, whose forward a model pays once)
     torch        our layer on the torch backend
     compose      our layer on compose (the CPU default)
     triton_stub  our layer on triton with every kernel launch replaced by a no-op: the launchers'
@@ -21,7 +22,8 @@ runs) on a bf16 base, x in bf16 (``bf16_autocast``), and on a float32 base, x in
 (``fp32_autocast``: the base cast every call, as autocast casts it). Modes: ``fwd_nograd`` (under
 torch.no_grad), ``fwd`` (x and the adapters require grad), ``fwd+bwd``. Plus one training step
 (forward, loss, backward, AdamW, zero_grad) of a tiny LLaMA (hidden 64, 4 layers, every
-q/k/v/o/gate/up/down, r=8, batch 2 x 32): ours (lora and similarity) against PEFT's LoRA.
+q/k/v/o/gate/up/down, r=8, batch 2 x 32): ours (lora, similarity, and Bi-Share of each shape
+transform at its default ranks) against PEFT's LoRA.
 
 Variants run interleaved (each round times every variant once), each sample the mean of a burst
 of calls in CPU time of this process (``time.process_time``: what other processes on a shared
@@ -262,8 +264,14 @@ def on_backend(backend: str):
         ops.set_backend(None)
 
 
+# Bi-Share in the tiny-LLaMA step: the paper's default ranks of each transform, its shared tensors
+# sized to the model (hidden 64, MLP 128)
+BISHARE_STEP = {"slice": {}, "gate": {"gate_dims": (128, 128)}, "kron": {"kron_dim": 16}}
+
+
 def run_llama_step(rounds: int) -> dict:
-    """Milliseconds per training step of a tiny LLaMA: PEFT LoRA, ours lora, ours similarity."""
+    """Milliseconds per training step of a tiny LLaMA: PEFT LoRA, ours lora, similarity and Bi-Share
+    (each transform: what a layer call's host time comes to when its shared tensors are shared)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ..config import ShareLoRAConfig
@@ -281,6 +289,9 @@ def run_llama_step(rounds: int) -> dict:
               "lora": apply(copy.deepcopy(base), ShareLoRAConfig(method="lora", r=R, alpha=2 * R, target_modules=TARGETS)),
               "similarity": apply(copy.deepcopy(base), ShareLoRAConfig(method="similarity", r=R, alpha=2 * R,
                                                                       target_modules=TARGETS, share_sets=[[2, 3]]))}
+    for transform, extra in BISHARE_STEP.items():
+        models[f"bishare_{transform}"] = apply(copy.deepcopy(base), ShareLoRAConfig(
+            method="bishare", alpha=2 * R, target_modules=TARGETS, shape_transform=transform, **extra))
     steps = {name: _train_step(model, tokens) for name, model in models.items()}
     times = interleaved_us({name: (contextlib.nullcontext, step) for name, step in steps.items()}, rounds, 1)
     peft = times["peft_lora"]["median_us"]
