@@ -194,11 +194,12 @@ def test_expand_rank_never_exceeds_lora(case, r):
 
 
 @pytest.mark.parametrize("args, match", [
-    ((2, [[0, 1, 2, 3]], 8), r"share set \[0, 1, 2, 3\] holds layer 2, outside \[0, 2\)"),
+    ((2, [[0, 1, 2, 3]], 8), r"share_sets\[0\] \[0, 1, 2, 3\] holds layer 2, outside \[0, 2\)"),
     ((0, [], 8), "num_layers and r must be at least 1, got num_layers=0"),
     ((4, [[0, 1]], 8, [1, 1]), r"layers must be distinct layer indices in \[0, 4\), at least one, got \[1, 1\]"),
     ((4, [[0, 1]], 8, [4]), r"layers must be distinct .* got \[4\]"),
-    ((8, [[0, 1], [1, 2]], 8), "layer 1 is in more than one share set"),
+    ((8, [[0, 1], [1, 2]], 8), r"share_sets\[1\] \[1, 2\] holds layer 1 and so does share_sets\[0\]"),
+    ((8, [[3, 3]], 8), r"share_sets\[0\] \[3, 3\] holds layer 3 twice"),
 ])
 def test_expanded_rank_names_bad_input(args, match):
     with pytest.raises(ValueError, match=match):

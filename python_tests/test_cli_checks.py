@@ -124,7 +124,7 @@ CASES = [
      "--eps applies only to the share sets compare finds, not to those of --plan"),
     (["compare", "--plan", "{d}/plan.json", "--eps", "0.3", "--calibration-samples", "5"],
      "--eps and --calibration-samples apply only to the share sets compare finds, not to those of --plan"),
-    (["compare", "--plan", "{d}/far_layers.json"], "--plan {d}/far_layers.json: share_sets[0] names layer 12"),
+    (["compare", "--plan", "{d}/far_layers.json"], "--plan {d}/far_layers.json: share_sets[0] [8, 12] holds layer 12, outside [0, 10)"),
     (["compare", "--model", "{d}/bert"], "{d}/bert holds a BertModel (bert) with no causal-LM head"),
     (["compare", "--text", "{d}/two.txt", "--heldout", "2"], "--heldout 2 leaves no training paragraph: {d}/two.txt holds 2"),
     (["compare", "--out", "{d}/taken"], "--out {d}/taken: {d}/taken/compare.json is a folder"),

@@ -85,9 +85,9 @@ def test_the_legend_says_every_pair_reaches_eps_only_where_it_does():
     (torch.ones(3, 4), [], 0.5, r"square \(L, L\) matrix, got shape \(3, 4\)"),
     (torch.ones(0, 0), [], 0.5, "S has no layers"),
     (torch.full((3, 3), float("nan")), [], 0.5, "NaN or Inf"),
-    (torch.eye(3), [[1, 5]], 0.5, r"share set 0 \[1, 5\] holds layer 5, outside the 3 layers of S"),
+    (torch.eye(3), [[1, 5]], 0.5, r"sets\[0\] \[1, 5\] holds layer 5, outside \[0, 3\)"),
     (torch.eye(3), [[-1, 1]], 0.5, "holds layer -1, outside"),
-    (torch.eye(3), [[0, 1], [1, 2]], 0.5, "layer 1 is in share set 0 and share set 1"),
+    (torch.eye(3), [[0, 1], [1, 2]], 0.5, r"sets\[1\] \[1, 2\] holds layer 1 and so does sets\[0\]"),
     (torch.eye(3), [[0, 1.0]], 0.5, "not a layer index"),
     (torch.eye(3), [], 2.0, r"eps must be a number in \[0, 1\]"),
 ])

@@ -149,32 +149,15 @@ class ShareLoRAConfig:
                 raise ValueError(f"{name} only applies to method='lora', not {self.method!r}")
         if self.method == "bishare" and self.local_r + self.intra_r + self.inter_r == 0:
             raise ValueError("bishare needs at least one of local_r, intra_r, inter_r > 0")
-        if not isinstance(self.share_sets, (list, tuple)) or not all(
-                isinstance(s, (list, tuple)) and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in s)
-                for s in self.share_sets):
-            raise ValueError(f"share_sets must be a list of lists of layer indices, got {self.share_sets!r}")
-        self.share_sets = [sorted(int(i) for i in s) for s in self.share_sets]
+        self.share_sets = check_share_sets(self.share_sets)
         if self.share_sets and self.method != "similarity":
             raise ValueError(f"share_sets only applies to method='similarity', not {self.method!r}")
         if self.expand_rank and self.method != "similarity":
             raise ValueError(f"expand_rank only applies to method='similarity', not {self.method!r}")
-        seen: dict[int, int] = {}
-        for k, s in enumerate(self.share_sets):
-            if len(s) != len(set(s)):
-                raise ValueError(f"share_sets[{k}] repeats a layer: {s}")
-            for layer in s:
-                if layer < 0:
-                    raise ValueError(f"share_sets[{k}] has a negative layer index {layer}")
-                if layer in seen:
-                    raise ValueError(f"share_sets overlap: layer {layer} is in share_sets[{seen[layer]}] and share_sets[{k}]")
-                seen[layer] = k
 
     def check_layers(self, num_layers: int) -> None:
         """Raise ValueError if a share set names a layer the model does not have."""
-        for k, s in enumerate(self.share_sets):
-            bad = [i for i in s if i >= num_layers]
-            if bad:
-                raise ValueError(f"share_sets[{k}] names layer {bad[0]}, but the model has {num_layers} layers")
+        check_share_sets(self.share_sets, num_layers)
 
     # ------------------------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
@@ -215,6 +198,28 @@ def _check_names(name: str, value: Any) -> None:
         return
     if not isinstance(value, list) or not value or not all(isinstance(t, str) and t for t in value):
         raise ValueError(f"{name} must be a non-empty list of module names, a regular expression or None, got {value!r}")
+
+
+def check_share_sets(share_sets: Any, num_layers: int | None = None, name: str = "share_sets") -> list[list[int]]:
+    """``share_sets`` as sorted lists of Python ints; ValueError naming the first set that is not a list
+    of layer indices, holds a layer outside [0, num_layers) (None: any layer >= 0) or twice, or shares
+    a layer with an earlier set. The one check of share sets: the config's, ``plan.expanded_rank``'s
+    and the heatmap's."""
+    if not isinstance(share_sets, (list, tuple)) or not all(isinstance(s, (list, tuple)) for s in share_sets):
+        raise ValueError(f"{name} must be a list of lists of layer indices, got {share_sets!r}")
+    seen: dict[int, int] = {}
+    for k, s in enumerate(share_sets):
+        for layer in s:
+            if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+                raise ValueError(f"{name}[{k}] {list(s)} holds {layer!r}, not a layer index")
+            if layer < 0 or (num_layers is not None and layer >= num_layers):
+                bound = "a negative index" if num_layers is None else f"outside [0, {num_layers})"
+                raise ValueError(f"{name}[{k}] {list(s)} holds layer {layer}, {bound}")
+            if layer in seen:
+                where = "twice" if seen[layer] == k else f"and so does {name}[{seen[layer]}]"
+                raise ValueError(f"{name}[{k}] {list(s)} holds layer {layer} {where}: share sets must not overlap")
+            seen[int(layer)] = k
+    return [sorted(int(i) for i in s) for s in share_sets]
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

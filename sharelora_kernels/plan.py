@@ -18,7 +18,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .config import ShareLoRAConfig
+from .config import ShareLoRAConfig, check_share_sets
 from .targeting import ModuleInfo, layer_position
 
 INIT_KINDS = ("kaiming_uniform", "kaiming_normal", "gaussian", "zeros")
@@ -142,14 +142,7 @@ def expanded_rank(num_layers: int, share_sets: list[list[int]], r: int, layers: 
     below 1, no adapted layer, or sets or layers that are not distinct layer indices in [0, num_layers)."""
     if num_layers < 1 or r < 1:
         raise ValueError(f"num_layers and r must be at least 1, got num_layers={num_layers}, r={r}")
-    seen: set[int] = set()
-    for s in share_sets:
-        for layer in s:
-            if not 0 <= layer < num_layers:
-                raise ValueError(f"share set {list(s)} holds layer {layer}, outside [0, {num_layers})")
-            if layer in seen:
-                raise ValueError(f"layer {layer} is in more than one share set (or twice in one): {share_sets}")
-            seen.add(layer)
+    share_sets = check_share_sets(share_sets, num_layers)
     adapted = list(range(num_layers)) if layers is None else list(layers)
     if not adapted or len(set(adapted)) != len(adapted) or not all(0 <= layer < num_layers for layer in adapted):
         raise ValueError(f"layers must be distinct layer indices in [0, {num_layers}), at least one, got {layers}")

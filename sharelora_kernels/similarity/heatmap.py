@@ -7,12 +7,12 @@ one for the layers in no set).
 """
 from __future__ import annotations
 
-import numbers
 import textwrap
 from pathlib import Path
 
 import numpy as np
 
+from ..config import check_share_sets
 from .share_sets import check_eps, check_matrix
 
 SET_COLORS = ("#ff3b30", "#ffffff", "#ff9500", "#ff2d95", "#00e5ff", "#ffcc00")
@@ -53,7 +53,7 @@ def heatmap_figure(S, sets: list[list[int]], title: str | None = None, eps: floa
     n = len(s)
     if n == 0:
         raise ValueError("S has no layers (shape (0, 0)): nothing to draw")
-    _check_sets(sets, n)
+    sets = check_share_sets(sets, n, "sets")
     if eps is not None:
         eps = check_eps(eps)
     multi = [sorted(g) for g in sets if len(g) > 1]
@@ -100,20 +100,6 @@ def heatmap_figure(S, sets: list[list[int]], title: str | None = None, eps: floa
                      framealpha=1.0, title="outlined cells: both layers in one share set" + _eps_note(s, multi, eps),
                      title_fontsize=LEGEND_FONT)
     return fig
-
-
-def _check_sets(sets, n: int) -> None:
-    """ValueError unless ``sets`` are lists of distinct layer indices in [0, n), no layer in two sets."""
-    seen: dict[int, int] = {}
-    for k, g in enumerate(sets):
-        for layer in g:
-            if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-                raise ValueError(f"share set {k} {list(g)} holds {layer!r}, not a layer index")
-            if not 0 <= layer < n:
-                raise ValueError(f"share set {k} {list(g)} holds layer {layer}, outside the {n} layers of S")
-            if layer in seen:
-                raise ValueError(f"layer {layer} is in share set {seen[layer]} and share set {k}")
-            seen[layer] = k
 
 
 def _eps_note(s: np.ndarray, sets: list[list[int]], eps: float | None) -> str:
