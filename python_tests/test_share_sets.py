@@ -186,6 +186,9 @@ def test_sweep_and_label_report_the_ranks_the_plan_builds_per_module_type():
     assert plan.parameter_count() == point.share_expanded_params
     assert label(config, modules, 4) == "ShareLoRA r=q_proj 32, v_proj 16 (expanded)"
     assert label(config, modules[:4], 4) == "ShareLoRA r=32 (expanded)"
+    head = [ModuleInfo("lm_head", None, "lm_head", 8, 8)]  # no module in the numbered layers: r as configured
+    assert label(config, head, 4) == "ShareLoRA r=8"
+    assert label(config, modules[:4] + head, 4) == "ShareLoRA r=q_proj 32, lm_head 8 (expanded)"
 
 
 def test_sweep_ignores_the_config_method_and_its_per_module_patterns():

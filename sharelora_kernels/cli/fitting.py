@@ -103,16 +103,20 @@ def parameter_count(config, infos, num_layers: int, what: str) -> int:
 def label(config, infos, num_layers: int) -> str:
     """What a config trains on target modules ``infos``, in a few words, as the rows of `plan` and
     `compare` name it: "LoRA r=8", "ShareLoRA r=20 (expanded)" (the rank the plan builds; per module
-    type, "ShareLoRA r=q_proj 20, v_proj 16 (expanded)", where they differ), "Bi-Share kron (2,4,16) d_s=64"."""
+    type, "ShareLoRA r=q_proj 20, v_proj 16 (expanded)", where they differ; a type outside the
+    numbered layers keeps r), "Bi-Share kron (2,4,16) d_s=64"."""
     from ..plan import build_plan
 
     if config.method == "lora":
         return f"LoRA r={config.r}"
     if config.method == "similarity":
-        if config.expand_rank:
-            slots = build_plan(config, infos, num_layers).layer_slots()
-            return f"ShareLoRA r={per_type({t: r for t, (_, r) in slots.items()})} (expanded)"
-        return f"ShareLoRA r={config.r}"
+        slots = build_plan(config, infos, num_layers).layer_slots() if config.expand_rank else {}
+        if not slots:  # nothing expanded (no module in the numbered layers): r as configured
+            return f"ShareLoRA r={config.r}"
+        ranks = {t: r for t, (_, r) in slots.items()}
+        for m in infos:  # a type outside the numbered layers (a head) keeps r
+            ranks.setdefault(m.module_type, config.r)
+        return f"ShareLoRA r={per_type(ranks)} (expanded)"
     ranks = f"({config.local_r},{config.intra_r},{config.inter_r})"
     extra = {"gate": " m,n={},{}".format(*config.gate_dims), "kron": f" d_s={config.kron_dim}"}
     return f"Bi-Share {config.shape_transform} {ranks}{extra.get(config.shape_transform, '')}"
