@@ -190,3 +190,38 @@ def test_compiled_training_under_auto_runs_the_remembered_choice(dynamic, monkey
     finally:
         dispatch.set_timer(previous)
         dispatch.clear()
+
+
+@pytest.mark.parametrize("backend", ["compose", "torch"])
+def test_compiled_input_group_with_an_unused_member_matches_eager(backend):
+    """q / k / v of one input group, k's output unused: the compiled grouped op gives every gradient
+    eager gives (none for k's adapter, as eager), in one graph."""
+    import torch.nn as nn
+
+    from sharelora_kernels.grouping import InputGroup
+
+    torch.manual_seed(0)
+    layers = [SharedLoRALinear(nn.Linear(16, 8 + 4 * i), r=3, alpha=6) for i in range(3)]
+    for layer in layers:
+        nn.init.normal_(layer.lora_paths[0].B, std=0.3)
+        layer.input_group = InputGroup(layers) if layer is layers[0] else layers[0].input_group
+    model = nn.ModuleList(layers)
+
+    def loss(x):
+        q, _, v = (layer(x) for layer in model)
+        return q.sum() * 2 + v.pow(2).sum()
+
+    x = torch.randn(5, 16, requires_grad=True)
+    params = [x, *(p for p in model.parameters() if p.requires_grad)]
+    sk.ops.set_backend(backend)
+    try:
+        eager = torch.autograd.grad(loss(x), params, allow_unused=True)
+        graphs = Graphs()
+        out = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend=graphs)(x), params, allow_unused=True)
+    finally:
+        sk.ops.set_backend(None)
+    assert graphs.count == 1
+    assert [g is None for g in out] == [g is None for g in eager] == [False, False, False, True, True, False, False]
+    for g, r in zip(out, eager):
+        if r is not None:
+            assert (g - r).abs().max() <= 1e-5 * r.abs().max()
