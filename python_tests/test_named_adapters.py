@@ -65,6 +65,19 @@ def test_disabling_a_merged_model_unmerges_it_and_computes_the_base():
     assert torch.allclose(logits(model, ids), first, atol=1e-5)
 
 
+def test_a_merge_while_adapters_are_disabled_is_refused_before_it_changes_anything():
+    """Merged there, the disabled model would compute the adapter (PEFT undoes such a merge at its
+    next forward): refused, nothing merged, the block still computes the base."""
+    base, model, first, _ = two_adapters()
+    ids = token_batch()
+    with sk.disable_adapters(model):
+        with pytest.raises(ValueError, match=r"adapters are disabled \(disable_adapters\): a merge now"):
+            sk.merge(model)
+        assert not any(layer.merged for layer in shared_layers(model))
+        assert torch.allclose(logits(model, ids), logits(base, ids), atol=1e-5)
+    assert torch.allclose(logits(model, ids), first, atol=1e-5)
+
+
 def test_modules_to_save_train_only_while_their_adapter_is_active():
     """A classifier's head (a module to save of "default", trained in place) is frozen while another
     adapter is active, trains again with "default", and stays frozen once "default" is deleted."""
@@ -201,10 +214,11 @@ def test_bad_names_and_refusals_leave_the_model_as_it_was():
         sk.apply(model, sk.ShareLoRAConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), adapter_name="x")
     assert adapter_names(model) == ["default", "other"] and not hasattr(model, "sharelora_adapters_x")
     sk.set_adapter(model, ["default", "other"])
-    for call in (lambda: sk.parameter_breakdown(model), lambda: sk.export_peft(model, "unused")):
-        with pytest.raises(ValueError, match=r"2 active adapters .*this call reads one: name it with adapter_name= "
-                                             r"where the function takes it, or make one active first"):
-            call()
+    with pytest.raises(ValueError, match="export_peft writes the active adapter, and this model has 2 active"):
+        sk.export_peft(model, "unused")
+    with pytest.raises(ValueError, match=r"2 active adapters .*this call reads one: name it with adapter_name= "
+                                         r"where the function takes it, or make one active first"):
+        sk.parameter_breakdown(model)
     sk.set_adapter(model, "default")
     sk.merge(model)
     with pytest.raises(ValueError, match="merged"):

@@ -76,6 +76,18 @@ def test_export_inside_disable_adapters_writes_the_adapter(serving, tmp_path):
         tmp_path / "disabled" / "adapter_model.safetensors").read_bytes()
 
 
+def test_export_of_several_active_adapters_says_how_to_pick_one(tmp_path):
+    model = sk.apply(tiny_model(), sk.ShareLoRAConfig(r=2, target_modules=TARGETS), adapter_name="a")
+    sk.apply(model, sk.ShareLoRAConfig(r=2, target_modules=TARGETS), adapter_name="b")
+    sk.set_adapter(model, ["a", "b"])
+    with pytest.raises(ValueError, match=r"export_peft writes the active adapter, and this model has 2 active "
+                                         r"\(\['a', 'b'\]; .*sharelora_kernels.set_adapter\(model, name\)"):
+        sk.export_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    sk.set_adapter(model, "b")
+    sk.export_peft(model, tmp_path / "out")
+
+
 @pytest.mark.parametrize("engine", ["vllm", "tgi"])
 def test_serving_export_pads_ranks_and_keeps_outputs(engine, tmp_path):
     base = tiny_model("llama")

@@ -217,6 +217,31 @@ def test_an_adapter_deleted_inside_its_mixed_batch_is_refused_not_served_as_the_
     rows_match_alone(model, base, ["a", "__base__"], ids)
 
 
+def test_a_merge_inside_a_mixed_batch_is_refused_before_it_changes_anything(bank):
+    """Its rows add their own adapters to the base: merged into it, every row would compute it too."""
+    base, _ = bank
+    model = with_adapters(base, {"a": METHOD_CONFIGS["lora"], "b": METHOD_CONFIGS["bishare_slice"]})
+    ids = token_batch(batch=3, seq=4)
+    with torch.no_grad(), sk.mixed_batch(model, ["a", "b", "__base__"]):
+        with pytest.raises(ValueError, match="a mixed-adapter batch is running on this layer"):
+            sk.merge(model)
+        assert not any(layer.merged for layer in sk.model.shared_layers(model))
+    rows_match_alone(model, base, ["a", "b", "__base__"], ids)
+
+
+def test_a_mixed_batch_refuses_an_input_that_wants_its_gradient(bank):
+    """Computed without autograd: the gradient of an input that requires grad would be lost (silently
+    wrong saliency); under no_grad, or with an input that needs none, it runs."""
+    base, model = bank
+    embeds = model.get_input_embeddings()(token_batch(batch=2, seq=3)).detach().requires_grad_()
+    with sk.mixed_batch(model, ["lora", "__base__"]):
+        with pytest.raises(RuntimeError, match="computes without autograd, and this layer's input requires grad"):
+            model(inputs_embeds=embeds)
+        with torch.no_grad():
+            model(inputs_embeds=embeds)
+        model(inputs_embeds=embeds.detach())
+
+
 def test_disabled_adapters_give_every_row_the_base(bank):
     """As PEFT: adapters disabled, a mixed batch computes the base for every row."""
     base, model = bank
@@ -520,6 +545,16 @@ def test_adapter_memory_counts_each_unique_tensor_once(bank):
         reads = sum(len(p.tensors) for m in plan.modules.values() for p in m.paths)
         assert reads > len(tensors) or name == "lora"  # shared tensors are read by several layers, stored once
     assert memory["share_ab"] < memory["share_a"] < memory["lora"]
+
+
+def test_adapter_memory_of_a_model_on_meta_counts_every_tensor(bank):
+    """Meta tensors (a model built there before its weights) all have data pointer 0: still each
+    tensor counted, as on the CPU, so a bank limit holds."""
+    _, model = bank
+    meta = copy.deepcopy(model).to("meta")
+    assert sk.adapter_memory(meta) == sk.adapter_memory(model)
+    with pytest.raises(ValueError, match="more than max_bytes=1000"):
+        sk.set_bank_limit(meta, max_bytes=1000)
 
 
 def test_load_adds_one_adapter_without_touching_the_others_and_delete_frees_it(bank, tmp_path):

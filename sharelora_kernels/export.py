@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import check_no_peft_wrappers, saved_state
 from .files import atomic_write
-from .model import get_plan, peft_base, shared_layers
+from .model import active_adapters, adapter_names, get_plan, peft_base, shared_layers
 from .plan import pattern_value
 from .reference import path_factors
 from .targeting import peft_target_names, peft_task_type
@@ -83,6 +83,11 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, serving: str | N
     if base is not model:
         check_no_peft_wrappers(base, "export_peft")
         model = base
+    active = active_adapters(model)
+    if adapter_names(model) and len(active) != 1:
+        raise ValueError(f"export_peft writes the active adapter, and this model has {len(active)} active ({active}; "
+                         f"all: {adapter_names(model)}): make one active first with "
+                         "sharelora_kernels.set_adapter(model, name)")
     plan = get_plan(model)
     if "" in plan.modules:
         raise ValueError("export_peft names adapters by module path, and the root module itself is a "

@@ -457,10 +457,17 @@ class SharedLoRALinear(nn.Module):
     def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
         """Fold the active adapters (or ``adapter_names``) into the base weight; forward then runs the base
         matmul only. A quantized base is requantized (``base.add_to_weight_``: the update is rounded to its
-        grid). ``safe_merge``: check the merged weight for non-finite values before writing it."""
+        grid). ``safe_merge``: check the merged weight for non-finite values before writing it. Refused
+        (ValueError, nothing changed) while adapters are disabled or a mixed-adapter batch runs."""
         names = self.adapters_to_merge(adapter_names)
         if not names:
             return
+        if self._disable_adapters:  # PEFT unmerges at the next forward; a merge would otherwise be computed
+            raise ValueError("adapters are disabled (disable_adapters): a merge now would make the disabled model "
+                             "compute them; merge after the block, or enable adapters first")
+        if self.mixed_batch is not None:  # its rows add their own adapters to the base: not to a merged one
+            raise ValueError("a mixed-adapter batch is running on this layer (mixed_batch / adapter_names): merge "
+                             "after it")
         delta = self.delta_weight(names)
         if safe_merge and not torch.isfinite(delta).all():
             raise ValueError(f"merging adapter(s) {names} would put non-finite values into the base weight")

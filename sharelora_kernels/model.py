@@ -200,11 +200,11 @@ def adapter_memory(model: nn.Module) -> dict[str, int]:
     copies = saved_copies(model)
     out = {}
     for name in adapter_names(model):
-        storages = {}
-        for p in [*adapter_store(model, name).parameters(), *copies.get(name, [])]:
+        storages = {}  # id -> storage: a storage's Python object is one per storage (meta tensors' too,
+        for p in [*adapter_store(model, name).parameters(), *copies.get(name, [])]:  # whose data_ptr is 0)
             s = p.untyped_storage()
-            storages[(p.device, s.data_ptr())] = s.nbytes()
-        out[name] = sum(storages.values())
+            storages[id(s)] = s
+        out[name] = sum(s.nbytes() for s in storages.values())
     return out
 
 

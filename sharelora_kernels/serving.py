@@ -9,7 +9,7 @@ one token per row) and read by every layer; each layer keeps the tables of its a
 (``ops.adapter_tables``) and rebuilds them when an adapter is added, deleted or replaced.
 
 Mixed batches are inference: refused in training mode (as PEFT refuses ``adapter_names``), computed
-without autograd in eval mode. The adapters are the model's named adapters (``apply`` / ``load`` with
+without autograd in eval mode (an input that requires grad is refused: its gradient would be lost). The adapters are the model's named adapters (``apply`` / ``load`` with
 ``adapter_name=``, or a PEFT model's; a hand-wrapped layer's), whatever is active; ``"__base__"``
 names a row without adapter. Inside ``disable_adapters`` every row gets the base alone (PEFT's rule).
 A mixed batch reads its adapters as they are when it starts (their tensors are checked once per
@@ -77,6 +77,10 @@ class MixedBatch:
         layer._check_call(x)  # the device and dtype checks of the layer's own call
         if layer.disable_adapters or x.numel() == 0:  # the base for every row (PEFT's rule); no rows: no work
             return layer.forward_alone(x)
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("a mixed-adapter batch computes without autograd, and this layer's input requires "
+                               "grad: its gradient would be dropped; run one adapter at a time (set_adapter) for "
+                               "gradients, or the batch under torch.no_grad()")
         self._check_served(layer)
         batch = self.batch(x[0].numel() // x.shape[-1], x.device)
         tables = layer_tables(layer, self.known, batch)
