@@ -390,6 +390,34 @@ def test_a_pending_group_output_is_not_served_after_what_it_read_changed():
     assert torch.equal(attn.k_proj(x), base_k(x))
 
 
+@pytest.mark.parametrize("how", ["assign_load", "data", "base_data", "double"])
+def test_a_pending_group_output_is_not_served_after_a_tensor_it_read_is_replaced(how):
+    """Replacing a tensor (an assign-load, ``p.data = ...``, a dtype conversion) bumps no version: the
+    pending output is told stale by the plan that computed it, and k runs on the current tensors."""
+    config = sk.ShareLoRAConfig(method="lora", r=4, dropout=1e-7, target_modules=["q_proj", "k_proj", "v_proj"])
+    model = sk.apply(tiny_model("llama", layers=1), config, group_inputs=True)
+    randomize_adapters(model)
+    model.train()
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(6, 32)
+    attn.q_proj(x)  # k's and v's outputs pending
+    if how == "assign_load":
+        model.load_state_dict({k: v * 3 if "sharelora" in k else v for k, v in model.state_dict().items()}, assign=True)
+    elif how == "data":
+        for p in model.sharelora_adapters.parameters():
+            p.data = p.data * 3
+    elif how == "base_data":
+        attn.k_proj.weight.data = attn.k_proj.weight.data * 3
+    else:  # the model converted: k's pending float32 output is gone, and x now has the wrong dtype
+        model.double()
+        with pytest.raises(ValueError, match="input dtype torch.float32 does not match the weight dtype torch.float64"):
+            attn.k_proj(x)
+        return
+    got = attn.k_proj(x)
+    sk.grouping.disable_input_groups(model)  # the same layer alone, on the current tensors
+    assert torch.equal(got, attn.k_proj(x))
+
+
 def test_grouped_model_deepcopies_and_pickles_independently():
     """Input groups live on the layers as plain attributes: a deep copy gets its own groups (reading
     its own weights), and the model pickles."""

@@ -443,3 +443,63 @@ def test_pickled_and_copied_layers_rebuild_their_plan():
     loaded = torch.load(buf, weights_only=False)
     torch.testing.assert_close(loaded(x), y)
     assert sk.SharedLoRALinear is SharedLoRALinear
+
+
+def test_kept_plans_release_a_deleted_adapter_and_converted_tensors():
+    """What a layer keeps built from its tensors (plans, the views in them) never keeps storage alive
+    that the model let go: a deleted adapter's (with plans kept for it), a conversion's old tensors
+    (``.half()``, to meta)."""
+    import gc
+    import weakref
+
+    from sharelora_kernels.model import shared_layers
+    from tiny_models import tiny_model, token_batch
+
+    model = sk.apply(tiny_model(layers=2), sk.ShareLoRAConfig(r=2), adapter_name="a")
+    sk.apply(model, sk.ShareLoRAConfig(r=2), adapter_name="b")
+    ids = token_batch()
+    for name in ("b", "a"):  # a plan kept for each adapter
+        sk.set_adapter(model, name)
+        model(ids).logits.sum().backward()
+    deleted = weakref.ref(model.sharelora_adapters_b)
+    sk.delete_adapter(model, "b")
+    model(ids)
+    gc.collect()
+    assert deleted() is None
+    for convert in (lambda m: m.half(), lambda m: m.to("meta")):
+        layers = shared_layers(model)
+        old = [weakref.ref(t.untyped_storage()) for layer in layers for t in (layer.weight, layer.lora_paths[0].A, layer.lora_paths[0].B)]
+        convert(model)
+        gc.collect()
+        assert not any(r() is not None for r in old)
+        model = sk.apply(tiny_model(layers=2), sk.ShareLoRAConfig(r=2))
+        model(ids)
+
+
+def test_swap_based_conversion_works_after_a_call():
+    """``nn.Module._apply`` swaps parameters (DTensor, or the future flag): the plan's views of them
+    must not hold a second reference then."""
+    from tiny_models import tiny_model, token_batch
+
+    model = sk.apply(tiny_model(layers=1), sk.ShareLoRAConfig(r=2))
+    model(token_batch())
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.double()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    assert model(token_batch()).logits.dtype == torch.float64
+
+
+@pytest.mark.parametrize("prune", ["l1_unstructured", "weight_norm"])
+def test_a_base_weight_replaced_by_prune_or_weight_norm_is_refused_by_name(prune):
+    import torch.nn.utils.prune
+
+    layer = SharedLoRALinear(nn.Linear(16, 8), r=4)
+    layer(torch.randn(2, 16))
+    if prune == "weight_norm":
+        torch.nn.utils.weight_norm(layer, "weight")  # deprecated for parametrizations, still in use
+    else:
+        torch.nn.utils.prune.l1_unstructured(layer, "weight", amount=0.5)
+    with pytest.raises(NotImplementedError, match="base weight of a ShareLoRA layer is no longer a registered parameter"):
+        layer(torch.randn(2, 16))

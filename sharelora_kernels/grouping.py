@@ -9,8 +9,9 @@ that share an input: ``self_attn.{q,k,v}_proj`` and ``mlp.{gate,up}_proj``, and 
     returns its own;
   * a sibling called with that same x pops its output (the cache entry is dropped once consumed);
   * a sibling called with any other x, or in another grad mode, or after anything its output was
-    computed from changed (x or an adapter tensor written in place, an adapter switched, disabled,
-    merged, a train / eval switch: ``_state``), drops its stale entry and runs its own op; a member
+    computed from changed (x or an adapter tensor written in place, a tensor replaced or moved, an
+    adapter switched, disabled, merged, a train / eval switch: ``_state``), drops its stale entry and
+    runs its own op; a member
     with no entry starts a new group run (replacing every pending entry), so at most one pending
     output per member is ever held, and none once the group's siblings ran.
 
@@ -53,8 +54,8 @@ class InputGroup:
 
     def __init__(self, members: Sequence[SharedLoRALinear]):
         self.members = list(members)
-        # member index -> (x, grad mode, output, the tensors the run read, their ``_state`` then)
-        self._pending: dict[int, tuple[Tensor, bool, Tensor, list[Tensor], tuple]] = {}
+        # member index -> (x, grad mode, output, the plan of the run (None when traced), ``_state`` then)
+        self._pending: dict[int, tuple[Tensor, bool, Tensor, call_plan.CallPlan | None, tuple]] = {}
         self._plan: call_plan.CallPlan | None = None  # the group's call plan of the last run (built once, like a layer's)
         self._plans: dict[tuple, call_plan.CallPlan] = {}  # environment -> plan, a few kept
 
@@ -65,26 +66,28 @@ class InputGroup:
         index = next(i for i, m in enumerate(self.members) if m is module)
         grad_mode = torch.is_grad_enabled()
         entry = self._pending.pop(index, None)
-        if entry is not None and entry[0] is x and entry[1] == grad_mode and self._state(x, entry[3]) == entry[4]:
+        if (entry is not None and entry[0] is x and entry[1] == grad_mode and self._state(x, entry[3]) == entry[4]
+                and (entry[3] is None or entry[3].reads_current_tensors())):  # none of its tensors replaced
             return entry[2]
         outs = None
         if entry is None and x.dim() and x.shape[-1] == module.in_features:  # else a bad input: reported below
             outs = self._run(x, module)
         if outs is None:  # the member's own op (it also reports bad inputs)
             return module.forward_alone(x)
-        tensors = [] if torch.compiler.is_compiling() else self._plan._tensors
-        state = self._state(x, tensors)
-        self._pending = {i: (x, grad_mode, y, tensors, state) for i, y in enumerate(outs) if i != index}
+        plan = None if torch.compiler.is_compiling() else self._plan
+        state = self._state(x, plan)
+        self._pending = {i: (x, grad_mode, y, plan, state) for i, y in enumerate(outs) if i != index}
         return outs[index]
 
-    def _state(self, x: Tensor, tensors: list[Tensor]) -> tuple:
+    def _state(self, x: Tensor, plan: call_plan.CallPlan | None) -> tuple:
         """What a pending output was computed from, as cheap values: x's and every tensor's version
-        (in-place writes), each member's paths version (adapters switched, enabled, disabled,
-        merged) and train / eval mode. Not traced: a compiled model's calls are one graph."""
-        if torch.compiler.is_compiling():
+        of the run's ``plan`` (in-place writes; a tensor replaced is told by the plan itself), each
+        member's paths version (adapters switched, enabled, disabled, merged) and train / eval mode.
+        Not traced (``plan`` None): a compiled model's calls are one graph."""
+        if plan is None:
             return ()
         return (x._version, *(m._paths_version for m in self.members), *(m.training for m in self.members),
-                *map(_version, tensors))
+                *map(_version, plan._tensors))
 
     def _run(self, x: Tensor, module: SharedLoRALinear) -> tuple[Tensor, ...] | None:
         """The group's op on x, or None where its members cannot run together (``_can_group``).

@@ -271,9 +271,29 @@ class SharedLoRALinear(nn.Module):
             del self.adapter_paths[name]
             del self.adapter_dropout[name]
         self._active_adapter = [n for n in self._active_adapter if n != name]
-        self._mixed_tables = None  # they hold the adapter's tensors
+        self.drop_cached()  # they hold the adapter's tensors
         self._adapters_version += 1
         self._paths_changed()
+
+    def drop_cached(self) -> None:
+        """Drop what this layer (and its input group) keeps built from its tensors: call plans and the
+        mixed batches' tables hold views or copies of them, which would keep a deleted adapter's or a
+        converted tensor's old storage alive (and block ``torch.utils.swap_tensors``). Rebuilt by the
+        next call that needs them."""
+        self._plan, self._plans, self._mixed_tables = None, {}, None
+        if self.input_group is not None:
+            self.input_group.clear()
+
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` (``.to()``, ``.half()``, ``.cuda()``, ...) with this layer's cached
+        views of the tensors it converts dropped first, and the wrapped module ``unload`` puts back
+        pointed at the converted tensors (a conversion that makes new parameters, such as to meta,
+        would leave it holding the old ones)."""
+        self.drop_cached()
+        out = super()._apply(fn, recurse)
+        if "weight" in self._parameters or self.layout.computes_itself:  # (not where prune replaced it)
+            self.base_module()
+        return out
 
     def _paths_changed(self) -> None:
         """Set ``_paths_version`` from the state forward's paths follow from (after any change of it)."""
@@ -303,7 +323,8 @@ class SharedLoRALinear(nn.Module):
 
     def _refuse_parametrizations(self) -> None:
         """NotImplementedError naming the tensors when ``torch.nn.utils.parametrize`` parametrizes the
-        base's weight or bias or an adapter tensor: the layer reads its tensors where they are registered."""
+        base's weight or bias or an adapter tensor, or a dense base's weight is no longer a parameter
+        (``prune``, ``weight_norm``): the layer reads its tensors where they are registered."""
         stores = {id(m._store[0]): m._store[0] for ms in self.adapter_paths.values() for m in ms}
         for owner in (self._weight_owner(), *stores.values()):
             if parametrize.is_parametrized(owner):
@@ -311,6 +332,11 @@ class SharedLoRALinear(nn.Module):
                 raise NotImplementedError(f"torch.nn.utils.parametrize on {names} of a ShareLoRA layer is not supported "
                                           "(its tensors are read as registered parameters): remove it with "
                                           "parametrize.remove_parametrizations")
+        if not self.layout.computes_itself and "weight" not in self._parameters:
+            raise NotImplementedError("the base weight of a ShareLoRA layer is no longer a registered parameter "
+                                      "(torch.nn.utils.prune, weight_norm or spectral_norm computes it now): not "
+                                      "supported; remove it with prune.remove / remove_weight_norm / "
+                                      "remove_spectral_norm")
 
     def paths(self, adapter_names: Sequence[str] | None = None) -> list[LoRAPath]:
         """The paths forward computes, or with ``adapter_names`` those of these adapters."""
