@@ -71,6 +71,21 @@ def test_greedy_generate_and_beams_follow_each_rows_adapter(bank):
             model.generate(ids, num_beams=2, **GREEDY)
 
 
+def test_encoder_decoder_beams_follow_each_rows_adapter():
+    """T5: generate runs the encoder on the rows as given and the decoder on them repeated per beam;
+    each row's beams are those of its adapter alone (PEFT's adapter_names does the same)."""
+    from tiny_models import tiny_family
+
+    base = tiny_family("t5", head="seq2seq").double()
+    model = with_adapters(base, {"a": dict(method="lora", r=2), "b": dict(method="share_ab", r=3)})
+    rows = ["a", "b", "__base__"]
+    ids = token_batch(batch=3, seq=4) % 55 + 3
+    with torch.no_grad(), sk.mixed_batch(model, rows, expand=2):
+        beams = model.generate(ids, num_beams=2, **GREEDY)
+    for i, name in enumerate(rows):
+        assert torch.equal(beams[i], alone(model, base, name, ids[i:i + 1], num_beams=2, **GREEDY)[0]), name
+
+
 def test_float32_rows_match_the_float64_reference():
     base64 = tiny_model(layers=4, dtype=torch.float64)
     configs = {n: METHOD_CONFIGS[n] for n in ("lora", "similarity", "bishare_kron", "bishare_gate")}

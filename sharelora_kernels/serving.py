@@ -42,13 +42,17 @@ class MixedBatch:
 
     known: the model's adapter names (adapter i of the tables); rows: one adapter index per row
     (``ops.BASE`` for "__base__"), each repeated ``expand`` times (generate's beams / return sequences);
-    layers: the layers it runs in, whose path lists of the rows' adapters it keeps (an adapter deleted
-    or replaced while it runs is refused at the next forward, not served as the base).
+    a forward of the unrepeated number of rows (an encoder-decoder's encoder, which generate runs
+    before it repeats them) takes each row once. layers: the layers it runs in, whose path lists of
+    the rows' adapters it keeps (an adapter deleted or replaced while it runs is refused at the next
+    forward, not served as the base).
     """
 
-    def __init__(self, known: Sequence[str], rows: Sequence[int], layers: Sequence[SharedLoRALinear] = ()):
+    def __init__(self, known: Sequence[str], rows: Sequence[int], layers: Sequence[SharedLoRALinear] = (),
+                 expand: int = 1):
         self.known = tuple(known)
         self.rows = tuple(rows)
+        self._rows_of = {len(self.rows): self.rows, len(self.rows) // expand: self.rows[::expand]}  # batch size -> rows
         self._batches: dict[tuple, ops.AdapterBatch] = {}
         used = [self.known[a] for a in sorted(set(self.rows) - {ops.BASE})]
         self._served = {}  # layer -> (names, path lists) of the rows' adapters it has
@@ -56,11 +60,12 @@ class MixedBatch:
             names = tuple(n for n in used if n in layer.adapter_paths)
             self._served[layer] = names, tuple(layer.adapter_paths[n] for n in names)
 
-    def batch(self, tokens_per_row: int, device: torch.device) -> ops.AdapterBatch:
-        """The metadata of a forward with ``tokens_per_row`` tokens per row, built once per shape."""
-        key = (tokens_per_row, device)
+    def batch(self, rows: tuple[int, ...], tokens_per_row: int, device: torch.device) -> ops.AdapterBatch:
+        """The metadata of a forward of ``rows`` (``self.rows``, or each once) with ``tokens_per_row``
+        tokens per row, built once per shape."""
+        key = (len(rows), tokens_per_row, device)
         if key not in self._batches:
-            self._batches[key] = ops.adapter_batch(self.rows, len(self.known), tokens_per_row, device)
+            self._batches[key] = ops.adapter_batch(rows, len(self.known), tokens_per_row, device)
         return self._batches[key]
 
     def forward(self, layer: SharedLoRALinear, x: Tensor) -> Tensor:
@@ -71,7 +76,8 @@ class MixedBatch:
                                "training mode)")
         if x.dim() < 2 or x.shape[-1] != layer.in_features:
             raise ValueError(f"input has shape {tuple(x.shape)}, this layer expects (rows, ..., {layer.in_features})")
-        if x.shape[0] != len(self.rows):
+        rows = self._rows_of.get(x.shape[0])
+        if rows is None:
             raise ValueError(f"adapter_names gives {len(self.rows)} rows, the batch has {x.shape[0]}: give one name "
                              "per row (generate's num_beams / num_return_sequences repeat rows: pass expand)")
         layer._check_call(x)  # the device and dtype checks of the layer's own call
@@ -82,7 +88,7 @@ class MixedBatch:
                                "grad: its gradient would be dropped; run one adapter at a time (set_adapter) for "
                                "gradients, or the batch under torch.no_grad()")
         self._check_served(layer)
-        batch = self.batch(x[0].numel() // x.shape[-1], x.device)
+        batch = self.batch(rows, x[0].numel() // x.shape[-1], x.device)
         tables = layer_tables(layer, self.known, batch)
         with torch.no_grad():
             if layer.layout.computes_itself:
@@ -196,14 +202,15 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], expand: int = 1)
 
     adapter_names: one of the model's adapter names (``served_adapters``: hand-wrapped layers' too) or
     "__base__" per row of the batch; expand: how many times generate repeats each row (``num_beams``
-    for beam search, else ``num_return_sequences``). Inference only: ValueError in training mode, for
+    for beam search, else ``num_return_sequences``; an encoder-decoder's encoder, which runs on the
+    rows before generate repeats them, takes each row once). Inference only: ValueError in training mode, for
     an unknown name (the known ones listed), on a merged model; a forward whose rows do not match
     raises ValueError before it computes anything, one after an adapter of the rows was deleted
     inside the block RuntimeError. Inside ``disable_adapters`` every row gets the base.
     """
     known, rows = row_indices(model, adapter_names, expand)
     layers = shared_layers(model)
-    state = MixedBatch(known, rows, layers)
+    state = MixedBatch(known, rows, layers, expand)
     before = [layer.mixed_batch for layer in layers]
     for layer in layers:
         layer.mixed_batch = state
