@@ -11,9 +11,8 @@ that share an input: ``self_attn.{q,k,v}_proj`` and ``mlp.{gate,up}_proj``, and 
   * a sibling called with any other x, or in another grad mode, or after anything its output was
     computed from changed (x or an adapter tensor written in place, a tensor replaced or moved, an
     adapter switched, disabled, merged, a train / eval switch: ``_state``), drops its stale entry and
-    runs its own op; a member
-    with no entry starts a new group run (replacing every pending entry), so at most one pending
-    output per member is ever held, and none once the group's siblings ran.
+    runs its own op; a member with no entry starts a new group run (replacing every pending entry),
+    so at most one pending output per member is ever held, and none once the group's siblings ran.
 
 An inference tensor (made under ``torch.inference_mode()``) keeps no version, so an output computed
 from one could not be told stale: with such an x (or adapter tensor) each member runs its own op.

@@ -291,7 +291,7 @@ class SharedLoRALinear(nn.Module):
         would leave it holding the old ones)."""
         self.drop_cached()
         out = super()._apply(fn, recurse)
-        if "weight" in self._parameters or self.layout.computes_itself:  # (not where prune replaced it)
+        if "weight" in self._parameters:  # a dense base (whose weight prune / weight_norm did not replace)
             self.base_module()
         return out
 
