@@ -224,6 +224,70 @@ def test_bad_inputs_raise_clear_errors():
         compose.lora_linear(x, w.detach(), None, path, 1.0, True)
 
 
+@pytest.mark.parametrize("backend", ["torch", "compose", "auto"])
+def test_dtypes_that_do_not_fit_are_named(backend):
+    """Outside autocast x, W and b share a dtype, and adapters are floating point (a complex one would
+    silently lose its imaginary part)."""
+    x, w, path = torch.randn(3, 16), torch.randn(8, 16), make_path("plain", 16, 8, 2)
+    with pytest.raises(ValueError, match="x is torch.float32 but the weight is torch.bfloat16"):
+        ops.lora_linear(x, w.bfloat16(), None, [path], backend=backend)
+    with pytest.raises(ValueError, match="x is torch.float32 but the bias is torch.float64"):
+        ops.lora_linear(x, w, torch.randn(8, dtype=torch.float64), [path], backend=backend)
+    for bad in (torch.int64, torch.complex64):
+        odd = path._replace(tensors=(path.tensors[0].to(bad), path.tensors[1]))
+        with pytest.raises(ValueError, match=r"path 0 \(plain\): adapter tensors must be floating point"):
+            ops.lora_linear(x, w, None, [odd], backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts them: accepted
+        assert ops.lora_linear(x, w.bfloat16(), None, [path], backend=backend).dtype == torch.bfloat16
+
+
+def _overflowing_path(kind: str, k: int, n: int, s: float) -> LoRAPath:
+    """A path whose unscaled product h B^T exceeds float16's range (65504) while s h B^T does not:
+    kron 640, gate 3072 at every output of x = 4."""
+    if kind == "kron":
+        return LoRAPath("kron", (torch.full((2, 4), 100.), torch.full((4, 2), 100.), torch.ones(1, k // 4),
+                                 torch.ones(n // 4, 1)), s)
+    return LoRAPath("gate", (torch.ones(2, 4), torch.ones(3, 2), torch.full((2, k), 10.), torch.ones(4, 2),
+                             torch.ones(2, 3), torch.full((n, 2), 100.)), s)
+
+
+@pytest.mark.parametrize("kind, want", [("kron", 640.0), ("gate", 3072.0)])
+def test_a_float16_base_scales_before_it_rounds(kind, want):
+    """Every route that adds a path into a float16 output forms s h B^T before rounding to float16."""
+    import torch.nn as nn
+
+    from sharelora_kernels.benchmarks.host import layer_with_paths
+
+    k = n = 8
+    x, w = torch.full((2, k), 4.0, dtype=torch.float16), torch.zeros(n, k, dtype=torch.float16)
+    path = _overflowing_path(kind, k, n, 1e-3)
+    outs = {b: ops.lora_linear(x, w, None, [path], backend=b) for b in ("torch", "compose")}
+    outs["lowrank_add"] = ops.lowrank_add(torch.zeros(2, n, dtype=torch.float16), x, [path])
+    with torch.no_grad():
+        outs["multi_adapter_add"] = ops.multi_adapter_add(torch.zeros(2, n, dtype=torch.float16), x,
+                                                          ops.adapter_batch([0, 0], 1), ops.adapter_tables([[path]], k, n))
+    base = nn.Linear(k, n, bias=False).half().requires_grad_(False)
+    base.weight.zero_()
+    layer = layer_with_paths(base, [path])
+    ops.set_backend("compose")
+    try:
+        outs["layer"] = layer(x)  # its call plan's program
+    finally:
+        ops.set_backend(None)
+    for name, y in outs.items():
+        assert torch.all(y == want), (name, y)
+
+
+@pytest.mark.parametrize("kind", ["plain", "slice", "gate", "kron"])
+def test_a_nan_adapter_at_scale_zero_gives_nan_on_every_backend(kind):
+    """0 * NaN is NaN, as PEFT's lora_B(lora_A(x)) * scaling gives: no backend hides it."""
+    x, w = torch.randn(3, 16), torch.randn(8, 16)
+    path = make_path(kind, 16, 8, 2)
+    path = path._replace(scale=0.0, tensors=(path.tensors[0].clone().fill_(float("nan")), *path.tensors[1:]))
+    for backend in ("torch", "compose"):
+        assert ops.lora_linear(x, w, None, [path], backend=backend).isnan().all(), backend
+
+
 @pytest.mark.parametrize("kind", ["plain", "slice", "gate", "kron"])
 def test_second_derivatives_exact_on_torch_and_refused_by_hand_written_backwards(kind):
     """create_graph=True: the torch backend's gradients are themselves differentiable (gradgradcheck

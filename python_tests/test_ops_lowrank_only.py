@@ -214,8 +214,27 @@ def test_dispatch_picks_triton_only_when_asked_on_cpu(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("kind", ["gate", "kron"])
+def test_float64_gradients_of_every_kind_and_of_a_shared_tensor(kind):
+    """Everything in float64: the chain rules run in float64 (they cast to float32 before), and a
+    tensor read by two paths gets its gradient summed in float64."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    y0, dy = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    shared = make_path("plain", 16, 8, 2, torch.float64)
+    paths = [make_path(kind, 16, 8, 2, torch.float64), shared, shared._replace(scale=0.5)]
+    leaves = list(dict.fromkeys(t.requires_grad_() for p in paths for t in p.tensors))  # the shared ones once
+    out = lowrank_add(y0.clone(), x, paths)
+    ref = y0 + reference.lora_linear(x, torch.zeros(8, 16, dtype=torch.float64), None, paths)  # autograd, float64
+    assert rel_err(out, ref) < 1e-12
+    for g, r in zip(torch.autograd.grad(out, [x, *leaves], dy), torch.autograd.grad(ref, [x, *leaves], dy)):
+        assert g.dtype == torch.float64 and rel_err(g, r) < 1e-12
+
+
 def test_bad_inputs_raise_clear_errors():
     x, y = torch.randn(3, 16), torch.randn(3, 8)
+    with pytest.raises(ValueError, match="y and x share memory"):
+        lowrank_add(x[:, :8], x, [make_path("plain", 16, 8, 2)])
     plain = make_path("plain", 16, 8, 2)
     with pytest.raises(ValueError, match="share their leading dims"):
         lowrank_add(torch.randn(4, 8), x, [plain])

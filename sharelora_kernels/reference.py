@@ -76,18 +76,34 @@ def add_path_output(y: Tensor, h: Tensor, path: LoRAPath) -> Tensor:
         return _add_lowrank(y, h, t[5], s)
     if kind == "kron":
         b, k_b = t[1], t[3]
-        hb = (h @ b.t()).to(y.dtype)  # (M, d)
+        scaled = _scale_first(y, s)
+        hb = (_scaled_product(h, b, s) if scaled else h @ b.t()).to(y.dtype)  # (M, d)
         y.view(y.shape[0], y.shape[1] // b.shape[0], b.shape[0]).addcmul_(k_b.to(y.dtype).unsqueeze(0), hb.unsqueeze(1),
-                                                                          value=s)
+                                                                          value=1.0 if scaled else s)
         return y
     raise ValueError(f"unknown path kind {kind!r} for add_path_output (gate, kron; plain/slice: _dense_factors)")
 
 
 def _add_lowrank(y: Tensor, h: Tensor, b: Tensor, s: float) -> Tensor:
     """y += s * h b^T in place; h, b in the adapter dtype, y in the base's."""
+    if _scale_first(y, s):
+        return y.add_(_scaled_product(h, b, s).to(y.dtype))
     if h.dtype == y.dtype:
         return y.addmm_(h, b.t().to(y.dtype), alpha=s)
     return y.add_((h @ b.t()).to(y.dtype), alpha=s)
+
+
+def _scale_first(y: Tensor, s: float) -> bool:
+    """Whether s h b^T must be formed before it meets y: a float16 y (h b^T may overflow where s h b^T
+    does not), or s = 0 (a product keeps a NaN, as PEFT's ``lora_B(lora_A(x)) * scaling`` does,
+    where an ``alpha=0`` would skip it)."""
+    return y.dtype == torch.float16 or s == 0
+
+
+def _scaled_product(h: Tensor, b: Tensor, s: float) -> Tensor:
+    """s * h b^T (M, rows of b) in float32 or better, scaled before any rounding to y's dtype."""
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    return torch.mm(h.to(dtype), b.t().to(dtype)).mul_(s)
 
 
 def _dense_factors(paths: Sequence[LoRAPath], k: int, n: int) -> tuple[Tensor, Tensor]:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import Tensor
 
 from ..config import PATH_ROLES
 from ..reference import LoRAPath
+from .autocast import autocast_enabled
 
 KINDS = tuple(PATH_ROLES)  # layout code of a path kind = its index here
 
@@ -46,6 +48,8 @@ def check_path(i: int, p: LoRAPath, k: int, n: int) -> None:
     if len(p.tensors) != len(PATH_ROLES[p.kind]):
         raise ValueError(f"path {i} ({p.kind}) needs tensors {PATH_ROLES[p.kind]}, got {len(p.tensors)}")
     t = p.tensors
+    if not all(u.is_floating_point() for u in t):
+        raise ValueError(f"path {i} ({p.kind}): adapter tensors must be floating point, got {[u.dtype for u in t]}")
     if any(u.dim() != 2 for u in t):
         raise ValueError(f"path {i} ({p.kind}): every tensor must be 2-D, got {[tuple(u.shape) for u in t]}")
     r = p.rank
@@ -76,10 +80,16 @@ def check_path(i: int, p: LoRAPath, k: int, n: int) -> None:
 
 def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAPath], dropout_p: float) -> None:
     """ValueError naming what does not fit y = x W^T + b + paths(dropout(x)): x floating point with
-    W's K features, W (N, K), b (N,), W, b and every adapter tensor on x's device, ``dropout_p`` in
-    [0, 1), every path (``check_path``)."""
+    W's K features, W (N, K), b (N,) in x's dtype (outside autocast, which casts them; a uint8 W is
+    ``lowrank_auto_choice``'s stand-in for a quantized base, of no dtype to match), W, b and every
+    adapter tensor on x's device, ``dropout_p`` in [0, 1), every path (``check_path``)."""
     if not x.is_floating_point():
         raise ValueError(f"x must be floating point, got {x.dtype}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if (t is not None and t.dtype != x.dtype and weight.dtype != torch.uint8
+                and not autocast_enabled(x.device.type)):
+            raise ValueError(f"x is {x.dtype} but the {name} is {t.dtype}: pass them in one dtype (or call under "
+                             "torch.autocast, which casts them)")
     if x.dim() == 0:
         raise ValueError("x is a 0-d tensor, expected (..., K)")
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:

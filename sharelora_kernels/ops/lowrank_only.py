@@ -236,8 +236,12 @@ def lowrank_add(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: floa
     y (..., N): the base's output; x (..., K) its input, cast to ``compute_dtype`` (default: x's) for
     the low-rank products; paths: LoRAPaths (every adapter tensor of one dtype for the Triton path).
     ``use_triton``: the Triton kernels (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``), else torch.
+    ValueError where y and x share memory (the paths read x after the first writes into y).
     """
     _check(y, x, paths, dropout_p)
+    if (not torch.compiler.is_compiling() and y.numel() and x.numel() and y.device.type != "meta"
+            and y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):  # (storages are not traced)
+        raise ValueError("y and x share memory: lowrank_add writes into y while it reads x; pass a copy of one")
     if not paths:
         return y
     if not y.is_contiguous() or y._base is not None:

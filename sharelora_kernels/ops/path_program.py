@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..reference import LoRAPath
+from ..reference import LoRAPath, _scale_first
 from .compose import _check, draw_dropout, lowrank_dtype
 from .dense_program import TALL_ROWS, base_of, db_of, rank_scales, runner, stacked_output, window_pads
 from .function import first_order, thin_apply
@@ -131,7 +131,10 @@ class PathProgram:
             u = torch.bmm(ka_row.expand(m, 1, jk), xl.reshape(m, jk, d)).view(m, d)  # fold(xd; K_A)
             hk = torch.mm(u, tt[i])  # (M, r)
             hb = torch.mm(hk, tt[i + 1])  # (M, d), unscaled
-            z.view(m, jn, d).addcmul_(kb_tile.to(z.dtype), hb.to(z.dtype).view(m, 1, d), value=s)
+            if _scale_first(z, s):  # a float16 z (no dense path: the base's output), or s = 0
+                z.view(m, jn, d).addcmul_(kb_tile.to(z.dtype), (hb * s).to(z.dtype).view(m, 1, d))
+            else:
+                z.view(m, jn, d).addcmul_(kb_tile.to(z.dtype), hb.to(z.dtype).view(m, 1, d), value=s)
             folds.append((u, hk, hb))
         y = z.addmm_(x, self.own.wt) if self.dense else z
         return y, (t, tt, kernels, h, a, b, cores, folds)

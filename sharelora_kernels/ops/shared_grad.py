@@ -1,4 +1,5 @@
-"""Gradients of (possibly shared) adapter tensors: one fp32 buffer per tensor per backward call.
+"""Gradients of (possibly shared) adapter tensors: one fp32 buffer (fp64 for a float64 tensor) per
+tensor per backward call.
 
 A shared A_s / B_s (similarity sets, share_a/b/ab, Bi-Share intra/inter) is read by many modules.
 Within one backward call (one module, or one input group of modules), every contribution to a
@@ -44,7 +45,8 @@ def atomic_grads(flag: bool | None = None) -> bool:
 
 
 class GradSink:
-    """The fp32 gradient buffers of one backward call over ``tensors`` (each needing grad or not).
+    """The gradient buffers of one backward call over ``tensors`` (each needing grad or not): fp32, fp64
+    for a float64 tensor.
 
     A tensor listed several times (shared by modules of one group) gets one buffer: ``buffers[i]``
     of every occurrence is the same tensor, to add into, or None when no gradient is needed.
@@ -59,14 +61,15 @@ class GradSink:
         for i, (t, need) in enumerate(zip(tensors, needs_grad)):
             j = first.setdefault(id(t), i)
             if j == i:
-                self.buffers.append(torch.zeros(t.shape, device=t.device, dtype=torch.float32) if need else None)
+                self.buffers.append(torch.zeros(t.shape, device=t.device, dtype=torch.promote_types(t.dtype, torch.float32))
+                                    if need else None)
             else:
                 self.buffers.append(self.buffers[j])
             self._first.append(j == i)
         self._dtypes = [t.dtype for t in tensors]
 
     def add(self, i: int, grad: Tensor, window: tuple[int, int] = (0, 0)) -> None:
-        """buffers[i][r0:r0+rows, c0:c0+cols] += grad (fp32), if tensor i needs a gradient."""
+        """buffers[i][r0:r0+rows, c0:c0+cols] += grad, if tensor i needs a gradient."""
         buf = self.buffers[i]
         if buf is not None:
             r0, c0 = window
@@ -119,20 +122,21 @@ def direct_window(path: LoRAPath, factor: str) -> tuple[int, tuple[int, int]] | 
 
 
 def chain_a(path: LoRAPath, ga: Tensor) -> Iterator[tuple[int, Tensor, tuple[int, int]]]:
-    """(role index, fp32 gradient, window) of the tensors behind A_eff, from ga = dA_eff (r, K)."""
+    """(role index, gradient, window) of the tensors behind A_eff, from ga = dA_eff (r, K) (fp32, or
+    fp64 for float64 tensors: the chain runs in ga's dtype)."""
     if path.kind in ("plain", "slice"):
         role, window = direct_window(path, "a")
         yield role, ga, window
         return
     # Kronecker chains as batched matmuls: einsum's Python front end costs several times more here
     if path.kind == "kron":  # A = K_A (x) A_s: A[:, j d + c] = K_A[0, j] A_s[:, c]
-        a_s, k_a = path.tensors[0].float(), path.tensors[2].float()
+        a_s, k_a = path.tensors[0].to(ga.dtype), path.tensors[2].to(ga.dtype)
         r, d = a_s.shape
         ga3 = ga.reshape(r, -1, d)  # (r, J, d)
         yield 0, torch.bmm(k_a.expand(r, 1, -1), ga3).view(r, d), (0, 0)
         yield 2, torch.bmm(ga3, a_s.unsqueeze(2)).sum(0).t(), (0, 0)
     else:  # gate: A_eff = C G_id, C = P Q with P = G_od B, Q = A G_iu
-        a, b, g_id, g_iu, g_od, _ = [u.float() for u in path.tensors]
+        a, b, g_id, g_iu, g_od, _ = [u.to(ga.dtype) for u in path.tensors]
         p, q = g_od @ b, a @ g_iu
         d_c = ga @ g_id.t()
         d_p, d_q = d_c @ q.t(), p.t() @ d_c
@@ -141,12 +145,13 @@ def chain_a(path: LoRAPath, ga: Tensor) -> Iterator[tuple[int, Tensor, tuple[int
 
 
 def chain_b(path: LoRAPath, gb: Tensor) -> Iterator[tuple[int, Tensor, tuple[int, int]]]:
-    """(role index, fp32 gradient, window) of the tensors behind B_eff, from gb = dB_eff^T (r, N)."""
+    """(role index, gradient, window) of the tensors behind B_eff, from gb = dB_eff^T (r, N) (in its dtype,
+    as ``chain_a``)."""
     if path.kind in ("plain", "slice"):
         role, window = direct_window(path, "b")
         yield role, gb.t(), window
     elif path.kind == "kron":  # B = K_B (x) B_s: B[i c + e, :] = K_B[i, 0] B_s[e, :], batched matmuls
-        b_s, k_b = path.tensors[1].float(), path.tensors[3].float()
+        b_s, k_b = path.tensors[1].to(gb.dtype), path.tensors[3].to(gb.dtype)
         c, r = b_s.shape
         gb3 = gb.reshape(r, -1, c)  # (r, I, c)
         yield 1, torch.bmm(k_b.t().expand(r, 1, -1), gb3).view(r, c).t(), (0, 0)
