@@ -129,6 +129,19 @@ def test_plan_is_rebuilt_exactly_when_it_must_be(kinds):
     check_against_float64(layer, x)
 
 
+def test_a_tensor_re_viewed_on_its_own_storage_rebuilds_the_plan():
+    """``p.data = p.data.t()`` keeps the data pointer: the layout tells the plan's views stale."""
+    layer = SharedLoRALinear(nn.Linear(8, 8), r=8)
+    nn.init.normal_(layer.lora_paths[0].B)
+    x = torch.randn(3, 8)
+    check_against_float64(layer, x)
+    for t in (layer.weight, layer.lora_paths[0].A):
+        plan = layer._plan
+        t.data = t.data.t()
+        check_against_float64(layer, x)
+        assert layer._plan is not plan
+
+
 @pytest.mark.parametrize("backend", ["torch", "compose", "triton"])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 def test_calls_outside_inference_mode_after_one_inside(backend, dropout, monkeypatch):
