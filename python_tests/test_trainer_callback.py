@@ -1,4 +1,6 @@
 """TrainerCallback: Trainer checkpoints are ShareLoRA checkpoints; resume_from_checkpoint continues bit-exactly."""
+import logging
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -82,3 +84,80 @@ def test_callback_refuses_a_peft_model_whose_heads_save_would_lack_at_init(tmp_p
     with pytest.raises(ValueError, match=r"modules to save in PEFT's wrappers \(\['classifier'\]\), which "
                                          r"TrainerCallback's save does not write"):
         Trainer(model=model, args=args, train_dataset=TokenWindows(12), callbacks=[sk.TrainerCallback()])
+
+
+class Records(logging.Handler):
+    """The messages the Trainer's logger lets through (its filters applied)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_adapter_only_resume_loads_quietly_and_keeps_the_adapter_that_trains(tmp_path):
+    """The adapter made active after the Trainer was built is the one its checkpoints keep; resuming
+    from them finds exactly the frozen base missing, by design: no warning listing it."""
+    torch.manual_seed(0)
+    model = sk.apply(tiny_model(), sk.ShareLoRAConfig(r=2, target_modules=TARGETS), adapter_name="first")
+    sk.apply(model, sk.ShareLoRAConfig(r=3, target_modules=["q_proj"]), adapter_name="second")
+    def args(steps):
+        return TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=steps, report_to=[],
+                                 save_steps=2, use_cpu=True, seed=0)
+
+    run = Trainer(model=model.train(), args=args(2), train_dataset=TokenWindows(12),
+                  callbacks=[sk.TrainerCallback(adapter_only=True)])
+    sk.set_adapter(model, "second")
+    run.train()
+    with safe_open(str(tmp_path / "checkpoint-2" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {k for k in model.state_dict() if "sharelora_adapters" in k} == keys  # both adapters, nothing else
+    records = Records()
+    logging.getLogger("transformers.trainer").addHandler(records)
+    try:
+        again = Trainer(model=model, args=args(3), train_dataset=TokenWindows(12),
+                        callbacks=[sk.TrainerCallback(adapter_only=True)])
+        again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    finally:
+        logging.getLogger("transformers.trainer").removeHandler(records)
+    assert not [m for m in records.messages if "missing keys" in m]
+
+
+class Interrupt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("how", ["interrupted", "never_trained", "trained"])
+def test_adapter_only_leaves_the_model_saving_whole_outside_the_trainers_checkpoints(how, tmp_path):
+    """Whatever ends the Trainer's use (an interrupt, no train() at all, the end of training), the
+    model's own save_pretrained writes the base too."""
+    run = trainer(tmp_path / "out", 4, sk.TrainerCallback(adapter_only=True),
+                  *([Interrupt()] if how == "interrupted" else []))
+    if how == "interrupted":
+        with pytest.raises(KeyboardInterrupt):
+            run.train()
+    elif how == "trained":
+        run.train()
+    run.model.save_pretrained(tmp_path / "mine")
+    with safe_open(str(tmp_path / "mine" / "model.safetensors"), "pt") as f:
+        assert "model.embed_tokens.weight" in set(f.keys())
+
+
+def test_resuming_a_checkpoint_of_another_plan_is_refused_by_name(tmp_path):
+    """Transformers loads a Trainer checkpoint non-strictly: another plan's adapters would load nothing and the
+    optimizer would step the other plan's states (a crash); the store refuses them first."""
+    first = trainer(tmp_path / "a", 2, sk.TrainerCallback())
+    first.train()
+    torch.manual_seed(0)
+    other = sk.apply(tiny_model(), sk.ShareLoRAConfig(method="share_b", r=3, target_modules=TARGETS)).train()
+    args = TrainingArguments(output_dir=str(tmp_path / "b"), per_device_train_batch_size=2, max_steps=4,
+                             report_to=[], use_cpu=True)
+    run = Trainer(model=other, args=args, train_dataset=TokenWindows(12), callbacks=[sk.TrainerCallback()])
+    with pytest.raises(RuntimeError, match="adapter tensors under 'sharelora_adapters.' are not this model's"):
+        run.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    base = tiny_model().state_dict()  # the base alone still loads into an applied model, as before
+    other.load_state_dict(base, strict=False)

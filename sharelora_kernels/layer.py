@@ -104,6 +104,23 @@ class AdapterStore(nn.Module):
         """Plan name -> parameter, in creation order."""
         return {key.replace("/", "."): p for key, p in self._parameters.items()}
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """``nn.Module``'s, and an error (raised by ``load_state_dict`` even with ``strict=False``, as a
+        size mismatch is) where the state dict holds adapter tensors here but not this store's: one
+        saved from another share plan (a Trainer resuming into another model would load nothing and
+        then step the optimizer with the other plan's states). A state dict without any of them (the
+        base alone) loads as usual."""
+        theirs = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
+        if theirs and theirs != set(self._parameters):
+            missing, extra = sorted(set(self._parameters) - theirs), sorted(theirs - set(self._parameters))
+            error_msgs.append(f"the adapter tensors under {prefix!r} are not this model's ({len(missing)} of its "
+                              f"tensors missing, e.g. {missing[:2]}; {len(extra)} others, e.g. {extra[:2]}): saved "
+                              "from another share plan (method, targets or ranks)? Load it into a model applied "
+                              "with the config it was saved with")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
 
 class LoRAPathModule(nn.Module):
     """One path of one module: its spec, and the store its tensors live in (not registered here).

@@ -6,30 +6,41 @@ training exactly; this callback adds ``sharelora_kernels.save``'s files (adapter
 save, config and plan) to each ``checkpoint-N`` directory, so ``load(fresh_model, "out/checkpoint-N")``
 works. With ``adapter_only=True`` the Trainer's own weights file holds only the adapters and the
 modules to save, not the frozen base (and resuming still works: the base comes from the model).
+A checkpoint of another share plan is refused when the Trainer loads it (``AdapterStore``).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import transformers
 
 from .checkpoint import check_no_peft_wrappers, save, saved_state
-from .model import get_plan
+from .model import adapter_names, adapter_store, get_plan
+
+TRAINER_LOGGER = "transformers.trainer"  # where the Trainer warns of keys missing from a checkpoint it loads
 
 
 class TrainerCallback(transformers.TrainerCallback):
     """``Trainer(..., callbacks=[sharelora_kernels.TrainerCallback()])``.
 
-    adapter_only: the checkpoints' ``model.safetensors`` leave the frozen base out (for a
-    Transformers model: the keys go to its ``_keys_to_ignore_on_save`` during training, as the
-    model's own ignored keys do). Without it the Trainer saves the whole model, as usual.
+    adapter_only: the checkpoints' ``model.safetensors`` leave the frozen base out: while the
+    Trainer writes a checkpoint (from the step or epoch end that decides to save to ``on_save``),
+    the base's keys are in the model's ``_keys_to_ignore_on_save``, as the model's own ignored keys
+    are; outside those writes the model saves whole (a ``save_pretrained`` of yours, after training
+    or an interrupted one). Every adapter's tensors are kept, whichever is active when the Trainer
+    saves. Loading such a checkpoint (resume, ``load_best_model_at_end``) finds exactly the base
+    missing, by design: the Trainer's warning of it is dropped. Without it the Trainer saves the
+    whole model, as usual.
     """
 
     def __init__(self, adapter_only: bool = False):
         if not isinstance(adapter_only, bool):
             raise ValueError(f"adapter_only must be true or false, got {adapter_only!r}")
         self.adapter_only = adapter_only
-        self._ignored_before = None
+        self._base_keys: set[str] | None = None  # what adapter_only leaves out
+        self._ignored_before: tuple | None = None  # the model's own _keys_to_ignore_on_save while ours is set
+        self._quiet: logging.Filter | None = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self._start(model)  # before a resume_from_checkpoint reads the weights file
@@ -38,21 +49,67 @@ class TrainerCallback(transformers.TrainerCallback):
         self._start(model)  # for a callback added after the Trainer was made
 
     def _start(self, model) -> None:
-        plan = get_plan(model)  # a model without adapters fails here, not at the first checkpoint
+        get_plan(model)  # a model without adapters fails here, not at the first checkpoint
         check_no_peft_wrappers(model, "TrainerCallback's save")  # nor one whose heads save would lack
-        if self.adapter_only and self._ignored_before is None:
-            if not isinstance(model, transformers.PreTrainedModel):
-                raise ValueError(f"adapter_only saves need a Transformers model (its save_pretrained leaves keys out), "
-                                 f"not a {type(model).__name__}")
-            keep = {n for n, p in model.named_parameters() if p.requires_grad} | set(saved_state(model, plan))
+        if not self.adapter_only:
+            return
+        if not isinstance(model, transformers.PreTrainedModel):
+            raise ValueError(f"adapter_only saves need a Transformers model (its save_pretrained leaves keys out), "
+                             f"not a {type(model).__name__}")
+        self._base_keys = base_keys(model)
+        if self._quiet is None:
+            self._quiet = _QuietLoadOfBase([k for k in model.state_dict() if k in self._base_keys])
+            logging.getLogger(TRAINER_LOGGER).addFilter(self._quiet)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._leave_base_out(model, control)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self._leave_base_out(model, control)
+
+    def _leave_base_out(self, model, control) -> None:
+        """adapter_only: the base's keys ignored by the save the Trainer is about to write."""
+        if self._base_keys is not None and control.should_save and self._ignored_before is None:
             self._ignored_before = (model._keys_to_ignore_on_save,)
-            model._keys_to_ignore_on_save = {k for k in model.state_dict() if k not in keep}
+            model._keys_to_ignore_on_save = self._base_keys
+
+    def _restore(self, model) -> None:
+        if self._ignored_before is not None:
+            model._keys_to_ignore_on_save = self._ignored_before[0]
+            self._ignored_before = None
 
     def on_save(self, args, state, control, model=None, **kwargs):
+        self._restore(model)
         if args.should_save:
             save(model, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self._ignored_before is not None:
-            model._keys_to_ignore_on_save = self._ignored_before[0]
-            self._ignored_before = None
+        self._restore(model)
+        if self._quiet is not None:
+            logging.getLogger(TRAINER_LOGGER).removeFilter(self._quiet)
+            self._quiet = None
+
+
+def base_keys(model) -> set[str]:
+    """The state_dict keys of everything but the adapters (every named adapter's tensors, trained or
+    not, or a hand-wrapped model's trainable ones) and the modules to save."""
+    names = adapter_names(model)
+    if names:
+        ours = {id(p) for n in names for p in adapter_store(model, n).parameters()}
+        keep = {k for k, t in model.state_dict(keep_vars=True).items() if id(t) in ours}
+        keep |= {k for n in names for k in saved_state(model, model.sharelora_plans[n])}
+    else:
+        keep = {n for n, p in model.named_parameters() if p.requires_grad} | set(saved_state(model, get_plan(model)))
+    return {k for k in model.state_dict() if k not in keep}
+
+
+class _QuietLoadOfBase(logging.Filter):
+    """Drops the Trainer's warning that a checkpoint it loaded lacks exactly ``keys`` (an adapter_only
+    checkpoint leaves the frozen base out by design); any other missing keys are still reported."""
+
+    def __init__(self, keys: list[str]):
+        super().__init__()
+        self.message = f"There were missing keys in the checkpoint model loaded: {keys}."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != self.message
