@@ -88,8 +88,8 @@ def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence
     for name, t in (("weight", weight), ("bias", bias)):
         if (t is not None and t.dtype != x.dtype and weight.dtype != torch.uint8
                 and not autocast_enabled(x.device.type)):
-            raise ValueError(f"x is {x.dtype} but the {name} is {t.dtype}: pass them in one dtype (or call under "
-                             "torch.autocast, which casts them)")
+            raise ValueError(f"x is {x.dtype} but the {name} is {t.dtype}: pass x, weight and bias in one dtype (or "
+                             "call under torch.autocast, which casts them)")
     if x.dim() == 0:
         raise ValueError("x is a 0-d tensor, expected (..., K)")
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
