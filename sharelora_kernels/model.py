@@ -200,8 +200,9 @@ def adapter_memory(model: nn.Module) -> dict[str, int]:
     copies = saved_copies(model)
     out = {}
     for name in adapter_names(model):
-        storages = {}  # id -> storage: a storage's Python object is one per storage (meta tensors' too,
-        for p in [*adapter_store(model, name).parameters(), *copies.get(name, [])]:  # whose data_ptr is 0)
+        # id -> storage: one Python object per storage (for meta tensors too, whose data_ptr is 0)
+        storages = {}
+        for p in [*adapter_store(model, name).parameters(), *copies.get(name, [])]:
             s = p.untyped_storage()
             storages[id(s)] = s
         out[name] = sum(s.nbytes() for s in storages.values())

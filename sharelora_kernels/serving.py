@@ -9,13 +9,14 @@ one token per row) and read by every layer; each layer keeps the tables of its a
 (``ops.adapter_tables``) and rebuilds them when an adapter is added, deleted or replaced.
 
 Mixed batches are inference: refused in training mode (as PEFT refuses ``adapter_names``), computed
-without autograd in eval mode (an input that requires grad is refused: its gradient would be lost). The adapters are the model's named adapters (``apply`` / ``load`` with
-``adapter_name=``, or a PEFT model's; a hand-wrapped layer's), whatever is active; ``"__base__"``
-names a row without adapter. Inside ``disable_adapters`` every row gets the base alone (PEFT's rule).
-A mixed batch reads its adapters as they are when it starts (their tensors are checked once per
-batch shape of a ``mixed_batch`` block, not at every decode step of its ``generate``): a change made
-in place is seen by the next block. The bank's accounting and limit (``adapter_memory``,
-``set_bank_limit``) live in ``model``.
+without autograd in eval mode (an input that requires grad is refused: its gradient would be lost).
+The adapters are the model's named adapters (``apply`` / ``load`` with ``adapter_name=``, or a PEFT
+model's; a hand-wrapped layer's), whatever is active; ``"__base__"`` names a row without adapter.
+Inside ``disable_adapters`` every row gets the base alone (PEFT's rule). A mixed batch reads its
+adapters as they are when it starts (their tensors are checked once per batch shape of a
+``mixed_batch`` block, not at every decode step of its ``generate``): a change made in place is seen
+by the next block. The bank's accounting and limit (``adapter_memory``, ``set_bank_limit``) live in
+``model``.
 """
 from __future__ import annotations
 
