@@ -49,14 +49,14 @@ class TrainerCallback(transformers.TrainerCallback):
         self._start(model)  # for a callback added after the Trainer was made
 
     def _start(self, model) -> None:
-        get_plan(model)  # a model without adapters fails here, not at the first checkpoint
+        plan = get_plan(model)  # a model without adapters fails here, not at the first checkpoint
         check_no_peft_wrappers(model, "TrainerCallback's save")  # nor one whose heads save would lack
         if not self.adapter_only:
             return
         if not isinstance(model, transformers.PreTrainedModel):
             raise ValueError(f"adapter_only saves need a Transformers model (its save_pretrained leaves keys out), "
                              f"not a {type(model).__name__}")
-        self._base_keys = base_keys(model)
+        self._base_keys = base_keys(model, plan)
         if self._quiet is None:
             self._quiet = _QuietLoadOfBase([k for k in model.state_dict() if k in self._base_keys])
             logging.getLogger(TRAINER_LOGGER).addFilter(self._quiet)
@@ -90,16 +90,16 @@ class TrainerCallback(transformers.TrainerCallback):
             self._quiet = None
 
 
-def base_keys(model) -> set[str]:
+def base_keys(model, plan) -> set[str]:
     """The state_dict keys of everything but the adapters (every named adapter's tensors, trained or
-    not, or a hand-wrapped model's trainable ones) and the modules to save."""
+    not, or a hand-wrapped model's trainable ones) and the modules to save; ``plan``: ``get_plan(model)``."""
     names = adapter_names(model)
     if names:
         ours = {id(p) for n in names for p in adapter_store(model, n).parameters()}
         keep = {k for k, t in model.state_dict(keep_vars=True).items() if id(t) in ours}
         keep |= {k for n in names for k in saved_state(model, model.sharelora_plans[n])}
     else:
-        keep = {n for n, p in model.named_parameters() if p.requires_grad} | set(saved_state(model, get_plan(model)))
+        keep = {n for n, p in model.named_parameters() if p.requires_grad} | set(saved_state(model, plan))
     return {k for k in model.state_dict() if k not in keep}
 
 

@@ -131,10 +131,9 @@ class PathProgram:
             u = torch.bmm(ka_row.expand(m, 1, jk), xl.reshape(m, jk, d)).view(m, d)  # fold(xd; K_A)
             hk = torch.mm(u, tt[i])  # (M, r)
             hb = torch.mm(hk, tt[i + 1])  # (M, d), unscaled
-            if _scale_first(z, s):  # a float16 z (no dense path: the base's output), or s = 0
-                z.view(m, jn, d).addcmul_(kb_tile.to(z.dtype), (hb * s).to(z.dtype).view(m, 1, d))
-            else:
-                z.view(m, jn, d).addcmul_(kb_tile.to(z.dtype), hb.to(z.dtype).view(m, 1, d), value=s)
+            scaled = _scale_first(z, s)  # a float16 z (no dense path: the base's output), or s = 0
+            term = (hb * s if scaled else hb).to(z.dtype).view(m, 1, d)
+            z.view(m, jn, d).addcmul_(kb_tile.to(z.dtype), term, value=1.0 if scaled else s)
             folds.append((u, hk, hb))
         y = z.addmm_(x, self.own.wt) if self.dense else z
         return y, (t, tt, kernels, h, a, b, cores, folds)

@@ -56,7 +56,7 @@ def heatmap_figure(S, sets: list[list[int]], title: str | None = None, eps: floa
     sets = check_share_sets(sets, n, "sets")
     if eps is not None:
         eps = check_eps(eps)
-    multi = [sorted(g) for g in sets if len(g) > 1]
+    multi = [g for g in sets if len(g) > 1]  # sorted by check_share_sets
     alone = sorted(set(range(n)) - {layer for g in multi for layer in g})
     side = max(6.0, 0.3 * n)  # inches of heatmap; about 0.3 inch per layer for deep models
     width = side + 1.6
