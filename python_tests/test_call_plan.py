@@ -474,7 +474,7 @@ def test_kept_plans_release_a_deleted_adapter_and_converted_tensors():
     for name in ("b", "a"):  # a plan kept for each adapter
         sk.set_adapter(model, name)
         model(ids).logits.sum().backward()
-    deleted = weakref.ref(model.sharelora_adapters_b)
+    deleted = weakref.ref(model.sharelora_adapters["b"])
     sk.delete_adapter(model, "b")
     model(ids)
     gc.collect()

@@ -38,10 +38,10 @@ def test_a_second_adapter_has_its_own_tensors_and_only_the_active_one_computes_a
     assert adapter_names(model) == ["default", "other"]
     assert not set(map(id, adapter_tensors(model, "default").values())) & set(map(id, adapter_tensors(model, "other").values()))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"sharelora_adapters.{t.replace('.', '/')}" for t in model.sharelora_plans["default"].tensors}
+    assert trainable == {f"sharelora_adapters.default.{t.replace('.', '/')}" for t in model.sharelora_plans["default"].tensors}
     sk.set_adapter(model, "other")
     assert torch.equal(logits(model, ids), other)
-    assert all(n.startswith("sharelora_adapters_other.") for n, p in model.named_parameters() if p.requires_grad)
+    assert all(n.startswith("sharelora_adapters.other.") for n, p in model.named_parameters() if p.requires_grad)
     assert (other - first).abs().max() > 1e-2
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.active_adapters == ["other"] and list(layer.adapter_paths) == ["default", "other"]
@@ -86,18 +86,18 @@ def test_modules_to_save_train_only_while_their_adapter_is_active():
     sk.apply(model, sk.ShareLoRAConfig(target_modules=["q_proj"], modules_to_save=[]), adapter_name="two")
 
     def trained():
-        return {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+        return {n.rpartition(".")[0] for n, p in model.named_parameters() if p.requires_grad}
 
-    assert model.sharelora_plan.modules_to_save == ["score"] and trained() == {"sharelora_adapters", "score"}
+    assert model.sharelora_plan.modules_to_save == ["score"] and trained() == {"sharelora_adapters.default", "score"}
     with pytest.raises(ValueError, match=r"adapter 'default' owns modules to save \(\['score'\]\): pass modules_to_save"):
         sk.apply(model, sk.ShareLoRAConfig(target_modules=["q_proj"], modules_to_save=["score"]), adapter_name="three")
     sk.set_adapter(model, "two")
-    assert trained() == {"sharelora_adapters_two"}
+    assert trained() == {"sharelora_adapters.two"}
     sk.set_adapter(model, "default")
-    assert trained() == {"sharelora_adapters", "score"}
+    assert trained() == {"sharelora_adapters.default", "score"}
     with pytest.warns(UserWarning, match="'two' is active now"):
         sk.delete_adapter(model, "default")
-    assert trained() == {"sharelora_adapters_two"}
+    assert trained() == {"sharelora_adapters.two"}
 
 
 def test_safe_merge_checks_every_module_before_changing_any():
@@ -212,7 +212,7 @@ def test_bad_names_and_refusals_leave_the_model_as_it_was():
     with pytest.raises(ValueError, match=r"modules_to_save \['lm_head'\] train in full in place, and only the first "
                                          r"adapter of a model may have them \(this one has adapters \['default', 'other'\]\)"):
         sk.apply(model, sk.ShareLoRAConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), adapter_name="x")
-    assert adapter_names(model) == ["default", "other"] and not hasattr(model, "sharelora_adapters_x")
+    assert adapter_names(model) == ["default", "other"] and "x" not in model.sharelora_adapters
     sk.set_adapter(model, ["default", "other"])
     with pytest.raises(ValueError, match="export_peft writes the active adapter, and this model has 2 active"):
         sk.export_peft(model, "unused")
@@ -226,8 +226,38 @@ def test_bad_names_and_refusals_leave_the_model_as_it_was():
     sk.unmerge(model)
     with pytest.warns(UserWarning, match="'other' is active now"):
         sk.delete_adapter(model, "default")
-    assert model.sharelora_active == ["other"] and not hasattr(model, "sharelora_adapters")
+    assert model.sharelora_active == ["other"] and list(model.sharelora_adapters) == ["other"]
     sk.delete_adapter(model, "other")  # the last one, as PEFT allows: the layers compute their base
     assert adapter_names(model) == [] and model.model.layers[0].self_attn.q_proj.active_path_modules() == []
     sk.apply(model, SECOND, adapter_name="again")  # a new first adapter on the layers still wrapped
     assert model.sharelora_active == ["again"] and len(model.model.layers[0].self_attn.q_proj.active_path_modules()) == 3
+
+
+def test_a_state_dict_of_the_earlier_store_layout_loads_into_each_adapter():
+    """Keys saved when each adapter had its store on the model (``sharelora_adapters.<tensor>`` for
+    "default", ``sharelora_adapters_<name>.<tensor>``: a Trainer checkpoint of that time) load
+    strictly into the adapters they belong to; unload takes the key hook out with the stores."""
+    base, model, first, other = two_adapters()
+    state = model.state_dict()
+    earlier = {k.replace("sharelora_adapters.default.", "sharelora_adapters.")
+                .replace("sharelora_adapters.other.", "sharelora_adapters_other."): v for k, v in state.items()}
+    named = [k for k in earlier if k.startswith("sharelora_adapters_other.")]
+    assert len(named) == len(model.sharelora_adapters["other"]._parameters)
+    fresh = sk.apply(copy.deepcopy(base), sk.ShareLoRAConfig(method="share_a", r=3, target_modules=TARGETS))
+    sk.apply(fresh, SECOND, adapter_name="other")
+    fresh.load_state_dict(earlier)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+    assert torch.equal(logits(fresh, token_batch()), first)
+    sk.set_adapter(fresh, "other")
+    assert torch.equal(logits(fresh, token_batch()), other)
+    sk.unload(fresh)
+    assert "sharelora_adapters" not in fresh._modules and not fresh._load_state_dict_pre_hooks
+
+
+@pytest.mark.parametrize("name", ["keys", "train", "training"])
+def test_an_adapter_name_the_stores_module_uses_is_refused(name):
+    model = sk.apply(tiny_model(layers=1), sk.ShareLoRAConfig(r=2))
+    with pytest.raises(ValueError, match=f"'{name}' cannot name an adapter: it is an attribute of the module holding "
+                                         "the adapter stores"):
+        sk.apply(model, sk.ShareLoRAConfig(r=2), adapter_name=name)
+    assert adapter_names(model) == ["default"]

@@ -579,7 +579,7 @@ def test_triton_group_with_adapters_of_two_dtypes_runs_each_member_on_its_kernel
     config = sk.ShareLoRAConfig(method="lora", r=4, target_modules=["q_proj", "k_proj", "v_proj"])
     model = sk.apply(tiny_model("llama", layers=1), config)
     randomize_adapters(model)
-    store = model.sharelora_adapters
+    store = model.sharelora_adapters["default"]
     for name, p in list(store._parameters.items()):
         if "q_proj" in name:
             store._parameters[name] = torch.nn.Parameter(p.detach().to(torch.bfloat16))

@@ -142,7 +142,7 @@ def test_safe_merge_and_unload_checks_every_module_before_changing_any():
     model = get_peft_model(copy.deepcopy(bert), sk.ShareLoRAPeftConfig(method="lora", r=2, task_type="SEQ_CLS"))
     randomize_adapters(model)
     with torch.no_grad():
-        model.base_model.model.sharelora_adapters["bert.encoder.layer.1.output.dense.B"].fill_(float("nan"))
+        model.base_model.model.sharelora_adapters["default"]["bert.encoder.layer.1.output.dense.B"].fill_(float("nan"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="non-finite values into the base weight of module 'bert.encoder.layer.1."
                                          "output.dense'; nothing was merged"):
@@ -159,12 +159,12 @@ def test_named_adapters_each_with_its_own_tensors(tmp_path):
     model.add_adapter("other", sk.ShareLoRAPeftConfig(method="bishare", target_modules=["q_proj", "o_proj"],
                                                      local_r=1, intra_r=2, inter_r=2))
     assert model.active_adapter == "default" and adapter_names(model.base_model.model) == ["default", "other"]
-    assert all(".sharelora_adapters." in n for n, p in model.named_parameters() if p.requires_grad)
+    assert all(".sharelora_adapters.default." in n for n, p in model.named_parameters() if p.requires_grad)
     train_steps(model, ids, labels=ids)
     first = logits(model, ids)
     model.set_adapter("other")
     assert model.active_adapters == ["other"]
-    assert all(".sharelora_adapters_other." in n for n, p in model.named_parameters() if p.requires_grad)
+    assert all(".sharelora_adapters.other." in n for n, p in model.named_parameters() if p.requires_grad)
     assert torch.equal(logits(model, ids), logits(base, ids))  # fresh: B = 0
     train_steps(model, ids, labels=ids)
     other = logits(model, ids)
@@ -216,16 +216,16 @@ def test_a_later_adapter_leaves_the_others_trainable_or_frozen_as_they_were(tmp_
     model.save_pretrained(tmp_path)
 
     def trainable(m):
-        return {n.split(".")[2] for n, p in m.named_parameters() if p.requires_grad}
+        return {n.split(".")[3] for n, p in m.named_parameters() if p.requires_grad}  # the adapter
 
     training = get_peft_model(copy.deepcopy(base), config(3))
     training.load_adapter(tmp_path / "b", adapter_name="b")
-    assert trainable(training) == {"sharelora_adapters"}
+    assert trainable(training) == {"default"}
     inference = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     inference.add_adapter("c", config(2))
     assert trainable(inference) == set()
     inference.load_adapter(tmp_path / "b", adapter_name="b", is_trainable=True)
-    assert trainable(inference) == {"sharelora_adapters_b"} and inference.active_adapters == ["default"]
+    assert trainable(inference) == {"b"} and inference.active_adapters == ["default"]
 
 
 def test_a_classifier_head_is_a_module_to_save_per_adapter(tmp_path):

@@ -87,3 +87,44 @@ def test_sft_trainer_with_peft_config_trains_saves_and_resumes(tmp_path):
     resumed = sft(tmp_path / "b", 4)
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     assert all(torch.equal(adapter_weights(resumed.model)[k], v) for k, v in final.items())
+
+
+def test_dpo_trainer_given_a_pretrained_adapter_uses_a_copy_of_it_as_reference(tmp_path):
+    """TRL's preference trainers, given a PeftModel with a trained adapter and no ref_model, add an
+    adapter "ref" and copy every tensor named ``.default.`` into its ``.ref.`` twin: the reference is
+    the adapter as it was, not the bare base."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl.trainer.utils import use_adapter
+
+    from sharelora_kernels.data import default_model_dir
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(default_model_dir()),
+                           sk.ShareLoRAPeftConfig(method="bishare", local_r=1, intra_r=2, inter_r=3, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)  # a trained adapter, as an SFT run leaves it
+    ids = token_batch()
+    with torch.no_grad():
+        tuned = model(ids).logits
+        with model.disable_adapter():
+            base = model(ids).logits
+    assert not torch.allclose(tuned, base, atol=1e-3)
+    data = Dataset.from_dict({"prompt": ["the cat", "a dog"], "chosen": [" sat down", " ran off"],
+                              "rejected": [" flew up", " sang loud"]})
+    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, report_to=[],
+                         use_cpu=True, max_length=16, learning_rate=1e-2)
+    dpo = trl.DPOTrainer(model=model, args=args, train_dataset=data,
+                         processing_class=AutoTokenizer.from_pretrained(default_model_dir()))
+    assert "ref" in model.peft_config
+    with torch.no_grad(), use_adapter(model, "ref"):
+        reference = model(ids).logits
+    torch.testing.assert_close(reference, tuned, rtol=0, atol=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
+    dpo.train()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n.replace(".default.", ".ref.")], t) for n, t in before.items())  # the reference stays
+    assert any(not torch.equal(after[n], t) for n, t in before.items())  # the adapter trains

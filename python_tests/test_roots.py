@@ -20,7 +20,7 @@ def test_sequential_root_runs_what_it_ran_with_the_store_on_its_first_layer(tmp_
     base = mlp()
     model = sk.apply(mlp(), sk.ShareLoRAConfig(method="lora", r=2, target_modules=["0", "2", "4"]))
     assert len(model) == 5 and "sharelora_adapters" not in model._modules
-    assert isinstance(model[0].sharelora_adapters, sk.layer.AdapterStore)
+    assert isinstance(model[0].sharelora_adapters["default"], sk.layer.AdapterStore)
     x = torch.randn(3, 8)
     with torch.no_grad():
         torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)

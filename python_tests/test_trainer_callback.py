@@ -157,7 +157,7 @@ def test_resuming_a_checkpoint_of_another_plan_is_refused_by_name(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path / "b"), per_device_train_batch_size=2, max_steps=4,
                              report_to=[], use_cpu=True)
     run = Trainer(model=other, args=args, train_dataset=TokenWindows(12), callbacks=[sk.TrainerCallback()])
-    with pytest.raises(RuntimeError, match="adapter tensors under 'sharelora_adapters.' are not this model's"):
+    with pytest.raises(RuntimeError, match="adapter tensors under 'sharelora_adapters.default.' are not this model's"):
         run.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     base = tiny_model().state_dict()  # the base alone still loads into an applied model, as before
     other.load_state_dict(base, strict=False)

@@ -1,12 +1,13 @@
 """SharedLoRALinear: a frozen nn.Linear plus low-rank paths whose parameters may be shared.
 
-Every adapter tensor is owned exactly once, by an ``AdapterStore`` (for a model: one store on the
-model root, made by ``apply``; for a standalone layer: the layer's own). Paths do not register the
-tensors they read: they look them up in the store by plan name at each forward. So two layers in a
-share set use the *same* ``nn.Parameter`` object, ``model.parameters()`` and ``state_dict()`` hold
-it once (``save_pretrained``, Trainer checkpoints and DDP see plain unshared parameters), autograd
-sums its gradient over every user, and whoever replaces a parameter in the store (``.to()``,
-``load_state_dict(assign=True)``, FSDP2's sharding) is seen by every path.
+Every adapter tensor is owned exactly once, by an ``AdapterStore`` (for a model: one store per
+adapter name, in the ``AdapterStores`` on the model root, made by ``apply``; for a standalone layer:
+the layer's own). Paths do not register the tensors they read: they look them up in the store by
+plan name at each forward. So two layers in a share set use the *same* ``nn.Parameter`` object,
+``model.parameters()`` and ``state_dict()`` hold it once (``save_pretrained``, Trainer checkpoints
+and DDP see plain unshared parameters), autograd sums its gradient over every user, and whoever
+replaces a parameter in the store (``.to()``, ``load_state_dict(assign=True)``, FSDP2's sharding)
+is seen by every path.
 """
 from __future__ import annotations
 
@@ -53,6 +54,9 @@ def check_adapter_name(name) -> None:
     if name == BASE_ROW:
         raise ValueError(f"{BASE_ROW!r} cannot name an adapter: it names a row without adapter in a mixed batch "
                          "(sk.mixed_batch, PEFT's adapter_names)")
+    if name in _STORES_ATTRIBUTES:
+        raise ValueError(f"{name!r} cannot name an adapter: it is an attribute of the module holding the adapter "
+                         "stores (sharelora_adapters.<name>)")
 
 
 @torch.no_grad()
@@ -120,6 +124,22 @@ class AdapterStore(nn.Module):
                               "with the config it was saved with")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+
+class AdapterStores(nn.ModuleDict):
+    """A model's adapter stores by adapter name, registered on it as ``sharelora_adapters``: a tensor's
+    state-dict key is ``sharelora_adapters.<adapter>.<tensor>``, the adapter name a key segment of
+    its own, as PEFT keys its adapters' tensors (``lora_A.<adapter>.weight``). Tools that copy one
+    adapter into another by name, as TRL's preference trainers build their reference adapter
+    (``.default.`` -> ``.ref.``), rely on it."""
+
+    def reset_parameters(self) -> None:
+        """Initialise every adapter's tensors again (``AdapterStore.reset_parameters``)."""
+        for store in self.values():
+            store.reset_parameters()
+
+
+_STORES_ATTRIBUTES = frozenset(dir(AdapterStores()))  # names an adapter cannot take (ModuleDict's add_module)
 
 
 class LoRAPathModule(nn.Module):

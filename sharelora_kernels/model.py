@@ -20,15 +20,15 @@ import torch.nn as nn
 from .base import new_adapter_dtype
 from .config import ShareLoRAConfig
 from .grouping import check_known_architecture, disable_input_groups, enable_input_groups
-from .layer import (DEFAULT_ADAPTER, AdapterStore, LoRAPathModule, SharedLoRALinear, check_adapter_name,
-                    new_parameter)
+from .layer import (DEFAULT_ADAPTER, AdapterStore, AdapterStores, LoRAPathModule, SharedLoRALinear,
+                    check_adapter_name, new_parameter)
 from .plan import ModuleInfo, ModulePlan, SharePlan, TensorSpec, build_plan
 from .targeting import (check_no_peft, find_modules_to_save, find_target_modules, layer_position, module_type,
                         type_labels)
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 HAND_WRAPPED = "hand_wrapped"  # the method of a plan read off hand-wrapped layers
-STORE_ATTR = "sharelora_adapters"  # the store of adapter "default"; adapter "x": sharelora_adapters_x
+STORE_ATTR = "sharelora_adapters"  # the AdapterStores: adapter x's tensors under sharelora_adapters.x.<tensor>
 # Writes one named adapter's checkpoint into a folder: (model, folder, adapter name). Set by
 # checkpoint.py (a higher layer) so that a Transformers model's save_pretrained writes its adapters.
 ADAPTER_WRITERS: list[Callable[[nn.Module, Path, str], None]] = []
@@ -110,7 +110,7 @@ def apply_plan(model: nn.Module, config: ShareLoRAConfig, plan: SharePlan, group
     if first:  # layers left wrapped by deleted adapters compute the new one too
         for layer in shared_layers(model):
             layer.set_adapter(active)
-    setattr(store_host(model, plan), store_attr(adapter_name), store)
+    put_store(store_host(model, plan), adapter_name, store)
     for name in plan.modules_to_save:
         model.get_submodule(name).requires_grad_(True)
     if first:
@@ -257,9 +257,34 @@ def _first_users(plan: SharePlan) -> dict[str, str]:
     return first
 
 
-def store_attr(adapter_name: str) -> str:
-    """The attribute the store of adapter ``adapter_name`` is registered under (its state-dict prefix)."""
-    return STORE_ATTR if adapter_name == DEFAULT_ADAPTER else f"{STORE_ATTR}_{adapter_name}"
+def put_store(host: nn.Module, adapter_name: str, store: AdapterStore) -> None:
+    """Register adapter ``adapter_name``'s store in ``host``'s ``AdapterStores`` (made on the first)."""
+    if STORE_ATTR not in host._modules:
+        setattr(host, STORE_ATTR, AdapterStores().train(store.training))
+        host.register_load_state_dict_pre_hook(_earlier_store_keys)
+    host._modules[STORE_ATTR][adapter_name] = store
+
+
+def remove_store(host: nn.Module, adapter_name: str) -> None:
+    """Take adapter ``adapter_name``'s store out of ``host`` (with the last one, the ``AdapterStores``)."""
+    stores = host._modules[STORE_ATTR]
+    del stores[adapter_name]
+    if not len(stores):
+        delattr(host, STORE_ATTR)
+        hooks = host._load_state_dict_pre_hooks  # nn.Module's wrapped hooks keep the function as .hook
+        for key in [k for k, h in hooks.items() if getattr(h, "hook", None) is _earlier_store_keys]:
+            del hooks[key]
+
+
+def _earlier_store_keys(host: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """A load pre-hook of a store host: keys of the layout before ``AdapterStores`` (a store per adapter
+    on the host: ``sharelora_adapters.<tensor>`` for "default", ``sharelora_adapters_<name>.<tensor>``
+    for the others; a Trainer checkpoint made then) renamed to this one's before anything loads."""
+    head = prefix + STORE_ATTR
+    for key in [k for k in state_dict if k.startswith(head) and k.count(".", len(head)) == 1]:
+        name, _, tensor = key[len(head):].partition(".")
+        if name == "" or name.startswith("_"):
+            state_dict[f"{head}.{name[1:] or DEFAULT_ADAPTER}.{tensor}"] = state_dict.pop(key)
 
 
 def is_applied(model: nn.Module) -> bool:
@@ -328,7 +353,7 @@ def adapter_tensors(model: nn.Module, adapter_name: str | None = None) -> dict[s
         return _hand_wrapped(model)[1]
     name = resolve_adapter(model, adapter_name)
     plan = model.sharelora_plans[name]
-    store = getattr(store_host(model, plan), store_attr(name))
+    store = adapter_store(model, name)
     return {t: store[t] for t in plan.tensors}
 
 
@@ -488,7 +513,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     del model.sharelora_configs[adapter_name], model._sharelora_applied[adapter_name]
     for module in plan.modules_to_save:
         model.get_submodule(module).requires_grad_(False)
-    delattr(store_host(model, plan), store_attr(adapter_name))
+    remove_store(store_host(model, plan), adapter_name)
     for layer in layers:
         layer.delete_adapter(adapter_name)
     active = [n for n in active_adapters(model) if n != adapter_name]
@@ -526,8 +551,8 @@ def unload(model: nn.Module, merge: bool = False, adapter_names: Sequence[str] |
             return base
         setattr(model.get_submodule(parent_name), leaf, base)
     for host in [model, *model.modules()]:
-        for attr in [a for a in host._modules if a == STORE_ATTR or a.startswith(STORE_ATTR + "_")]:
-            delattr(host, attr)
+        for name in list(host._modules.get(STORE_ATTR) or ()):
+            remove_store(host, name)
     for attr in ("sharelora_plans", "sharelora_configs", "sharelora_active", "sharelora_plan", "sharelora_config",
                  "_sharelora_applied", "save_pretrained"):
         model.__dict__.pop(attr, None)
@@ -551,7 +576,7 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
 
 def adapter_store(model: nn.Module, adapter_name: str) -> AdapterStore:
     """The store holding adapter ``adapter_name``'s tensors."""
-    return getattr(store_host(model, model.sharelora_plans[adapter_name]), store_attr(adapter_name))
+    return getattr(store_host(model, model.sharelora_plans[adapter_name]), STORE_ATTR)[adapter_name]
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ import torch.nn as nn
 from ..config import ShareLoRAConfig
 from ..layer import AdapterStore, SharedLoRALinear, check_adapter_name
 from ..model import (STORE_ATTR, active_adapters, adapter_names, adapter_store, apply_plan, check_bank_room,
-                     check_known, check_safe_merge, delete_adapter, is_applied, set_adapter, store_attr, unload)
+                     check_known, check_safe_merge, delete_adapter, is_applied, set_adapter, unload)
 from ..plan import build_plan
 from ..serving import mixed_batch
 from ..targeting import DEFAULT_TARGET_MODULES, find_target_modules, matches
@@ -147,12 +147,13 @@ class ShareLoRAPeftLayer(SharedLoRALinear, BaseTunerLayer):
 # ------------------------------------------------------------------------------------------- tuner
 def _store_prefixes(model: nn.Module, adapter_name: str) -> tuple[str, ...]:
     """State-dict key prefixes of adapter ``adapter_name``'s store in ``model``."""
-    attr = store_attr(adapter_name)
-    return tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, AdapterStore) and n.rpartition(".")[2] == attr)
+    tail = f"{STORE_ATTR}.{adapter_name}"
+    return tuple(f"{n}." for n, m in model.named_modules()
+                 if isinstance(m, AdapterStore) and (n == tail or n.endswith("." + tail)))
 
 
 def _is_store_key(key: str) -> bool:
-    return any(p == STORE_ATTR or p.startswith(STORE_ATTR + "_") for p in key.split(".")[:-1])
+    return STORE_ATTR in key.split(".")[:-1]
 
 
 def _copy_bytes(model: nn.Module, modules_to_save: Sequence[str]) -> int:
@@ -305,11 +306,12 @@ class ShareLoRAModel(BaseTuner):
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        """``...sharelora_adapters_<name>.<tensor>`` -> ``...sharelora_adapters.<tensor>`` (a file holds no name)."""
+        """``...sharelora_adapters.<name>.<tensor>`` -> ``...sharelora_adapters.<tensor>`` (a file holds no name)."""
         if not _is_store_key(key):
             return super()._remove_adapter_name_from_key(key, adapter_name)
-        attr = store_attr(adapter_name)
-        return ".".join(STORE_ATTR if p == attr else p for p in key.split("."))
+        parts = key.split(".")
+        i = parts.index(STORE_ATTR)
+        return ".".join(parts[:i + 1] + parts[i + 2:]) if parts[i + 1] == adapter_name else key
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
