@@ -334,3 +334,72 @@ except ImportError as e:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert f"peft {peft.__version__} does not have" in out.stdout and "sharelora_kernels.apply" in out.stdout
+
+
+def test_a_failed_load_into_an_adapter_that_trains_keeps_it(tmp_path):
+    """A Trainer resuming from a checkpoint of another plan loads into the adapter that trains: the
+    load is refused and that adapter, its layers and the frozen base stay as they were."""
+    base = tiny_model(layers=2)
+    ids = token_batch()
+    get_peft_model(copy.deepcopy(base), sk.ShareLoRAPeftConfig(method="share_a", r=2, target_modules=TARGETS)
+                   ).save_pretrained(tmp_path)
+    model = get_peft_model(copy.deepcopy(base), sk.ShareLoRAPeftConfig(method="share_a", r=3, target_modules=TARGETS))
+    model.add_adapter("b", sk.ShareLoRAPeftConfig(method="lora", r=2, target_modules=["q_proj"]))
+    randomize_adapters(model)
+    before, trainable = logits(model, ids), {n for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match=r"does not match this model: .*nothing was loaded and adapter 'default', keeps "
+                                         r"its tensors"):
+        model.load_adapter(tmp_path, adapter_name="default", is_trainable=True)
+    assert list(model.peft_config) == ["default", "b"] and adapter_names(model.base_model.model) == ["default", "b"]
+    assert torch.equal(logits(model, ids), before)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    wider = tiny_family("llama", layers=2, hidden_size=48, intermediate_size=48)  # other shapes, same names
+    get_peft_model(wider, sk.ShareLoRAPeftConfig(method="share_a", r=2, target_modules=TARGETS)).save_pretrained(
+        tmp_path / "wider")
+    with pytest.raises(ValueError, match="nothing was loaded and adapter 'c', added for this load, was taken out again"):
+        model.load_adapter(tmp_path / "wider", adapter_name="c")
+    assert list(model.peft_config) == ["default", "b"] and torch.equal(logits(model, ids), before)
+
+
+def test_set_adapter_refused_by_modules_to_save_changes_nothing():
+    base = tiny_model(layers=2)
+    ids = token_batch()
+    config = sk.ShareLoRAPeftConfig(method="lora", r=2, target_modules=TARGETS, modules_to_save=["lm_head"])
+    model = get_peft_model(copy.deepcopy(base), config)
+    model.add_adapter("x", config)
+    model.set_requires_grad(["default", "x"])
+    randomize_adapters(model)
+    model.set_adapter("x")
+    before, trainable = logits(model, ids), {n for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="Only one adapter can be set at a time"):
+        model.base_model.set_adapter(["default", "x"])
+    assert model.active_adapters == ["x"] and adapter_names(model.base_model.model) == ["default", "x"]
+    assert sk.model.active_adapters(model.base_model.model) == ["x"]
+    assert torch.equal(logits(model, ids), before)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+
+
+def test_autocast_adapter_dtype_false_keeps_the_base_dtype():
+    base = tiny_model(layers=1).to(torch.bfloat16)
+    config = sk.ShareLoRAPeftConfig(method="bishare", target_modules=TARGETS, local_r=1, intra_r=2, inter_r=2)
+    for autocast, dtype in ((True, torch.float32), (False, torch.bfloat16)):
+        model = get_peft_model(copy.deepcopy(base), config, autocast_adapter_dtype=autocast)
+        assert {p.dtype for p in model.base_model.model.sharelora_adapters.parameters()} == {dtype}
+        model(token_batch()).logits.float().sum().backward()  # the call plans follow the cast tensors
+        assert all(p.grad is not None and p.grad.dtype == dtype
+                   for p in model.base_model.model.sharelora_adapters.parameters())
+
+
+def test_peft_sees_the_method_by_name_and_refuses_what_is_lora_only(tmp_path):
+    from peft.utils.hotswap import hotswap_adapter
+
+    base = tiny_model(layers=1)
+    config = sk.ShareLoRAPeftConfig(method="share_a", r=2, target_modules=TARGETS)
+    model = get_peft_model(copy.deepcopy(base), config)
+    assert model.peft_config["default"].peft_type == "SHARELORA"
+    assert model.get_model_status().peft_types == {"default": "SHARELORA"}
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="SHARELORA"):
+        hotswap_adapter(model, str(tmp_path), adapter_name="default")
+    with pytest.raises(NotImplementedError, match="add_weighted_adapter combines LoRA adapters' .*export_peft"):
+        model.add_weighted_adapter(["default"], [1.0], "combined")

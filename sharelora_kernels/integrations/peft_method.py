@@ -28,7 +28,8 @@ import torch.nn as nn
 from ..config import ShareLoRAConfig
 from ..layer import AdapterStore, SharedLoRALinear, check_adapter_name
 from ..model import (STORE_ATTR, active_adapters, adapter_names, adapter_store, apply_plan, check_bank_room,
-                     check_known, check_safe_merge, delete_adapter, is_applied, set_adapter, unload)
+                     check_known, check_safe_merge, delete_adapter, is_applied, set_adapter, shared_layers,
+                     unload)
 from ..plan import build_plan
 from ..serving import mixed_batch
 from ..targeting import DEFAULT_TARGET_MODULES, find_target_modules, matches
@@ -78,9 +79,23 @@ def _sharelora_fields() -> list[tuple]:
     return out
 
 
+class _PeftTypeName(str):
+    """The method's name where PEFT expects a member of its closed ``PeftType`` enum: equal to, hashed
+    and saved as ``"SHARELORA"``, with a member's ``.value`` and ``str()`` (``PeftType.SHARELORA``), so
+    that PEFT's code reading them (hotswap, mixed models, model status) refuses or names the method
+    instead of failing on a plain string."""
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+    def __str__(self) -> str:
+        return f"PeftType.{self.value}"
+
+
 def _post_init(self) -> None:
     PeftConfig.__post_init__(self)
-    self.peft_type = PEFT_TYPE
+    self.peft_type = _PeftTypeName(PEFT_TYPE)
     checked = self.to_config()  # raises as ShareLoRAConfig raises, naming the field
     for f in dataclasses.fields(ShareLoRAConfig):
         setattr(self, f.name, getattr(checked, f.name))
@@ -220,6 +235,28 @@ class ShareLoRAModel(BaseTuner):
         if not first:  # set_adapter above set the active adapters' flags by the new adapter's inference_mode
             for p, requires_grad in requires_grad_before:
                 p.requires_grad_(requires_grad)
+        self.__dict__.setdefault("_as_added", {})[adapter_name] = _versions(adapter_store(model, adapter_name))
+
+    def add_weighted_adapter(self, *args, **kwargs) -> None:
+        """PEFT's LoRA-only combination of adapters: refused by name."""
+        raise NotImplementedError("add_weighted_adapter combines LoRA adapters' per-module A / B pairs, and ShareLoRA "
+                                  "adapters share their tensors across modules: export each adapter to PEFT LoRA "
+                                  "(sharelora_kernels.export_peft) and combine those in a LoRA PeftModel")
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's dtype switch, called after an adapter is added: adapters of half-precision bases are
+        made in float32 (``autocast_adapter_dtype=True``, the default); False puts each tensor in the
+        dtype of the base weight its first module reads (a quantized base's adapters stay float32)."""
+        if autocast_adapter_dtype:
+            return
+        dtypes = {}
+        for layer in shared_layers(self.model):
+            if adapter_name in layer.adapter_paths and not layer.layout.computes_itself:
+                for path in layer.adapter_paths[adapter_name]:
+                    for t in path.as_path().tensors:
+                        dtypes.setdefault(t, layer.weight.dtype)
+        for t, dtype in dtypes.items():
+            t.data = t.data.to(dtype)
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
@@ -259,11 +296,13 @@ class ShareLoRAModel(BaseTuner):
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        check_known(self.model, names)
+        # modules to save first: PEFT's wrappers refuse several adapters before anything changes
+        _set_adapter(self.model, adapter_name, inference_mode=inference_mode)
         set_adapter(self.model, names)
         if inference_mode:
             for n in names:
                 adapter_store(self.model, n).requires_grad_(False)
-        _set_adapter(self.model, adapter_name, inference_mode=inference_mode)  # modules to save
         self.active_adapter = adapter_name
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
@@ -339,9 +378,10 @@ class ShareLoRAModel(BaseTuner):
             elif missing:
                 problem = f"the model's plan has tensor {missing[0]!r}, which the checkpoint lacks ({len(missing)} such)"
         if problem is not None:
-            _take_out(model, adapter_name)
-            raise ValueError(f"the adapter checkpoint does not match this model: {problem}; the model is left as "
-                             "it was (was the adapter trained on another base or with another config?)")
+            taken = _take_out(model, adapter_name)
+            after = f"adapter {adapter_name!r}, " + ("added for this load, was taken out again" if taken else "keeps its tensors")
+            raise ValueError(f"the adapter checkpoint does not match this model: {problem}; nothing was loaded and "
+                             f"{after} (was the adapter trained on another base or with another config?)")
         return {to_model.get(k, k): v for k, v in state_dict.items()}
 
 
@@ -352,18 +392,32 @@ def _with_adapter_names(names: list[str]):
     return hook
 
 
-def _take_out(model: nn.Module, adapter_name: str) -> None:
-    """Remove adapter ``adapter_name`` just added for loading: the whole method when it is the only
-    one (base modules, trainable flags and all), else that adapter."""
+def _versions(store: nn.Module) -> dict[int, int]:
+    """Each tensor of ``store`` (by identity) and its version counter: what an in-place change, a
+    load or a replaced tensor changes."""
+    return {id(p): p._version for p in store.parameters()}
+
+
+def _take_out(model: nn.Module, adapter_name: str) -> bool:
+    """After a load into adapter ``adapter_name`` failed: remove it if it was added for that load
+    (frozen, as a loaded or later-added adapter is, and untouched since it was added: from_pretrained,
+    load_adapter under a new name), the whole method when it is the only one (base modules, trainable
+    flags and all), else that adapter; whether it did. An adapter that trains, or was loaded or changed
+    since it was added, is kept as it is (a Trainer resuming from a checkpoint of another plan)."""
     tuner = getattr(model, "base_model", model)
     if not isinstance(tuner, ShareLoRAModel):
-        return
+        return False
+    store = adapter_store(tuner.model, adapter_name)
+    if any(p.requires_grad for p in store.parameters()) or tuner.__dict__.get("_as_added", {}).get(
+            adapter_name) != _versions(store):
+        return False
     if len(tuner.peft_config) > 1:
         model.delete_adapter(adapter_name)
-        return
+        return True
     tuner.unload()
     for p, requires_grad in getattr(tuner, "_requires_grad_before", []):
         p.requires_grad_(requires_grad)
+    return True
 
 
 def register() -> None:
