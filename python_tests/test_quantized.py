@@ -27,7 +27,8 @@ from sharelora_kernels.base import describe_base, dequantized_weight  # noqa: E4
 from sharelora_kernels.layer import SharedLoRALinear  # noqa: E402
 from sharelora_kernels import ops, reference  # noqa: E402
 from sharelora_kernels.model import adapter_tensors  # noqa: E402
-from tiny_models import METHOD_CONFIGS, TARGETS, enable_checkpointing, randomize_adapters, tiny_model, token_batch  # noqa: E402
+from tiny_models import (METHOD_CONFIGS, TARGETS, enable_checkpointing, randomize_adapters, tiny_family,  # noqa: E402
+                         tiny_model, token_batch)
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU backend warns about an optional package
 
@@ -176,9 +177,8 @@ def test_biased_base_batched_input_and_training_after_an_eval_pass(quant, bias, 
         layer.eval()
         with torch.no_grad():
             layer(torch.randn(3, layer.in_features))
-        if quant == "nf4":  # the repacking happened where this CPU has its kernel
-            packed = getattr(layer.base_layer.weight.quant_state, "packing_format_for_cpu", False)
-            assert packed == layer.base_layer.support_avx512bf16_for_cpu
+        if quant == "nf4":  # bitsandbytes' CPU repacking (lossy to undo) stays off on a wrapped base
+            assert not getattr(layer.base_layer.weight.quant_state, "packing_format_for_cpu", False)
     layer_against_float64(layer.train(), leading=(2, 5))
 
 
@@ -636,3 +636,37 @@ assert "bitsandbytes" not in sys.modules, "bitsandbytes was imported"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
 
+
+
+def test_an_eval_pass_leaves_the_4bit_weight_training_uses(float_dir):
+    """bitsandbytes' CPU backend would repack a 4-bit weight for its inference kernel on an eval pass,
+    and undoing that (for training, merge, save) does not give the weight back: a wrapped base is
+    never repacked, so training after an evaluation computes on the same weight (MLP 128 wide)."""
+    folder = float_dir / "wide_mlp"
+    if not folder.exists():
+        tiny_family("llama", layers=2, hidden_size=64, intermediate_size=128).save_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**QUANTS["nf4"]),
+                                                 device_map="cpu").train()
+    every_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    sk.apply(model, sk.ShareLoRAConfig(method="lora", r=4, target_modules=every_linear))  # every 4-bit module wrapped
+    layers = [m for m in model.modules() if isinstance(m, SharedLoRALinear)]
+    assert not [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and not any(m is q.base_layer for q in layers)]
+    weights = [dequantized_weight(m.base_layer, m.layout).clone() for m in layers]
+    ids = token_batch(2, 8, seed=4)
+    before = model(ids, labels=ids).loss
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    assert torch.equal(model.train()(ids, labels=ids).loss, before)
+    assert all(torch.equal(dequantized_weight(m.base_layer, m.layout), w) for m, w in zip(layers, weights))
+
+
+def test_a_quantized_module_to_save_is_refused_before_the_model_changes(float_dir):
+    model = quantized(float_dir, "nf4")
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"modules_to_save entry 'model.layers.0.self_attn.o_proj' is quantized "
+                                         r"\(weight is torch.uint8\) and cannot train in full"):
+        sk.apply(model, sk.ShareLoRAConfig(r=2, target_modules=TARGETS,
+                                           modules_to_save=["model.layers.0.self_attn.o_proj"]))
+    assert [type(m) for m in model.modules()] == before and not hasattr(model, "sharelora_plans")
+    sk.apply(model, sk.ShareLoRAConfig(r=2, target_modules=TARGETS))  # the model is still usable

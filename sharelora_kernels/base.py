@@ -154,13 +154,24 @@ def compute_dtype(module: nn.Module, layout: BaseLayout, x: Tensor) -> torch.dty
     return x.dtype
 
 
+def keep_standard_4bit_layout(module: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU repacking of a Linear4bit's weight for its inference kernel (the
+    ``support_avx512bf16_for_cpu`` switch its forward reads): converting that layout back, which a
+    training pass, a merge and a save need, does not give the weight back (bitsandbytes 0.50: one
+    eval pass of a K=128 nf4 weight changed it by 23%). An eval pass then runs bitsandbytes'
+    standard kernel, on the weight training uses."""
+    if getattr(module, "support_avx512bf16_for_cpu", False):
+        module.support_avx512bf16_for_cpu = False
+
+
 def standard_4bit_layout(module: nn.Module) -> nn.Parameter:
     """A Linear4bit's weight in bitsandbytes' standard layout, restored if needed; returns the weight.
 
     bitsandbytes' CPU backend repacks the weight for its inference kernel on an eval-mode forward
     without grad, and that layout has no working backward (with a bias its forward raises once x
     requires grad; without one it backpropagates through an op with no autograd formula).
-    bitsandbytes' own ``state_dict()`` converts it back; this calls it."""
+    bitsandbytes' own ``state_dict()`` converts it back (not exactly); this calls it, for a base
+    evaluated before a layer wrapped it (``keep_standard_4bit_layout`` keeps a wrapped one unpacked)."""
     if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
         module.state_dict()
     return module.weight

@@ -23,7 +23,8 @@ from torch.nn.utils import parametrize
 from . import ops
 from .ops import call_plan
 from .ops.autocast import autocast_enabled, no_autocast
-from .base import add_to_weight_, compute_dtype, describe_base, new_adapter_dtype, standard_4bit_layout
+from .base import (add_to_weight_, compute_dtype, describe_base, keep_standard_4bit_layout, new_adapter_dtype,
+                   standard_4bit_layout)
 from .config import PATH_ROLES, check_bool, check_dropout, check_int, check_positive
 from .plan import PathSpec, TensorSpec
 from .reference import LoRAPath, delta_weight
@@ -213,6 +214,8 @@ class SharedLoRALinear(nn.Module):
         self.fan_in_fan_out = self.layout.transposed
         if self.layout.computes_itself:
             self.base_layer = base.requires_grad_(False)
+            if self.layout.kind == "bnb_4bit":
+                keep_standard_4bit_layout(base)
         else:
             self.weight = base.weight
             self.bias = base.bias

@@ -74,7 +74,7 @@ def plan_model(model: nn.Module, config: ShareLoRAConfig, adapter_name: str = DE
                   f"only the first adapter of a model may have them (this one has adapters {names})")
         raise ValueError(f"modules_to_save {saved} train in full in place, and {reason}: pass modules_to_save=[] "
                          f"for adapter {adapter_name!r} (PEFT's method keeps a copy per adapter)")
-    _check_not_tied(model, saved)
+    _check_trainable_in_full(model, saved)
     plan = build_plan(config, infos, num_layers, saved)
     check_bank_room(model, plan, adapter_name)
     return plan
@@ -149,10 +149,16 @@ def store_host(model: nn.Module, plan: SharePlan) -> nn.Module:
     return model.get_submodule(next(iter(plan.modules))) if isinstance(model, CONTAINERS) else model
 
 
-def _check_not_tied(model: nn.Module, saved: list[str]) -> None:
-    """ValueError if a module to save shares a parameter with a module outside it (training it in full
-    would change that one too)."""
+def _check_trainable_in_full(model: nn.Module, saved: list[str]) -> None:
+    """ValueError if a module to save cannot train in full: it holds a tensor that is not floating point
+    (a quantized module), or shares a parameter with a module outside it (training it would change
+    that one too)."""
     for name in saved:
+        for pname, p in model.get_submodule(name).named_parameters():
+            if not p.is_floating_point():
+                raise ValueError(f"modules_to_save entry {name!r} is quantized ({pname} is {p.dtype}) and cannot "
+                                 "train in full: leave it out (modules_to_save=[...] without it), or load the model "
+                                 "with it unquantized (BitsAndBytesConfig(llm_int8_skip_modules=[...]))")
         inside = {id(p) for p in model.get_submodule(name).parameters()}
         for pname, p in model.named_parameters(remove_duplicate=False):
             if id(p) in inside and not pname.startswith(f"{name}."):
