@@ -226,3 +226,12 @@ def test_load_mismatch_names_the_side_that_lacks_the_module(tmp_path):
     with pytest.raises(ValueError, match=r"the model has module 'model\.layers\.0\.mlp\.down_proj', which the checkpoint "
                                          r"lacks \(16 such; 4 target modules in the checkpoint, 20 in the model\)"):
         sk.load(wider, tmp_path)
+
+
+def test_a_folder_without_tokenizer_files_names_what_is_missing(tmp_path, capsys):
+    """Transformers' message introduces its list with a colon on the first line: the list is kept."""
+    folder = tmp_path / "notok"
+    tiny_model(layers=1).save_pretrained(folder)
+    code = run_cli(["plan", "--model", folder, "--out", tmp_path / "out"])[0]
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and f"cannot load a tokenizer from {folder}: " in last and not last.endswith(":"), last

@@ -383,3 +383,70 @@ def test_ctrl_c_while_the_process_shuts_down_is_ignored(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == "shut down\n", proc.stderr
     assert proc.stderr.strip().splitlines() == ["sharelora plan: error: --eps must be in [0, 1], got 2.0"]
+
+
+def test_ctrl_c_between_two_renames_of_the_move_in_leaves_the_previous_results_whole(tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "run"
+    run = outputs.RunOutputs(out, ["a.json", "b/"])
+    run.write([("a.json", lambda p: p.write_text("old a")), ("b", lambda p: (p.mkdir(), (p / "x").write_text("old b")))])
+    original, calls = os.replace, []
+
+    def interrupted(source, target):
+        calls.append(source)
+        if len(calls) == 3:  # both old results moved out, the new ones not yet in
+            raise KeyboardInterrupt
+        return original(source, target)
+
+    monkeypatch.setattr(outputs.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run.write([("a.json", lambda p: p.write_text("new a")), ("b", lambda p: (p.mkdir(), (p / "x").write_text("new b")))])
+    assert (out / "a.json").read_text() == "old a" and (out / "b" / "x").read_text() == "old b"
+    assert leftovers(out) == []
+
+
+def test_a_killed_writers_temporary_folders_are_removed_by_the_next_run(tmp_path):
+    out = tmp_path / "run"
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    for name in (f".sharelora-run.{dead}-abc.tmp", f".sharelora-run.{dead}-def.old.tmp"):
+        (out / name).mkdir(parents=True)
+        (out / name / "adapter.safetensors").write_bytes(b"partial")
+    outputs.RunOutputs(out, ["a.json"]).write([("a.json", lambda p: p.write_text("a"))])
+    assert sorted(p.name for p in out.iterdir()) == ["a.json"]
+
+
+def test_an_out_that_is_a_dangling_link_is_refused_up_front(tmp_path):
+    (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(sk.cli.CommandError, match=r"--out .*broken is a link to .*nowhere, which does not exist"):
+        outputs.check_out_dir(tmp_path / "broken", ["plan.json"])
+
+
+def test_a_loss_turning_nan_stops_training_with_an_error():
+    import torch
+
+    from sharelora_kernels.cli import Diverged
+    from sharelora_kernels.cli.training import adapter_optimizer, train
+
+    class Diverging(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, input_ids, labels):
+            step = self.__dict__.setdefault("calls", [0])
+            step[0] += 1
+            loss = self.w.sum() * (float("nan") if step[0] == 3 else 1.0)
+            return type("Out", (), {"loss": loss})()
+
+    model = Diverging()
+    with pytest.raises(Diverged, match=r"the training loss is nan at step 3 of 5: the run diverged"):
+        train(model, adapter_optimizer(model, 1e-3), lambda: torch.zeros(1, 2, dtype=torch.long), 5)
+
+
+def test_compare_with_every_method_skipped_writes_what_it_says(tmp_path):
+    out = tmp_path / "cmp"
+    code, stdout, _ = run_cli(["compare", *TINY_COMPARE, "--methods", "sharelora", "--eps", "0.9999", "--out", out])
+    assert code == 0 and f"wrote {out / 'compare.json'}\n" in stdout
+    result = json.loads((out / "compare.json").read_text())
+    assert result["methods"] == {} and list(result["skipped"]) == ["sharelora"]

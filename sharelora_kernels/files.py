@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -124,8 +125,9 @@ def _written_temp(path: Path, write: Callable[[str], None]) -> str:
 
 
 def remove_orphans(path: Path) -> list[Path]:
-    """Remove the temporary files that a writer of ``path`` killed midway left beside it (those whose
-    writer process no longer runs on this machine); returns them."""
+    """Remove the temporary files and folders (``.<name of path>.<pid>-<random>...tmp``) that a writer
+    of ``path`` killed midway left beside it (those whose writer process no longer runs on this
+    machine); returns them."""
     removed = []
     prefix = f".{path.name}."
     try:
@@ -138,8 +140,12 @@ def remove_orphans(path: Path) -> list[Path]:
         pid = name[len(prefix):].partition("-")[0]
         if pid.isdigit() and not _running(int(pid)):
             try:
-                os.unlink(path.parent / name)
-                removed.append(path.parent / name)
+                orphan = path.parent / name
+                if orphan.is_dir() and not orphan.is_symlink():
+                    shutil.rmtree(orphan)
+                else:
+                    os.unlink(orphan)
+                removed.append(orphan)
             except OSError:
                 pass  # another writer removed it first, or the folder is read-only: the write reports that
     return removed

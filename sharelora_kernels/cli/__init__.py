@@ -22,6 +22,12 @@ class Interrupted(CommandError):
     exit_code = 130
 
 
+class Diverged(CommandError):
+    """A training loss became NaN or infinite: that run's adapters are not written."""
+
+    exit_code = 1
+
+
 def require_positive(args, *names: str) -> None:
     """CommandError naming the first option among ``names`` (argparse dests, e.g. "batch_size")
     that was given (not None) and is not a finite number > 0."""

@@ -129,6 +129,8 @@ def run(args: argparse.Namespace) -> dict:
         parts = [("compare.json", lambda path: write_json(path, result))]
         outputs.write(parts + [("compare.png", lambda path: plot(result, path))] if with_plot else parts)
 
+    if not methods:  # every method skipped: the base's loss and the reasons
+        save(with_plot=False)
     with Interrupts() as interrupts:  # from here on a Ctrl-C never costs a finished method
         with tqdm(total=len(methods) * args.steps, desc="compare") as bar:
             for name in methods:
@@ -147,7 +149,7 @@ def run(args: argparse.Namespace) -> dict:
             warning = load_warning(machine)
             if warning:
                 print(warning)
-            print(f"wrote {setup.out / 'compare.json'}, {setup.out / 'compare.png'}")
+            print(f"wrote {setup.out / 'compare.json'}" + (f", {setup.out / 'compare.png'}" if methods else ""))
     if interrupts.requested:
         done = len(result["methods"])
         where = f"{setup.out / 'compare.json'} holds them" if done else "nothing written"

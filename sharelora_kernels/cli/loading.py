@@ -232,5 +232,9 @@ def resolve_device(device: str | None) -> str:
 
 
 def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    """The error's message on one line: its first line, and the lines it introduces when it ends with a
+    colon (Transformers' "Couldn't instantiate the backend tokenizer from one of:" and its list)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return " ".join(lines) if lines[0].endswith(":") else lines[0]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from . import CommandError
 
+STAGING = "sharelora-run"  # a run's temporary folders in --out: .sharelora-run.<pid>-<random>[.old].tmp
+
 
 def check_out_dir(out: str | os.PathLike, outputs: Iterable[str], option: str = "--out") -> Path:
     """``out`` as a Path, once it is known that the results can be written there; nothing is created yet.
@@ -25,6 +27,8 @@ def check_out_dir(out: str | os.PathLike, outputs: Iterable[str], option: str = 
     it). Results already there will be replaced: a note on stdout names them now, before the run.
     """
     path = Path(out)
+    if path.is_symlink() and not path.exists():
+        raise CommandError(f"{option} {path} is a link to {os.readlink(path)}, which does not exist")
     if path.exists() and not path.is_dir():
         raise CommandError(f"{option} {path} is an existing file, not a folder")
     ancestor = path
@@ -124,11 +128,14 @@ class RunOutputs:
         as OSError), OutputError says where it is kept: in the temporary folder if its write finished
         (the parts that did not finish removed from it), else written again into a new folder of the
         system's temporary directory. ``out`` keeps the previous results."""
+        from ..files import remove_orphans
+
         created = not self.out.exists()
         staging, done = None, []
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".sharelora-run.{os.getpid()}-", suffix=".tmp", dir=self.out))
+            remove_orphans(self.out / STAGING)  # the temporary folders of a writer killed midway
+            staging = Path(tempfile.mkdtemp(prefix=f".{STAGING}.{os.getpid()}-", suffix=".tmp", dir=self.out))
             for name, write in parts:
                 write(staging / name.rstrip("/"))
                 done.append(name)
@@ -155,10 +162,10 @@ class RunOutputs:
 
     def _move_in(self, staging: Path) -> None:
         """Old results out (into a second temporary folder, then deleted), the new ones in, by renames.
-        If a rename fails, those done are undone (``out`` holds the previous results, ``staging`` the
-        new ones) and the OSError raised; if undoing fails too, its ``previous_results`` names the
-        folder left holding the previous results."""
-        old = Path(tempfile.mkdtemp(prefix=f".sharelora-run.{os.getpid()}-", suffix=".old.tmp", dir=self.out))
+        If a rename fails, or a Ctrl-C arrives between two, those done are undone (``out`` holds the
+        previous results, ``staging`` the new ones) and the error raised; if undoing fails too, an
+        OSError's ``previous_results`` names the folder left holding the previous results."""
+        old = Path(tempfile.mkdtemp(prefix=f".{STAGING}.{os.getpid()}-", suffix=".old.tmp", dir=self.out))
         moves = [(self.out / name, old / name) for name in self.outputs if os.path.lexists(self.out / name)]
         moves += [(staging / name, self.out / name) for name in self.outputs if os.path.lexists(staging / name)]
         done = []
@@ -166,12 +173,13 @@ class RunOutputs:
             for source, target in moves:
                 os.replace(source, target)
                 done.append((source, target))
-        except OSError as err:
+        except BaseException as err:
             try:
                 for source, target in reversed(done):
                     os.replace(target, source)
             except OSError:
-                err.previous_results = old
+                if isinstance(err, OSError):
+                    err.previous_results = old
                 raise err from None
             shutil.rmtree(old, ignore_errors=True)
             raise

@@ -3,6 +3,7 @@ AdamW on the adapters, a Ctrl-C that never breaks an optimizer step in half, and
 """
 from __future__ import annotations
 
+import math
 import signal
 import statistics
 import threading
@@ -13,6 +14,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from . import Diverged
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -91,6 +94,9 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, batches: Callable[[], to
             opt.step()
             opt.zero_grad(set_to_none=True)
             value = loss.item()  # synchronizes a GPU, so the time below is the step's
+            if not math.isfinite(value):
+                raise Diverged(f"the training loss is {value} at step {step} of {steps}: the run diverged (a lower "
+                               "--lr?); its adapters are not written")
             log.step_ms.append((time.perf_counter() - start) * 1e3)
             log.losses.append(value)
             on_step(step, value)
