@@ -254,10 +254,11 @@ def test_a_state_dict_of_the_earlier_store_layout_loads_into_each_adapter():
     assert "sharelora_adapters" not in fresh._modules and not fresh._load_state_dict_pre_hooks
 
 
-@pytest.mark.parametrize("name", ["keys", "train", "training"])
-def test_an_adapter_name_the_stores_module_uses_is_refused(name):
+@pytest.mark.parametrize("name", ["keys", "train", "training", "a/b", "/tmp/x", "a\\b"])
+def test_an_adapter_name_the_stores_module_or_a_folder_cannot_take_is_refused(name):
     model = sk.apply(tiny_model(layers=1), sk.ShareLoRAConfig(r=2))
-    with pytest.raises(ValueError, match=f"'{name}' cannot name an adapter: it is an attribute of the module holding "
-                                         "the adapter stores"):
+    message = ("no '/' or" if "/" in name or "\\" in name else
+               f"'{name}' cannot name an adapter: it is an attribute of the module holding the adapter stores")
+    with pytest.raises(ValueError, match=message):
         sk.apply(model, sk.ShareLoRAConfig(r=2), adapter_name=name)
     assert adapter_names(model) == ["default"]

@@ -161,3 +161,24 @@ def test_resuming_a_checkpoint_of_another_plan_is_refused_by_name(tmp_path):
         run.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     base = tiny_model().state_dict()  # the base alone still loads into an applied model, as before
     other.load_state_dict(base, strict=False)
+
+
+def test_checkpoints_keep_each_named_adapter_in_its_place_whichever_trains(tmp_path):
+    """With adapter "other" training, a checkpoint still holds "default" in its folder and "other" in
+    its subfolder (save_pretrained's layout): the callback does not write the active one over "default"."""
+    from tiny_models import logits, randomize_adapters
+
+    model = tiny_model()
+    sk.apply(model, sk.ShareLoRAConfig(target_modules=["q_proj"], r=2))
+    sk.apply(model, sk.ShareLoRAConfig(method="share_a", target_modules=["q_proj", "v_proj"], r=3), adapter_name="other")
+    randomize_adapters(model)
+    sk.set_adapter(model, "other")
+    randomize_adapters(model, seed=5)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, save_steps=1, per_device_train_batch_size=2,
+                             report_to=[], use_cpu=True, learning_rate=0.0)
+    Trainer(model=model.train(), args=args, train_dataset=TokenWindows(4), callbacks=[sk.TrainerCallback()]).train()
+    ids = token_batch()
+    checkpoint = tmp_path / "checkpoint-1"
+    for name, folder in (("default", checkpoint), ("other", checkpoint / "other")):
+        sk.set_adapter(model, name)
+        assert torch.equal(logits(sk.load(tiny_model(), folder), ids), logits(model, ids)), name

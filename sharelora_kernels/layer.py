@@ -52,6 +52,9 @@ def check_adapter_name(name) -> None:
     other than ``BASE_ROW``."""
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"an adapter name must be a non-empty string without '.', got {name!r}")
+    if "/" in name or "\\" in name:
+        raise ValueError(f"an adapter name names the subfolder it is saved in (save_pretrained): no '/' or '\\', "
+                         f"got {name!r}")
     if name == BASE_ROW:
         raise ValueError(f"{BASE_ROW!r} cannot name an adapter: it names a row without adapter in a mixed batch "
                          "(sk.mixed_batch, PEFT's adapter_names)")

@@ -605,6 +605,13 @@ def quantized_bases_unwrapped(model: nn.Module) -> Iterator[None]:
             setattr(parent, child, layer)
 
 
+def adapter_folders(model: nn.Module, directory: str | os.PathLike) -> dict[str, Path]:
+    """Where each named adapter of ``model`` is saved in ``directory``, in PEFT's layout: "default" in
+    the folder itself, every other adapter in its subfolder ``<name>``."""
+    return {name: Path(directory) if name == DEFAULT_ADAPTER else Path(directory) / name
+            for name in adapter_names(model)}
+
+
 class SavePretrainedWithAdapters:
     """A Transformers model's ``save_pretrained`` after ``apply`` (set on the instance): the model, a
     quantized base named as unwrapped (``from_pretrained`` reads the base back), the adapter tensors
@@ -634,8 +641,7 @@ class SavePretrainedWithAdapters:
                 warnings.warn(f"save_pretrained wrote the model, not its adapters {adapter_names(model)} in the form "
                               f"sharelora_kernels.load reads: call sharelora_kernels.save(model, {str(save_directory)!r})",
                               stacklevel=2)
-            for name in adapter_names(model):
-                folder = Path(save_directory) if name == DEFAULT_ADAPTER else Path(save_directory) / name
+            for name, folder in adapter_folders(model, save_directory).items():
                 for write in ADAPTER_WRITERS:
                     write(model, folder, name)
         return out

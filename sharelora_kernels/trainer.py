@@ -16,7 +16,7 @@ import os
 import transformers
 
 from .checkpoint import check_no_peft_wrappers, save, saved_state
-from .model import adapter_names, adapter_store, get_plan
+from .model import adapter_folders, adapter_names, adapter_store, get_plan
 
 TRAINER_LOGGER = "transformers.trainer"  # where the Trainer warns of keys missing from a checkpoint it loads
 
@@ -80,8 +80,10 @@ class TrainerCallback(transformers.TrainerCallback):
 
     def on_save(self, args, state, control, model=None, **kwargs):
         self._restore(model)
-        if args.should_save:
-            save(model, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        if args.should_save:  # every adapter where save_pretrained puts it ("default" in the folder, the others in
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")  # subfolders), as load reads them
+            for name, where in (adapter_folders(model, folder) or {None: folder}).items():
+                save(model, where, name)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._restore(model)
