@@ -454,3 +454,51 @@ def test_a_killed_save_leaves_temporary_files_that_the_next_save_removes(tmp_pat
         live.kill()
         live.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ckpt.WEIGHTS_NAME, ckpt.CONFIG_NAME, running.name])
+
+
+def test_a_module_to_save_with_an_integer_counter_and_an_infinite_mask_round_trips(tmp_path):
+    """A module to save's own state loads as it is: BatchNorm's int64 counter, a buffer of -inf."""
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.proj, self.norm, self.head = nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 4)
+            self.norm.register_buffer("mask", torch.tensor([0.0, float("-inf")] * 8))
+
+        def forward(self, x):
+            return self.head(self.norm(self.proj(x)) + self.norm.mask.clamp_min(-1))
+
+    def applied():
+        return sk.apply(Net(), sk.ShareLoRAConfig(target_modules=["proj"], r=2, modules_to_save=["norm"]))
+
+    model = applied().train()
+    model(torch.randn(8, 16))  # the counter moves
+    sk.save(model.eval(), tmp_path)
+    loaded = sk.load(applied().eval(), tmp_path)
+    assert all(torch.equal(loaded.norm.state_dict()[k], v) for k, v in model.norm.state_dict().items())
+    assert int(loaded.norm.num_batches_tracked) == 1
+
+
+def test_a_folder_where_the_weights_file_goes_is_refused_and_left_in_place(tmp_path):
+    model = sk.apply(tiny_model(layers=1), sk.ShareLoRAConfig(r=2))
+    (tmp_path / ckpt.WEIGHTS_NAME).mkdir()
+    (tmp_path / ckpt.WEIGHTS_NAME / "keep.txt").write_text("mine")
+    with pytest.raises(IsADirectoryError, match="a folder is where this file goes"):
+        sk.save(model, tmp_path)
+    assert (tmp_path / ckpt.WEIGHTS_NAME / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.WEIGHTS_NAME]
+
+
+def test_hand_wrapped_layers_refuse_an_adapter_name_they_do_not_compute(tmp_path):
+    import torch.nn as nn
+
+    model = nn.Sequential(sk.SharedLoRALinear(nn.Linear(16, 8), r=4, alpha=8))
+    sk.save(model, tmp_path / "saved", adapter_name="default")
+    sk.load(model, tmp_path / "saved", adapter_name="default")
+    for call in (lambda: sk.save(model, tmp_path / "other", adapter_name="nope"),
+                 lambda: sk.load(model, tmp_path / "saved", adapter_name="nope")):
+        with pytest.raises(ValueError, match=r"hand-wrapped layers compute adapter\(s\) \['default'\], not 'nope'"):
+            call()
+    assert not (tmp_path / "other").exists()

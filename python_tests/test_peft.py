@@ -137,3 +137,27 @@ def test_export_records_the_task_so_auto_peft_loads_it(tmp_path):
     ids = token_batch(seed=5)
     with torch.no_grad():
         assert rel_err(loaded(ids).logits, model(ids).logits) <= 1e-5
+
+
+def test_export_of_a_compiled_model_is_the_models_and_its_two_files_change_as_one(tmp_path, monkeypatch):
+    base = tiny_model(layers=2)
+    model = sk.apply(copy.deepcopy(base), sk.ShareLoRAConfig(method="share_a", r=3, target_modules=TARGETS))
+    randomize_adapters(model)
+    sk.export_peft(torch.compile(model), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and not any("_orig_mod" in t for t in config["target_modules"])
+    ids = token_batch()
+    with torch.no_grad():
+        exported = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+        torch.testing.assert_close(exported(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = json.dumps  # a second export interrupted before its config is made leaves the first whole
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sk.export.json, "dumps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sk.export_peft(sk.apply(tiny_model(layers=2), sk.ShareLoRAConfig(r=5, target_modules=TARGETS)), tmp_path)
+    monkeypatch.setattr(sk.export.json, "dumps", real)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -211,3 +211,63 @@ def test_export_task_type_lets_auto_peft_load_each_task(head, auto_name, task, t
     for key in ("logits", "start_logits", "last_hidden_state"):
         if key in ref:
             assert rel_err(out[key], ref[key]) < 1e-5
+
+
+def _saved_peft(tmp_path, base, **config):
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, **config))
+    with torch.no_grad():
+        for p in peft.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    peft.save_pretrained(tmp_path)
+    return peft.eval()
+
+
+@pytest.mark.parametrize("damage", ["other base", "B rank", "saved shape", "saved unknown", "NaN", "config JSON",
+                                    "config alpha", "weights truncated"])
+def test_from_peft_refuses_a_folder_that_does_not_fit_before_the_model_changes(damage, tmp_path):
+    from safetensors.torch import save_file
+
+    base = tiny_model(layers=2)
+    source = tiny_family("llama", layers=2, hidden_size=48, intermediate_size=48) if damage == "other base" else base
+    _saved_peft(tmp_path, source, target_modules=["q_proj", "down_proj"], modules_to_save=["model.norm"])
+    weights, config = tmp_path / "adapter_model.safetensors", tmp_path / "adapter_config.json"
+    tensors = load_file(weights)
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    edits = {"B rank": {f"{q}.lora_B.weight": torch.randn(32, 3)},
+             "saved shape": {"base_model.model.model.norm.weight": torch.ones(16)},
+             "saved unknown": {"base_model.model.model.norm.bogus": torch.ones(32)},
+             "NaN": {f"{q}.lora_A.weight": torch.full((2, 32), float("nan"))}}
+    if damage in edits:
+        save_file({**tensors, **edits[damage]}, weights)
+    elif damage == "config JSON":
+        config.write_text("{not json")
+    elif damage == "config alpha":
+        config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "lora_alpha"}))
+    elif damage == "weights truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    message = {"other base": r"lora_A has shape \(2, 48\), this model's module needs \(2, 32\)",
+               "B rank": r"q_proj': lora_B has shape \(32, 3\), this model's module needs \(32, 2\)",
+               "saved shape": r"'model.norm.weight' has shape \(16,\), this model's \(32,\)",
+               "saved unknown": r"'model.norm.bogus', which no module to save of this model holds",
+               "NaN": r"q_proj': lora_A is not finite floating point",
+               "config JSON": r"adapter_config.json is not a PEFT config: not valid JSON",
+               "config alpha": r"adapter_config.json: 'lora_alpha' is missing or not a number",
+               "weights truncated": r"cannot read .*adapter_model.safetensors: a damaged or truncated file"}[damage]
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        sk.from_peft(model, tmp_path)
+    assert not sk.model.adapter_names(model) and not any(isinstance(m, sk.SharedLoRALinear) for m in model.modules())
+    assert model.state_dict().keys() == before.keys() and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_from_peft_reads_a_folder_with_the_base_weights_peft_saved_beside_a_targeted_head(tmp_path):
+    """PEFT saves lm_head.base_layer.weight beside a LoRA on lm_head (save_embedding_layers): loaded
+    into the head's base as PEFT loads it."""
+    base = tiny_model(layers=2)
+    peft = _saved_peft(tmp_path, base, target_modules=["q_proj", "lm_head"])
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    ids = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(sk.from_peft(copy.deepcopy(base), tmp_path)(ids).logits, peft(ids).logits)

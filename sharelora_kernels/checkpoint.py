@@ -139,10 +139,10 @@ def check_checkpoint(model: nn.Module, directory: str | os.PathLike,
                      adapter_name: str | None = None) -> CheckedCheckpoint:
     """Everything ``load`` checks, without changing ``model``: the file and its format version, the
     plan against the model's (or the one ``apply`` would build), merged adapters, and every tensor
-    read whole, present, floating point, finite and of the right shape, none extra. ValueError naming
-    the first problem."""
+    read whole, present, of the right shape, none extra, the adapter tensors floating point and
+    finite (a module to save's state of the model's kind). ValueError naming the first problem."""
     config, saved_plan, path = read_checkpoint(directory)
-    names = adapter_names(model)
+    names, given = adapter_names(model), adapter_name
     if adapter_name is None:
         adapter_name = resolve_adapter(model, None) if active_adapters(model) else DEFAULT_ADAPTER
     apply = adapter_name not in names and (is_applied(model) or not shared_layers(model))
@@ -154,13 +154,14 @@ def check_checkpoint(model: nn.Module, directory: str | os.PathLike,
         shapes = {name: tuple(spec.shape) for name, spec in plan.tensors.items()}
     else:
         adapter_name = adapter_name if names else None
-        plan = get_plan(model, adapter_name)
+        plan = get_plan(model, adapter_name if names else given)  # hand-wrapped: a name given is checked
         shapes = {name: tuple(p.shape) for name, p in adapter_tensors(model, adapter_name).items()}
     plan_mismatch(saved_plan, plan, str(path))
     if any(m.merged for m in shared_layers(model)):
         raise ValueError("the model's adapters are merged into its weights: call unmerge(model) before load(), "
                          "or the merged weights would keep the old adapters")
-    shapes.update({SAVED_PREFIX + name: tuple(t.shape) for name, t in saved_state(model, saved_plan).items()})
+    saved = {SAVED_PREFIX + name: t for name, t in saved_state(model, saved_plan).items()}
+    shapes.update({name: tuple(t.shape) for name, t in saved.items()})
     tensors = {}
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -173,11 +174,14 @@ def check_checkpoint(model: nn.Module, directory: str | os.PathLike,
                 if name not in stored:
                     raise ValueError(f"{path} lacks tensor {name!r} of the model (shape {shape})")
                 t = f.get_tensor(name)
-                if not t.dtype.is_floating_point:
+                if name in saved:  # a module to save's own state: integer counters, masks of -inf are its own
+                    if t.is_floating_point() != saved[name].is_floating_point():
+                        raise ValueError(f"{path}: tensor {name!r} is {t.dtype}, the model's {saved[name].dtype}")
+                elif not t.dtype.is_floating_point:
                     raise ValueError(f"{path}: tensor {name!r} is {t.dtype}; adapter tensors are floating point")
                 if tuple(t.shape) != shape:
                     raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, the model's {shape}")
-                if not torch.isfinite(t).all():
+                if name not in saved and not torch.isfinite(t).all():
                     raise ValueError(f"{path}: tensor {name!r} holds NaN or infinite values (the training that saved "
                                      "it diverged?)")
                 tensors[name] = t

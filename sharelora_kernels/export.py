@@ -28,7 +28,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .checkpoint import check_no_peft_wrappers, saved_state
-from .files import atomic_write
+from .files import atomic_write_files
 from .model import active_adapters, adapter_names, get_plan, peft_base, shared_layers
 from .plan import pattern_value
 from .reference import path_factors
@@ -143,8 +143,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, serving: str | N
         peft_config = {k: peft_config[k] for k in SERVING_CONFIG_KEYS}
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / PEFT_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(out / PEFT_CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2) + "\n"))
+    text = json.dumps(peft_config, indent=2) + "\n"
+    atomic_write_files({out / PEFT_WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+                        out / PEFT_CONFIG_NAME: lambda tmp: Path(tmp).write_text(text)})  # as one unit
     return out
 
 

@@ -12,6 +12,7 @@ a SafetensorError "... (os error 28)"; here it is ``OSError(ENOSPC, ..., path)``
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -47,6 +48,8 @@ def atomic_write_files(writes: Mapping[Path, Callable[[str], None]], remove: Ite
     these steps fails, the old files are put back, and the error is raised. (Only a process killed
     in the instant between two of these renames can leave the files mixed.)
     """
+    for path in remove:
+        _check_not_a_folder(Path(path))
     temps: dict[Path, str] = {}
     try:
         for path, write in writes.items():
@@ -100,10 +103,17 @@ def _keep_aside(path: Path) -> Path:
     return aside
 
 
+def _check_not_a_folder(path: Path) -> None:
+    """IsADirectoryError naming ``path`` if a folder is where its file goes (nothing is moved aside)."""
+    if path.is_dir() and not path.is_symlink():
+        raise IsADirectoryError(errno.EISDIR, "a folder is where this file goes", str(path))
+
+
 def _written_temp(path: Path, write: Callable[[str], None]) -> str:
     """A temporary file beside ``path`` filled by ``write(tmp_path)``, with the permissions of a plain
     ``open(path, "w")``; removed if ``write`` fails (an I/O failure raised as OSError naming ``path``).
     Orphaned temporary files of ``path`` are removed first."""
+    _check_not_a_folder(path)
     remove_orphans(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -172,7 +172,9 @@ class BankFullError(ValueError):
 
 
 def peft_base(model: nn.Module) -> nn.Module:
-    """The model a PeftModel wraps (its ``get_base_model()``), or ``model`` itself."""
+    """The model a PeftModel wraps (its ``get_base_model()``), or ``model`` itself; of a model
+    ``torch.compile`` wrapped, that of the module it compiled (``_orig_mod``)."""
+    model = getattr(model, "_orig_mod", model)
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
@@ -334,7 +336,7 @@ def get_plan(model: nn.Module, adapter_name: str | None = None) -> SharePlan:
     """The share plan of adapter ``adapter_name`` (None: the active one) as ``apply`` made it, or one
     read off the model's hand-wrapped layers."""
     if not adapter_names(model):
-        return _hand_wrapped(model)[0]
+        return _hand_wrapped(model, adapter_name)[0]
     return model.sharelora_plans[resolve_adapter(model, adapter_name)]
 
 
@@ -356,7 +358,7 @@ def adapter_tensors(model: nn.Module, adapter_name: str | None = None) -> dict[s
     """Plan tensor name -> the live parameter (each shared tensor once), in plan order, of adapter
     ``adapter_name`` (None: the active one)."""
     if not adapter_names(model):
-        return _hand_wrapped(model)[1]
+        return _hand_wrapped(model, adapter_name)[1]
     name = resolve_adapter(model, adapter_name)
     plan = model.sharelora_plans[name]
     store = adapter_store(model, name)
@@ -374,13 +376,18 @@ def _base_of(module: nn.Module) -> nn.Module:
     return module.base_module() if isinstance(module, SharedLoRALinear) else module
 
 
-def _hand_wrapped(model: nn.Module) -> tuple[SharePlan, dict[str, nn.Parameter]]:
+def _hand_wrapped(model: nn.Module, adapter_name: str | None = None) -> tuple[SharePlan, dict[str, nn.Parameter]]:
     """The plan of a module holding hand-wrapped SharedLoRALinears, and its tensors: each tensor is
-    named by its parameter name in ``model`` (``"0.adapters.A"``), so layers sharing one are planned so."""
+    named by its parameter name in ``model`` (``"0.adapters.A"``), so layers sharing one are planned so.
+    ``adapter_name``: None, or the adapter every layer computes (ValueError naming those they do)."""
     layers = named_shared_layers(model)
     if not layers:
         raise ValueError("this model has no ShareLoRA adapters: call sharelora_kernels.apply(model, config) "
                          "or wrap its layers in SharedLoRALinear first")
+    computed = sorted({a for _, layer in layers for a in layer.active_adapters})
+    if adapter_name is not None and computed != [adapter_name]:
+        raise ValueError(f"this model's hand-wrapped layers compute adapter(s) {computed}, not {adapter_name!r}: "
+                         "pass adapter_name=None (or the name they compute)")
     param_names: dict[int, str] = {}
     for pname, p in model.named_parameters():
         param_names.setdefault(id(p), pname)

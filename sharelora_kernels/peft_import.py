@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .config import ShareLoRAConfig
+from .base import describe_base
 from .model import adapter_names, adapter_tensors, apply_plan, plan_model
 from .plan import pattern_value
 from .targeting import find_target_modules, matches
@@ -45,6 +46,7 @@ def from_peft(model: nn.Module, adapter_dir: str | os.PathLike | None = None) ->
         if adapter_dir is not None:
             raise ValueError("from_peft takes a PeftModel, or a base model and adapter_dir, not both")
         peft_config, lora, saved = _read_peft_model(model)
+        base_weights = {}
         if _merged_adapters(model):  # only the converted one (checked): its update leaves the base weights
             model.unmerge_adapter()
         base = model.unload()
@@ -54,28 +56,60 @@ def from_peft(model: nn.Module, adapter_dir: str | os.PathLike | None = None) ->
         if adapter_names(model):
             raise ValueError(f"from_peft converts into a model without ShareLoRA adapters; this one has "
                              f"{adapter_names(model)}: pass a fresh base model")
-        peft_config, lora, saved = _read_adapter_dir(Path(adapter_dir))
+        peft_config, lora, saved, base_weights = _read_adapter_dir(Path(adapter_dir))
         base = model
     config = _config(base, peft_config, list(lora), _saved_modules(base, peft_config, saved))
     plan = plan_model(base, config)
-    for name, mplan in plan.modules.items():
-        a, b = lora[name][:2]
-        path = mplan.paths[0]
-        if (path.rank, path.scale) != (a.shape[0], lora[name][2]):
-            raise ValueError(f"PEFT module {name!r} has rank {a.shape[0]} and scale {lora[name][2]}, its config gives "
-                             f"rank {path.rank} and scale {path.scale}")
+    state = {f"{name}.{key}": t for name in plan.modules_to_save for key, t in base.get_submodule(name).state_dict().items()}
+    _check_fits(base, plan, lora, saved, state, base_weights)  # everything before the model changes
+    with torch.no_grad():
+        for key, t in base_weights.items():
+            base.get_parameter(key).copy_(t)
     apply_plan(base, config, plan)
     params = adapter_tensors(base)
-    state = {f"{name}.{key}": t for name in plan.modules_to_save for key, t in base.get_submodule(name).state_dict().items()}
     with torch.no_grad():
         for name, (a, b, _) in lora.items():
             params[f"{name}.A"].copy_(a)
             params[f"{name}.B"].copy_(b)
         for key, t in saved.items():
-            if key not in state:
-                raise ValueError(f"PEFT saved tensor {key!r}, which no module to save of this model holds")
             state[key].copy_(t)
     return base
+
+
+def _check_fits(base: nn.Module, plan, lora: dict, saved: dict, state: dict, base_weights: dict) -> None:
+    """ValueError naming the first tensor of the PEFT LoRA that does not fit ``base`` and the plan made
+    of its config: each module's rank and scale, A (r, K) and B (N, r), each saved tensor of a module
+    to save, each base weight PEFT saved beside them (an embedding or head it targets)."""
+    for name, mplan in plan.modules.items():
+        a, b, scale = lora[name]
+        path = mplan.paths[0]
+        if (path.rank, path.scale) != (a.shape[0], scale):
+            raise ValueError(f"PEFT module {name!r} has rank {a.shape[0]} and scale {scale}, its config gives "
+                             f"rank {path.rank} and scale {path.scale}")
+        for role, t in (("lora_A", a), ("lora_B", b)):
+            if not t.is_floating_point() or not torch.isfinite(t).all():
+                raise ValueError(f"PEFT module {name!r}: {role} is not finite floating point ({t.dtype}, NaN or "
+                                 "infinite values?)")
+        layout = describe_base(base.get_submodule(name))
+        shapes = {"lora_A": (path.rank, layout.in_features), "lora_B": (layout.out_features, path.rank)}
+        for (role, shape), t in zip(shapes.items(), (a, b)):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"PEFT module {name!r}: {role} has shape {tuple(t.shape)}, this model's module needs "
+                                 f"{shape}: saved for another base model?")
+    for key, t in [*saved.items(), *base_weights.items()]:
+        target = state.get(key) if key in saved else _parameter(base, key)
+        if target is None:
+            raise ValueError(f"PEFT saved tensor {key!r}, which no module to save of this model holds")
+        if target.shape != t.shape:
+            raise ValueError(f"PEFT saved tensor {key!r} has shape {tuple(t.shape)}, this model's "
+                             f"{tuple(target.shape)}: saved for another base model?")
+
+
+def _parameter(base: nn.Module, key: str):
+    try:
+        return base.get_parameter(key)
+    except AttributeError:
+        return None
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -129,18 +163,32 @@ def _merged_adapters(model) -> set[str]:
     return {name for m in model.modules() for name in getattr(m, "merged_adapters", ())}
 
 
-def _read_adapter_dir(directory: Path) -> tuple[dict, dict, dict]:
+def _read_adapter_dir(directory: Path) -> tuple[dict, dict, dict, dict]:
+    """``_read_peft_model``'s three, and the base weights PEFT saved beside them ({"<module>.weight":
+    tensor}: an embedding or head it targets, ``save_embedding_layers``), of a saved PEFT LoRA;
+    ValueError naming the file and what is wrong with it."""
     from safetensors.torch import load_file
 
     config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
     for path in (config_path, weights_path):
         if not path.is_file():
             raise ValueError(f"no PEFT adapter at {directory}: {path.name} is missing (only safetensors weights are read)")
-    peft_config = json.loads(config_path.read_text())
+    try:
+        peft_config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_path} is not a PEFT config: not valid JSON ({err})") from None
+    if not isinstance(peft_config, dict):
+        raise ValueError(f"{config_path} is not a PEFT config: it holds a {type(peft_config).__name__}, not an object")
+    for field in ("r", "lora_alpha"):
+        if not isinstance(peft_config.get(field), (int, float)) or isinstance(peft_config.get(field), bool):
+            raise ValueError(f"{config_path}: {field!r} is missing or not a number ({peft_config.get(field)!r})")
     _check_supported(peft_config)
-    tensors = load_file(str(weights_path))
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as err:  # safetensors' SafetensorError (a damaged file), OSError
+        raise ValueError(f"cannot read {weights_path}: a damaged or truncated file? ({err})") from None
     prefix = "base_model.model."
-    lora, saved = {}, {}
+    lora, saved, base_weights = {}, {}, {}
     for key, t in tensors.items():
         if not key.startswith(prefix):
             raise ValueError(f"{weights_path}: tensor {key!r} is not under {prefix!r}")
@@ -154,7 +202,10 @@ def _read_adapter_dir(directory: Path) -> tuple[dict, dict, dict]:
                 raise ValueError(f"{weights_path}: " + _EMBEDDING.format(name=key.rsplit(".", 1)[0]))
             if ".lora_" in key:
                 raise ValueError(f"{weights_path}: tensor {key!r} is not a linear LoRA weight (lora_A / lora_B)")
-            saved[key] = t
+            if ".base_layer." in key:
+                base_weights[key.replace(".base_layer.", ".", 1)] = t
+            else:
+                saved[key] = t
     if not lora:
         raise ValueError(f"{weights_path} holds no LoRA weights (no lora_A / lora_B tensors)")
     out = {}
@@ -162,7 +213,7 @@ def _read_adapter_dir(directory: Path) -> tuple[dict, dict, dict]:
         if set(ab) != {"lora_A", "lora_B"}:
             raise ValueError(f"{weights_path}: module {name!r} has {sorted(ab)} but not both lora_A and lora_B")
         out[name] = (ab["lora_A"], ab["lora_B"], _peft_scale(peft_config, name, ab["lora_A"].shape[0]))
-    return peft_config, out, saved
+    return peft_config, out, saved, base_weights
 
 
 def _peft_scale(peft_config: dict, name: str, r: int) -> float:
