@@ -103,7 +103,7 @@ CASES = [
     (FINETUNE + ["--out", "{d}/a_file"], "--out {d}/a_file is an existing file, not a folder"),
     (FINETUNE + ["--device", "nonsense"], "--device nonsense is not usable: "),
     (FINETUNE + ["--device", "meta"], "--device meta holds shapes, no values: a model cannot run there"),
-    (FINETUNE + ["--seed", "18446744073709551616"], "--seed must be in [0, 18446744073709551615], got 18446744073709551616"),
+    (FINETUNE + ["--seed", "4294967296"], "--seed must be in [0, 4294967295], got 4294967296"),
     (FINETUNE + ["--batch-size", "99999999999999999"],
      "--batch-size 99999999999999999 with --seq-len 128: the logits of one batch alone take "),
     (FINETUNE + ["--samples", "1000000000"], "--samples 1000000000: the built-in task makes at most 100,000 paragraphs"),
@@ -130,7 +130,7 @@ CASES = [
     (["compare", "--out", "{d}/taken"], "--out {d}/taken: {d}/taken/compare.json is a folder"),
     (["compare", "--heldout", "3000000"], "--heldout 3000000: the built-in task has only 55 paragraphs of lines it "
                                           "does not train on"),
-    (["compare", "--seed", "-1"], "--seed must be in [0, 18446744073709551615], got -1"),
+    (["compare", "--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
     (["compare", "--model", "{d}/gpt2", "--seq-len", "17"],
      "--seq-len 17 is longer than the model of {d}/gpt2 takes: at most 16 tokens"),
     (["compare", "--model", "{d}/other_shape"], "the weights in {d}/other_shape/model.safetensors do not fit "),

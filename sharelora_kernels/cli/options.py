@@ -15,15 +15,15 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", metavar="LR", type=float, default=3e-3,
                    help="AdamW learning rate, no weight decay (default: 3e-3)")
     p.add_argument("--seed", metavar="N", type=int, default=0,
-                   help="seed of the adapter init and of the window order (default: 0)")
+                   help="seed of the adapter init and of the window order, in [0, 2**32 - 1] (default: 0)")
 
 
 def check_training_arguments(args: argparse.Namespace) -> None:
     """CommandError naming the first bad value among ``add_training_arguments``' options (--seed: a
-    64-bit seed, what torch's generators take)."""
+    32-bit seed, what torch's CPU generator keeps: seeds 2**32 apart would give one run)."""
     require_positive(args, "batch_size", "lr")
     require_between(args, "seq_len", 2)
-    require_between(args, "seed", 0, 2**64 - 1)
+    require_between(args, "seed", 0, 2**32 - 1)
 
 
 def check_training_fits(args: argparse.Namespace, model_config, model_dir, device: str) -> None:
