@@ -64,9 +64,12 @@ def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
 
 
-def new_adapter_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of new adapters on base ``module``: float32 on a quantized base, else ``adapter_dtype``."""
-    return torch.float32 if describe_base(module).computes_itself else adapter_dtype(module.weight.dtype)
+def new_adapter_dtype(module: nn.Module, autocast: bool = True) -> torch.dtype:
+    """The dtype of new adapters on base ``module``: float32 on a quantized base, else ``adapter_dtype``
+    (``autocast=False``, PEFT's ``autocast_adapter_dtype=False``: the base weight's own dtype)."""
+    if describe_base(module).computes_itself:
+        return torch.float32
+    return adapter_dtype(module.weight.dtype) if autocast else module.weight.dtype
 
 
 def is_linear_like(module: nn.Module) -> bool:

@@ -154,12 +154,13 @@ def _check_trainable_in_full(model: nn.Module, saved: list[str]) -> None:
     (a quantized module), or shares a parameter with a module outside it (training it would change
     that one too)."""
     for name in saved:
-        for pname, p in model.get_submodule(name).named_parameters():
+        module = model.get_submodule(name)
+        for pname, p in module.named_parameters():
             if not p.is_floating_point():
                 raise ValueError(f"modules_to_save entry {name!r} is quantized ({pname} is {p.dtype}) and cannot "
                                  "train in full: leave it out (modules_to_save=[...] without it), or load the model "
                                  "with it unquantized (BitsAndBytesConfig(llm_int8_skip_modules=[...]))")
-        inside = {id(p) for p in model.get_submodule(name).parameters()}
+        inside = {id(p) for p in module.parameters()}
         for pname, p in model.named_parameters(remove_duplicate=False):
             if id(p) in inside and not pname.startswith(f"{name}."):
                 raise ValueError(f"modules_to_save entry {name!r} shares a parameter with {pname!r} (tied weights); "
@@ -263,6 +264,15 @@ def _first_users(plan: SharePlan) -> dict[str, str]:
             for t in p.tensors.values():
                 first.setdefault(t, name)
     return first
+
+
+def keep_base_dtypes(model: nn.Module, adapter_name: str) -> None:
+    """Put adapter ``adapter_name``'s tensors in the dtype of the base they were made on (the first
+    module reading each, as ``apply_plan`` picks it), not float32 where that base is half precision:
+    PEFT's ``autocast_adapter_dtype=False`` (a quantized base's adapters stay float32)."""
+    first_user = _first_users(model.sharelora_plans[adapter_name])
+    for name, t in adapter_tensors(model, adapter_name).items():
+        t.data = t.data.to(new_adapter_dtype(_base_of(model.get_submodule(first_user[name])), autocast=False))
 
 
 def put_store(host: nn.Module, adapter_name: str, store: AdapterStore) -> None:

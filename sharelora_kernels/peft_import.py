@@ -86,13 +86,12 @@ def _check_fits(base: nn.Module, plan, lora: dict, saved: dict, state: dict, bas
         if (path.rank, path.scale) != (a.shape[0], scale):
             raise ValueError(f"PEFT module {name!r} has rank {a.shape[0]} and scale {scale}, its config gives "
                              f"rank {path.rank} and scale {path.scale}")
-        for role, t in (("lora_A", a), ("lora_B", b)):
+        layout = describe_base(base.get_submodule(name))
+        for role, t, shape in (("lora_A", a, (path.rank, layout.in_features)),
+                               ("lora_B", b, (layout.out_features, path.rank))):
             if not t.is_floating_point() or not torch.isfinite(t).all():
                 raise ValueError(f"PEFT module {name!r}: {role} is not finite floating point ({t.dtype}, NaN or "
                                  "infinite values?)")
-        layout = describe_base(base.get_submodule(name))
-        shapes = {"lora_A": (path.rank, layout.in_features), "lora_B": (layout.out_features, path.rank)}
-        for (role, shape), t in zip(shapes.items(), (a, b)):
             if tuple(t.shape) != shape:
                 raise ValueError(f"PEFT module {name!r}: {role} has shape {tuple(t.shape)}, this model's module needs "
                                  f"{shape}: saved for another base model?")

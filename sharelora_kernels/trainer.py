@@ -80,8 +80,9 @@ class TrainerCallback(transformers.TrainerCallback):
 
     def on_save(self, args, state, control, model=None, **kwargs):
         self._restore(model)
-        if args.should_save:  # every adapter where save_pretrained puts it ("default" in the folder, the others in
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")  # subfolders), as load reads them
+        if args.should_save:
+            # every adapter where save_pretrained puts it ("default" in the folder, the others in subfolders)
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             for name, where in (adapter_folders(model, folder) or {None: folder}).items():
                 save(model, where, name)
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 from ..config import ShareLoRAConfig
 from ..layer import AdapterStore, SharedLoRALinear, check_adapter_name
 from ..model import (STORE_ATTR, active_adapters, adapter_names, adapter_store, apply_plan, check_bank_room,
-                     check_known, check_safe_merge, delete_adapter, is_applied, set_adapter, shared_layers,
+                     check_known, check_safe_merge, delete_adapter, is_applied, keep_base_dtypes, set_adapter,
                      unload)
 from ..plan import build_plan
 from ..serving import mixed_batch
@@ -245,18 +245,9 @@ class ShareLoRAModel(BaseTuner):
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT's dtype switch, called after an adapter is added: adapters of half-precision bases are
-        made in float32 (``autocast_adapter_dtype=True``, the default); False puts each tensor in the
-        dtype of the base weight its first module reads (a quantized base's adapters stay float32)."""
-        if autocast_adapter_dtype:
-            return
-        dtypes = {}
-        for layer in shared_layers(self.model):
-            if adapter_name in layer.adapter_paths and not layer.layout.computes_itself:
-                for path in layer.adapter_paths[adapter_name]:
-                    for t in path.as_path().tensors:
-                        dtypes.setdefault(t, layer.weight.dtype)
-        for t, dtype in dtypes.items():
-            t.data = t.data.to(dtype)
+        made in float32 (``autocast_adapter_dtype=True``, the default); False keeps their base's dtype."""
+        if not autocast_adapter_dtype:
+            keep_base_dtypes(self.model, adapter_name)
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
