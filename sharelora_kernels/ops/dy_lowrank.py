@@ -99,7 +99,7 @@ def dy_lowrank(dy: Tensor, h: Tensor, table: Tensor, scale: Tensor, factor_dtype
         _dy_lowrank_kernel[grid](
             dy, h, table, scale, dh, db,
             m, n, r, m_chunk, n_chunk,
-            dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), *dh_strides, *db_strides,
+            *dy.stride(), *h.stride(), *dh_strides, *db_strides,
             INT64=needs_int64_index(dy), DOT_PRECISION=dot_precision(dy.dtype), FACTOR_DTYPE=factor_dtype,
             PERIODIC=periodic, BLOCK_R=block_r, **config,
         )

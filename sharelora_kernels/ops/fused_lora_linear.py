@@ -112,7 +112,7 @@ def fused_linear(a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Tensor, table:
             a, w_kn, bias if bias is not None else a, h, table, scale if scale is not None else h, out,
             mask if dropout else h, dropout_p,
             m, n, k, r, next_power_of_2(m),
-            a.stride(0), a.stride(1), w_kn.stride(0), w_kn.stride(1), h.stride(0), h.stride(1), out.stride(0), out.stride(1),
+            *a.stride(), *w_kn.stride(), *h.stride(), *out.stride(),
             mask.stride(0) if dropout else 0,
             HAS_BIAS=bias is not None, APPLY_SCALE=scale is not None, DROPOUT=dropout,
             INT64=needs_int64_index(a) or (needs_int64_index(w_kn) if w_int64 is None else w_int64),

@@ -132,7 +132,7 @@ def lowrank_grad(g: Tensor, a: Tensor, mask: Tensor | None = None, dropout_p: fl
         _lowrank_grad_kernel[grid](
             g, a, out, mask if dropout else g, dropout_p,
             m, d, r, chunk,
-            g.stride(0), g.stride(1), a.stride(0), a.stride(1), *strides, mask.stride(0) if dropout else 0,
+            *g.stride(), *a.stride(), *strides, mask.stride(0) if dropout else 0,
             DROPOUT=dropout, INT64=needs_int64_index(a), DOT_PRECISION=dot_precision(a.dtype), ATOMIC=atomic,
             BLOCK_R=block_r, **config,
         )

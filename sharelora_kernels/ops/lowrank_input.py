@@ -85,7 +85,7 @@ def lowrank_project(a: Tensor, table: Tensor, factor_dtype: tl.dtype, periodic: 
         _lowrank_project_kernel[grid](
             a, table, out, seed if seed is not None else table, mask, dropout_p,
             m, d, r,
-            a.stride(0), a.stride(1), out.stride(0), out.stride(1), mask.stride(0) if dropout else 0,
+            *a.stride(), *out.stride(), mask.stride(0) if dropout else 0,
             DROPOUT=dropout, RNG64=rng_needs_int64(m, d),
             INT64=needs_int64_index(a), DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype, PERIODIC=periodic,
             BLOCK_R=block_r, **config,

@@ -79,7 +79,7 @@ def _lowrank_add(out: Tensor, h: Tensor, table: Tensor, tables: FactorTables, co
         _lowrank_add_kernel[grid](
             h, table, scale if scale is not None else h, out, mask if dropout else h, dropout_p,
             m, d, table.shape[0],
-            h.stride(0), h.stride(1), out.stride(0), out.stride(1), mask.stride(0) if dropout else 0,
+            *h.stride(), *out.stride(), mask.stride(0) if dropout else 0,
             ACCUMULATE=accumulate, APPLY_SCALE=scale is not None, DROPOUT=dropout, DOT_PRECISION=dot_precision(compute),
             DTYPE=TL_DTYPES[compute], FACTOR_DTYPE=tables.dtype, PERIODIC=tables.periodic, BLOCK_R=LOWRANK_CHUNK,
             **config,

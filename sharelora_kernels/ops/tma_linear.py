@@ -130,7 +130,7 @@ def tma_linear(out: Tensor, a: Tensor, w_kn: Tensor, bias: Tensor | None, h: Ten
             a_desc, w_desc, bias if bias is not None else h, h, table, scale if scale is not None else h, out,
             mask if dropout else h, dropout_p,
             m, n, k, table.shape[0], next_power_of_2(m), programs,
-            h.stride(0), h.stride(1), out.stride(0), out.stride(1), mask.stride(0) if dropout else 0,
+            *h.stride(), *out.stride(), mask.stride(0) if dropout else 0,
             HAS_BIAS=bias is not None, APPLY_SCALE=scale is not None, DROPOUT=dropout, W_KMAJOR=w_kmajor,
             DOT_PRECISION=dot_precision(a.dtype), FACTOR_DTYPE=factor_dtype, PERIODIC=periodic,
             R_CHUNKS=cdiv(table.shape[0], LOWRANK_CHUNK), BLOCK_R=LOWRANK_CHUNK,
