@@ -121,6 +121,45 @@ def test_layer_position_and_module_type_rules():
                       "e.layer.*.attention.self.query": "query"}
 
 
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.fc(x)
+
+
+class _BlocksAndRootFc(nn.Module):
+    """Blocks that each hold ``fc``, and a final ``fc`` at the root: the type ``fc`` is a suffix of
+    ``layers.*.fc``, so no suffix of it is unique."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_Block(), _Block()])
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        for block in self.layers:
+            x = block(x)
+        return self.fc(x)
+
+
+def test_a_root_module_named_like_a_per_layer_module_is_its_own_type(tmp_path):
+    assert type_labels(["layers.*.fc", "fc"]) == {"layers.*.fc": "*.fc", "fc": "fc"}
+    x = torch.randn(3, 8, dtype=torch.float64)
+    for method, count in (("lora", 2 * (16 + 16) + 16 + 8), ("share_a", 16 + 2 * 16 + 16 + 8)):
+        torch.manual_seed(0)
+        model = sk.apply(_BlocksAndRootFc().double(), sk.ShareLoRAConfig(target_modules=["fc"], method=method, r=2))
+        randomize_adapters(model)
+        assert sk.trainable_parameters(model) == count  # the root fc shares nothing with the blocks' fc
+        sk.save(model, tmp_path / method)
+        torch.manual_seed(0)  # the same base weights, the adapters from the file
+        loaded = sk.load(_BlocksAndRootFc().double(), tmp_path / method)
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_bert_similarity_keeps_three_dense_types_and_the_pooler_apart():
     """BERT's attention-output, intermediate and output dense layers are three module types, each
     with its own share slots; the pooler (no layer) has a slot of its own, shared with no layer."""

@@ -112,7 +112,8 @@ def module_type(name: str, layers_pattern: str | Sequence[str] | None = None) ->
 
 
 def type_labels(types: Sequence[str]) -> dict[str, str]:
-    """Each module type's shortest dotted suffix that no other of ``types`` ends with."""
+    """Each module type's shortest dotted suffix that no other of ``types`` ends with; the type itself
+    where every suffix is one (a root ``fc`` beside ``layers.*.fc``: labels ``fc`` and ``*.fc``)."""
     unique = sorted(set(types))
     labels = {}
     for t in unique:
@@ -122,6 +123,8 @@ def type_labels(types: Sequence[str]) -> dict[str, str]:
             if not any(o != t and (o == label or o.endswith("." + label)) for o in unique):
                 labels[t] = label
                 break
+        else:
+            labels[t] = t
     return labels
 
 
