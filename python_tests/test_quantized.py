@@ -638,15 +638,21 @@ assert "bitsandbytes" not in sys.modules, "bitsandbytes was imported"
 
 
 
+def wide_nf4(float_dir):
+    """A fresh nf4 tiny LLaMA (2 layers) loaded through Transformers, hidden 64 and MLP 128 wide: sizes
+    bitsandbytes' CPU backend repacks for its inference kernel on an eval pass. Train mode."""
+    folder = float_dir / "wide_mlp"
+    if not folder.exists():
+        tiny_family("llama", layers=2, hidden_size=64, intermediate_size=128).save_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**QUANTS["nf4"]),
+                                                device_map="cpu").train()
+
+
 def test_an_eval_pass_leaves_the_4bit_weight_training_uses(float_dir):
     """bitsandbytes' CPU backend would repack a 4-bit weight for its inference kernel on an eval pass,
     and undoing that (for training, merge, save) does not give the weight back: a wrapped base is
     never repacked, so training after an evaluation computes on the same weight (MLP 128 wide)."""
-    folder = float_dir / "wide_mlp"
-    if not folder.exists():
-        tiny_family("llama", layers=2, hidden_size=64, intermediate_size=128).save_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**QUANTS["nf4"]),
-                                                 device_map="cpu").train()
+    model = wide_nf4(float_dir)
     every_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     sk.apply(model, sk.ShareLoRAConfig(method="lora", r=4, target_modules=every_linear))  # every 4-bit module wrapped
     layers = [m for m in model.modules() if isinstance(m, SharedLoRALinear)]
@@ -659,6 +665,48 @@ def test_an_eval_pass_leaves_the_4bit_weight_training_uses(float_dir):
         model(ids)
     assert torch.equal(model.train()(ids, labels=ids).loss, before)
     assert all(torch.equal(dequantized_weight(m.base_layer, m.layout), w) for m, w in zip(layers, weights))
+
+
+
+def _eval_pass(model, ids):
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    return model.train()
+
+
+def test_an_eval_pass_leaves_the_gradients_through_4bit_modules_that_are_no_targets(float_dir):
+    """o_proj and gate_proj are no targets here (they stay bitsandbytes' Linear4bit), yet the gradient
+    of every adapter before them flows through them: an eval pass must not repack them either (the
+    repacked layout has no backward), so a training step after it gives the same gradients."""
+    model = wide_nf4(float_dir)
+    sk.apply(model, sk.ShareLoRAConfig(method="lora", r=4, target_modules=TARGETS))
+    assert [n for n in quantized_modules(model) if "o_proj" in n or "gate_proj" in n]  # some 4-bit non-targets
+    randomize_adapters(model, std=0.1)
+    params = list(adapter_tensors(model).values())
+    ids = token_batch(2, 8, seed=4)
+    before = torch.autograd.grad(model(ids, labels=ids).loss, params)
+    after = torch.autograd.grad(_eval_pass(model, ids)(ids, labels=ids).loss, params)
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_a_4bit_model_evaluated_before_the_adapters_is_refused(float_dir):
+    """An eval pass before the adapters repacks the 4-bit weights on the CPU, and converting them back
+    changes them: apply, the PEFT method and a hand-wrapped layer refuse such a base, naming a module,
+    and leave the model as it was."""
+    from peft import get_peft_model
+
+    ids = token_batch(2, 8, seed=4)
+    model = _eval_pass(wide_nf4(float_dir), ids)
+    before = [type(m) for m in model.modules()]
+    message = r"'model.layers.0.self_attn.q_proj' is a 4-bit layer whose weight bitsandbytes repacked .* load the model"
+    with pytest.raises(ValueError, match=message):
+        sk.apply(model, sk.ShareLoRAConfig(method="lora", r=4, target_modules=TARGETS))
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(model, sk.ShareLoRAPeftConfig(r=4, target_modules=TARGETS))
+    assert [type(m) for m in model.modules()] == before and not hasattr(model, "sharelora_plans")
+    with pytest.raises(ValueError, match="the base is a 4-bit layer whose weight bitsandbytes repacked"):
+        SharedLoRALinear(model.model.layers[0].self_attn.q_proj, r=4)
 
 
 def test_a_quantized_module_to_save_is_refused_before_the_model_changes(float_dir):

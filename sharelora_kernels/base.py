@@ -167,6 +167,32 @@ def keep_standard_4bit_layout(module: nn.Module) -> None:
         module.support_avx512bf16_for_cpu = False
 
 
+def _repacked(module: nn.Module) -> bool:
+    """Whether a module's 4-bit weight is in bitsandbytes' CPU inference layout (False for any other module)."""
+    return bool(getattr(getattr(getattr(module, "weight", None), "quant_state", None), "packing_format_for_cpu", False))
+
+
+def check_4bit_layouts(model: nn.Module) -> None:
+    """ValueError naming a 4-bit module of ``model`` whose weight bitsandbytes' CPU backend has repacked
+    for its inference kernel (an eval-mode forward without grad): that layout has no working backward,
+    and converting it back does not give the loaded weight (bitsandbytes 0.50: an nf4 weight of K=128
+    changed by up to half its size), so training through it would train on another base."""
+    for name, module in model.named_modules():
+        if _repacked(module):
+            where = f"module {name!r}" if name else "the base"
+            raise ValueError(f"{where} is a 4-bit layer whose weight bitsandbytes repacked for its CPU "
+                             "inference kernel (an eval-mode forward without grad ran before the adapters were "
+                             "added), which cannot be converted back exactly: load the model again and add the "
+                             "adapters before evaluating it (they keep every 4-bit layer in the standard layout)")
+
+
+def keep_standard_4bit_layouts(model: nn.Module) -> None:
+    """``keep_standard_4bit_layout`` on every module of ``model``: a 4-bit layer that is no target is
+    still on the gradient's way to the adapters before it, so an eval pass must not repack it either."""
+    for module in model.modules():
+        keep_standard_4bit_layout(module)
+
+
 def standard_4bit_layout(module: nn.Module) -> nn.Parameter:
     """A Linear4bit's weight in bitsandbytes' standard layout, restored if needed; returns the weight.
 
@@ -175,7 +201,7 @@ def standard_4bit_layout(module: nn.Module) -> nn.Parameter:
     requires grad; without one it backpropagates through an op with no autograd formula).
     bitsandbytes' own ``state_dict()`` converts it back (not exactly); this calls it, for a base
     evaluated before a layer wrapped it (``keep_standard_4bit_layout`` keeps a wrapped one unpacked)."""
-    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+    if _repacked(module):
         module.state_dict()
     return module.weight
 

@@ -23,8 +23,8 @@ from torch.nn.utils import parametrize
 from . import ops
 from .ops import call_plan
 from .ops.autocast import autocast_enabled, no_autocast
-from .base import (add_to_weight_, compute_dtype, describe_base, keep_standard_4bit_layout, new_adapter_dtype,
-                   standard_4bit_layout)
+from .base import (add_to_weight_, check_4bit_layouts, compute_dtype, describe_base, keep_standard_4bit_layout,
+                   new_adapter_dtype, standard_4bit_layout)
 from .config import PATH_ROLES, check_bool, check_dropout, check_int, check_positive
 from .plan import PathSpec, TensorSpec
 from .reference import LoRAPath, delta_weight
@@ -218,6 +218,7 @@ class SharedLoRALinear(nn.Module):
         if self.layout.computes_itself:
             self.base_layer = base.requires_grad_(False)
             if self.layout.kind == "bnb_4bit":
+                check_4bit_layouts(base)
                 keep_standard_4bit_layout(base)
         else:
             self.weight = base.weight

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from .base import new_adapter_dtype
+from .base import check_4bit_layouts, keep_standard_4bit_layouts, new_adapter_dtype
 from .config import ShareLoRAConfig
 from .grouping import check_known_architecture, disable_input_groups, enable_input_groups
 from .layer import (DEFAULT_ADAPTER, AdapterStore, AdapterStores, LoRAPathModule, SharedLoRALinear,
@@ -65,6 +65,7 @@ def plan_model(model: nn.Module, config: ShareLoRAConfig, adapter_name: str = DE
         raise ValueError(f"this model already has ShareLoRA adapters, one named {adapter_name!r} (adapters: {names}); "
                          "pass another adapter_name to add one")
     check_no_peft(model)
+    check_4bit_layouts(model)
     config.validate()  # it may have been edited since it was made
     infos, num_layers = find_target_modules(model, config, wrapped_ok=is_applied(model))
     saved = find_modules_to_save(model, config)
@@ -89,6 +90,7 @@ def apply_plan(model: nn.Module, config: ShareLoRAConfig, plan: SharePlan, group
     if first:
         for p in model.parameters():
             p.requires_grad_(False)
+    keep_standard_4bit_layouts(model)
     first_user = _first_users(plan)
     params: dict[str, nn.Parameter] = {}
     for name, spec in plan.tensors.items():

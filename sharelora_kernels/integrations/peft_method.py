@@ -25,6 +25,7 @@ from typing import Sequence
 
 import torch.nn as nn
 
+from ..base import check_4bit_layouts
 from ..config import ShareLoRAConfig
 from ..layer import AdapterStore, SharedLoRALinear, check_adapter_name
 from ..model import (STORE_ATTR, active_adapters, adapter_names, adapter_store, apply_plan, check_bank_room,
@@ -217,6 +218,7 @@ class ShareLoRAModel(BaseTuner):
         names = [n for n, _ in model.named_modules() if n]
         # PEFT wraps the modules to save; the planner only keeps targets out of them
         config.modules_to_save = [e for e in peft_config.modules_to_save or [] if any(matches(n, [e]) for n in names)]
+        check_4bit_layouts(model)
         infos, num_layers = find_target_modules(model, config, wrapped_ok=is_applied(model))
         plan = build_plan(config, infos, num_layers)
         check_bank_room(model, plan, adapter_name, _copy_bytes(model, peft_config.modules_to_save or []))
