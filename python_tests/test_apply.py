@@ -1,5 +1,7 @@
 """apply(): wrapping real Transformers models for every method; sharing is real sharing."""
 import copy
+import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -279,6 +281,17 @@ def test_no_target_and_double_apply_and_kron_misfit_errors():
         sk.apply(tiny_model(), sk.ShareLoRAConfig(method="bishare", shape_transform="kron", kron_dim=12, target_modules=TARGETS))
     with pytest.raises(ValueError, match="layer 9"):
         sk.apply(tiny_model(), sk.ShareLoRAConfig(method="similarity", share_sets=[[2, 9]], target_modules=TARGETS))
+
+
+
+def test_kronecker_ranks_above_kron_dim_are_warned_about():
+    """A Kronecker path's rank is at most kron_dim: a larger intra_r / inter_r trains ranks that add nothing."""
+    config = sk.ShareLoRAConfig(method="bishare", shape_transform="kron", kron_dim=8, target_modules=TARGETS)
+    with pytest.warns(UserWarning, match=r"inter-layer Kronecker paths have rank inter_r=16 above kron_dim=8"):
+        sk.apply(tiny_model(), config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sk.apply(tiny_model(), dataclasses.replace(config, inter_r=8))
 
 
 def test_a_refused_apply_leaves_the_model_as_it_was():

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from sharelora_kernels import ShareLoRAConfig
@@ -34,8 +36,26 @@ def test_target_modules_defaults_to_none_and_all_linear_is_case_insensitive():
 @pytest.mark.parametrize("transform, ranks", [("slice", (2, 4, 32)), ("gate", (2, 8, 16)), ("kron", (2, 4, 16))])
 def test_bishare_paper_default_ranks(transform, ranks):
     c = ShareLoRAConfig(method="bishare", shape_transform=transform)
-    assert (c.local_r, c.intra_r, c.inter_r) == ranks
-    assert ShareLoRAConfig(method="bishare", shape_transform=transform, intra_r=1).intra_r == 1
+    assert c.bishare_ranks() == ranks and c.local_r is None
+    assert ShareLoRAConfig(method="bishare", shape_transform=transform, intra_r=1).bishare_ranks() == (2, 1, ranks[2])
+    # the defaults follow the transform however it changes: assigned, replaced, or edited in a saved file
+    other = ShareLoRAConfig(method="bishare", shape_transform="slice" if transform != "slice" else "kron")
+    other.shape_transform = transform
+    other.validate()
+    assert other.bishare_ranks() == ranks
+    assert dataclasses.replace(ShareLoRAConfig(method="bishare"), shape_transform=transform).bishare_ranks() == ranks
+    saved = ShareLoRAConfig(method="bishare").to_dict()
+    assert ShareLoRAConfig.from_dict({**saved, "shape_transform": transform}).bishare_ranks() == ranks
+
+
+@pytest.mark.parametrize("field, value", [("shape_transform", "kron"), ("slice_policy", "top_left"), ("gate_rank", 3),
+                                          ("local_r", 5), ("intra_r", 0), ("inter_r", 16)])
+@pytest.mark.parametrize("method", ["lora", "similarity", "share_ab"])
+def test_bishare_fields_are_refused_under_another_method(method, field, value):
+    with pytest.raises(ValueError, match=f"{field} only applies to method='bishare', not '{method}'"):
+        ShareLoRAConfig(method=method, **{field: value})
+    # what earlier versions saved for every method (the slice ranks filled in) still reads
+    ShareLoRAConfig(method=method, local_r=2, intra_r=4, inter_r=32)
 
 
 @pytest.mark.parametrize("kwargs, field", [

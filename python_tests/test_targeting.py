@@ -62,6 +62,20 @@ def test_a_misspelled_list_entry_is_named():
         sk.apply(tiny_family("bert", "base"), sk.ShareLoRAConfig(target_modules=["uery"]))
 
 
+
+def test_a_rank_or_alpha_pattern_key_matching_no_target_is_named():
+    for name in ("rank_pattern", "alpha_pattern"):
+        model = tiny_model()
+        with pytest.raises(ValueError, match=f"{name} key 'q_prj' matches no target module"):
+            sk.apply(model, sk.ShareLoRAConfig(r=4, target_modules=["q_proj", "v_proj"], **{name: {"q_prj": 8}}))
+        assert not hasattr(model, "sharelora_plans")
+    model = sk.apply(tiny_model(), sk.ShareLoRAConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                      rank_pattern={"layers.1.self_attn.q_proj": 6, "v_proj": 2}))
+    layers = model.model.layers
+    rank = lambda layer, name: getattr(layers[layer].self_attn, name).lora_paths[0].B.shape[1]  # noqa: E731
+    assert (rank(1, "q_proj"), rank(0, "q_proj"), rank(0, "v_proj")) == (6, 4, 2)
+
+
 def test_a_string_is_a_regex_full_matched_against_the_full_name():
     model = tiny_model(layers=4)
     assert targets(model, target_modules=r".*\.[02]\.self_attn\.(q|v)_proj") == [

@@ -1,4 +1,4 @@
-"""ShareLoRAConfig: which sharing method, which modules, which ranks (METHOD.md sections 1-3).
+"""ShareLoRAConfig: which sharing method, which modules, which ranks (the README's "The methods").
 
 The config is model-independent; checks that need the model (layer indices in range, Kronecker
 dimension dividing a module's dims) run in the planner, which knows the module shapes.
@@ -18,8 +18,12 @@ SHAPE_TRANSFORMS = ("slice", "gate", "kron")
 SLICE_POLICIES = ("top_left", "center", "bottom_right")
 INITS = ("kaiming", "gaussian")
 
-# Paper defaults for Bi-Share LoRA (METHOD section 3): (local_r, intra_r, inter_r) per transform.
+# Paper defaults for Bi-Share LoRA (the README's "The methods"): (local_r, intra_r, inter_r) per transform.
 BISHARE_DEFAULT_RANKS = {"slice": (2, 4, 32), "gate": (2, 8, 16), "kron": (2, 4, 16)}
+BISHARE_RANKS = ("local_r", "intra_r", "inter_r")
+# Fields that only Bi-Share reads, with their defaults: another method refuses other values. (kron_dim
+# and gate_dims are dims of the model, which the command line fits once for every method's config.)
+BISHARE_ONLY = {"shape_transform": "slice", "slice_policy": "center", "gate_rank": 1}
 
 ALL_LINEAR = "all-linear"
 # Path kinds and the tensor roles each reads, in order (shapes: plan.py's docstring). Planners and kernels share it.
@@ -51,9 +55,11 @@ class ShareLoRAConfig:
         module whose name ends with it, as a regex after a dot).
     share_sets: for "similarity", lists of layer indices sharing one A/B slot; others are alone.
     expand_rank: for "similarity", raise r to floor(L / U * r) per module type, L and U counted over
-        the layers that type is adapted in (METHOD section 1); modules outside the layers keep r.
-    local_r, intra_r, inter_r: Bi-Share ranks; None takes the paper default of the transform.
-    shape_transform, slice_policy, gate_rank, gate_dims, kron_dim: Bi-Share shape transforms.
+        the layers that type is adapted in (the README's "The methods"); modules outside the layers keep r.
+    local_r, intra_r, inter_r: Bi-Share ranks; None (kept None) takes the paper default of the
+        transform in use (``bishare_ranks()``), also after ``shape_transform`` is changed.
+    shape_transform, slice_policy, gate_rank, gate_dims, kron_dim: Bi-Share shape transforms (another
+        method refuses a Bi-Share rank, transform, policy or gate rank other than the default).
     init_a: "kaiming" (PEFT's kaiming-uniform, a=sqrt(5)) or "gaussian" (normal, std 1/r).
     """
 
@@ -92,12 +98,13 @@ class ShareLoRAConfig:
             self.target_modules = ALL_LINEAR
         if isinstance(self.layers_to_transform, (tuple, range)):
             self.layers_to_transform = list(self.layers_to_transform)
-        if self.shape_transform in BISHARE_DEFAULT_RANKS:
-            defaults = BISHARE_DEFAULT_RANKS[self.shape_transform]
-            for name, default in zip(("local_r", "intra_r", "inter_r"), defaults):
-                if getattr(self, name) is None:
-                    setattr(self, name, default)
         self.validate()
+
+    def bishare_ranks(self) -> tuple[int, int, int]:
+        """(local_r, intra_r, inter_r), a None rank the paper default of ``shape_transform``."""
+        defaults = BISHARE_DEFAULT_RANKS[self.shape_transform]
+        return tuple(default if getattr(self, name) is None else getattr(self, name)
+                     for name, default in zip(BISHARE_RANKS, defaults))
 
     # ----------------------------------------------------------------------------------- checks
     def validate(self) -> None:
@@ -111,8 +118,9 @@ class ShareLoRAConfig:
         self.r = check_int("r", self.r, minimum=1)
         for name in ("use_rslora", "expand_rank"):
             check_bool(name, getattr(self, name))
-        for name in ("local_r", "intra_r", "inter_r"):
-            setattr(self, name, check_int(name, getattr(self, name), minimum=0))
+        for name in BISHARE_RANKS:
+            if getattr(self, name) is not None:
+                setattr(self, name, check_int(name, getattr(self, name), minimum=0))
         self.gate_rank = check_int("gate_rank", self.gate_rank, minimum=1)
         self.kron_dim = check_int("kron_dim", self.kron_dim, minimum=1)
         if not isinstance(self.gate_dims, (list, tuple)) or len(self.gate_dims) != 2:
@@ -147,8 +155,16 @@ class ShareLoRAConfig:
             setattr(self, name, pattern)
             if pattern and self.method != "lora":
                 raise ValueError(f"{name} only applies to method='lora', not {self.method!r}")
-        if self.method == "bishare" and self.local_r + self.intra_r + self.inter_r == 0:
+        if self.method == "bishare" and sum(self.bishare_ranks()) == 0:
             raise ValueError("bishare needs at least one of local_r, intra_r, inter_r > 0")
+        if self.method != "bishare":
+            for name, default in BISHARE_ONLY.items():
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name} only applies to method='bishare', not {self.method!r}")
+            # configs saved by earlier versions hold the slice ranks filled in for every method
+            for name, default in zip(BISHARE_RANKS, BISHARE_DEFAULT_RANKS["slice"]):
+                if getattr(self, name) not in (None, default):
+                    raise ValueError(f"{name} only applies to method='bishare', not {self.method!r}")
         self.share_sets = check_share_sets(self.share_sets)
         if self.share_sets and self.method != "similarity":
             raise ValueError(f"share_sets only applies to method='similarity', not {self.method!r}")

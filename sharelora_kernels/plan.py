@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -135,7 +136,7 @@ def _module_info(d: dict[str, Any]) -> ModuleInfo:
 
 
 def expanded_rank(num_layers: int, share_sets: list[list[int]], r: int, layers: list[int] | None = None) -> int:
-    """floor(L / U * r) (METHOD section 1) over the adapted layers ``layers`` (default: all of [0, L)):
+    """floor(L / U * r) (the README's "The methods") over the adapted layers ``layers`` (default: all of [0, L)):
     L = len(layers), U = L - sum|S_i| + |S| unique slots, with each set cut to the adapted layers (a set
     left with one adapted layer saves nothing). U slots of rank floor(L / U * r) hold at most L * r
     ranks, so the count stays at or under LoRA's over those layers. ValueError for num_layers or r
@@ -206,6 +207,11 @@ class _Builder:
 
     # ---------------------------------------------------------------------------- planners
     def lora(self, modules: list[ModuleInfo]) -> None:
+        for name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self.c, name):
+                if not any(_pattern_matches(key, m.name) for m in modules):
+                    raise ValueError(f"{name} key {key!r} matches no target module (a key matches a target module "
+                                     "whose full name ends with it, after a dot)")
         for m in modules:
             r = pattern_value(self.c.rank_pattern, m.name, self.c.r)
             alpha = pattern_value(self.c.alpha_pattern, m.name, self.c.alpha)
@@ -241,17 +247,23 @@ class _Builder:
 
     def bishare(self, modules: list[ModuleInfo]) -> None:
         c = self.c
-        if c.local_r:
+        local_r, intra_r, inter_r = c.bishare_ranks()
+        if local_r:
             for m in modules:
-                self.add_plain(m, f"{m.name}.local.A", f"{m.name}.local.B", c.local_r, "local", m.module_type, m.module_type)
-        if c.intra_r:
+                self.add_plain(m, f"{m.name}.local.A", f"{m.name}.local.B", local_r, "local", m.module_type, m.module_type)
+        if intra_r:
             _check_one_layer_stack(modules, "Bi-Share's intra-layer adapters are keyed by layer number", "set intra_r=0")
         groups = {"intra": {}, "inter": {"inter": modules}}
         for m in modules:  # a module outside the layers has an intra adapter of its own
             groups["intra"].setdefault(f"{m.name}.intra" if m.layer is None else f"layer{m.layer}.intra", []).append(m)
-        for part, r in (("intra", c.intra_r), ("inter", c.inter_r)):
+        for part, r in (("intra", intra_r), ("inter", inter_r)):
             if r == 0:
                 continue
+            if c.shape_transform == "kron" and r > c.kron_dim:
+                warnings.warn(f"Bi-Share's {part}-layer Kronecker paths have rank {part}_r={r} above "
+                              f"kron_dim={c.kron_dim}: a Kronecker path's rank is at most kron_dim, so {r - c.kron_dim} "
+                              f"of the ranks its A ({r} x {c.kron_dim}) and B train add nothing; set kron_dim >= {r} "
+                              f"where it divides the modules' dims, or {part}_r <= {c.kron_dim}", UserWarning, stacklevel=2)
             for prefix, members in groups[part].items():
                 {"slice": self.slice_group, "gate": self.gate_group, "kron": self.kron_group}[c.shape_transform](
                     prefix, members, part, r)
@@ -316,9 +328,13 @@ def _check_one_layer_stack(modules: list[ModuleInfo], why: str, fix: str) -> Non
 def pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
     """PEFT's rank_pattern / alpha_pattern lookup: the first key that ends the module name after a dot."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if _pattern_matches(key, name):
             return value
     return default
+
+
+def _pattern_matches(key: str, name: str) -> bool:
+    return re.match(rf"(.*\.)?({key})$", name) is not None
 
 
 def _offset(policy: str, full: int, size: int) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import CommandError, per_type
 
-PAPER_KRON_DIM = 256  # METHOD section 3: d_s = 256
+PAPER_KRON_DIM = 256  # the Bi-Share paper's d_s = 256
 PAPER_GATE_DIM = 1024  # and m = n = 1024
 
 
@@ -117,7 +117,7 @@ def label(config, infos, num_layers: int) -> str:
         for m in infos:  # a type outside the numbered layers (a head) keeps r
             ranks.setdefault(m.module_type, config.r)
         return f"ShareLoRA r={per_type(ranks)} (expanded)"
-    ranks = f"({config.local_r},{config.intra_r},{config.inter_r})"
+    ranks = "({},{},{})".format(*config.bishare_ranks())
     extra = {"gate": " m,n={},{}".format(*config.gate_dims), "kron": f" d_s={config.kron_dim}"}
     return f"Bi-Share {config.shape_transform} {ranks}{extra.get(config.shape_transform, '')}"
 
@@ -140,5 +140,6 @@ def structure(config) -> str:
     transform = {"slice": f"slice sharing ({config.slice_policy} slices)",
                  "gate": "gate transformation (core {} x {}, gate rank {})".format(*config.gate_dims, config.gate_rank),
                  "kron": f"Kronecker extension (d_s={config.kron_dim})"}[config.shape_transform]
-    return (f"Bi-Share LoRA: local r={config.local_r} (per module) + intra r={config.intra_r} (per layer, shared by "
-            f"its modules) + inter r={config.inter_r} (whole model), shape transform {transform}")
+    local_r, intra_r, inter_r = config.bishare_ranks()
+    return (f"Bi-Share LoRA: local r={local_r} (per module) + intra r={intra_r} (per layer, shared by "
+            f"its modules) + inter r={inter_r} (whole model), shape transform {transform}")

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
         "model": str(model_dir), "model_type": model_config.model_type, "num_layers": num_layers,
         "samples": len(texts), "position": args.position, "eps": args.eps, "method": args.method,
         "contiguous": args.contiguous, "share_sets": sets, "counts": point.to_dict(),
-        "bishare": {t: {"label": label(c, infos, num_layers), "ranks": [c.local_r, c.intra_r, c.inter_r],
+        "bishare": {t: {"label": label(c, infos, num_layers), "ranks": list(c.bishare_ranks()),
                         "params": parameter_count(c, infos, num_layers, t), "file": f"bishare_{t}.json",
                         **({"kron_dim": c.kron_dim} if t == "kron" else {}),
                         **({"gate_dims": list(c.gate_dims)} if t == "gate" else {})} for t, c in bishare.items()},
