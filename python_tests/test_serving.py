@@ -562,6 +562,19 @@ def test_adapter_memory_counts_each_unique_tensor_once(bank):
     assert memory["share_ab"] < memory["share_a"] < memory["lora"]
 
 
+
+def test_adapter_memory_of_hand_wrapped_layers():
+    """Layers wrapped by hand hold their own adapters (mixed_batch serves them): counted by name."""
+    from sharelora_kernels.layer import SharedLoRALinear
+
+    first = SharedLoRALinear(torch.nn.Linear(16, 32), r=4)
+    second = SharedLoRALinear(torch.nn.Linear(32, 8), r=2)
+    model = torch.nn.Sequential(first, torch.nn.ReLU(), second)
+    assert sk.adapter_memory(model) == {"default": 4 * (4 * 16 + 32 * 4 + 2 * 32 + 8 * 2)}
+    with pytest.raises(ValueError, match="more than max_bytes=100"):
+        sk.set_bank_limit(model, max_bytes=100)
+
+
 def test_adapter_memory_of_a_model_on_meta_counts_every_tensor(bank):
     """Meta tensors (a model built there before its weights) all have data pointer 0: still each
     tensor counted, as on the CPU, so a bank limit holds."""

@@ -207,13 +207,21 @@ def set_bank_limit(model: nn.Module, max_adapters: int | None = None, max_bytes:
 def adapter_memory(model: nn.Module) -> dict[str, int]:
     """Bytes of each named adapter's tensors, each unique storage counted once (a shared tensor once,
     however many layers read it), with a PEFT model's copies of its modules to save that belong to
-    the adapter (``saved_copies``): adapter name -> bytes, in the order the adapters were added."""
+    the adapter (``saved_copies``): adapter name -> bytes, in the order the adapters were added
+    (hand-wrapped layers: the adapters they hold, by name)."""
     copies = saved_copies(model)
+    if is_applied(model):
+        held = {name: list(adapter_store(model, name).parameters()) for name in adapter_names(model)}
+    else:
+        held = {}
+        for layer in shared_layers(model):
+            for name, paths in layer.adapter_paths.items():
+                held.setdefault(name, []).extend(t for m in paths for t in m.as_path().tensors)
     out = {}
-    for name in adapter_names(model):
+    for name, tensors in held.items():
         # id -> storage: one Python object per storage (for meta tensors too, whose data_ptr is 0)
         storages = {}
-        for p in [*adapter_store(model, name).parameters(), *copies.get(name, [])]:
+        for p in [*tensors, *copies.get(name, [])]:
             s = p.untyped_storage()
             storages[id(s)] = s
         out[name] = sum(s.nbytes() for s in storages.values())
