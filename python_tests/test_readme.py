@@ -78,6 +78,14 @@ def test_docs_speak_to_users(doc):
         assert (doc.parent / target).exists(), f"{doc.name} links to {target}, which does not exist"
 
 
+
+def test_the_package_speaks_to_users():
+    """Docstrings and messages (``help()``, errors) point only at what users have: the README, not
+    notes outside the repository."""
+    for path in sorted((ROOT / "sharelora_kernels").rglob("*.py")):
+        assert PROCESS_WORDS.findall(path.read_text(encoding="utf-8")) == [], path.relative_to(ROOT)
+
+
 def test_readme_first_screen_and_length():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     lines = text.splitlines()

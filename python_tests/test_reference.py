@@ -1,4 +1,4 @@
-"""The reference math against the dense definitions of METHOD sections 3-4, in float64."""
+"""The reference math against the dense definitions of the README's "The methods", in float64."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ def make_path(kind):
 
 
 def dense_factors(p):
-    """A (r, K) and B (N, r) built literally from METHOD's formulas."""
+    """A (r, K) and B (N, r) built literally from the formulas of the README's "The methods"."""
     t = p.tensors
     if p.kind == "plain":
         return t[0], t[1]

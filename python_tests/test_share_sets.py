@@ -142,7 +142,7 @@ def test_invariants(S, eps, method, contiguous):
 
 
 def test_sweep_counts_on_llama7b_shapes():
-    """METHOD figures: LoRA r=8 on LLaMA-7B shapes is 14,024,704; the paper's sets leave 22 slots."""
+    """The paper's figures: LoRA r=8 on LLaMA-7B shapes is 14,024,704; the paper's sets leave 22 slots."""
     from sharelora_kernels.config import ShareLoRAConfig
     from sharelora_kernels.plan import ModuleInfo
     from sharelora_kernels.similarity import sweep_thresholds

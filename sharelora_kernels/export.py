@@ -1,6 +1,6 @@
 """export_peft(): write any ShareLoRA model as a plain per-module PEFT LoRA checkpoint.
 
-Every module's update is a sum of low-rank paths (METHOD section 4), so it is one plain LoRA of
+Every module's update is a sum of low-rank paths (the README's "The methods"), so it is one plain LoRA of
 rank sum_p r_p (g for a gate path): A = [A_1; A_2; ...] stacked on rows, B = [s_1 B_1, s_2 B_2, ...]
 side by side, with each path's scale folded into its B, and the module's PEFT alpha made so that
 PEFT's scale is exactly 1. A module with one plain path at the config's scale (method "lora",

@@ -1,4 +1,4 @@
-"""Exact torch math of every path kind (METHOD.md sections 3-4): the single source of truth.
+"""Exact torch math of every path kind (the README's "The methods"): the single source of truth.
 
 Every fused kernel is tested against these functions run in float64, and CPU tensors run them
 directly. Plain and slice paths are dense windows of their A/B: ``lora_linear`` stacks them into

@@ -43,7 +43,7 @@ class ModuleInfo:
     stack: str | None = None  # the path before the layer index, e.g. "model.layers"
 
 
-# The papers' targets (q, k, v, up, down; METHOD section 3) in each family's module names. PEFT's
+# The papers' targets (q, k, v, up, down; the README's "The methods") in each family's module names. PEFT's
 # own table targets attention q and v only; pass target_modules=["q_proj", "v_proj"] for that.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     **{t: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]

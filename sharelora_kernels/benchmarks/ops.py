@@ -259,7 +259,7 @@ def similarity_case(m: int, k: int, n: int, device: torch.device, dtype: torch.d
 
 
 def naive_angular_distance(reps: Tensor) -> Tensor:
-    """D(i, j) = mean_n arccos(cos(x_i, x_j)) / pi in float32: the plain torch formula (METHOD §1)."""
+    """D(i, j) = mean_n arccos(cos(x_i, x_j)) / pi in float32: the plain torch formula (the README's "The methods")."""
     u = F.normalize(reps.float(), dim=-1).transpose(0, 1)  # (n, L, d)
     cos = torch.bmm(u, u.transpose(1, 2)).clamp_(-1, 1)
     return (torch.arccos(cos) / math.pi).mean(0)

@@ -1,4 +1,4 @@
-"""Similarity-based share planning (METHOD section 1): representations, angular distance, share sets."""
+"""Similarity-based share planning (the README's "The methods"): representations, angular distance, share sets."""
 from .distance import RepresentationError, angular_distance
 from .heatmap import similarity_heatmap
 from .representations import iter_layer_representations, layer_representations

@@ -1,4 +1,5 @@
-"""Mean angular distance between layer representations (METHOD section 1), streamed and optionally distributed.
+"""Mean angular distance between layer representations (the README's "The methods"), streamed and
+optionally distributed.
 
 Formula (fixed for the project; the C++/CUDA extension implements the same): per sample n, upcast
 the (L, d) vectors to float64, form the float64 Gram matrix G = X X^T (batched matmul), then
@@ -80,9 +81,9 @@ def angular_distance(reps: torch.Tensor | Iterable[torch.Tensor], process_group=
     Uses the C++/CUDA extension (``sharelora_kernels.extension.angular_sums``) when it is
     built for the batch's device and takes its dtype (float32, bfloat16, float16), else
     ``angular_sums_torch`` (float64, for one); both follow the formula in this module's docstring
-    and agree to rounding, so the result does not depend on which one ran. The similarity of
-    METHOD section 1 is ``S = 1 - D``. RepresentationError (a ValueError) names the first sample and
-    layer whose vector has zero norm or holds NaN / Inf; ValueError for batches that do not fit together.
+    and agree to rounding, so the result does not depend on which one ran. The similarity of the
+    README's "The methods" is ``S = 1 - D``. RepresentationError (a ValueError) names the first sample
+    and layer whose vector has zero norm or holds NaN / Inf; ValueError for batches that do not fit together.
     """
     batches = [reps] if isinstance(reps, torch.Tensor) else reps
     total, count, num_layers, hidden = None, 0, None, None

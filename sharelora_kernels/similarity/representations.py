@@ -1,4 +1,4 @@
-"""Layer representations: the last non-padding token's hidden state at every layer (METHOD section 1)."""
+"""Layer representations: the last non-padding token's hidden state at every layer (the README's "The methods")."""
 from __future__ import annotations
 
 from typing import Iterator

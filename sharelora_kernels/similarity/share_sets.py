@@ -1,4 +1,4 @@
-"""Greedy share sets from a layer similarity matrix (METHOD section 1)."""
+"""Greedy share sets from a layer similarity matrix (the README's "The methods")."""
 from __future__ import annotations
 
 import numbers
@@ -26,7 +26,7 @@ def share_sets(S, eps: float, method: str = "complete", contiguous: bool = False
     contiguous: True or False (a bool, not a string such as "no"); True: a set may only be opened by, or
         grow by, a layer adjacent to its current range, so every set is a run of consecutive layers.
 
-    Returns every layer exactly once, singletons included (METHOD: singletons are not sets; the
+    Returns every layer exactly once, singletons included (the paper: singletons are not sets; the
     config and the counts ignore them): sorted lists, sorted by first layer. Deterministic for a
     given matrix. ``angular_distance`` resolves angles to about 1e-8 rad (float64 rounding of the
     cosine), so even identical layers get S slightly below 1: eps = 1 groups nothing in practice.
