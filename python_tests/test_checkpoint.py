@@ -7,6 +7,7 @@ from safetensors import safe_open
 
 import sharelora_kernels as sk
 import sharelora_kernels.checkpoint as ckpt
+from sharelora_kernels.model import adapter_tensors
 from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
 
 
@@ -27,6 +28,31 @@ def test_round_trip_into_fresh_model(name, tmp_path):
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert sk.ShareLoRAConfig.from_json((tmp_path / ckpt.CONFIG_NAME).read_text()) == model.sharelora_config
 
+
+
+def test_a_model_on_the_meta_device_is_refused_then_loads_once_materialised(tmp_path):
+    """Copying into meta tensors keeps nothing: a model built under torch.device("meta") is refused
+    (with or without its adapters applied there), and loads exactly once materialised."""
+    model = trained("bishare_kron")
+    sk.save(model, tmp_path)
+    with torch.device("meta"):
+        meta = tiny_model()
+    with pytest.raises(ValueError, match="on the meta device, where loading keeps no value: materialise the model"):
+        sk.load(meta, tmp_path)
+    assert not hasattr(meta, "sharelora_plans")  # refused before the config was applied
+    sk.apply(meta, model.sharelora_config)
+    with pytest.raises(ValueError, match="on the meta device"):
+        sk.load(meta, tmp_path)
+    meta.to_empty(device="cpu")
+    meta.load_state_dict(model.state_dict())  # the base weights
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():  # rotary tables are not in a state dict
+            meta.get_buffer(name).copy_(buffer)
+        for p in adapter_tensors(meta).values():
+            p.fill_(float("nan"))  # what the load must overwrite
+    sk.load(meta, tmp_path)
+    ids = token_batch()
+    torch.testing.assert_close(meta(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 @pytest.mark.parametrize("share_sets", [[[3, 1]], [[np.int64(0), np.int64(1)]]])
 def test_share_sets_assigned_after_construction_round_trip(share_sets, tmp_path):

@@ -157,6 +157,7 @@ def check_checkpoint(model: nn.Module, directory: str | os.PathLike,
         plan = get_plan(model, adapter_name if names else given)  # hand-wrapped: a name given is checked
         shapes = {name: tuple(p.shape) for name, p in adapter_tensors(model, adapter_name).items()}
     plan_mismatch(saved_plan, plan, str(path))
+    _check_not_on_meta(model, plan, [] if apply else adapter_tensors(model, adapter_name).values())
     if any(m.merged for m in shared_layers(model)):
         raise ValueError("the model's adapters are merged into its weights: call unmerge(model) before load(), "
                          "or the merged weights would keep the old adapters")
@@ -190,6 +191,17 @@ def check_checkpoint(model: nn.Module, directory: str | os.PathLike,
     except Exception as e:
         raise ValueError(f"{path} could not be read completely ({e}); the file may be truncated") from e
     return CheckedCheckpoint(path, config, plan, apply, adapter_name, tensors)
+
+
+def _check_not_on_meta(model: nn.Module, plan: SharePlan, adapters) -> None:
+    """ValueError if what a load copies into is on the meta device (a model built under
+    ``torch.device("meta")``), where a copy keeps no value: the target modules (whose device the
+    adapters a load applies take), the modules to save, or the existing ``adapters`` (tensors)."""
+    modules = [model.get_submodule(name) for name in (*plan.modules, *plan.modules_to_save)]
+    if any(t.is_meta for t in (*(p for m in modules for p in m.parameters()), *adapters)):
+        raise ValueError("the model's target modules or adapters are on the meta device, where loading keeps no "
+                         "value: materialise the model first (model.to_empty(device=...) and its base weights "
+                         "loaded), then load the adapters")
 
 
 def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
