@@ -262,3 +262,33 @@ def test_an_adapter_name_the_stores_module_or_a_folder_cannot_take_is_refused(na
     with pytest.raises(ValueError, match=message):
         sk.apply(model, sk.ShareLoRAConfig(r=2), adapter_name=name)
     assert adapter_names(model) == ["default"]
+
+
+def test_a_name_given_twice_is_refused_and_a_string_is_one_name():
+    """set_adapter(["other", "other"]) would compute "other" twice (and merge it twice); unload and
+    merge_and_unload take one name as a string, as set_adapter does, not its letters."""
+    base, model, first, other = two_adapters()
+    ids = token_batch()
+    with pytest.raises(ValueError, match=r"adapter 'other' is named twice in \['other', 'other'\]"):
+        sk.set_adapter(model, ["other", "other"])
+    with pytest.raises(ValueError, match="named twice"):
+        shared_layers(model)[0].set_adapter(["default", "default"])
+    assert torch.equal(logits(model, ids), first)  # nothing changed
+    with pytest.raises(ValueError, match="named twice"):
+        sk.merge_and_unload(model, ["other", "other"])
+    merged = sk.merge_and_unload(copy.deepcopy(model), "other")  # one name: the inactive "other" folded in
+    torch.testing.assert_close(logits(merged, ids), other, rtol=1e-4, atol=1e-4)
+
+
+def test_controls_of_a_model_without_adapters_are_refused():
+    """merge, unmerge, unload, merge_and_unload and disable_adapters on a model without ShareLoRA
+    adapters raise, as save and set_adapter do, instead of returning as if done."""
+    model = tiny_model(layers=2)
+    for control in (sk.merge, sk.unmerge, sk.unload, sk.merge_and_unload):
+        with pytest.raises(ValueError, match="this model has no ShareLoRA adapters"):
+            control(model)
+    with pytest.raises(ValueError, match="this model has no ShareLoRA adapters"):
+        with sk.disable_adapters(model):
+            pass
+    with pytest.raises(ValueError, match="merge must be true or false, got 'yes'"):
+        sk.unload(two_adapters()[1], merge="yes")

@@ -47,6 +47,24 @@ def _refuse_transforms() -> None:
                               "alone works)")
 
 
+def _check_path_modules(paths: Sequence) -> None:
+    """TypeError naming the first entry of ``paths`` that is not a LoRAPathModule."""
+    for i, p in enumerate(paths):
+        if not isinstance(p, LoRAPathModule):
+            raise TypeError(f"paths[{i}] is a {type(p).__name__}; a layer's paths are LoRAPathModules "
+                            "(a PathSpec read from an AdapterStore)")
+
+
+def adapter_name_list(adapter_names: str | Sequence[str]) -> list[str]:
+    """``adapter_names`` as a list (a string is one name); ValueError for a name given twice, which
+    would be computed, or merged, twice."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    twice = [n for i, n in enumerate(names) if n in names[:i]]
+    if twice:
+        raise ValueError(f"adapter {twice[0]!r} is named twice in {names}: each adapter is computed once")
+    return names
+
+
 def check_adapter_name(name) -> None:
     """ValueError unless ``name`` can name an adapter: a non-empty string without '.' (it names modules),
     other than ``BASE_ROW``."""
@@ -229,6 +247,7 @@ class SharedLoRALinear(nn.Module):
         self._base = (base,)  # the module unload() puts back (not registered: its tensors are ours)
         if paths is None:
             paths = [self._own_plain_path(r, alpha, use_rslora, new_adapter_dtype(base))]
+        _check_path_modules(paths)
         self.adapter_paths = nn.ModuleDict({adapter_name: nn.ModuleList(paths)})
         self.adapter_dropout = {adapter_name: dropout}
         self._active_adapter = [adapter_name]
@@ -284,6 +303,7 @@ class SharedLoRALinear(nn.Module):
         dropout = check_dropout(dropout)
         if name in self.adapter_paths:
             raise ValueError(f"this layer already has an adapter named {name!r}")
+        _check_path_modules(paths)
         self.adapter_paths[name] = nn.ModuleList(paths)
         self.adapter_dropout[name] = dropout
         self._adapters_version += 1
@@ -291,7 +311,7 @@ class SharedLoRALinear(nn.Module):
 
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
         """Make ``adapter_names`` the active adapter(s) (names this layer lacks compute nothing here)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = adapter_name_list(adapter_names)
         drops = {self.adapter_dropout[n] for n in names if n in self.adapter_dropout}
         if len(drops) > 1:
             raise ValueError(f"active adapters {names} have different dropout {sorted(drops)}: one layer applies "
@@ -514,7 +534,7 @@ class SharedLoRALinear(nn.Module):
 
     def adapters_to_merge(self, adapter_names: Sequence[str] | None = None) -> list[str]:
         """The adapters ``merge`` folds in: the active ones (or ``adapter_names``) this layer has, not merged yet."""
-        return [n for n in (self.active_adapters if adapter_names is None else adapter_names)
+        return [n for n in (self.active_adapters if adapter_names is None else adapter_name_list(adapter_names))
                 if n in self.adapter_paths and n not in self.merged_adapters]
 
     def merge_is_finite(self, adapter_names: Sequence[str] | None = None) -> bool:

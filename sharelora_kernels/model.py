@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 
 from .base import check_4bit_layouts, keep_standard_4bit_layouts, new_adapter_dtype
-from .config import ShareLoRAConfig
+from .config import ShareLoRAConfig, check_bool
 from .grouping import check_known_architecture, disable_input_groups, enable_input_groups
 from .layer import (DEFAULT_ADAPTER, AdapterStore, AdapterStores, LoRAPathModule, SharedLoRALinear,
-                    check_adapter_name, new_parameter)
+                    adapter_name_list, check_adapter_name, new_parameter)
 from .plan import ModuleInfo, ModulePlan, SharePlan, TensorSpec, build_plan
 from .targeting import (check_no_peft, find_modules_to_save, find_target_modules, layer_position, module_type,
                         type_labels)
@@ -50,6 +50,7 @@ def apply(model: nn.Module, config: ShareLoRAConfig, group_inputs: bool = False,
     inactive until ``set_adapter(model, name)`` (PEFT's rule). Only the first may have modules to save.
     Every check runs before the model is touched: a call that raises leaves it as it was.
     """
+    check_bool("group_inputs", group_inputs)
     if group_inputs:
         check_known_architecture(model)
     return apply_plan(model, config, plan_model(model, config, adapter_name), group_inputs, adapter_name)
@@ -59,6 +60,9 @@ def plan_model(model: nn.Module, config: ShareLoRAConfig, adapter_name: str = DE
     """The share plan ``apply(model, config, adapter_name=...)`` would build, without changing the
     model; raises what apply would raise (an adapter of that name already there, PEFT adapters, a
     config or model misfit)."""
+    if not isinstance(model, nn.Module) or not isinstance(config, ShareLoRAConfig):
+        raise TypeError(f"apply takes a torch.nn.Module and a ShareLoRAConfig, got a {type(model).__name__} and a "
+                        f"{type(config).__name__}")
     check_adapter_name(adapter_name)
     names = adapter_names(model)
     if adapter_name in names:
@@ -475,16 +479,26 @@ def named_shared_layers(model: nn.Module) -> list[tuple[str, SharedLoRALinear]]:
     return out
 
 
+def _layers_of_adapters(model: nn.Module) -> list[SharedLoRALinear]:
+    """The model's wrapped layers; ValueError for a model that has none (nothing to merge, unmerge,
+    disable or unload)."""
+    layers = shared_layers(model)
+    if not layers:
+        raise ValueError("this model has no ShareLoRA adapters: call sharelora_kernels.apply(model, config) or "
+                         "sharelora_kernels.load(model, directory) first")
+    return layers
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (forward then costs the base matmul only)."""
-    for m in shared_layers(model):
+    for m in _layers_of_adapters(model):
         m.merge()
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo ``merge`` (within the base dtype's rounding)."""
-    for m in shared_layers(model):
+    for m in _layers_of_adapters(model):
         m.unmerge()
     return model
 
@@ -495,7 +509,7 @@ def set_adapter(model: nn.Module, adapter_names: str | Sequence[str]) -> nn.Modu
     them and only their tensors train (with the modules to save of the adapter that has them, which
     train in place: frozen while it is inactive). Merged layers are unmerged first (with a warning,
     as PEFT)."""
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    names = adapter_name_list(adapter_names)
     check_known(model, names)
     drops = {model.sharelora_configs[n].dropout for n in names}
     if len(drops) > 1:
@@ -521,7 +535,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     unmerged first, and stay unmerged (as PEFT's LoRA does). Modules to save, trained in place, keep
     their trained values (PEFT's method keeps a copy per adapter, and its ``disable_adapter`` gives
     the original)."""
-    layers = shared_layers(model)
+    layers = _layers_of_adapters(model)
     was = [layer.disable_adapters for layer in layers]
     for layer in layers:
         layer.enable_adapters(False)
@@ -570,7 +584,11 @@ def unload(model: nn.Module, merge: bool = False, adapter_names: Sequence[str] |
     keep their trained values) and drop all adapters; with ``merge``, first fold the active adapters
     (or ``adapter_names``) into the base weights (``safe_merge``: refuse non-finite updates, every
     module checked before any changes). Returns the model."""
+    check_bool("merge", merge)
+    check_bool("safe_merge", safe_merge)
+    _layers_of_adapters(model)
     if adapter_names is not None:
+        adapter_names = adapter_name_list(adapter_names)
         check_known(model, adapter_names)
     if merge and safe_merge:
         check_safe_merge(model, adapter_names)
