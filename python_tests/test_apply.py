@@ -284,6 +284,16 @@ def test_no_target_and_double_apply_and_kron_misfit_errors():
 
 
 
+def test_arguments_of_the_wrong_type_are_named():
+    with pytest.raises(TypeError, match="apply takes a torch.nn.Module and a ShareLoRAConfig, got a LlamaForCausalLM "
+                                        "and a dict"):
+        sk.apply(tiny_model(), {"r": 4})
+    with pytest.raises(TypeError, match="got a str and a ShareLoRAConfig"):
+        sk.apply("path/to/model", sk.ShareLoRAConfig())
+    with pytest.raises(ValueError, match="group_inputs must be true or false, got 'yes'"):
+        sk.apply(tiny_model(), sk.ShareLoRAConfig(target_modules=TARGETS), group_inputs="yes")
+
+
 def test_kronecker_ranks_above_kron_dim_are_warned_about():
     """A Kronecker path's rank is at most kron_dim: a larger intra_r / inter_r trains ranks that add nothing."""
     config = sk.ShareLoRAConfig(method="bishare", shape_transform="kron", kron_dim=8, target_modules=TARGETS)

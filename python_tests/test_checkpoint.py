@@ -507,6 +507,14 @@ def test_a_module_to_save_with_an_integer_counter_and_an_infinite_mask_round_tri
     assert int(loaded.norm.num_batches_tracked) == 1
 
 
+def test_a_file_where_the_checkpoint_folder_goes_is_refused(tmp_path):
+    model = sk.apply(tiny_model(layers=1), sk.ShareLoRAConfig(r=2))
+    (tmp_path / "out").write_text("mine")
+    with pytest.raises(NotADirectoryError, match="save writes a folder, and a file is in its place"):
+        sk.save(model, tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "mine"
+
+
 def test_a_folder_where_the_weights_file_goes_is_refused_and_left_in_place(tmp_path):
     model = sk.apply(tiny_model(layers=1), sk.ShareLoRAConfig(r=2))
     (tmp_path / ckpt.WEIGHTS_NAME).mkdir()

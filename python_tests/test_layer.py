@@ -48,6 +48,8 @@ def test_bad_inputs_are_named():
     for bad in ("no", 1, None):
         with pytest.raises(ValueError, match="use_rslora must be true or false"):
             sk.SharedLoRALinear(nn.Linear(8, 6), use_rslora=bad)
+    with pytest.raises(TypeError, match="paths\\[0\\] is a Linear; a layer's paths are LoRAPathModules"):
+        sk.SharedLoRALinear(nn.Linear(8, 6), paths=[nn.Linear(8, 6)])
 
 
 def test_numpy_numbers_are_taken_as_python_numbers():

@@ -329,6 +329,8 @@ def bad_calls():
             ("n_offset=-1 is negative", x, w, [LoRAPath("slice", (torch.randn(r, k), torch.randn(n + 2, r)), 1.0, 0, -1)], 0.0),
             ("d=3 must divide K=16 and N=8", x, w,
              [LoRAPath("kron", (torch.randn(r, 3), torch.randn(3, r), torch.randn(1, 5), torch.randn(2, 1)), 1.0)], 0.0),
+            ("d=0 must divide K=16 and N=8", x, w,
+             [LoRAPath("kron", (torch.randn(r, 0), torch.randn(0, r), torch.randn(1, 5), torch.randn(2, 1)), 1.0)], 0.0),
             (r"needs tensors \('A', 'B'\), got 1", x, w, [LoRAPath("plain", (a,), 1.0)], 0.0),
             ("x must be floating point, got torch.int64", x.long(), w, [LoRAPath("plain", (a, b), 1.0)], 0.0),
             (r"dropout_p must be in \[0, 1\), got 1.0", x, w, [LoRAPath("plain", (a, b), 1.0)], 1.0),

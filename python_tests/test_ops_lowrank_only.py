@@ -250,3 +250,18 @@ def test_bad_inputs_raise_clear_errors():
         lowrank_add(y.to("meta"), x, [plain])
     with pytest.raises(ValueError, match="x is on cpu but path 0 .plain.'s A is on meta"):
         lowrank_add(y, x, [plain._replace(tensors=(plain.tensors[0].to("meta"), plain.tensors[1]))])
+
+
+def test_bad_compute_dtype_and_kernels_off_the_gpu_are_refused(monkeypatch):
+    """An integer compute dtype would truncate x before the products; the kernels on a CPU tensor
+    (no interpreter) would fail inside Triton: both are refused by name."""
+    from sharelora_kernels.ops import utils
+
+    x, y = torch.randn(3, 24), torch.randn(3, 16)
+    paths = [make_path("plain", 24, 16, 2)]
+    for dtype in (torch.int32, torch.bool, "float32"):
+        with pytest.raises(ValueError, match="compute_dtype must be a floating-point torch.dtype or None"):
+            lowrank_add(y.clone(), x, paths, compute_dtype=dtype)
+    monkeypatch.setattr(utils, "INTERPRET", False)  # as on a machine without the interpreter
+    with pytest.raises(ValueError, match="the triton backend needs CUDA tensors"):
+        lowrank_add(y.clone(), x, paths, use_triton=True)

@@ -343,6 +343,9 @@ def test_bad_batch_input_names_the_problem():
         adapter_batch([0], 1, block_m=48)
     with pytest.raises(ValueError, match="integer tensor"):
         adapter_batch(torch.tensor([0.0]), 1)
+    for bad in (0.7, -0.5, True):  # not truncated into an index
+        with pytest.raises(ValueError, match=f"row_adapters must hold adapter indices \\(ints\\), got {bad!r}"):
+            adapter_batch([0, bad], 2)
 
 
 def test_bad_tables_name_adapter_and_path():

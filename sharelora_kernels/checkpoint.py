@@ -16,6 +16,7 @@ together, and a failing rename puts the previous files back. A full disk is an O
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -55,6 +56,8 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter_name: str | Non
     metadata = {"format": "sharelora", "format_version": FORMAT_VERSION,
                 "config": "null" if config is None else config.to_json(), "plan": json.dumps(plan.to_dict())}
     out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "save writes a folder, and a file is in its place", str(out))
     out.mkdir(parents=True, exist_ok=True)  # only once everything to write is made: no empty folder on an error
     writes = {out / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata=metadata)}
     if config is not None:

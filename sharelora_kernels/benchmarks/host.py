@@ -66,17 +66,19 @@ def stubbed_launches():
     what remains of a triton call is its host work."""
     import triton.runtime.jit as jit
 
-    from ..ops import autotune, fused_lora_linear
+    from ..ops import autotune, fused_lora_linear, utils
 
     noop = lambda *args, **kwargs: None  # noqa: E731
-    saved = (jit.KernelInterface.__getitem__, autotune.TunedKernel.__getitem__, fused_lora_linear.INTERPRET)
+    saved = (jit.KernelInterface.__getitem__, autotune.TunedKernel.__getitem__, fused_lora_linear.INTERPRET,
+             utils.INTERPRET)
     jit.KernelInterface.__getitem__ = lambda self, grid: noop
     autotune.TunedKernel.__getitem__ = lambda self, grid: noop
-    fused_lora_linear.INTERPRET = True
+    fused_lora_linear.INTERPRET = utils.INTERPRET = True
     try:
         yield
     finally:
-        jit.KernelInterface.__getitem__, autotune.TunedKernel.__getitem__, fused_lora_linear.INTERPRET = saved
+        (jit.KernelInterface.__getitem__, autotune.TunedKernel.__getitem__, fused_lora_linear.INTERPRET,
+         utils.INTERPRET) = saved
 
 
 # ----------------------------------------------------------------------------- layers

@@ -59,7 +59,7 @@ def check_path(i: int, p: LoRAPath, k: int, n: int) -> None:
         expect = [(t[0].shape[0], m), (gn, t[0].shape[0]), (g, k), (m, g), (g, gn), (n, g)]
     elif kind == "kron":
         d = t[0].shape[1]
-        if k % d or n % d:
+        if d == 0 or k % d or n % d:
             raise ValueError(f"path {i} (kron): d={d} must divide K={k} and N={n}")
         expect = [(r, d), (d, r), (1, k // d), (n // d, 1)]
     elif kind == "slice":

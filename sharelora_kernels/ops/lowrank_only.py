@@ -214,8 +214,12 @@ class _LowRankAdd(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- public entry
-def _check(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: float) -> None:
+def _check(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: float, compute_dtype, use_triton: bool) -> None:
     """ValueError naming what does not fit."""
+    if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+        raise ValueError(f"compute_dtype must be a floating-point torch.dtype or None, got {compute_dtype!r}")
+    if use_triton:
+        _check_triton_device(x)
     if x.dim() == 0 or y.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"y {tuple(y.shape)} and x {tuple(x.shape)} must share their leading dims (..., N) / (..., K)")
     if not (x.is_floating_point() and y.is_floating_point()):
@@ -225,6 +229,14 @@ def _check(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: float) ->
     for i, p in enumerate(paths):
         check_path(i, p, x.shape[-1], y.shape[-1])
     check_devices(x, (("y", y),), paths)
+
+
+def _check_triton_device(x: Tensor) -> None:
+    """ValueError unless the kernels can run on x's device (CUDA, or any under Triton's interpreter)."""
+    from . import utils  # Triton is imported only for the kernels
+
+    if not utils.INTERPRET and x.device.type != "cuda":
+        raise ValueError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got x on {x.device}")
 
 
 def lowrank_add(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: float = 0.0, training: bool = False,
@@ -238,7 +250,7 @@ def lowrank_add(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: floa
     ``use_triton``: the Triton kernels (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``), else torch.
     ValueError where y and x share memory (the paths read x after the first writes into y).
     """
-    _check(y, x, paths, dropout_p)
+    _check(y, x, paths, dropout_p, compute_dtype, use_triton)
     if (not torch.compiler.is_compiling() and y.numel() and x.numel() and y.device.type != "meta"
             and y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):  # (storages are not traced)
         raise ValueError("y and x share memory: lowrank_add writes into y while it reads x; pass a copy of one")
@@ -357,6 +369,7 @@ def planned_call(x: Tensor, n: int, paths: Sequence[LoRAPath], dropout_p: float,
     if use_triton:
         from .lowrank_only_triton import LowRankPlan
 
+        _check_triton_device(x)
         kernels = LowRankPlan(paths, p, x.shape[-1], n, x.device)
     program = (paths, p, torch.zeros(1, dtype=torch.int64, device=x.device), kernels)
     dense = None
@@ -364,7 +377,7 @@ def planned_call(x: Tensor, n: int, paths: Sequence[LoRAPath], dropout_p: float,
         dense = DenseProgram(None, None, paths, p, shape=(n, x.shape[-1]), compute=compute_dtype)
 
     def run(y: Tensor, x: Tensor) -> Tensor:
-        _check(y, x, (), p)
+        _check(y, x, (), p, None, False)
         if not y.is_contiguous() or y._base is not None:
             y = y.clone(memory_format=torch.contiguous_format)
         x2 = x.reshape(-1, x.shape[-1])

@@ -50,6 +50,7 @@ under ``torch.no_grad()`` / ``torch.inference_mode()``, or train one adapter at 
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -118,6 +119,9 @@ def adapter_batch(row_adapters: Sequence[int] | Tensor, num_adapters: int, token
                              f"of shape {tuple(row_adapters.shape)}")
         device = row_adapters.device if device is None else device
         row_adapters = row_adapters.tolist()
+    bad = [a for a in row_adapters if isinstance(a, bool) or not isinstance(a, numbers.Integral)]
+    if bad:
+        raise ValueError(f"row_adapters must hold adapter indices (ints), got {bad[0]!r}")
     rows = tuple(int(a) for a in row_adapters)
     if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 0:
         raise ValueError(f"num_adapters must be a non-negative int, got {num_adapters!r}")
