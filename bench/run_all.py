@@ -1,7 +1,8 @@
-"""Run the benchmark suite from a checkout: same harness and arguments as ``python -m sharelora_kernels bench``."""
+"""Run the benchmark suite from a checkout: same harness, arguments and exit statuses as
+``python -m sharelora_kernels bench``."""
 import sys
 
-from sharelora_kernels.benchmarks import main
+from sharelora_kernels.__main__ import main
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -69,6 +69,31 @@ def test_a_full_run_is_not_marked_and_each_panel_says_what_was_timed(tmp_path, d
     assert (tmp_path / "ratio_vs_base.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("mode, option", [("--host", ["--ops", "plain"]), ("--host", ["--threads", "2"]),
+                                          ("--host", ["--device", "cpu"]), ("--serving", ["--repeats", "7"]),
+                                          ("--serving", ["--no-e2e"]), ("--host", ["--serving"])])
+def test_options_a_mode_does_not_read_are_refused(tmp_path, capsys, mode, option):
+    status = run_cli(["bench", mode, "--quick", *option, "--out", str(tmp_path / "out")])[0]
+    err = capsys.readouterr().err
+    assert status == 2 and (f"{option[0]} does not apply to bench {mode}" in err or "one at a time" in err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_settings_are_refused_before_anything_is_timed(tmp_path, capsys, monkeypatch):
+    from sharelora_kernels import ops
+
+    monkeypatch.setenv("SHARELORA_BACKEND", "bogus")
+    ops.refresh_settings()
+    try:
+        status = run_cli(["bench", "--quick", "--out", str(tmp_path / "out")])[0]
+    finally:
+        monkeypatch.delenv("SHARELORA_BACKEND")
+        ops.refresh_settings()
+    err = capsys.readouterr().err
+    assert status == 2 and "SHARELORA_BACKEND must be one of" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_host_bench_writes_json_table_and_plot(tmp_path, drawn):
     out = tmp_path / "host"
     assert run_cli(["bench", "--host", "--quick", "--out", str(out)])[0] == 0

@@ -163,7 +163,60 @@ def test_a_fault_or_a_hang_costs_one_phase(tmp_path, monkeypatch, target, status
     assert next_phase["status"] == "done" and len(next_phase["items"]) == 1
     assert json.loads((tmp_path / "gpu_check.json").read_text())["phases"]["b_correctness"]["items"]
     lines = gpu_check.failures({**data, "phases": {"b_correctness": faulted}})
-    assert lines == ([f"(b) phase {faulted['status']}"] if status.startswith("fault") else [])
+    assert lines == [f"(b) phase {faulted['status']}"]  # a hang fails the run too
+
+
+
+def child_pid_hang(payload):
+    Path(payload["pid_file"]).write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+def _gone(pid: int, within_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_command_leaves_no_phase_process_working_on(tmp_path, stop):
+    """The command stopped (SIGTERM: its cleanups run; SIGKILL: the kernel's parent-death signal) while
+    a phase runs: the phase's process ends too, instead of working on (holding the GPU)."""
+    here = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    pid_file = tmp_path / "pid"
+    code = ("from pathlib import Path\n"
+            "from sharelora_kernels.cli.isolated import run_isolated, sigterm_as_exit\n"
+            "with sigterm_as_exit():\n"
+            f"    run_isolated('test_gpu_check:child_pid_hang', {{'pid_file': {str(pid_file)!r}}}, 600, "
+            f"Path({str(tmp_path / 'phase.log')!r}))\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], env=env)
+    deadline = time.monotonic() + 120
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    child = int(pid_file.read_text())
+    parent.send_signal(stop)
+    assert parent.wait(timeout=60) == (128 + stop if stop == signal.SIGTERM else -stop)
+    assert _gone(child)
+
+
+def test_bad_settings_are_refused_before_any_phase(tmp_path, capsys, monkeypatch):
+    from sharelora_kernels import ops
+
+    monkeypatch.setenv("SHARELORA_AUTOTUNE", "fastest")
+    ops.refresh_settings()
+    try:
+        assert main(["gpu-check", "--tiny", "--out", str(tmp_path)]) == 2
+    finally:
+        monkeypatch.delenv("SHARELORA_AUTOTUNE")
+        ops.refresh_settings()
+    assert "SHARELORA_AUTOTUNE must be one of" in capsys.readouterr().err
+    assert not (tmp_path / "gpu_check.json").exists()
 
 
 def test_budget_below_the_minimum_is_refused(tmp_path, capsys):

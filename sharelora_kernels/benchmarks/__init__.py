@@ -89,8 +89,14 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     from ..cli.outputs import check_out_dir, numbered_dir
     from .report import HOST_OUTPUTS, OUTPUTS
 
+    _check_settings()
+    if args.host and args.serving:
+        raise CommandError("--host and --serving are two benchmarks: run them one at a time")
     if args.serving:
+        _refuse_unused(args, "--serving (the built-in tiny model)", ("device", "threads"))
         return run_serving(args, argv)
+    if args.host:
+        _refuse_unused(args, "--host (tiny layer calls on the CPU, one thread)", ())
     ops = args.ops.split(",")
     unknown = [op for op in ops if op not in OPS]
     if unknown:
@@ -131,7 +137,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
                    "shapes": {op: shapes_for(op, profile) for op in ops}},
         "units": {"*_ms": "milliseconds (median, q1, q3, min, max over n repeats)", "ratio_vs_base": "time / base time",
                   "*_bytes": "bytes", "tokens_per_s": "tokens per second", "trainable_params": "count"},
-        "default_backend_check": run_default_backend_check(device, check_w, check_r) if device.type == "cpu" else None,
+        "default_backend_check": (run_default_backend_check(device, check_w, check_r, judged=not args.quick)
+                                  if device.type == "cpu" else None),
     }
     results["ops"] = run_ops(ops, {op: shapes_for(op, profile) for op in ops}, device, dtype, op_w, op_r, skipped)
     if args.no_e2e:
@@ -169,17 +176,42 @@ def _report(written: dict, env: dict) -> None:
         print(warning, file=sys.stderr)
 
 
+# Options of the op benchmark, with their defaults: --host and --serving refuse the ones they do not read.
+_OPTION_DEFAULTS = {"device": None, "dtype": None, "ops": ",".join(OPS), "repeats": None, "no_e2e": False, "threads": None}
+
+
+def _refuse_unused(args: argparse.Namespace, mode: str, used: tuple[str, ...]) -> None:
+    """CommandError naming an option given that ``mode`` does not read (it would be silently ignored)."""
+    from ..cli import CommandError
+
+    for name, default in _OPTION_DEFAULTS.items():
+        if name not in used and getattr(args, name) != default:
+            raise CommandError(f"--{name.replace('_', '-')} does not apply to bench {mode}")
+
+
+def _check_settings() -> None:
+    """CommandError for a bad SHARELORA_BACKEND / SHARELORA_AUTOTUNE, before anything is timed."""
+    import torch
+
+    from ..cli import CommandError
+    from ..ops import dispatch
+
+    try:
+        dispatch.backend_setting(torch.device("cpu"))
+        dispatch.autotune_mode()
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+
+
 def _run_host(args: argparse.Namespace, argv: list[str] | None) -> dict:
     """bench --host: the host benchmark alone (always on the CPU; options checked by ``run``)."""
     import torch
 
-    from ..cli.options import set_threads
     from ..cli.outputs import numbered_dir
     from .environment import describe, device_label, loadavg
     from .host import run_host
     from .host import write as write_host
 
-    set_threads(args)
     argv = recorded_argv(argv)
     device = torch.device("cpu")
     env = describe(device, argv)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import os
 import platform
 import re
@@ -55,6 +56,14 @@ def device_label(device: torch.device) -> str:
     return "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
+def _version_of(package: str) -> str | None:
+    """An installed package's version, or None."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def describe(device: torch.device, argv: list[str], prog: str = "python -m sharelora_kernels bench") -> dict:
     """Everything the JSON records about the run's environment (load 'after' is filled in at the end).
 
@@ -65,13 +74,17 @@ def describe(device: torch.device, argv: list[str], prog: str = "python -m share
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    from ..version import __version__
     return {
         "date": datetime.date.today().isoformat(),
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": str(device),
         "device_name": device_name(device),
+        "sharelora_kernels": __version__,
         "torch": torch.__version__,
         "triton": triton_version,
+        "peft": _version_of("peft"),
+        "settings": {name: os.environ.get(name) for name in ("SHARELORA_BACKEND", "SHARELORA_AUTOTUNE")},
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -69,7 +69,8 @@ def markdown(data: dict) -> str:
         for v, row in check["variants"].items():
             lines.append(f"| {v} | {_ms(row['fwd+bwd_ms'])} | {check['ratio_vs_base'][v]:.3f} | "
                          f"{check['ratio_of_min_vs_base'][v]:.3f} |")
-        lines += ["", f"Target: {check['target']}. Met: **{check['target_met']}**.", ""]
+        met = "not judged (smoke run: too few repeats)" if check["target_met"] is None else f"**{check['target_met']}**"
+        lines += ["", f"Target: {check['target']}. Met: {met}.", ""]
     lines += ["## Ops", "",
               "| op | M x K x N | variant | fwd ms | bwd ms | fwd+bwd ms | ratio vs base (mode) | saved MB | peak MB |",
               "|---|---|---|---|---|---|---|---|---|"]

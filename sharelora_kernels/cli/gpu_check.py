@@ -20,7 +20,7 @@ reported by name, and the next phase starts on a fresh context. --budget is a ha
 whole command, compiles included (a child past its share is stopped; what it measured is kept).
 A child writes DIR/phase-<name>.json after every measurement; DIR/gpu_check.json is rewritten
 (temp file + rename) after every phase. A summary table is printed at the end. Exit status 1 if a
-correctness check failed, a phase faulted or one of our backends failed in (c), else 0. --tiny:
+correctness check failed, a phase faulted or hung or one of our backends failed in (c), else 0. --tiny:
 the same phases on tiny shapes on the CPU through Triton's interpreter (a smoke run whose numbers
 mean nothing: its performance goals are not judged).
 """
@@ -31,15 +31,16 @@ import contextlib
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from ..files import atomic_write
 from . import CommandError, require_positive
-from .isolated import Outcome, call, run_isolated
+from .isolated import Outcome, call, die_with_parent, run_isolated, sigterm_as_exit
 
 if TYPE_CHECKING:
     import torch
@@ -75,9 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 class Report:
     """The JSON of one run, rewritten atomically after every measurement, and the budget clock."""
 
-    def __init__(self, path: Path, budget: float, data: dict):
+    def __init__(self, path: Path, budget: float, data: dict, start: float | None = None):
+        """start: the ``time.monotonic()`` the budget counts from (default: now)."""
         self.path, self.budget, self.data = path, budget, data
-        self.start = time.monotonic()
+        self.start = time.monotonic() if start is None else start
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -87,10 +89,8 @@ class Report:
 
     def save(self) -> None:
         self.data["elapsed_s"] = round(self.elapsed(), 1)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.data, f, indent=1, default=str)
-        os.replace(tmp, self.path)
+        text = json.dumps(self.data, indent=1, default=str)
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
 
     def phase(self, key: str) -> dict:
         return self.data["phases"].setdefault(key, {"status": "running", "started_at_s": round(self.elapsed(), 1),
@@ -312,8 +312,9 @@ def run_phase(report: Report, key: str, tiny: bool, out: Path, limit_s: float,
     phase["limit_s"], phase["wall_s"], phase["begun_at_s"] = round(limit_s, 1), round(outcome.seconds, 1), round(begun, 1)
     if outcome.status == "fault":
         phase["status"] = f"fault: {outcome.detail} (log: {out / f'phase-{key}.log'})"
-    elif outcome.status == "timeout":
+    elif outcome.status == "timeout":  # a hang: the child did not stop itself within its limit
         phase["status"] = f"stopped: {outcome.detail} (its share of --budget {report.budget:g} s)"
+        phase["timed_out"] = True
     report.data["phases"][key] = phase
     report.data["stopped"] = report.data["stopped"] or child.get("stopped")
     report.data["dispatch_table"] += child.get("dispatch_table", [])
@@ -328,9 +329,10 @@ def phase_limits(remaining_s: float, keys: list[str]) -> float:
 
 # ----------------------------------------------------------------------------- outcome
 def failures(data: dict) -> list[str]:
-    """Phases that faulted, failed correctness checks and our backends' failures in (c), one line each."""
+    """Phases that faulted or hung (stopped at their time limit), failed correctness checks and our
+    backends' failures in (c), one line each."""
     out = [f"({LABELS.get(key, key)}) phase {phase['status']}" for key, phase in data["phases"].items()
-           if str(phase.get("status", "")).startswith("fault")]
+           if str(phase.get("status", "")).startswith("fault") or phase.get("timed_out")]
     for key in ("b_correctness", "b_perf_configs"):
         for row in data["phases"].get(key, {}).get("items", []):
             if not row["passed"]:
@@ -399,17 +401,42 @@ def summary(data: dict) -> str:
     return "\n".join(lines)
 
 
+def process_start() -> float:
+    """The ``time.monotonic()`` of this process's start (Linux, from /proc; elsewhere: now), so that
+    --budget counts Python's start and the imports too."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        since = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.monotonic()
+    return time.monotonic() - max(0.0, since)
+
+
 def _reexec_interpreted(args: argparse.Namespace) -> int:
     """--tiny needs the kernels built by Triton's interpreter, chosen when triton is first imported:
     run the command again in a child process with TRITON_INTERPRET=1."""
     argv = [sys.executable, "-m", "sharelora_kernels", "gpu-check", "--tiny", "--budget", str(args.budget)]
     if args.out is not None:
         argv += ["--out", str(args.out)]
-    return subprocess.call(argv, env={**os.environ, "TRITON_INTERPRET": "1"})
+    child = subprocess.Popen(argv, env={**os.environ, "TRITON_INTERPRET": "1"}, preexec_fn=die_with_parent)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the child too: it stops its phase and reports
+        return child.wait()
+    except BaseException:  # a SIGTERM (sigterm_as_exit): passed on, the child stops its phase
+        child.terminate()
+        child.wait()
+        raise
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate every option, then run the phases; returns the exit status."""
+    """Validate every option, then run the phases; returns the exit status. A SIGTERM stops the
+    running phase's process too."""
+    with sigterm_as_exit():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     require_positive(args, "budget")
     if args.budget < MIN_BUDGET:
         raise CommandError(f"--budget {args.budget:g} s is too small: gpu-check needs at least {MIN_BUDGET:g} s "
@@ -419,9 +446,14 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import ops
     from ..benchmarks import OUT_ROOT
-    from ..benchmarks.environment import describe, device_label
+    from ..benchmarks.environment import describe, device_label, loadavg
     from .outputs import check_out_dir, numbered_dir
 
+    try:  # a bad SHARELORA_BACKEND / SHARELORA_AUTOTUNE is named now, not after every phase ran
+        ops.dispatch.backend_setting(torch.device("cuda"))
+        ops.dispatch.autotune_mode()
+    except ValueError as err:
+        raise CommandError(str(err)) from None
     if not ops.HAS_TRITON:
         raise CommandError("gpu-check needs triton, which cannot be imported here")
     if args.tiny and not ops.INTERPRET:
@@ -430,15 +462,17 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("gpu-check needs a CUDA GPU (--tiny runs it on the CPU through the Triton interpreter)")
     device = torch.device("cpu" if args.tiny else "cuda")
     if args.out is not None:
-        out = check_out_dir(args.out, ("gpu_check.json",))
+        phase_files = [f"phase-{key}.{ext}" for key in PHASES for ext in ("json", "log")]
+        out = check_out_dir(args.out, ("gpu_check.json", *phase_files, "dispatch_cache/"))
         out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out / "dispatch_cache", ignore_errors=True)  # auto measures its choices anew
     else:  # like bench: a new folder per run, never an earlier result overwritten
         out = numbered_dir(OUT_ROOT, f"gpu-check-{device_label(device)}-{datetime.date.today().isoformat()}")
     argv = ["--tiny"] * args.tiny + ["--budget", f"{args.budget:g}"] + (["--out", str(args.out)] if args.out else [])
     data = {"tool": "sharelora_kernels gpu-check", "tiny": args.tiny, "budget_s": args.budget, "stopped": None,
             "environment": describe(device, argv, prog="python -m sharelora_kernels gpu-check"), "phases": {},
             "dispatch_table": [], "compile_counts": []}
-    report = Report(out / "gpu_check.json", args.budget, data)
+    report = Report(out / "gpu_check.json", args.budget, data, process_start())
     report.save()
     keys = list(PHASES)
     for i, key in enumerate(keys):
@@ -450,6 +484,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         run_phase(report, key, args.tiny, out, limit)
     data["failures"] = failures(data)
+    data["environment"]["loadavg_after"] = loadavg()
     report.save()
     print(summary(data))
     print(f"wrote {report.path}")
