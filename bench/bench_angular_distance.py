@@ -22,6 +22,8 @@ import time
 import torch
 
 from sharelora_kernels import extension
+from sharelora_kernels.cli.options import out_file, positive_int
+from sharelora_kernels.cli.outputs import write_json
 from sharelora_kernels.benchmarks.environment import describe, loadavg
 from sharelora_kernels.similarity.distance import angular_sums_torch
 
@@ -80,10 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda when a GPU and the CUDA kernel are available, else cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--hbm-peak-gbs", type=float, default=None)
     parser.add_argument("--reference-at-scale", action="store_true")
-    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--out", type=out_file, required=True, help="JSON file to write")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() and extension.available("cuda")
                              else "cpu")
@@ -98,8 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         results = [bench_case("cuda", n, 4096, torch.bfloat16, args.repeats,
                               n <= 4096 or args.reference_at_scale, peak) for n in (4096, 65536)]
     environment["loadavg_after"] = loadavg()
-    with open(args.out, "w") as f:
-        json.dump({"environment": environment, "results": results}, f, indent=2)
+    write_json(args.out, {"environment": environment, "results": results}, indent=2)
     print(f"wrote {args.out}")
 
 

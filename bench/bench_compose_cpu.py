@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 
 import torch
@@ -21,6 +20,8 @@ from sharelora_kernels import ops
 from sharelora_kernels.benchmarks.environment import describe, loadavg
 from sharelora_kernels.benchmarks.ops import plain_paths
 from sharelora_kernels.benchmarks.timing import Timer, time_mode
+from sharelora_kernels.cli.options import out_file, positive_int
+from sharelora_kernels.cli.outputs import write_json
 
 SHAPE = (2048, 1024, 1024)
 SETTINGS = {"float32": (torch.float32, False), "bf16 base, fp32 adapters": (torch.bfloat16, False),
@@ -50,16 +51,15 @@ def setting(dtype: torch.dtype, autocast: bool, warmup: int, repeats: int) -> di
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--repeats", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", type=out_file, required=True, help="JSON file to write")
+    parser.add_argument("--repeats", type=positive_int, default=40)
+    parser.add_argument("--warmup", type=positive_int, default=3)
     args = parser.parse_args(argv)
     env = describe(torch.device("cpu"), sys.argv[1:] if argv is None else argv, prog="python bench/bench_compose_cpu.py")
     results = {name: setting(dtype, autocast, args.warmup, args.repeats) for name, (dtype, autocast) in SETTINGS.items()}
     env["loadavg_after"] = loadavg()
     report = {"environment": env, "shape": dict(zip("MKN", SHAPE)), "r": 16, "results": results}
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(args.out, report)
     for name, row in results.items():
         print(name, {v: round(r, 3) for v, r in row["ratio_vs_base"].items()})
     return report

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from sharelora_kernels import ops
 from sharelora_kernels.benchmarks.environment import describe
 from sharelora_kernels.benchmarks.timing import step_timer
+from sharelora_kernels.cli.options import out_file
+from sharelora_kernels.cli.outputs import write_json
 from sharelora_kernels.reference import LoRAPath
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336)]
@@ -76,7 +78,7 @@ def bench_shape(m: int, k: int, n: int, r: int, dtype, device: str, time_ms, kro
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="path of the JSON file to write")
+    ap.add_argument("--out", type=out_file, required=True, help="path of the JSON file to write")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--quick", action="store_true", help="one tiny shape and rank (smoke test)")
     args = ap.parse_args(argv)
@@ -95,8 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(results[-1]), flush=True)
     env = describe(torch.device(args.device), sys.argv[1:] if argv is None else argv, prog="python bench/bench_fused_lora.py")
     report = {"environment": env, "dtype": str(dtype), "quick": args.quick, "results": results}
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(args.out, report)
     return report
 
 

@@ -20,7 +20,6 @@ memory is measured: CPU figures only prove the script works.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -29,6 +28,8 @@ import torch.nn.functional as F
 from sharelora_kernels import ops
 from sharelora_kernels.benchmarks.timing import cuda_peak_bytes, step_timer
 from sharelora_kernels.benchmarks.environment import describe
+from sharelora_kernels.cli.options import out_file
+from sharelora_kernels.cli.outputs import write_json
 from sharelora_kernels.reference import LoRAPath
 
 FULL = dict(m=8192, k=4096, qkv=(4096, 4096, 4096), gate_up=(11008, 11008), layers=(1, 2, 4, 8), shared_m=2048)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
-    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--out", type=out_file, required=True, help="JSON file to write")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     device, dtype = args.device, torch.bfloat16
@@ -148,8 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
               "config": {**cfg, "dtype": str(dtype), "ranks": [LOCAL_R, INTRA_R, INTER_R],
                          "backend": fused_backend(x)},
               "per_layer": per_layer, "shared_grads_vs_layers": shared}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.out, result, indent=2)
     return result
 
 

@@ -99,6 +99,23 @@ def test_gpu_scripts_run_on_cpu(script, tmp_path):
     assert report["environment"]["command"] == f"python bench/{script} --device cpu --quick --out {out}"
 
 
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("bench_angular_distance.py", ["--repeats", "0"], "--repeats: must be at least 1, got 0"),
+    ("bench_compose_cpu.py", ["--repeats", "-1"], "--repeats: must be at least 1, got -1"),
+    ("bench_multi_adapter.py", ["--tokens", "0"], "--tokens: must be at least 1, got 0"),
+    ("bench_fused_lora.py", ["--out", "{tmp}"], "is a folder; give the JSON file to write"),
+    ("bench_grouped.py", ["--out", "{tmp}/missing/out.json"], "missing does not exist")])
+def test_standalone_scripts_refuse_bad_options_before_timing(script, argv, message, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out.json")]
+    with pytest.raises(SystemExit) as stopped:
+        _bench_script(script).main(argv)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
+
+
 def test_fused_lora_bench_on_cpu_names_its_figures_after_the_backend_that_ran(tmp_path):
     """The fused kernels do not run on the CPU: no figure there is called fused."""
     out = tmp_path / "out.json"

@@ -332,6 +332,7 @@ def bad_calls():
             ("d=0 must divide K=16 and N=8", x, w,
              [LoRAPath("kron", (torch.randn(r, 0), torch.randn(0, r), torch.randn(1, 5), torch.randn(2, 1)), 1.0)], 0.0),
             (r"needs tensors \('A', 'B'\), got 1", x, w, [LoRAPath("plain", (a,), 1.0)], 0.0),
+            (r"path 0 \(plain\): scale must be a real number, got '0.5'", x, w, [LoRAPath("plain", (a, b), "0.5")], 0.0),
             ("x must be floating point, got torch.int64", x.long(), w, [LoRAPath("plain", (a, b), 1.0)], 0.0),
             (r"dropout_p must be in \[0, 1\), got 1.0", x, w, [LoRAPath("plain", (a, b), 1.0)], 1.0),
             (r"dropout_p must be in \[0, 1\), got -0.1", x, w, [LoRAPath("plain", (a, b), 1.0)], -0.1),

@@ -3,6 +3,7 @@ bad option answer at once; ``set_threads`` imports it when the command runs."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from . import require_between, require_positive
 
@@ -76,3 +77,25 @@ def set_threads(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     return torch.get_num_threads()
+
+
+def positive_int(text: str) -> int:
+    """argparse type of an int >= 1 (the standalone bench scripts' --repeats, --tokens)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def out_file(text: str) -> Path:
+    """argparse type of the JSON file a standalone bench script writes (temporary file and rename):
+    its folder must exist and it must not be a folder itself, checked before anything is timed."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder; give the JSON file to write")
+    if not path.absolute().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {path.absolute().parent} does not exist")
+    return path

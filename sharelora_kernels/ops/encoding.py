@@ -9,6 +9,7 @@ and ``decode`` rebuilds them. R, the concatenated rank of a path list, is the su
 """
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -47,6 +48,8 @@ def check_path(i: int, p: LoRAPath, k: int, n: int) -> None:
         raise ValueError(f"path {i}: unknown kind {p.kind!r}")
     if len(p.tensors) != len(PATH_ROLES[p.kind]):
         raise ValueError(f"path {i} ({p.kind}) needs tensors {PATH_ROLES[p.kind]}, got {len(p.tensors)}")
+    if isinstance(p.scale, bool) or not isinstance(p.scale, numbers.Real):
+        raise ValueError(f"path {i} ({p.kind}): scale must be a real number, got {p.scale!r}")
     t = p.tensors
     if not all(u.is_floating_point() for u in t):
         raise ValueError(f"path {i} ({p.kind}): adapter tensors must be floating point, got {[u.dtype for u in t]}")
