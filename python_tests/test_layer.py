@@ -248,3 +248,18 @@ def test_a_parametrized_tensor_is_refused_by_name():
         for call in (lambda: layer(x), layer.delta_weight, layer.merge):
             with pytest.raises(NotImplementedError, match=rf"parametrize on \['{name}'\] of a ShareLoRA layer"):
                 call()
+
+
+def test_safe_merge_checks_the_merged_weight_in_its_own_dtype():
+    """A delta finite in float32 can overflow a float16 weight (65504): safe_merge refuses, as PEFT
+    does, and the weight stays as it was."""
+    layer = sk.SharedLoRALinear(nn.Linear(8, 6), r=2).half()
+    with torch.no_grad():
+        layer.lora_paths[0].A.fill_(30.0)
+        layer.lora_paths[0].B.fill_(30.0)  # delta = s * B A = 8 * 2 * 900 = 14400 per element ...
+        layer.weight.fill_(60000.0)  # ... on a weight of 60000: 74400 overflows float16
+    before = layer.weight.clone()
+    assert torch.isfinite(layer.delta_weight(["default"])).all() and not layer.merge_is_finite()
+    with pytest.raises(ValueError, match="would put non-finite values into the base weight"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(layer.weight, before) and not layer.merged_adapters

@@ -454,3 +454,23 @@ def test_tensor_read_by_several_paths_gets_the_sum_of_its_gradients():
     assert rel_err(y, y64) < TOL[torch.float32]
     for g, g64 in zip(grads, grads64):
         assert rel_err(g, g64) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("kind", ["plain", "gate", "kron"])
+def test_a_nan_in_x_survives_dropout_as_in_torch(kind):
+    """dropout(x) is x * mask / (1 - p), so a NaN in x poisons what it feeds even where the mask drops
+    it (NaN * 0 is NaN), as torch's dropout does: the kernels multiply by the mask rather than select."""
+    m, k, n = 8, 16, 24
+    x = torch.randn(m, k)
+    x[2, 3] = float("nan")
+    w = torch.randn(n, k)
+    paths = [make_path(kind, k, n, 3)]
+    for seed in range(4):  # the element is dropped on some of these seeds
+        counts = {}
+        for backend in ("torch", "triton"):
+            torch.manual_seed(seed)
+            xx = x.clone().requires_grad_()
+            y = ops.lora_linear(xx, w, None, paths, 0.5, True, backend=backend)
+            grads = torch.autograd.grad(y, [xx, *paths[0].tensors], torch.ones_like(y))
+            counts[backend] = [int(t.isnan().sum()) for t in (y, *grads)]
+        assert counts["triton"] == counts["torch"], (seed, counts)

@@ -223,6 +223,19 @@ def dequantized_weight(module: nn.Module, layout: BaseLayout, dtype: torch.dtype
 
 
 @torch.no_grad()
+def merge_keeps_finite(module: nn.Module, layout: BaseLayout, delta: Tensor) -> bool:
+    """Whether ``add_to_weight_(module, layout, delta)`` would leave a finite weight, computed as it
+    would be, in the weight's dtype (a float16 weight overflows where a float32 delta did not),
+    without writing it (``safe_merge``)."""
+    if not layout.computes_itself:
+        weight = module.weight.t() if layout.transposed else module.weight
+        return bool(torch.isfinite(weight + delta.to(weight.dtype)).all())
+    merged = dequantized_weight(module, layout) + delta.to(device=module.weight.device, dtype=torch.float32)
+    dtype = module.weight.quant_state.dtype if layout.kind == "bnb_4bit" else torch.float32
+    return bool(torch.isfinite(merged.to(dtype)).all())
+
+
+@torch.no_grad()
 def add_to_weight_(module: nn.Module, layout: BaseLayout, delta: Tensor) -> None:
     """Add ``delta`` (N, K) to the weight of the module that owns it (for merge / unmerge).
 

@@ -24,7 +24,7 @@ from . import ops
 from .ops import call_plan
 from .ops.autocast import autocast_enabled, no_autocast
 from .base import (add_to_weight_, check_4bit_layouts, compute_dtype, describe_base, keep_standard_4bit_layout,
-                   new_adapter_dtype, standard_4bit_layout)
+                   merge_keeps_finite, new_adapter_dtype, standard_4bit_layout)
 from .config import PATH_ROLES, check_bool, check_dropout, check_int, check_positive
 from .plan import PathSpec, TensorSpec
 from .reference import LoRAPath, delta_weight
@@ -541,7 +541,7 @@ class SharedLoRALinear(nn.Module):
         """Whether ``merge`` of the active adapters (or ``adapter_names``) keeps the base weight finite
         (what ``safe_merge`` checks), without merging."""
         names = self.adapters_to_merge(adapter_names)
-        return not names or bool(torch.isfinite(self.delta_weight(names)).all())
+        return not names or merge_keeps_finite(self._weight_owner(), self.layout, self.delta_weight(names))
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
@@ -559,7 +559,7 @@ class SharedLoRALinear(nn.Module):
             raise ValueError("a mixed-adapter batch is running on this layer (mixed_batch / adapter_names): merge "
                              "after it")
         delta = self.delta_weight(names)
-        if safe_merge and not torch.isfinite(delta).all():
+        if safe_merge and not merge_keeps_finite(self._weight_owner(), self.layout, delta):
             raise ValueError(f"merging adapter(s) {names} would put non-finite values into the base weight")
         add_to_weight_(self._weight_owner(), self.layout, delta)
         self.merged_adapters.extend(names)

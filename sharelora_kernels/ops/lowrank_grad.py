@@ -51,7 +51,7 @@ def _lowrank_grad_kernel(
                     mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         if DROPOUT:
             keep = load_keep(mask_ptr, stride_mm, rows64, row_mask, pid_d * BLOCK_D, D, BLOCK_M, BLOCK_D)
-            a = tl.where(keep, a.to(tl.float32) / (1.0 - p), 0.0).to(dtype)
+            a = (a.to(tl.float32) * (keep.to(tl.float32) / (1.0 - p))).to(dtype)  # as torch's dropout: NaN stays NaN
         g = tl.load(g_ptr + rows64[:, None] * stride_gm + ranks[None, :] * stride_gr,
                     mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
         if dtype == tl.float16:  # g may exceed float16's range: tf32 operands keep it

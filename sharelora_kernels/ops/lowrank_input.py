@@ -53,7 +53,7 @@ def _lowrank_project_kernel(
         a = tl.load(a_rows + index64(cols, INT64)[None, :] * stride_ad, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         if DROPOUT:
             keep = draw_keep(seed, rows, d0, D, p, BLOCK_M, BLOCK_D, RNG64)
-            a = tl.where(keep, a.to(tl.float32) / (1.0 - p), 0.0).to(dtype)
+            a = (a.to(tl.float32) * (keep.to(tl.float32) / (1.0 - p))).to(dtype)  # x * mask / (1 - p): NaN stays NaN
             if pid_r == 0:  # every rank tile draws the same mask; the first one stores it
                 words = d0 // 32 + tl.arange(0, BLOCK_D // 32)
                 tl.store(mask_ptr + rows64[:, None] * stride_mm + words[None, :], pack_keep(keep, BLOCK_M, BLOCK_D),
