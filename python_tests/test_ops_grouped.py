@@ -539,6 +539,37 @@ def test_input_group_fallbacks_no_grad_and_changed_input(monkeypatch):
         grouping.enable_input_groups(torch.nn.Sequential())
 
 
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_pending_outputs_go_stale_on_unfreezing_and_on_a_backward_and_copies_run_alone(backend, monkeypatch):
+    """A sibling's pending output is not served after its adapter was unfrozen (it was computed
+    without gradient), nor after a backward through the group's one node (the kernels': it freed
+    what the output's backward needs); a copy of a member, outside the group, runs alone."""
+    import copy
+
+    monkeypatch.setenv("SHARELORA_BACKEND", backend)
+    model = grouped_model("lora")
+    attn = model.model.layers[0].self_attn
+    grouping.enable_input_groups(model)
+    x = torch.randn(3, 32)
+    k_tensors = list(attn.k_proj.lora_paths[0].as_path().tensors)
+    for t in k_tensors:
+        t.requires_grad_(False)
+    attn.q_proj(x)
+    for t in k_tensors:
+        t.requires_grad_(True)
+    k = attn.k_proj(x)
+    grads = torch.autograd.grad(k.pow(2).sum(), k_tensors)
+    expected = torch.autograd.grad(attn.k_proj.forward_alone(x).pow(2).sum(), k_tensors)
+    assert all(rel_err(g, e) < 1e-5 for g, e in zip(grads, expected))
+    attn.q_proj(x).sum().backward()  # v's output stays pending
+    v = attn.v_proj(x)
+    v.sum().backward()  # no "backward through the graph a second time"
+    assert rel_err(v, attn.v_proj.forward_alone(x)) < 1e-5
+    twin = copy.copy(attn.k_proj)
+    assert twin.input_group is attn.k_proj.input_group and rel_err(twin(x), attn.k_proj.forward_alone(x)) < 1e-6
+
+
 @pytest.mark.parametrize("backend", ["torch", "compose", "triton"])
 def test_input_groups_under_inference_mode_match_ungrouped(backend, monkeypatch):
     """Under torch.inference_mode() (x an inference tensor, which keeps no version to tell an

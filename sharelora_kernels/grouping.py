@@ -9,10 +9,13 @@ that share an input: ``self_attn.{q,k,v}_proj`` and ``mlp.{gate,up}_proj``, and 
     returns its own;
   * a sibling called with that same x pops its output (the cache entry is dropped once consumed);
   * a sibling called with any other x, or in another grad mode, or after anything its output was
-    computed from changed (x or an adapter tensor written in place, a tensor replaced or moved, an
-    adapter switched, disabled, merged, a train / eval switch: ``_state``), drops its stale entry and
-    runs its own op; a member with no entry starts a new group run (replacing every pending entry),
-    so at most one pending output per member is ever held, and none once the group's siblings ran.
+    computed from changed (x or an adapter tensor written in place, though not through ``.data``,
+    which keeps no version; a tensor replaced, moved, frozen or unfrozen, an adapter switched,
+    disabled, merged, a train / eval switch: ``_state``), or after a backward through the group's
+    one autograd node (the kernels': it freed what the pending outputs' backward needs), drops its
+    stale entry and runs its own op; a member with no entry starts a new group run (replacing every
+    pending entry), so at most one pending output per member is ever held, and none once the group's
+    siblings ran. A module not among the members (a copy of one) runs alone.
 
 An inference tensor (made under ``torch.inference_mode()``) keeps no version, so an output computed
 from one could not be told stale: with such an x (or adapter tensor) each member runs its own op.
@@ -27,6 +30,7 @@ Autograd needs nothing special: the cached outputs are ordinary outputs of the g
 from __future__ import annotations
 
 import operator
+import weakref
 from typing import Sequence
 
 import torch
@@ -41,6 +45,20 @@ from .ops.autocast import autocast_enabled
 KNOWN_ARCHITECTURES = ("llama", "mistral", "qwen2")  # config.model_type
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings that read their parent's one input
 _version = operator.attrgetter("_version")
+_requires_grad = operator.attrgetter("requires_grad")
+
+
+def _dropping_pending(group: "InputGroup"):
+    """A pre-hook of the group's one autograd node: its backward (through any member's output) frees
+    what the siblings' pending outputs need, so it drops them; a later run's entries stay (weakly
+    held: the node does not keep the group alive)."""
+    ref, pending = weakref.ref(group), group._pending
+
+    def drop(grad_outputs):
+        group = ref()
+        if group is not None and group._pending is pending:
+            group._pending = {}
+    return drop
 
 
 def _unversioned(source: call_plan.Source) -> bool:
@@ -60,9 +78,9 @@ class InputGroup:
 
     def forward(self, module: SharedLoRALinear, x: Tensor) -> Tensor:
         """The output of member ``module`` for x: (..., in_features) -> (..., out_features)."""
-        if not torch.compiler.is_compiling() and (x.is_inference() or self._runs_alone(module, x)):
+        index = next((i for i, m in enumerate(self.members) if m is module), None)
+        if index is None or (not torch.compiler.is_compiling() and (x.is_inference() or self._runs_alone(module, x))):
             return module.forward_alone(x)  # its call plan: what the group's op would run, module by module
-        index = next(i for i, m in enumerate(self.members) if m is module)
         grad_mode = torch.is_grad_enabled()
         entry = self._pending.pop(index, None)
         if (entry is not None and entry[0] is x and entry[1] == grad_mode and self._state(x, entry[3]) == entry[4]
@@ -76,6 +94,9 @@ class InputGroup:
         plan = None if torch.compiler.is_compiling() else self._plan
         state = self._state(x, plan)
         self._pending = {i: (x, grad_mode, y, plan, state) for i, y in enumerate(outs) if i != index}
+        node = None if plan is None else outs[index].grad_fn  # (traced: no node to hold)
+        if node is not None and any(y.grad_fn is node for i, y in enumerate(outs) if i != index):
+            node.register_prehook(_dropping_pending(self))  # one node for every member: its backward frees them
         return outs[index]
 
     def _state(self, x: Tensor, plan: call_plan.CallPlan | None) -> tuple:
@@ -86,7 +107,7 @@ class InputGroup:
         if plan is None:
             return ()
         return (x._version, *(m._paths_version for m in self.members), *(m.training for m in self.members),
-                *map(_version, plan._tensors))
+                *map(_version, plan._tensors), *map(_requires_grad, plan._tensors))
 
     def _run(self, x: Tensor, module: SharedLoRALinear) -> tuple[Tensor, ...] | None:
         """The group's op on x, or None where its members cannot run together (``_can_group``).
