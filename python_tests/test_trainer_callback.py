@@ -147,6 +147,39 @@ def test_adapter_only_leaves_the_model_saving_whole_outside_the_trainers_checkpo
         assert "model.embed_tokens.weight" in set(f.keys())
 
 
+
+class FailingEvaluation(TrainerCallback):
+    def on_evaluate(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("strategy", ["steps", "best"])
+def test_adapter_only_checkpoints_of_every_save_strategy_and_a_failed_evaluation(strategy, tmp_path):
+    """save_strategy "best" decides to save after evaluating, and an evaluation can fail right before a
+    save: the checkpoints still leave the base out, and the model's own save_pretrained after the
+    failure writes it."""
+    torch.manual_seed(0)
+    model = sk.apply(tiny_model(), sk.ShareLoRAConfig(**CONFIG)).train()
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=4,
+                             report_to=[], save_strategy=strategy, eval_strategy="steps", eval_steps=2, save_steps=2,
+                             metric_for_best_model="eval_loss", use_cpu=True, seed=0)
+    run = Trainer(model=model, args=args, train_dataset=TokenWindows(12), eval_dataset=TokenWindows(4),
+                  callbacks=[sk.TrainerCallback(adapter_only=True)])
+    run.train()
+    checkpoints = sorted((tmp_path / "out").glob("checkpoint-*"))
+    assert checkpoints
+    for folder in checkpoints:
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            assert all("sharelora_adapters" in k for k in f.keys()), folder.name
+    failing = Trainer(model=model, args=args, train_dataset=TokenWindows(12), eval_dataset=TokenWindows(4),
+                      callbacks=[sk.TrainerCallback(adapter_only=True), FailingEvaluation()])
+    with pytest.raises(KeyboardInterrupt):
+        failing.train()  # at step 2: its evaluation, then its save
+    model.save_pretrained(tmp_path / "mine")
+    with safe_open(str(tmp_path / "mine" / "model.safetensors"), "pt") as f:
+        assert "model.embed_tokens.weight" in set(f.keys())
+
+
 def test_resuming_a_checkpoint_of_another_plan_is_refused_by_name(tmp_path):
     """Transformers loads a Trainer checkpoint non-strictly: another plan's adapters would load nothing and the
     optimizer would step the other plan's states (a crash); the store refuses them first."""

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -657,6 +658,39 @@ def adapter_folders(model: nn.Module, directory: str | os.PathLike) -> dict[str,
             for name in adapter_names(model)}
 
 
+ADAPTER_ONLY_ATTR = "sharelora_adapter_only"  # (a Trainer's output_dir, the keys its checkpoints leave out)
+_CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")  # the Trainer's checkpoint folders
+
+
+def left_out_of(model: nn.Module, save_directory: str | os.PathLike) -> set[str]:
+    """The state_dict keys a save into ``save_directory`` leaves out: the frozen base, where an
+    ``adapter_only`` TrainerCallback set ``ADAPTER_ONLY_ATTR`` and the folder is one of its Trainer's
+    checkpoints (``checkpoint-N`` below its output_dir), else none. Decided at each save from the
+    folder alone, so nothing is left set between saves (an interrupt, a failed evaluation), and
+    every save strategy (steps, epoch, best) is covered."""
+    spec = model.__dict__.get(ADAPTER_ONLY_ATTR)
+    if spec is None:
+        return set()
+    root, keys = spec
+    folder = Path(save_directory).resolve()
+    return set(keys) if _CHECKPOINT_NAME.fullmatch(folder.name) and folder.is_relative_to(Path(root).resolve()) else set()
+
+
+@contextlib.contextmanager
+def _ignoring_on_save(model: nn.Module, keys: set[str]) -> Iterator[None]:
+    """``keys`` added to the model's ``_keys_to_ignore_on_save`` (what save_pretrained leaves out)
+    within the block, restored after it whatever happens."""
+    if not keys:
+        yield
+        return
+    before = model._keys_to_ignore_on_save
+    model._keys_to_ignore_on_save = sorted(set(before or ()) | keys)
+    try:
+        yield
+    finally:
+        model._keys_to_ignore_on_save = before
+
+
 class SavePretrainedWithAdapters:
     """A Transformers model's ``save_pretrained`` after ``apply`` (set on the instance): the model, a
     quantized base named as unwrapped (``from_pretrained`` reads the base back), the adapter tensors
@@ -679,7 +713,7 @@ class SavePretrainedWithAdapters:
                              "adapters, and loading would apply them twice; call sharelora_kernels.unmerge(model) "
                              "first, or sharelora_kernels.merge_and_unload(model) to save a plain model with the "
                              "adapters folded in")
-        with quantized_bases_unwrapped(model):
+        with quantized_bases_unwrapped(model), _ignoring_on_save(model, left_out_of(model, save_directory)):
             out = type(model).save_pretrained(model, save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             if not ADAPTER_WRITERS:  # sharelora_kernels.checkpoint not imported: say what to call

@@ -16,7 +16,8 @@ import os
 import transformers
 
 from .checkpoint import check_no_peft_wrappers, save, saved_state
-from .model import adapter_folders, adapter_names, adapter_store, get_plan
+from .model import (ADAPTER_ONLY_ATTR, SavePretrainedWithAdapters, adapter_folders, adapter_names, adapter_store,
+                    get_plan)
 
 TRAINER_LOGGER = "transformers.trainer"  # where the Trainer warns of keys missing from a checkpoint it loads
 
@@ -24,12 +25,12 @@ TRAINER_LOGGER = "transformers.trainer"  # where the Trainer warns of keys missi
 class TrainerCallback(transformers.TrainerCallback):
     """``Trainer(..., callbacks=[sharelora_kernels.TrainerCallback()])``.
 
-    adapter_only: the checkpoints' ``model.safetensors`` leave the frozen base out: while the
-    Trainer writes a checkpoint (from the step or epoch end that decides to save to ``on_save``),
-    the base's keys are in the model's ``_keys_to_ignore_on_save``, as the model's own ignored keys
-    are; outside those writes the model saves whole (a ``save_pretrained`` of yours, after training
-    or an interrupted one). Every adapter's tensors are kept, whichever is active when the Trainer
-    saves. Loading such a checkpoint (resume, ``load_best_model_at_end``) finds exactly the base
+    adapter_only: the checkpoints' ``model.safetensors`` leave the frozen base out: a save into
+    one of the Trainer's checkpoint folders (``<output_dir>/checkpoint-N``, whatever the save
+    strategy) puts the base's keys into the model's ``_keys_to_ignore_on_save`` for that write
+    (``model.left_out_of``); any other save writes the whole model (a ``save_pretrained`` of
+    yours, after training or an interrupted one). Every adapter's tensors are kept, whichever is
+    active when the Trainer saves. Loading such a checkpoint (resume, ``load_best_model_at_end``) finds exactly the base
     missing, by design: the Trainer's warning of it is dropped. Without it the Trainer saves the
     whole model, as usual.
     """
@@ -38,17 +39,15 @@ class TrainerCallback(transformers.TrainerCallback):
         if not isinstance(adapter_only, bool):
             raise ValueError(f"adapter_only must be true or false, got {adapter_only!r}")
         self.adapter_only = adapter_only
-        self._base_keys: set[str] | None = None  # what adapter_only leaves out
-        self._ignored_before: tuple | None = None  # the model's own _keys_to_ignore_on_save while ours is set
         self._quiet: logging.Filter | None = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        self._start(model)  # before a resume_from_checkpoint reads the weights file
+        self._start(args, model)  # before a resume_from_checkpoint reads the weights file
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._start(model)  # for a callback added after the Trainer was made
+        self._start(args, model)  # for a callback added after the Trainer was made
 
-    def _start(self, model) -> None:
+    def _start(self, args, model) -> None:
         plan = get_plan(model)  # a model without adapters fails here, not at the first checkpoint
         check_no_peft_wrappers(model, "TrainerCallback's save")  # nor one whose heads save would lack
         if not self.adapter_only:
@@ -56,30 +55,15 @@ class TrainerCallback(transformers.TrainerCallback):
         if not isinstance(model, transformers.PreTrainedModel):
             raise ValueError(f"adapter_only saves need a Transformers model (its save_pretrained leaves keys out), "
                              f"not a {type(model).__name__}")
-        self._base_keys = base_keys(model, plan)
+        keys = base_keys(model, plan)
+        model.__dict__[ADAPTER_ONLY_ATTR] = (args.output_dir, frozenset(keys))  # read by its save_pretrained,
+        if not isinstance(model.__dict__.get("save_pretrained"), SavePretrainedWithAdapters):  # hand-wrapped layers'
+            model.save_pretrained = SavePretrainedWithAdapters(model)  # model too
         if self._quiet is None:
-            self._quiet = _QuietLoadOfBase([k for k in model.state_dict() if k in self._base_keys])
+            self._quiet = _QuietLoadOfBase([k for k in model.state_dict() if k in keys])
             logging.getLogger(TRAINER_LOGGER).addFilter(self._quiet)
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self._leave_base_out(model, control)
-
-    def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        self._leave_base_out(model, control)
-
-    def _leave_base_out(self, model, control) -> None:
-        """adapter_only: the base's keys ignored by the save the Trainer is about to write."""
-        if self._base_keys is not None and control.should_save and self._ignored_before is None:
-            self._ignored_before = (model._keys_to_ignore_on_save,)
-            model._keys_to_ignore_on_save = self._base_keys
-
-    def _restore(self, model) -> None:
-        if self._ignored_before is not None:
-            model._keys_to_ignore_on_save = self._ignored_before[0]
-            self._ignored_before = None
-
     def on_save(self, args, state, control, model=None, **kwargs):
-        self._restore(model)
         if args.should_save:
             # every adapter where save_pretrained puts it ("default" in the folder, the others in subfolders)
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -87,7 +71,6 @@ class TrainerCallback(transformers.TrainerCallback):
                 save(model, where, name)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._restore(model)
         if self._quiet is not None:
             logging.getLogger(TRAINER_LOGGER).removeFilter(self._quiet)
             self._quiet = None
