@@ -31,6 +31,12 @@ CASES = {
     "rank_pattern": (lambda: tiny_model(), dict(r=4, lora_alpha=8, target_modules=TARGETS,
                                                 rank_pattern={"v_proj": 2, "layers.1.mlp.up_proj": 6},
                                                 alpha_pattern={"down_proj": 3})),
+    # keys PEFT applies to nothing (dropped, as PEFT ignores them); modules to save by PEFT's plain suffix
+    # rule ("norm" picks input_layernorm, post_attention_layernorm and model.norm)
+    "unused_pattern_keys": (lambda: tiny_model(), dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                       rank_pattern={"o_proj": 8}, alpha_pattern={"down_proj": 3})),
+    "modules_to_save_suffix": (lambda: tiny_model(), dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                          modules_to_save=["norm"])),
     "rslora": (lambda: tiny_model(), dict(r=4, lora_alpha=8, target_modules=TARGETS, use_rslora=True, lora_dropout=0.1)),
     "conv1d": (lambda: tiny_family("gpt2"), dict(r=3, lora_alpha=6, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
     "seq_cls": (lambda: tiny_family("bert", "seq_cls", num_labels=3),

@@ -20,8 +20,8 @@ import torch.nn as nn
 from .config import ShareLoRAConfig
 from .base import describe_base
 from .model import adapter_names, adapter_tensors, apply_plan, plan_model
-from .plan import pattern_value
-from .targeting import find_target_modules, matches
+from .plan import pattern_matches, pattern_value
+from .targeting import find_target_modules
 
 # PEFT LoraConfig options with no counterpart here: (key, the value that means "off", what it is)
 _UNSUPPORTED = (("use_dora", False, "DoRA"), ("bias", "none", "trained biases (bias != 'none')"),
@@ -225,7 +225,7 @@ def _saved_modules(base: nn.Module, peft_config: dict, saved: dict) -> list[str]
     """Full names of the modules PEFT trains in full that this model has (PEFT's task types add heads a
     model may lack, e.g. "score" to a BERT classifier)."""
     entries = peft_config.get("modules_to_save") or []
-    names = [n for n, _ in base.named_modules() if n and matches(n, entries)]
+    names = [n for n, _ in base.named_modules() if n and any(n.endswith(e) for e in entries)]  # PEFT's rule: a suffix
     outer = [n for n in names if not any(n != o and n.startswith(o + ".") for o in names)]
     return [n for n in outer if any(k.startswith(n + ".") for k in saved)]
 
@@ -233,10 +233,13 @@ def _saved_modules(base: nn.Module, peft_config: dict, saved: dict) -> list[str]
 def _config(base: nn.Module, peft_config: dict, names: list[str], saved_modules: list[str]) -> ShareLoRAConfig:
     """The method-"lora" config of the PEFT LoRA: its own targeting fields when they pick exactly the
     modules it holds, else those modules' full names."""
+    def used(pattern: dict | None) -> dict:  # keys that pick none of its modules change nothing in PEFT
+        return {k: v for k, v in (pattern or {}).items() if any(pattern_matches(k, n) for n in names)}
+
     common = dict(method="lora", r=peft_config["r"], alpha=float(peft_config["lora_alpha"]),
                   dropout=float(peft_config.get("lora_dropout") or 0.0), use_rslora=bool(peft_config.get("use_rslora")),
-                  rank_pattern=dict(peft_config.get("rank_pattern") or {}),
-                  alpha_pattern={k: float(v) for k, v in (peft_config.get("alpha_pattern") or {}).items()},
+                  rank_pattern=used(peft_config.get("rank_pattern")),
+                  alpha_pattern={k: float(v) for k, v in used(peft_config.get("alpha_pattern")).items()},
                   modules_to_save=saved_modules)
     targets = peft_config.get("target_modules")
     try:

@@ -209,7 +209,7 @@ class _Builder:
     def lora(self, modules: list[ModuleInfo]) -> None:
         for name in ("rank_pattern", "alpha_pattern"):
             for key in getattr(self.c, name):
-                if not any(_pattern_matches(key, m.name) for m in modules):
+                if not any(pattern_matches(key, m.name) for m in modules):
                     raise ValueError(f"{name} key {key!r} matches no target module (a key matches a target module "
                                      "whose full name ends with it, after a dot)")
         for m in modules:
@@ -328,12 +328,13 @@ def _check_one_layer_stack(modules: list[ModuleInfo], why: str, fix: str) -> Non
 def pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
     """PEFT's rank_pattern / alpha_pattern lookup: the first key that ends the module name after a dot."""
     for key, value in pattern.items():
-        if _pattern_matches(key, name):
+        if pattern_matches(key, name):
             return value
     return default
 
 
-def _pattern_matches(key: str, name: str) -> bool:
+def pattern_matches(key: str, name: str) -> bool:
+    """Whether a rank_pattern / alpha_pattern ``key`` picks module ``name`` (PEFT's rule)."""
     return re.match(rf"(.*\.)?({key})$", name) is not None
 
 
