@@ -516,3 +516,31 @@ def test_a_base_weight_replaced_by_prune_or_weight_norm_is_refused_by_name(prune
         torch.nn.utils.prune.l1_unstructured(layer, "weight", amount=0.5)
     with pytest.raises(NotImplementedError, match="base weight of a ShareLoRA layer is no longer a registered parameter"):
         layer(torch.randn(2, 16))
+
+
+def test_a_plan_built_while_another_thread_switched_the_layer_is_not_kept(monkeypatch):
+    """Another thread switching adapters (or train / eval) between a call's reading of its
+    environment and the build of its plan: the plan may hold the new state, so it is not kept under
+    the old environment (it was, and the layer then computed the other adapter for good)."""
+    from tiny_models import randomize_adapters, tiny_model
+
+    model = tiny_model(layers=1)
+    sk.apply(model, sk.ShareLoRAConfig(r=2, target_modules=["q_proj"]))
+    sk.apply(model, sk.ShareLoRAConfig(r=3, target_modules=["q_proj"]), adapter_name="b")
+    randomize_adapters(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, layer.in_features)
+    with torch.no_grad():
+        expected = {name: (sk.set_adapter(model, name), layer(x))[1] for name in ("b", "default")}
+        layer._plans.clear()
+        layer.__dict__["_plan"] = None
+        real = SharedLoRALinear._build_plan
+
+        def racing(self, x, env):  # what another thread did right after this call read its environment
+            layer.set_adapter("b")
+            return real(self, x, env)
+        monkeypatch.setattr(SharedLoRALinear, "_build_plan", racing)
+        layer(x)
+        monkeypatch.setattr(SharedLoRALinear, "_build_plan", real)
+        layer.set_adapter("default")
+        assert torch.equal(layer(x), expected["default"])

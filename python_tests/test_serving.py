@@ -55,6 +55,44 @@ def test_each_row_equals_its_adapter_alone_every_method_and_base_rows(bank):
         assert (out[i:i + 1] - ref).abs().max() <= 1e-12 * ref.abs().max(), name
 
 
+def test_a_mixed_batch_is_its_threads_own(bank):
+    """A mixed_batch block in one thread neither reaches another thread's calls (plain ones, or its
+    own block with other adapters) nor survives blocks ending in another order."""
+    import threading
+
+    base, model = bank
+    ids = token_batch(batch=2, seq=5)
+    with torch.no_grad():
+        plain = model(ids).logits
+    entered, go, ended = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def serve():
+        with torch.no_grad(), sk.mixed_batch(model, ["lora", "__base__"]):
+            entered.set()
+            go.wait(30)
+            seen["thread"] = model(ids).logits
+        ended.set()
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    assert entered.wait(30)
+    with torch.no_grad():
+        seen["plain"] = model(ids).logits  # the other thread's block is open
+        with sk.mixed_batch(model, ["share_ab", "lora"]):
+            go.set()
+            assert ended.wait(30)  # its block ends first
+            seen["mine"] = model(ids).logits
+        seen["after"] = model(ids).logits
+    worker.join(30)
+    assert torch.equal(seen["plain"], plain) and torch.equal(seen["after"], plain)
+    for out, rows in ((seen["thread"], ["lora", "__base__"]), (seen["mine"], ["share_ab", "lora"])):
+        for i, name in enumerate(rows):
+            ref = alone(model, base, name, ids[i:i + 1])
+            assert (out[i:i + 1] - ref).abs().max() <= 1e-12 * ref.abs().max(), name
+    assert all(layer.mixed_batch is None for layer in sk.model.shared_layers(model))
+
+
 def test_greedy_generate_and_beams_follow_each_rows_adapter(bank):
     base, model = bank
     rows = ["lora", "bishare_kron", "__base__", "similarity"]

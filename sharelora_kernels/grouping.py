@@ -125,7 +125,12 @@ class InputGroup:
                                                          *(m.training for m in members)))
         plan = self._plan
         if plan is None or not plan.fits(env):
-            plan = self._plan = call_plan.kept_or_built(self._plans, env, lambda: self._build(x, module, env))
+            self._plan = None
+            plan = call_plan.kept_or_built(self._plans, env, lambda: self._build(x, module, env))
+            if (module.training, (*(m._paths_state() for m in members), *(m.training for m in members))) != env[-2:]:
+                self._plans.pop(env, None)  # a member switched (another thread) while it was built: not kept,
+                return None  # and the members run alone
+            self._plan = plan
         return plan.run(x)
 
     def _build(self, x: Tensor, module: SharedLoRALinear, env: tuple) -> call_plan.CallPlan:

@@ -12,6 +12,7 @@ is seen by every path.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Mapping, Sequence
 
 import torch
@@ -195,6 +196,10 @@ class LoRAPathModule(nn.Module):
         return f"kind={s.kind}, part={s.part}, rank={s.rank}, scale={s.scale:g}"
 
 
+_MIXED = threading.local()  # per thread: {id(layer): the MixedBatch it runs there}
+_NO_BATCHES: dict = {}
+
+
 class SharedLoRALinear(nn.Module):
     """Drop-in replacement for a frozen ``nn.Linear`` (or Transformers ``Conv1D``, or bitsandbytes
     ``Linear4bit`` / ``Linear8bitLt``) with low-rank adapters.
@@ -259,9 +264,23 @@ class SharedLoRALinear(nn.Module):
         # The call plan (ops.call_plan) depends on _paths_version besides x and the tensors it reads.
         self._plan = None  # the plan of the last call
         self._plans = {}  # environment -> plan, a few kept (grad on / off under reentrant checkpointing, ...)
-        self.mixed_batch = None  # serving.MixedBatch while a mixed-adapter batch runs (serving.mixed_batch)
         self._mixed_tables = None  # serving.layer_tables' cache: the tables (and stacked copies) of every adapter
         self.train(base.training)
+
+    @property
+    def mixed_batch(self):
+        """The ``serving.MixedBatch`` of the mixed-adapter batch this thread runs on the layer
+        (``serving.mixed_batch``), or None: each thread has its own, so a block in one thread neither
+        reaches another's calls nor is undone by another's block ending."""
+        return _MIXED.__dict__.get("batches", _NO_BATCHES).get(id(self))
+
+    @mixed_batch.setter
+    def mixed_batch(self, batch) -> None:
+        batches = _MIXED.__dict__.setdefault("batches", {})
+        if batch is None:
+            batches.pop(id(self), None)
+        else:
+            batches[id(self)] = batch
 
     # ---------------------------------------------------------------------------- named adapters
     def active_path_modules(self) -> list[LoRAPathModule]:
@@ -361,8 +380,12 @@ class SharedLoRALinear(nn.Module):
 
     def _paths_changed(self) -> None:
         """Set ``_paths_version`` from the state forward's paths follow from (after any change of it)."""
-        self._paths_version = (self._adapters_version, tuple(self._active_adapter), self._disable_adapters,
-                               tuple(self.merged_adapters))
+        self._paths_version = self._paths_state()
+
+    def _paths_state(self) -> tuple:
+        """The state forward's paths follow from, read now."""
+        return (self._adapters_version, tuple(self._active_adapter), self._disable_adapters,
+                tuple(self.merged_adapters))
 
     def __getattr__(self, name: str):
         if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", {}):
@@ -459,7 +482,11 @@ class SharedLoRALinear(nn.Module):
         plan = self._plan
         if plan is None or not plan.fits(env):
             self.__dict__["_plan"] = None  # none keeps a replaced tensor's storage alive
-            plan = self.__dict__["_plan"] = call_plan.kept_or_built(self._plans, env, lambda: self._build_plan(x, env))
+            plan = call_plan.kept_or_built(self._plans, env, lambda: self._build_plan(x, env))
+            if (self.training, self._paths_state()) == env[-2:]:
+                self.__dict__["_plan"] = plan
+            else:  # switched (another thread) while the plan was built: it may hold either state, not kept
+                self._plans.pop(env, None)
         if plan.adds_to_base:
             return self._run_computing_base(plan, x)
         return plan.run(x)
