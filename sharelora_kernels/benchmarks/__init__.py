@@ -89,12 +89,11 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     from ..cli.outputs import check_out_dir, numbered_dir
     from .report import HOST_OUTPUTS, OUTPUTS
 
-    _check_settings()
     if args.host and args.serving:
         raise CommandError("--host and --serving are two benchmarks: run them one at a time")
     if args.serving:
         _refuse_unused(args, "--serving (the built-in tiny model)", ("device", "threads"))
-        return run_serving(args, argv)
+        return run_serving(args, argv)  # its own option checks, then _check_settings
     if args.host:
         _refuse_unused(args, "--host (tiny layer calls on the CPU, one thread)", ())
     ops = args.ops.split(",")
@@ -105,6 +104,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     check_threads_argument(args)
     if args.out is not None:
         check_out_dir(args.out, HOST_OUTPUTS if args.host else OUTPUTS + HOST_OUTPUTS)
+    _check_settings()  # (imports torch: after the options, which answer at once)
     if args.host:
         return _run_host(args, argv)
 
@@ -234,6 +234,7 @@ def run_serving(args: argparse.Namespace, argv: list[str] | None) -> dict:
     check_threads_argument(args)
     if args.out is not None:
         check_out_dir(args.out, SERVING_OUTPUTS)
+    _check_settings()
     try:
         import peft  # noqa: F401
     except ImportError as err:
