@@ -78,7 +78,7 @@ def lowrank_tile(h_ptr, hcol_ptr, table_ptr, scale_ptr, mask_ptr, p, stride_mm, 
                                  PERIODIC)
     if DROPOUT:
         keep = load_keep(mask_ptr, stride_mm, rows64, row_mask, col0, N, BLOCK_M, BLOCK_N)
-        acc = acc * (keep.to(tl.float32) / (1.0 - p))  # a multiply, as torch's dropout: NaN stays NaN
+        acc = tl.where(keep, acc / (1.0 - p), 0.0)
     return acc
 
 
