@@ -66,19 +66,17 @@ def stubbed_launches():
     what remains of a triton call is its host work."""
     import triton.runtime.jit as jit
 
-    from ..ops import autotune, fused_lora_linear, utils
+    from ..ops import autotune, utils
 
     noop = lambda *args, **kwargs: None  # noqa: E731
-    saved = (jit.KernelInterface.__getitem__, autotune.TunedKernel.__getitem__, fused_lora_linear.INTERPRET,
-             utils.INTERPRET)
+    saved = (jit.KernelInterface.__getitem__, autotune.TunedKernel.__getitem__, utils.INTERPRET)
     jit.KernelInterface.__getitem__ = lambda self, grid: noop
     autotune.TunedKernel.__getitem__ = lambda self, grid: noop
-    fused_lora_linear.INTERPRET = utils.INTERPRET = True
+    utils.INTERPRET = True  # check_kernel_device: the kernels' CPU guard lifted
     try:
         yield
     finally:
-        (jit.KernelInterface.__getitem__, autotune.TunedKernel.__getitem__, fused_lora_linear.INTERPRET,
-         utils.INTERPRET) = saved
+        jit.KernelInterface.__getitem__, autotune.TunedKernel.__getitem__, utils.INTERPRET = saved
 
 
 # ----------------------------------------------------------------------------- layers

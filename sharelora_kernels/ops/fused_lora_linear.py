@@ -53,7 +53,7 @@ from .lowrank_grad import lowrank_grad
 from .lowrank_input import lowrank_project
 from .shared_grad import path_grads
 from .tables import path_rank, refresh_gates, tables_for
-from .utils import (INTERPRET, TL_DTYPES, cdiv, dot_precision, dropout_seed, mask_words, needs_int64_index,
+from .utils import (TL_DTYPES, cdiv, check_kernel_device, dot_precision, dropout_seed, mask_words, needs_int64_index,
                     next_power_of_2, on_device)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). perf: the tiles that compile without spills
@@ -206,8 +206,7 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[LoRAP
     check_linear(x, weight, bias, paths, dropout_p)
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("the triton backend takes a frozen weight and bias (requires_grad=False)")
-    if not INTERPRET and x.device.type != "cuda":
-        raise ValueError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got x on {x.device}")
+    check_kernel_device(x)
     for t in (weight, *([bias] if bias is not None else [])):
         if t.dtype != x.dtype or t.device != x.device:
             raise ValueError(f"the triton backend needs x, weight and bias in one dtype and device: x is {x.dtype} "

@@ -232,11 +232,10 @@ def _check(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: float, co
 
 
 def _check_triton_device(x: Tensor) -> None:
-    """ValueError unless the kernels can run on x's device (CUDA, or any under Triton's interpreter)."""
-    from . import utils  # Triton is imported only for the kernels
+    """``utils.check_kernel_device``, imported only when the kernels are asked for (it imports Triton)."""
+    from .utils import check_kernel_device
 
-    if not utils.INTERPRET and x.device.type != "cuda":
-        raise ValueError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got x on {x.device}")
+    check_kernel_device(x)
 
 
 def lowrank_add(y: Tensor, x: Tensor, paths: Sequence[LoRAPath], dropout_p: float = 0.0, training: bool = False,

@@ -251,10 +251,9 @@ def _check(y: Tensor, x: Tensor, batch: AdapterBatch, tables: AdapterTables, com
         if device is not None and device != x.device:
             raise ValueError(f"x is on {x.device}, {what} on {device}")
     if use_triton:
-        from .utils import INTERPRET
+        from .utils import check_kernel_device
 
-        if x.device.type != "cuda" and not INTERPRET:
-            raise ValueError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got x on {x.device}")
+        check_kernel_device(x)
         adapter_dtypes = set(tables.dtypes)
         for what, dtypes in (("x's compute dtype", {compute}), ("y", {y.dtype}), ("the adapters", adapter_dtypes)):
             if not dtypes <= set(FUSED_DTYPES):

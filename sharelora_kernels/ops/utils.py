@@ -32,6 +32,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def check_kernel_device(x: Tensor) -> None:
+    """ValueError unless the kernels can run on x's device: CUDA, or any under Triton's interpreter
+    (``INTERPRET`` read at the call: the host benchmark lifts the guard to time launches stubbed)."""
+    if not INTERPRET and x.device.type != "cuda":
+        raise ValueError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got x on {x.device}")
+
+
 _NO_SEED: dict[torch.device, Tensor] = {}
 
 
