@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..base import check_4bit_layouts
 from ..config import ShareLoRAConfig
-from ..layer import AdapterStore, SharedLoRALinear, check_adapter_name
+from ..layer import AdapterStore, SharedLoRALinear, adapter_name_list, check_adapter_name
 from ..model import (STORE_ATTR, active_adapters, adapter_names, adapter_store, apply_plan, check_bank_room,
                      check_known, check_safe_merge, delete_adapter, is_applied, keep_base_dtypes, set_adapter,
                      unload)
@@ -288,7 +288,7 @@ class ShareLoRAModel(BaseTuner):
                 p.requires_grad_(False)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        names = adapter_name_list(adapter_name)
         check_known(self.model, names)
         # modules to save first: PEFT's wrappers refuse several adapters before anything changes
         _set_adapter(self.model, adapter_name, inference_mode=inference_mode)
@@ -299,7 +299,7 @@ class ShareLoRAModel(BaseTuner):
         self.active_adapter = adapter_name
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = adapter_name_list(adapter_names)
         check_known(self.model, names)
         for n in names:
             adapter_store(self.model, n).requires_grad_(requires_grad)
