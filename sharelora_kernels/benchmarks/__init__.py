@@ -84,7 +84,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
     ``argv`` is the command line recorded in the JSON, after ``bench`` (default: read from sys.argv).
     """
-    from ..cli import CommandError, require_positive
+    from ..cli import CommandError, check_settings, require_positive
     from ..cli.options import check_threads_argument, set_threads
     from ..cli.outputs import check_out_dir, numbered_dir
     from .report import HOST_OUTPUTS, OUTPUTS
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         raise CommandError("--host and --serving are two benchmarks: run them one at a time")
     if args.serving:
         _refuse_unused(args, "--serving (the built-in tiny model)", ("device", "threads"))
-        return run_serving(args, argv)  # its own option checks, then _check_settings
+        return run_serving(args, argv)  # its own option checks, then check_settings
     if args.host:
         _refuse_unused(args, "--host (tiny layer calls on the CPU, one thread)", ())
     ops = args.ops.split(",")
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     check_threads_argument(args)
     if args.out is not None:
         check_out_dir(args.out, HOST_OUTPUTS if args.host else OUTPUTS + HOST_OUTPUTS)
-    _check_settings()  # (imports torch: after the options, which answer at once)
+    check_settings()
     if args.host:
         return _run_host(args, argv)
 
@@ -189,20 +189,6 @@ def _refuse_unused(args: argparse.Namespace, mode: str, used: tuple[str, ...]) -
             raise CommandError(f"--{name.replace('_', '-')} does not apply to bench {mode}")
 
 
-def _check_settings() -> None:
-    """CommandError for a bad SHARELORA_BACKEND / SHARELORA_AUTOTUNE, before anything is timed."""
-    import torch
-
-    from ..cli import CommandError
-    from ..ops import dispatch
-
-    try:
-        dispatch.backend_setting(torch.device("cpu"))
-        dispatch.autotune_mode()
-    except ValueError as err:
-        raise CommandError(str(err)) from None
-
-
 def _run_host(args: argparse.Namespace, argv: list[str] | None) -> dict:
     """bench --host: the host benchmark alone (always on the CPU; options checked by ``run``)."""
     import torch
@@ -226,7 +212,7 @@ def _run_host(args: argparse.Namespace, argv: list[str] | None) -> dict:
 
 def run_serving(args: argparse.Namespace, argv: list[str] | None) -> dict:
     """``bench --serving``: ``serving.run``, written as serving.json and serving.md in the output folder."""
-    from ..cli import CommandError
+    from ..cli import CommandError, check_settings
     from ..cli.options import check_threads_argument, set_threads
     from ..cli.outputs import check_out_dir, numbered_dir, write_json, write_text
     from .report import SERVING_OUTPUTS, SMOKE_NOTE
@@ -234,7 +220,7 @@ def run_serving(args: argparse.Namespace, argv: list[str] | None) -> dict:
     check_threads_argument(args)
     if args.out is not None:
         check_out_dir(args.out, SERVING_OUTPUTS)
-    _check_settings()
+    check_settings()
     try:
         import peft  # noqa: F401
     except ImportError as err:

@@ -45,6 +45,21 @@ def require_between(args, name: str, low: float, high: float = math.inf) -> None
         raise CommandError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
 
 
+def check_settings() -> None:
+    """CommandError for a bad SHARELORA_BACKEND / SHARELORA_AUTOTUNE, for a command to name before it
+    times anything (the package keeps a bad value until a call needs it). Imports torch: call it after
+    the options are checked, which answer at once."""
+    import torch
+
+    from ..ops import dispatch
+
+    try:
+        dispatch.backend_setting(torch.device("cpu"))
+        dispatch.autotune_mode()
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+
+
 def counted(n: int, noun: str) -> str:
     """``n`` and ``noun`` in the right number: "1 set", "3 sets" (plural by adding "s")."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from ..files import atomic_write
-from . import CommandError, require_positive
+from . import CommandError, check_settings, require_positive
 from .isolated import Outcome, call, die_with_parent, run_isolated, sigterm_as_exit
 
 if TYPE_CHECKING:
@@ -449,11 +449,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..benchmarks.environment import describe, device_label, loadavg
     from .outputs import check_out_dir, numbered_dir
 
-    try:  # a bad SHARELORA_BACKEND / SHARELORA_AUTOTUNE is named now, not after every phase ran
-        ops.dispatch.backend_setting(torch.device("cuda"))
-        ops.dispatch.autotune_mode()
-    except ValueError as err:
-        raise CommandError(str(err)) from None
+    check_settings()  # a bad SHARELORA_BACKEND / SHARELORA_AUTOTUNE now, not after every phase ran
     if not ops.HAS_TRITON:
         raise CommandError("gpu-check needs triton, which cannot be imported here")
     if args.tiny and not ops.INTERPRET:
