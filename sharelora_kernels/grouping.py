@@ -45,7 +45,6 @@ from .ops.autocast import autocast_enabled
 KNOWN_ARCHITECTURES = ("llama", "mistral", "qwen2")  # config.model_type
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings that read their parent's one input
 _version = operator.attrgetter("_version")
-_requires_grad = operator.attrgetter("requires_grad")
 
 
 def _dropping_pending(group: "InputGroup"):
@@ -84,7 +83,7 @@ class InputGroup:
         grad_mode = torch.is_grad_enabled()
         entry = self._pending.pop(index, None)
         if (entry is not None and entry[0] is x and entry[1] == grad_mode and self._state(x, entry[3]) == entry[4]
-                and (entry[3] is None or entry[3].reads_current_tensors())):  # none of its tensors replaced
+                and (entry[3] is None or entry[3].tensors_as_built())):  # none replaced, frozen or unfrozen
             return entry[2]
         outs = None
         if entry is None and x.dim() and x.shape[-1] == module.in_features:  # else a bad input: reported below
@@ -101,13 +100,13 @@ class InputGroup:
 
     def _state(self, x: Tensor, plan: call_plan.CallPlan | None) -> tuple:
         """What a pending output was computed from, as cheap values: x's and every tensor's version
-        of the run's ``plan`` (in-place writes; a tensor replaced is told by the plan itself), each
-        member's paths version (adapters switched, enabled, disabled, merged) and train / eval mode.
-        Not traced (``plan`` None): a compiled model's calls are one graph."""
+        of the run's ``plan`` (in-place writes; a tensor replaced, frozen or unfrozen is told by the
+        plan itself: ``tensors_as_built``), each member's paths version (adapters switched, enabled,
+        disabled, merged) and train / eval mode. Not traced (``plan`` None): a compiled model's calls are one graph."""
         if plan is None:
             return ()
         return (x._version, *(m._paths_version for m in self.members), *(m.training for m in self.members),
-                *map(_version, plan._tensors), *map(_requires_grad, plan._tensors))
+                *map(_version, plan._tensors))
 
     def _run(self, x: Tensor, module: SharedLoRALinear) -> tuple[Tensor, ...] | None:
         """The group's op on x, or None where its members cannot run together (``_can_group``).
@@ -126,10 +125,11 @@ class InputGroup:
         plan = self._plan
         if plan is None or not plan.fits(env):
             self._plan = None
-            plan = call_plan.kept_or_built(self._plans, env, lambda: self._build(x, module, env))
-            if (module.training, (*(m._paths_state() for m in members), *(m.training for m in members))) != env[-2:]:
-                self._plans.pop(env, None)  # a member switched (another thread) while it was built: not kept,
-                return None  # and the members run alone
+            plan = call_plan.kept_or_built(
+                self._plans, env, lambda: self._build(x, module, env),
+                lambda: (module.training, (*(m._paths_state() for m in members), *(m.training for m in members))))
+            if self._plans.get(env) is not plan:  # built while a member switched (another thread): run alone
+                return None
             self._plan = plan
         return plan.run(x)
 

@@ -482,11 +482,10 @@ class SharedLoRALinear(nn.Module):
         plan = self._plan
         if plan is None or not plan.fits(env):
             self.__dict__["_plan"] = None  # none keeps a replaced tensor's storage alive
-            plan = call_plan.kept_or_built(self._plans, env, lambda: self._build_plan(x, env))
-            if (self.training, self._paths_state()) == env[-2:]:
+            plan = call_plan.kept_or_built(self._plans, env, lambda: self._build_plan(x, env),
+                                           lambda: (self.training, self._paths_state()))
+            if self._plans.get(env) is plan:  # else built while another thread switched the layer
                 self.__dict__["_plan"] = plan
-            else:  # switched (another thread) while the plan was built: it may hold either state, not kept
-                self._plans.pop(env, None)
         if plan.adds_to_base:
             return self._run_computing_base(plan, x)
         return plan.run(x)

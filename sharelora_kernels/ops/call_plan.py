@@ -134,7 +134,12 @@ class CallPlan:
 
     def fits(self, env: tuple) -> bool:
         """Whether this plan serves a call of environment ``env`` with the tensors as they are now."""
-        return env == self.env and self.reads_current_tensors() and list(map(_requires_grad, self._tensors)) == self._grads
+        return env == self.env and self.tensors_as_built()
+
+    def tensors_as_built(self) -> bool:
+        """Whether every tensor it reads is as when it was built: the same one in the same storage and
+        layout (``reads_current_tensors``), requiring grad or not as then."""
+        return self.reads_current_tensors() and list(map(_requires_grad, self._tensors)) == self._grads
 
     def reads_current_tensors(self) -> bool:
         """Whether every tensor it reads is still the one in its module, in the same storage and layout (a tensor
@@ -150,11 +155,15 @@ _requires_grad = operator.attrgetter("requires_grad")
 KEPT_PLANS = 8  # plans kept per layer or input group: environments come and go (dtypes, autocast)
 
 
-def kept_or_built(plans: dict[tuple, CallPlan], env: tuple, build: Callable[[], CallPlan]) -> CallPlan:
+def kept_or_built(plans: dict[tuple, CallPlan], env: tuple, build: Callable[[], CallPlan],
+                  layer_state: Callable[[], tuple]) -> CallPlan:
     """The plan of ``env`` kept in ``plans`` (environment -> plan: grad on and off under reentrant
     checkpointing, train and eval, ...) if it still fits, else ``build()``'s, kept there. Before a
     build, ``plans`` keeps only those of the current settings whose tensors are all still in place
-    (none holds views of a replaced tensor's old storage), and none once ``KEPT_PLANS`` are kept."""
+    (none holds views of a replaced tensor's old storage), and none once ``KEPT_PLANS`` are kept.
+    ``layer_state()``: the train / eval mode and paths version of ``env`` as they are now; a plan
+    built while they changed (another thread switched adapters) may hold either state: it serves
+    the call and is not kept (``plans.get(env) is plan`` tells)."""
     plan = plans.get(env)
     if plan is not None and plan.fits(env):
         return plan
@@ -163,7 +172,9 @@ def kept_or_built(plans: dict[tuple, CallPlan], env: tuple, build: Callable[[], 
     plans.clear()
     if len(valid) < KEPT_PLANS:
         plans.update(valid)
-    plan = plans[env] = build()
+    plan = build()
+    if layer_state() == env[_VERSION + 1:]:
+        plans[env] = plan
     return plan
 
 
