@@ -673,7 +673,8 @@ def left_out_of(model: nn.Module, save_directory: str | os.PathLike) -> set[str]
         return set()
     root, keys = spec
     folder = Path(save_directory).resolve()
-    return set(keys) if _CHECKPOINT_NAME.fullmatch(folder.name) and folder.is_relative_to(Path(root).resolve()) else set()
+    in_checkpoint = _CHECKPOINT_NAME.fullmatch(folder.name) and folder.is_relative_to(Path(root).resolve())
+    return set(keys) if in_checkpoint else set()
 
 
 @contextlib.contextmanager

@@ -30,9 +30,9 @@ class TrainerCallback(transformers.TrainerCallback):
     strategy) puts the base's keys into the model's ``_keys_to_ignore_on_save`` for that write
     (``model.left_out_of``); any other save writes the whole model (a ``save_pretrained`` of
     yours, after training or an interrupted one). Every adapter's tensors are kept, whichever is
-    active when the Trainer saves. Loading such a checkpoint (resume, ``load_best_model_at_end``) finds exactly the base
-    missing, by design: the Trainer's warning of it is dropped. Without it the Trainer saves the
-    whole model, as usual.
+    active when the Trainer saves. Loading such a checkpoint (resume, ``load_best_model_at_end``)
+    finds exactly the base missing, by design: the Trainer's warning of it is dropped. Without it
+    the Trainer saves the whole model, as usual.
     """
 
     def __init__(self, adapter_only: bool = False):
@@ -57,8 +57,8 @@ class TrainerCallback(transformers.TrainerCallback):
                              f"not a {type(model).__name__}")
         keys = base_keys(model, plan)
         model.__dict__[ADAPTER_ONLY_ATTR] = (args.output_dir, frozenset(keys))  # read by its save_pretrained,
-        if not isinstance(model.__dict__.get("save_pretrained"), SavePretrainedWithAdapters):  # hand-wrapped layers'
-            model.save_pretrained = SavePretrainedWithAdapters(model)  # model too
+        if not isinstance(model.__dict__.get("save_pretrained"), SavePretrainedWithAdapters):
+            model.save_pretrained = SavePretrainedWithAdapters(model)  # which a hand-wrapped model gets here
         if self._quiet is None:
             self._quiet = _QuietLoadOfBase([k for k in model.state_dict() if k in keys])
             logging.getLogger(TRAINER_LOGGER).addFilter(self._quiet)
