@@ -264,6 +264,16 @@ def test_linear_subclass_overriding_forward_is_refused_by_qualified_name():
         sk.SharedLoRALinear(QuantLinear(4, 4), r=2)
 
 
+def test_zero_width_base_is_refused():
+    net = nn.Module()
+    net.q_proj = nn.Linear(0, 4)
+    with pytest.raises(ValueError, match="'q_proj' has in_features=0, out_features=4"):
+        sk.apply(net, sk.ShareLoRAConfig(target_modules=["q_proj"]))
+    assert type(net.q_proj) is nn.Linear
+    with pytest.raises(ValueError, match="in_features=4, out_features=0"):
+        sk.SharedLoRALinear(nn.Linear(4, 0), r=2)
+
+
 def test_tied_lm_head_is_refused():
     model = tiny_model()
     model.lm_head.weight = model.model.embed_tokens.weight

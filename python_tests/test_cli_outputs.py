@@ -110,9 +110,13 @@ def test_a_disk_filling_during_the_export_keeps_the_adapter_in_out(plan_file, tm
     line = one_line_error(capsys, "finetune")
     assert code == 1
     kept = Path(line.split("adapter/ is kept in ")[1])
-    assert kept.parent.parent == out and kept.parent.name.startswith(".sharelora-run.")
+    assert kept.parent.parent == out and kept.parent.name.startswith("sharelora-kept-")
     assert list(out.iterdir()) == [kept.parent] and sorted(p.name for p in kept.parent.iterdir()) == ["adapter"]
-    assert load_file(kept / ckpt.WEIGHTS_NAME)
+    weights = (kept / ckpt.WEIGHTS_NAME).read_bytes()
+    monkeypatch.undo()  # the next run into the same folder (its clean-up of killed writers' folders) keeps it
+    assert run_cli(["finetune", "--plan", plan_file, "--steps", "1", *SMALL, "--out", out])[0] == 0
+    assert (kept / ckpt.WEIGHTS_NAME).read_bytes() == weights and load_file(kept / ckpt.WEIGHTS_NAME)
+    assert leftovers(out) == []
 
 
 def test_a_real_full_disk_in_safetensors_keeps_the_adapter_and_says_where(plan_file, tmp_path, capsys, monkeypatch):
@@ -161,7 +165,7 @@ def test_a_move_in_failing_halfway_leaves_the_previous_results_whole(plan_file, 
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and kept.parent not in p.parents} == before
     assert sorted(p.name for p in kept.parent.iterdir()) == ["adapter", "losses.json", "peft"]
     assert json.loads((kept.parent / "losses.json").read_text())["steps"] == 2
-    assert leftovers(out) == [kept.parent.name]  # the old results' temporary folder is gone
+    assert kept.parent.name.startswith("sharelora-kept-") and leftovers(out) == []  # no temporary folder left
 
 
 def test_an_out_folder_in_a_read_only_folder_is_written(plan_file, tmp_path, monkeypatch):

@@ -87,8 +87,18 @@ def describe_base(module: nn.Module, name: str | None = None) -> BaseLayout:
     """The layout of a base module; TypeError naming it (``name``) and its qualified class otherwise.
 
     A bitsandbytes module when bitsandbytes cannot be imported raises ImportError; one that is not
-    quantized yet, or an 8-bit one that trains its weight (``has_fp16_weights``), ValueError.
+    quantized yet, or an 8-bit one that trains its weight (``has_fp16_weights``), ValueError; so does
+    a module with no input or no output feature (nothing for an adapter to read or write).
     """
+    layout = _layout(module, name)
+    if layout.in_features == 0 or layout.out_features == 0:
+        what = f"target module {name!r}" if name is not None else "the base module"
+        raise ValueError(f"{what} has in_features={layout.in_features}, out_features={layout.out_features}: "
+                         "a low-rank adapter needs at least one of each")
+    return layout
+
+
+def _layout(module: nn.Module, name: str | None) -> BaseLayout:
     conv1d = _conv1d_class()
     cls = type(module)
     what = f"target module {name!r}" if name is not None else "the base module"

@@ -7,12 +7,14 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from . import CommandError
 
 STAGING = "sharelora-run"  # a run's temporary folders in --out: .sharelora-run.<pid>-<random>[.old].tmp
+KEPT = "sharelora-kept"  # where the results of a run that could not move them in are kept: sharelora-kept-<time>
 
 
 def check_out_dir(out: str | os.PathLike, outputs: Iterable[str], option: str = "--out") -> Path:
@@ -125,9 +127,10 @@ class RunOutputs:
         """Write each ``(name, write(path))`` part, in order, into a new temporary folder, then move
         them all into ``out``. The first part is the one never lost: if a write or the move fails
         (OSError: a full disk, a folder that cannot be moved; ``files`` raises the writers' I/O errors
-        as OSError), OutputError says where it is kept: in the temporary folder if its write finished
-        (the parts that did not finish removed from it), else written again into a new folder of the
-        system's temporary directory. ``out`` keeps the previous results."""
+        as OSError), OutputError says where it is kept: if its write finished, with the other finished
+        parts in a visible folder of ``out`` (``_set_aside``: the temporary folder renamed, the parts
+        that did not finish removed from it), else written again into a new folder of the system's
+        temporary directory. ``out`` keeps the previous results."""
         from ..files import remove_orphans
 
         created = not self.out.exists()
@@ -145,7 +148,8 @@ class RunOutputs:
             if done:
                 for part, _ in parts[len(done):]:
                     _remove(staging / part.rstrip("/"))
-                kept = staging / name.rstrip("/")
+                aside = self._set_aside(staging)
+                kept = aside / name.rstrip("/") if aside else self._rescue(name, write, staging)
             else:
                 kept = self._rescue(name, write, staging)
                 if created:
@@ -185,6 +189,21 @@ class RunOutputs:
             raise
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
+
+    def _set_aside(self, staging: Path) -> Path | None:
+        """The temporary folder renamed to a visible one of ``out`` that no later run removes
+        (``sharelora-kept-<date>-<time>[-k]``, where a later run's clean-up of temporary folders
+        left by killed writers does not look); None if the rename fails."""
+        stem = f"{KEPT}-{time.strftime('%Y%m%d-%H%M%S')}"
+        target, k = self.out / stem, 1
+        while os.path.lexists(target):
+            k += 1
+            target = self.out / f"{stem}-{k}"
+        try:
+            os.rename(staging, target)
+        except OSError:
+            return None
+        return target
 
     def _rescue(self, name: str, write: Callable[[Path], object], staging: Path | None) -> Path | None:
         """``name`` written by ``write`` into a new folder of the system's temporary directory (the
