@@ -180,7 +180,8 @@ def adapted_modules(draw):
         modules.append(ModuleInfo("head", None, "head", draw(st.integers(1, 5)), draw(st.integers(1, 5))))
     order = draw(st.permutations(range(num_layers)))
     cuts = sorted(draw(st.sets(st.integers(1, num_layers), max_size=num_layers)) | {num_layers})
-    sets = [sorted(order[a:b]) for a, b in zip([0] + cuts, cuts) if b - a > 1]
+    adapted = {m.layer for m in modules}
+    sets = [sorted(order[a:b]) for a, b in zip([0] + cuts, cuts) if b - a > 1 and adapted & set(order[a:b])]
     return num_layers, modules, sets
 
 
@@ -262,6 +263,18 @@ def test_linear_subclass_overriding_forward_is_refused_by_qualified_name():
     assert type(net.q_proj) is QuantLinear and net.q_proj.weight.requires_grad
     with pytest.raises(TypeError, match="QuantLinear, which subclasses nn.Linear but overrides its forward"):
         sk.SharedLoRALinear(QuantLinear(4, 4), r=2)
+
+
+def test_share_sets_naming_layers_without_targets_are_refused():
+    """A share set must name layers that hold target modules (it may name others besides: sets are found
+    over every layer); one holding a single adapted layer shares nothing, which a warning says."""
+    model = tiny_model(layers=4)
+    with pytest.raises(ValueError, match=r"share_sets\[1\] \[0, 3\] names no layer that holds a target module: "
+                                         r"the target modules lie in layers \[1, 2\] \(layers_to_transform \[1, 2\]\)"):
+        sk.apply(model, sk.ShareLoRAConfig(method="similarity", share_sets=[[1, 2], [0, 3]], layers_to_transform=[1, 2]))
+    assert not any(isinstance(m, sk.SharedLoRALinear) for m in model.modules())
+    with pytest.warns(UserWarning, match=r"share_sets\[0\] \[0, 1\] shares nothing: only its layer 1 holds target"):
+        sk.apply(model, sk.ShareLoRAConfig(method="similarity", share_sets=[[0, 1]], layers_to_transform=[1, 2]))
 
 
 def test_zero_width_base_is_refused():

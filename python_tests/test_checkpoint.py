@@ -43,6 +43,9 @@ def test_a_model_on_the_meta_device_is_refused_then_loads_once_materialised(tmp_
     sk.apply(meta, model.sharelora_config)
     with pytest.raises(ValueError, match="on the meta device"):
         sk.load(meta, tmp_path)
+    with pytest.raises(ValueError, match=r"tensor\(s\) to save are on the meta device \(no values\)"):
+        sk.save(meta, tmp_path / "from_meta")
+    assert not (tmp_path / "from_meta").exists()
     meta.to_empty(device="cpu")
     meta.load_state_dict(model.state_dict())  # the base weights
     with torch.no_grad():

@@ -96,6 +96,7 @@ def test_bishare_fields_are_refused_under_another_method(method, field, value):
     (dict(method="similarity", share_sets=[[1, 2], [2, 3]]), "overlap"),
     (dict(method="similarity", share_sets=[[1, 1]]), "share_sets"),
     (dict(method="similarity", share_sets=[[-1, 2]]), "share_sets"),
+    (dict(method="similarity", share_sets=[[0, 1], []]), r"share_sets\[1\] is empty"),
     (dict(method="lora", share_sets=[[1, 2]]), "share_sets"),
     (dict(method="lora", expand_rank=True), "expand_rank"),
     (dict(method="bishare", local_r=0, intra_r=0, inter_r=0), "local_r"),

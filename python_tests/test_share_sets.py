@@ -1,4 +1,5 @@
 """share_sets on hand-built similarity matrices and invariants on random ones."""
+import dataclasses
 from fractions import Fraction
 
 import numpy as np
@@ -187,7 +188,9 @@ def test_sweep_and_label_report_the_ranks_the_plan_builds_per_module_type():
     assert label(config, modules, 4) == "ShareLoRA r=q_proj 32, v_proj 16 (expanded)"
     assert label(config, modules[:4], 4) == "ShareLoRA r=32 (expanded)"
     head = [ModuleInfo("lm_head", None, "lm_head", 8, 8)]  # no module in the numbered layers: r as configured
-    assert label(config, head, 4) == "ShareLoRA r=8"
+    assert label(dataclasses.replace(config, share_sets=[]), head, 4) == "ShareLoRA r=8"
+    with pytest.raises(ValueError, match=r"share_sets\[0\] \[0, 1, 2, 3\] names no layer that holds a target module"):
+        label(config, head, 4)
     assert label(config, modules[:4] + head, 4) == "ShareLoRA r=q_proj 32, lm_head 8 (expanded)"
 
 

@@ -51,8 +51,13 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter_name: str | Non
     else:
         config = None
     plan = get_plan(model, adapter_name)
-    tensors = {name: p.detach().to("cpu").contiguous() for name, p in adapter_tensors(model, adapter_name).items()}
-    tensors.update({SAVED_PREFIX + name: t.detach().to("cpu").contiguous() for name, t in saved_state(model, plan).items()})
+    adapters, saved = adapter_tensors(model, adapter_name), saved_state(model, plan)
+    meta = sorted(name for name, t in (*adapters.items(), *saved.items()) if t.is_meta)
+    if meta:
+        raise ValueError(f"{len(meta)} tensor(s) to save are on the meta device (no values), e.g. {meta[0]!r}: "
+                         "materialise the model first (model.to_empty(device=...) and its weights loaded)")
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in adapters.items()}
+    tensors.update({SAVED_PREFIX + name: t.detach().to("cpu").contiguous() for name, t in saved.items()})
     metadata = {"format": "sharelora", "format_version": FORMAT_VERSION,
                 "config": "null" if config is None else config.to_json(), "plan": json.dumps(plan.to_dict())}
     out = Path(directory)

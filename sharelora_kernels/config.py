@@ -217,14 +217,16 @@ def _check_names(name: str, value: Any) -> None:
 
 
 def check_share_sets(share_sets: Any, num_layers: int | None = None, name: str = "share_sets") -> list[list[int]]:
-    """``share_sets`` as sorted lists of Python ints; ValueError naming the first set that is not a list
-    of layer indices, holds a layer outside [0, num_layers) (None: any layer >= 0) or twice, or shares
+    """``share_sets`` as sorted lists of Python ints; ValueError naming the first set that is empty or not
+    a list of layer indices, holds a layer outside [0, num_layers) (None: any layer >= 0) or twice, or shares
     a layer with an earlier set. The one check of share sets: the config's, ``plan.expanded_rank``'s
     and the heatmap's."""
     if not isinstance(share_sets, (list, tuple)) or not all(isinstance(s, (list, tuple)) for s in share_sets):
         raise ValueError(f"{name} must be a list of lists of layer indices, got {share_sets!r}")
     seen: dict[int, int] = {}
     for k, s in enumerate(share_sets):
+        if not s:
+            raise ValueError(f"{name}[{k}] is empty: a share set names the layers that share (leave it out)")
         for layer in s:
             if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
                 raise ValueError(f"{name}[{k}] {list(s)} holds {layer!r}, not a layer index")

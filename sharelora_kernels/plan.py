@@ -221,8 +221,10 @@ class _Builder:
         _check_one_layer_stack(modules, "method 'similarity' shares adapters between the layers of each share set, "
                                         "whose indices name layers of one stack", "use method 'lora' or 'share_*', or "
                                         "target the modules of one stack")
+        adapted = {m.layer for m in modules if m.layer is not None}
         slot_of = {}
-        for s in self.c.share_sets:
+        for k, s in enumerate(self.c.share_sets):
+            _check_set_is_adapted(k, s, adapted, self.c.layers_to_transform)
             for layer in s:
                 slot_of[layer] = f"layers{s[0]}-{s[-1]}" if len(s) > 1 else f"layer{s[0]}"
         rank = {}  # per module type: expand_rank counts the layers where that type is adapted
@@ -310,6 +312,21 @@ class _Builder:
             k_b = self.tensor(f"{m.name}.{part}.K_B", (m.out_features // d, 1), "kaiming_normal", part, t)
             path = PathSpec("kron", part, {"A": a, "B": b, "K_A": k_a, "K_B": k_b}, self.scale(r), r)
             self.plan.modules[m.name].paths.append(path)
+
+
+def _check_set_is_adapted(k: int, share_set: list[int], adapted: set[int], layers_to_transform) -> None:
+    """ValueError if no layer of share set ``k`` holds a target module (it names the wrong layers); a
+    warning if one does (that set shares nothing). A set may name unadapted layers besides: share
+    sets are found over every layer of the model, ``layers_to_transform`` then picks some."""
+    held = [layer for layer in share_set if layer in adapted]
+    if len(held) > 1:
+        return
+    where = f" (layers_to_transform {layers_to_transform})" if layers_to_transform is not None else ""
+    message = f"the target modules lie in layers {sorted(adapted)}{where}"
+    if not held:
+        raise ValueError(f"share_sets[{k}] {share_set} names no layer that holds a target module: {message}")
+    warnings.warn(f"share_sets[{k}] {share_set} shares nothing: only its layer {held[0]} holds target modules "
+                  f"({message})", stacklevel=4)
 
 
 def _check_one_layer_stack(modules: list[ModuleInfo], why: str, fix: str) -> None:
