@@ -130,3 +130,14 @@ def test_errors():
         layer_representations(model, ids, mask[:, 1:], progress=False)
     with pytest.raises(ValueError, match=r"input_ids holds no sample \(shape \(0, 4\)\)"):
         layer_representations(model, ids[:0, :4], progress=False)
+    for bad in (0, 2.5, True, "4"):
+        with pytest.raises(ValueError, match="batch_size must be"):
+            iter_layer_representations(model, ids, batch_size=bad)  # before any forward pass
+
+
+def test_a_model_configured_to_return_tuples_gives_the_same_representations():
+    model, seqs = llama(), samples(n=3, seed=4)
+    ids, mask = pad(seqs, "right")
+    expected = layer_representations(model, ids, mask, progress=False)
+    model.config.return_dict = False  # e.g. a config.json with "return_dict": false
+    torch.testing.assert_close(layer_representations(model, ids, mask, progress=False), expected, rtol=0, atol=0)

@@ -104,6 +104,14 @@ def test_bad_matrices():
     bad[1, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         share_sets(bad, 0.8)
+    with pytest.raises(ValueError, match=r"S\[0, 0\] = 0.0: this looks like a distance D; pass S = 1 - D"):
+        share_sets(1 - CHAIN, 0.8)
+    with pytest.raises(ValueError, match=r"with S\[i, i\] = 1, but S\[0, 0\] = 2.0$"):
+        share_sets(2 * CHAIN, 0.8)
+    off = CHAIN.copy()
+    off[0, 3] = off[3, 0] = -0.2
+    with pytest.raises(ValueError, match=r"in \[0, 1\], but S\[0, 3\] = -0.2"):
+        share_sets(off, 0.8)
 
 
 @st.composite

@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         ">= eps to the set's first) (default: complete)")
     p.add_argument("--contiguous", action="store_true", help="only sets of consecutive layers (default: off)")
     p.add_argument("--position", choices=("input", "output"), default="input",
-                   help="residual stream entering (input) or leaving (output) each layer (default: input)")
+                   help="residual stream entering (input) or leaving (output) each layer, the last layer's as the "
+                        "model reports it, e.g. after LLaMA's final norm (default: input)")
     p.add_argument("--batch-size", metavar="N", type=int, default=16,
                    help="calibration samples per forward pass (default: 16)")
     add_adapter_arguments(p)

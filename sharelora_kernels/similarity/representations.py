@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import check_int
+
 POSITIONS = ("input", "output")
 
 
@@ -68,8 +70,7 @@ def iter_layer_representations(
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape {tuple(input_ids.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     lengths = (attention_mask != 0).sum(dim=1)
     empty = torch.nonzero(lengths == 0).flatten()
     if len(empty):
@@ -91,7 +92,7 @@ def _batches(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         try:
             with torch.no_grad():
                 hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                  output_hidden_states=True).hidden_states
+                                  output_hidden_states=True, return_dict=True).hidden_states
         finally:
             for m, training in flags.items():
                 m.training = training

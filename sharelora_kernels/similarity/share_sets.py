@@ -95,8 +95,14 @@ def check_eps(eps) -> float:
     return float(value)
 
 
+# how far a similarity S = 1 - D may stray from [0, 1] (and its diagonal from 1) by rounding
+S_TOLERANCE = 1e-6
+
+
 def check_matrix(S) -> np.ndarray:
-    """S as a float64 numpy array; ValueError unless square, finite and symmetric (to 1e-9)."""
+    """S as a float64 numpy array; ValueError unless square, finite, symmetric (to 1e-9) and a
+    similarity S = 1 - D: values in [0, 1] and a diagonal of 1 (each to ``S_TOLERANCE``), so that a
+    distance D passed by mistake is refused (it would group the least similar layers)."""
     s = S.detach().cpu().double().numpy() if isinstance(S, torch.Tensor) else np.asarray(S, dtype=np.float64)
     if s.ndim != 2 or s.shape[0] != s.shape[1]:
         raise ValueError(f"S must be a square (L, L) matrix, got shape {s.shape}")
@@ -106,4 +112,12 @@ def check_matrix(S) -> np.ndarray:
     if asym.size and asym.max() > 1e-9:
         i, j = np.unravel_index(int(asym.argmax()), asym.shape)
         raise ValueError(f"S must be symmetric, but S[{i}, {j}] = {s[i, j]!r} and S[{j}, {i}] = {s[j, i]!r}")
+    diagonal = np.diag(s)
+    if diagonal.size and np.abs(diagonal - 1).max() > S_TOLERANCE:
+        i = int(np.abs(diagonal - 1).argmax())
+        hint = ": this looks like a distance D; pass S = 1 - D" if np.abs(diagonal).max() <= S_TOLERANCE else ""
+        raise ValueError(f"S must be a similarity S = 1 - D with S[i, i] = 1, but S[{i}, {i}] = {float(s[i, i])}{hint}")
+    if s.size and (s.min() < -S_TOLERANCE or s.max() > 1 + S_TOLERANCE):
+        i, j = np.unravel_index(int(np.abs(s - 0.5).argmax()), s.shape)
+        raise ValueError(f"S must be a similarity S = 1 - D in [0, 1], but S[{i}, {j}] = {float(s[i, j])}")
     return 0.5 * (s + s.T)
