@@ -67,6 +67,12 @@ def check(rows, methods, k, n, tokens_per_row, use_triton, dtype=torch.float32, 
     return y, y0, x, adapters, batch
 
 
+def plan_of(batch):
+    """The torch path's one segment plan of ``batch`` (its cache also holds the batch's stacks)."""
+    (plan,) = [v for key, v in batch.cache.items() if key[0] == "plan"]
+    return plan
+
+
 @pytest.mark.parametrize("use_triton", BACKENDS, ids=IDS)
 @pytest.mark.parametrize("tokens_per_row", [1, 3], ids=["decode", "prefill"])
 def test_every_method_in_one_batch(tokens_per_row, use_triton):
@@ -86,7 +92,7 @@ def test_tenants_of_one_method(dtype, use_triton):
     _, _, _, _, batch = check(rows, [method] * 7, k=48, n=40, tokens_per_row=1, use_triton=use_triton, dtype=dtype,
                               adapter_dtype=torch.float32)
     if not use_triton:
-        (plan,) = batch.cache.values()
+        plan = plan_of(batch)
         assert sorted((item[0], sorted(item[1]) if item[0] == "batched" else item[1]) for item in plan) == \
             [("batched", [0, 1, 2, 3, 4, 5]), ("single", 6)]
 
@@ -189,16 +195,18 @@ def test_non_contiguous_x_and_y(use_triton):
 
 @pytest.mark.skipif(not ops.HAS_TRITON, reason="triton not importable")
 def test_gate_buffer_follows_in_place_updates():
-    """The Triton tables keep a gate's A_eff; an in-place update of a gate tensor is seen next call."""
+    """The Triton tables keep a gate's A_eff, made anew for each batch: an update of a gate tensor, in
+    place or through .data (no version counted), is seen by the next batch."""
     torch.manual_seed(5)
     k, n, rows = 24, 16, [0, 1]
     adapters = make_adapters([[("gate", 2)], [("plain", 2)]], k, n)
-    tables, batch = adapter_tables(adapters, k, n), adapter_batch(rows, 2)
+    tables = adapter_tables(adapters, k, n)
     x, y0 = torch.randn(2, k), torch.randn(2, n)
-    multi_adapter_add(y0.clone(), x, batch, tables, use_triton=True)
-    adapters[0][0].tensors[2].mul_(-3.0)  # G_id
-    y = multi_adapter_add(y0.clone(), x, batch, tables, use_triton=True)
-    assert rel_err(y, float64_rows(y0, x, rows, adapters, 1)) < 1e-4
+    multi_adapter_add(y0.clone(), x, adapter_batch(rows, 2), tables, use_triton=True)
+    for change in (lambda t: t.mul_(-3.0), lambda t: t.data.add_(0.5)):
+        change(adapters[0][0].tensors[2])  # G_id
+        y = multi_adapter_add(y0.clone(), x, adapter_batch(rows, 2), tables, use_triton=True)
+        assert rel_err(y, float64_rows(y0, x, rows, adapters, 1)) < 1e-4
 
 
 @pytest.mark.skipif(not ops.HAS_TRITON, reason="triton not importable")
@@ -277,9 +285,9 @@ def test_the_backend_setting_picks_the_path(monkeypatch):
 
 
 def test_torch_stacks_once_per_adapter_set_and_checks_once_per_batch():
-    """The torch path stacks each structure group once for all its adapters: batches using any subset
-    (in any order) read the same stacks; an in-place change is seen by the next batch, while a batch
-    that already ran keeps reading the adapters as they were when it started."""
+    """The torch path stacks each structure group for all its adapters once per batch, whichever subset
+    (in any order) it uses: an in-place change is seen by the next batch, while a batch that already
+    ran keeps reading the adapters as they were when it started."""
     torch.manual_seed(6)
     k, n = 48, 40
     method = [("plain", 2), ("slice", 3), ("gate", 2), ("kron", 4)]
@@ -291,16 +299,16 @@ def test_torch_stacks_once_per_adapter_set_and_checks_once_per_batch():
         y = multi_adapter_add(y0.clone(), x, batch, tables, use_triton=False)
         assert rel_err(y - y0, float64_rows(y0, x, rows, adapters, 1) - y0.double()) < TOL[torch.float32]
         assert len(tables.stacks) == 1  # one entry: the group of all five adapters
-    stacks = next(iter(tables.stacks.values()))[2]
     rows = [0, 1, 2, 3]
     batch = adapter_batch(rows, 5)
     first = multi_adapter_add(y0[:4].clone(), x[:4], batch, tables, use_triton=False)
+    stacks = next(iter(tables.stacks.values()))[0]
     adapters[1][3].tensors[0].mul_(-2.0)  # A_s of adapter 1's Kronecker path, in place
     assert torch.equal(multi_adapter_add(y0[:4].clone(), x[:4], batch, tables, use_triton=False), first)
     y = multi_adapter_add(y0[:4].clone(), x[:4], adapter_batch(rows, 5), tables, use_triton=False)
     assert rel_err(y - y0[:4], float64_rows(y0[:4], x[:4], rows, adapters, 1) - y0[:4].double()) < TOL[torch.float32]
     assert not torch.equal(y[1], first[1]) and torch.equal(y[0], first[0])
-    assert next(iter(tables.stacks.values()))[2] is not stacks  # restacked after the change
+    assert next(iter(tables.stacks.values()))[0] is not stacks  # restacked after the change
 
 
 def test_torch_decode_rows_in_order_need_no_gather():
@@ -309,7 +317,7 @@ def test_torch_decode_rows_in_order_need_no_gather():
     k, n = 32, 24
     _, _, _, _, batch = check(list(range(6)), [[("plain", 3), ("kron", 2)]] * 6, k, n, tokens_per_row=2,
                               use_triton=False)
-    (plan,) = batch.cache.values()
+    plan = plan_of(batch)
     (item,) = plan
     assert item[0] == "batched" and item[4] is None  # tokens: x's own rows
 

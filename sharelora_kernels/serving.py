@@ -13,10 +13,11 @@ without autograd in eval mode (an input that requires grad is refused: its gradi
 The adapters are the model's named adapters (``apply`` / ``load`` with ``adapter_name=``, or a PEFT
 model's; a hand-wrapped layer's), whatever is active; ``"__base__"`` names a row without adapter.
 Inside ``disable_adapters`` every row gets the base alone (PEFT's rule). A mixed batch reads its
-adapters as they are when it starts (their tensors are checked once per batch shape of a
-``mixed_batch`` block, not at every decode step of its ``generate``): a change made in place is seen
-by the next block. The bank's accounting and limit (``adapter_memory``, ``set_bank_limit``) live in
-``model``.
+adapters as they are when it starts (read once per batch shape of a ``mixed_batch`` block, not at
+every decode step of its ``generate``): a change made in place (an optimizer step, fused or not, a
+``load``, a write through ``.data``) is seen by the next block; one made while a block runs may reach
+some of its rows and not others. The bank's accounting and limit (``adapter_memory``,
+``set_bank_limit``) live in ``model``.
 """
 from __future__ import annotations
 
@@ -120,7 +121,8 @@ def layer_tables(layer: SharedLoRALinear, known: Sequence[str], batch: ops.Adapt
     another object in its store (``load_state_dict(assign=True)``), or the same one on other storage
     (``.to()``, ``.float()``, ``p.data = ...``), checked at the first call of each ``batch`` (None: at
     every call); not when another adapter is made active. Tensors changed in place (``load``) are
-    read live (the torch path's stacked copies follow their versions)."""
+    read live (the torch path's stacked copies and the kernels' gate buffers are made anew for each
+    batch)."""
     paths = layer.adapter_paths._modules
     key = (tuple(paths), tuple(paths.values()), tuple(known))
     cached = layer.__dict__.get("_mixed_tables")

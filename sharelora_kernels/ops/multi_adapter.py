@@ -182,14 +182,14 @@ class AdapterTables:
         """Every adapter tensor, adapter by adapter."""
         return (t for paths in self.adapters for p in paths for t in p.tensors)
 
-    def device_tables(self):
-        """The concatenated factor tables (``multi_adapter_triton.BankTables``), built once, gate
-        buffers refreshed where a gate's tensors changed in place."""
+    def device_tables(self, batch: "AdapterBatch"):
+        """The concatenated factor tables (``multi_adapter_triton.BankTables``), built once, their gate
+        buffers recomputed at the first call of each ``batch``."""
         from .multi_adapter_triton import build_bank_tables
 
         if self._device is None:
             self._device = build_bank_tables(self.adapters)
-        return self._device.refreshed()
+        return self._device.refreshed(batch)
 
 
 def adapter_tables(adapters: Sequence[Sequence[LoRAPath]], in_features: int, out_features: int) -> AdapterTables:
@@ -311,7 +311,7 @@ def _verified_add(y: Tensor, x: Tensor, batch: AdapterBatch, tables: AdapterTabl
 
         want, got = (torch.zeros(y.shape, dtype=torch.float32, device=y.device) for _ in range(2))
         torch_add(want, x, batch, tables.adapters, tables.groups, tables.stacks)
-        triton_add(got, x, batch, tables.device_tables())
+        triton_add(got, x, batch, tables.device_tables(batch))
         err, _ = dispatch.result_error({"y": got}, {"y": want})
         tol = max(dispatch.TOLERANCE.get(d, dispatch.TOLERANCE[torch.float32]) for d in {compute, *tables.dtypes})
         ok = tables.verified[compute] = err <= tol
@@ -353,7 +353,7 @@ def multi_adapter_add(y: Tensor, x: Tensor, batch: AdapterBatch, tables: Adapter
         elif use_triton:
             from .multi_adapter_triton import triton_add
 
-            triton_add(y2, x2, batch, tables.device_tables())
+            triton_add(y2, x2, batch, tables.device_tables(batch))
         else:
             torch_add(y2, x2, batch, tables.adapters, tables.groups, tables.stacks)
     return y

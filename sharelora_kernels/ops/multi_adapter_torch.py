@@ -9,9 +9,11 @@ padded to the longest one, (S, C_max) token ids built once per batch (``segment_
 batch; none at all when the segments are x's own rows in order, as in a decode batch of distinct
 adapters), and every path slot is a few batched GEMMs over the S adapters, their tensors stacked
 (nothing Kronecker- or gate-expanded). Each structure group's tensors are stacked once for every
-adapter of the layer's tables (``cached_factors``, kept while their tensors are unchanged, checked once
-per batch: every batch, whichever of the adapters it uses, reads the same stacks; a batch using some
-of them picks their lanes with one ``index_select``). A copy never counted as the bank's, held in
+adapter of the layer's tables at the first call of each batch (``cached_factors``: every forward of
+one batch, whichever of the adapters it uses, reads the same stacks, the adapters' values when the
+batch started; a batch using some of them picks their lanes with one ``index_select``). Made anew for
+each batch, not kept while version counters say the tensors are unchanged: a fused optimizer step and
+a write through ``.data`` change values without a version. A copy never counted as the bank's, held in
 the accumulation dtype (float32: twice a 16-bit bank): the adapters as each module reads them, a stack
 that several modules read alike made once for all of them (``_shared_stack``: ShareLoRA's shared A or
 B, Bi-Share's Kronecker A_s and B_s, a slice window read by modules with no other plain / slice /
@@ -42,10 +44,6 @@ from ..reference import LoRAPath, path_factors
 from .lowrank_only import accumulation_dtype, torch_forward
 
 PAD_LIMIT = 2.0  # padded rows / real rows above which a structure's segments run one at a time
-_NO_BATCH = lambda: None  # noqa: E731  (a stack not yet checked for any batch)
-# stacks of tensors several layers read, by (role, tensor ids and states, window, dtypes): alive while a
-# layer keeps them
-_SHARED_STACKS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def storage_state(t: Tensor) -> tuple:
@@ -53,12 +51,6 @@ def storage_state(t: Tensor) -> tuple:
     state only while both name one live storage, so a freed storage never matches a new one at the
     same address). ``.to()``, ``.float()`` and ``p.data = ...`` change it; an in-place write does not."""
     return t.data_ptr(), weakref.ref(t.untyped_storage())
-
-
-def _state(t: Tensor) -> tuple:
-    """t's ``storage_state`` and in-place version: what tells its values unchanged (RuntimeError for
-    an inference tensor, which keeps no version)."""
-    return t._version, *storage_state(t)
 
 
 def structure(paths: Sequence[LoRAPath], k: int, n: int) -> tuple:
@@ -128,25 +120,21 @@ def _stack(ts: Sequence[Tensor], dtype: torch.dtype, acc: torch.dtype) -> Tensor
     return torch.stack(ts).to(dtype).to(acc)
 
 
-def _shared_stack(role: str, ps: Sequence[LoRAPath], index: int, extra: tuple, dtype: torch.dtype, acc: torch.dtype,
-                  build: Callable[[], Tensor]) -> Tensor:
-    """``build()``, or the stack another layer built from the same tensors (tensor ``index`` of every
-    path of ``ps``, in the same state (``_state``), with the same ``extra`` (window, scales)) while it
-    is alive: a tensor shared across layers is stacked once, not once per layer. Inference tensors
-    (no versions): built here."""
+def _shared_stack(shared: dict, role: str, ps: Sequence[LoRAPath], index: int, extra: tuple, dtype: torch.dtype,
+                  acc: torch.dtype, build: Callable[[], Tensor]) -> Tensor:
+    """``build()``, or the stack another layer built in this batch (``shared``: the batch's cache) from
+    the same tensors (tensor ``index`` of every path of ``ps``, on the same storage) with the same
+    ``extra`` (window, scales): a tensor shared across layers is stacked once per batch, not once per layer."""
     tensors = [p.tensors[index] for p in ps]
-    try:
-        key = (role, tuple(map(id, tensors)), tuple(map(_state, tensors)), extra, dtype, acc)
-    except RuntimeError:  # inference tensors keep no version
-        return build()
-    stack = _SHARED_STACKS.get(key)
+    key = ("stack", role, tuple(map(id, tensors)), tuple(map(storage_state, tensors)), extra, dtype, acc)
+    stack = shared.get(key)
     if stack is None:
-        stack = _SHARED_STACKS[key] = build()
+        stack = shared[key] = build()
     return stack
 
 
 def group_factors(adapters: Sequence[Sequence[LoRAPath]], k: int, n: int, dtype: torch.dtype, acc: torch.dtype,
-                  device) -> tuple:
+                  device, shared: dict) -> tuple:
     """The stacked operands of S adapters of one structure (``batched_paths`` reads them), each
     tensor rounded to the compute dtype, held in the accumulation dtype, scales folded into B:
 
@@ -154,7 +142,7 @@ def group_factors(adapters: Sequence[Sequence[LoRAPath]], k: int, n: int, dtype:
     A_eff = (G_od B A G_iu) G_id, its B G_ou), concatenated along the rank, or None;
     krons: per Kronecker path (A_s (S, r, d), K_A (S, K / d), (s B_s)^T (S, r, d), K_B (S, N / d)).
     The stacks of tensors other layers read too (a shared A_s, a ShareLoRA pair's A and B) are
-    built once for all of them (``_shared_stack``)."""
+    built once for all of them, kept in ``shared`` (``_shared_stack``)."""
     dense_a, dense_bt, krons = [], [], []
     for slot in range(len(adapters[0])):
         ps = [paths[slot] for paths in adapters]
@@ -165,9 +153,9 @@ def group_factors(adapters: Sequence[Sequence[LoRAPath]], k: int, n: int, dtype:
             windows = [path_factors(p, k, n) for p in ps]
             k_offsets, n_offsets = (tuple(p.k_offset for p in ps), tuple(p.n_offset for p in ps)) \
                 if kind == "slice" else ((), ())  # an A window depends on K's, a B window on N's
-            dense_a.append(_shared_stack("a", ps, 0, (k, k_offsets), dtype, acc,
+            dense_a.append(_shared_stack(shared, "a", ps, 0, (k, k_offsets), dtype, acc,
                                          lambda: _stack([w[0] for w in windows], dtype, acc)))
-            dense_bt.append(_shared_stack("bt", ps, 1, (n, n_offsets, scales), dtype, acc, lambda: (
+            dense_bt.append(_shared_stack(shared, "bt", ps, 1, (n, n_offsets, scales), dtype, acc, lambda: (
                 _stack([w[1] for w in windows], dtype, acc).transpose(1, 2) * scale()).contiguous()))
             continue
         if kind == "gate":
@@ -176,8 +164,8 @@ def group_factors(adapters: Sequence[Sequence[LoRAPath]], k: int, n: int, dtype:
             dense_a.append(torch.bmm(core, f[2]))
             dense_bt.append((f[5].transpose(1, 2) * scale()).contiguous())
         else:  # kron
-            a_s = _shared_stack("a", ps, 0, (), dtype, acc, lambda: _stack([p.tensors[0] for p in ps], dtype, acc))
-            bt_s = _shared_stack("bt", ps, 1, (scales,), dtype, acc, lambda: (
+            a_s = _shared_stack(shared, "a", ps, 0, (), dtype, acc, lambda: _stack([p.tensors[0] for p in ps], dtype, acc))
+            bt_s = _shared_stack(shared, "bt", ps, 1, (scales,), dtype, acc, lambda: (
                 _stack([p.tensors[1] for p in ps], dtype, acc).transpose(1, 2) * scale()).contiguous())
             k_a, k_b = (_stack([p.tensors[r] for p in ps], dtype, acc).flatten(1) for r in (2, 3))
             krons.append((a_s, k_a, bt_s, k_b))
@@ -188,32 +176,17 @@ def group_factors(adapters: Sequence[Sequence[LoRAPath]], k: int, n: int, dtype:
     return dense, tuple(krons)
 
 
-def cached_factors(cache: dict | None, key: tuple, adapters: Sequence[Sequence[LoRAPath]], k: int, n: int,
-                   dtype: torch.dtype, acc: torch.dtype, device, batch=None) -> tuple:
-    """``group_factors``, kept in ``cache`` under ``key`` (the same key: the same tensors) while their
-    states are unchanged (``_state``: in-place version, data pointer, storage). The states (each
-    tensor once) are compared at the first call of each ``batch`` (its metadata: every layer and every
-    decode step of one mixed batch reuse it), not again while the same batch runs: a batch reads the
-    adapters as they were when it started. A cache of copies: the adapter bank itself stays unique.
-    Inference tensors (made under ``torch.inference_mode``) keep no version: stacked at each call."""
-    if cache is None:
-        return group_factors(adapters, k, n, dtype, acc, device)
+def cached_factors(cache: dict, key: tuple, adapters: Sequence[Sequence[LoRAPath]], k: int, n: int,
+                   dtype: torch.dtype, acc: torch.dtype, device, batch) -> tuple:
+    """``group_factors``, kept in ``cache`` under ``key`` for the rest of ``batch`` (its metadata: every
+    layer and every decode step of one mixed batch reuse it), made anew at the first call of the next:
+    a batch reads the adapters as they were when it started. A cache of copies: the adapter bank
+    itself stays unique."""
     hit = cache.get(key)
-    if hit is not None:
-        tensors, states, factors, checked = hit
-        if batch is not None and checked() is batch:
-            return factors
-        if list(map(_state, tensors)) == states:
-            if batch is not None:
-                cache[key] = (tensors, states, factors, weakref.ref(batch))
-            return factors
-    tensors = list(dict.fromkeys(t for paths in adapters for p in paths for t in p.tensors))  # shared ones once
-    try:
-        states = list(map(_state, tensors))
-    except RuntimeError:  # an inference tensor
-        return group_factors(adapters, k, n, dtype, acc, device)
-    factors = group_factors(adapters, k, n, dtype, acc, device)
-    cache[key] = (tensors, states, factors, _NO_BATCH if batch is None else weakref.ref(batch))
+    if hit is not None and hit[1]() is batch:
+        return hit[0]
+    factors = group_factors(adapters, k, n, dtype, acc, device, batch.cache)
+    cache[key] = (factors, weakref.ref(batch))
     return factors
 
 
@@ -266,8 +239,8 @@ def _fold(xs: Tensor, k_a: Tensor, d: int) -> Tensor:
 def torch_add(y: Tensor, x: Tensor, batch, adapters: Sequence[Sequence[LoRAPath]],
               groups: tuple[tuple[int, ...], ...], cache: dict | None = None) -> None:
     """y (M, N) += each token's adapter paths of x (M, K) (x in the compute dtype) in place; cache: where
-    each structure group keeps its stacked operands (``cached_factors``, checked once per batch; None:
-    stacked at each call)."""
+    each structure group keeps its stacked operands (``cached_factors``: made once per batch; None:
+    at each call)."""
     acc = accumulation_dtype(x.dtype)
     n, k = y.shape[1], x.shape[1]
     for item in segment_plan(batch, groups):
@@ -282,8 +255,8 @@ def torch_add(y: Tensor, x: Tensor, batch, adapters: Sequence[Sequence[LoRAPath]
             continue
         _, members, g, lanes, tokens, real, dest, c = item
         xs = (x if tokens is None else x.index_select(0, tokens)).to(acc).reshape(len(members), c, k)
-        factors = cached_factors(cache, (groups[g], x.dtype, acc), [adapters[a] for a in groups[g]], k, n, x.dtype,
-                                 acc, y.device, batch)
+        factors = cached_factors({} if cache is None else cache, (groups[g], x.dtype, acc),
+                                 [adapters[a] for a in groups[g]], k, n, x.dtype, acc, y.device, batch)
         out = batched_paths(xs, n, factors, lanes).view(-1, n)
         if tokens is None:
             y.add_(out.to(y.dtype))

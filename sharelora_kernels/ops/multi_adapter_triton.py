@@ -24,7 +24,9 @@ programs exist only for adapters with rows. Prefill: tiles of up to 64 rows, sev
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import triton
@@ -143,7 +145,8 @@ class BankTables:
     (R_sum, 5) columns of B_eff over N, ``scale`` (R_sum,) fp32, ``ranks`` (A + 1,) int32 adapter a's
     first row (``ranks[a + 1] - ranks[a]`` its rank), ``r_max`` the largest rank, ``dtype`` the Triton
     dtype of the adapter tensors, ``periodic`` whether any row is Kronecker, ``gates`` one
-    [path, A_eff buffer, tensor versions] per gate path (the buffer recomputed when they change)."""
+    (path, A_eff buffer) per gate path (the buffer recomputed at the first call of each batch: the
+    gate's tensors as they are when the batch starts, whatever their version counters say)."""
 
     a: Tensor
     b: Tensor
@@ -153,14 +156,14 @@ class BankTables:
     dtype: tl.dtype
     periodic: bool
     gates: list
+    batch: Callable[[], object] = lambda: None  # the batch the gate buffers were computed for (a weak reference)
 
-    def refreshed(self) -> "BankTables":
-        """Self, every gate buffer whose gate tensors changed in place since it was computed recomputed."""
-        for gate in self.gates:
-            versions = tuple(t._version for t in gate[0].tensors)
-            if versions != gate[2]:
-                gate[1].copy_(gate_a_eff(gate[0]))
-                gate[2] = versions
+    def refreshed(self, batch) -> "BankTables":
+        """Self, its gate buffers recomputed unless they were for ``batch`` already."""
+        if self.batch() is not batch:
+            for path, buffer in self.gates:
+                buffer.copy_(gate_a_eff(path))
+            self.batch = weakref.ref(batch)
         return self
 
 
@@ -175,7 +178,7 @@ def build_bank_tables(adapters: tuple[tuple[LoRAPath, ...], ...]) -> BankTables:
             a_rows.append(ft.a)
             b_rows.append(ft.b)
             scales.append(ft.scale)
-            gates += [[paths[i], buffer, tuple(t._version for t in paths[i].tensors)] for i, buffer in ft.gates]
+            gates += [(paths[i], buffer) for i, buffer in ft.gates]
         ranks.append(ranks[-1] + sum(p.rank for p in paths))
     cat = lambda parts, shape, dtype: torch.cat(parts) if parts else torch.empty(shape, dtype=dtype, device=device)
     widths = [b - a for a, b in zip(ranks, ranks[1:])]
