@@ -292,7 +292,7 @@ def test_an_adapter_deleted_inside_its_mixed_batch_is_refused_not_served_as_the_
     rows_match_alone(model, base, ["a", "__base__"], ids)
 
 
-def test_a_merge_inside_a_mixed_batch_is_refused_before_it_changes_anything(bank):
+def test_a_merge_or_unload_inside_a_mixed_batch_is_refused_before_it_changes_anything(bank):
     """Its rows add their own adapters to the base: merged into it, every row would compute it too."""
     base, _ = bank
     model = with_adapters(base, {"a": METHOD_CONFIGS["lora"], "b": METHOD_CONFIGS["bishare_slice"]})
@@ -301,6 +301,10 @@ def test_a_merge_inside_a_mixed_batch_is_refused_before_it_changes_anything(bank
         with pytest.raises(ValueError, match="a mixed-adapter batch is running on this layer"):
             sk.merge(model)
         assert not any(layer.merged for layer in sk.model.shared_layers(model))
+        for unload in (sk.unload, sk.merge_and_unload):  # every row would get the base alone
+            with pytest.raises(ValueError, match="a mixed-adapter batch is running on this model .* unload after it"):
+                unload(model)
+        assert sk.model.shared_layers(model)
     rows_match_alone(model, base, ["a", "b", "__base__"], ids)
 
 
@@ -501,6 +505,10 @@ def test_peft_adapter_names_forward_generate_and_beams():
         out = model(input_ids=ids, adapter_names=rows).logits
         tokens = model.generate(input_ids=ids, adapter_names=rows, **GREEDY)
         beams = model.generate(input_ids=ids, adapter_names=rows, num_beams=2, **GREEDY)
+        model.generation_config.num_beams = 2  # as a checkpoint's generation_config.json may set it
+        assert torch.equal(model.generate(input_ids=ids, adapter_names=rows, **GREEDY), beams)
+        assert torch.equal(model(input_ids=ids, adapter_names=rows).logits, out)  # a forward: rows as given
+        model.generation_config.num_beams = 1
     for i, name in enumerate(rows):
         with torch.no_grad():
             if name == "__base__":
@@ -541,6 +549,8 @@ def test_peft_mixed_batch_routes_each_adapters_classifier_head():
     ids = token_batch(batch=3, seq=5)
     with torch.no_grad():
         out = model(input_ids=ids, adapter_names=rows).logits
+        with sk.mixed_batch(model, rows):  # the same routing through the package's own entry point
+            assert torch.equal(model(input_ids=ids).logits, out)
         for i, name in enumerate(rows):
             if name == "__base__":
                 ref = bert(input_ids=ids[i:i + 1]).logits

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from .config import ShareLoRAConfig
 from .files import atomic_write_files
 from .model import (ADAPTER_WRITERS, DEFAULT_ADAPTER, active_adapters, adapter_names, adapter_tensors, apply_plan,
-                    applied_config, get_plan, is_applied, peft_base, plan_model, resolve_adapter, shared_layers)
+                    applied_config, get_plan, is_applied, peft_wrappers, plan_model, resolve_adapter, shared_layers)
 from .plan import SharePlan
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -75,8 +75,7 @@ def check_no_peft_wrappers(model: nn.Module, what: str) -> None:
     """ValueError naming the modules a PeftModel of the method keeps in PEFT's modules-to-save
     wrappers (``AuxiliaryTrainingWrapper``): ``what`` writes the modules to save of ``apply``'s plan,
     not PEFT's copies, so its file would lack them."""
-    wrapped = [n for n, m in peft_base(model).named_modules() if any(  # named as the base model names them
-        c.__name__ == "AuxiliaryTrainingWrapper" and c.__module__.startswith("peft.") for c in type(m).__mro__)]
+    wrapped = [n for n, _ in peft_wrappers(model)]
     if wrapped:
         raise ValueError(f"this PeftModel keeps modules to save in PEFT's wrappers ({wrapped}), which {what} does "
                          "not write (its file would lack them): save it with save_pretrained")

@@ -187,6 +187,14 @@ def peft_base(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def peft_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of each of PEFT's modules-to-save wrappers (``AuxiliaryTrainingWrapper``, which
+    keep a copy of a module per adapter) in the model a PeftModel wraps (``peft_base``), named as it
+    names them; found by class, without importing PEFT."""
+    return [(n, m) for n, m in peft_base(model).named_modules() if any(
+        c.__name__ == "AuxiliaryTrainingWrapper" and c.__module__.startswith("peft.") for c in type(m).__mro__)]
+
+
 def set_bank_limit(model: nn.Module, max_adapters: int | None = None, max_bytes: int | None = None) -> nn.Module:
     """Limit the model's adapter bank: at most ``max_adapters`` named adapters, at most ``max_bytes``
     bytes of adapter tensors (``adapter_memory``: each unique tensor once); None: no limit (both None
@@ -587,7 +595,9 @@ def unload(model: nn.Module, merge: bool = False, adapter_names: Sequence[str] |
     module checked before any changes). Returns the model."""
     check_bool("merge", merge)
     check_bool("safe_merge", safe_merge)
-    _layers_of_adapters(model)
+    if any(layer.mixed_batch is not None for layer in _layers_of_adapters(model)):
+        raise ValueError("a mixed-adapter batch is running on this model (mixed_batch / adapter_names): its rows "
+                         "would get the base alone; unload after it")
     if adapter_names is not None:
         adapter_names = adapter_name_list(adapter_names)
         check_known(model, adapter_names)

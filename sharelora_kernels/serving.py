@@ -33,7 +33,7 @@ from torch import Tensor
 from . import ops
 from .base import compute_dtype
 from .layer import BASE_ROW, LoRAPathModule, SharedLoRALinear
-from .model import adapter_names, is_applied, shared_layers
+from .model import adapter_names, is_applied, peft_wrappers, shared_layers
 from .ops.multi_adapter_torch import storage_state
 
 _NO_BATCH = lambda: None  # noqa: E731  (tables not yet checked for any batch)
@@ -209,12 +209,16 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], expand: int = 1)
     rows before generate repeats them, takes each row once). Inference only: ValueError in training mode, for
     an unknown name (the known ones listed), on a merged model; a forward whose rows do not match
     raises ValueError before it computes anything, one after an adapter of the rows was deleted
-    inside the block RuntimeError. Inside ``disable_adapters`` every row gets the base.
+    inside the block RuntimeError. Inside ``disable_adapters`` every row gets the base. A PEFT model's
+    modules-to-save wrappers (a copy of a module per adapter) get each row's name, as PEFT's
+    ``adapter_names`` gives it them.
     """
     known, rows = row_indices(model, adapter_names, expand)
     layers = shared_layers(model)
     state = MixedBatch(known, rows, layers, expand)
     before = [layer.mixed_batch for layer in layers]
+    hooks = [m.register_forward_pre_hook(_with_adapter_names(list(adapter_names), expand), with_kwargs=True)
+             for _, m in peft_wrappers(model)]
     for layer in layers:
         layer.mixed_batch = state
     try:
@@ -222,3 +226,23 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], expand: int = 1)
     finally:
         for layer, was in zip(layers, before):
             layer.mixed_batch = was
+        for hook in hooks:
+            hook.remove()
+
+
+def _with_adapter_names(names: list[str], expand: int):
+    """A forward pre-hook giving a module one adapter name per row of its input (PEFT's wrappers route
+    rows by ``adapter_names``): ``names``, each repeated ``expand`` times, or once for a forward of the
+    unrepeated rows (as ``MixedBatch`` reads its rows)."""
+    by_rows = {len(names) * expand: [n for n in names for _ in range(expand)], len(names): names}
+
+    def hook(module, args, kwargs):
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim()), None)
+        if x is None:
+            return None
+        rows = by_rows.get(x.shape[0])
+        if rows is None:
+            raise ValueError(f"adapter_names gives {len(names) * expand} rows, the batch has {x.shape[0]}: give one "
+                             "name per row (generate's num_beams / num_return_sequences repeat rows: pass expand)")
+        return args, {**kwargs, "adapter_names": rows}
+    return hook

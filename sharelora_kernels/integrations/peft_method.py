@@ -264,19 +264,13 @@ class ShareLoRAModel(BaseTuner):
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode (a mixed-adapter batch "
                              "is inference only): call model.eval() first")
-        generation = kwargs.get("generation_config")
+        # generate's settings: its arguments, else the generation config it is given, else the model's
+        generation = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
         beams = kwargs.get("num_beams", getattr(generation, "num_beams", None)) or 1
         returns = kwargs.get("num_return_sequences", getattr(generation, "num_return_sequences", None)) or 1
         expand = beams if beams > 1 else returns
         with mixed_batch(self.model, names, expand):  # checks everything before it changes anything
-            expanded = [n for n in names for _ in range(expand)]
-            hooks = [m.register_forward_pre_hook(_with_adapter_names(expanded), with_kwargs=True)
-                     for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
-            try:
-                yield
-            finally:
-                for h in hooks:
-                    h.remove()
+            yield
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         """Freeze everything but the active adapters' stores (and PEFT's modules to save, which keep their own)."""
@@ -376,13 +370,6 @@ class ShareLoRAModel(BaseTuner):
             raise ValueError(f"the adapter checkpoint does not match this model: {problem}; nothing was loaded and "
                              f"{after} (was the adapter trained on another base or with another config?)")
         return {to_model.get(k, k): v for k, v in state_dict.items()}
-
-
-def _with_adapter_names(names: list[str]):
-    """A forward pre-hook giving a module ``adapter_names=names`` (PEFT's wrappers route rows by it)."""
-    def hook(module, args, kwargs):
-        return args, {**kwargs, "adapter_names": names}
-    return hook
 
 
 def _versions(store: nn.Module) -> dict[int, int]:
