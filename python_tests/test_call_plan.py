@@ -143,6 +143,25 @@ def test_a_tensor_re_viewed_on_its_own_storage_rebuilds_the_plan():
 
 
 @pytest.mark.parametrize("backend", ["torch", "compose", "triton"])
+def test_a_tensor_cut_on_its_own_storage_or_a_bias_set_later_rebuilds_the_plan(backend):
+    """``p.data = p.data[:2]`` keeps the data pointer and strides (the shape tells); a bias given to a
+    layer whose base had none is a new parameter where None was."""
+    ops.set_backend(backend)
+    try:
+        layer = SharedLoRALinear(nn.Linear(8, 6, bias=False), r=3)
+        nn.init.normal_(layer.lora_paths[0].B)
+        x = torch.randn(3, 8)
+        check_against_float64(layer, x)
+        a, b = layer.lora_paths[0].A, layer.lora_paths[0].B
+        a.data, b.data = a.data[:2], b.data[:, :2]  # rank 3 -> 2, each on its own storage
+        check_against_float64(layer, x)
+        layer.bias = nn.Parameter(torch.full((6,), 5.0))
+        check_against_float64(layer, x)
+    finally:
+        ops.set_backend(None)
+
+
+@pytest.mark.parametrize("backend", ["torch", "compose", "triton"])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 def test_calls_outside_inference_mode_after_one_inside(backend, dropout, monkeypatch):
     """What a call under torch.inference_mode() builds and keeps (plans, the kernels' factor tables and

@@ -245,7 +245,7 @@ class SharedLoRALinear(nn.Module):
                 keep_standard_4bit_layout(base)
         else:
             self.weight = base.weight
-            self.bias = base.bias
+            self.register_parameter("bias", base.bias)  # registered even when None: a bias set later is seen
             self.weight.requires_grad_(False)
             if self.bias is not None:
                 self.bias.requires_grad_(False)
@@ -442,9 +442,7 @@ class SharedLoRALinear(nn.Module):
             if "compute_dtype" in self.base_layer.__dict__:
                 sources.append(call_plan.source(self.base_layer.__dict__, "compute_dtype"))
         else:
-            owner = self._parameters
-            sources = [call_plan.source(owner, "weight"), call_plan.source(owner, "bias")] if "bias" in owner else \
-                [call_plan.source(owner, "weight")]
+            sources = [call_plan.source(self._parameters, "weight"), call_plan.source(self._parameters, "bias")]
         for m in self.active_path_modules():
             sources += [call_plan.source(m.__dict__, "spec"), call_plan.source(m.__dict__, "_store")]
             store = m._store[0]._parameters

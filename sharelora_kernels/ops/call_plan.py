@@ -31,9 +31,10 @@ A plan is valid while nothing it was built from changed. Two cheap comparisons d
     and dtype, the settings' version (``set_backend``, ``refresh_settings``, ``dispatch.clear``),
     the layer's train/eval mode and ``_paths_version`` (what paths it computes, merged or not);
   * ``Source`` of every tensor: where the layer reads it (a module's parameter dict and name), the
-    object found there, its data pointer and strides (a ``.to()``, an assign-load, FSDP resharding,
-    ``p.data = p.data.t()`` change them; an in-place optimizer step does not, and needs no rebuild)
-    and requires_grad; and of each path's spec and store (their identity).
+    object found there, its data pointer, strides and shape (a ``.to()``, an assign-load, FSDP
+    resharding, ``p.data = p.data.t()``, ``p.data = p.data[:2]`` change them; an in-place optimizer
+    step does not, and needs no rebuild) and requires_grad; and of each path's spec and store (their
+    identity).
 
 Anything else is rebuilt: ``build_linear`` checks the inputs (``encoding.check_linear``: shapes,
 dropout, every path) with the messages a call of the op gives, so what left the per-call path is
@@ -116,7 +117,7 @@ class CallPlan:
     ``adds_to_base``: ``run(y, x)`` adds the paths into the output y of a base that computes itself."""
 
     __slots__ = ("env", "sources", "run", "backend", "adds_to_base", "_owners", "_names", "_found", "_tensors",
-                 "_grads", "_ptr_of", "_ptrs", "_strides")
+                 "_grads", "_ptr_of", "_ptrs", "_strides", "_sizes")
 
     def __init__(self, env: tuple, sources: Sequence[Source], run: Run, backend: str, adds_to_base: bool = False):
         self.env, self.sources, self.run, self.backend = env, tuple(sources), run, backend
@@ -131,6 +132,7 @@ class CallPlan:
         self._ptr_of = [s.tensor for s in checked if s.data_ptr >= 0]
         self._ptrs = [s.data_ptr for s in checked if s.data_ptr >= 0]
         self._strides = list(map(Tensor.stride, self._ptr_of))  # ``p.data = p.data.t()`` keeps the pointer
+        self._sizes = list(map(Tensor.size, self._ptr_of))  # so does ``p.data = p.data[:2]``
 
     def fits(self, env: tuple) -> bool:
         """Whether this plan serves a call of environment ``env`` with the tensors as they are now."""
@@ -142,11 +144,12 @@ class CallPlan:
         return self.reads_current_tensors() and list(map(_requires_grad, self._tensors)) == self._grads
 
     def reads_current_tensors(self) -> bool:
-        """Whether every tensor it reads is still the one in its module, in the same storage and layout (a tensor
-        frozen or unfrozen since, as switching adapters does, may be again when the plan is wanted)."""
+        """Whether every tensor it reads is still the one in its module, in the same storage, shape and layout (a
+        tensor frozen or unfrozen since, as switching adapters does, may be again when the plan is wanted)."""
         return (all(map(operator.is_, map(dict.get, self._owners, self._names), self._found))
                 and list(map(Tensor.data_ptr, self._ptr_of)) == self._ptrs
-                and list(map(Tensor.stride, self._ptr_of)) == self._strides)
+                and list(map(Tensor.stride, self._ptr_of)) == self._strides
+                and list(map(Tensor.size, self._ptr_of)) == self._sizes)
 
 
 _requires_grad = operator.attrgetter("requires_grad")
