@@ -73,7 +73,7 @@ def test_hand_wrapped_layers_save_load_breakdown_and_export(tmp_path):
         torch.testing.assert_close(sk.load(fresh, tmp_path / "ckpt")(x), want, rtol=0, atol=0)
     other = HandWrapped()
     other.blocks[1] = sk.SharedLoRALinear(nn.Linear(6, 6), r=4)
-    with pytest.raises(ValueError, match="scale of path 0 .plain, lora. of module blocks.1: checkpoint has 1.0, model has 4.0"):
+    with pytest.raises(ValueError, match="rank of path 0 .plain, lora. of module blocks.1: checkpoint has 3, model has 4"):
         sk.load(other, tmp_path / "ckpt")
     with pytest.raises(ValueError, match="hand-wrapped SharedLoRALinear layers .no config.: wrap the same modules"):
         sk.load(nn.Sequential(nn.Linear(8, 6)), tmp_path / "ckpt")

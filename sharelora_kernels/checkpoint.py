@@ -264,7 +264,8 @@ def plan_mismatch(saved: SharePlan, current: SharePlan, where: str) -> None:
         if len(m.paths) != len(c.paths):
             fail(f"number of paths of module {name}", len(m.paths), len(c.paths))
         for i, (p, q) in enumerate(zip(m.paths, c.paths)):
-            for field, value in asdict(p).items():
+            fields = asdict(p)  # the rank before the scale, which follows from it (alpha / r)
+            for field, value in sorted(fields.items(), key=lambda item: item[0] == "scale"):
                 if value != getattr(q, field):
                     fail(f"{field} of path {i} ({p.kind}, {p.part}) of module {name}", value, getattr(q, field))
     for name, t in saved.tensors.items():

@@ -27,6 +27,9 @@ def read_plan(path: Path):
     """The ShareLoRAConfig in a JSON file; CommandError naming the file if it is missing or not one."""
     from ..config import ShareLoRAConfig
 
+    if path.is_dir():
+        raise CommandError(f"plan file {path} is a folder: give the plan.json in it (or an adapter's "
+                           "sharelora_config.json)")
     if not path.is_file():
         raise CommandError(f"plan file {path} does not exist (write one with `python -m sharelora_kernels plan`)")
     try:

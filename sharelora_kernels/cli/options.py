@@ -19,10 +19,15 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help="seed of the adapter init and of the window order, in [0, 2**32 - 1] (default: 0)")
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def check_training_arguments(args: argparse.Namespace) -> None:
     """CommandError naming the first bad value among ``add_training_arguments``' options (--seed: a
-    32-bit seed, what torch's CPU generator keeps: seeds 2**32 apart would give one run)."""
+    32-bit seed, what torch's CPU generator keeps: seeds 2**32 apart would give one run; --lr: at most
+    float32's largest value, which the optimizer's arithmetic takes)."""
     require_positive(args, "batch_size", "lr")
+    require_between(args, "lr", 0, FLOAT32_MAX)
     require_between(args, "seq_len", 2)
     require_between(args, "seed", 0, 2**32 - 1)
 
