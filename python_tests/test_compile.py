@@ -139,6 +139,57 @@ def test_compiled_inference_under_auto_runs_what_auto_chooses(monkeypatch, tmp_p
         dispatch.clear()
 
 
+def test_compiled_train_mode_dropout_without_grad_under_auto_draws_dropout(monkeypatch, tmp_path):
+    """A compiled call in training mode with dropout that takes no gradient (no_grad: generation in
+    RL) is not an inference call: its dropout is drawn, as in eager."""
+    from sharelora_kernels.ops import dispatch
+
+    monkeypatch.setenv("SHARELORA_BACKEND", "auto")
+    monkeypatch.setenv("SHARELORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(dispatch, "TIME_INTERPRETED_KERNELS", True)
+    previous = dispatch.set_timer(lambda name, run, device: {"triton": 1.0, "compose": 2.0}[name])
+    try:
+        dispatch.clear()
+        torch.manual_seed(0)
+        layer = SharedLoRALinear(torch.nn.Linear(32, 16), r=4, dropout=0.9).train()
+        torch.nn.init.normal_(layer.lora_paths[0].B)
+        x = torch.randn(64, 32)
+        with torch.no_grad():
+            base = torch.nn.functional.linear(x, layer.weight, layer.bias)
+            undropped = layer.eval()(x) - base
+            layer.train()
+            dropped = torch.compile(layer, fullgraph=True, backend="eager")(x) - base
+        assert (dropped - undropped).norm() > 0.5 * undropped.norm()  # a 0.9 dropout changes most of it
+    finally:
+        dispatch.set_timer(previous)
+        dispatch.clear()
+
+
+def test_a_model_compiled_before_any_mixed_batch_serves_one():
+    """Compiled (and called) in a thread that never ran a mixed batch: a later block still gives each
+    row its own adapter (dynamo guards on the thread's batches, present from the start)."""
+    import threading
+
+    model = tiny_model(layers=2).eval()
+    for name in ("a", "b"):
+        sk.apply(model, sk.ShareLoRAConfig(r=4, target_modules=["q_proj", "v_proj"]), adapter_name=name)
+        sk.set_adapter(model, name)
+        randomize_adapters(model, seed=len(name) + ord(name))
+    ids, rows, result = token_batch(batch=3, seq=4), ["a", "b", "__base__"], {}
+
+    def serve():
+        compiled = torch.compile(model, backend="eager")
+        with torch.no_grad():
+            compiled(input_ids=ids)
+            with sk.mixed_batch(model, rows):
+                result["eager"], result["compiled"] = model(input_ids=ids).logits, compiled(input_ids=ids).logits
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    thread.join()
+    torch.testing.assert_close(result["compiled"], result["eager"], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_compiled_training_under_auto_runs_the_remembered_choice(dynamic, monkeypatch, tmp_path):
     """auto inside a compiled training call: dynamo cannot time, so the graph keeps the choice eager

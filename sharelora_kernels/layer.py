@@ -196,8 +196,16 @@ class LoRAPathModule(nn.Module):
         return f"kind={s.kind}, part={s.part}, rank={s.rank}, scale={s.scale:g}"
 
 
-_MIXED = threading.local()  # per thread: {id(layer): the MixedBatch it runs there}
-_NO_BATCHES: dict = {}
+class _MixedBatches(threading.local):
+    """Per thread: ``batches`` = {id(layer): the MixedBatch it runs there}, present from the thread's
+    first look (a compiled model guards on the dict's contents; a key made only later would not be
+    guarded, and a graph traced with no mixed batch would serve every later one as the base)."""
+
+    def __init__(self):
+        self.batches: dict = {}
+
+
+_MIXED = _MixedBatches()
 
 
 class SharedLoRALinear(nn.Module):
@@ -272,11 +280,11 @@ class SharedLoRALinear(nn.Module):
         """The ``serving.MixedBatch`` of the mixed-adapter batch this thread runs on the layer
         (``serving.mixed_batch``), or None: each thread has its own, so a block in one thread neither
         reaches another's calls nor is undone by another's block ending."""
-        return _MIXED.__dict__.get("batches", _NO_BATCHES).get(id(self))
+        return _MIXED.batches.get(id(self))
 
     @mixed_batch.setter
     def mixed_batch(self, batch) -> None:
-        batches = _MIXED.__dict__.setdefault("batches", {})
+        batches = _MIXED.batches
         if batch is None:
             batches.pop(id(self), None)
         else:

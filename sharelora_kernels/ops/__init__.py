@@ -124,7 +124,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence[
     setting = backend_for(x, backend)
     if (setting == "auto" and torch.compiler.is_compiling() and _auto_times_triton(x)
             and dispatch.call_mode(x, paths) == "fwd" and _autocast_operands(x, weight, bias) is None
-            and _fusable(x, weight, bias, paths)):  # a compiled inference call: auto chooses when it runs
+            and _fusable(x, weight, bias, paths) and not (training and dropout_p > 0)):
+        # a compiled call without dropout or gradient: auto chooses when it runs
         from .auto_op import auto_lora_linear
 
         check_linear(x, weight, bias, paths, dropout_p)

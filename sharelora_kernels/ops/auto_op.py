@@ -5,8 +5,9 @@ graph. ``sharelora::auto_lora_linear`` is what it traces instead (a fake kernel 
 when the compiled graph runs, the op's implementation asks ``dispatch.auto_choice`` for the call's
 signature (the remembered choice, the cache file, or a measurement, as in eager mode) and runs that
 backend's forward. For calls that take no gradient (inference: ``torch.no_grad``,
-``inference_mode``, ``generate``, frozen adapters); a compiled training call runs the choice
-``dispatch.auto_choice`` remembered for its signature (the fused op and its backward, or compose).
+``inference_mode``, ``generate``, frozen adapters) and draw no dropout; a compiled training call (or
+one in training mode with dropout, under no_grad) runs the choice ``dispatch.auto_choice``
+remembered for its signature (the fused op and its backward, or compose).
 
 x (M, K), weight (N, K), bias (N,) or None, the paths flat (``encoding.encode``); y (M, N) in x's dtype.
 """
