@@ -139,6 +139,26 @@ def test_compiled_inference_under_auto_runs_what_auto_chooses(monkeypatch, tmp_p
         dispatch.clear()
 
 
+def test_adapter_changes_through_a_compile_wrapper_are_refused_before_anything_changes(tmp_path):
+    """apply, load, delete_adapter and unload add or remove modules of the model itself: through the
+    wrapper they are refused by name (they half-changed the model, or refused a matching checkpoint)."""
+    model = tiny_model(layers=2)
+    compiled = torch.compile(model, backend="eager")
+    config = sk.ShareLoRAConfig(r=2, target_modules=["q_proj"])
+    with pytest.raises(TypeError, match="apply changes the model's modules, and this is a torch.compile wrapper"):
+        sk.apply(compiled, config)
+    assert not sk.model.shared_layers(model)
+    sk.apply(model, config, adapter_name="a")
+    sk.apply(model, config, adapter_name="b")
+    sk.save(compiled, tmp_path)  # reading through the wrapper is fine
+    for call, what in ((lambda: sk.load(compiled, tmp_path), "load"),
+                       (lambda: sk.delete_adapter(compiled, "b"), "delete_adapter"),
+                       (lambda: sk.unload(compiled), "unload")):
+        with pytest.raises(TypeError, match=f"call {what} on the model itself"):
+            call()
+        assert sk.model.adapter_names(model) == ["a", "b"] and len(sk.model.shared_layers(model)) == 2
+
+
 def test_compiled_train_mode_dropout_without_grad_under_auto_draws_dropout(monkeypatch, tmp_path):
     """A compiled call in training mode with dropout that takes no gradient (no_grad: generation in
     RL) is not an inference call: its dropout is drawn, as in eager."""

@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 from .config import ShareLoRAConfig
 from .files import atomic_write_files
 from .model import (ADAPTER_WRITERS, DEFAULT_ADAPTER, active_adapters, adapter_names, adapter_tensors, apply_plan,
-                    applied_config, get_plan, is_applied, peft_wrappers, plan_model, resolve_adapter, shared_layers)
+                    applied_config, check_not_compiled, get_plan, is_applied, peft_wrappers, plan_model,
+                    resolve_adapter, shared_layers)
 from .plan import SharePlan
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -223,6 +224,7 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str | Non
     than this package's, or if the file is truncated or corrupted. Everything is checked
     (``check_checkpoint``) before the model changes: a refused load leaves it as it was.
     """
+    check_not_compiled(model, "load")
     checked = check_checkpoint(model, directory, adapter_name)
     if checked.apply:
         apply_plan(model, checked.config, checked.plan, adapter_name=checked.adapter_name)

@@ -64,6 +64,7 @@ def plan_model(model: nn.Module, config: ShareLoRAConfig, adapter_name: str = DE
     if not isinstance(model, nn.Module) or not isinstance(config, ShareLoRAConfig):
         raise TypeError(f"apply takes a torch.nn.Module and a ShareLoRAConfig, got a {type(model).__name__} and a "
                         f"{type(config).__name__}")
+    check_not_compiled(model, "apply")
     check_adapter_name(adapter_name)
     names = adapter_names(model)
     if adapter_name in names:
@@ -185,6 +186,14 @@ def peft_base(model: nn.Module) -> nn.Module:
     model = getattr(model, "_orig_mod", model)
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def check_not_compiled(model: nn.Module, what: str) -> None:
+    """TypeError for a ``torch.compile`` wrapper (``OptimizedModule``): ``what`` adds or removes the
+    model's modules and the attributes that record its adapters, which belong on the model itself."""
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise TypeError(f"{what} changes the model's modules, and this is a torch.compile wrapper of the model: call "
+                        f"{what} on the model itself (the wrapper's _orig_mod)")
 
 
 def peft_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -560,6 +569,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     frozen). Refused while it is merged. Deleting an active adapter activates the first remaining one
     (a warning says which), as PEFT does; after the last one the layers compute their base (``unload``
     gives the plain modules back)."""
+    check_not_compiled(model, "delete_adapter")
     check_known(model, [adapter_name])
     layers = shared_layers(model)
     if any(adapter_name in layer.merged_adapters for layer in layers):
@@ -593,6 +603,7 @@ def unload(model: nn.Module, merge: bool = False, adapter_names: Sequence[str] |
     keep their trained values) and drop all adapters; with ``merge``, first fold the active adapters
     (or ``adapter_names``) into the base weights (``safe_merge``: refuse non-finite updates, every
     module checked before any changes). Returns the model."""
+    check_not_compiled(model, "unload")
     check_bool("merge", merge)
     check_bool("safe_merge", safe_merge)
     if any(layer.mixed_batch is not None for layer in _layers_of_adapters(model)):
