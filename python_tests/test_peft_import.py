@@ -93,6 +93,14 @@ def test_from_peft_refuses_other_adapter_types_and_dora(tmp_path):
     with pytest.raises(ValueError, match="DoRA .use_dora=True."):
         sk.from_peft(dora)
     assert any(type(m).__module__.startswith("peft.") for m in dora.modules())  # refused before anything changed
+    from peft.tuners.lora.config import KasaConfig
+
+    kasa = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj"], kasa_config=KasaConfig()))
+    with pytest.raises(ValueError, match="uses KaSA .kasa_config="):
+        sk.from_peft(kasa)
+    kasa.peft_config["default"].kasa_config = None  # a config that no longer says it: the layers still do
+    with pytest.raises(ValueError, match="computes a LoRA variant .KasaLinearVariant.*only plain LoRA converts"):
+        sk.from_peft(kasa)
     with pytest.raises(ValueError, match="not a PeftModel: pass the PEFT adapter directory"):
         sk.from_peft(tiny_model())
     with pytest.raises(ValueError, match="adapter_config.json is missing"):

@@ -28,7 +28,11 @@ _UNSUPPORTED = (("use_dora", False, "DoRA"), ("bias", "none", "trained biases (b
                 ("lora_bias", False, "a LoRA bias"), ("use_qalora", False, "QA-LoRA"),
                 ("target_parameters", None, "LoRA on parameters (target_parameters)"),
                 ("trainable_token_indices", None, "trainable tokens"), ("layer_replication", None, "layer replication"),
-                ("alora_invocation_tokens", None, "activated LoRA"), ("use_bdlora", None, "BD-LoRA"))
+                ("alora_invocation_tokens", None, "activated LoRA"), ("use_bdlora", None, "BD-LoRA"),
+                ("kasa_config", None, "KaSA"), ("monteclora_config", None, "MonteCLoRA"),
+                ("arrow_config", None, "Arrow routing"))
+# LoRA variants whose forward is plain LoRA's (VeLoRA changes what backward keeps, not the math)
+_SAME_FORWARD_VARIANTS = ("VeloraLinearVariant",)
 _EMBEDDING = "PEFT module {name!r} has LoRA on an embedding, which ShareLoRA layers do not support"
 
 
@@ -147,6 +151,10 @@ def _read_peft_model(model) -> tuple[dict, dict, dict]:
         if hasattr(module, "lora_A") and adapter in getattr(module, "lora_A", {}):
             if not isinstance(module.lora_A[adapter], nn.Linear):
                 raise ValueError(f"PEFT module {name!r} is not a linear LoRA layer ({type(module).__name__})")
+            variant = getattr(module, "lora_variant", {}).get(adapter)  # PEFT's per-layer LoRA variant, if any
+            if variant is not None and type(variant).__name__ not in _SAME_FORWARD_VARIANTS:
+                raise ValueError(f"PEFT module {name!r} computes a LoRA variant ({type(variant).__name__}), which "
+                                 "ShareLoRA layers do not support: only plain LoRA converts")
             lora[name] = (module.lora_A[adapter].weight.detach(), module.lora_B[adapter].weight.detach(),
                           module.scaling[adapter])
         elif hasattr(module, "modules_to_save") and adapter in getattr(module, "modules_to_save", {}):
