@@ -173,6 +173,10 @@ def test_named_adapters_each_with_its_own_tensors(tmp_path):
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     loaded.load_adapter(tmp_path / "other", adapter_name="other")
     assert torch.equal(logits(loaded, ids), first)
+    for control in (sk.set_adapter, sk.delete_adapter):  # PEFT keeps its own record: its methods, not ours
+        with pytest.raises(ValueError, match=f"this is a PeftModel: call its own {control.__name__}"):
+            control(loaded, "other")
+    assert loaded.active_adapters == ["default"] and torch.equal(logits(loaded, ids), first)
     loaded.set_adapter("other")
     assert torch.equal(logits(loaded, ids), other)
     with pytest.warns(UserWarning, match="'default' is active now"):

@@ -188,6 +188,19 @@ def peft_base(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``peft.PeftModel`` (told by class, without importing PEFT)."""
+    return any(c.__name__ == "PeftModel" and c.__module__.startswith("peft.") for c in type(model).__mro__)
+
+
+def check_not_peft_model(model: nn.Module, what: str) -> None:
+    """ValueError for a PeftModel: its adapters are switched and deleted through its own methods,
+    which keep PEFT's record of them (active adapter, modules-to-save copies, configs) in step."""
+    if is_peft_model(model):
+        raise ValueError(f"this is a PeftModel: call its own {what} (model.{what}(...)), which keeps PEFT's record "
+                         "of its adapters in step")
+
+
 def check_not_compiled(model: nn.Module, what: str) -> None:
     """TypeError for a ``torch.compile`` wrapper (``OptimizedModule``): ``what`` adds or removes the
     model's modules and the attributes that record its adapters, which belong on the model itself."""
@@ -527,6 +540,7 @@ def set_adapter(model: nn.Module, adapter_names: str | Sequence[str]) -> nn.Modu
     them and only their tensors train (with the modules to save of the adapter that has them, which
     train in place: frozen while it is inactive). Merged layers are unmerged first (with a warning,
     as PEFT)."""
+    check_not_peft_model(model, "set_adapter")
     names = adapter_name_list(adapter_names)
     check_known(model, names)
     drops = {model.sharelora_configs[n].dropout for n in names}
@@ -570,6 +584,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     (a warning says which), as PEFT does; after the last one the layers compute their base (``unload``
     gives the plain modules back)."""
     check_not_compiled(model, "delete_adapter")
+    check_not_peft_model(model, "delete_adapter")
     check_known(model, [adapter_name])
     layers = shared_layers(model)
     if any(adapter_name in layer.merged_adapters for layer in layers):

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .config import ShareLoRAConfig
 from .base import describe_base
-from .model import adapter_names, adapter_tensors, apply_plan, plan_model
+from .model import adapter_names, adapter_tensors, apply_plan, is_peft_model, plan_model
 from .plan import pattern_matches, pattern_value
 from .targeting import find_target_modules
 
@@ -46,7 +46,7 @@ def from_peft(model: nn.Module, adapter_dir: str | os.PathLike | None = None) ->
     The result gives the same logits and gradients as the PEFT model, saves with ``save`` and
     exports with ``export_peft`` to the tensors PEFT itself saves.
     """
-    if _is_peft_model(model):
+    if is_peft_model(model):
         if adapter_dir is not None:
             raise ValueError("from_peft takes a PeftModel, or a base model and adapter_dir, not both")
         peft_config, lora, saved = _read_peft_model(model)
@@ -113,10 +113,6 @@ def _parameter(base: nn.Module, key: str):
         return base.get_parameter(key)
     except AttributeError:
         return None
-
-
-def _is_peft_model(model: nn.Module) -> bool:
-    return any(c.__name__ == "PeftModel" and c.__module__.startswith("peft.") for c in type(model).__mro__)
 
 
 def _check_supported(peft_config: dict) -> None:
