@@ -278,6 +278,8 @@ def test_bad_input_names_the_problem_and_leaves_the_model_as_it_was(tmp_path):
     model = get_peft_model(copy.deepcopy(base), sk.ShareLoRAPeftConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="target_modules entry 'nope' matches no module"):
         model.add_adapter("x", sk.ShareLoRAPeftConfig(target_modules=["nope"]))
+    with pytest.raises(ValueError, match="modules_to_save entry 'model.nrom' matches no module of this model"):
+        model.add_adapter("x", sk.ShareLoRAPeftConfig(target_modules=["q_proj"], modules_to_save=["model.nrom"]))
     assert list(model.peft_config) == ["default"] and adapter_names(model.base_model.model) == ["default"]
     with pytest.raises(ValueError, match="adapter 'nope' does not exist; this model's adapters are \\['default'\\]"):
         model.base_model.delete_adapter("nope")

@@ -14,7 +14,9 @@ state-dict hooks ``_get_adapter_state_dict``, ``_remove_adapter_name_from_key`` 
 (``PeftModel.forward`` / ``generate`` pass it their kwargs; ``adapter_names`` runs a mixed batch,
 and PEFT's modules-to-save wrappers get ``adapter_names`` per row, as PEFT's LoRA gives it), and
 ``peft.utils.integrations``' ``init_empty_weights`` / ``skip_init_on_device`` (``low_cpu_mem_usage``).
-When they are missing this module raises ImportError naming the installed PEFT version.
+When they are missing this module raises ImportError naming the installed PEFT version. Also read,
+with a fallback when missing: ``peft.peft_model.CLASSIFIER_MODULE_NAMES`` (the heads PEFT's task
+classes add to every config's ``modules_to_save``, which a model may lack).
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ def _moved(what: str) -> ImportError:
 
 try:
     from peft import mapping as _tables
+    from peft import peft_model as _peft_model
     from peft.config import PeftConfig
     from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _delete_auxiliary_adapter
     from peft.tuners.tuners_utils import set_requires_grad as _peft_set_requires_grad
@@ -67,6 +70,8 @@ for _table in ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEF
         raise _moved(f"peft.mapping.{_table}")
 if not all(hasattr(BaseTuner, h) for h in _HOOKS):
     raise _moved(f"the tuner state-dict hooks BaseTuner.{', '.join(_HOOKS)}")
+# what PEFT's task classes add to modules_to_save (classification heads, and QA's)
+_TASK_HEADS = (*getattr(_peft_model, "CLASSIFIER_MODULE_NAMES", ("classifier", "score")), "qa_outputs")
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -216,8 +221,14 @@ class ShareLoRAModel(BaseTuner):
             raise ValueError(f"this model already has a ShareLoRA adapter named {adapter_name!r}")
         config = peft_config.to_config()
         names = [n for n, _ in model.named_modules() if n]
-        # PEFT wraps the modules to save; the planner only keeps targets out of them
-        config.modules_to_save = [e for e in peft_config.modules_to_save or [] if any(matches(n, [e]) for n in names)]
+        # PEFT wraps the modules to save; the planner only keeps targets out of them. The heads PEFT's task
+        # classes add to every config may be absent (a model without that head); an entry the user gave
+        # must match a module, as apply's does.
+        found = [e for e in peft_config.modules_to_save or [] if any(matches(n, [e]) for n in names)]
+        missing = [e for e in peft_config.modules_to_save or [] if e not in found and e not in _TASK_HEADS]
+        if missing:
+            raise ValueError(f"modules_to_save entry {missing[0]!r} matches no module of this model")
+        config.modules_to_save = found
         check_4bit_layouts(model)
         infos, num_layers = find_target_modules(model, config, wrapped_ok=is_applied(model))
         plan = build_plan(config, infos, num_layers)
