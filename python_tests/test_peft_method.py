@@ -202,9 +202,14 @@ def test_low_cpu_mem_usage_makes_only_the_adapter_on_meta_and_loads_it(tmp_path)
     empty = get_peft_model(copy.deepcopy(base), config(3), low_cpu_mem_usage=True)
     meta = [n for n, p in empty.named_parameters() if p.device.type == "meta"]
     assert meta and all(".sharelora_adapters." in n for n in meta)
-    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, low_cpu_mem_usage=True)
+    pretrained = copy.deepcopy(base)
+    for p in pretrained.parameters():
+        p._is_hf_initialized = True  # as from_pretrained marks them
+    loaded = PeftModel.from_pretrained(pretrained, tmp_path, low_cpu_mem_usage=True)
     loaded.load_adapter(tmp_path / "b", adapter_name="b", low_cpu_mem_usage=True)
     assert not any(p.device.type == "meta" for p in loaded.parameters())
+    wrapped = [m for m in loaded.modules() if isinstance(m, sk.SharedLoRALinear)]
+    assert wrapped and not any(m._base[0].weight.is_meta for m in wrapped)  # what unload puts back
     assert torch.equal(logits(loaded, ids), first)
     loaded.set_adapter("b")
     assert torch.equal(logits(loaded, ids), second)

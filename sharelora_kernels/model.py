@@ -88,10 +88,12 @@ def plan_model(model: nn.Module, config: ShareLoRAConfig, adapter_name: str = DE
 
 
 def apply_plan(model: nn.Module, config: ShareLoRAConfig, plan: SharePlan, group_inputs: bool = False,
-               adapter_name: str = DEFAULT_ADAPTER, layer_cls: type[SharedLoRALinear] = SharedLoRALinear) -> nn.Module:
+               adapter_name: str = DEFAULT_ADAPTER, layer_cls: type[SharedLoRALinear] = SharedLoRALinear,
+               on_meta: bool = False) -> nn.Module:
     """``apply`` with the plan ``plan_model(model, config, adapter_name)`` already made (``load``
     compares it with a checkpoint's first); it changes the model and raises nothing more.
-    ``layer_cls``: the class of new wrapped layers (a subclass, e.g. the PEFT method's)."""
+    ``layer_cls``: the class of new wrapped layers (a subclass, e.g. the PEFT method's); ``on_meta``:
+    the adapter's tensors made on the meta device, for a load to fill (PEFT's ``low_cpu_mem_usage``)."""
     first = not adapter_names(model)
     if first:
         for p in model.parameters():
@@ -101,7 +103,8 @@ def apply_plan(model: nn.Module, config: ShareLoRAConfig, plan: SharePlan, group
     params: dict[str, nn.Parameter] = {}
     for name, spec in plan.tensors.items():
         base = _base_of(model.get_submodule(first_user[name]))
-        params[name] = new_parameter(spec, device=base.weight.device, dtype=new_adapter_dtype(base))
+        device = torch.device("meta") if on_meta else base.weight.device
+        params[name] = new_parameter(spec, device=device, dtype=new_adapter_dtype(base))
     store = AdapterStore(params, plan.tensors).train(model.training).requires_grad_(first)
     active = [adapter_name] if first else model.sharelora_active
     for name, mplan in plan.modules.items():

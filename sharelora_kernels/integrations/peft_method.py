@@ -13,7 +13,8 @@ state-dict hooks ``_get_adapter_state_dict``, ``_remove_adapter_name_from_key`` 
 ``_remap_adapter_state_dict_for_load``, and the forward-hook context ``_enable_peft_forward_hooks``
 (``PeftModel.forward`` / ``generate`` pass it their kwargs; ``adapter_names`` runs a mixed batch,
 and PEFT's modules-to-save wrappers get ``adapter_names`` per row, as PEFT's LoRA gives it), and
-``peft.utils.integrations``' ``init_empty_weights`` / ``skip_init_on_device`` (``low_cpu_mem_usage``).
+``peft.utils.integrations``' ``skip_init_on_device`` (``low_cpu_mem_usage``: PEFT builds the first
+adapter's tuner under its ``init_empty_weights``).
 When they are missing this module raises ImportError naming the installed PEFT version. Also read,
 with a fallback when missing: ``peft.peft_model.CLASSIFIER_MODULE_NAMES`` (the heads PEFT's task
 classes add to every config's ``modules_to_save``, which a model may lack).
@@ -61,7 +62,7 @@ try:
     from peft.config import PeftConfig
     from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _delete_auxiliary_adapter
     from peft.tuners.tuners_utils import set_requires_grad as _peft_set_requires_grad
-    from peft.utils.integrations import init_empty_weights, skip_init_on_device
+    from peft.utils.integrations import skip_init_on_device
     from peft.utils.other import AuxiliaryTrainingWrapper, _set_adapter, set_additional_trainable_modules
 except ImportError as e:
     raise _moved(f"these PEFT modules ({e})") from e
@@ -237,8 +238,8 @@ class ShareLoRAModel(BaseTuner):
         requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
         if first:
             self._requires_grad_before = requires_grad_before
-        with init_empty_weights() if low_cpu_mem_usage else contextlib.nullcontext():  # the store on meta, to be loaded
-            apply_plan(model, config, plan, adapter_name=adapter_name, layer_cls=ShareLoRAPeftLayer)
+        apply_plan(model, config, plan, adapter_name=adapter_name, layer_cls=ShareLoRAPeftLayer,
+                   on_meta=low_cpu_mem_usage)  # the store on meta, to be loaded
         self.targeted_module_names.extend(n for n in plan.modules if n not in self.targeted_module_names)
         self.set_adapter(self.active_adapters, inference_mode=peft_config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
