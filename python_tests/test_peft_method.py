@@ -12,7 +12,7 @@ import torch
 
 peft = pytest.importorskip("peft")
 
-from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import AutoPeftModelForCausalLM, LoraConfig, PeftConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 import sharelora_kernels as sk  # noqa: E402
@@ -283,6 +283,10 @@ def test_bad_input_names_the_problem_and_leaves_the_model_as_it_was(tmp_path):
     model = get_peft_model(copy.deepcopy(base), sk.ShareLoRAPeftConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="target_modules entry 'nope' matches no module"):
         model.add_adapter("x", sk.ShareLoRAPeftConfig(target_modules=["nope"]))
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="this model holds PEFT adapters .* Convert a PEFT LoRA with sharelora_kernels"):
+        get_peft_model(lora.base_model.model, sk.ShareLoRAPeftConfig(r=2, target_modules=["q_proj"]))
+    assert lora.peft_config["default"].peft_type == "LORA"  # its config left as it was
     with pytest.raises(ValueError, match="modules_to_save entry 'model.nrom' matches no module of this model"):
         model.add_adapter("x", sk.ShareLoRAPeftConfig(target_modules=["q_proj"], modules_to_save=["model.nrom"]))
     assert list(model.peft_config) == ["default"] and adapter_names(model.base_model.model) == ["default"]

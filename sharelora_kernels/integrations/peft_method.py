@@ -36,7 +36,7 @@ from ..model import (STORE_ATTR, active_adapters, adapter_names, adapter_store, 
                      unload)
 from ..plan import build_plan
 from ..serving import mixed_batch
-from ..targeting import DEFAULT_TARGET_MODULES, find_target_modules, matches
+from ..targeting import DEFAULT_TARGET_MODULES, check_no_peft, find_target_modules, matches
 
 PEFT_TYPE = "SHARELORA"
 PREFIX = "sharelora_"
@@ -196,6 +196,12 @@ class ShareLoRAModel(BaseTuner):
     tuner_layer_cls = ShareLoRAPeftLayer
     target_module_mapping = DEFAULT_TARGET_MODULES
     uses_shared_state = True
+
+    def __init__(self, model: nn.Module, *args, **kwargs) -> None:
+        """BaseTuner's, once the model is known to hold no PEFT adapters of another method (refused
+        with ``apply``'s message before PEFT records this method's config in the model)."""
+        check_no_peft(model)
+        super().__init__(model, *args, **kwargs)
 
     def _prepare_adapter_config(self, peft_config, model_config):
         return peft_config  # target_modules=None: the core's defaults of the model type
