@@ -218,6 +218,27 @@ def test_an_adapter_changed_in_place_before_backward_raises(backend, grouped, mo
             loss.backward()
 
 
+@pytest.mark.parametrize("backend", ["torch", "compose", "triton"])
+@pytest.mark.parametrize("kinds", [("plain",), ("plain", "slice"), ("gate", "kron")])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_base_weight_changed_in_place_before_backward_raises(backend, kinds, grouped, monkeypatch):
+    """The frozen weight changed in place between a call and its backward (a merge, a tied weight
+    updated elsewhere): dx would read the new weight; autograd's error on every backend, as the
+    torch backend and nn.Linear give."""
+    from sharelora_kernels import grouping
+
+    monkeypatch.setenv("SHARELORA_BACKEND", backend)
+    layer, other = bishare_layer(kinds=kinds), bishare_layer(kinds=kinds)
+    if grouped:
+        layer.input_group = other.input_group = grouping.InputGroup([layer, other])
+    x = torch.randn(5, K, requires_grad=True)
+    loss = layer(x).pow(2).sum() + other(x).pow(2).sum()
+    with torch.no_grad():
+        layer.weight.mul_(3.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def check_base_grads(layer, x):
     """The gradients of the base's weight and bias (those that require it) against float64 math."""
     base = [t for t in (layer.weight, layer.bias) if t.requires_grad]

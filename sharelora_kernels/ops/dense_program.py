@@ -217,13 +217,14 @@ class DenseCompose(torch.autograd.Function):
     the forward reads the program's detached windows of them); dropped: the (dropout(x), mask) pair
     of ``draw_dropout`` an input group shares, or None (drawn here); weight / bias: this call's cast
     of a base cast every call, or None (the program's own). Saves x, the bool dropout mask, h, the
-    (stacked) factors and a per-call weight; backward is ``DenseProgram.backward``."""
+    (stacked) factors and the weight dx reads (so that autograd refuses a backward after it changed
+    in place, as it refuses it for the torch backend); backward is ``DenseProgram.backward``."""
 
     @staticmethod
     def forward(ctx, program, x, dropped, weight, bias, *tensors):
         xd, mask = dropped if dropped is not None else draw_dropout(x, program.p)
         y, h, a, b = program.forward(x, xd, None if weight is None else base_of(weight, bias, program.zero))
-        ctx.save_for_backward(x, mask, h, a, b, weight)
+        ctx.save_for_backward(x, mask, h, a, b, program.own.weight if weight is None else weight)
         ctx.program = program
         return y
 
@@ -288,18 +289,18 @@ class DenseLean(torch.autograd.Function):
             a, b = torch.cat(program.a_list), torch.cat(program.b_list, 1).mul_(program.scales)
             h = torch.mm(x, a.t())
             z = torch.addmm(own.bias_term, h, b.t(), beta=own.beta)
-        ctx.save_for_backward(x, h, a, b)
+        ctx.save_for_backward(x, h, a, b, own.weight)  # the weight for autograd's in-place check too
         ctx.program = program
         return z.addmm_(x, own.wt)
 
     @staticmethod
     @first_order("the compose backend")
     def backward(ctx, dy):
-        x, h, a, b = ctx.saved_tensors
+        x, h, a, b, weight = ctx.saved_tensors
         program = ctx.program
         needs = ctx.needs_input_grad
         dh = torch.addmm(program.zero, dy, b, beta=0, alpha=program.scale) if program.single else torch.mm(dy, b)
-        grads = [None, torch.mm(dh, a).addmm_(dy, program.own.weight) if needs[1] else None]
+        grads = [None, torch.mm(dh, a).addmm_(dy, weight) if needs[1] else None]
         if not any(needs[2:]):
             return (*grads, *([None] * (len(needs) - 2)))
         return (*grads, *program.tensor_grads(torch.mm(dh.t(), x), db_of(program, dy, h)))

@@ -276,13 +276,14 @@ class FusedLinear(torch.autograd.Function):
     custom-op wrapper (``torch.compile`` reaches the custom ops through ``fused_lora_linear``);
     ``plan`` a ``FusedPlan``. Backward launches the dy pass, dx (when x needs it) and dA (when a
     tensor behind some A_eff needs a gradient), then routes the factor gradients. The adapter
-    tensors, which backward reads through the plan's tables, are saved too, so that autograd raises
-    its error for one changed in place since the forward (backward would read its new values)."""
+    tensors, which backward reads through the plan's tables, and the weight dx reads are saved too,
+    so that autograd raises its error for one changed in place since the forward (backward would
+    read its new values)."""
 
     @staticmethod
     def forward(ctx, plan, x, *tensors):
         y, h, mask = plan.forward(x)
-        ctx.save_for_backward(x, h, mask, *tensors)
+        ctx.save_for_backward(x, h, mask, *tensors, plan.weight)
         ctx.plan = plan
         return y
 

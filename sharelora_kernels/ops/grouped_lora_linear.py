@@ -546,16 +546,16 @@ class GroupedEager(torch.autograd.Function):
     """The eager call of the group: ``apply(plan, x (M, K), *tensors)`` -> (y_0, ..., y_{G-1}), ``plan``
     a ``GroupedPlan``; the same kernels as the custom ops, called directly. Backward: one dy pass
     per module, one grouped dx launch (when x needs it), dA over the distinct views (when a tensor
-    behind some A_eff needs a gradient), then the factor gradients routed. The adapter tensors are
-    saved too (backward reads them through the plan's tables), so autograd refuses a backward after
-    one of them changed in place since the forward. A member whose output took
+    behind some A_eff needs a gradient), then the factor gradients routed. The adapter tensors
+    (backward reads them through the plan's tables) and the weights dx reads are saved too, so
+    autograd refuses a backward after one of them changed in place since the forward. A member whose output took
     no part in the loss (its gradient None: not materialized) gives no gradient to the tensors only
     it reads (None, as its own op would leave them) and contributes nothing to the others."""
 
     @staticmethod
     def forward(ctx, plan, x, *tensors):
         *ys, h, mask = plan.forward(x)
-        ctx.save_for_backward(x, h, mask, *tensors)
+        ctx.save_for_backward(x, h, mask, *tensors, *plan.weights)
         ctx.set_materialize_grads(False)
         ctx.plan = plan
         return tuple(ys)

@@ -243,14 +243,14 @@ class PathCompose(torch.autograd.Function):
     def forward(ctx, program, x, dropped, *tensors):
         xd, mask = dropped if dropped is not None else draw_dropout(x, program.p)
         y, saved = program.forward(x, xd)
-        ctx.save_for_backward(x, mask, *tensors)
+        ctx.save_for_backward(x, mask, *tensors, program.weight)
         ctx.program, ctx.saved = program, saved
         return y
 
     @staticmethod
     @first_order("the compose backend")
     def backward(ctx, dy):
-        x, mask = ctx.saved_tensors[:2]  # the tensors are saved for autograd's in-place check
+        x, mask = ctx.saved_tensors[:2]  # the tensors and the weight are saved for autograd's in-place check
         needs = ctx.needs_input_grad
         dx, *grads = ctx.program.backward(dy, x, mask, ctx.saved, needs[1], any(needs[3:]))
         return (None, dx, None, *grads)
