@@ -129,6 +129,27 @@ def test_paths_version_changes_with_what_a_layer_computes():
     assert seen[6] not in seen[:6]  # an adapter deleted: a state never seen (another path list)
 
 
+def test_a_layers_adapter_containers_are_read_only():
+    """Its call plans are built from them: an edit made in place (a path list, a dropout) would be
+    seen by some calls and not others, so it is refused, and add_adapter / delete_adapter change them."""
+    _, model, _, _ = two_adapters()
+    layer = model.model.layers[0].self_attn.q_proj
+    paths = layer.adapter_paths["default"]
+    ids = token_batch()
+    before = model(ids).logits
+    for edit in (lambda: paths.append(paths[0]), lambda: paths.pop(0), lambda: paths.__delitem__(0),
+                 lambda: paths.__setitem__(0, paths[0]), lambda: paths.extend([]),
+                 lambda: layer.adapter_paths.__setitem__("x", paths), lambda: layer.adapter_paths.pop("other")):
+        with pytest.raises(TypeError, match="read-only here: change them through the layer"):
+            edit()
+    with pytest.raises(TypeError, match="does not support item assignment"):
+        layer.adapter_dropout["default"] = 0.9
+    assert len(paths) == 1 and list(layer.adapter_paths) == ["default", "other"] and layer.dropout == 0.0
+    assert torch.equal(model(ids).logits, before)
+    copy.deepcopy(model)  # copies and pickles rebuild them without an edit
+    pickle.loads(pickle.dumps(layer))
+
+
 def test_switching_back_reuses_each_layers_call_plan(monkeypatch):
     """A DPO-style step (the policy, then the reference under disable_adapter) and two adapters in
     turn build each layer's plans once: switching back finds the plan of that state, whose outputs

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import threading
+from types import MappingProxyType
 from typing import Mapping, Sequence
 
 import torch
@@ -196,6 +197,39 @@ class LoRAPathModule(nn.Module):
         return f"kind={s.kind}, part={s.part}, rank={s.rank}, scale={s.scale:g}"
 
 
+def _read_only(*args, **kwargs):
+    raise TypeError("a layer's adapters are read-only here: change them through the layer (add_adapter, "
+                    "delete_adapter, set_adapter), which keeps what it builds from them in step")
+
+
+class PathList(nn.ModuleList):
+    """One adapter's path modules in one layer, read-only (built once by ``SharedLoRALinear``)."""
+
+    def __init__(self, paths: Sequence[LoRAPathModule] = ()):
+        super().__init__()
+        for i, m in enumerate(paths):
+            self.add_module(str(i), m)
+
+    __setitem__ = __delitem__ = __iadd__ = append = extend = insert = pop = _read_only
+
+
+class AdapterPaths(nn.ModuleDict):
+    """Adapter name -> its ``PathList``, read-only outside the layer's own ``_set`` / ``_remove``."""
+
+    def _set(self, name: str, paths: Sequence[LoRAPathModule]) -> None:
+        self.add_module(name, PathList(paths))
+
+    def _remove(self, name: str) -> None:
+        nn.ModuleDict.__delitem__(self, name)
+
+    def __setitem__(self, name: str, paths: nn.Module) -> None:
+        """Only the list already there (PEFT assigns each adapter's ``.to(device)`` back, itself here)."""
+        if self._modules.get(name) is not paths:
+            _read_only()
+
+    __delitem__ = update = pop = clear = _read_only
+
+
 class _MixedBatches(threading.local):
     """Per thread: ``batches`` = {id(layer): the MixedBatch it runs there}, present from the thread's
     first look (a compiled model guards on the dict's contents; a key made only later would not be
@@ -226,7 +260,8 @@ class SharedLoRALinear(nn.Module):
     this layer computes with (set by ``grouping.enable_input_groups``), or None.
 
     Named adapters: ``adapter_paths[name]`` is adapter ``name``'s path list (``adapter_name`` names
-    the first; ``add_adapter`` adds more) and ``adapter_dropout[name]`` its dropout. Forward computes
+    the first; ``add_adapter`` adds more) and ``adapter_dropout[name]`` its dropout, both read-only
+    (changed through ``add_adapter`` / ``delete_adapter``, which keep the call plans in step). Forward computes
     ``active_path_modules()``: the paths of the active adapters (``set_adapter``), none while
     ``enable_adapters(False)``; while an adapter is merged (``merged_adapters``) the base alone.
     ``_paths_version`` names what forward computes (the adapters' path lists, which are active,
@@ -261,8 +296,9 @@ class SharedLoRALinear(nn.Module):
         if paths is None:
             paths = [self._own_plain_path(r, alpha, use_rslora, new_adapter_dtype(base))]
         _check_path_modules(paths)
-        self.adapter_paths = nn.ModuleDict({adapter_name: nn.ModuleList(paths)})
-        self.adapter_dropout = {adapter_name: dropout}
+        self.adapter_paths = AdapterPaths()
+        self.adapter_paths._set(adapter_name, paths)
+        self._adapter_dropout = {adapter_name: dropout}
         self._active_adapter = [adapter_name]
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -320,6 +356,11 @@ class SharedLoRALinear(nn.Module):
         return bool(self.merged_adapters)
 
     @property
+    def adapter_dropout(self) -> Mapping[str, float]:
+        """Adapter name -> its dropout probability (read-only: set when the adapter is added)."""
+        return MappingProxyType(self._adapter_dropout)
+
+    @property
     def dropout(self) -> float:
         """The dropout probability of the active adapters (they agree; 0.0 when none is active)."""
         return next((self.adapter_dropout[n] for n in self._active_adapter if n in self.adapter_dropout), 0.0)
@@ -331,8 +372,8 @@ class SharedLoRALinear(nn.Module):
         if name in self.adapter_paths:
             raise ValueError(f"this layer already has an adapter named {name!r}")
         _check_path_modules(paths)
-        self.adapter_paths[name] = nn.ModuleList(paths)
-        self.adapter_dropout[name] = dropout
+        self.adapter_paths._set(name, paths)
+        self._adapter_dropout[name] = dropout
         self._adapters_version += 1
         self._paths_changed()
 
@@ -359,8 +400,8 @@ class SharedLoRALinear(nn.Module):
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into this layer's weight: unmerge it first")
         if name in self.adapter_paths:
-            del self.adapter_paths[name]
-            del self.adapter_dropout[name]
+            self.adapter_paths._remove(name)
+            del self._adapter_dropout[name]
         self._active_adapter = [n for n in self._active_adapter if n != name]
         self.drop_cached()  # they hold the adapter's tensors
         self._adapters_version += 1
