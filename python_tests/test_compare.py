@@ -67,11 +67,14 @@ def test_heldout_text_shares_no_line_with_the_training_text():
 
 
 def test_share_sets_from_a_plan_and_a_subset_of_methods(tmp_path):
+    """The plan gives the share sets; its other adapter fields, where they differ from the command
+    line's (which every method trains with), are named in a note."""
     plan = tmp_path / "plan.json"
-    plan.write_text(sk.ShareLoRAConfig(method="similarity", share_sets=[[2, 3, 4, 5]]).to_json())
-    code, _, _ = run_cli(["compare", *TINY, "--steps", "2", "--methods", "lora,sharelora", "--plan", plan,
-                          "--out", tmp_path / "c"])
+    plan.write_text(sk.ShareLoRAConfig(method="similarity", r=2, dropout=0.2, share_sets=[[2, 3, 4, 5]]).to_json())
+    code, out, _ = run_cli(["compare", *TINY, "--steps", "2", "--methods", "lora,sharelora", "--plan", plan,
+                            "--out", tmp_path / "c"])
     assert code == 0
+    assert f"note: compare takes only the share sets of --plan {plan}; its r=2, dropout=0.2 differ" in out
     result = json.loads((tmp_path / "c" / "compare.json").read_text())
     assert list(result["methods"]) == ["lora", "sharelora"] and result["share_sets"] == [[2, 3, 4, 5]]
     assert result["share_sets_from"] == str(plan)

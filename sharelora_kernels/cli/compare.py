@@ -157,6 +157,17 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def _note_plan_fields(plan, base, path: str) -> None:
+    """A note on stdout naming the adapter fields of the plan that differ from this run's: compare takes
+    only its share sets, and trains every method with the command line's rank, alpha and targets."""
+    fields = ("r", "alpha", "use_rslora", "dropout", "target_modules")
+    differ = [f"{f}={getattr(plan, f)!r}" for f in fields
+              if getattr(plan, f) != getattr(base, f) and not (f == "target_modules" and getattr(plan, f) is None)]
+    if differ:
+        print(f"note: compare takes only the share sets of --plan {path}; its {', '.join(differ)} differ from this "
+              "run's, which every method trains with (--r, --alpha, --target-modules)")
+
+
 def _setup(args: argparse.Namespace) -> Setup:
     """Check every option, the model directory, the configs and --out, reading no weights; CommandError
     naming what is wrong."""
@@ -178,7 +189,8 @@ def _setup(args: argparse.Namespace) -> Setup:
     if unknown or len(set(methods)) != len(methods):
         problem = f"unknown {unknown}" if unknown else "repeated names"
         raise CommandError(f"--methods: {problem}; known: {','.join(METHODS)}")
-    planned_sets = read_plan(Path(args.plan)).share_sets if args.plan else None
+    plan = read_plan(Path(args.plan)) if args.plan else None
+    planned_sets = plan.share_sets if plan is not None else None
     calibration = None
     if planned_sets is None:
         calibration = calibration_texts()[: args.calibration_samples]
@@ -197,6 +209,7 @@ def _setup(args: argparse.Namespace) -> Setup:
     base = lora_config(infos, args.r, args.alpha, args.target_modules)
     configs = {"lora": base, **{f"bishare_{t}": c for t, c in bishare_configs(base, infos, num_layers).items()}}
     if planned_sets is not None:
+        _note_plan_fields(plan, base, args.plan)
         configs.update(_sharelora_configs(base, planned_sets, infos, num_layers, f"--plan {args.plan}"))
     from .training import Windows, token_stream
 
