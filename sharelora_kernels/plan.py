@@ -261,14 +261,14 @@ class _Builder:
         for part, r in (("intra", intra_r), ("inter", inter_r)):
             if r == 0:
                 continue
-            if c.shape_transform == "kron" and r > c.kron_dim:
+            for prefix, members in groups[part].items():
+                {"slice": self.slice_group, "gate": self.gate_group, "kron": self.kron_group}[c.shape_transform](
+                    prefix, members, part, r)
+            if c.shape_transform == "kron" and r > c.kron_dim:  # once the paths are known to fit (an error first)
                 warnings.warn(f"Bi-Share's {part}-layer Kronecker paths have rank {part}_r={r} above "
                               f"kron_dim={c.kron_dim}: a Kronecker path's rank is at most kron_dim, so {r - c.kron_dim} "
                               f"of the ranks its A ({r} x {c.kron_dim}) and B train add nothing; set kron_dim >= {r} "
                               f"where it divides the modules' dims, or {part}_r <= {c.kron_dim}", UserWarning, stacklevel=2)
-            for prefix, members in groups[part].items():
-                {"slice": self.slice_group, "gate": self.gate_group, "kron": self.kron_group}[c.shape_transform](
-                    prefix, members, part, r)
 
     def slice_group(self, prefix: str, members: list[ModuleInfo], part: str, r: int) -> None:
         self.user = members[0].name

@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> dict:
     _report(info, point, sweep, rows)
     title = (f"{model_dir.name} ({model_config.model_type}, {counted(num_layers, 'layer')}): layer similarity\n"
              f"{counted(len(texts), 'sample')}, residual stream {'entering' if args.position == 'input' else 'leaving'} "
-             f"each layer; share sets at eps={args.eps} ({args.method})")
+             f"each layer; share sets at eps={args.eps} ({args.method}{', contiguous' if args.contiguous else ''})")
 
     configs = {"plan.json": plan_config, **{f"bishare_{t}.json": c for t, c in bishare.items()}}
     RunOutputs(out, OUTPUTS).write(
