@@ -215,6 +215,20 @@ def test_low_cpu_mem_usage_makes_only_the_adapter_on_meta_and_loads_it(tmp_path)
     assert torch.equal(logits(loaded, ids), second)
 
 
+def test_peft_layer_status_sees_each_adapters_tensors():
+    """PEFT's get_layer_status / get_model_status report the adapters' requires_grad and devices, as for
+    its LoRA (each layer's entry lists the tensors its paths read); set_requires_grad reaches them."""
+    model = get_peft_model(tiny_model(layers=2), sk.ShareLoRAPeftConfig(method="share_a", r=2, target_modules=TARGETS))
+    model.add_adapter("other", sk.ShareLoRAPeftConfig(r=2, target_modules=["q_proj"]))
+    status = model.get_layer_status()
+    assert status and all(s.devices == {n: ["cpu"] for n in s.available_adapters} for s in status)
+    q = next(s for s in status if s.name.endswith("layers.0.self_attn.q_proj"))
+    assert q.requires_grad == {"default": True, "other": False}
+    model.base_model.set_requires_grad("default", requires_grad=False)
+    assert model.get_model_status().requires_grad == {"default": False, "other": False}
+    assert not any(p.requires_grad for p in model.parameters())
+
+
 def test_a_later_adapter_leaves_the_others_trainable_or_frozen_as_they_were(tmp_path):
     """As PEFT's LoRA: add_adapter / load_adapter never change whether the adapters already there
     train; load_adapter(is_trainable=True) makes the new one trainable."""

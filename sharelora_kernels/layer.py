@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import threading
 from types import MappingProxyType
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -209,6 +209,12 @@ class PathList(nn.ModuleList):
         super().__init__()
         for i, m in enumerate(paths):
             self.add_module(str(i), m)
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """The tensors its paths read, each once: what PEFT reads of an adapter's entry (its layer status,
+        ``set_requires_grad``). The model lists each tensor once, in its store (``named_parameters``
+        reads the modules' own parameters, and these have none)."""
+        return iter({id(t): t for m in self for t in m.as_path().tensors}.values())
 
     __setitem__ = __delitem__ = __iadd__ = append = extend = insert = pop = _read_only
 
