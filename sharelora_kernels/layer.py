@@ -267,9 +267,9 @@ class SharedLoRALinear(nn.Module):
 
     Named adapters: ``adapter_paths[name]`` is adapter ``name``'s path list (``adapter_name`` names
     the first; ``add_adapter`` adds more) and ``adapter_dropout[name]`` its dropout, both read-only
-    (changed through ``add_adapter`` / ``delete_adapter``, which keep the call plans in step). Forward computes
-    ``active_path_modules()``: the paths of the active adapters (``set_adapter``), none while
-    ``enable_adapters(False)``; while an adapter is merged (``merged_adapters``) the base alone.
+    (changed through ``add_adapter`` / ``delete_adapter``, which keep the call plans in step).
+    Forward computes ``active_path_modules()``: the paths of the active adapters (``set_adapter``),
+    none while ``enable_adapters(False)``; while an adapter is merged (``merged_adapters``) the base alone.
     ``_paths_version`` names what forward computes (the adapters' path lists, which are active,
     disabled or merged), so state derived from the paths can be cached against it: switching back to
     an earlier state (the reference pass under ``disable_adapter()``, two adapters in turn) finds
