@@ -256,8 +256,8 @@ def test_compiled_training_under_auto_runs_the_remembered_choice(dynamic, monkey
             ref = ops.lora_linear(x, layer.weight, layer.bias, layer.paths(), backend="compose")
             grads_ref = torch.autograd.grad(ref.pow(2).sum(), params)
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-            for g, r in zip(grads, grads_ref):
-                torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+            for g, r in zip(grads, grads_ref):  # float32 sums in another order: an error scaled to the tensor
+                torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * r.abs().max().item())
     finally:
         dispatch.set_timer(previous)
         dispatch.clear()

@@ -675,6 +675,20 @@ def _eval_pass(model, ids):
     return model.train()
 
 
+def _repacked_as_an_eval_pass_leaves_it(model, ids):
+    """The model after an eval pass on a CPU with AVX512-BF16, where bitsandbytes repacks each 4-bit
+    weight for its inference kernel: an eval pass, then bitsandbytes' own conversion (a private
+    function of bitsandbytes 0.50) of every weight the pass left (on other CPUs it leaves them all)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    model = _eval_pass(model, ids)
+    for m in model.modules():
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        if state is not None and not getattr(state, "packing_format_for_cpu", False):
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, state)
+    return model
+
+
 def test_an_eval_pass_leaves_the_gradients_through_4bit_modules_that_are_no_targets(float_dir):
     """o_proj and gate_proj are no targets here (they stay bitsandbytes' Linear4bit), yet the gradient
     of every adapter before them flows through them: an eval pass must not repack them either (the
@@ -697,7 +711,7 @@ def test_a_4bit_model_evaluated_before_the_adapters_is_refused(float_dir):
     from peft import get_peft_model
 
     ids = token_batch(2, 8, seed=4)
-    model = _eval_pass(wide_nf4(float_dir), ids)
+    model = _repacked_as_an_eval_pass_leaves_it(wide_nf4(float_dir), ids)
     before = [type(m) for m in model.modules()]
     message = r"'model.layers.0.self_attn.q_proj' is a 4-bit layer whose weight bitsandbytes repacked .* load the model"
     with pytest.raises(ValueError, match=message):
