@@ -369,7 +369,8 @@ class SharedLoRALinear(nn.Module):
     @property
     def dropout(self) -> float:
         """The dropout probability of the active adapters (they agree; 0.0 when none is active)."""
-        return next((self.adapter_dropout[n] for n in self._active_adapter if n in self.adapter_dropout), 0.0)
+        drops = self._adapter_dropout
+        return next((drops[n] for n in self._active_adapter if n in drops), 0.0)
 
     def add_adapter(self, name: str, paths: Sequence[LoRAPathModule], dropout: float = 0.0) -> None:
         """Add the paths of adapter ``name`` (not made active)."""
@@ -386,7 +387,7 @@ class SharedLoRALinear(nn.Module):
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
         """Make ``adapter_names`` the active adapter(s) (names this layer lacks compute nothing here)."""
         names = adapter_name_list(adapter_names)
-        drops = {self.adapter_dropout[n] for n in names if n in self.adapter_dropout}
+        drops = {self._adapter_dropout[n] for n in names if n in self._adapter_dropout}
         if len(drops) > 1:
             raise ValueError(f"active adapters {names} have different dropout {sorted(drops)}: one layer applies "
                              "one dropout to its input")
