@@ -122,6 +122,12 @@ def test_layers_to_transform_and_layers_pattern():
 
 def test_layer_position_and_module_type_rules():
     assert layer_position("model.layers.3.mlp.up_proj") == (3, "model.layers")
+    # layers_pattern as PEFT reads it: from a component on, possibly across several (an encoder-decoder's stacks)
+    q = "decoder.block.1.layer.0.SelfAttention.q"
+    assert layer_position(q, "decoder.block") == layer_position(q, r"decoder\.block") == (1, "decoder.block")
+    assert layer_position("encoder.block.1.layer.0.SelfAttention.q", "decoder.block") == (None, None)
+    assert layer_position(q, ["nothing", "block"]) == (1, "decoder.block")
+    assert layer_position("model.layers.3.mlp", "layer") == (None, None)  # a whole component, not a prefix
     assert layer_position("model.layers.3.mlp.experts.5.w1") == (3, "model.layers")  # the first integer
     assert layer_position("vision.blocks.1.layers.4.q", layers_pattern="layers") == (4, "vision.blocks.1.layers")
     assert layer_position("bert.pooler.dense") == (None, None)

@@ -91,13 +91,20 @@ def matches(name: str, spec: str | Sequence[str]) -> bool:
 
 def layer_position(name: str, layers_pattern: str | Sequence[str] | None = None) -> tuple[int | None, str | None]:
     """(layer index, stack) of a module name: "model.layers.3.mlp" -> (3, "model.layers"); (None, None)
-    outside numbered layers. With ``layers_pattern``, the index follows a component matching it."""
-    parts = name.split(".")
+    outside numbered layers. With ``layers_pattern`` (PEFT's rule), the index follows the first match
+    of a pattern, in order, that starts at a component and may span several ("decoder.block")."""
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
-    for i, part in enumerate(parts[:-1]):
-        if parts[i + 1].isdigit() and (not patterns or any(re.fullmatch(p, part) for p in patterns)):
-            return int(parts[i + 1]), ".".join(parts[:i + 1])
-    if not patterns and parts[0].isdigit():  # a container root: its children are the layers
+    for p in patterns:
+        found = re.match(rf"(?:^|.*?\.)(?:{p})\.(?P<sharelora_layer>\d+)(?:\.|$)", name)
+        if found:
+            return int(found["sharelora_layer"]), name[:found.start("sharelora_layer") - 1]
+    if patterns:
+        return None, None
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if parts[i].isdigit():
+            return int(parts[i]), ".".join(parts[:i])
+    if parts[0].isdigit():  # a container root: its children are the layers
         return int(parts[0]), ""
     return None, None
 
