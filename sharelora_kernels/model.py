@@ -191,9 +191,15 @@ def peft_base(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def _is_peft_class(module: nn.Module, name: str) -> bool:
+    """Whether ``module`` is an instance of PEFT's class ``name`` (told by its classes' names and
+    modules, without importing PEFT)."""
+    return any(c.__name__ == name and c.__module__.startswith("peft.") for c in type(module).__mro__)
+
+
 def is_peft_model(model: nn.Module) -> bool:
-    """Whether ``model`` is a ``peft.PeftModel`` (told by class, without importing PEFT)."""
-    return any(c.__name__ == "PeftModel" and c.__module__.startswith("peft.") for c in type(model).__mro__)
+    """Whether ``model`` is a ``peft.PeftModel``."""
+    return _is_peft_class(model, "PeftModel")
 
 
 def check_not_peft_model(model: nn.Module, what: str) -> None:
@@ -216,8 +222,7 @@ def peft_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of each of PEFT's modules-to-save wrappers (``AuxiliaryTrainingWrapper``, which
     keep a copy of a module per adapter) in the model a PeftModel wraps (``peft_base``), named as it
     names them; found by class, without importing PEFT."""
-    return [(n, m) for n, m in peft_base(model).named_modules() if any(
-        c.__name__ == "AuxiliaryTrainingWrapper" and c.__module__.startswith("peft.") for c in type(m).__mro__)]
+    return [(n, m) for n, m in peft_base(model).named_modules() if _is_peft_class(m, "AuxiliaryTrainingWrapper")]
 
 
 def set_bank_limit(model: nn.Module, max_adapters: int | None = None, max_bytes: int | None = None) -> nn.Module:

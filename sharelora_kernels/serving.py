@@ -62,6 +62,19 @@ class MixedBatch:
             names = tuple(n for n in used if n in layer.adapter_paths)
             self._served[layer] = names, tuple(layer.adapter_paths[n] for n in names)
 
+    def rows_for(self, count: int) -> tuple[int, ...]:
+        """The adapter index of each row of a forward of ``count`` rows (the rows, or each once);
+        ValueError for any other count."""
+        rows = self._rows_of.get(count)
+        if rows is None:
+            raise ValueError(f"adapter_names gives {len(self.rows)} rows, the batch has {count}: give one name "
+                             "per row (generate's num_beams / num_return_sequences repeat rows: pass expand)")
+        return rows
+
+    def names_for(self, count: int) -> list[str]:
+        """``rows_for(count)`` as adapter names ("__base__" for a row without adapter)."""
+        return [BASE_ROW if a == ops.BASE else self.known[a] for a in self.rows_for(count)]
+
     def batch(self, rows: tuple[int, ...], tokens_per_row: int, device: torch.device) -> ops.AdapterBatch:
         """The metadata of a forward of ``rows`` (``self.rows``, or each once) with ``tokens_per_row``
         tokens per row, built once per shape."""
@@ -78,10 +91,7 @@ class MixedBatch:
                                "training mode)")
         if x.dim() < 2 or x.shape[-1] != layer.in_features:
             raise ValueError(f"input has shape {tuple(x.shape)}, this layer expects (rows, ..., {layer.in_features})")
-        rows = self._rows_of.get(x.shape[0])
-        if rows is None:
-            raise ValueError(f"adapter_names gives {len(self.rows)} rows, the batch has {x.shape[0]}: give one name "
-                             "per row (generate's num_beams / num_return_sequences repeat rows: pass expand)")
+        rows = self.rows_for(x.shape[0])
         layer._check_call(x)  # the device and dtype checks of the layer's own call
         if layer.disable_adapters or x.numel() == 0:  # the base for every row (PEFT's rule); no rows: no work
             return layer.forward_alone(x)
@@ -217,7 +227,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], expand: int = 1)
     layers = shared_layers(model)
     state = MixedBatch(known, rows, layers, expand)
     before = [layer.mixed_batch for layer in layers]
-    hooks = [m.register_forward_pre_hook(_with_adapter_names(list(adapter_names), expand), with_kwargs=True)
+    hooks = [m.register_forward_pre_hook(_with_adapter_names(state), with_kwargs=True)
              for _, m in peft_wrappers(model)]
     for layer in layers:
         layer.mixed_batch = state
@@ -230,19 +240,12 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], expand: int = 1)
             hook.remove()
 
 
-def _with_adapter_names(names: list[str], expand: int):
-    """A forward pre-hook giving a module one adapter name per row of its input (PEFT's wrappers route
-    rows by ``adapter_names``): ``names``, each repeated ``expand`` times, or once for a forward of the
-    unrepeated rows (as ``MixedBatch`` reads its rows)."""
-    by_rows = {len(names) * expand: [n for n in names for _ in range(expand)], len(names): names}
-
+def _with_adapter_names(state: MixedBatch):
+    """A forward pre-hook giving a module one adapter name per row of its input, as ``state`` reads
+    its rows (``MixedBatch.names_for``): PEFT's wrappers route rows by ``adapter_names``."""
     def hook(module, args, kwargs):
         x = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim()), None)
         if x is None:
             return None
-        rows = by_rows.get(x.shape[0])
-        if rows is None:
-            raise ValueError(f"adapter_names gives {len(names) * expand} rows, the batch has {x.shape[0]}: give one "
-                             "name per row (generate's num_beams / num_return_sequences repeat rows: pass expand)")
-        return args, {**kwargs, "adapter_names": rows}
+        return args, {**kwargs, "adapter_names": state.names_for(x.shape[0])}
     return hook

@@ -163,14 +163,13 @@ class DenseProgram:
         return h, a, b
 
     def backward(self, dy: Tensor, x: Tensor, mask: Tensor | None, h: Tensor, a: Tensor, b: Tensor,
-                 needs: Sequence[bool], weight: Tensor | None = None) -> tuple[Tensor | None, ...]:
+                 needs: Sequence[bool], weight: Tensor) -> tuple[Tensor | None, ...]:
         """(dx, then each path's dA, dB) from dy (M, N); ``needs`` = (x, then each tensor); ``weight``
-        the call's W (default: the program's own)."""
+        the call's W (N, K) (the forward saved it)."""
         dx_low, *grads = self.lowrank_backward(dy, x, mask, h, a, b, needs)
         dx = None
         if needs[0]:
-            w = self.own.weight if weight is None else weight
-            dx = (dx_low if dx_low.dtype == x.dtype else dx_low.to(x.dtype)).addmm_(dy, w)
+            dx = (dx_low if dx_low.dtype == x.dtype else dx_low.to(x.dtype)).addmm_(dy, weight)
         return (dx, *grads)
 
     def lowrank_backward(self, dy: Tensor, x: Tensor, mask: Tensor | None, h: Tensor, a: Tensor, b: Tensor,

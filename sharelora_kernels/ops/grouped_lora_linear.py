@@ -548,9 +548,10 @@ class GroupedEager(torch.autograd.Function):
     per module, one grouped dx launch (when x needs it), dA over the distinct views (when a tensor
     behind some A_eff needs a gradient), then the factor gradients routed. The adapter tensors
     (backward reads them through the plan's tables) and the weights dx reads are saved too, so
-    autograd refuses a backward after one of them changed in place since the forward. A member whose output took
-    no part in the loss (its gradient None: not materialized) gives no gradient to the tensors only
-    it reads (None, as its own op would leave them) and contributes nothing to the others."""
+    autograd refuses a backward after one of them changed in place since the forward. A member
+    whose output took no part in the loss (its gradient None: not materialized) gives no gradient to
+    the tensors only it reads (None, as its own op would leave them) and contributes nothing to the
+    others."""
 
     @staticmethod
     def forward(ctx, plan, x, *tensors):
