@@ -296,3 +296,17 @@ def test_compiled_input_group_with_an_unused_member_matches_eager(backend):
     for g, r in zip(out, eager):
         if r is not None:
             assert (g - r).abs().max() <= 1e-5 * r.abs().max()
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+@pytest.mark.parametrize("x, message", [(torch.tensor(1.0), r"input is a 0-d tensor, this layer expects \(\.\.\., 16\)"),
+                                        (torch.randn(3, 5), "input has 5 features in its last dim, this layer expects 16")],
+                         ids=["0-d", "features"])
+def test_a_compiled_layer_refuses_a_bad_input_with_the_eager_message(fullgraph, x, message):
+    """A 0-d x gave dynamo's IndexError of shape[-1]; a compiled call now checks as an eager one."""
+    import torch.nn as nn
+
+    layer = SharedLoRALinear(nn.Linear(16, 8), r=3)
+    # under fullgraph dynamo reports the ValueError raised in the traced code inside its own exception
+    with pytest.raises(Exception if fullgraph else ValueError, match=message):
+        torch.compile(layer, fullgraph=fullgraph, backend="aot_eager")(x)

@@ -49,6 +49,13 @@ def _refuse_transforms() -> None:
                               "alone works)")
 
 
+def _features_error(x: Tensor, in_features: int) -> ValueError:
+    """The error of an input whose last dim is not the layer's in_features (or that has no dim)."""
+    if x.dim() == 0:
+        return ValueError(f"input is a 0-d tensor, this layer expects (..., {in_features})")
+    return ValueError(f"input has {x.shape[-1]} features in its last dim, this layer expects {in_features}")
+
+
 def _check_path_modules(paths: Sequence) -> None:
     """TypeError naming the first entry of ``paths`` that is not a LoRAPathModule."""
     for i, p in enumerate(paths):
@@ -524,14 +531,14 @@ class SharedLoRALinear(nn.Module):
 
         Eager calls run the layer's call plan (``ops.call_plan``), rebuilt when what it was built
         from changed; under ``torch.compile`` dynamo traces ``_forward_traced``."""
+        if _is_compiling():  # before x.shape[-1]: dynamo does not turn a 0-d x's IndexError into ours
+            return self._forward_traced(x)
         try:  # every Python-level step here costs host time of every call: a 0-d x is told by its shape
             features = x.shape[-1]
         except IndexError:
-            raise ValueError(f"input is a 0-d tensor, this layer expects (..., {self.in_features})") from None
+            raise _features_error(x, self.in_features) from None
         if features != self.in_features:
-            raise ValueError(f"input has {features} features in its last dim, this layer expects {self.in_features}")
-        if _is_compiling():
-            return self._forward_traced(x)
+            raise _features_error(x, self.in_features)
         env = call_plan.environment(x, self.training, self._paths_version)
         plan = self._plan
         if plan is None or not plan.fits(env):
@@ -566,6 +573,8 @@ class SharedLoRALinear(nn.Module):
 
     def _forward_traced(self, x: Tensor) -> Tensor:
         """The router's call, which dynamo traces into one graph (custom ops for the kernels)."""
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise _features_error(x, self.in_features)
         self._check_call(x)
         if self.layout.computes_itself:
             return self._forward_computing_base(x)
