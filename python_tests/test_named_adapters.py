@@ -150,6 +150,23 @@ def test_a_layers_adapter_containers_are_read_only():
     pickle.loads(pickle.dumps(layer))
 
 
+def test_a_paths_tensor_is_not_replaced_through_the_path():
+    """path.B = t stored t on the path, which path.B then read while the layer kept computing with the
+    store's tensor (and a Parameter gave torch's bare KeyError): refused, naming the store's tensor;
+    an in-place change through the path reaches the layer."""
+    _, model, _, _ = two_adapters()
+    path = model.model.layers[0].self_attn.q_proj.adapter_paths["default"][0]
+    ids = token_batch()
+    before = model(ids).logits
+    for value in (torch.zeros_like(path.B), nn.Parameter(torch.zeros_like(path.B))):
+        with pytest.raises(TypeError, match=r"path.B is the adapter tensor .* of the model's store"):
+            path.B = value
+    assert path.B is path.as_path().tensors[1] and torch.equal(model(ids).logits, before)
+    with torch.no_grad():
+        path.B.zero_()
+    assert not torch.equal(model(ids).logits, before)
+
+
 def test_switching_back_reuses_each_layers_call_plan(monkeypatch):
     """A DPO-style step (the policy, then the reference under disable_adapter) and two adapters in
     turn build each layer's plans once: switching back finds the plan of that state, whose outputs

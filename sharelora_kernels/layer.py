@@ -195,6 +195,17 @@ class LoRAPathModule(nn.Module):
             return self._store[0][spec.tensors[name]]
         return super().__getattr__(name)
 
+    def __setattr__(self, name: str, value) -> None:
+        """A role's tensor is the store's (read by every module sharing it): assigning one here is refused."""
+        spec = self.__dict__.get("spec")
+        if spec is not None and name in spec.tensors:
+            key = spec.tensors[name]
+            raise TypeError(f"path.{name} is the adapter tensor {key!r} of the model's store (state-dict key "
+                            f"sharelora_adapters.<adapter>.{key.replace('.', '/')}), read by every module sharing "
+                            f"it: change its values in place (with torch.no_grad(): path.{name}.copy_(...)) or "
+                            "load a state dict (load_state_dict, assign=True to replace the tensors)")
+        super().__setattr__(name, value)
+
     def as_path(self) -> LoRAPath:
         s, store = self.spec, self._store[0]
         return LoRAPath(s.kind, tuple(store[s.tensors[r]] for r in PATH_ROLES[s.kind]), s.scale, s.k_offset, s.n_offset)
