@@ -362,6 +362,22 @@ def test_bad_tables_name_adapter_and_path():
         adapter_tables([[good], [good, bad]], 24, 16)
     with pytest.raises(ValueError, match="adapter 0, path 0: expected a reference.LoRAPath"):
         adapter_tables([[("plain", 2)]], 24, 16)
+    for size in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=f"in_features must be a positive int, got {size!r}"):
+            adapter_tables([[good]], size, 16)
+
+
+@pytest.mark.parametrize("use_triton", BACKENDS, ids=IDS)
+def test_linear_checks_its_weight_and_bias_as_lora_linear_does(use_triton):
+    """A (1,) bias was broadcast over N; a float16 weight with float32 x failed inside F.linear."""
+    k, n = 24, 16
+    tables = adapter_tables(make_adapters([[("plain", 2)]], k, n), k, n)
+    batch, x, w = adapter_batch([0, BASE], 1, tokens_per_row=2), torch.randn(2, 2, k), torch.randn(n, k)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"bias has shape \(1,\), expected \(N,\) = \(16,\)"):
+            multi_adapter_linear(x, w, torch.randn(1), batch, tables, use_triton=use_triton)
+        with pytest.raises(ValueError, match="x is torch.float32 but the weight is torch.float16"):
+            multi_adapter_linear(x, w.half(), None, batch, tables, use_triton=use_triton)
 
 
 @pytest.mark.parametrize("use_triton", BACKENDS, ids=IDS)

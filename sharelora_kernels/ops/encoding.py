@@ -9,6 +9,7 @@ and ``decode`` rebuilds them. R, the concatenated rank of a path list, is the su
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Sequence
 
@@ -48,8 +49,13 @@ def check_path(i: int, p: LoRAPath, k: int, n: int) -> None:
         raise ValueError(f"path {i}: unknown kind {p.kind!r}")
     if len(p.tensors) != len(PATH_ROLES[p.kind]):
         raise ValueError(f"path {i} ({p.kind}) needs tensors {PATH_ROLES[p.kind]}, got {len(p.tensors)}")
-    if isinstance(p.scale, bool) or not isinstance(p.scale, numbers.Real):
-        raise ValueError(f"path {i} ({p.kind}): scale must be a real number, got {p.scale!r}")
+    if isinstance(p.scale, bool) or not isinstance(p.scale, numbers.Real) or not math.isfinite(p.scale):
+        raise ValueError(f"path {i} ({p.kind}): scale must be a finite real number, got {p.scale!r}")
+    for name, offset in (("k_offset", p.k_offset), ("n_offset", p.n_offset)):
+        if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
+            raise ValueError(f"path {i} ({p.kind}): {name} must be an int, got {offset!r}")
+        if offset and p.kind != "slice":
+            raise ValueError(f"path {i} ({p.kind}): {name}={offset}, but only a slice path is read at an offset")
     t = p.tensors
     if not all(u.is_floating_point() for u in t):
         raise ValueError(f"path {i} ({p.kind}): adapter tensors must be floating point, got {[u.dtype for u in t]}")
@@ -98,6 +104,8 @@ def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, paths: Sequence
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has K={x.shape[-1]} features but weight has shape {tuple(weight.shape)}, expected (N, K)")
     k, n = weight.shape[1], weight.shape[0]
+    if k == 0:
+        raise ValueError(f"x has K=0 features (shape {tuple(x.shape)}): a low-rank path needs at least one")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected (N,) = ({n},)")
     if not 0.0 <= dropout_p < 1.0:

@@ -61,7 +61,7 @@ from torch import Tensor
 
 from ..reference import LoRAPath
 from . import dispatch
-from .encoding import check_path
+from .encoding import check_linear, check_path
 from .function import wants_grad
 from .multi_adapter_torch import structure, torch_add
 
@@ -196,6 +196,9 @@ def adapter_tables(adapters: Sequence[Sequence[LoRAPath]], in_features: int, out
     """The adapters of one (K -> N) module, index i = adapter i of ``adapter_batch``; built once per
     set of adapters and kept by the caller. ValueError naming adapter and path when a path does not
     fit (K, N), or when the adapters' tensors are on more than one device."""
+    for name, size in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
     adapters = tuple(tuple(paths) for paths in adapters)
     for a, paths in enumerate(adapters):
         for i, p in enumerate(paths):
@@ -363,6 +366,7 @@ def multi_adapter_linear(x: Tensor, weight: Tensor, bias: Tensor | None, batch: 
                          use_triton: bool | None = None) -> Tensor:
     """``x W^T + b`` for the whole batch in one GEMM, then ``multi_adapter_add``: x (..., K) -> (..., N)
     in the base's result dtype. weight (N, K), bias (N,) or None."""
+    check_linear(x, weight, bias, (), 0.0)
     if weight.dim() != 2 or tuple(weight.shape) != (tables.out_features, tables.in_features):
         raise ValueError(f"weight has shape {tuple(weight.shape)}, the adapters were built for "
                          f"(out_features, in_features) = {(tables.out_features, tables.in_features)}")
