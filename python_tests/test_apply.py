@@ -98,6 +98,33 @@ def test_parameters_yields_each_shared_tensor_once():
     assert sk.trainable_parameters(model) == sum(p.numel() for p in adapter_tensors(model).values())
 
 
+def test_adapter_parameters_lists_what_a_blocks_layers_read():
+    """A block's parameters() holds none of its adapters (they live in the root's store):
+    adapter_parameters(block) lists exactly the tensors its layers read, each once; freezing them
+    freezes that block's adapters (and a tensor it shares with other blocks)."""
+    model = sk.apply(tiny_model(), sk.ShareLoRAConfig(**METHOD_CONFIGS["similarity"], target_modules=TARGETS))
+    sk.apply(model, sk.ShareLoRAConfig(method="lora", r=2, target_modules=["q_proj"]), adapter_name="other")
+    blocks = model.model.layers
+    read = lambda block, name: {id(t) for layer in block.modules()  # noqa: E731
+                                if isinstance(layer, sk.SharedLoRALinear) and name in layer.adapter_paths
+                                for t in layer.adapter_paths[name].parameters()}
+    for block in blocks:
+        got = sk.adapter_parameters(block)
+        assert len(got) == len({id(t) for t in got}) == len(read(block, "default") | read(block, "other")) > 0
+        assert {id(t) for t in sk.adapter_parameters(block, "other")} == read(block, "other")
+    every = {id(t) for t in adapter_tensors(model).values()} | {id(t) for t in adapter_tensors(model, "other").values()}
+    assert {id(t) for t in sk.adapter_parameters(model)} == every
+    for t in sk.adapter_parameters(blocks[0], "default"):
+        t.requires_grad_(False)
+    assert not any(t.requires_grad for t in sk.adapter_parameters(blocks[0]))
+    # layers 1-3 share; layer 0 has its own ("other" is inactive, so frozen)
+    assert all(t.requires_grad for t in sk.adapter_parameters(blocks[1], "default"))
+    with pytest.raises(ValueError, match="no ShareLoRA layer under this module has an adapter 'missing'"):
+        sk.adapter_parameters(blocks[0], "missing")
+    with pytest.raises(ValueError, match="this model has no ShareLoRA adapters"):
+        sk.adapter_parameters(model.model.embed_tokens)
+
+
 LLAMA7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000)
 PAPER_SETS = {
     "llama": [[16, 17], [18, 19], [20, 21, 22], [23, 24, 25, 26, 27], [28, 29, 30]],

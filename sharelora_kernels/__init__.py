@@ -22,7 +22,8 @@ _PUBLIC = {
     "from_peft": "peft_import", "TrainerCallback": "trainer", "angular_distance": "similarity",
     "iter_layer_representations": "similarity", "layer_representations": "similarity", "share_sets": "similarity",
     "sweep_thresholds": "similarity", "ShareLoRAPeftConfig": "integrations.peft_method",
-    "mixed_batch": "serving", "adapter_memory": "model", "set_bank_limit": "model", "BankFullError": "model",
+    "mixed_batch": "serving", "adapter_memory": "model", "adapter_parameters": "model", "set_bank_limit": "model",
+    "BankFullError": "model",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -428,6 +428,27 @@ def adapter_tensors(model: nn.Module, adapter_name: str | None = None) -> dict[s
     return {t: store[t] for t in plan.tensors}
 
 
+def adapter_parameters(module: nn.Module, adapter_name: str | None = None) -> list[nn.Parameter]:
+    """The adapter tensors the ShareLoRA layers under ``module`` (any submodule, or the model) read,
+    each once, in module order: of adapter ``adapter_name`` (None: every adapter of those layers).
+
+    A model keeps its adapter tensors in its root's store, so ``module.parameters()`` of a submodule
+    lists none of them; this is the list to freeze or give its own optimizer group, for one layer
+    or block. A tensor shared with layers outside ``module`` is in the list too (freezing it freezes
+    it there as well). ValueError when no layer under ``module`` has ``adapter_name``, or none is a
+    ShareLoRA layer."""
+    layers = _layers_of_adapters(module)
+    if adapter_name is not None and not any(adapter_name in layer.adapter_paths for layer in layers):
+        raise ValueError(f"no ShareLoRA layer under this module has an adapter {adapter_name!r}; theirs: "
+                         f"{sorted({n for layer in layers for n in layer.adapter_paths})}")
+    out = {}
+    for layer in layers:
+        for name, paths in layer.adapter_paths.items():
+            if adapter_name is None or name == adapter_name:
+                out.update((id(t), t) for t in paths.parameters())
+    return list(out.values())
+
+
 def _point_at_active(model: nn.Module) -> None:
     """``sharelora_plan`` / ``sharelora_config``: those of the (first) active adapter, or None."""
     active = active_adapters(model)
