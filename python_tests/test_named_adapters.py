@@ -218,6 +218,30 @@ def test_save_and_load_by_name_and_merge_and_unload(tmp_path):
     assert torch.equal(logits(sk.unload(model), ids), logits(base, ids))
 
 
+def test_a_refused_merge_and_unload_unwraps_nothing():
+    """Inside disable_adapters merge_and_unload is refused; it had already put back the modules it
+    met before the first layer of the active adapter (layer 0's q_proj, holding only "other")."""
+    model = tiny_model(layers=2)
+    sk.apply(model, sk.ShareLoRAConfig(method="lora", r=2, target_modules=["v_proj"]))
+    sk.apply(model, sk.ShareLoRAConfig(method="lora", r=2, target_modules=["q_proj"]), adapter_name="other")
+    randomize_adapters(model)
+    sk.set_adapter(model, "other")
+    randomize_adapters(model, seed=3)
+    ids = token_batch()
+    other = logits(model, ids)
+    sk.set_adapter(model, "default")
+    with sk.disable_adapters(model):
+        with pytest.raises(ValueError, match="adapters are disabled"):
+            sk.merge_and_unload(model)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, sk.SharedLoRALinear)
+    sk.set_adapter(model, "other")
+    assert torch.equal(logits(model, ids), other)
+    for kwargs in (dict(adapter_names=["other"]), dict(safe_merge=True)):  # a merge's options, without a merge
+        with pytest.raises(ValueError, match="adapter_names and safe_merge choose what a merge folds in"):
+            sk.unload(model, **kwargs)
+    assert adapter_names(model) == ["default", "other"] and torch.equal(logits(model, ids), other)
+
+
 def test_save_pretrained_of_an_applied_model_restores_every_adapter(tmp_path, monkeypatch):
     _, model, first, other = two_adapters()
     ids = token_batch()

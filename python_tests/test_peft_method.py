@@ -176,6 +176,13 @@ def test_named_adapters_each_with_its_own_tensors(tmp_path):
     for control in (sk.set_adapter, sk.delete_adapter):  # PEFT keeps its own record: its methods, not ours
         with pytest.raises(ValueError, match=f"this is a PeftModel: call its own {control.__name__}"):
             control(loaded, "other")
+        with pytest.raises(ValueError, match=f"belong to the PeftModel around it: call that PeftModel's own "
+                                             f"{control.__name__}"):
+            control(loaded.base_model.model, "other")
+    for control in (sk.unload, sk.merge_and_unload):  # they unwrapped the layers PEFT still lists
+        for model_ in (loaded, loaded.base_model.model):
+            with pytest.raises(ValueError, match=f"call (its|that PeftModel's) own {control.__name__}"):
+                control(model_)
     assert loaded.active_adapters == ["default"] and torch.equal(logits(loaded, ids), first)
     loaded.set_adapter("other")
     assert torch.equal(logits(loaded, ids), other)

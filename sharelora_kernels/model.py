@@ -203,11 +203,15 @@ def is_peft_model(model: nn.Module) -> bool:
 
 
 def check_not_peft_model(model: nn.Module, what: str) -> None:
-    """ValueError for a PeftModel: its adapters are switched and deleted through its own methods,
-    which keep PEFT's record of them (active adapter, modules-to-save copies, configs) in step."""
+    """ValueError for a PeftModel, or the model inside one (its layers are PEFT tuner layers): its
+    adapters are switched, deleted and unloaded through the PeftModel's own methods, which keep
+    PEFT's record of them (active adapter, modules-to-save copies, configs) in step."""
     if is_peft_model(model):
         raise ValueError(f"this is a PeftModel: call its own {what} (model.{what}(...)), which keeps PEFT's record "
                          "of its adapters in step")
+    if any(_is_peft_class(layer, "BaseTunerLayer") for layer in shared_layers(model)):
+        raise ValueError(f"this model's adapters belong to the PeftModel around it: call that PeftModel's own {what} "
+                         f"(peft_model.{what}(...)), which keeps PEFT's record of its adapters in step")
 
 
 def check_not_compiled(model: nn.Module, what: str) -> None:
@@ -570,6 +574,11 @@ def set_adapter(model: nn.Module, adapter_names: str | Sequence[str]) -> nn.Modu
     train in place: frozen while it is inactive). Merged layers are unmerged first (with a warning,
     as PEFT)."""
     check_not_peft_model(model, "set_adapter")
+    return activate_adapters(model, adapter_names)
+
+
+def activate_adapters(model: nn.Module, adapter_names: str | Sequence[str]) -> nn.Module:
+    """``set_adapter`` without its PEFT check (what PEFT's ShareLoRA method runs on its model)."""
     names = adapter_name_list(adapter_names)
     check_known(model, names)
     drops = {model.sharelora_configs[n].dropout for n in names}
@@ -614,6 +623,11 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     gives the plain modules back)."""
     check_not_compiled(model, "delete_adapter")
     check_not_peft_model(model, "delete_adapter")
+    return remove_adapter(model, adapter_name)
+
+
+def remove_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """``delete_adapter`` without its PEFT check (what PEFT's ShareLoRA method runs on its model)."""
     check_known(model, [adapter_name])
     layers = shared_layers(model)
     if any(adapter_name in layer.merged_adapters for layer in layers):
@@ -632,7 +646,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         warnings.warn(f"adapter {adapter_name!r} was active and is deleted: adapter {active[0]!r} is active now",
                       stacklevel=2)
     if active:
-        set_adapter(model, active)
+        activate_adapters(model, active)
     else:
         for layer in layers:
             layer.set_adapter([])
@@ -648,8 +662,18 @@ def unload(model: nn.Module, merge: bool = False, adapter_names: Sequence[str] |
     (or ``adapter_names``) into the base weights (``safe_merge``: refuse non-finite updates, every
     module checked before any changes). Returns the model."""
     check_not_compiled(model, "unload")
+    check_not_peft_model(model, "merge_and_unload" if merge else "unload")
+    return unwrap_layers(model, merge, adapter_names, safe_merge)
+
+
+def unwrap_layers(model: nn.Module, merge: bool = False, adapter_names: Sequence[str] | None = None,
+                  safe_merge: bool = False) -> nn.Module:
+    """``unload`` without its PEFT check (what PEFT's ShareLoRA method runs on its model)."""
     check_bool("merge", merge)
     check_bool("safe_merge", safe_merge)
+    if not merge and (adapter_names is not None or safe_merge):
+        raise ValueError("adapter_names and safe_merge choose what a merge folds in: pass them with merge=True "
+                         "(merge_and_unload); unload without a merge drops every adapter")
     if any(layer.mixed_batch is not None for layer in _layers_of_adapters(model)):
         raise ValueError("a mixed-adapter batch is running on this model (mixed_batch / adapter_names): its rows "
                          "would get the base alone; unload after it")
@@ -658,10 +682,12 @@ def unload(model: nn.Module, merge: bool = False, adapter_names: Sequence[str] |
         check_known(model, adapter_names)
     if merge and safe_merge:
         check_safe_merge(model, adapter_names)
-    disable_input_groups(model)
-    for name, layer in named_shared_layers(model):
-        if merge:
+    layers = named_shared_layers(model)
+    if merge:  # every layer merged before any is unwrapped: a refused merge (adapters disabled) unwraps none
+        for _, layer in layers:
             layer.merge(adapter_names=adapter_names)
+    disable_input_groups(model)
+    for name, layer in layers:
         parent_name, _, leaf = name.rpartition(".")
         base = layer.base_module()
         if not name:

@@ -31,9 +31,9 @@ import torch.nn as nn
 from ..base import check_4bit_layouts
 from ..config import ShareLoRAConfig
 from ..layer import AdapterStore, SharedLoRALinear, adapter_name_list, check_adapter_name
-from ..model import (STORE_ATTR, active_adapters, adapter_names, adapter_store, apply_plan, check_bank_room,
-                     check_known, check_safe_merge, delete_adapter, is_applied, keep_base_dtypes, set_adapter,
-                     unload)
+from ..model import (STORE_ATTR, activate_adapters, active_adapters, adapter_names, adapter_store, apply_plan,
+                     check_bank_room, check_known, check_safe_merge, is_applied, keep_base_dtypes, remove_adapter,
+                     unwrap_layers)
 from ..plan import build_plan
 from ..serving import mixed_batch
 from ..targeting import DEFAULT_TARGET_MODULES, check_no_peft, find_target_modules, matches
@@ -304,7 +304,7 @@ class ShareLoRAModel(BaseTuner):
         check_known(self.model, names)
         # modules to save first: PEFT's wrappers refuse several adapters before anything changes
         _set_adapter(self.model, adapter_name, inference_mode=inference_mode)
-        set_adapter(self.model, names)
+        activate_adapters(self.model, names)
         if inference_mode:
             for n in names:
                 adapter_store(self.model, n).requires_grad_(False)
@@ -320,7 +320,7 @@ class ShareLoRAModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} does not exist; this model's adapters are {list(self.peft_config)}")
-        delete_adapter(self.model, adapter_name)  # refuses a merged one; an active one hands over (with a warning)
+        remove_adapter(self.model, adapter_name)  # refuses a merged one; an active one hands over (with a warning)
         del self.peft_config[adapter_name]
         active = active_adapters(self.model)
         _delete_auxiliary_adapter(self.model, adapter_name=adapter_name, new_active_adapters=active or None)
@@ -337,7 +337,7 @@ class ShareLoRAModel(BaseTuner):
             setattr(self.model.get_submodule(parent), leaf,
                     wrapper.unload_and_optionally_merge_module(merge=merge, safe_merge=safe_merge,
                                                                adapter_names=adapter_names))
-        unload(self.model, merge=merge, adapter_names=adapter_names)  # safe_merge: checked above
+        unwrap_layers(self.model, merge=merge, adapter_names=adapter_names)  # safe_merge: checked above
         self.model.__dict__.pop("peft_config", None)
         return self.model
 
