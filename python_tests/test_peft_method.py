@@ -383,7 +383,7 @@ def test_a_failed_load_into_an_adapter_that_trains_keeps_it(tmp_path):
     model.add_adapter("b", sk.ShareLoRAPeftConfig(method="lora", r=2, target_modules=["q_proj"]))
     randomize_adapters(model)
     before, trainable = logits(model, ids), {n for n, p in model.named_parameters() if p.requires_grad}
-    with pytest.raises(ValueError, match=r"does not match this model: .*nothing was loaded and adapter 'default', keeps "
+    with pytest.raises(ValueError, match=r"does not match this model: .*nothing was loaded and adapter 'default' keeps "
                                          r"its tensors"):
         model.load_adapter(tmp_path, adapter_name="default", is_trainable=True)
     assert list(model.peft_config) == ["default", "b"] and adapter_names(model.base_model.model) == ["default", "b"]
@@ -392,9 +392,19 @@ def test_a_failed_load_into_an_adapter_that_trains_keeps_it(tmp_path):
     wider = tiny_family("llama", layers=2, hidden_size=48, intermediate_size=48)  # other shapes, same names
     get_peft_model(wider, sk.ShareLoRAPeftConfig(method="share_a", r=2, target_modules=TARGETS)).save_pretrained(
         tmp_path / "wider")
-    with pytest.raises(ValueError, match="nothing was loaded and adapter 'c', added for this load, was taken out again"):
+    with pytest.raises(ValueError, match=r"nothing was loaded and adapter 'c' \(added for this load\) was taken out"):
         model.load_adapter(tmp_path / "wider", adapter_name="c")
     assert list(model.peft_config) == ["default", "b"] and torch.equal(logits(model, ids), before)
+    # frozen and fresh, but added by the user, not by the load: kept (it was deleted)
+    model.add_adapter("mine", sk.ShareLoRAPeftConfig(method="lora", r=2, target_modules=["v_proj"]))
+    with pytest.raises(ValueError, match="nothing was loaded and adapter 'mine' keeps its tensors"):
+        model.load_adapter(tmp_path / "wider", adapter_name="mine")
+    assert list(model.peft_config) == adapter_names(model.base_model.model) == ["default", "b", "mine"]
+    frozen = get_peft_model(copy.deepcopy(base), sk.ShareLoRAPeftConfig(method="share_a", r=3, target_modules=TARGETS,
+                                                                         inference_mode=True))
+    with pytest.raises(ValueError, match="nothing was loaded and adapter 'default' keeps its tensors"):
+        frozen.load_adapter(tmp_path / "wider", adapter_name="default")  # its only adapter: the method was unloaded
+    assert isinstance(frozen.base_model.model.model.layers[0].self_attn.q_proj, sk.SharedLoRALinear)
 
 
 def test_set_adapter_refused_by_modules_to_save_changes_nothing():

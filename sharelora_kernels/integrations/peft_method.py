@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
+import sys
 from typing import Sequence
 
 import torch.nn as nn
@@ -255,7 +256,8 @@ class ShareLoRAModel(BaseTuner):
         if not first:  # set_adapter above set the active adapters' flags by the new adapter's inference_mode
             for p, requires_grad in requires_grad_before:
                 p.requires_grad_(requires_grad)
-        self.__dict__.setdefault("_as_added", {})[adapter_name] = _versions(adapter_store(model, adapter_name))
+        if _in_a_peft_load():  # PEFT's loader adds it: taken out again if its load is refused (``_take_out``)
+            self.__dict__.setdefault("_as_added", {})[adapter_name] = _versions(adapter_store(model, adapter_name))
 
     def add_weighted_adapter(self, *args, **kwargs) -> None:
         """PEFT's LoRA-only combination of adapters: refused by name."""
@@ -384,7 +386,7 @@ class ShareLoRAModel(BaseTuner):
                 problem = f"the model's plan has tensor {missing[0]!r}, which the checkpoint lacks ({len(missing)} such)"
         if problem is not None:
             taken = _take_out(model, adapter_name)
-            after = f"adapter {adapter_name!r}, " + ("added for this load, was taken out again" if taken else "keeps its tensors")
+            after = f"adapter {adapter_name!r} " + ("(added for this load) was taken out again" if taken else "keeps its tensors")
             raise ValueError(f"the adapter checkpoint does not match this model: {problem}; nothing was loaded and "
                              f"{after} (was the adapter trained on another base or with another config?)")
         return {to_model.get(k, k): v for k, v in state_dict.items()}
@@ -396,12 +398,22 @@ def _versions(store: nn.Module) -> dict[int, int]:
     return {id(p): p._version for p in store.parameters()}
 
 
+def _in_a_peft_load() -> bool:
+    """Whether PEFT's ``PeftModel.from_pretrained`` or ``load_adapter`` is on the call stack (PEFT's
+    public loaders, found by their code objects): an adapter added inside one was made for that load."""
+    loaders = {_peft_model.PeftModel.from_pretrained.__func__.__code__, _peft_model.PeftModel.load_adapter.__code__}
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code not in loaders:
+        frame = frame.f_back
+    return frame is not None
+
+
 def _take_out(model: nn.Module, adapter_name: str) -> bool:
-    """After a load into adapter ``adapter_name`` failed: remove it if it was added for that load
-    (frozen, as a loaded or later-added adapter is, and untouched since it was added: from_pretrained,
-    load_adapter under a new name), the whole method when it is the only one (base modules, trainable
-    flags and all), else that adapter; whether it did. An adapter that trains, or was loaded or changed
-    since it was added, is kept as it is (a Trainer resuming from a checkpoint of another plan)."""
+    """After a load into adapter ``adapter_name`` failed: remove it if PEFT's loader added it for that
+    load (from_pretrained, load_adapter under a new name) and it is untouched and frozen since, the
+    whole method when it is the only one (base modules, trainable flags and all), else that adapter;
+    whether it did. An adapter the user added (add_adapter, get_peft_model), or one that trains or was
+    loaded or changed since, is kept as it is (a Trainer resuming from a checkpoint of another plan)."""
     tuner = getattr(model, "base_model", model)
     if not isinstance(tuner, ShareLoRAModel):
         return False
