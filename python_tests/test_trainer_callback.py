@@ -196,9 +196,12 @@ def test_resuming_a_checkpoint_of_another_plan_is_refused_by_name(tmp_path):
     other.load_state_dict(base, strict=False)
 
 
-def test_checkpoints_keep_each_named_adapter_in_its_place_whichever_trains(tmp_path):
-    """With adapter "other" training, a checkpoint still holds "default" in its folder and "other" in
-    its subfolder (save_pretrained's layout): the callback does not write the active one over "default"."""
+@pytest.mark.parametrize("training", [["other"], ["default", "other"]], ids=["other", "both"])
+@pytest.mark.parametrize("adapter_only", [False, True])
+def test_checkpoints_keep_each_named_adapter_in_its_place_whichever_trains(training, adapter_only, tmp_path):
+    """With adapter "other" training (or both: the callback refused two active adapters), a checkpoint
+    still holds "default" in its folder and "other" in its subfolder (save_pretrained's layout): the
+    callback does not write the active one over "default"."""
     from tiny_models import logits, randomize_adapters
 
     model = tiny_model()
@@ -207,9 +210,11 @@ def test_checkpoints_keep_each_named_adapter_in_its_place_whichever_trains(tmp_p
     randomize_adapters(model)
     sk.set_adapter(model, "other")
     randomize_adapters(model, seed=5)
+    sk.set_adapter(model, training)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, save_steps=1, per_device_train_batch_size=2,
                              report_to=[], use_cpu=True, learning_rate=0.0)
-    Trainer(model=model.train(), args=args, train_dataset=TokenWindows(4), callbacks=[sk.TrainerCallback()]).train()
+    Trainer(model=model.train(), args=args, train_dataset=TokenWindows(4),
+            callbacks=[sk.TrainerCallback(adapter_only)]).train()
     ids = token_batch()
     checkpoint = tmp_path / "checkpoint-1"
     for name, folder in (("default", checkpoint), ("other", checkpoint / "other")):

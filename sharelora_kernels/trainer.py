@@ -48,14 +48,15 @@ class TrainerCallback(transformers.TrainerCallback):
         self._start(args, model)  # for a callback added after the Trainer was made
 
     def _start(self, args, model) -> None:
-        plan = get_plan(model)  # a model without adapters fails here, not at the first checkpoint
+        if not adapter_names(model):  # several adapters may train together (set_adapter); each is saved
+            get_plan(model)  # a model without adapters fails here, not at the first checkpoint
         check_no_peft_wrappers(model, "TrainerCallback's save")  # nor one whose heads save would lack
         if not self.adapter_only:
             return
         if not isinstance(model, transformers.PreTrainedModel):
             raise ValueError(f"adapter_only saves need a Transformers model (its save_pretrained leaves keys out), "
                              f"not a {type(model).__name__}")
-        keys = base_keys(model, plan)
+        keys = base_keys(model)
         model.__dict__[ADAPTER_ONLY_ATTR] = (args.output_dir, frozenset(keys))  # read by its save_pretrained,
         if not isinstance(model.__dict__.get("save_pretrained"), SavePretrainedWithAdapters):
             model.save_pretrained = SavePretrainedWithAdapters(model)  # which a hand-wrapped model gets here
@@ -76,16 +77,16 @@ class TrainerCallback(transformers.TrainerCallback):
             self._quiet = None
 
 
-def base_keys(model, plan) -> set[str]:
+def base_keys(model) -> set[str]:
     """The state_dict keys of everything but the adapters (every named adapter's tensors, trained or
-    not, or a hand-wrapped model's trainable ones) and the modules to save; ``plan``: ``get_plan(model)``."""
+    not, or a hand-wrapped model's trainable ones) and the modules to save."""
     names = adapter_names(model)
     if names:
         ours = {id(p) for n in names for p in adapter_store(model, n).parameters()}
         keep = {k for k, t in model.state_dict(keep_vars=True).items() if id(t) in ours}
         keep |= {k for n in names for k in saved_state(model, model.sharelora_plans[n])}
     else:
-        keep = {n for n, p in model.named_parameters() if p.requires_grad} | set(saved_state(model, plan))
+        keep = {n for n, p in model.named_parameters() if p.requires_grad} | set(saved_state(model, get_plan(model)))
     return {k for k in model.state_dict() if k not in keep}
 
 
