@@ -316,10 +316,13 @@ def test_a_state_dict_of_the_earlier_store_layout_loads_into_each_adapter():
     assert "sharelora_adapters" not in fresh._modules and not fresh._load_state_dict_pre_hooks
 
 
-@pytest.mark.parametrize("name", ["keys", "train", "training", "a/b", "/tmp/x", "a\\b"])
+@pytest.mark.parametrize("name", ["keys", "train", "training", "a/b", "/tmp/x", "a\\b", "sharelora_adapters"])
 def test_an_adapter_name_the_stores_module_or_a_folder_cannot_take_is_refused(name):
+    """(sharelora_adapters: the PEFT method saved its modules to save under keys read back as the stores')"""
     model = sk.apply(tiny_model(layers=1), sk.ShareLoRAConfig(r=2))
     message = ("no '/' or" if "/" in name or "\\" in name else
+               "'sharelora_adapters' cannot name an adapter: it names the module holding the adapter stores"
+               if name == "sharelora_adapters" else
                f"'{name}' cannot name an adapter: it is an attribute of the module holding the adapter stores")
     with pytest.raises(ValueError, match=message):
         sk.apply(model, sk.ShareLoRAConfig(r=2), adapter_name=name)
@@ -335,6 +338,9 @@ def test_a_name_given_twice_is_refused_and_a_string_is_one_name():
         sk.set_adapter(model, ["other", "other"])
     with pytest.raises(ValueError, match="named twice"):
         shared_layers(model)[0].set_adapter(["default", "default"])
+    for bad in (None, 3, ["other", None], {"other": 1}):
+        with pytest.raises(ValueError, match="adapter names are a name or a list of names, got"):
+            sk.set_adapter(model, bad)
     assert torch.equal(logits(model, ids), first)  # nothing changed
     with pytest.raises(ValueError, match="named twice"):
         sk.merge_and_unload(model, ["other", "other"])

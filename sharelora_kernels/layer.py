@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import threading
 from types import MappingProxyType
-from typing import Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,7 @@ from .reference import LoRAPath, delta_weight
 
 
 DEFAULT_ADAPTER = "default"
+STORE_ATTR = "sharelora_adapters"  # the AdapterStores: adapter x's tensors under sharelora_adapters.x.<tensor>
 BASE_ROW = "__base__"  # names a row without adapter in a mixed batch (serving, PEFT's adapter_names): reserved
 _is_compiling = torch.compiler.is_compiling
 _transforms_active = torch._C._are_functorch_transforms_active
@@ -67,7 +68,10 @@ def _check_path_modules(paths: Sequence) -> None:
 def adapter_name_list(adapter_names: str | Sequence[str]) -> list[str]:
     """``adapter_names`` as a list (a string is one name); ValueError for a name given twice, which
     would be computed, or merged, twice."""
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+    names = list(names) if isinstance(names, Iterable) and not isinstance(names, Mapping) else [None]
+    if not all(isinstance(n, str) for n in names):
+        raise ValueError(f"adapter names are a name or a list of names, got {adapter_names!r}")
     twice = [n for i, n in enumerate(names) if n in names[:i]]
     if twice:
         raise ValueError(f"adapter {twice[0]!r} is named twice in {names}: each adapter is computed once")
@@ -85,6 +89,9 @@ def check_adapter_name(name) -> None:
     if name == BASE_ROW:
         raise ValueError(f"{BASE_ROW!r} cannot name an adapter: it names a row without adapter in a mixed batch "
                          "(sk.mixed_batch, PEFT's adapter_names)")
+    if name == STORE_ATTR:
+        raise ValueError(f"{name!r} cannot name an adapter: it names the module holding the adapter stores, and "
+                         "the state-dict keys of the adapter's modules to save would read as the stores' keys")
     if name in _STORES_ATTRIBUTES:
         raise ValueError(f"{name!r} cannot name an adapter: it is an attribute of the module holding the adapter "
                          "stores (sharelora_adapters.<name>)")
