@@ -544,17 +544,21 @@ def test_swap_based_conversion_works_after_a_call():
     assert model(token_batch()).logits.dtype == torch.float64
 
 
+@pytest.mark.parametrize("target", ["base", "adapter"])
 @pytest.mark.parametrize("prune", ["l1_unstructured", "weight_norm"])
-def test_a_base_weight_replaced_by_prune_or_weight_norm_is_refused_by_name(prune):
+def test_a_tensor_replaced_by_prune_or_weight_norm_is_refused_by_name(prune, target):
+    """(an adapter tensor's gave a bare KeyError from the call plan)"""
     import torch.nn.utils.prune
 
     layer = SharedLoRALinear(nn.Linear(16, 8), r=4)
     layer(torch.randn(2, 16))
+    owner, name = (layer, "weight") if target == "base" else (layer.adapters, "A")
     if prune == "weight_norm":
-        torch.nn.utils.weight_norm(layer, "weight")  # deprecated for parametrizations, still in use
+        torch.nn.utils.weight_norm(owner, name)  # deprecated for parametrizations, still in use
     else:
-        torch.nn.utils.prune.l1_unstructured(layer, "weight", amount=0.5)
-    with pytest.raises(NotImplementedError, match="base weight of a ShareLoRA layer is no longer a registered parameter"):
+        torch.nn.utils.prune.l1_unstructured(owner, name, amount=0.5)
+    message = ("base weight of a ShareLoRA layer" if target == "base" else "adapter tensor 'A' of a ShareLoRA layer")
+    with pytest.raises(NotImplementedError, match=message + " is no longer a registered parameter"):
         layer(torch.randn(2, 16))
 
 

@@ -505,6 +505,13 @@ class SharedLoRALinear(nn.Module):
                                       "(torch.nn.utils.prune, weight_norm or spectral_norm computes it now): not "
                                       "supported; remove it with prune.remove / remove_weight_norm / "
                                       "remove_spectral_norm")
+        for m in (m for ms in self.adapter_paths.values() for m in ms):
+            gone = [name for name in m.spec.tensors.values() if name.replace(".", "/") not in m._store[0]._parameters]
+            if gone:
+                raise NotImplementedError(f"adapter tensor {gone[0]!r} of a ShareLoRA layer is no longer a registered "
+                                          "parameter of its store (torch.nn.utils.prune, weight_norm or spectral_norm "
+                                          "computes it now): not supported; remove it with prune.remove / "
+                                          "remove_weight_norm / remove_spectral_norm")
 
     def paths(self, adapter_names: Sequence[str] | None = None) -> list[LoRAPath]:
         """The paths forward computes, or with ``adapter_names`` those of these adapters."""
