@@ -118,6 +118,9 @@ def test_layers_to_transform_and_layers_pattern():
         targets(model, target_modules=["q_proj"], layers_to_transform=[0, 7])
     with pytest.raises(ValueError, match="layer 0, where no target module lies .layers_pattern 'blocks'"):
         targets(model, target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="blocks")
+    # a module named in full is adapted whatever layers_to_transform says, as PEFT adapts it (it was dropped)
+    assert targets(model, target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1]) == [
+        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
 
 
 def test_layer_position_and_module_type_rules():

@@ -262,7 +262,9 @@ def _keep_layers(picked: list[str], config: ShareLoRAConfig) -> list[str]:
     if wanted is None:
         return picked
     wanted = [wanted] if isinstance(wanted, int) else wanted
-    kept = [n for n in picked if layer_position(n, config.layers_pattern)[0] in wanted]
+    # a module named in full in target_modules is adapted whatever its layer, as PEFT adapts it
+    named = set(config.target_modules) if isinstance(config.target_modules, (list, tuple, set)) else set()
+    kept = [n for n in picked if n in named or layer_position(n, config.layers_pattern)[0] in wanted]
     found = {layer_position(n, config.layers_pattern)[0] for n in kept}
     missing = [i for i in wanted if i not in found]
     if missing:
