@@ -82,6 +82,9 @@ def test_bishare_fields_are_refused_under_another_method(method, field, value):
     (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\] must be >= 1"),
     (dict(alpha_pattern={"q_proj": -1.0}), r"alpha_pattern\['q_proj'\] must be a positive"),
     (dict(rank_pattern=["q_proj"]), "rank_pattern"),
+    (dict(rank_pattern={"q_proj(": 2}), r"rank_pattern key 'q_proj\(' is not a valid regular expression"),
+    (dict(alpha_pattern={"q_proj[": 2.0}), r"alpha_pattern key 'q_proj\[' is not a valid regular expression"),
+    (dict(layers_to_transform=[0], layers_pattern=["h", "layers("]), r"layers_pattern 'layers\(' is not a valid"),
     (dict(method="share_a", rank_pattern={"q_proj": 4}), "rank_pattern only applies to method='lora'"),
     (dict(alpha=float("inf")), "alpha"),
     (dict(alpha="16"), "alpha"),
@@ -116,6 +119,8 @@ def test_numpy_numbers_become_python_numbers():
     assert type(c.r) is int and type(c.alpha) is float and type(c.gate_dims[0]) is int
     assert type(c.rank_pattern["q_proj"]) is int and type(c.alpha_pattern["q_proj"]) is float
     assert ShareLoRAConfig.from_json(c.to_json()) == c  # JSON takes it (numpy's numbers it does not)
+    for layers, want in ((np.arange(2, 5), [2, 3, 4]), (np.int64(2), 2)):  # an array: numpy's broadcast error
+        assert ShareLoRAConfig(layers_to_transform=layers).layers_to_transform == want
 
 
 @pytest.mark.parametrize("method", ["similarity", "lora"])

@@ -98,6 +98,8 @@ class ShareLoRAConfig:
             self.target_modules = ALL_LINEAR
         if isinstance(self.layers_to_transform, (tuple, range)):
             self.layers_to_transform = list(self.layers_to_transform)
+        elif getattr(self.layers_to_transform, "ndim", 0) == 1:  # a numpy array or a tensor of layer indices
+            self.layers_to_transform = self.layers_to_transform.tolist()
         self.validate()
 
     def bishare_ranks(self) -> tuple[int, int, int]:
@@ -136,7 +138,7 @@ class ShareLoRAConfig:
             raise ValueError(f"modules_to_save must be a list of module names or None, got {self.modules_to_save!r}")
         layers = self.layers_to_transform
         if layers is not None:
-            if layers == []:
+            if isinstance(layers, list) and not layers:
                 raise ValueError("layers_to_transform must name at least one layer (or be None)")
             self.layers_to_transform = ([check_int("layers_to_transform", i, minimum=0) for i in layers]
                                         if isinstance(layers, list) else check_int("layers_to_transform", layers, minimum=0))
@@ -148,6 +150,8 @@ class ShareLoRAConfig:
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pattern, dict) or not all(isinstance(k, str) and k for k in pattern):
                 raise ValueError(f"{name} must map module names to values, got {pattern!r}")
+            for key in pattern:  # PEFT's keys are regular expressions, matched against the module names
+                _check_regex(f"{name} key", key)
             if name == "rank_pattern":
                 pattern = {k: check_int(f"rank_pattern[{k!r}]", v, minimum=1) for k, v in pattern.items()}
             else:
@@ -207,13 +211,21 @@ def _check_names(name: str, value: Any) -> None:
     if isinstance(value, str):
         if not value:
             raise ValueError(f"{name} must not be an empty string")
-        try:
-            re.compile(value)
-        except re.error as err:
-            raise ValueError(f"{name} {value!r} is not a valid regular expression ({err})") from None
+        _check_regex(name, value)
         return
     if not isinstance(value, list) or not value or not all(isinstance(t, str) and t for t in value):
         raise ValueError(f"{name} must be a non-empty list of module names, a regular expression or None, got {value!r}")
+    if name == "layers_pattern":  # each entry is a regular expression (PEFT's layers_pattern)
+        for entry in value:
+            _check_regex(name, entry)
+
+
+def _check_regex(name: str, value: str) -> None:
+    """ValueError naming field ``name`` when ``value`` is not a valid regular expression."""
+    try:
+        re.compile(value)
+    except re.error as err:
+        raise ValueError(f"{name} {value!r} is not a valid regular expression ({err})") from None
 
 
 def check_share_sets(share_sets: Any, num_layers: int | None = None, name: str = "share_sets") -> list[list[int]]:
