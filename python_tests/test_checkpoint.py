@@ -83,6 +83,20 @@ def test_a_config_edited_after_apply_is_refused_before_any_file(tmp_path):
     torch.testing.assert_close(sk.load(tiny_model(), tmp_path / "out")(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+def test_a_config_edited_and_applied_again_leaves_the_first_model_as_applied(tmp_path):
+    """apply keeps its own copy of the config: the caller's, edited and applied to a second model (what
+    the refusal above advises), no longer changed the first model's, whose save was then refused."""
+    config = sk.ShareLoRAConfig(method="lora", r=4, target_modules=["q_proj"])
+    first = sk.apply(tiny_model(), config)
+    config.r = 2
+    second = sk.apply(tiny_model(), config)
+    assert (first.sharelora_config.r, second.sharelora_config.r) == (4, 2)
+    randomize_adapters(first)
+    sk.save(first, tmp_path)
+    ids = token_batch()
+    torch.testing.assert_close(sk.load(tiny_model(), tmp_path)(ids).logits, first(ids).logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("other, match", [
     (dict(name="lora"), "method"),
     (dict(name="bishare_gate", gate_dims=(8, 16)), "shape|paths"),

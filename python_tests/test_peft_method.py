@@ -95,6 +95,22 @@ def test_every_method_round_trips_on_conv1d_a_classifier_and_a_4bit_base(family,
         assert torch.equal(logits(loaded, ids), trained), name
 
 
+def test_a_config_edited_after_get_peft_model_is_refused_at_save(tmp_path):
+    """PEFT saves its live config: r edited after get_peft_model was written beside rank-4 tensors, a
+    folder from_pretrained then refused. save_pretrained names the change; set back, it saves and loads."""
+    base = tiny_model(layers=2)
+    config = sk.ShareLoRAPeftConfig(method="lora", r=4, target_modules=["q_proj"])
+    model = get_peft_model(copy.deepcopy(base), config)
+    randomize_adapters(model)
+    config.r = 2
+    with pytest.raises(ValueError, match=r"config of adapter 'default' was changed after apply \(r: 4 -> 2\)"):
+        model.save_pretrained(tmp_path)
+    config.r = 4
+    model.save_pretrained(tmp_path)
+    ids = token_batch()
+    assert torch.equal(logits(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path), ids), logits(model, ids))
+
+
 def test_trainable_count_disable_merge_unload_and_resume(tmp_path):
     base = tiny_model(layers=2)
     ids = token_batch()

@@ -7,6 +7,7 @@ names to the live ``nn.Parameter`` objects (used by checkpoints and export), for
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -127,7 +128,7 @@ def apply_plan(model: nn.Module, config: ShareLoRAConfig, plan: SharePlan, group
         model.sharelora_plans, model.sharelora_configs, model.sharelora_active = {}, {}, active
         model._sharelora_applied = {}
     model.sharelora_plans[adapter_name] = plan
-    model.sharelora_configs[adapter_name] = config
+    model.sharelora_configs[adapter_name] = copy.deepcopy(config)  # the caller's may be edited and applied again
     model._sharelora_applied[adapter_name] = config.to_dict()  # what the layers are built from (applied_config)
     _point_at_active(model)
     if first and callable(getattr(type(model), "save_pretrained", None)):
@@ -411,13 +412,19 @@ def applied_config(model: nn.Module, adapter_name: str) -> ShareLoRAConfig:
     it since (its layers follow the config as ``apply`` read it, and a checkpoint saying otherwise
     would not load, or would build other layers)."""
     config = model.sharelora_configs[adapter_name]
-    applied, now = model._sharelora_applied[adapter_name], config.to_dict()
+    check_config_unchanged(model._sharelora_applied[adapter_name], adapter_name, config)
+    return config
+
+
+def check_config_unchanged(applied: dict, adapter_name: str, config: ShareLoRAConfig) -> None:
+    """ValueError naming the fields in which ``config`` differs from ``applied``, the ``to_dict()`` of
+    the config adapter ``adapter_name`` was applied with."""
+    now = config.to_dict()
     changed = [f"{k}: {applied[k]!r} -> {now[k]!r}" for k in applied if now[k] != applied[k]]
     if changed:
         raise ValueError(f"the config of adapter {adapter_name!r} was changed after apply ({'; '.join(changed)}), "
                          "but its layers were built from the config as apply read it: set the field back, or "
                          "apply the changed config to a fresh model")
-    return config
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str | None = None) -> dict[str, nn.Parameter]:

@@ -33,8 +33,8 @@ from ..base import check_4bit_layouts
 from ..config import ShareLoRAConfig
 from ..layer import AdapterStore, SharedLoRALinear, adapter_name_list, check_adapter_name
 from ..model import (STORE_ATTR, activate_adapters, active_adapters, adapter_names, adapter_store, apply_plan,
-                     check_bank_room, check_known, check_safe_merge, is_applied, keep_base_dtypes, remove_adapter,
-                     unwrap_layers)
+                     check_bank_room, check_config_unchanged, check_known, check_safe_merge, is_applied,
+                     keep_base_dtypes, remove_adapter, unwrap_layers)
 from ..plan import build_plan
 from ..serving import mixed_batch
 from ..targeting import DEFAULT_TARGET_MODULES, check_no_peft, find_target_modules, matches
@@ -256,6 +256,7 @@ class ShareLoRAModel(BaseTuner):
         if not first:  # set_adapter above set the active adapters' flags by the new adapter's inference_mode
             for p, requires_grad in requires_grad_before:
                 p.requires_grad_(requires_grad)
+        self.__dict__.setdefault("_configs_as_added", {})[adapter_name] = peft_config.to_config().to_dict()
         if _in_a_peft_load():  # PEFT's loader adds it: taken out again if its load is refused (``_take_out``)
             self.__dict__.setdefault("_as_added", {})[adapter_name] = _versions(adapter_store(model, adapter_name))
 
@@ -346,7 +347,11 @@ class ShareLoRAModel(BaseTuner):
     # ------------------------------------------------------------------ state dict (PEFT's hooks)
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """The tensors of adapter ``adapter_name``'s store: each shared tensor once."""
+        """The tensors of adapter ``adapter_name``'s store: each shared tensor once. ValueError when
+        ``config`` was edited since get_peft_model (a folder saying so would not load)."""
+        tuner = getattr(model, "base_model", model)
+        if adapter_name in tuner.__dict__.get("_configs_as_added", {}):
+            check_config_unchanged(tuner._configs_as_added[adapter_name], adapter_name, config.to_config())
         prefixes = _store_prefixes(model, adapter_name)
         return {k: v for k, v in state_dict.items() if k.startswith(prefixes)}
 
