@@ -225,7 +225,13 @@ def test_expand_rank_never_exceeds_lora(case, r):
 
 @pytest.mark.parametrize("args, match", [
     ((2, [[0, 1, 2, 3]], 8), r"share_sets\[0\] \[0, 1, 2, 3\] holds layer 2, outside \[0, 2\)"),
-    ((0, [], 8), "num_layers and r must be at least 1, got num_layers=0"),
+    ((0, [], 8), "num_layers must be >= 1, got 0"),
+    ((4, [], 0), "r must be >= 1, got 0"),
+    ((10, [[1, 2]], 8.5), "r must be an integer, got 8.5"),  # gave 9.0
+    ((10, [[1, 2]], True), "r must be an integer, got True"),
+    ((True, [], 8), "num_layers must be an integer, got True"),
+    ((10, [[1, 2]], 8, [True, 2]), r"layers must be distinct .* got \[True, 2\]"),  # True counted as layer 1
+    ((10, [[1, 2]], 8, [1.5, 2]), r"layers must be distinct .* got \[1.5, 2\]"),
     ((4, [[0, 1]], 8, [1, 1]), r"layers must be distinct layer indices in \[0, 4\), at least one, got \[1, 1\]"),
     ((4, [[0, 1]], 8, [4]), r"layers must be distinct .* got \[4\]"),
     ((8, [[0, 1], [1, 2]], 8), r"share_sets\[1\] \[1, 2\] holds layer 1 and so does share_sets\[0\]"),

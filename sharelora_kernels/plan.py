@@ -14,12 +14,13 @@ Path kinds and the tensor roles they read (K = in_features, N = out_features of 
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .config import ShareLoRAConfig, check_share_sets
+from .config import ShareLoRAConfig, check_int, check_share_sets
 from .targeting import ModuleInfo, layer_position
 
 INIT_KINDS = ("kaiming_uniform", "kaiming_normal", "gaussian", "zeros")
@@ -141,11 +142,12 @@ def expanded_rank(num_layers: int, share_sets: list[list[int]], r: int, layers: 
     left with one adapted layer saves nothing). U slots of rank floor(L / U * r) hold at most L * r
     ranks, so the count stays at or under LoRA's over those layers. ValueError for num_layers or r
     below 1, no adapted layer, or sets or layers that are not distinct layer indices in [0, num_layers)."""
-    if num_layers < 1 or r < 1:
-        raise ValueError(f"num_layers and r must be at least 1, got num_layers={num_layers}, r={r}")
+    num_layers, r = check_int("num_layers", num_layers, minimum=1), check_int("r", r, minimum=1)
     share_sets = check_share_sets(share_sets, num_layers)
     adapted = list(range(num_layers)) if layers is None else list(layers)
-    if not adapted or len(set(adapted)) != len(adapted) or not all(0 <= layer < num_layers for layer in adapted):
+    if (not adapted or len(set(adapted)) != len(adapted)
+            or not all(isinstance(layer, numbers.Integral) and not isinstance(layer, bool) and 0 <= layer < num_layers
+                       for layer in adapted)):
         raise ValueError(f"layers must be distinct layer indices in [0, {num_layers}), at least one, got {layers}")
     adapted = set(adapted)
     sizes = [n for n in (len(adapted.intersection(s)) for s in share_sets) if n > 1]
