@@ -415,6 +415,12 @@ REFUSALS = {
                             r"adapter.safetensors has damaged metadata: its 'plan' .*'modules' must be a JSON object"),
     "plan without method": (dict(metadata=lambda m: {**m, "plan": m["plan"].replace('"method"', '"m"')}),
                             r"its 'plan' is not a valid share plan \(plan lacks field 'method'\)"),
+    "plan of an unknown field": (dict(metadata=edited("plan", bogus=1)),
+                                 r"its 'plan' is not a valid share plan \(plan has unknown field\(s\) \['bogus'\]\)"),
+    "plan of an unknown method": (dict(metadata=edited("plan", method="dora")),
+                                  r"not a valid share plan \(plan method 'dora' is not one of"),
+    "plan path of a missing tensor": (dict(metadata=lambda m: {**m, "plan": m["plan"].replace('"A": "', '"A": "zz', 1)}),
+                                      r"not a valid share plan \(plan module .* reads tensor 'zz.*', which the plan lacks"),
     "config of a bad value": (dict(metadata=edited("config", r=-3)),
                               r"adapter.safetensors has damaged metadata: its 'config' is not a valid ShareLoRAConfig "
                               r"\(r must be >= 1, got -3\)"),

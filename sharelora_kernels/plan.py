@@ -20,7 +20,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .config import ShareLoRAConfig, check_int, check_share_sets
+from .config import METHODS, PATH_ROLES, ShareLoRAConfig, check_int, check_share_sets
 from .targeting import ModuleInfo, layer_position
 
 INIT_KINDS = ("kaiming_uniform", "kaiming_normal", "gaussian", "zeros")
@@ -122,11 +122,40 @@ class SharePlan:
             modules = {k: ModulePlan(_module_info(obj(obj(m, f"modules.{k}")["info"], f"modules.{k}.info")),
                                      [PathSpec(**obj(p, f"modules.{k}.paths")) for p in m["paths"]])
                        for k, m in obj(d["modules"], "modules").items()}
-            return cls(d["method"], d["num_layers"], tensors, modules, list(d.get("modules_to_save", [])))
+            plan = cls(d["method"], d["num_layers"], tensors, modules, list(d.get("modules_to_save", [])))
+            unknown = sorted(set(d) - {"method", "num_layers", "tensors", "modules", "modules_to_save"})
+            if unknown:
+                raise ValueError(f"plan has unknown field(s) {unknown}")
         except KeyError as e:
             raise ValueError(f"plan lacks field {e.args[0]!r}") from e
         except TypeError as e:  # an unknown key (a keyword the spec does not take), a shape that is no list
             raise ValueError(f"plan has a malformed entry: {e}") from e
+        plan._check_values()
+        return plan
+
+    def _check_values(self) -> None:
+        """ValueError naming the first value ``to_dict`` would not write: an unknown method or path
+        kind, a path naming a tensor the plan lacks or a tensor its kind does not read, a shape or
+        rank that is not positive integers, a scale that is not a finite number."""
+        if self.method not in METHODS:
+            raise ValueError(f"plan method {self.method!r} is not one of {list(METHODS)}")
+        check_int("plan num_layers", self.num_layers, minimum=0)
+        for name, t in self.tensors.items():
+            for n in t.shape:
+                check_int(f"plan tensor {name!r} shape", n, minimum=1)
+        for module, m in self.modules.items():
+            for p in m.paths:
+                where = f"plan module {module!r}: a {p.kind!r} path"
+                if p.kind not in PATH_ROLES or sorted(p.tensors) != sorted(PATH_ROLES[p.kind]):
+                    raise ValueError(f"{where} naming roles {sorted(p.tensors)} (kinds and roles: {PATH_ROLES})")
+                missing = [t for t in p.tensors.values() if t not in self.tensors]
+                if missing:
+                    raise ValueError(f"{where} reads tensor {missing[0]!r}, which the plan lacks")
+                if isinstance(p.scale, bool) or not isinstance(p.scale, numbers.Real) or not math.isfinite(p.scale):
+                    raise ValueError(f"{where} has scale {p.scale!r}, not a finite number")
+                check_int(f"{where}'s rank", p.rank, minimum=1)
+                for offset in (p.k_offset, p.n_offset):
+                    check_int(f"{where}'s offset", offset, minimum=0)
 
 
 def _module_info(d: dict[str, Any]) -> ModuleInfo:
