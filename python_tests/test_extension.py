@@ -171,7 +171,7 @@ def test_cuda_runs_on_the_current_stream():
     torch.testing.assert_close(got.cpu(), reference_sums(reps), rtol=0, atol=1e-9)
 
 
-@pytest.mark.skipif(not (extension._CSRC_DIR / "build.py").is_file(),
+@pytest.mark.skipif(extension._CSRC_DIR is None,
                     reason="the package is installed without its csrc/ sources (a wheel, not a checkout)")
 def test_jit_build_from_csrc(tmp_path, monkeypatch):
     monkeypatch.setenv("SHARELORA_KERNELS_CACHE", str(tmp_path))
@@ -180,7 +180,7 @@ def test_jit_build_from_csrc(tmp_path, monkeypatch):
     extension._load("cpu", library)  # loads and resolves the C entry point
 
 
-@pytest.mark.skipif(not (extension._CSRC_DIR / "build.py").is_file(),
+@pytest.mark.skipif(extension._CSRC_DIR is None,
                     reason="the package is installed without its csrc/ sources (a wheel, not a checkout)")
 def test_install_time_library_is_used_only_while_it_matches_csrc(tmp_path, monkeypatch):
     """An editable install's library (next to the package) built from older sources gives way to the
@@ -205,9 +205,22 @@ def test_install_time_library_is_used_only_while_it_matches_csrc(tmp_path, monke
         assert loaded(CSRC) == prebuilt  # built from these sources
         rebuilt = loaded(edited)
         assert rebuilt != prebuilt and tmp_path / "cache" in rebuilt.parents
-        assert loaded(tmp_path / "no_csrc") == prebuilt
+        assert loaded(None) == prebuilt
     finally:
         extension._library.cache_clear()
+
+
+def test_a_csrc_folder_beside_an_installed_package_is_not_ours(tmp_path, monkeypatch):
+    """Installed in site-packages, the package looked for its sources in site-packages/csrc and ran the
+    build.py it found there; only the package's own source tree (its pyproject.toml) counts."""
+    site = tmp_path / "site-packages"
+    (site / "sharelora_kernels").mkdir(parents=True)
+    (site / "csrc").mkdir()
+    (site / "csrc" / "build.py").write_text("raise SystemExit('foreign build.py ran')\n")
+    monkeypatch.setattr(extension, "_PACKAGE_DIR", site / "sharelora_kernels")
+    assert extension._own_csrc() is None
+    (site / "pyproject.toml").write_text('[project]\nname = "sharelora_kernels"\n')  # a source checkout
+    assert extension._own_csrc() == site / "csrc"
 
 
 def test_unavailable_library_warns_once(tmp_path, monkeypatch):

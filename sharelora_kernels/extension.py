@@ -7,7 +7,8 @@ looked up in this order (see csrc/README.md):
 
 1. ``sharelora_kernels/libsharelora_angular_{cpu,cuda}.so``: built by ``pip install`` (setup.py; CUDA only where nvcc
    was found at install time), if it records the digest of the ``csrc/`` sources present (an edited
-   source in an editable install makes it stale), or as it is where no ``csrc/`` is present (a wheel);
+   source in an editable install makes it stale), or as it is outside the package's own source tree
+   (a wheel: a ``csrc/`` folder beside the installed package is not ours and is never run);
 2. a just-in-time build from ``csrc/`` (source checkouts and editable installs) into
    ``$SHARELORA_KERNELS_CACHE`` (default ``~/.cache/sharelora_kernels``), once per source
    version;
@@ -28,7 +29,20 @@ from pathlib import Path
 import torch
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
-_CSRC_DIR = _PACKAGE_DIR.parent / "csrc"
+
+
+def _own_csrc() -> Path | None:
+    """csrc/ of this package's own source tree (a checkout, an editable install), or None: installed
+    in site-packages, a csrc/ folder beside the package belongs to something else and is never run."""
+    root = _PACKAGE_DIR.parent
+    try:
+        ours = 'name = "sharelora_kernels"' in (root / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    return root / "csrc" if ours and (root / "csrc" / "build.py").is_file() else None
+
+
+_CSRC_DIR = _own_csrc()
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc: SlDtype
 _NO_ERROR = 2**63 - 1  # csrc: SL_NO_ERROR
 _CUDA_MAX_LAYERS = 128  # csrc/angular_distance.cu: kMaxLayers (shared-memory Gram)
@@ -58,7 +72,7 @@ def _csrc_build_module():
 def _jit_build(kind: str, why: str = "not built at install time") -> Path:
     """Build library `kind` from csrc/ into the cache (once per source version); `why` the install-time
     library is not used (named in errors)."""
-    if not (_CSRC_DIR / "build.py").is_file():
+    if _CSRC_DIR is None:
         raise RuntimeError(f"{why}, and no csrc/ sources to build it from")
     if os.environ.get("SHARELORA_KERNELS_JIT", "1") == "0":
         raise RuntimeError(f"{why}, and SHARELORA_KERNELS_JIT=0")
@@ -91,7 +105,7 @@ def _load(kind: str, path: Path) -> ctypes.CDLL:
 def _stale(library: Path) -> bool:
     """Whether an install-time library was built from other sources than the csrc/ present (it
     records their digest; a library built before it did records none). False without csrc/."""
-    if not (_CSRC_DIR / "build.py").is_file():
+    if _CSRC_DIR is None:
         return False
     recorded = getattr(ctypes.CDLL(str(library)), "sharelora_sources_digest", None)
     if recorded is None:
