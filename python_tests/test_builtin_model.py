@@ -24,6 +24,17 @@ def test_directory_is_small_and_complete():
     assert sum(f.stat().st_size for f in path.iterdir()) < 6 * 2**20
 
 
+def test_tokenizer_gives_what_the_model_takes(model_and_tokenizer):
+    """model(**tokenizer(text)) and generate(**tokenizer(text)) work: the config names the inputs, so
+    Transformers 4.x, whose fast tokenizer adds token_type_ids by default, gives none (LLaMA refuses them)."""
+    model, tok = model_and_tokenizer
+    config = json.loads((default_model_dir() / "tokenizer_config.json").read_text())
+    assert config["model_input_names"] == ["input_ids", "attention_mask"]
+    batch = tok(["a short text"], return_tensors="pt")
+    assert set(batch) == {"input_ids", "attention_mask"}
+    assert model.generate(**batch, max_new_tokens=2, do_sample=False).shape[1] == batch["input_ids"].shape[1] + 2
+
+
 def test_architecture(model_and_tokenizer):
     model, _ = model_and_tokenizer
     c = model.config

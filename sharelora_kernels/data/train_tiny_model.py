@@ -113,6 +113,7 @@ def train(out: Path, steps: int, batch: int, seq: int, lr: float, seed: int) -> 
     tok_path = out / "tokenizer_config.json"  # Transformers 5 writes its own class name, unknown to 4.x
     tok_config = json.loads(tok_path.read_text())
     tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_config["model_input_names"] = ["input_ids", "attention_mask"]  # 4.x adds token_type_ids, which LLaMA refuses
     tok_path.write_text(json.dumps(tok_config, indent=2) + "\n")
     for f in out.iterdir():
         f.chmod(0o644)  # safetensors writes 0600; package data must be readable by every user
