@@ -35,6 +35,24 @@ def test_tokenizer_gives_what_the_model_takes(model_and_tokenizer):
     assert model.generate(**batch, max_new_tokens=2, do_sample=False).shape[1] == batch["input_ids"].shape[1] + 2
 
 
+def test_every_data_file_is_package_data_by_name():
+    """What a wheel ships of data/ is named in pyproject.toml (a data/**/* glob shipped data/__pycache__
+    and scratch files): every file the package reads is matched, and no pattern spans all of data/."""
+    import fnmatch
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "sharelora_kernels"]
+    package = root / "sharelora_kernels"
+    shipped = [*default_model_dir().iterdir(), CALIBRATION_FILE, package / "ops" / "README.md",
+               package / "integrations" / "README.md"]
+    for f in shipped:
+        assert any(fnmatch.fnmatch(f.relative_to(package).as_posix(), p) for p in patterns), f
+    assert not any(fnmatch.fnmatch("data/__pycache__/x.pyc", p) for p in patterns)
+
+
 def test_architecture(model_and_tokenizer):
     model, _ = model_and_tokenizer
     c = model.config
