@@ -223,6 +223,22 @@ def test_a_csrc_folder_beside_an_installed_package_is_not_ours(tmp_path, monkeyp
     assert extension._own_csrc() == site / "csrc"
 
 
+def test_a_gpu_older_than_the_library_is_not_taken(monkeypatch):
+    """The CUDA library holds sm_80 / sm_90 code: on an older GPU (a T4, 7.5) its launch would fail
+    with a CUDA error; it is unavailable there (one warning) and the torch reference runs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    extension._builds_for.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert not extension.available("cuda") and not extension.available("cuda:0")
+        assert len(caught) == 1 and "built for compute capability 8.0 and later, this GPU is 7.5" in str(caught[0].message)
+        assert extension._builds_for((9, 0)) and extension._builds_for((10, 0))
+    finally:
+        extension._builds_for.cache_clear()
+
+
 def test_unavailable_library_warns_once(tmp_path, monkeypatch):
     monkeypatch.setattr(extension, "_PACKAGE_DIR", tmp_path)  # no prebuilt library there
     monkeypatch.setenv("SHARELORA_KERNELS_JIT", "0")

@@ -46,6 +46,7 @@ _CSRC_DIR = _own_csrc()
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc: SlDtype
 _NO_ERROR = 2**63 - 1  # csrc: SL_NO_ERROR
 _CUDA_MAX_LAYERS = 128  # csrc/angular_distance.cu: kMaxLayers (shared-memory Gram)
+_CUDA_MIN_CAPABILITY = (8, 0)  # csrc/build.py: CUDA_ARCHS (SASS for sm_80 / sm_90, PTX for later GPUs)
 _STATUS = {1: "invalid argument", 2: "CUDA error", 3: "internal error (out of memory?)"}
 _I64, _I32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
 _SIGNATURES = {
@@ -135,10 +136,24 @@ def _library(kind: str) -> ctypes.CDLL | None:
 
 def available(device: torch.device | str) -> bool:
     """Whether `angular_sums` can run on `device` ("cpu", "cuda", "cuda:1", a torch.device)."""
-    kind = torch.device(device).type
-    if kind == "cuda" and not torch.cuda.is_available():
+    device = torch.device(device)
+    kind = device.type
+    if kind == "cuda" and not (torch.cuda.is_available() and _builds_for(torch.cuda.get_device_capability(device))):
         return False
     return kind in _SIGNATURES and _library(kind) is not None
+
+
+@functools.cache
+def _builds_for(capability: tuple[int, int]) -> bool:
+    """Whether the CUDA library holds code for a GPU of ``capability`` (one warning if not: a launch
+    there would fail with a CUDA error; the torch reference runs instead)."""
+    if tuple(capability) >= _CUDA_MIN_CAPABILITY:
+        return True
+    warnings.warn(f"sharelora_kernels: the compiled CUDA angular-distance kernel is built for compute capability "
+                  f"{'.'.join(map(str, _CUDA_MIN_CAPABILITY))} and later, this GPU is "
+                  f"{'.'.join(map(str, capability))}; using the slower torch reference instead.", RuntimeWarning,
+                  stacklevel=3)
+    return False
 
 
 def takes(reps: torch.Tensor, layer_dim: int = 0) -> bool:
