@@ -228,28 +228,28 @@ def test_a_gpu_older_than_the_library_is_not_taken(monkeypatch):
     with a CUDA error; it is unavailable there (one warning) and the torch reference runs."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    extension._builds_for.cache_clear()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            assert not extension.available("cuda") and not extension.available("cuda:0")
-        assert len(caught) == 1 and "built for compute capability 8.0 and later, this GPU is 7.5" in str(caught[0].message)
-        assert extension._builds_for((9, 0)) and extension._builds_for((10, 0))
-    finally:
-        extension._builds_for.cache_clear()
+    caught = unavailable_twice(extension._builds_for, "cuda:0")
+    assert len(caught) == 1 and "built for compute capability 8.0 and later, this GPU is 7.5" in str(caught[0].message)
+    assert extension._builds_for((9, 0)) and extension._builds_for((10, 0))
 
 
 def test_unavailable_library_warns_once(tmp_path, monkeypatch):
     monkeypatch.setattr(extension, "_PACKAGE_DIR", tmp_path)  # no prebuilt library there
     monkeypatch.setenv("SHARELORA_KERNELS_JIT", "0")
-    extension._library.cache_clear()
+    caught = unavailable_twice(extension._library, "cpu")
+    assert len(caught) == 1 and "torch reference" in str(caught[0].message)
+
+
+def unavailable_twice(cached, device: str) -> list:
+    """The warnings of two ``available(device)`` calls, both False, ``cached``'s cache cleared around them."""
+    cached.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert not extension.available("cpu") and not extension.available("cpu")
-        assert len(caught) == 1 and "torch reference" in str(caught[0].message)
+            assert not extension.available(device) and not extension.available(device)
+        return caught
     finally:
-        extension._library.cache_clear()
+        cached.cache_clear()
 
 
 def test_common_header_links_into_one_library_from_two_translation_units(tmp_path):

@@ -49,7 +49,9 @@ def check_path(i: int, p: LoRAPath, k: int, n: int) -> None:
         raise ValueError(f"path {i}: unknown kind {p.kind!r}")
     if len(p.tensors) != len(PATH_ROLES[p.kind]):
         raise ValueError(f"path {i} ({p.kind}) needs tensors {PATH_ROLES[p.kind]}, got {len(p.tensors)}")
-    if isinstance(p.scale, bool) or not isinstance(p.scale, numbers.Real) or not math.isfinite(p.scale):
+    if (isinstance(p.scale, bool) or not isinstance(p.scale, numbers.Real)
+            # a traced scale may be symbolic (compile(dynamic=True)), which math.isfinite breaks the graph on
+            or (not torch.compiler.is_compiling() and not math.isfinite(p.scale))):
         raise ValueError(f"path {i} ({p.kind}): scale must be a finite real number, got {p.scale!r}")
     for name, offset in (("k_offset", p.k_offset), ("n_offset", p.n_offset)):
         if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
