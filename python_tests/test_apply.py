@@ -467,6 +467,9 @@ def test_a_pending_group_output_is_not_served_after_what_it_read_changed():
     with torch.no_grad():
         attn.k_proj.lora_paths[0].B.zero_()
     assert torch.equal(attn.k_proj(x), base_k(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # q under autocast, k outside it: k's output was bf16
+        attn.q_proj(x)
+    assert attn.k_proj(x).dtype == torch.float32
 
 
 @pytest.mark.parametrize("how", ["assign_load", "data", "base_data", "double"])

@@ -102,11 +102,12 @@ class InputGroup:
         """What a pending output was computed from, as cheap values: x's and every tensor's version
         of the run's ``plan`` (in-place writes; a tensor replaced, frozen or unfrozen is told by the
         plan itself: ``tensors_as_built``), each member's paths version (adapters switched, enabled,
-        disabled, merged) and train / eval mode. Not traced (``plan`` None): a compiled model's calls are one graph."""
+        disabled, merged), train / eval mode and autocast. Not traced (``plan`` None): a compiled
+        model's calls are one graph."""
         if plan is None:
             return ()
-        return (x._version, *(m._paths_version for m in self.members), *(m.training for m in self.members),
-                *map(_version, plan._tensors))
+        return (x._version, call_plan.autocast_state(x), *(m._paths_version for m in self.members),
+                *(m.training for m in self.members), *map(_version, plan._tensors))
 
     def _run(self, x: Tensor, module: SharedLoRALinear) -> tuple[Tensor, ...] | None:
         """The group's op on x, or None where its members cannot run together (``_can_group``).

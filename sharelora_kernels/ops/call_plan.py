@@ -97,12 +97,16 @@ def environment(x: Tensor, training: bool, paths_version: Hashable) -> tuple:
     mode, autocast (its dtype, or None when off), the settings' version, the layer's train/eval mode
     and ``_paths_version``. (Every Python-level call here costs a call's host time: autocast's state
     is read once when no autocast is on anywhere.)"""
-    autocast = None
-    if _any_autocast():
-        device = x.device.type
-        autocast = torch.get_autocast_dtype(device) if autocast_enabled(device) else None
-    return (x.dtype, x.device, x.layout, x.requires_grad, torch.is_grad_enabled(), autocast,
+    return (x.dtype, x.device, x.layout, x.requires_grad, torch.is_grad_enabled(), autocast_state(x),
             dispatch.SETTINGS.version, training, paths_version)
+
+
+def autocast_state(x: Tensor) -> torch.dtype | None:
+    """The autocast dtype on x's device type, or None when autocast is off there."""
+    if not _any_autocast():
+        return None
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if autocast_enabled(device) else None
 
 
 def _any_autocast_fallback() -> bool:
