@@ -38,6 +38,53 @@ def test_every_family_takes_its_default_targets(family):
         assert not torch.allclose(run(model, ids), expected, atol=1e-4)
 
 
+LLAMA_LIKE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, vocab_size=64)
+MORE_FAMILIES = {  # tiny configs of the families with defaults beyond FAMILIES
+    "opt": dict(hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
+                max_position_embeddings=64, vocab_size=64),
+    "gptj": dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64, vocab_size=64, bos_token_id=1,
+                 eos_token_id=2),
+    "qwen2_moe": {**LLAMA_LIKE, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16, "num_experts": 4},
+    "qwen3_moe": {**LLAMA_LIKE, "moe_intermediate_size": 16, "num_experts": 4, "head_dim": 8},
+    "olmoe": {**LLAMA_LIKE, "num_experts": 4, "num_experts_per_tok": 2},
+    "mixtral": {**LLAMA_LIKE, "num_local_experts": 4},
+    "gemma3_text": {**LLAMA_LIKE, "head_dim": 8}, "cohere": LLAMA_LIKE, "starcoder2": LLAMA_LIKE,
+}
+
+
+@pytest.mark.parametrize("family", list(MORE_FAMILIES))
+def test_more_families_take_their_default_targets(family):
+    """Every default entry is a linear module of the family (target_modules=None raised for these); a
+    mixture of experts defaults to attention, its experts being fused 3-D parameters."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(family,
+                                                                                            **MORE_FAMILIES[family]))
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in sk.apply(model, sk.ShareLoRAConfig(r=2)).named_modules()
+               if isinstance(m, sk.SharedLoRALinear)}
+    assert wrapped == set(DEFAULT_TARGET_MODULES[family])
+
+
+def test_fused_expert_parameters_a_target_names_are_told():
+    """Routed experts stored as fused 3-D parameters are no linear modules: a target naming them
+    warns that they stay frozen (it adapted the shared expert alone, silently), or names them in the
+    error when nothing else matches."""
+    import transformers
+
+    make = lambda family: transformers.AutoModelForCausalLM.from_config(  # noqa: E731
+        transformers.AutoConfig.for_model(family, **MORE_FAMILIES[family]))
+    with pytest.warns(UserWarning, match=r"2 fused expert parameter\(s\) of this model .*'model.layers.0.mlp.experts."
+                                         r"down_proj'.* get no adapter and stay frozen"):
+        model = sk.apply(make("qwen2_moe"), sk.ShareLoRAConfig(r=2, target_modules=["down_proj"]))
+    assert isinstance(model.model.layers[0].mlp.shared_expert.down_proj, sk.SharedLoRALinear)
+    with pytest.raises(ValueError, match=r"entry 'down_proj' matches no module of this model, only fused expert "
+                                         r"parameters \('model.layers.0.mlp.experts.down_proj', \.\.\.\)"):
+        sk.apply(make("olmoe"), sk.ShareLoRAConfig(r=2, target_modules=["down_proj"]))
+    with pytest.warns(UserWarning, match="4 fused expert parameter"):
+        sk.apply(make("olmoe"), sk.ShareLoRAConfig(r=2, target_modules="all-linear"))
+
+
 def test_model_type_without_defaults_asks_for_target_modules():
     net = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="default targets of the model's model_type, and there are none for None.*"
@@ -239,6 +286,9 @@ def test_modules_to_save_default_heads_and_errors():
     assert find_modules_to_save(tiny_family("llama", "seq_cls"), sk.ShareLoRAConfig()) == ["score"]
     assert find_modules_to_save(tiny_family("bert", "token_cls"), sk.ShareLoRAConfig()) == ["classifier"]
     assert find_modules_to_save(tiny_family("bert", "qa"), sk.ShareLoRAConfig()) == ["qa_outputs"]
+    distilbert = tiny_family("distilbert", "seq_cls", dim=32, hidden_dim=48, n_layers=1, n_heads=4,
+                             max_position_embeddings=64)  # its pre_classifier is new too: PEFT trains it (it stayed frozen)
+    assert find_modules_to_save(distilbert, sk.ShareLoRAConfig()) == ["pre_classifier", "classifier"]
     assert find_modules_to_save(tiny_family("bert", "seq_cls"), sk.ShareLoRAConfig(modules_to_save=[])) == []
     assert find_modules_to_save(tiny_model(), sk.ShareLoRAConfig()) == []
     with pytest.raises(ValueError, match="modules_to_save entry 'clasifier' matches no module"):

@@ -22,6 +22,7 @@ Layers and module types (what the planners share by):
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -48,6 +49,12 @@ class ModuleInfo:
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     **{t: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
        for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")},
+    **{t: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"] for t in ("gemma3_text", "cohere")},
+    # mixture-of-experts: the experts are fused 3-D parameters (no linear modules), so attention only
+    **{t: ["q_proj", "k_proj", "v_proj"] for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")},
+    "opt": ["q_proj", "k_proj", "v_proj", "fc1", "fc2"],
+    "gptj": ["q_proj", "k_proj", "v_proj", "fc_in", "fc_out"],
+    "starcoder2": ["q_proj", "k_proj", "v_proj", "c_fc", "c_proj"],  # c_proj: the MLP's (attention's is o_proj)
     "phi3": ["qkv_proj", "gate_up_proj", "down_proj"],  # fused q/k/v and gate/up
     "gpt2": ["c_attn", "c_fc", "mlp.c_proj"],  # Conv1D; attn.c_proj is the output projection
     # fused q/k/v, up, down; the attention output is "attention.dense" / "self_attention.dense"
@@ -67,7 +74,8 @@ _TASK_MAPPINGS = (("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
 _TASK_SUFFIXES = (("CAUSAL_LM", "ForCausalLM"), ("SEQ_CLS", "ForSequenceClassification"),
                   ("TOKEN_CLS", "ForTokenClassification"), ("QUESTION_ANS", "ForQuestionAnswering"))
 # modules_to_save=None means these heads for these tasks (PEFT's task types do the same)
-TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score", "pre_classifier"), "TOKEN_CLS": ("classifier", "score", "pre_classifier"),
+              "QUESTION_ANS": ("qa_outputs",)}  # pre_classifier: DistilBERT's, new at init as its classifier
 
 
 def peft_task_type(model: nn.Module) -> str | None:
@@ -197,7 +205,14 @@ def find_target_modules(model: nn.Module, config: ShareLoRAConfig,
         if config.target_modules is not None and not isinstance(spec, str):
             missing = [e for e in spec if not any(matches(n, [e]) for n in modules if n)]
             if missing:
-                raise ValueError(f"target_modules entry {missing[0]!r} matches no module of this model")
+                fused = _fused_experts(model, [missing[0]])
+                raise ValueError(f"target_modules entry {missing[0]!r} matches no module of this model" + (
+                    f", only fused expert parameters ({fused[0]!r}, ...), which get no adapter" if fused else ""))
+    fused = _fused_experts(model, spec)
+    if fused:
+        warnings.warn(f"{len(fused)} fused expert parameter(s) of this model (e.g. {fused[0]!r}: 3-D, one slice per "
+                      "expert) match the targets but are no linear modules: they get no adapter and stay frozen "
+                      "(ShareLoRA adapts linear modules)", stacklevel=3)
     picked = [n for n in picked if not any(_inside(n, s) for s in saved)]
     picked = _exclude(picked, modules, config.exclude_modules)
     picked = _keep_layers(picked, config)
@@ -221,6 +236,13 @@ def find_target_modules(model: nn.Module, config: ShareLoRAConfig,
     found = max((m.layer for m in infos if m.layer is not None), default=-1) + 1
     configured = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     return infos, max(found, configured or 0)
+
+
+def _fused_experts(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
+    """Names of the model's fused MoE expert parameters (3-D, as recent Transformers stores a layer's
+    experts) that ``spec`` names, all of them for "all-linear"."""
+    fused = [n for n, p in model.named_parameters() if p.dim() == 3 and "expert" in n]
+    return fused if spec == ALL_LINEAR else [n for n in fused if matches(n, spec)]
 
 
 def peft_target_names(model: nn.Module, names: Sequence[str]) -> list[str]:
