@@ -7,6 +7,9 @@ than a tile; and drawn batches (adapters, rows, shapes) of all of these.
 """
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -298,17 +301,27 @@ def test_torch_stacks_once_per_adapter_set_and_checks_once_per_batch():
         batch = adapter_batch(rows, 5)
         y = multi_adapter_add(y0.clone(), x, batch, tables, use_triton=False)
         assert rel_err(y - y0, float64_rows(y0, x, rows, adapters, 1) - y0.double()) < TOL[torch.float32]
-        assert len(tables.stacks) == 1  # one entry: the group of all five adapters
+        assert len(stacks_of([batch], tables)) == 1  # one entry: the group of all five adapters
     rows = [0, 1, 2, 3]
     batch = adapter_batch(rows, 5)
     first = multi_adapter_add(y0[:4].clone(), x[:4], batch, tables, use_triton=False)
-    stacks = next(iter(tables.stacks.values()))[0]
+    stacks = stacks_of([batch], tables)
     adapters[1][3].tensors[0].mul_(-2.0)  # A_s of adapter 1's Kronecker path, in place
     assert torch.equal(multi_adapter_add(y0[:4].clone(), x[:4], batch, tables, use_triton=False), first)
+    assert stacks_of([batch], tables) == stacks  # the batch keeps its stacks
     y = multi_adapter_add(y0[:4].clone(), x[:4], adapter_batch(rows, 5), tables, use_triton=False)
     assert rel_err(y - y0[:4], float64_rows(y0[:4], x[:4], rows, adapters, 1) - y0[:4].double()) < TOL[torch.float32]
     assert not torch.equal(y[1], first[1]) and torch.equal(y[0], first[0])
-    assert next(iter(tables.stacks.values()))[0] is not stacks  # restacked after the change
+    alive = weakref.ref(next(iter(stacks.values()))[0][0])  # a stacked copy (the dense paths' A)
+    del batch, stacks
+    gc.collect()
+    assert alive() is None  # the copies go with their batch (the tables kept them after it)
+
+
+def stacks_of(batches, tables) -> dict:
+    """Group key -> the stacked factors the torch path keeps in ``batches`` for a layer's ``tables``."""
+    return {slot[2]: value[0] for b in batches for slot, value in b.cache.items()
+            if isinstance(slot, tuple) and slot[0] == "stacks" and value[1] is tables.adapters}
 
 
 def test_torch_decode_rows_in_order_need_no_gather():

@@ -10,6 +10,7 @@ import sharelora_kernels as sk
 from sharelora_kernels.model import adapter_names, adapter_store, adapter_tensors
 from sharelora_kernels.serving import layer_tables
 from tiny_models import METHOD_CONFIGS, TARGETS, randomize_adapters, tiny_model, token_batch
+from test_ops_multi_adapter import stacks_of
 
 NAMES = list(METHOD_CONFIGS)
 
@@ -367,10 +368,11 @@ def test_layers_sharing_tensors_share_their_stacked_copy(bank):
                                  "k1": METHOD_CONFIGS["bishare_kron"], "k2": METHOD_CONFIGS["bishare_kron"]})
     with torch.no_grad(), sk.mixed_batch(model, ["s1", "s2", "k1", "k2"]):
         model(token_batch(batch=4, seq=1))
+        batches = batches_of(model)
 
     layers = model.model.layers
-    q = [layer_tables(layers[i].self_attn.q_proj, adapter_names(model)).stacks for i in range(4)]
-    by_group = [{group: entry[0] for (group, *_), entry in stack.items()} for stack in q]
+    q = [stacks_of(batches, layer_tables(layers[i].self_attn.q_proj, adapter_names(model))) for i in range(4)]
+    by_group = [{key[0]: factors for key, factors in stack.items()} for stack in q]
     similarity, kron = (0, 1), (2, 3)
     # layers 1, 2, 3 share one A and B per module type (share_sets [[1, 2, 3]]); layer 0 has its own
     assert by_group[1][similarity][0][0] is by_group[2][similarity][0][0] is by_group[3][similarity][0][0]
@@ -380,12 +382,17 @@ def test_layers_sharing_tensors_share_their_stacked_copy(bank):
     assert len({id(g[kron][1][-1][0]) for g in by_group}) == 1
 
 
-def stacked_bytes(model) -> int:
-    """Bytes of the CPU path's stacked copies held by the model's layers, each storage once."""
+def batches_of(model) -> list:
+    """The adapter batches of the mixed batch running on ``model`` (inside its block)."""
+    return list(next(m for m in model.modules() if isinstance(m, sk.SharedLoRALinear)).mixed_batch._batches.values())
+
+
+def stacked_bytes(model, batches) -> int:
+    """Bytes of the CPU path's stacked copies ``batches`` hold for the model's layers, each storage once."""
     storages = {}
     for layer in model.modules():
         if isinstance(layer, sk.SharedLoRALinear) and layer._mixed_tables is not None:
-            for (dense, krons), _ in layer._mixed_tables.tables.stacks.values():
+            for dense, krons in stacks_of(batches, layer._mixed_tables.tables).values():
                 for t in [*(dense or ()), *(t for kron in krons for t in kron)]:
                     storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(storages.values())
@@ -404,6 +411,7 @@ def test_the_stacked_copy_takes_what_the_docstring_says(method):
         model = with_adapters(base, {n: configs[method] for n in names}).to(dtype)
         with torch.no_grad(), sk.mixed_batch(model, names):
             model(token_batch(batch=3, seq=1))
+            stacked = stacked_bytes(model, batches_of(model))
         bank = sum(sk.adapter_memory(model).values())
         layers = [m for m in model.modules() if isinstance(m, sk.SharedLoRALinear)]
         paths = [(layer, p) for layer in layers for n in names for p in layer.paths([n])]
@@ -415,7 +423,7 @@ def test_the_stacked_copy_takes_what_the_docstring_says(method):
             want = (sum(a.values()) + sum(b.values())) * 4
         else:
             want = bank * (4 // dtype.itemsize)
-        assert stacked_bytes(model) == want, dtype
+        assert stacked == want, dtype
 
 
 def test_a_model_converted_in_place_is_served_in_its_new_dtype(bank):

@@ -158,10 +158,8 @@ class AdapterTables:
 
     adapters: one tuple of LoRAPaths per adapter (possibly empty); in_features K, out_features N;
     groups: the adapters with paths, grouped by structure (``multi_adapter_torch.structure``: the torch
-    path runs each group's segments together; it keeps each group's stacked operands in ``stacks``,
-    built on first use for every adapter of the group and kept while their tensors are unchanged,
-    whichever adapters a batch uses). The Triton tables are built on first Triton use
-    (``device_tables``) and kept.
+    path runs each group's segments together, its operands stacked once per batch, kept in the batch's
+    cache). The Triton tables are built on first Triton use (``device_tables``) and kept.
     """
 
     adapters: tuple[tuple[LoRAPath, ...], ...]
@@ -171,7 +169,6 @@ class AdapterTables:
     device: torch.device | None  # of every adapter tensor (None: no tensors)
     dtypes: frozenset  # of the adapter tensors
     _device: object = field(default=None, repr=False)
-    stacks: dict = field(default_factory=dict, repr=False)  # the torch path's stacked operands (a cache of copies)
     verified: dict = field(default_factory=dict, repr=False)  # compute dtype -> the kernels agreed (``_verified_add``)
 
     @property
@@ -313,7 +310,7 @@ def _verified_add(y: Tensor, x: Tensor, batch: AdapterBatch, tables: AdapterTabl
         from .multi_adapter_triton import triton_add
 
         want, got = (torch.zeros(y.shape, dtype=torch.float32, device=y.device) for _ in range(2))
-        torch_add(want, x, batch, tables.adapters, tables.groups, tables.stacks)
+        torch_add(want, x, batch, tables.adapters, tables.groups)
         triton_add(got, x, batch, tables.device_tables(batch))
         err, _ = dispatch.result_error({"y": got}, {"y": want})
         tol = max(dispatch.TOLERANCE.get(d, dispatch.TOLERANCE[torch.float32]) for d in {compute, *tables.dtypes})
@@ -352,13 +349,13 @@ def multi_adapter_add(y: Tensor, x: Tensor, batch: AdapterBatch, tables: Adapter
     y2, x2 = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]).to(compute)
     with torch.autocast(x.device.type, enabled=False):  # the dtypes are chosen above
         if use_triton and verify and not _verified_add(y2, x2, batch, tables, compute):
-            torch_add(y2, x2, batch, tables.adapters, tables.groups, tables.stacks)
+            torch_add(y2, x2, batch, tables.adapters, tables.groups)
         elif use_triton:
             from .multi_adapter_triton import triton_add
 
             triton_add(y2, x2, batch, tables.device_tables(batch))
         else:
-            torch_add(y2, x2, batch, tables.adapters, tables.groups, tables.stacks)
+            torch_add(y2, x2, batch, tables.adapters, tables.groups)
     return y
 
 

@@ -176,17 +176,18 @@ def group_factors(adapters: Sequence[Sequence[LoRAPath]], k: int, n: int, dtype:
     return dense, tuple(krons)
 
 
-def cached_factors(cache: dict, key: tuple, adapters: Sequence[Sequence[LoRAPath]], k: int, n: int,
+def cached_factors(owner: tuple, key: tuple, adapters: Sequence[Sequence[LoRAPath]], k: int, n: int,
                    dtype: torch.dtype, acc: torch.dtype, device, batch) -> tuple:
-    """``group_factors``, kept in ``cache`` under ``key`` for the rest of ``batch`` (its metadata: every
-    layer and every decode step of one mixed batch reuse it), made anew at the first call of the next:
-    a batch reads the adapters as they were when it started. A cache of copies: the adapter bank
-    itself stays unique."""
-    hit = cache.get(key)
-    if hit is not None and hit[1]() is batch:
+    """``group_factors``, kept in ``batch``'s cache (its metadata: every decode step of one mixed batch
+    reuses it) under ``owner`` (a layer's tables' adapters: each layer its own) and ``key``, made anew
+    for the next batch: a batch reads the adapters as they were when it started. A cache of copies,
+    which goes with the batch (the adapter bank itself stays unique)."""
+    slot = ("stacks", id(owner), key)
+    hit = batch.cache.get(slot)
+    if hit is not None and hit[1] is owner:
         return hit[0]
     factors = group_factors(adapters, k, n, dtype, acc, device, batch.cache)
-    cache[key] = (factors, weakref.ref(batch))
+    batch.cache[slot] = (factors, owner)
     return factors
 
 
@@ -236,11 +237,10 @@ def _fold(xs: Tensor, k_a: Tensor, d: int) -> Tensor:
     return fold
 
 
-def torch_add(y: Tensor, x: Tensor, batch, adapters: Sequence[Sequence[LoRAPath]],
-              groups: tuple[tuple[int, ...], ...], cache: dict | None = None) -> None:
-    """y (M, N) += each token's adapter paths of x (M, K) (x in the compute dtype) in place; cache: where
-    each structure group keeps its stacked operands (``cached_factors``: made once per batch; None:
-    at each call)."""
+def torch_add(y: Tensor, x: Tensor, batch, adapters: tuple[tuple[LoRAPath, ...], ...],
+              groups: tuple[tuple[int, ...], ...]) -> None:
+    """y (M, N) += each token's adapter paths of x (M, K) (x in the compute dtype) in place; each
+    structure group's stacked operands are made once per batch (``cached_factors``)."""
     acc = accumulation_dtype(x.dtype)
     n, k = y.shape[1], x.shape[1]
     for item in segment_plan(batch, groups):
@@ -255,8 +255,8 @@ def torch_add(y: Tensor, x: Tensor, batch, adapters: Sequence[Sequence[LoRAPath]
             continue
         _, members, g, lanes, tokens, real, dest, c = item
         xs = (x if tokens is None else x.index_select(0, tokens)).to(acc).reshape(len(members), c, k)
-        factors = cached_factors({} if cache is None else cache, (groups[g], x.dtype, acc),
-                                 [adapters[a] for a in groups[g]], k, n, x.dtype, acc, y.device, batch)
+        factors = cached_factors(adapters, (groups[g], x.dtype, acc), [adapters[a] for a in groups[g]], k, n,
+                                 x.dtype, acc, y.device, batch)
         out = batched_paths(xs, n, factors, lanes).view(-1, n)
         if tokens is None:
             y.add_(out.to(y.dtype))
