@@ -414,13 +414,13 @@ class CountingEnviron(dict):
 #               dA, dB (scaled)                                                                     8
 #   slice       the same, and one pad per tensor (the window's gradient in the tensor's shape)     10
 #   3 paths     the factors stacked (2), B scaled, h, bias + h B^T, the base GEMM; backward dh,
-#               dx (2), dA, dB (GEMM, scaling), two pads per slice, autograd's copy of the plain
-#               path's dB (a column window of the stacked one)                                     18
+#               dx (2), dA, dB (GEMM, scaling), two pads per slice, a copy of the plain path's rows
+#               of dA and autograd's of its dB (a column window of the stacked one)                19
 #   gate        the core (G_od B, A G_iu, their product), A_eff, h, bias + h G_ou^T, the base
 #               GEMM; backward dh, dx (2), dA_eff, dG_ou, dC, dP, dQ, and one GEMM per tensor     20
 #   kron        the base GEMM, the fold, h, h B_s^T, its Kronecker add; backward the fold of dy,
 #               dh, du, dA_s, dB_s, dK_A and dK_B (a batched GEMV each), dx (tile, base GEMM)     14
-LEAN = {("plain",): 8, ("slice",): 10, ("plain", "slice", "slice"): 18, ("gate",): 20, ("kron",): 14,
+LEAN = {("plain",): 8, ("slice",): 10, ("plain", "slice", "slice"): 19, ("gate",): 20, ("kron",): 14,
         ("gate", "kron"): 32}
 
 

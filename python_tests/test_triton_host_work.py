@@ -101,8 +101,9 @@ def steady_call(run, x, dys, per_plan: collections.Counter) -> tuple[dict, list[
     return dict(launches), mode.ops
 
 
-@pytest.mark.parametrize("kinds,pads", [(("plain",), 0), (("plain", "slice", "slice"), 4), (("gate", "kron"), 0)])
-def test_steady_state_triton_layer_call(kinds, pads, per_plan):
+@pytest.mark.parametrize("kinds,pads,copies", [(("plain",), 0, 0), (("plain", "slice", "slice"), 4, 1),
+                                               (("gate", "kron"), 0, 0)])
+def test_steady_state_triton_layer_call(kinds, pads, copies, per_plan):
     ops.set_backend("triton")
     layer = bishare_layer(kinds=kinds)
     x = torch.randn(2, 4, K, requires_grad=True)
@@ -112,8 +113,9 @@ def test_steady_state_triton_layer_call(kinds, pads, per_plan):
     # kernel), dA (at these sizes one split each: no second-stage reduction)
     assert launches == {"_lowrank_project_kernel": 1, "gemm": 2, "_dy_lowrank_kernel": 1,
                         "_lowrank_grad_kernel": 1}
-    # h, the (empty) dropout mask, y; dh, dB, dx, dA; a padded gradient per window of a wider tensor
-    assert sorted(allocations) == sorted(["empty"] * 7 + ["constant_pad_nd"] * pads), allocations
+    # h, the (empty) dropout mask, y; dh, dB, dx, dA; a padded gradient per window of a wider tensor;
+    # a copy of the plain path's rows of dA (as its .grad, a view would keep the whole buffer)
+    assert sorted(allocations) == sorted(["empty"] * 7 + ["constant_pad_nd"] * pads + ["clone"] * copies), allocations
     check_against_float64(layer, x)  # the kernels, run: the plan's call is right
 
 
@@ -190,8 +192,9 @@ def test_steady_state_grouped_call(per_plan):
     # one grouped dx GEMM, one dA over the group's distinct A-views
     assert launches == {"_lowrank_project_kernel": 1, "_grouped_linear_kernel": 2, "_dy_lowrank_kernel": 3,
                         "_lowrank_grad_kernel": 1}
-    # h, the mask, three y; dh and dB per module, the modules' dh side by side; dx, dA
-    assert sorted(allocations) == sorted(["empty"] * 13 + ["cat"]), allocations
+    # h, the mask, three y; dh and dB per module, the modules' dh side by side; dx, dA; a copy of each
+    # module's rows of the group's dA (as its .grad, a view would keep the whole buffer)
+    assert sorted(allocations) == sorted(["empty"] * 13 + ["cat"] + ["clone"] * 3), allocations
     for y, ref in zip([layer(x) for layer in layers], own):  # the kernels, run
         assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
 

@@ -199,14 +199,19 @@ class DenseProgram:
 
     def tensor_grads(self, ga: Tensor, gb: Tensor) -> list[Tensor]:
         """Each path's (dA, dB) from the stacked dA (R, K) and dB (N, R): split by rank, a slice's
-        window gradient padded into its tensor's shape."""
+        window gradient padded into its tensor's shape. A path's rows of a stacked dA are copied:
+        autograd would keep them as its .grad, and with them the whole (R, K) buffer (dB's column
+        blocks it copies itself, their layout not the parameter's)."""
         if self.single:
             parts = ((self.pads[0], ga, gb),)
         else:
             parts = zip(self.pads, ga.split_with_sizes(self.ranks), gb.split_with_sizes(self.ranks, 1))
         grads = []
         for pad, da, db in parts:
-            grads += (da, db) if pad is None else (torch.constant_pad_nd(da, pad[0]), torch.constant_pad_nd(db, pad[1]))
+            if pad is None:
+                grads += (da if self.single else da.clone(), db)
+            else:
+                grads += (torch.constant_pad_nd(da, pad[0]), torch.constant_pad_nd(db, pad[1]))
         return grads
 
 

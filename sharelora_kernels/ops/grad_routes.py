@@ -9,7 +9,8 @@ them once, for one set of tensors needing a gradient:
 
     direct    a tensor read whole by one plain or slice path: its gradient IS rows r0:r1 of a
               factor gradient (transposed for B), cast to the tensor's dtype where it differs;
-              no buffer, no copy
+              no buffer; a copy only of some rows of a larger one (as a .grad, autograd would
+              keep the whole buffer alive)
     single    a tensor with one contribution through a chain (Kronecker, gate) or a window
               (a slice of a larger tensor): that contribution, padded to the tensor's shape
     summed    a tensor read by several paths (shared tensors within one call): one fp32 buffer,
@@ -67,17 +68,23 @@ class GradRoutes:
                 for r in roles:
                     contributions[slot_of[route.slots[r]]] = contributions.get(slot_of[route.slots[r]], 0) + 1
         self.count = len(tensors)
-        self.direct: list[tuple[int, int, int, int, bool, torch.dtype | None]] = []
-        self.chained: list[tuple[int, int, int, LoRAPath, str, dict[int, int]]] = []
+        direct, self.chained = [], []
         for route, roles in live:
             slots = {r: slot_of[route.slots[r]] for r in roles}
             slot = next(iter(slots.values())) if len(slots) == 1 else None
             if slot is not None and contributions[slot] == 1 and _reads_whole(route, tensors[slot]):
                 t = tensors[slot]
-                self.direct.append((slot, route.source, route.r0, route.r1, route.factor == "b",
-                                    None if t.dtype == torch.float32 else t.dtype))
+                direct.append((slot, route.source, route.r0, route.r1, route.factor == "b",
+                               None if t.dtype == torch.float32 else t.dtype))
             else:
                 self.chained.append((route.source, route.r0, route.r1, route.path, route.factor, slots))
+        # Some rows of a factor gradient handed on as a view that autograd keeps as the .grad (rows of
+        # A; a rank-1 B^T, whose transpose is contiguous: a wider one it copies) keep all of it alive
+        # until zero_grad, the other rows too (another path's, a shared tensor's it adds elsewhere):
+        # copied instead. The whole gradient stays a view.
+        rows = {s: max(r.r1 for r in routes if r.source == s) for s in {r.source for r in routes}}
+        self.direct: list[tuple[int, int, int, int, bool, torch.dtype | None, bool]] = [
+            (*d, d[5] is None and (not d[4] or d[3] - d[2] == 1) and d[3] - d[2] < rows[d[1]]) for d in direct]
         self.summed = [(slot, tuple(tensors[slot].shape), tensors[slot].device)
                        for slot, n in contributions.items() if n > 1]
         self.shapes = {slot: tuple(tensors[slot].shape) for slot in contributions}
@@ -94,13 +101,17 @@ class GradRoutes:
         """The gradients of the tensors from ``grads``, the factor gradients by source number (fp32;
         None for a source no route ``uses``)."""
         out: list[Tensor | None] = [None] * self.count
-        for slot, source, r0, r1, transpose, dtype in self.direct:
+        for slot, source, r0, r1, transpose, dtype, copy in self.direct:
             g = grads[source]
             if r0 or r1 != g.shape[0]:  # a view only where needed (autograd adds a view slower)
                 g = g[r0:r1]
             if transpose:
                 g = g.t()
-            out[slot] = g if dtype is None else g.to(dtype)
+            if dtype is not None:
+                g = g.to(dtype)
+            elif copy:  # as its .grad, autograd would keep these rows, and with them the whole buffer
+                g = g.clone(memory_format=torch.contiguous_format)
+            out[slot] = g
         if not self.chained:
             return out
         buffers = {slot: torch.zeros(shape, device=device, dtype=torch.float32) for slot, shape, device in self.summed}
