@@ -68,7 +68,9 @@ class MixedBatch:
         rows = self._rows_of.get(count)
         if rows is None:
             raise ValueError(f"adapter_names gives {len(self.rows)} rows, the batch has {count}: give one name "
-                             "per row (generate's num_beams / num_return_sequences repeat rows: pass expand)")
+                             "per row (generate's num_beams / num_return_sequences repeat rows: pass expand; a "
+                             "module given the tokens of all rows flattened into one dim, as OPT's fc1 / fc2 "
+                             "are, cannot be served by row: leave it out of target_modules)")
         return rows
 
     def names_for(self, count: int) -> list[str]:
