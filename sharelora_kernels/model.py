@@ -24,12 +24,11 @@ from .config import ShareLoRAConfig, check_bool
 from .grouping import check_known_architecture, disable_input_groups, enable_input_groups
 from .layer import (DEFAULT_ADAPTER, STORE_ATTR, AdapterStore, AdapterStores, LoRAPathModule, SharedLoRALinear,
                     adapter_name_list, check_adapter_name, new_parameter)
-from .plan import ModuleInfo, ModulePlan, SharePlan, TensorSpec, build_plan
+from .plan import HAND_WRAPPED, ModuleInfo, ModulePlan, SharePlan, TensorSpec, build_plan
 from .targeting import (check_no_peft, find_modules_to_save, find_target_modules, layer_position, module_type,
                         type_labels)
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-HAND_WRAPPED = "hand_wrapped"  # the method of a plan read off hand-wrapped layers
 # Writes one named adapter's checkpoint into a folder: (model, folder, adapter name). Set by
 # checkpoint.py (a higher layer) so that a Transformers model's save_pretrained writes its adapters.
 ADAPTER_WRITERS: list[Callable[[nn.Module, Path, str], None]] = []

@@ -24,6 +24,7 @@ from .config import METHODS, PATH_ROLES, ShareLoRAConfig, check_int, check_share
 from .targeting import ModuleInfo, layer_position
 
 INIT_KINDS = ("kaiming_uniform", "kaiming_normal", "gaussian", "zeros")
+HAND_WRAPPED = "hand_wrapped"  # the method of a plan read off hand-wrapped layers
 
 
 @dataclass
@@ -137,8 +138,8 @@ class SharePlan:
         """ValueError naming the first value ``to_dict`` would not write: an unknown method or path
         kind, a path naming a tensor the plan lacks or a tensor its kind does not read, a shape or
         rank that is not positive integers, a scale that is not a finite number."""
-        if self.method not in METHODS:
-            raise ValueError(f"plan method {self.method!r} is not one of {list(METHODS)}")
+        if self.method not in (*METHODS, HAND_WRAPPED):
+            raise ValueError(f"plan method {self.method!r} is not one of {[*METHODS, HAND_WRAPPED]}")
         check_int("plan num_layers", self.num_layers, minimum=0)
         for name, t in self.tensors.items():
             for n in t.shape:
