@@ -48,8 +48,7 @@ class ModuleInfo:
 # own table targets attention q and v only; pass target_modules=["q_proj", "v_proj"] for that.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     **{t: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-       for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")},
-    **{t: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"] for t in ("gemma3_text", "cohere")},
+       for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "cohere")},
     # mixture-of-experts: the experts are fused 3-D parameters (no linear modules), so attention only
     **{t: ["q_proj", "k_proj", "v_proj"] for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")},
     "opt": ["q_proj", "k_proj", "v_proj", "fc1", "fc2"],
@@ -74,8 +73,8 @@ _TASK_MAPPINGS = (("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
 _TASK_SUFFIXES = (("CAUSAL_LM", "ForCausalLM"), ("SEQ_CLS", "ForSequenceClassification"),
                   ("TOKEN_CLS", "ForTokenClassification"), ("QUESTION_ANS", "ForQuestionAnswering"))
 # modules_to_save=None means these heads for these tasks (PEFT's task types do the same)
-TASK_HEADS = {"SEQ_CLS": ("classifier", "score", "pre_classifier"), "TOKEN_CLS": ("classifier", "score", "pre_classifier"),
-              "QUESTION_ANS": ("qa_outputs",)}  # pre_classifier: DistilBERT's, new at init as its classifier
+_CLASSIFIERS = ("classifier", "score", "pre_classifier")  # pre_classifier: DistilBERT's, new at init as its classifier
+TASK_HEADS = {"SEQ_CLS": _CLASSIFIERS, "TOKEN_CLS": _CLASSIFIERS, "QUESTION_ANS": ("qa_outputs",)}
 
 
 def peft_task_type(model: nn.Module) -> str | None:

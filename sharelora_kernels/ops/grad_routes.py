@@ -68,23 +68,23 @@ class GradRoutes:
                 for r in roles:
                     contributions[slot_of[route.slots[r]]] = contributions.get(slot_of[route.slots[r]], 0) + 1
         self.count = len(tensors)
-        direct, self.chained = [], []
+        rows = {s: max(r.r1 for r in routes if r.source == s) for s in {r.source for r in routes}}  # R per source
+        self.direct: list[tuple[int, int, int, int, bool, torch.dtype | None, bool]] = []
+        self.chained: list[tuple[int, int, int, LoRAPath, str, dict[int, int]]] = []
         for route, roles in live:
             slots = {r: slot_of[route.slots[r]] for r in roles}
             slot = next(iter(slots.values())) if len(slots) == 1 else None
             if slot is not None and contributions[slot] == 1 and _reads_whole(route, tensors[slot]):
-                t = tensors[slot]
-                direct.append((slot, route.source, route.r0, route.r1, route.factor == "b",
-                               None if t.dtype == torch.float32 else t.dtype))
+                dtype = None if tensors[slot].dtype == torch.float32 else tensors[slot].dtype
+                transpose, r = route.factor == "b", route.r1 - route.r0
+                # Some rows of a factor gradient handed on as a view that autograd keeps as the .grad
+                # (rows of A; a rank-1 B^T, whose transpose is contiguous: a wider one it copies) keep
+                # all of it alive until zero_grad, the other rows too (another path's, a shared
+                # tensor's it adds elsewhere): copied instead. The whole gradient stays a view.
+                copy = dtype is None and r < rows[route.source] and (not transpose or r == 1)
+                self.direct.append((slot, route.source, route.r0, route.r1, transpose, dtype, copy))
             else:
                 self.chained.append((route.source, route.r0, route.r1, route.path, route.factor, slots))
-        # Some rows of a factor gradient handed on as a view that autograd keeps as the .grad (rows of
-        # A; a rank-1 B^T, whose transpose is contiguous: a wider one it copies) keep all of it alive
-        # until zero_grad, the other rows too (another path's, a shared tensor's it adds elsewhere):
-        # copied instead. The whole gradient stays a view.
-        rows = {s: max(r.r1 for r in routes if r.source == s) for s in {r.source for r in routes}}
-        self.direct: list[tuple[int, int, int, int, bool, torch.dtype | None, bool]] = [
-            (*d, d[5] is None and (not d[4] or d[3] - d[2] == 1) and d[3] - d[2] < rows[d[1]]) for d in direct]
         self.summed = [(slot, tuple(tensors[slot].shape), tensors[slot].device)
                        for slot, n in contributions.items() if n > 1]
         self.shapes = {slot: tuple(tensors[slot].shape) for slot in contributions}

@@ -363,8 +363,8 @@ def multi_adapter_linear(x: Tensor, weight: Tensor, bias: Tensor | None, batch: 
                          use_triton: bool | None = None) -> Tensor:
     """``x W^T + b`` for the whole batch in one GEMM, then ``multi_adapter_add``: x (..., K) -> (..., N)
     in the base's result dtype. weight (N, K), bias (N,) or None."""
-    check_linear(x, weight, bias, (), 0.0)
-    if weight.dim() != 2 or tuple(weight.shape) != (tables.out_features, tables.in_features):
+    check_linear(x, weight, bias, (), 0.0)  # x, weight and bias fit one another (weight 2-D)
+    if tuple(weight.shape) != (tables.out_features, tables.in_features):
         raise ValueError(f"weight has shape {tuple(weight.shape)}, the adapters were built for "
                          f"(out_features, in_features) = {(tables.out_features, tables.in_features)}")
     _inference_only(x, tables)
